@@ -1,0 +1,48 @@
+"""Triton kernels for the hot paths of a Medusa step, each beside the plain-PyTorch reference
+that defines what it computes.
+
+Every public op (`tree_attention`, `rmsnorm`, `compact_kv`, `accept_candidates`, `medusa_heads`)
+dispatches here: the Triton version on CUDA tensors, the torch reference elsewhere. `set_backend`
+forces one side ("torch" or "triton"; "triton" on CPU tensors needs TRITON_INTERPRET=1, which is how
+CI checks every kernel against its reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel implementation: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"."""
+    global _backend
+    if name not in _BACKENDS:
+        from nanomedusa.errors import NanoMedusaError
+
+        raise NanoMedusaError(f"unknown kernel backend {name!r}; use one of {', '.join(_BACKENDS)}.")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor `t` should run its Triton kernel."""
+    if _backend == "torch" or torch.is_grad_enabled() and t.requires_grad:
+        return False  # kernels are inference-only; autograd goes through the references
+    if _backend == "triton":
+        return True
+    return t.is_cuda and triton_available()

@@ -1,0 +1,94 @@
+"""KV compaction: after a Medusa step, move the accepted tree nodes' keys/values into place.
+
+The tree step wrote node j's K/V of every layer at cache slot prefix_len + j. Of those, the nodes on
+the accepted path (`accepted` [A], ascending node indices, the root first) must end up at slots
+prefix_len .. prefix_len + A - 1; the other nodes' entries are simply left to be overwritten.
+The whole cache is one tensor [n_layers, 2, B, Hkv, S, D], so one launch moves every layer.
+
+The Triton version runs one program per (layer, k-or-v, batch, kv head): it gathers the A accepted
+rows of its [S, D] slab into registers, waits for the whole program to have read them, then writes
+them to their new slots. `prefix_len` may be a Python int or a 0-d device tensor (read in-kernel, so
+the step needs no host sync and can be captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanomedusa.errors import NanoMedusaError
+
+from . import use_triton
+
+
+def compact_kv_reference(kv, prefix_len, accepted):
+    """kv [L, 2, B, Hkv, S, D] (in place); accepted [A] long node indices -> None."""
+    src = prefix_len + accepted
+    dst = prefix_len + torch.arange(accepted.numel(), device=kv.device)
+    kv.index_copy_(4, dst, kv.index_select(4, src))
+
+
+def compact_kv(kv, prefix_len, accepted):
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if use_triton(kv):
+        return compact_kv_triton(kv, prefix_len, accepted)
+    return compact_kv_reference(kv, prefix_len, accepted)
+
+
+@triton.jit
+def _compact_kv_kernel(
+    kv_ptr, prefix_len, accepted_ptr, A, S, D, batch, n_kv_heads,
+    stride_l, stride_c, stride_b, stride_h, stride_s,
+    PREFIX_IS_PTR: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (layer, k/v, batch, kv head): slab[prefix + i] = slab[prefix + accepted[i]] for i < A."""
+    pid = tl.program_id(0)
+    head = pid % n_kv_heads
+    b = (pid // n_kv_heads) % batch
+    kv_half = (pid // (n_kv_heads * batch)) % 2
+    layer = pid // (n_kv_heads * batch * 2)
+    slab = (kv_ptr + layer.to(tl.int64) * stride_l + kv_half.to(tl.int64) * stride_c
+            + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h)  # this program's [S, D] rows
+    if PREFIX_IS_PTR:
+        prefix = tl.load(prefix_len)  # read on the device: no host sync, graph-capturable
+    else:
+        prefix = prefix_len
+
+    i = tl.arange(0, BLOCK_A)
+    node = tl.load(accepted_ptr + i, mask=i < A, other=0)  # [BLOCK_A] int64
+    src = prefix + node
+    dst = prefix + i
+    # Rows already in place (typically the root and the first few nodes) need no traffic.
+    moves = (i < A) & (node != i) & (src < S) & (dst < S)
+    d = tl.arange(0, BLOCK_D)
+    mask = moves[:, None] & (d < D)[None, :]
+    rows = tl.load(slab + src[:, None] * stride_s + d[None, :], mask=mask)  # [BLOCK_A, BLOCK_D]
+    # Sources and destinations overlap: with accepted = [0, 1, 3, 4], slot 3 is read as row 2's source
+    # and written as row 3's destination. Every thread has finished its loads (a CTA barrier also orders
+    # memory) before any thread stores, so no row is overwritten before it is read, whatever the order
+    # of rows and the way Triton spreads them over threads (it may even replicate elements).
+    tl.debug_barrier()
+    tl.store(slab + dst[:, None] * stride_s + d[None, :], rows, mask=mask)
+
+
+def compact_kv_triton(kv, prefix_len, accepted):
+    """Same contract as compact_kv_reference: one launch for every layer, K and V, batch row and head."""
+    if kv.dim() != 6 or kv.shape[1] != 2 or kv.stride(-1) != 1:
+        raise NanoMedusaError(f"compact_kv needs a cache shaped [L, 2, B, Hkv, S, D] contiguous along D; "
+                              f"got shape {tuple(kv.shape)} strides {kv.stride()}.")
+    if accepted.dim() != 1 or accepted.device != kv.device:
+        raise NanoMedusaError("compact_kv needs `accepted` as a 1-d index tensor on the cache's device.")
+    if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != kv.device):
+        raise NanoMedusaError("compact_kv needs prefix_len as an int or a 0-d tensor on the cache's device.")
+    L, _, B, Hkv, S, D = kv.shape
+    A = accepted.numel()
+    if A == 0:
+        return
+    _compact_kv_kernel[(L * 2 * B * Hkv,)](
+        kv, prefix_len, accepted, A, S, D, B, Hkv,
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4),
+        PREFIX_IS_PTR=isinstance(prefix_len, torch.Tensor),
+        BLOCK_A=triton.next_power_of_2(A), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        num_warps=4,
+    )

@@ -1,0 +1,225 @@
+"""Medusa heads: K small networks on one hidden state, each proposing a future token.
+
+Head k computes x <- x + SiLU(W_kl x + b_kl) for each of its L ResBlocks, then logits = V_k x, where
+V_k is the head's own vocab projection or the base model's lm_head shared by all heads.
+`medusa_topk` returns only each head's top-k token ids, which is all decoding needs.
+
+The Triton version never materialises the [K, N, V] logits. Three kernels:
+  1. `_resblock_kernel`, once per ResBlock layer, all K heads in one launch: a program owns one head,
+     up to 16 rows and BLOCK_N output features, streams its [BLOCK_N, D] slice of W through
+     `tl.dot`, and applies bias, SiLU and the residual add in the epilogue. (Layers run one launch
+     each because layer l+1 needs every feature of layer l.)
+  2. `_vocab_topk_kernel`: a program owns a BLOCK_V slice of the vocabulary, computes those logits
+     for its rows and writes each row's top-k of the slice (value and id) as candidates. With the
+     shared lm_head all K*N rows share one program, so each weight is read once, not K times.
+  3. `_merge_topk_kernel`: one program per row picks the top-k of its candidates.
+All matrix products accumulate in float32; float32 inputs use exact ("ieee") products, not TF32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from nanomedusa.errors import NanoMedusaError
+
+from . import use_triton
+
+MAX_TOPK = 16
+MAX_CANDIDATES = 8192  # per row, after stage 2: the merge program holds them all in registers
+
+
+def medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight):
+    """hidden [N, D]; res_weight [K, L, D, D]; res_bias [K, L, D]; vocab_weight [K, V, D] or shared [V, D]
+    -> logits [K, N, V]."""
+    K, L = res_weight.shape[:2]
+    logits = []
+    for k in range(K):
+        x = hidden
+        for layer in range(L):
+            x = x + F.silu(F.linear(x, res_weight[k, layer], res_bias[k, layer]))
+        logits.append(F.linear(x, vocab_weight if vocab_weight.dim() == 2 else vocab_weight[k]))
+    return torch.stack(logits)
+
+
+def medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk):
+    """Same inputs as `medusa_heads_reference` -> top-k token ids [K, N, topk] (best first)."""
+    return medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight).topk(topk, dim=-1).indices
+
+
+def medusa_topk(hidden, res_weight, res_bias, vocab_weight, topk):
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if use_triton(hidden):
+        return medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk)
+    return medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk)
+
+
+@triton.jit
+def _resblock_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_xk, stride_wk, stride_bk,
+                     D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[k, rows, cols] = x[k, rows, cols] + SiLU(x[k, rows, :] @ W[k, cols, :]^T + b[k, cols]).
+
+    Program (k, m, n) owns head k, rows m*BLOCK_M.. and output features n*BLOCK_N.. .
+    x: head k's rows start at x_ptr + k * stride_xk, each D contiguous (stride_xk = 0 lets the
+    first layer read the one hidden state for every head); W [K, D, D] and b [K, D] with head
+    strides stride_wk / stride_bk; out [K, N, D] contiguous. Rounding follows the reference: the
+    linear output, the SiLU and the sum are each rounded to the model dtype.
+    """
+    head, m_block, n_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
+    x_rows = x_ptr + head * stride_xk + rows[:, None] * D  # [BLOCK_M, 1]
+    w_cols = w_ptr + head.to(tl.int64) * stride_wk + cols[None, :] * D  # [1, BLOCK_N]
+    row_ok = rows[:, None] < N
+    col_ok = cols[None, :] < D
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + ks[None, :], mask=row_ok & (ks[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < D) & col_ok, other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    dtype = out_ptr.dtype.element_ty
+    bias = tl.load(b_ptr + head * stride_bk + cols, mask=cols < D, other=0.0)  # [BLOCK_N]
+    linear = (acc + bias[None, :].to(tl.float32)).to(dtype).to(tl.float32)
+    silu = (linear * tl.sigmoid(linear)).to(dtype)
+    x_res = tl.load(x_rows + cols[None, :], mask=row_ok & col_ok, other=0.0)  # [BLOCK_M, BLOCK_N]
+    out = (x_res.to(tl.float32) + silu.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + (head * N + rows[:, None]) * D + cols[None, :], out, mask=row_ok & col_ok)
+
+
+@triton.jit
+def _next_best(values, ids, taken):
+    """One step of top-k selection along axis 1 of values, ids, taken [R, B].
+
+    Returns each row's largest value not yet taken [R], its id [R] (the smallest id among equal
+    values), and `taken` with that entry marked. ids must be distinct within a row.
+    """
+    best = tl.max(tl.where(taken, float("-inf"), values), axis=1)  # [R]
+    best_id = tl.min(tl.where(~taken & (values == best[:, None]), ids, 2**31 - 1), axis=1)  # [R]
+    return best, best_id, taken | (ids == best_id[:, None])
+
+
+@triton.jit
+def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, R, N, stride_xk, stride_wg, num_v_blocks,
+                       V: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (g, m, v): the logits of rows m*BLOCK_M.. of group g over vocab slice v, reduced to
+    each row's TOPK best of the slice.
+
+    A group is R rows that share one vocab weight [V, D] at w_ptr + g * stride_wg: one head's N rows
+    (R = N), or all K*N rows when the heads share the lm_head (stride_wg = 0). Row f = g * R + r is
+    position f % N of head f // N in x (head stride stride_xk, rows D contiguous).
+    Candidates go to cand_*[f, v * TOPK + i], both [K*N, num_v_blocks * TOPK].
+    """
+    group, m_block, v_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M], within the group
+    flat = group * R + rows  # [BLOCK_M], among all K*N rows
+    vocab = v_block * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+    x_rows = x_ptr + (flat // N)[:, None] * stride_xk + (flat % N)[:, None] * D  # [BLOCK_M, 1]
+    # int64: K * V * D passes 2**31 for large vocabularies
+    w_cols = w_ptr + group.to(tl.int64) * stride_wg + vocab[None, :].to(tl.int64) * D  # [1, BLOCK_V]
+    row_ok = rows < R
+    vocab_ok = vocab[None, :] < V
+
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < D) & vocab_ok, other=0.0)  # [BLOCK_K, BLOCK_V]
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    # Rank the logits rounded to the model dtype, as the reference's are; padding columns rank last.
+    logits = tl.where(vocab_ok, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+    ids = tl.broadcast_to(vocab[None, :], (BLOCK_M, BLOCK_V))
+    taken = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.int1)
+    slot = flat * (num_v_blocks * TOPK) + v_block * TOPK  # [BLOCK_M]
+    for i in range(TOPK):
+        best, best_id, taken = _next_best(logits, ids, taken)
+        tl.store(cand_values_ptr + slot + i, best, mask=row_ok)
+        tl.store(cand_ids_ptr + slot + i, best_id, mask=row_ok)
+
+
+@triton.jit
+def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, C, TOPK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program f: out[f, :] = the ids of the TOPK best of row f's C candidates, best first.
+
+    cand_* [K*N, C], out [K*N, TOPK] int64. A vocab id appears in one slice only, so the
+    candidate ids of a row are distinct. The tile is [1, BLOCK_C] to share `_next_best`.
+    """
+    row = tl.program_id(0) + tl.arange(0, 1)  # [1]
+    c = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
+    values = tl.load(cand_values_ptr + row[:, None] * C + c, mask=c < C, other=float("-inf"))
+    ids = tl.load(cand_ids_ptr + row[:, None] * C + c, mask=c < C, other=2**31 - 1)
+    taken = c >= C  # padding lanes are never picked
+    for i in range(TOPK):
+        _, best_id, taken = _next_best(values, ids, taken)
+        tl.store(out_ptr + row * TOPK + i, best_id.to(tl.int64))
+
+
+def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk) -> None:
+    K, L, D = res_weight.shape[0], res_weight.shape[1], hidden.shape[-1]
+    if hidden.dim() != 2 or res_weight.shape[2:] != (D, D) or res_bias.shape != (K, L, D):
+        raise NanoMedusaError(f"Medusa weights do not fit hidden [N, D={D}]: got res_weight "
+                              f"{tuple(res_weight.shape)} and res_bias {tuple(res_bias.shape)}; pass [K, L, D, D] "
+                              f"and [K, L, D] stacked weights with a 2-D hidden state.")
+    V = vocab_weight.shape[-2]
+    if vocab_weight.shape[-1] != D or vocab_weight.dim() == 3 and vocab_weight.shape[0] != K:
+        raise NanoMedusaError(f"the vocab weight {tuple(vocab_weight.shape)} must be [K={K}, V, {D}] or a shared "
+                              f"[V, {D}] lm_head.")
+    if len({hidden.dtype, res_weight.dtype, res_bias.dtype, vocab_weight.dtype}) != 1:
+        raise NanoMedusaError("the hidden state and every Medusa weight must share one dtype; cast the heads "
+                              "to the model's dtype.")
+    if not 1 <= topk <= min(MAX_TOPK, V):
+        raise NanoMedusaError(f"the fused Medusa kernel takes top-k between 1 and {min(MAX_TOPK, V)}, not {topk}; "
+                              f"use a tree with fewer candidates per head.")
+
+
+def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk):
+    """Same contract as `medusa_topk_reference`: L + 2 launches, no [K, N, V] logits."""
+    _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk)
+    K, L = res_weight.shape[:2]
+    N, D = hidden.shape
+    V = vocab_weight.shape[-2]
+    dev, dtype = hidden.device, hidden.dtype
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # exact fp32; 16-bit inputs ignore it
+    res_weight, res_bias, vocab_weight = res_weight.contiguous(), res_bias.contiguous(), vocab_weight.contiguous()
+
+    # Stage 1: the ResBlocks. Layer 0 reads the one hidden state for every head (head stride 0).
+    x, stride_xk = hidden.contiguous(), 0  # x: [K, N, D] viewed through stride_xk
+    block_n = 32 if D <= 2048 else 64  # narrow models: smaller tiles so that more programs share the weights
+    for layer in range(L):
+        out = torch.empty(K, N, D, dtype=dtype, device=dev)
+        grid = (K, triton.cdiv(N, 16), triton.cdiv(D, block_n))
+        _resblock_kernel[grid](
+            x, res_weight[:, layer], res_bias[:, layer], out, N, stride_xk, res_weight.stride(0), res_bias.stride(0),
+            D=D, DOT_PRECISION=precision, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128,
+        )
+        x, stride_xk = out, N * D
+
+    # Stage 2: vocab slices -> per-slice top-k candidates. The slice widens for big vocabularies so
+    # that a row keeps at most MAX_CANDIDATES; each weight tile stays 8192 elements.
+    block_v = 128
+    while triton.cdiv(V, block_v) * topk > MAX_CANDIDATES:
+        block_v *= 2
+    num_v_blocks = triton.cdiv(V, block_v)
+    shared = vocab_weight.dim() == 2
+    groups, R = (1, K * N) if shared else (K, N)
+    cand_values = torch.empty(K * N, num_v_blocks * topk, dtype=torch.float32, device=dev)
+    cand_ids = torch.empty(K * N, num_v_blocks * topk, dtype=torch.int32, device=dev)
+    _vocab_topk_kernel[(groups, triton.cdiv(R, 16), num_v_blocks)](
+        x, vocab_weight, cand_values, cand_ids, R, N, stride_xk, 0 if shared else V * D, num_v_blocks,
+        V=V, D=D, TOPK=topk, DOT_PRECISION=precision, BLOCK_M=16, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
+        num_warps=4 if block_v <= 128 else 8,
+    )
+
+    # Stage 3: merge each row's candidates.
+    ids = torch.empty(K, N, topk, dtype=torch.long, device=dev)
+    block_c = triton.next_power_of_2(num_v_blocks * topk)
+    _merge_topk_kernel[(K * N,)](cand_values, cand_ids, ids, num_v_blocks * topk, TOPK=topk, BLOCK_C=block_c,
+                                 num_warps=8 if block_c >= 2048 else 4)
+    return ids

@@ -1,0 +1,98 @@
+"""RMSNorm with the residual add fused in.
+
+`rmsnorm(x, weight, eps)` returns weight * x / rms(x).
+`rmsnorm(x, weight, eps, residual=r)` first forms h = x + r and returns (rmsnorm(h), h): the
+transformer block needs both, and fusing saves a full read and write of the hidden state.
+Statistics are computed in float32 whatever the input dtype, as Hugging Face Llama does.
+
+The Triton kernel runs one program per row and keeps the whole row in registers, so each element
+is read once and written once; rows up to MAX_D = 8192 wide (any width, the tail is masked).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanomedusa.errors import NanoMedusaError
+
+from . import use_triton
+
+MAX_D = 8192  # one row must fit in one program's registers
+
+
+def rmsnorm_reference(x, weight, eps, residual=None):
+    """x [..., D], weight [D] -> out [..., D] (and h = x + residual when residual is given)."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    out = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * out.to(x.dtype)
+    return out if residual is None else (out, h)
+
+
+def rmsnorm(x, weight, eps, residual=None):
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if use_triton(x):
+        return rmsnorm_triton(x, weight, eps, residual)
+    return rmsnorm_reference(x, weight, eps, residual)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program r normalises row r: x, residual, h, out are [rows, D] contiguous, weight is [D].
+
+    Every rounding step mirrors `rmsnorm_reference`: h is rounded to x's dtype (as torch's x + r
+    is), the normalised row is rounded to x's dtype before the weight multiplies it, and that
+    product is rounded once to out's dtype.
+    """
+    row = tl.program_id(0).to(tl.int64)  # rows * D can pass 2**31 at long prefills
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)  # [BLOCK_D]
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * D + cols, mask=mask, other=0.0)
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + row * D + cols, h, mask=mask)
+    else:
+        h = x
+    hf = h.to(tl.float32)  # masked lanes are 0, so they add nothing to the sum of squares
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    normed = (hf * rstd).to(x.dtype)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_inputs(x, weight, residual) -> None:
+    D = x.shape[-1]
+    if D > MAX_D:
+        raise NanoMedusaError(f"the Triton RMSNorm handles rows up to {MAX_D} wide, not {D}; "
+                              f"use the torch backend (kernels.set_backend('torch')) for wider models.")
+    if weight.shape != (D,):
+        raise NanoMedusaError(f"RMSNorm weight has shape {tuple(weight.shape)} but must be ({D},) to match "
+                              f"the last dimension of x.")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise NanoMedusaError(f"the residual ({tuple(residual.shape)}, {residual.dtype}) must have x's shape "
+                              f"and dtype ({tuple(x.shape)}, {x.dtype}).")
+
+
+def rmsnorm_triton(x, weight, eps, residual=None):
+    """Same contract as `rmsnorm_reference`, in one kernel launch (one program per row)."""
+    _check_inputs(x, weight, residual)
+    D = x.shape[-1]
+    has_residual = residual is not None
+    x2 = x.reshape(-1, D).contiguous()  # [rows, D]; a no-op for the usual contiguous hidden state
+    # Without a residual, x2 stands in for the residual and h pointers, which the kernel never touches.
+    r2 = residual.reshape(-1, D).contiguous() if has_residual else x2
+    h = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if has_residual else x2
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x2.shape[0] > 0:
+        block_d = triton.next_power_of_2(D)
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, r2, weight.contiguous(), out, h, D, eps, HAS_RESIDUAL=has_residual, BLOCK_D=block_d,
+            # 8 to 32 elements per thread: wider rows get more warps rather than more registers each.
+            num_warps=min(max(block_d // 256, 1), 8),
+        )
+    return (out, h.view(x.shape)) if has_residual else out

@@ -1,0 +1,255 @@
+"""Tree attention: T new query tokens attend to a cached prefix plus each other under a tree mask.
+
+One op serves every attention call at inference time:
+  * prefill:      prefix_len = 0 (or the tokens already cached), tree_mask = causal [T, T]
+  * plain decode: T = 1, tree_mask = [[True]]
+  * Medusa step:  the T tree nodes, tree_mask[i, j] = node j is node i or one of its ancestors
+
+The caller has already written the new keys/values into cache slots prefix_len .. prefix_len+T-1.
+Query i sees every slot < prefix_len, and slot prefix_len+j exactly when tree_mask[i, j].
+`prefix_len` may be a Python int or a 0-d integer tensor on the device (no host sync, so the step can
+be captured in a CUDA graph).
+
+The Triton version is flash-decoding with grouped-query attention folded in:
+  * One program owns one KV head and BLOCK_M "query rows"; the rows are the (token, query head) pairs
+    of that KV head's group, row r = t * group + g. Stacking the group this way reads each K/V tile
+    once per group instead of once per query head, and turns a T=1 decode into a matrix product.
+  * The visible keys 0 .. prefix_len+T-1 are cut into `num_splits` chunks of whole BLOCK_N tiles,
+    one program per chunk (split-K), so that a batch-1 decode still spreads over every SM. The tree
+    keys are simply the last tiles; the tree mask is applied wherever a tile reaches them.
+  * Each program runs an online softmax (in base 2: scores are pre-multiplied by log2(e)) and writes
+    its unnormalised output with its running max and sum; a small second kernel merges the chunks.
+    With a single chunk the first kernel normalises and writes the output itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nanomedusa.errors import NanoMedusaError
+
+from . import use_triton
+
+
+def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask):
+    """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool -> out [B, Hq, T, D]."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    slots = torch.arange(S, device=q.device)
+    rel = slots - prefix_len  # [S]: position of each slot relative to the first tree node
+    in_tree = (rel >= 0) & (rel < T)
+    tree_part = tree_mask[:, rel.clamp(0, T - 1)] & in_tree  # [T, S]
+    mask = (rel < 0) | tree_part  # [T, S]
+    group = Hq // Hkv
+    k = k_cache.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    v = v_cache.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # [B, Hq, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask):
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if use_triton(q):
+        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask)
+    return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask)
+
+
+@triton.jit
+def _attend_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, tree_mask_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    T, S, D, n_kv_heads, num_splits, qk_scale,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, WRITE_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (query-row block, key chunk, batch * kv head): attend BLOCK_M query rows to the chunk's keys."""
+    pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
+    if PREFIX_IS_PTR:
+        prefix = tl.load(prefix_len).to(tl.int32)  # read on the device: no host sync, graph-capturable
+    else:
+        prefix = prefix_len
+
+    # This program's keys: whole tiles lo .. hi of the visible range 0 .. min(prefix+T, S). The split is
+    # sized here from the real length, so a grid sized on the host from S still shares the work evenly;
+    # chunks past the end run no iteration and write neutral partials (max -inf, sum 0).
+    kv_len = tl.minimum(prefix + T, S)
+    tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
+    row_ok = rows < T * GROUP
+    t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token's mask
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    # q and out are contiguous [B, Hq, T, D] with Hq = n_kv_heads * GROUP.
+    q_rows = (b * n_kv_heads * GROUP + kv_head * GROUP + rows % GROUP) * T + t
+    io_offs = q_rows.to(tl.int64)[:, None] * D + d[None, :]  # [BLOCK_M, BLOCK_D]
+    q = tl.load(q_ptr + io_offs, mask=io_mask, other=0.0)
+
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
+        key_ok = keys < hi
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None],
+                      mask=d_ok[:, None] & key_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+
+        # Visible: every prefix slot, and tree slot prefix+j when tree_mask[t, j] (j < T since hi <= prefix+T).
+        j = keys - prefix
+        in_tree = tl.load(tree_mask_ptr + t[:, None] * T + j[None, :], mask=(key_ok & (j >= 0))[None, :], other=0)
+        visible = (key_ok & (j < 0))[None, :] | (in_tree != 0)
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN (its p and alpha are then exactly 0).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)  # rescales what was accumulated under the old max
+        p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if WRITE_OUT:  # a single chunk saw every key: finish here
+        tl.store(out_ptr + io_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:  # partials [B * Hkv, num_splits, T * GROUP, (D)], merged by _combine_chunks_kernel
+        part_rows = (bh * num_splits + split) * (T * GROUP) + rows
+        tl.store(part_acc_ptr + part_rows.to(tl.int64)[:, None] * D + d[None, :], acc, mask=io_mask)
+        tl.store(part_m_ptr + part_rows, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part_rows, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_chunks_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    n_rows = T * GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    d = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (d < D)[None, :]
+    first = bh * num_splits * n_rows + rows  # [BLOCK_M] partial row of chunk 0; chunk s is s * n_rows further
+
+    m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * n_rows, mask=row_ok, other=0.0))
+    # Empty chunks have m = -inf and weigh exactly 0. (A row with no visible key at all gets NaN, as in
+    # the reference's softmax over nothing.)
+    num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(num_splits):
+        part = first + s * n_rows
+        w = tl.exp2(tl.load(part_m_ptr + part, mask=row_ok, other=0.0) - m_max)
+        den += w * tl.load(part_l_ptr + part, mask=row_ok, other=1.0)
+        num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
+                                    mask=io_mask, other=0.0)
+
+    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
+    out_rows = (b * n_kv_heads * GROUP + kv_head * GROUP + rows % GROUP) * T + rows // GROUP
+    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * D + d[None, :],
+             (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter: a few chunks, so split-K is exercised there too
+
+
+def _num_splits(n_programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """Flash-decoding heuristic: about two programs per SM, each chunk at least two key tiles long."""
+    wanted = triton.cdiv(2 * _sm_count(device), n_programs)
+    return max(1, min(wanted, triton.cdiv(triton.cdiv(max_keys, block_n), 2), MAX_SPLITS))
+
+
+def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
+    B, Hq, T, D = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise NanoMedusaError(f"tree attention got caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} for "
+                              f"queries {tuple(q.shape)}; pass caches shaped [B, Hkv, S, D] matching q.")
+    if Hq % k_cache.shape[1]:
+        raise NanoMedusaError(f"tree attention needs the {Hq} query heads to be a multiple of the "
+                              f"{k_cache.shape[1]} KV heads; check num_key_value_heads in the config.")
+    if tree_mask.shape != (T, T) or tree_mask.dtype != torch.bool:
+        raise NanoMedusaError(f"tree attention needs a bool tree_mask of shape ({T}, {T}); "
+                              f"got {tree_mask.dtype} {tuple(tree_mask.shape)}.")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise NanoMedusaError(f"tree attention needs q and the caches in one dtype, got {q.dtype} and "
+                              f"{k_cache.dtype}; cast the cache to the model dtype.")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise NanoMedusaError("tree attention needs caches contiguous along head_dim; allocate them contiguous.")
+    if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != q.device):
+        raise NanoMedusaError("tree attention needs prefix_len as an int or a 0-d tensor on the device of q.")
+
+
+def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, *, num_splits: int | None = None):
+    """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning)."""
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    n_rows = T * group  # query rows per KV head
+    q = q.contiguous()
+    out = torch.empty_like(q)  # [B, Hq, T, D]
+    tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
+
+    block_d = max(16, triton.next_power_of_2(D))
+    if q.is_cuda:
+        block_n = 64
+        block_m = min(max(16, triton.next_power_of_2(n_rows)), 64 if block_d > 64 else 128)
+    else:  # the interpreter runs numpy per program: small tiles keep tests quick and still tile
+        block_n, block_m = 16, 16
+    num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill registers from 64 x 128 up (sm_90)
+    m_blocks = triton.cdiv(n_rows, block_m)
+
+    prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
+    # With a device prefix_len the host cannot know the length: size the grid on the cache length S.
+    max_keys = S if prefix_is_ptr else min(prefix_len + T, S)
+    if num_splits is None:
+        num_splits = _num_splits(m_blocks * B * Hkv, max_keys, block_n, q.device)
+    if num_splits > 1:
+        part_acc = torch.empty(B * Hkv, num_splits, n_rows, D, device=q.device, dtype=torch.float32)
+        part_m = torch.empty(B * Hkv, num_splits, n_rows, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+    else:  # the kernel writes `out` directly and never touches the partials
+        part_acc = part_m = part_l = out
+
+    _attend_chunk_kernel[(m_blocks, num_splits, B * Hkv)](
+        q, k_cache, v_cache, tree_mask, prefix_len, out, part_acc, part_m, part_l,
+        T, S, D, Hkv, num_splits, math.log2(math.e) / math.sqrt(D),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, WRITE_OUT=num_splits == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        # fp32 inputs must not be rounded to tf32 by tl.dot; 16-bit inputs ignore this setting.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+    )
+    if num_splits > 1:
+        _combine_chunks_kernel[(m_blocks, B * Hkv)](
+            part_acc, part_m, part_l, out, T, D, Hkv, num_splits,
+            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return out

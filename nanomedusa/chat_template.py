@@ -1,0 +1,182 @@
+"""Chat prompt formats, rendered by small Python functions instead of Jinja.
+
+A Hugging Face checkpoint ships its prompt format as a Jinja `chat_template`. Running it would need jinja2
+and would execute template code from the checkpoint, so nanomedusa recognises which well-known format a
+template implements and renders it with one of these presets. They approximate the Jinja templates; for
+the common cases below they reproduce character for character what
+`transformers`' `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` renders:
+
+- `chatml`:  `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, generation prompt
+  `<|im_start|>assistant\\n`. A default system prompt written into the checkpoint's template (SmolLM2,
+  Qwen2) is extracted and used when the conversation does not start with a system message.
+- `llama2`:  `{bos}[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} {eos}` (Llama-2-chat).
+  Contents are stripped; the format has no separate generation prompt.
+- `llama3`:  `{bos}<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message,
+  generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n` (no Llama-3.1 date preamble).
+- `vicuna`:  FastChat v1.1, `{system} USER: {user} ASSISTANT: {assistant}{eos}USER: ...`, ending in
+  `ASSISTANT:`, with Vicuna's standard system prompt unless the conversation brings its own.
+- `zephyr`:  `<|{role}|>\\n{content}{eos}\\n` per message, generation prompt `<|assistant|>\\n`.
+- `plain`:   the message contents joined by newlines, no markup (base models).
+
+`detect_preset` picks a preset from a template string (or, without one, from the special tokens);
+`ChatFormat` bundles the preset with the checkpoint's bos/eos strings and default system prompt. The
+tokenizer builds one per checkpoint; nothing else in nanomedusa knows about prompt formats.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import NanoMedusaError
+
+Message = dict[str, str]
+
+ROLES = ("system", "user", "assistant")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# First marker found in the template wins; the order only matters for templates that mix formats.
+_TEMPLATE_MARKERS = (
+    ("<|im_start|>", "chatml"),
+    ("<|start_header_id|>", "llama3"),
+    ("[INST]", "llama2"),
+    ("<|user|>", "zephyr"),
+    ("USER:", "vicuna"),
+)
+# Without a template, only these tokens say something reliable about how the model was tuned.
+_VOCAB_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"))
+
+# A constant system turn inside a Jinja string literal: the newline is either literal or the escape `\n`,
+# and the text may not contain quotes or braces (that would be template code, e.g. `' + message['content']`).
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+
+
+def detect_preset(chat_template: str | None, special_tokens: Iterable[str] = ()) -> str:
+    """The preset whose markers appear in `chat_template`, else in `special_tokens`, else `plain`."""
+    for marker, name in _TEMPLATE_MARKERS:
+        if chat_template and marker in chat_template:
+            return name
+    tokens = set(special_tokens)
+    for marker, name in _VOCAB_MARKERS:
+        if marker in tokens:
+            return name
+    return "plain"
+
+
+def extract_chatml_system(chat_template: str | None) -> str | None:
+    """The default system prompt hard-coded in a ChatML template, or None if it has none."""
+    match = _CHATML_SYSTEM.search(chat_template or "")
+    return match.group(1).replace("\\n", "\n") if match else None
+
+
+def _split_system(messages: Sequence[Message]) -> tuple[str | None, Sequence[Message]]:
+    if messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
+def _chatml(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    if messages[0]["role"] != "system" and fmt.default_system is not None:
+        messages = [{"role": "system", "content": fmt.default_system}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _llama2(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    system, turns = _split_system(messages)
+    parts = []
+    for i, m in enumerate(turns):
+        content = m["content"]
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if m["role"] == "user":
+            parts.append(f"{fmt.bos_token}[INST] {content.strip()} [/INST]")
+        elif m["role"] == "assistant":
+            parts.append(f" {content.strip()} {fmt.eos_token}")
+    return "".join(parts)
+
+
+def _llama3(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    body = "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
+    )
+    prompt = "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
+    return fmt.bos_token + body + prompt
+
+
+def _vicuna(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    system, turns = _split_system(messages)
+    text = (fmt.default_system if system is None else system) + " "
+    for m in turns:
+        if m["role"] == "user":
+            text += f"USER: {m['content']} "
+        elif m["role"] == "assistant":
+            text += f"ASSISTANT: {m['content']}{fmt.eos_token}"
+    return text + ("ASSISTANT:" if add_generation_prompt else "")
+
+
+def _zephyr(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    text = "".join(f"<|{m['role']}|>\n{m['content']}{fmt.eos_token}\n" for m in messages)
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def _plain(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+PRESETS: dict[str, Callable[[ChatFormat, Sequence[Message], bool], str]] = {
+    "chatml": _chatml,
+    "llama2": _llama2,
+    "llama3": _llama3,
+    "vicuna": _vicuna,
+    "zephyr": _zephyr,
+    "plain": _plain,
+}
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise NanoMedusaError("The conversation is empty; pass at least one {'role': 'user', 'content': ...} message.")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise NanoMedusaError(
+                f"Chat message {m!r} is malformed; give each message as a dict with 'role' in "
+                f"{', '.join(ROLES)} and a string 'content'."
+            )
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A preset plus what the checkpoint fills into it (bos/eos strings, default system prompt)."""
+
+    preset: str = "plain"
+    bos_token: str = ""
+    eos_token: str = ""
+    default_system: str | None = None
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise NanoMedusaError(f"Unknown chat preset {self.preset!r}; use one of {', '.join(PRESETS)}.")
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        chat_template: str | None,
+        special_tokens: Iterable[str] = (),
+        bos_token: str = "",
+        eos_token: str = "",
+        preset: str | None = None,
+    ) -> ChatFormat:
+        """Detect the preset (unless given) and pull the default system prompt out of `chat_template`."""
+        preset = preset or detect_preset(chat_template, special_tokens)
+        default_system = {"chatml": extract_chatml_system(chat_template), "vicuna": VICUNA_SYSTEM}.get(preset)
+        return cls(preset, bos_token, eos_token, default_system)
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` (a list of {'role', 'content'} dicts)."""
+        _check_messages(messages)
+        return PRESETS[self.preset](self, messages, add_generation_prompt)

@@ -1,0 +1,145 @@
+"""Model configuration: the handful of numbers that define a Llama-family network.
+
+`ModelConfig.from_hf(dict)` reads a Hugging Face `config.json` (Llama, Mistral and Qwen2 style) and
+refuses anything else with a sentence naming what is supported. Everything downstream (model, heads,
+training) only ever sees a `ModelConfig`, never the raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import NanoMedusaError
+
+# architectures[0] in config.json -> our name for it. All are the same network up to attention biases.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_SCALING = ("linear", "llama3", "default")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    dim: int  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    head_dim: int = 0  # 0 -> dim // n_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads != 0:
+            raise NanoMedusaError(
+                f"config.json has num_attention_heads={self.n_heads} which is not a multiple of "
+                f"num_key_value_heads={self.n_kv_heads}; fix the config so query heads split evenly over KV heads."
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in SUPPORTED_ROPE_SCALING:
+                raise NanoMedusaError(
+                    f"rope_scaling type {kind!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_SCALING)}."
+                )
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        archs = hf.get("architectures") or [_arch_from_model_type(hf.get("model_type"))]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise NanoMedusaError(
+                f"architecture {arch!r} is not supported; nanomedusa runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints."
+            )
+        if arch == "MistralForCausalLM" and hf.get("sliding_window"):
+            # Sliding-window attention only differs once the context passes the window; we refuse
+            # contexts longer than it (see max_position_embeddings) instead of silently diverging.
+            hf = {**hf, "max_position_embeddings": min(hf.get("max_position_embeddings", 2048), hf["sliding_window"])}
+        eos = hf.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is None and isinstance(hf.get("rope_parameters"), dict):
+            # transformers >= 5 writes rope settings under rope_parameters.
+            params = hf["rope_parameters"]
+            if params.get("rope_type", "default") != "default":
+                rope_scaling = dict(params)
+        rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        try:
+            return cls(
+                vocab_size=hf["vocab_size"],
+                dim=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                intermediate_size=hf["intermediate_size"],
+                head_dim=hf.get("head_dim") or 0,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+                rope_theta=float(rope_theta),
+                rope_scaling=rope_scaling,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                architecture=arch,
+            )
+        except KeyError as e:
+            raise NanoMedusaError(f"config.json lacks the field {e.args[0]!r}; re-export the checkpoint with it.") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise NanoMedusaError(f"no config.json at {path}; point --model at a Hugging Face checkpoint directory.")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore the file.") from None
+        return cls.from_hf(hf)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+        model_type or "", f"<model_type {model_type!r}>"
+    )
+
+
+def rope_inv_freq(config: ModelConfig):
+    """Inverse RoPE frequencies [head_dim // 2], with `linear` or `llama3` scaling applied."""
+    import torch
+
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        medium = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()

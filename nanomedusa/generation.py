@@ -1,0 +1,84 @@
+"""Plain autoregressive decoding at batch 1: prefill the prompt, then one token per forward pass.
+
+    result = generate(model, prompt_ids, max_new_tokens=256, sampling=Sampling(), eos_ids=[2],
+                      on_tokens=print_new_text)
+
+`on_tokens` is called with each step's new token ids (streaming). The Medusa loop
+(`medusa_generation.py`) returns the same `GenerationResult`, so the two are reported and compared alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import NanoMedusaError
+from .sampling import Sampling, next_token
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # wall time, prefill included
+    prefill_seconds: float = 0.0
+    steps: int = 0  # forward passes after the prefill (the prefill's token counts as step 0's)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens gained per decoding forward pass after the prefill (1.0 for plain decoding)."""
+        return (len(self.tokens) - 1) / self.steps if self.steps else 1.0
+
+
+def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
+    """Cache slots needed for a run; a clear error if they exceed the model's context."""
+    if prompt_len == 0:
+        raise NanoMedusaError("the prompt is empty; pass some text with --prompt.")
+    context = model.config.max_position_embeddings
+    needed = prompt_len + max_new_tokens + extra
+    if needed > context:
+        what = f"prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens}"
+        what += f" + tree ({extra} nodes)" if extra else ""
+        raise NanoMedusaError(f"{what} = {needed} exceeds the model's context of {context} tokens; "
+                              f"shorten the prompt or lower --max-new-tokens.")
+    return needed
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+             eos_ids: list[int] = (), on_tokens: Callable[[list[int]], None] | None = None,
+             generator: torch.Generator | None = None) -> GenerationResult:
+    device = model.device
+    model.setup_cache(check_fits(model, len(prompt_ids), max_new_tokens))
+    result = GenerationResult()
+    _sync(device)
+    start = time.perf_counter()
+    prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
+    token = next_token(model(prompt, prefix_len=0)[0, -1], sampling, generator)
+    result.prefill_seconds = time.perf_counter() - start
+    pos = len(prompt_ids)
+    while True:
+        tok = token.item()
+        result.tokens.append(tok)
+        if on_tokens:
+            on_tokens([tok])
+        if len(result.tokens) >= max_new_tokens or tok in eos_ids:
+            break
+        logits = model(token.view(1, 1), prefix_len=pos)[0, -1]  # [V]
+        token = next_token(logits, sampling, generator)
+        pos += 1
+        result.steps += 1
+    _sync(device)
+    result.seconds = time.perf_counter() - start
+    return result

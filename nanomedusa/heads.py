@@ -1,0 +1,180 @@
+"""Medusa heads: K small networks on the base model's last hidden state, each guessing a future token.
+
+With the base model's next token at position t+1, head k (0-based) predicts the token at t+k+2.
+Each head is `num_layers` ResBlocks (x + SiLU(Wx + b)) and then a vocabulary projection:
+
+    hidden [N, dim] --ResBlock x L--> [N, dim] --vocab proj--> logits [N, vocab]
+
+The ResBlocks start at zero, and each vocab projection starts as a copy of the base lm_head, so an
+untrained head guesses what the base model would say next (a reasonable start for training).
+`shared_lm_head=True` keeps no vocab projection of its own and reuses the base lm_head: K times
+fewer parameters (for a 49k-vocab, 576-wide model: 0.3M per head instead of 28.6M), at the cost of
+capacity, since each head can then only reshape the hidden state.
+
+Checkpoints are a directory with `config.json` and `medusa_lm_head.safetensors`, with the tensor
+names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{j}.linear.weight`
+/ `.bias` for ResBlock j of head i, `medusa_head.{i}.{L}.weight` for its vocab projection), so
+published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from kernels.medusa_heads import medusa_heads_reference, medusa_topk
+
+from .errors import NanoMedusaError
+
+WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    shared_lm_head: bool = False
+    base_model: str = ""
+    medusa_choices: list | None = None  # the tree these heads were tuned for, if any
+
+    def to_json(self) -> dict:
+        # Reference field names first, so the reference implementation reads our configs too.
+        return {"medusa_num_heads": self.num_heads, "medusa_num_layers": self.num_layers,
+                "base_model_name_or_path": self.base_model, **asdict(self)}
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)  # x + SiLU(0) = x: the block starts as the identity
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        D, V = config.hidden_size, config.vocab_size
+        vocab = [] if config.shared_lm_head else [nn.Linear(D, V, bias=False)]
+        self.medusa_head = nn.ModuleList(
+            nn.Sequential(*[ResBlock(D) for _ in range(config.num_layers)], *vocab) for _ in range(config.num_heads)
+        )
+        self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
+
+    @classmethod
+    def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model=""):
+        """Fresh heads for `model`: zero ResBlocks, vocab projections copied from its lm_head."""
+        c = model.config
+        heads = cls(HeadsConfig(num_heads, num_layers, c.dim, c.vocab_size, shared_lm_head, base_model))
+        heads.to(device=model.device, dtype=model.dtype)
+        if not shared_lm_head:
+            with torch.no_grad():
+                for head in heads.medusa_head:
+                    head[-1].weight.copy_(model.output.weight)
+        return heads
+
+    def _vocab_weight(self, k: int, lm_head_weight):
+        return lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight
+
+    def forward(self, hidden, lm_head_weight=None):
+        """hidden [..., dim] -> logits [K, ..., vocab] (float32); differentiable, used for training."""
+        L = self.config.num_layers
+        out = []
+        for k, head in enumerate(self.medusa_head):
+            x = head[:L](hidden)
+            out.append(F.linear(x, self._vocab_weight(k, lm_head_weight)).float())
+        return torch.stack(out)
+
+    def stacked_weights(self, lm_head_weight=None):
+        """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels."""
+        if self._stacked is None or self.training:
+            L, D = self.config.num_layers, self.config.hidden_size
+            p = next(self.parameters(), lm_head_weight)
+            with torch.no_grad():
+                if L:
+                    w = torch.stack([torch.stack([h[j].linear.weight for j in range(L)]) for h in self.medusa_head])
+                    b = torch.stack([torch.stack([h[j].linear.bias for j in range(L)]) for h in self.medusa_head])
+                else:
+                    w = p.new_zeros(self.config.num_heads, 0, D, D)
+                    b = p.new_zeros(self.config.num_heads, 0, D)
+                vocab = None if self.config.shared_lm_head else torch.stack([h[-1].weight for h in self.medusa_head])
+            self._stacked = (w, b, vocab)
+        w, b, vocab = self._stacked
+        return w, b, lm_head_weight if vocab is None else vocab
+
+    @torch.no_grad()
+    def topk(self, hidden, k: int, lm_head_weight=None):
+        """hidden [N, dim] -> each head's top-k token ids [K, N, k] (fused kernel on CUDA)."""
+        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k)
+
+    def reference_logits(self, hidden, lm_head_weight=None):
+        """The kernel reference's view of `forward` (used in tests to tie the two together)."""
+        return medusa_heads_reference(hidden, *self.stacked_weights(lm_head_weight))
+
+    def save(self, out_dir: str | Path) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {f"medusa_head.{k}": v.detach().contiguous() for k, v in self.medusa_head.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHT_FILES[0]), metadata={"format": "pt"})
+        (out_dir / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, model_config, device=None, dtype=None) -> "MedusaHeads":
+        """Load our checkpoints or the reference implementation's, checked against the base model."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NanoMedusaError(f"Medusa heads directory {path} does not exist; pass the directory that holds "
+                                  f"config.json and medusa_lm_head.safetensors to --medusa.")
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise NanoMedusaError(f"{path}/config.json is missing or not JSON; a Medusa heads directory needs one "
+                                  f"with medusa_num_heads and medusa_num_layers.") from None
+        weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights_file is None:
+            raise NanoMedusaError(f"{path} has none of {', '.join(WEIGHT_FILES)}; it is not a Medusa heads checkpoint.")
+        state = _read_weights(weights_file)
+        num_heads = raw.get("medusa_num_heads", raw.get("num_heads"))
+        num_layers = raw.get("medusa_num_layers", raw.get("num_layers", 1))
+        if num_heads is None:
+            raise NanoMedusaError(f"{path}/config.json lacks medusa_num_heads; add it (the number of heads).")
+        # The reference's configs do not say whether the vocab projection is shared: the tensors do.
+        shared = f"{num_layers}.weight" not in {k.split(".", 1)[1] for k in state if k.startswith("0.")}
+        hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
+        config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
+                             raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"))
+        if hidden != model_config.dim:
+            raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has {model_config.dim}; "
+                                  f"use heads trained for this model.")
+        if not shared and state[f"0.{num_layers}.weight"].shape[0] != model_config.vocab_size:
+            raise NanoMedusaError(f"the heads in {path} predict {state[f'0.{num_layers}.weight'].shape[0]} tokens but the "
+                                  f"model's vocabulary has {model_config.vocab_size}; use heads trained for this model.")
+        heads = cls(config)
+        try:
+            heads.medusa_head.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise NanoMedusaError(f"the tensors in {weights_file} do not match its config.json ({first}); "
+                                  f"fix medusa_num_heads/medusa_num_layers.") from None
+        return heads.to(device=device, dtype=dtype).eval()
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors keyed `{head}.{layer}....`, whichever of the reference's spellings the file uses."""
+    try:
+        state = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NanoMedusaError(f"{file} could not be read ({e.__class__.__name__}); re-download or re-train the heads.") from None
+    return {k.removeprefix("medusa_head."): v for k, v in state.items()}

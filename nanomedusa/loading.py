@@ -1,0 +1,197 @@
+"""Load a Hugging Face checkpoint into our `Transformer`, and save one back.
+
+`load_model(spec, device, dtype)` accepts
+  * a local checkpoint directory (`config.json` + `model.safetensors` or a sharded
+    `model.safetensors.index.json`),
+  * a `.gguf` file (converted once into `weights/cache/`),
+  * a hub id like `HuggingFaceTB/SmolLM2-135M-Instruct` (fetched with huggingface_hub, or taken
+    from its local cache when offline),
+  * None: the built-in default model (see `weights/default_model.py`).
+
+The model is built on the `meta` device and each tensor is read from safetensors straight to the
+target device and dtype, so a model never exists as a full float32 copy on the CPU.
+`HF_TO_OURS` is the one place where Hugging Face tensor names map to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import NanoMedusaError
+from .model import Transformer
+
+# Hugging Face name (regex) -> our name. Biases follow their weights (Qwen2 has q/k/v biases).
+HF_TO_OURS = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wq.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wk.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wv.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+]
+# Tensors some exporters write that carry nothing we use.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def hf_to_ours(name: str) -> str | None:
+    for pattern, ours in HF_TO_OURS:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, ours, name)
+    return None
+
+
+def ours_to_hf(name: str) -> str:
+    for pattern, ours in HF_TO_OURS:
+        # Reverse each rule by swapping the roles of the two sides.
+        rev_pattern = re.escape(ours).replace(re.escape(r"\1"), r"(\d+)").replace(re.escape(r"\2"), r"(weight|bias)")
+        if re.fullmatch(rev_pattern, name):
+            hf = pattern.replace(r"(\d+)", r"\1").replace(r"(weight|bias)", r"\2").replace("\\.", ".")
+            return re.sub(rev_pattern, hf, name)
+    raise KeyError(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise NanoMedusaError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NanoMedusaError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoMedusaError(f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise NanoMedusaError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto.")
+    return device
+
+
+def resolve_checkpoint(spec: str | Path | None) -> Path:
+    """Turn a --model argument into a local checkpoint directory (see module docstring)."""
+    if spec is None:
+        from weights.default_model import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise NanoMedusaError(f"GGUF file {path} does not exist; check the --model path.")
+        from weights.gguf_to_hf import convert_cached
+
+        return convert_cached(path)
+    if path.exists():
+        if not path.is_dir():
+            raise NanoMedusaError(f"{path} is not a directory; --model takes a checkpoint directory, a .gguf file or a hub id.")
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        return _download_from_hub(str(spec))
+    raise NanoMedusaError(f"checkpoint directory {path} does not exist; pass an existing directory, a .gguf file or a hub id.")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception:
+        try:  # offline: fall back to whatever an earlier download left in the local hub cache
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            raise NanoMedusaError(
+                f"could not download {repo_id!r} from the Hugging Face hub and it is not in the local cache; "
+                f"go online once or pass a local checkpoint directory."
+            ) from None
+
+
+def _safetensors_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise NanoMedusaError(f"{index} is not a valid safetensors index; re-download the checkpoint.") from None
+        files = [ckpt / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = [ckpt / "model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            raise NanoMedusaError(f"{f} is missing; the checkpoint in {ckpt} is incomplete, re-download it.")
+    return files
+
+
+def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
+    """-> (model in eval mode, its checkpoint directory)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    ckpt = resolve_checkpoint(spec)
+    config = ModelConfig.from_json(ckpt / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = {}
+    for file in _safetensors_files(ckpt):
+        try:
+            handle = safe_open(str(file), framework="pt", device=str(device))
+        except Exception as e:
+            raise NanoMedusaError(f"{file} is not a readable safetensors file ({e}); re-download the checkpoint.") from None
+        with handle:
+            for hf_name in handle.keys():
+                name = hf_to_ours(hf_name)
+                if name is None:
+                    if IGNORED.match(hf_name):
+                        continue
+                    raise NanoMedusaError(f"{file.name} holds an unexpected tensor {hf_name!r}; is this really a Llama-family checkpoint?")
+                tensor = handle.get_tensor(hf_name)
+                if name not in expected or tuple(tensor.shape) != tuple(expected[name]):
+                    raise NanoMedusaError(
+                        f"tensor {hf_name} has shape {tuple(tensor.shape)} but config.json implies "
+                        f"{tuple(expected.get(name, ()))}; the weights do not belong to this config.json."
+                    )
+                state[name] = tensor.to(dtype)
+    if config.tie_word_embeddings:
+        state.pop("output.weight", None)
+        expected.pop("output.weight")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {ours_to_hf(missing[0])}); re-download it.")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope_cos, model.rope_sin = torch.empty(0, device=device), torch.empty(0, device=device)
+    return model.eval(), ckpt
+
+
+def save_hf_weights(model: Transformer, out_dir: str | Path) -> None:
+    """Write the model's weights as a Hugging Face `model.safetensors` (config/tokenizer copied by the caller)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

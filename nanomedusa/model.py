@@ -1,0 +1,187 @@
+"""A Llama-family transformer (Llama, Mistral, Qwen2) with a static, preallocated KV cache.
+
+One forward serves training, prefill, plain decoding and Medusa tree verification:
+
+    hidden = model.forward_hidden(tokens, prefix_len, positions, tree_mask)   # [B, T, dim]
+    logits = model.lm_head(hidden)                                           # [B, T, vocab]
+
+* Without a cache (training) it is ordinary causal self-attention over `tokens`.
+* With a cache (`setup_cache`), the T new tokens' keys/values are written at cache slots
+  prefix_len .. prefix_len+T-1, and each new token attends to every slot < prefix_len plus the new
+  tokens that `tree_mask` [T, T] allows (causal for prefill/decode, ancestors for a Medusa tree).
+  RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
+
+The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
+read. Hot ops (`rmsnorm`, `tree_attention`) come from `kernels/`, which picks Triton on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.rmsnorm import rmsnorm
+from kernels.tree_attention import tree_attention
+
+from .config import ModelConfig, rope_inv_freq
+from .errors import NanoMedusaError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None):
+        return rmsnorm(x, self.weight, self.eps, residual)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, Dh]; cos, sin [T, Dh] (Hugging Face's rotate-half convention)."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.kv_cache: torch.Tensor | None = None  # [2, B, Hkv, S, Dh], a view into the model's cache
+
+    def forward(self, x, cos, sin, prefix_len=None, tree_mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            slots = prefix_len + torch.arange(T, device=x.device)  # [T]
+            self.kv_cache[0].index_copy_(2, slots, k)
+            self.kv_cache[1].index_copy_(2, slots, v)
+            y = tree_attention(q, self.kv_cache[0], self.kv_cache[1], prefix_len, tree_mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate_proj
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up_proj
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, residual, cos, sin, prefix_len, tree_mask):
+        # Pre-norm residual stream, with each residual add fused into the following RMSNorm:
+        # `x` is the last sublayer's output, `residual` the stream before it (None at layer 0).
+        if residual is None:
+            h, residual = self.attention_norm(x), x
+        else:
+            h, residual = self.attention_norm(x, residual)
+        x = self.attention(h, cos, sin, prefix_len, tree_mask)
+        h, residual = self.ffn_norm(x, residual)
+        return self.feed_forward(h), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.kv_cache: torch.Tensor | None = None  # [n_layers, 2, B, Hkv, S, Dh]
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [positions, Dh]
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    @property
+    def device(self):
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self):
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def max_seq_len(self) -> int:
+        return 0 if self.kv_cache is None else self.kv_cache.shape[4]
+
+    def setup_cache(self, max_seq_len: int, batch_size: int = 1) -> None:
+        """Preallocate the KV cache for `max_seq_len` slots (reused, not reallocated, if it fits)."""
+        if max_seq_len > self.config.max_position_embeddings:
+            raise NanoMedusaError(
+                f"a cache of {max_seq_len} tokens exceeds the model's context of "
+                f"{self.config.max_position_embeddings}; shorten the prompt or lower --max-new-tokens."
+            )
+        c = self.config
+        shape = (c.n_layers, 2, batch_size, c.n_kv_heads, max_seq_len, c.head_dim)
+        if self.kv_cache is None or self.kv_cache.shape != shape:
+            self.kv_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            for layer, block in enumerate(self.layers):
+                block.attention.kv_cache = self.kv_cache[layer]
+        self._ensure_rope(max_seq_len)
+
+    def drop_cache(self) -> None:
+        self.kv_cache = None
+        for block in self.layers:
+            block.attention.kv_cache = None
+
+    def _ensure_rope(self, length: int) -> None:
+        if self.rope_cos.shape[0] >= length and self.rope_cos.device == self.device:
+            return
+        inv_freq = rope_inv_freq(self.config).to(self.device)  # [Dh/2]
+        angles = torch.outer(torch.arange(length, device=self.device, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # [length, Dh]
+        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+
+    def forward_hidden(self, tokens, prefix_len=0, positions=None, tree_mask=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, dim] (see module docstring)."""
+        T = tokens.shape[1]
+        if positions is None:
+            positions = prefix_len + torch.arange(T, device=tokens.device)  # [T]
+        if self.kv_cache is None:
+            self._ensure_rope(T)
+        elif tree_mask is None:
+            tree_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        cos = self.rope_cos[positions].to(self.dtype)  # [T, Dh]
+        sin = self.rope_sin[positions].to(self.dtype)
+        x, residual = self.tok_embeddings(tokens), None  # [B, T, dim]
+        for block in self.layers:
+            x, residual = block(x, residual, cos, sin, prefix_len, tree_mask)
+        return self.norm(x, residual)[0]
+
+    def lm_head(self, hidden):
+        """hidden [B, T, dim] -> float32 logits [B, T, vocab]."""
+        return self.output(hidden).float()
+
+    def forward(self, tokens, prefix_len=0, positions=None, tree_mask=None):
+        return self.lm_head(self.forward_hidden(tokens, prefix_len, positions, tree_mask))

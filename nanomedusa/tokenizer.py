@@ -1,0 +1,300 @@
+"""Text <-> token ids for a Hugging Face checkpoint directory, without transformers.
+
+`Tokenizer.from_dir(path)` reads the checkpoint's own tokenizer files:
+
+- `tokenizer.model` (sentencepiece, Llama-2 / Mistral / Vicuna) through the `sentencepiece` library, or
+- `tokenizer.json` (e.g. byte-level BPE of SmolLM2 / Llama-3) through the `tokenizers` library,
+
+plus `tokenizer_config.json` (bos/eos tokens, `add_bos_token`, added tokens, `chat_template`) and
+`generation_config.json` / `config.json` for bos/eos ids. `encode` gives the same ids as
+`transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"]` (transformers 5): special-token
+strings in the text become their ids, and BOS is prepended by the checkpoint's default.
+
+`stream_decoder()` turns ids into printable text one token at a time, and `apply_chat_template` /
+`encode_chat` build prompts through the presets in `chat_template.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import sentencepiece
+import tokenizers
+
+from .chat_template import ChatFormat, Message
+from .errors import NanoMedusaError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+# Appended to a serialized sentencepiece ModelProto, this is one more `normalizer_spec` (field 3) holding
+# precompiled_charsmap="" (field 2), add_dummy_prefix=false (3), remove_extra_whitespaces=false (4).
+# Protobuf merges repeated sub-messages field by field, so only these three settings change: the
+# processor then does no normalisation at all, like transformers' Llama tokenizer, and we add the
+# leading "▁" ourselves where transformers does.
+_RAW_NORMALIZER = b"\x1a\x06\x12\x00\x18\x00\x20\x00"
+
+
+class _Backend(Protocol):
+    vocab_size: int
+    added_tokens: list[str]
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, token_id: int) -> str | None: ...
+
+
+class _SentencePieceBackend:
+    """`tokenizer.model` with transformers' Llama conventions rather than sentencepiece's own:
+    no normalisation, added/special tokens split out of the text first, and one "▁" prepended only to the
+    text at the very start of the input (to every text span with `legacy: true`, never with
+    `add_prefix_space: false`) unless it already starts with a space."""
+
+    def __init__(self, model_file: Path, config: dict, added: dict[int, tuple[str, bool]]):
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_file.read_bytes() + _RAW_NORMALIZER)
+        sp = self._sp
+        self._tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        self._bytes = {i: int(self._tokens[i][3:-1], 16) for i in range(len(self._tokens)) if sp.is_byte(i)}
+        self.special_ids = {i for i in range(len(self._tokens)) if sp.is_control(i) or sp.is_unknown(i)}
+        for token_id, (content, special) in added.items():
+            self._tokens.extend([""] * (token_id + 1 - len(self._tokens)))
+            self._tokens[token_id] = content
+            if special:
+                self.special_ids.add(token_id)
+        self._added = {self._tokens[i]: i for i in sorted(self.special_ids | set(added)) if self._tokens[i]}
+        self.added_tokens = list(self._added)
+        self.vocab_size = len(self._tokens)
+        self.default_bos = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.default_eos = sp.eos_id() if sp.eos_id() >= 0 else None
+        # Longest first, so that "<|im_start|>" is not read as "<|im_start" plus text when both exist.
+        alternatives = sorted(self._added, key=len, reverse=True)
+        self._splitter = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+        if config.get("add_prefix_space") is False:
+            self._prepend = "never"
+        else:
+            self._prepend = "always" if config.get("legacy") else "first"
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        # re.split with one capture group alternates text (even index) and added tokens (odd index).
+        for i, part in enumerate(self._splitter.split(text)):
+            if i % 2:
+                ids.append(self._added[part])
+            elif part:
+                prepend = self._prepend == "always" or (self._prepend == "first" and i == 0)
+                if prepend and not part.startswith((" ", "▁")):
+                    part = " " + part
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        out = bytearray()
+        for i in ids:
+            if not 0 <= i < self.vocab_size or (skip_special_tokens and i in self.special_ids):
+                continue
+            if i in self._bytes:
+                out.append(self._bytes[i])
+            else:
+                out += self._tokens[i].replace("▁", " ").encode()
+        text = out.decode("utf-8", errors="replace")
+        # Undo the "▁" that encode prepends; transformers strips it from the start of the whole text.
+        return text[1:] if self._prepend != "never" and text.startswith(" ") else text
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._added:
+            return self._added[token]
+        token_id = self._sp.piece_to_id(token)
+        return None if self._sp.is_unknown(token_id) and token != self._tokens[token_id] else token_id
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokens[token_id] if 0 <= token_id < self.vocab_size else None
+
+
+class _TokenizersBackend:
+    """`tokenizer.json` through the `tokenizers` library, which is what transformers runs for it."""
+
+    def __init__(self, json_file: Path):
+        self._tk = tokenizers.Tokenizer.from_file(str(json_file))
+        self.added_tokens = [t.content for t in self._tk.get_added_tokens_decoder().values()]
+        self.vocab_size = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1
+        # Ids the file's post-processor puts around a single text, e.g. [bos] for Llama-3, [] for GPT-2.
+        self.post_processor_ids = self._tk.encode("", add_special_tokens=True).ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tk.id_to_token(token_id)
+
+
+class StreamDecoder:
+    """Turns token ids, pushed one at a time, into text pieces that are safe to print.
+
+    Each push re-decodes a short window of recent ids and returns what the newest ids added. Decoding in
+    context is what gets sentencepiece's "▁" spaces and multi-token characters (byte-fallback pieces like
+    `<0xE2>`, or partial bytes in byte-level BPE) right; text ending in U+FFFD is an unfinished character
+    and is held back until the ids that complete it arrive (or `flush`). The pieces concatenate to
+    `decode(all ids)`.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window: ids before it no longer change how later ids decode
+        self._read = 0  # ids before this have already been returned as text
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back, e.g. an incomplete character at the end of generation."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        done = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if not final and (len(text) <= len(done) or text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done) :]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise NanoMedusaError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from e
+
+
+def _token_str(value) -> str | None:
+    """tokenizer_config.json writes a token either as a string or as {"content": ..., ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _added_tokens(path: Path, config: dict) -> dict[int, tuple[str, bool]]:
+    """id -> (content, special) for tokens added on top of a sentencepiece vocabulary."""
+    added = {}
+    for token_id, token in config.get("added_tokens_decoder", {}).items():
+        special = token.get("special", True) if isinstance(token, dict) else True
+        added[int(token_id)] = (_token_str(token), bool(special))
+    # Older checkpoints list them in added_tokens.json instead ({content: id}).
+    for content, token_id in _read_json(path / "added_tokens.json").items():
+        added.setdefault(int(token_id), (content, True))
+    return added
+
+
+def _chat_template(path: Path, config: dict) -> str | None:
+    """The Jinja chat template, from chat_template.jinja / chat_template.json / tokenizer_config.json."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    template = _read_json(path / "chat_template.json").get("chat_template", config.get("chat_template"))
+    if isinstance(template, list):  # several named templates: take the default one
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: encode/decode, streaming decode and chat prompts."""
+
+    def __init__(self, backend: _Backend, bos_id: int | None, eos_ids: list[int], add_bos: bool, chat: ChatFormat):
+        self._backend = backend
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.add_bos = add_bos  # what encode() does when not told
+        self.chat = chat
+
+    @classmethod
+    def from_dir(cls, path: str | Path, chat_preset: str | None = None) -> Tokenizer:
+        """Load the tokenizer of the Hugging Face checkpoint in `path`; `chat_preset` overrides detection."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NanoMedusaError(
+                f"Tokenizer directory {path} does not exist; pass the checkpoint directory that holds "
+                f"{' or '.join(TOKENIZER_FILES)}."
+            )
+        config = _read_json(path / "tokenizer_config.json")
+        generation = _read_json(path / "generation_config.json")
+        model = _read_json(path / "config.json")
+
+        if (path / "tokenizer.model").is_file():
+            backend = _SentencePieceBackend(path / "tokenizer.model", config, _added_tokens(path, config))
+            default_bos, default_eos = backend.default_bos, backend.default_eos
+            # transformers 4 and sentencepiece itself default to BOS for Llama tokenizers.
+            add_bos = config.get("add_bos_token", True)
+        elif (path / "tokenizer.json").is_file():
+            backend = _TokenizersBackend(path / "tokenizer.json")
+            default_bos = default_eos = None
+            add_bos = None  # decided by the file's post-processor below
+        else:
+            raise NanoMedusaError(
+                f"No tokenizer.model or tokenizer.json in {path}; copy the checkpoint's tokenizer files there."
+            )
+
+        # The tokenizer's own bos/eos strings first: they are what transformers adds and stops on.
+        bos_token, eos_token = _token_str(config.get("bos_token")), _token_str(config.get("eos_token"))
+        bos_candidates = [backend.token_to_id(bos_token) if bos_token else None]
+        bos_candidates += [generation.get("bos_token_id"), model.get("bos_token_id"), default_bos]
+        bos_id = next((i for i in bos_candidates if i is not None), None)
+        # Generation stops on any of them (e.g. Llama-3-Instruct lists both <|end_of_text|> and <|eot_id|>).
+        eos_candidates = [backend.token_to_id(eos_token) if eos_token else None]
+        eos_candidates += _as_list(generation.get("eos_token_id")) + _as_list(model.get("eos_token_id"))
+        eos_ids = list(dict.fromkeys(i for i in eos_candidates if i is not None)) or _as_list(default_eos)
+
+        if add_bos is None:
+            # With a tokenizer.json, transformers ignores add_bos_token and runs the file's post-processor.
+            add_bos = backend.post_processor_ids[:1] == [bos_id]
+
+        bos_str = bos_token or (backend.id_to_token(bos_id) if bos_id is not None else None)
+        eos_str = eos_token or (backend.id_to_token(eos_ids[0]) if eos_ids else None)
+        chat = ChatFormat.from_checkpoint(
+            _chat_template(path, config), backend.added_tokens, bos_str or "", eos_str or "", chat_preset
+        )
+        return cls(backend, bos_id, eos_ids, bool(add_bos), chat)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (the model's embedding may be larger)."""
+        return self._backend.vocab_size
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; `add_bos=None` follows the checkpoint (as transformers does)."""
+        ids = self._backend.encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self.decode)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        return self.chat.render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """Prompt ids ready for generation: the rendered chat, with BOS added only if the text lacks it."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids

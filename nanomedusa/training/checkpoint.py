@@ -1,0 +1,105 @@
+"""What training writes: a resumable state, and the outputs the engine loads.
+
+    OUT/checkpoint/state.pt  trainable weights (frozen ones are re-read from --model), AdamW state,
+                             step, RNG states and the settings a resumed run must share
+    OUT/heads/               the heads, in `MedusaHeads.save` format (generate.py --medusa OUT/heads)
+    OUT/model/               joint training only: the fine-tuned base model as a full Hugging Face
+                             checkpoint directory (config, model.safetensors, tokenizer files)
+
+State dicts go through `torch.distributed.checkpoint.state_dict`, which gives full (unsharded,
+un-prefixed) tensors whether the module is plain, DDP-wrapped or FSDP-sharded; every process takes
+part in gathering them and only rank 0 writes. The learning rate is a function of the step, and the
+data order a function of (seed, step), so the step is all the scheduler and data loader need.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+
+from ..errors import NanoMedusaError
+from ..heads import HeadsConfig, MedusaHeads
+from ..loading import save_hf_weights
+from ..model import Transformer
+from .lora import merge_lora_state
+
+TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def state_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoint" / "state.pt"
+
+
+def save_state(out_dir, wrapped: nn.Module, optimizer, step: int, settings: dict, is_main: bool) -> None:
+    model_state, optim_state = get_state_dict(wrapped, optimizer, options=TRAINABLE)
+    if not is_main:
+        return
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    path = state_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model_state, "optim": optim_state, "rng": rng, "settings": settings}, tmp)
+    os.replace(tmp, path)  # atomic: an interruption while writing leaves the previous checkpoint intact
+
+
+def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
+    """Restore weights, optimizer and RNG from OUT/checkpoint; returns the step to continue from."""
+    path = state_path(out_dir)
+    if not path.is_file():
+        raise NanoMedusaError(f"there is no checkpoint at {path} to resume from; drop --resume to start a new run.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in settings.items():
+        if state["settings"].get(key) != value:
+            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={state['settings'].get(key)!r} but this "
+                                  f"run has {value!r}; resume with the same settings or choose another --out.")
+    set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["step"]
+
+
+def export(out_dir, wrapped: nn.Module, heads_config: HeadsConfig, ckpt_dir: Path, with_model: bool,
+           lora_scale: float, is_main: bool) -> None:
+    """Write OUT/heads (and OUT/model if the backbone was trained) from the live, maybe sharded, module."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not with_model)
+    state = get_model_state_dict(wrapped, options=options)
+    if not is_main:
+        return
+    out_dir = Path(out_dir)
+    heads = MedusaHeads(heads_config)
+    heads.load_state_dict(_strip(state, "heads."))
+    heads.save(out_dir / "heads")
+    if with_model:
+        model_state = merge_lora_state(_strip(state, "model."), lora_scale)
+        save_model_dir(model_state, ckpt_dir, out_dir / "model")
+
+
+def save_model_dir(model_state: dict[str, torch.Tensor], ckpt_dir: Path, out: Path) -> None:
+    """A full checkpoint directory: our weights as model.safetensors plus the original's other files."""
+    from ..config import ModelConfig
+
+    config = ModelConfig.from_json(ckpt_dir / "config.json")
+    if config.tie_word_embeddings:
+        model_state.setdefault("output.weight", model_state["tok_embeddings.weight"])
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(model_state, assign=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ckpt_dir.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out / f.name)
+    save_hf_weights(model, out)
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,208 @@
+"""Training data: read conversations, render them with the model's chat template, batch them.
+
+Accepted files, a JSON array (`.json`) or one JSON object per line (anything else):
+
+  * ShareGPT: {"id": ..., "conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
+  * OpenAI:   {"id": ..., "messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
+  * prompts:  {"id": ..., "source": ..., "prompt": ...}  (questions without answers, for self-distillation)
+
+`tokenize_conversation` turns a conversation into `input_ids` and `labels`, with labels -100 except on
+assistant tokens (each answer and the end-of-turn marker after it). It renders the conversation prefix
+by prefix, so every piece of text is known to be prompt or answer, and tokenizes piece by piece:
+
+    render(msgs[:i], generation prompt) -> prompt piece   (labels -100)
+    render(msgs[:i+1])                  -> + answer piece (labels = ids)
+
+`StepSampler` decides which examples each rank sees at each optimizer step: a fixed function of
+(seed, step), so a resumed run continues exactly where it stopped, and the same global batch is cut
+the same way whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import NanoMedusaError
+
+IGNORE = -100  # label of a token that is not trained on (cross_entropy's ignore_index)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: list[dict]  # [{"role": "user"|"assistant"|"system", "content": str}]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE or the token id itself
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(where, record) pairs from a .json array or a JSON-lines file; `where` names the line for errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoMedusaError(f"data file {path} does not exist; check the --data path.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file or use JSON lines.") from None
+        if not isinstance(items, list):
+            raise NanoMedusaError(f"{path} holds a JSON {type(items).__name__}, not a list of records; wrap the records in [...].")
+        records = [(f"{path} record {i + 1}", item) for i, item in enumerate(items)]
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path} line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise NanoMedusaError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise NanoMedusaError(f"{where} is not a JSON object; give each record as {{\"conversations\": [...]}} or similar.")
+    return records
+
+
+def to_conversation(where: str, record: dict, index: int) -> Conversation:
+    """One record (any accepted format) as a list of {role, content} messages."""
+    if "conversations" in record:
+        turns, role_key, text_key = record["conversations"], "from", "value"
+    elif "messages" in record:
+        turns, role_key, text_key = record["messages"], "role", "content"
+    elif "prompt" in record:
+        turns, role_key, text_key = [{"role": "user", "content": record["prompt"]}], "role", "content"
+    else:
+        raise NanoMedusaError(f"{where} has none of conversations, messages or prompt; use ShareGPT, OpenAI messages or prompt records.")
+    if not isinstance(turns, list):
+        raise NanoMedusaError(f"{where} has a {role_key!r} list that is not a list; give the turns as a JSON list.")
+    messages = []
+    for turn in turns:
+        role = ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get(text_key), str):
+            raise NanoMedusaError(f"{where} has a turn {str(turn)[:60]!r} that is not a {{{role_key}, {text_key}}} pair "
+                                  f"with a known role; use human/gpt/system or user/assistant/system.")
+        messages.append({"role": role, "content": turn[text_key]})
+    while messages and messages[0]["role"] == "assistant":
+        messages.pop(0)  # an answer with no question (ShareGPT dumps have some) cannot be rendered
+    return Conversation(str(record.get("id", index)), messages)
+
+
+def load_conversations(path: str | Path) -> list[Conversation]:
+    return [to_conversation(where, record, i) for i, (where, record) in enumerate(read_records(path))]
+
+
+def prompt_messages(conversation: Conversation) -> list[dict]:
+    """The messages before the first answer: what the model is asked (for self-distillation)."""
+    roles = [m["role"] for m in conversation.messages]
+    end = roles.index("assistant") if "assistant" in roles else len(roles)
+    return conversation.messages[:end]
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Example | None:
+    """-> Example truncated to max_len tokens, or None if no answer token is left to train on."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # text rendered and tokenized so far
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or len(ids) >= max_len:
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise NanoMedusaError("the model's chat template does not render a conversation as a prefix of its "
+                                  "continuation, so answers cannot be located; train with a ChatML-style model.")
+        # The first piece goes through encode_chat so that BOS is handled exactly as at generation time.
+        prompt_ids = tokenizer.encode_chat(messages[:i]) if not done else tokenizer.encode(prompt[len(done):], add_bos=False)
+        answer_ids = tokenizer.encode(full[len(prompt):], add_bos=False)
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE] * len(prompt_ids) + answer_ids
+        done = full
+    ids, labels = ids[:max_len], labels[:max_len]
+    # Position 0 is never a target (nothing precedes it), so an example needs an answer token after it.
+    if not any(label != IGNORE for label in labels[1:]):
+        return None
+    return Example(ids, labels)
+
+
+def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, progress: bool = False) -> list[Example]:
+    from tqdm import tqdm
+
+    examples = (tokenize_conversation(tokenizer, c.messages, max_len)
+                for c in tqdm(conversations, desc="tokenizing", disable=not progress, leave=False))
+    return [e for e in examples if e is not None]
+
+
+def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A held-out share of `items`, chosen by `seed` alone (the same on every rank and every run)."""
+    n = len(items)
+    n_eval = min(max(round(n * eval_fraction), 1), n - 1) if eval_fraction > 0 and n >= 2 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in sorted(order[:n_eval])]
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, T] token ids, right-padded
+    labels: torch.Tensor  # [B, T] IGNORE on prompt and padding
+
+    def to(self, device) -> Batch:
+        return Batch(self.tokens.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum()) if self.tokens.numel() else 0
+
+
+def collate(examples: list[Example], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest example; causal attention keeps padding out of every real position."""
+    if not examples:  # a rank with nothing left to evaluate still joins the collective forward
+        return Batch(torch.full((1, 1), pad_id), torch.full((1, 1), IGNORE))
+    T = max(len(e.input_ids) for e in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for b, e in enumerate(examples):
+        tokens[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[b, : len(e.labels)] = torch.tensor(e.labels)
+    return Batch(tokens, labels)
+
+
+class StepSampler:
+    """Example indices per optimizer step: shuffled per epoch by (seed, epoch), last partial batch dropped.
+
+    A step takes `global_batch = batch_size * grad_accum * world` examples, viewed as
+    [grad_accum, world, batch_size]: micro-batch j of rank r is row [j, r].
+    """
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int):
+        self.n, self.batch_size, self.grad_accum, self.world, self.rank, self.seed = n, batch_size, grad_accum, world, rank, seed
+        self.global_batch = batch_size * grad_accum * world
+        self.steps_per_epoch = n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise NanoMedusaError(f"the training split has {n} examples, fewer than one global batch of {self.global_batch} "
+                                  f"(batch size x grad accum x processes); lower --batch-size or --grad-accum.")
+        self._epoch, self._order = -1, None
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator)
+        chunk = self._order[i * self.global_batch: (i + 1) * self.global_batch]
+        return chunk.view(self.grad_accum, self.world, self.batch_size)[:, self.rank].tolist()
+
+
+def eval_batches(n: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's share of 0..n-1 in batches; every rank gets the same number (some maybe empty)."""
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    return [mine[i: i + batch_size] for i in range(0, per_rank, batch_size)]

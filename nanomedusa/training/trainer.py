@@ -1,0 +1,310 @@
+"""The training loop for Medusa heads: warm-up (Medusa-1) and joint training (Medusa-2).
+
+    trainer = Trainer(TrainConfig(stage="warmup", model=None, data="answers.jsonl", out="out"))
+    results = trainer.run()   # -> the eval dict also written to OUT/eval.json
+
+* warmup: the backbone is frozen (no gradients, run under no_grad, bf16 on GPU); only the heads learn,
+  on loss = sum_k head_decay^k * CE(head_k(h_t), token_{t+k+2}).
+* joint: backbone and heads learn together on loss = L_lm + w * L_medusa, with w ramped from 0 to
+  --medusa-weight, the backbone at a much smaller learning rate than the heads (two AdamW groups),
+  and optionally through LoRA adapters instead of all weights. This changes the base model: the
+  result is OUT/model, which must then be served together with OUT/heads.
+
+Each optimizer step: grad_accum micro-batches per process, bf16 autocast on GPU, grad clipping,
+cosine learning rate with linear warm-up. Logs (rank 0) go to the terminal and OUT/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import NanoMedusaError
+from ..heads import MedusaHeads
+from ..loading import load_model, resolve_checkpoint
+from ..tokenizer import Tokenizer
+from . import checkpoint
+from .data import IGNORE, StepSampler, collate, eval_batches, load_conversations, split_train_eval, tokenize_all
+from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
+from .lora import add_lora
+from .losses import row_weights, shifted_targets, summarize, token_stats, weighted_loss
+from .medusa_lm import MedusaLM
+
+STAGES = ("warmup", "joint")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "warmup"
+    model: str | None = None  # None: the project's default model
+    data: str = ""
+    out: str = "out"
+    heads: str | None = None  # joint: the warm-up heads directory to start from
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = False
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3  # heads
+    backbone_lr: float = 2e-5  # joint only
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    head_decay: float = 0.8
+    medusa_weight: float = 0.2  # joint: weight of the heads' loss next to the LM loss
+    medusa_weight_warmup: int = 100  # joint: steps over which that weight ramps up from 0
+    lora_rank: int = 0  # joint: 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    max_len: int = 1024
+    eval_fraction: float = 0.02
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 0  # 0: evaluate only at the end
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 frozen backbone on GPU for warm-up, float32 weights otherwise
+    resume: bool = False
+
+    def check(self) -> None:
+        if self.stage not in STAGES:
+            raise NanoMedusaError(f"unknown stage {self.stage!r}; use one of warmup, joint, distill.")
+        if self.stage == "joint" and not self.heads:
+            raise NanoMedusaError("joint training starts from warm-up heads; pass --heads OUT/heads from a --stage warmup run.")
+        if self.stage == "warmup" and self.lora_rank:
+            raise NanoMedusaError("--lora-rank only applies to --stage joint (warm-up never changes the backbone); drop it.")
+        positive = {"--num-heads": self.num_heads, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--max-len": self.max_len, "--epochs": self.epochs, "--log-every": self.log_every}
+        for flag, value in positive.items():
+            if value < 1:
+                raise NanoMedusaError(f"{flag} must be at least 1, got {value}.")
+        if not 0 <= self.eval_fraction < 1:
+            raise NanoMedusaError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.joint = cfg.stage == "joint"
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.out = Path(cfg.out)
+        if checkpoint.state_path(self.out).exists() and not cfg.resume:
+            raise NanoMedusaError(f"{self.out} already holds a training checkpoint; pass --resume to continue it or choose another --out.")
+        torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
+
+        conversations = load_conversations(cfg.data)  # bad data fails before the model is loaded
+        self.ckpt_dir = resolve_checkpoint(cfg.model)
+        self.tokenizer = Tokenizer.from_dir(self.ckpt_dir)
+        self.train_set, self.eval_set = self._tokenize(conversations)
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" and not self.joint else "float32"
+        model, _ = load_model(self.ckpt_dir, self.device, dtype)
+
+        heads = self._make_heads(model)
+        model.requires_grad_(self.joint and not cfg.lora_rank)
+        if cfg.lora_rank:
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        self.module = MedusaLM(model, heads, train_backbone=self.joint)
+        self.wrapped = wrap(self.module, self.dist, shard=self.joint)
+        self.optimizer, self.base_lrs = self._make_optimizer()
+        self.autocast = self.device.type == "cuda" or model.dtype != torch.float32
+        self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank, cfg.seed)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
+        self.start_step = checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings()) if cfg.resume else 0
+
+    # ----- setup -------------------------------------------------------------------------------
+
+    def _tokenize(self, conversations):
+        cfg = self.cfg
+        answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
+        if not answered:
+            raise NanoMedusaError(f"{cfg.data} has no conversation with an assistant answer to train on; "
+                                  f"answer its prompts first with --stage distill.")
+        train_c, eval_c = split_train_eval(answered, cfg.eval_fraction, cfg.seed)
+        train = tokenize_all(self.tokenizer, train_c, cfg.max_len, progress=self.dist.is_main)
+        if not train:
+            raise NanoMedusaError(f"no training example of {cfg.data} keeps an answer token within --max-len "
+                                  f"{cfg.max_len}; raise --max-len.")
+        return train, tokenize_all(self.tokenizer, eval_c, cfg.max_len)
+
+    def _make_heads(self, model) -> MedusaHeads:
+        cfg = self.cfg
+        if self.joint:
+            heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
+        else:
+            heads = MedusaHeads.from_base(model, cfg.num_heads, cfg.num_layers, cfg.shared_lm_head,
+                                          base_model=str(cfg.model or self.ckpt_dir)).float()
+        return heads.train()
+
+    def _make_optimizer(self):
+        # Parameters as the wrapped module holds them (FSDP swaps in sharded ones), grouped by owner.
+        head_params = [p for p in self.module.heads.parameters() if p.requires_grad]
+        backbone_params = [p for p in self.module.model.parameters() if p.requires_grad]
+        groups = [(head_params, self.cfg.lr), (backbone_params, self.cfg.backbone_lr)]
+        groups = [(params, lr) for params, lr in groups if params]
+        optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=self.cfg.weight_decay)
+        return optimizer, [lr for _, lr in groups]
+
+    def _settings(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        cfg = self.cfg
+        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data, "num_heads": self.num_heads,
+                "num_layers": self.module.heads.config.num_layers, "lora_rank": cfg.lora_rank,
+                "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
+                "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps}
+
+    @property
+    def num_heads(self) -> int:
+        return self.module.heads.config.num_heads
+
+    # ----- schedules ---------------------------------------------------------------------------
+
+    def lr_scale(self, step: int) -> float:
+        """Linear warm-up to 1, then cosine decay to 0 at the last step."""
+        warmup = self.cfg.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def weights(self, step: int) -> torch.Tensor:
+        """[1 + K] loss weight of the lm_head and each head at `step`."""
+        cfg = self.cfg
+        if not self.joint:
+            return row_weights(self.num_heads, cfg.head_decay, lm_weight=0.0, medusa_weight=1.0)
+        ramp = min(1.0, step / cfg.medusa_weight_warmup) if cfg.medusa_weight_warmup > 0 else 1.0
+        return row_weights(self.num_heads, cfg.head_decay, lm_weight=1.0, medusa_weight=cfg.medusa_weight * ramp)
+
+    # ----- one forward -------------------------------------------------------------------------
+
+    def forward_stats(self, batch, with_lm: bool):
+        """-> summed cross-entropy [1 + K] (differentiable) and stats [1 + K, 4] for one micro-batch."""
+        tokens = batch.tokens.to(self.device)
+        targets = shifted_targets(batch.labels.to(self.device), self.num_heads)  # [1 + K, B, T]
+        head_targets = targets[1:]
+        head_mask = (head_targets != IGNORE).any(0)  # [B, T]
+        lm_mask = targets[0] != IGNORE if with_lm else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            head_logits, lm_logits = self.wrapped(tokens, head_mask, lm_mask)
+        ce_heads, stats_heads = token_stats(head_logits, head_targets[:, head_mask])
+        if lm_logits is None:
+            ce_lm, stats_lm = ce_heads.new_zeros(1), stats_heads.new_zeros(1, 4)
+        else:
+            ce_lm, stats_lm = token_stats(lm_logits[None], targets[0][lm_mask][None])
+        return torch.cat([ce_lm, ce_heads]), torch.cat([stats_lm, stats_heads])
+
+    # ----- training ----------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step -> (stats [1 + K, 4] of this rank, input tokens this rank processed)."""
+        cfg = self.cfg
+        micro = [[self.train_set[i] for i in idx] for idx in self.sampler.micro_batches(step)]
+        batches = [collate(examples) for examples in micro]
+        # Target counts over the global batch, so every micro-batch's loss is scaled the same way.
+        counts = sum((shifted_targets(b.labels, self.num_heads) != IGNORE).flatten(1).sum(1) for b in batches)
+        counts = all_reduce_sum(counts.to(self.device), self.dist)
+        weights = self.weights(step).to(self.device)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self.lr_scale(step)
+        stats = torch.zeros(self.num_heads + 1, 4, device=self.device)
+        for j, batch in enumerate(batches):
+            with gradient_sync(self.wrapped, enabled=j == len(batches) - 1):
+                ce, s = self.forward_stats(batch, with_lm=bool(weights[0] > 0))
+                # DDP/FSDP average gradients over processes; scaling by the world size turns that into
+                # the sum over the global batch that `counts` normalises.
+                (weighted_loss(ce, counts, weights) * self.dist.world).backward()
+            stats += s
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats, sum(len(e.input_ids) for examples in micro for e in examples)
+
+    def run(self) -> dict:
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            self._print(f"{cfg.stage}: {len(self.train_set)} train / {len(self.eval_set)} eval examples, "
+                        f"{self.total_steps} steps of {self.sampler.global_batch} examples, {self.num_heads} heads, "
+                        f"{sum(p.numel() for g in self.optimizer.param_groups for p in g['params']):,} "
+                        f"trainable parameters on {self.dist.world} x {self.device.type}")
+        window, tokens, started = torch.zeros(self.num_heads + 1, 4, device=self.device), 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=cfg.stage, disable=not main, dynamic_ncols=True)
+        for step in range(self.start_step, self.total_steps):
+            stats, n = self.train_step(step)
+            window, tokens, done = window + stats, tokens + n, step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == self.total_steps:
+                self._log_window(done, window, tokens, time.perf_counter() - started)
+                window, tokens, started = torch.zeros_like(window), 0, time.perf_counter()
+            if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
+                self.save(done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
+                self._log_eval(done, self.evaluate())
+        bar.close()
+        results = self.evaluate()
+        self._log_eval(self.total_steps, results)
+        if main and self.eval_set:
+            (self.out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        self.export()
+        return results
+
+    def save(self, step: int) -> None:
+        checkpoint.save_state(self.out, self.wrapped, self.optimizer, step, self._settings(), self.dist.is_main)
+        self.export(heads_only=True)
+
+    def export(self, heads_only: bool = False) -> None:
+        with_model = self.joint and not heads_only
+        checkpoint.export(self.out, self.wrapped, self.module.heads.config, self.ckpt_dir, with_model,
+                          self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Per-head (and lm_head) loss, top-1 and top-5 accuracy on the held-out split, over all ranks."""
+        stats = torch.zeros(self.num_heads + 1, 4, device=self.device)
+        for idx in eval_batches(len(self.eval_set), self.cfg.batch_size, self.dist.world, self.dist.rank):
+            stats += self.forward_stats(collate([self.eval_set[i] for i in idx]), with_lm=True)[1]
+        return summarize(all_reduce_sum(stats, self.dist))
+
+    # ----- logging -----------------------------------------------------------------------------
+
+    def _log_window(self, step: int, stats: torch.Tensor, tokens: int, seconds: float) -> None:
+        totals = all_reduce_sum(torch.cat([stats.flatten(), stats.new_tensor([tokens])]), self.dist)
+        if not self.dist.is_main:
+            return
+        summary = summarize(totals[:-1].view_as(stats), self.weights(step - 1))
+        record = {"step": step, "loss": summary["loss"], "lr": self.optimizer.param_groups[0]["lr"],
+                  "tokens_per_s": totals[-1].item() / max(seconds, 1e-9), "heads": summary["heads"]}
+        if self.joint:
+            record["lm"] = summary["lm"]
+        parts = [f"step {step}/{self.total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        if self.joint:
+            parts.append(f"lm {summary['lm']['loss']:.3f}")
+        parts += [f"h{k} {h['loss']:.3f} {h['top1']:.2f}/{h['top5']:.2f}" for k, h in enumerate(summary["heads"])]
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        self._print(" | ".join(parts))
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _log_eval(self, step: int, results: dict) -> None:
+        if not self.dist.is_main or not results["lm"]["tokens"]:
+            return
+        rows = [("lm_head", results["lm"])] + [(f"head {k}", h) for k, h in enumerate(results["heads"])]
+        lines = [f"eval at step {step} ({results['lm']['tokens']} tokens): predictor  loss  top-1  top-5"]
+        lines += [f"  {name:>8}  {r['loss']:.3f}  {r['top1']:.3f}  {r['top5']:.3f}" for name, r in rows]
+        self._print("\n".join(lines))
+
+    def _print(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(text)

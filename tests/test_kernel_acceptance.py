@@ -1,0 +1,107 @@
+"""The Triton acceptance kernel against its torch reference (kernels/acceptance.py).
+
+Without a GPU the kernel runs in Triton's CPU interpreter (fp32 and fp16 logits; bf16 only on CUDA,
+as it is broken in the interpreter). Trees are random: node j hangs under a random earlier node, and
+the retrieve rows come out shuffled. Tokens are set to their parent's argmax for a random subset of
+nodes, so paths really get accepted. The scratch flags and outputs are poisoned before each run.
+"""
+
+import importlib
+import os
+import random
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when kernels/ is imported:
+    # this must be set before that import, and a module another test file imported earlier is re-imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "kernels.acceptance" in sys.modules:
+        importlib.reload(sys.modules["kernels.acceptance"])
+
+import pytest  # noqa: E402
+
+from kernels import acceptance  # noqa: E402
+from kernels.bench_small_kernels import acceptance_inputs, check_acceptance, random_parents, retrieve_from_parents  # noqa: E402,E501
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+V = 257
+
+
+def random_case(seed, dtype=torch.float32, V=V, num_nodes=None, **kwargs):
+    """(logits [T, V], tokens [T], retrieve [P, Dp], parents) of a random tree of 1..13 nodes."""
+    rng = random.Random(seed)
+    parents = random_parents(num_nodes or rng.randint(1, 13), rng.randint(1, 4), rng)
+    logits, tokens = acceptance_inputs(parents, V, dtype, DEVICE, generator=torch.Generator().manual_seed(seed),
+                                       **kwargs)
+    return logits, tokens, retrieve_from_parents(parents, rng), parents
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", acceptance.MODES)
+def test_random_trees_match_reference(mode, dtype):
+    accepted = 0
+    for seed in range(8):
+        logits, tokens, retrieve, _ = random_case(seed, dtype)
+        accepted += check_acceptance(logits, tokens, retrieve, mode)[1]
+    assert accepted > 0  # the cases must exercise acceptance, not just rejection
+
+
+@pytest.mark.parametrize("mode", acceptance.MODES)
+def test_everything_accepted_picks_first_deepest_path(mode):
+    logits, tokens, retrieve, _ = random_case(1, num_nodes=13, accept_prob=1.0, scale=10.0)
+    depths = (retrieve >= 0).sum(1) - 1
+    assert check_acceptance(logits, tokens, retrieve, mode) == (int(depths.argmax()), int(depths.max()))
+
+
+@pytest.mark.parametrize("mode", acceptance.MODES)
+def test_everything_rejected(mode):
+    logits, _, retrieve, parents = random_case(3, num_nodes=13, scale=10.0)
+    tokens = logits.argmin(-1)[parents]  # the least likely token under each parent
+    assert check_acceptance(logits, tokens, retrieve, mode) == (0, 0)
+
+
+@pytest.mark.parametrize("mode", acceptance.MODES)
+def test_root_only_tree(mode):
+    logits, tokens = torch.randn(1, V, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
+    assert check_acceptance(logits, tokens, torch.zeros(1, 1, dtype=torch.long), mode) == (0, 0)
+
+
+def test_greedy_ties_take_the_first_maximum():
+    # Logits from {0, 1, 2}: every row has tied maxima; tokens pick among the tied ones, so only
+    # "the first maximum wins" (torch.argmax) matches the reference.
+    accepted = 0
+    for seed in range(6):
+        logits, _, retrieve, parents = random_case(seed, V=16, num_nodes=13)
+        logits = torch.randint(0, 3, logits.shape, generator=torch.Generator().manual_seed(seed)).float().to(DEVICE)
+        tied = (logits == logits.max(-1, keepdim=True).values).float()[parents]  # [T, V]: ties under the parent
+        tokens = torch.multinomial(tied, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        accepted += check_acceptance(logits, tokens, retrieve, "greedy")[1]
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("temperature, eps, alpha, scale", [
+    (1.0, 0.09, 0.3, 0.0),      # uniform logits: maximal entropy, every token has p = 1/V
+    (1.0, 0.09, 0.3, 1000.0),   # huge logits: one-hot softmax, the online softmax must not overflow
+    (1e-5, 0.09, 0.3, 3.0),     # the engine's floor for greedy-like temperatures
+    (0.5, 1e-4, 0.3, 3.0),      # eps binds: the threshold is eps, not alpha * exp(-H)
+    (1.7, 0.5, 0.05, 1.0),      # flat, hot distribution: alpha * exp(-H) binds
+])
+def test_typical_edge_cases(temperature, eps, alpha, scale):
+    for seed in range(2):
+        logits, tokens, retrieve, _ = random_case(seed, scale=scale, accept_prob=0.5, num_nodes=9)
+        check_acceptance(logits, tokens, retrieve, "typical", temperature, eps, alpha)
+
+
+def test_arrival_counter_is_left_at_zero():
+    logits, tokens, retrieve, _ = random_case(5)
+    check_acceptance(logits, tokens, retrieve, "greedy")
+    assert acceptance._arrival_counter(logits.device).item() == 0
+
+
+def test_unknown_mode():
+    logits, tokens, retrieve, _ = random_case(0)
+    with pytest.raises(ValueError, match="unknown acceptance mode"):
+        acceptance.accept_candidates_triton(logits, tokens, retrieve.to(DEVICE), "sampling")

@@ -1,0 +1,67 @@
+"""The Triton RMSNorm kernel against its torch reference (kernels/rmsnorm.py).
+
+Without a GPU the kernel runs in Triton's CPU interpreter: fp32 and fp16 (bf16 is broken in the
+interpreter, so it is only checked on CUDA). Outputs are poisoned before each run (see
+`poisoned_empty`), so an element the kernel does not write fails the comparison.
+"""
+
+import importlib
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when kernels/ is imported:
+    # this must be set before that import, and a module another test file imported earlier is re-imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "kernels.rmsnorm" in sys.modules:
+        importlib.reload(sys.modules["kernels.rmsnorm"])
+
+import pytest  # noqa: E402
+
+from kernels.bench_small_kernels import check_rmsnorm  # noqa: E402
+from kernels.rmsnorm import rmsnorm_triton  # noqa: E402
+from nanomedusa.errors import NanoMedusaError  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("shape", [(1, 40), (3, 96), (2, 3, 100), (4, 1, 2, 257)])
+def test_matches_reference(shape, residual, dtype):
+    check_rmsnorm(shape, dtype, DEVICE, residual=residual)
+
+
+def test_widest_row():
+    check_rmsnorm((2, 8192), torch.float32, DEVICE)
+
+
+def test_weight_of_another_dtype_promotes_like_the_reference():
+    # An fp32 weight on fp16 activations gives an fp32 output in the reference; the kernel must agree.
+    check_rmsnorm((3, 100), torch.float16, DEVICE, weight_dtype=torch.float32)
+
+
+def test_no_rows():
+    x = torch.randn(0, 40, device=DEVICE)
+    out, h = rmsnorm_triton(x, torch.ones(40, device=DEVICE), 1e-5, torch.randn(0, 40, device=DEVICE))
+    assert out.shape == h.shape == (0, 40)
+
+
+def test_statistics_are_per_row():
+    # Rows of very different scale: a kernel mixing rows' sums of squares would be far off.
+    x = torch.randn(3, 96, device=DEVICE) * torch.tensor([[1e-3], [1.0], [1e3]], device=DEVICE)
+    out = rmsnorm_triton(x, torch.ones(96, device=DEVICE), 1e-10)
+    torch.testing.assert_close(out.pow(2).mean(-1), torch.ones(3, device=DEVICE), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_name_the_fix():
+    x = torch.randn(2, 40, device=DEVICE)
+    with pytest.raises(NanoMedusaError, match="torch backend"):
+        rmsnorm_triton(torch.randn(1, 8200, device=DEVICE), torch.ones(8200, device=DEVICE), 1e-5)
+    with pytest.raises(NanoMedusaError, match=r"must be \(40,\)"):
+        rmsnorm_triton(x, torch.ones(41, device=DEVICE), 1e-5)
+    with pytest.raises(NanoMedusaError, match="must have x's shape and dtype"):
+        rmsnorm_triton(x, torch.ones(40, device=DEVICE), 1e-5, residual=x.half())

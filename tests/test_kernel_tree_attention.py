@@ -1,0 +1,154 @@
+"""The Triton tree-attention kernel against its torch reference (kernels/tree_attention.py).
+
+Without a GPU the kernels run in Triton's CPU interpreter: tiny shapes, fp32 and fp16 (bf16 is broken
+in the interpreter, so it is only checked on CUDA).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when kernels/ is imported:
+    # this must be set before that import.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+from kernels.bench_tree_attention import make_case, max_rel_errors  # noqa: E402
+from kernels.tree_attention import tree_attention_reference, tree_attention_triton  # noqa: E402
+from nanomedusa.errors import NanoMedusaError  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _patch_lang_tensor_numpy24(tensor, scope, _original=interpreter._patch_lang_tensor):
+    # Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which
+    # numpy >= 2.4 rejects, so every `for ... in range(runtime_value)` fails. `.item()` works on all.
+    _original(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: self.handle.data.item())
+
+
+interpreter._patch_lang_tensor = _patch_lang_tensor_numpy24
+
+
+def random_tree_mask(T: int) -> torch.Tensor:
+    """Ancestor mask [T, T] of a random tree: node i > 0 hangs under a random earlier node."""
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        mask[i] |= mask[torch.randint(i, ()).item()]
+    return mask
+
+
+def make_mask(kind: str, T: int) -> torch.Tensor:
+    if kind == "causal":
+        return torch.ones(T, T, dtype=torch.bool).tril()
+    if kind == "tree":
+        return random_tree_mask(T)
+    # "any": the op allows any mask; keep the diagonal so every query sees at least one key
+    return (torch.rand(T, T) < 0.5) | torch.eye(T, dtype=torch.bool)
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every float buffer the op allocates starts as NaN, so a never-written output or partial shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def rel_error(out, ref) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=False, num_splits=None):
+    """Kernel output and the float64 reference on fresh random inputs. Cache slots past prefix+T hold
+    NaN for the kernel (it must never use them) and zeros for the reference."""
+    q = torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
+    tree_mask = make_mask(mask_kind, T).to(DEVICE)
+    ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask)
+    k[:, :, prefix + T:] = float("nan")
+    v[:, :, prefix + T:] = float("nan")
+    p = torch.tensor(prefix, device=DEVICE) if prefix_as_tensor else prefix
+    out = tree_attention_triton(q, k, v, p, tree_mask, num_splits=num_splits)
+    return out, ref
+
+
+# (B, Hq, Hkv, T, S, D, prefix, mask, prefix as tensor, num_splits)
+FP32_CASES = [
+    (1, 4, 4, 1, 37, 16, 36, "causal", False, None),  # MHA decode, heuristic splits
+    (1, 8, 2, 1, 37, 32, 20, "causal", True, 2),  # GQA decode, device prefix_len, trailing slots unused
+    (2, 4, 2, 3, 37, 32, 0, "causal", False, 1),  # prefill from empty: single chunk writes out directly
+    (1, 6, 2, 7, 37, 64, 17, "tree", True, None),  # group of 3 (M rows not a power of two)
+    (1, 2, 2, 13, 37, 16, 24, "tree", False, 3),  # tree ends exactly at S
+    (1, 4, 1, 13, 37, 16, 5, "any", True, 8),  # more chunks than key tiles: empty chunks
+    (1, 4, 2, 40, 40, 16, 0, "causal", False, 2),  # long T: several query-row blocks
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,prefix,mask_kind,prefix_as_tensor,num_splits", FP32_CASES)
+def test_fp32_matches_float64_reference(poisoned_allocations, B, Hq, Hkv, T, S, D, prefix, mask_kind,
+                                        prefix_as_tensor, num_splits):
+    out, ref = run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, torch.float32, prefix_as_tensor, num_splits)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-5
+
+
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,prefix,mask_kind,prefix_as_tensor,num_splits", [
+    (1, 4, 2, 1, 37, 64, 31, "causal", True, None),
+    (1, 6, 3, 7, 37, 32, 11, "tree", False, 2),
+])
+def test_half_precision_matches_reference(poisoned_allocations, dtype, B, Hq, Hkv, T, S, D, prefix,
+                                          mask_kind, prefix_as_tensor, num_splits):
+    out, ref = run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor, num_splits)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-2
+
+
+def test_chunking_does_not_change_the_result():
+    q, k, v, prefix, tree_mask = make_case(4, 2, 16, 30, 5, torch.float32, DEVICE)
+    one = tree_attention_triton(q, k, v, prefix, tree_mask, num_splits=1)
+    for n in (2, 3):
+        assert rel_error(tree_attention_triton(q, k, v, prefix, tree_mask, num_splits=n), one) <= 1e-6
+
+
+def test_bad_inputs_name_the_fix():
+    q = torch.randn(1, 6, 2, 16, device=DEVICE)
+    k = torch.randn(1, 4, 8, 16, device=DEVICE)
+    mask = torch.ones(2, 2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(NanoMedusaError, match="multiple of the 4 KV heads"):
+        tree_attention_triton(q, k, k, 3, mask)
+    with pytest.raises(NanoMedusaError, match=r"bool tree_mask of shape \(2, 2\)"):
+        tree_attention_triton(q[:, :4], k, k, 3, mask[:1])
+
+
+def test_benchmark_correctness_check_runs_on_a_tiny_case():
+    errors = max_rel_errors(*make_case(4, 2, 16, 9, 3, torch.float32, DEVICE))
+    assert set(errors) == {"triton", "torch reference", "torch SDPA"}
+    assert max(errors.values()) <= 1e-5
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_device_prefix_len_is_graph_capturable():
+    q, k, v, _, tree_mask = make_case(8, 2, 64, 200, 4, torch.bfloat16, DEVICE)
+    prefix = torch.tensor(100, device=DEVICE)
+    tree_attention_triton(q, k, v, prefix, tree_mask)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tree_attention_triton(q, k, v, prefix, tree_mask)
+    for p in (150, 7):
+        prefix.fill_(p)
+        graph.replay()
+        assert rel_error(out, tree_attention_reference(q, k, v, p, tree_mask)) <= 1e-2

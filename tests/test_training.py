@@ -1,0 +1,244 @@
+"""Training on tiny random chat checkpoints: data rendering, warm-up, joint, resume, distillation, CLI errors.
+
+The synthetic task: the user asks "count from x", the assistant answers with the alphabet from x, then
+the capitals, then "." -- so every future answer token follows from the current one, except the first
+answer letter (it depends on the prompt). Heads on a random backbone can therefore learn it well.
+"""
+
+import json
+import random
+import string
+
+import pytest
+import torch
+
+import train as train_cli
+from nanomedusa.heads import MedusaHeads
+from nanomedusa.loading import load_model
+from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
+from nanomedusa.training.data import IGNORE, StepSampler, collate, load_conversations, split_train_eval, tokenize_conversation
+from nanomedusa.training.losses import shifted_targets
+from tests.tiny_tokenizer import make_chat_checkpoint
+
+LOWER = string.ascii_lowercase
+
+
+def counting_answer(start: int) -> str:
+    return LOWER[start:] + string.ascii_uppercase + string.digits + "."
+
+
+def write_counting_data(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            s = rng.randrange(26)
+            turns = [{"from": "human", "value": f"count from {LOWER[s]}"}, {"from": "gpt", "value": counting_answer(s)}]
+            f.write(json.dumps({"id": f"c{i}", "conversations": turns}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    seed = random.randrange(1000)
+    make_chat_checkpoint(root / "ckpt", seed=seed)
+    return root, str(root / "ckpt"), str(write_counting_data(root / "data.jsonl", 96, seed))
+
+
+def config(setup, out, **kw):
+    root, ckpt, data = setup
+    base = dict(model=ckpt, data=data, out=str(root / out), batch_size=8, lr=1e-2, warmup_steps=5,
+                log_every=5, save_every=0, eval_fraction=0.125, max_len=96, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def all_close(a: dict, b: dict, tol: float) -> bool:
+    return a.keys() == b.keys() and all((a[k].float() - b[k].float()).abs().max() <= tol for k in a)
+
+
+# ----- data --------------------------------------------------------------------------------------
+
+
+def test_labels_cover_exactly_the_answers(setup):
+    tok = Tokenizer.from_dir(setup[1])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "bye"}]
+    ex = tokenize_conversation(tok, messages, max_len=1000)
+    assert ex.input_ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False), add_bos=False)
+    answer_ids = [t for t in ex.labels if t != IGNORE]
+    assert tok.decode(answer_ids, skip_special_tokens=False) == "hello there<|im_end|>\nbye<|im_end|>\n"
+    labelled = [i for i, t in enumerate(ex.labels) if t != IGNORE]
+    assert all(ex.labels[i] == ex.input_ids[i] for i in labelled)
+    cut = tokenize_conversation(tok, messages, max_len=len(tok.encode_chat(messages[:2])) + 3)
+    assert cut.input_ids == ex.input_ids[: len(cut.input_ids)] and sum(t != IGNORE for t in cut.labels) == 3
+    assert tokenize_conversation(tok, messages[:2], max_len=1000) is None  # no answer, nothing to learn
+
+
+def test_formats_and_split(tmp_path):
+    sharegpt = {"id": "a", "conversations": [{"from": "gpt", "value": "orphan"}, {"from": "human", "value": "q"},
+                                             {"from": "gpt", "value": "r"}]}
+    openai = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}
+    prompt = {"id": "p", "source": "x", "prompt": "q"}
+    (tmp_path / "d.json").write_text(json.dumps([sharegpt, openai, prompt]))
+    a, b, c = load_conversations(tmp_path / "d.json")
+    assert a.messages == b.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
+    assert (a.id, b.id, c.id) == ("a", "1", "p") and c.messages == [{"role": "user", "content": "q"}]
+    items = list(range(50))
+    train, held = split_train_eval(items, 0.2, seed=7)
+    assert len(held) == 10 and sorted(train + held) == items and split_train_eval(items, 0.2, seed=7)[1] == held
+    assert split_train_eval(items, 0.2, seed=8)[1] != held
+
+
+def test_shifted_targets_and_sampler():
+    labels = torch.randint(0, 50, (3, 9))
+    labels[:, :2] = IGNORE
+    targets = shifted_targets(labels, num_heads=3)
+    for j in range(4):
+        for t in range(9):
+            expect = labels[:, t + j + 1] if t + j + 1 < 9 else torch.full((3,), IGNORE)
+            assert torch.equal(targets[j, :, t], expect)
+    two = [StepSampler(40, 2, 3, 2, rank, seed=1) for rank in range(2)]
+    one = StepSampler(40, 4, 3, 1, 0, seed=1)
+    for step in (0, 1, 5):  # the global batch is the same whatever the process count
+        assert sorted(sum(two[0].micro_batches(step) + two[1].micro_batches(step), [])) == sorted(sum(one.micro_batches(step), []))
+    epoch = sum((sum(one.micro_batches(s), []) for s in range(3)), [])
+    assert one.steps_per_epoch == 3 and len(set(epoch)) == 36  # each example once, the last partial batch dropped
+
+
+# ----- warm-up ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def warmed(setup):
+    trainer = Trainer(config(setup, "warm", max_steps=40))
+    before = {k: v.clone() for k, v in trainer.module.model.state_dict().items()}
+    results = trainer.run()
+    return trainer, before, results
+
+
+def test_warmup_heads_learn_the_future(warmed):
+    trainer, _, results = warmed
+    log = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert log[-1]["heads"][0]["top1"] > log[0]["heads"][0]["top1"] + 0.2
+    assert json.loads((trainer.out / "eval.json").read_text()) == results
+    # The first answer letters are unpredictable (about 2 of ~57 targets per head), the rest are not.
+    assert results["heads"][0]["top1"] >= 0.9 and results["heads"][3]["top1"] >= 0.8
+    assert results["lm"]["top1"] < 0.3  # the untouched random backbone has not learnt the task
+
+
+def test_warmup_keeps_backbone_and_saves_loadable_heads(warmed):
+    trainer, before, _ = warmed
+    after = trainer.module.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in trainer.module.model.parameters())
+    model = trainer.module.model
+    loaded = MedusaHeads.load(trainer.out / "heads", model.config, "cpu", torch.float32)
+    hidden = torch.randn(5, model.config.dim)
+    with torch.no_grad():
+        assert torch.allclose(loaded(hidden, model.output.weight), trainer.module.heads(hidden, model.output.weight), atol=1e-6)
+
+
+# ----- joint --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_joint_changes_backbone_and_keeps_lm_loss(setup, warmed, lora_rank):
+    trainer = Trainer(config(setup, f"joint{lora_rank}", stage="joint", heads=str(warmed[0].out / "heads"), max_steps=12,
+                             lora_rank=lora_rank, backbone_lr=3e-3, medusa_weight=0.5, medusa_weight_warmup=4))
+    start = trainer.evaluate()
+    results = trainer.run()
+    # Trained on the LM loss too, the backbone must not get worse at it (it should get better).
+    assert results["lm"]["loss"] <= start["lm"]["loss"] + 0.05
+    assert results["heads"][0]["top1"] >= start["heads"][0]["top1"] - 0.05
+    original, _ = load_model(setup[1], "cpu", "float32")
+    exported, ckpt = load_model(trainer.out / "model", "cpu", "float32")
+    assert (ckpt / "tokenizer.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
+    changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert any(".attention.wq." in k for k in changed)
+    tokens = torch.randint(0, 80, (2, 17))
+    with torch.no_grad():  # the exported checkpoint (LoRA merged in) is the model that was trained
+        assert torch.allclose(exported(tokens), trainer.module.model(tokens), atol=1e-4)
+
+
+# ----- resume -------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted_run(setup, monkeypatch):
+    straight = Trainer(config(setup, "straight", max_steps=8, save_every=3))
+    straight.run()
+    cut = Trainer(config(setup, "cut", max_steps=8, save_every=3))
+    calls = []
+    original_step = Trainer.train_step
+
+    def step_then_stop(self, step):
+        if len(calls) == 7:  # dies in its 8th step, after checkpoints at 3 and 6 steps
+            raise Interrupted
+        calls.append(step)
+        return original_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_stop)
+    with pytest.raises(Interrupted):
+        cut.run()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    with pytest.raises(Exception, match="already holds a training checkpoint"):
+        Trainer(config(setup, "cut", max_steps=8, save_every=3))
+    resumed = Trainer(config(setup, "cut", max_steps=8, save_every=3, resume=True))
+    assert resumed.start_step == 6
+    resumed.run()
+    a, b = straight.module.heads.state_dict(), resumed.module.heads.state_dict()
+    assert all_close(a, b, tol=1e-6)
+    assert not all_close(a, cut.module.heads.state_dict(), tol=1e-6)  # the cut run really stopped early
+
+
+# ----- distillation -------------------------------------------------------------------------------
+
+
+def test_distill_writes_resumable_data_that_trains(setup):
+    root, ckpt, _ = setup
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "t", "prompt": f"count from {c}"}) + "\n"
+                               for i, c in enumerate("abcdefghijkl")))
+    out = root / "answers.jsonl"
+    cfg = DistillConfig(model=ckpt, data=str(prompts), out=str(out), max_new_tokens=6, limit=5, device="cpu")
+    assert distill(cfg) == 5
+    with open(out, "a") as f:
+        f.write('{"id": "p5", "conv')  # a line torn by an interruption
+    cfg.limit = None
+    assert distill(cfg) == 7
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [f"p{i}" for i in range(12)]
+    assert lines[0]["conversations"][0] == {"from": "human", "value": "count from a"}
+    assert lines[0]["conversations"][1]["from"] == "gpt"
+    results = Trainer(TrainConfig(model=ckpt, data=str(out), out=str(root / "distilled"), max_steps=2, batch_size=4,
+                                  eval_fraction=0.2, seed=1)).run()
+    assert results["heads"][0]["tokens"] > 0 and (root / "distilled" / "heads" / "config.json").is_file()
+
+
+# ----- command line -------------------------------------------------------------------------------
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    ckpt = setup[1]
+
+    def run(data, *extra):
+        code = train_cli.main(["--model", ckpt, "--data", str(data), "--out", str(tmp_path / "o"), *extra])
+        return code, capsys.readouterr().err.strip()
+
+    assert run(tmp_path / "none.jsonl") == (2, f"error: data file {tmp_path / 'none.jsonl'} does not exist; check the --data path.")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
+    code, err = run(bad)
+    assert code == 2 and err.startswith(f"error: {bad} line 3 is not valid JSON")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "a"}\n')
+    code, err = run(prompts)
+    assert code == 2 and "no conversation with an assistant answer" in err and "--stage distill" in err
+    code, err = run(prompts, "--stage", "joint")
+    assert code == 2 and "--heads" in err

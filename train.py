@@ -1,0 +1,110 @@
+"""Train Medusa heads for a model: self-distillation, warm-up (Medusa-1), joint training (Medusa-2).
+
+Usage:
+
+    # 1. Self-distillation: the model answers the prompts (resumable; rerun to continue).
+    python train.py --stage distill --data ../shared/data/prompts-train.jsonl --out data/answers.jsonl
+
+    # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/heads, out/eval.json
+    python train.py --stage warmup --data data/answers.jsonl --out out/warmup
+    python generate.py --medusa out/warmup/heads --prompt "..."
+
+    # 3. Joint (Medusa-2, optional): backbone and heads together, from the warm-up heads.
+    #    This CHANGES THE BASE MODEL: serve out/joint/model together with out/joint/heads.
+    python train.py --stage joint --heads out/warmup/heads --data data/answers.jsonl --out out/joint
+    python train.py --stage joint --heads out/warmup/heads --lora-rank 16 --backbone-lr 2e-4 ...  # LoRA
+
+    # Several GPUs: the same commands under torchrun (DDP for warm-up, FSDP for joint training).
+    torchrun --nproc-per-node 8 train.py --stage warmup --data data/answers.jsonl --out out/warmup
+
+    # An interrupted run continues from its last checkpoint (every --save-every steps):
+    python train.py --stage warmup --data data/answers.jsonl --out out/warmup --resume
+
+`--model` takes a checkpoint directory, a .gguf file or a hub id; left out, the project's default model.
+Data: ShareGPT (`conversations`), OpenAI (`messages`) or prompt (`prompt`) records as .json or .jsonl;
+only assistant tokens are trained on. The global batch is --batch-size x --grad-accum x processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanomedusa.errors import NanoMedusaError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from nanomedusa.training import DistillConfig, TrainConfig
+
+    t, d = TrainConfig(), DistillConfig()
+    p = argparse.ArgumentParser(description="Train Medusa heads (see the module docstring for examples).")
+    p.add_argument("--stage", choices=["distill", "warmup", "joint"], default="warmup")
+    p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: the project default)")
+    p.add_argument("--data", required=True, help="training conversations, or prompts for --stage distill")
+    p.add_argument("--out", default=None, help="output dir (warmup/joint, default out) or .jsonl file (distill)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=t.seed)
+
+    g = p.add_argument_group("distill")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--limit", type=int, default=None, help="answer only the first N prompts")
+
+    g = p.add_argument_group("heads")
+    g.add_argument("--heads", default=None, help="joint: warm-up heads directory to start from")
+    g.add_argument("--num-heads", type=int, default=t.num_heads)
+    g.add_argument("--num-layers", type=int, default=t.num_layers, help="ResBlocks per head")
+    g.add_argument("--shared-lm-head", action="store_true", help="heads reuse the base lm_head (fewer parameters)")
+    g.add_argument("--head-decay", type=float, default=t.head_decay, help="loss weight of head k is decay^k")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=t.epochs)
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=t.batch_size, help="per process and micro-batch")
+    g.add_argument("--grad-accum", type=int, default=t.grad_accum)
+    g.add_argument("--lr", type=float, default=t.lr, help="heads' learning rate")
+    g.add_argument("--backbone-lr", type=float, default=t.backbone_lr, help="joint: backbone learning rate")
+    g.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="linear learning-rate warm-up")
+    g.add_argument("--grad-clip", type=float, default=t.grad_clip, help="0 = off")
+    g.add_argument("--max-len", type=int, default=t.max_len, help="tokens per example (longer ones are cut)")
+    g.add_argument("--eval-fraction", type=float, default=t.eval_fraction, help="held-out share of the data")
+    g.add_argument("--medusa-weight", type=float, default=t.medusa_weight, help="joint: weight of the heads' loss")
+    g.add_argument("--medusa-weight-warmup", type=int, default=t.medusa_weight_warmup,
+                   help="joint: steps over which that weight ramps up from 0")
+    g.add_argument("--lora-rank", type=int, default=t.lora_rank, help="joint: LoRA rank (0 = full fine-tuning)")
+    g.add_argument("--lora-alpha", type=float, default=t.lora_alpha)
+    g.add_argument("--log-every", type=int, default=t.log_every)
+    g.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint interval in steps (0 = never)")
+    g.add_argument("--eval-every", type=int, default=t.eval_every, help="0 = only at the end")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
+    from nanomedusa.training.distributed import shutdown
+
+    try:
+        if args.stage == "distill":
+            fields = DistillConfig.__dataclass_fields__
+            cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+            written = distill(cfg)
+            print(f"wrote {written} answers to {cfg.out}")
+        else:
+            fields = TrainConfig.__dataclass_fields__
+            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+            Trainer(cfg).run()
+    except NanoMedusaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

