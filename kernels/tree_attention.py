@@ -184,6 +184,20 @@ def _num_splits(n_programs: int, max_keys: int, block_n: int, device: torch.devi
     return max(1, min(wanted, triton.cdiv(triton.cdiv(max_keys, block_n), 2), MAX_SPLITS))
 
 
+def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every tile side >= 16; the limits below
+    were read off sm_90 compiles (registers, spills, shared memory), not tuned by timing."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not on_gpu:  # the interpreter runs numpy per program: small tiles keep tests quick and still tile
+        return 16, 16, block_d, 4
+    # fp32 dots run without tensor cores and spill past 16 rows; 64 rows suit 16-bit inputs.
+    block_m = min(max(16, triton.next_power_of_2(n_rows)), 16 if dtype == torch.float32 else 64)
+    # Three pipeline stages of K and V tiles must fit in shared memory.
+    block_n = 64 if block_d * dtype.itemsize <= 256 else 32
+    num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill from 64 x 128 accumulators up
+    return block_m, block_n, block_d, num_warps
+
+
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
     B, Hq, T, D = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
@@ -215,13 +229,7 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, *, num_spl
     out = torch.empty_like(q)  # [B, Hq, T, D]
     tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
 
-    block_d = max(16, triton.next_power_of_2(D))
-    if q.is_cuda:
-        block_n = 64
-        block_m = min(max(16, triton.next_power_of_2(n_rows)), 64 if block_d > 64 else 128)
-    else:  # the interpreter runs numpy per program: small tiles keep tests quick and still tile
-        block_n, block_m = 16, 16
-    num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill registers from 64 x 128 up (sm_90)
+    block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda)
     m_blocks = triton.cdiv(n_rows, block_m)
 
     prefix_is_ptr = isinstance(prefix_len, torch.Tensor)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .cuda_graphs import GraphedStep
 from .errors import NanoMedusaError
 from .sampling import Sampling, next_token
 
@@ -58,16 +59,18 @@ def _sync(device):
 @torch.inference_mode()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_ids: list[int] = (), on_tokens: Callable[[list[int]], None] | None = None,
-             generator: torch.Generator | None = None) -> GenerationResult:
+             generator: torch.Generator | None = None, cuda_graphs: bool = True) -> GenerationResult:
     device = model.device
     model.setup_cache(check_fits(model, len(prompt_ids), max_new_tokens))
+    pos = torch.tensor(len(prompt_ids), device=device)  # 0-d: the next free cache slot, kept on the device
+    decode_step = GraphedStep(lambda tok, prefix: model(tok, prefix_len=prefix)[0, -1],  # [1, 1] -> [V]
+                              torch.zeros(1, 1, dtype=torch.long, device=device), pos, enabled=cuda_graphs)
     result = GenerationResult()
     _sync(device)
     start = time.perf_counter()
     prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
     token = next_token(model(prompt, prefix_len=0)[0, -1], sampling, generator)
     result.prefill_seconds = time.perf_counter() - start
-    pos = len(prompt_ids)
     while True:
         tok = token.item()
         result.tokens.append(tok)
@@ -75,8 +78,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
             on_tokens([tok])
         if len(result.tokens) >= max_new_tokens or tok in eos_ids:
             break
-        logits = model(token.view(1, 1), prefix_len=pos)[0, -1]  # [V]
-        token = next_token(logits, sampling, generator)
+        token = next_token(decode_step(token.view(1, 1), pos), sampling, generator)
         pos += 1
         result.steps += 1
     _sync(device)

@@ -67,10 +67,12 @@ class MedusaHeads(nn.Module):
         super().__init__()
         self.config = config
         D, V = config.hidden_size, config.vocab_size
-        vocab = [] if config.shared_lm_head else [nn.Linear(D, V, bias=False)]
-        self.medusa_head = nn.ModuleList(
-            nn.Sequential(*[ResBlock(D) for _ in range(config.num_layers)], *vocab) for _ in range(config.num_heads)
-        )
+
+        def head():
+            vocab = [] if config.shared_lm_head else [nn.Linear(D, V, bias=False)]
+            return nn.Sequential(*[ResBlock(D) for _ in range(config.num_layers)], *vocab)
+
+        self.medusa_head = nn.ModuleList(head() for _ in range(config.num_heads))
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
 
     @classmethod

@@ -27,6 +27,7 @@ import torch
 from kernels.acceptance import accept_candidates
 from kernels.kv_compaction import compact_kv
 
+from .cuda_graphs import GraphedStep
 from .errors import NanoMedusaError
 from .generation import GenerationResult, _sync, check_fits
 from .heads import MedusaHeads
@@ -67,7 +68,7 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
                     sampling: Sampling = Sampling(), accept: str = "greedy", eos_ids: list[int] = (),
                     posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                     on_tokens: Callable[[list[int]], None] | None = None,
-                    generator: torch.Generator | None = None) -> GenerationResult:
+                    generator: torch.Generator | None = None, cuda_graphs: bool = True) -> GenerationResult:
     if accept not in ACCEPT_MODES:
         raise NanoMedusaError(f"unknown acceptance {accept!r}; use one of {', '.join(ACCEPT_MODES)}.")
     if accept == "sample" and sampling.greedy:
@@ -79,6 +80,15 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
     tree = tree.to(device)
     model.setup_cache(check_fits(model, len(prompt_ids), max_new_tokens, extra=tree.num_nodes))
     lm_w = model.output.weight
+    prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
+
+    def verify(tree_tokens, prefix):  # [T] -> hidden [T, D], logits [T, V]
+        hidden = model.forward_hidden(tree_tokens[None], prefix_len=prefix, positions=prefix + tree.depths,
+                                      tree_mask=tree.attn_mask)[0]
+        return hidden, model.lm_head(hidden)
+
+    verify = GraphedStep(verify, torch.zeros(tree.num_nodes, dtype=torch.long, device=device), prefix,
+                         enabled=cuda_graphs)
     mode = "greedy" if accept == "greedy" or sampling.greedy else "typical"
     result = GenerationResult()
 
@@ -101,13 +111,10 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
     root = next_token(model.lm_head(hidden)[0], sampling, generator)
     guesses = heads.topk(hidden, tree.topk, lm_w)[:, 0]  # [K, topk]
     result.prefill_seconds = time.perf_counter() - start
-    prefix = len(prompt_ids)
     done = emit([root.item()])
     while not done:
         tree_tokens = tree.candidate_tokens(root, guesses)  # [T]
-        hidden = model.forward_hidden(tree_tokens[None], prefix_len=prefix, positions=prefix + tree.depths,
-                                      tree_mask=tree.attn_mask)[0]  # [T, D]
-        logits = model.lm_head(hidden)  # [T, V]
+        hidden, logits = verify(tree_tokens, prefix)  # [T, D], [T, V]
         if accept == "sample":
             path, bonus = speculative_accept(logits, tree_tokens, tree, sampling, generator)
             path = torch.tensor(path, device=device)

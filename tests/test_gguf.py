@@ -256,7 +256,7 @@ def test_ensure_default_model_uses_env_file_once(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOMEDUSA_GGUF", str(path))
     out = default_model.ensure_default_model(cache_root=tmp_path / "cache", progress=False)
     assert out == tmp_path / "cache" / "SmolLM2-135M-Instruct"
-    assert "not the original full-precision weights" in (out / "README.md").read_text()
+    assert "not the original full-precision (bf16/fp16) weights" in (out / "README.md").read_text()
     monkeypatch.delenv("NANOMEDUSA_GGUF")
     monkeypatch.setattr(default_model, "convert_gguf", must_not_run)
     assert default_model.ensure_default_model(cache_root=tmp_path / "cache", progress=False) == out
@@ -329,7 +329,9 @@ def test_real_checkpoint_files(real_converted):
     tok_config = json.loads((real_converted / "tokenizer_config.json").read_text())
     assert tok_config["add_bos_token"] is False and tok_config["eos_token"] == "<|im_end|>"
     assert "named SmolLM, trained by Hugging Face" in tok_config["chat_template"]
-    assert "Q4_1 quantised release" in (real_converted / "README.md").read_text()
+    assert "not the original full-precision (bf16/fp16) weights.** The GGUF is the Q4_1/Q8_0 quantised release" in (
+        real_converted / "README.md"
+    ).read_text()
 
 
 def test_real_logits_match_transformers_gguf_loader(real_gguf, real_converted):

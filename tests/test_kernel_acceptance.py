@@ -6,24 +6,25 @@ the retrieve rows come out shuffled. Tokens are set to their parent's argmax for
 nodes, so paths really get accepted. The scratch flags and outputs are poisoned before each run.
 """
 
-import importlib
 import os
 import random
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
-    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when kernels/ is imported:
-    # this must be set before that import, and a module another test file imported earlier is re-imported.
+    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when triton and kernels/
+    # are imported: this must be set before those imports.
     os.environ["TRITON_INTERPRET"] = "1"
-    if "kernels.acceptance" in sys.modules:
-        importlib.reload(sys.modules["kernels.acceptance"])
 
 import pytest  # noqa: E402
 
 from kernels import acceptance  # noqa: E402
-from kernels.bench_small_kernels import acceptance_inputs, check_acceptance, random_parents, retrieve_from_parents  # noqa: E402,E501
+from kernels.bench_small_kernels import (  # noqa: E402
+    acceptance_inputs,
+    check_acceptance,
+    random_parents,
+    retrieve_from_parents,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -93,6 +94,33 @@ def test_typical_edge_cases(temperature, eps, alpha, scale):
     for seed in range(2):
         logits, tokens, retrieve, _ = random_case(seed, scale=scale, accept_prob=0.5, num_nodes=9)
         check_acceptance(logits, tokens, retrieve, "typical", temperature, eps, alpha)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_typical_threshold_is_computed_exactly(temperature):
+    # A chain root -> 1 -> ... -> 5 over 5000 logits (two slices). Each token's probability sits
+    # 0.5-2% from its parent's threshold: above it, except at node 4, so accept_len must be 3.
+    # A threshold off by more than that (say, without the +1e-5 inside the log) shows.
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
+    ratio = probs / torch.clamp(0.3 * torch.exp(-entropy), max=0.09)[:, None]  # [6, V]: p / threshold
+    tokens = [0]
+    for parent in range(5):
+        lo, hi = (0.98, 0.995) if parent == 3 else (1.005, 1.02)
+        tokens.append(int(((ratio[parent] > lo) & (ratio[parent] < hi)).nonzero()[0]))
+    tokens = torch.tensor(tokens, device=DEVICE)
+    chain = torch.arange(6)[None]
+    assert check_acceptance(logits.to(DEVICE), tokens, chain, "typical", temperature) == (0, 3)
+
+
+@pytest.mark.parametrize("mode", acceptance.MODES)
+def test_vocab_in_many_slices(mode, monkeypatch):
+    # 64-wide slices: 257 logits take 5 slices, the last with one column (online softmax, argmax scan).
+    monkeypatch.setattr(acceptance, "BLOCK_V", 64)
+    for seed in range(4):
+        logits, tokens, retrieve, _ = random_case(seed, num_nodes=9)
+        check_acceptance(logits, tokens, retrieve, mode)
 
 
 def test_arrival_counter_is_left_at_zero():

@@ -6,18 +6,14 @@ returned ids must be the reference's top-k values, and the ids themselves must m
 reference's ranking has no near-ties (`assert_topk_matches`). Buffers are poisoned before each run.
 """
 
-import importlib
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
-    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when kernels/ is imported:
-    # this must be set before that import, and a module another test file imported earlier is re-imported.
+    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when triton and kernels/
+    # are imported: this must be set before those imports.
     os.environ["TRITON_INTERPRET"] = "1"
-    if "kernels.medusa_heads" in sys.modules:
-        importlib.reload(sys.modules["kernels.medusa_heads"])
 
 import pytest  # noqa: E402
 
@@ -54,6 +50,18 @@ def test_widened_vocab_slices(monkeypatch):
     # Big vocabularies widen the slices to cap the candidates per row; force that at a tiny size.
     monkeypatch.setattr(medusa_heads, "MAX_CANDIDATES", 8)
     check_medusa(2, 1, 1, 40, 257, False, 4, torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_vocab_padding_never_wins(shared):
+    # The vocab weight is a view into a bigger buffer whose rows after the last head's V hold huge
+    # weights: a slice that read past V would propose ids >= V with the largest logits.
+    hidden, res_w, res_b, vocab = medusa_inputs(2, 1, 1, 40, 300, shared, torch.float32, DEVICE)
+    rows = vocab.reshape(-1, 40)  # [(K *) V, D]
+    buffer = torch.cat([rows, torch.full((128, 40), 100.0, device=DEVICE)])
+    view = buffer[: rows.shape[0]].view(vocab.shape)
+    ids = medusa_heads.medusa_topk_triton(hidden, res_w, res_b, view, 8)
+    assert_topk_matches(ids, medusa_heads.medusa_heads_reference(hidden, res_w, res_b, view), 8)
 
 
 def test_ties_return_tied_values():

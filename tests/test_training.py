@@ -43,13 +43,13 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     seed = random.randrange(1000)
     make_chat_checkpoint(root / "ckpt", seed=seed)
-    return root, str(root / "ckpt"), str(write_counting_data(root / "data.jsonl", 96, seed))
+    return root, str(root / "ckpt"), str(write_counting_data(root / "data.jsonl", 128, seed))
 
 
 def config(setup, out, **kw):
     root, ckpt, data = setup
     base = dict(model=ckpt, data=data, out=str(root / out), batch_size=8, lr=1e-2, warmup_steps=5,
-                log_every=5, save_every=0, eval_fraction=0.125, max_len=96, seed=3)
+                log_every=5, save_every=0, eval_fraction=0.125, max_len=160, seed=3)
     return TrainConfig(**{**base, **kw})
 
 

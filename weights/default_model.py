@@ -40,7 +40,6 @@ def ensure_default_model(cache_root: str | Path | None = None, progress: bool = 
     _say(f"Preparing the default model {DEFAULT_MODEL_NAME} (once)...", progress)
     with tempfile.TemporaryDirectory() as download_dir:
         gguf_path = find_default_gguf(Path(download_dir), progress)
-        _say(f"Converting {gguf_path} to a Hugging Face checkpoint...", progress)
         convert_gguf(gguf_path, out_dir, progress=progress)
     _say(f"Default model ready in {out_dir}", progress)
     return out_dir

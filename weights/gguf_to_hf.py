@@ -58,7 +58,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 
-# GPT-2's split (letters, numbers, punctuation runs, whitespace) is what ByteLevel(use_regex=True) applies.
+# Llama 3's split (contractions, words, 1-3 digits, punctuation, whitespace). GPT-2's own split needs
+# no pattern here: it is built into ByteLevel(use_regex=True).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -68,7 +69,10 @@ _PRE_TOKENIZERS = {
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     # SmolLM (like StarCoder) cuts every digit apart *before* the GPT-2 split, so "  42" is "ĠĠ 4 2".
     "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     ),
     "llama-bpe": lambda: pre_tokenizers.Sequence(
         [
@@ -94,7 +98,8 @@ def convert_gguf(
     if out_dir.exists():
         raise NanoMedusaError(f"{out_dir} already exists; delete it or choose another output directory.")
     if dtype not in SUPPORTED_DTYPES:
-        raise NanoMedusaError(f"cannot write weights as {dtype}; choose one of {', '.join(map(str, SUPPORTED_DTYPES))}.")
+        choices = ", ".join(map(str, SUPPORTED_DTYPES))
+        raise NanoMedusaError(f"cannot write weights as {dtype}; choose one of {choices}.")
 
     reader = gguf.GGUFReader(gguf_path)
     meta = {key: field.contents() for key, field in reader.fields.items()}
@@ -102,12 +107,12 @@ def convert_gguf(
     # Everything that can refuse the file runs before the slow part.
     config = hf_config(meta, reader.tensors, source, dtype)
     _check_tensor_types(reader.tensors, source)
+    names = [_hf_name(tensor.name, source) for tensor in reader.tensors]
     tokenizer = build_tokenizer(meta, source)
 
     state = {}
     bar = tqdm(reader.tensors, desc=f"Converting {source}", unit="tensor", disable=not progress)
-    for tensor in bar:
-        name = _hf_name(tensor.name, source)
+    for tensor, name in zip(bar, names):
         weight = _dequantize(tensor)
         if name.endswith("q_proj.weight"):
             weight = _unpermute_rope_rows(weight, config["num_attention_heads"])
@@ -233,8 +238,8 @@ def build_tokenizer(meta: dict, source: str) -> Tokenizer:
 
     # Control tokens (<|im_start|>) and user-defined ones are matched whole in the raw text, as llama.cpp does.
     types = meta.get("tokenizer.ggml.token_type", [])
-    control = [t for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
-    user = [t for t, kind in zip(tokens, types) if kind == gguf.TokenType.USER_DEFINED]
+    control = [t for t, token_type in zip(tokens, types) if token_type == gguf.TokenType.CONTROL]
+    user = [t for t, token_type in zip(tokens, types) if token_type == gguf.TokenType.USER_DEFINED]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
     tokenizer.post_processor = _post_processor(meta, tokens)
@@ -244,26 +249,27 @@ def build_tokenizer(meta: dict, source: str) -> Tokenizer:
 def _post_processor(meta: dict, tokens: list[str]) -> processors.PostProcessor:
     """Add BOS/EOS around encoded text when the GGUF says to (`add_bos_token` / `add_eos_token`)."""
     byte_level = processors.ByteLevel(trim_offsets=False)
-    ends = {
-        end: tokens[meta[f"tokenizer.ggml.{end}_token_id"]]
+    ids = {
+        end: meta[f"tokenizer.ggml.{end}_token_id"]
         for end in ("bos", "eos")
         if meta.get(f"tokenizer.ggml.add_{end}_token") and f"tokenizer.ggml.{end}_token_id" in meta
     }
-    if not ends:
+    if not ids:
         return byte_level
-    bos, eos = [ends["bos"]] if "bos" in ends else [], [ends["eos"]] if "eos" in ends else []
+    bos, eos = ([tokens[ids[end]]] if end in ids else [] for end in ("bos", "eos"))
     single = [*bos, "$A", *eos]
     pair = single + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos]
-    specials = [(t, tokens.index(t)) for t in ends.values()]
+    specials = [(tokens[i], i) for i in ids.values()]
     template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     return processors.Sequence([byte_level, template])
 
 
 def _tokenizer_config(meta: dict, config: dict) -> dict:
     tokens = meta["tokenizer.ggml.tokens"]
+    roles = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
     named = {
         name: tokens[meta[f"tokenizer.ggml.{key}_token_id"]]
-        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
+        for name, key in roles.items()
         if f"tokenizer.ggml.{key}_token_id" in meta
     }
     chat = {"chat_template": meta["tokenizer.chat_template"]} if "tokenizer.chat_template" in meta else {}
@@ -279,24 +285,30 @@ def _tokenizer_config(meta: dict, config: dict) -> dict:
 
 
 def _generation_config(config: dict) -> dict:
-    ids = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None}
-    return {**ids, "do_sample": False}
+    return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None}
 
 
 def _model_card(gguf_path: Path, meta: dict, tensors: list, dtype: torch.dtype) -> str:
     counts: dict[str, int] = {}
     for tensor in tensors:
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    types = ", ".join(f"{n} x {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    file_type = meta.get("general.file_type")
-    quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else "mixed"
+    by_count = sorted(counts, key=lambda name: -counts[name])
+    types = ", ".join(f"{counts[name]} x {name}" for name in by_count)
+    quantised = [name for name in by_count if name not in ("F32", "F16", "BF16")]
+    dtype_name = str(dtype).removeprefix("torch.")
+    if quantised:
+        note = (
+            f"**These are not the original full-precision (bf16/fp16) weights.** The GGUF is the "
+            f"{'/'.join(quantised)} quantised release ({types}); every tensor was dequantised to {dtype_name}, "
+            f"so this checkpoint computes what the quantised model computes, which differs slightly from the original."
+        )
+    else:
+        note = f"The GGUF stores floating-point tensors ({types}); they were converted to {dtype_name}."
     return (
         f"# {gguf_path.stem}\n\n"
         f"Converted by nanomedusa (`weights/gguf_to_hf.py`) from the GGUF file `{gguf_path.name}` "
         f"({meta.get('general.name', 'unnamed')}, license: {meta.get('general.license', 'unstated')}).\n\n"
-        f"**These are not the original full-precision weights.** The GGUF is the {quant} quantised "
-        f"release ({types}); every tensor was dequantised to {str(dtype).removeprefix('torch.')}, so this "
-        f"checkpoint computes what the quantised model computes, which differs slightly from the original.\n"
+        f"{note}\n"
     )
 
 
@@ -311,12 +323,15 @@ def _check_tensor_types(tensors: list, source: str) -> None:
 
 
 def _check_complete(state: dict, config: dict, source: str) -> None:
+    layers = range(config["num_hidden_layers"])
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{part}.weight" for i in range(config["num_hidden_layers"]) for part in _LAYER_NAMES.values()
+        f"model.layers.{i}.{part}.weight" for i in layers for part in _LAYER_NAMES.values()
     }
     missing = sorted(expected - state.keys())
     if missing:
-        raise NanoMedusaError(f"{source} lacks {len(missing)} tensors (first: {missing[0]}); re-export the complete model.")
+        raise NanoMedusaError(
+            f"{source} lacks {len(missing)} tensors (first: {missing[0]}); re-export the complete model."
+        )
 
 
 def _hf_name(name: str, source: str) -> str:
@@ -352,7 +367,10 @@ def _rope_scaling(meta: dict, source: str) -> dict | None:
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": _f32(meta["llama.rope.scaling.factor"])}
-    raise NanoMedusaError(f"{source} uses {kind!r} RoPE scaling; only linear scaling converts, so use its HF checkpoint.")
+    raise NanoMedusaError(
+        f"{source} uses {kind!r} RoPE scaling; only linear scaling converts, "
+        f"so use the model's Hugging Face checkpoint."
+    )
 
 
 def _f32(value: float) -> float:

@@ -1,0 +1,46 @@
+"""Replay fixed-shape steps as CUDA graphs, so a decode step costs one launch instead of hundreds.
+
+At batch 1 a small model's step is a few hundred tiny kernels; launching them from Python costs more
+than running them. A CUDA graph records the launches once and replays them. That needs every input
+to live at a fixed address (we copy new values into static buffers) and no host sync inside the
+step, which is why `prefix_len` travels as a 0-d device tensor through the model and the kernels.
+
+    step = GraphedStep(lambda tokens, prefix_len: model(tokens, prefix_len)[0, -1],
+                       torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.tensor(0, device="cuda"))
+    logits = step(next_tokens, torch.tensor(pos))   # copies inputs in, replays, returns static output
+
+On the CPU (or with graphs disabled) it simply calls the function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class GraphedStep:
+    def __init__(self, fn: Callable, *example_inputs: torch.Tensor, enabled: bool = True):
+        self.fn = fn
+        self.enabled = enabled and example_inputs[0].is_cuda
+        if not self.enabled:
+            return
+        self.inputs = [x.clone() for x in example_inputs]
+        # Warm up on a side stream (allocator pools, Triton compilation), then record.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor):
+        if not self.enabled:
+            return self.fn(*inputs)
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.output

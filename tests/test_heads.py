@@ -1,0 +1,112 @@
+"""Medusa heads: start as the base head, round-trip checkpoints, read the reference implementation's layout."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from nanomedusa.errors import NanoMedusaError
+from nanomedusa.heads import MedusaHeads
+from nanomedusa.loading import load_model
+from tests.helpers import make_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    make_hf_checkpoint(path, num_key_value_heads=2)
+    return load_model(path, device="cpu", dtype="float32")[0]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_untrained_heads_equal_the_base_head(model, shared):
+    heads = MedusaHeads.from_base(model, num_heads=3, num_layers=2, shared_lm_head=shared)
+    hidden = torch.randn(5, model.config.dim)
+    logits = heads(hidden, model.output.weight)  # [K, 5, V]
+    base = model.lm_head(hidden)
+    for k in range(3):
+        assert torch.allclose(logits[k], base, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_forward_topk_and_kernel_reference_agree(model, shared):
+    heads = MedusaHeads.from_base(model, num_heads=4, num_layers=2, shared_lm_head=shared)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    heads.eval()
+    hidden = torch.randn(3, model.config.dim)
+    logits = heads(hidden, model.output.weight)
+    assert torch.allclose(heads.reference_logits(hidden, model.output.weight), logits, atol=1e-5)
+    assert torch.equal(heads.topk(hidden, 5, model.output.weight), logits.topk(5, dim=-1).indices)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_save_load_round_trip(model, tmp_path, shared):
+    heads = MedusaHeads.from_base(model, num_heads=2, num_layers=1, shared_lm_head=shared, base_model="tiny")
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p))
+    heads.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["medusa_num_heads"] == 2 and config["medusa_num_layers"] == 1
+    loaded = MedusaHeads.load(tmp_path, model.config)
+    assert loaded.config.shared_lm_head == shared and loaded.config.base_model == "tiny"
+    hidden = torch.randn(4, model.config.dim)
+    assert torch.equal(loaded(hidden, model.output.weight), heads(hidden, model.output.weight))
+
+
+def reference_state(num_heads, num_layers, dim, vocab, prefix):
+    """Random tensors under the reference implementation's names."""
+    state = {}
+    for i in range(num_heads):
+        for j in range(num_layers):
+            state[f"{prefix}{i}.{j}.linear.weight"] = torch.randn(dim, dim) * 0.1
+            state[f"{prefix}{i}.{j}.linear.bias"] = torch.randn(dim) * 0.1
+        state[f"{prefix}{i}.{num_layers}.weight"] = torch.randn(vocab, dim) * 0.1
+    return state
+
+
+def reference_logits(state, hidden, num_heads, num_layers, prefix):
+    """The reference's computation, written out by hand."""
+    out = []
+    for i in range(num_heads):
+        x = hidden
+        for j in range(num_layers):
+            x = x + F.silu(F.linear(x, state[f"{prefix}{i}.{j}.linear.weight"], state[f"{prefix}{i}.{j}.linear.bias"]))
+        out.append(F.linear(x, state[f"{prefix}{i}.{num_layers}.weight"]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("fmt,prefix", [("safetensors", "medusa_head."), ("pt", ""), ("pt", "medusa_head.")])
+def test_reference_layout_checkpoints_load(model, tmp_path, fmt, prefix):
+    dim, vocab = model.config.dim, model.config.vocab_size
+    state = reference_state(5, 1, dim, vocab, prefix)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"medusa_num_heads": 5, "medusa_num_layers": 1, "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    if fmt == "safetensors":
+        save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    else:
+        torch.save(state, tmp_path / "medusa_lm_head.pt")
+    heads = MedusaHeads.load(tmp_path, model.config)
+    assert heads.config.num_heads == 5 and not heads.config.shared_lm_head
+    hidden = torch.randn(3, dim)
+    assert torch.allclose(heads(hidden), reference_logits(state, hidden, 5, 1, prefix), atol=1e-5)
+
+
+def test_mismatched_heads_are_clear_errors(model, tmp_path):
+    dim, vocab = model.config.dim, model.config.vocab_size
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    save_file(reference_state(2, 1, dim + 8, vocab, "medusa_head."), str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(NanoMedusaError, match=f"expect hidden size {dim + 8} but the model has {dim}"):
+        MedusaHeads.load(tmp_path, model.config)
+    save_file(reference_state(2, 1, dim, vocab + 3, "medusa_head."), str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(NanoMedusaError, match=f"predict {vocab + 3} tokens but the model's vocabulary has {vocab}"):
+        MedusaHeads.load(tmp_path, model.config)
+    with pytest.raises(NanoMedusaError, match="does not exist"):
+        MedusaHeads.load(tmp_path / "nope", model.config)
+    (tmp_path / "medusa_lm_head.safetensors").unlink()
+    with pytest.raises(NanoMedusaError, match="it is not a Medusa heads checkpoint"):
+        MedusaHeads.load(tmp_path, model.config)
