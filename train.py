@@ -5,14 +5,20 @@ Usage:
     # 1. Self-distillation: the model answers the prompts (resumable; rerun to continue).
     python train.py --stage distill --data ../shared/data/prompts-train.jsonl --out data/answers.jsonl
 
+    #    One prompt at a time leaves a GPU idle: run shards side by side, then concatenate them.
+    for i in 0 1 2 3; do python train.py --stage distill --data ... --shard $i/4 --out data/answers.$i.jsonl & done; wait
+    cat data/answers.?.jsonl > data/answers.jsonl
+
     # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/heads, out/eval.json
     python train.py --stage warmup --data data/answers.jsonl --out out/warmup
     python generate.py --medusa out/warmup/heads --prompt "..."
+    #    --cache-hidden DIR keeps the frozen backbone's hidden states on disk for epochs after the first.
 
     # 3. Joint (Medusa-2, optional): backbone and heads together, from the warm-up heads.
     #    This CHANGES THE BASE MODEL: serve out/joint/model together with out/joint/heads.
     python train.py --stage joint --heads out/warmup/heads --data data/answers.jsonl --out out/joint
     python train.py --stage joint --heads out/warmup/heads --lora-rank 16 --backbone-lr 2e-4 ...  # LoRA
+    python generate.py --model out/joint/model --medusa out/joint/heads --prompt "..."
 
     # Several GPUs: the same commands under torchrun (DDP for warm-up, FSDP for joint training).
     torchrun --nproc-per-node 8 train.py --stage warmup --data data/answers.jsonl --out out/warmup
@@ -51,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=d.top_p)
     g.add_argument("--limit", type=int, default=None, help="answer only the first N prompts")
+    g.add_argument("--shard", default=d.shard, metavar="I/N", help="answer only prompts I, I+N, I+2N, ...")
 
     g = p.add_argument_group("heads")
     g.add_argument("--heads", default=None, help="joint: warm-up heads directory to start from")
@@ -70,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, default=t.grad_clip, help="0 = off")
     g.add_argument("--max-len", type=int, default=t.max_len, help="tokens per example (longer ones are cut)")
+    g.add_argument("--cache-hidden", default=None, metavar="DIR",
+                   help="warmup: keep the frozen backbone's hidden states in DIR for later epochs")
     g.add_argument("--eval-fraction", type=float, default=t.eval_fraction, help="held-out share of the data")
     g.add_argument("--medusa-weight", type=float, default=t.medusa_weight, help="joint: weight of the heads' loss")
     g.add_argument("--medusa-weight-warmup", type=int, default=t.medusa_weight_warmup,

@@ -155,7 +155,7 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _arrival_counter(device: torch.device) -> torch.Tensor:
-    """The kernel's per-device ticket counter (created on first use, so before any graph capture)."""
+    """The kernel's ticket counter on `device`, made on first use: call once before capturing a CUDA graph."""
     if device not in _counters:
         _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
     return _counters[device]

@@ -46,8 +46,9 @@ def poisoned_empty():
 
 # ----------------------------------------------------------------------------------------- RMSNorm
 
-def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None) -> None:
-    """rmsnorm_triton == rmsnorm_reference on random x of `shape` [..., D] (out within TOLERANCE, h exact)."""
+def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None):
+    """rmsnorm_triton == rmsnorm_reference on random x of `shape` [..., D] (out within TOLERANCE, h
+    exact); returns the inputs (x, weight, residual)."""
     x = torch.randn(shape, dtype=dtype, device=device)
     weight = 1 + 0.1 * torch.randn(shape[-1], dtype=weight_dtype or dtype, device=device)
     res = torch.randn(shape, dtype=dtype, device=device) if residual else None
@@ -60,6 +61,7 @@ def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None) -> Non
     assert got.dtype == want.dtype and got.shape == want.shape
     rtol, atol = TOLERANCE[want.dtype]
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    return x, weight, res
 
 
 # -------------------------------------------------------------------------------------- Acceptance
@@ -147,18 +149,21 @@ def assert_topk_matches(ids: torch.Tensor, logits: torch.Tensor, topk: int) -> N
     assert torch.equal(ids[clear], ref.indices[..., :topk][clear]), "ids differ where the ranking is clear"
 
 
-def check_medusa(K, L, N, D, V, shared, topk, dtype, device) -> None:
-    """medusa_topk_triton against the reference logits on random inputs (see assert_topk_matches)."""
+def check_medusa(K, L, N, D, V, shared, topk, dtype, device):
+    """medusa_topk_triton against the reference logits on random inputs (see assert_topk_matches);
+    returns the inputs (hidden, res_weight, res_bias, vocab_weight)."""
     inputs = medusa_inputs(K, L, N, D, V, shared, dtype, device)
     with poisoned_empty():
         ids = medusa_topk_triton(*inputs, topk)
     assert_topk_matches(ids, medusa_heads_reference(*inputs), topk)
+    return inputs
 
 
 # -------------------------------------------------------------------------------------- benchmarks
 
 def _default_tree(device):
-    """The default 63-node Medusa tree's retrieve_indices (a random tree of that size without nanomedusa)."""
+    """(parents, retrieve_indices) of the default 63-node Medusa tree, or of a random tree of that
+    size where nanomedusa.tree is missing."""
     try:
         from nanomedusa.tree import PRESETS, TreeBuffers
 
@@ -180,7 +185,9 @@ def main() -> None:
     src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_gbs = 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e6
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s\n")
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s")
+    print("GB/s counts the bytes that must move: RMSNorm reads x, residual, weight and writes out, h;")
+    print("the Medusa heads read their weights (the hidden state and outputs are negligible).\n")
     header = f"{'op':<10} {'shape':<34} {'triton us':>10} {'torch us':>10} {'speedup':>8} {'GB/s':>7} {'% copy':>7}"
 
     def row(op, shape, ours, ref, nbytes=None):
@@ -190,9 +197,7 @@ def main() -> None:
     print(header)
     for D in (4096, 576):
         for rows in (1, 64, 4096):
-            check_rmsnorm((rows, D), torch.bfloat16, dev)
-            x, r = (torch.randn(rows, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-            w = torch.ones(D, device=dev, dtype=torch.bfloat16)
+            x, w, r = check_rmsnorm((rows, D), torch.bfloat16, dev)
             nbytes = (4 * rows * D + D) * 2  # read x, residual, weight; write out, h
             row("rmsnorm", f"rows={rows} D={D} bf16 +residual", ms(lambda: rmsnorm_triton(x, w, 1e-5, r)),
                 ms(lambda: rmsnorm_reference(x, w, 1e-5, r)), nbytes)
@@ -208,8 +213,7 @@ def main() -> None:
 
     for K in (4, 5):
         for D, V, shared in ((4096, 32000, False), (4096, 32000, True), (576, 49152, True)):
-            check_medusa(K, 1, 1, D, V, shared, 10, torch.bfloat16, dev)
-            inputs = medusa_inputs(K, 1, 1, D, V, shared, torch.bfloat16, dev)
+            inputs = check_medusa(K, 1, 1, D, V, shared, 10, torch.bfloat16, dev)
             nbytes = 2 * (K * (D * D + D) + (1 if shared else K) * V * D)  # weights dominate
             row("medusa", f"K={K} D={D} V={V} {'shared' if shared else 'per-head'} top10",
                 ms(lambda: medusa_topk_triton(*inputs, 10)), ms(lambda: medusa_topk_reference(*inputs, 10)), nbytes)

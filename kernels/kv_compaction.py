@@ -65,9 +65,11 @@ def _compact_kv_kernel(
     mask = moves[:, None] & (d < D)[None, :]
     rows = tl.load(slab + src[:, None] * stride_s + d[None, :], mask=mask)  # [BLOCK_A, BLOCK_D]
     # Sources and destinations overlap: with accepted = [0, 1, 3, 4], slot 3 is read as row 2's source
-    # and written as row 3's destination. Every thread has finished its loads (a CTA barrier also orders
-    # memory) before any thread stores, so no row is overwritten before it is read, whatever the order
-    # of rows and the way Triton spreads them over threads (it may even replicate elements).
+    # and written as row 3's destination. One thread copying rows in ascending order would be safe
+    # (row i's store lands on prefix+i, below every later source prefix+accepted[k] >= prefix+k > prefix+i),
+    # but Triton spreads a tile's rows over many threads, in no order we control, and may even replicate
+    # elements. So: every thread finishes its loads, the CTA barrier (which also orders memory) waits for
+    # all of them, and only then does anyone store.
     tl.debug_barrier()
     tl.store(slab + dst[:, None] * stride_s + d[None, :], rows, mask=mask)
 
@@ -82,6 +84,7 @@ def compact_kv_triton(kv, prefix_len, accepted):
     if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != kv.device):
         raise NanoMedusaError("compact_kv needs prefix_len as an int or a 0-d tensor on the cache's device.")
     L, _, B, Hkv, S, D = kv.shape
+    accepted = accepted.contiguous()  # e.g. a slice of a strided index table; the kernel reads it densely
     A = accepted.numel()
     if A == 0:
         return

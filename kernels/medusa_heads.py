@@ -6,7 +6,7 @@ V_k is the head's own vocab projection or the base model's lm_head shared by all
 
 The Triton version never materialises the [K, N, V] logits. Three kernels:
   1. `_resblock_kernel`, once per ResBlock layer, all K heads in one launch: a program owns one head,
-     up to 16 rows and BLOCK_N output features, streams its [BLOCK_N, D] slice of W through
+     up to ROWS = 16 rows and BLOCK_N output features, streams its [BLOCK_N, D] slice of W through
      `tl.dot`, and applies bias, SiLU and the residual add in the epilogue. (Layers run one launch
      each because layer l+1 needs every feature of layer l.)
   2. `_vocab_topk_kernel`: a program owns a BLOCK_V slice of the vocabulary, computes those logits
@@ -29,6 +29,7 @@ from . import use_triton
 
 MAX_TOPK = 16
 MAX_CANDIDATES = 8192  # per row, after stage 2: the merge program holds them all in registers
+ROWS = 16  # rows per program: tl.dot's smallest tile; decoding has 1 to a few rows per head
 
 
 def medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight):
@@ -191,18 +192,19 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk):
 
     # Stage 1: the ResBlocks. Layer 0 reads the one hidden state for every head (head stride 0).
     x, stride_xk = hidden.contiguous(), 0  # x: [K, N, D] viewed through stride_xk
-    block_n = 32 if D <= 2048 else 64  # narrow models: smaller tiles so that more programs share the weights
+    block_n = 32 if D <= 2048 else 64  # narrower tiles spread a small model's weights over more programs
     for layer in range(L):
         out = torch.empty(K, N, D, dtype=dtype, device=dev)
-        grid = (K, triton.cdiv(N, 16), triton.cdiv(D, block_n))
+        grid = (K, triton.cdiv(N, ROWS), triton.cdiv(D, block_n))
         _resblock_kernel[grid](
             x, res_weight[:, layer], res_bias[:, layer], out, N, stride_xk, res_weight.stride(0), res_bias.stride(0),
-            D=D, DOT_PRECISION=precision, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128,
+            D=D, DOT_PRECISION=precision, BLOCK_M=ROWS, BLOCK_N=block_n, BLOCK_K=128,
         )
         x, stride_xk = out, N * D
 
     # Stage 2: vocab slices -> per-slice top-k candidates. The slice widens for big vocabularies so
-    # that a row keeps at most MAX_CANDIDATES; each weight tile stays 8192 elements.
+    # that a row keeps at most MAX_CANDIDATES; the weight tile [BLOCK_K, BLOCK_V] stays near 8192
+    # elements (16 KB in bf16 per pipeline stage), with BLOCK_K >= 16 as tl.dot needs.
     block_v = 128
     while triton.cdiv(V, block_v) * topk > MAX_CANDIDATES:
         block_v *= 2
@@ -211,9 +213,9 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk):
     groups, R = (1, K * N) if shared else (K, N)
     cand_values = torch.empty(K * N, num_v_blocks * topk, dtype=torch.float32, device=dev)
     cand_ids = torch.empty(K * N, num_v_blocks * topk, dtype=torch.int32, device=dev)
-    _vocab_topk_kernel[(groups, triton.cdiv(R, 16), num_v_blocks)](
+    _vocab_topk_kernel[(groups, triton.cdiv(R, ROWS), num_v_blocks)](
         x, vocab_weight, cand_values, cand_ids, R, N, stride_xk, 0 if shared else V * D, num_v_blocks,
-        V=V, D=D, TOPK=topk, DOT_PRECISION=precision, BLOCK_M=16, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
+        V=V, D=D, TOPK=topk, DOT_PRECISION=precision, BLOCK_M=ROWS, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
         num_warps=4 if block_v <= 128 else 8,
     )
 

@@ -7,8 +7,9 @@ One op serves every attention call at inference time:
 
 The caller has already written the new keys/values into cache slots prefix_len .. prefix_len+T-1.
 Query i sees every slot < prefix_len, and slot prefix_len+j exactly when tree_mask[i, j].
-`prefix_len` may be a Python int or a 0-d integer tensor on the device (no host sync, so the step can
-be captured in a CUDA graph).
+The optional `key_valid` [B, S] bool further hides slots from every query of a batch row (the left
+padding of a batch of unequal prompts). `prefix_len` may be a Python int or a 0-d integer tensor on
+the device (no host sync, so the step can be captured in a CUDA graph).
 
 The Triton version is flash-decoding with grouped-query attention folded in:
   * One program owns one KV head and BLOCK_M "query rows"; the rows are the (token, query head) pairs
@@ -36,8 +37,9 @@ from nanomedusa.errors import NanoMedusaError
 from . import use_triton
 
 
-def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask):
-    """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool -> out [B, Hq, T, D]."""
+def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
+    """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool; key_valid [B, S] bool
+    or None -> out [B, Hq, T, D]."""
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     slots = torch.arange(S, device=q.device)
@@ -45,6 +47,8 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask):
     in_tree = (rel >= 0) & (rel < T)
     tree_part = tree_mask[:, rel.clamp(0, T - 1)] & in_tree  # [T, S]
     mask = (rel < 0) | tree_part  # [T, S]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]  # [B, 1, T, S]
     group = Hq // Hkv
     k = k_cache.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
     v = v_cache.repeat_interleave(group, dim=1)
@@ -53,19 +57,26 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask):
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask):
+def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
     if use_triton(q):
-        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask)
-    return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask)
+        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
+    return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
+
+
+@triton.jit
+def _query_row_offsets(bh, rows, T, D, GROUP: tl.constexpr):
+    """[BLOCK_M] int64 offsets of query rows `rows` of (batch * kv head) `bh` in a contiguous [B, Hq, T, D]
+    tensor: row r is token r // GROUP of query head bh * GROUP + r % GROUP (= b * Hq + the head in b)."""
+    return ((bh * GROUP + rows % GROUP).to(tl.int64) * T + rows // GROUP) * D
 
 
 @triton.jit
 def _attend_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, tree_mask_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     T, S, D, n_kv_heads, num_splits, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, WRITE_OUT: tl.constexpr,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_KEY_VALID: tl.constexpr, WRITE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (query-row block, key chunk, batch * kv head): attend BLOCK_M query rows to the chunk's keys."""
@@ -90,9 +101,7 @@ def _attend_chunk_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     io_mask = row_ok[:, None] & d_ok[None, :]
-    # q and out are contiguous [B, Hq, T, D] with Hq = n_kv_heads * GROUP.
-    q_rows = (b * n_kv_heads * GROUP + kv_head * GROUP + rows % GROUP) * T + t
-    io_offs = q_rows.to(tl.int64)[:, None] * D + d[None, :]  # [BLOCK_M, BLOCK_D]
+    io_offs = _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :]  # [BLOCK_M, BLOCK_D] in q and out
     q = tl.load(q_ptr + io_offs, mask=io_mask, other=0.0)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -103,6 +112,8 @@ def _attend_chunk_kernel(
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
         key_ok = keys < hi
+        if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
+            key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
         k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None],
                       mask=d_ok[:, None] & key_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
@@ -136,7 +147,7 @@ def _attend_chunk_kernel(
 
 @triton.jit
 def _combine_chunks_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m)."""
@@ -148,6 +159,7 @@ def _combine_chunks_kernel(
     io_mask = row_ok[:, None] & (d < D)[None, :]
     first = bh * num_splits * n_rows + rows  # [BLOCK_M] partial row of chunk 0; chunk s is s * n_rows further
 
+    # Padding rows (never stored) read m = 0, l = 1 so that nothing divides 0 by 0.
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * n_rows, mask=row_ok, other=0.0))
@@ -162,9 +174,7 @@ def _combine_chunks_kernel(
         num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
                                     mask=io_mask, other=0.0)
 
-    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    out_rows = (b * n_kv_heads * GROUP + kv_head * GROUP + rows % GROUP) * T + rows // GROUP
-    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * D + d[None, :],
+    tl.store(out_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
              (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
@@ -198,7 +208,7 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple
     return block_m, block_n, block_d, num_warps
 
 
-def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
+def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
     B, Hq, T, D = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
         raise NanoMedusaError(f"tree attention got caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} for "
@@ -216,11 +226,16 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
         raise NanoMedusaError("tree attention needs caches contiguous along head_dim; allocate them contiguous.")
     if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != q.device):
         raise NanoMedusaError("tree attention needs prefix_len as an int or a 0-d tensor on the device of q.")
+    S = k_cache.shape[2]
+    if key_valid is not None and (key_valid.shape != (B, S) or key_valid.dtype != torch.bool):
+        raise NanoMedusaError(f"tree attention needs key_valid as a bool [B, S] = ({B}, {S}) tensor; "
+                              f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
 
 
-def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, *, num_splits: int | None = None):
+def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None, *,
+                          num_splits: int | None = None):
     """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning)."""
-    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -228,6 +243,8 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, *, num_spl
     q = q.contiguous()
     out = torch.empty_like(q)  # [B, Hq, T, D]
     tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
+    has_key_valid = key_valid is not None
+    key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else tree_mask  # (never read if None)
 
     block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda)
     m_blocks = triton.cdiv(n_rows, block_m)
@@ -245,11 +262,11 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, *, num_spl
         part_acc = part_m = part_l = out
 
     _attend_chunk_kernel[(m_blocks, num_splits, B * Hkv)](
-        q, k_cache, v_cache, tree_mask, prefix_len, out, part_acc, part_m, part_l,
+        q, k_cache, v_cache, tree_mask, key_valid, prefix_len, out, part_acc, part_m, part_l,
         T, S, D, Hkv, num_splits, math.log2(math.e) / math.sqrt(D),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, WRITE_OUT=num_splits == 1,
+        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_KEY_VALID=has_key_valid, WRITE_OUT=num_splits == 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         # fp32 inputs must not be rounded to tf32 by tl.dot; 16-bit inputs ignore this setting.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -257,7 +274,7 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, *, num_spl
     )
     if num_splits > 1:
         _combine_chunks_kernel[(m_blocks, B * Hkv)](
-            part_acc, part_m, part_l, out, T, D, Hkv, num_splits,
+            part_acc, part_m, part_l, out, T, D, num_splits,
             GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
     return out

@@ -84,3 +84,47 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
     _sync(device)
     result.seconds = time.perf_counter() - start
     return result
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                   eos_ids: list[int] = (), generator: torch.Generator | None = None,
+                   cuda_graphs: bool = True) -> list[list[int]]:
+    """Plain decoding of several prompts at once (for self-distillation, where throughput matters).
+
+    Prompts are left-padded to one length; `key_valid` hides the padding from attention and each row's
+    positions start at 0 at its first real token, so every row computes what it would alone (up to
+    floating-point reordering). Rows that hit eos stop growing; the batch ends when all have.
+    """
+    device, B = model.device, len(prompts)
+    longest = max(len(p) for p in prompts)
+    slots = check_fits(model, longest, max_new_tokens)
+    model.setup_cache(slots, batch_size=B)
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # [B]
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # [B, P]
+    key_valid = torch.arange(slots, device=device)[None, :] >= pad[:, None]  # [B, S]
+    positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [B, P]
+    logits = model(tokens, prefix_len=0, positions=positions, key_valid=key_valid)[:, -1]  # [B, V]
+    pos = torch.tensor(longest, device=device)
+
+    def step(tok, prefix):  # [B, 1] -> [B, V]
+        return model(tok, prefix_len=prefix, positions=(prefix - pad)[:, None], key_valid=key_valid)[:, -1]
+
+    decode_step = GraphedStep(step, torch.zeros(B, 1, dtype=torch.long, device=device), pos, enabled=cuda_graphs)
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    for _ in range(max_new_tokens):
+        token = torch.stack([next_token(row, sampling, generator) for row in logits]) if not sampling.greedy \
+            else logits.argmax(-1)  # [B]
+        out = torch.cat([out, token[:, None]], dim=1)
+        finished |= torch.isin(token, eos)
+        if finished.all():
+            break
+        logits = decode_step(token[:, None], pos)
+        pos += 1
+    results = []
+    for row in out.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        results.append(row[:cut])
+    return results

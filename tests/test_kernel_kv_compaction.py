@@ -56,11 +56,12 @@ def test_identity_prefix_and_overlapping_moves():
     check(kv, 7, torch.tensor([0, 1, 3, 4, 5, 8], device=DEVICE), prefix_as_tensor=True)
 
 
-def test_strided_cache_view():
+def test_strided_views():
     big = torch.randn(2, 2, 3, 2, 37, 16, device=DEVICE)
     view = big[:, :, 1:]  # a batch slice: not contiguous, D still unit-stride
     before = big.clone()
-    check(view, 4, torch.tensor([0, 2, 3], device=DEVICE))
+    paths = torch.tensor([[0, 0], [1, 2], [2, 3]], device=DEVICE)  # accepted = a column: stride 2
+    check(view, 4, paths[:, 1])
     assert torch.equal(big[:, :, :1], before[:, :, :1])  # the rest of the storage is untouched
 
 

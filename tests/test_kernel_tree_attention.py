@@ -66,18 +66,22 @@ def rel_error(out, ref) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=False, num_splits=None):
-    """Kernel output and the float64 reference on fresh random inputs. Cache slots past prefix+T hold
-    NaN for the kernel (it must never use them) and zeros for the reference."""
+def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=False, num_splits=None,
+             key_valid=None):
+    """Kernel output and the float64 reference on fresh random inputs. Cache slots the op must ignore
+    (past prefix+T, or hidden by key_valid) hold NaN for the kernel: it must never use them."""
     q = torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE)
     k = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
     v = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
     tree_mask = make_mask(mask_kind, T).to(DEVICE)
-    ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask)
-    k[:, :, prefix + T:] = float("nan")
-    v[:, :, prefix + T:] = float("nan")
+    ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask, key_valid)
+    unused = (torch.arange(S, device=DEVICE) >= prefix + T).expand(B, S)  # [B, S]
+    if key_valid is not None:
+        unused = unused | ~key_valid
+    k = k.masked_fill(unused[:, None, :, None], float("nan"))
+    v = v.masked_fill(unused[:, None, :, None], float("nan"))
     p = torch.tensor(prefix, device=DEVICE) if prefix_as_tensor else prefix
-    out = tree_attention_triton(q, k, v, p, tree_mask, num_splits=num_splits)
+    out = tree_attention_triton(q, k, v, p, tree_mask, key_valid, num_splits=num_splits)
     return out, ref
 
 
@@ -117,6 +121,16 @@ def test_half_precision_matches_reference(poisoned_allocations, dtype, B, Hq, Hk
     assert rel_error(out, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("prefix_as_tensor,num_splits", [(False, 1), (True, 3)])
+def test_key_valid_hides_left_padding(poisoned_allocations, prefix_as_tensor, num_splits):
+    B, S, prefix = 3, 37, 20
+    key_valid = torch.arange(S, device=DEVICE)[None, :] >= torch.tensor([0, 5, 19], device=DEVICE)[:, None]
+    key_valid[1, 9] = False  # and a hole that is not padding
+    out, ref = run_case(B, 4, 2, 3, S, 16, prefix, "tree", torch.float32, prefix_as_tensor, num_splits, key_valid)
+    assert not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-5
+
+
 def test_chunking_does_not_change_the_result():
     q, k, v, prefix, tree_mask = make_case(4, 2, 16, 30, 5, torch.float32, DEVICE)
     one = tree_attention_triton(q, k, v, prefix, tree_mask, num_splits=1)
@@ -132,6 +146,8 @@ def test_bad_inputs_name_the_fix():
         tree_attention_triton(q, k, k, 3, mask)
     with pytest.raises(NanoMedusaError, match=r"bool tree_mask of shape \(2, 2\)"):
         tree_attention_triton(q[:, :4], k, k, 3, mask[:1])
+    with pytest.raises(NanoMedusaError, match=r"key_valid as a bool \[B, S\] = \(1, 8\)"):
+        tree_attention_triton(q[:, :4], k, k, 3, mask, torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
 
 
 def test_benchmark_correctness_check_runs_on_a_tiny_case():

@@ -18,7 +18,7 @@ from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.training.data import IGNORE, StepSampler, collate, load_conversations, split_train_eval, tokenize_conversation
-from nanomedusa.training.losses import shifted_targets
+from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
 
 LOWER = string.ascii_lowercase
@@ -36,6 +36,15 @@ def write_counting_data(path, n, seed):
             turns = [{"from": "human", "value": f"count from {LOWER[s]}"}, {"from": "gpt", "value": counting_answer(s)}]
             f.write(json.dumps({"id": f"c{i}", "conversations": turns}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: extra threads cost more than they save (several times over on shared CI cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +94,9 @@ def test_formats_and_split(tmp_path):
     a, b, c = load_conversations(tmp_path / "d.json")
     assert a.messages == b.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
     assert (a.id, b.id, c.id) == ("a", "1", "p") and c.messages == [{"role": "user", "content": "q"}]
+    odd = {"prompt": "line\u2028separator\x85next\r\n"}  # JSON lines may hold these unescaped
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [odd, openai]) + "\n", encoding="utf-8")
+    assert [c.messages[0]["content"] for c in load_conversations(tmp_path / "d.jsonl")] == [odd["prompt"], "q"]
     items = list(range(50))
     train, held = split_train_eval(items, 0.2, seed=7)
     assert len(held) == 10 and sorted(train + held) == items and split_train_eval(items, 0.2, seed=7)[1] == held
@@ -107,6 +119,19 @@ def test_shifted_targets_and_sampler():
     assert one.steps_per_epoch == 3 and len(set(epoch)) == 36  # each example once, the last partial batch dropped
 
 
+def test_token_stats_match_topk():
+    logits = torch.randn(3, 40, 30)
+    targets = torch.randint(0, 30, (3, 40))
+    targets[:, ::7] = IGNORE
+    ce, stats = token_stats(logits, targets)
+    valid = targets != IGNORE
+    top5 = logits.topk(5, dim=-1).indices
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1))
+    assert torch.equal(stats[:, 1], valid.sum(-1).float())
+    assert torch.equal(stats[:, 2], ((top5[..., 0] == targets) & valid).sum(-1).float())
+    assert torch.equal(stats[:, 3], ((top5 == targets[..., None]).any(-1) & valid).sum(-1).float())
+
+
 # ----- warm-up ------------------------------------------------------------------------------------
 
 
@@ -124,8 +149,8 @@ def test_warmup_heads_learn_the_future(warmed):
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     assert log[-1]["heads"][0]["top1"] > log[0]["heads"][0]["top1"] + 0.2
     assert json.loads((trainer.out / "eval.json").read_text()) == results
-    # The first answer letters are unpredictable (about 2 of ~57 targets per head), the rest are not.
-    assert results["heads"][0]["top1"] >= 0.9 and results["heads"][3]["top1"] >= 0.8
+    # Only targets within the first answer letters are unpredictable (k + 2 of ~52 for head k).
+    assert results["heads"][0]["top1"] >= 0.9 and results["heads"][3]["top1"] >= 0.85
     assert results["lm"]["top1"] < 0.3  # the untouched random backbone has not learnt the task
 
 
@@ -139,6 +164,23 @@ def test_warmup_keeps_backbone_and_saves_loadable_heads(warmed):
     hidden = torch.randn(5, model.config.dim)
     with torch.no_grad():
         assert torch.allclose(loaded(hidden, model.output.weight), trainer.module.heads(hidden, model.output.weight), atol=1e-6)
+
+
+def test_hidden_cache_serves_later_epochs(setup, warmed, tmp_path):
+    cached = Trainer(config(setup, "cached", epochs=2, cache_hidden=str(tmp_path / "cache")))
+    calls = []
+    backbone = cached.module.model.forward_hidden
+    cached.module.model.forward_hidden = lambda tokens: calls.append(tokens.shape) or backbone(tokens)
+    cached.run()
+    steps = cached.sampler.steps_per_epoch
+    assert cached.total_steps == 2 * steps and len(list((tmp_path / "cache").glob("*.safetensors"))) == steps * 8
+    eval_calls = len(calls) - steps
+    assert eval_calls == -(-len(cached.eval_set) // 8)  # epoch 2 ran no backbone at all
+    plain = Trainer(config(setup, "uncached", epochs=2))
+    plain.run()
+    assert all_close(cached.module.heads.state_dict(), plain.module.heads.state_dict(), tol=1e-5)
+    with pytest.raises(Exception, match="made for another model"):
+        Trainer(config(setup, "other", epochs=2, max_len=100, cache_hidden=str(tmp_path / "cache")))
 
 
 # ----- joint --------------------------------------------------------------------------------------
@@ -156,6 +198,8 @@ def test_joint_changes_backbone_and_keeps_lm_loss(setup, warmed, lora_rank):
     original, _ = load_model(setup[1], "cpu", "float32")
     exported, ckpt = load_model(trainer.out / "model", "cpu", "float32")
     assert (ckpt / "tokenizer.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
+    heads_config = json.loads((trainer.out / "heads" / "config.json").read_text())
+    assert heads_config["base_model_name_or_path"] == str(trainer.out / "model")  # heads pair with the new model
     changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
     assert any(".attention.wq." in k for k in changed)
     tokens = torch.randint(0, 80, (2, 17))
@@ -216,6 +260,10 @@ def test_distill_writes_resumable_data_that_trains(setup):
     assert [r["id"] for r in lines] == [f"p{i}" for i in range(12)]
     assert lines[0]["conversations"][0] == {"from": "human", "value": "count from a"}
     assert lines[0]["conversations"][1]["from"] == "gpt"
+    sharded = DistillConfig(model=ckpt, data=str(prompts), out=str(root / "shard.jsonl"), max_new_tokens=2, shard="1/4")
+    assert distill(sharded) == 3 and [json.loads(line)["id"] for line in open(sharded.out)] == ["p1", "p5", "p9"]
+    with pytest.raises(Exception, match="--shard '4/4' is not of the form i/n"):
+        distill(DistillConfig(model=ckpt, data=str(prompts), out=str(root / "x.jsonl"), shard="4/4"))
     results = Trainer(TrainConfig(model=ckpt, data=str(out), out=str(root / "distilled"), max_steps=2, batch_size=4,
                                   eval_fraction=0.2, seed=1)).run()
     assert results["heads"][0]["tokens"] > 0 and (root / "distilled" / "heads" / "config.json").is_file()

@@ -1,7 +1,8 @@
-"""Data-parallel warm-up: 2 processes under torchrun (gloo, CPU) train the same heads as 1 process.
+"""Training under torchrun on CPU (gloo): 2 processes give the same result as 1 with the same global batch.
 
-The global batch is the same in all three runs (2 x 4, 1 x 8, and 1 x 4 with 2 accumulation steps),
-and losses are normalised by the global batch's token counts, so the heads agree up to float rounding.
+Warm-up runs DDP, joint training FSDP. Losses are normalised by the global batch's token counts and
+every example is cut to the same length (so padding, hence every matmul shape, is the same), so the
+runs agree up to float rounding.
 """
 
 import json
@@ -10,18 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from nanomedusa.training import TrainConfig, Trainer
-from tests.test_training import write_counting_data
+from tests.test_training import one_thread, write_counting_data  # noqa: F401 (one_thread: autouse fixture)
 from tests.tiny_tokenizer import make_chat_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def heads_of(out: Path) -> dict:
-    return load_file(out / "heads" / "medusa_lm_head.safetensors")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -29,29 +27,56 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_two_processes_match_one(tmp_path):
-    seed = int(torch.randint(1000, ()))
-    make_chat_checkpoint(tmp_path / "ckpt", seed=seed)
-    data = write_counting_data(tmp_path / "data.jsonl", 40, seed)
-    common = dict(model=str(tmp_path / "ckpt"), data=str(data), max_steps=4, warmup_steps=2, lr=1e-2,
-                  eval_fraction=0.2, max_len=90, log_every=2, save_every=0, seed=seed, device="cpu")
+def torchrun(out: Path, common: dict, *args: str) -> None:
     cli = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "train.py", "--stage", "warmup", "--batch-size", "4", "--out", str(tmp_path / "ddp"), *cli],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+                          "train.py", "--out", str(out), *cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on 2 x cpu" in run.stderr + run.stdout  # really ran as two processes
 
-    one = Trainer(TrainConfig(**common, batch_size=8, out=str(tmp_path / "one"))).run()
-    accum = Trainer(TrainConfig(**common, batch_size=4, grad_accum=2, out=str(tmp_path / "accum"))).run()
 
-    reference = heads_of(tmp_path / "one")
-    print("DIFFS", max_diff(heads_of(tmp_path / "ddp"), reference), max_diff(heads_of(tmp_path / "accum"), reference))
-    assert max_diff(heads_of(tmp_path / "ddp"), reference) <= 1e-5
-    assert max_diff(heads_of(tmp_path / "accum"), reference) <= 1e-5
-    assert reference["medusa_head.0.0.linear.weight"].abs().max() > 1e-3  # the heads did move from their zero start
-    ddp = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    seed = int(torch.randint(1000, ()))
+    make_chat_checkpoint(root / "ckpt", seed=seed)
+    data = write_counting_data(root / "data.jsonl", 40, seed)
+    # max_len 90 cuts every example (prompt ~60 tokens, answer >= 40) to the same length.
+    common = dict(model=str(root / "ckpt"), data=str(data), max_steps=4, warmup_steps=2, lr=1e-2, eval_fraction=0.125,
+                  max_len=90, log_every=2, save_every=0, seed=seed, device="cpu")
+    return root, common
+
+
+def test_ddp_warmup_matches_one_process(setup):
+    root, common = setup
+    torchrun(root / "ddp", common, "--stage", "warmup", "--batch-size", "4")
+    one = Trainer(TrainConfig(**common, batch_size=8, out=str(root / "one"))).run()
+    accum = Trainer(TrainConfig(**common, batch_size=4, grad_accum=2, out=str(root / "accum"))).run()
+
+    heads = {name: load_file(root / name / "heads" / "medusa_lm_head.safetensors") for name in ("ddp", "one", "accum")}
+    assert heads["one"]["medusa_head.0.0.linear.weight"].abs().max() > 1e-3  # the heads did move from their zero start
+    assert max_diff(heads["ddp"], heads["one"]) <= 1e-5
+    assert max_diff(heads["accum"], heads["one"]) <= 1e-5
+    ddp = json.loads((root / "ddp" / "eval.json").read_text())
     for got in (ddp, accum):
         assert got["heads"][0]["tokens"] == one["heads"][0]["tokens"]  # eval covers the same split on 2 ranks
         assert abs(got["heads"][0]["loss"] - one["heads"][0]["loss"]) <= 1e-4
+
+
+def test_fsdp_joint_matches_one_process(setup):
+    root, common = setup
+    Trainer(TrainConfig(**common, out=str(root / "warm"), batch_size=4)).run()
+    joint = dict(common, stage="joint", heads=str(root / "warm" / "heads"), backbone_lr=1e-3, medusa_weight_warmup=0)
+    # batch 2 per rank: 5 eval examples leave one rank an empty last eval batch, which must not hang FSDP.
+    torchrun(root / "fsdp", joint, "--batch-size", "2")
+    one = Trainer(TrainConfig(**joint, batch_size=4, out=str(root / "joint1"))).run()
+
+    models = {name: load_file(root / name / "model" / "model.safetensors") for name in ("fsdp", "joint1")}
+    original = load_file(root / "ckpt" / "model.safetensors")
+    assert max_diff(models["joint1"], original) > 1e-4  # the backbone did change
+    assert max_diff(models["fsdp"], models["joint1"]) <= 1e-5
+    heads = [load_file(root / name / "heads" / "medusa_lm_head.safetensors") for name in ("fsdp", "joint1")]
+    assert max_diff(*heads) <= 1e-5
+    fsdp = json.loads((root / "fsdp" / "eval.json").read_text())
+    assert fsdp["lm"]["tokens"] == one["lm"]["tokens"] and abs(fsdp["lm"]["loss"] - one["lm"]["loss"]) <= 1e-4

@@ -4,6 +4,7 @@
     distill.py     the base model answers the prompts (self-distillation data)
     losses.py      shifted targets, per-head cross-entropy, top-1/top-5 counts
     medusa_lm.py   backbone + heads as one module (what DDP/FSDP wrap)
+    hidden_cache.py the frozen backbone's hidden states on disk, for warm-up epochs after the first
     lora.py        LoRA adapters for joint training, merged into the weights at export
     distributed.py torchrun process groups, DDP (warm-up) and FSDP (joint)
     checkpoint.py  resumable training state and the exported heads/model directories

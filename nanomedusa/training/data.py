@@ -7,11 +7,12 @@ Accepted files, a JSON array (`.json`) or one JSON object per line (anything els
   * prompts:  {"id": ..., "source": ..., "prompt": ...}  (questions without answers, for self-distillation)
 
 `tokenize_conversation` turns a conversation into `input_ids` and `labels`, with labels -100 except on
-assistant tokens (each answer and the end-of-turn marker after it). It renders the conversation prefix
-by prefix, so every piece of text is known to be prompt or answer, and tokenizes piece by piece:
+assistant tokens (each answer and the end-of-turn marker after it). The whole conversation is rendered
+and tokenized at once (as the model will see it), and each answer's span is found by rendering and
+tokenizing the prefixes around it:
 
-    render(msgs[:i], generation prompt) -> prompt piece   (labels -100)
-    render(msgs[:i+1])                  -> + answer piece (labels = ids)
+    tokens(render(msgs[:i], generation prompt)) = ids[:start]   answer i is ids[start:end]
+    tokens(render(msgs[:i+1]))                  = ids[:end]
 
 `StepSampler` decides which examples each rank sees at each optimizer step: a fixed function of
 (seed, step), so a resumed run continues exactly where it stopped, and the same global batch is cut
@@ -60,7 +61,8 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         records = [(f"{path} record {i + 1}", item) for i, item in enumerate(items)]
     else:
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # Split on "\n" only: str.splitlines() would also cut at U+2028 and friends, which JSON strings may hold.
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -110,28 +112,33 @@ def prompt_messages(conversation: Conversation) -> list[dict]:
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Example | None:
     """-> Example truncated to max_len tokens, or None if no answer token is left to train on."""
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""  # text rendered and tokenized so far
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or len(ids) >= max_len:
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise NanoMedusaError("the model's chat template does not render a conversation as a prefix of its "
-                                  "continuation, so answers cannot be located; train with a ChatML-style model.")
-        # The first piece goes through encode_chat so that BOS is handled exactly as at generation time.
-        prompt_ids = tokenizer.encode_chat(messages[:i]) if not done else tokenizer.encode(prompt[len(done):], add_bos=False)
-        answer_ids = tokenizer.encode(full[len(prompt):], add_bos=False)
-        ids += prompt_ids + answer_ids
-        labels += [IGNORE] * len(prompt_ids) + answer_ids
-        done = full
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answers:
+        return None
+
+    # encode_chat decides about BOS as generation does; the same decision then applies to every prefix.
+    first_prompt = tokenizer.encode_chat(messages[: answers[0]])
+    bos = first_prompt[: len(first_prompt) - len(_encode(tokenizer, messages[: answers[0]], True, []))]
+    ids = _encode(tokenizer, messages[: answers[-1] + 1], False, bos)
+    labels = [IGNORE] * len(ids)
+    for i in answers:
+        prompt = _encode(tokenizer, messages[:i], True, bos)
+        if len(prompt) >= max_len:
+            break
+        through = _encode(tokenizer, messages[: i + 1], False, bos)
+        if ids[: len(prompt)] != prompt or ids[: len(through)] != through:
+            raise NanoMedusaError("the model's chat template does not render (and tokenize) a conversation as a prefix of "
+                                  "its continuation, so answers cannot be located; train with a ChatML-style model.")
+        labels[len(prompt): len(through)] = ids[len(prompt): len(through)]
     ids, labels = ids[:max_len], labels[:max_len]
     # Position 0 is never a target (nothing precedes it), so an example needs an answer token after it.
     if not any(label != IGNORE for label in labels[1:]):
         return None
     return Example(ids, labels)
+
+
+def _encode(tokenizer, messages: list[dict], generation_prompt: bool, bos: list[int]) -> list[int]:
+    return bos + tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt), add_bos=False)
 
 
 def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, progress: bool = False) -> list[Example]:
@@ -163,11 +170,12 @@ class Batch:
         return int((self.labels != IGNORE).sum()) if self.tokens.numel() else 0
 
 
-def collate(examples: list[Example], pad_id: int = 0) -> Batch:
-    """Right-pad to the longest example; causal attention keeps padding out of every real position."""
+def collate(examples: list[Example], pad_id: int = 0, multiple: int = 64) -> Batch:
+    """Right-pad to the longest example, rounded up to `multiple` so that few distinct shapes reach
+    the GPU (attention backends plan per shape); causal attention keeps padding out of real positions."""
     if not examples:  # a rank with nothing left to evaluate still joins the collective forward
         return Batch(torch.full((1, 1), pad_id), torch.full((1, 1), IGNORE))
-    T = max(len(e.input_ids) for e in examples)
+    T = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     for b, e in enumerate(examples):

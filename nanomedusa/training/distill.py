@@ -7,6 +7,9 @@ engine (`generation.generate`; greedy unless temperature > 0) and appended to OU
 {"id", "conversations": [..., {"from": "gpt", "value": answer}]}, flushed at once. A rerun skips ids
 already in OUT, so an interrupted job picks up where it stopped. Sampling is seeded per prompt id,
 which keeps a resumed run's answers the same as an uninterrupted one's.
+
+Generation is one prompt at a time, which leaves a GPU mostly idle with a small model: run several
+processes side by side on disjoint shards (`shard="i/n"`, each with its own OUT) and concatenate.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class DistillConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     limit: int | None = None  # answer only the first N prompts of --data
+    shard: str = "0/1"  # "i/n": answer only prompts i, i+n, i+2n, ... (for n processes side by side)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -48,7 +52,8 @@ def distill(cfg: DistillConfig) -> int:
     """Answer every prompt not yet in cfg.out; returns how many answers were written."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise NanoMedusaError("--stage distill runs in one process; start it with python, not torchrun.")
-    conversations = load_conversations(cfg.data)[: cfg.limit]
+    index, count = parse_shard(cfg.shard)
+    conversations = load_conversations(cfg.data)[: cfg.limit][index::count]
     out = Path(cfg.out)
     done = finished_ids(out)
     todo = [c for c in conversations if c.id not in done]
@@ -83,6 +88,16 @@ def distill(cfg: DistillConfig) -> int:
     return written
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise NanoMedusaError(f"--shard {shard!r} is not of the form i/n with 0 <= i < n; e.g. --shard 0/4.")
+    return index, count
+
+
 def finished_ids(path: Path) -> set[str]:
     """Ids already answered in `path`; a line torn by an interruption is cut off first."""
     if not path.is_file():
@@ -92,7 +107,7 @@ def finished_ids(path: Path) -> set[str]:
         data = data[: data.rfind(b"\n") + 1]
         path.write_bytes(data)
     ids = set()
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

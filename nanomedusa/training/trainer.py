@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+import kernels
 
 from ..errors import NanoMedusaError
 from ..heads import MedusaHeads
@@ -32,11 +35,22 @@ from ..tokenizer import Tokenizer
 from . import checkpoint
 from .data import IGNORE, StepSampler, collate, eval_batches, load_conversations, split_train_eval, tokenize_all
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
+from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
 from .losses import row_weights, shifted_targets, summarize, token_stats, weighted_loss
 from .medusa_lm import MedusaLM
 
 STAGES = ("warmup", "joint")
+
+
+@contextmanager
+def kernel_backend(name: str):
+    previous = kernels.get_backend()
+    kernels.set_backend(name)
+    try:
+        yield
+    finally:
+        kernels.set_backend(previous)
 
 
 @dataclass
@@ -64,6 +78,7 @@ class TrainConfig:
     lora_rank: int = 0  # joint: 0 = full fine-tuning
     lora_alpha: float = 16.0
     max_len: int = 1024
+    cache_hidden: str | None = None  # warmup: directory for the frozen backbone's hidden states
     eval_fraction: float = 0.02
     log_every: int = 10
     save_every: int = 500
@@ -80,6 +95,8 @@ class TrainConfig:
             raise NanoMedusaError("joint training starts from warm-up heads; pass --heads OUT/heads from a --stage warmup run.")
         if self.stage == "warmup" and self.lora_rank:
             raise NanoMedusaError("--lora-rank only applies to --stage joint (warm-up never changes the backbone); drop it.")
+        if self.stage == "joint" and self.cache_hidden:
+            raise NanoMedusaError("--cache-hidden only applies to --stage warmup (joint training changes the hidden states); drop it.")
         positive = {"--num-heads": self.num_heads, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
                     "--max-len": self.max_len, "--epochs": self.epochs, "--log-every": self.log_every}
         for flag, value in positive.items():
@@ -109,6 +126,9 @@ class Trainer:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" and not self.joint else "float32"
         model, _ = load_model(self.ckpt_dir, self.device, dtype)
+        self.hidden_cache = None
+        if cfg.cache_hidden:
+            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(str(self.ckpt_dir), model.dtype, self.train_set))
 
         heads = self._make_heads(model)
         model.requires_grad_(self.joint and not cfg.lora_rank)
@@ -118,6 +138,9 @@ class Trainer:
         self.wrapped = wrap(self.module, self.dist, shard=self.joint)
         self.optimizer, self.base_lrs = self._make_optimizer()
         self.autocast = self.device.type == "cuda" or model.dtype != torch.float32
+        # Autocast over float32 weights mixes dtypes inside a block (bf16 matmul outputs, float32
+        # residual stream); the Triton kernels (used under no_grad) refuse that, the references do not.
+        self.kernel_backend = "torch" if self.autocast and model.dtype == torch.float32 else kernels.get_backend()
         self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank, cfg.seed)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.start_step = checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings()) if cfg.resume else 0
@@ -158,8 +181,9 @@ class Trainer:
     def _settings(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""
         cfg = self.cfg
-        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data, "num_heads": self.num_heads,
-                "num_layers": self.module.heads.config.num_layers, "lora_rank": cfg.lora_rank,
+        heads = self.module.heads.config
+        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data, "heads": cfg.heads, "num_heads": heads.num_heads,
+                "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps}
 
@@ -187,15 +211,20 @@ class Trainer:
 
     # ----- one forward -------------------------------------------------------------------------
 
-    def forward_stats(self, batch, with_lm: bool):
-        """-> summed cross-entropy [1 + K] (differentiable) and stats [1 + K, 4] for one micro-batch."""
+    def forward_stats(self, batch, with_lm: bool, indices: list[int] | None = None):
+        """-> summed cross-entropy [1 + K] (differentiable) and stats [1 + K, 4] for one micro-batch
+        (`indices`: its training examples, which lets a hidden-state cache serve it)."""
         tokens = batch.tokens.to(self.device)
         targets = shifted_targets(batch.labels.to(self.device), self.num_heads)  # [1 + K, B, T]
         head_targets = targets[1:]
         head_mask = (head_targets != IGNORE).any(0)  # [B, T]
         lm_mask = targets[0] != IGNORE if with_lm else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            head_logits, lm_logits = self.wrapped(tokens, head_mask, lm_mask)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), kernel_backend(self.kernel_backend):
+            hidden = None
+            if self.hidden_cache is not None and indices is not None:
+                lengths = [len(self.train_set[i].input_ids) for i in indices]
+                hidden = self.hidden_cache.batch_hidden(indices, lengths, tokens, self.module.model.forward_hidden)
+            head_logits, lm_logits = self.wrapped(tokens, head_mask, lm_mask, hidden)
         ce_heads, stats_heads = token_stats(head_logits, head_targets[:, head_mask])
         if lm_logits is None:
             ce_lm, stats_lm = ce_heads.new_zeros(1), stats_heads.new_zeros(1, 4)
@@ -208,7 +237,8 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, int]:
         """One optimizer step -> (stats [1 + K, 4] of this rank, input tokens this rank processed)."""
         cfg = self.cfg
-        micro = [[self.train_set[i] for i in idx] for idx in self.sampler.micro_batches(step)]
+        indices = self.sampler.micro_batches(step)
+        micro = [[self.train_set[i] for i in idx] for idx in indices]
         batches = [collate(examples) for examples in micro]
         # Target counts over the global batch, so every micro-batch's loss is scaled the same way.
         counts = sum((shifted_targets(b.labels, self.num_heads) != IGNORE).flatten(1).sum(1) for b in batches)
@@ -219,7 +249,7 @@ class Trainer:
         stats = torch.zeros(self.num_heads + 1, 4, device=self.device)
         for j, batch in enumerate(batches):
             with gradient_sync(self.wrapped, enabled=j == len(batches) - 1):
-                ce, s = self.forward_stats(batch, with_lm=bool(weights[0] > 0))
+                ce, s = self.forward_stats(batch, with_lm=self.joint, indices=indices[j])
                 # DDP/FSDP average gradients over processes; scaling by the world size turns that into
                 # the sum over the global batch that `counts` normalises.
                 (weighted_loss(ce, counts, weights) * self.dist.world).backward()
@@ -239,15 +269,17 @@ class Trainer:
                         f"{self.total_steps} steps of {self.sampler.global_batch} examples, {self.num_heads} heads, "
                         f"{sum(p.numel() for g in self.optimizer.param_groups for p in g['params']):,} "
                         f"trainable parameters on {self.dist.world} x {self.device.type}")
-        window, tokens, started = torch.zeros(self.num_heads + 1, 4, device=self.device), 0, time.perf_counter()
+        # Window sums since the last log line; `seconds` counts training steps only (not saving or eval).
+        window, tokens, seconds = torch.zeros(self.num_heads + 1, 4, device=self.device), 0, 0.0
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=cfg.stage, disable=not main, dynamic_ncols=True)
         for step in range(self.start_step, self.total_steps):
+            started = time.perf_counter()
             stats, n = self.train_step(step)
-            window, tokens, done = window + stats, tokens + n, step + 1
+            window, tokens, seconds, done = window + stats, tokens + n, seconds + time.perf_counter() - started, step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == self.total_steps:
-                self._log_window(done, window, tokens, time.perf_counter() - started)
-                window, tokens, started = torch.zeros_like(window), 0, time.perf_counter()
+                self._log_window(done, window, tokens, seconds)
+                window, tokens, seconds = torch.zeros_like(window), 0, 0.0
             if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
                 self.save(done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
@@ -265,8 +297,10 @@ class Trainer:
         self.export(heads_only=True)
 
     def export(self, heads_only: bool = False) -> None:
-        with_model = self.joint and not heads_only
-        checkpoint.export(self.out, self.wrapped, self.module.heads.config, self.ckpt_dir, with_model,
+        heads_config = self.module.heads.config
+        if self.joint:  # the heads now belong to the fine-tuned model, not to the one training started from
+            heads_config = replace(heads_config, base_model=str(self.out / "model"))
+        checkpoint.export(self.out, self.wrapped, heads_config, self.ckpt_dir, self.joint and not heads_only,
                           self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main)
 
     @torch.no_grad()

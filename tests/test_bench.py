@@ -1,0 +1,145 @@
+"""The end-to-end benchmark on CPU with tiny shapes: every part runs and the JSON holds what it claims."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanomedusa.bench import DEFAULT_PROMPTS, main, parse_heads_spec
+from nanomedusa.config import ModelConfig
+from nanomedusa.errors import NanoMedusaError
+from nanomedusa.heads import MedusaHeads
+from nanomedusa.loading import load_model
+from nanomedusa.model import Transformer
+from tests.tiny_tokenizer import make_chat_checkpoint
+
+TRAIN_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts-train.jsonl"
+TINY_7B = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
+SHAPE_FLAGS = [("vocab", "vocab_size"), ("dim", "dim"), ("layers", "n_layers"), ("heads", "n_heads"),
+               ("kv-heads", "n_kv_heads"), ("ffn", "intermediate_size")]
+
+
+def save_random_heads(model, out_dir, num_heads, seed, medusa_choices=None):
+    heads = MedusaHeads.from_base(model, num_heads=num_heads, num_layers=1)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    heads.config.medusa_choices = medusa_choices
+    heads.save(out_dir)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One benchmark run: base model with Medusa-1 heads, plus joint-trained heads beside their own backbone."""
+    tmp = tmp_path_factory.mktemp("bench")
+    seed = int(torch.randint(0, 2**16, ()))
+    make_chat_checkpoint(tmp / "base", seed=seed, max_position_embeddings=1024)
+    make_chat_checkpoint(tmp / "joint" / "model", seed=seed + 1, max_position_embeddings=1024)
+    base = load_model(tmp / "base", "cpu", "float32")[0]
+    joint = load_model(tmp / "joint" / "model", "cpu", "float32")[0]
+    save_random_heads(base, tmp / "m1", num_heads=3, seed=seed, medusa_choices=[[0], [1], [0, 0]])
+    save_random_heads(joint, tmp / "joint" / "heads", num_heads=2, seed=seed + 1)
+    out = tmp / "results.json"
+    # Tiny shapes gain nothing from threads, and on a shared CPU spinning threads cost seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    argv = ["--model", str(tmp / "base"), "--device", "cpu", "--dtype", "float32", "--num-prompts", "2",
+            "--max-new-tokens", "8", "--heads", f"m1={tmp / 'm1'}", "--heads", str(tmp / "joint" / "heads"),
+            "--json", str(out), "--7b-prefix", "16", "--7b-reps", "3", "--copy-mib", "1",
+            *[f"--7b-{flag}={TINY_7B[key]}" for flag, key in SHAPE_FLAGS]]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            rc = main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return rc, json.loads(out.read_text()), printed.getvalue()
+
+
+def test_every_part_reports(run):
+    rc, r, _ = run
+    assert rc == 0
+    assert {"device", "torch", "triton", "date", "dtype"} <= set(r["meta"])
+    first_two = [json.loads(line)["id"] for line in DEFAULT_PROMPTS.read_text().split("\n")[:2]]
+    assert [p["id"] for p in r["prompts"]] == first_two
+    assert set(r["ar"]) == {"base", "joint/model"}
+    for ar in r["ar"].values():
+        assert len(ar["per_prompt"]) == 2 and ar["tokens_per_second"] > 0 and ar["mean_accepted"] == 1.0
+        assert ar["new_tokens"] == sum(p["new_tokens"] for p in ar["per_prompt"]) <= 16
+
+
+def test_summary_is_the_last_table(run):
+    _, r, printed = run
+    last = printed.split("\n### ")[-1]
+    assert last.startswith("Summary (")
+    for row in ["AR, ours (base)", "AR, ours (joint/model)", "Medusa m1 / own", "Medusa joint / chain4<=2",
+                "HF transformers", "7B step ms", "7B floor"]:
+        assert f"| {row}" in last
+    assert "7B projected" in last and f"decode {r['7b']['decode_ms']:.2f}, mc_sim_7b_63 (T=64)" in last
+
+
+def test_medusa_runs_each_tree_on_its_backbone_and_matches_plain_decoding(run):
+    _, r, _ = run
+    got = {(m["heads"], m["backbone"], m["tree"], m["tree_nodes"]) for m in r["medusa"]}
+    assert got == {("m1", "base", "own", 4), ("m1", "base", "chain4<=3", 4), ("m1", "base", "mc_sim_7b_63<=3", 62),
+                   ("joint", "joint/model", "chain4<=2", 3), ("joint", "joint/model", "mc_sim_7b_63<=2", 39)}
+    for m in r["medusa"]:
+        assert m["matches_ar"] == m["prompts"] == 2
+        assert all(p["first_difference"] is None for p in m["per_prompt"])
+        assert m["new_tokens"] == r["ar"][m["backbone"]]["new_tokens"]
+        assert m["mean_accepted"] == pytest.approx((m["new_tokens"] - 2) / m["steps"])
+        assert m["vs_ar"] == pytest.approx(m["tokens_per_second"] / r["ar"][m["backbone"]]["tokens_per_second"])
+
+
+def test_transformers_generate_matches_our_plain_decoding(run):
+    _, r, _ = run
+    assert r["hf"]["matches_ar"] == 2 and r["hf"]["tokens_per_second"] > 0
+    ratio = r["ar"]["base"]["tokens_per_second"] / r["hf"]["tokens_per_second"]
+    assert r["hf"]["ours_ar_vs_hf"] == pytest.approx(ratio)
+
+
+def test_7b_shape_steps_floor_and_projection(run):
+    _, r, _ = run
+    big = r["7b"]
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(ModelConfig(**TINY_7B)).parameters())
+    assert big["weight_bytes"] == params * 4  # float32 on the CPU
+    assert {64, 16} <= {s["nodes"] for s in big["tree_steps"]}
+    assert big["decode_ms"] > 0
+    assert big["floor_ms"] == pytest.approx(big["weight_bytes"] / big["copy_bandwidth_bytes_per_s"] * 1e3)
+    assert len(big["projected"]) == len(r["medusa"])
+    for p in big["projected"]:
+        step = next(s for s in big["tree_steps"] if s["ms"] == p["tree_ms"])
+        assert step["nodes"] == p["tree_nodes"]
+        assert p["speedup"] == pytest.approx(p["mean_accepted"] * big["decode_ms"] / p["tree_ms"])
+
+
+def test_heads_spec_syntax(tmp_path):
+    spec = parse_heads_spec(f"m2={tmp_path / 'h'}@{tmp_path / 'm'}")
+    assert (spec.label, spec.heads_dir, spec.model_dir) == ("m2", tmp_path / "h", tmp_path / "m")
+    spec = parse_heads_spec(str(tmp_path / "run7" / "heads"))  # train.py's OUT/heads, no OUT/model
+    assert (spec.label, spec.model_dir) == ("run7", None)
+    with pytest.raises(NanoMedusaError, match=r"--heads 'x=' is malformed; write \[LABEL=\]HEADS_DIR\[@MODEL_DIR\]"):
+        parse_heads_spec("x=")
+
+
+def test_duplicate_labels_are_refused(tmp_path, capsys):
+    argv = ["--device", "cpu", "--skip-7b", "--heads", f"a={tmp_path}", "--heads", f"a={tmp_path}", "--json",
+            str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    assert "two --heads are both labelled 'a'; name them apart with LABEL=HEADS_DIR." in capsys.readouterr().err
+
+
+def test_held_out_prompts_are_diverse_and_not_training_prompts():
+    prompts = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().split("\n") if line]
+    assert len(prompts) == 24 and len({p["id"] for p in prompts}) == 24 and len({p["prompt"] for p in prompts}) == 24
+    if not TRAIN_PROMPTS.is_file():
+        pytest.skip("../shared/data/prompts-train.jsonl is not beside this checkout")
+    train = [json.loads(line)["prompt"].lower() for line in TRAIN_PROMPTS.read_text().split("\n") if line]
+    for p in prompts:
+        text = p["prompt"].lower()
+        assert not any(text in t or t in text for t in train), p["id"]
