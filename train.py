@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--shard", default=d.shard, metavar="I/N", help="answer only prompts I, I+N, I+2N, ...")
 
     g = p.add_argument_group("heads")
-    g.add_argument("--heads", default=None, help="joint: warm-up heads directory to start from")
+    g.add_argument("--heads", default=None, help="heads directory to start from (joint: the warm-up's OUT/heads)")
     g.add_argument("--num-heads", type=int, default=t.num_heads)
     g.add_argument("--num-layers", type=int, default=t.num_layers, help="ResBlocks per head")
     g.add_argument("--shared-lm-head", action="store_true", help="heads reuse the base lm_head (fewer parameters)")

@@ -8,7 +8,9 @@ One op serves every attention call at inference time:
 The caller has already written the new keys/values into cache slots prefix_len .. prefix_len+T-1.
 Query i sees every slot < prefix_len, and slot prefix_len+j exactly when tree_mask[i, j].
 The optional `key_valid` [B, S] bool further hides slots from every query of a batch row (the left
-padding of a batch of unequal prompts). `prefix_len` may be a Python int or a 0-d integer tensor on
+padding of a batch of unequal prompts). A query that sees no slot at all (a padding token itself) gets
+a zero output rather than the NaN of a softmax over nothing: a NaN there would flow into the next
+layer's keys/values at the padding slots, and 0 * NaN poisons every real row that skips them. `prefix_len` may be a Python int or a 0-d integer tensor on
 the device (no host sync, so the step can be captured in a CUDA graph).
 
 The Triton version is flash-decoding with grouped-query attention folded in:
@@ -54,7 +56,8 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_val
     v = v_cache.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # [B, Hq, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    probs = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no visible key: zero output
+    return (probs @ v.float()).to(q.dtype)
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
@@ -136,8 +139,9 @@ def _attend_chunk_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if WRITE_OUT:  # a single chunk saw every key: finish here
-        tl.store(out_ptr + io_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+    if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(out_ptr + io_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
     else:  # partials [B * Hkv, num_splits, T * GROUP, (D)], merged by _combine_chunks_kernel
         part_rows = (bh * num_splits + split) * (T * GROUP) + rows
         tl.store(part_acc_ptr + part_rows.to(tl.int64)[:, None] * D + d[None, :], acc, mask=io_mask)
@@ -163,8 +167,9 @@ def _combine_chunks_kernel(
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * n_rows, mask=row_ok, other=0.0))
-    # Empty chunks have m = -inf and weigh exactly 0. (A row with no visible key at all gets NaN, as in
-    # the reference's softmax over nothing.)
+    # Empty chunks have m = -inf and weigh exactly 0. A row with no visible key in any chunk keeps
+    # m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0, as in the reference.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     for s in range(num_splits):
@@ -174,6 +179,7 @@ def _combine_chunks_kernel(
         num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
                                     mask=io_mask, other=0.0)
 
+    den = tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
              (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
 

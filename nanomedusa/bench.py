@@ -199,13 +199,20 @@ def parse_heads_spec(text: str) -> HeadsSpec:
 
 
 def heads_specs(args) -> list[HeadsSpec]:
+    """The --heads to run, checked before anything slow starts."""
     specs = [parse_heads_spec(h) for h in args.heads]
     if not specs and args.model is None and (SHIPPED_HEADS / "config.json").is_file():
         specs = [HeadsSpec("shipped", SHIPPED_HEADS, None)]
     labels = [s.label for s in specs]
-    for label in labels:
-        if labels.count(label) > 1:
-            raise NanoMedusaError(f"two --heads are both labelled {label!r}; name them apart with LABEL=HEADS_DIR.")
+    for spec in specs:
+        if labels.count(spec.label) > 1:
+            raise NanoMedusaError(f"two --heads are both labelled {spec.label!r}; name them apart with LABEL=HEADS_DIR.")
+        for kind, path in (("heads", spec.heads_dir), ("model", spec.model_dir)):
+            if path is not None and not path.is_dir():
+                raise NanoMedusaError(f"{kind} directory {path} of --heads {spec.label} does not exist; fix the path.")
+    for spec in args.tree:
+        if spec != "own":
+            parse_tree(spec)  # a typo fails now, not after the first backbone's runs
     return specs
 
 

@@ -127,11 +127,14 @@ def test_heads_spec_syntax(tmp_path):
         parse_heads_spec("x=")
 
 
-def test_duplicate_labels_are_refused(tmp_path, capsys):
+def test_bad_heads_are_refused_before_anything_runs(tmp_path, capsys):
     argv = ["--device", "cpu", "--skip-7b", "--heads", f"a={tmp_path}", "--heads", f"a={tmp_path}", "--json",
             str(tmp_path / "r.json")]
     assert main(argv) == 2
     assert "two --heads are both labelled 'a'; name them apart with LABEL=HEADS_DIR." in capsys.readouterr().err
+    argv = ["--device", "cpu", "--skip-7b", "--heads", f"b={tmp_path / 'nope'}", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    assert f"heads directory {tmp_path / 'nope'} of --heads b does not exist; fix the path." in capsys.readouterr().err
 
 
 def test_held_out_prompts_are_diverse_and_not_training_prompts():

@@ -91,3 +91,11 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: checkpoint directory {tmp_path / 'missing'} does not exist; "
                                                  f"pass an existing directory, a .gguf file or a hub id."]
+
+
+def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(NanoMedusaError, match="could not download 'nobody/no-such-model' from the Hugging Face hub "
+                                              "and it is not in the local cache"):
+        load_model("nobody/no-such-model", device="cpu")

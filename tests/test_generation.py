@@ -20,10 +20,13 @@ def test_batch_of_unequal_prompts_equals_one_by_one(model):
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (3, 11, 1, 7)]
     singles = [generate(model, p, max_new_tokens=16).tokens for p in prompts]
-    eos = singles[1][5]  # a token one row emits mid-way: that row stops there, the others go on
+    # A token row 1 first emits mid-way becomes eos: that row stops there, rows that never emit it go on.
+    stop = next(i for i in range(1, 16) if singles[1][i] not in singles[1][:i])
+    eos = singles[1][stop]
     expected = [generate(model, p, max_new_tokens=16, eos_ids=[eos]).tokens for p in prompts]
     assert generate_batch(model, prompts, max_new_tokens=16, eos_ids=[eos]) == expected
-    assert expected[1][-1] == eos and len(expected[1]) == 6
+    assert expected[1][-1] == eos and len(expected[1]) == stop + 1
+    assert max(len(row) for row in expected) == 16
 
 
 def test_top_k_and_top_p_cut_the_distribution():

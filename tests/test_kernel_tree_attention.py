@@ -25,7 +25,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _patch_lang_tensor_numpy24(tensor, scope, _original=interpreter._patch_lang_tensor):
     # Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which
-    # numpy >= 2.4 rejects, so every `for ... in range(runtime_value)` fails. `.item()` works on all.
+    # numpy >= 2.4 rejects, so every `for ... in range(runtime_value)` fails. `.item()` works with every
+    # numpy. This patches the interpreter for the whole session; compiled (CUDA) kernels never see it.
     _original(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: self.handle.data.item())
 
@@ -128,6 +129,17 @@ def test_key_valid_hides_left_padding(poisoned_allocations, prefix_as_tensor, nu
     key_valid[1, 9] = False  # and a hole that is not padding
     out, ref = run_case(B, 4, 2, 3, S, 16, prefix, "tree", torch.float32, prefix_as_tensor, num_splits, key_valid)
     assert not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_query_that_sees_no_key_gets_zeros(poisoned_allocations, num_splits):
+    # Row 1 hides every slot (a padding token of a left-padded batch): zeros, not NaN, from both sides.
+    B, S, prefix, T = 2, 37, 20, 3
+    key_valid = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    key_valid[1] = False
+    out, ref = run_case(B, 4, 2, T, S, 16, prefix, "causal", torch.float32, False, num_splits, key_valid)
+    assert (ref[1] == 0).all() and (out[1] == 0).all()
     assert rel_error(out, ref) <= 1e-5
 
 

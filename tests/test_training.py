@@ -17,7 +17,7 @@ from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
-from nanomedusa.training.data import IGNORE, StepSampler, collate, load_conversations, split_train_eval, tokenize_conversation
+from nanomedusa.training.data import IGNORE, StepSampler, load_conversations, split_train_eval, tokenize_conversation
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
 

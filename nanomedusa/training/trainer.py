@@ -59,7 +59,7 @@ class TrainConfig:
     model: str | None = None  # None: the project's default model
     data: str = ""
     out: str = "out"
-    heads: str | None = None  # joint: the warm-up heads directory to start from
+    heads: str | None = None  # heads to start from (required for joint: the warm-up's OUT/heads)
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = False
@@ -162,7 +162,7 @@ class Trainer:
 
     def _make_heads(self, model) -> MedusaHeads:
         cfg = self.cfg
-        if self.joint:
+        if cfg.heads:  # joint training always, warm-up when it continues from earlier heads
             heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
         else:
             heads = MedusaHeads.from_base(model, cfg.num_heads, cfg.num_layers, cfg.shared_lm_head,
