@@ -3,10 +3,12 @@
 Usage:
 
     # 1. Self-distillation: the model answers the prompts (resumable; rerun to continue).
+    #    Greedy answers are decoded --distill-batch-size prompts at a time (default 64; lower it if the GPU
+    #    runs out of memory); with --temperature > 0 prompts are answered one at a time (seeded per prompt).
     python train.py --stage distill --data ../shared/data/prompts-train.jsonl --out data/answers.jsonl
 
-    #    One prompt at a time leaves a GPU idle: run shards side by side, then concatenate them.
-    for i in 0 1 2 3; do python train.py --stage distill --data ... --shard $i/4 --out data/answers.$i.jsonl & done; wait
+    #    Several GPUs: one process per GPU on disjoint shards, then concatenate them.
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python train.py --stage distill --data ... --shard $i/4 --out data/answers.$i.jsonl & done; wait
     cat data/answers.?.jsonl > data/answers.jsonl
 
     # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/heads, out/eval.json
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--top-p", type=float, default=d.top_p)
     g.add_argument("--limit", type=int, default=None, help="answer only the first N prompts")
     g.add_argument("--shard", default=d.shard, metavar="I/N", help="answer only prompts I, I+N, I+2N, ...")
+    # Not --batch-size: that flag is the training micro-batch below, a different size with a different default.
+    g.add_argument("--distill-batch-size", type=int, default=d.batch_size,
+                   help="prompts decoded together (greedy only; --temperature > 0 answers one at a time)")
 
     g = p.add_argument_group("heads")
     g.add_argument("--heads", default=None, help="heads directory to start from (joint: the warm-up's OUT/heads)")
@@ -100,7 +105,9 @@ def main(argv=None) -> int:
     try:
         if args.stage == "distill":
             fields = DistillConfig.__dataclass_fields__
-            cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+            values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+            values["batch_size"] = args.distill_batch_size  # not --batch-size, the training micro-batch
+            cfg = DistillConfig(**values)
             written = distill(cfg)
             print(f"wrote {written} answers to {cfg.out}")
         else:

@@ -69,7 +69,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
     _sync(device)
     start = time.perf_counter()
     prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
-    token = next_token(model(prompt, prefix_len=0)[0, -1], sampling, generator)
+    # Only the last position's logits are needed: the lm_head over every prompt position costs P x V.
+    logits = model.lm_head(model.forward_hidden(prompt, prefix_len=0)[:, -1:])[0, -1]  # [V]
+    token = next_token(logits, sampling, generator)
     result.prefill_seconds = time.perf_counter() - start
     while True:
         tok = token.item()
@@ -104,7 +106,10 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplin
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # [B, P]
     key_valid = torch.arange(slots, device=device)[None, :] >= pad[:, None]  # [B, S]
     positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [B, P]
-    logits = model(tokens, prefix_len=0, positions=positions, key_valid=key_valid)[:, -1]  # [B, V]
+    # Only the last position's logits are needed (left padding puts every row's last token there); the
+    # lm_head over all B x P positions would be tens of GB of float32 at batch 128, 1000 tokens, 49k vocab.
+    hidden = model.forward_hidden(tokens, prefix_len=0, positions=positions, key_valid=key_valid)  # [B, P, dim]
+    logits = model.lm_head(hidden[:, -1:])[:, -1]  # [B, V]
     pos = torch.tensor(longest, device=device)
 
     def step(tok, prefix):  # [B, 1] -> [B, V]

@@ -15,6 +15,11 @@ top-k guesses from the last hidden state:
 
 With greedy acceptance every emitted token is the base model's argmax given the tokens before it,
 so the output is exactly plain greedy decoding's, only with fewer forward passes.
+
+For greedy and typical acceptance, steps 2-5 run on the device with fixed shapes (`verify_accept_keep`):
+on a GPU the whole step, forward, acceptance, compaction and the next guesses, replays as one CUDA
+graph, and the host reads the step's tokens back with one sync. Lossless sampling (`--accept sample`)
+walks the tree on the host, so there only the forward is graphed.
 """
 
 from __future__ import annotations
@@ -81,15 +86,39 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
     model.setup_cache(check_fits(model, len(prompt_ids), max_new_tokens, extra=tree.num_nodes))
     lm_w = model.output.weight
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
+    mode = "greedy" if accept == "greedy" or sampling.greedy else "typical"
+
+    def propose(root, hidden):  # root [] token, hidden [1, D] of the node it follows -> next tree tokens [T]
+        return tree.candidate_tokens(root, heads.topk(hidden, tree.topk, lm_w)[:, 0])
 
     def verify(tree_tokens, prefix):  # [T] -> hidden [T, D], logits [T, V]
         hidden = model.forward_hidden(tree_tokens[None], prefix_len=prefix, positions=prefix + tree.depths,
                                       tree_mask=tree.attn_mask)[0]
         return hidden, model.lm_head(hidden)
 
-    verify = GraphedStep(verify, torch.zeros(tree.num_nodes, dtype=torch.long, device=device), prefix,
-                         enabled=cuda_graphs)
-    mode = "greedy" if accept == "greedy" or sampling.greedy else "typical"
+    def verify_accept_keep(tree_tokens, prefix):
+        """Steps 2-5 for greedy / typical acceptance, all on the device with fixed shapes and no host sync,
+        so that on a GPU the whole step replays as one CUDA graph."""
+        hidden, logits = verify(tree_tokens, prefix)
+        best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
+                                             max(sampling.temperature, 1e-5), posterior_threshold, posterior_alpha)
+        path = tree.retrieve_indices.index_select(0, best.view(1))[0].clamp(min=0)  # [depth_max+1] root..leaf
+        last = path.gather(0, accept_len.view(1))  # [1] the last accepted node
+        # All depth_max+1 rows of the path move, not only the accept_len+1 accepted ones, so the shapes stay
+        # fixed: the others (and the -1 padding, read as the root) land past the new prefix, on free slots.
+        compact_kv(model.kv_cache, prefix, path)
+        out = {"tokens": tree_tokens[path], "accept_len": accept_len, "prefix": prefix + accept_len + 1,
+               "hidden": hidden.index_select(0, last), "logits": logits.index_select(0, last)[0]}
+        if sampling.greedy:  # the bonus token and the next guesses need no randomness: stay on the device
+            out["bonus"] = out["logits"].argmax(-1)
+            out["next_tree"] = propose(out["bonus"], out["hidden"])
+        return out
+
+    example = (torch.zeros(tree.num_nodes, dtype=torch.long, device=device), prefix)
+    if accept == "sample":  # rejection sampling walks the tree on the host: only the forward is graphed
+        verify = GraphedStep(verify, *example, enabled=cuda_graphs)
+    else:
+        verify_accept_keep = GraphedStep(verify_accept_keep, *example, enabled=cuda_graphs)
     result = GenerationResult()
 
     def emit(tokens: list[int]) -> bool:
@@ -109,26 +138,30 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
     start = time.perf_counter()
     hidden = model.forward_hidden(torch.tensor([prompt_ids], device=device), prefix_len=0)[0, -1:]  # [1, D]
     root = next_token(model.lm_head(hidden)[0], sampling, generator)
-    guesses = heads.topk(hidden, tree.topk, lm_w)[:, 0]  # [K, topk]
+    tree_tokens = propose(root, hidden)  # [T]
     result.prefill_seconds = time.perf_counter() - start
     done = emit([root.item()])
     while not done:
-        tree_tokens = tree.candidate_tokens(root, guesses)  # [T]
-        hidden, logits = verify(tree_tokens, prefix)  # [T, D], [T, V]
         if accept == "sample":
+            hidden, logits = verify(tree_tokens, prefix)  # [T, D], [T, V]
             path, bonus = speculative_accept(logits, tree_tokens, tree, sampling, generator)
             path = torch.tensor(path, device=device)
+            compact_kv(model.kv_cache, prefix, path)
+            prefix = prefix + path.numel()
+            accepted = tree_tokens[path[1:]].tolist() + [bonus.item()]
+            tree_tokens = propose(bonus, hidden[path[-1:]])
         else:
-            best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
-                                                 max(sampling.temperature, 1e-5), posterior_threshold, posterior_alpha)
-            path = tree.retrieve_indices[best, : accept_len.item() + 1]  # [A] node indices, root first
-            bonus = next_token(logits[path[-1]], sampling, generator)
-        compact_kv(model.kv_cache, prefix, path)
-        prefix += path.numel()
-        guesses = heads.topk(hidden[path[-1:]], tree.topk, lm_w)[:, 0]
-        root = bonus
+            step = verify_accept_keep(tree_tokens, prefix)
+            prefix = step["prefix"]
+            if sampling.greedy:
+                bonus, tree_tokens = step["bonus"], step["next_tree"]
+            else:
+                bonus = next_token(step["logits"], sampling, generator)
+                tree_tokens = propose(bonus, step["hidden"])
+            *tokens, bonus_id, n = torch.cat([step["tokens"], bonus.view(1), step["accept_len"].view(1)]).tolist()
+            accepted = tokens[1: n + 1] + [bonus_id]  # (that .tolist() is the step's one host sync)
         result.steps += 1
-        done = emit(tree_tokens[path[1:]].tolist() + [bonus.item()])
+        done = emit(accepted)
     _sync(device)
     result.seconds = time.perf_counter() - start
     return result

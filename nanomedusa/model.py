@@ -12,7 +12,8 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
   RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
 
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
-read. Hot ops (`rmsnorm`, `tree_attention`) come from `kernels/`, which picks Triton on CUDA.
+read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`) come from `kernels/`, which picks Triton
+on CUDA.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rmsnorm import rmsnorm
+from kernels.rope_cache import apply_rope, rope_and_cache
 from kernels.tree_attention import tree_attention
 
 from .config import ModelConfig, rope_inv_freq
@@ -38,16 +40,6 @@ class RMSNorm(nn.Module):
         return rmsnorm(x, self.weight, self.eps, residual)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x [B, H, T, Dh]; cos, sin [T, Dh] (Hugging Face's rotate-half convention)."""
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -61,17 +53,17 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # [2, B, Hkv, S, Dh], a view into the model's cache
 
     def forward(self, x, cos, sin, prefix_len=None, tree_mask=None, key_valid=None):
+        """x [B, T, dim]; cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens' positions."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        else:
-            slots = prefix_len + torch.arange(T, device=x.device)  # [T]
-            self.kv_cache[0].index_copy_(2, slots, k)
-            self.kv_cache[1].index_copy_(2, slots, v)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, Dh]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.kv_cache is None:  # training: causal attention over the T tokens, with autograd
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:  # one kernel: rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1
+            q = rope_and_cache(q, k, v, cos, sin, self.kv_cache, prefix_len)  # [B, Hq, T, Dh]
             y = tree_attention(q, self.kv_cache[0], self.kv_cache[1], prefix_len, tree_mask, key_valid)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -175,10 +167,7 @@ class Transformer(nn.Module):
             self._ensure_rope(T)
         elif tree_mask is None:
             tree_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        cos = self.rope_cos[positions].to(self.dtype)  # [T, Dh] or [B, T, Dh]
-        sin = self.rope_sin[positions].to(self.dtype)
-        if positions.dim() == 2:  # per-row positions: broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # float32 [T, Dh] or [B, T, Dh]
         x, residual = self.tok_embeddings(tokens), None  # [B, T, dim]
         for block in self.layers:
             x, residual = block(x, residual, cos, sin, prefix_len, tree_mask, key_valid)

@@ -78,7 +78,7 @@ def test_greedy_ties_take_the_first_maximum():
         logits, _, retrieve, parents = random_case(seed, V=16, num_nodes=13)
         logits = torch.randint(0, 3, logits.shape, generator=torch.Generator().manual_seed(seed)).float().to(DEVICE)
         tied = (logits == logits.max(-1, keepdim=True).values).float()[parents]  # [T, V]: ties under the parent
-        tokens = torch.multinomial(tied, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        tokens = torch.multinomial(tied.cpu(), 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1).to(DEVICE)
         accepted += check_acceptance(logits, tokens, retrieve, "greedy")[1]
     assert accepted > 0
 

@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's CPU interpreter: tiny shapes, fp32 and
 in the interpreter, so it is only checked on CUDA).
 """
 
+import json
 import os
 
 import torch
@@ -16,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
+from kernels import bench_tree_attention as bench  # noqa: E402
 from kernels.bench_tree_attention import make_case, max_rel_errors  # noqa: E402
 from kernels.tree_attention import tree_attention_reference, tree_attention_triton  # noqa: E402
 from nanomedusa.errors import NanoMedusaError  # noqa: E402
@@ -164,8 +166,28 @@ def test_bad_inputs_name_the_fix():
 
 def test_benchmark_correctness_check_runs_on_a_tiny_case():
     errors = max_rel_errors(*make_case(4, 2, 16, 9, 3, torch.float32, DEVICE))
-    assert set(errors) == {"triton", "torch reference", "torch SDPA"}
+    assert set(errors) == {"triton", "triton 0-d prefix", "torch reference", "torch SDPA"} | {
+        f"triton split {n}" for n in (1, 2, 4, 8, 16, 32)}
     assert max(errors.values()) <= 1e-5
+
+
+def test_benchmark_smoke_runs_all_but_the_graph_timing(poisoned_allocations, tmp_path, capsys):
+    # The GPU run's path (per-layer input sets, every implementation, a checked pass over all layers,
+    # table, split sweep, JSON) on a tiny float32 shape, with one eager untimed pass in place of the
+    # CUDA graph's capture and timing; every output starts as NaN, so an unwritten one fails the check.
+    out = tmp_path / "tree_attention.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["failures"] == [] and len(results["correctness"]) == len(bench.SMOKE_NEW_TOKENS)
+    rows = results["timings"]
+    assert {(r["T"], r["implementation"]) for r in rows} == {
+        (T, name) for T in bench.SMOKE_NEW_TOKENS for name in bench.IMPLEMENTATIONS}
+    assert all(r["calls_per_graph"] == bench.SMOKE_SHAPE.n_layers and r["check_error"] <= 1e-5 for r in rows)
+    assert [s["best"] for s in results["splits"]] == [1, 1]  # untimed: the first split that ran
+    for label in ("triton (", "triton 0-d prefix (", "triton best (1 split)", "torch reference", "torch SDPA",
+                  "heuristic"):
+        assert label in printed
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

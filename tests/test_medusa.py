@@ -39,7 +39,7 @@ def random_heads(model, seed, num_heads=5):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in heads.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 0.5)
     return heads.eval()
 
 
@@ -48,7 +48,7 @@ class OracleHeads:
     (by matching it against the hidden states of the plain greedy run) and rank the true tokens first."""
 
     def __init__(self, model, prompt, continuation, num_heads=5, vocab=97):
-        seq = torch.tensor([prompt + continuation])
+        seq = torch.tensor([prompt + continuation], device=model.device)
         with torch.no_grad():
             model.drop_cache()
             self.hidden = model.forward_hidden(seq)[0]  # [P+N, D], hidden at each position
@@ -63,7 +63,7 @@ class OracleHeads:
             true = self.seq[t] if t < len(self.seq) else 0
             others = [x for x in range(self.vocab) if x != true][: k - 1]
             out[head, 0] = torch.tensor([true] + others)
-        return out
+        return out.to(hidden.device)
 
 
 CASES = [(model, tree, heads, seed) for model in ("mha", "gqa") for tree in TREES for heads in ("random", "base")
@@ -243,3 +243,20 @@ def test_typical_acceptance_runs_end_to_end(models):
                           sampling=Sampling(temperature=0.7), accept="typical",
                           generator=torch.Generator().manual_seed(0))
     assert len(out.tokens) == 20 and out.mean_accepted >= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")
+@pytest.mark.parametrize("tree_name", ["chain3", "small", "mc_sim_7b_63"])
+def test_graphed_medusa_step_on_gpu_equals_greedy(tmp_path, tree_name):
+    # On a GPU the whole Medusa step (forward, acceptance, compaction, next guesses) replays as one
+    # CUDA graph with the Triton kernels: its output must still be plain greedy decoding's.
+    make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
+    model = load_model(tmp_path, device="cuda", dtype="float32")[0]
+    tree = TreeBuffers.from_choices(TREES[tree_name])
+    for seed, prompt in enumerate(([5, 17, 42, 8], list(range(3, 40)))):
+        expected = generate(model, prompt, max_new_tokens=60).tokens
+        heads = random_heads(model, seed) if seed else MedusaHeads.from_base(model, num_heads=5).eval()
+        assert generate_medusa(model, heads, tree, prompt, max_new_tokens=60).tokens == expected
+        oracle = OracleHeads(model, prompt, expected)
+        got = generate_medusa(model, oracle, tree, prompt, max_new_tokens=60, cuda_graphs=False)
+        assert got.tokens == expected

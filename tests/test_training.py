@@ -5,6 +5,7 @@ the capitals, then "." -- so every future answer token follows from the current 
 answer letter (it depends on the prompt). Heads on a random backbone can therefore learn it well.
 """
 
+import importlib
 import json
 import random
 import string
@@ -20,6 +21,8 @@ from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.training.data import IGNORE, StepSampler, load_conversations, split_train_eval, tokenize_conversation
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
+
+distill_module = importlib.import_module("nanomedusa.training.distill")  # the package's `distill` is the function
 
 LOWER = string.ascii_lowercase
 
@@ -267,6 +270,106 @@ def test_distill_writes_resumable_data_that_trains(setup):
     results = Trainer(TrainConfig(model=ckpt, data=str(out), out=str(root / "distilled"), max_steps=2, batch_size=4,
                                   eval_fraction=0.2, seed=1)).run()
     assert results["heads"][0]["tokens"] > 0 and (root / "distilled" / "heads" / "config.json").is_file()
+
+
+def write_mixed_prompts(path):
+    """Prompts of many lengths for the tiny model (context 256, 55 template tokens + 1 per character).
+
+    With max_new_tokens 8 the last four leave less than 8 tokens of context (caps 4, 5, 5, 6), and there
+    are an empty prompt, one too long to answer and a duplicate id, which are all skipped.
+    """
+    rng = random.Random(0)
+    lengths = [3, 40, 17, 90, 8, 60, 25, 197, 196, 196, 195]
+    records = [{"id": f"m{i}", "prompt": "".join(rng.choice(LOWER + " ") for _ in range(n))} for i, n in enumerate(lengths)]
+    records.insert(4, {"id": "empty", "conversations": [{"from": "gpt", "value": "an answer to nothing"}]})
+    records.insert(7, {"id": "long", "prompt": "x" * 201})
+    records.append({"id": "m2", "prompt": "a duplicate id"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def distilled(path) -> dict:
+    records = [json.loads(line) for line in open(path)]
+    assert len({r["id"] for r in records}) == len(records)  # no id twice
+    return {r["id"]: r["conversations"] for r in records}
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Records (function, rows, max_new_tokens) of every generate / generate_batch call distill makes."""
+    calls = []
+
+    def spy(name):
+        real = getattr(distill_module, name)
+
+        def wrapper(model, prompts, max_new_tokens, *args, **kw):
+            calls.append((name, len(prompts) if name == "generate_batch" else 1, max_new_tokens))
+            return real(model, prompts, max_new_tokens, *args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(distill_module, "generate", spy("generate"))
+    monkeypatch.setattr(distill_module, "generate_batch", spy("generate_batch"))
+    return calls
+
+
+def test_batched_distill_answers_as_one_at_a_time(setup, tmp_path, decode_calls):
+    root, ckpt, _ = setup
+    prompts = write_mixed_prompts(tmp_path / "prompts.jsonl")
+
+    def run(name, **kw):
+        decode_calls.clear()
+        cfg = DistillConfig(model=ckpt, data=str(prompts), out=str(tmp_path / name), max_new_tokens=8, device="cpu", **kw)
+        return distill(cfg), distilled(cfg.out)
+
+    written, single = run("single.jsonl", batch_size=1)
+    # Longest first, each prompt alone, capped by the context it leaves (256 - 55 - characters).
+    assert written == 11 and decode_calls == [("generate", 1, n) for n in (4, 5, 5, 6, 8, 8, 8, 8, 8, 8, 8)]
+    assert set(single) == {f"m{i}" for i in range(11)}
+    assert single["m2"][0] == {"from": "human", "value": json.loads(prompts.read_text().splitlines()[2])["prompt"]}
+    assert single["m2"][1]["from"] == "gpt" and len({turns[1]["value"] for turns in single.values()}) > 1
+    written, batched = run("batched.jsonl", batch_size=3)
+    assert written == 11 and batched == single
+    # Near-context prompts share a batch only with prompts of the same cap; leftovers of one go alone.
+    assert decode_calls == [("generate", 1, 4), ("generate_batch", 2, 5), ("generate", 1, 6),
+                            ("generate_batch", 3, 8), ("generate_batch", 3, 8), ("generate", 1, 8)]
+    decode_calls.clear()  # the command line: --distill-batch-size, not training's --batch-size
+    assert train_cli.main(["--stage", "distill", "--model", ckpt, "--data", str(prompts), "--out", str(tmp_path / "cli.jsonl"),
+                           "--max-new-tokens", "8", "--device", "cpu", "--distill-batch-size", "3", "--batch-size", "2"]) == 0
+    assert [rows for _, rows, _ in decode_calls] == [1, 2, 1, 3, 3, 1] and distilled(tmp_path / "cli.jsonl") == single
+    sampled_one = run("sampled1.jsonl", batch_size=1, temperature=1.0, seed=4)[1]
+    assert run("sampled3.jsonl", batch_size=3, temperature=1.0, seed=4)[1] == sampled_one
+    assert len(decode_calls) == 11 and all(name == "generate" for name, _, _ in decode_calls)  # one at a time
+    assert sampled_one != single
+    with pytest.raises(Exception, match="--distill-batch-size 0 is below 1"):
+        run("zero.jsonl", batch_size=0)
+
+
+def test_batched_distill_resumes_without_duplicates(setup, tmp_path, decode_calls, monkeypatch):
+    root, ckpt, _ = setup
+    prompts = write_mixed_prompts(tmp_path / "prompts.jsonl")
+    single = DistillConfig(model=ckpt, data=str(prompts), out=str(tmp_path / "single.jsonl"), max_new_tokens=8,
+                           device="cpu", batch_size=1)
+    distill(single)
+    spy = distill_module.generate_batch
+
+    def second_batch_dies(*args, **kw):
+        if sum(name == "generate_batch" for name, _, _ in decode_calls) == 1:
+            raise Interrupted
+        return spy(*args, **kw)
+
+    monkeypatch.setattr(distill_module, "generate_batch", second_batch_dies)
+    cfg = DistillConfig(model=ckpt, data=str(prompts), out=str(tmp_path / "cut.jsonl"), max_new_tokens=8,
+                        device="cpu", batch_size=3)
+    with pytest.raises(Interrupted):
+        distill(cfg)
+    # Written as each batch finished: the prompts 197 (alone), 196 and 196 (batched) and 195 (alone) long.
+    assert set(distilled(cfg.out)) == {"m7", "m8", "m9", "m10"}
+    monkeypatch.setattr(distill_module, "generate_batch", spy)
+    decode_calls.clear()
+    assert distill(cfg) == 7
+    assert decode_calls == [("generate_batch", 3, 8), ("generate_batch", 3, 8), ("generate", 1, 8)]
+    assert distilled(cfg.out) == distilled(single.out)
+    assert distill(cfg) == 0
 
 
 # ----- command line -------------------------------------------------------------------------------

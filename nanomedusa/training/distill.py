@@ -1,15 +1,25 @@
 """Self-distillation: the base model answers the training prompts, so the heads learn what it says.
 
-    distill(DistillConfig(model=None, data="prompts.jsonl", out="answers.jsonl"))
+    distill(DistillConfig(model=None, data="prompts.jsonl", out="answers.jsonl", batch_size=64))
 
 Each prompt (a prompt record, or the turns before a conversation's first answer) is answered by our
-engine (`generation.generate`; greedy unless temperature > 0) and appended to OUT as a ShareGPT line
-{"id", "conversations": [..., {"from": "gpt", "value": answer}]}, flushed at once. A rerun skips ids
-already in OUT, so an interrupted job picks up where it stopped. Sampling is seeded per prompt id,
-which keeps a resumed run's answers the same as an uninterrupted one's.
+engine (greedy unless temperature > 0) and appended to OUT as a ShareGPT line
+{"id", "conversations": [..., {"from": "gpt", "value": answer}]}. A rerun skips ids already in OUT, so
+an interrupted job picks up where it stopped.
 
-Generation is one prompt at a time, which leaves a GPU mostly idle with a small model: run several
-processes side by side on disjoint shards (`shard="i/n"`, each with its own OUT) and concatenate.
+Greedy answers are decoded `batch_size` prompts at a time (`generation.generate_batch`): the prompts are
+sorted by token length, longest first, so a batch holds similar lengths (little padding) and a batch too
+big for the GPU fails in the first minute rather than the last. Each batch's answers are written and
+flushed as soon as it finishes, so OUT lists answers in that order, not the data's. A batched answer is
+the one the prompt gets alone (batch size 1), up to floating-point reordering, which in bfloat16 can
+rarely flip a near-tied argmax.
+
+With temperature > 0 prompts are answered one at a time (`generation.generate`) whatever `batch_size`
+says: sampling is seeded per prompt id, which keeps a resumed run's answers the same as an uninterrupted
+one's, and a batch would share one random stream between its rows.
+
+Several GPUs: run one process per GPU on disjoint shards (`shard="i/n"`, each with its own OUT), then
+concatenate the files.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NanoMedusaError
-from ..generation import generate
+from ..generation import generate, generate_batch
 from ..loading import load_model
 from ..sampling import Sampling
 from ..tokenizer import Tokenizer
@@ -42,16 +52,27 @@ class DistillConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     limit: int | None = None  # answer only the first N prompts of --data
-    shard: str = "0/1"  # "i/n": answer only prompts i, i+n, i+2n, ... (for n processes side by side)
+    shard: str = "0/1"  # "i/n": answer only prompts i, i+n, i+2n, ... (one process per GPU)
+    batch_size: int = 64  # prompts decoded together (greedy only; sampling answers one at a time)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+
+
+@dataclass
+class Job:
+    id: str
+    messages: list[dict]
+    prompt_ids: list[int]
+    max_new_tokens: int  # cfg.max_new_tokens, or less where the prompt leaves less of the context
 
 
 def distill(cfg: DistillConfig) -> int:
     """Answer every prompt not yet in cfg.out; returns how many answers were written."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise NanoMedusaError("--stage distill runs in one process; start it with python, not torchrun.")
+    if cfg.batch_size < 1:
+        raise NanoMedusaError(f"--distill-batch-size {cfg.batch_size} is below 1; pass a positive size, e.g. 64.")
     index, count = parse_shard(cfg.shard)
     conversations = load_conversations(cfg.data)[: cfg.limit][index::count]
     out = Path(cfg.out)
@@ -63,29 +84,60 @@ def distill(cfg: DistillConfig) -> int:
     tokenizer = Tokenizer.from_dir(ckpt_dir)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
     context = model.config.max_position_embeddings
-    written = skipped = 0
+    jobs, seen = [], set()
+    for conversation in todo:
+        messages = prompt_messages(conversation)
+        prompt_ids = tokenizer.encode_chat(messages) if messages else []
+        if conversation.id in seen or not prompt_ids or len(prompt_ids) >= context:
+            continue  # a duplicate id, an empty prompt, or one that leaves no room to answer
+        seen.add(conversation.id)
+        jobs.append(Job(conversation.id, messages, prompt_ids, min(cfg.max_new_tokens, context - len(prompt_ids))))
+    skipped = len(todo) - len(jobs)
+    jobs.sort(key=lambda job: -len(job.prompt_ids))  # stable: equal lengths keep the data's order
+    written = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f, tqdm(todo, desc="distill", unit="prompt", dynamic_ncols=True) as bar:
-        for conversation in bar:
-            messages = prompt_messages(conversation)
-            prompt_ids = tokenizer.encode_chat(messages) if messages else []
-            if conversation.id in done or not prompt_ids or len(prompt_ids) >= context:
-                skipped += 1  # a duplicate id, an empty prompt, or one that leaves no room to answer
-                continue
-            generator = None
-            if not sampling.greedy:
-                generator = torch.Generator(model.device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(conversation.id.encode()))
-            result = generate(model, prompt_ids, min(cfg.max_new_tokens, context - len(prompt_ids)), sampling,
-                              eos_ids=tokenizer.eos_ids, generator=generator)
-            tokens = result.tokens[:-1] if result.tokens and result.tokens[-1] in tokenizer.eos_ids else result.tokens
-            turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]
-            turns.append({"from": "gpt", "value": tokenizer.decode(tokens)})
-            f.write(json.dumps({"id": conversation.id, "conversations": turns}, ensure_ascii=False) + "\n")
+    with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True) as bar:
+        bar.update(skipped)
+        bar.set_postfix(written=written, skipped=skipped)
+        for batch in batches(jobs, cfg.batch_size if sampling.greedy else 1):
+            for job, tokens in zip(batch, answer(model, batch, sampling, tokenizer.eos_ids, cfg.seed)):
+                if tokens and tokens[-1] in tokenizer.eos_ids:
+                    tokens = tokens[:-1]
+                turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in job.messages]
+                turns.append({"from": "gpt", "value": tokenizer.decode(tokens)})
+                f.write(json.dumps({"id": job.id, "conversations": turns}, ensure_ascii=False) + "\n")
             f.flush()
-            done.add(conversation.id)
-            written += 1
+            written += len(batch)
+            bar.update(len(batch))
             bar.set_postfix(written=written, skipped=skipped)
     return written
+
+
+def batches(jobs: list[Job], size: int):
+    """Consecutive runs of at most `size` jobs that share one max_new_tokens.
+
+    generate_batch decodes every row for the same number of steps, so a batch is capped by the context
+    left after its longest prompt. Mixing caps would cut a shorter prompt's answer below what it gets
+    alone; only prompts within max_new_tokens of the context's end have their own cap, and they are few.
+    """
+    batch = []
+    for job in jobs:
+        if batch and (len(batch) == size or job.max_new_tokens != batch[0].max_new_tokens):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+def answer(model, batch: list[Job], sampling: Sampling, eos_ids: list[int], seed: int) -> list[list[int]]:
+    """The generated tokens of each job (ending with eos where the model stopped)."""
+    if len(batch) > 1:
+        return generate_batch(model, [job.prompt_ids for job in batch], batch[0].max_new_tokens, sampling, eos_ids=eos_ids)
+    job, generator = batch[0], None
+    if not sampling.greedy:
+        generator = torch.Generator(model.device).manual_seed(seed * 1_000_003 + zlib.crc32(job.id.encode()))
+    return [generate(model, job.prompt_ids, job.max_new_tokens, sampling, eos_ids=eos_ids, generator=generator).tokens]
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

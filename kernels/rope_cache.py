@@ -1,0 +1,157 @@
+"""RoPE on q and k, fused with writing the new keys/values into the KV cache.
+
+`rope_and_cache(q, k, v, cos, sin, kv_cache_layer, prefix_len)` takes the projections in their natural
+layout, q [B, T, Hq, D] and k, v [B, T, Hkv, D], and the RoPE tables already gathered for the tokens'
+positions, cos and sin [T, D] (or [B, T, D] when rows differ), float32. It rotates q and k with Hugging
+Face's rotate-half convention, x * cos + rotate_half(x) * sin, computed in float32 and rounded once to
+the model dtype; writes rotated k and raw v into cache slots prefix_len .. prefix_len+T-1 of
+kv_cache_layer [2, B, Hkv, S, D]; and returns rotated q as [B, Hq, T, D] contiguous, the layout
+tree attention reads. `prefix_len` may be a Python int or a 0-d integer tensor on the device (read
+in-kernel: no host sync, so the step can be captured in a CUDA graph).
+
+At batch 1 a decode step is bound by kernel launches, not bytes: done in torch this is ~14 launches
+per layer (mul, neg, cat, mul, add for each of q and k, the slot arange, two index_copy_). The Triton
+version is one launch with one program per (batch * token, head) over the Hq query heads followed by
+the Hkv key/value heads. A query program rotates its row into the output; a key/value program rotates
+the key row and copies the value row into the cache slot. Each row is read as its two halves, so the
+rotation needs no shuffle: out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanomedusa.errors import NanoMedusaError
+
+from . import use_triton
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D]; cos, sin [T, D] or [B, T, D] -> x rotated, in x's dtype.
+
+    With float32 tables the products and the sum are float32 (type promotion) and round once."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def rope_and_cache_reference(q, k, v, cos, sin, kv_cache_layer, prefix_len):
+    """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [T, D] or [B, T, D] float32; kv_cache_layer
+    [2, B, Hkv, S, D] (written in place) -> rotated q [B, Hq, T, D] contiguous."""
+    _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
+    slots = prefix_len + torch.arange(q.shape[1], device=q.device)  # [T]
+    kv_cache_layer[0].index_copy_(2, slots, apply_rope(k, cos, sin).transpose(1, 2))
+    kv_cache_layer[1].index_copy_(2, slots, v.transpose(1, 2))
+    return apply_rope(q, cos, sin).transpose(1, 2).contiguous()
+
+
+def rope_and_cache(q, k, v, cos, sin, kv_cache_layer, prefix_len):
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if use_triton(q):
+        return rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len)
+    return rope_and_cache_reference(q, k, v, cos, sin, kv_cache_layer, prefix_len)
+
+
+@triton.jit
+def _rotate_row(src, dst, cos_row, sin_row, d, ok, HALF, mask):
+    """dst[0:D] = rotate(src[0:D]) for one head row; the two halves are read separately (no shuffle)."""
+    x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    c1, c2 = tl.load(cos_row + d, mask=ok, other=0.0), tl.load(cos_row + HALF + d, mask=ok, other=0.0)
+    s1, s2 = tl.load(sin_row + d, mask=ok, other=0.0), tl.load(sin_row + HALF + d, mask=ok, other=0.0)
+    tl.store(dst + d, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF + d, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_and_cache_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, prefix_len,
+    T, S, HALF, n_q_heads,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_kv, stride_cacheb, stride_cacheh, stride_caches,
+    PREFIX_IS_PTR: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """One (batch * token, head): heads < Hq are query heads, the rest key/value heads."""
+    bt, head = tl.program_id(0), tl.program_id(1)
+    b, t = (bt // T).to(tl.int64), bt % T  # int64: batch offsets can pass 2**31 in a large cache
+    d = tl.arange(0, BLOCK_HALF)
+    ok = d < HALF
+    cos_row = cos_ptr + b * stride_cb + t * stride_ct  # stride_cb is 0 for tables shared by the batch
+    sin_row = sin_ptr + b * stride_cb + t * stride_ct
+    if head < n_q_heads:  # query head: out[b, head, t, :], out contiguous [B, Hq, T, D]
+        dst = q_out_ptr + ((b * n_q_heads + head) * T + t) * (2 * HALF)
+        _rotate_row(q_ptr + b * stride_qb + t * stride_qt + head * stride_qh, dst, cos_row, sin_row, d, ok,
+                    HALF, ok)
+    else:  # key/value head: cache[0 (k) / 1 (v), b, kv_head, prefix + t, :]
+        kv_head = head - n_q_heads
+        if PREFIX_IS_PTR:
+            slot = tl.load(prefix_len).to(tl.int32) + t  # read on the device: no host sync, graph-capturable
+        else:
+            slot = prefix_len + t
+        in_cache = ok & (slot >= 0) & (slot < S)  # a device prefix_len is not checked on the host: never overrun
+        dst = cache_ptr + b * stride_cacheb + kv_head * stride_cacheh + slot.to(tl.int64) * stride_caches
+        _rotate_row(k_ptr + b * stride_kb + t * stride_kt + kv_head * stride_kh, dst, cos_row, sin_row, d, ok,
+                    HALF, in_cache)
+        v_src = v_ptr + b * stride_vb + t * stride_vt + kv_head * stride_vh
+        tl.store(dst + stride_kv + d, tl.load(v_src + d, mask=ok), mask=in_cache)
+        tl.store(dst + stride_kv + HALF + d, tl.load(v_src + HALF + d, mask=ok), mask=in_cache)
+
+
+def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise NanoMedusaError(f"rope_and_cache got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                              f"pass q [B, T, Hq, D] and k, v [B, T, Hkv, D] (the projections viewed per head).")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if D % 2:
+        raise NanoMedusaError(f"RoPE rotates pairs of dimensions, so head_dim must be even, not {D}.")
+    if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
+        raise NanoMedusaError(f"rope_and_cache needs cos and sin shaped ({T}, {D}) or ({B}, {T}, {D}); "
+                              f"got {tuple(cos.shape)} and {tuple(sin.shape)}.")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise NanoMedusaError(f"rope_and_cache needs float32 cos/sin tables, got {cos.dtype} and {sin.dtype}; "
+                              f"pass the model's rope tables uncast.")
+    if kv_cache_layer.dim() != 5 or kv_cache_layer.shape[:3] != (2, B, Hkv) or kv_cache_layer.shape[4] != D:
+        raise NanoMedusaError(f"rope_and_cache needs a layer cache shaped [2, {B}, {Hkv}, S, {D}], got "
+                              f"{tuple(kv_cache_layer.shape)}; pass model.kv_cache[layer].")
+    if not (q.dtype == k.dtype == v.dtype == kv_cache_layer.dtype):
+        raise NanoMedusaError(f"rope_and_cache needs q, k, v and the cache in one dtype, got {q.dtype}, {k.dtype}, "
+                              f"{v.dtype} and {kv_cache_layer.dtype}; cast the cache to the model dtype.")
+    if isinstance(prefix_len, torch.Tensor):
+        if prefix_len.dim() != 0 or prefix_len.device != q.device or prefix_len.is_floating_point():
+            raise NanoMedusaError("rope_and_cache needs prefix_len as an int or a 0-d integer tensor on q's device.")
+    elif not 0 <= prefix_len <= kv_cache_layer.shape[3] - T:
+        raise NanoMedusaError(f"{T} new tokens at prefix_len {prefix_len} do not fit a cache of "
+                              f"{kv_cache_layer.shape[3]} slots; set up a larger cache.")
+
+
+def rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len):
+    """Same contract as rope_and_cache_reference, in one launch: one program per (batch * token, head)."""
+    _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache_layer.stride(-1) != 1:
+        raise NanoMedusaError("rope_and_cache needs q, k, v and the cache contiguous along head_dim; "
+                              "view the projections' outputs as [B, T, H, D] without transposing.")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    cos, sin = cos.contiguous(), sin.contiguous()  # no-ops for tables gathered by indexing
+    q_out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    if B * T == 0:
+        return q_out
+    per_row = cos.dim() == 3
+    _rope_and_cache_kernel[(B * T, Hq + Hkv)](
+        q, k, v, cos, sin, q_out, kv_cache_layer, prefix_len,
+        T, kv_cache_layer.shape[3], D // 2, Hq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        cos.stride(0) if per_row else 0, cos.stride(-2),
+        kv_cache_layer.stride(0), kv_cache_layer.stride(1), kv_cache_layer.stride(2), kv_cache_layer.stride(3),
+        PREFIX_IS_PTR=isinstance(prefix_len, torch.Tensor), BLOCK_HALF=triton.next_power_of_2(D // 2),
+        num_warps=1,  # a row is at most a few hundred elements
+    )
+    return q_out
