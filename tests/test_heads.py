@@ -110,3 +110,16 @@ def test_mismatched_heads_are_clear_errors(model, tmp_path):
     (tmp_path / "medusa_lm_head.safetensors").unlink()
     with pytest.raises(NanoMedusaError, match="it is not a Medusa heads checkpoint"):
         MedusaHeads.load(tmp_path, model.config)
+
+
+def test_shipped_heads_are_the_default_on_a_gpu_only(capsys):
+    import generate
+
+    args = generate.parse_args(["--prompt", "hi"])
+    assert generate.default_heads_dir(args, torch.device("cuda")) == generate.SHIPPED_HEADS
+    assert generate.default_heads_dir(args, torch.device("cpu")) is None
+    assert "on a CPU the default is plain decoding" in capsys.readouterr().err
+    args = generate.parse_args(["--prompt", "hi", "--compare"])  # --compare needs heads: it still gets them
+    assert generate.default_heads_dir(args, torch.device("cpu")) == generate.SHIPPED_HEADS
+    args = generate.parse_args(["--prompt", "hi", "--model", "some/other-model"])
+    assert generate.default_heads_dir(args, torch.device("cuda")) is None
