@@ -8,8 +8,9 @@
 #   bash bench/gpu_run.sh bench     # end-to-end benchmark: ours AR, Medusa-1, Medusa-2, transformers, 7B steps
 #
 # Variables: PROMPTS (default ../shared/data/prompts-train.jsonl), WORK (data and checkpoints, default
-# work/), OUT (logs and result files, default $WORK/out). The default model must be prepared
-# (`python -m weights.default_model`; NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file).
+# work/), OUT (logs and result files, default $WORK/out), MODEL (a checkpoint; default the built-in
+# model, which must be prepared: `python -m weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf
+# to convert a local file), NUM_PROMPTS (bench prompts, default 16), BENCH_FLAGS (more flags for the bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS=${PROMPTS:-../shared/data/prompts-train.jsonl}
@@ -18,6 +19,7 @@ OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1
 HEADS_FLAGS="--num-heads 4 --num-layers 1 --shared-lm-head"
+MODEL_FLAG=${MODEL:+--model $MODEL}
 
 case "${1:-}" in
   kernels)
@@ -26,19 +28,19 @@ case "${1:-}" in
     python -m kernels.bench_tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
     ;;
   distill)
-    python train.py --stage distill --data "$PROMPTS" --out "$WORK/answers.jsonl" --max-new-tokens 256 \
+    python train.py --stage distill $MODEL_FLAG --data "$PROMPTS" --out "$WORK/answers.jsonl" --max-new-tokens 256 \
         --distill-batch-size 128 2>&1 | tr '\r' '\n' | grep -v '^distill:.*it/s' | tail -n 20 | tee "$OUT/distill.log"
     ;;
   warmup)
-    python train.py --stage warmup --data "$WORK/answers.jsonl" --out "$WORK/warmup" $HEADS_FLAGS \
+    python train.py --stage warmup $MODEL_FLAG --data "$WORK/answers.jsonl" --out "$WORK/warmup" $HEADS_FLAGS \
         --epochs 3 --batch-size 32 --max-len 512 --lr 2e-3 --log-every 100 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$' \
         | tee "$OUT/warmup.log"
-    python -m nanomedusa.tree_tuning --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --nodes 63 --write \
+    python -m nanomedusa.tree_tuning $MODEL_FLAG --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --nodes 63 --write \
         2>&1 | tee "$OUT/warmup_tree.log"
     cp "$WORK/warmup/eval.json" "$OUT/warmup_eval.json"
     ;;
   joint)
-    python train.py --stage joint --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --out "$WORK/joint" \
+    python train.py --stage joint $MODEL_FLAG --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --out "$WORK/joint" \
         --epochs 1 --batch-size 16 --max-len 512 --lr 1e-3 --backbone-lr 2e-5 --log-every 100 2>&1 | tr '\r' '\n' \
         | grep -v 'it/s\]$' | tee "$OUT/joint.log"
     python -m nanomedusa.tree_tuning --heads "$WORK/joint/heads" --model "$WORK/joint/model" \
@@ -46,8 +48,8 @@ case "${1:-}" in
     cp "$WORK/joint/eval.json" "$OUT/joint_eval.json"
     ;;
   bench)
-    python -m nanomedusa.bench --heads "m1=$WORK/warmup/heads" --heads "m2=$WORK/joint/heads@$WORK/joint/model" \
-        --num-prompts "${NUM_PROMPTS:-16}" --json "$OUT/results.json" 2>&1 | tee "$OUT/bench.txt"
+    python -m nanomedusa.bench $MODEL_FLAG --heads "m1=$WORK/warmup/heads" --heads "m2=$WORK/joint/heads@$WORK/joint/model" \
+        --num-prompts "${NUM_PROMPTS:-16}" --json "$OUT/results.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.txt"
     ;;
   *)
     echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|joint|bench" >&2
