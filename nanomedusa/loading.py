@@ -27,20 +27,23 @@ from .config import ModelConfig
 from .errors import NanoMedusaError
 from .model import Transformer
 
-# Hugging Face name (regex) -> our name. Biases follow their weights (Qwen2 has q/k/v biases).
+# Hugging Face name (regex) -> (our name, part). Our attention keeps q, k and v in one fused projection
+# `wqkv` and the MLP keeps gate and up in `w13` (see model.py); `part` is the block of rows a Hugging Face
+# tensor fills there, in order (`fused_part_sizes` gives the blocks' heights), None for a whole tensor.
+# Biases follow their weights (Qwen2 has q/k/v biases).
 HF_TO_OURS = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wq.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wk.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wv.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight", None),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wqkv.\2", 0),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wqkv.\2", 1),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wqkv.\2", 2),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight", None),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w13.weight", 0),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w13.weight", 1),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight", None),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight", None),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight", None),
+    (r"model\.norm\.weight", "norm.weight", None),
+    (r"lm_head\.weight", "output.weight", None),
 ]
 # Tensors some exporters write that carry nothing we use.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -52,18 +55,29 @@ DTYPES = {
 }
 
 
-def hf_to_ours(name: str) -> str | None:
-    for pattern, ours in HF_TO_OURS:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, ours, name)
+def fused_part_sizes(name: str, config: ModelConfig) -> list[int] | None:
+    """Heights of the row blocks of a fused tensor of ours (wqkv: q, k, v; w13: gate, up), else None."""
+    if ".attention.wqkv." in name:
+        return [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
+    if ".feed_forward.w13." in name:
+        return [config.intermediate_size] * 2
     return None
 
 
-def ours_to_hf(name: str) -> str:
-    for pattern, ours in HF_TO_OURS:
+def hf_to_ours(name: str) -> tuple[str, int | None] | None:
+    """A Hugging Face tensor name -> (our name, part), or None if no rule matches."""
+    for pattern, ours, part in HF_TO_OURS:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, ours, name), part
+    return None
+
+
+def ours_to_hf(name: str, part: int | None = None) -> str:
+    """Our tensor name (and block, for a fused tensor) -> the Hugging Face name."""
+    for pattern, ours, rule_part in HF_TO_OURS:
         # Reverse each rule by swapping the roles of the two sides.
         rev_pattern = re.escape(ours).replace(re.escape(r"\1"), r"(\d+)").replace(re.escape(r"\2"), r"(weight|bias)")
-        if re.fullmatch(rev_pattern, name):
+        if rule_part == part and re.fullmatch(rev_pattern, name):
             hf = pattern.replace(r"(\d+)", r"\1").replace(r"(weight|bias)", r"\2").replace("\\.", ".")
             return re.sub(rev_pattern, hf, name)
     raise KeyError(name)
@@ -153,8 +167,8 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
     config = ModelConfig.from_json(ckpt / "config.json")
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    state = {}
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    state, filled = {}, {}  # filled: the parts of each fused tensor read so far
     for file in _safetensors_files(ckpt):
         try:
             handle = safe_open(str(file), framework="pt", device=str(device))
@@ -162,24 +176,42 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
             raise NanoMedusaError(f"{file} is not a readable safetensors file ({e}); re-download the checkpoint.") from None
         with handle:
             for hf_name in handle.keys():
-                name = hf_to_ours(hf_name)
-                if name is None:
+                mapped = hf_to_ours(hf_name)
+                if mapped is None:
                     if IGNORED.match(hf_name):
                         continue
                     raise NanoMedusaError(f"{file.name} holds an unexpected tensor {hf_name!r}; is this really a Llama-family checkpoint?")
+                name, part = mapped
                 tensor = handle.get_tensor(hf_name)
-                if name not in expected or tuple(tensor.shape) != tuple(expected[name]):
+                want, rows = expected.get(name, ()), slice(None)
+                if part is not None and name in expected:  # one block of rows of a fused tensor
+                    sizes = fused_part_sizes(name, config)
+                    rows = slice(sum(sizes[:part]), sum(sizes[: part + 1]))
+                    want = (sizes[part], *want[1:])
+                if name not in expected or tuple(tensor.shape) != want:
                     raise NanoMedusaError(
                         f"tensor {hf_name} has shape {tuple(tensor.shape)} but config.json implies "
-                        f"{tuple(expected.get(name, ()))}; the weights do not belong to this config.json."
+                        f"{want}; the weights do not belong to this config.json."
                     )
-                state[name] = tensor.to(dtype)
+                if part is None:
+                    state[name] = tensor.to(dtype)
+                else:
+                    if name not in state:
+                        state[name] = torch.empty(expected[name], device=device, dtype=dtype)
+                    state[name][rows] = tensor
+                    filled.setdefault(name, set()).add(part)
     if config.tie_word_embeddings:
         state.pop("output.weight", None)
         expected.pop("output.weight")
-    missing = sorted(set(expected) - set(state))
+    missing = []
+    for name in expected:
+        sizes = fused_part_sizes(name, config)
+        if sizes is None and name not in state:
+            missing.append(ours_to_hf(name))
+        elif sizes is not None:
+            missing += [ours_to_hf(name, part) for part in range(len(sizes)) if part not in filled.get(name, ())]
     if missing:
-        raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {ours_to_hf(missing[0])}); re-download it.")
+        raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {missing[0]}); re-download it.")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -191,7 +223,14 @@ def save_hf_weights(model: Transformer, out_dir: str | Path) -> None:
     """Write the model's weights as a Hugging Face `model.safetensors` (config/tokenizer copied by the caller)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        sizes = fused_part_sizes(name, model.config)
+        if sizes is None:
+            state[ours_to_hf(name)] = tensor.detach().contiguous()
+        else:  # split a fused tensor back into Hugging Face's separate projections
+            for part, block in enumerate(tensor.detach().split(sizes, dim=0)):
+                state[ours_to_hf(name, part)] = block.contiguous()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -45,19 +45,21 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        bias = config.attention_bias
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        # q, k and v come from one fused projection (rows: q, then k, then v): one matrix product per
+        # layer instead of three, which is what a batch-1 decode step pays for. loading.py fills the
+        # row blocks from Hugging Face's q_proj, k_proj and v_proj.
+        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: torch.Tensor | None = None  # [2, B, Hkv, S, Dh], a view into the model's cache
 
     def forward(self, x, cos, sin, prefix_len=None, tree_mask=None, key_valid=None):
         """x [B, T, dim]; cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens' positions."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, Dh]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # views of one [B, T, (Hq + 2 Hkv) Dh] tensor
+        q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, Dh]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.kv_cache is None:  # training: causal attention over the T tokens, with autograd
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -69,16 +71,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(gate x) * up x), with gate and up fused into one projection `w13` (rows: gate, then up)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate_proj
-        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up_proj
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate_proj; up_proj
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, intermediate] each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -68,3 +68,23 @@ def test_greedy_generation_matches_transformers(checkpoint):
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     result = generate(ours, prompt, max_new_tokens=24, eos_ids=[])
     assert result.tokens == expected
+
+
+def test_saved_weights_are_the_hugging_face_checkpoint_again(checkpoint, tmp_path):
+    # Our fused projections (wqkv, w13) split back into q/k/v_proj and gate/up_proj on saving: the saved
+    # tensors are exactly the ones loaded, under their Hugging Face names.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from nanomedusa.loading import save_hf_weights
+
+    name, path, ref, ours = checkpoint
+    save_hf_weights(ours, tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    original = {k: v for k, v in ref.state_dict().items() if not (ours.config.tie_word_embeddings and k == "lm_head.weight")}
+    assert set(saved) == set(original)
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    reloaded = load_model(tmp_path, device="cpu", dtype="float32")[0]
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), ours.state_dict().values()))

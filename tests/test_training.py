@@ -204,7 +204,7 @@ def test_joint_changes_backbone_and_keeps_lm_loss(setup, warmed, lora_rank):
     heads_config = json.loads((trainer.out / "heads" / "config.json").read_text())
     assert heads_config["base_model_name_or_path"] == str(trainer.out / "model")  # heads pair with the new model
     changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
-    assert any(".attention.wq." in k for k in changed)
+    assert any(".attention.wqkv." in k for k in changed)
     tokens = torch.randint(0, 80, (2, 17))
     with torch.no_grad():  # the exported checkpoint (LoRA merged in) is the model that was trained
         assert torch.allclose(exported(tokens), trainer.module.model(tokens), atol=1e-4)
