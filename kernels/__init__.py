@@ -1,10 +1,10 @@
 """Triton kernels for the hot paths of a Medusa step, each beside the plain-PyTorch reference
 that defines what it computes.
 
-Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `compact_kv`, `accept_candidates`,
-`medusa_heads`) dispatches here: the Triton version on CUDA tensors, the torch reference elsewhere.
-`set_backend` forces one side ("torch" or "triton"; "triton" on CPU tensors needs TRITON_INTERPRET=1,
-which is how CI checks every kernel against its reference).
+Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `compact_kv`,
+`accept_candidates`, `medusa_heads`) dispatches here: the Triton version on CUDA tensors, the torch
+reference elsewhere. `set_backend` forces one side ("torch" or "triton"; "triton" on CPU tensors needs
+TRITON_INTERPRET=1, which is how CI checks every kernel against its reference).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ decode step pays for it: every layer's call in one CUDA graph, every layer readi
 
     python -m kernels.bench_tree_attention [--quick] [--out FILE.json]     # on a CUDA machine
     TRITON_INTERPRET=1 python -m kernels.bench_tree_attention --smoke      # without a GPU: untimed
-    (Triton 3.6's interpreter needs numpy < 2.4 there; the tests patch it, see test_kernel_tree_attention.py)
+    (Triton 3.6's interpreter needs numpy < 2.4 there; the tests patch it, see tests/conftest.py)
 
 Shapes: attention layers like Llama-2-7B (32 layers; 32 query heads, GQA 32/8 and MHA 32/32,
 head_dim 128, 2048 cached tokens) and like SmolLM2-135M (30 layers; 9/3 heads, head_dim 64, 512 cached

@@ -12,8 +12,8 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
   RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
 
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
-read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`) come from `kernels/`, which picks Triton
-on CUDA.
+read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`) come from `kernels/`, which
+picks Triton on CUDA.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_cache import apply_rope, rope_and_cache
+from kernels.swiglu import silu_mul
 from kernels.tree_attention import tree_attention
 
 from .config import ModelConfig, rope_inv_freq
@@ -79,8 +80,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, intermediate] each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(silu_mul(self.w13(x)))  # [B, T, 2 I] -> silu(gate) * up [B, T, I] -> [B, T, dim]
 
 
 class TransformerBlock(nn.Module):

@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
 
 from kernels import bench_tree_attention as bench  # noqa: E402
 from kernels.bench_tree_attention import make_case, max_rel_errors  # noqa: E402
@@ -23,17 +22,6 @@ from kernels.tree_attention import tree_attention_reference, tree_attention_trit
 from nanomedusa.errors import NanoMedusaError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _patch_lang_tensor_numpy24(tensor, scope, _original=interpreter._patch_lang_tensor):
-    # Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which
-    # numpy >= 2.4 rejects, so every `for ... in range(runtime_value)` fails. `.item()` works with every
-    # numpy. This patches the interpreter for the whole session; compiled (CUDA) kernels never see it.
-    _original(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: self.handle.data.item())
-
-
-interpreter._patch_lang_tensor = _patch_lang_tensor_numpy24
 
 
 def random_tree_mask(T: int) -> torch.Tensor:

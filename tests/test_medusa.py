@@ -260,3 +260,23 @@ def test_graphed_medusa_step_on_gpu_equals_greedy(tmp_path, tree_name):
         oracle = OracleHeads(model, prompt, expected)
         got = generate_medusa(model, oracle, tree, prompt, max_new_tokens=60, cuda_graphs=False)
         assert got.tokens == expected
+
+
+@pytest.mark.parametrize("tree_name", ["chain3", "small"])
+def test_triton_kernels_give_the_same_medusa_output(models, tree_name):
+    # The whole decode on the Triton kernels (in the interpreter on a CPU; compiled on a GPU): RMSNorm,
+    # RoPE + cache writes, SwiGLU, tree attention, fused heads, acceptance and compaction together must
+    # give plain greedy decoding's output, as the torch references do.
+    import kernels
+
+    model = models["gqa"]
+    prompt = [5, 17, 42, 8, 9]
+    expected = generate(model, prompt, max_new_tokens=12).tokens
+    heads = MedusaHeads.from_base(model, num_heads=5).eval()
+    kernels.set_backend("triton")
+    try:
+        got = generate_medusa(model, heads, TreeBuffers.from_choices(TREES[tree_name]), prompt, max_new_tokens=12)
+        plain = generate(model, prompt, max_new_tokens=12).tokens
+    finally:
+        kernels.set_backend("auto")
+    assert got.tokens == expected and plain == expected
