@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NanoMedusaError
@@ -111,9 +111,6 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore the file.") from None
         return cls.from_hf(hf)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _arch_from_model_type(model_type: str | None) -> str:

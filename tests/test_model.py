@@ -1,6 +1,5 @@
 """Our Transformer against transformers' reference implementation on tiny random checkpoints."""
 
-import json
 
 import pytest
 import torch

@@ -165,10 +165,6 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(self.tokens.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
 
-    @property
-    def num_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum()) if self.tokens.numel() else 0
-
 
 def collate(examples: list[Example], pad_id: int = 0, multiple: int = 64) -> Batch:
     """Right-pad to the longest example, rounded up to `multiple` so that few distinct shapes reach
