@@ -161,7 +161,7 @@ def n_input_sets(shape: Shape, T: int, dtype: torch.dtype, l2_bytes: int) -> int
 def sdpa_attention(q, k_cache, v_cache, mask):
     """The same op through F.scaled_dot_product_attention with the dense boolean mask [T, S]."""
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
-                                          enable_gqa=q.shape[1] != k_cache.shape[1])
+                                          enable_gqa=q.shape[1] != k_cache.shape[1]).transpose(1, 2)  # [B, T, Hq, D]
 
 
 def _triton_split(n: int) -> Callable[[LayerInputs, int], torch.Tensor]:

@@ -6,12 +6,15 @@ One op serves every attention call at inference time:
   * Medusa step:  the T tree nodes, tree_mask[i, j] = node j is node i or one of its ancestors
 
 The caller has already written the new keys/values into cache slots prefix_len .. prefix_len+T-1.
+Queries come head-major, q [B, Hq, T, D]; the output is token-major, [B, T, Hq, D], so the attention's
+output projection reads it as [B, T, Hq * D] without a transpose copy.
 Query i sees every slot < prefix_len, and slot prefix_len+j exactly when tree_mask[i, j].
 The optional `key_valid` [B, S] bool further hides slots from every query of a batch row (the left
 padding of a batch of unequal prompts). A query that sees no slot at all (a padding token itself) gets
 a zero output rather than the NaN of a softmax over nothing: a NaN there would flow into the next
-layer's keys/values at the padding slots, and 0 * NaN poisons every real row that skips them. `prefix_len` may be a Python int or a 0-d integer tensor on
-the device (no host sync, so the step can be captured in a CUDA graph).
+layer's keys/values at the padding slots, and 0 * NaN poisons every real row that skips them.
+`prefix_len` may be a Python int or a 0-d integer tensor on the device (no host sync, so the step can
+be captured in a CUDA graph).
 
 The Triton version is flash-decoding with grouped-query attention folded in:
   * One program owns one KV head and BLOCK_M "query rows"; the rows are the (token, query head) pairs
@@ -41,7 +44,7 @@ from . import use_triton
 
 def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool; key_valid [B, S] bool
-    or None -> out [B, Hq, T, D]."""
+    or None -> out [B, T, Hq, D] (token-major: the output projection reads it as [B, T, Hq * D])."""
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     slots = torch.arange(S, device=q.device)
@@ -57,7 +60,7 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_val
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # [B, Hq, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no visible key: zero output
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.float()).to(q.dtype).transpose(1, 2)  # [B, T, Hq, D]
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
@@ -72,6 +75,14 @@ def _query_row_offsets(bh, rows, T, D, GROUP: tl.constexpr):
     """[BLOCK_M] int64 offsets of query rows `rows` of (batch * kv head) `bh` in a contiguous [B, Hq, T, D]
     tensor: row r is token r // GROUP of query head bh * GROUP + r % GROUP (= b * Hq + the head in b)."""
     return ((bh * GROUP + rows % GROUP).to(tl.int64) * T + rows // GROUP) * D
+
+
+@triton.jit
+def _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP: tl.constexpr):
+    """The same rows' offsets in the contiguous [B, T, Hq, D] output: written token-major, the output needs
+    no transpose copy before the attention's output projection."""
+    b, head = bh // n_kv_heads, (bh % n_kv_heads) * GROUP + rows % GROUP
+    return ((b.to(tl.int64) * T + rows // GROUP) * (n_kv_heads * GROUP) + head) * D
 
 
 @triton.jit
@@ -104,8 +115,8 @@ def _attend_chunk_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     io_mask = row_ok[:, None] & d_ok[None, :]
-    io_offs = _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :]  # [BLOCK_M, BLOCK_D] in q and out
-    q = tl.load(q_ptr + io_offs, mask=io_mask, other=0.0)
+    q_offs = _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :]  # [BLOCK_M, BLOCK_D]
+    q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -141,7 +152,8 @@ def _attend_chunk_kernel(
 
     if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        tl.store(out_ptr + io_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+        out_offs = _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :]
+        tl.store(out_ptr + out_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
     else:  # partials [B * Hkv, num_splits, T * GROUP, (D)], merged by _combine_chunks_kernel
         part_rows = (bh * num_splits + split) * (T * GROUP) + rows
         tl.store(part_acc_ptr + part_rows.to(tl.int64)[:, None] * D + d[None, :], acc, mask=io_mask)
@@ -151,7 +163,7 @@ def _attend_chunk_kernel(
 
 @triton.jit
 def _combine_chunks_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, num_splits,
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m)."""
@@ -180,7 +192,7 @@ def _combine_chunks_kernel(
                                     mask=io_mask, other=0.0)
 
     den = tl.where(den == 0.0, 1.0, den)
-    tl.store(out_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
+    tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
              (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
@@ -247,7 +259,7 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
     group = Hq // Hkv
     n_rows = T * group  # query rows per KV head
     q = q.contiguous()
-    out = torch.empty_like(q)  # [B, Hq, T, D]
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
     has_key_valid = key_valid is not None
     key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else tree_mask  # (never read if None)
@@ -280,7 +292,7 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
     )
     if num_splits > 1:
         _combine_chunks_kernel[(m_blocks, B * Hkv)](
-            part_acc, part_m, part_l, out, T, D, num_splits,
+            part_acc, part_m, part_l, out, T, D, Hkv, num_splits,
             GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
     return out

@@ -65,10 +65,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+            y = y.transpose(1, 2)  # [B, T, Hq, Dh]
         else:  # one kernel: rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1
             q = rope_and_cache(q, k, v, cos, sin, self.kv_cache, prefix_len)  # [B, Hq, T, Dh]
             y = tree_attention(q, self.kv_cache[0], self.kv_cache[1], prefix_len, tree_mask, key_valid)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.reshape(B, T, -1))  # [B, T, Hq, Dh] -> [B, T, dim]: a view for the kernel's output
 
 
 class FeedForward(nn.Module):
