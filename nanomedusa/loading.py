@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import NanoMedusaError
-from .model import Transformer
+from .model import Transformer, fused_row_blocks
 
 # Hugging Face name (regex) -> (our name, part). Our attention keeps q, k and v in one fused projection
 # `wqkv` and the MLP keeps gate and up in `w13` (see model.py); `part` is the block of rows a Hugging Face
@@ -57,11 +57,8 @@ DTYPES = {
 
 def fused_part_sizes(name: str, config: ModelConfig) -> list[int] | None:
     """Heights of the row blocks of a fused tensor of ours (wqkv: q, k, v; w13: gate, up), else None."""
-    if ".attention.wqkv." in name:
-        return [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
-    if ".feed_forward.w13." in name:
-        return [config.intermediate_size] * 2
-    return None
+    match = re.fullmatch(r"layers\.\d+\.(.+)\.(weight|bias)", name)
+    return fused_row_blocks(config).get(match[1]) if match else None
 
 
 def hf_to_ours(name: str) -> tuple[str, int | None] | None:

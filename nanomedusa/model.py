@@ -41,6 +41,12 @@ class RMSNorm(nn.Module):
         return rmsnorm(x, self.weight, self.eps, residual)
 
 
+def fused_row_blocks(config: ModelConfig) -> dict[str, list[int]]:
+    """The row blocks of each block's fused projections, in order: wqkv = q, k, v and w13 = gate, up."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {"attention.wqkv": [q, kv, kv], "feed_forward.w13": [config.intermediate_size] * 2}
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -49,7 +55,7 @@ class Attention(nn.Module):
         # q, k and v come from one fused projection (rows: q, then k, then v): one matrix product per
         # layer instead of three, which is what a batch-1 decode step pays for. loading.py fills the
         # row blocks from Hugging Face's q_proj, k_proj and v_proj.
-        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        self.qkv_sizes = fused_row_blocks(config)["attention.wqkv"]
         self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: torch.Tensor | None = None  # [2, B, Hkv, S, Dh], a view into the model's cache
