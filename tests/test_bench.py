@@ -36,7 +36,7 @@ def save_random_heads(model, out_dir, num_heads, seed, medusa_choices=None):
 def run(tmp_path_factory):
     """One benchmark run: base model with Medusa-1 heads, plus joint-trained heads beside their own backbone."""
     tmp = tmp_path_factory.mktemp("bench")
-    seed = int(torch.randint(0, 2**16, ()))
+    seed = 1  # fixed: a random tiny model may answer eos at once, leaving no decoding step to check
     make_chat_checkpoint(tmp / "base", seed=seed, max_position_embeddings=1024)
     make_chat_checkpoint(tmp / "joint" / "model", seed=seed + 1, max_position_embeddings=1024)
     base = load_model(tmp / "base", "cpu", "float32")[0]
@@ -91,7 +91,7 @@ def test_medusa_runs_each_tree_on_its_backbone_and_matches_plain_decoding(run):
         assert m["matches_ar"] == m["prompts"] == 2
         assert all(p["first_difference"] is None for p in m["per_prompt"])
         assert m["new_tokens"] == r["ar"][m["backbone"]]["new_tokens"]
-        assert m["mean_accepted"] == pytest.approx((m["new_tokens"] - 2) / m["steps"])
+        assert m["steps"] > 0 and m["mean_accepted"] == pytest.approx((m["new_tokens"] - 2) / m["steps"])
         assert m["vs_ar"] == pytest.approx(m["tokens_per_second"] / r["ar"][m["backbone"]]["tokens_per_second"])
 
 
