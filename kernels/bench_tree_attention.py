@@ -61,7 +61,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from .tree_attention import tree_attention_reference, tree_attention_triton
+from .tree_attention import split_heuristic, tree_attention_reference, tree_attention_triton
 
 
 @dataclass(frozen=True)
@@ -182,22 +182,6 @@ IMPLEMENTATIONS: dict[str, Callable[[LayerInputs, int], torch.Tensor]] = {
 SPLIT_NAMES = {n: f"triton split {n}" for n in SPLITS}
 BEST = "triton best"  # derived row: the fastest of the split sweep
 TABLE_ROWS = ("triton", "triton 0-d prefix", BEST, "torch reference", "torch SDPA")
-
-
-def heuristic_splits(q, k_cache, prefix_len) -> int | None:
-    """num_splits that tree_attention_triton's heuristic picks for these inputs, recomputed from its
-    helpers (for the table only; None should those helpers change)."""
-    try:
-        from .tree_attention import _num_splits, _tile_config
-
-        B, Hq, T, D = q.shape
-        Hkv, S = k_cache.shape[1], k_cache.shape[2]
-        n_rows = T * (Hq // Hkv)
-        block_m, block_n, _, _ = _tile_config(n_rows, D, q.dtype, q.is_cuda)
-        max_keys = S if isinstance(prefix_len, torch.Tensor) else min(prefix_len + T, S)
-        return int(_num_splits(triton.cdiv(n_rows, block_m) * B * Hkv, max_keys, block_n, q.device))
-    except Exception:  # noqa: BLE001 - informational only
-        return None
 
 
 # ----------------------------------------------------------------------------------- correctness
@@ -381,14 +365,13 @@ def format_row(row: dict, max_error: float) -> str:
     return line
 
 
-def format_sweep(layer: str, T: int, rows: dict[str, dict], heuristic: int | None, best: dict | None) -> str:
+def format_sweep(layer: str, T: int, rows: dict[str, dict], heuristic: int, best: dict | None) -> str:
     parts = []
     for n in SPLITS:
         row = rows[SPLIT_NAMES[n]]
         t = "err" if row["error"] is not None else "-" if row["time_us"] is None else f"{row['time_us']:.1f}"
         parts.append(f"{n}:{t}{'*' if best is not None and best['num_splits'] == n else ''}")
-    pick = "?" if heuristic is None else str(heuristic)
-    return f"  {layer:13s} T={T:<3d} " + " ".join(f"{p:>10s}" for p in parts) + f"   heuristic {pick}"
+    return f"  {layer:13s} T={T:<3d} " + " ".join(f"{p:>10s}" for p in parts) + f"   heuristic {heuristic}"
 
 
 def summarize_errors(errors: dict[str, float]) -> dict[str, float]:
@@ -450,8 +433,8 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
             results["failures"].append(f"inputs {shape.name} T={T}: {exc!r}")
             log(f"{shape.name:13s} {T:3d}  ERROR building {n_sets} input sets: {exc!r}")
             continue
-        heuristic = heuristic_splits(x.q[0], x.k_cache[0], x.prefix_len)
-        heuristic_dev = heuristic_splits(x.q[0], x.k_cache[0], x.prefix_tensor)
+        heuristic = split_heuristic(x.q[0], x.k_cache[0], x.prefix_len)
+        heuristic_dev = split_heuristic(x.q[0], x.k_cache[0], x.prefix_tensor)
         for name, fn in IMPLEMENTATIONS.items():
             splits = {"triton": heuristic, "triton 0-d prefix": heuristic_dev}.get(name)
             if name.startswith("triton split "):

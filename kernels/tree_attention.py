@@ -250,6 +250,17 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None
                               f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
 
 
+def split_heuristic(q, k_cache, prefix_len) -> int:
+    """The number of key chunks `tree_attention_triton` cuts the keys into when not told otherwise."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    n_rows = T * (Hq // Hkv)
+    block_m, block_n, _, _ = _tile_config(n_rows, D, q.dtype, q.is_cuda)
+    # With a device prefix_len the host cannot know the length: size the grid on the cache length S.
+    max_keys = S if isinstance(prefix_len, torch.Tensor) else min(prefix_len + T, S)
+    return _num_splits(triton.cdiv(n_rows, block_m) * B * Hkv, max_keys, block_n, q.device)
+
+
 def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None, *,
                           num_splits: int | None = None):
     """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning)."""
@@ -268,10 +279,8 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
     m_blocks = triton.cdiv(n_rows, block_m)
 
     prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
-    # With a device prefix_len the host cannot know the length: size the grid on the cache length S.
-    max_keys = S if prefix_is_ptr else min(prefix_len + T, S)
     if num_splits is None:
-        num_splits = _num_splits(m_blocks * B * Hkv, max_keys, block_n, q.device)
+        num_splits = split_heuristic(q, k_cache, prefix_len)
     if num_splits > 1:
         part_acc = torch.empty(B * Hkv, num_splits, n_rows, D, device=q.device, dtype=torch.float32)
         part_m = torch.empty(B * Hkv, num_splits, n_rows, device=q.device, dtype=torch.float32)
