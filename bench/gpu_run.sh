@@ -10,7 +10,7 @@
 # Variables: PROMPTS (default ../shared/data/prompts-train.jsonl), WORK (data and checkpoints, default
 # work/), OUT (logs and result files, default $WORK/out), MODEL (a checkpoint; default the built-in
 # model, which must be prepared: `python -m weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf
-# to convert a local file), NUM_PROMPTS (bench prompts, default 16), BENCH_FLAGS (more flags for the bench).
+# to convert a local file), NUM_PROMPTS (use the first N prompts of each bench set; default all), BENCH_FLAGS (more flags for the bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS=${PROMPTS:-../shared/data/prompts-train.jsonl}
@@ -41,15 +41,19 @@ case "${1:-}" in
     ;;
   joint)
     python train.py --stage joint $MODEL_FLAG --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --out "$WORK/joint" \
-        --epochs 1 --batch-size 16 --max-len 512 --lr 1e-3 --backbone-lr 2e-5 --log-every 100 2>&1 | tr '\r' '\n' \
+        --epochs 2 --batch-size 16 --max-len 512 --lr 1e-3 --backbone-lr 2e-5 --log-every 100 2>&1 | tr '\r' '\n' \
         | grep -v 'it/s\]$' | tee "$OUT/joint.log"
     python -m nanomedusa.tree_tuning --heads "$WORK/joint/heads" --model "$WORK/joint/model" \
         --data "$WORK/answers.jsonl" --nodes 63 --write 2>&1 | tee "$OUT/joint_tree.log"
     cp "$WORK/joint/eval.json" "$OUT/joint_eval.json"
     ;;
-  bench)
-    python -m nanomedusa.bench $MODEL_FLAG --heads "m1=$WORK/warmup/heads" --heads "m2=$WORK/joint/heads@$WORK/joint/model" \
-        --num-prompts "${NUM_PROMPTS:-16}" --json "$OUT/results.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.txt"
+  bench)  # held-out prompts in the training mix (everything), then open-ended chat (ours only)
+    HEADS=(--heads "m1=$WORK/warmup/heads" --heads "m2=$WORK/joint/heads@$WORK/joint/model")
+    python -m nanomedusa.bench $MODEL_FLAG "${HEADS[@]}" --prompts bench/prompts-train-mix.jsonl \
+        ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.txt"
+    python -m nanomedusa.bench $MODEL_FLAG "${HEADS[@]}" --prompts bench/prompts-chat.jsonl --no-hf --skip-7b \
+        ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results-chat.json" ${BENCH_FLAGS:-} 2>&1 \
+        | tee "$OUT/bench-chat.txt"
     ;;
   *)
     echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|joint|bench" >&2

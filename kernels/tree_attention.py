@@ -86,12 +86,55 @@ def _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
+                 tree_mask_ptr, key_valid_ptr, qk_scale, HAS_KEY_VALID: tl.constexpr, IN_PREFIX: tl.constexpr,
+                 EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key tile start .. start + BLOCK_N into the online softmax (m_i, l_i, acc) of the query rows q.
+
+    IN_PREFIX: the whole tile is cached prefix (visible to every row, below hi), so no key or tree mask
+    is built and, with EVEN_D (D == BLOCK_D), K and V load unmasked: the compiler then issues wide
+    vector loads, which a per-key mask against a runtime bound (a device prefix_len) would forbid.
+    """
+    keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
+    key_ok = tl.full([BLOCK_N], 1, tl.int1) if IN_PREFIX else keys < hi
+    if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
+        key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
+    if IN_PREFIX and EVEN_D and not HAS_KEY_VALID:
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
+        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
+    else:
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if IN_PREFIX:
+        if HAS_KEY_VALID:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+    else:
+        # Visible: every prefix slot, and tree slot prefix+j when tree_mask[t, j] (j < T since hi <= prefix+T).
+        j = keys - prefix
+        in_tree = tl.load(tree_mask_ptr + t[:, None] * T + j[None, :], mask=(key_ok & (j >= 0))[None, :], other=0)
+        visible = (key_ok & (j < 0))[None, :] | (in_tree != 0)
+        s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
+    # exp2(-inf - -inf) never makes a NaN (its p and alpha are then exactly 0).
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)  # rescales what was accumulated under the old max
+    p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_chunk_kernel(
     q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     T, S, D, n_kv_heads, num_splits, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_KEY_VALID: tl.constexpr, WRITE_OUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (query-row block, key chunk, batch * kv head): attend BLOCK_M query rows to the chunk's keys."""
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -108,6 +151,8 @@ def _attend_chunk_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
     lo = split * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
+    # Tiles lo .. mid hold cached prefix only (the bulk of the keys): they take the mask-free path.
+    mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
     row_ok = rows < T * GROUP
@@ -123,32 +168,14 @@ def _attend_chunk_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
-        key_ok = keys < hi
-        if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
-            key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
-        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None],
-                      mask=d_ok[:, None] & key_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-
-        # Visible: every prefix slot, and tree slot prefix+j when tree_mask[t, j] (j < T since hi <= prefix+T).
-        j = keys - prefix
-        in_tree = tl.load(tree_mask_ptr + t[:, None] * T + j[None, :], mask=(key_ok & (j >= 0))[None, :], other=0)
-        visible = (key_ok & (j < 0))[None, :] | (in_tree != 0)
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN (its p and alpha are then exactly 0).
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start in range(lo, mid, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base,
+                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, qk_scale,
+                                     HAS_KEY_VALID, True, EVEN_D, BLOCK_N, DOT_PRECISION)
+    for start in range(mid, hi, BLOCK_N):  # the tile the prefix ends in, and the tree's own slots
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base,
+                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, qk_scale,
+                                     HAS_KEY_VALID, False, EVEN_D, BLOCK_N, DOT_PRECISION)
 
     if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -206,10 +233,16 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the CPU interpreter: a few chunks, so split-K is exercised there too
 
 
-def _num_splits(n_programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Flash-decoding heuristic: about two programs per SM, each chunk at least two key tiles long."""
-    wanted = triton.cdiv(2 * _sm_count(device), n_programs)
-    return max(1, min(wanted, triton.cdiv(triton.cdiv(max_keys, block_n), 2), MAX_SPLITS))
+def _num_splits(n_programs: int, n_rows: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """Flash-decoding heuristic, read off the split sweep of `kernels.bench_tree_attention` on an H100:
+    about one program per SM (the power of two at or below SMs / programs), and chunks of at least 4
+    key tiles, 8 when a program holds 16 or more query rows (a tree). Splitting more loses: the merge
+    reads back splits x rows x head_dim fp32 partials, which for a 64-node tree outweighs the wider
+    grid, and short chunks leave the software pipeline too short to hide memory latency."""
+    per_sm = _sm_count(device) // max(n_programs, 1)
+    wanted = 1 << (per_sm.bit_length() - 1) if per_sm else 1
+    min_tiles = 8 if n_rows >= 16 else 4
+    return max(1, min(wanted, triton.cdiv(triton.cdiv(max_keys, block_n), min_tiles), MAX_SPLITS))
 
 
 def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int]:
@@ -258,7 +291,7 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
     block_m, block_n, _, _ = _tile_config(n_rows, D, q.dtype, q.is_cuda)
     # With a device prefix_len the host cannot know the length: size the grid on the cache length S.
     max_keys = S if isinstance(prefix_len, torch.Tensor) else min(prefix_len + T, S)
-    return _num_splits(triton.cdiv(n_rows, block_m) * B * Hkv, max_keys, block_n, q.device)
+    return _num_splits(triton.cdiv(n_rows, block_m) * B * Hkv, n_rows, max_keys, block_n, q.device)
 
 
 def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None, *,
@@ -294,7 +327,7 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_KEY_VALID=has_key_valid, WRITE_OUT=num_splits == 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
         # fp32 inputs must not be rounded to tf32 by tl.dot; 16-bit inputs ignore this setting.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

@@ -16,7 +16,10 @@ Parts, each printed as a table when it finishes and all saved to --json (default
           Medusa speedup projected from the acceptance measured above
   summary the headline numbers, printed last
 
-Method: greedy, batch 1, prompts from bench/prompts.jsonl (held out from the training prompts)
+Method: greedy, batch 1, prompts from bench/prompts-train-mix.jsonl (held out: new prompts written
+for this benchmark in the mix of the training prompts, mostly grade-school math word problems, plus
+NLP-task and everyday-instruction prompts; bench/prompts-chat.jsonl is open-ended chat, outside that
+mix, and shows how the heads carry over to text unlike their training data)
 rendered with the model's chat template; decoding stops at --max-new-tokens or an eos token.
 Tokens/s = total new tokens / total seconds, prefill included; mean accepted length = tokens gained
 after each prompt's first / decoding steps, both summed over prompts. CUDA-graph capture and KV-cache
@@ -62,7 +65,7 @@ from .tokenizer import Tokenizer
 from .tree import PRESETS, TreeBuffers, parse_tree
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = REPO / "bench" / "prompts.jsonl"
+DEFAULT_PROMPTS = REPO / "bench" / "prompts-train-mix.jsonl"
 DEFAULT_JSON = REPO / "bench" / "results.json"
 # The Medusa-1 heads shipped for the default model (the directory generate.py uses too).
 SHIPPED_HEADS = REPO / "weights" / "smollm2-135m-instruct-medusa"
@@ -82,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="kernel backend (default auto: Triton on CUDA)")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
-                   help="JSONL file of {\"id\", \"prompt\"} (default bench/prompts.jsonl)")
+                   help="JSONL file of {\"id\", \"prompt\"} (default bench/prompts-train-mix.jsonl)")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
     p.add_argument("--heads", action="append", default=[], metavar="[LABEL=]HEADS_DIR[@MODEL_DIR]",

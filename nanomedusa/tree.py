@@ -54,7 +54,7 @@ def chain(depth: int) -> list[list[int]]:
 # The named trees below are published data from FasterDecoding/Medusa, file
 # medusa/model/medusa_choices.py (Apache-2.0), as of commit 5e98053 (tuples there, lists here).
 # They were tuned on Vicuna/Zephyr heads with top-10 candidates; each has 63 paths (64 nodes with
-# the root). mc_sim_7b_63 is the reference's default.
+# the root). mc_sim_7b_63 is the reference's default. smollm2_135m_medusa1 (below them) is ours.
 PRESETS: dict[str, list[list[int]]] = {
     "mc_sim_7b_63": [
         [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
@@ -135,6 +135,17 @@ PRESETS: dict[str, list[list[int]]] = {
         [2, 0, 0], [1, 0, 1], [0, 1, 2], [0, 4, 0], [1, 4], [3, 1], [2, 2], [0, 0, 7], [7, 0],
         [0, 2, 1], [0, 0, 8], [0, 1, 3], [0, 5, 0], [1, 5], [0, 0, 9], [1, 1, 0], [0, 0, 0, 1],
         [0, 0, 1, 0], [4, 1], [2, 3],
+    ],
+    # Ours: the greedy tree of `tree_from_head_accuracies` (63 paths) for the Medusa-1 heads shipped in
+    # weights/smollm2-135m-instruct-medusa, from their held-out rank accuracies (`python -m
+    # nanomedusa.tree_tuning`); it is also their config.json medusa_choices, the tree they run with.
+    "smollm2_135m_medusa1": [
+        [0], [1], [2], [3], [4], [5], [6], [7], [8], [9], [0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 5],
+        [0, 6], [0, 7], [0, 8], [0, 9], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [1, 5], [2, 0], [2, 1],
+        [2, 2], [3, 0], [3, 1], [4, 0], [5, 0], [6, 0], [7, 0], [8, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2],
+        [0, 0, 3], [0, 0, 4], [0, 0, 5], [0, 0, 6], [0, 0, 7], [0, 0, 8], [0, 1, 0], [0, 1, 1], [0, 1, 2],
+        [0, 2, 0], [0, 2, 1], [0, 3, 0], [0, 4, 0], [0, 5, 0], [1, 0, 0], [1, 0, 1], [1, 1, 0], [2, 0, 0],
+        [3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 1, 0, 0],
     ],
     **{f"chain{depth}": chain(depth) for depth in range(1, 6)},
 }

@@ -137,9 +137,11 @@ def test_bad_heads_are_refused_before_anything_runs(tmp_path, capsys):
     assert f"heads directory {tmp_path / 'nope'} of --heads b does not exist; fix the path." in capsys.readouterr().err
 
 
-def test_held_out_prompts_are_diverse_and_not_training_prompts():
-    prompts = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().split("\n") if line]
-    assert len(prompts) == 24 and len({p["id"] for p in prompts}) == 24 and len({p["prompt"] for p in prompts}) == 24
+@pytest.mark.parametrize("path, count", [(DEFAULT_PROMPTS, 20), (DEFAULT_PROMPTS.with_name("prompts-chat.jsonl"), 24)])
+def test_held_out_prompts_are_diverse_and_not_training_prompts(path, count):
+    prompts = [json.loads(line) for line in path.read_text().split("\n") if line]
+    assert len(prompts) == count and len({p["id"] for p in prompts}) == count
+    assert len({p["prompt"] for p in prompts}) == count
     if not TRAIN_PROMPTS.is_file():
         pytest.skip("../shared/data/prompts-train.jsonl is not beside this checkout")
     train = [json.loads(line)["prompt"].lower() for line in TRAIN_PROMPTS.read_text().split("\n") if line]

@@ -85,6 +85,9 @@ FP32_CASES = [
     (1, 2, 2, 13, 37, 16, 24, "tree", False, 3),  # tree ends exactly at S
     (1, 4, 1, 13, 37, 16, 5, "any", True, 8),  # more chunks than key tiles: empty chunks
     (1, 4, 2, 40, 40, 16, 0, "causal", False, 2),  # long T: several query-row blocks
+    # Prefixes longer than a GPU key tile (64), so whole prefix-only tiles take the mask-free path:
+    (1, 8, 2, 9, 200, 64, 170, "tree", False, None),  # head_dim = the tile's: unmasked K/V loads
+    (1, 4, 2, 5, 150, 24, 130, "tree", True, 3),  # head_dim 24 < its 32-wide tile: loads keep a dim mask
 ]
 
 
