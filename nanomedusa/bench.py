@@ -22,8 +22,10 @@ NLP-task and everyday-instruction prompts; bench/prompts-chat.jsonl is open-ende
 mix, and shows how the heads carry over to text unlike their training data)
 rendered with the model's chat template; decoding stops at --max-new-tokens or an eos token.
 Tokens/s = total new tokens / total seconds, prefill included; mean accepted length = tokens gained
-after each prompt's first / decoding steps, both summed over prompts. CUDA-graph capture and KV-cache
-allocation happen before `generate`'s clock starts; transformers' `generate` is timed whole.
+after each prompt's first / decoding steps, both summed over prompts. The decode steps' CUDA-graph
+capture and KV-cache allocation happen before `generate`'s clock starts; a prefill graph is captured
+inside the clock the first time its padded prompt length comes up (in the warm-up pass below);
+transformers' `generate` is timed whole.
 Warm-up: before its timed pass each of our methods runs every prompt once untimed, because Triton
 compiles a kernel again for each new specialisation of its integer arguments (equal to 1, divisible
 by 16), which one warm-up prompt does not cover; --quick-warmup uses the first prompt only, as the

@@ -34,7 +34,7 @@ from kernels.kv_compaction import compact_kv
 
 from .cuda_graphs import GraphedStep
 from .errors import NanoMedusaError
-from .generation import GenerationResult, _sync, check_fits
+from .generation import GenerationResult, _sync, prefill, prepare_cache
 from .heads import MedusaHeads
 from .sampling import Sampling, next_token, target_probs
 from .tree import TreeBuffers
@@ -83,7 +83,7 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
                               f"Medusa heads; pick a tree at most {heads.config.num_heads} deep.")
     device = model.device
     tree = tree.to(device)
-    model.setup_cache(check_fits(model, len(prompt_ids), max_new_tokens, extra=tree.num_nodes))
+    prepare_cache(model, len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cuda_graphs=cuda_graphs)
     lm_w = model.output.weight
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
     mode = "greedy" if accept == "greedy" or sampling.greedy else "typical"
@@ -136,7 +136,7 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
 
     _sync(device)
     start = time.perf_counter()
-    hidden = model.forward_hidden(torch.tensor([prompt_ids], device=device), prefix_len=0)[0, -1:]  # [1, D]
+    hidden = prefill(model, prompt_ids, cuda_graphs)  # [1, D] at the prompt's last position
     root = next_token(model.lm_head(hidden)[0], sampling, generator)
     tree_tokens = propose(root, hidden)  # [T]
     result.prefill_seconds = time.perf_counter() - start

@@ -1,9 +1,10 @@
-"""Plain decoding: batched generation equals one-by-one, sampling settings behave."""
+"""Plain decoding: batched generation equals one-by-one, padded and graphed prefills change nothing,
+sampling settings behave."""
 
 import pytest
 import torch
 
-from nanomedusa.generation import generate, generate_batch
+from nanomedusa.generation import PREFILL_BUCKET, generate, generate_batch, prefill
 from nanomedusa.loading import load_model
 from nanomedusa.sampling import Sampling, target_probs
 from tests.helpers import make_hf_checkpoint
@@ -50,3 +51,46 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_the_argmax(model):
         model.drop_cache()
         first = model(torch.tensor([prompt]))[0, -1].argmax().item()
     assert greedy[0] == first
+
+
+def test_tokens_padded_after_the_prompt_change_nothing(model):
+    # What the GPU's padded prefill relies on: junk after the prompt leaves the prompt's hidden states
+    # alone (causal attention), and the cache slots it fills are overwritten before decoding reads them.
+    prompt = [5, 17, 42, 8, 9, 23, 61]
+    expected = generate(model, prompt, max_new_tokens=10).tokens
+    with torch.inference_mode():
+        model.setup_cache(64)
+        padded = torch.tensor([prompt + [88, 3, 71, 14, 55, 2]])  # [1, 13]: 6 junk tokens after the prompt
+        hidden = model.forward_hidden(padded, prefix_len=0)[0, len(prompt) - 1:len(prompt)]  # [1, D]
+        tokens = [int(model.lm_head(hidden).argmax())]
+        for pos in range(len(prompt), len(prompt) + 9):
+            tokens.append(int(model(torch.tensor([[tokens[-1]]]), prefix_len=pos)[0, -1].argmax()))
+    assert tokens == expected
+
+
+def test_a_cache_that_fits_is_reused(model):
+    # Reallocating the cache would drop the prefill graphs captured on it (GPU), so a run that needs
+    # fewer slots keeps the longer cache; one that needs more, or another batch size, gets a new one.
+    model.setup_cache(96)
+    cache = model.kv_cache
+    model.setup_cache(40)
+    assert model.kv_cache is cache and model.max_seq_len == 96
+    model.setup_cache(128)
+    assert model.kv_cache is not cache and model.max_seq_len == 128
+    model.setup_cache(64, batch_size=2)
+    assert model.kv_cache.shape[2] == 2 and model.max_seq_len == 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the prefill graphs need a GPU")
+def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
+    make_hf_checkpoint(tmp_path, num_key_value_heads=2)
+    gpu_model = load_model(tmp_path, device="cuda", dtype="float32")[0]
+    with torch.inference_mode():
+        for prompt in ([5, 17, 42], list(range(3, 3 + PREFILL_BUCKET + 5)), [9, 8, 7, 6, 5]):
+            gpu_model.setup_cache(4 * PREFILL_BUCKET)
+            eager = prefill(gpu_model, prompt, cuda_graphs=False)
+            graphed = prefill(gpu_model, prompt)
+            torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+        assert sorted(gpu_model.prefill_graphs) == [PREFILL_BUCKET, 2 * PREFILL_BUCKET]  # 3 prompts, 2 graphs
+    for prompt in ([5, 17, 42], list(range(3, 90))):
+        assert generate(gpu_model, prompt, 20).tokens == generate(gpu_model, prompt, 20, cuda_graphs=False).tokens

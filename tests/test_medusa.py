@@ -103,7 +103,7 @@ def test_kv_cache_equals_plain_decoding(models):
     got = generate_medusa(model, heads, TreeBuffers.from_choices(TREES["small"]), prompt, max_new_tokens=25)
     n = len(prompt) + len(got.tokens) - 1  # slots holding the prompt and every emitted token but the last
     medusa_cache = model.kv_cache[:, :, :, :, :n].clone()
-    with torch.no_grad():
+    with torch.inference_mode():  # as generation runs: the cache it made (and this reuses) is an inference tensor
         model.setup_cache(64)
         model.kv_cache.zero_()
         model(torch.tensor([prompt + got.tokens[:-1]]), prefix_len=0)
