@@ -21,8 +21,9 @@ for this benchmark in the mix of the training prompts, mostly grade-school math 
 NLP-task and everyday-instruction prompts; bench/prompts-chat.jsonl is open-ended chat, outside that
 mix, and shows how the heads carry over to text unlike their training data)
 rendered with the model's chat template; decoding stops at --max-new-tokens or an eos token.
-Tokens/s = total new tokens / total seconds, prefill included; mean accepted length = tokens gained
-after each prompt's first / decoding steps, both summed over prompts. The decode steps' CUDA-graph
+Tokens/s = total new tokens / total seconds, prefill included; decode tokens/s = the tokens after each
+prompt's first / the seconds after its prefill, the decoding steps alone; mean accepted length = tokens
+gained after each prompt's first / decoding steps; all summed over prompts. The decode steps' CUDA-graph
 capture and KV-cache allocation happen before `generate`'s clock starts; a prefill graph is captured
 inside the clock the first time its padded prompt length comes up (in the warm-up pass below);
 transformers' `generate` is timed whole.
@@ -291,8 +292,11 @@ def warmup_prompts(prompts: list[Prompt], args) -> list[Prompt]:
 
 def totals(rows: list[dict]) -> dict:
     tokens, seconds, steps = (sum(r[k] for r in rows) for k in ("new_tokens", "seconds", "steps"))
+    decode_seconds = seconds - sum(r["prefill_seconds"] or 0.0 for r in rows)
     out = {"prompts": len(rows), "new_tokens": tokens, "seconds": seconds, "steps": steps,
            "tokens_per_second": tokens / seconds if seconds else 0.0,
+           # the decoding steps alone: the tokens after each prompt's first, over the time after its prefill
+           "decode_tokens_per_second": (tokens - len(rows)) / decode_seconds if decode_seconds > 0 else 0.0,
            "mean_accepted": (tokens - len(rows)) / steps if steps else 1.0}
     if "matches_ar" in rows[0]:
         out["matches_ar"] = sum(r["matches_ar"] for r in rows)
@@ -390,7 +394,9 @@ def run_ours(args, device, dtype, results: dict) -> Workload:
         del model
         free_memory(device)
     for m in results["medusa"]:
-        m["vs_ar"] = m["tokens_per_second"] / results["ar"][m["backbone"]]["tokens_per_second"]
+        ar = results["ar"][m["backbone"]]
+        m["vs_ar"] = m["tokens_per_second"] / ar["tokens_per_second"]
+        m["decode_vs_ar"] = m["decode_tokens_per_second"] / ar["decode_tokens_per_second"]
     return work
 
 
@@ -532,16 +538,17 @@ def bench_7b(args, device, dtype, medusa: list[dict]) -> dict:
 
 def print_ours_tables(results: dict) -> None:
     print_table("Plain decoding (ours)",
-                ["backbone", "prompts", "new tokens", "seconds", "tokens/s", "mean prefill ms"],
+                ["backbone", "prompts", "new tokens", "seconds", "tokens/s", "mean prefill ms", "decode tokens/s"],
                 [[b, r["prompts"], r["new_tokens"], r["seconds"], r["tokens_per_second"],
-                  1e3 * statistics.mean(p["prefill_seconds"] or 0.0 for p in r["per_prompt"])]
-                 for b, r in results["ar"].items()])
+                  1e3 * statistics.mean(p["prefill_seconds"] or 0.0 for p in r["per_prompt"]),
+                  r["decode_tokens_per_second"]] for b, r in results["ar"].items()])
     if results["medusa"]:
         print_table("Medusa (ours, greedy)",
-                    ["heads", "backbone", "tree", "T", "tokens/s", "vs AR", "mean accepted", "= AR"],
+                    ["heads", "backbone", "tree", "T", "tokens/s", "vs AR", "mean accepted", "= AR",
+                     "decode tokens/s", "decode vs AR"],
                     [[m["heads"], m["backbone"], m["tree"], m["tree_nodes"], m["tokens_per_second"],
-                      f"{m['vs_ar']:.2f}x", m["mean_accepted"],
-                      f"{m['matches_ar']}/{m['prompts']}"] for m in results["medusa"]])
+                      f"{m['vs_ar']:.2f}x", m["mean_accepted"], f"{m['matches_ar']}/{m['prompts']}",
+                      m["decode_tokens_per_second"], f"{m['decode_vs_ar']:.2f}x"] for m in results["medusa"]])
 
 
 def print_hf_table(results: dict) -> None:

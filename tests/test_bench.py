@@ -93,6 +93,10 @@ def test_medusa_runs_each_tree_on_its_backbone_and_matches_plain_decoding(run):
         assert m["new_tokens"] == r["ar"][m["backbone"]]["new_tokens"]
         assert m["steps"] > 0 and m["mean_accepted"] == pytest.approx((m["new_tokens"] - 2) / m["steps"])
         assert m["vs_ar"] == pytest.approx(m["tokens_per_second"] / r["ar"][m["backbone"]]["tokens_per_second"])
+        decode_seconds = sum(p["seconds"] - p["prefill_seconds"] for p in m["per_prompt"])
+        assert m["decode_tokens_per_second"] == pytest.approx((m["new_tokens"] - 2) / decode_seconds)
+        assert m["decode_vs_ar"] == pytest.approx(
+            m["decode_tokens_per_second"] / r["ar"][m["backbone"]]["decode_tokens_per_second"])
 
 
 def test_transformers_generate_matches_our_plain_decoding(run):
