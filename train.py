@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
     from nanomedusa.training.distributed import shutdown
 
+    finished = False
     try:
         if args.stage == "distill":
             fields = DistillConfig.__dataclass_fields__
@@ -114,11 +115,12 @@ def main(argv=None) -> int:
             fields = TrainConfig.__dataclass_fields__
             cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
             Trainer(cfg).run()
+        finished = True
     except NanoMedusaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        shutdown(wait_for_all=finished)
     return 0
 
 

@@ -50,8 +50,14 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(dist.get_rank(), world, dev)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool = False) -> None:
+    """Leave the process group. After a successful run (`wait_for_all`) first wait until every rank is
+    here: a rank that tears its gloo connections down while rank 0 still writes the checkpoint was
+    seen to abort ("terminate called without an active exception"). After an error, no waiting: the
+    other ranks may never arrive."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
