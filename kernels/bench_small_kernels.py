@@ -168,6 +168,17 @@ def check_medusa(K, L, N, D, V, shared, topk, dtype, device):
     return inputs
 
 
+# ---------------------------------------------------------------------------------- KV compaction
+
+def check_compaction(kv, prefix_len, accepted, prefix_as_tensor=False):
+    """compact_kv_triton == compact_kv_reference bit for bit (copies are exact), on kv in place:
+    the moved slots and every untouched slot, every layer/head/batch row."""
+    expected = kv.clone()
+    compact_kv_reference(expected, prefix_len, accepted)
+    compact_kv_triton(kv, torch.tensor(prefix_len, device=kv.device) if prefix_as_tensor else prefix_len, accepted)
+    assert torch.equal(kv, expected), "compact_kv_triton differs from its reference"
+
+
 # -------------------------------------------------------------------------------------- benchmarks
 
 def _default_tree(device):
@@ -238,10 +249,7 @@ def main() -> None:
     accepted = torch.tensor([0, 3, 17, 40], device=dev)
     for name, (L, Hkv, D) in {"7B MHA": (32, 32, 128), "SmolLM2": (30, 3, 64)}.items():
         kv = torch.randn(L, 2, 1, Hkv, 1024 + 64, D, dtype=torch.bfloat16, device=dev)
-        want = kv.clone()
-        compact_kv_reference(want, 1024, accepted)
-        compact_kv_triton(kv, 1024, accepted)
-        assert torch.equal(kv, want), "compact_kv_triton differs from its reference"
+        check_compaction(kv, 1024, accepted)
         row("compact", f"{name} L={L} Hkv={Hkv} D={D} prefix=1024 A=4",
             lambda: compact_kv_triton(kv, 1024, accepted), lambda: compact_kv_reference(kv, 1024, accepted))
 

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.kv_compaction import compact_kv_reference, compact_kv_triton  # noqa: E402
+from kernels.bench_small_kernels import check_compaction as check  # noqa: E402
+from kernels.kv_compaction import compact_kv_triton  # noqa: E402
 from nanomedusa.errors import NanoMedusaError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,14 +27,6 @@ def random_accepted(n_nodes: int, A: int) -> torch.Tensor:
     """A ascending node indices out of n_nodes, the root (0) first."""
     rest = torch.randperm(n_nodes - 1)[:A - 1] + 1
     return torch.cat([torch.zeros(1, dtype=torch.long), rest.sort().values]).to(DEVICE)
-
-
-def check(kv, prefix_len, accepted, prefix_as_tensor=False):
-    expected = kv.clone()
-    compact_kv_reference(expected, prefix_len, accepted)
-    p = torch.tensor(prefix_len, device=DEVICE) if prefix_as_tensor else prefix_len
-    compact_kv_triton(kv, p, accepted)
-    assert torch.equal(kv, expected)  # moved slots and every untouched slot, every layer/head/batch
 
 
 # (L, B, Hkv, S, D, prefix, n tree nodes, A, prefix as tensor)
