@@ -62,10 +62,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _graphed_prefill(model, cuda_graphs: bool) -> bool:
+    """Whether prefills pad to PREFILL_BUCKET and replay graphs (and the cache is sized for them)."""
+    return cuda_graphs and model.device.type == "cuda"
+
+
 def prepare_cache(model, prompt_len: int, max_new_tokens: int, extra: int = 0, cuda_graphs: bool = True) -> None:
     """Allocate (or reuse) the KV cache for one run (`check_fits` slots, `extra` for a Medusa tree)."""
     needed = check_fits(model, prompt_len, max_new_tokens, extra)
-    if cuda_graphs and model.device.type == "cuda":  # room for the padded prompt, in CACHE_BUCKET steps
+    if _graphed_prefill(model, cuda_graphs):  # room for the padded prompt, in CACHE_BUCKET steps
         needed = max(needed, _round_up(prompt_len, PREFILL_BUCKET))
         needed = min(_round_up(needed, CACHE_BUCKET), model.config.max_position_embeddings)
     model.setup_cache(needed)
@@ -84,7 +89,7 @@ def prefill(model, prompt_ids: list[int], cuda_graphs: bool = True) -> torch.Ten
     """
     device, P = model.device, len(prompt_ids)
     padded = _round_up(P, PREFILL_BUCKET)
-    if not (cuda_graphs and device.type == "cuda") or padded > model.max_seq_len:
+    if not _graphed_prefill(model, cuda_graphs) or padded > model.max_seq_len:
         return model.forward_hidden(torch.tensor([prompt_ids], device=device), prefix_len=0)[0, -1:]
     step = model.prefill_graphs.get(padded)
     if step is None:
