@@ -1,45 +1,77 @@
 """Convert a llama.cpp GGUF file into a Hugging Face checkpoint directory.
 
-nanomedusa loads Hugging Face checkpoints only (config.json + model.safetensors + tokenizer.json). Some
+nanomedusa loads Hugging Face checkpoints only (config.json + model.safetensors + tokenizer.json). Many
 models, the default SmolLM2-135M-Instruct among them, are at hand only as GGUF, so this module rewrites
 one into that layout, once:
 
-    convert_gguf("m.Q4_1.gguf", "out/")  # -> out/{config.json, model.safetensors, tokenizer.json, ...}
-    convert_cached("m.Q4_1.gguf")        # -> weights/cache/m.Q4_1-<key>/, converted on first use only
+    convert_gguf("m.Q4_K_M.gguf", "out/")  # -> out/{config.json, model.safetensors, tokenizer.json, ...}
+    convert_cached("m.Q4_K_M.gguf")        # -> weights/cache/m.Q4_K_M-<key>/, converted on first use only
+
+Architectures: `llama` (Llama, and Mistral, whose files say `llama`) and `qwen2` (q/k/v biases);
+anything else is refused with a NanoMedusaError naming what is supported.
 
 What llama.cpp changed on the way into GGUF, and is undone here:
 - names: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (`_hf_name`);
-- values: quantised blocks are dequantised (`_dequantize`), so the checkpoint holds the *quantised*
-  model at full precision, not the original release's weights;
-- layout: q/k rows are reordered for llama.cpp's interleaved RoPE (`_unpermute_rope_rows`);
-- tokenizer: vocab and merges live in metadata and are rebuilt into a `tokenizer.json` (`build_tokenizer`).
-Only `llama` architecture files with a byte-level BPE vocabulary are accepted; anything else is
-refused with a NanoMedusaError naming what is supported.
+- values: quantised blocks (Q4_0 ... Q8_0, the K-quants Q2_K ... Q8_K, the i-quants) are dequantised
+  (`_dequantize`), so the checkpoint holds the *quantised* model at full precision, not the original
+  release's weights;
+- layout: for `llama`, q/k rows are reordered for llama.cpp's interleaved RoPE (`_unpermute_rope_rows`);
+- tokenizer: vocabulary and merges live in metadata and are rebuilt into a `tokenizer.json` (gguf_tokenizer.py).
+
+Everything that can refuse a file (architecture, tokenizer kind, tensor names, types and shapes) is
+checked from the header alone (gguf_reader.py), so a refusal comes within about a second. The
+weights are then written tensor by tensor with a progress bar: at most one tensor is dequantised in
+memory at a time, whatever the model's size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 from nanomedusa.errors import NanoMedusaError
+from weights.gguf_reader import GGUFFile, TensorInfo
+from weights.gguf_tokenizer import build_tokenizer, check_tokenizer, tokenizer_config
 
 CACHE_ROOT = Path(__file__).resolve().parent / "cache"
 
 Q = gguf.GGMLQuantizationType
-# Block formats gguf-py can both dequantize and (for our tests) quantize; K-quants and i-quants are refused.
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Every block format gguf-py dequantizes for the models we run, plus Q8_K, which it cannot (`_dequantize_rows`).
+# The ternary and FP4 formats (TQ1_0, TQ2_0, MXFP4, NVFP4) belong to architectures we do not run.
+SUPPORTED_TYPES = (
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1,
+    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_K,
+    Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
+)
+# Output dtype -> its safetensors name.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# Raw bytes dequantised in one go: bounds gguf-py's temporaries (several times the block data) on a big embedding.
+_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hf_class: str
+    # llama.cpp interleaves the q/k rows of Llama for its RoPE; Qwen2 (NeoX-style RoPE) is stored as is.
+    rope_rows_interleaved: bool
+    qkv_bias: bool
+
+
+ARCHITECTURES = {
+    "llama": Architecture("LlamaForCausalLM", rope_rows_interleaved=True, qkv_bias=False),
+    "qwen2": Architecture("Qwen2ForCausalLM", rope_rows_interleaved=False, qkv_bias=True),
+}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -58,37 +90,11 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 
-# Llama 3's split (contractions, words, 1-3 digits, punctuation, whitespace). GPT-2's own split needs
-# no pattern here: it is built into ByteLevel(use_regex=True).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# `tokenizer.ggml.pre` -> the pre-tokenizer of the model's original tokenizer.json.
-_PRE_TOKENIZERS = {
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    # SmolLM (like StarCoder) cuts every digit apart *before* the GPT-2 split, so "  42" is "ĠĠ 4 2".
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    ),
-    "llama-bpe": lambda: pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    ),
-}
-# Llama 3 emits a whole word when it is in the vocabulary, whatever the merges say (llama.cpp does too).
-_IGNORE_MERGES = {"llama-bpe"}
-
 
 def convert_gguf(
     gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True
 ) -> Path:
-    """Write a Hugging Face Llama checkpoint for `gguf_path` into `out_dir` (which must not exist) and return it.
+    """Write a Hugging Face checkpoint for `gguf_path` into `out_dir` (which must not exist) and return it.
 
     float32 (the default) keeps the dequantised values exactly; float16/bfloat16 halve the size but round them.
     """
@@ -97,29 +103,17 @@ def convert_gguf(
         raise NanoMedusaError(f"no GGUF file at {gguf_path}; check the path.")
     if out_dir.exists():
         raise NanoMedusaError(f"{out_dir} already exists; delete it or choose another output directory.")
-    if dtype not in SUPPORTED_DTYPES:
-        choices = ", ".join(map(str, SUPPORTED_DTYPES))
+    if dtype not in SAFETENSORS_DTYPES:
+        choices = ", ".join(map(str, SAFETENSORS_DTYPES))
         raise NanoMedusaError(f"cannot write weights as {dtype}; choose one of {choices}.")
 
-    reader = gguf.GGUFReader(gguf_path)
-    meta = {key: field.contents() for key, field in reader.fields.items()}
-    source = gguf_path.name
+    gguf_file = GGUFFile(gguf_path)
+    meta, source = gguf_file.metadata, gguf_path.name
     # Everything that can refuse the file runs before the slow part.
-    config = hf_config(meta, reader.tensors, source, dtype)
-    _check_tensor_types(reader.tensors, source)
-    names = [_hf_name(tensor.name, source) for tensor in reader.tensors]
+    config = hf_config(meta, gguf_file.tensors, source, dtype)
+    check_tokenizer(meta, source)
+    named = _check_tensors(gguf_file.tensors, config, source)
     tokenizer = build_tokenizer(meta, source)
-
-    state = {}
-    bar = tqdm(reader.tensors, desc=f"Converting {source}", unit="tensor", disable=not progress)
-    for tensor, name in zip(bar, names):
-        weight = _dequantize(tensor)
-        if name.endswith("q_proj.weight"):
-            weight = _unpermute_rope_rows(weight, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            weight = _unpermute_rope_rows(weight, config["num_key_value_heads"])
-        state[name] = weight.to(dtype).contiguous()
-    _check_complete(state, config, source)
 
     # Build beside the target and rename at the end: a killed conversion leaves a hidden `.partial`
     # folder, never an `out_dir` that looks finished.
@@ -128,12 +122,12 @@ def convert_gguf(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        _write_weights(staging / "model.safetensors", gguf_file, named, config, dtype, progress)
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "config.json", config)
-        _write_json(staging / "tokenizer_config.json", _tokenizer_config(meta, config))
+        _write_json(staging / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
         _write_json(staging / "generation_config.json", _generation_config(config))
-        (staging / "README.md").write_text(_model_card(gguf_path, meta, reader.tensors, dtype))
+        (staging / "README.md").write_text(_model_card(gguf_path, meta, gguf_file.tensors, dtype))
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,19 +135,24 @@ def convert_gguf(
     return out_dir
 
 
-def convert_cached(gguf_path: str | Path, cache_root: str | Path | None = None, progress: bool = True) -> Path:
+def convert_cached(gguf_path: str | Path, cache_root: str | Path | None = None, progress: bool = True,
+                   dtype: torch.dtype = torch.float32) -> Path:
     """The converted checkpoint for `gguf_path` under `cache_root` (default weights/cache), converting on first use.
 
     The folder is named after the file and a hash of its contents, so two different files that share
-    a name never share a checkpoint, and re-downloading the same file reuses it.
+    a name never share a checkpoint, and re-downloading the same file reuses it. `dtype` is the one the
+    model will run in (a GPU's bfloat16 halves what loading reads); it is named in the folder unless float32.
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise NanoMedusaError(f"no GGUF file at {gguf_path}; check the --model path.")
-    out_dir = Path(cache_root or CACHE_ROOT) / f"{gguf_path.stem}-{content_key(gguf_path)}"
+    name = f"{gguf_path.stem}-{content_key(gguf_path)}"
+    if dtype != torch.float32:
+        name += "-" + str(dtype).removeprefix("torch.")
+    out_dir = Path(cache_root or CACHE_ROOT) / name
     if out_dir.is_dir():  # only ever appears complete, see convert_gguf
         return out_dir
-    return convert_gguf(gguf_path, out_dir, progress=progress)
+    return convert_gguf(gguf_path, out_dir, dtype=dtype, progress=progress)
 
 
 def content_key(path: Path, chunk: int = 1 << 20) -> str:
@@ -166,46 +165,50 @@ def content_key(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:12]
 
 
-def hf_config(meta: dict, tensors: list, source: str, dtype: torch.dtype) -> dict:
-    """config.json for a LlamaForCausalLM with the GGUF's hyper-parameters."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
+def hf_config(meta: dict, tensors: list[TensorInfo], source: str, dtype: torch.dtype) -> dict:
+    """config.json for the Hugging Face class of the GGUF's architecture, with the GGUF's hyper-parameters."""
+    arch_name = meta.get("general.architecture")
+    if arch_name not in ARCHITECTURES:
         raise NanoMedusaError(
-            f"{source} is a GGUF of architecture {arch!r}; only 'llama' GGUF files can be converted, "
-            f"so use a Llama-family GGUF or the model's Hugging Face checkpoint."
+            f"{source} is a GGUF of architecture {arch_name!r}; only 'llama' (Llama, Mistral) and 'qwen2' "
+            f"GGUF files can be converted, so use the model's Hugging Face checkpoint."
         )
+    arch = ARCHITECTURES[arch_name]
 
     def need(key: str):
-        if key not in meta:
-            raise NanoMedusaError(f"{source} lacks the GGUF key {key!r}; re-export it with a current llama.cpp.")
-        return meta[key]
+        if f"{arch_name}.{key}" not in meta:
+            raise NanoMedusaError(
+                f"{source} lacks the GGUF key {arch_name}.{key!r}; re-export it with a current llama.cpp."
+            )
+        return meta[f"{arch_name}.{key}"]
 
-    hidden, n_heads = need("llama.embedding_length"), need("llama.attention.head_count")
-    head_dim = meta.get("llama.attention.key_length", hidden // n_heads)
-    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
+    hidden, n_heads = need("embedding_length"), need("attention.head_count")
+    head_dim = meta.get(f"{arch_name}.attention.key_length", hidden // n_heads)
+    rotated = meta.get(f"{arch_name}.rope.dimension_count", head_dim)
+    if rotated != head_dim:
         raise NanoMedusaError(
-            f"{source} rotates only {meta['llama.rope.dimension_count']} of {head_dim} head dimensions; "
+            f"{source} rotates only {rotated} of {head_dim} head dimensions; "
             f"partial RoPE is not supported, so use a model that rotates whole heads."
         )
     names = {t.name: t for t in tensors}
     if "token_embd.weight" not in names:
         raise NanoMedusaError(f"{source} has no token_embd.weight tensor; re-export the complete model.")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": int(names["token_embd.weight"].shape[1]),  # GGUF shapes are [in, out]
+        "architectures": [arch.hf_class],
+        "model_type": arch_name,
+        "vocab_size": names["token_embd.weight"].shape[0],
         "hidden_size": hidden,
-        "intermediate_size": need("llama.feed_forward_length"),
-        "num_hidden_layers": need("llama.block_count"),
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", n_heads),
+        "num_key_value_heads": meta.get(f"{arch_name}.attention.head_count_kv", n_heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": need("llama.context_length"),
-        "rms_norm_eps": _f32(need("llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, source),
-        "attention_bias": False,
+        "max_position_embeddings": need("context_length"),
+        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta.get(f"{arch_name}.rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch_name, source),
+        "attention_bias": arch.qkv_bias,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -215,83 +218,140 @@ def hf_config(meta: dict, tensors: list, source: str, dtype: torch.dtype) -> dic
     }
 
 
-def build_tokenizer(meta: dict, source: str) -> Tokenizer:
-    """The byte-level BPE tokenizer a GGUF describes: its vocab, merges, pre-tokenizer and special tokens."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+def _write_weights(
+    path: Path, gguf_file: GGUFFile, named: list[tuple[TensorInfo, str]], config: dict, dtype: torch.dtype,
+    progress: bool = True,
+) -> None:
+    """model.safetensors, streamed: every shape is known from the GGUF header, so the safetensors header
+    is written first and each tensor's bytes follow as soon as it is dequantised, then are let go."""
+    with open(path, "wb") as f:
+        f.write(_safetensors_header([(name, tensor.shape) for tensor, name in named], dtype))
+        bar = tqdm(named, desc=f"Converting {gguf_file.path.name}", unit="tensor", disable=not progress)
+        for tensor, name in bar:
+            f.write(_hf_tensor(gguf_file, tensor, name, config).to(dtype).contiguous().view(torch.uint8).numpy())
+
+
+def _hf_tensor(gguf_file: GGUFFile, tensor: TensorInfo, name: str, config: dict) -> torch.Tensor:
+    """One tensor as float32, as the Hugging Face checkpoint holds it."""
+    weight = torch.from_numpy(_dequantize(gguf_file, tensor))
+    if ARCHITECTURES[config["model_type"]].rope_rows_interleaved and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+        weight = _unpermute_rope_rows(weight, heads)
+    return weight
+
+
+def _safetensors_header(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `entries` back to back, in order."""
+    item_size = torch.empty((), dtype=dtype).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        end = offset + math.prod(shape) * item_size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors itself writes it: the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def _check_tensors(tensors: list[TensorInfo], config: dict, source: str) -> list[tuple[TensorInfo, str]]:
+    """Each tensor with its Hugging Face name, after checking its type, name and shape, and that none is missing."""
+    expected = _expected_shapes(config)
+    named = []
+    for tensor in tensors:
+        if tensor.type not in SUPPORTED_TYPES:
+            raise NanoMedusaError(
+                f"tensor {tensor.name} in {source} is stored as {tensor.type.name}, which cannot be "
+                f"dequantized (supported: {', '.join(t.name for t in SUPPORTED_TYPES)}); "
+                f"use a GGUF quantised to one of those types."
+            )
+        name = _hf_name(tensor.name)
+        if name not in expected:
+            raise NanoMedusaError(
+                f"{source} holds the tensor {tensor.name!r}, which a {config['architectures'][0]} with this "
+                f"config has no place for; use the model's Hugging Face checkpoint."
+            )
+        if tensor.shape != expected[name]:
+            raise NanoMedusaError(
+                f"tensor {tensor.name} in {source} has shape {list(tensor.shape)}, but the file's metadata "
+                f"implies {list(expected[name])}; the file is inconsistent, so re-export it."
+            )
+        named.append((tensor, name))
+    missing = sorted(expected.keys() - {name for _, name in named})
+    if missing:
         raise NanoMedusaError(
-            f"{source} has a {kind!r} tokenizer; only byte-level BPE ('gpt2') vocabularies can be converted, "
-            f"so use the model's Hugging Face checkpoint."
+            f"{source} lacks {len(missing)} tensors (first: {missing[0]}); re-export the complete model."
         )
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _PRE_TOKENIZERS:
-        raise NanoMedusaError(
-            f"{source} uses the pre-tokenizer {pre!r}; only {', '.join(sorted(_PRE_TOKENIZERS))} are supported, "
-            f"so use the model's Hugging Face checkpoint."
-        )
-    tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
-    tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-
-    # Control tokens (<|im_start|>) and user-defined ones are matched whole in the raw text, as llama.cpp does.
-    types = meta.get("tokenizer.ggml.token_type", [])
-    control = [t for t, token_type in zip(tokens, types) if token_type == gguf.TokenType.CONTROL]
-    user = [t for t, token_type in zip(tokens, types) if token_type == gguf.TokenType.USER_DEFINED]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    tokenizer.post_processor = _post_processor(meta, tokens)
-    return tokenizer
+    return named
 
 
-def _post_processor(meta: dict, tokens: list[str]) -> processors.PostProcessor:
-    """Add BOS/EOS around encoded text when the GGUF says to (`add_bos_token` / `add_eos_token`)."""
-    byte_level = processors.ByteLevel(trim_offsets=False)
-    ids = {
-        end: meta[f"tokenizer.ggml.{end}_token_id"]
-        for end in ("bos", "eos")
-        if meta.get(f"tokenizer.ggml.add_{end}_token") and f"tokenizer.ggml.{end}_token_id" in meta
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape of every tensor the checkpoint must have."""
+    hidden, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q_rows = config["num_attention_heads"] * config["head_dim"]
+    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+    layer = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_rows, hidden),
+        "self_attn.k_proj.weight": (kv_rows, hidden),
+        "self_attn.v_proj.weight": (kv_rows, hidden),
+        "self_attn.o_proj.weight": (hidden, q_rows),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
     }
-    if not ids:
-        return byte_level
-    bos, eos = ([tokens[ids[end]]] if end in ids else [] for end in ("bos", "eos"))
-    single = [*bos, "$A", *eos]
-    pair = single + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos]
-    specials = [(tokens[i], i) for i in ids.values()]
-    template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-    return processors.Sequence([byte_level, template])
+    if config["attention_bias"]:
+        layer |= {"self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
+                  "self_attn.v_proj.bias": (kv_rows,)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(config["num_hidden_layers"]):
+        shapes |= {f"model.layers.{i}.{part}": shape for part, shape in layer.items()}
+    return shapes
 
 
-def _tokenizer_config(meta: dict, config: dict) -> dict:
-    tokens = meta["tokenizer.ggml.tokens"]
-    roles = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
-    named = {
-        name: tokens[meta[f"tokenizer.ggml.{key}_token_id"]]
-        for name, key in roles.items()
-        if f"tokenizer.ggml.{key}_token_id" in meta
-    }
-    chat = {"chat_template": meta["tokenizer.chat_template"]} if "tokenizer.chat_template" in meta else {}
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **named,
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-        **chat,
-    }
+def _hf_name(name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for a name with no counterpart."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _dequantize(gguf_file: GGUFFile, tensor: TensorInfo) -> np.ndarray:
+    """The tensor's values as float32 in Hugging Face's [out, in] order, dequantised a slice of rows at a time."""
+    rows = math.prod(tensor.shape[:-1])
+    values = np.empty((rows, tensor.shape[-1]), np.float32)
+    step = max(1, _CHUNK_BYTES // tensor.row_bytes)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        values[start:stop] = _dequantize_rows(gguf_file.rows(tensor, start, stop), tensor.type)
+    return values.reshape(tensor.shape)
+
+
+def _dequantize_rows(raw: np.ndarray, ggml_type: Q) -> np.ndarray:
+    """[rows, row_bytes] raw blocks -> [rows, values] float32."""
+    if ggml_type == Q.Q8_K:
+        # gguf-py has no Q8_K dequantizer: llama.cpp makes it for activations, though a file may store it.
+        # A block is a float32 scale, 256 int8 values and 16 int16 partial sums (not needed here).
+        blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[Q.Q8_K][1])
+        values = blocks[:, :4].view(np.float32) * blocks[:, 4:260].view(np.int8)
+        return values.reshape(raw.shape[0], -1)
+    return gguf.quants.dequantize(raw, ggml_type)
 
 
 def _generation_config(config: dict) -> dict:
     return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None}
 
 
-def _model_card(gguf_path: Path, meta: dict, tensors: list, dtype: torch.dtype) -> str:
+def _model_card(gguf_path: Path, meta: dict, tensors: list[TensorInfo], dtype: torch.dtype) -> str:
     counts: dict[str, int] = {}
     for tensor in tensors:
-        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+        counts[tensor.type.name] = counts.get(tensor.type.name, 0) + 1
     by_count = sorted(counts, key=lambda name: -counts[name])
     types = ", ".join(f"{counts[name]} x {name}" for name in by_count)
     quantised = [name for name in by_count if name not in ("F32", "F16", "BF16")]
@@ -312,48 +372,6 @@ def _model_card(gguf_path: Path, meta: dict, tensors: list, dtype: torch.dtype) 
     )
 
 
-def _check_tensor_types(tensors: list, source: str) -> None:
-    for tensor in tensors:
-        if tensor.tensor_type not in SUPPORTED_TYPES:
-            raise NanoMedusaError(
-                f"tensor {tensor.name} in {source} is stored as {tensor.tensor_type.name}, which cannot be "
-                f"dequantized (supported: {', '.join(t.name for t in SUPPORTED_TYPES)}); "
-                f"use a GGUF quantised to one of those types."
-            )
-
-
-def _check_complete(state: dict, config: dict, source: str) -> None:
-    layers = range(config["num_hidden_layers"])
-    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{part}.weight" for i in layers for part in _LAYER_NAMES.values()
-    }
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise NanoMedusaError(
-            f"{source} lacks {len(missing)} tensors (first: {missing[0]}); re-export the complete model."
-        )
-
-
-def _hf_name(name: str, source: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
-    raise NanoMedusaError(
-        f"{source} holds the tensor {name!r}, which has no Hugging Face Llama equivalent; "
-        f"use the model's Hugging Face checkpoint."
-    )
-
-
-def _dequantize(tensor) -> torch.Tensor:
-    """The tensor's values as float32, in Hugging Face's [out, in] order (GGUF lists shapes innermost first)."""
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
-
-
 def _unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order: per head, it interleaves the two rotated halves (x0 y0 x1 y1 ...)
     for its RoPE; Hugging Face's rotate_half wants them apart (x0 x1 ... y0 y1 ...)."""
@@ -361,12 +379,12 @@ def _unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _rope_scaling(meta: dict, source: str) -> dict | None:
-    kind = meta.get("llama.rope.scaling.type", "none")
+def _rope_scaling(meta: dict, arch_name: str, source: str) -> dict | None:
+    kind = meta.get(f"{arch_name}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(meta["llama.rope.scaling.factor"])}
+        return {"rope_type": "linear", "factor": _f32(meta[f"{arch_name}.rope.scaling.factor"])}
     raise NanoMedusaError(
         f"{source} uses {kind!r} RoPE scaling; only linear scaling converts, "
         f"so use the model's Hugging Face checkpoint."
