@@ -2,24 +2,46 @@
 # Everything this project reports from a GPU, one stage per call (each fits a 10-minute slot):
 #
 #   bash bench/gpu_run.sh kernels   # kernel tests on CUDA (bf16 included), kernel benchmark tables
-#   bash bench/gpu_run.sh distill   # the default model answers the training prompts (self-distillation)
+#   bash bench/gpu_run.sh distill   # the default model answers the chat and the math prompts (self-distillation)
 #   bash bench/gpu_run.sh warmup    # Medusa-1 heads on those answers, then their tree from head accuracies
-#   bash bench/gpu_run.sh joint     # Medusa-2: backbone + heads from the warm-up heads, then their tree
-#   bash bench/gpu_run.sh bench     # end-to-end benchmark: ours AR, Medusa-1, Medusa-2, transformers, 7B steps
+#   bash bench/gpu_run.sh sizes     # step time against tree size, then the warm-up heads' tree sized to it
+#   bash bench/gpu_run.sh joint     # Medusa-2: LoRA backbone + heads from the warm-up heads, then their tree
+#   bash bench/gpu_run.sh bench     # end-to-end benchmark on the three bench prompt sets, 7B-shaped steps
 #
-# Variables: PROMPTS (default ../shared/data/prompts-train.jsonl), WORK (data and checkpoints, default
-# work/), OUT (logs and result files, default $WORK/out), MODEL (a checkpoint; default the built-in
-# model, which must be prepared: `python -m weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf
-# to convert a local file), NUM_PROMPTS (use the first N prompts of each bench set; default all), BENCH_FLAGS (more flags for the bench).
+# Data: the chat prompts (PROMPTS_CHAT, default ../shared/data/prompts-chat-train.jsonl) are answered with
+# up to CHAT_TOKENS (512) new tokens, the math-heavy prompts (PROMPTS_MATH, default
+# ../shared/data/prompts-train.jsonl) with up to MATH_TOKENS (256); training mixes the two answer files
+# with weights MIX (default "1 0.5": every chat answer, a fixed half of the math ones). The distill log
+# says how many answers reached each cap. The defaults are the settings of the shipped checkpoints.
+# Variables: WORK (data and checkpoints, default work/), OUT (logs and result files, default $WORK/out),
+# MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m weights.default_model`,
+# with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N prompts of
+# each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
+# under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
+# JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROMPTS=${PROMPTS:-../shared/data/prompts-train.jsonl}
+PROMPTS_CHAT=${PROMPTS_CHAT:-../shared/data/prompts-chat-train.jsonl}
+PROMPTS_MATH=${PROMPTS_MATH:-../shared/data/prompts-train.jsonl}
 WORK=${WORK:-work}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1
-HEADS_FLAGS="--num-heads 4 --num-layers 1 --shared-lm-head"
+DATA=("$WORK/answers-chat.jsonl" "$WORK/answers-math.jsonl")
+read -r -a MIX <<< "${MIX:-1 0.5}"
+HEADS_FLAGS="--num-heads 5 --num-layers ${HEAD_LAYERS:-2} --shared-lm-head"
+RUN=${RUN:-warmup}
 MODEL_FLAG=${MODEL:+--model $MODEL}
+STEP_TIMES="$OUT/step-times.json"
+[ -f "$STEP_TIMES" ] && export STEP_TIMES_FLAG="--step-times $STEP_TIMES"  # trees sized to the GPU
+no_bars() { tr '\r' '\n' | grep -v 'it/s\]$' | grep -v '^distill:.*prompt/s'; }
+
+# The tree for a heads directory, sized to the hardware when step times were measured; TRIM=--trim drops
+# the heads deeper than that tree from the heads' files.
+tune_tree() {  # HEADS_DIR NAME
+    python -m nanomedusa.tree_tuning $MODEL_FLAG --heads "$1" --data "${DATA[@]}" --json "$OUT/$2_accuracy.json" \
+        ${STEP_TIMES_FLAG:-} --write ${TRIM:-} 2>&1 | tee "$OUT/$2_tree.log"
+}
 
 case "${1:-}" in
   kernels)
@@ -28,35 +50,44 @@ case "${1:-}" in
     python -m kernels.bench_tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
     ;;
   distill)
-    python train.py --stage distill $MODEL_FLAG --data "$PROMPTS" --out "$WORK/answers.jsonl" --max-new-tokens 256 \
-        --distill-batch-size 128 2>&1 | tr '\r' '\n' | grep -v '^distill:.*it/s' | tail -n 20 | tee "$OUT/distill.log"
+    python train.py --stage distill $MODEL_FLAG --data "$PROMPTS_CHAT" --out "${DATA[0]}" --max-new-tokens "${CHAT_TOKENS:-512}" \
+        --distill-batch-size 256 2>&1 | no_bars | tail -n 20 | tee "$OUT/distill.log"
+    python train.py --stage distill $MODEL_FLAG --data "$PROMPTS_MATH" --out "${DATA[1]}" --max-new-tokens "${MATH_TOKENS:-256}" \
+        --distill-batch-size 256 2>&1 | no_bars | tail -n 20 | tee -a "$OUT/distill.log"
     ;;
   warmup)
-    python train.py --stage warmup $MODEL_FLAG --data "$WORK/answers.jsonl" --out "$WORK/warmup" $HEADS_FLAGS \
-        --epochs 3 --batch-size 32 --max-len 512 --lr 2e-3 --log-every 100 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$' \
-        | tee "$OUT/warmup.log"
-    python -m nanomedusa.tree_tuning $MODEL_FLAG --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --nodes 63 --write \
-        2>&1 | tee "$OUT/warmup_tree.log"
-    cp "$WORK/warmup/eval.json" "$OUT/warmup_eval.json"
+    python train.py --stage warmup $MODEL_FLAG --data "${DATA[@]}" --data-weights "${MIX[@]}" --out "$WORK/$RUN" \
+        $HEADS_FLAGS --epochs "${EPOCHS:-2}" --batch-size 32 --max-len 1024 --lr 2e-3 --log-every 100 2>&1 | no_bars \
+        | tee "$OUT/$RUN.log"
+    cp "$WORK/$RUN/eval.json" "$OUT/${RUN}_eval.json"
+    tune_tree "$WORK/$RUN/heads" "$RUN"
+    ;;
+  sizes)  # the size sweep builds each size's tree from the rank accuracies the warm-up's tuning stored
+    python -m nanomedusa.bench $MODEL_FLAG --heads "m1=$WORK/warmup/heads" --skip-e2e --skip-7b \
+        --tree-sizes 16,32,48,64,96,128,192,256 --prompts bench/prompts-chat.jsonl --num-prompts 4 \
+        --step-times "$STEP_TIMES" --json "$OUT/sizes.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/sizes.log"
+    STEP_TIMES_FLAG="--step-times $STEP_TIMES" TRIM=--trim tune_tree "$WORK/warmup/heads" warmup
     ;;
   joint)
-    python train.py --stage joint $MODEL_FLAG --heads "$WORK/warmup/heads" --data "$WORK/answers.jsonl" --out "$WORK/joint" \
-        --epochs 2 --batch-size 16 --max-len 512 --lr 1e-3 --backbone-lr 2e-5 --log-every 100 2>&1 | tr '\r' '\n' \
-        | grep -v 'it/s\]$' | tee "$OUT/joint.log"
-    python -m nanomedusa.tree_tuning --heads "$WORK/joint/heads" --model "$WORK/joint/model" \
-        --data "$WORK/answers.jsonl" --nodes 63 --write 2>&1 | tee "$OUT/joint_tree.log"
+    python train.py --stage joint $MODEL_FLAG --heads "$WORK/warmup/heads" --data "${DATA[@]}" --data-weights "${MIX[@]}" \
+        --out "$WORK/joint" --lora-rank 16 --lora-alpha 32 --max-steps "${JOINT_STEPS:-500}" --batch-size 16 \
+        --max-len 1024 --lr 1e-3 --backbone-lr 2e-4 --log-every 100 2>&1 | no_bars | tee "$OUT/joint.log"
     cp "$WORK/joint/eval.json" "$OUT/joint_eval.json"
+    TRIM=--trim tune_tree "$WORK/joint/heads" joint
     ;;
-  bench)  # held-out prompts in the training mix (everything), then open-ended chat (ours only)
-    HEADS=(--heads "m1=$WORK/warmup/heads" --heads "m2=$WORK/joint/heads@$WORK/joint/model")
-    python -m nanomedusa.bench $MODEL_FLAG "${HEADS[@]}" --prompts bench/prompts-train-mix.jsonl \
-        ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.txt"
-    python -m nanomedusa.bench $MODEL_FLAG "${HEADS[@]}" --prompts bench/prompts-chat.jsonl --no-hf --skip-7b \
-        ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results-chat.json" ${BENCH_FLAGS:-} 2>&1 \
-        | tee "$OUT/bench-chat.txt"
+  bench)  # the held-out chat set (by category), the older chat set and the math/NLP mix; BENCH_FLAGS adds
+          # e.g. --no-hf --skip-7b (transformers and the 7B shape run with the last set only)
+    HEADS=(--heads "m1=$WORK/warmup/heads" --heads "m2=$WORK/joint/heads")
+    for set in chat-heldout chat train-mix; do
+        flags=(--no-hf --skip-7b)
+        [ "$set" = train-mix ] && flags=()
+        python -m nanomedusa.bench $MODEL_FLAG "${HEADS[@]}" --prompts "bench/prompts-$set.jsonl" "${flags[@]}" \
+            ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results-$set.json" ${BENCH_FLAGS:-} 2>&1 \
+            | tee "$OUT/bench-$set.txt"
+    done
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|joint|bench" >&2
+    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench" >&2
     exit 2
     ;;
 esac

@@ -1,37 +1,49 @@
 """Choose a Medusa tree for a set of heads from how often each head's rank-i guess is right.
 
     python -m nanomedusa.tree_tuning --heads weights/smollm2-135m-instruct-medusa \
-        --data data/answers.jsonl --nodes 63 [--model M] [--write]
+        --data data/answers.jsonl [more.jsonl ...] --nodes 63 [--model M] [--write]
+    python -m nanomedusa.tree_tuning ... --step-times bench/step-times.json --write   # sized to the hardware
 
 The Medusa paper builds its sparse tree greedily: a path's expected contribution to the accepted
 length is the product of its heads' rank accuracies, so the best N-node tree keeps the N paths with
 the largest products (`tree.tree_from_head_accuracies`). This script measures those accuracies on
 held-out conversations (the same split `train.py` holds out, by --seed and --eval-fraction), prints
-them, and with --write stores the tree as `medusa_choices` in the heads' config.json, where
-`generate.py` picks it up as the heads' default tree.
+them (per data file and pooled), and with --write stores the tree as `medusa_choices` in the heads'
+config.json, where `generate.py` picks it up as the heads' default tree.
+
+Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
+(the step time against node count that `python -m nanomedusa.bench --tree-sizes ...` measured on the
+target GPU) the size is the one with the most expected tokens per millisecond,
+expected_accept_length(tree of N nodes) / step_ms(N), instead of a fixed --nodes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from kernels.medusa_heads import MAX_TOPK
+
+from .adapter import apply_adapter, has_adapter
+from .cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
+                  check_seed)
 from .errors import NanoMedusaError
-from .heads import MedusaHeads
+from .files import write_atomically, write_text_atomically
+from .heads import WEIGHT_FILES, MedusaHeads
 from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import IGNORE, collate, load_conversations, split_train_eval, tokenize_all
 from .training.losses import shifted_targets
-from .tree import tree_from_head_accuracies
+from .tree import expected_accept_length, tree_from_head_accuracies
 
 
 @torch.inference_mode()
-def rank_accuracies(model, heads: MedusaHeads, examples, topk: int = 10, batch_size: int = 2) -> torch.Tensor:
-    """-> acc [K, topk]: share of answer positions where head k's rank-i guess is the true token."""
+def rank_hits(model, heads: MedusaHeads, examples, topk: int = 10, batch_size: int = 2):
+    """-> (hits [K, topk]: answer positions where head k's rank-i guess is the true token, count [K])."""
     K = heads.config.num_heads
     hits = torch.zeros(K, topk, dtype=torch.float64)
     count = torch.zeros(K, dtype=torch.float64)
@@ -46,46 +58,140 @@ def rank_accuracies(model, heads: MedusaHeads, examples, topk: int = 10, batch_s
         for r in range(topk):
             hits[:, r] += ((rank == r) & valid).sum(dim=(1, 2)).double().cpu()
         count += valid.sum(dim=(1, 2)).double().cpu()
+    return hits, count
+
+
+def rank_accuracies(model, heads: MedusaHeads, examples, topk: int = 10, batch_size: int = 2) -> torch.Tensor:
+    """-> acc [K, topk]: share of answer positions where head k's rank-i guess is the true token."""
+    hits, count = rank_hits(model, heads, examples, topk, batch_size)
     return hits / count.clamp(min=1)[:, None]
 
 
+def size_for_hardware(acc: torch.Tensor, step_times: dict) -> tuple[int, list[dict]]:
+    """-> (paths in the best tree, one row per measured size): the size with the most expected
+    accepted tokens per millisecond of step."""
+    rows = []
+    for t in step_times["trees"]:
+        paths = min(t["nodes"] - 1, sum(acc.shape[1] ** d for d in range(1, acc.shape[0] + 1)))
+        expected = expected_accept_length(acc, tree_from_head_accuracies(acc, paths))
+        rows.append({"nodes": paths + 1, "step_ms": t["step_ms"], "expected_accepted": expected,
+                     "tokens_per_ms": expected / t["step_ms"]})
+    best = max(rows, key=lambda r: r["tokens_per_ms"])
+    return best["nodes"] - 1, rows
+
+
+def read_step_times(path: str) -> dict:
+    try:
+        step_times = json.loads(Path(path).read_text())
+        assert step_times["trees"] and all(t["nodes"] > 1 and t["step_ms"] > 0 for t in step_times["trees"])
+        return step_times
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise NanoMedusaError(f"{path} is not a step-times file; write one with "
+                              f"python -m nanomedusa.bench --tree-sizes 16,32,64,128,256 on the target GPU.") from None
+
+
+def trim_heads(heads_dir: Path, config: dict, depth: int) -> None:
+    """Keep heads 0 .. depth-1 (a head the tree never reads costs every step a top-k for nothing):
+    rewrites the weights file and sets the head count and accuracy rows in `config`."""
+    weights = heads_dir / WEIGHT_FILES[0]
+    if not weights.is_file():
+        raise NanoMedusaError(f"--trim rewrites {weights.name}, which {heads_dir} lacks; drop --trim.")
+    kept = {k: v for k, v in load_file(str(weights)).items() if int(k.split(".")[1]) < depth}
+    write_atomically(weights, lambda tmp: save_file(kept, str(tmp), metadata={"format": "pt"}))
+    config["medusa_num_heads"] = config["num_heads"] = depth
+    config["rank_accuracy"] = config["rank_accuracy"][:depth]
+    print(f"kept the {depth} heads the tree reaches in {weights}")
+
+
+def print_accuracies(title: str, acc: torch.Tensor) -> None:
+    print(f"{title} (rows: heads, columns: rank 0..; then top-1 / top-5):")
+    for k, row in enumerate(acc.tolist()):
+        print(f"  head {k}: " + " ".join(f"{a:.3f}" for a in row) + f"   {row[0]:.3f} / {sum(row[:5]):.3f}")
+
+
+def check_args(args) -> None:
+    """Every flag's value and path, before the model loads (a NanoMedusaError naming the fix)."""
+    check_input_dir("--heads", args.heads)
+    for path in args.data:
+        check_input_file("--data", path)
+    if args.json:
+        check_output_file("--json", args.json)
+    check_at_least(1, {"--nodes": args.nodes, "--topk": args.topk, "--max-len": args.max_len, "--limit": args.limit})
+    if args.topk > MAX_TOPK:
+        raise NanoMedusaError(f"--topk must be at most {MAX_TOPK} (the deepest rank a tree may use), not {args.topk}.")
+    if not 0 < args.eval_fraction < 1:
+        raise NanoMedusaError(f"--eval-fraction must be in (0, 1), not {args.eval_fraction}; pass the one the heads "
+                              f"were trained with (default 0.02).")
+    check_seed(args.seed)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads directory")
-    p.add_argument("--data", required=True, help="conversations (the heads' training data; its held-out split is used)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="conversations (the heads' training data; the held-out split of each file is used)")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
     p.add_argument("--nodes", type=int, default=63, help="tree size, root not counted")
+    p.add_argument("--step-times", default=None, metavar="FILE",
+                   help="step time against tree size (python -m nanomedusa.bench --tree-sizes): choose the size too")
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations")
+    p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations per file")
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the accuracies (per file and pooled) here")
     p.add_argument("--write", action="store_true", help="store the tree as medusa_choices in the heads' config.json")
+    p.add_argument("--trim", action="store_true",
+                   help="with --write: drop the heads deeper than the tree reaches from the heads' files")
     args = p.parse_args(argv)
     try:
+        check_args(args)
+        step_times = read_step_times(args.step_times) if args.step_times else None
         model, ckpt = load_model(args.model, device=args.device)
         heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
-        _, held_out = split_train_eval(load_conversations(args.data), args.eval_fraction, args.seed)
-        examples = tokenize_all(Tokenizer.from_dir(ckpt), held_out[: args.limit], args.max_len)
-        if not examples:
-            raise NanoMedusaError(f"{args.data} has no held-out conversation with an answer; pass more data.")
-        acc = rank_accuracies(model, heads, examples, args.topk)
-        print("rank accuracy per head (rows: heads, columns: rank 0..):")
-        for k, row in enumerate(acc.tolist()):
-            print(f"  head {k}: " + " ".join(f"{a:.3f}" for a in row))
-        choices = tree_from_head_accuracies(acc, args.nodes)
-        print(f"tree ({len(choices)} nodes): {json.dumps(choices)}")
+        if has_adapter(args.heads):
+            print(apply_adapter(model, args.heads))
+        tokenizer = Tokenizer.from_dir(ckpt)
+        hits, count, report = 0, 0, {}
+        for path in args.data:
+            _, held_out = split_train_eval(load_conversations(path), args.eval_fraction, args.seed)
+            examples = tokenize_all(tokenizer, held_out[: args.limit], args.max_len)
+            if not examples:
+                raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
+            file_hits, file_count = rank_hits(model, heads, examples, args.topk)
+            acc = file_hits / file_count.clamp(min=1)[:, None]
+            print_accuracies(f"{path}: {len(examples)} held-out conversations, {int(file_count[0])} answer tokens", acc)
+            report[path] = {"conversations": len(examples), "tokens": int(file_count[0]), "rank_accuracy": acc.tolist()}
+            hits, count = hits + file_hits, count + file_count
+        acc = hits / count.clamp(min=1)[:, None]  # [K, topk], pooled over the files' answer tokens
+        if len(args.data) > 1:
+            print_accuracies("all files", acc)
+        nodes = args.nodes
+        if step_times:
+            nodes, sizes = size_for_hardware(acc, step_times)
+            print(f"step times of {step_times.get('device', '?')} (plain step {step_times.get('plain_step_ms', 0):.3f} ms):")
+            for r in sizes:
+                print(f"  T={r['nodes']:>4}: {r['step_ms']:.3f} ms, expected accepted {r['expected_accepted']:.2f}, "
+                      f"{r['tokens_per_ms']:.3f} tokens/ms")
+            report["sizes"] = sizes
+        choices = tree_from_head_accuracies(acc, nodes)
+        print(f"tree ({len(choices)} nodes, expected accepted {expected_accept_length(acc, choices):.2f}): "
+              f"{json.dumps(choices)}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({**report, "pooled": acc.tolist(), "medusa_choices": choices}, indent=2) + "\n")
         if args.write:
             config_path = Path(args.heads) / "config.json"
             config = json.loads(config_path.read_text())
             config["medusa_choices"] = choices
             config["rank_accuracy"] = [[round(a, 4) for a in row] for row in acc.tolist()]
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
+            if args.trim:
+                trim_heads(Path(args.heads), config, max(len(c) for c in choices))
+            write_text_atomically(config_path, json.dumps(config, indent=2) + "\n")
             print(f"wrote medusa_choices to {config_path}")
     except NanoMedusaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     return 0
 
 

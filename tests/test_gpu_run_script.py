@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nanomedusa.config import ModelConfig
+from nanomedusa.heads import MedusaHeads
 from tests.tiny_tokenizer import make_chat_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,17 +27,32 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     make_chat_checkpoint(model, max_position_embeddings=512)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    env = {**os.environ, "MODEL": str(model), "PROMPTS": str(prompts), "WORK": str(tmp_path / "work"),
-           "NUM_PROMPTS": "2", "BENCH_FLAGS": "--device cpu --dtype float32 --skip-7b --no-hf --max-new-tokens 8 "
-                                              "--quick-warmup --tree own"}
-    for stage in ("distill", "warmup", "joint", "bench"):
+    env = {**os.environ, "MODEL": str(model), "PROMPTS_CHAT": str(prompts), "PROMPTS_MATH": str(prompts),
+           "WORK": str(tmp_path / "work"), "NUM_PROMPTS": "2", "JOINT_STEPS": "4", "EPOCHS": "2",
+           "CHAT_TOKENS": "24", "MATH_TOKENS": "16",
+           "BENCH_FLAGS": "--device cpu --dtype float32 --skip-7b --no-hf --max-new-tokens 8 --quick-warmup --tree own"}
+    for stage in ("distill", "warmup", "sizes", "joint", "bench"):
         proc = subprocess.run(["bash", "bench/gpu_run.sh", stage], cwd=REPO, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"stage {stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     work = tmp_path / "work"
-    assert len((work / "answers.jsonl").read_text().splitlines()) == len(PROMPTS)
+    for answers in ("answers-chat.jsonl", "answers-math.jsonl"):
+        assert len((work / answers).read_text().splitlines()) == len(PROMPTS)
+    step_times = json.loads((work / "out" / "step-times.json").read_text())
+    sizes = [t["nodes"] for t in step_times["trees"]]
+    assert sizes == [16, 32, 48, 64, 96, 128, 192, 256]
     for stage in ("warmup", "joint"):
         config = json.loads((work / stage / "heads" / "config.json").read_text())
-        assert len(config["medusa_choices"]) == 63  # the tree tuned from the heads' measured accuracies
+        # the tree tuned from the heads' measured accuracies, at one of the timed sizes
+        assert len(config["medusa_choices"]) + 1 in sizes
+        # --trim kept the heads the tree reaches, in the config and in the weights file
+        depth = max(len(path) for path in config["medusa_choices"])
+        assert config["num_heads"] == len(config["rank_accuracy"]) == depth
+        assert MedusaHeads.load(work / stage / "heads", ModelConfig.from_json(model / "config.json")).config.num_heads == depth
         assert (work / "out" / f"{stage}_eval.json").is_file()
-    results = json.loads((work / "out" / "results.json").read_text())
-    assert {m["heads"] for m in results["medusa"]} == {"m1", "m2"}
+    assert json.loads((work / "joint" / "heads" / "config.json").read_text())["lora"] == {"rank": 16, "alpha": 32.0}
+    assert (work / "joint" / "heads" / "adapter.safetensors").is_file()
+    for prompt_set in ("chat-heldout", "chat", "train-mix"):
+        results = json.loads((work / "out" / f"results-{prompt_set}.json").read_text())
+        assert {m["heads"] for m in results["medusa"]} == {"m1", "m2"}
+    heldout = json.loads((work / "out" / "results-chat-heldout.json").read_text())
+    assert set(heldout["medusa"][0]["by_category"]) == {"writing"}  # the first two prompts are writing prompts

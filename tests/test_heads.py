@@ -125,13 +125,15 @@ def test_shipped_heads_are_the_default_on_a_gpu_only(capsys):
     assert generate.default_heads_dir(args, torch.device("cuda")) is None
 
 
-def test_shipped_heads_run_their_named_tree_built_from_their_accuracies():
+@pytest.mark.parametrize("checkpoint, preset", [("smollm2-135m-instruct-medusa", "smollm2_135m_medusa1"),
+                                                ("smollm2-135m-instruct-medusa2", "smollm2_135m_medusa2")])
+def test_shipped_heads_run_their_named_tree_built_from_their_accuracies(checkpoint, preset):
     # The preset is the paper's greedy tree for the shipped heads' measured rank accuracies, and it is
     # the tree their config.json makes them run with (retraining the heads must update both).
     import generate
     from nanomedusa.tree import PRESETS, tree_from_head_accuracies
 
-    config = json.loads((generate.SHIPPED_HEADS / "config.json").read_text())
-    assert config["medusa_choices"] == PRESETS["smollm2_135m_medusa1"]
-    assert tree_from_head_accuracies(config["rank_accuracy"], 63) == PRESETS["smollm2_135m_medusa1"]
+    config = json.loads((generate.SHIPPED_HEADS.parent / checkpoint / "config.json").read_text())
+    assert config["medusa_choices"] == PRESETS[preset]
+    assert tree_from_head_accuracies(config["rank_accuracy"], len(PRESETS[preset])) == PRESETS[preset]
     assert config["num_heads"] == len(config["rank_accuracy"]) == 4 and config["shared_lm_head"]

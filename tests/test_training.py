@@ -14,11 +14,14 @@ import pytest
 import torch
 
 import train as train_cli
+from nanomedusa.adapter import apply_adapter
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
-from nanomedusa.training.data import IGNORE, StepSampler, load_conversations, split_train_eval, tokenize_conversation
+from nanomedusa.errors import NanoMedusaError
+from nanomedusa.training.data import (IGNORE, Example, StepSampler, load_conversations, mix_examples, split_train_eval,
+                                      tokenize_conversation)
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
 
@@ -104,6 +107,21 @@ def test_formats_and_split(tmp_path):
     train, held = split_train_eval(items, 0.2, seed=7)
     assert len(held) == 10 and sorted(train + held) == items and split_train_eval(items, 0.2, seed=7)[1] == held
     assert split_train_eval(items, 0.2, seed=8)[1] != held
+
+
+def test_mix_weights_repeat_and_thin_each_file(setup, tmp_path):
+    a, b = [Example([i], [i]) for i in range(10)], [Example([100 + i], [100 + i]) for i in range(8)]
+    mixed = mix_examples([a, b], [2, 0.5], seed=1)
+    assert sum(e in a for e in mixed) == 20 and sum(e in b for e in mixed) == 4
+    assert mixed == mix_examples([a, b], [2, 0.5], seed=1)  # the seed alone decides which half is kept
+    # Through the trainer: each file is split on its own, and the weights apply to the training parts.
+    other = write_counting_data(tmp_path / "other.jsonl", 64, seed=5)
+    trainer = Trainer(config(setup, "mix", data=[setup[2], str(other)], data_weights=[1, 0.5]))
+    one = Trainer(config(setup, "mix1"))
+    assert len(trainer.train_set) == len(one.train_set) + 28  # + half of other.jsonl's 56 training examples
+    assert len(trainer.eval_set) == len(one.eval_set) + 8
+    with pytest.raises(NanoMedusaError, match="one weight per file"):
+        Trainer(config(setup, "mix2", data=[setup[2], str(other)], data_weights=[1]))
 
 
 def test_shifted_targets_and_sampler():
@@ -199,15 +217,22 @@ def test_joint_changes_backbone_and_keeps_lm_loss(setup, warmed, lora_rank):
     assert results["lm"]["loss"] <= start["lm"]["loss"] + 0.05
     assert results["heads"][0]["top1"] >= start["heads"][0]["top1"] - 0.05
     original, _ = load_model(setup[1], "cpu", "float32")
-    exported, ckpt = load_model(trainer.out / "model", "cpu", "float32")
-    assert (ckpt / "tokenizer.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
     heads_config = json.loads((trainer.out / "heads" / "config.json").read_text())
-    assert heads_config["base_model_name_or_path"] == str(trainer.out / "model")  # heads pair with the new model
+    if lora_rank:  # the heads ship the adapter; loading them onto the base model merges it (bf16 file)
+        assert not (trainer.out / "model").exists() and heads_config["lora"] == {"rank": 4, "alpha": 16.0}
+        exported, _ = load_model(setup[1], "cpu", "float32")
+        assert "LoRA adapter" in apply_adapter(exported, trainer.out / "heads")
+        tolerance = 2e-3
+    else:
+        exported, ckpt = load_model(trainer.out / "model", "cpu", "float32")
+        assert (ckpt / "tokenizer.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
+        assert heads_config["base_model_name_or_path"] == str(trainer.out / "model")  # heads pair with the new model
+        tolerance = 1e-4
     changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
     assert any(".attention.wqkv." in k for k in changed)
     tokens = torch.randint(0, 80, (2, 17))
-    with torch.no_grad():  # the exported checkpoint (LoRA merged in) is the model that was trained
-        assert torch.allclose(exported(tokens), trainer.module.model(tokens), atol=1e-4)
+    with torch.no_grad():  # the exported backbone (LoRA merged in) is the model that was trained
+        assert torch.allclose(exported(tokens), trainer.module.model(tokens), atol=tolerance)
 
 
 # ----- resume -------------------------------------------------------------------------------------
@@ -382,7 +407,7 @@ def test_cli_errors(setup, tmp_path, capsys):
         code = train_cli.main(["--model", ckpt, "--data", str(data), "--out", str(tmp_path / "o"), *extra])
         return code, capsys.readouterr().err.strip()
 
-    assert run(tmp_path / "none.jsonl") == (2, f"error: data file {tmp_path / 'none.jsonl'} does not exist; check the --data path.")
+    assert run(tmp_path / "none.jsonl") == (2, f"error: --data {tmp_path / 'none.jsonl'} does not exist; check the path.")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
     code, err = run(bad)

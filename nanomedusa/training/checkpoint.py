@@ -2,8 +2,10 @@
 
     OUT/checkpoint/state.pt  trainable weights (frozen ones are re-read from --model), AdamW state,
                              step, RNG states and the settings a resumed run must share
-    OUT/heads/               the heads, in `MedusaHeads.save` format (generate.py --medusa OUT/heads)
-    OUT/model/               joint training only: the fine-tuned base model as a full Hugging Face
+    OUT/heads/               the heads, in `MedusaHeads.save` format (generate.py --medusa OUT/heads);
+                             after joint training with LoRA also the adapter (`nanomedusa/adapter.py`),
+                             which loading the heads merges into the base model
+    OUT/model/               full joint training only: the fine-tuned base model as a full Hugging Face
                              checkpoint directory (config, model.safetensors, tokenizer files)
 
 State dicts go through `torch.distributed.checkpoint.state_dict`, which gives full (unsharded,
@@ -14,6 +16,7 @@ data order a function of (seed, step), so the step is all the scheduler and data
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,11 +25,13 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
+from ..adapter import save_adapter
 from ..errors import NanoMedusaError
+from ..files import write_atomically
 from ..heads import HeadsConfig, MedusaHeads
 from ..loading import save_hf_weights
 from ..model import Transformer
-from .lora import merge_lora_state
+from .lora import adapter_state, merge_lora_state
 
 TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -45,9 +50,8 @@ def save_state(out_dir, wrapped: nn.Module, optimizer, step: int, settings: dict
         rng["cuda"] = torch.cuda.get_rng_state()
     path = state_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model_state, "optim": optim_state, "rng": rng, "settings": settings}, tmp)
-    os.replace(tmp, path)  # atomic: an interruption while writing leaves the previous checkpoint intact
+    state = {"step": step, "model": model_state, "optim": optim_state, "rng": rng, "settings": settings}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))  # an interruption keeps the previous checkpoint
 
 
 def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
@@ -55,7 +59,7 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     path = state_path(out_dir)
     if not path.is_file():
         raise NanoMedusaError(f"there is no checkpoint at {path} to resume from; drop --resume to start a new run.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_state(path)
     for key, value in settings.items():
         if state["settings"].get(key) != value:
             raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={state['settings'].get(key)!r} but this "
@@ -68,9 +72,39 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     return state["step"]
 
 
+def _read_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if {"step", "model", "optim", "rng", "settings"} - set(state):
+            raise KeyError
+    except Exception:  # torch.load raises many kinds of errors on a damaged file
+        raise NanoMedusaError(f"{path} is damaged or not a training checkpoint; delete it to start over, "
+                              f"or choose another --out.") from None
+    return state
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Cut OUT/log.jsonl back to the records of steps <= step (and any torn last line), in place:
+    a run resumed from the checkpoint of `step` logs the later steps again."""
+    if not path.is_file():
+        return
+    keep = 0  # bytes of whole records up to `step`
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                if not line.endswith(b"\n") or json.loads(line)["step"] > step:
+                    break
+            except (ValueError, KeyError, TypeError):
+                break
+            keep += len(line)
+    os.truncate(path, keep)
+
+
 def export(out_dir, wrapped: nn.Module, heads_config: HeadsConfig, ckpt_dir: Path, with_model: bool,
            lora_scale: float, is_main: bool) -> None:
-    """Write OUT/heads (and OUT/model if the backbone was trained) from the live, maybe sharded, module."""
+    """Write OUT/heads (with the LoRA adapter if `heads_config.lora`), and OUT/model if `with_model`
+    and the whole backbone was trained, from the live, maybe sharded, module."""
+    with_model = with_model and not heads_config.lora  # an adapter ships in OUT/heads, not as a model copy
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not with_model)
     state = get_model_state_dict(wrapped, options=options)
     if not is_main:
@@ -79,6 +113,8 @@ def export(out_dir, wrapped: nn.Module, heads_config: HeadsConfig, ckpt_dir: Pat
     heads = MedusaHeads(heads_config)
     heads.load_state_dict(_strip(state, "heads."))
     heads.save(out_dir / "heads")
+    if heads_config.lora:
+        save_adapter(adapter_state(_strip(state, "model.")), out_dir / "heads")
     if with_model:
         model_state = merge_lora_state(_strip(state, "model."), lora_scale)
         save_model_dir(model_state, ckpt_dir, out_dir / "model")

@@ -14,6 +14,10 @@ tokenizing the prefixes around it:
     tokens(render(msgs[:i], generation prompt)) = ids[:start]   answer i is ids[start:end]
     tokens(render(msgs[:i+1]))                  = ids[:end]
 
+Several files train together as a mix (`mix_examples`): each file is split into train / held-out on
+its own, and its training examples are repeated or thinned by its weight, so a small but important
+source (open-ended chat) can count for more than a large one (math word problems).
+
 `StepSampler` decides which examples each rank sees at each optimizer step: a fixed function of
 (seed, step), so a resumed run continues exactly where it stopped, and the same global batch is cut
 the same way whatever the number of processes.
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NanoMedusaError
+from ..files import read_utf8
 
 IGNORE = -100  # label of a token that is not trained on (cross_entropy's ignore_index)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -50,7 +55,7 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise NanoMedusaError(f"data file {path} does not exist; check the --data path.")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".json":
         try:
             items = json.loads(text)
@@ -155,6 +160,17 @@ def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list
     n_eval = min(max(round(n * eval_fraction), 1), n - 1) if eval_fraction > 0 and n >= 2 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in sorted(order[:n_eval])]
+
+
+def mix_examples(sources: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
+    """The training set of a weighted mix: weight w keeps a file's examples floor(w) times, plus a
+    share w - floor(w) of them chosen by `seed` (0.5 keeps a random half, 2 repeats every example)."""
+    mixed = []
+    for i, (examples, weight) in enumerate(zip(sources, weights)):
+        whole, part = divmod(weight, 1.0)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + i)).tolist()
+        mixed += examples * int(whole) + [examples[j] for j in sorted(order[: round(part * len(examples))])]
+    return mixed
 
 
 @dataclass

@@ -94,7 +94,7 @@ def distill(cfg: DistillConfig) -> int:
         jobs.append(Job(conversation.id, messages, prompt_ids, min(cfg.max_new_tokens, context - len(prompt_ids))))
     skipped = len(todo) - len(jobs)
     jobs.sort(key=lambda job: -len(job.prompt_ids))  # stable: equal lengths keep the data's order
-    written = 0
+    written = capped = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True) as bar:
         bar.update(skipped)
@@ -103,6 +103,8 @@ def distill(cfg: DistillConfig) -> int:
             for job, tokens in zip(batch, answer(model, batch, sampling, tokenizer.eos_ids, cfg.seed)):
                 if tokens and tokens[-1] in tokenizer.eos_ids:
                     tokens = tokens[:-1]
+                else:  # cut at max_new_tokens: how often this happens is how to judge the cap
+                    capped += 1
                 turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in job.messages]
                 turns.append({"from": "gpt", "value": tokenizer.decode(tokens)})
                 f.write(json.dumps({"id": job.id, "conversations": turns}, ensure_ascii=False) + "\n")
@@ -110,6 +112,9 @@ def distill(cfg: DistillConfig) -> int:
             written += len(batch)
             bar.update(len(batch))
             bar.set_postfix(written=written, skipped=skipped)
+    if written:
+        tqdm.write(f"distill: {capped} of {written} answers ({100 * capped / written:.1f}%) were cut at "
+                   f"--max-new-tokens {cfg.max_new_tokens} before the model ended them")
     return written
 
 
@@ -151,15 +156,17 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Ids already answered in `path`; a line torn by an interruption is cut off first."""
+    """Ids already answered in `path`; a line torn by an interruption is cut off first, in place (the
+    answers before it are never rewritten, so a second interruption cannot lose them)."""
     if not path.is_file():
         return set()
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
+        os.truncate(path, len(data))
     ids = set()
-    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
+    # errors="replace": a line with stray bytes is then not JSON, and reported as such below
+    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
         if not line.strip():
             continue
         try:

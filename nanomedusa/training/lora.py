@@ -6,7 +6,8 @@ that keeps the original weight (frozen, same parameter name) and adds
     y = x W^T + b + (alpha / rank) * (x A^T) B^T      A [rank, in] (random), B [out, rank] (zero)
 
 so training starts from the unchanged model. `merge_lora_state` folds A and B back into the weights of
-a state dict, giving plain checkpoint tensors the engine loads like any other.
+a state dict, giving plain checkpoint tensors the engine loads like any other; `adapter_state` keeps
+only A and B, which ship beside the heads as a small adapter (`nanomedusa/adapter.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..adapter import lora_delta
 
 
 class LoRALinear(nn.Module):
@@ -45,6 +48,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> None:
                     setattr(parent, name, LoRALinear(child, rank, alpha))
 
 
+def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Only the `*.lora_a` / `*.lora_b` tensors of a state dict."""
+    return {k: v for k, v in state.items() if k.endswith((".lora_a", ".lora_b"))}
+
+
 def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """W += scale * B A for every `*.lora_a` / `*.lora_b` pair; the adapter tensors are dropped."""
     merged = {k: v for k, v in state.items() if not k.endswith((".lora_a", ".lora_b"))}
@@ -52,6 +60,5 @@ def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
         if key.endswith(".lora_a"):
             prefix = key[: -len("lora_a")]
             weight = merged[prefix + "weight"]
-            delta = state[prefix + "lora_b"].float() @ state[key].float()  # [out, in]
-            merged[prefix + "weight"] = (weight.float() + scale * delta).to(weight.dtype)
+            merged[prefix + "weight"] = (weight.float() + lora_delta(state[key], state[prefix + "lora_b"], scale)).to(weight.dtype)
     return merged

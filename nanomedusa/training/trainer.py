@@ -33,7 +33,8 @@ from ..heads import MedusaHeads
 from ..loading import load_model, resolve_checkpoint
 from ..tokenizer import Tokenizer
 from . import checkpoint
-from .data import IGNORE, StepSampler, collate, eval_batches, load_conversations, split_train_eval, tokenize_all
+from .data import (IGNORE, StepSampler, collate, eval_batches, load_conversations, mix_examples, split_train_eval,
+                   tokenize_all)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
 from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
@@ -57,7 +58,8 @@ def kernel_backend(name: str):
 class TrainConfig:
     stage: str = "warmup"
     model: str | None = None  # None: the project's default model
-    data: str = ""
+    data: str | list[str] = ""  # one file, or several trained as a mix weighted by data_weights
+    data_weights: list[float] | None = None  # per data file (default 1 each): repeat (> 1) or thin (< 1)
     out: str = "out"
     heads: str | None = None  # heads to start from (required for joint: the warm-up's OUT/heads)
     num_heads: int = 4
@@ -104,6 +106,15 @@ class TrainConfig:
                 raise NanoMedusaError(f"{flag} must be at least 1, got {value}.")
         if not 0 <= self.eval_fraction < 1:
             raise NanoMedusaError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.data_weights is not None and len(self.data_weights) != len(self.data_files):
+            raise NanoMedusaError(f"--data-weights gives {len(self.data_weights)} weights for {len(self.data_files)} "
+                                  f"--data files; give one weight per file.")
+        if self.data_weights is not None and not all(w > 0 for w in self.data_weights):
+            raise NanoMedusaError(f"--data-weights must all be positive, got {self.data_weights}.")
+
+    @property
+    def data_files(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
 
 class Trainer:
@@ -118,10 +129,10 @@ class Trainer:
             raise NanoMedusaError(f"{self.out} already holds a training checkpoint; pass --resume to continue it or choose another --out.")
         torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
 
-        conversations = load_conversations(cfg.data)  # bad data fails before the model is loaded
+        sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
         self.ckpt_dir = resolve_checkpoint(cfg.model)
         self.tokenizer = Tokenizer.from_dir(self.ckpt_dir)
-        self.train_set, self.eval_set = self._tokenize(conversations)
+        self.train_set, self.eval_set = self._tokenize(sources)
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" and not self.joint else "float32"
@@ -144,21 +155,29 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank, cfg.seed)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.start_step = checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings()) if cfg.resume else 0
+        if cfg.resume and self.dist.is_main:
+            checkpoint.truncate_log(self.out / "log.jsonl", self.start_step)
 
     # ----- setup -------------------------------------------------------------------------------
 
-    def _tokenize(self, conversations):
+    def _tokenize(self, sources):
+        """-> (training examples of the weighted mix, held-out examples of every file)."""
         cfg = self.cfg
-        answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
-        if not answered:
-            raise NanoMedusaError(f"{cfg.data} has no conversation with an assistant answer to train on; "
-                                  f"answer its prompts first with --stage distill.")
-        train_c, eval_c = split_train_eval(answered, cfg.eval_fraction, cfg.seed)
-        train = tokenize_all(self.tokenizer, train_c, cfg.max_len, progress=self.dist.is_main)
-        if not train:
-            raise NanoMedusaError(f"no training example of {cfg.data} keeps an answer token within --max-len "
-                                  f"{cfg.max_len}; raise --max-len.")
-        return train, tokenize_all(self.tokenizer, eval_c, cfg.max_len)
+        trains, held_out = [], []
+        for path, conversations in zip(cfg.data_files, sources):
+            answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
+            if not answered:
+                raise NanoMedusaError(f"{path} has no conversation with an assistant answer to train on; "
+                                      f"answer its prompts first with --stage distill.")
+            # Each file split on its own, as tree_tuning.py splits it, so its held-out part stays unseen.
+            train_c, eval_c = split_train_eval(answered, cfg.eval_fraction, cfg.seed)
+            train = tokenize_all(self.tokenizer, train_c, cfg.max_len, progress=self.dist.is_main)
+            if not train:
+                raise NanoMedusaError(f"no training example of {path} keeps an answer token within --max-len "
+                                      f"{cfg.max_len}; raise --max-len.")
+            trains.append(train)
+            held_out += tokenize_all(self.tokenizer, eval_c, cfg.max_len)
+        return mix_examples(trains, cfg.data_weights or [1.0] * len(trains), cfg.seed), held_out
 
     def _make_heads(self, model) -> MedusaHeads:
         cfg = self.cfg
@@ -182,7 +201,7 @@ class Trainer:
         """What a resumed run must share with the run that wrote the checkpoint."""
         cfg = self.cfg
         heads = self.module.heads.config
-        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data, "heads": cfg.heads, "num_heads": heads.num_heads,
+        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data_files, "data_weights": cfg.data_weights, "heads": cfg.heads, "num_heads": heads.num_heads,
                 "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps}
@@ -298,7 +317,9 @@ class Trainer:
 
     def export(self, heads_only: bool = False) -> None:
         heads_config = self.module.heads.config
-        if self.joint:  # the heads now belong to the fine-tuned model, not to the one training started from
+        if self.joint and self.cfg.lora_rank:  # the heads carry the backbone's adapter (nanomedusa/adapter.py)
+            heads_config = replace(heads_config, lora={"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha})
+        elif self.joint:  # the heads now belong to the fine-tuned model, not to the one training started from
             heads_config = replace(heads_config, base_model=str(self.out / "model"))
         checkpoint.export(self.out, self.wrapped, heads_config, self.ckpt_dir, self.joint and not heads_only,
                           self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main)

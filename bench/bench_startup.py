@@ -1,0 +1,101 @@
+"""Start-up and chat latency of generate.py, for the targets of issue #19. Run it on the GPU:
+
+    python bench/bench_startup.py                           # the default model and decoder of this machine
+    python bench/bench_startup.py --runs 3 --conversation-tokens 1000 -- --no-medusa
+
+1. Time to first token: `python generate.py --prompt ... --verbose` as a fresh process, `--runs` times (the
+   first run warms the disk, the prepared bfloat16 model and Triton's cache; the last is the one to read).
+   Measured from launch to the first streamed byte, with the --verbose breakdown of each run (imports,
+   load, first-call setup, prefill, decode). Target: <= 3 s, <= 2 s of it before the model is on the GPU.
+2. Follow-up turn: the chat that `--interactive` builds, grown with the prompts of bench/prompts-chat.jsonl
+   to about --conversation-tokens tokens, then --follow-ups short turns, each timed from the message to its
+   first streamed token (what Enter-to-first-token is, less the terminal). Target: <= 50 ms.
+
+Arguments after `--` go to generate.py in both parts (e.g. `-- --no-medusa`, `-- --model DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # generate.py is a script at the repository root, not part of the package
+
+PROMPT = "Hi, who are you?"
+FOLLOW_UPS = ["Thanks! Say that again in one sentence.", "Why?", "Give me one example.", "And another one?",
+              "Summarise our conversation in ten words."]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3, help="fresh generate.py processes for the time to first token")
+    p.add_argument("--conversation-tokens", type=int, default=1000, help="grow the chat to this many tokens")
+    p.add_argument("--follow-ups", type=int, default=5, help="follow-up turns timed")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("generate_args", nargs="*", help="after --: more generate.py flags")
+    return p.parse_args()
+
+
+def time_to_first_token(extra: list[str], max_new_tokens: int) -> tuple[float, str]:
+    """Launch generate.py; -> (seconds to its first stdout byte, its stderr)."""
+    command = [sys.executable, "generate.py", "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens),
+               "--verbose", *extra]
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = os.read(proc.stdout.fileno(), 1)
+    seconds = time.perf_counter() - started
+    proc.stdout.read()
+    stderr = proc.stderr.read().decode()
+    if proc.wait() != 0 or not first:
+        sys.exit(f"generate.py failed:\n{stderr}")
+    return seconds, stderr
+
+
+def follow_up_latencies(extra: list[str], conversation_tokens: int, follow_ups: int, max_new_tokens: int):
+    """Grow a chat to `conversation_tokens`, then time `follow_ups` turns; -> [(ms to first token, prefilled, used)]."""
+    import generate
+    from nanomedusa.loading import load_model
+    from nanomedusa.tokenizer import Tokenizer
+
+    args = generate.parse_args(["--interactive", "--max-new-tokens", str(max_new_tokens), *extra])
+    model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
+    tokenizer = Tokenizer.from_dir(ckpt)
+    heads, tree = generate.load_heads(args, model)
+    session = generate.chat_session(args, model, tokenizer, heads, tree)
+    prompts = [json.loads(line)["prompt"] for line in (REPO / "bench" / "prompts-chat.jsonl").open()]
+    for prompt in prompts:
+        if session.used >= conversation_tokens:
+            break
+        session.say(prompt)
+    print(f"conversation grown to {session.used} tokens in {len(session.messages) // 2} turns "
+          f"({'Medusa' if heads is not None else 'plain'} decoding, {model.device}, {model.dtype})")
+    timings = []
+    for text in (FOLLOW_UPS * follow_ups)[:follow_ups]:
+        session.say(text)
+        timings.append((session.last.first_token_seconds * 1000, session.last.prefilled, session.used))
+    return timings
+
+
+def main():
+    args = parse_args()
+    print(f"1. time to first token of `python generate.py --prompt {PROMPT!r}`, {args.runs} fresh processes")
+    for run in range(args.runs):
+        seconds, stderr = time_to_first_token(args.generate_args, args.max_new_tokens)
+        breakdown = " | ".join(line for line in stderr.splitlines() if line.startswith("[time]"))
+        print(f"   run {run + 1}: first token after {seconds:.2f} s   {breakdown}")
+    print(f"2. follow-up turns of a chat of about {args.conversation_tokens} tokens")
+    timings = follow_up_latencies(args.generate_args, args.conversation_tokens, args.follow_ups, args.max_new_tokens)
+    for ms, prefilled, used in timings:
+        print(f"   first token after {ms:6.1f} ms (prefilled {prefilled} new tokens; conversation {used} tokens)")
+    print(f"   median {statistics.median(ms for ms, _, _ in timings):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
