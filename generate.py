@@ -3,6 +3,7 @@
     python generate.py --prompt "Explain how a bicycle works."                 # default model (+ its heads)
     python generate.py --model path/or/hub-id --medusa heads_dir --tree mc_sim_7b_63 --prompt "..."
     python generate.py --prompt "..." --compare                                 # AR vs Medusa, with speedup
+    python generate.py --interactive                                            # a chat (nanomedusa/chat.py)
 
 The path of one token: tokenizer (nanomedusa/tokenizer.py) -> model (nanomedusa/model.py, whose
 attention and norms are kernels/) -> plain decoding (nanomedusa/generation.py) or Medusa
@@ -12,16 +13,23 @@ attention and norms are kernels/) -> plain decoding (nanomedusa/generation.py) o
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.perf_counter()  # before the heavy imports below: --verbose reports what they cost
 
 import torch
 
 import kernels
+from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_kernels,
+                            check_positive, check_sampling, check_seed, check_text)
+from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
-from nanomedusa.loading import load_model
+from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa
 from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import Tokenizer
@@ -31,8 +39,13 @@ DEFAULT_TREE = "mc_sim_7b_63"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True, help="the user message (rendered with the model's chat template)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", default=None,
+                   help="the user message (rendered with the model's chat template); --interactive: the first turn")
+    p.add_argument("--interactive", action="store_true", help="a multi-turn chat in the terminal (or one line per turn from a pipe)")
+    p.add_argument("--context", type=int, default=None,
+                   help="--interactive: tokens of conversation kept, rounded up to a multiple of 256 "
+                        "(default: the model's context; at most 2048 on a CPU)")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
@@ -50,9 +63,12 @@ def parse_args(argv=None):
                    help="greedy (default at temperature 0), typical, or sample (lossless, default at temperature > 0)")
     p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance alpha")
-    p.add_argument("--compare", action="store_true", help="run plain decoding and Medusa on the prompt and print the speedup")
+    p.add_argument("--compare", action="store_true",
+                   help="run plain decoding and Medusa on the prompt, each warmed up untimed first, and print their "
+                        "prefill and decode times and the speedup")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="kernel backend")
     p.add_argument("--quiet", action="store_true", help="do not stream the text")
+    p.add_argument("--verbose", action="store_true", help="print where the time goes: imports, load, first-call setup, prefill, decode")
     return p.parse_args(argv)
 
 
@@ -83,63 +99,131 @@ def load_heads(args, model):
             raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
         return None, None
     heads = MedusaHeads.load(path, model.config, device=model.device, dtype=model.dtype)
+    if has_adapter(path):  # Medusa-2 heads: the backbone they were trained with is the base + this adapter
+        print(f"[note] {apply_adapter(model, path)}.", file=sys.stderr)
     tree_spec = args.tree or heads.config.medusa_choices or DEFAULT_TREE
     choices = parse_tree(tree_spec)
     if args.tree is None:  # a default tree deeper than the heads: drop the paths the heads cannot fill
         choices = [c for c in choices if len(c) <= heads.config.num_heads]
-    return heads, TreeBuffers.from_choices(choices, device=model.device)
+    return heads, TreeBuffers.from_choices(choices, device=model.device, vocab_size=model.config.vocab_size)
+
+
+def make_decode(args, model, tokenizer, heads, tree):
+    """generate or generate_medusa with all but (prompt_ids, max_new_tokens, on_tokens=, cached_len=) bound."""
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    common = dict(sampling=sampling, eos_ids=tokenizer.eos_ids, generator=generator)
+    if heads is None:
+        return functools.partial(generate, model, **common)
+    accept = args.accept or ("greedy" if sampling.greedy else "sample")
+    return functools.partial(generate_medusa, model, heads, tree, accept=accept,
+                             posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha,
+                             **common)
 
 
 def run_one(label, args, model, tokenizer, prompt_ids, heads, tree) -> GenerationResult:
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
     stream = tokenizer.stream_decoder()
+    first_token = 0.0  # seconds from the start of the process
 
     def on_tokens(ids):
+        nonlocal first_token
+        first_token = first_token or time.perf_counter() - STARTED
         if not args.quiet:
             sys.stdout.write("".join(stream.push(i) for i in ids))
             sys.stdout.flush()
 
-    common = dict(sampling=sampling, eos_ids=tokenizer.eos_ids, on_tokens=on_tokens, generator=generator)
-    if heads is None:
-        result = generate(model, prompt_ids, args.max_new_tokens, **common)
-    else:
-        accept = args.accept or ("greedy" if sampling.greedy else "sample")
-        result = generate_medusa(model, heads, tree, prompt_ids, args.max_new_tokens, accept=accept,
-                                 posterior_threshold=args.posterior_threshold,
-                                 posterior_alpha=args.posterior_alpha, **common)
+    called = time.perf_counter()
+    result = make_decode(args, model, tokenizer, heads, tree)(prompt_ids, args.max_new_tokens, on_tokens=on_tokens)
+    setup = time.perf_counter() - called - result.seconds  # before the clock starts: graph capture, compilation
     if not args.quiet:
         sys.stdout.write(stream.flush() + "\n")
     print(f"[{label}] {len(result.tokens)} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s "
           f"(prefill {result.prefill_seconds * 1000:.0f} ms, {result.steps} decoding steps, "
           f"mean accepted length {result.mean_accepted:.2f})", file=sys.stderr, flush=True)
+    if args.verbose:
+        print(f"[time] first-call setup {setup:.2f} s, prefill {result.prefill_seconds * 1000:.0f} ms, decode "
+              f"{result.seconds - result.prefill_seconds:.2f} s; first token {first_token:.2f} s after start",
+              file=sys.stderr, flush=True)
     return result
+
+
+def compare(args, model, tokenizer, prompt_ids, heads, tree) -> None:
+    """Plain decoding against Medusa on the prompt. Each runs once untimed first, so that neither clock holds
+    graph capture, kernel compilation or a first prefill's setup; then each runs timed."""
+    for warm_heads, warm_tree in ((None, None), (heads, tree)):
+        make_decode(args, model, tokenizer, warm_heads, warm_tree)(prompt_ids, args.max_new_tokens)
+    ar = run_one("plain", args, model, tokenizer, prompt_ids, None, None)
+    med = run_one("medusa", args, model, tokenizer, prompt_ids, heads, tree)
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / max(b, 1e-9):.2f}x"
+
+    print(f"[compare] prefill: Medusa {med.prefill_seconds * 1000:.1f} ms, plain {ar.prefill_seconds * 1000:.1f} ms; "
+          f"decode: Medusa {med.decode_tokens_per_second:.1f} vs plain {ar.decode_tokens_per_second:.1f} tokens/s = "
+          f"{ratio(med.decode_tokens_per_second, ar.decode_tokens_per_second)}; wall clock: Medusa "
+          f"{med.tokens_per_second:.1f} vs plain {ar.tokens_per_second:.1f} tokens/s = "
+          f"{ratio(med.tokens_per_second, ar.tokens_per_second)} speedup, mean accepted length {med.mean_accepted:.2f}",
+          file=sys.stderr)
+
+
+def chat_session(args, model, tokenizer, heads, tree):
+    """The --interactive conversation (nanomedusa/chat.py), answering as a one-shot run would."""
+    from nanomedusa.chat import ChatSession  # only this path needs it
+
+    return ChatSession(model, tokenizer, make_decode(args, model, tokenizer, heads, tree), args.max_new_tokens,
+                       extra=tree.num_nodes if tree is not None else 0, context=args.context, system=args.system)
+
+
+def check_args(args) -> None:
+    """Every flag's value, before the model loads (a NanoMedusaError naming the fix)."""
+    if args.prompt is None and not args.interactive:
+        raise NanoMedusaError("pass --prompt TEXT, or --interactive for a chat.")
+    if args.interactive and (args.raw or args.compare):
+        flag = "--raw" if args.raw else "--compare"
+        raise NanoMedusaError(f"--interactive chats through the chat template with one decoder; drop {flag}.")
+    check_at_least(1, {"--context": args.context})
+    check_text("--prompt", args.prompt)
+    check_text("--system", args.system)
+    check_at_least(0, {"--max-new-tokens": args.max_new_tokens, "--posterior-alpha": args.posterior_alpha})
+    check_positive({"--posterior-threshold": args.posterior_threshold})
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    check_seed(args.seed)
+    check_kernels(args.kernels, resolve_device(args.device))
+    check_input_dir("--medusa", args.medusa)
+    if args.tree is not None:
+        parse_tree(args.tree)  # a typo fails now, not after the model has loaded
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         kernels.set_backend(args.kernels)
+        imported = time.perf_counter()
         model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
         tokenizer = Tokenizer.from_dir(ckpt)
+        heads, tree = load_heads(args, model)
+        if args.verbose:
+            print(f"[time] imports {imported - STARTED:.2f} s, load {time.perf_counter() - imported:.2f} s "
+                  f"(model, tokenizer, heads: {model.device}, {model.dtype})", file=sys.stderr, flush=True)
+        if args.interactive:
+            from nanomedusa.chat import run_chat
+
+            run_chat(chat_session(args, model, tokenizer, heads, tree), first=args.prompt, verbose=args.verbose)
+            return 0
         if args.raw:
             prompt_ids = tokenizer.encode(args.prompt)
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": args.prompt}]
             prompt_ids = tokenizer.encode_chat(messages)
-        heads, tree = load_heads(args, model)
         if args.compare:
-            ar = run_one("plain", args, model, tokenizer, prompt_ids, None, None)
-            med = run_one("medusa", args, model, tokenizer, prompt_ids, heads, tree)
-            print(f"[compare] Medusa {med.tokens_per_second:.1f} vs plain {ar.tokens_per_second:.1f} tokens/s: "
-                  f"{med.tokens_per_second / max(ar.tokens_per_second, 1e-9):.2f}x speedup, "
-                  f"mean accepted length {med.mean_accepted:.2f}", file=sys.stderr)
+            compare(args, model, tokenizer, prompt_ids, heads, tree)
         else:
             run_one("medusa" if heads is not None else "plain", args, model, tokenizer, prompt_ids, heads, tree)
     except NanoMedusaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     return 0
 
 

@@ -14,13 +14,17 @@ Usage:
     # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/heads, out/eval.json
     python train.py --stage warmup --data data/answers.jsonl --out out/warmup
     python generate.py --medusa out/warmup/heads --prompt "..."
+    #    Several answer files train as a mix; --data-weights repeats (> 1) or thins (< 1) each file's examples.
+    python train.py --stage warmup --data data/chat.jsonl data/math.jsonl --data-weights 1 0.5 --out out/warmup
     #    --cache-hidden DIR keeps the frozen backbone's hidden states on disk for epochs after the first.
 
     # 3. Joint (Medusa-2, optional): backbone and heads together, from the warm-up heads.
     #    This CHANGES THE BASE MODEL: serve out/joint/model together with out/joint/heads.
     python train.py --stage joint --heads out/warmup/heads --data data/answers.jsonl --out out/joint
-    python train.py --stage joint --heads out/warmup/heads --lora-rank 16 --backbone-lr 2e-4 ...  # LoRA
     python generate.py --model out/joint/model --medusa out/joint/heads --prompt "..."
+    #    With LoRA the backbone's change ships as a small adapter inside out/joint/heads (no out/joint/model);
+    #    --medusa out/joint/heads merges it into the base model when it loads.
+    python train.py --stage joint --heads out/warmup/heads --lora-rank 16 --backbone-lr 2e-4 ...
 
     # Several GPUs: the same commands under torchrun (DDP for warm-up, FSDP for joint training).
     torchrun --nproc-per-node 8 train.py --stage warmup --data data/answers.jsonl --out out/warmup
@@ -38,6 +42,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_input_file,
+                            check_output_dir, check_output_file, check_positive, check_sampling, check_seed)
 from nanomedusa.errors import NanoMedusaError
 
 
@@ -45,10 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     from nanomedusa.training import DistillConfig, TrainConfig
 
     t, d = TrainConfig(), DistillConfig()
-    p = argparse.ArgumentParser(description="Train Medusa heads (see the module docstring for examples).")
+    p = ArgumentParser(description="Train Medusa heads (see the module docstring for examples).")
     p.add_argument("--stage", choices=["distill", "warmup", "joint"], default="warmup")
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: the project default)")
-    p.add_argument("--data", required=True, help="training conversations, or prompts for --stage distill")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="training conversations (several files train as a mix), or one prompts file for --stage distill")
+    p.add_argument("--data-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per --data file: its training examples are repeated (W > 1) or thinned (W < 1)")
     p.add_argument("--out", default=None, help="output dir (warmup/joint, default out) or .jsonl file (distill)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -97,6 +106,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Every flag's value and path, before anything loads (a NanoMedusaError naming the fix). TrainConfig.check
+    adds the checks of how training flags combine."""
+    from nanomedusa.training import DistillConfig, TrainConfig
+
+    for data in args.data:
+        check_input_file("--data", data)
+    check_seed(args.seed)
+    if args.stage == "distill":
+        check_output_file("--out", args.out or DistillConfig.out)
+        check_at_least(1, {"--max-new-tokens": args.max_new_tokens, "--limit": args.limit})
+        check_sampling(args.temperature, args.top_p)
+        return
+    check_output_dir("--out", args.out or TrainConfig.out)
+    check_input_dir("--heads", args.heads)
+    if args.cache_hidden:
+        check_output_dir("--cache-hidden", args.cache_hidden)
+    check_at_least(1, {"--max-steps": args.max_steps})
+    check_at_least(0, {"--num-layers": args.num_layers, "--weight-decay": args.weight_decay,
+                       "--warmup-steps": args.warmup_steps, "--grad-clip": args.grad_clip,
+                       "--medusa-weight": args.medusa_weight, "--medusa-weight-warmup": args.medusa_weight_warmup,
+                       "--lora-rank": args.lora_rank, "--save-every": args.save_every, "--eval-every": args.eval_every,
+                       "--data-weights": min(args.data_weights) if args.data_weights else None})
+    check_positive({"--lr": args.lr, "--backbone-lr": args.backbone_lr, "--head-decay": args.head_decay,
+                    "--lora-alpha": args.lora_alpha})
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
@@ -104,10 +140,14 @@ def main(argv=None) -> int:
 
     finished = False
     try:
+        check_args(args)
         if args.stage == "distill":
             fields = DistillConfig.__dataclass_fields__
             values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
             values["batch_size"] = args.distill_batch_size  # not --batch-size, the training micro-batch
+            if len(args.data) > 1:
+                raise NanoMedusaError("--stage distill answers one prompts file at a time; run it once per --data file.")
+            values["data"] = args.data[0]
             cfg = DistillConfig(**values)
             written = distill(cfg)
             print(f"wrote {written} answers to {cfg.out}")
@@ -118,7 +158,7 @@ def main(argv=None) -> int:
         finished = True
     except NanoMedusaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     finally:
         shutdown(wait_for_all=finished)
     return 0

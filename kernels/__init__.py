@@ -2,9 +2,10 @@
 that defines what it computes.
 
 Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `compact_kv`,
-`accept_candidates`, `medusa_heads`) dispatches here: the Triton version on CUDA tensors, the torch
-reference elsewhere. `set_backend` forces one side ("torch" or "triton"; "triton" on CPU tensors needs
-TRITON_INTERPRET=1, which is how CI checks every kernel against its reference).
+`accept_candidates`, `speculative_accept`, `medusa_heads`) dispatches here: the Triton version on CUDA
+tensors, the torch reference elsewhere. `set_backend` forces one side ("torch" or "triton"; "triton" on
+CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against its reference: see
+`interpreter.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .interpreter import interpreting, patch_for_numpy_24
+
+if interpreting():
+    patch_for_numpy_24()
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")

@@ -5,15 +5,17 @@ Node j (not the root) is acceptable when its own token passes a test under its p
   * greedy:  token == argmax(parent logits)                        (output identical to greedy decoding)
   * typical: p(token) > min(eps, alpha * exp(-H(p))), p = softmax(parent logits / temperature)
 A path (a row of `retrieve_indices`: root, then one node per depth, padded with -1) is accepted up
-to its first unacceptable node. The best path is the one accepted furthest (the first such on ties).
+to its first unacceptable node. The best path is the one accepted furthest; among those, for typical
+acceptance, the likeliest (largest sum of log p(token) over its accepted nodes), as the Medusa reference
+does; remaining ties, and every tie under greedy acceptance, go to the first row.
 Returns two 0-d long tensors on the device, so the step needs no host sync here.
 
 The Triton version is one launch of T programs. Program j finds node j's parent in the retrieve
 rows and tests node j, streaming the parent's logits in BLOCK_V slices (V can be 152k); it posts
-the verdict and takes a ticket from an arrival counter. The program that arrives last sees every
-verdict, scores all paths at once and writes the two results. The counter is a per-device int32
-that this last program sets back to zero, so calls need no zero-filled scratch; they must not run
-concurrently on one device (the decode loop runs them in stream order).
+the verdict and the token's log-probability and takes a ticket from an arrival counter. The program
+that arrives last sees every verdict, scores all paths at once and writes the two results. The
+counter is a per-device int32 that this last program sets back to zero, so calls need no zero-filled
+scratch; they must not run concurrently on one device (the decode loop runs them in stream order).
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown acceptance mode {mode!r}; use one of {MODES}")
 
 
-def node_acceptable_reference(tree_logits, tree_tokens, parents, mode, temperature=1.0, eps=0.09, alpha=0.3):
-    """tree_logits [T, V], tree_tokens [T], parents [T] (root's parent = 0) -> ok [T] bool."""
+def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature=1.0, eps=0.09, alpha=0.3):
+    """tree_logits [T, V], tree_tokens [T], parents [T] (root's parent = 0) -> (ok [T] bool, log_p [T] float32:
+    log p(token) under the parent's tempered distribution in typical mode, zeros in greedy mode)."""
     parent_logits = tree_logits[parents].float()  # [T, V]
     if mode == "greedy":
-        return parent_logits.argmax(-1) == tree_tokens
+        ok = parent_logits.argmax(-1) == tree_tokens
+        return ok, torch.zeros(ok.shape, device=ok.device)
     probs = torch.softmax(parent_logits / temperature, dim=-1)
     entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)  # [T]
     threshold = torch.minimum(torch.full_like(entropy, eps), alpha * torch.exp(-entropy))
-    return probs.gather(-1, tree_tokens[:, None]).squeeze(-1) > threshold
+    p_token = probs.gather(-1, tree_tokens[:, None]).squeeze(-1)  # [T]
+    return p_token > threshold, torch.log(p_token)
 
 
 def accept_candidates_reference(tree_logits, tree_tokens, retrieve_indices, mode="greedy",
@@ -51,11 +56,15 @@ def accept_candidates_reference(tree_logits, tree_tokens, retrieve_indices, mode
     nodes = retrieve_indices.clamp(min=0)  # [P, Dp]
     parents = torch.zeros(tree_tokens.shape[0], dtype=torch.long, device=tree_tokens.device)
     parents[nodes[:, 1:]] = nodes[:, :-1]  # padding writes parent-of-0 = 0, harmless
-    ok = node_acceptable_reference(tree_logits, tree_tokens, parents, mode, temperature, eps, alpha)
+    ok, log_p = node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature, eps, alpha)
     ok_path = ok[nodes[:, 1:]] & (retrieve_indices[:, 1:] >= 0)  # [P, Dp-1]
-    accept_len = ok_path.long().cumprod(dim=1).sum(dim=1)  # [P]
-    best = accept_len.argmax()
-    return best, accept_len.max()  # = accept_len[best], without a host sync (graph-capturable)
+    accepted = ok_path.long().cumprod(dim=1).bool()  # [P, Dp-1]: True up to the first failing node
+    accept_len = accepted.sum(dim=1)  # [P]
+    # where, not a product: a rejected token's log p may be -inf
+    likelihood = torch.where(accepted, log_p[nodes[:, 1:]], 0.0).sum(dim=1)  # [P]
+    longest = accept_len.max()  # = accept_len[best], without a host sync (graph-capturable)
+    best = torch.where(accept_len == longest, likelihood, float("-inf")).argmax()  # first of the likeliest
+    return best, longest
 
 
 def accept_candidates(tree_logits, tree_tokens, retrieve_indices, mode="greedy",
@@ -84,7 +93,7 @@ def _is_argmax(row_ptr, token, V: tl.constexpr, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _passes_typical(row_ptr, token, V: tl.constexpr, temperature, eps, alpha, BLOCK_V: tl.constexpr):
-    """1 if p[token] > min(eps, alpha * exp(-H(p))) else 0, for p = softmax(row / temperature)."""
+    """(1 if p[token] > min(eps, alpha * exp(-H(p))) else 0, log p[token]), for p = softmax(row / temperature)."""
     # Pass 1: the softmax's max m and normaliser s, folded in slice by slice (online softmax).
     m = float("-inf")
     s = 0.0
@@ -103,17 +112,18 @@ def _passes_typical(row_ptr, token, V: tl.constexpr, temperature, eps, alpha, BL
         p_log_p += p * tl.log(p + 1e-5)
     entropy = -tl.sum(p_log_p, axis=0)
     p_token = tl.exp(tl.load(row_ptr + token).to(tl.float32) / temperature - m) / s
-    return (p_token > tl.minimum(eps, alpha * tl.exp(-entropy))).to(tl.int32)
+    return (p_token > tl.minimum(eps, alpha * tl.exp(-entropy))).to(tl.int32), tl.log(p_token)
 
 
 @triton.jit
-def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, counter_ptr, best_ptr, accept_len_ptr,
-                   T, P, Dp, stride_t, temperature, eps, alpha, V: tl.constexpr,
+def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, node_logp_ptr, counter_ptr,
+                   best_ptr, accept_len_ptr, T, P, Dp, stride_t, temperature, eps, alpha, V: tl.constexpr,
                    GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program j of T: test node j, then, if it is the last to finish, pick the best path.
 
     logits [T, V] (row stride stride_t), tokens [T], retrieve [P, Dp] (contiguous, -1 padded),
-    node_ok [T] int32 scratch, counter [1] int32 (zero on entry and on exit), best / accept_len [] int64.
+    node_ok [T] int32 and node_logp [T] int32 (float32 bits) scratch, counter [1] int32 (zero on entry
+    and on exit), best / accept_len [] int64.
     V is a compile-time constant: it is fixed per model, and constant loop bounds are also what the
     Triton interpreter needs under NumPy >= 2.4.
     """
@@ -129,15 +139,18 @@ def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, counter_pt
     #    no path) finds none and posts 0, which no path reads.
     parent = tl.max(tl.max(tl.where(child == node, parent_of, -1), axis=1), axis=0)
     ok = 0
+    log_p = 0.0  # greedy: every path is equally likely, so ties go to the first
     if parent >= 0:
         token = tl.load(tokens_ptr + node)
         parent_row = logits_ptr + parent * stride_t
         if GREEDY:
             ok = _is_argmax(parent_row, token, V, BLOCK_V)
         else:
-            ok = _passes_typical(parent_row, token, V, temperature, eps, alpha, BLOCK_V)
+            ok, log_p = _passes_typical(parent_row, token, V, temperature, eps, alpha, BLOCK_V)
     # Scalar atomics are issued by one thread, in program order, and are acq_rel: a program that
     # draws the last ticket below also sees this verdict.
+    # log p travels as its int32 bits: the interpreter has no float atomic exchange.
+    tl.atomic_xchg(node_logp_ptr + node, log_p.to(tl.float32).to(tl.int32, bitcast=True))
     tl.atomic_xchg(node_ok_ptr + node, ok)
 
     # 2. The last arrival scores every path: accepted up to its first failing column (padding fails).
@@ -147,8 +160,14 @@ def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, counter_pt
         child_ok = tl.load(node_ok_ptr + child, mask=child >= 0, other=0, volatile=True)  # [BLOCK_P, BLOCK_D]
         accept = tl.min(tl.where(child_ok != 0, Dp - 1, col), axis=1)  # [BLOCK_P]
         accept = tl.where(tl.arange(0, BLOCK_P) < P, accept, -1)
-        tl.store(best_ptr, tl.argmax(accept, axis=0).to(tl.int64))  # first maximum, like torch.argmax
-        tl.store(accept_len_ptr, tl.max(accept, axis=0).to(tl.int64))
+        longest = tl.max(accept, axis=0)
+        # Among the paths accepted furthest, the likeliest: the sum of log p over the accepted nodes.
+        child_logp = tl.load(node_logp_ptr + child, mask=child >= 0, other=0, volatile=True)
+        child_logp = child_logp.to(tl.float32, bitcast=True)  # [BLOCK_P, BLOCK_D]
+        likelihood = tl.sum(tl.where(col < accept[:, None], child_logp, 0.0), axis=1)  # [BLOCK_P]
+        score = tl.where(accept == longest, likelihood, float("-inf"))
+        tl.store(best_ptr, tl.argmax(score, axis=0).to(tl.int64))  # first maximum, like torch.argmax
+        tl.store(accept_len_ptr, longest.to(tl.int64))
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -170,11 +189,12 @@ def accept_candidates_triton(tree_logits, tree_tokens, retrieve_indices, mode="g
     dev = tree_logits.device
     logits = tree_logits if tree_logits.stride(-1) == 1 else tree_logits.contiguous()
     retrieve = retrieve_indices.contiguous()
-    node_ok = torch.empty(T, dtype=torch.int32, device=dev)  # every program writes its own flag
+    node_ok = torch.empty(T, dtype=torch.int32, device=dev)  # every program writes its own flag and log p
+    node_logp = torch.empty(T, dtype=torch.int32, device=dev)
     best = torch.empty((), dtype=torch.long, device=dev)
     accept_len = torch.empty((), dtype=torch.long, device=dev)
     _accept_kernel[(T,)](
-        logits, tree_tokens.contiguous(), retrieve, node_ok, _arrival_counter(dev), best, accept_len,
+        logits, tree_tokens.contiguous(), retrieve, node_ok, node_logp, _arrival_counter(dev), best, accept_len,
         T, P, Dp, logits.stride(0), float(temperature), float(eps), float(alpha), V=V,
         GREEDY=mode == "greedy", BLOCK_V=BLOCK_V,
         BLOCK_P=triton.next_power_of_2(P), BLOCK_D=triton.next_power_of_2(max(Dp - 1, 1)),

@@ -4,13 +4,22 @@
     python -m nanomedusa.bench --heads m1=out/warmup/heads --heads m2=out/joint/heads@out/joint/model
     python -m nanomedusa.bench --tree chain4 --tree mc_sim_7b_63 --num-prompts 8 --no-hf --skip-7b
     python -m nanomedusa.bench --skip-e2e           # only the 7B-shaped step times
+    python -m nanomedusa.bench --skip-e2e --skip-7b --sampling bench/prompts-chat-heldout.jsonl \
+        bench/prompts-train-mix.jsonl              # only sampling: plain vs Medusa, on two prompt sets
 
 Parts, each printed as a table when it finishes and all saved to --json (default bench/results.json):
 
   ar      our plain decoding (`generate`, CUDA graphs), on each backbone: tokens/s
   medusa  each --heads checkpoint x each --tree: tokens/s, mean accepted length, and how many prompts
-          came out token for token equal to plain greedy decoding on the same backbone
+          came out token for token equal to plain greedy decoding on the same backbone; per prompt
+          category too, where the prompt file gives each prompt a "category"
+  sizes   with --tree-sizes: the step time of the first --heads against the tree's node count (each
+          size's tree built from the heads' measured rank accuracies), written to --step-times for
+          `python -m nanomedusa.tree_tuning --step-times`, which sizes trees to the hardware
   hf      transformers' `generate(do_sample=False)` on the same prompts: tokens/s
+  sampling with --sampling: plain greedy, plain sampling, lossless Medusa sampling (`--accept sample`) and
+          typical acceptance at temperature 0.7 / top-p 0.9 with the first --heads and its own tree, on each
+          prompt set given: mean accepted length, tokens/s and speedup over plain sampling
   7b      a randomly initialised Llama-7B-shaped model: 1-token decode and tree-verification step
           times (CUDA graphs, median of many replays), the memory-bandwidth floor of a step, and the
           Medusa speedup projected from the acceptance measured above
@@ -36,14 +45,15 @@ a little) and borrows the acceptance of heads trained for the small model.
 
 A --heads argument is `[LABEL=]HEADS_DIR[@MODEL_DIR]`. Heads from joint training (Medusa-2) go with
 their fine-tuned backbone: MODEL_DIR, or else a `model/` directory beside HEADS_DIR (train.py writes
-OUT/heads and OUT/model); their outputs are checked against that backbone's plain decoding.
+OUT/heads and OUT/model), or the base model with the LoRA adapter HEADS_DIR ships (`adapter.py`);
+their outputs are checked against that backbone's plain decoding.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -58,18 +68,23 @@ import kernels
 
 from .config import ModelConfig
 from .cuda_graphs import GraphedStep
+from .adapter import apply_adapter, has_adapter
+from .cli import USAGE_ERROR, ArgumentParser, check_at_least, check_kernels, check_output_file
 from .errors import NanoMedusaError
+from .files import read_utf8
 from .generation import GenerationResult, _sync, generate
 from .heads import MedusaHeads
 from .loading import load_model, resolve_device, resolve_dtype
 from .medusa_generation import generate_medusa
+from .sampling import Sampling
 from .model import Transformer
 from .tokenizer import Tokenizer
-from .tree import PRESETS, TreeBuffers, parse_tree
+from .tree import PRESETS, TreeBuffers, parse_tree, tree_from_head_accuracies
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = REPO / "bench" / "prompts-train-mix.jsonl"
 DEFAULT_JSON = REPO / "bench" / "results.json"
+DEFAULT_STEP_TIMES = REPO / "bench" / "step-times.json"
 # The Medusa-1 heads shipped for the default model (the directory generate.py uses too).
 SHIPPED_HEADS = REPO / "weights" / "smollm2-135m-instruct-medusa"
 DEFAULT_TREES = ("own", "chain4", "mc_sim_7b_63")  # "own": the heads' config.json medusa_choices
@@ -80,7 +95,7 @@ STEP_TREES = {"mc_sim_7b_63": PRESETS["mc_sim_7b_63"], "mc_sim_7b_63[:15]": PRES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None,
                    help="checkpoint dir, .gguf or hub id (default: the built-in default model)")
     p.add_argument("--device", default="cuda", help="cpu, cuda (default), cuda:N or auto")
@@ -103,6 +118,13 @@ def parse_args(argv=None):
     p.add_argument("--no-medusa", action="store_true", help="skip the medusa part")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers part")
     p.add_argument("--skip-7b", action="store_true", help="skip the 7B-shaped step times")
+    p.add_argument("--sampling", nargs="*", type=Path, default=None, metavar="PROMPTS",
+                   help="also benchmark sampling (temperature 0.7, top-p 0.9) on these prompt files "
+                        "(default: --prompts)")
+    p.add_argument("--tree-sizes", default=None, metavar="T,T,...",
+                   help="time Medusa steps of the first --heads with trees of these node counts (e.g. 16,32,64,128,256)")
+    p.add_argument("--step-times", type=Path, default=DEFAULT_STEP_TIMES,
+                   help="where --tree-sizes writes its step times (default bench/step-times.json)")
     g = p.add_argument_group("7B shape", "Llama-2-7B's by default (vocab 32000, dim 4096, 32 layers, 32 heads, "
                                          "32 KV heads, FFN 11008); smaller only for smoke tests")
     g.add_argument("--7b-vocab", dest="big_vocab", type=int, default=32000, metavar="N")
@@ -154,28 +176,35 @@ def _fmt(value) -> str:
 class Prompt:
     id: str
     ids: list[int]  # the chat-templated prompt, tokenized
+    category: str | None = None  # the prompt file's "category", if it gives one
 
 
-def read_prompts(path: Path, limit: int | None) -> list[tuple[str, str]]:
-    """(id, text) pairs from a JSONL file of {"id", "prompt"} objects, the first `limit` of them."""
+def read_prompts(path: Path, limit: int | None) -> list[tuple[str, str, str | None]]:
+    """(id, text, category) from a JSONL file of {"id", "prompt"[, "category"]} objects, the first `limit`."""
     if not path.is_file():
         raise NanoMedusaError(f"prompt file {path} does not exist; pass --prompts FILE.jsonl.")
     if limit is not None and limit < 1:
         raise NanoMedusaError(f"--num-prompts {limit} leaves nothing to run; pass 1 or more.")
     out = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines cuts at.
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            out.append((str(record["id"]), record["prompt"]))
+            out.append((str(record["id"]), record["prompt"], record.get("category")))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise NanoMedusaError(f"{path} line {n} is not a JSON object with \"id\" and \"prompt\"; "
                                   f"fix that line.") from None
     if not out:
         raise NanoMedusaError(f"{path} holds no prompts; add lines like {{\"id\": \"a\", \"prompt\": \"...\"}}.")
     return out[:limit]
+
+
+def chat_prompts(tokenizer: Tokenizer, path: Path, limit: int | None) -> list[Prompt]:
+    """The prompts of a JSONL file (`read_prompts`), each rendered with the chat template and tokenized."""
+    return [Prompt(i, tokenizer.encode_chat([{"role": "user", "content": text}]), category)
+            for i, text, category in read_prompts(path, limit)]
 
 
 @dataclass
@@ -270,7 +299,7 @@ def measure(label: str, run_one: Callable[[list[int]], GenerationResult], prompt
     rows, outputs = [], []
     for n, prompt in enumerate(prompts, 1):
         r = run_one(prompt.ids)
-        row = {"id": prompt.id, "prompt_tokens": len(prompt.ids), "new_tokens": len(r.tokens), "seconds": r.seconds,
+        row = {"id": prompt.id, "category": prompt.category, "prompt_tokens": len(prompt.ids), "new_tokens": len(r.tokens), "seconds": r.seconds,
                "prefill_seconds": r.prefill_seconds or None, "steps": r.steps,
                "tokens_per_second": r.tokens_per_second, "mean_accepted": r.mean_accepted}
         note = f", mean accepted {r.mean_accepted:.2f}" if r.mean_accepted != 1.0 else ""
@@ -282,7 +311,11 @@ def measure(label: str, run_one: Callable[[list[int]], GenerationResult], prompt
             f"({r.tokens_per_second:.1f} tokens/s{note})")
         rows.append(row)
         outputs.append(r.tokens)
-    return {**totals(rows), "per_prompt": rows}, outputs
+    summary = {**totals(rows), "per_prompt": rows}
+    categories = sorted({r["category"] for r in rows if r["category"]})
+    if categories:
+        summary["by_category"] = {c: totals([r for r in rows if r["category"] == c]) for c in categories}
+    return summary, outputs
 
 
 def warmup_prompts(prompts: list[Prompt], args) -> list[Prompt]:
@@ -371,18 +404,16 @@ def run_ours(args, device, dtype, results: dict) -> Workload:
     specs = [] if args.no_medusa else heads_specs(args)
     if not args.no_medusa and not specs:
         say("[medusa] no --heads given and no shipped heads for this model: medusa part skipped.")
-    backbones: dict[str, Path | None] = {BASE: None}
+    backbones: dict[str, HeadsSpec | None] = {BASE: None}  # label -> the heads whose backbone it is
     for spec in specs:
-        backbones.setdefault(spec_backbone(spec), spec.model_dir)
+        backbones.setdefault(spec_backbone(spec), spec)
     results.update(ar={}, medusa=[])
     work = None
-    for backbone, model_dir in backbones.items():
-        say(f"[load] {backbone}: {model_dir or args.model or 'the default model'} on {device} in {dtype}")
-        model, ckpt = load_model(model_dir if model_dir is not None else args.model, device, dtype)
+    for backbone, owner in backbones.items():
+        model, ckpt = load_backbone(backbone, owner, args, device, dtype)
         if work is None:  # every backbone gets the base model's tokenization of the prompts
             tokenizer = Tokenizer.from_dir(ckpt)
-            prompts = [Prompt(i, tokenizer.encode_chat([{"role": "user", "content": text}]))
-                       for i, text in read_prompts(args.prompts, args.num_prompts)]
+            prompts = chat_prompts(tokenizer, args.prompts, args.num_prompts)
             results["prompts"] = [{"id": p.id, "prompt_tokens": len(p.ids)} for p in prompts]
             work = Workload(ckpt, prompts, tokenizer.eos_ids, [])
         results["ar"][backbone], reference = bench_ar(backbone, model, work.prompts, args, work.eos_ids)
@@ -397,20 +428,144 @@ def run_ours(args, device, dtype, results: dict) -> Workload:
         ar = results["ar"][m["backbone"]]
         m["vs_ar"] = m["tokens_per_second"] / ar["tokens_per_second"]
         m["decode_vs_ar"] = m["decode_tokens_per_second"] / ar["decode_tokens_per_second"]
+        for category, c in m.get("by_category", {}).items():
+            c["vs_ar"] = c["tokens_per_second"] / ar["by_category"][category]["tokens_per_second"]
     return work
+
+
+def load_backbone(label: str, owner: HeadsSpec | None, args, device, dtype):
+    """-> (model, checkpoint dir): --model, or the backbone the heads `owner` were trained with."""
+    model_dir = owner.model_dir if owner else None
+    say(f"[load] {label}: {model_dir or args.model or 'the default model'} on {device} in {dtype}")
+    model, ckpt = load_model(model_dir if model_dir is not None else args.model, device, dtype)
+    if owner and model_dir is None and has_adapter(owner.heads_dir):
+        say(f"[load] {apply_adapter(model, owner.heads_dir)}")
+    return model, ckpt
 
 
 def spec_backbone(spec: HeadsSpec) -> str:
     """The label of the backbone a heads checkpoint runs on."""
     if spec.model_dir is None:
-        return BASE
+        return f"{BASE}+{spec.label} adapter" if has_adapter(spec.heads_dir) else BASE
     path = spec.model_dir.resolve()
     return f"{path.parent.name}/{path.name}"
+
+
+def first_heads(args, device, dtype, why: str) -> tuple[HeadsSpec, Transformer, MedusaHeads, Tokenizer]:
+    """The first --heads on its backbone, for a part that needs heads (`why` it does, for the error)."""
+    specs = heads_specs(args)
+    if not specs:
+        raise NanoMedusaError(f"{why}; pass --heads HEADS_DIR.")
+    spec = specs[0]
+    model, ckpt = load_backbone(spec_backbone(spec), spec, args, device, dtype)
+    heads = MedusaHeads.load(spec.heads_dir, model.config, device=model.device, dtype=model.dtype)
+    return spec, model, heads, Tokenizer.from_dir(ckpt)
 
 
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step time against tree size (for sizing trees to the hardware)
+
+
+def rank_accuracy(heads_dir: Path, num_heads: int) -> list[list[float]]:
+    """The heads' measured rank accuracies (tree_tuning.py --write stores them), else a generic decay."""
+    stored = json.loads((heads_dir / "config.json").read_text()).get("rank_accuracy")
+    return stored or [[0.6 ** (k + 1) * 0.5 ** i for i in range(10)] for k in range(num_heads)]
+
+
+@torch.inference_mode()
+def bench_tree_sizes(args, device, dtype) -> dict:
+    """Mean decoding-step time of plain decoding and of Medusa with trees of each --tree-sizes node
+    count (the whole step: forward, acceptance, compaction, next guesses), over the first prompts."""
+    spec, model, heads, tokenizer = first_heads(args, device, dtype, "--tree-sizes times the steps of Medusa heads")
+    prompts = chat_prompts(tokenizer, args.prompts, args.num_prompts or 4)
+    acc = rank_accuracy(spec.heads_dir, heads.config.num_heads)
+
+    def decode_step_ms(summary: dict) -> float:  # the decoding steps alone, prefill excluded
+        decode_seconds = summary["seconds"] - sum(r["prefill_seconds"] or 0.0 for r in summary["per_prompt"])
+        return 1e3 * decode_seconds / max(summary["steps"], 1)
+
+    plain, _ = measure("sizes plain", lambda ids: generate(model, ids, args.max_new_tokens, eos_ids=tokenizer.eos_ids),
+                       prompts, prompts)
+    sizes = []
+    for nodes in sorted({int(t) for t in args.tree_sizes.split(",")}):
+        paths = tree_from_head_accuracies(acc, nodes - 1)
+        tree = TreeBuffers.from_choices(paths, device=device)
+
+        def run(ids: list[int]) -> GenerationResult:
+            return generate_medusa(model, heads, tree, ids, args.max_new_tokens, eos_ids=tokenizer.eos_ids)
+
+        summary, _ = measure(f"sizes T={nodes}", run, prompts, prompts)
+        sizes.append({"nodes": nodes, "step_ms": decode_step_ms(summary), "mean_accepted": summary["mean_accepted"],
+                      "paths": paths})
+    out = {"device": metadata(args, device, dtype)["device"], "heads": str(spec.heads_dir),
+           "plain_step_ms": decode_step_ms(plain), "trees": sizes}
+    save(out, args.step_times)
+    del model
+    free_memory(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling: plain against lossless Medusa sampling and typical acceptance
+
+SAMPLING = Sampling(temperature=0.7, top_p=0.9)
+PLAIN_SAMPLING = "plain sampling"  # the baseline of the speedups
+
+
+@torch.inference_mode()
+def bench_sampling(args, device, dtype) -> dict:
+    """Each method at SAMPLING on each --sampling prompt set, with the first --heads and its first tree
+    (its own, unless --tree says otherwise). Every prompt is sampled with its own seed, the same for every
+    method; plain greedy decoding is there for the cost of sampling itself."""
+    spec, model, heads, tokenizer = first_heads(args, device, dtype,
+                                                "--sampling compares Medusa heads with plain sampling")
+    tree_label, paths = trees_for(heads, args.tree)[0]
+    tree = TreeBuffers.from_choices(paths, device=device)
+    n, eos = args.max_new_tokens, tokenizer.eos_ids
+    methods = {  # label -> decode(prompt ids, generator)
+        "plain greedy": lambda ids, gen: generate(model, ids, n, eos_ids=eos),
+        PLAIN_SAMPLING: lambda ids, gen: generate(model, ids, n, SAMPLING, eos_ids=eos, generator=gen),
+        "Medusa lossless": lambda ids, gen: generate_medusa(model, heads, tree, ids, n, SAMPLING, accept="sample",
+                                                            eos_ids=eos, generator=gen),
+        "Medusa typical": lambda ids, gen: generate_medusa(model, heads, tree, ids, n, SAMPLING, accept="typical",
+                                                           eos_ids=eos, generator=gen),
+    }
+    sets = {}
+    for path in args.sampling or [args.prompts]:
+        prompts = chat_prompts(tokenizer, path, args.num_prompts)
+        seeds = {tuple(p.ids): seed for seed, p in enumerate(prompts)}
+        say(f"[sampling] {path.stem}: {len(prompts)} prompts, {spec.label} heads, tree {tree_label}")
+        rows = {}
+        for label, decode in methods.items():
+            def run(ids: list[int], decode=decode) -> GenerationResult:
+                return decode(ids, torch.Generator(device).manual_seed(seeds[tuple(ids)]))
+
+            rows[label], _ = measure(f"sampling {path.stem} {label}", run, prompts, warmup_prompts(prompts, args))
+        for row in rows.values():
+            row["vs_plain_sampling"] = row["tokens_per_second"] / rows[PLAIN_SAMPLING]["tokens_per_second"]
+            row["decode_vs_plain_sampling"] = (row["decode_tokens_per_second"]
+                                               / rows[PLAIN_SAMPLING]["decode_tokens_per_second"])
+        sets[path.stem] = rows
+    del model
+    free_memory(device)
+    return {"temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p, "heads": spec.label, "tree": tree_label,
+            "tree_nodes": tree.num_nodes, "sets": sets}
+
+
+def print_sampling_tables(sampling: dict) -> None:
+    for name, rows in sampling["sets"].items():
+        print_table(f"Sampling: {name} (temperature {sampling['temperature']}, top-p {sampling['top_p']}; "
+                    f"{sampling['heads']} heads, tree {sampling['tree']}, T={sampling['tree_nodes']})",
+                    ["method", "mean accepted", "tokens/s", "vs plain sampling", "decode tokens/s",
+                     "decode vs plain sampling"],
+                    [[label, r["mean_accepted"], r["tokens_per_second"], f"{r['vs_plain_sampling']:.2f}x",
+                      r["decode_tokens_per_second"], f"{r['decode_vs_plain_sampling']:.2f}x"]
+                     for label, r in rows.items()])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,6 +706,26 @@ def print_ours_tables(results: dict) -> None:
                       m["decode_tokens_per_second"], f"{m['decode_vs_ar']:.2f}x"] for m in results["medusa"]])
 
 
+def print_category_table(results: dict) -> None:
+    """Mean accepted length and speedup over plain decoding, per prompt category."""
+    medusa = [m for m in results["medusa"] if "by_category" in m]
+    if not medusa:
+        return
+    categories = list(medusa[0]["by_category"])
+    print_table("Medusa by prompt category (mean accepted / vs AR)", ["heads", "tree"] + categories,
+                [[m["heads"], m["tree"]] + [f"{m['by_category'][c]['mean_accepted']:.2f} / "
+                                            f"{m['by_category'][c]['vs_ar']:.2f}x" for c in categories]
+                 for m in medusa])
+
+
+def print_sizes_table(sizes: dict) -> None:
+    plain = sizes["plain_step_ms"]
+    print_table(f"Step time against tree size ({sizes['device']}; plain step {plain:.3f} ms)",
+                ["nodes", "step ms", "vs plain step", "mean accepted", "accepted per ms"],
+                [[t["nodes"], f"{t['step_ms']:.3f}", f"{t['step_ms'] / plain:.2f}x", t["mean_accepted"],
+                  f"{t['mean_accepted'] / t['step_ms']:.2f}"] for t in sizes["trees"]])
+
+
 def print_hf_table(results: dict) -> None:
     hf = results["hf"]
     if "skipped" in hf:
@@ -614,7 +789,7 @@ def metadata(args, device: torch.device, dtype: torch.dtype) -> dict:
             "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "dtype": str(dtype).removeprefix("torch."),
             "kernels": args.kernels,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+            "args": json.loads(json.dumps(vars(args), default=str))}  # paths (--sampling's too) as strings
 
 
 def save(results: dict, path: Path) -> None:
@@ -623,9 +798,27 @@ def save(results: dict, path: Path) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def check_args(args) -> None:
+    """Flag values and output paths before anything slow starts (heads_specs and read_prompts check the inputs)."""
+    check_at_least(1, {"--max-new-tokens": args.max_new_tokens, "--7b-vocab": args.big_vocab, "--7b-dim": args.big_dim,
+                       "--7b-layers": args.big_layers, "--7b-heads": args.big_heads, "--7b-kv-heads": args.big_kv_heads,
+                       "--7b-ffn": args.big_ffn, "--7b-reps": args.big_reps, "--copy-mib": args.copy_mib})
+    check_at_least(0, {"--7b-prefix": args.big_prefix})
+    if args.tree_sizes is not None and not re.fullmatch(r"\d+(,\d+)*", args.tree_sizes):
+        raise NanoMedusaError(f"--tree-sizes {args.tree_sizes!r} is not a comma-separated list of node counts; "
+                              f"pass e.g. 16,32,64.")
+    check_at_least(2, {"--tree-sizes": min(int(t) for t in args.tree_sizes.split(",")) if args.tree_sizes else None})
+    check_output_file("--json", args.json)
+    check_output_file("--step-times", args.step_times)
+    for path in args.sampling or ():
+        read_prompts(path, args.num_prompts)  # a missing or malformed prompt file fails now
+    check_kernels(args.kernels, resolve_device(args.device))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         kernels.set_backend(args.kernels)
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
@@ -634,12 +827,21 @@ def main(argv=None) -> int:
         if not args.skip_e2e:
             work = run_ours(args, device, dtype, results)
             print_ours_tables(results)
+            print_category_table(results)
             save(results, args.json)
             results["hf"] = {"skipped": "--no-hf"} if args.no_hf else bench_hf(
                 work, results["ar"][BASE]["tokens_per_second"], args, device, dtype)
             print_hf_table(results)
             save(results, args.json)
             free_memory(device)
+        if args.tree_sizes:
+            results["sizes"] = bench_tree_sizes(args, device, dtype)
+            print_sizes_table(results["sizes"])
+            save(results, args.json)
+        if args.sampling is not None:
+            results["sampling"] = bench_sampling(args, device, dtype)
+            print_sampling_tables(results["sampling"])
+            save(results, args.json)
         if not args.skip_7b:
             results["7b"] = bench_7b(args, device, dtype, results.get("medusa", []))
             print_7b_tables(results["7b"])
@@ -648,7 +850,7 @@ def main(argv=None) -> int:
         say(f"[bench] raw numbers written to {args.json}")
     except NanoMedusaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     return 0
 
 

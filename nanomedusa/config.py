@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NanoMedusaError
+from .files import read_utf8
 
 # architectures[0] in config.json -> our name for it. All are the same network up to attention biases.
 SUPPORTED_ARCHITECTURES = {
@@ -107,9 +108,11 @@ class ModelConfig:
         if not path.is_file():
             raise NanoMedusaError(f"no config.json at {path}; point --model at a Hugging Face checkpoint directory.")
         try:
-            hf = json.loads(path.read_text())
+            hf = json.loads(read_utf8(path))
         except json.JSONDecodeError as e:
             raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore the file.") from None
+        if not isinstance(hf, dict):
+            raise NanoMedusaError(f"{path} holds a JSON {type(hf).__name__}, not an object; restore the file.")
         return cls.from_hf(hf)
 
 

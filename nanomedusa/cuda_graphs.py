@@ -10,6 +10,11 @@ step, which is why `prefix_len` travels as a 0-d device tensor through the model
     logits = step(next_tokens, torch.tensor(pos))   # copies inputs in, replays, returns static output
 
 On the CPU (or with graphs disabled) it simply calls the function.
+
+A step that draws random numbers (`torch.rand(..., generator=g)`) passes `generator=g`: the graph is
+registered with it (`CUDAGraph.register_generator_state`, torch >= 2.3), so each replay draws fresh numbers
+from g's current seed and offset (advancing it as an eager call would), and re-seeding g between replays
+takes effect. Warm-up and capture leave g's state as they found it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import torch
 
 
 class GraphedStep:
-    def __init__(self, fn: Callable, *example_inputs: torch.Tensor, enabled: bool = True):
+    def __init__(self, fn: Callable, *example_inputs: torch.Tensor, enabled: bool = True,
+                 generator: torch.Generator | None = None):
         self.fn = fn
         self.enabled = enabled and example_inputs[0].is_cuda
         if not self.enabled:
             return
         self.inputs = [x.clone() for x in example_inputs]
+        rng_state = generator.get_state() if generator is not None else None
         # Warm up on a side stream (allocator pools, Triton compilation), then record.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -34,8 +41,12 @@ class GraphedStep:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph):
             self.output = fn(*self.inputs)
+        if generator is not None:
+            generator.set_state(rng_state)
 
     def __call__(self, *inputs: torch.Tensor):
         if not self.enabled:

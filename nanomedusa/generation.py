@@ -32,6 +32,12 @@ class GenerationResult:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def decode_tokens_per_second(self) -> float:
+        """The decoding steps alone: the tokens after the prefill's, over the time after the prefill."""
+        decode_seconds = self.seconds - self.prefill_seconds
+        return (len(self.tokens) - 1) / decode_seconds if decode_seconds > 0 and self.tokens else 0.0
+
+    @property
     def mean_accepted(self) -> float:
         """Tokens gained per decoding forward pass after the prefill (1.0 for plain decoding)."""
         return (len(self.tokens) - 1) / self.steps if self.steps else 1.0
@@ -62,45 +68,89 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _graphed_prefill(model, cuda_graphs: bool) -> bool:
-    """Whether prefills pad to PREFILL_BUCKET and replay graphs (and the cache is sized for them)."""
+def _graphed(model, cuda_graphs: bool) -> bool:
+    """Whether runs replay CUDA graphs: then prefills pad to PREFILL_BUCKET (and the cache is sized for them)."""
     return cuda_graphs and model.device.type == "cuda"
 
 
-def prepare_cache(model, prompt_len: int, max_new_tokens: int, extra: int = 0, cuda_graphs: bool = True) -> None:
-    """Allocate (or reuse) the KV cache for one run (`check_fits` slots, `extra` for a Medusa tree)."""
+def prepare_cache(model, prompt_len: int, max_new_tokens: int, extra: int = 0, cuda_graphs: bool = True,
+                  cached_len: int = 0) -> None:
+    """Allocate (or reuse) the KV cache for one run (`check_fits` slots, `extra` for a Medusa tree).
+
+    With `cached_len` > 0 the cache already holds the prompt's first cached_len tokens (a conversation
+    continued, see chat.py): it is kept as it is, and must be large enough."""
     needed = check_fits(model, prompt_len, max_new_tokens, extra)
-    if _graphed_prefill(model, cuda_graphs):  # room for the padded prompt, in CACHE_BUCKET steps
+    if cached_len:
+        if not 0 < cached_len < prompt_len:
+            raise NanoMedusaError(f"cached_len {cached_len} must leave 1 to {prompt_len - 1} of the "
+                                  f"{prompt_len} prompt tokens to prefill.")
+        if model.max_seq_len < needed:  # reallocating would lose the cached tokens
+            raise NanoMedusaError(f"the KV cache has {model.max_seq_len} slots but continuing needs {needed}; "
+                                  f"size it for the whole conversation with model.setup_cache first.")
+        return
+    if _graphed(model, cuda_graphs):  # room for the padded prompt, in CACHE_BUCKET steps
         needed = max(needed, _round_up(prompt_len, PREFILL_BUCKET))
         needed = min(_round_up(needed, CACHE_BUCKET), model.config.max_position_embeddings)
     model.setup_cache(needed)
 
 
-def prefill(model, prompt_ids: list[int], cuda_graphs: bool = True) -> torch.Tensor:
-    """Run the prompt through the model, filling cache slots 0 .. P-1; returns the last position's
-    final hidden state [1, dim].
+def graphed(model, key, fn: Callable, *example_inputs: torch.Tensor, cuda_graphs: bool = True,
+            generator: torch.Generator | None = None) -> GraphedStep:
+    """`fn` as a CUDA graph kept on the model under `key` (`model.graphs`), captured the first time the key
+    comes up, so that later runs on the same cache (a chat's turns, a benchmark's prompts) replay it
+    instead of capturing again. `key` must name everything `fn` depends on besides the model and its cache,
+    and `generator` what it draws random numbers from (`run_generator`).
+    Off a GPU, or with `cuda_graphs` False, `fn` is simply called."""
+    if not _graphed(model, cuda_graphs):
+        return GraphedStep(fn, *example_inputs, enabled=False)
+    if key not in model.graphs:
+        model.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator)
+    return model.graphs[key]
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def run_generator(device: torch.device, sampling: Sampling, generator: torch.Generator | None):
+    """What a sampling run draws from: one generator per device, the one the sampling steps' CUDA graphs
+    are registered with (a graph replays its draws from that generator's state), seeded for this run from
+    `generator` (torch's default generator when None), so that a seeded run is reproducible, graphed or
+    not. None for greedy decoding, which draws nothing."""
+    if sampling.greedy:
+        return None
+    seed = torch.randint(2**62, (), generator=generator, device=generator.device if generator is not None else "cpu")
+    if device not in _generators:
+        _generators[device] = torch.Generator(device)
+    return _generators[device].manual_seed(int(seed))
+
+
+def prefill(model, prompt_ids: list[int], cuda_graphs: bool = True, start: int = 0) -> torch.Tensor:
+    """Run prompt_ids[start:] through the model at positions start.., filling cache slots start .. P-1
+    (slots before `start` already hold the prompt's first tokens); returns the last position's final
+    hidden state [1, dim].
 
     Eager, a prefill is a few hundred kernel launches from Python: 28 ms for a 71-token prompt of the
     135M default model on an H100, against 1 ms replayed as a CUDA graph. So on a GPU the prompt is
     padded to a multiple of PREFILL_BUCKET and prefilled by a graph kept on the model per padded length
     (captured the first time a length comes up). The padding sits after the prompt, where causal
     attention keeps it out of the prompt's hidden states, and the cache slots it writes lie past the
-    prompt, overwritten by decoding before anything reads them.
+    prompt, overwritten by decoding before anything reads them. `start` is an input of the graph, so a
+    continued conversation's new tokens replay the same graphs as a fresh prompt of their length.
     """
-    device, P = model.device, len(prompt_ids)
-    padded = _round_up(P, PREFILL_BUCKET)
-    if not _graphed_prefill(model, cuda_graphs) or padded > model.max_seq_len:
-        return model.forward_hidden(torch.tensor([prompt_ids], device=device), prefix_len=0)[0, -1:]
-    step = model.prefill_graphs.get(padded)
-    if step is None:
-        def run(tokens, last):  # tokens [1, padded], last 0-d index -> hidden [1, dim]
-            return model.forward_hidden(tokens, prefix_len=0)[0].index_select(0, last.view(1))
+    device, new = model.device, prompt_ids[start:]
+    padded = _round_up(len(new), PREFILL_BUCKET)
+    if not _graphed(model, cuda_graphs) or start + padded > model.max_seq_len:
+        return model.forward_hidden(torch.tensor([new], device=device), prefix_len=start)[0, -1:]
 
-        step = GraphedStep(run, torch.zeros(1, padded, dtype=torch.long, device=device),
-                           torch.tensor(0, device=device))
-        model.prefill_graphs[padded] = step
-    tokens = torch.tensor([prompt_ids + [0] * (padded - P)], device=device)  # [1, padded]
-    return step(tokens, torch.tensor(P - 1, device=device))
+    def run(tokens, prefix, last):  # tokens [1, padded], prefix and last 0-d -> hidden [1, dim]
+        return model.forward_hidden(tokens, prefix_len=prefix)[0].index_select(0, last.view(1))
+
+    # Capturing runs the step on these inputs first: `start` keeps those runs' writes on slots this prefill fills.
+    prefix = torch.tensor(start, device=device)
+    step = graphed(model, ("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=device),
+                   prefix, torch.tensor(0, device=device))
+    tokens = torch.tensor([new + [0] * (padded - len(new))], device=device)  # [1, padded]
+    return step(tokens, prefix, torch.tensor(len(new) - 1, device=device))
 
 
 def _sync(device):
@@ -111,27 +161,35 @@ def _sync(device):
 @torch.inference_mode()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_ids: list[int] = (), on_tokens: Callable[[list[int]], None] | None = None,
-             generator: torch.Generator | None = None, cuda_graphs: bool = True) -> GenerationResult:
+             generator: torch.Generator | None = None, cuda_graphs: bool = True,
+             cached_len: int = 0) -> GenerationResult:
+    """Decode up to max_new_tokens after prompt_ids. `cached_len` > 0 continues from a KV cache that already
+    holds prompt_ids[:cached_len] (a chat's earlier turns): only the rest is prefilled."""
     device = model.device
-    prepare_cache(model, len(prompt_ids), max_new_tokens, cuda_graphs=cuda_graphs)
+    prepare_cache(model, len(prompt_ids), max_new_tokens, cuda_graphs=cuda_graphs, cached_len=cached_len)
     pos = torch.tensor(len(prompt_ids), device=device)  # 0-d: the next free cache slot, kept on the device
-    decode_step = GraphedStep(lambda tok, prefix: model(tok, prefix_len=prefix)[0, -1],  # [1, 1] -> [V]
-                              torch.zeros(1, 1, dtype=torch.long, device=device), pos, enabled=cuda_graphs)
+    rng = run_generator(device, sampling, generator)
+
+    def decode(tok, prefix):  # [1, 1] -> the next token []: drawn on the device, so the step needs no host sync
+        return next_token(model(tok, prefix_len=prefix)[0, -1], sampling, rng)
+
+    decode_step = graphed(model, ("decode", sampling), decode, torch.zeros(1, 1, dtype=torch.long, device=device),
+                          pos, cuda_graphs=cuda_graphs, generator=rng)
     result = GenerationResult()
     _sync(device)
     start = time.perf_counter()
     # Only the last position's logits are needed: the lm_head over every prompt position costs P x V.
-    logits = model.lm_head(prefill(model, prompt_ids, cuda_graphs))[0]  # [V]
-    token = next_token(logits, sampling, generator)
+    logits = model.lm_head(prefill(model, prompt_ids, cuda_graphs, start=cached_len))[0]  # [V]
+    token = next_token(logits, sampling, rng)
     result.prefill_seconds = time.perf_counter() - start
-    while True:
+    while max_new_tokens > 0:  # 0 tokens asked for: none emitted
         tok = token.item()
         result.tokens.append(tok)
         if on_tokens:
             on_tokens([tok])
         if len(result.tokens) >= max_new_tokens or tok in eos_ids:
             break
-        token = next_token(decode_step(token.view(1, 1), pos), sampling, generator)
+        token = decode_step(token.view(1, 1), pos)
         pos += 1
         result.steps += 1
     _sync(device)
@@ -171,8 +229,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplin
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     for _ in range(max_new_tokens):
-        token = torch.stack([next_token(row, sampling, generator) for row in logits]) if not sampling.greedy \
-            else logits.argmax(-1)  # [B]
+        token = next_token(logits, sampling, generator)  # [B]
         out = torch.cat([out, token[:, None]], dim=1)
         finished |= torch.isin(token, eos)
         if finished.all():

@@ -20,6 +20,7 @@ published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from kernels.medusa_heads import medusa_heads_reference, medusa_topk
 
 from .errors import NanoMedusaError
+from .files import write_atomically, write_text_atomically
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 
@@ -44,6 +46,7 @@ class HeadsConfig:
     shared_lm_head: bool = False
     base_model: str = ""
     medusa_choices: list | None = None  # the tree these heads were tuned for, if any
+    lora: dict | None = None  # {"rank", "alpha"} of a backbone adapter shipped beside them (adapter.py)
 
     def to_json(self) -> dict:
         # Reference field names first, so the reference implementation reads our configs too.
@@ -129,8 +132,9 @@ class MedusaHeads(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {f"medusa_head.{k}": v.detach().contiguous() for k, v in self.medusa_head.state_dict().items()}
-        save_file(state, str(out_dir / WEIGHT_FILES[0]), metadata={"format": "pt"})
-        (out_dir / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        # Each file replaced whole: a run killed mid-save (training saves every --save-every steps) keeps the last heads.
+        write_atomically(out_dir / WEIGHT_FILES[0], lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        write_text_atomically(out_dir / "config.json", json.dumps(self.config.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, model_config, device=None, dtype=None) -> "MedusaHeads":
@@ -140,10 +144,12 @@ class MedusaHeads(nn.Module):
             raise NanoMedusaError(f"Medusa heads directory {path} does not exist; pass the directory that holds "
                                   f"config.json and medusa_lm_head.safetensors to --medusa.")
         try:
-            raw = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise NanoMedusaError(f"{path}/config.json is missing or not JSON; a Medusa heads directory needs one "
-                                  f"with medusa_num_heads and medusa_num_layers.") from None
+            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError
+        except (OSError, ValueError):  # ValueError: not UTF-8, not JSON, or not a JSON object
+            raise NanoMedusaError(f"{path}/config.json is missing or not a JSON object; a Medusa heads directory "
+                                  f"needs one with medusa_num_heads and medusa_num_layers.") from None
         weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights_file is None:
             raise NanoMedusaError(f"{path} has none of {', '.join(WEIGHT_FILES)}; it is not a Medusa heads checkpoint.")
@@ -152,11 +158,15 @@ class MedusaHeads(nn.Module):
         num_layers = raw.get("medusa_num_layers", raw.get("num_layers", 1))
         if num_heads is None:
             raise NanoMedusaError(f"{path}/config.json lacks medusa_num_heads; add it (the number of heads).")
+        num_heads = _heads_in_file(state, num_heads, path, weights_file)
         # The reference's configs do not say whether the vocab projection is shared: the tensors do.
         shared = f"{num_layers}.weight" not in {k.split(".", 1)[1] for k in state if k.startswith("0.")}
+        if num_layers and "0.0.linear.weight" not in state:
+            raise NanoMedusaError(f"{weights_file} has no ResBlock 0.0.linear.weight but config.json says "
+                                  f"medusa_num_layers {num_layers}; fix medusa_num_layers.")
         hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
-                             raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"))
+                             raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"), raw.get("lora"))
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has {model_config.dim}; "
                                   f"use heads trained for this model.")
@@ -171,6 +181,18 @@ class MedusaHeads(nn.Module):
             raise NanoMedusaError(f"the tensors in {weights_file} do not match its config.json ({first}); "
                                   f"fix medusa_num_heads/medusa_num_layers.") from None
         return heads.to(device=device, dtype=dtype).eval()
+
+
+def _heads_in_file(state: dict[str, torch.Tensor], configured: int, path: Path, weights_file: Path) -> int:
+    """How many heads the weights hold, which wins over config.json: some published reference checkpoints
+    disagree with their own config (Vicuna-7B's says 2 heads, its file holds 4)."""
+    held = len({key.split(".", 1)[0] for key in state})
+    if held == 0:
+        raise NanoMedusaError(f"{weights_file} holds no tensors; re-download or re-train the heads.")
+    if held != configured:
+        print(f"[note] {path}/config.json says medusa_num_heads {configured} but {weights_file.name} holds {held} "
+              f"heads; loading the {held} heads the file holds.", file=sys.stderr)
+    return held
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

@@ -102,19 +102,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_checkpoint(spec: str | Path | None) -> Path:
-    """Turn a --model argument into a local checkpoint directory (see module docstring)."""
+def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float32) -> Path:
+    """Turn a --model argument into a local checkpoint directory (see module docstring). A checkpoint we
+    prepare (the default model, a converted GGUF) is stored in `dtype`, the one it will run in."""
     if spec is None:
         from weights.default_model import ensure_default_model
 
-        return ensure_default_model()
+        return ensure_default_model(dtype=dtype)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise NanoMedusaError(f"GGUF file {path} does not exist; check the --model path.")
         from weights.gguf_to_hf import convert_cached
 
-        return convert_cached(path)
+        return convert_cached(path, dtype=dtype)
     if path.exists():
         if not path.is_dir():
             raise NanoMedusaError(f"{path} is not a directory; --model takes a checkpoint directory, a .gguf file or a hub id.")
@@ -144,8 +145,8 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8 or not JSON
             raise NanoMedusaError(f"{index} is not a valid safetensors index; re-download the checkpoint.") from None
         files = [ckpt / f for f in sorted(set(weight_map.values()))]
     else:
@@ -160,7 +161,7 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
     """-> (model in eval mode, its checkpoint directory)."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
-    ckpt = resolve_checkpoint(spec)
+    ckpt = resolve_checkpoint(spec, dtype)
     config = ModelConfig.from_json(ckpt / "config.json")
     with torch.device("meta"):
         model = Transformer(config)
@@ -185,7 +186,12 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
                     sizes = fused_part_sizes(name, config)
                     rows = slice(sum(sizes[:part]), sum(sizes[: part + 1]))
                     want = (sizes[part], *want[1:])
-                if name not in expected or tuple(tensor.shape) != want:
+                if name not in expected:
+                    raise NanoMedusaError(
+                        f"tensor {hf_name} has no place in the {config.n_layers}-layer model config.json describes; "
+                        f"the weights do not belong to this config.json (check num_hidden_layers)."
+                    )
+                if tuple(tensor.shape) != want:
                     raise NanoMedusaError(
                         f"tensor {hf_name} has shape {tuple(tensor.shape)} but config.json implies "
                         f"{want}; the weights do not belong to this config.json."

@@ -114,16 +114,21 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Left uninitialised (`_weight`): every caller loads or sets the weights. Its random init would be the
+        # one op (normal_) whose first call on the meta device, where loading builds the model, imports
+        # torch._dynamo: seconds of start-up.
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
+                                           _weight=torch.empty(config.vocab_size, config.dim))
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.kv_cache: torch.Tensor | None = None  # [n_layers, 2, B, Hkv, S, Dh]
-        # Prefill CUDA graphs by padded prompt length (`generation.prefill`). They read and write this
-        # cache and the RoPE tables at fixed addresses, so reallocating either drops them.
-        self.prefill_graphs: dict = {}
+        # CUDA graphs captured on this cache, by key (`generation.graphed`): prefills by padded length,
+        # decode and Medusa steps. They read and write this cache and the RoPE tables at fixed addresses,
+        # so reallocating either drops them.
+        self.graphs: dict = {}
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [positions, Dh]
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -148,17 +153,17 @@ class Transformer(nn.Module):
             )
         c = self.config
         shape = (c.n_layers, 2, batch_size, c.n_kv_heads, max_seq_len, c.head_dim)
-        # A longer cache serves a shorter run as well; keeping it keeps the prefill graphs captured on it.
+        # A longer cache serves a shorter run as well; keeping it keeps the graphs captured on it.
         fits = self.kv_cache is not None and self.kv_cache.shape[:4] == shape[:4] and self.max_seq_len >= max_seq_len
         if not fits:
-            self.prefill_graphs.clear()
+            self.graphs.clear()
             self.kv_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
             for layer, block in enumerate(self.layers):
                 block.attention.kv_cache = self.kv_cache[layer]
         self._ensure_rope(max_seq_len)
 
     def drop_cache(self) -> None:
-        self.prefill_graphs.clear()
+        self.graphs.clear()
         self.kv_cache = None
         for block in self.layers:
             block.attention.kv_cache = None
@@ -169,7 +174,7 @@ class Transformer(nn.Module):
         inv_freq = rope_inv_freq(self.config).to(self.device)  # [Dh/2]
         angles = torch.outer(torch.arange(length, device=self.device, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # [length, Dh]
-        self.prefill_graphs.clear()
+        self.graphs.clear()
         self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
 
     def forward_hidden(self, tokens, prefix_len=0, positions=None, tree_mask=None, key_valid=None):

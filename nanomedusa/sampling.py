@@ -1,7 +1,9 @@
 """Turning logits into the next token: greedy, or sampling with temperature, top-k and top-p.
 
 `target_probs` is the one definition of the distribution we sample from; plain sampling and
-Medusa's speculative sampling both use it, which is what makes the latter lossless.
+Medusa's speculative sampling both use it, which is what makes the latter lossless. Tokens are drawn
+on the device by inverse CDF on a uniform (`sample_from`), with no host sync, so that sampling steps
+replay inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -33,13 +35,26 @@ def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+        drop[..., 0].fill_(False)  # whatever top_p and rounding, the likeliest token stays (fill_: no host copy)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [..., V] (need not sum to 1), u [...] uniforms in [0, 1) -> token ids [...]: the first token
+    whose cumulative mass exceeds u * total, so token i comes out with probability probs[i] / total."""
+    cdf = probs.cumsum(-1)  # [..., V]
+    below = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)  # [...] tokens wholly below the draw
+    # Rounding can put the draw at the very top: then the last token with any mass, never one without.
+    ids = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, ids, -1).amax(-1)  # [...]
+    return torch.minimum(below, last)
+
+
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [V] -> a 0-d token id tensor."""
+    """logits [..., V] -> token ids [...], greedy or drawn from `target_probs` with `generator`."""
     if sampling.greedy:
         return logits.argmax(-1)
-    return torch.multinomial(target_probs(logits, sampling), 1, generator=generator)[0]
+    u = torch.rand(logits.shape[:-1], generator=generator, device=logits.device)
+    return sample_from(target_probs(logits, sampling), u)

@@ -27,6 +27,7 @@ import tokenizers
 
 from .chat_template import ChatFormat, Message
 from .errors import NanoMedusaError
+from .files import read_utf8
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -174,7 +175,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise NanoMedusaError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from e
 
@@ -205,7 +206,7 @@ def _added_tokens(path: Path, config: dict) -> dict[int, tuple[str, bool]]:
 def _chat_template(path: Path, config: dict) -> str | None:
     """The Jinja chat template, from chat_template.jinja / chat_template.json / tokenizer_config.json."""
     if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+        return read_utf8(path / "chat_template.jinja")
     template = _read_json(path / "chat_template.json").get("chat_template", config.get("chat_template"))
     if isinstance(template, list):  # several named templates: take the default one
         named = {t.get("name"): t.get("template") for t in template}

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
 
+from kernels.medusa_heads import MAX_TOPK
 from nanomedusa.errors import NanoMedusaError
+from nanomedusa.files import read_utf8
 
 
 def chain(depth: int) -> list[list[int]]:
@@ -54,7 +57,8 @@ def chain(depth: int) -> list[list[int]]:
 # The named trees below are published data from FasterDecoding/Medusa, file
 # medusa/model/medusa_choices.py (Apache-2.0), as of commit 5e98053 (tuples there, lists here).
 # They were tuned on Vicuna/Zephyr heads with top-10 candidates; each has 63 paths (64 nodes with
-# the root). mc_sim_7b_63 is the reference's default. smollm2_135m_medusa1 (below them) is ours.
+# the root). mc_sim_7b_63 is the reference's default. smollm2_135m_medusa1 and smollm2_135m_medusa2
+# (below them) are ours.
 PRESETS: dict[str, list[list[int]]] = {
     "mc_sim_7b_63": [
         [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
@@ -136,16 +140,23 @@ PRESETS: dict[str, list[list[int]]] = {
         [0, 2, 1], [0, 0, 8], [0, 1, 3], [0, 5, 0], [1, 5], [0, 0, 9], [1, 1, 0], [0, 0, 0, 1],
         [0, 0, 1, 0], [4, 1], [2, 3],
     ],
-    # Ours: the greedy tree of `tree_from_head_accuracies` (63 paths) for the Medusa-1 heads shipped in
-    # weights/smollm2-135m-instruct-medusa, from their held-out rank accuracies (`python -m
-    # nanomedusa.tree_tuning`); it is also their config.json medusa_choices, the tree they run with.
+    # Ours: the greedy trees of `tree_from_head_accuracies` for the heads shipped in weights/ (Medusa-1:
+    # smollm2-135m-instruct-medusa, Medusa-2: smollm2-135m-instruct-medusa2), from their held-out rank
+    # accuracies and sized to an H200's step times (`python -m nanomedusa.tree_tuning --step-times`);
+    # each is also its checkpoint's config.json medusa_choices, the tree it runs with.
     "smollm2_135m_medusa1": [
         [0], [1], [2], [3], [4], [5], [6], [7], [8], [9], [0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 5],
-        [0, 6], [0, 7], [0, 8], [0, 9], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [1, 5], [2, 0], [2, 1],
-        [2, 2], [3, 0], [3, 1], [4, 0], [5, 0], [6, 0], [7, 0], [8, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2],
-        [0, 0, 3], [0, 0, 4], [0, 0, 5], [0, 0, 6], [0, 0, 7], [0, 0, 8], [0, 1, 0], [0, 1, 1], [0, 1, 2],
-        [0, 2, 0], [0, 2, 1], [0, 3, 0], [0, 4, 0], [0, 5, 0], [1, 0, 0], [1, 0, 1], [1, 1, 0], [2, 0, 0],
-        [3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 1, 0, 0],
+        [0, 6], [0, 7], [0, 8], [0, 9], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [2, 0], [2, 1], [2, 2],
+        [3, 0], [3, 1], [4, 0], [5, 0], [6, 0], [7, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 0, 4],
+        [0, 0, 5], [0, 1, 0], [0, 1, 1], [0, 2, 0], [0, 3, 0], [1, 0, 0], [2, 0, 0], [0, 0, 0, 0],
+    ],
+    "smollm2_135m_medusa2": [
+        [0], [1], [2], [3], [4], [5], [6], [7], [8], [9], [0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 5],
+        [0, 6], [0, 7], [0, 8], [0, 9], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [2, 0], [2, 1], [2, 2],
+        [3, 0], [3, 1], [4, 0], [5, 0], [6, 0], [7, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 0, 4],
+        [0, 0, 5], [0, 0, 6], [0, 0, 7], [0, 0, 8], [0, 0, 9], [0, 1, 0], [0, 1, 1], [0, 1, 2], [0, 1, 3],
+        [0, 2, 0], [0, 2, 1], [0, 3, 0], [0, 4, 0], [0, 5, 0], [0, 6, 0], [1, 0, 0], [1, 0, 1], [1, 1, 0],
+        [2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 1, 0, 0],
     ],
     **{f"chain{depth}": chain(depth) for depth in range(1, 6)},
 }
@@ -178,6 +189,11 @@ def _check_paths(raw: object) -> list[list[int]]:
                 f"Tree path {list(path)} must hold non-negative integers (top-k ranks from 0); "
                 "fix it."
             )
+        if max(path) >= MAX_TOPK:  # the fused heads kernel's limit, so a tree runs on CPU and GPU alike
+            raise NanoMedusaError(
+                f"Tree path {list(path)} uses rank {max(path)} but the heads give at most their top-{MAX_TOPK} "
+                f"guesses (ranks 0 to {MAX_TOPK - 1}); use smaller ranks."
+            )
         paths.append(list(path))
     seen: set[tuple[int, ...]] = set()
     for path in paths:
@@ -208,8 +224,7 @@ def parse_tree(spec: str | Sequence[Sequence[int]]) -> list[list[int]]:
             raise NanoMedusaError(f"Unknown tree {spec!r}; pass {_SPEC_FORMS}.")
         if not os.path.isfile(text):
             raise NanoMedusaError(f"Tree file {spec!r} does not exist; pass {_SPEC_FORMS}.")
-        with open(text, encoding="utf-8") as f:
-            text = f.read()
+        text = read_utf8(text)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
@@ -236,9 +251,11 @@ class TreeBuffers:
 
     @classmethod
     def from_choices(
-        cls, choices: Sequence[Sequence[int]], device: torch.device | str | None = None
+        cls, choices: Sequence[Sequence[int]], device: torch.device | str | None = None,
+        vocab_size: int | None = None,
     ) -> TreeBuffers:
-        """Build the buffers from paths in any order (e.g. from `parse_tree`).
+        """Build the buffers from paths in any order (e.g. from `parse_tree`); with `vocab_size`, a tree
+        asking for more guesses per head than the vocabulary holds is refused.
 
         Retrieve rows are ordered by their leaf's path, lexicographically: row 0 always takes the
         best-ranked child, so argmax over equally long acceptances prefers likelier guesses.
@@ -249,6 +266,11 @@ class TreeBuffers:
         parents = [0] + [node_of[tuple(path[:-1])] for path in paths[1:]]
         depth_max = max(len(path) for path in paths)
         topk = 1 + max(max(path) for path in paths[1:])
+        if vocab_size is not None and topk > vocab_size:
+            raise NanoMedusaError(
+                f"The tree uses rank {topk - 1} but the vocabulary has only {vocab_size} tokens; "
+                f"use ranks below {vocab_size}."
+            )
         tree_indices = [0] + [1 + (len(path) - 1) * topk + path[-1] for path in paths[1:]]
 
         # lineage[i] = node ids root..i; parents precede children in node order.
@@ -355,3 +377,11 @@ def tree_from_head_accuracies(
             for i in range(topk):
                 heapq.heappush(frontier, (neg_score * rows[depth][i], depth + 1, path + [i]))
     return sorted(chosen, key=_node_order)
+
+
+def expected_accept_length(acc: Sequence[Sequence[float]] | torch.Tensor, paths: Sequence[Sequence[int]]) -> float:
+    """Expected tokens per step of a tree under the paper's model (each head's rank-i guess right with
+    probability acc[d][i], independently): 1 for the bonus token plus, for each path, the chance that
+    all its guesses are right."""
+    table = torch.as_tensor(acc, dtype=torch.float64).tolist()
+    return 1.0 + sum(math.prod(table[d][i] for d, i in enumerate(path)) for path in paths)

@@ -17,6 +17,7 @@ from nanomedusa.model import Transformer
 from tests.tiny_tokenizer import make_chat_checkpoint
 
 TRAIN_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts-train.jsonl"
+CHAT_PROMPTS = DEFAULT_PROMPTS.with_name("prompts-chat.jsonl")
 TINY_7B = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
 SHAPE_FLAGS = [("vocab", "vocab_size"), ("dim", "dim"), ("layers", "n_layers"), ("heads", "n_heads"),
                ("kv-heads", "n_kv_heads"), ("ffn", "intermediate_size")]
@@ -50,6 +51,7 @@ def run(tmp_path_factory):
     argv = ["--model", str(tmp / "base"), "--device", "cpu", "--dtype", "float32", "--num-prompts", "2",
             "--max-new-tokens", "8", "--heads", f"m1={tmp / 'm1'}", "--heads", str(tmp / "joint" / "heads"),
             "--json", str(out), "--7b-prefix", "16", "--7b-reps", "3", "--copy-mib", "1",
+            "--sampling", str(DEFAULT_PROMPTS), str(CHAT_PROMPTS),
             *[f"--7b-{flag}={TINY_7B[key]}" for flag, key in SHAPE_FLAGS]]
     printed = io.StringIO()
     try:
@@ -120,6 +122,21 @@ def test_7b_shape_steps_floor_and_projection(run):
         step = next(s for s in big["tree_steps"] if s["ms"] == p["tree_ms"])
         assert step["nodes"] == p["tree_nodes"]
         assert p["speedup"] == pytest.approx(p["mean_accepted"] * big["decode_ms"] / p["tree_ms"])
+
+
+def test_sampling_part_reports_each_method_on_each_prompt_set(run):
+    _, r, printed = run
+    s = r["sampling"]
+    assert (s["temperature"], s["top_p"], s["heads"], s["tree"], s["tree_nodes"]) == (0.7, 0.9, "m1", "own", 4)
+    assert list(s["sets"]) == [DEFAULT_PROMPTS.stem, CHAT_PROMPTS.stem]
+    for name, rows in s["sets"].items():
+        assert list(rows) == ["plain greedy", "plain sampling", "Medusa lossless", "Medusa typical"]
+        plain = rows["plain sampling"]
+        for label, row in rows.items():
+            assert row["prompts"] == 2 and 2 <= row["new_tokens"] <= 16 and row["tokens_per_second"] > 0
+            assert row["vs_plain_sampling"] == pytest.approx(row["tokens_per_second"] / plain["tokens_per_second"])
+            assert row["mean_accepted"] == 1.0 if label.startswith("plain") else row["mean_accepted"] >= 1.0
+        assert f"### Sampling: {name} (temperature 0.7, top-p 0.9; m1 heads, tree own, T=4)" in printed
 
 
 def test_heads_spec_syntax(tmp_path):

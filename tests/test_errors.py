@@ -1,6 +1,8 @@
 """Bad input gets one clear sentence naming the fix, never a traceback from deep inside torch."""
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import generate
+from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
+from nanomedusa.medusa_generation import generate_medusa
+from nanomedusa.tree import TreeBuffers, chain
 from tests.helpers import make_hf_checkpoint
+from tests.tiny_tokenizer import make_chat_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,3 +105,176 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     with pytest.raises(NanoMedusaError, match="could not download 'nobody/no-such-model' from the Hugging Face hub "
                                               "and it is not in the local cache"):
         load_model("nobody/no-such-model", device="cpu")
+
+
+def test_config_with_fewer_layers_than_the_weights(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NanoMedusaError, match=r"tensor model.layers.1.\S+ has no place in the 1-layer model config.json "
+                                              r"describes; .* \(check num_hidden_layers\)"):
+        load_model(ckpt, device="cpu")
+
+
+def test_config_that_is_not_utf8_or_not_an_object(ckpt):
+    (ckpt / "config.json").write_bytes(b'{"caf\xe9": 1}')
+    with pytest.raises(NanoMedusaError, match=r"config.json is not UTF-8 text \(byte 0xe9 at offset 5\)"):
+        load_model(ckpt, device="cpu")
+    (ckpt / "config.json").write_text("[1, 2]")
+    with pytest.raises(NanoMedusaError, match="config.json holds a JSON list, not an object"):
+        load_model(ckpt, device="cpu")
+
+
+def test_zero_new_tokens_emit_nothing(ckpt):
+    model, _ = load_model(ckpt, device="cpu")
+    heads = MedusaHeads.from_base(model, num_heads=2).eval()
+    streamed = []
+    assert generate(model, [5, 6, 7], 0, on_tokens=streamed.append).tokens == []
+    assert generate_medusa(model, heads, TreeBuffers.from_choices(chain(2)), [5, 6, 7], 0,
+                           on_tokens=streamed.append).tokens == []
+    assert streamed == []
+
+
+# ----- the command lines: every bad input is one `error: ...` line and exit status 2, before anything loads ------
+
+GENERATE = ["generate.py", "--model", "{root}/model", "--device", "cpu", "--quiet", "--prompt", "hi"]
+TRAIN = ["train.py", "--model", "{root}/model", "--device", "cpu"]
+WARMUP = TRAIN + ["--data", "{root}/answers.jsonl", "--batch-size", "1", "--eval-fraction", "0"]
+DISTILL = TRAIN + ["--stage", "distill", "--data", "{root}/prompts.jsonl"]
+# The cases of issue 13, each run as a subprocess. name -> (command line, the one error line it must print)
+CLI_ERRORS = {
+    "tree rank beyond the heads kernel": (GENERATE + ["--medusa", "{root}/heads", "--tree", "[[400]]"],
+                                          "Tree path [400] uses rank 400 but the heads give at most their top-16 "
+                                          "guesses (ranks 0 to 15); use smaller ranks."),
+    "negative new tokens": (GENERATE + ["--max-new-tokens", "-5"],
+                            "--max-new-tokens must be at least 0, not -5; pass 0 or more."),
+    "negative new tokens with Medusa": (GENERATE + ["--medusa", "{root}/heads", "--max-new-tokens", "-1"],
+                                        "--max-new-tokens must be at least 0, not -1; pass 0 or more."),
+    "negative temperature": (GENERATE + ["--temperature", "-1"],
+                             "--temperature must be at least 0, not -1.0; pass 0 or more."),
+    "top-p 0": (GENERATE + ["--temperature", "0.7", "--top-p", "0"],
+                "--top-p must be in (0, 1] (1 = off), not 0.0; pass e.g. 0.9."),
+    "top-p above 1": (GENERATE + ["--top-p", "1.5"], "--top-p must be in (0, 1] (1 = off), not 1.5; pass e.g. 0.9."),
+    "negative top-k": (GENERATE + ["--top-k", "-3"], "--top-k must be at least 0, not -3; pass 0 or more."),
+    "prompt not UTF-8": (GENERATE[:-1] + [b"caf\xe9 \xff"],
+                         "--prompt is not valid UTF-8 (byte 0xe9 at character 3); pass UTF-8 text."),
+    "triton kernels on a CPU without the interpreter": (
+        GENERATE + ["--kernels", "triton"] + (["--device", "cuda"] if torch.cuda.is_available() else []),
+        "--kernels triton needs a CUDA GPU, or on a CPU Triton's interpreter: set TRITON_INTERPRET=1 (slow, for "
+        "checking kernels), or use --kernels torch or auto."),
+    "warm-up --out is a file": (WARMUP + ["--out", "{root}/answers.jsonl"],
+                                "--out {root}/answers.jsonl is a file; pass a directory (it is created if missing)."),
+    "distill --out is a directory": (DISTILL + ["--out", "{root}"],
+                                     "--out {root} is a directory; pass a file path, e.g. {root}/answers.jsonl."),
+    "distill negative new tokens": (DISTILL + ["--out", "{root}/o.jsonl", "--max-new-tokens", "-3"],
+                                    "--max-new-tokens must be at least 1, not -3; pass 1 or more."),
+    "negative max steps": (WARMUP + ["--out", "{root}/o", "--max-steps", "-3"],
+                           "--max-steps must be at least 1, not -3; pass 1 or more."),
+    "negative learning rate": (WARMUP + ["--out", "{root}/o", "--lr", "-1"],
+                               "--lr must be above 0, not -1.0; pass a positive number."),
+    "--data is a directory": (TRAIN + ["--data", "{root}", "--out", "{root}/o"],
+                              "--data {root} is a directory; pass a file."),
+    "training data not UTF-8": (TRAIN + ["--data", "{root}/latin1.jsonl", "--out", "{root}/o"],
+                                "{root}/latin1.jsonl is not UTF-8 text (byte 0xe9 at offset 26); re-save it as UTF-8."),
+    "corrupt state.pt": (WARMUP + ["--out", "{root}/corrupt", "--resume"],
+                         "{root}/corrupt/checkpoint/state.pt is damaged or not a training checkpoint; delete it to "
+                         "start over, or choose another --out."),
+}
+# More of the same kind, called in-process (a subprocess costs seconds of `import torch` each).
+# name -> (module, arguments, the one error line it must print)
+MORE_ERRORS = {
+    "not-a-number temperature": ("generate", GENERATE[1:] + ["--temperature", "nan"],
+                                 "--temperature must be at least 0, not nan; pass 0 or more."),
+    "seed out of range": ("generate", GENERATE[1:] + ["--seed", "-1"], "--seed must be in 0 .. 4294967295, not -1."),
+    "posterior threshold 0": ("generate", GENERATE[1:] + ["--accept", "typical", "--posterior-threshold", "0"],
+                              "--posterior-threshold must be above 0, not 0.0; pass a positive number."),
+    "tree that is not JSON": ("generate", GENERATE[1:] + ["--tree", "[[0]"],
+                              "Tree '[[0]' is not valid JSON (Expecting ',' delimiter at char 4); pass a preset name"),
+    "--medusa is not a directory": ("generate", GENERATE[1:] + ["--medusa", "{root}/answers.jsonl"],
+                                    "--medusa {root}/answers.jsonl is not a directory; check the path."),
+    "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
+                             "argument --max-new-tokens: invalid int value: 'abc'; see --help."),
+    "--out under a file": ("train", WARMUP[1:] + ["--out", "{root}/answers.jsonl/o"],
+                           "--out {root}/answers.jsonl/o lies under {root}/answers.jsonl, which is a file; pass a path "
+                           "under a directory."),
+    "negative distill limit": ("train", DISTILL[1:] + ["--out", "{root}/o.jsonl", "--limit", "-1"],
+                               "--limit must be at least 1, not -1; pass 1 or more."),
+    "distill top-p 0": ("train", DISTILL[1:] + ["--out", "{root}/o.jsonl", "--temperature", "1", "--top-p", "0"],
+                        "--top-p must be in (0, 1] (1 = off), not 0.0; pass e.g. 0.9."),
+    "missing heads to start from": ("train", WARMUP[1:] + ["--out", "{root}/o", "--heads", "{root}/none"],
+                                    "--heads {root}/none is not a directory; check the path."),
+    "negative grad clip": ("train", WARMUP[1:] + ["--out", "{root}/o", "--grad-clip", "-1"],
+                           "--grad-clip must be at least 0, not -1.0; pass 0 or more."),
+    "tree tuning top-k beyond the kernel": ("nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data",
+                                                                       "{root}/answers.jsonl", "--topk", "40"],
+                                            "--topk must be at most 16 (the deepest rank a tree may use), not 40."),
+    "tree tuning without a held-out split": ("nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data",
+                                                                        "{root}/answers.jsonl", "--eval-fraction", "0"],
+                                             "--eval-fraction must be in (0, 1), not 0.0; pass the one the heads were "
+                                             "trained with (default 0.02)."),
+    "bench without new tokens": ("nanomedusa.bench", ["--device", "cpu", "--max-new-tokens", "0"],
+                                 "--max-new-tokens must be at least 1, not 0; pass 1 or more."),
+    "bench tree sizes that are not numbers": ("nanomedusa.bench", ["--device", "cpu", "--tree-sizes", "16,x"],
+                                              "--tree-sizes '16,x' is not a comma-separated list of node counts; "
+                                              "pass e.g. 16,32,64."),
+    "bench --json is a directory": ("nanomedusa.bench", ["--device", "cpu", "--json", "{root}"],
+                                    "--json {root} is a directory; pass a file path, e.g. {root}/answers.jsonl."),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_chat_checkpoint(root / "model")
+    MedusaHeads.from_base(load_model(root / "model", device="cpu")[0], num_heads=2).save(root / "heads")
+    (root / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]
+    (root / "answers.jsonl").write_text("".join(json.dumps({"id": i, "conversations": turns}) + "\n" for i in range(4)))
+    (root / "latin1.jsonl").write_bytes(b'{"id": "a", "prompt": "caf\xe9"}\n')
+    (root / "corrupt" / "checkpoint").mkdir(parents=True)
+    (root / "corrupt" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    return root
+
+
+def with_root(argv: list, root: Path) -> list:
+    return [a.format(root=root) if isinstance(a, str) else a for a in argv]
+
+
+def assert_one_error_line(returncode: int, stderr: str, expected: str) -> None:
+    """Exit status 2, and of stderr's lines (progress bars aside) exactly one error and no traceback."""
+    assert returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    errors = [line.strip() for line in stderr.splitlines() if "error:" in line]  # splitlines also cuts tqdm's \r
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), stderr
+
+
+@pytest.mark.parametrize("name", CLI_ERRORS)
+def test_cli_error(name, cli_root):
+    argv, expected = CLI_ERRORS[name]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
+    proc = subprocess.run([sys.executable, *with_root(argv, cli_root)], cwd=REPO, capture_output=True, env=env)
+    assert_one_error_line(proc.returncode, proc.stderr.decode(), expected.format(root=cli_root))
+
+
+@pytest.mark.parametrize("name", MORE_ERRORS)
+def test_more_cli_errors(name, cli_root, capsys):
+    module, argv, expected = MORE_ERRORS[name]
+    try:
+        code = importlib.import_module(module).main(with_root(argv, cli_root))
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        code = e.code
+    assert_one_error_line(code, capsys.readouterr().err, expected.format(root=cli_root))
+
+
+def test_cli_zero_new_tokens_prints_nothing(cli_root):
+    argv = with_root(GENERATE + ["--medusa", "{root}/heads", "--max-new-tokens", "0"], cli_root)
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "" and "[medusa] 0 tokens in" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is the CPU path")
+def test_cli_runs_triton_kernels_in_the_interpreter(cli_root, capsys):
+    import generate as generate_cli  # in-process: this test session already runs Triton in its interpreter
+
+    assert generate_cli.main(with_root(GENERATE[1:] + ["--kernels", "triton", "--max-new-tokens", "2"], cli_root)) == 0
+    assert "[plain] 2 tokens in" in capsys.readouterr().err

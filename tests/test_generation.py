@@ -91,6 +91,6 @@ def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
             eager = prefill(gpu_model, prompt, cuda_graphs=False)
             graphed = prefill(gpu_model, prompt)
             torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
-        assert sorted(gpu_model.prefill_graphs) == [PREFILL_BUCKET, 2 * PREFILL_BUCKET]  # 3 prompts, 2 graphs
+        assert sorted(gpu_model.graphs) == [("prefill", PREFILL_BUCKET), ("prefill", 2 * PREFILL_BUCKET)]  # 3 prompts
     for prompt in ([5, 17, 42], list(range(3, 90))):
         assert generate(gpu_model, prompt, 20).tokens == generate(gpu_model, prompt, 20, cuda_graphs=False).tokens

@@ -50,11 +50,37 @@ def test_random_trees_match_reference(mode, dtype):
     assert accepted > 0  # the cases must exercise acceptance, not just rejection
 
 
-@pytest.mark.parametrize("mode", acceptance.MODES)
-def test_everything_accepted_picks_first_deepest_path(mode):
+def test_everything_accepted_picks_first_deepest_path_when_greedy():
     logits, tokens, retrieve, _ = random_case(1, num_nodes=13, accept_prob=1.0, scale=10.0)
     depths = (retrieve >= 0).sum(1) - 1
-    assert check_acceptance(logits, tokens, retrieve, mode) == (int(depths.argmax()), int(depths.max()))
+    assert check_acceptance(logits, tokens, retrieve, "greedy") == (int(depths.argmax()), int(depths.max()))
+
+
+# Two branches, root -> 1 -> 3 and root -> 2 -> 4 (tokens 0, 1, 0, x), over 4 tokens. Worked by hand at
+# temperature 1, eps 0.09, alpha 0.3: under the root p = (0.3, 0.6, 0.05, 0.05), H = 0.97, so the threshold
+# is min(0.09, 0.3 * exp(-0.97) = 0.11) = 0.09 and both branches pass; under nodes 1 and 2
+# p = (0.5, 0.3, 0.15, 0.05), H = 1.14, threshold min(0.09, 0.096) = 0.09: token 0 passes, token 3 fails.
+TWO_BRANCHES = torch.tensor([[0, 1, 3], [0, 2, 4]])
+
+
+def two_branch_logits(root_probs):
+    node = [0.5, 0.3, 0.15, 0.05]
+    return torch.log(torch.tensor([root_probs, node, node, node, node])).to(DEVICE)  # [T=5, V=4]
+
+
+@pytest.mark.parametrize("last_token, expected", [
+    (0, (1, 2)),  # both rows accepted 2 deep: the likelier, row 1 (log 0.6 + log 0.5 > log 0.3 + log 0.5)
+    (3, (0, 2)),  # row 1 stops after 1 node: the longer row 0 wins, although row 1 starts likelier
+])
+def test_typical_keeps_the_likeliest_of_the_longest(last_token, expected):
+    tokens = torch.tensor([0, 0, 1, 0, last_token], device=DEVICE)
+    logits = two_branch_logits([0.3, 0.6, 0.05, 0.05])
+    assert check_acceptance(logits, tokens, TWO_BRANCHES, "typical") == expected
+
+
+def test_typical_equally_likely_rows_take_the_first():
+    tokens = torch.tensor([0, 0, 1, 0, 0], device=DEVICE)
+    assert check_acceptance(two_branch_logits([0.45, 0.45, 0.05, 0.05]), tokens, TWO_BRANCHES, "typical") == (0, 2)
 
 
 @pytest.mark.parametrize("mode", acceptance.MODES)

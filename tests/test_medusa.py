@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
+import nanomedusa.medusa_generation as medusa_generation
+from kernels.speculative_sampling import speculative_accept_reference, speculative_accept_triton
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
-from nanomedusa.medusa_generation import generate_medusa, speculative_accept
+from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.sampling import Sampling, target_probs
 from nanomedusa.tree import PRESETS, TreeBuffers, chain
 from tests.helpers import make_hf_checkpoint
@@ -159,56 +161,134 @@ def chi_square(counts: dict, probs: dict, n: int) -> tuple[float, int]:
     return stat, cells - 1
 
 
-def test_rejection_sampling_at_one_node_is_exact():
+WALKS = {"torch": speculative_accept_reference, "triton": speculative_accept_triton}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the walk kernel runs (the interpreter on a CPU)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared CPU spinning threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("walk, n", [("torch", 20000), ("triton", 1500)])  # (the interpreter is slow)
+def test_rejection_sampling_at_one_node_is_exact(one_thread, walk, n):
     """One tree node with three children: whatever comes out (a child or a draw from the residual)
-    must be distributed as the target p. 20000 draws, chi-square at the 0.1% level."""
+    must be distributed as the target p. Chi-square at the 0.1% level."""
     torch.manual_seed(0)
-    tree = TreeBuffers.from_choices([[0], [1], [2]])
+    tree = TreeBuffers.from_choices([[0], [1], [2]], device=DEVICE)
     logits = torch.randn(tree.num_nodes, 6) * 1.5  # [T, V]
-    tokens = torch.tensor([0, 3, 1, 5])  # root, then the children's guesses
-    sampling = Sampling(temperature=0.8, top_k=5)
-    p = target_probs(logits[0], sampling)
-    gen = torch.Generator().manual_seed(1)
-    counts, n = {}, 20000
-    for _ in range(n):
-        path, bonus = speculative_accept(logits, tokens, tree, sampling, gen)
-        first = tokens[path[1]].item() if len(path) > 1 else bonus.item()
+    tokens = torch.tensor([0, 3, 1, 5], device=DEVICE)  # root, then the children's guesses
+    p = target_probs(logits, Sampling(temperature=0.8, top_k=5)).to(DEVICE)  # [T, V]
+    uniforms = torch.rand(n, tree.depth_max + 1, tree.child_index.shape[1] + 1,
+                          generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    counts = {}
+    for u in uniforms:
+        best, accept_len, bonus = WALKS[walk](p, tokens, tree.child_index, tree.retrieve_indices, u)
+        first = tokens[tree.retrieve_indices[best, 1]].item() if accept_len > 0 else bonus.item()
         counts[first] = counts.get(first, 0) + 1
-    stat, df = chi_square(counts, {t: p[t].item() for t in range(6) if p[t] > 0}, n)
+    stat, df = chi_square(counts, {t: p[0, t].item() for t in range(6) if p[0, t] > 0}, n)
     assert stat < chi_square_bound(df), (stat, df)
 
 
-def test_speculative_sampling_matches_plain_sampling(tmp_path):
-    """End to end on a 6-token vocabulary: the joint law of the first three generated tokens under
-    Medusa sampling must equal the model's own (computed exactly by enumeration). 3000 runs; with
-    up to 215 degrees of freedom, a correct sampler fails the 0.1% bound once in a thousand runs,
-    while a biased one (e.g. accepting guesses without the rejection step) fails it every time."""
-    make_hf_checkpoint(tmp_path, seed=3, vocab_size=6, num_key_value_heads=2)
-    model = load_model(tmp_path, device="cpu", dtype="float32")[0]
-    sampling = Sampling(temperature=1.0)
-    prompt = [1, 4, 2]
-    with torch.no_grad():  # exact probabilities of every 3-token continuation
+def test_speculative_walk_kernel_matches_reference():
+    """The Triton walk against the torch reference on random trees, distributions and uniforms: the same
+    path, accepted length and bonus token (the two differ only where rounding puts a uniform on a boundary)."""
+    gen = torch.Generator().manual_seed(0)
+    for case in range(24):
+        tree = TreeBuffers.from_choices(TREES["small"] if case % 2 else TREES["mc_sim_7b_63"], device=DEVICE)
+        vocab = (16, 300, 5000)[case % 3]
+        logits = torch.randn(tree.num_nodes, vocab, generator=gen) * (1 + case % 4)  # [T, V]
+        p = target_probs(logits, Sampling(temperature=1.0, top_k=(0, 4)[case % 2], top_p=(1.0, 0.8)[case // 12]))
+        p = p.to(DEVICE)
+        # Each head guesses the root's likeliest tokens (distinct, as a top-k is): often right, often not.
+        guesses = p[0].argsort(descending=True)[: tree.topk].repeat(tree.depth_max, 1)  # [depth_max, topk]
+        tokens = tree.candidate_tokens(guesses[0, 0], guesses)
+        uniforms = torch.rand(tree.depth_max + 1, tree.child_index.shape[1] + 1, generator=gen).to(DEVICE)
+        args = (p, tokens, tree.child_index, tree.retrieve_indices, uniforms)
+        got = [t.item() for t in speculative_accept_triton(*args)]
+        assert got == [t.item() for t in speculative_accept_reference(*args)], case
+
+
+def three_token_law(model, prompt, sampling) -> dict:
+    """The exact probability of every 3-token continuation under plain sampling (by enumeration), > 0 only."""
+    with torch.no_grad():
         probs = {}
         model.drop_cache()
-        p1 = target_probs(model(torch.tensor([prompt]))[0, -1], sampling)
+        p1 = target_probs(model(torch.tensor([prompt], device=model.device))[0, -1], sampling)
         for a in range(6):
-            p2 = target_probs(model(torch.tensor([prompt + [a]]))[0, -1], sampling)
-            p3 = target_probs(model(torch.tensor([prompt + [a, b] for b in range(6)]))[:, -1], sampling)  # [6, V]
+            p2 = target_probs(model(torch.tensor([prompt + [a]], device=model.device))[0, -1], sampling)
+            rows = torch.tensor([prompt + [a, b] for b in range(6)], device=model.device)
+            p3 = target_probs(model(rows)[:, -1], sampling)  # [6, V]
             for b in range(6):
                 for c in range(6):
                     probs[(a, b, c)] = (p1[a] * p2[b] * p3[b, c]).item()
+    return {k: v for k, v in probs.items() if v > 0}
+
+
+@pytest.mark.parametrize("decoder, device, walk, n", [
+    ("plain", "cpu", None, 3000), ("medusa", "cpu", "torch", 3000),
+    pytest.param("medusa", "cpu", "triton", 1000, marks=pytest.mark.skipif(  # the interpreter, on CPU tensors
+        torch.cuda.is_available(), reason="on a GPU the cuda case runs the compiled kernel")),
+    pytest.param("plain", "cuda", None, 3000, marks=CUDA), pytest.param("medusa", "cuda", None, 3000, marks=CUDA),
+])
+def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, one_thread, decoder, device, walk, n):
+    """End to end on a 6-token vocabulary, temperature and top-p applied on the device: the joint law of the
+    first three generated tokens, plain or Medusa sampling, must equal the model's own (computed exactly by
+    enumeration). n runs; with up to 215 degrees of freedom, a correct sampler fails the 0.1% bound once in a
+    thousand runs, while a biased one (e.g. accepting guesses without the rejection step) fails it every time.
+    On a GPU every step replays as a CUDA graph, the walk and the draws inside it."""
+    if walk is not None:  # only the walk on the kernel under test: the model stays on the fast references
+        monkeypatch.setattr(medusa_generation, "speculative_accept", WALKS[walk])
+    make_hf_checkpoint(tmp_path, seed=3, vocab_size=6, num_key_value_heads=2)
+    model = load_model(tmp_path, device=device, dtype="float32")[0]
+    sampling = Sampling(temperature=0.9, top_p=0.95)
+    prompt = [1, 4, 2]
+    probs = three_token_law(model, prompt, sampling)
     heads = MedusaHeads.from_base(model, num_heads=2).eval()  # guesses that are often right: both paths run
     tree = TreeBuffers.from_choices([[0], [1], [0, 0], [0, 1], [1, 0]])
-    counts, n, accepted = {}, 3000, 0
+    counts, accepted = {}, 0
     for seed in range(n):
-        gen = torch.Generator().manual_seed(seed)
-        out = generate_medusa(model, heads, tree, prompt, max_new_tokens=3, sampling=sampling, accept="sample",
-                              generator=gen)
+        gen = torch.Generator(device).manual_seed(seed)
+        if decoder == "plain":
+            out = generate(model, prompt, max_new_tokens=3, sampling=sampling, generator=gen)
+        else:
+            out = generate_medusa(model, heads, tree, prompt, max_new_tokens=3, sampling=sampling, accept="sample",
+                                  generator=gen)
         counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
         accepted += out.steps == 1
     stat, df = chi_square(counts, probs, n)
     assert stat < chi_square_bound(df), (stat, df)
-    assert accepted > n // 10  # guesses were accepted often enough for the test to mean something
+    if decoder == "medusa":
+        assert accepted > n // 10  # guesses were accepted often enough for the test to mean something
+
+
+@CUDA
+@pytest.mark.parametrize("tree_name", ["chain3", "mc_sim_7b_63"])
+def test_seeded_sampling_on_gpu_is_reproducible_and_graphs_change_nothing(tmp_path, tree_name):
+    # The graphed steps draw from the generator they are registered with, seeded per run: the same seed
+    # gives the same tokens, replayed or eager; another seed other tokens.
+    make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
+    model = load_model(tmp_path, device="cuda", dtype="float32")[0]
+    tree = TreeBuffers.from_choices(TREES[tree_name])
+    heads = random_heads(model, 0)
+    sampling = Sampling(temperature=0.7, top_k=20, top_p=0.9)
+
+    def run(seed, cuda_graphs=True, medusa=True):
+        gen = torch.Generator("cuda").manual_seed(seed)
+        if medusa:
+            return generate_medusa(model, heads, tree, [5, 17, 42, 8], 40, sampling, accept="sample", generator=gen,
+                                   cuda_graphs=cuda_graphs).tokens
+        return generate(model, [5, 17, 42, 8], 40, sampling, generator=gen, cuda_graphs=cuda_graphs).tokens
+
+    for medusa in (False, True):
+        first = run(1, medusa=medusa)
+        assert run(1, medusa=medusa) == first == run(1, cuda_graphs=False, medusa=medusa)
+        assert run(2, medusa=medusa) != first
 
 
 # --- typical acceptance ---------------------------------------------------------------------------
@@ -243,6 +323,20 @@ def test_typical_acceptance_runs_end_to_end(models):
                           sampling=Sampling(temperature=0.7), accept="typical",
                           generator=torch.Generator().manual_seed(0))
     assert len(out.tokens) == 20 and out.mean_accepted >= 1.0
+
+
+def test_typical_acceptance_takes_root_and_bonus_greedily(models):
+    # As in the paper (the reference's fast=True): each step's first token and the bonus token are the
+    # argmax, not drawn at the temperature. With a threshold no guess can pass (p > 2), every step emits
+    # only its bonus token, so the output is plain greedy decoding's whatever the seed.
+    model = models["mha"]
+    heads = MedusaHeads.from_base(model, num_heads=3).eval()
+    expected = generate(model, [5, 6, 7], max_new_tokens=12).tokens
+    for seed in range(3):
+        out = generate_medusa(model, heads, TreeBuffers.from_choices(TREES["small"]), [5, 6, 7], max_new_tokens=12,
+                              sampling=Sampling(temperature=1.5), accept="typical", posterior_threshold=2.0,
+                              posterior_alpha=1e9, generator=torch.Generator().manual_seed(seed))
+        assert out.tokens == expected and out.mean_accepted == 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")

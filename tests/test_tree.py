@@ -184,11 +184,24 @@ def test_parse_forms(tmp_path):
         ("[[0], [1], [0]]", r"Tree path \[0\] is listed twice; list each path once\."),
         ("[[0], [0, 1, 2]]", r"Tree path \[0, 1, 2\] needs its prefix \[0, 1\] in the tree too"),
         ("[[0, 0]]", r"Tree path \[0, 0\] needs its prefix \[0\] in the tree too; add it\."),
+        ("[[16]]", r"Tree path \[16\] uses rank 16 but the heads give at most their top-16 guesses \(ranks 0 to 15\)"),
     ],
 )
 def test_parse_errors(spec, message):
     with pytest.raises(NanoMedusaError, match=message):
         parse_tree(spec)
+
+
+def test_tree_ranks_must_fit_the_vocabulary():
+    assert TreeBuffers.from_choices([[0], [1], [2]], vocab_size=3).topk == 3
+    with pytest.raises(NanoMedusaError, match="The tree uses rank 3 but the vocabulary has only 3 tokens; use ranks below 3"):
+        TreeBuffers.from_choices([[0], [3]], vocab_size=3)
+
+
+def test_tree_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "t.json").write_bytes(b"[[0]] \xff")
+    with pytest.raises(NanoMedusaError, match=r"t.json is not UTF-8 text \(byte 0xff at offset 6\)"):
+        parse_tree(str(tmp_path / "t.json"))
 
 
 def test_accuracies_with_one_strong_guess_give_a_chain():

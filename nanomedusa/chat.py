@@ -1,0 +1,225 @@
+"""A multi-turn chat in the terminal that keeps the conversation's KV cache from one turn to the next.
+
+    python generate.py --interactive                    # type a message, Enter; /help lists the commands
+    python generate.py --interactive --prompt "Hi!"     # the first turn from the command line
+    printf 'Hi!\\nAnd in French?\\n' | python generate.py --interactive   # piped: one line per turn
+
+Each turn renders the whole conversation with the model's chat template (`Tokenizer.encode_chat`),
+compares the ids with those whose keys/values fill the cache's first slots, and prefills only from the
+first difference: usually the new user message with its turn markers, plus the previous answer's
+end-of-turn token (decoding samples the last token but never runs it through the model). Comparing ids,
+rather than assuming the cache lines up with the template, keeps the cache exactly what a fresh prompt
+would hold: a decoded answer can re-encode to other ids than the model produced, and `/system` or dropped
+turns change the start of the prompt. The answers are then those of running each turn as one growing
+prompt from scratch (`tests/test_chat.py` checks it).
+
+The cache is sized once for the session (`context` slots), so it is never reallocated and the CUDA graphs
+captured on it (prefill per padded length, the decode or Medusa step) serve every turn. After a Medusa
+turn the slots past the accepted tokens hold rejected tree nodes; they lie past the cached ids, so the
+next prefill overwrites them before anything reads them. When a turn would not fit (prompt +
+max_new_tokens + tree nodes), the oldest turns are dropped with a notice and what remains is prefilled again.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+from .chat_template import Message
+from .errors import NanoMedusaError
+from .generation import CACHE_BUCKET, GenerationResult, _round_up
+from .tokenizer import Tokenizer
+
+# The default context on a CPU. There the attention reads every slot of the cache, however few are filled
+# (on a GPU the kernel stops at the filled ones), so a cache of the model's whole context (8192 for SmolLM2)
+# would make every step slower than the weights alone.
+CPU_CONTEXT = 2048
+
+# decode(prompt_ids, max_new_tokens, on_tokens=..., cached_len=...) -> GenerationResult: `generation.generate`
+# or `medusa_generation.generate_medusa` with the model and the other arguments bound.
+Decode = Callable[..., GenerationResult]
+
+HELP = """commands:
+  /reset        forget the conversation (a /system message stays)
+  /system TEXT  set the system message (/system alone: back to the model's default)
+  /stats        speed of the last answer, accepted length, context used
+  /exit         quit (Ctrl-D too); Ctrl-C stops an answer and keeps the conversation"""
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Turn:
+    """What one answer cost."""
+
+    prompt_tokens: int  # the whole conversation's prompt for this turn
+    prefilled: int  # of those, the ones run through the model this turn (the rest came from the cache)
+    first_token_seconds: float  # from the message to its first answer token (encode, prefill, first sample)
+    seconds: float  # from the message to the end of the answer
+    answer_tokens: int
+    result: GenerationResult | None  # None when Ctrl-C stopped the answer
+
+
+class ChatSession:
+    """One conversation: its messages, and the ids whose keys/values fill the cache's first slots.
+
+    `decode` answers (see `Decode`); `extra` is the cache room a step needs past the answer (a Medusa
+    tree's nodes); `context` caps the cache (default: the model's context, at most CPU_CONTEXT on a CPU)."""
+
+    def __init__(self, model, tokenizer: Tokenizer, decode: Decode, max_new_tokens: int, extra: int = 0,
+                 context: int | None = None, system: str | None = None,
+                 notify: Callable[[str], None] = lambda text: print(f"[chat] {text}", file=sys.stderr, flush=True)):
+        limit = model.config.max_position_embeddings
+        context = context or (limit if model.device.type == "cuda" else min(limit, CPU_CONTEXT))
+        # A whole number of CACHE_BUCKETs: generation.prepare_cache rounds a run's need up to one, and must
+        # find this cache large enough rather than reallocate it.
+        self.context = min(_round_up(context, CACHE_BUCKET), limit)
+        model.setup_cache(self.context)
+        self.tokenizer, self.decode, self.notify = tokenizer, decode, notify
+        self.max_new_tokens = max_new_tokens
+        self.reserve = max_new_tokens + extra  # the room an answer needs on top of its prompt
+        self.system = system
+        self.messages: list[Message] = []  # user and assistant turns, alternating, oldest first
+        self.cached: list[int] = []  # the ids in cache slots 0 .. len-1
+        self.used = 0  # tokens of the conversation so far (prompt + answer of the last turn)
+        self.last: Turn | None = None
+
+    def reset(self) -> None:
+        """Forget the conversation. The cached ids stay: the next prompt reuses what it shares with them."""
+        self.messages, self.used, self.last = [], 0, None
+
+    def conversation(self, messages: list[Message] | None = None) -> list[Message]:
+        """The system message (when set) and `messages` (default: the conversation's)."""
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + (self.messages if messages is None else messages)
+
+    def say(self, text: str, on_text: Callable[[str], None] = lambda text: None) -> str:
+        """Answer one user message, streaming the answer's text to `on_text`; returns the answer.
+        Ctrl-C (KeyboardInterrupt) ends the answer early: what came so far is kept as the answer."""
+        began = time.perf_counter()
+        prompt = self._fit({"role": "user", "content": text})
+        start = min(common_prefix(self.cached, prompt), len(prompt) - 1)  # the last id must run: its logits
+        self.cached = self.cached[:start]  # all that an interrupted answer surely leaves intact
+        answer: list[int] = []
+        stream = self.tokenizer.stream_decoder()
+        first_token = 0.0
+
+        def on_tokens(ids: list[int]) -> None:
+            nonlocal first_token
+            first_token = first_token or time.perf_counter() - began
+            answer.extend(ids)
+            on_text("".join(stream.push(i) for i in ids))
+
+        result = None
+        try:
+            result = self.decode(prompt, self.max_new_tokens, on_tokens=on_tokens, cached_len=start)
+            self.cached = prompt + result.tokens[:-1]  # the last token was sampled, never run through the model
+        except KeyboardInterrupt:
+            self.notify("stopped")
+        on_text(stream.flush())
+        reply = self.tokenizer.decode(answer)  # without special tokens: the end-of-turn mark is the template's
+        self.messages.append({"role": "assistant", "content": reply})
+        self.used = len(prompt) + len(answer)
+        seconds = time.perf_counter() - began
+        self.last = Turn(len(prompt), len(prompt) - start, first_token, seconds, len(answer), result)
+        return reply
+
+    def _fit(self, message: Message) -> list[int]:
+        """Add the user message and return the conversation's prompt ids, first dropping the oldest turns
+        while prompt + reserve exceeds the context. A message that cannot fit even alone is refused."""
+        alone = self.tokenizer.encode_chat(self.conversation([message]))
+        if len(alone) + self.reserve > self.context:
+            raise NanoMedusaError(f"this message takes {len(alone)} tokens with the chat template, which leaves "
+                                  f"too little of the {self.context}-token context for an answer of "
+                                  f"{self.max_new_tokens} tokens; send a shorter one.")
+        self.messages.append(message)
+        dropped = 0
+        while len(prompt := self.tokenizer.encode_chat(self.conversation())) + self.reserve > self.context:
+            del self.messages[:2]  # the oldest user message and its answer
+            dropped += 1
+        if dropped:
+            self.notify(f"the context of {self.context} tokens is full: dropped the oldest {dropped} turn(s)")
+        return prompt
+
+    def stats(self) -> str:
+        context = f"context used: {self.used} of {self.context} tokens"
+        turn = self.last
+        if turn is None:
+            return f"no answer yet; {context}"
+        line = (f"last answer: {turn.answer_tokens} tokens in {turn.seconds:.2f} s, first after "
+                f"{turn.first_token_seconds * 1000:.0f} ms (prefilled {turn.prefilled} of {turn.prompt_tokens} "
+                f"prompt tokens)")
+        if turn.result is None:
+            return f"{line}, stopped; {context}"
+        r = turn.result
+        decode_seconds = r.seconds - r.prefill_seconds
+        return (f"{line}; prefill {r.prefill_seconds * 1000:.0f} ms, decode {decode_seconds:.2f} s = "
+                f"{r.tokens_per_second:.1f} tokens/s, mean accepted length {r.mean_accepted:.2f}; {context}")
+
+
+def read_lines(stdin: TextIO, first: str | None = None) -> Iterator[str]:
+    """The user's lines: `first`, then stdin (with line editing and a prompt at a terminal) until EOF,
+    or Ctrl-C at the prompt."""
+    if first is not None:
+        yield first
+    while True:
+        try:
+            line = input("> ") if stdin.isatty() else stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if not (line or stdin.isatty()):  # the end of a pipe (input() gives "" for an empty line)
+            return
+        yield line.rstrip("\n")
+
+
+def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys.stdin,
+             out: TextIO = sys.stdout, verbose: bool = False) -> None:
+    """The chat loop: each line is a message or a command; answers stream to `out`, notices go to stderr."""
+    if stdin.isatty():
+        print("Chat: type a message and Enter; /help lists the commands.", file=sys.stderr)
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    for line in read_lines(stdin, first):
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            session.notify("the conversation is cleared")
+        elif command == "/system":
+            session.system = rest.strip() or None
+            session.notify(f"system message {'set' if session.system else 'back to the default'}")
+        elif command == "/stats":
+            print(session.stats(), file=sys.stderr)
+        elif command == "/help":
+            print(HELP, file=sys.stderr)
+        elif command.startswith("/"):
+            print(f"unknown command {command}; /help lists the commands.", file=sys.stderr)
+        else:
+            try:
+                session.say(line, write)
+            except NanoMedusaError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            except KeyboardInterrupt:  # Ctrl-C outside the decoding (which say() handles): the session goes on
+                pass
+            write("\n")
+            if verbose:
+                print(f"[chat] {session.stats()}", file=sys.stderr)

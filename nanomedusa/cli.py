@@ -1,0 +1,109 @@
+"""What the command lines share: one-line errors, and the checks of flag values and paths.
+
+Each CLI (generate.py, train.py, `python -m nanomedusa.bench`, `python -m nanomedusa.tree_tuning`) parses
+its flags with `ArgumentParser` and checks them all in one function right after parsing, built from the
+checks here, before anything slow (a model load) starts. A bad value is a `NanoMedusaError` sentence that
+names the fix; the CLI prints it as one `error: ...` line and exits with status 2, argparse's code for
+a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from kernels.interpreter import interpreting
+
+from .errors import NanoMedusaError
+
+USAGE_ERROR = 2  # exit status for anything the user can fix
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown flag, a value that is not a number) are one line too."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"error: {message}; see --help.\n")
+
+
+def check_at_least(minimum: float, flags: dict[str, float | None]) -> None:
+    """Each flag's value (None: not given) must be a finite number >= minimum."""
+    for flag, value in flags.items():
+        if value is not None and not (math.isfinite(value) and value >= minimum):
+            raise NanoMedusaError(f"{flag} must be at least {minimum}, not {value}; pass {minimum} or more.")
+
+
+def check_positive(flags: dict[str, float | None]) -> None:
+    """Each flag's value (None: not given) must be a finite number > 0."""
+    for flag, value in flags.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise NanoMedusaError(f"{flag} must be above 0, not {value}; pass a positive number.")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:  # distillation derives per-prompt seeds from it, which must fit 64 bits
+        raise NanoMedusaError(f"--seed must be in 0 .. {2**32 - 1}, not {seed}.")
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
+    """--temperature >= 0 (0 = greedy), --top-p in (0, 1] (1 = off), --top-k >= 0 (0 = off)."""
+    check_at_least(0, {"--temperature": temperature, "--top-k": top_k})
+    if not 0 < top_p <= 1:  # top-p 0 would drop even the likeliest token
+        raise NanoMedusaError(f"--top-p must be in (0, 1] (1 = off), not {top_p}; pass e.g. 0.9.")
+
+
+def check_text(flag: str, text: str | None) -> None:
+    """Text from the command line must be UTF-8: other bytes arrive as lone surrogates no tokenizer takes."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00  # Python keeps undecodable argv byte b as U+DC00 + b
+        raise NanoMedusaError(f"{flag} is not valid UTF-8 (byte 0x{byte:02x} at character {e.start}); "
+                              f"pass UTF-8 text.") from None
+
+
+def check_input_file(flag: str, path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise NanoMedusaError(f"{flag} {path} is a directory; pass a file.")
+    if not path.is_file():
+        raise NanoMedusaError(f"{flag} {path} does not exist; check the path.")
+
+
+def check_input_dir(flag: str, path: str | Path | None) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise NanoMedusaError(f"{flag} {path} is not a directory; check the path.")
+
+
+def check_output_dir(flag: str, path: str | Path) -> None:
+    """A directory to write into: it, or its first existing parent, must be a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NanoMedusaError(f"{flag} {path} is a file; pass a directory (it is created if missing).")
+    _check_parent(flag, path)
+
+
+def check_output_file(flag: str, path: str | Path) -> None:
+    """A file to write: not a directory, with a directory (or a place for one) above it."""
+    path = Path(path)
+    if path.is_dir():
+        raise NanoMedusaError(f"{flag} {path} is a directory; pass a file path, e.g. {path / 'answers.jsonl'}.")
+    _check_parent(flag, path)
+
+
+def _check_parent(flag: str, path: Path) -> None:
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise NanoMedusaError(f"{flag} {path} lies under {parent}, which is a file; pass a path under a directory.")
+
+
+def check_kernels(backend: str, device: torch.device) -> None:
+    """--kernels triton on a CPU runs the kernels in Triton's interpreter, which must be on from the start."""
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        raise NanoMedusaError("--kernels triton needs a CUDA GPU, or on a CPU Triton's interpreter: set "
+                              "TRITON_INTERPRET=1 (slow, for checking kernels), or use --kernels torch or auto.")

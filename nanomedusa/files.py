@@ -1,0 +1,35 @@
+"""Reading and writing files the user gives or keeps: UTF-8 text with a clear error, and writes that never tear.
+
+`write_atomically` writes to a temporary file beside the target and renames it over the target
+(`os.replace`, atomic on POSIX and Windows), so a run killed mid-write leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from .errors import NanoMedusaError
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of `path`, or one sentence naming the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoMedusaError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                              f"re-save it as UTF-8.") from None
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(temporary path), then move the result over `path` in one step."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -1,0 +1,171 @@
+"""The interactive chat (nanomedusa/chat.py): KV reuse between turns gives the answers of a growing prompt
+run from scratch, a turn prefills only its new tokens, /reset clears, a full context drops the oldest turns."""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanomedusa.chat import ChatSession, common_prefix
+from nanomedusa.errors import NanoMedusaError
+from nanomedusa.generation import generate
+from nanomedusa.loading import load_model
+from nanomedusa.medusa_generation import generate_medusa
+from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tree import TreeBuffers
+from tests.test_medusa import TREES, random_heads
+from tests.tiny_tokenizer import make_chat_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TURNS = ["Hi there", "How are you?", "Tell me a story."]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat")
+    make_chat_checkpoint(path)
+    return path
+
+
+def decoder(model, tokenizer, medusa: bool):
+    """What generate.py's make_decode builds: greedy plain decoding, or Medusa with random heads."""
+    if not medusa:
+        return functools.partial(generate, model, eos_ids=tokenizer.eos_ids)
+    heads = random_heads(model, seed=1).to(model.device)
+    tree = TreeBuffers.from_choices(TREES["small"], device=model.device)
+    return functools.partial(generate_medusa, model, heads, tree, eos_ids=tokenizer.eos_ids)
+
+
+def growing_prompt_answers(model, tokenizer, decode, turns, max_new_tokens, history=()):
+    """Each turn run as one prompt from scratch (a fresh cache, no reuse): the answers a chat must give."""
+    messages, answers = list(history), []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        model.drop_cache()
+        result = decode(tokenizer.encode_chat(messages), max_new_tokens)
+        answers.append(tokenizer.decode(result.tokens))
+        messages.append({"role": "assistant", "content": answers[-1]})
+    return answers
+
+
+def count_prefilled_tokens(model):
+    """Wrap model.forward_hidden to record how many tokens each call runs; -> the list it appends to."""
+    calls = []
+    forward_hidden = model.forward_hidden
+
+    def counting(tokens, *args, **kwargs):
+        calls.append(tokens.shape[1])
+        return forward_hidden(tokens, *args, **kwargs)
+
+    model.forward_hidden = counting
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
+def test_chat_with_kv_reuse_equals_the_growing_prompt(checkpoint, device, medusa):
+    model = load_model(checkpoint, device=device, dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    decode = decoder(model, tokenizer, medusa)
+    session = ChatSession(model, tokenizer, decode, max_new_tokens=12, extra=7 if medusa else 0)
+    answers, prefilled = [], []
+    for text in TURNS:
+        cached = session.cached
+        answers.append(session.say(text))
+        prompt = tokenizer.encode_chat(session.conversation()[:-1])
+        assert session.last.prefilled == len(prompt) - common_prefix(cached, prompt)
+        prefilled.append(session.last.prefilled)
+    assert answers == growing_prompt_answers(model, tokenizer, decode, TURNS, 12)
+    # The later turns reuse everything before the new message: a few dozen tokens, not the whole prompt.
+    assert prefilled[0] > 50 and all(n < 40 for n in prefilled[1:])
+
+
+def test_second_turn_runs_only_its_new_tokens_through_the_model(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    session = ChatSession(model, tokenizer, decoder(model, tokenizer, False), max_new_tokens=6)
+    session.say(TURNS[0])
+    first_prompt = tokenizer.encode_chat(session.conversation()[:-1])
+    cached = session.cached  # the first prompt and answer (but the answer's last token, sampled and never run)
+    calls = count_prefilled_tokens(model)
+    session.say(TURNS[1])
+    prompt = tokenizer.encode_chat(session.conversation()[:-1])
+    # The prefill is the first forward: from the first difference with the cached ids (at the latest, the
+    # first answer's end) to the new turn's markers. Each decoding step runs one token.
+    assert common_prefix(cached, prompt) >= len(first_prompt)
+    assert calls[0] == session.last.prefilled == len(prompt) - common_prefix(cached, prompt)
+    assert calls[0] < len(prompt) // 2 and set(calls[1:]) == {1}
+
+
+def test_reset_clears_the_conversation_and_keeps_the_shared_start(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    session = ChatSession(model, tokenizer, decoder(model, tokenizer, False), max_new_tokens=8)
+    first = session.say(TURNS[0])
+    session.say(TURNS[1])
+    session.reset()
+    assert session.messages == [] and "context used: 0 of" in session.stats()
+    assert session.say(TURNS[0]) == first
+    assert session.last.prefilled == 1  # the same prompt as the first turn: all but its last token cached
+
+
+def test_full_context_drops_the_oldest_turns_with_a_message(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    reference = load_model(checkpoint, device="cpu", dtype="float32")[0]  # the session's cache stays its own
+    reference_decode = decoder(reference, tokenizer, False)
+    notices = []
+    session = ChatSession(model, tokenizer, decoder(model, tokenizer, False), max_new_tokens=60, notify=notices.append)
+    turns = ["Hi there", "How are you?", "Tell me a story.", "And then?", "Why?"]
+    for i, text in enumerate(turns):
+        history = session.messages.copy()
+        answer = session.say(text)
+        kept = session.messages[:-2]  # what the turn was answered from, after any dropping
+        assert kept == history[len(history) - len(kept):]  # the newest turns kept, the oldest dropped
+        assert answer == growing_prompt_answers(reference, tokenizer, reference_decode, [text], 60, kept)[0]
+        assert session.used + 60 - len(session.last.result.tokens) <= session.context
+    assert notices and "the context of 256 tokens is full: dropped the oldest" in notices[0]
+    assert len(session.messages) < 2 * len(turns)
+    with pytest.raises(NanoMedusaError, match="send a shorter one"):
+        session.say("x" * 250)
+    assert len(session.messages) % 2 == 0  # the refused message left no half turn behind
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    decode = decoder(model, tokenizer, False)
+    session = ChatSession(model, tokenizer, decode, max_new_tokens=12)
+    pieces = []
+
+    def interrupt_after_three(text):
+        pieces.append(text)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    partial = session.say(TURNS[0], interrupt_after_three)
+    assert session.last.result is None and 0 < session.last.answer_tokens < 12
+    history = session.messages.copy()
+    assert history[-1] == {"role": "assistant", "content": partial}
+    assert session.say(TURNS[1]) == growing_prompt_answers(model, tokenizer, decode, [TURNS[1]], 12, history)[0]
+
+
+def test_piped_cli_session(checkpoint, tmp_path):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    expected = growing_prompt_answers(model, tokenizer, decoder(model, tokenizer, False), TURNS[:2], 10)
+    script = f"{TURNS[0]}\n{TURNS[1]}\n/stats\n/bogus\n/reset\n{TURNS[0]}\n/exit\nnever read\n"
+    proc = subprocess.run(
+        [sys.executable, "generate.py", "--model", str(checkpoint), "--device", "cpu", "--interactive",
+         "--max-new-tokens", "10"],
+        cwd=REPO, input=script, capture_output=True, text=True, env=os.environ, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "".join(answer + "\n" for answer in [*expected, expected[0]])
+    assert "context used:" in proc.stderr and "the conversation is cleared" in proc.stderr
+    assert "unknown command /bogus" in proc.stderr
