@@ -5,9 +5,10 @@
     python generate.py --prompt "..." --compare                                 # AR vs Medusa, with speedup
     python generate.py --interactive                                            # a chat (nanomedusa/chat.py)
 
-The path of one token: tokenizer (nanomedusa/tokenizer.py) -> model (nanomedusa/model.py, whose
-attention and norms are kernels/) -> plain decoding (nanomedusa/generation.py) or Medusa
-(nanomedusa/medusa_generation.py: heads.py guesses, tree.py shapes the guesses, kernels/ verify them).
+The path of one token: tokenizer (nanomedusa/tokenizer.py) -> a Decoder (nanomedusa/decoder.py: the KV
+cache, the prefill, the CUDA graphs) over the model (nanomedusa/model.py, whose attention and norms are
+kernels/) -> plain decoding (nanomedusa/generation.py) or Medusa (nanomedusa/medusa_generation.py:
+verify, accept, keep, propose; heads.py guesses and tree.py lays the guesses out as a tree).
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 import torch
 
 import kernels
-from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_kernels,
-                            check_positive, check_sampling, check_seed, check_text)
+from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_kernels, check_positive,
+                            check_sampling, check_seed, check_text, run_reporting_errors)
 from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.errors import NanoMedusaError
+from nanomedusa.decoder import Decoder
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa
 from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import Tokenizer
-from nanomedusa.tree import TreeBuffers, parse_tree
+from nanomedusa.tree import TreeBuffers, cut_to_depth, parse_tree
+from weights import SHIPPED_HEADS
 
 DEFAULT_TREE = "mc_sim_7b_63"
 
@@ -72,15 +75,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Medusa-1 heads trained for the built-in default model and committed with the project.
-SHIPPED_HEADS = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct-medusa"
-
-
 def default_heads_dir(args, device: torch.device) -> Path | None:
     """The shipped heads, when the model is the built-in default, they are present and the device is a GPU.
 
     On a CPU decoding is compute-bound: verifying a tree of T candidates costs about T times a plain step,
-    so Medusa is slower there (measured: 6 vs 16 tokens/s on 2 cores). It still runs with --medusa DIR."""
+    so Medusa is slower there (bench/RESULTS.md). It still runs with --medusa DIR."""
     if args.model is not None or not (SHIPPED_HEADS / "config.json").is_file():
         return None
     if device.type == "cpu" and not args.compare:
@@ -104,24 +103,24 @@ def load_heads(args, model):
     tree_spec = args.tree or heads.config.medusa_choices or DEFAULT_TREE
     choices = parse_tree(tree_spec)
     if args.tree is None:  # a default tree deeper than the heads: drop the paths the heads cannot fill
-        choices = [c for c in choices if len(c) <= heads.config.num_heads]
+        choices = cut_to_depth(choices, heads.config.num_heads)
     return heads, TreeBuffers.from_choices(choices, device=model.device, vocab_size=model.config.vocab_size)
 
 
-def make_decode(args, model, tokenizer, heads, tree):
-    """generate or generate_medusa with all but (prompt_ids, max_new_tokens, on_tokens=, cached_len=) bound."""
+def make_decode(args, decoder, tokenizer, heads, tree):
+    """generate or generate_medusa on `decoder` with all but (prompt_ids, max_new_tokens, on_tokens=, cached_len=) bound."""
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    generator = torch.Generator(device=decoder.device).manual_seed(args.seed)
     common = dict(sampling=sampling, eos_ids=tokenizer.eos_ids, generator=generator)
     if heads is None:
-        return functools.partial(generate, model, **common)
+        return functools.partial(generate, decoder, **common)
     accept = args.accept or ("greedy" if sampling.greedy else "sample")
-    return functools.partial(generate_medusa, model, heads, tree, accept=accept,
+    return functools.partial(generate_medusa, decoder, heads, tree, accept=accept,
                              posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha,
                              **common)
 
 
-def run_one(label, args, model, tokenizer, prompt_ids, heads, tree) -> GenerationResult:
+def run_one(label, args, decoder, tokenizer, prompt_ids, heads, tree) -> GenerationResult:
     stream = tokenizer.stream_decoder()
     first_token = 0.0  # seconds from the start of the process
 
@@ -133,7 +132,7 @@ def run_one(label, args, model, tokenizer, prompt_ids, heads, tree) -> Generatio
             sys.stdout.flush()
 
     called = time.perf_counter()
-    result = make_decode(args, model, tokenizer, heads, tree)(prompt_ids, args.max_new_tokens, on_tokens=on_tokens)
+    result = make_decode(args, decoder, tokenizer, heads, tree)(prompt_ids, args.max_new_tokens, on_tokens=on_tokens)
     setup = time.perf_counter() - called - result.seconds  # before the clock starts: graph capture, compilation
     if not args.quiet:
         sys.stdout.write(stream.flush() + "\n")
@@ -147,13 +146,13 @@ def run_one(label, args, model, tokenizer, prompt_ids, heads, tree) -> Generatio
     return result
 
 
-def compare(args, model, tokenizer, prompt_ids, heads, tree) -> None:
+def compare(args, decoder, tokenizer, prompt_ids, heads, tree) -> None:
     """Plain decoding against Medusa on the prompt. Each runs once untimed first, so that neither clock holds
     graph capture, kernel compilation or a first prefill's setup; then each runs timed."""
     for warm_heads, warm_tree in ((None, None), (heads, tree)):
-        make_decode(args, model, tokenizer, warm_heads, warm_tree)(prompt_ids, args.max_new_tokens)
-    ar = run_one("plain", args, model, tokenizer, prompt_ids, None, None)
-    med = run_one("medusa", args, model, tokenizer, prompt_ids, heads, tree)
+        make_decode(args, decoder, tokenizer, warm_heads, warm_tree)(prompt_ids, args.max_new_tokens)
+    ar = run_one("plain", args, decoder, tokenizer, prompt_ids, None, None)
+    med = run_one("medusa", args, decoder, tokenizer, prompt_ids, heads, tree)
 
     def ratio(a: float, b: float) -> str:
         return f"{a / max(b, 1e-9):.2f}x"
@@ -166,11 +165,11 @@ def compare(args, model, tokenizer, prompt_ids, heads, tree) -> None:
           file=sys.stderr)
 
 
-def chat_session(args, model, tokenizer, heads, tree):
+def chat_session(args, decoder, tokenizer, heads, tree):
     """The --interactive conversation (nanomedusa/chat.py), answering as a one-shot run would."""
     from nanomedusa.chat import ChatSession  # only this path needs it
 
-    return ChatSession(model, tokenizer, make_decode(args, model, tokenizer, heads, tree), args.max_new_tokens,
+    return ChatSession(decoder.model, tokenizer, make_decode(args, decoder, tokenizer, heads, tree), args.max_new_tokens,
                        extra=tree.num_nodes if tree is not None else 0, context=args.context, system=args.system)
 
 
@@ -194,37 +193,37 @@ def check_args(args) -> None:
         parse_tree(args.tree)  # a typo fails now, not after the model has loaded
 
 
+def run(args) -> None:
+    check_args(args)
+    kernels.set_backend(args.kernels)
+    imported = time.perf_counter()
+    model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
+    tokenizer = Tokenizer.from_dir(ckpt)
+    heads, tree = load_heads(args, model)
+    decoder = Decoder(model)  # one for the process: its CUDA graphs serve every run (--compare, chat turns)
+    if args.verbose:
+        print(f"[time] imports {imported - STARTED:.2f} s, load {time.perf_counter() - imported:.2f} s "
+              f"(model, tokenizer, heads: {model.device}, {model.dtype})", file=sys.stderr, flush=True)
+    if args.interactive:
+        from nanomedusa.chat import run_chat
+
+        run_chat(chat_session(args, decoder, tokenizer, heads, tree), first=args.prompt, verbose=args.verbose)
+        return
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        prompt_ids = tokenizer.encode_chat(messages)
+    if args.compare:
+        compare(args, decoder, tokenizer, prompt_ids, heads, tree)
+    else:
+        run_one("medusa" if heads is not None else "plain", args, decoder, tokenizer, prompt_ids, heads, tree)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        kernels.set_backend(args.kernels)
-        imported = time.perf_counter()
-        model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
-        tokenizer = Tokenizer.from_dir(ckpt)
-        heads, tree = load_heads(args, model)
-        if args.verbose:
-            print(f"[time] imports {imported - STARTED:.2f} s, load {time.perf_counter() - imported:.2f} s "
-                  f"(model, tokenizer, heads: {model.device}, {model.dtype})", file=sys.stderr, flush=True)
-        if args.interactive:
-            from nanomedusa.chat import run_chat
-
-            run_chat(chat_session(args, model, tokenizer, heads, tree), first=args.prompt, verbose=args.verbose)
-            return 0
-        if args.raw:
-            prompt_ids = tokenizer.encode(args.prompt)
-        else:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}]
-            prompt_ids = tokenizer.encode_chat(messages)
-        if args.compare:
-            compare(args, model, tokenizer, prompt_ids, heads, tree)
-        else:
-            run_one("medusa" if heads is not None else "plain", args, model, tokenizer, prompt_ids, heads, tree)
-    except NanoMedusaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
+    return run_reporting_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ import argparse
 import sys
 
 from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_input_file,
-                            check_output_dir, check_output_file, check_positive, check_sampling, check_seed)
+                            check_output_dir, check_output_file, check_positive, check_sampling, check_seed,
+                            run_reporting_errors)
 from nanomedusa.errors import NanoMedusaError
 
 
@@ -133,35 +134,36 @@ def check_args(args) -> None:
                     "--lora-alpha": args.lora_alpha})
 
 
+def run(args) -> None:
+    from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
+
+    check_args(args)
+    if args.stage == "distill":
+        fields = DistillConfig.__dataclass_fields__
+        values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+        values["batch_size"] = args.distill_batch_size  # not --batch-size, the training micro-batch
+        if len(args.data) > 1:
+            raise NanoMedusaError("--stage distill answers one prompts file at a time; run it once per --data file.")
+        values["data"] = args.data[0]
+        cfg = DistillConfig(**values)
+        written = distill(cfg)
+        print(f"wrote {written} answers to {cfg.out}")
+    else:
+        fields = TrainConfig.__dataclass_fields__
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+        Trainer(cfg).run()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
     from nanomedusa.training.distributed import shutdown
 
-    finished = False
+    status = USAGE_ERROR  # unless the run ends well, no rank waits for the others on the way out
     try:
-        check_args(args)
-        if args.stage == "distill":
-            fields = DistillConfig.__dataclass_fields__
-            values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-            values["batch_size"] = args.distill_batch_size  # not --batch-size, the training micro-batch
-            if len(args.data) > 1:
-                raise NanoMedusaError("--stage distill answers one prompts file at a time; run it once per --data file.")
-            values["data"] = args.data[0]
-            cfg = DistillConfig(**values)
-            written = distill(cfg)
-            print(f"wrote {written} answers to {cfg.out}")
-        else:
-            fields = TrainConfig.__dataclass_fields__
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-            Trainer(cfg).run()
-        finished = True
-    except NanoMedusaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        status = run_reporting_errors(lambda: run(args))
     finally:
-        shutdown(wait_for_all=finished)
-    return 0
+        shutdown(wait_for_all=status == 0)
+    return status
 
 
 if __name__ == "__main__":

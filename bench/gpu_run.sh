@@ -46,8 +46,8 @@ tune_tree() {  # HEADS_DIR NAME
 case "${1:-}" in
   kernels)
     python -m pytest -q -p no:cacheprovider tests/test_kernel_*.py 2>&1 | tee "$OUT/kernel_tests.log"
-    python -m kernels.bench_small_kernels 2>&1 | tee "$OUT/bench_small.txt"
-    python -m kernels.bench_tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
+    python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
+    python -m bench.tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
     ;;
   distill)
     python train.py --stage distill $MODEL_FLAG --data "$PROMPTS_CHAT" --out "${DATA[0]}" --max-new-tokens "${CHAT_TOKENS:-512}" \
@@ -63,7 +63,7 @@ case "${1:-}" in
     tune_tree "$WORK/$RUN/heads" "$RUN"
     ;;
   sizes)  # the size sweep builds each size's tree from the rank accuracies the warm-up's tuning stored
-    python -m nanomedusa.bench $MODEL_FLAG --heads "m1=$WORK/warmup/heads" --skip-e2e --skip-7b \
+    python -m bench.decode $MODEL_FLAG --heads "m1=$WORK/warmup/heads" --skip-e2e --skip-7b \
         --tree-sizes 16,32,48,64,96,128,192,256 --prompts bench/prompts-chat.jsonl --num-prompts 4 \
         --step-times "$STEP_TIMES" --json "$OUT/sizes.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/sizes.log"
     STEP_TIMES_FLAG="--step-times $STEP_TIMES" TRIM=--trim tune_tree "$WORK/warmup/heads" warmup
@@ -81,7 +81,7 @@ case "${1:-}" in
     for set in chat-heldout chat train-mix; do
         flags=(--no-hf --skip-7b)
         [ "$set" = train-mix ] && flags=()
-        python -m nanomedusa.bench $MODEL_FLAG "${HEADS[@]}" --prompts "bench/prompts-$set.jsonl" "${flags[@]}" \
+        python -m bench.decode $MODEL_FLAG "${HEADS[@]}" --prompts "bench/prompts-$set.jsonl" "${flags[@]}" \
             ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results-$set.json" ${BENCH_FLAGS:-} 2>&1 \
             | tee "$OUT/bench-$set.txt"
     done

@@ -5,7 +5,8 @@ Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `com
 `accept_candidates`, `speculative_accept`, `medusa_heads`) dispatches here: the Triton version on CUDA
 tensors, the torch reference elsewhere. `set_backend` forces one side ("torch" or "triton"; "triton" on
 CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against its reference: see
-`interpreter.py`).
+`interpreter.py`). An input a kernel cannot take raises `KernelInputError` (`errors.py`); `testing.py` holds
+the correctness checks the tests and the benchmarks share. Nothing here imports the application above.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 
 import torch
 
+from .errors import KernelInputError
 from .interpreter import interpreting, patch_for_numpy_24
 
 if interpreting():
@@ -27,9 +29,7 @@ def set_backend(name: str) -> None:
     """Choose the kernel implementation: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"."""
     global _backend
     if name not in _BACKENDS:
-        from nanomedusa.errors import NanoMedusaError
-
-        raise NanoMedusaError(f"unknown kernel backend {name!r}; use one of {', '.join(_BACKENDS)}.")
+        raise KernelInputError(f"unknown kernel backend {name!r}; use one of {', '.join(_BACKENDS)}.")
     _backend = name
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .errors import KernelInputError
 
 MODES = ("greedy", "typical")
 BLOCK_V = 4096  # logits per slice: 16 per thread at 8 warps, enough loads in flight to hide latency
@@ -32,7 +33,7 @@ BLOCK_V = 4096  # logits per slice: 16 per thread at 8 warps, enough loads in fl
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown acceptance mode {mode!r}; use one of {MODES}")
+        raise KernelInputError(f"unknown acceptance mode {mode!r}; use one of {', '.join(MODES)}.")
 
 
 def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature=1.0, eps=0.09, alpha=0.3):

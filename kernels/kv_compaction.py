@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanomedusa.errors import NanoMedusaError
-
 from . import use_triton
+from .errors import KernelInputError
 
 
 def compact_kv_reference(kv, prefix_len, accepted):
@@ -77,12 +76,12 @@ def _compact_kv_kernel(
 def compact_kv_triton(kv, prefix_len, accepted):
     """Same contract as compact_kv_reference: one launch for every layer, K and V, batch row and head."""
     if kv.dim() != 6 or kv.shape[1] != 2 or kv.stride(-1) != 1:
-        raise NanoMedusaError(f"compact_kv needs a cache shaped [L, 2, B, Hkv, S, D] contiguous along D; "
-                              f"got shape {tuple(kv.shape)} strides {kv.stride()}.")
+        raise KernelInputError(f"compact_kv needs a cache shaped [L, 2, B, Hkv, S, D] contiguous along D; "
+                               f"got shape {tuple(kv.shape)} strides {kv.stride()}.")
     if accepted.dim() != 1 or accepted.device != kv.device:
-        raise NanoMedusaError("compact_kv needs `accepted` as a 1-d index tensor on the cache's device.")
+        raise KernelInputError("compact_kv needs `accepted` as a 1-d index tensor on the cache's device.")
     if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != kv.device):
-        raise NanoMedusaError("compact_kv needs prefix_len as an int or a 0-d tensor on the cache's device.")
+        raise KernelInputError("compact_kv needs prefix_len as an int or a 0-d tensor on the cache's device.")
     L, _, B, Hkv, S, D = kv.shape
     accepted = accepted.contiguous()  # e.g. a slice of a strided index table; the kernel reads it densely
     A = accepted.numel()

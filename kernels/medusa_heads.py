@@ -23,9 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanomedusa.errors import NanoMedusaError
-
 from . import use_triton
+from .errors import KernelInputError
 
 MAX_TOPK = 16
 MAX_CANDIDATES = 8192  # per row, after stage 2: the merge program holds them all in registers
@@ -165,19 +164,19 @@ def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, C, TOPK: tl.const
 def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk) -> None:
     K, L, D = res_weight.shape[0], res_weight.shape[1], hidden.shape[-1]
     if hidden.dim() != 2 or res_weight.shape[2:] != (D, D) or res_bias.shape != (K, L, D):
-        raise NanoMedusaError(f"Medusa weights do not fit hidden [N, D={D}]: got res_weight "
-                              f"{tuple(res_weight.shape)} and res_bias {tuple(res_bias.shape)}; pass [K, L, D, D] "
-                              f"and [K, L, D] stacked weights with a 2-D hidden state.")
+        raise KernelInputError(f"Medusa weights do not fit hidden [N, D={D}]: got res_weight "
+                               f"{tuple(res_weight.shape)} and res_bias {tuple(res_bias.shape)}; pass [K, L, D, D] "
+                               f"and [K, L, D] stacked weights with a 2-D hidden state.")
     V = vocab_weight.shape[-2]
     if vocab_weight.shape[-1] != D or vocab_weight.dim() == 3 and vocab_weight.shape[0] != K:
-        raise NanoMedusaError(f"the vocab weight {tuple(vocab_weight.shape)} must be [K={K}, V, {D}] or a shared "
-                              f"[V, {D}] lm_head.")
+        raise KernelInputError(f"the vocab weight {tuple(vocab_weight.shape)} must be [K={K}, V, {D}] or a shared "
+                               f"[V, {D}] lm_head.")
     if len({hidden.dtype, res_weight.dtype, res_bias.dtype, vocab_weight.dtype}) != 1:
-        raise NanoMedusaError("the hidden state and every Medusa weight must share one dtype; cast the heads "
-                              "to the model's dtype.")
+        raise KernelInputError("the hidden state and every Medusa weight must share one dtype; cast the heads "
+                               "to the model's dtype.")
     if not 1 <= topk <= min(MAX_TOPK, V):
-        raise NanoMedusaError(f"the fused Medusa kernel takes top-k between 1 and {min(MAX_TOPK, V)}, not {topk}; "
-                              f"use a tree with fewer candidates per head.")
+        raise KernelInputError(f"the fused Medusa kernel takes top-k between 1 and {min(MAX_TOPK, V)}, not {topk}; "
+                               f"use a tree with fewer candidates per head.")
 
 
 def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk):

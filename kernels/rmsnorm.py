@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanomedusa.errors import NanoMedusaError
-
 from . import use_triton
+from .errors import KernelInputError
 
 MAX_D = 8192  # one row must fit in one program's registers
 
@@ -68,14 +67,14 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
 def _check_inputs(x, weight, residual) -> None:
     D = x.shape[-1]
     if D > MAX_D:
-        raise NanoMedusaError(f"the Triton RMSNorm handles rows up to {MAX_D} wide, not {D}; "
-                              f"use the torch backend (kernels.set_backend('torch')) for wider models.")
+        raise KernelInputError(f"the Triton RMSNorm handles rows up to {MAX_D} wide, not {D}; "
+                               f"use the torch backend (kernels.set_backend('torch')) for wider models.")
     if weight.shape != (D,):
-        raise NanoMedusaError(f"RMSNorm weight has shape {tuple(weight.shape)} but must be ({D},) to match "
-                              f"the last dimension of x.")
+        raise KernelInputError(f"RMSNorm weight has shape {tuple(weight.shape)} but must be ({D},) to match "
+                               f"the last dimension of x.")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise NanoMedusaError(f"the residual ({tuple(residual.shape)}, {residual.dtype}) must have x's shape "
-                              f"and dtype ({tuple(x.shape)}, {x.dtype}).")
+        raise KernelInputError(f"the residual ({tuple(residual.shape)}, {residual.dtype}) must have x's shape "
+                               f"and dtype ({tuple(x.shape)}, {x.dtype}).")
 
 
 def rmsnorm_triton(x, weight, eps, residual=None):

@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanomedusa.errors import NanoMedusaError
-
 from . import use_triton
+from .errors import KernelInputError
 
 
 def rotate_half(x):
@@ -105,38 +104,38 @@ def _rope_and_cache_kernel(
 
 def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise NanoMedusaError(f"rope_and_cache got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
-                              f"pass q [B, T, Hq, D] and k, v [B, T, Hkv, D] (the projections viewed per head).")
+        raise KernelInputError(f"rope_and_cache got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                               f"pass q [B, T, Hq, D] and k, v [B, T, Hkv, D] (the projections viewed per head).")
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     if D % 2:
-        raise NanoMedusaError(f"RoPE rotates pairs of dimensions, so head_dim must be even, not {D}.")
+        raise KernelInputError(f"RoPE rotates pairs of dimensions, so head_dim must be even, not {D}.")
     if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
-        raise NanoMedusaError(f"rope_and_cache needs cos and sin shaped ({T}, {D}) or ({B}, {T}, {D}); "
-                              f"got {tuple(cos.shape)} and {tuple(sin.shape)}.")
+        raise KernelInputError(f"rope_and_cache needs cos and sin shaped ({T}, {D}) or ({B}, {T}, {D}); "
+                               f"got {tuple(cos.shape)} and {tuple(sin.shape)}.")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
-        raise NanoMedusaError(f"rope_and_cache needs float32 cos/sin tables, got {cos.dtype} and {sin.dtype}; "
-                              f"pass the model's rope tables uncast.")
+        raise KernelInputError(f"rope_and_cache needs float32 cos/sin tables, got {cos.dtype} and {sin.dtype}; "
+                               f"pass the model's rope tables uncast.")
     if kv_cache_layer.dim() != 5 or kv_cache_layer.shape[:3] != (2, B, Hkv) or kv_cache_layer.shape[4] != D:
-        raise NanoMedusaError(f"rope_and_cache needs a layer cache shaped [2, {B}, {Hkv}, S, {D}], got "
-                              f"{tuple(kv_cache_layer.shape)}; pass model.kv_cache[layer].")
+        raise KernelInputError(f"rope_and_cache needs a layer cache shaped [2, {B}, {Hkv}, S, {D}], got "
+                               f"{tuple(kv_cache_layer.shape)}; pass model.kv_cache[layer].")
     if not (q.dtype == k.dtype == v.dtype == kv_cache_layer.dtype):
-        raise NanoMedusaError(f"rope_and_cache needs q, k, v and the cache in one dtype, got {q.dtype}, {k.dtype}, "
-                              f"{v.dtype} and {kv_cache_layer.dtype}; cast the cache to the model dtype.")
+        raise KernelInputError(f"rope_and_cache needs q, k, v and the cache in one dtype, got {q.dtype}, {k.dtype}, "
+                               f"{v.dtype} and {kv_cache_layer.dtype}; cast the cache to the model dtype.")
     if isinstance(prefix_len, torch.Tensor):
         if prefix_len.dim() != 0 or prefix_len.device != q.device or prefix_len.is_floating_point():
-            raise NanoMedusaError("rope_and_cache needs prefix_len as an int or a 0-d integer tensor on q's device.")
+            raise KernelInputError("rope_and_cache needs prefix_len as an int or a 0-d integer tensor on q's device.")
     elif not 0 <= prefix_len <= kv_cache_layer.shape[3] - T:
-        raise NanoMedusaError(f"{T} new tokens at prefix_len {prefix_len} do not fit a cache of "
-                              f"{kv_cache_layer.shape[3]} slots; set up a larger cache.")
+        raise KernelInputError(f"{T} new tokens at prefix_len {prefix_len} do not fit a cache of "
+                               f"{kv_cache_layer.shape[3]} slots; set up a larger cache.")
 
 
 def rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len):
     """Same contract as rope_and_cache_reference, in one launch: one program per (batch * token, head)."""
     _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache_layer.stride(-1) != 1:
-        raise NanoMedusaError("rope_and_cache needs q, k, v and the cache contiguous along head_dim; "
-                              "view the projections' outputs as [B, T, H, D] without transposing.")
+        raise KernelInputError("rope_and_cache needs q, k, v and the cache contiguous along head_dim; "
+                               "view the projections' outputs as [B, T, H, D] without transposing.")
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     cos, sin = cos.contiguous(), sin.contiguous()  # no-ops for tables gathered by indexing

@@ -27,11 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
-from nanomedusa.sampling import sample_from
-
 from . import use_triton
 
 BLOCK_V = 4096  # probabilities per slice of the bonus draw
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [..., V] (need not sum to 1), u [...] uniforms in [0, 1) -> token ids [...]: the first token
+    whose cumulative mass exceeds u * total, so token i comes out with probability probs[i] / total.
+    The bonus draw below uses it, and so does plain sampling: the two draw alike."""
+    cdf = probs.cumsum(-1)  # [..., V]
+    below = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)  # [...] tokens wholly below the draw
+    # Rounding can put the draw at the very top: then the last token with any mass, never one without.
+    ids = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, ids, -1).amax(-1)  # [...]
+    return torch.minimum(below, last)
 
 
 def speculative_accept_reference(probs, tree_tokens, child_index, retrieve_indices, uniforms):

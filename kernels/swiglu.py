@@ -14,9 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanomedusa.errors import NanoMedusaError
-
 from . import use_triton
+from .errors import KernelInputError
 
 BLOCK = 1024  # columns per program
 
@@ -49,8 +48,8 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr):
 def silu_mul_triton(gate_up):
     """Same contract as `silu_mul_reference`, in one launch."""
     if gate_up.shape[-1] % 2:
-        raise NanoMedusaError(f"silu_mul needs the fused gate/up output, an even last dimension; got "
-                              f"{gate_up.shape[-1]}: pass the output of the MLP's w13 projection.")
+        raise KernelInputError(f"silu_mul needs the fused gate/up output, an even last dimension; got "
+                               f"{gate_up.shape[-1]}: pass the output of the MLP's w13 projection.")
     I = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * I).contiguous()  # [R, 2I]; a no-op for a projection's output
     out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)

@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanomedusa.errors import NanoMedusaError
-
 from . import use_triton
+from .errors import KernelInputError
 
 
 def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
@@ -234,7 +233,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _num_splits(n_programs: int, n_rows: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Flash-decoding heuristic, read off the split sweep of `kernels.bench_tree_attention` on an H100:
+    """Flash-decoding heuristic, read off the split sweep of bench/tree_attention.py (bench/RESULTS.md):
     about one program per SM (the power of two at or below SMs / programs), and chunks of at least 4
     key tiles, 8 when a program holds 16 or more query rows (a tree). Splitting more loses: the merge
     reads back splits x rows x head_dim fp32 partials, which for a 64-node tree outweighs the wider
@@ -262,25 +261,25 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
     B, Hq, T, D = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise NanoMedusaError(f"tree attention got caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} for "
-                              f"queries {tuple(q.shape)}; pass caches shaped [B, Hkv, S, D] matching q.")
+        raise KernelInputError(f"tree attention got caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} for "
+                               f"queries {tuple(q.shape)}; pass caches shaped [B, Hkv, S, D] matching q.")
     if Hq % k_cache.shape[1]:
-        raise NanoMedusaError(f"tree attention needs the {Hq} query heads to be a multiple of the "
-                              f"{k_cache.shape[1]} KV heads; check num_key_value_heads in the config.")
+        raise KernelInputError(f"tree attention needs the {Hq} query heads to be a multiple of the "
+                               f"{k_cache.shape[1]} KV heads; check num_key_value_heads in the config.")
     if tree_mask.shape != (T, T) or tree_mask.dtype != torch.bool:
-        raise NanoMedusaError(f"tree attention needs a bool tree_mask of shape ({T}, {T}); "
-                              f"got {tree_mask.dtype} {tuple(tree_mask.shape)}.")
+        raise KernelInputError(f"tree attention needs a bool tree_mask of shape ({T}, {T}); "
+                               f"got {tree_mask.dtype} {tuple(tree_mask.shape)}.")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise NanoMedusaError(f"tree attention needs q and the caches in one dtype, got {q.dtype} and "
-                              f"{k_cache.dtype}; cast the cache to the model dtype.")
+        raise KernelInputError(f"tree attention needs q and the caches in one dtype, got {q.dtype} and "
+                               f"{k_cache.dtype}; cast the cache to the model dtype.")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise NanoMedusaError("tree attention needs caches contiguous along head_dim; allocate them contiguous.")
+        raise KernelInputError("tree attention needs caches contiguous along head_dim; allocate them contiguous.")
     if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != q.device):
-        raise NanoMedusaError("tree attention needs prefix_len as an int or a 0-d tensor on the device of q.")
+        raise KernelInputError("tree attention needs prefix_len as an int or a 0-d tensor on the device of q.")
     S = k_cache.shape[2]
     if key_valid is not None and (key_valid.shape != (B, S) or key_valid.dtype != torch.bool):
-        raise NanoMedusaError(f"tree attention needs key_valid as a bool [B, S] = ({B}, {S}) tensor; "
-                              f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
+        raise KernelInputError(f"tree attention needs key_valid as a bool [B, S] = ({B}, {S}) tensor; "
+                               f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
 
 
 def split_heuristic(q, k_cache, prefix_len) -> int:

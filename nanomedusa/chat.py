@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from .chat_template import Message
-from .errors import NanoMedusaError
-from .generation import CACHE_BUCKET, GenerationResult, _round_up
+from .errors import USER_ERRORS, NanoMedusaError
+from .decoder import CACHE_BUCKET, round_up
+from .generation import GenerationResult
 from .tokenizer import Tokenizer
 
 # The default context on a CPU. There the attention reads every slot of the cache, however few are filled
@@ -39,7 +40,7 @@ from .tokenizer import Tokenizer
 CPU_CONTEXT = 2048
 
 # decode(prompt_ids, max_new_tokens, on_tokens=..., cached_len=...) -> GenerationResult: `generation.generate`
-# or `medusa_generation.generate_medusa` with the model and the other arguments bound.
+# or `medusa_generation.generate_medusa` with the decoder and the other arguments bound.
 Decode = Callable[..., GenerationResult]
 
 HELP = """commands:
@@ -82,9 +83,9 @@ class ChatSession:
                  notify: Callable[[str], None] = lambda text: print(f"[chat] {text}", file=sys.stderr, flush=True)):
         limit = model.config.max_position_embeddings
         context = context or (limit if model.device.type == "cuda" else min(limit, CPU_CONTEXT))
-        # A whole number of CACHE_BUCKETs: generation.prepare_cache rounds a run's need up to one, and must
+        # A whole number of CACHE_BUCKETs: Decoder.prepare rounds a run's need up to one, and must
         # find this cache large enough rather than reallocate it.
-        self.context = min(_round_up(context, CACHE_BUCKET), limit)
+        self.context = min(round_up(context, CACHE_BUCKET), limit)
         model.setup_cache(self.context)
         self.tokenizer, self.decode, self.notify = tokenizer, decode, notify
         self.max_new_tokens = max_new_tokens
@@ -215,7 +216,7 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
         else:
             try:
                 session.say(line, write)
-            except NanoMedusaError as e:
+            except USER_ERRORS as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # Ctrl-C outside the decoding (which say() handles): the session goes on

@@ -1,25 +1,38 @@
 """What the command lines share: one-line errors, and the checks of flag values and paths.
 
-Each CLI (generate.py, train.py, `python -m nanomedusa.bench`, `python -m nanomedusa.tree_tuning`) parses
-its flags with `ArgumentParser` and checks them all in one function right after parsing, built from the
-checks here, before anything slow (a model load) starts. A bad value is a `NanoMedusaError` sentence that
-names the fix; the CLI prints it as one `error: ...` line and exits with status 2, argparse's code for
-a usage error.
+Each CLI (generate.py, train.py, `python -m nanomedusa.tree_tuning`, the benchmarks' `python -m bench.decode`)
+parses its flags with `ArgumentParser` and checks them all in one function right after parsing, built from
+the checks here, before anything slow (a model load) starts. A bad value is a `NanoMedusaError` sentence that
+names the fix; the CLI ends in `run_reporting_errors`, which prints it (or a kernel's `KernelInputError`) as
+one `error: ...` line and exits with status 2, argparse's code for a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from kernels.interpreter import interpreting
 
-from .errors import NanoMedusaError
+from .errors import USER_ERRORS, NanoMedusaError
 
 USAGE_ERROR = 2  # exit status for anything the user can fix
+
+
+def run_reporting_errors(body: Callable[[], object]) -> int:
+    """Every CLI's ending: run `body`; a user's error (`USER_ERRORS`) becomes one `error: ...` line and
+    USAGE_ERROR."""
+    try:
+        body()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,10 +1,11 @@
-"""Plain autoregressive decoding at batch 1: prefill the prompt, then one token per forward pass.
+"""Plain autoregressive decoding: prefill the prompt, then one token per forward pass.
 
-    result = generate(model, prompt_ids, max_new_tokens=256, sampling=Sampling(), eos_ids=[2],
+    result = generate(Decoder(model), prompt_ids, max_new_tokens=256, sampling=Sampling(), eos_ids=[2],
                       on_tokens=print_new_text)
 
 `on_tokens` is called with each step's new token ids (streaming). The Medusa loop
 (`medusa_generation.py`) returns the same `GenerationResult`, so the two are reported and compared alike.
+`generate_batch` decodes many prompts at once, for self-distillation (training/distill.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 
 from .cuda_graphs import GraphedStep
-from .errors import NanoMedusaError
+from .decoder import Decoder, check_fits
 from .sampling import Sampling, next_token
 
 
@@ -43,143 +44,27 @@ class GenerationResult:
         return (len(self.tokens) - 1) / self.steps if self.steps else 1.0
 
 
-def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
-    """Cache slots needed for a run; a clear error if they exceed the model's context."""
-    if prompt_len == 0:
-        raise NanoMedusaError("the prompt is empty; pass some text with --prompt.")
-    context = model.config.max_position_embeddings
-    needed = prompt_len + max_new_tokens + extra
-    if needed > context:
-        what = f"prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens}"
-        what += f" + tree ({extra} nodes)" if extra else ""
-        raise NanoMedusaError(f"{what} = {needed} exceeds the model's context of {context} tokens; "
-                              f"shorten the prompt or lower --max-new-tokens.")
-    return needed
-
-
-# On a GPU (with CUDA graphs) prompts are padded to a multiple of PREFILL_BUCKET tokens and prefilled by
-# replaying a graph kept per padded length, and the KV cache is sized in steps of CACHE_BUCKET slots so
-# that requests of similar length share one cache and the graphs captured on it.
-PREFILL_BUCKET = 64
-CACHE_BUCKET = 256
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _graphed(model, cuda_graphs: bool) -> bool:
-    """Whether runs replay CUDA graphs: then prefills pad to PREFILL_BUCKET (and the cache is sized for them)."""
-    return cuda_graphs and model.device.type == "cuda"
-
-
-def prepare_cache(model, prompt_len: int, max_new_tokens: int, extra: int = 0, cuda_graphs: bool = True,
-                  cached_len: int = 0) -> None:
-    """Allocate (or reuse) the KV cache for one run (`check_fits` slots, `extra` for a Medusa tree).
-
-    With `cached_len` > 0 the cache already holds the prompt's first cached_len tokens (a conversation
-    continued, see chat.py): it is kept as it is, and must be large enough."""
-    needed = check_fits(model, prompt_len, max_new_tokens, extra)
-    if cached_len:
-        if not 0 < cached_len < prompt_len:
-            raise NanoMedusaError(f"cached_len {cached_len} must leave 1 to {prompt_len - 1} of the "
-                                  f"{prompt_len} prompt tokens to prefill.")
-        if model.max_seq_len < needed:  # reallocating would lose the cached tokens
-            raise NanoMedusaError(f"the KV cache has {model.max_seq_len} slots but continuing needs {needed}; "
-                                  f"size it for the whole conversation with model.setup_cache first.")
-        return
-    if _graphed(model, cuda_graphs):  # room for the padded prompt, in CACHE_BUCKET steps
-        needed = max(needed, _round_up(prompt_len, PREFILL_BUCKET))
-        needed = min(_round_up(needed, CACHE_BUCKET), model.config.max_position_embeddings)
-    model.setup_cache(needed)
-
-
-def graphed(model, key, fn: Callable, *example_inputs: torch.Tensor, cuda_graphs: bool = True,
-            generator: torch.Generator | None = None) -> GraphedStep:
-    """`fn` as a CUDA graph kept on the model under `key` (`model.graphs`), captured the first time the key
-    comes up, so that later runs on the same cache (a chat's turns, a benchmark's prompts) replay it
-    instead of capturing again. `key` must name everything `fn` depends on besides the model and its cache,
-    and `generator` what it draws random numbers from (`run_generator`).
-    Off a GPU, or with `cuda_graphs` False, `fn` is simply called."""
-    if not _graphed(model, cuda_graphs):
-        return GraphedStep(fn, *example_inputs, enabled=False)
-    if key not in model.graphs:
-        model.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator)
-    return model.graphs[key]
-
-
-_generators: dict[torch.device, torch.Generator] = {}
-
-
-def run_generator(device: torch.device, sampling: Sampling, generator: torch.Generator | None):
-    """What a sampling run draws from: one generator per device, the one the sampling steps' CUDA graphs
-    are registered with (a graph replays its draws from that generator's state), seeded for this run from
-    `generator` (torch's default generator when None), so that a seeded run is reproducible, graphed or
-    not. None for greedy decoding, which draws nothing."""
-    if sampling.greedy:
-        return None
-    seed = torch.randint(2**62, (), generator=generator, device=generator.device if generator is not None else "cpu")
-    if device not in _generators:
-        _generators[device] = torch.Generator(device)
-    return _generators[device].manual_seed(int(seed))
-
-
-def prefill(model, prompt_ids: list[int], cuda_graphs: bool = True, start: int = 0) -> torch.Tensor:
-    """Run prompt_ids[start:] through the model at positions start.., filling cache slots start .. P-1
-    (slots before `start` already hold the prompt's first tokens); returns the last position's final
-    hidden state [1, dim].
-
-    Eager, a prefill is a few hundred kernel launches from Python: 28 ms for a 71-token prompt of the
-    135M default model on an H100, against 1 ms replayed as a CUDA graph. So on a GPU the prompt is
-    padded to a multiple of PREFILL_BUCKET and prefilled by a graph kept on the model per padded length
-    (captured the first time a length comes up). The padding sits after the prompt, where causal
-    attention keeps it out of the prompt's hidden states, and the cache slots it writes lie past the
-    prompt, overwritten by decoding before anything reads them. `start` is an input of the graph, so a
-    continued conversation's new tokens replay the same graphs as a fresh prompt of their length.
-    """
-    device, new = model.device, prompt_ids[start:]
-    padded = _round_up(len(new), PREFILL_BUCKET)
-    if not _graphed(model, cuda_graphs) or start + padded > model.max_seq_len:
-        return model.forward_hidden(torch.tensor([new], device=device), prefix_len=start)[0, -1:]
-
-    def run(tokens, prefix, last):  # tokens [1, padded], prefix and last 0-d -> hidden [1, dim]
-        return model.forward_hidden(tokens, prefix_len=prefix)[0].index_select(0, last.view(1))
-
-    # Capturing runs the step on these inputs first: `start` keeps those runs' writes on slots this prefill fills.
-    prefix = torch.tensor(start, device=device)
-    step = graphed(model, ("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=device),
-                   prefix, torch.tensor(0, device=device))
-    tokens = torch.tensor([new + [0] * (padded - len(new))], device=device)  # [1, padded]
-    return step(tokens, prefix, torch.tensor(len(new) - 1, device=device))
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_ids: list[int] = (), on_tokens: Callable[[list[int]], None] | None = None,
-             generator: torch.Generator | None = None, cuda_graphs: bool = True,
-             cached_len: int = 0) -> GenerationResult:
+             generator: torch.Generator | None = None, cached_len: int = 0) -> GenerationResult:
     """Decode up to max_new_tokens after prompt_ids. `cached_len` > 0 continues from a KV cache that already
     holds prompt_ids[:cached_len] (a chat's earlier turns): only the rest is prefilled."""
-    device = model.device
-    prepare_cache(model, len(prompt_ids), max_new_tokens, cuda_graphs=cuda_graphs, cached_len=cached_len)
+    model, device = decoder.model, decoder.device
+    decoder.prepare(len(prompt_ids), max_new_tokens, cached_len=cached_len)
     pos = torch.tensor(len(prompt_ids), device=device)  # 0-d: the next free cache slot, kept on the device
-    rng = run_generator(device, sampling, generator)
+    rng = decoder.random_generator(sampling, generator)
 
     def decode(tok, prefix):  # [1, 1] -> the next token []: drawn on the device, so the step needs no host sync
         return next_token(model(tok, prefix_len=prefix)[0, -1], sampling, rng)
 
-    decode_step = graphed(model, ("decode", sampling), decode, torch.zeros(1, 1, dtype=torch.long, device=device),
-                          pos, cuda_graphs=cuda_graphs, generator=rng)
+    decode_step = decoder.step(("decode", sampling), decode, torch.zeros(1, 1, dtype=torch.long, device=device),
+                               pos, generator=rng)
     result = GenerationResult()
-    _sync(device)
+    decoder.sync()
     start = time.perf_counter()
     # Only the last position's logits are needed: the lm_head over every prompt position costs P x V.
-    logits = model.lm_head(prefill(model, prompt_ids, cuda_graphs, start=cached_len))[0]  # [V]
+    logits = model.logits(decoder.prefill(prompt_ids, start=cached_len))[0]  # [V]
     token = next_token(logits, sampling, rng)
     result.prefill_seconds = time.perf_counter() - start
     while max_new_tokens > 0:  # 0 tokens asked for: none emitted
@@ -192,7 +77,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
         token = decode_step(token.view(1, 1), pos)
         pos += 1
         result.steps += 1
-    _sync(device)
+    decoder.sync()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -218,7 +103,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplin
     # Only the last position's logits are needed (left padding puts every row's last token there); the
     # lm_head over all B x P positions would be tens of GB of float32 at batch 128, 1000 tokens, 49k vocab.
     hidden = model.forward_hidden(tokens, prefix_len=0, positions=positions, key_valid=key_valid)  # [B, P, dim]
-    logits = model.lm_head(hidden[:, -1:])[:, -1]  # [B, V]
+    logits = model.logits(hidden[:, -1:])[:, -1]  # [B, V]
     pos = torch.tensor(longest, device=device)
 
     def step(tok, prefix):  # [B, 1] -> [B, V]

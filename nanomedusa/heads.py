@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels.medusa_heads import medusa_heads_reference, medusa_topk
+from kernels.medusa_heads import medusa_topk
 
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
@@ -87,7 +87,7 @@ class MedusaHeads(nn.Module):
         if not shared_lm_head:
             with torch.no_grad():
                 for head in heads.medusa_head:
-                    head[-1].weight.copy_(model.output.weight)
+                    head[-1].weight.copy_(model.lm_head.weight)
         return heads
 
     def _vocab_weight(self, k: int, lm_head_weight):
@@ -123,10 +123,6 @@ class MedusaHeads(nn.Module):
     def topk(self, hidden, k: int, lm_head_weight=None):
         """hidden [N, dim] -> each head's top-k token ids [K, N, k] (fused kernel on CUDA)."""
         return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k)
-
-    def reference_logits(self, hidden, lm_head_weight=None):
-        """The kernel reference's view of `forward` (used in tests to tie the two together)."""
-        return medusa_heads_reference(hidden, *self.stacked_weights(lm_head_weight))
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)

@@ -43,7 +43,7 @@ HF_TO_OURS = [
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight", None),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight", None),
     (r"model\.norm\.weight", "norm.weight", None),
-    (r"lm_head\.weight", "output.weight", None),
+    (r"lm_head\.weight", "lm_head.weight", None),
 ]
 # Tensors some exporters write that carry nothing we use.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -204,8 +204,8 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
                     state[name][rows] = tensor
                     filled.setdefault(name, set()).add(part)
     if config.tie_word_embeddings:
-        state.pop("output.weight", None)
-        expected.pop("output.weight")
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
     missing = []
     for name in expected:
         sizes = fused_part_sizes(name, config)
@@ -217,7 +217,7 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
         raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {missing[0]}); re-download it.")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+        model.lm_head.weight = model.tok_embeddings.weight
     model.rope_cos, model.rope_sin = torch.empty(0, device=device), torch.empty(0, device=device)
     return model.eval(), ckpt
 

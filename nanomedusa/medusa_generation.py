@@ -1,43 +1,44 @@
 """Medusa decoding at batch 1: guess a tree of future tokens, verify it in one forward, keep the best run.
 
-One step, starting with `root` (the base model's next token, not yet in the cache) and each head's
-top-k guesses from the last hidden state:
+A step starts with `tree_tokens` [T]: the root (the base model's next token, not yet in the cache) and
+the heads' guesses after it, laid out on the tree. It reads as four verbs, each a function below:
 
-  1. candidates:  tree_tokens [T] = root + heads' top-k picked by the tree      (tree.candidate_tokens)
-  2. verify:      one forward over the T nodes: node j is written to cache slot prefix+j, sits at
-                  RoPE position prefix + depth(j), and attends to the prefix and its own ancestors
-  3. accept:      greedy / typical: the path accepted furthest, the likeliest among equals (kernels.acceptance)
-                  sample: rejection sampling down the tree, exact for temperature > 0 (kernels.speculative_sampling)
-  4. keep:        emit the accepted tokens and a bonus token drawn from the last accepted node's
-                  logits (the next root); move the accepted nodes' K/V to prefix, prefix+1, ...
-                  (kernels.kv_compaction)
-  5. next guess:  the heads read the last accepted node's hidden state (no extra forward)
+  1. verify:   one forward over the T nodes: node j is written to cache slot prefix+j, sits at RoPE
+               position prefix + depth(j), and attends to the prefix and its own ancestors (tree attention)
+  2. accept:   greedy / typical: the path accepted furthest, the likeliest among equals (kernels.acceptance);
+               sample: rejection sampling down the tree, exact for temperature > 0 (`sample_walk`);
+               and the bonus token, from the last accepted node's logits: the next root
+  3. keep:     move the accepted nodes' K/V to slots prefix, prefix+1, ... (KVCache.compact)
+  4. propose:  the heads read the last accepted node's hidden state (no extra forward) and guess the
+               next step's tree: tree_tokens = bonus + their top-k, picked by the tree (tree.py)
 
 With greedy acceptance every emitted token is the base model's argmax given the tokens before it,
 so the output is exactly plain greedy decoding's, only with fewer forward passes. Typical acceptance,
 as in the Medusa paper (the reference's `fast=True`), also takes the root and the bonus token as the
 argmax and accepts guesses the tempered distribution finds typical enough; only lossless sampling
-(`--accept sample`) draws tokens at random.
+(`accept="sample"`) draws tokens at random.
 
-Steps 2-5 run on the device with fixed shapes (`verify_accept_keep`): on a GPU the whole step, forward,
-acceptance, compaction and the next guesses, replays as one CUDA graph, and the host reads the step's
-tokens back with one sync. Lossless sampling draws its random numbers inside the step too, from the
-generator the graph is registered with (`generation.run_generator`).
+`medusa_step` chains the four with fixed shapes and no host sync, so on a GPU the whole step replays
+as one CUDA graph (captured by the Decoder), and the host reads the step's tokens back with one sync.
+Lossless sampling draws its random numbers inside the step too, from the generator the graph is
+registered with (`Decoder.random_generator`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from kernels.acceptance import accept_candidates
-from kernels.kv_compaction import compact_kv
 from kernels.speculative_sampling import speculative_accept
 
+from .decoder import Decoder
 from .errors import NanoMedusaError
-from .generation import GenerationResult, _sync, graphed, prefill, prepare_cache, run_generator
+from .generation import GenerationResult
 from .heads import MedusaHeads
 from .sampling import Sampling, next_token, target_probs
 from .tree import TreeBuffers
@@ -45,71 +46,110 @@ from .tree import TreeBuffers
 ACCEPT_MODES = ("greedy", "typical", "sample")
 
 
-@torch.inference_mode()
-def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: list[int], max_new_tokens: int,
-                    sampling: Sampling = Sampling(), accept: str = "greedy", eos_ids: list[int] = (),
-                    posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
-                    on_tokens: Callable[[list[int]], None] | None = None,
-                    generator: torch.Generator | None = None, cuda_graphs: bool = True,
-                    cached_len: int = 0) -> GenerationResult:
-    """Medusa-decode up to max_new_tokens after prompt_ids. `cached_len` > 0 continues from a KV cache that
-    already holds prompt_ids[:cached_len] (a chat's earlier turns; slots past them may hold an earlier
-    step's tree, which the prefill overwrites): only the rest is prefilled."""
-    if accept not in ACCEPT_MODES:
-        raise NanoMedusaError(f"unknown acceptance {accept!r}; use one of {', '.join(ACCEPT_MODES)}.")
-    if accept == "sample" and sampling.greedy:
+@dataclass(frozen=True)
+class Acceptance:
+    """How a step's candidates are judged (see the module docstring)."""
+
+    mode: str = "greedy"  # one of ACCEPT_MODES
+    sampling: Sampling = Sampling()  # sample: the distribution drawn from; typical: its temperature
+    posterior_threshold: float = 0.09  # typical: epsilon
+    posterior_alpha: float = 0.3  # typical: alpha
+
+    @property
+    def draws(self) -> Sampling:
+        """How the root and bonus tokens are chosen: drawn by lossless sampling, else the argmax (typical too)."""
+        return self.sampling if self.mode == "sample" else Sampling()
+
+
+class MedusaStep(NamedTuple):
+    tokens: torch.Tensor  # [depth_max + 1] the accepted path's tokens, root first (only accept_len + 1 count)
+    accept_len: torch.Tensor  # [] guesses accepted past the root
+    prefix: torch.Tensor  # [] the first free cache slot after this step's tokens
+    bonus: torch.Tensor  # [] the token after the accepted ones: the next step's root
+    next_tree: torch.Tensor  # [T] the next step's tree tokens
+
+
+def propose(heads: MedusaHeads, tree: TreeBuffers, lm_head_weight, root, hidden) -> torch.Tensor:
+    """root [] (a token not yet in the cache), hidden [1, D] of the token before it -> tree tokens [T]."""
+    return tree.candidate_tokens(root, heads.topk(hidden, tree.topk, lm_head_weight)[:, 0])
+
+
+def verify(model, tree: TreeBuffers, tree_tokens, prefix) -> tuple[torch.Tensor, torch.Tensor]:
+    """tree_tokens [T] at cache slots prefix.. -> hidden [T, D], logits [T, V]."""
+    hidden = model.forward_hidden(tree_tokens[None], prefix_len=prefix, positions=prefix + tree.depths,
+                                  tree_mask=tree.attn_mask)[0]
+    return hidden, model.logits(hidden)
+
+
+def sample_walk(logits, tree_tokens, tree: TreeBuffers, sampling: Sampling, rng: torch.Generator):
+    """Lossless speculative sampling down the tree -> best retrieve row [], accept_len [], bonus token [].
+    The uniforms are drawn on the device, so the walk needs no host sync either."""
+    uniforms = torch.rand(tree.depth_max + 1, tree.child_index.shape[1] + 1, generator=rng, device=logits.device)
+    return speculative_accept(target_probs(logits, sampling), tree_tokens, tree.child_index,
+                              tree.retrieve_indices, uniforms)
+
+
+def accept(logits, tree_tokens, tree: TreeBuffers, rule: Acceptance, rng: torch.Generator | None):
+    """logits [T, V], tree_tokens [T] -> best retrieve row [], accept_len [], bonus token []."""
+    if rule.mode == "sample":
+        return sample_walk(logits, tree_tokens, tree, rule.sampling, rng)
+    mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"
+    best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
+                                         max(rule.sampling.temperature, 1e-5), rule.posterior_threshold,
+                                         rule.posterior_alpha)
+    last = tree.accepted_path(best, accept_len)[1]
+    return best, accept_len, logits.index_select(0, last)[0].argmax(-1)
+
+
+def keep(model, tree: TreeBuffers, tree_tokens, prefix, best, accept_len) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the accepted path's K/V into place -> the path's tokens [depth_max + 1], its last accepted node [1].
+
+    All depth_max+1 nodes of the path move, not only the accept_len+1 accepted ones, so the shapes stay
+    fixed: the others (and the -1 padding, read as the root) land past the new prefix, on free slots."""
+    path, last = tree.accepted_path(best, accept_len)
+    model.kv_cache.compact(prefix, path)
+    return tree_tokens[path], last
+
+
+def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers, rule: Acceptance, rng, tree_tokens, prefix) -> MedusaStep:
+    """One whole step on the device: verify, accept, keep, propose."""
+    hidden, logits = verify(model, tree, tree_tokens, prefix)
+    best, accept_len, bonus = accept(logits, tree_tokens, tree, rule, rng)
+    tokens, last = keep(model, tree, tree_tokens, prefix, best, accept_len)
+    next_tree = propose(heads, tree, model.lm_head.weight, bonus, hidden.index_select(0, last))
+    return MedusaStep(tokens, accept_len, prefix + accept_len + 1, bonus, next_tree)
+
+
+def check_medusa(heads: MedusaHeads, tree: TreeBuffers, rule: Acceptance) -> None:
+    if rule.mode not in ACCEPT_MODES:
+        raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
+    if rule.mode == "sample" and rule.sampling.greedy:
         raise NanoMedusaError("--accept sample needs --temperature > 0; use --accept greedy for greedy decoding.")
     if heads.config.num_heads < tree.depth_max:
         raise NanoMedusaError(f"the tree is {tree.depth_max} deep but there are only {heads.config.num_heads} "
                               f"Medusa heads; pick a tree at most {heads.config.num_heads} deep.")
-    device = model.device
+
+
+@torch.inference_mode()
+def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: list[int],
+                    max_new_tokens: int, sampling: Sampling = Sampling(), accept: str = "greedy",
+                    eos_ids: list[int] = (), posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                    on_tokens: Callable[[list[int]], None] | None = None,
+                    generator: torch.Generator | None = None, cached_len: int = 0) -> GenerationResult:
+    """Medusa-decode up to max_new_tokens after prompt_ids. `cached_len` > 0 continues from a KV cache that
+    already holds prompt_ids[:cached_len] (a chat's earlier turns; slots past them may hold an earlier
+    step's tree, which the prefill overwrites): only the rest is prefilled."""
+    rule = Acceptance(accept, sampling, posterior_threshold, posterior_alpha)
+    check_medusa(heads, tree, rule)
+    model, device = decoder.model, decoder.device
     tree = tree.to(device)
-    prepare_cache(model, len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cuda_graphs=cuda_graphs,
-                  cached_len=cached_len)
-    lm_w = model.output.weight
+    decoder.prepare(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
+    rng = decoder.random_generator(rule.draws, generator)
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
-    mode = "greedy" if accept == "greedy" or sampling.greedy else "typical"
-    # How the root and bonus tokens are chosen: drawn by lossless sampling, else the argmax (typical too).
-    draw = sampling if accept == "sample" else Sampling()
-    rng = run_generator(device, draw, generator)
-
-    def propose(root, hidden):  # root [] token, hidden [1, D] of the node it follows -> next tree tokens [T]
-        return tree.candidate_tokens(root, heads.topk(hidden, tree.topk, lm_w)[:, 0])
-
-    def verify(tree_tokens, prefix):  # [T] -> hidden [T, D], logits [T, V]
-        hidden = model.forward_hidden(tree_tokens[None], prefix_len=prefix, positions=prefix + tree.depths,
-                                      tree_mask=tree.attn_mask)[0]
-        return hidden, model.lm_head(hidden)
-
-    def accepted_path(best, accept_len):  # -> retrieve row `best`: nodes [depth_max+1] root..leaf, last accepted [1]
-        path = tree.retrieve_indices.index_select(0, best.view(1))[0].clamp(min=0)
-        return path, path.gather(0, accept_len.view(1))
-
-    def accept_tree(logits, tree_tokens):  # [T, V], [T] -> best retrieve row [], accept_len [], bonus token []
-        if accept == "sample":  # the uniforms are drawn on the device, so the walk needs no host sync either
-            uniforms = torch.rand(tree.depth_max + 1, tree.child_index.shape[1] + 1, generator=rng, device=device)
-            return speculative_accept(target_probs(logits, sampling), tree_tokens, tree.child_index,
-                                      tree.retrieve_indices, uniforms)
-        best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
-                                             max(sampling.temperature, 1e-5), posterior_threshold, posterior_alpha)
-        return best, accept_len, logits.index_select(0, accepted_path(best, accept_len)[1])[0].argmax(-1)
-
-    def verify_accept_keep(tree_tokens, prefix):
-        """Steps 2-5, all on the device with fixed shapes and no host sync, so that on a GPU the whole step
-        replays as one CUDA graph."""
-        hidden, logits = verify(tree_tokens, prefix)
-        best, accept_len, bonus = accept_tree(logits, tree_tokens)
-        path, last = accepted_path(best, accept_len)
-        # All depth_max+1 rows of the path move, not only the accept_len+1 accepted ones, so the shapes stay
-        # fixed: the others (and the -1 padding, read as the root) land past the new prefix, on free slots.
-        compact_kv(model.kv_cache, prefix, path)
-        return {"tokens": tree_tokens[path], "accept_len": accept_len, "prefix": prefix + accept_len + 1,
-                "bonus": bonus, "next_tree": propose(bonus, hidden.index_select(0, last))}
-
-    example = (torch.zeros(tree.num_nodes, dtype=torch.long, device=device), prefix)
-    # The graphs are kept on the model for later runs: the key names what the steps close over.
-    key = ("medusa", accept, sampling, posterior_threshold, posterior_alpha, id(heads), tuple(map(tuple, tree.paths)))
-    verify_accept_keep = graphed(model, key, verify_accept_keep, *example, cuda_graphs=cuda_graphs, generator=rng)
+    # The key names all that the step closes over besides the model and its cache.
+    key = ("medusa", rule, id(heads), tuple(map(tuple, tree.paths)))
+    step = decoder.step(key, functools.partial(medusa_step, model, heads, tree, rule, rng),
+                        torch.zeros(tree.num_nodes, dtype=torch.long, device=device), prefix, generator=rng)
     result = GenerationResult()
 
     def emit(tokens: list[int]) -> bool:
@@ -125,20 +165,19 @@ def generate_medusa(model, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: li
             on_tokens(tokens)
         return False
 
-    _sync(device)
+    decoder.sync()
     start = time.perf_counter()
-    hidden = prefill(model, prompt_ids, cuda_graphs, start=cached_len)  # [1, D] at the prompt's last position
-    root = next_token(model.lm_head(hidden)[0], draw, rng)
-    tree_tokens = propose(root, hidden)  # [T]
+    hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
+    root = next_token(model.logits(hidden)[0], rule.draws, rng)
+    tree_tokens = propose(heads, tree, model.lm_head.weight, root, hidden)  # [T]
     result.prefill_seconds = time.perf_counter() - start
     done = max_new_tokens <= 0 or emit([root.item()])  # 0 tokens asked for: none emitted
     while not done:
-        step = verify_accept_keep(tree_tokens, prefix)
-        prefix, bonus, tree_tokens = step["prefix"], step["bonus"], step["next_tree"]
-        *tokens, bonus_id, n = torch.cat([step["tokens"], bonus.view(1), step["accept_len"].view(1)]).tolist()
-        accepted = tokens[1: n + 1] + [bonus_id]  # (that .tolist() is the step's one host sync)
-        result.steps += 1
-        done = emit(accepted)
-    _sync(device)
+        out = step(tree_tokens, prefix)
+        prefix, tree_tokens = out.prefix, out.next_tree
+        *tokens, bonus, n = torch.cat([out.tokens, out.bonus.view(1), out.accept_len.view(1)]).tolist()
+        result.steps += 1  # (that .tolist() is the step's one host sync)
+        done = emit(tokens[1: n + 1] + [bonus])
+    decoder.sync()
     result.seconds = time.perf_counter() - start
     return result

@@ -3,10 +3,10 @@
 One forward serves training, prefill, plain decoding and Medusa tree verification:
 
     hidden = model.forward_hidden(tokens, prefix_len, positions, tree_mask)   # [B, T, dim]
-    logits = model.lm_head(hidden)                                           # [B, T, vocab]
+    logits = model.logits(hidden)                                            # [B, T, vocab]
 
 * Without a cache (training) it is ordinary causal self-attention over `tokens`.
-* With a cache (`setup_cache`), the T new tokens' keys/values are written at cache slots
+* With a cache (`setup_cache`, kv_cache.py), the T new tokens' keys/values are written at cache slots
   prefix_len .. prefix_len+T-1, and each new token attends to every slot < prefix_len plus the new
   tokens that `tree_mask` [T, T] allows (causal for prefill/decode, ancestors for a Medusa tree).
   RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
@@ -29,6 +29,7 @@ from kernels.tree_attention import tree_attention
 
 from .config import ModelConfig, rope_inv_freq
 from .errors import NanoMedusaError
+from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -48,9 +49,8 @@ def fused_row_blocks(config: ModelConfig) -> dict[str, list[int]]:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # q, k and v come from one fused projection (rows: q, then k, then v): one matrix product per
         # layer instead of three, which is what a batch-1 decode step pays for. loading.py fills the
@@ -58,23 +58,23 @@ class Attention(nn.Module):
         self.qkv_sizes = fused_row_blocks(config)["attention.wqkv"]
         self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-        self.kv_cache: torch.Tensor | None = None  # [2, B, Hkv, S, Dh], a view into the model's cache
 
-    def forward(self, x, cos, sin, prefix_len=None, tree_mask=None, key_valid=None):
-        """x [B, T, dim]; cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens' positions."""
+    def forward(self, x, cos, sin, kv_cache=None, prefix_len=None, tree_mask=None, key_valid=None):
+        """x [B, T, dim]; cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens' positions;
+        kv_cache: this layer's [2, B, Hkv, S, Dh] (KVCache.layer), or None for training."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # views of one [B, T, (Hq + 2 Hkv) Dh] tensor
         q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, Dh]
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        if self.kv_cache is None:  # training: causal attention over the T tokens, with autograd
+        if kv_cache is None:  # training: causal attention over the T tokens, with autograd
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
             y = y.transpose(1, 2)  # [B, T, Hq, Dh]
         else:  # one kernel: rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1
-            q = rope_and_cache(q, k, v, cos, sin, self.kv_cache, prefix_len)  # [B, Hq, T, Dh]
-            y = tree_attention(q, self.kv_cache[0], self.kv_cache[1], prefix_len, tree_mask, key_valid)
+            q = rope_and_cache(q, k, v, cos, sin, kv_cache, prefix_len)  # [B, Hq, T, Dh]
+            y = tree_attention(q, kv_cache[0], kv_cache[1], prefix_len, tree_mask, key_valid)
         return self.wo(y.reshape(B, T, -1))  # [B, T, Hq, Dh] -> [B, T, dim]: a view for the kernel's output
 
 
@@ -91,21 +91,21 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.attention = Attention(config, layer_idx)
+        self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, residual, cos, sin, prefix_len, tree_mask, key_valid):
+    def forward(self, x, residual, cos, sin, kv_cache, prefix_len, tree_mask, key_valid):
         # Pre-norm residual stream, with each residual add fused into the following RMSNorm:
         # `x` is the last sublayer's output, `residual` the stream before it (None at layer 0).
         if residual is None:
             h, residual = self.attention_norm(x), x
         else:
             h, residual = self.attention_norm(x, residual)
-        x = self.attention(h, cos, sin, prefix_len, tree_mask, key_valid)
+        x = self.attention(h, cos, sin, kv_cache, prefix_len, tree_mask, key_valid)
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
 
@@ -119,16 +119,14 @@ class Transformer(nn.Module):
         # torch._dynamo: seconds of start-up.
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
                                            _weight=torch.empty(config.vocab_size, config.dim))
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.kv_cache: torch.Tensor | None = None  # [n_layers, 2, B, Hkv, S, Dh]
-        # CUDA graphs captured on this cache, by key (`generation.graphed`): prefills by padded length,
-        # decode and Medusa steps. They read and write this cache and the RoPE tables at fixed addresses,
-        # so reallocating either drops them.
-        self.graphs: dict = {}
+            self.lm_head.weight = self.tok_embeddings.weight
+        # None for training (plain causal attention); set with setup_cache for decoding. Reassigning it
+        # (None included) is all it takes to switch.
+        self.kv_cache: KVCache | None = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [positions, Dh]
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -142,31 +140,22 @@ class Transformer(nn.Module):
 
     @property
     def max_seq_len(self) -> int:
-        return 0 if self.kv_cache is None else self.kv_cache.shape[4]
+        return 0 if self.kv_cache is None else self.kv_cache.max_seq_len
 
     def setup_cache(self, max_seq_len: int, batch_size: int = 1) -> None:
-        """Preallocate the KV cache for `max_seq_len` slots (reused, not reallocated, if it fits)."""
+        """Preallocate the KV cache for `max_seq_len` slots (reused, not reallocated, if it fits: CUDA graphs
+        captured on it read it at its address, see decoder.py) and the RoPE tables for as many positions."""
         if max_seq_len > self.config.max_position_embeddings:
             raise NanoMedusaError(
                 f"a cache of {max_seq_len} tokens exceeds the model's context of "
                 f"{self.config.max_position_embeddings}; shorten the prompt or lower --max-new-tokens."
             )
-        c = self.config
-        shape = (c.n_layers, 2, batch_size, c.n_kv_heads, max_seq_len, c.head_dim)
-        # A longer cache serves a shorter run as well; keeping it keeps the graphs captured on it.
-        fits = self.kv_cache is not None and self.kv_cache.shape[:4] == shape[:4] and self.max_seq_len >= max_seq_len
+        cache = self.kv_cache
+        fits = (cache is not None and cache.batch_size == batch_size and cache.max_seq_len >= max_seq_len
+                and cache.buffer.device == self.device and cache.buffer.dtype == self.dtype)
         if not fits:
-            self.graphs.clear()
-            self.kv_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-            for layer, block in enumerate(self.layers):
-                block.attention.kv_cache = self.kv_cache[layer]
+            self.kv_cache = KVCache(self.config, max_seq_len, batch_size, self.device, self.dtype)
         self._ensure_rope(max_seq_len)
-
-    def drop_cache(self) -> None:
-        self.graphs.clear()
-        self.kv_cache = None
-        for block in self.layers:
-            block.attention.kv_cache = None
 
     def _ensure_rope(self, length: int) -> None:
         if self.rope_cos.shape[0] >= length and self.rope_cos.device == self.device:
@@ -174,7 +163,6 @@ class Transformer(nn.Module):
         inv_freq = rope_inv_freq(self.config).to(self.device)  # [Dh/2]
         angles = torch.outer(torch.arange(length, device=self.device, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # [length, Dh]
-        self.graphs.clear()
         self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
 
     def forward_hidden(self, tokens, prefix_len=0, positions=None, tree_mask=None, key_valid=None):
@@ -191,13 +179,14 @@ class Transformer(nn.Module):
             tree_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # float32 [T, Dh] or [B, T, Dh]
         x, residual = self.tok_embeddings(tokens), None  # [B, T, dim]
-        for block in self.layers:
-            x, residual = block(x, residual, cos, sin, prefix_len, tree_mask, key_valid)
+        for i, block in enumerate(self.layers):
+            kv = None if self.kv_cache is None else self.kv_cache.layer(i)
+            x, residual = block(x, residual, cos, sin, kv, prefix_len, tree_mask, key_valid)
         return self.norm(x, residual)[0]
 
-    def lm_head(self, hidden):
+    def logits(self, hidden):
         """hidden [B, T, dim] -> float32 logits [B, T, vocab]."""
-        return self.output(hidden).float()
+        return self.lm_head(hidden).float()
 
     def forward(self, tokens, prefix_len=0, positions=None, tree_mask=None, key_valid=None):
-        return self.lm_head(self.forward_hidden(tokens, prefix_len, positions, tree_mask, key_valid))
+        return self.logits(self.forward_hidden(tokens, prefix_len, positions, tree_mask, key_valid))

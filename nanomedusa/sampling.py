@@ -2,8 +2,8 @@
 
 `target_probs` is the one definition of the distribution we sample from; plain sampling and
 Medusa's speculative sampling both use it, which is what makes the latter lossless. Tokens are drawn
-on the device by inverse CDF on a uniform (`sample_from`), with no host sync, so that sampling steps
-replay inside CUDA graphs.
+on the device by inverse CDF on a uniform (`sample_from`, from the speculative-sampling kernel, whose bonus
+draw is the same), with no host sync, so that sampling steps replay inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kernels.speculative_sampling import sample_from
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,6 @@ def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
-
-
-def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs [..., V] (need not sum to 1), u [...] uniforms in [0, 1) -> token ids [...]: the first token
-    whose cumulative mass exceeds u * total, so token i comes out with probability probs[i] / total."""
-    cdf = probs.cumsum(-1)  # [..., V]
-    below = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)  # [...] tokens wholly below the draw
-    # Rounding can put the draw at the very top: then the last token with any mass, never one without.
-    ids = torch.arange(probs.shape[-1], device=probs.device)
-    last = torch.where(probs > 0, ids, -1).amax(-1)  # [...]
-    return torch.minimum(below, last)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:

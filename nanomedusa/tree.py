@@ -234,6 +234,12 @@ def parse_tree(spec: str | Sequence[Sequence[int]]) -> list[list[int]]:
     return _check_paths(raw)
 
 
+def cut_to_depth(paths: list[list[int]], depth: int) -> list[list[int]]:
+    """The paths at most `depth` deep: a tree fitted to K heads (a path of length d needs heads 0..d-1).
+    Cutting keeps the tree ancestor-closed, since a path's prefixes are shorter than it."""
+    return [p for p in paths if len(p) <= depth]
+
+
 @dataclass(frozen=True, eq=False)
 class TreeBuffers:
     """Index tensors for one tree, built once by `from_choices`. T = num_nodes, P = leaf count."""
@@ -319,12 +325,7 @@ class TreeBuffers:
         """Lay the guesses out on the tree: root_token [] or [1], head_topk [K, k] (each head's
         top-k token ids, best first) -> tree tokens [T]. Heads past depth_max and ranks past topk
         are not used."""
-        num_heads, k = head_topk.shape
-        if num_heads < self.depth_max:
-            raise NanoMedusaError(
-                f"The tree is {self.depth_max} levels deep but only {num_heads} Medusa heads "
-                f"proposed tokens; use a tree at most {num_heads} levels deep or more heads."
-            )
+        k = head_topk.shape[1]  # (generate_medusa checks up front that there are depth_max heads)
         if k < self.topk:
             raise NanoMedusaError(
                 f"The tree uses top-{self.topk} candidates per head but only {k} were given; "
@@ -334,6 +335,12 @@ class TreeBuffers:
         root = root_token.reshape(1).to(head_topk.dtype)  # [1]
         pool = torch.cat([root, guesses])  # [1 + depth_max * topk]
         return pool[self.tree_indices.to(pool.device)]  # [T]
+
+    def accepted_path(self, best: torch.Tensor, accept_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieve row `best` [] with `accept_len` [] nodes accepted past the root -> the row's node ids
+        [depth_max + 1] (root first; the -1 padding read as the root) and its last accepted node [1]."""
+        path = self.retrieve_indices.index_select(0, best.view(1))[0].clamp(min=0)
+        return path, path.gather(0, accept_len.view(1))
 
 
 def tree_from_head_accuracies(

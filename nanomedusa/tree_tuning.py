@@ -12,7 +12,7 @@ them (per data file and pooled), and with --write stores the tree as `medusa_cho
 config.json, where `generate.py` picks it up as the heads' default tree.
 
 Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
-(the step time against node count that `python -m nanomedusa.bench --tree-sizes ...` measured on the
+(the step time against node count that `python -m bench.decode --tree-sizes ...` measured on the
 target GPU) the size is the one with the most expected tokens per millisecond,
 expected_accept_length(tree of N nodes) / step_ms(N), instead of a fixed --nodes.
 """
@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from kernels.medusa_heads import MAX_TOPK
 
 from .adapter import apply_adapter, has_adapter
-from .cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
-                  check_seed)
+from .cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file, check_seed,
+                  run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads
@@ -50,7 +50,7 @@ def rank_hits(model, heads: MedusaHeads, examples, topk: int = 10, batch_size: i
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size]).to(model.device)
         hidden = model.forward_hidden(batch.tokens)  # [B, T, D]
-        logits = heads(hidden, model.output.weight)  # [K, B, T, V]
+        logits = heads(hidden, model.lm_head.weight)  # [K, B, T, V]
         targets = shifted_targets(batch.labels, K)[1:]  # [K, B, T]: head k's target at t is token t+k+2
         valid = targets != IGNORE
         target_logit = logits.gather(-1, targets.clamp(min=0)[..., None])  # [K, B, T, 1]
@@ -81,13 +81,16 @@ def size_for_hardware(acc: torch.Tensor, step_times: dict) -> tuple[int, list[di
 
 
 def read_step_times(path: str) -> dict:
+    """The step times `python -m bench.decode --tree-sizes` wrote: at least one tree, each of 2+ nodes."""
     try:
         step_times = json.loads(Path(path).read_text())
-        assert step_times["trees"] and all(t["nodes"] > 1 and t["step_ms"] > 0 for t in step_times["trees"])
-        return step_times
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        valid = step_times["trees"] and all(t["nodes"] > 1 and t["step_ms"] > 0 for t in step_times["trees"])
+    except (OSError, ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
         raise NanoMedusaError(f"{path} is not a step-times file; write one with "
-                              f"python -m nanomedusa.bench --tree-sizes 16,32,64,128,256 on the target GPU.") from None
+                              f"python -m bench.decode --tree-sizes 16,32,64,128,256 on the target GPU.")
+    return step_times
 
 
 def trim_heads(heads_dir: Path, config: dict, depth: int) -> None:
@@ -125,6 +128,55 @@ def check_args(args) -> None:
     check_seed(args.seed)
 
 
+def run(args) -> None:
+    """Measure the accuracies, choose the tree, and print, --json and --write it."""
+    check_args(args)
+    step_times = read_step_times(args.step_times) if args.step_times else None
+    model, ckpt = load_model(args.model, device=args.device)
+    heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
+    if has_adapter(args.heads):
+        print(apply_adapter(model, args.heads))
+    tokenizer = Tokenizer.from_dir(ckpt)
+    hits, count, report = 0, 0, {}
+    for path in args.data:
+        _, held_out = split_train_eval(load_conversations(path), args.eval_fraction, args.seed)
+        examples = tokenize_all(tokenizer, held_out[: args.limit], args.max_len)
+        if not examples:
+            raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
+        file_hits, file_count = rank_hits(model, heads, examples, args.topk)
+        acc = file_hits / file_count.clamp(min=1)[:, None]
+        print_accuracies(f"{path}: {len(examples)} held-out conversations, {int(file_count[0])} answer tokens", acc)
+        report[path] = {"conversations": len(examples), "tokens": int(file_count[0]), "rank_accuracy": acc.tolist()}
+        hits, count = hits + file_hits, count + file_count
+    acc = hits / count.clamp(min=1)[:, None]  # [K, topk], pooled over the files' answer tokens
+    if len(args.data) > 1:
+        print_accuracies("all files", acc)
+    nodes = args.nodes
+    if step_times:
+        nodes, sizes = size_for_hardware(acc, step_times)
+        print(f"step times of {step_times.get('device', '?')} "
+              f"(plain step {step_times.get('plain_step_ms', 0):.3f} ms):")
+        for r in sizes:
+            print(f"  T={r['nodes']:>4}: {r['step_ms']:.3f} ms, expected accepted {r['expected_accepted']:.2f}, "
+                  f"{r['tokens_per_ms']:.3f} tokens/ms")
+        report["sizes"] = sizes
+    choices = tree_from_head_accuracies(acc, nodes)
+    print(f"tree ({len(choices)} nodes, expected accepted {expected_accept_length(acc, choices):.2f}): "
+          f"{json.dumps(choices)}")
+    if args.json:
+        out = {**report, "pooled": acc.tolist(), "medusa_choices": choices}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.write:
+        config_path = Path(args.heads) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["medusa_choices"] = choices
+        config["rank_accuracy"] = [[round(a, 4) for a in row] for row in acc.tolist()]
+        if args.trim:
+            trim_heads(Path(args.heads), config, max(len(c) for c in choices))
+        write_text_atomically(config_path, json.dumps(config, indent=2) + "\n")
+        print(f"wrote medusa_choices to {config_path}")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads directory")
@@ -133,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
     p.add_argument("--nodes", type=int, default=63, help="tree size, root not counted")
     p.add_argument("--step-times", default=None, metavar="FILE",
-                   help="step time against tree size (python -m nanomedusa.bench --tree-sizes): choose the size too")
+                   help="step time against tree size (python -m bench.decode --tree-sizes): choose the size too")
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
@@ -145,54 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--trim", action="store_true",
                    help="with --write: drop the heads deeper than the tree reaches from the heads' files")
     args = p.parse_args(argv)
-    try:
-        check_args(args)
-        step_times = read_step_times(args.step_times) if args.step_times else None
-        model, ckpt = load_model(args.model, device=args.device)
-        heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
-        if has_adapter(args.heads):
-            print(apply_adapter(model, args.heads))
-        tokenizer = Tokenizer.from_dir(ckpt)
-        hits, count, report = 0, 0, {}
-        for path in args.data:
-            _, held_out = split_train_eval(load_conversations(path), args.eval_fraction, args.seed)
-            examples = tokenize_all(tokenizer, held_out[: args.limit], args.max_len)
-            if not examples:
-                raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
-            file_hits, file_count = rank_hits(model, heads, examples, args.topk)
-            acc = file_hits / file_count.clamp(min=1)[:, None]
-            print_accuracies(f"{path}: {len(examples)} held-out conversations, {int(file_count[0])} answer tokens", acc)
-            report[path] = {"conversations": len(examples), "tokens": int(file_count[0]), "rank_accuracy": acc.tolist()}
-            hits, count = hits + file_hits, count + file_count
-        acc = hits / count.clamp(min=1)[:, None]  # [K, topk], pooled over the files' answer tokens
-        if len(args.data) > 1:
-            print_accuracies("all files", acc)
-        nodes = args.nodes
-        if step_times:
-            nodes, sizes = size_for_hardware(acc, step_times)
-            print(f"step times of {step_times.get('device', '?')} (plain step {step_times.get('plain_step_ms', 0):.3f} ms):")
-            for r in sizes:
-                print(f"  T={r['nodes']:>4}: {r['step_ms']:.3f} ms, expected accepted {r['expected_accepted']:.2f}, "
-                      f"{r['tokens_per_ms']:.3f} tokens/ms")
-            report["sizes"] = sizes
-        choices = tree_from_head_accuracies(acc, nodes)
-        print(f"tree ({len(choices)} nodes, expected accepted {expected_accept_length(acc, choices):.2f}): "
-              f"{json.dumps(choices)}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({**report, "pooled": acc.tolist(), "medusa_choices": choices}, indent=2) + "\n")
-        if args.write:
-            config_path = Path(args.heads) / "config.json"
-            config = json.loads(config_path.read_text())
-            config["medusa_choices"] = choices
-            config["rank_accuracy"] = [[round(a, 4) for a in row] for row in acc.tolist()]
-            if args.trim:
-                trim_heads(Path(args.heads), config, max(len(c) for c in choices))
-            write_text_atomically(config_path, json.dumps(config, indent=2) + "\n")
-            print(f"wrote medusa_choices to {config_path}")
-    except NanoMedusaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
+    return run_reporting_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

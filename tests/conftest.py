@@ -7,9 +7,28 @@ test module is collected.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    import kernels  # noqa: F401  (with TRITON_INTERPRET set, this patches the interpreter for numpy >= 2.4)
+import kernels  # noqa: E402  (with TRITON_INTERPRET set, this patches the interpreter for numpy >= 2.4)
+from kernels.testing import poisoned_empty  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel_backend():
+    """A test that picks a backend (`kernels.set_backend`, or a CLI's `--kernels` run in-process) must not
+    leave it to the tests after it: a leaked "triton" runs every later test in the slow interpreter."""
+    backend = kernels.get_backend()
+    yield
+    kernels.set_backend(backend)
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """Every buffer a kernel allocates (torch.empty, torch.empty_like) starts poisoned, NaN for floats, so
+    that an output element or partial result it never writes shows up."""
+    with poisoned_empty():
+        yield

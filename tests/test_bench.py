@@ -1,4 +1,4 @@
-"""The end-to-end benchmark on CPU with tiny shapes: every part runs and the JSON holds what it claims."""
+"""The benchmarks (bench/) on CPU with tiny shapes: every part runs and the JSON holds what it claims."""
 
 import contextlib
 import io
@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomedusa.bench import DEFAULT_PROMPTS, main, parse_heads_spec
+from bench import tree_attention
+from bench.checkpoints import parse_heads_spec
+from bench.decode import main
+from bench.prompts import DEFAULT_PROMPTS
+from kernels.testing import tree_attention_inputs
 from nanomedusa.config import ModelConfig
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
@@ -16,6 +20,7 @@ from nanomedusa.loading import load_model
 from nanomedusa.model import Transformer
 from tests.tiny_tokenizer import make_chat_checkpoint
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRAIN_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts-train.jsonl"
 CHAT_PROMPTS = DEFAULT_PROMPTS.with_name("prompts-chat.jsonl")
 TINY_7B = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
@@ -169,3 +174,30 @@ def test_held_out_prompts_are_diverse_and_not_training_prompts(path, count):
     for p in prompts:
         text = p["prompt"].lower()
         assert not any(text in t or t in text for t in train), p["id"]
+
+
+def test_tree_attention_correctness_check_runs_on_a_tiny_case():
+    errors = tree_attention.max_rel_errors(*tree_attention_inputs(4, 2, 16, 9, 3, torch.float32, DEVICE))
+    assert set(errors) == {"triton", "triton 0-d prefix", "torch reference", "torch SDPA"} | {
+        f"triton split {n}" for n in (1, 2, 4, 8, 16, 32)}
+    assert max(errors.values()) <= 1e-5
+
+
+def test_tree_attention_smoke_runs_all_but_the_graph_timing(poisoned_allocations, tmp_path, capsys):
+    # The GPU run's path (per-layer input sets, every implementation, a checked pass over all layers,
+    # table, split sweep, JSON) on a tiny float32 shape, with one eager untimed pass in place of the
+    # CUDA graph's capture and timing; every output starts as NaN, so an unwritten one fails the check.
+    out = tmp_path / "tree_attention.json"
+    assert tree_attention.main(["--smoke", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["failures"] == [] and len(results["correctness"]) == len(tree_attention.SMOKE_NEW_TOKENS)
+    rows = results["timings"]
+    assert {(r["T"], r["implementation"]) for r in rows} == {
+        (T, name) for T in tree_attention.SMOKE_NEW_TOKENS for name in tree_attention.IMPLEMENTATIONS}
+    assert all(r["calls_per_graph"] == tree_attention.SMOKE_SHAPE.n_layers for r in rows)
+    assert all(r["check_error"] <= 1e-5 for r in rows)
+    assert [s["best"] for s in results["splits"]] == [1, 1]  # untimed: the first split that ran
+    for label in ("triton (", "triton 0-d prefix (", "triton best (1 split)", "torch reference", "torch SDPA",
+                  "heuristic"):
+        assert label in printed

@@ -12,6 +12,7 @@ import torch
 
 from nanomedusa.chat import ChatSession, common_prefix
 from nanomedusa.errors import NanoMedusaError
+from nanomedusa.decoder import Decoder
 from nanomedusa.generation import generate
 from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa
@@ -35,10 +36,10 @@ def checkpoint(tmp_path_factory):
 def decoder(model, tokenizer, medusa: bool):
     """What generate.py's make_decode builds: greedy plain decoding, or Medusa with random heads."""
     if not medusa:
-        return functools.partial(generate, model, eos_ids=tokenizer.eos_ids)
+        return functools.partial(generate, Decoder(model), eos_ids=tokenizer.eos_ids)
     heads = random_heads(model, seed=1).to(model.device)
     tree = TreeBuffers.from_choices(TREES["small"], device=model.device)
-    return functools.partial(generate_medusa, model, heads, tree, eos_ids=tokenizer.eos_ids)
+    return functools.partial(generate_medusa, Decoder(model), heads, tree, eos_ids=tokenizer.eos_ids)
 
 
 def growing_prompt_answers(model, tokenizer, decode, turns, max_new_tokens, history=()):
@@ -46,7 +47,7 @@ def growing_prompt_answers(model, tokenizer, decode, turns, max_new_tokens, hist
     messages, answers = list(history), []
     for text in turns:
         messages.append({"role": "user", "content": text})
-        model.drop_cache()
+        model.kv_cache = None
         result = decode(tokenizer.encode_chat(messages), max_new_tokens)
         answers.append(tokenizer.decode(result.tokens))
         messages.append({"role": "assistant", "content": answers[-1]})

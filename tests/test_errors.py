@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import kernels
+from nanomedusa.cli import run_reporting_errors
 from nanomedusa.errors import NanoMedusaError
+from nanomedusa.decoder import Decoder
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
@@ -88,7 +91,7 @@ def test_unknown_dtype_and_device(ckpt):
 def test_prompt_longer_than_the_context(ckpt):
     model, _ = load_model(ckpt, device="cpu")  # max_position_embeddings = 256
     with pytest.raises(NanoMedusaError, match=r"prompt \(250 tokens\) \+ --max-new-tokens 10 = 260 exceeds the model's context of 256"):
-        generate(model, list(range(3, 253)), max_new_tokens=10)
+        generate(Decoder(model), list(range(3, 253)), max_new_tokens=10)
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
@@ -129,8 +132,8 @@ def test_zero_new_tokens_emit_nothing(ckpt):
     model, _ = load_model(ckpt, device="cpu")
     heads = MedusaHeads.from_base(model, num_heads=2).eval()
     streamed = []
-    assert generate(model, [5, 6, 7], 0, on_tokens=streamed.append).tokens == []
-    assert generate_medusa(model, heads, TreeBuffers.from_choices(chain(2)), [5, 6, 7], 0,
+    assert generate(Decoder(model), [5, 6, 7], 0, on_tokens=streamed.append).tokens == []
+    assert generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(chain(2)), [5, 6, 7], 0,
                            on_tokens=streamed.append).tokens == []
     assert streamed == []
 
@@ -212,12 +215,12 @@ MORE_ERRORS = {
                                                                         "{root}/answers.jsonl", "--eval-fraction", "0"],
                                              "--eval-fraction must be in (0, 1), not 0.0; pass the one the heads were "
                                              "trained with (default 0.02)."),
-    "bench without new tokens": ("nanomedusa.bench", ["--device", "cpu", "--max-new-tokens", "0"],
+    "bench without new tokens": ("bench.decode", ["--device", "cpu", "--max-new-tokens", "0"],
                                  "--max-new-tokens must be at least 1, not 0; pass 1 or more."),
-    "bench tree sizes that are not numbers": ("nanomedusa.bench", ["--device", "cpu", "--tree-sizes", "16,x"],
+    "bench tree sizes that are not numbers": ("bench.decode", ["--device", "cpu", "--tree-sizes", "16,x"],
                                               "--tree-sizes '16,x' is not a comma-separated list of node counts; "
                                               "pass e.g. 16,32,64."),
-    "bench --json is a directory": ("nanomedusa.bench", ["--device", "cpu", "--json", "{root}"],
+    "bench --json is a directory": ("bench.decode", ["--device", "cpu", "--json", "{root}"],
                                     "--json {root} is a directory; pass a file path, e.g. {root}/answers.jsonl."),
 }
 
@@ -264,6 +267,13 @@ def test_more_cli_errors(name, cli_root, capsys):
     except SystemExit as e:  # argparse's own errors exit from inside parse_args
         code = e.code
     assert_one_error_line(code, capsys.readouterr().err, expected.format(root=cli_root))
+
+
+def test_kernel_errors_are_reported_like_ours(capsys):
+    # kernels/ has its own error type (it imports nothing from nanomedusa); the CLIs report it the same way.
+    code = run_reporting_errors(lambda: kernels.set_backend("cuda"))
+    assert_one_error_line(code, capsys.readouterr().err,
+                          "unknown kernel backend 'cuda'; use one of auto, torch, triton.")
 
 
 def test_cli_zero_new_tokens_prints_nothing(cli_root):

@@ -4,7 +4,8 @@ sampling settings behave."""
 import pytest
 import torch
 
-from nanomedusa.generation import PREFILL_BUCKET, generate, generate_batch, prefill
+from nanomedusa.decoder import PREFILL_BUCKET, Decoder
+from nanomedusa.generation import generate, generate_batch
 from nanomedusa.loading import load_model
 from nanomedusa.sampling import Sampling, target_probs
 from tests.helpers import make_hf_checkpoint
@@ -20,11 +21,11 @@ def model(tmp_path_factory):
 def test_batch_of_unequal_prompts_equals_one_by_one(model):
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (3, 11, 1, 7)]
-    singles = [generate(model, p, max_new_tokens=16).tokens for p in prompts]
+    singles = [generate(Decoder(model), p, max_new_tokens=16).tokens for p in prompts]
     # A token row 1 first emits mid-way becomes eos: that row stops there, rows that never emit it go on.
     stop = next(i for i in range(1, 16) if singles[1][i] not in singles[1][:i])
     eos = singles[1][stop]
-    expected = [generate(model, p, max_new_tokens=16, eos_ids=[eos]).tokens for p in prompts]
+    expected = [generate(Decoder(model), p, max_new_tokens=16, eos_ids=[eos]).tokens for p in prompts]
     assert generate_batch(model, prompts, max_new_tokens=16, eos_ids=[eos]) == expected
     assert expected[1][-1] == eos and len(expected[1]) == stop + 1
     assert max(len(row) for row in expected) == 16
@@ -43,12 +44,12 @@ def test_top_k_and_top_p_cut_the_distribution():
 
 def test_seeded_sampling_is_reproducible_and_greedy_is_the_argmax(model):
     prompt = [5, 6, 7]
-    runs = [generate(model, prompt, 12, Sampling(temperature=1.0), generator=torch.Generator().manual_seed(3)).tokens
+    runs = [generate(Decoder(model), prompt, 12, Sampling(temperature=1.0), generator=torch.Generator().manual_seed(3)).tokens
             for _ in range(2)]
     assert runs[0] == runs[1]
-    greedy = generate(model, prompt, 5).tokens
+    greedy = generate(Decoder(model), prompt, 5).tokens
     with torch.no_grad():
-        model.drop_cache()
+        model.kv_cache = None
         first = model(torch.tensor([prompt]))[0, -1].argmax().item()
     assert greedy[0] == first
 
@@ -57,12 +58,12 @@ def test_tokens_padded_after_the_prompt_change_nothing(model):
     # What the GPU's padded prefill relies on: junk after the prompt leaves the prompt's hidden states
     # alone (causal attention), and the cache slots it fills are overwritten before decoding reads them.
     prompt = [5, 17, 42, 8, 9, 23, 61]
-    expected = generate(model, prompt, max_new_tokens=10).tokens
+    expected = generate(Decoder(model), prompt, max_new_tokens=10).tokens
     with torch.inference_mode():
         model.setup_cache(64)
         padded = torch.tensor([prompt + [88, 3, 71, 14, 55, 2]])  # [1, 13]: 6 junk tokens after the prompt
         hidden = model.forward_hidden(padded, prefix_len=0)[0, len(prompt) - 1:len(prompt)]  # [1, D]
-        tokens = [int(model.lm_head(hidden).argmax())]
+        tokens = [int(model.logits(hidden).argmax())]
         for pos in range(len(prompt), len(prompt) + 9):
             tokens.append(int(model(torch.tensor([[tokens[-1]]]), prefix_len=pos)[0, -1].argmax()))
     assert tokens == expected
@@ -78,19 +79,18 @@ def test_a_cache_that_fits_is_reused(model):
     model.setup_cache(128)
     assert model.kv_cache is not cache and model.max_seq_len == 128
     model.setup_cache(64, batch_size=2)
-    assert model.kv_cache.shape[2] == 2 and model.max_seq_len == 64
+    assert model.kv_cache.batch_size == 2 and model.max_seq_len == 64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the prefill graphs need a GPU")
 def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
     make_hf_checkpoint(tmp_path, num_key_value_heads=2)
     gpu_model = load_model(tmp_path, device="cuda", dtype="float32")[0]
+    graphed, eager = Decoder(gpu_model), Decoder(gpu_model, cuda_graphs=False)
     with torch.inference_mode():
+        gpu_model.setup_cache(4 * PREFILL_BUCKET)
         for prompt in ([5, 17, 42], list(range(3, 3 + PREFILL_BUCKET + 5)), [9, 8, 7, 6, 5]):
-            gpu_model.setup_cache(4 * PREFILL_BUCKET)
-            eager = prefill(gpu_model, prompt, cuda_graphs=False)
-            graphed = prefill(gpu_model, prompt)
-            torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
-        assert sorted(gpu_model.graphs) == [("prefill", PREFILL_BUCKET), ("prefill", 2 * PREFILL_BUCKET)]  # 3 prompts
+            torch.testing.assert_close(graphed.prefill(prompt), eager.prefill(prompt), rtol=1e-4, atol=1e-4)
+        assert sorted(graphed.graphs) == [("prefill", PREFILL_BUCKET), ("prefill", 2 * PREFILL_BUCKET)]  # 3 prompts
     for prompt in ([5, 17, 42], list(range(3, 90))):
-        assert generate(gpu_model, prompt, 20).tokens == generate(gpu_model, prompt, 20, cuda_graphs=False).tokens
+        assert generate(graphed, prompt, 20).tokens == generate(eager, prompt, 20).tokens

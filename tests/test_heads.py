@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from kernels.medusa_heads import medusa_heads_reference
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
@@ -24,8 +25,8 @@ def model(tmp_path_factory):
 def test_untrained_heads_equal_the_base_head(model, shared):
     heads = MedusaHeads.from_base(model, num_heads=3, num_layers=2, shared_lm_head=shared)
     hidden = torch.randn(5, model.config.dim)
-    logits = heads(hidden, model.output.weight)  # [K, 5, V]
-    base = model.lm_head(hidden)
+    logits = heads(hidden, model.lm_head.weight)  # [K, 5, V]
+    base = model.logits(hidden)
     for k in range(3):
         assert torch.allclose(logits[k], base, atol=1e-5)
 
@@ -38,9 +39,9 @@ def test_forward_topk_and_kernel_reference_agree(model, shared):
             p.add_(torch.randn_like(p) * 0.3)
     heads.eval()
     hidden = torch.randn(3, model.config.dim)
-    logits = heads(hidden, model.output.weight)
-    assert torch.allclose(heads.reference_logits(hidden, model.output.weight), logits, atol=1e-5)
-    assert torch.equal(heads.topk(hidden, 5, model.output.weight), logits.topk(5, dim=-1).indices)
+    logits = heads(hidden, model.lm_head.weight)
+    assert torch.allclose(medusa_heads_reference(hidden, *heads.stacked_weights(model.lm_head.weight)), logits, atol=1e-5)
+    assert torch.equal(heads.topk(hidden, 5, model.lm_head.weight), logits.topk(5, dim=-1).indices)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -55,7 +56,7 @@ def test_save_load_round_trip(model, tmp_path, shared):
     loaded = MedusaHeads.load(tmp_path, model.config)
     assert loaded.config.shared_lm_head == shared and loaded.config.base_model == "tiny"
     hidden = torch.randn(4, model.config.dim)
-    assert torch.equal(loaded(hidden, model.output.weight), heads(hidden, model.output.weight))
+    assert torch.equal(loaded(hidden, model.lm_head.weight), heads(hidden, model.lm_head.weight))
 
 
 def reference_state(num_heads, num_layers, dim, vocab, prefix):

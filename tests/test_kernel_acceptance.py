@@ -19,12 +19,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import acceptance  # noqa: E402
-from kernels.bench_small_kernels import (  # noqa: E402
-    acceptance_inputs,
-    check_acceptance,
-    random_parents,
-    retrieve_from_parents,
-)
+from kernels.errors import KernelInputError  # noqa: E402
+from kernels.testing import acceptance_inputs, check_acceptance, random_parents, retrieve_from_parents  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -157,5 +153,5 @@ def test_arrival_counter_is_left_at_zero():
 
 def test_unknown_mode():
     logits, tokens, retrieve, _ = random_case(0)
-    with pytest.raises(ValueError, match="unknown acceptance mode"):
+    with pytest.raises(KernelInputError, match="unknown acceptance mode 'sampling'; use one of greedy, typical."):
         acceptance.accept_candidates_triton(logits, tokens, retrieve.to(DEVICE), "sampling")

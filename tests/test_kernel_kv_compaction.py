@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.bench_small_kernels import check_compaction as check  # noqa: E402
+from kernels.errors import KernelInputError  # noqa: E402
 from kernels.kv_compaction import compact_kv_triton  # noqa: E402
-from nanomedusa.errors import NanoMedusaError  # noqa: E402
+from kernels.testing import check_compaction as check  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -59,5 +59,5 @@ def test_strided_views():
 
 
 def test_bad_cache_shape_names_the_fix():
-    with pytest.raises(NanoMedusaError, match=r"shaped \[L, 2, B, Hkv, S, D\]"):
+    with pytest.raises(KernelInputError, match=r"shaped \[L, 2, B, Hkv, S, D\]"):
         compact_kv_triton(torch.zeros(2, 2, 4, 8, 16, device=DEVICE), 0, torch.zeros(1, dtype=torch.long))

@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import medusa_heads  # noqa: E402
-from kernels.bench_small_kernels import assert_topk_matches, check_medusa, medusa_inputs  # noqa: E402
-from nanomedusa.errors import NanoMedusaError  # noqa: E402
+from kernels.errors import KernelInputError  # noqa: E402
+from kernels.testing import assert_topk_matches, check_medusa, medusa_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -76,11 +76,11 @@ def test_ties_return_tied_values():
 
 def test_bad_inputs_name_the_fix():
     hidden, res_w, res_b, vocab = medusa_inputs(2, 1, 1, 40, 64, False, torch.float32, DEVICE)
-    with pytest.raises(NanoMedusaError, match="top-k between 1 and 16"):
+    with pytest.raises(KernelInputError, match="top-k between 1 and 16"):
         medusa_heads.medusa_topk_triton(hidden, res_w, res_b, vocab, 17)
-    with pytest.raises(NanoMedusaError, match="share one dtype"):
+    with pytest.raises(KernelInputError, match="share one dtype"):
         medusa_heads.medusa_topk_triton(hidden.half(), res_w, res_b, vocab, 4)
-    with pytest.raises(NanoMedusaError, match=r"must be \[K=2, V, 40\]"):
+    with pytest.raises(KernelInputError, match=r"must be \[K=2, V, 40\]"):
         medusa_heads.medusa_topk_triton(hidden, res_w, res_b, vocab[:, :, :39], 4)
-    with pytest.raises(NanoMedusaError, match="stacked weights"):
+    with pytest.raises(KernelInputError, match="stacked weights"):
         medusa_heads.medusa_topk_triton(hidden, res_w[:, :, :39], res_b, vocab, 4)

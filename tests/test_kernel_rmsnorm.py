@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.bench_small_kernels import check_rmsnorm  # noqa: E402
+from kernels.errors import KernelInputError  # noqa: E402
 from kernels.rmsnorm import rmsnorm_triton  # noqa: E402
-from nanomedusa.errors import NanoMedusaError  # noqa: E402
+from kernels.testing import check_rmsnorm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -55,9 +55,9 @@ def test_statistics_are_per_row():
 
 def test_bad_inputs_name_the_fix():
     x = torch.randn(2, 40, device=DEVICE)
-    with pytest.raises(NanoMedusaError, match="torch backend"):
+    with pytest.raises(KernelInputError, match="torch backend"):
         rmsnorm_triton(torch.randn(1, 8200, device=DEVICE), torch.ones(8200, device=DEVICE), 1e-5)
-    with pytest.raises(NanoMedusaError, match=r"must be \(40,\)"):
+    with pytest.raises(KernelInputError, match=r"must be \(40,\)"):
         rmsnorm_triton(x, torch.ones(41, device=DEVICE), 1e-5)
-    with pytest.raises(NanoMedusaError, match="must have x's shape and dtype"):
+    with pytest.raises(KernelInputError, match="must have x's shape and dtype"):
         rmsnorm_triton(x, torch.ones(40, device=DEVICE), 1e-5, residual=x.half())

@@ -16,24 +16,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels.errors import KernelInputError  # noqa: E402
 from kernels.rope_cache import rope_and_cache_reference, rope_and_cache_triton, rotate_half  # noqa: E402
-from nanomedusa.errors import NanoMedusaError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 S = 23  # cache slots
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every float buffer the op allocates starts as NaN, so a never-written output element shows up."""
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
 
 
 def rope_tables(positions, D):
@@ -133,21 +121,21 @@ def test_device_prefix_past_the_cache_writes_nothing_out_of_bounds():
 
 def test_bad_inputs_name_the_fix():
     q, k, v, cos, sin, cache = make_case(1, 3, 4, 2, 16, 0, False, torch.float32)
-    with pytest.raises(NanoMedusaError, match=r"pass q \[B, T, Hq, D\]"):
+    with pytest.raises(KernelInputError, match=r"pass q \[B, T, Hq, D\]"):
         rope_and_cache_triton(q.transpose(1, 2), k, v, cos, sin, cache, 0)
-    with pytest.raises(NanoMedusaError, match=r"cos and sin shaped \(3, 16\) or \(1, 3, 16\)"):
+    with pytest.raises(KernelInputError, match=r"cos and sin shaped \(3, 16\) or \(1, 3, 16\)"):
         rope_and_cache_triton(q, k, v, cos[:2], sin[:2], cache, 0)
-    with pytest.raises(NanoMedusaError, match="float32 cos/sin"):
+    with pytest.raises(KernelInputError, match="float32 cos/sin"):
         rope_and_cache_triton(q, k, v, cos.half(), sin.half(), cache, 0)
-    with pytest.raises(NanoMedusaError, match="layer cache shaped"):
+    with pytest.raises(KernelInputError, match="layer cache shaped"):
         rope_and_cache_triton(q, k, v, cos, sin, cache[:, :, :1], 0)
-    with pytest.raises(NanoMedusaError, match="in one dtype"):
+    with pytest.raises(KernelInputError, match="in one dtype"):
         rope_and_cache_triton(q, k, v, cos, sin, cache.half(), 0)
-    with pytest.raises(NanoMedusaError, match="do not fit a cache of 23 slots"):
+    with pytest.raises(KernelInputError, match="do not fit a cache of 23 slots"):
         rope_and_cache_triton(q, k, v, cos, sin, cache, S - 2)
-    with pytest.raises(NanoMedusaError, match="0-d integer tensor"):
+    with pytest.raises(KernelInputError, match="0-d integer tensor"):
         rope_and_cache_triton(q, k, v, cos, sin, cache, torch.tensor([0], device=DEVICE))
-    with pytest.raises(NanoMedusaError, match="contiguous along head_dim"):
+    with pytest.raises(KernelInputError, match="contiguous along head_dim"):
         rope_and_cache_triton(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, cos, sin, cache, 0)
 
 

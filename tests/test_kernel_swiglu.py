@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.bench_small_kernels import TOLERANCE, poisoned_empty
+from kernels.errors import KernelInputError
 from kernels.swiglu import silu_mul_reference, silu_mul_triton
-from nanomedusa.errors import NanoMedusaError
+from kernels.testing import TOLERANCE, poisoned_empty
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -34,5 +34,5 @@ def test_reference_is_swiglu():
 
 
 def test_odd_width_names_the_fix():
-    with pytest.raises(NanoMedusaError, match="even last dimension"):
+    with pytest.raises(KernelInputError, match="even last dimension"):
         silu_mul_triton(torch.randn(2, 7, device=DEVICE))

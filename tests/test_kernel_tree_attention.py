@@ -4,7 +4,6 @@ Without a GPU the kernels run in Triton's CPU interpreter: tiny shapes, fp32 and
 in the interpreter, so it is only checked on CUDA).
 """
 
-import json
 import os
 
 import torch
@@ -16,10 +15,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import bench_tree_attention as bench  # noqa: E402
-from kernels.bench_tree_attention import make_case, max_rel_errors  # noqa: E402
+from kernels.errors import KernelInputError  # noqa: E402
+from kernels.testing import rel_error, tree_attention_inputs  # noqa: E402
 from kernels.tree_attention import tree_attention_reference, tree_attention_triton  # noqa: E402
-from nanomedusa.errors import NanoMedusaError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,22 +37,6 @@ def make_mask(kind: str, T: int) -> torch.Tensor:
         return random_tree_mask(T)
     # "any": the op allows any mask; keep the diagonal so every query sees at least one key
     return (torch.rand(T, T) < 0.5) | torch.eye(T, dtype=torch.bool)
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every float buffer the op allocates starts as NaN, so a never-written output or partial shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-def rel_error(out, ref) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=False, num_splits=None,
@@ -137,7 +119,7 @@ def test_a_query_that_sees_no_key_gets_zeros(poisoned_allocations, num_splits):
 
 
 def test_chunking_does_not_change_the_result():
-    q, k, v, prefix, tree_mask = make_case(4, 2, 16, 30, 5, torch.float32, DEVICE)
+    q, k, v, prefix, tree_mask = tree_attention_inputs(4, 2, 16, 30, 5, torch.float32, DEVICE)
     one = tree_attention_triton(q, k, v, prefix, tree_mask, num_splits=1)
     for n in (2, 3):
         assert rel_error(tree_attention_triton(q, k, v, prefix, tree_mask, num_splits=n), one) <= 1e-6
@@ -147,43 +129,17 @@ def test_bad_inputs_name_the_fix():
     q = torch.randn(1, 6, 2, 16, device=DEVICE)
     k = torch.randn(1, 4, 8, 16, device=DEVICE)
     mask = torch.ones(2, 2, dtype=torch.bool, device=DEVICE)
-    with pytest.raises(NanoMedusaError, match="multiple of the 4 KV heads"):
+    with pytest.raises(KernelInputError, match="multiple of the 4 KV heads"):
         tree_attention_triton(q, k, k, 3, mask)
-    with pytest.raises(NanoMedusaError, match=r"bool tree_mask of shape \(2, 2\)"):
+    with pytest.raises(KernelInputError, match=r"bool tree_mask of shape \(2, 2\)"):
         tree_attention_triton(q[:, :4], k, k, 3, mask[:1])
-    with pytest.raises(NanoMedusaError, match=r"key_valid as a bool \[B, S\] = \(1, 8\)"):
+    with pytest.raises(KernelInputError, match=r"key_valid as a bool \[B, S\] = \(1, 8\)"):
         tree_attention_triton(q[:, :4], k, k, 3, mask, torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
-
-
-def test_benchmark_correctness_check_runs_on_a_tiny_case():
-    errors = max_rel_errors(*make_case(4, 2, 16, 9, 3, torch.float32, DEVICE))
-    assert set(errors) == {"triton", "triton 0-d prefix", "torch reference", "torch SDPA"} | {
-        f"triton split {n}" for n in (1, 2, 4, 8, 16, 32)}
-    assert max(errors.values()) <= 1e-5
-
-
-def test_benchmark_smoke_runs_all_but_the_graph_timing(poisoned_allocations, tmp_path, capsys):
-    # The GPU run's path (per-layer input sets, every implementation, a checked pass over all layers,
-    # table, split sweep, JSON) on a tiny float32 shape, with one eager untimed pass in place of the
-    # CUDA graph's capture and timing; every output starts as NaN, so an unwritten one fails the check.
-    out = tmp_path / "tree_attention.json"
-    assert bench.main(["--smoke", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    results = json.loads(out.read_text())
-    assert results["failures"] == [] and len(results["correctness"]) == len(bench.SMOKE_NEW_TOKENS)
-    rows = results["timings"]
-    assert {(r["T"], r["implementation"]) for r in rows} == {
-        (T, name) for T in bench.SMOKE_NEW_TOKENS for name in bench.IMPLEMENTATIONS}
-    assert all(r["calls_per_graph"] == bench.SMOKE_SHAPE.n_layers and r["check_error"] <= 1e-5 for r in rows)
-    assert [s["best"] for s in results["splits"]] == [1, 1]  # untimed: the first split that ran
-    for label in ("triton (", "triton 0-d prefix (", "triton best (1 split)", "torch reference", "torch SDPA",
-                  "heuristic"):
-        assert label in printed
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_device_prefix_len_is_graph_capturable():
-    q, k, v, _, tree_mask = make_case(8, 2, 64, 200, 4, torch.bfloat16, DEVICE)
+    q, k, v, _, tree_mask = tree_attention_inputs(8, 2, 64, 200, 4, torch.bfloat16, DEVICE)
     prefix = torch.tensor(100, device=DEVICE)
     tree_attention_triton(q, k, v, prefix, tree_mask)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -8,6 +8,7 @@ import torch
 import nanomedusa.medusa_generation as medusa_generation
 from kernels.speculative_sampling import speculative_accept_reference, speculative_accept_triton
 from nanomedusa.errors import NanoMedusaError
+from nanomedusa.decoder import Decoder
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
@@ -52,7 +53,7 @@ class OracleHeads:
     def __init__(self, model, prompt, continuation, num_heads=5, vocab=97):
         seq = torch.tensor([prompt + continuation], device=model.device)
         with torch.no_grad():
-            model.drop_cache()
+            model.kv_cache = None
             self.hidden = model.forward_hidden(seq)[0]  # [P+N, D], hidden at each position
         self.seq, self.vocab = seq[0].tolist(), vocab
         self.config = type("C", (), {"num_heads": num_heads})()
@@ -80,8 +81,8 @@ def test_greedy_medusa_equals_greedy(models, model_name, tree_name, heads_kind, 
     prompt = torch.randint(3, vocab, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
     heads = random_heads(model, seed) if heads_kind == "random" else MedusaHeads.from_base(model, num_heads=5).eval()
     tree = TreeBuffers.from_choices(TREES[tree_name])
-    expected = generate(model, prompt, max_new_tokens=30).tokens
-    got = generate_medusa(model, heads, tree, prompt, max_new_tokens=30)
+    expected = generate(Decoder(model), prompt, max_new_tokens=30).tokens
+    got = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=30)
     assert got.tokens == expected
 
 
@@ -89,10 +90,10 @@ def test_greedy_medusa_equals_greedy(models, model_name, tree_name, heads_kind, 
 def test_oracle_heads_accept_the_whole_depth(models, tree_name):
     model = models["mha"]
     prompt = [5, 17, 42, 8]
-    expected = generate(model, prompt, max_new_tokens=40).tokens
+    expected = generate(Decoder(model), prompt, max_new_tokens=40).tokens
     heads = OracleHeads(model, prompt, expected)
     tree = TreeBuffers.from_choices(TREES[tree_name])
-    got = generate_medusa(model, heads, tree, prompt, max_new_tokens=40)
+    got = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=40)
     assert got.tokens == expected
     # Every step accepts the full depth plus the bonus token, but the last may be cut by max_new_tokens.
     assert got.steps == math.ceil((40 - 1) / (tree.depth_max + 1))
@@ -102,24 +103,24 @@ def test_kv_cache_equals_plain_decoding(models):
     model = models["gqa"]
     prompt = [4, 9, 33, 12, 7]
     heads = random_heads(model, 1)
-    got = generate_medusa(model, heads, TreeBuffers.from_choices(TREES["small"]), prompt, max_new_tokens=25)
+    got = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES["small"]), prompt, max_new_tokens=25)
     n = len(prompt) + len(got.tokens) - 1  # slots holding the prompt and every emitted token but the last
-    medusa_cache = model.kv_cache[:, :, :, :, :n].clone()
+    medusa_cache = model.kv_cache.buffer[:, :, :, :, :n].clone()
     with torch.inference_mode():  # as generation runs: the cache it made (and this reuses) is an inference tensor
         model.setup_cache(64)
-        model.kv_cache.zero_()
+        model.kv_cache.buffer.zero_()
         model(torch.tensor([prompt + got.tokens[:-1]]), prefix_len=0)
-    assert torch.allclose(medusa_cache, model.kv_cache[:, :, :, :, :n], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(medusa_cache, model.kv_cache.buffer[:, :, :, :, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_stops_at_eos_like_plain_decoding(models):
     model = models["mha"]
     prompt = [3, 14, 15, 92]
-    plain = generate(model, prompt, max_new_tokens=30).tokens
+    plain = generate(Decoder(model), prompt, max_new_tokens=30).tokens
     eos = plain[11]  # a token the run produces mid-way
-    expected = generate(model, prompt, max_new_tokens=30, eos_ids=[eos]).tokens
+    expected = generate(Decoder(model), prompt, max_new_tokens=30, eos_ids=[eos]).tokens
     heads = OracleHeads(model, prompt, plain)
-    got = generate_medusa(model, heads, TreeBuffers.from_choices(chain(5)), prompt, max_new_tokens=30, eos_ids=[eos])
+    got = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(chain(5)), prompt, max_new_tokens=30, eos_ids=[eos])
     assert got.tokens == expected and got.tokens[-1] == eos
 
 
@@ -128,14 +129,14 @@ def test_tree_that_does_not_fit_is_a_clear_error(models):
     heads = MedusaHeads.from_base(model, num_heads=5)
     tree = TreeBuffers.from_choices(TREES["mc_sim_7b_63"])
     with pytest.raises(NanoMedusaError, match=r"tree \(\d+ nodes\) = \d+ exceeds the model's context of 256"):
-        generate_medusa(model, heads, tree, list(range(3, 60)), max_new_tokens=150)
+        generate_medusa(Decoder(model), heads, tree, list(range(3, 60)), max_new_tokens=150)
 
 
 def test_too_few_heads_for_the_tree_is_a_clear_error(models):
     model = models["mha"]
     heads = MedusaHeads.from_base(model, num_heads=2)
     with pytest.raises(NanoMedusaError, match="only 2 Medusa heads"):
-        generate_medusa(model, heads, TreeBuffers.from_choices(chain(3)), [5, 6], max_new_tokens=5)
+        generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(chain(3)), [5, 6], max_new_tokens=5)
 
 
 # --- speculative sampling -------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def three_token_law(model, prompt, sampling) -> dict:
     """The exact probability of every 3-token continuation under plain sampling (by enumeration), > 0 only."""
     with torch.no_grad():
         probs = {}
-        model.drop_cache()
+        model.kv_cache = None
         p1 = target_probs(model(torch.tensor([prompt], device=model.device))[0, -1], sampling)
         for a in range(6):
             p2 = target_probs(model(torch.tensor([prompt + [a]], device=model.device))[0, -1], sampling)
@@ -255,9 +256,9 @@ def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, one_thr
     for seed in range(n):
         gen = torch.Generator(device).manual_seed(seed)
         if decoder == "plain":
-            out = generate(model, prompt, max_new_tokens=3, sampling=sampling, generator=gen)
+            out = generate(Decoder(model), prompt, max_new_tokens=3, sampling=sampling, generator=gen)
         else:
-            out = generate_medusa(model, heads, tree, prompt, max_new_tokens=3, sampling=sampling, accept="sample",
+            out = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=3, sampling=sampling, accept="sample",
                                   generator=gen)
         counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
         accepted += out.steps == 1
@@ -278,12 +279,13 @@ def test_seeded_sampling_on_gpu_is_reproducible_and_graphs_change_nothing(tmp_pa
     heads = random_heads(model, 0)
     sampling = Sampling(temperature=0.7, top_k=20, top_p=0.9)
 
+    decoders = {True: Decoder(model), False: Decoder(model, cuda_graphs=False)}  # one each: graphs are replayed
+
     def run(seed, cuda_graphs=True, medusa=True):
-        gen = torch.Generator("cuda").manual_seed(seed)
+        gen, decoder = torch.Generator("cuda").manual_seed(seed), decoders[cuda_graphs]
         if medusa:
-            return generate_medusa(model, heads, tree, [5, 17, 42, 8], 40, sampling, accept="sample", generator=gen,
-                                   cuda_graphs=cuda_graphs).tokens
-        return generate(model, [5, 17, 42, 8], 40, sampling, generator=gen, cuda_graphs=cuda_graphs).tokens
+            return generate_medusa(decoder, heads, tree, [5, 17, 42, 8], 40, sampling, accept="sample", generator=gen).tokens
+        return generate(decoder, [5, 17, 42, 8], 40, sampling, generator=gen).tokens
 
     for medusa in (False, True):
         first = run(1, medusa=medusa)
@@ -319,7 +321,7 @@ def test_typical_acceptance_rule_on_hand_made_distributions():
 def test_typical_acceptance_runs_end_to_end(models):
     model = models["mha"]
     heads = MedusaHeads.from_base(model, num_heads=3).eval()
-    out = generate_medusa(model, heads, TreeBuffers.from_choices(TREES["small"]), [5, 6, 7], max_new_tokens=20,
+    out = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES["small"]), [5, 6, 7], max_new_tokens=20,
                           sampling=Sampling(temperature=0.7), accept="typical",
                           generator=torch.Generator().manual_seed(0))
     assert len(out.tokens) == 20 and out.mean_accepted >= 1.0
@@ -331,9 +333,9 @@ def test_typical_acceptance_takes_root_and_bonus_greedily(models):
     # only its bonus token, so the output is plain greedy decoding's whatever the seed.
     model = models["mha"]
     heads = MedusaHeads.from_base(model, num_heads=3).eval()
-    expected = generate(model, [5, 6, 7], max_new_tokens=12).tokens
+    expected = generate(Decoder(model), [5, 6, 7], max_new_tokens=12).tokens
     for seed in range(3):
-        out = generate_medusa(model, heads, TreeBuffers.from_choices(TREES["small"]), [5, 6, 7], max_new_tokens=12,
+        out = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES["small"]), [5, 6, 7], max_new_tokens=12,
                               sampling=Sampling(temperature=1.5), accept="typical", posterior_threshold=2.0,
                               posterior_alpha=1e9, generator=torch.Generator().manual_seed(seed))
         assert out.tokens == expected and out.mean_accepted == 1.0
@@ -347,12 +349,13 @@ def test_graphed_medusa_step_on_gpu_equals_greedy(tmp_path, tree_name):
     make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
     model = load_model(tmp_path, device="cuda", dtype="float32")[0]
     tree = TreeBuffers.from_choices(TREES[tree_name])
+    decoder = Decoder(model)
     for seed, prompt in enumerate(([5, 17, 42, 8], list(range(3, 40)))):
-        expected = generate(model, prompt, max_new_tokens=60).tokens
+        expected = generate(decoder, prompt, max_new_tokens=60).tokens
         heads = random_heads(model, seed) if seed else MedusaHeads.from_base(model, num_heads=5).eval()
-        assert generate_medusa(model, heads, tree, prompt, max_new_tokens=60).tokens == expected
+        assert generate_medusa(decoder, heads, tree, prompt, max_new_tokens=60).tokens == expected
         oracle = OracleHeads(model, prompt, expected)
-        got = generate_medusa(model, oracle, tree, prompt, max_new_tokens=60, cuda_graphs=False)
+        got = generate_medusa(Decoder(model, cuda_graphs=False), oracle, tree, prompt, max_new_tokens=60)
         assert got.tokens == expected
 
 
@@ -370,10 +373,10 @@ def test_triton_kernels_give_the_same_medusa_output(tmp_path, tree_name):
     heads = MedusaHeads.from_base(model, num_heads=5).eval()
     try:
         kernels.set_backend("torch")
-        expected = generate(model, prompt, max_new_tokens=12).tokens
+        expected = generate(Decoder(model), prompt, max_new_tokens=12).tokens
         kernels.set_backend("triton")
-        got = generate_medusa(model, heads, TreeBuffers.from_choices(TREES[tree_name]), prompt, max_new_tokens=12)
-        plain = generate(model, prompt, max_new_tokens=12).tokens
+        got = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES[tree_name]), prompt, max_new_tokens=12)
+        plain = generate(Decoder(model), prompt, max_new_tokens=12).tokens
     finally:
         kernels.set_backend("auto")
     assert got.tokens == expected and plain == expected

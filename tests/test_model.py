@@ -53,11 +53,12 @@ def test_cached_decode_equals_full_forward(checkpoint):
         pieces = [ours(tokens[:, :7], prefix_len=0)]  # prefill 7, then one token at a time
         for t in range(7, 19):
             pieces.append(ours(tokens[:, t:t + 1], prefix_len=t))
-        ours.drop_cache()
+        ours.kv_cache = None
     assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-5
 
 
 def test_greedy_generation_matches_transformers(checkpoint):
+    from nanomedusa.decoder import Decoder
     from nanomedusa.generation import generate
 
     _, _, ref, ours = checkpoint
@@ -65,7 +66,7 @@ def test_greedy_generation_matches_transformers(checkpoint):
     with torch.no_grad():
         expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    result = generate(ours, prompt, max_new_tokens=24, eos_ids=[])
+    result = generate(Decoder(ours), prompt, max_new_tokens=24, eos_ids=[])
     assert result.tokens == expected
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from nanomedusa.adapter import apply_adapter, has_adapter
+from nanomedusa.decoder import Decoder
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
@@ -55,8 +56,8 @@ def test_shipped_heads_give_plain_greedy_text(default_checkpoint, heads_dir):
     accepted = []
     for prompt in PROMPTS:
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        plain = generate(model, ids, NEW_TOKENS, eos_ids=tokenizer.eos_ids)
-        medusa = generate_medusa(model, heads, tree, ids, NEW_TOKENS, eos_ids=tokenizer.eos_ids)
+        plain = generate(Decoder(model), ids, NEW_TOKENS, eos_ids=tokenizer.eos_ids)
+        medusa = generate_medusa(Decoder(model), heads, tree, ids, NEW_TOKENS, eos_ids=tokenizer.eos_ids)
         assert medusa.tokens == plain.tokens
         accepted.append(medusa.mean_accepted)
     assert max(accepted) > 1.3  # the heads do guess: steps accept more than the bonus token

@@ -184,7 +184,7 @@ def test_warmup_keeps_backbone_and_saves_loadable_heads(warmed):
     loaded = MedusaHeads.load(trainer.out / "heads", model.config, "cpu", torch.float32)
     hidden = torch.randn(5, model.config.dim)
     with torch.no_grad():
-        assert torch.allclose(loaded(hidden, model.output.weight), trainer.module.heads(hidden, model.output.weight), atol=1e-6)
+        assert torch.allclose(loaded(hidden, model.lm_head.weight), trainer.module.heads(hidden, model.lm_head.weight), atol=1e-6)
 
 
 def test_hidden_cache_serves_later_epochs(setup, warmed, tmp_path):

@@ -126,7 +126,7 @@ def save_model_dir(model_state: dict[str, torch.Tensor], ckpt_dir: Path, out: Pa
 
     config = ModelConfig.from_json(ckpt_dir / "config.json")
     if config.tie_word_embeddings:
-        model_state.setdefault("output.weight", model_state["tok_embeddings.weight"])
+        model_state.setdefault("lm_head.weight", model_state["tok_embeddings.weight"])
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(model_state, assign=True)

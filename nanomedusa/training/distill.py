@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NanoMedusaError
+from ..decoder import Decoder
 from ..generation import generate, generate_batch
 from ..loading import load_model
 from ..sampling import Sampling
@@ -81,6 +82,7 @@ def distill(cfg: DistillConfig) -> int:
     if not todo:
         return 0
     model, ckpt_dir = load_model(cfg.model, cfg.device, cfg.dtype)
+    decoder = Decoder(model)  # one for the run: its CUDA graphs serve every prompt
     tokenizer = Tokenizer.from_dir(ckpt_dir)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
     context = model.config.max_position_embeddings
@@ -100,7 +102,7 @@ def distill(cfg: DistillConfig) -> int:
         bar.update(skipped)
         bar.set_postfix(written=written, skipped=skipped)
         for batch in batches(jobs, cfg.batch_size if sampling.greedy else 1):
-            for job, tokens in zip(batch, answer(model, batch, sampling, tokenizer.eos_ids, cfg.seed)):
+            for job, tokens in zip(batch, answer(decoder, batch, sampling, tokenizer.eos_ids, cfg.seed)):
                 if tokens and tokens[-1] in tokenizer.eos_ids:
                     tokens = tokens[:-1]
                 else:  # cut at max_new_tokens: how often this happens is how to judge the cap
@@ -135,14 +137,14 @@ def batches(jobs: list[Job], size: int):
         yield batch
 
 
-def answer(model, batch: list[Job], sampling: Sampling, eos_ids: list[int], seed: int) -> list[list[int]]:
+def answer(decoder: Decoder, batch: list[Job], sampling: Sampling, eos_ids: list[int], seed: int) -> list[list[int]]:
     """The generated tokens of each job (ending with eos where the model stopped)."""
     if len(batch) > 1:
-        return generate_batch(model, [job.prompt_ids for job in batch], batch[0].max_new_tokens, sampling, eos_ids=eos_ids)
+        return generate_batch(decoder.model, [job.prompt_ids for job in batch], batch[0].max_new_tokens, sampling, eos_ids=eos_ids)
     job, generator = batch[0], None
     if not sampling.greedy:
-        generator = torch.Generator(model.device).manual_seed(seed * 1_000_003 + zlib.crc32(job.id.encode()))
-    return [generate(model, job.prompt_ids, job.max_new_tokens, sampling, eos_ids=eos_ids, generator=generator).tokens]
+        generator = torch.Generator(decoder.device).manual_seed(seed * 1_000_003 + zlib.crc32(job.id.encode()))
+    return [generate(decoder, job.prompt_ids, job.max_new_tokens, sampling, eos_ids=eos_ids, generator=generator).tokens]
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

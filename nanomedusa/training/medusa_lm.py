@@ -26,6 +26,6 @@ class MedusaLM(nn.Module):
         if hidden is None:
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
                 hidden = self.model.forward_hidden(tokens)  # [B, T, dim]
-        head_logits = self.heads(hidden[head_mask], self.model.output.weight)  # [K, N, V]
-        lm_logits = None if lm_mask is None else self.model.lm_head(hidden[lm_mask])  # [M, V]
+        head_logits = self.heads(hidden[head_mask], self.model.lm_head.weight)  # [K, N, V]
+        lm_logits = None if lm_mask is None else self.model.logits(hidden[lm_mask])  # [M, V]
         return head_logits, lm_logits

@@ -1,37 +1,26 @@
-"""Benchmark of the small kernels (RMSNorm, acceptance, Medusa top-k, KV compaction) against their
-references.
+"""Correctness checks of the kernels against their torch references, shared by the tests and the benchmarks
+(as `triton.testing` is Triton's): the tests run them at tiny sizes, on CPU under Triton's interpreter;
+the benchmarks (bench/) run them at the sizes they time, so that only a kernel that passed there is timed.
 
-    python -m kernels.bench_small_kernels      # on a CUDA machine
-
-Each benchmark first checks the kernel against its torch reference at that size, with every
-`torch.empty` poisoned so that an element the kernel forgot to write fails the check, then times
-both as a graphed decode step pays for them: CALLS_PER_GRAPH calls captured in one CUDA graph,
-replayed back to back between CUDA events (median of samples, divided by the calls), so neither
-Python nor the launch path is in the numbers (eager timing of a 5 us kernel measures mostly launch
-overhead). The calls reuse one input set, so inputs smaller than the 50 MB L2 are read from it.
-RMSNorm and the Medusa heads are memory-bound, so their rows also give GB/s and its share of a
-measured device-to-device copy.
-
-The `check_*` helpers and input builders are shared with the tests, which run them at tiny sizes
-under the Triton interpreter on CPU.
+Each `check_*` runs a Triton kernel with every `torch.empty` poisoned (`poisoned_empty`), so that an element
+the kernel forgot to write fails the comparison, and compares it with its reference: floating-point outputs
+within TOLERANCE, integer outputs and copies exactly. The `*_inputs` builders make random inputs of a given
+size. Like the rest of `kernels/`, nothing here imports the application.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
-import statistics
 
 import torch
-from triton.testing import do_bench
 
-from kernels.acceptance import accept_candidates_reference, accept_candidates_triton
-from kernels.bench_tree_attention import capture_graph, time_replays
-from kernels.kv_compaction import compact_kv_reference, compact_kv_triton
-from kernels.medusa_heads import medusa_heads_reference, medusa_topk_reference, medusa_topk_triton
-from kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton
+from .acceptance import accept_candidates_reference, accept_candidates_triton
+from .kv_compaction import compact_kv_reference, compact_kv_triton
+from .medusa_heads import medusa_heads_reference, medusa_topk_triton
+from .rmsnorm import rmsnorm_reference, rmsnorm_triton
 
-CALLS_PER_GRAPH = 20  # calls captured in one timed CUDA graph
 # (rtol, atol) for comparing a kernel's floating-point output with its reference.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 POISON_INT = -7777
@@ -39,21 +28,29 @@ POISON_INT = -7777
 
 @contextlib.contextmanager
 def poisoned_empty():
-    """Inside the block, torch.empty fills what it returns with NaN (or POISON_INT for integers)."""
-    real_empty = torch.empty
+    """Inside the block, torch.empty and torch.empty_like fill what they return with NaN (or POISON_INT for
+    integers), so that an output element a kernel never writes shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
 
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
+    def poison(t: torch.Tensor) -> torch.Tensor:
         return t.fill_(float("nan") if t.is_floating_point() else POISON_INT)
 
-    torch.empty = empty
+    torch.empty = lambda *args, **kwargs: poison(real_empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs))
     try:
         yield
     finally:
-        torch.empty = real_empty
+        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
-# ----------------------------------------------------------------------------------------- RMSNorm
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64; inf when `out` holds a NaN (an element never written, where
+    outputs start poisoned)."""
+    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    return math.inf if math.isnan(err) else err
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
 
 def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None):
     """rmsnorm_triton == rmsnorm_reference on random x of `shape` [..., D] (out within TOLERANCE, h
@@ -73,7 +70,7 @@ def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None):
     return x, weight, res
 
 
-# -------------------------------------------------------------------------------------- Acceptance
+# --------------------------------------------------------------------------------------- Acceptance
 
 def random_parents(num_nodes: int, max_depth: int, rng: random.Random) -> list[int]:
     """A random tree in topological order: node j > 0 hangs under an earlier node above max_depth."""
@@ -127,7 +124,7 @@ def check_acceptance(logits, tokens, retrieve, mode, temperature=1.0, eps=0.09, 
     return got
 
 
-# ------------------------------------------------------------------------------------ Medusa heads
+# ------------------------------------------------------------------------------------- Medusa heads
 
 def medusa_inputs(K, L, N, D, V, shared, dtype, device):
     """Random hidden [N, D] and head weights scaled like a trained model's (logits of order 1)."""
@@ -168,7 +165,7 @@ def check_medusa(K, L, N, D, V, shared, topk, dtype, device):
     return inputs
 
 
-# ---------------------------------------------------------------------------------- KV compaction
+# ------------------------------------------------------------------------------------ KV compaction
 
 def check_compaction(kv, prefix_len, accepted, prefix_as_tensor=False):
     """compact_kv_triton == compact_kv_reference bit for bit (copies are exact), on kv in place:
@@ -179,80 +176,15 @@ def check_compaction(kv, prefix_len, accepted, prefix_as_tensor=False):
     assert torch.equal(kv, expected), "compact_kv_triton differs from its reference"
 
 
-# -------------------------------------------------------------------------------------- benchmarks
+# ----------------------------------------------------------------------------------- Tree attention
 
-def _default_tree(device):
-    """(parents, retrieve_indices) of the default 63-node Medusa tree, or of a random tree of that
-    size where nanomedusa.tree is missing."""
-    try:
-        from nanomedusa.tree import PRESETS, TreeBuffers
-
-        tree = TreeBuffers.from_choices(PRESETS["mc_sim_7b_63"])
-        return tree.parents.tolist(), tree.retrieve_indices.to(device)
-    except ImportError:
-        parents = random_parents(64, 5, random.Random(0))
-        return parents, retrieve_from_parents(parents).to(device)
-
-
-def graph_us(fn) -> float:
-    """Microseconds per call of fn: CALLS_PER_GRAPH calls in one CUDA graph, replayed back to back."""
-    graph, _ = capture_graph(lambda: [fn() for _ in range(CALLS_PER_GRAPH)])
-    samples_ms = time_replays(graph.replay, rep_ms=200, n_samples=10, warmup_ms=50)
-    return 1e3 * statistics.median(samples_ms) / CALLS_PER_GRAPH
-
-
-def main() -> None:
-    assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
-    dev = "cuda"
-    torch.manual_seed(0)
-
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
-    del src, dst
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s")
-    print(f"times: {CALLS_PER_GRAPH} calls in one CUDA graph, median replay / {CALLS_PER_GRAPH}")
-    print("GB/s counts the bytes that must move: RMSNorm reads x, residual, weight and writes out, h;")
-    print("the Medusa heads read their weights (the hidden state and outputs are negligible).\n")
-    print(f"{'op':<10} {'shape':<38} {'triton us':>10} {'torch us':>10} {'speedup':>8} {'GB/s':>7} {'% copy':>7}")
-
-    def row(op, shape, ours_fn, ref_fn, nbytes=None):
-        ours, ref = graph_us(ours_fn), graph_us(ref_fn)
-        bw = f"{nbytes / ours / 1e3:7.0f} {100 * nbytes / ours / 1e3 / copy_gbs:6.0f}%" if nbytes else ""
-        print(f"{op:<10} {shape:<38} {ours:10.1f} {ref:10.1f} {ref / ours:7.2f}x {bw}")
-
-    for D in (4096, 576):
-        for rows in (1, 64, 4096):
-            x, w, r = check_rmsnorm((rows, D), torch.bfloat16, dev)
-            nbytes = (4 * rows * D + D) * 2  # read x, residual, weight; write out, h
-            row("rmsnorm", f"rows={rows} D={D} bf16 +residual", lambda: rmsnorm_triton(x, w, 1e-5, r),
-                lambda: rmsnorm_reference(x, w, 1e-5, r), nbytes)
-
-    parents, retrieve = _default_tree(dev)
-    for V in (32000, 49152):
-        logits, tokens = acceptance_inputs(parents, V, torch.bfloat16, dev)
-        for mode in ("greedy", "typical"):
-            check_acceptance(logits, tokens, retrieve, mode)
-            args = (logits, tokens, retrieve, mode)
-            row("accept", f"T={len(parents)} P={retrieve.shape[0]} V={V} {mode}",
-                lambda: accept_candidates_triton(*args), lambda: accept_candidates_reference(*args))
-
-    for K in (4, 5):
-        for D, V, shared in ((4096, 32000, False), (4096, 32000, True), (576, 49152, True)):
-            inputs = check_medusa(K, 1, 1, D, V, shared, 10, torch.bfloat16, dev)
-            nbytes = 2 * (K * (D * D + D) + (1 if shared else K) * V * D)  # weights dominate
-            row("medusa", f"K={K} D={D} V={V} {'shared' if shared else 'per-head'} top10",
-                lambda: medusa_topk_triton(*inputs, 10), lambda: medusa_topk_reference(*inputs, 10), nbytes)
-
-    # KV compaction after a step that accepted 4 of a 64-node tree's nodes: every layer's K and V rows
-    # of those nodes move to the slots after the prefix (the 7B shape: 32 layers x 32 KV heads x 128).
-    accepted = torch.tensor([0, 3, 17, 40], device=dev)
-    for name, (L, Hkv, D) in {"7B MHA": (32, 32, 128), "SmolLM2": (30, 3, 64)}.items():
-        kv = torch.randn(L, 2, 1, Hkv, 1024 + 64, D, dtype=torch.bfloat16, device=dev)
-        check_compaction(kv, 1024, accepted)
-        row("compact", f"{name} L={L} Hkv={Hkv} D={D} prefix=1024 A=4",
-            lambda: compact_kv_triton(kv, 1024, accepted), lambda: compact_kv_reference(kv, 1024, accepted))
-
-
-if __name__ == "__main__":
-    main()
+def tree_attention_inputs(n_heads: int, n_kv_heads: int, head_dim: int, prefix_len: int, T: int,
+                          dtype: torch.dtype, device: str | torch.device, batch: int = 1):
+    """Random q [B, Hq, T, D], caches [B, Hkv, prefix+T, D] and a causal tree mask [T, T]; returns
+    (q, k_cache, v_cache, prefix_len, tree_mask), the arguments of the tree-attention ops in order."""
+    S = prefix_len + T
+    q = torch.randn(batch, n_heads, T, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device)
+    tree_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return q, k, v, prefix_len, tree_mask

@@ -1,9 +1,8 @@
 """Benchmark of the tree-attention kernel against the torch reference and PyTorch SDPA, timed as a
 decode step pays for it: every layer's call in one CUDA graph, every layer reading its own cache.
 
-    python -m kernels.bench_tree_attention [--quick] [--out FILE.json]     # on a CUDA machine
-    TRITON_INTERPRET=1 python -m kernels.bench_tree_attention --smoke      # without a GPU: untimed
-    (Triton 3.6's interpreter needs numpy < 2.4 there; the tests patch it, see tests/conftest.py)
+    python -m bench.tree_attention [--quick] [--out FILE.json]     # on a CUDA machine
+    TRITON_INTERPRET=1 python -m bench.tree_attention --smoke      # without a GPU: untimed
 
 Shapes: attention layers like Llama-2-7B (32 layers; 32 query heads, GQA 32/8 and MHA 32/32,
 head_dim 128, 2048 cached tokens) and like SmolLM2-135M (30 layers; 9/3 heads, head_dim 64, 512 cached
@@ -20,21 +19,17 @@ Method, in order:
   1. Correctness: every implementation on fresh random bf16 inputs of each case against the reference
      computed in float64: max |out - ref| / max |ref| <= MAX_REL_ERROR. (This also compiles the
      Triton kernels, so compilation never lands in a capture or a timing.)
-  2. Copy bandwidth: a 1 GiB device-to-device copy, read + write counted (triton.testing.do_bench).
+  2. Copy bandwidth: a 1 GiB device-to-device copy, read + write counted (bench/timer.py).
   3. Per case and implementation: one input set (q, K cache, V cache) per layer of the model, so that
      each call reads its cache from HBM as in a real forward, where the weights and other layers
-     stream through the 50 MB L2 between two visits of one layer. When a model's caches together
+     stream through the L2 between two visits of one layer. When a model's caches together
      are smaller than WORKING_SET_L2 x the L2 (SmolLM2), the sets are repeated as further passes of
      distinct buffers until they are not. One warm-up pass outside the capture on a side stream (the
      allocator fills its pool), then a CUDA graph records one call per set, in order. Its outputs are
      poisoned with NaN, the graph replayed once, and the first and last outputs checked against the
      float64 reference again (a graph that skipped a call or computed garbage fails here).
-  4. Timing: CUDA events around many back-to-back replays (median over samples; each sample several
-     replays), divided by the calls per graph = time per layer. Back-to-back, because the host
-     enqueues replays far faster than the GPU runs them, so neither Python nor Triton's launch path
-     is measured, only what the GPU spends, launch gaps between graph nodes included (a real
-     graphed decode step pays those too). Not triton's do_bench: it zeroes a 256 MB buffer before
-     every run, which leaves the L2 full of dirty lines whose write-back the next run would pay.
+  4. Timing: bench/timer.py's CUDA events around back-to-back replays (median over samples; each
+     sample several replays), divided by the calls per graph = time per layer.
 The table gives time per layer, the bytes one call must move (K/V read + q read + out written), the
 achieved GB/s, and that as a share of the copy bandwidth. --out writes every number (all samples,
 the spread, every split) as JSON; the exit code is 1 when any check failed or any row errored.
@@ -46,9 +41,7 @@ input sets, every implementation, checks, table, sweep and JSON are the code the
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
 import os
 import statistics
@@ -59,9 +52,13 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 
-from .tree_attention import split_heuristic, tree_attention_reference, tree_attention_triton
+from kernels.testing import rel_error, tree_attention_inputs
+from kernels.tree_attention import split_heuristic, tree_attention_reference, tree_attention_triton
+from nanomedusa.cli import ArgumentParser
+
+from .report import save
+from .timer import capture_graph, copy_bandwidth, time_ms
 
 
 @dataclass(frozen=True)
@@ -91,17 +88,6 @@ REPS = {"full": (100.0, 20, 25.0), "quick": (20.0, 8, 10.0)}
 SMOKE_SHAPE = Shape("tiny 4/2", 4, 2, 16, 9, 2)
 SMOKE_NEW_TOKENS = (1, 3)
 SMOKE_MAX_REL_ERROR = 1e-5  # float32 inputs
-
-
-def make_case(n_heads: int, n_kv_heads: int, head_dim: int, prefix_len: int, T: int,
-              dtype: torch.dtype, device: str | torch.device, batch: int = 1):
-    """Random q [B, Hq, T, D], caches [B, Hkv, prefix+T, D] and a causal tree mask [T, T]."""
-    S = prefix_len + T
-    q = torch.randn(batch, n_heads, T, head_dim, dtype=dtype, device=device)
-    k = torch.randn(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device)
-    v = torch.randn(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device)
-    tree_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return q, k, v, prefix_len, tree_mask
 
 
 def dense_mask(prefix_len: int, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
@@ -138,8 +124,8 @@ def layer_inputs(q, k_caches, v_caches, prefix_len: int, tree_mask) -> LayerInpu
 
 def make_layer_inputs(shape: Shape, T: int, n_sets: int, dtype: torch.dtype, device) -> LayerInputs:
     """n_sets random input sets of `shape` with T new tokens (see LayerInputs)."""
-    sets = [make_case(shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.prefix_len, T, dtype, device)
-            for _ in range(n_sets)]
+    sets = [tree_attention_inputs(shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.prefix_len, T, dtype,
+                                  device) for _ in range(n_sets)]
     q, k, v, prefix_len, tree_mask = zip(*sets)
     return layer_inputs(q, k, v, prefix_len[0], tree_mask[0])
 
@@ -192,19 +178,18 @@ def reference(x: LayerInputs, i: int) -> torch.Tensor:
                                     x.tree_mask)
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """max |out - ref| / max |ref|; inf for NaN (or a wrong shape or dtype)."""
+def checked_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """`rel_error` of an output that must have the reference's shape and the inputs' dtype."""
     if out.shape != ref.shape or out.dtype != dtype:
         raise AssertionError(f"output {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(ref.shape)}")
-    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-    return math.inf if math.isnan(err) else err
+    return rel_error(out, ref)
 
 
 def max_rel_errors(q, k_cache, v_cache, prefix_len, tree_mask) -> dict[str, float]:
     """max |out - ref| / max |ref| for every implementation, ref = the reference computed in float64."""
     x = layer_inputs([q], [k_cache], [v_cache], prefix_len, tree_mask)
     ref = reference(x, 0)
-    return {name: rel_error(fn(x, 0), ref, q.dtype) for name, fn in IMPLEMENTATIONS.items()}
+    return {name: checked_error(fn(x, 0), ref, q.dtype) for name, fn in IMPLEMENTATIONS.items()}
 
 
 def check_pass(outs: list[torch.Tensor], x: LayerInputs) -> float:
@@ -214,7 +199,7 @@ def check_pass(outs: list[torch.Tensor], x: LayerInputs) -> float:
         raise AssertionError(f"the pass returned {len(outs)} outputs for {x.n_sets} input sets")
     if torch.stack([o.isnan().any() for o in outs]).any().item():
         return math.inf
-    return max(rel_error(outs[i], reference(x, i), x.q[i].dtype) for i in {0, x.n_sets - 1})
+    return max(checked_error(outs[i], reference(x, i), x.q[i].dtype) for i in {0, x.n_sets - 1})
 
 
 def layer_pass(fn: Callable[[LayerInputs, int], torch.Tensor], x: LayerInputs) -> Callable[[], list]:
@@ -234,53 +219,6 @@ def measure_untimed(run_pass: Callable[[], list], x: LayerInputs, **_) -> Measur
     return Measurement(check_pass(run_pass(), x), [])
 
 
-def capture_graph(run_pass: Callable[[], list]) -> tuple[torch.cuda.CUDAGraph, list]:
-    """Warm up outside the capture on a side stream (as the torch docs ask: the caching allocator and
-    any lazy initialisation settle there), then record one pass; returns the graph and its outputs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run_pass()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream_before = torch.cuda.current_stream()
-    try:
-        with torch.cuda.graph(graph):
-            outs = run_pass()
-    finally:  # a capture that fails can leave its capture stream current: later rows must not run there
-        torch.cuda.set_stream(stream_before)
-    torch.cuda.synchronize()
-    return graph, outs
-
-
-def time_replays(replay: Callable[[], None], rep_ms: float, n_samples: int, warmup_ms: float) -> list[float]:
-    """ms per replay, one per sample of back-to-back replays between two CUDA events."""
-    replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        replay()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
-    per_sample = max(1, round(rep_ms / n_samples / estimate_ms))
-    # Warm-up replays raise the clocks and put the host ahead of the GPU: from here on the GPU never
-    # waits for a launch, and no sample's events enclose host time.
-    for _ in range(max(1, math.ceil(warmup_ms / estimate_ms))):
-        replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(n_samples)]
-    for start, end in events:
-        start.record()
-        for _ in range(per_sample):
-            replay()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) / per_sample for start, end in events]
-
-
 def measure_graph(run_pass: Callable[[], list], x: LayerInputs, *, rep_ms: float, n_samples: int,
                   warmup_ms: float) -> Measurement:
     """Capture one pass as a CUDA graph, check a replay on poisoned outputs, time the replays."""
@@ -290,20 +228,13 @@ def measure_graph(run_pass: Callable[[], list], x: LayerInputs, *, rep_ms: float
             out.fill_(float("nan"))
         graph.replay()
         check = check_pass(outs, x)
-        return Measurement(check, time_replays(graph.replay, rep_ms, n_samples, warmup_ms))
+        samples_ms = time_ms(graph.replay, x.q[0].device, samples=n_samples, rep_ms=rep_ms, warmup_ms=warmup_ms)
+        return Measurement(check, samples_ms)
     finally:
         del graph, outs
 
 
 # -------------------------------------------------------------------------------------- the run
-
-def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
-    """GB/s of y.copy_(x) for two ~1 GB device buffers (read + write counted)."""
-    x = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
-    return 2 * n_bytes / ms / 1e6
-
 
 def _quantile(values: list[float], q: float) -> float:
     values = sorted(values)
@@ -395,7 +326,7 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
     if timed:
         props = torch.cuda.get_device_properties(device)
         l2_bytes = getattr(props, "L2_cache_size", 0) or 64 << 20
-        copy_gbs = copy_bandwidth_gbs()
+        copy_gbs = copy_bandwidth(device) / 1e9
         results.update(device=torch.cuda.get_device_name(device), sm_count=props.multi_processor_count,
                        l2_bytes=l2_bytes, copy_gbs=copy_gbs)
         log(f"{results['device']}: device-to-device copy {copy_gbs:.0f} GB/s (read + write), "
@@ -406,8 +337,8 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
     log(f"max relative error vs the float64 reference ({str(dtype).removeprefix('torch.')} inputs):")
     for shape, T in cases:
         try:
-            errors = max_rel_errors(*make_case(shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.prefix_len,
-                                               T, dtype, device))
+            errors = max_rel_errors(*tree_attention_inputs(shape.n_heads, shape.n_kv_heads, shape.head_dim,
+                                                           shape.prefix_len, T, dtype, device))
         except Exception as exc:  # noqa: BLE001 - report, go on with the other cases
             results["failures"].append(f"check {shape.name} T={T}: {exc!r}")
             log(f"  {shape.name:13s} T={T:<3d} ERROR {exc!r}")
@@ -472,25 +403,6 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
         log(line)
 
 
-def _json_safe(value):
-    """JSON has no inf/NaN: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(results: dict, path: str) -> None:
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_json_safe(results), f, indent=1)
-        f.write("\n")
-
-
 def new_results(mode: str, **settings) -> dict:
     return {"benchmark": "tree_attention", "mode": mode, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "settings": settings,
@@ -513,7 +425,7 @@ def smoke(device: str | torch.device = "cpu", log: Callable[[str], None] = print
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="also write every number to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer timed replays (about a quarter of the GPU time)")
     p.add_argument("--smoke", action="store_true",
@@ -528,18 +440,18 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("the smoke run on CPU needs Triton's interpreter: "
-                             "TRITON_INTERPRET=1 python -m kernels.bench_tree_attention --smoke")
+                             "TRITON_INTERPRET=1 python -m bench.tree_attention --smoke")
         torch.manual_seed(0)
         results = {}
         try:
             smoke(device, log, results)
         finally:
             if args.out:
-                write_json(results, args.out)
+                save(results, args.out)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("the tree-attention benchmark needs a CUDA GPU; run it on the GPU machine "
-                             "(without one: TRITON_INTERPRET=1 python -m kernels.bench_tree_attention --smoke).")
+                             "(without one: TRITON_INTERPRET=1 python -m bench.tree_attention --smoke).")
         rep_ms, n_samples, warmup_ms = REPS["quick" if args.quick else "full"]
         results = new_results("quick" if args.quick else "full", rep_ms=rep_ms, n_samples=n_samples,
                               warmup_ms=warmup_ms, working_set_l2=WORKING_SET_L2, splits=list(SPLITS),
@@ -552,7 +464,7 @@ def main(argv=None) -> int:
                               log=log)
         finally:
             if args.out:
-                write_json(results, args.out)
+                save(results, args.out)
     failures = results.get("failures", [])
     if failures:
         log(f"\n{len(failures)} failure(s):\n  " + "\n  ".join(failures))

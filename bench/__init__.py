@@ -1,0 +1,31 @@
+"""The benchmarks: every number this project reports, the scripts that measure them, and their results.
+
+Run from the repository root (bench/ is a tool of the repository, not part of the installed package):
+
+    python -m bench.decode             end-to-end decoding on a prompt set: our plain decoding, Medusa with each
+                                       --heads and --tree, transformers' `generate`; with flags also the step
+                                       time against tree size (--tree-sizes), sampling (--sampling) and the
+                                       7B-shaped step times (on unless --skip-7b)
+    python -m bench.tree_attention     the tree-attention kernel against the torch reference and SDPA, per
+                                       layer of 7B and SmolLM2 shapes (--smoke: untimed, on CPU too)
+    python -m bench.small_kernels      RMSNorm, acceptance, Medusa top-k and KV compaction against their
+                                       references
+    python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
+                                       follow-up turn
+    bash bench/gpu_run.sh STAGE        every GPU number we report, one stage per call (the kernels, the
+                                       training stages, the tree-size sweep, the end-to-end benchmark)
+
+The modules, one job each:
+
+    timer.py           the one timer every benchmark uses (median of CUDA-graph replays; why it measures so)
+    report.py          progress lines, markdown tables, the run's metadata, the JSON results file
+    prompts.py         prompt sets: reading one, decoding it with one method, the totals
+    checkpoints.py     the --heads checkpoints, the backbone each goes with, their trees
+    decode.py          the end-to-end benchmark and the command line of all its parts
+    steps.py           its step-time parts: the tree-size sweep and the 7B-shaped steps
+    sampling.py        its sampling part
+    tree_attention.py, small_kernels.py   the kernel benchmarks (their checks: kernels/testing.py)
+
+Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, tree_attention.json,
+bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
+"""

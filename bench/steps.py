@@ -1,0 +1,193 @@
+"""Step times, the two parts of the decoding benchmark (bench/decode.py) that time one decoding step:
+
+  sizes  (--tree-sizes) the mean Medusa step time of the first --heads on its real backbone against the
+         tree's node count, each size's tree built from the heads' measured rank accuracies, written to
+         --step-times for `python -m nanomedusa.tree_tuning --step-times`, which sizes trees to the hardware;
+  7b     a randomly initialised Llama-7B-shaped model: the 1-token decode step and the tree-verification
+         steps (CUDA graphs, bench/timer.py), the memory-bandwidth floor of a step, and the Medusa speedup
+         projected from the acceptance the medusa part measured.
+
+The 7B projection times only the verification forward (the heads, acceptance and KV compaction add a
+little) and borrows the acceptance of heads trained for the small model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from nanomedusa.config import ModelConfig
+from nanomedusa.cuda_graphs import GraphedStep
+from nanomedusa.decoder import Decoder
+from nanomedusa.generation import GenerationResult, generate
+from nanomedusa.medusa_generation import generate_medusa
+from nanomedusa.model import Transformer
+from nanomedusa.tree import PRESETS, TreeBuffers, tree_from_head_accuracies
+
+from .checkpoints import first_heads, free_memory, tree_key
+from .prompts import chat_prompts, measure
+from .report import device_name, print_table, save, say
+from .timer import copy_bandwidth, time_ms
+
+# Tree steps timed on the 7B shape besides the trees of the medusa part: the reference's default
+# 63-path tree (T = 64 nodes) and its first 15 paths (T = 16), a small tree.
+STEP_TREES = {"mc_sim_7b_63": PRESETS["mc_sim_7b_63"], "mc_sim_7b_63[:15]": PRESETS["mc_sim_7b_63"][:15]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step time against tree size (for sizing trees to the hardware)
+
+
+def rank_accuracy(heads_dir: Path, num_heads: int) -> list[list[float]]:
+    """The heads' measured rank accuracies (tree_tuning.py --write stores them), else a generic decay."""
+    stored = json.loads((heads_dir / "config.json").read_text()).get("rank_accuracy")
+    return stored or [[0.6 ** (k + 1) * 0.5 ** i for i in range(10)] for k in range(num_heads)]
+
+
+@torch.inference_mode()
+def bench_tree_sizes(args, device, dtype) -> dict:
+    """Mean decoding-step time of plain decoding and of Medusa with trees of each --tree-sizes node
+    count (the whole step: forward, acceptance, compaction, next guesses), over the first prompts."""
+    spec, model, heads, tokenizer = first_heads(args, device, dtype, "--tree-sizes times the steps of Medusa heads")
+    prompts = chat_prompts(tokenizer, args.prompts, args.num_prompts or 4)
+    acc = rank_accuracy(spec.heads_dir, heads.config.num_heads)
+
+    def decode_step_ms(summary: dict) -> float:  # the decoding steps alone, prefill excluded
+        decode_seconds = summary["seconds"] - sum(r["prefill_seconds"] or 0.0 for r in summary["per_prompt"])
+        return 1e3 * decode_seconds / max(summary["steps"], 1)
+
+    decoder = Decoder(model)  # one for every tree: each tree's first prompt captures its graph (measure warms up)
+    plain, _ = measure("sizes plain", lambda ids: generate(decoder, ids, args.max_new_tokens, eos_ids=tokenizer.eos_ids),
+                       prompts, prompts)
+    sizes = []
+    for nodes in sorted({int(t) for t in args.tree_sizes.split(",")}):
+        paths = tree_from_head_accuracies(acc, nodes - 1)
+        tree = TreeBuffers.from_choices(paths, device=device)
+
+        def run(ids: list[int]) -> GenerationResult:
+            return generate_medusa(decoder, heads, tree, ids, args.max_new_tokens, eos_ids=tokenizer.eos_ids)
+
+        summary, _ = measure(f"sizes T={nodes}", run, prompts, prompts)
+        sizes.append({"nodes": nodes, "step_ms": decode_step_ms(summary), "mean_accepted": summary["mean_accepted"],
+                      "paths": paths})
+    out = {"device": device_name(device), "heads": str(spec.heads_dir), "plain_step_ms": decode_step_ms(plain),
+           "trees": sizes}
+    save(out, args.step_times)
+    del model
+    free_memory(device)
+    return out
+
+
+def print_sizes_table(sizes: dict) -> None:
+    plain = sizes["plain_step_ms"]
+    print_table(f"Step time against tree size ({sizes['device']}; plain step {plain:.3f} ms)",
+                ["nodes", "step ms", "vs plain step", "mean accepted", "accepted per ms"],
+                [[t["nodes"], f"{t['step_ms']:.3f}", f"{t['step_ms'] / plain:.2f}x", t["mean_accepted"],
+                  f"{t['mean_accepted'] / t['step_ms']:.2f}"] for t in sizes["trees"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7B-shaped step times
+
+
+def build_7b(args, device, dtype, cache_len: int) -> Transformer:
+    """A Llama-7B-shaped model with random weights, made directly on `device` in `dtype`."""
+    config = ModelConfig(vocab_size=args.big_vocab, dim=args.big_dim, n_layers=args.big_layers,
+                         n_heads=args.big_heads, n_kv_heads=args.big_kv_heads, intermediate_size=args.big_ffn,
+                         max_position_embeddings=max(4096, cache_len))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:  # matrices get small random values; the norms keep their ones
+                p.normal_(0.0, 0.02)
+    model.eval()
+    model.setup_cache(cache_len)
+    return model
+
+
+def step_ms(model: Transformer, prefix: int, tree: TreeBuffers | None, reps: int) -> float:
+    """One CUDA-graphed forward of T new tokens (1 for decode, else the tree's nodes) after `prefix`
+    cached ones, lm_head included: the median milliseconds of `reps` replays."""
+    device = model.device
+    mask = tree.attn_mask if tree else torch.ones(1, 1, dtype=torch.bool, device=device)  # [T, T]
+    depths = tree.depths if tree else torch.zeros(1, dtype=torch.long, device=device)  # [T]
+
+    def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]
+        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths, tree_mask=mask)
+
+    tokens = torch.randint(model.config.vocab_size, (1, depths.numel()), device=device)
+    prefix_len = torch.tensor(prefix, device=device)
+    graphed = GraphedStep(step, tokens, prefix_len)
+    return statistics.median(time_ms(lambda: graphed(tokens, prefix_len), device, samples=reps))
+
+
+def step_trees(medusa: list[dict]) -> list[tuple[str, list[list[int]]]]:
+    """The trees to time on the 7B shape: STEP_TREES and every tree of the medusa part, once each."""
+    trees = {tree_key(paths): (label, paths) for label, paths in STEP_TREES.items()}
+    for entry in medusa:
+        label = f"{entry['heads']}/own" if entry["tree"] == "own" else entry["tree"]
+        trees.setdefault(tree_key(entry["tree_paths"]), (label, entry["tree_paths"]))
+    return list(trees.values())
+
+
+@torch.inference_mode()
+def bench_7b(args, device, dtype, medusa: list[dict]) -> dict:
+    """Step times of a random 7B-shaped model, its bandwidth floor and the projected Medusa speedup."""
+    trees = [(label, TreeBuffers.from_choices(paths, device=device)) for label, paths in step_trees(medusa)]
+    prefix = args.big_prefix
+    cache_len = max(2048, prefix + max(t.num_nodes for _, t in trees)) + 128
+    say(f"[7b] building a random {args.big_layers}-layer, {args.big_dim}-wide model on {device} in {dtype}")
+    model = build_7b(args, device, dtype, cache_len)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    say(f"[7b] {weight_bytes / 1e9:.2f} GB of weights; prefill of {prefix} tokens, cache of {cache_len}")
+    model.forward_hidden(torch.randint(args.big_vocab, (1, prefix), device=device), prefix_len=0)
+    decode = step_ms(model, prefix, None, args.big_reps)
+    say(f"[7b] decode step (T = 1): {decode:.3f} ms")
+    tree_steps, tree_ms = [], {}
+    for label, tree in trees:
+        ms = tree_ms[tree_key(tree.paths[1:])] = step_ms(model, prefix, tree, args.big_reps)
+        say(f"[7b] tree step {label} (T = {tree.num_nodes}): {ms:.3f} ms")
+        tree_steps.append({"tree": label, "nodes": tree.num_nodes, "ms": ms, "vs_decode": ms / decode})
+    del model
+    free_memory(device)
+    bandwidth = copy_bandwidth(device, args.copy_mib << 20, samples=args.big_reps)
+    # The floor counts every weight once (the embedding table too, of which a step reads only T rows)
+    # and not the KV cache; the real step must also read the cache.
+    floor = weight_bytes / bandwidth * 1e3
+    say(f"[7b] copy bandwidth {bandwidth / 1e12:.3f} TB/s -> floor {floor:.3f} ms per step")
+    projected = []
+    for m in medusa:
+        ms = tree_ms[tree_key(m["tree_paths"])]
+        projected.append({"heads": m["heads"], "tree": m["tree"], "tree_nodes": m["tree_nodes"],
+                          "mean_accepted": m["mean_accepted"], "tree_ms": ms,
+                          "speedup": m["mean_accepted"] * decode / ms})
+    return {"config": {"vocab_size": args.big_vocab, "dim": args.big_dim, "n_layers": args.big_layers,
+                       "n_heads": args.big_heads, "n_kv_heads": args.big_kv_heads,
+                       "intermediate_size": args.big_ffn},
+            "prefix": prefix, "cache_len": cache_len, "reps": args.big_reps, "weight_bytes": weight_bytes,
+            "decode_ms": decode, "tree_steps": tree_steps, "copy_bytes": 2 * (args.copy_mib << 20),
+            "copy_bandwidth_bytes_per_s": bandwidth, "floor_ms": floor, "decode_vs_floor": decode / floor,
+            "projected": projected}
+
+
+def print_7b_tables(big: dict) -> None:
+    rows = [["decode", 1, big["decode_ms"], 1.0]] + [
+        [f"tree {s['tree']}", s["nodes"], s["ms"], s["vs_decode"]] for s in big["tree_steps"]]
+    rows.append(["floor: weights / copy bandwidth", "-", big["floor_ms"], big["floor_ms"] / big["decode_ms"]])
+    print_table(f"7B-shaped steps (prefix {big['prefix']}, lm_head included, CUDA graphs, median of {big['reps']})",
+                ["step", "T", "ms", "vs decode"], rows)
+    if big["projected"]:
+        print_table("Projected Medusa speedup on the 7B shape (mean accepted x t_decode / t_tree)",
+                    ["heads", "tree", "T", "mean accepted", "tree ms", "speedup"],
+                    [[p["heads"], p["tree"], p["tree_nodes"], p["mean_accepted"], p["tree_ms"],
+                      f"{p['speedup']:.2f}x"]
+                     for p in big["projected"]])

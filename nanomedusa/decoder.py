@@ -1,0 +1,132 @@
+"""What decoding keeps between runs of one model at batch 1: the cache's sizing, the prefill, and the
+CUDA graphs captured on the cache.
+
+    decoder = Decoder(model)                     # cuda_graphs=False: plain eager calls, also on a GPU
+    result = generate(decoder, prompt_ids, 256)  # generation.py; medusa_generation.py takes it too
+
+Every graph of a run is captured here, in `Decoder.step`, the first time its key comes up, and replayed
+by later runs that share the cache: a chat's turns (chat.py), a benchmark's prompts. A graph reads and
+writes the KV cache and the RoPE tables at the addresses they had at capture, so when the model's
+cache is replaced (a longer run, a batch) the decoder drops its graphs and captures again.
+
+Why graphs at all, see cuda_graphs.py. Prefills are graphed too: eager, a prefill is a few hundred
+kernel launches from Python, far slower than its replay; so on a GPU a prompt is padded to a multiple
+of PREFILL_BUCKET tokens and prefilled by a graph kept per padded length. The padding sits after the
+prompt, where causal attention keeps it out of the prompt's hidden states, and the cache slots it
+writes lie past the prompt, overwritten by decoding before anything reads them. The cache is sized
+in steps of CACHE_BUCKET slots, so that runs of similar length share one cache and its graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .cuda_graphs import GraphedStep
+from .errors import NanoMedusaError
+from .sampling import Sampling
+
+PREFILL_BUCKET = 64
+CACHE_BUCKET = 256
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
+    """Cache slots needed for a run; a clear error if they exceed the model's context."""
+    if prompt_len == 0:
+        raise NanoMedusaError("the prompt is empty; pass some text with --prompt.")
+    context = model.config.max_position_embeddings
+    needed = prompt_len + max_new_tokens + extra
+    if needed > context:
+        what = f"prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens}"
+        what += f" + tree ({extra} nodes)" if extra else ""
+        raise NanoMedusaError(f"{what} = {needed} exceeds the model's context of {context} tokens; "
+                              f"shorten the prompt or lower --max-new-tokens.")
+    return needed
+
+
+class Decoder:
+    def __init__(self, model, cuda_graphs: bool = True):
+        self.model = model
+        self.uses_graphs = cuda_graphs and model.device.type == "cuda"
+        self.graphs: dict = {}  # key -> GraphedStep, see `step`
+        self._graphs_read: tuple = ()  # the cache and RoPE table the graphs were captured on
+        self._rng: torch.Generator | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def sync(self) -> None:
+        """Wait for the device (before reading a clock)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prepare(self, prompt_len: int, max_new_tokens: int, extra: int = 0, cached_len: int = 0) -> None:
+        """Size (or reuse) the cache for one run: `check_fits` slots, `extra` of them for a Medusa tree.
+
+        With `cached_len` > 0 the cache already holds the prompt's first cached_len tokens (a conversation
+        continued, see chat.py): it is kept as it is, and must be large enough."""
+        needed = check_fits(self.model, prompt_len, max_new_tokens, extra)
+        if cached_len:
+            if not 0 < cached_len < prompt_len:
+                raise NanoMedusaError(f"cached_len {cached_len} must leave 1 to {prompt_len - 1} of the "
+                                      f"{prompt_len} prompt tokens to prefill.")
+            if self.model.max_seq_len < needed:  # reallocating would lose the cached tokens
+                raise NanoMedusaError(f"the KV cache has {self.model.max_seq_len} slots but continuing needs "
+                                      f"{needed}; size it for the whole conversation with model.setup_cache first.")
+            return
+        if self.uses_graphs:  # room for the padded prompt, in CACHE_BUCKET steps so similar runs share a cache
+            needed = round_up(max(needed, round_up(prompt_len, PREFILL_BUCKET)), CACHE_BUCKET)
+        self.model.setup_cache(min(needed, self.model.config.max_position_embeddings))
+
+    def step(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None):
+        """`fn` as a CUDA graph kept under `key`, captured the first time the key comes up (eager off a GPU).
+
+        `key` must name everything `fn` depends on besides the model and its cache, and `generator` what
+        it draws random numbers from (`random_generator`): the graph replays its draws from it."""
+        if not self.uses_graphs:
+            return GraphedStep(fn, *example_inputs, enabled=False)
+        read = (self.model.kv_cache, self.model.rope_cos)
+        if len(self._graphs_read) != 2 or any(a is not b for a, b in zip(read, self._graphs_read)):
+            self.graphs.clear()  # captured on a cache or RoPE table that has since been replaced
+            self._graphs_read = read
+        if key not in self.graphs:
+            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator)
+        return self.graphs[key]
+
+    def random_generator(self, sampling: Sampling, seed_from: torch.Generator | None) -> torch.Generator | None:
+        """What a sampling run draws from: the decoder's one generator, which its sampling graphs are
+        registered with, seeded for this run from `seed_from` (torch's default generator when None), so
+        that a seeded run is reproducible, graphed or not. None for greedy decoding, which draws nothing."""
+        if sampling.greedy:
+            return None
+        device = seed_from.device if seed_from is not None else "cpu"
+        seed = torch.randint(2**62, (), generator=seed_from, device=device)
+        if self._rng is None:
+            self._rng = torch.Generator(self.device)
+        return self._rng.manual_seed(int(seed))
+
+    def prefill(self, prompt_ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run prompt_ids[start:] through the model at positions start.., filling cache slots start .. P-1
+        (slots before `start` already hold the prompt's first tokens); returns the last position's final
+        hidden state [1, dim]. `start` is an input of the graph, so a continued conversation's new tokens
+        replay the same graphs as a fresh prompt of their length."""
+        model, new = self.model, prompt_ids[start:]
+        padded = round_up(len(new), PREFILL_BUCKET)
+        if not self.uses_graphs or start + padded > model.max_seq_len:
+            return model.forward_hidden(torch.tensor([new], device=self.device), prefix_len=start)[0, -1:]
+
+        def run(tokens, prefix, last):  # tokens [1, padded], prefix and last 0-d -> hidden [1, dim]
+            return model.forward_hidden(tokens, prefix_len=prefix)[0].index_select(0, last.view(1))
+
+        # Capturing runs the step on these inputs first: `start` keeps those runs' writes on slots this prefill fills.
+        prefix = torch.tensor(start, device=self.device)
+        step = self.step(("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=self.device),
+                         prefix, torch.tensor(0, device=self.device))
+        tokens = torch.tensor([new + [0] * (padded - len(new))], device=self.device)  # [1, padded]
+        return step(tokens, prefix, torch.tensor(len(new) - 1, device=self.device))
