@@ -3,12 +3,14 @@
     python generate.py --prompt "Explain how a bicycle works."                 # default model (+ its heads)
     python generate.py --model path/or/hub-id --medusa heads_dir --tree mc_sim_7b_63 --prompt "..."
     python generate.py --prompt "..." --compare                                 # AR vs Medusa, with speedup
+    python generate.py --prompt "..." --tree dynamic --tree-nodes 48            # trees from the heads' confidence
     python generate.py --interactive                                            # a chat (nanomedusa/chat.py)
 
 The path of one token: tokenizer (nanomedusa/tokenizer.py) -> a Decoder (nanomedusa/decoder.py: the KV
 cache, the prefill, the CUDA graphs) over the model (nanomedusa/model.py, whose attention and norms are
 kernels/) -> plain decoding (nanomedusa/generation.py) or Medusa (nanomedusa/medusa_generation.py:
-verify, accept, keep, propose; heads.py guesses and tree.py lays the guesses out as a tree).
+verify, accept, keep, propose; heads.py guesses and tree.py lays the guesses out as a tree, or
+dynamic_tree.py chooses each step's tree).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, che
 from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
+from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model, resolve_device
@@ -61,7 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the shipped heads of the default model)")
     p.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding")
-    p.add_argument("--tree", default=None, help=f"tree preset name or JSON list of paths (default: the heads' own, else {DEFAULT_TREE})")
+    p.add_argument("--tree", default=None,
+                   help=f"tree preset name, JSON list of paths, or dynamic: each step verifies the --tree-nodes "
+                        f"likeliest nodes by the heads' calibrated confidence (default: the heads' own tree, else "
+                        f"{DEFAULT_TREE})")
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="--tree dynamic: nodes verified per step, the root included (default: as many as the heads' "
+                        "own tree has, else 64; tune it on the GPU with python -m bench.dynamic_trees)")
     p.add_argument("--accept", default=None, choices=ACCEPT_MODES,
                    help="greedy (default at temperature 0), typical, or sample (lossless, default at temperature > 0)")
     p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
@@ -100,6 +109,9 @@ def load_heads(args, model):
     heads = MedusaHeads.load(path, model.config, device=model.device, dtype=model.dtype)
     if has_adapter(path):  # Medusa-2 heads: the backbone they were trained with is the base + this adapter
         print(f"[note] {apply_adapter(model, path)}.", file=sys.stderr)
+    if args.tree == "dynamic":
+        return heads, DynamicTree.for_heads(heads.config, args.tree_nodes, device=model.device,
+                                            vocab_size=model.config.vocab_size)
     tree_spec = args.tree or heads.config.medusa_choices or DEFAULT_TREE
     choices = parse_tree(tree_spec)
     if args.tree is None:  # a default tree deeper than the heads: drop the paths the heads cannot fill
@@ -189,7 +201,10 @@ def check_args(args) -> None:
     check_seed(args.seed)
     check_kernels(args.kernels, resolve_device(args.device))
     check_input_dir("--medusa", args.medusa)
-    if args.tree is not None:
+    if args.tree_nodes is not None and args.tree != "dynamic":
+        raise NanoMedusaError("--tree-nodes sizes a dynamic tree; add --tree dynamic, or drop --tree-nodes.")
+    check_at_least(1, {"--tree-nodes": args.tree_nodes})
+    if args.tree not in (None, "dynamic"):
         parse_tree(args.tree)  # a typo fails now, not after the model has loaded
 
 

@@ -10,6 +10,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        layer of 7B and SmolLM2 shapes (--smoke: untimed, on CPU too)
     python -m bench.small_kernels      RMSNorm, acceptance, Medusa top-k and KV compaction against their
                                        references
+    python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
+                                       accepted length, step time, tokens/s, the choice's own time
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
                                        follow-up turn
     bash bench/gpu_run.sh STAGE        every GPU number we report, one stage per call (the kernels, the
@@ -26,6 +28,7 @@ The modules, one job each:
     sampling.py        its sampling part
     tree_attention.py, small_kernels.py   the kernel benchmarks (their checks: kernels/testing.py)
 
-Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, tree_attention.json,
+Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, dynamic-trees-*.json,
+tree_attention.json,
 bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
 """

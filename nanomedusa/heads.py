@@ -14,7 +14,9 @@ capacity, since each head can then only reshape the hidden state.
 Checkpoints are a directory with `config.json` and `medusa_lm_head.safetensors`, with the tensor
 names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{j}.linear.weight`
 / `.bias` for ResBlock j of head i, `medusa_head.{i}.{L}.weight` for its vocab projection), so
-published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are.
+published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are. Our config.json may add
+`medusa_choices` (the tree the heads run with), `rank_accuracy` (their held-out rank accuracies, both from
+tree_tuning.py) and `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class HeadsConfig:
     base_model: str = ""
     medusa_choices: list | None = None  # the tree these heads were tuned for, if any
     lora: dict | None = None  # {"rank", "alpha"} of a backbone adapter shipped beside them (adapter.py)
+    rank_accuracy: list | None = None  # [K][topk] share of head k's rank-i guesses that were right (tree_tuning.py)
+    medusa_temperatures: list | None = None  # [K] head k's probabilities are softmax(logits / T_k) (calibration.py)
+
+    def temperatures(self) -> list[float]:
+        """One temperature per head: the fitted ones, else 1.0 (uncalibrated)."""
+        return self.medusa_temperatures or [1.0] * self.num_heads
 
     def to_json(self) -> dict:
         # Reference field names first, so the reference implementation reads our configs too.
@@ -77,6 +85,7 @@ class MedusaHeads(nn.Module):
 
         self.medusa_head = nn.ModuleList(head() for _ in range(config.num_heads))
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
+        self._temperatures = None  # [K, 1, 1] float32 on the heads' device, see `topk_logprobs`
 
     @classmethod
     def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model=""):
@@ -90,17 +99,15 @@ class MedusaHeads(nn.Module):
                     head[-1].weight.copy_(model.lm_head.weight)
         return heads
 
-    def _vocab_weight(self, k: int, lm_head_weight):
-        return lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight
+    def head_logits(self, k: int, hidden, lm_head_weight=None):
+        """hidden [..., dim] -> head k's logits [..., vocab] (float32)."""
+        x = self.medusa_head[k][: self.config.num_layers](hidden)
+        vocab = lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight
+        return F.linear(x, vocab).float()
 
     def forward(self, hidden, lm_head_weight=None):
         """hidden [..., dim] -> logits [K, ..., vocab] (float32); differentiable, used for training."""
-        L = self.config.num_layers
-        out = []
-        for k, head in enumerate(self.medusa_head):
-            x = head[:L](hidden)
-            out.append(F.linear(x, self._vocab_weight(k, lm_head_weight)).float())
-        return torch.stack(out)
+        return torch.stack([self.head_logits(k, hidden, lm_head_weight) for k in range(self.config.num_heads)])
 
     def stacked_weights(self, lm_head_weight=None):
         """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels."""
@@ -123,6 +130,19 @@ class MedusaHeads(nn.Module):
     def topk(self, hidden, k: int, lm_head_weight=None):
         """hidden [N, dim] -> each head's top-k token ids [K, N, k] (fused kernel on CUDA)."""
         return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k)
+
+    @torch.no_grad()
+    def topk_logprobs(self, hidden, k: int, lm_head_weight=None):
+        """hidden [N, dim] -> each head's top-k token ids [K, N, k] and their calibrated log-probabilities
+        [K, N, k], log softmax(logits / T) with T the head's temperature (best first; dynamic_tree.py scores
+        its nodes with them). Unlike `topk` this makes the whole logits, [K, N, vocab]: at decoding's N = 1,
+        K rows."""
+        logits = self(hidden, lm_head_weight)  # [K, N, V] float32
+        if self._temperatures is None or self._temperatures.device != logits.device:
+            # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured.
+            self._temperatures = torch.tensor(self.config.temperatures(), device=logits.device).view(-1, 1, 1)
+        top = torch.log_softmax(logits / self._temperatures, dim=-1).topk(k, dim=-1)
+        return top.indices, top.values
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
@@ -162,7 +182,8 @@ class MedusaHeads(nn.Module):
                                   f"medusa_num_layers {num_layers}; fix medusa_num_layers.")
         hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
-                             raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"), raw.get("lora"))
+                             raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"), raw.get("lora"),
+                             raw.get("rank_accuracy"), _temperatures(raw, num_heads, path))
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has {model_config.dim}; "
                                   f"use heads trained for this model.")
@@ -189,6 +210,19 @@ def _heads_in_file(state: dict[str, torch.Tensor], configured: int, path: Path, 
         print(f"[note] {path}/config.json says medusa_num_heads {configured} but {weights_file.name} holds {held} "
               f"heads; loading the {held} heads the file holds.", file=sys.stderr)
     return held
+
+
+def _temperatures(raw: dict, num_heads: int, path: Path) -> list[float] | None:
+    """config.json's medusa_temperatures for the heads loaded: the first num_heads of them (tree_tuning.py
+    --trim drops the deepest heads from the weights), or None when it has none."""
+    temperatures = raw.get("medusa_temperatures")
+    if temperatures is None:
+        return None
+    if (not isinstance(temperatures, list) or len(temperatures) < num_heads
+            or not all(type(t) in (int, float) and t > 0 for t in temperatures)):
+        raise NanoMedusaError(f"{path}/config.json's medusa_temperatures must be {num_heads} positive numbers, one "
+                              f"per head; fit them again with python -m nanomedusa.calibration --write.")
+    return [float(t) for t in temperatures[:num_heads]]
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@ the heads' guesses after it, laid out on the tree. It reads as four verbs, each 
                and the bonus token, from the last accepted node's logits: the next root
   3. keep:     move the accepted nodes' K/V to slots prefix, prefix+1, ... (KVCache.compact)
   4. propose:  the heads read the last accepted node's hidden state (no extra forward) and guess the
-               next step's tree: tree_tokens = bonus + their top-k, picked by the tree (tree.py)
+               next step's tree: tree_tokens = bonus + their top-k, picked by the tree (tree.py); a
+               dynamic tree (dynamic_tree.py) also chooses which nodes, from the heads' confidence, and
+               the next step first lays them out (mask, depths, retrieve rows) before verifying them
 
 With greedy acceptance every emitted token is the base model's argmax given the tokens before it,
 so the output is exactly plain greedy decoding's, only with fewer forward passes. Typical acceptance,
@@ -37,6 +39,7 @@ from kernels.acceptance import accept_candidates
 from kernels.speculative_sampling import speculative_accept
 
 from .decoder import Decoder
+from .dynamic_tree import DynamicTree
 from .errors import NanoMedusaError
 from .generation import GenerationResult
 from .heads import MedusaHeads
@@ -66,12 +69,17 @@ class MedusaStep(NamedTuple):
     accept_len: torch.Tensor  # [] guesses accepted past the root
     prefix: torch.Tensor  # [] the first free cache slot after this step's tokens
     bonus: torch.Tensor  # [] the token after the accepted ones: the next step's root
-    next_tree: torch.Tensor  # [T] the next step's tree tokens
+    next_tree: tuple[torch.Tensor, ...]  # the next step's proposal (see `propose`)
 
 
-def propose(heads: MedusaHeads, tree: TreeBuffers, lm_head_weight, root, hidden) -> torch.Tensor:
-    """root [] (a token not yet in the cache), hidden [1, D] of the token before it -> tree tokens [T]."""
-    return tree.candidate_tokens(root, heads.topk(hidden, tree.topk, lm_head_weight)[:, 0])
+def propose(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, lm_head_weight, root,
+            hidden) -> tuple[torch.Tensor, ...]:
+    """root [] (a token not yet in the cache), hidden [1, D] of the token before it -> the next step's proposal:
+    (tree tokens [T],), or for a dynamic tree (tree tokens [N], the superset nodes it chose [N])."""
+    if isinstance(tree, DynamicTree):
+        ids, logprobs = heads.topk_logprobs(hidden, tree.topk, lm_head_weight)  # [K, 1, k] each
+        return tree.choose(root, ids[:, 0], logprobs[:, 0])
+    return (tree.candidate_tokens(root, heads.topk(hidden, tree.topk, lm_head_weight)[:, 0]),)
 
 
 def verify(model, tree: TreeBuffers, tree_tokens, prefix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,16 +119,26 @@ def keep(model, tree: TreeBuffers, tree_tokens, prefix, best, accept_len) -> tup
     return tree_tokens[path], last
 
 
-def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers, rule: Acceptance, rng, tree_tokens, prefix) -> MedusaStep:
-    """One whole step on the device: verify, accept, keep, propose."""
-    hidden, logits = verify(model, tree, tree_tokens, prefix)
-    best, accept_len, bonus = accept(logits, tree_tokens, tree, rule, rng)
-    tokens, last = keep(model, tree, tree_tokens, prefix, best, accept_len)
+def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance, rng, prefix,
+                tree_tokens, *chosen) -> MedusaStep:
+    """One whole step on the device: verify, accept, keep, propose. (tree_tokens, *chosen) is the last
+    step's proposal; a dynamic tree's step first lays out the tree it chose."""
+    step_tree = tree.layout(*chosen) if isinstance(tree, DynamicTree) else tree
+    hidden, logits = verify(model, step_tree, tree_tokens, prefix)
+    best, accept_len, bonus = accept(logits, tree_tokens, step_tree, rule, rng)
+    tokens, last = keep(model, step_tree, tree_tokens, prefix, best, accept_len)
     next_tree = propose(heads, tree, model.lm_head.weight, bonus, hidden.index_select(0, last))
     return MedusaStep(tokens, accept_len, prefix + accept_len + 1, bonus, next_tree)
 
 
-def check_medusa(heads: MedusaHeads, tree: TreeBuffers, rule: Acceptance) -> None:
+def placeholder_proposal(tree: TreeBuffers | DynamicTree, device) -> tuple[torch.Tensor, ...]:
+    """A proposal of the right shapes to capture the step's graph on: token 0 everywhere, and for a dynamic
+    tree its first N superset nodes (node order puts parents first, so they form a tree)."""
+    tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)
+    return (tokens, torch.arange(tree.num_nodes, device=device)) if isinstance(tree, DynamicTree) else (tokens,)
+
+
+def check_medusa(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance) -> None:
     if rule.mode not in ACCEPT_MODES:
         raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
     if rule.mode == "sample" and rule.sampling.greedy:
@@ -131,14 +149,15 @@ def check_medusa(heads: MedusaHeads, tree: TreeBuffers, rule: Acceptance) -> Non
 
 
 @torch.inference_mode()
-def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers, prompt_ids: list[int],
+def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, prompt_ids: list[int],
                     max_new_tokens: int, sampling: Sampling = Sampling(), accept: str = "greedy",
                     eos_ids: list[int] = (), posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                     on_tokens: Callable[[list[int]], None] | None = None,
                     generator: torch.Generator | None = None, cached_len: int = 0) -> GenerationResult:
-    """Medusa-decode up to max_new_tokens after prompt_ids. `cached_len` > 0 continues from a KV cache that
-    already holds prompt_ids[:cached_len] (a chat's earlier turns; slots past them may hold an earlier
-    step's tree, which the prefill overwrites): only the rest is prefilled."""
+    """Medusa-decode up to max_new_tokens after prompt_ids, verifying a static tree or a dynamic one each step.
+    `cached_len` > 0 continues from a KV cache that already holds prompt_ids[:cached_len] (a chat's earlier
+    turns; slots past them may hold an earlier step's tree, which the prefill overwrites): only the rest is
+    prefilled."""
     rule = Acceptance(accept, sampling, posterior_threshold, posterior_alpha)
     check_medusa(heads, tree, rule)
     model, device = decoder.model, decoder.device
@@ -147,9 +166,9 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers, pro
     rng = decoder.random_generator(rule.draws, generator)
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
     # The key names all that the step closes over besides the model and its cache.
-    key = ("medusa", rule, id(heads), tuple(map(tuple, tree.paths)))
-    step = decoder.step(key, functools.partial(medusa_step, model, heads, tree, rule, rng),
-                        torch.zeros(tree.num_nodes, dtype=torch.long, device=device), prefix, generator=rng)
+    key = ("medusa", rule, id(heads), tree.key)
+    step = decoder.step(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
+                        *placeholder_proposal(tree, device), generator=rng)
     result = GenerationResult()
 
     def emit(tokens: list[int]) -> bool:
@@ -169,12 +188,12 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers, pro
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     root = next_token(model.logits(hidden)[0], rule.draws, rng)
-    tree_tokens = propose(heads, tree, model.lm_head.weight, root, hidden)  # [T]
+    proposal = propose(heads, tree, model.lm_head.weight, root, hidden)  # tree tokens [T] (, chosen nodes [T])
     result.prefill_seconds = time.perf_counter() - start
     done = max_new_tokens <= 0 or emit([root.item()])  # 0 tokens asked for: none emitted
     while not done:
-        out = step(tree_tokens, prefix)
-        prefix, tree_tokens = out.prefix, out.next_tree
+        out = step(prefix, *proposal)
+        prefix, proposal = out.prefix, out.next_tree
         *tokens, bonus, n = torch.cat([out.tokens, out.bonus.view(1), out.accept_len.view(1)]).tolist()
         result.steps += 1  # (that .tolist() is the step's one host sync)
         done = emit(tokens[1: n + 1] + [bonus])

@@ -31,6 +31,8 @@ the branch they extend, so nodes of equal depth and rank read the same pool entr
 
 Trees come from `parse_tree` (a preset name from `PRESETS`, a JSON list of paths, or a .json file)
 or from `tree_from_head_accuracies` (built from measured head accuracies, as the Medusa paper does).
+A dynamic tree (dynamic_tree.py) instead picks each step's nodes from a superset tree, by the heads'
+confidence at that step, and builds these buffers for them on the device.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def cut_to_depth(paths: list[list[int]], depth: int) -> list[list[int]]:
 class TreeBuffers:
     """Index tensors for one tree, built once by `from_choices`. T = num_nodes, P = leaf count."""
 
-    paths: list[list[int]]  # node i's path in node order; paths[0] == [] is the root
+    paths: list[list[int]] | None  # node i's path in node order, paths[0] == [] the root; None for a
+    # dynamic tree's step (dynamic_tree.py), chosen on the device
     num_nodes: int  # T = len(choices) + 1
     depth_max: int  # longest path = number of heads the tree uses
     topk: int  # 1 + largest top-k index in any path = candidates needed per head
@@ -311,6 +314,11 @@ class TreeBuffers:
             retrieve_indices=long(retrieve),
             child_index=long(child_index),
         )
+
+    @property
+    def key(self) -> tuple:
+        """What makes two trees the same (for caching the step's CUDA graph): their paths."""
+        return tuple(map(tuple, self.paths))
 
     def to(self, device: torch.device | str) -> TreeBuffers:
         """A copy with every tensor on `device`."""

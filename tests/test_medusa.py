@@ -1,4 +1,5 @@
-"""Medusa decoding: greedy output identical to plain greedy decoding, cache identical, sampling lossless."""
+"""Medusa decoding: greedy output identical to plain greedy decoding, cache identical, sampling lossless;
+with static trees and with dynamic ones (each step's tree chosen from the heads' confidence)."""
 
 import math
 
@@ -9,6 +10,7 @@ import nanomedusa.medusa_generation as medusa_generation
 from kernels.speculative_sampling import speculative_accept_reference, speculative_accept_triton
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
+from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
@@ -24,6 +26,27 @@ TREES = {
     "small": [[0], [1], [0, 0], [0, 1], [2], [0, 0, 0]],
     "mc_sim_7b_63": [p for p in PRESETS["mc_sim_7b_63"] if len(p) <= 5],
 }
+SUPERSET = TREES["mc_sim_7b_63"]  # dynamic trees choose among its 64 nodes
+DYNAMIC_SIZES = [1, 2, 9, 64]  # root only, root and one guess, a few, the whole superset
+
+
+def make_tree(name: str) -> TreeBuffers | DynamicTree:
+    """A static tree of TREES, or "dynamic-N": a dynamic tree of N nodes over SUPERSET."""
+    if name.startswith("dynamic-"):
+        return DynamicTree.from_choices(SUPERSET, int(name.removeprefix("dynamic-")))
+    return TreeBuffers.from_choices(TREES[name])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared CPU spinning threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +91,11 @@ class OracleHeads:
             out[head, 0] = torch.tensor([true] + others)
         return out.to(hidden.device)
 
+    def topk_logprobs(self, hidden, k, lm_head_weight=None):
+        """As sure of the true token as can be: log-probability 0, then -1, -2, ... down the ranks."""
+        ids = self.topk(hidden, k)
+        return ids, -torch.arange(k, dtype=torch.float32, device=ids.device).expand(ids.shape)
+
 
 CASES = [(model, tree, heads, seed) for model in ("mha", "gqa") for tree in TREES for heads in ("random", "base")
          for seed in range(3)]  # 2 x 5 x 2 x 3 = 60 combinations, plus the oracle cases below
@@ -97,6 +125,42 @@ def test_oracle_heads_accept_the_whole_depth(models, tree_name):
     assert got.tokens == expected
     # Every step accepts the full depth plus the bonus token, but the last may be cut by max_new_tokens.
     assert got.steps == math.ceil((40 - 1) / (tree.depth_max + 1))
+
+
+@pytest.mark.parametrize("model_name,nodes,heads_kind", [
+    (model, nodes, heads) for model in ("mha", "gqa") for nodes in DYNAMIC_SIZES for heads in ("random", "base")])
+def test_greedy_medusa_with_dynamic_trees_equals_greedy(models, model_name, nodes, heads_kind):
+    model = models[model_name]
+    heads = random_heads(model, nodes) if heads_kind == "random" else MedusaHeads.from_base(model, num_heads=5).eval()
+    prompt = [5, 17, 42, 8, 3, 9]
+    expected = generate(Decoder(model), prompt, max_new_tokens=30).tokens
+    got = generate_medusa(Decoder(model), heads, make_tree(f"dynamic-{nodes}"), prompt, max_new_tokens=30)
+    assert got.tokens == expected
+
+
+@pytest.mark.parametrize("nodes", DYNAMIC_SIZES)
+def test_oracle_heads_fill_the_dynamic_tree(models, nodes):
+    # The oracle is sure of its rank-0 guesses, so each step's tree puts the rank-0 chain first: every step
+    # accepts as deep as N nodes reach (N - 1, at most the superset's depth 4), plus the bonus token.
+    model = models["mha"]
+    prompt = [5, 17, 42, 8]
+    expected = generate(Decoder(model), prompt, max_new_tokens=40).tokens
+    tree = make_tree(f"dynamic-{nodes}")
+    got = generate_medusa(Decoder(model), OracleHeads(model, prompt, expected), tree, prompt, max_new_tokens=40)
+    assert got.tokens == expected
+    assert got.steps == math.ceil((40 - 1) / (min(nodes - 1, 4) + 1))
+
+
+def test_dynamic_tree_of_the_whole_superset_decodes_as_the_superset(models):
+    # With N = M every step chooses every node: each acceptance must then give the static superset's tokens,
+    # random draws included (the same seed, the same uniforms).
+    model = models["gqa"]
+    heads = random_heads(model, 3)
+    for accept, sampling in (("greedy", Sampling()), ("typical", Sampling(0.7)), ("sample", Sampling(0.9, top_p=0.95))):
+        outs = [generate_medusa(Decoder(model), heads, tree, [4, 9, 33], 25, sampling, accept,
+                                generator=torch.Generator().manual_seed(0)).tokens
+                for tree in (make_tree("mc_sim_7b_63"), make_tree("dynamic-64"))]
+        assert outs[0] == outs[1], accept
 
 
 def test_kv_cache_equals_plain_decoding(models):
@@ -167,17 +231,10 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the walk kernel runs (the interpreter on a CPU)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared CPU spinning threads cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("walk, n", [("torch", 20000), ("triton", 1500)])  # (the interpreter is slow)
-def test_rejection_sampling_at_one_node_is_exact(one_thread, walk, n):
+def test_rejection_sampling_at_one_node_is_exact(walk, n):
     """One tree node with three children: whatever comes out (a child or a draw from the residual)
     must be distributed as the target p. Chi-square at the 0.1% level."""
     torch.manual_seed(0)
@@ -237,7 +294,7 @@ def three_token_law(model, prompt, sampling) -> dict:
         torch.cuda.is_available(), reason="on a GPU the cuda case runs the compiled kernel")),
     pytest.param("plain", "cuda", None, 3000, marks=CUDA), pytest.param("medusa", "cuda", None, 3000, marks=CUDA),
 ])
-def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, one_thread, decoder, device, walk, n):
+def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, decoder, device, walk, n):
     """End to end on a 6-token vocabulary, temperature and top-p applied on the device: the joint law of the
     first three generated tokens, plain or Medusa sampling, must equal the model's own (computed exactly by
     enumeration). n runs; with up to 215 degrees of freedom, a correct sampler fails the 0.1% bound once in a
@@ -269,13 +326,13 @@ def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, one_thr
 
 
 @CUDA
-@pytest.mark.parametrize("tree_name", ["chain3", "mc_sim_7b_63"])
+@pytest.mark.parametrize("tree_name", ["chain3", "mc_sim_7b_63", "dynamic-24"])
 def test_seeded_sampling_on_gpu_is_reproducible_and_graphs_change_nothing(tmp_path, tree_name):
     # The graphed steps draw from the generator they are registered with, seeded per run: the same seed
     # gives the same tokens, replayed or eager; another seed other tokens.
     make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
     model = load_model(tmp_path, device="cuda", dtype="float32")[0]
-    tree = TreeBuffers.from_choices(TREES[tree_name])
+    tree = make_tree(tree_name)
     heads = random_heads(model, 0)
     sampling = Sampling(temperature=0.7, top_k=20, top_p=0.9)
 
@@ -318,13 +375,14 @@ def test_typical_acceptance_rule_on_hand_made_distributions():
     assert n.item() == 2
 
 
-def test_typical_acceptance_runs_end_to_end(models):
+@pytest.mark.parametrize("tree_name", ["small", "dynamic-9"])
+def test_typical_acceptance_runs_end_to_end(models, tree_name):
     model = models["mha"]
-    heads = MedusaHeads.from_base(model, num_heads=3).eval()
-    out = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES["small"]), [5, 6, 7], max_new_tokens=20,
+    heads = MedusaHeads.from_base(model, num_heads=5).eval()
+    out = generate_medusa(Decoder(model), heads, make_tree(tree_name), [5, 6, 7], max_new_tokens=20,
                           sampling=Sampling(temperature=0.7), accept="typical",
                           generator=torch.Generator().manual_seed(0))
-    assert len(out.tokens) == 20 and out.mean_accepted >= 1.0
+    assert len(out.tokens) == 20 and out.mean_accepted > 1.0
 
 
 def test_typical_acceptance_takes_root_and_bonus_greedily(models):
@@ -342,13 +400,13 @@ def test_typical_acceptance_takes_root_and_bonus_greedily(models):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")
-@pytest.mark.parametrize("tree_name", ["chain3", "small", "mc_sim_7b_63"])
+@pytest.mark.parametrize("tree_name", ["chain3", "small", "mc_sim_7b_63", "dynamic-1", "dynamic-24", "dynamic-64"])
 def test_graphed_medusa_step_on_gpu_equals_greedy(tmp_path, tree_name):
     # On a GPU the whole Medusa step (forward, acceptance, compaction, next guesses) replays as one
     # CUDA graph with the Triton kernels: its output must still be plain greedy decoding's.
     make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
     model = load_model(tmp_path, device="cuda", dtype="float32")[0]
-    tree = TreeBuffers.from_choices(TREES[tree_name])
+    tree = make_tree(tree_name)
     decoder = Decoder(model)
     for seed, prompt in enumerate(([5, 17, 42, 8], list(range(3, 40)))):
         expected = generate(decoder, prompt, max_new_tokens=60).tokens
@@ -359,7 +417,7 @@ def test_graphed_medusa_step_on_gpu_equals_greedy(tmp_path, tree_name):
         assert got.tokens == expected
 
 
-@pytest.mark.parametrize("tree_name", ["chain3", "small"])
+@pytest.mark.parametrize("tree_name", ["chain3", "small", "dynamic-5"])
 def test_triton_kernels_give_the_same_medusa_output(tmp_path, tree_name):
     # The whole decode on the Triton kernels (in the interpreter on a CPU; compiled on a GPU): RMSNorm,
     # RoPE + cache writes, SwiGLU, tree attention, fused heads, acceptance and compaction together must
@@ -375,7 +433,7 @@ def test_triton_kernels_give_the_same_medusa_output(tmp_path, tree_name):
         kernels.set_backend("torch")
         expected = generate(Decoder(model), prompt, max_new_tokens=12).tokens
         kernels.set_backend("triton")
-        got = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES[tree_name]), prompt, max_new_tokens=12)
+        got = generate_medusa(Decoder(model), heads, make_tree(tree_name), prompt, max_new_tokens=12)
         plain = generate(Decoder(model), prompt, max_new_tokens=12).tokens
     finally:
         kernels.set_backend("auto")

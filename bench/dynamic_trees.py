@@ -1,0 +1,142 @@
+"""Static against dynamic trees at equal node budgets: accepted length, step time, tokens/s.
+
+    python -m bench.dynamic_trees --heads weights/smollm2-135m-instruct-medusa \\
+        --prompts bench/prompts-chat-heldout.jsonl --budgets 16,32,64,128 [--model M] [--json FILE]
+
+For each budget N (nodes verified per step, the root included), greedy Medusa decoding of every prompt
+with two trees: the static tree of N nodes built from the heads' measured rank accuracies
+(`tree_from_head_accuracies`, as `python -m nanomedusa.tree_tuning` builds the heads' own tree), and the
+dynamic tree of N nodes (nanomedusa/dynamic_tree.py), chosen each step from the heads' calibrated
+confidence. Per row: mean accepted length (tokens per step), step time (the decoding steps alone:
+(seconds - prefill seconds) / steps, summed over prompts), decode tokens/s, and how many prompts gave the
+static tree's tokens (greedy decoding with either tree is plain greedy decoding, so all should). The
+dynamic tree's extra work per step (scoring and choosing its nodes, laying them out) is also timed on its
+own: its proposal and layout, replayed as one CUDA graph on a GPU, minus a static tree's proposal.
+Each tree first decodes the first prompt untimed (CUDA graph capture, kernel compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nanomedusa.adapter import apply_adapter, has_adapter
+from nanomedusa.cuda_graphs import GraphedStep
+from nanomedusa.decoder import Decoder
+from nanomedusa.dynamic_tree import DynamicTree, head_accuracies
+from nanomedusa.heads import MedusaHeads
+from nanomedusa.loading import load_model
+from nanomedusa.medusa_generation import generate_medusa, propose
+from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
+
+
+def read_prompts(path: str, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
+    """The "prompt" of each JSON line, rendered with the chat template and tokenized."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()][:limit]
+    return [tokenizer.encode_chat([{"role": "user", "content": json.loads(line)["prompt"]}]) for line in lines]
+
+
+def decode_all(decoder, heads, tree, prompts, max_new_tokens, eos_ids) -> tuple[dict, list[list[int]]]:
+    """Greedy Medusa over every prompt after one untimed warm-up -> (summary row, each prompt's tokens)."""
+    generate_medusa(decoder, heads, tree, prompts[0], max_new_tokens, eos_ids=eos_ids)
+    results = [generate_medusa(decoder, heads, tree, ids, max_new_tokens, eos_ids=eos_ids) for ids in prompts]
+    steps = sum(r.steps for r in results)
+    gained = sum(len(r.tokens) - 1 for r in results)  # the tokens after each prompt's first (the prefill's)
+    decode_seconds = sum(r.seconds - r.prefill_seconds for r in results)
+    row = {"mean_accepted": gained / max(steps, 1), "step_ms": 1e3 * decode_seconds / max(steps, 1),
+           "tokens_per_s": gained / max(decode_seconds, 1e-9)}
+    return row, [r.tokens for r in results]
+
+
+def replay_ms(fn, *inputs, device, reps: int) -> float:
+    """Mean time of fn(*inputs), replayed as a CUDA graph on a GPU (called eagerly elsewhere)."""
+    step = GraphedStep(fn, *inputs)
+    step(*inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        step(*inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
+@torch.inference_mode()
+def choice_ms(model, heads, static: TreeBuffers, dynamic: DynamicTree, reps: int) -> float:
+    """The dynamic tree's extra time per step: its proposal (heads' probabilities, scores, choice) and the
+    next step's layout, minus the static tree's proposal."""
+    hidden = torch.randn(1, model.config.dim, device=model.device, dtype=model.dtype)
+    root = torch.zeros((), dtype=torch.long, device=model.device)
+    weight = model.lm_head.weight
+
+    def dynamic_step(hidden, root):
+        tokens, nodes = propose(heads, dynamic, weight, root, hidden)
+        return tokens, dynamic.layout(nodes)
+
+    def static_step(hidden, root):
+        return propose(heads, static, weight, root, hidden)
+
+    return (replay_ms(dynamic_step, hidden, root, device=model.device, reps=reps)
+            - replay_ms(static_step, hidden, root, device=model.device, reps=reps))
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| nodes | tree | mean accepted | step ms | decode tokens/s | same tokens as static | choice ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        same, choice = ("", "") if r["tree"] == "static" else (r["same_as_static"], f"{r['choice_ms']:.3f}")
+        print(f"| {r['nodes']} | {r['tree']} | {r['mean_accepted']:.2f} | {r['step_ms']:.3f} | "
+              f"{r['tokens_per_s']:.1f} | {same} | {choice} |")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--heads", required=True, help="Medusa heads directory (a LoRA adapter in it is applied)")
+    p.add_argument("--model", default=None, help="base model (default: the built-in default)")
+    p.add_argument("--prompts", default="bench/prompts-chat-heldout.jsonl", help="JSON lines with a \"prompt\" each")
+    p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
+    p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--choice-reps", type=int, default=200, help="replays timing the dynamic tree's choice")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", default="bench/dynamic-trees.json", help="where the rows are written")
+    args = p.parse_args(argv)
+    model, checkpoint = load_model(args.model, device=args.device, dtype=args.dtype)
+    heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
+    if has_adapter(args.heads):
+        print(apply_adapter(model, args.heads))
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    prompts = read_prompts(args.prompts, tokenizer, args.num_prompts)
+    decoder = Decoder(model)
+    rows = []
+    for nodes in sorted({int(n) for n in args.budgets.split(",")}):
+        static = TreeBuffers.from_choices(tree_from_head_accuracies(head_accuracies(heads.config), nodes - 1),
+                                          device=model.device)
+        dynamic = DynamicTree.for_heads(heads.config, nodes, device=model.device)
+        (static_row, static_tokens), (dynamic_row, dynamic_tokens) = (
+            decode_all(decoder, heads, tree, prompts, args.max_new_tokens, tokenizer.eos_ids)
+            for tree in (static, dynamic))
+        same = sum(a == b for a, b in zip(static_tokens, dynamic_tokens))
+        rows.append({"nodes": nodes, "tree": "static", **static_row})
+        rows.append({"nodes": nodes, "tree": "dynamic", **dynamic_row, "same_as_static": same,
+                     "choice_ms": choice_ms(model, heads, static, dynamic, args.choice_reps)})
+        print_table(rows[-2:])
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+    print(f"\n{device}, {model.dtype}, greedy, {len(prompts)} prompts of {args.prompts}, {args.max_new_tokens} new "
+          f"tokens, heads {args.heads}:")
+    print_table(rows)
+    out = {"device": device, "dtype": str(model.dtype), "heads": args.heads, "model": args.model,
+           "prompts": args.prompts, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rows": rows}
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+r"""Dynamic trees: each step's candidate tree chosen from the heads' own confidence, on the device.
+
+A static tree (tree.py) verifies the same shape every step, tuned to the heads' average accuracy. But
+the heads know when they are sure: after "The capital of France is" head 0 may give " Paris" 0.95,
+elsewhere its best guess 0.2. A dynamic tree spends a fixed budget of N nodes (the root included) where
+this step's guesses are likeliest. It keeps a fixed SUPERSET of M >= N candidate nodes (the heads'
+accuracy tree of 256 nodes, `DynamicTree.for_heads`), and each step:
+
+  1. score: every superset node gets the product of its path's probabilities, where head d's rank-r
+     guess has p = softmax(logits / T_d)[guess], T_d the head's fitted temperature (calibration.py).
+     If the heads are calibrated, that is the chance that all the node's guesses are right: its
+     expected contribution to the accepted length, as in the Medusa paper's tree construction.
+  2. choose: the N best nodes, sorted by (score descending, node index ascending).
+  3. lay out: the chosen nodes' tokens, and the buffers verifying them needs (attention mask, depths,
+     retrieve rows, children), as `TreeBuffers.from_choices` would build them for the chosen paths.
+
+Why the N best form a tree (every chosen node's parent chosen too): probabilities are at most 1, so a
+score never grows down a path, and a tie goes to the smaller node index, which the superset's node order
+gives every parent before its children. So each node ranks after its parent. Scores are summed
+log-probabilities, each clamped to <= 0, and a child's score is computed as its parent's plus its own:
+floating-point rounding of parent + x, with x <= 0, never exceeds the parent either.
+
+Fixed shapes, no host sync: N and M are fixed, so every tensor has the same shape every step (the
+retrieve rows are N, the leaves' first and -1 rows after; the child table has the superset's width), and
+the whole step, choice included, still replays as one CUDA graph with one host sync. `choose` runs in
+the step's `propose` (medusa_generation.py) and returns the chosen superset nodes beside the tokens; the
+next step lays that tree out (`layout`) before verifying it. Torch ops only: a sort of M scores and a
+few gathers of at most N x M entries, tiny next to the forward pass. Every acceptance works on the chosen
+tree as on a static one; lossless sampling stays lossless, since the tree depends on the context only (the
+heads' output), never on the step's random draws.
+
+Example: the superset is tree.py's example tree (M = 5), N = 4. Head 0 guesses (a, b) with probabilities
+(0.7, 0.2), head 1 guesses (c, d) with (0.6, 0.3):
+
+                      node 0: root      score 1
+                     /            \
+       node 1: [0] a  0.7        node 2: [1] b  0.2
+         /              \
+  node 3: [0,0] c  0.42   node 4: [0,1] d  0.21        (0.7 * 0.6, 0.7 * 0.3)
+
+    by (score desc, node asc): 0, 1, 3, 4 | 2   -> nodes  = [0, 1, 3, 4]   (sorted back into node order)
+    tokens           = [root, a, c, d]            depths = [0, 1, 2, 2]     parents = [0, 0, 1, 1]
+    attn_mask        = [[1 . . .], [1 1 . .], [1 1 1 .], [1 1 . 1]]
+    retrieve_indices = [[0, 1, 2], [0, 1, 3], [-1, -1, -1], [-1, -1, -1]]   (leaves [0,0] and [0,1], then padding)
+    child_index      = [[1, -1], [2, 3], [-1, -1], [-1, -1]]                 (the superset's width, 2)
+
+With N = 3 this step's tree would be the chain root, a, c; a step where head 0 is unsure (say 0.3, 0.25)
+takes [0] and [1] instead: a static tree verifies the same nodes either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .errors import NanoMedusaError
+from .heads import HeadsConfig
+from .tree import TreeBuffers, cut_to_depth, tree_from_head_accuracies
+
+SUPERSET_NODES = 256  # candidates scored each step, the root included
+DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree
+
+
+def head_accuracies(config: HeadsConfig) -> list[list[float]]:
+    """[K][topk] the heads' held-out rank accuracies (tree_tuning.py stores them), else a generic decay."""
+    K = config.num_heads
+    return (config.rank_accuracy or [])[:K] or [[0.6 ** (k + 1) * 0.5 ** i for i in range(10)] for k in range(K)]
+
+
+def default_nodes(config: HeadsConfig) -> int:
+    """The node budget to start from: the size of the heads' own static tree (to be tuned on the GPU,
+    with `python -m bench.dynamic_trees`)."""
+    if not config.medusa_choices:
+        return DEFAULT_NODES
+    return len(cut_to_depth(config.medusa_choices, config.num_heads)) + 1
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicTree:
+    """A superset tree and a node budget; see the module docstring. M = superset.num_nodes, N = num_nodes."""
+
+    superset: TreeBuffers  # the M candidate nodes, in node order (parents before children)
+    num_nodes: int  # N: nodes verified each step, the root included
+    lineage: torch.Tensor  # [M, depth_max + 1] long: root..node, -1 padded right (a node's retrieve row)
+    path_order: torch.Tensor  # [M] long: each node's rank in lexicographic path order (the retrieve rows' order)
+
+    @classmethod
+    def from_choices(cls, superset_choices, num_nodes: int, device=None, vocab_size: int | None = None) -> DynamicTree:
+        """The budget-`num_nodes` tree over the superset of `superset_choices` (paths, as for TreeBuffers)."""
+        superset = TreeBuffers.from_choices(superset_choices, device, vocab_size)
+        if not 1 <= num_nodes <= superset.num_nodes:
+            raise NanoMedusaError(f"a dynamic tree over a superset of {superset.num_nodes} nodes verifies 1 to "
+                                  f"{superset.num_nodes} of them, not {num_nodes}; pass --tree-nodes in that range.")
+        # N nodes reach at most depth N - 1: deeper superset nodes are never chosen, and the retrieve rows
+        # (so the K/V moved per step) stay within the N cache slots a step has.
+        depth = min(superset.depth_max, num_nodes - 1)
+        node_of = {tuple(path): node for node, path in enumerate(superset.paths)}
+        lineage = [[node_of[tuple(path[:d])] for d in range(min(len(path), depth) + 1)] for path in superset.paths]
+        by_path = sorted(range(superset.num_nodes), key=lambda node: superset.paths[node])
+        return cls(
+            superset=superset,
+            num_nodes=num_nodes,
+            lineage=torch.tensor([line + [-1] * (depth + 1 - len(line)) for line in lineage], device=device),
+            path_order=torch.tensor(by_path, device=device).argsort(),
+        )
+
+    @classmethod
+    def for_heads(cls, config: HeadsConfig, num_nodes: int | None = None, superset_nodes: int = SUPERSET_NODES,
+                  device=None, vocab_size: int | None = None) -> DynamicTree:
+        """The dynamic tree of `num_nodes` (default: `default_nodes`) for these heads: its superset is their
+        accuracy tree (`tree_from_head_accuracies`) of max(superset_nodes, num_nodes) nodes, or every path
+        their accuracy table allows if that is fewer."""
+        num_nodes = num_nodes or default_nodes(config)
+        acc = head_accuracies(config)
+        capacity = sum(len(acc[0]) ** depth for depth in range(1, len(acc) + 1))
+        if num_nodes > capacity + 1:
+            raise NanoMedusaError(f"{len(acc)} heads with top-{len(acc[0])} guesses make trees of at most "
+                                  f"{capacity + 1} nodes, not {num_nodes}; pass a smaller --tree-nodes.")
+        superset = tree_from_head_accuracies(acc, min(max(superset_nodes, num_nodes), capacity + 1) - 1)
+        return cls.from_choices(superset, num_nodes, device, vocab_size)
+
+    @property
+    def depth_max(self) -> int:
+        """The deepest a chosen node can be: the superset's depth, or N - 1."""
+        return self.lineage.shape[1] - 1
+
+    @property
+    def topk(self) -> int:
+        return self.superset.topk
+
+    @property
+    def key(self) -> tuple:
+        """What makes two dynamic trees the same (for caching the step's CUDA graph)."""
+        return ("dynamic", self.num_nodes, tuple(map(tuple, self.superset.paths)))
+
+    def to(self, device) -> DynamicTree:
+        """A copy with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "num_nodes"}
+        return replace(self, **moved)
+
+    def scores(self, head_logprobs: torch.Tensor) -> torch.Tensor:
+        """head_logprobs [K, k] (each head's top-k calibrated log-probabilities, best first) -> each superset
+        node's log score [M]: the sum of its path's log-probabilities, the root's 0."""
+        # A node's own log-probability sits where `candidate_tokens` would put its token (the root's is 0).
+        own = self.superset.candidate_tokens(head_logprobs.new_zeros(()), head_logprobs.clamp(max=0))  # [M]
+        score = own
+        for _ in range(self.superset.depth_max - 1):  # after d rounds, the nodes up to depth d + 1 are summed
+            score = score.index_select(0, self.superset.parents) + own
+        return score
+
+    def choose(self, root: torch.Tensor, head_ids: torch.Tensor, head_logprobs: torch.Tensor):
+        """root [] (the base model's next token), head_ids and head_logprobs [K, k] (each head's top-k tokens
+        and their calibrated log-probabilities, best first) -> this step's tree: its tokens [N] and the
+        superset nodes they sit on [N], in node order."""
+        # stable: equal scores keep node order, so a parent ranks before its children (module docstring)
+        best = torch.sort(self.scores(head_logprobs), descending=True, stable=True).indices[: self.num_nodes]
+        nodes = best.sort().values  # [N] node order: parents before children, the root first
+        return self.superset.candidate_tokens(root, head_ids).index_select(0, nodes), nodes
+
+    def layout(self, nodes: torch.Tensor) -> TreeBuffers:
+        """The chosen superset nodes [N] (from `choose`) -> the step tree's buffers, with fixed shapes:
+        retrieve_indices [N, depth_max + 1] (the leaves' rows in `TreeBuffers.from_choices`' order, then
+        -1 rows) and child_index [N, C] (C the superset's width; the chosen children come first)."""
+        s, N = self.superset, self.num_nodes
+        # superset node -> its index in this tree, -1 if not chosen; the extra last entry maps the -1 padding
+        # of the superset's tables (read as index -1) to -1 too.
+        index = torch.full((s.num_nodes + 1,), -1, dtype=torch.long, device=nodes.device)
+        index[nodes] = torch.arange(N, device=nodes.device)
+        children = index[s.child_index.index_select(0, nodes)]  # [N, C]
+        is_leaf = (children < 0).all(dim=1)  # [N] (only a root-only tree's root is a leaf and a root)
+        rows = torch.where(is_leaf, self.path_order[nodes], s.num_nodes).sort(stable=True).indices  # leaves first
+        retrieve = torch.where(is_leaf[rows, None], index[self.lineage.index_select(0, nodes[rows])], -1)
+        return TreeBuffers(
+            paths=None,  # not known on the host
+            num_nodes=N,
+            depth_max=self.depth_max,
+            topk=s.topk,
+            attn_mask=s.attn_mask.index_select(0, nodes).index_select(1, nodes),  # [N, N]
+            depths=s.depths.index_select(0, nodes),
+            parents=index[s.parents.index_select(0, nodes)],
+            tree_indices=s.tree_indices.index_select(0, nodes),
+            retrieve_indices=retrieve,
+            child_index=children,
+        )

@@ -1,0 +1,287 @@
+"""Dynamic trees, calibration and their benchmark (decoding with dynamic trees: tests/test_medusa.py).
+
+A step's choice is checked against a plain-Python reference (the N best nodes by score, ties to the
+smaller node), its buffers against `TreeBuffers.from_choices` of the chosen paths, and the acceptance
+kernels on those buffers against the same kernels on the static buffers: so a dynamic step verifies and
+accepts exactly as a static tree of the same shape would. Which tree is chosen depends only on the
+context (the heads' output), never on the step's random draws, so lossless sampling stays lossless.
+"""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from kernels.acceptance import accept_candidates_reference, accept_candidates_triton
+from kernels.speculative_sampling import speculative_accept_reference, speculative_accept_triton
+from nanomedusa.calibration import fit_temperature, held_out_prompts
+from nanomedusa.calibration import main as calibration_main
+from nanomedusa.dynamic_tree import DynamicTree
+from nanomedusa.errors import NanoMedusaError
+from nanomedusa.heads import MedusaHeads
+from nanomedusa.loading import load_model
+from nanomedusa.tree import TreeBuffers
+from nanomedusa.training.data import load_conversations, split_train_eval
+from tests.test_medusa import one_thread  # noqa: F401 (a fixture)
+from tests.test_tree import random_tree
+from tests.tiny_tokenizer import make_chat_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference_choice(paths: list[list[int]], logprobs: list[list[float]], n: int) -> list[int]:
+    """The n superset nodes with the largest summed log-probability, ties to the smaller node, in node order."""
+    score = [0.0] * len(paths)
+    for node, path in enumerate(paths[1:], start=1):  # a path's sum in the order the device adds it up
+        for depth, rank in enumerate(path):
+            score[node] += logprobs[depth][rank]
+    return sorted(sorted(range(len(paths)), key=lambda node: (-score[node], node))[:n])
+
+
+def random_cases(count: int):
+    """(dynamic tree, head ids [K, k], head log-probabilities [K, k]) on random supersets; every other case
+    has small-integer log-probabilities, whose sums tie often and exactly."""
+    gen = torch.Generator().manual_seed(0)
+    for case in range(count):
+        choices = random_tree(gen, int(torch.randint(1, 40, (1,), generator=gen)), depth=4, topk=4)
+        superset = TreeBuffers.from_choices(choices)
+        n = [1, superset.num_nodes, int(torch.randint(1, superset.num_nodes + 1, (1,), generator=gen))][case % 3]
+        K, k = superset.depth_max, superset.topk
+        if case % 2:
+            logprobs = (-torch.randint(0, 3, (K, k), generator=gen).float()).sort(dim=1, descending=True).values
+        else:
+            logprobs = torch.rand(K, k, generator=gen, dtype=torch.float64).log().sort(dim=1, descending=True).values
+        ids = torch.randperm(1000, generator=gen)[: K * k].view(K, k)  # distinct ids: a wrong slot shows
+        yield DynamicTree.from_choices(choices, n), ids, logprobs
+
+
+def test_choice_is_the_n_best_nodes_and_a_tree():
+    for tree, ids, logprobs in random_cases(60):
+        paths = tree.superset.paths
+        tokens, nodes = tree.choose(torch.tensor(7777), ids, logprobs)
+        assert nodes.tolist() == reference_choice(paths, logprobs.tolist(), tree.num_nodes)
+        chosen = {tuple(paths[node]) for node in nodes.tolist()}
+        assert all(path[:-1] in chosen for path in chosen if path)  # ancestor-closed: a tree
+        assert tokens.tolist() == [7777] + [ids[len(paths[n]) - 1, paths[n][-1]].item() for n in nodes.tolist()[1:]]
+
+
+def test_a_child_never_outranks_its_parent_when_probabilities_are_one():
+    # log-probabilities 0 (certain guesses, or rounding just above 0, clamped): a whole path ties with the
+    # root, and the ties go to the shallower node, so any N of them are still a tree.
+    tree = DynamicTree.from_choices([[1], [0], [0, 0], [0, 0, 0], [1, 0]], 3)
+    logprobs = torch.tensor([[1e-7, 0.0], [0.0, -1.0], [0.0, -1.0]])
+    assert tree.choose(torch.tensor(1), torch.zeros(3, 2, dtype=torch.long), logprobs)[1].tolist() == [0, 1, 2]
+
+
+def check_layout(tree: DynamicTree, nodes: torch.Tensor) -> tuple[TreeBuffers, TreeBuffers]:
+    """The step's buffers equal from_choices' for the chosen paths, padded to fixed shapes -> (step, static)."""
+    step = tree.layout(nodes)
+    N = tree.num_nodes
+    assert step.num_nodes == N and step.attn_mask.shape == (N, N)
+    assert step.retrieve_indices.shape == (N, tree.depth_max + 1)
+    assert step.child_index.shape == (N, tree.superset.child_index.shape[1])
+    if N == 1:  # from_choices has no root-only tree: its one row is the root
+        assert step.attn_mask.tolist() == [[True]] and step.retrieve_indices.tolist() == [[0]]
+        return step, step
+    static = TreeBuffers.from_choices([tree.superset.paths[n] for n in nodes.tolist()[1:]])
+    assert torch.equal(step.attn_mask, static.attn_mask)
+    assert torch.equal(step.depths, static.depths) and torch.equal(step.parents, static.parents)
+    P, D = static.retrieve_indices.shape
+    assert torch.equal(step.retrieve_indices[:P, :D], static.retrieve_indices)
+    assert (step.retrieve_indices[:P, D:] == -1).all() and (step.retrieve_indices[P:] == -1).all()
+    C = static.child_index.shape[1]
+    assert torch.equal(step.child_index[:, :C], static.child_index) and (step.child_index[:, C:] == -1).all()
+    return step, static
+
+
+def test_layout_equals_the_static_buffers_of_the_chosen_paths():
+    for tree, ids, logprobs in random_cases(60):
+        tokens, nodes = tree.choose(torch.tensor(5), ids, logprobs)
+        step, static = check_layout(tree, nodes)
+        if tree.num_nodes > 1:
+            assert torch.equal(tokens, static.candidate_tokens(torch.tensor(5), ids))
+
+
+def test_docstring_example_exactly():
+    tree = DynamicTree.from_choices([[0], [1], [0, 0], [0, 1]], 4)
+    ids = torch.tensor([[10, 11], [12, 13]])  # a, b; c, d
+    tokens, nodes = tree.choose(torch.tensor(99), ids, torch.tensor([[0.7, 0.2], [0.6, 0.3]]).log())
+    assert nodes.tolist() == [0, 1, 3, 4] and tokens.tolist() == [99, 10, 12, 13]
+    step = tree.layout(nodes)
+    assert step.depths.tolist() == [0, 1, 2, 2] and step.parents.tolist() == [0, 0, 1, 1]
+    assert step.attn_mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    assert step.retrieve_indices.tolist() == [[0, 1, 2], [0, 1, 3], [-1, -1, -1], [-1, -1, -1]]
+    assert step.child_index.tolist() == [[1, -1], [2, 3], [-1, -1], [-1, -1]]
+    chain = DynamicTree.from_choices([[0], [1], [0, 0], [0, 1]], 3)
+    assert chain.choose(torch.tensor(99), ids, torch.tensor([[0.7, 0.2], [0.6, 0.3]]).log())[1].tolist() == [0, 1, 3]
+    unsure = torch.tensor([[0.3, 0.25], [0.6, 0.3]]).log()
+    assert chain.choose(torch.tensor(99), ids, unsure)[1].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_acceptance_on_a_dynamic_layout_equals_the_static_trees(kernel):
+    """Greedy/typical acceptance and the lossless walk give the same path, length and bonus on a step's
+    padded buffers as on the chosen paths' static buffers (the same uniforms, columns placed alike)."""
+    accept = {"torch": accept_candidates_reference, "triton": accept_candidates_triton}[kernel]
+    walk = {"torch": speculative_accept_reference, "triton": speculative_accept_triton}[kernel]
+    gen = torch.Generator().manual_seed(1)
+    cases = random_cases(5 if kernel == "triton" else 40)  # (the interpreter is slow)
+    for case, (tree, ids, logprobs) in enumerate(cases):
+        tokens, nodes = tree.choose(torch.tensor(0), ids % 16, logprobs)  # tokens in a 16-token vocabulary
+        step, static = check_layout(tree, nodes)
+        logits = torch.randn(tree.num_nodes, 16, generator=gen) * 3
+        for mode in ("greedy", "typical"):  # the leaves' rows come first, in the same order: the same best row
+            got, want = (accept(logits, tokens, t.retrieve_indices, mode, 0.7) for t in (step, static))
+            assert [t.item() for t in got] == [t.item() for t in want], (case, mode)
+        if tree.num_nodes == 1:
+            continue
+        probs = torch.softmax(logits, dim=-1)
+        C, D = static.child_index.shape[1], static.depth_max
+        uniforms = torch.rand(step.depth_max + 1, step.child_index.shape[1] + 1, generator=gen)
+        static_uniforms = torch.cat([uniforms[: D + 1, :C], uniforms[: D + 1, -1:]], dim=1)  # the bonus column last
+        got = walk(probs, tokens, step.child_index, step.retrieve_indices, uniforms)
+        want = walk(probs, tokens, static.child_index, static.retrieve_indices, static_uniforms)
+        assert [t.item() for t in got] == [t.item() for t in want], case
+
+
+def test_budget_out_of_range_is_a_clear_error():
+    with pytest.raises(NanoMedusaError, match="verifies 1 to 4 of them, not 5; pass --tree-nodes in that range"):
+        DynamicTree.from_choices([[0], [1], [0, 0]], 5)
+
+
+# --- calibration ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("true_temperature", [3.0, 0.5])
+def test_fitted_temperature_recovers_a_known_one(true_temperature):
+    # Targets drawn from softmax(z); the heads report z * T (T = 3: over-confident): the fit must find T and
+    # lower the NLL.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 50, generator=gen) * 2
+    targets = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen)[:, 0]
+    logits = z * true_temperature
+    fit = fit_temperature(lambda: ((logits[i:i + 4096], targets[i:i + 4096]) for i in range(0, 20000, 4096)))
+    assert fit.temperature == pytest.approx(true_temperature, rel=0.05)
+    assert fit.nll_after < fit.nll_before - 0.05
+    exact = torch.nn.functional.cross_entropy(logits / fit.temperature, targets).item()
+    assert fit.nll_after == pytest.approx(exact, rel=1e-4)
+    assert fit.nll_before == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny chat checkpoint (model + tokenizer) and random heads saved beside it."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_chat_checkpoint(root / "model", seed=1, max_position_embeddings=512)
+    model = load_model(root / "model", "cpu", "float32")[0]
+    heads = MedusaHeads.from_base(model, num_heads=3, num_layers=1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    heads.save(root / "heads")
+    return root, model
+
+
+def test_heads_config_round_trips_temperatures_and_uses_them(tiny, tmp_path):
+    root, model = tiny
+    plain = MedusaHeads.load(root / "heads", model.config)  # written without temperatures: T = 1
+    assert plain.config.medusa_temperatures is None and plain.config.temperatures() == [1.0, 1.0, 1.0]
+    plain.config.medusa_temperatures = [2.0, 0.5, 1.25]
+    plain.save(tmp_path)
+    heads = MedusaHeads.load(tmp_path, model.config)
+    assert heads.config.medusa_temperatures == [2.0, 0.5, 1.25]
+    hidden = torch.randn(2, model.config.dim)
+    ids, logprobs = heads.topk_logprobs(hidden, 4, model.lm_head.weight)
+    logits = heads(hidden, model.lm_head.weight)
+    expected = torch.log_softmax(logits / torch.tensor([2.0, 0.5, 1.25])[:, None, None], dim=-1).topk(4, dim=-1)
+    assert torch.equal(ids, expected.indices) and torch.allclose(logprobs, expected.values)
+    assert torch.equal(ids, heads.topk(hidden, 4, model.lm_head.weight))  # a temperature reorders nothing
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, 0.0, 1.0], "warm", [1.0, True, 1.0]])
+def test_bad_temperatures_are_a_clear_error(tiny, tmp_path, bad):
+    root, model = tiny
+    heads = MedusaHeads.load(root / "heads", model.config)
+    heads.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_temperatures": bad}))
+    with pytest.raises(NanoMedusaError, match="medusa_temperatures must be 3 positive numbers, one per head; fit them"):
+        MedusaHeads.load(tmp_path, model.config)
+
+
+def write_prompts(path, count: int) -> None:
+    words = ["Hi.", "Tell me a story about a cat.", "What is 2+2?", "Name three colours, please."]
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": words[i % 4] + " x" * (i % 7)}) + "\n"
+                            for i in range(count)))
+
+
+def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path):
+    # train.py holds out part of the answers file, which distillation writes longest prompt first.
+    from nanomedusa.tokenizer import Tokenizer
+    from nanomedusa.training.distill import DistillConfig, distill
+
+    root, _ = tiny
+    write_prompts(tmp_path / "prompts.jsonl", 30)
+    distill(DistillConfig(model=str(root / "model"), data=str(tmp_path / "prompts.jsonl"),
+                          out=str(tmp_path / "a.jsonl"), max_new_tokens=2, device="cpu", dtype="float32"))
+    trained_held_out = split_train_eval(load_conversations(tmp_path / "a.jsonl"), 0.2, 3)[1]
+    held_out = held_out_prompts(str(tmp_path / "prompts.jsonl"), Tokenizer.from_dir(root / "model"), 0.2, 3)
+    assert sorted(c.id for c in held_out) == sorted(c.id for c in trained_held_out)
+    assert [c.id for c in held_out] == sorted((c.id for c in held_out), key=lambda i: int(i[1:]))  # the file's order
+
+
+def test_calibration_cli_writes_temperatures(tiny, tmp_path):
+    root, _ = tiny
+    answers = tmp_path / "answers.jsonl"
+    turns = [[{"from": "human", "value": "Say something."}, {"from": "gpt", "value": f"Hello, friend number {i}."}]
+             for i in range(4)]
+    answers.write_text("".join(json.dumps({"id": str(i), "conversations": t}) + "\n" for i, t in enumerate(turns)))
+    heads_dir = tmp_path / "heads"
+    MedusaHeads.load(root / "heads", load_model(root / "model", "cpu", "float32")[0].config).save(heads_dir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = calibration_main(["--heads", str(heads_dir), "--data", str(answers), "--model", str(root / "model"),
+                               "--whole-files", "--device", "cpu", "--write"])
+    assert rc == 0, printed.getvalue()
+    temperatures = json.loads((heads_dir / "config.json").read_text())["medusa_temperatures"]
+    assert len(temperatures) == 3 and all(t > 0 for t in temperatures)
+    assert printed.getvalue().count("NLL") == 3
+
+
+def test_calibration_cli_needs_heads_and_data(capsys):
+    assert calibration_main(["--heads", "."]) == 2
+    assert "pass --heads DIR and --data FILE" in capsys.readouterr().err
+
+
+# --- generate.py and the benchmark ----------------------------------------------------------------
+
+def test_generate_runs_a_dynamic_tree(tiny, capsys):
+    import generate
+
+    root, _ = tiny
+    argv = ["--model", str(root / "model"), "--medusa", str(root / "heads"), "--device", "cpu", "--prompt", "Hi.",
+            "--max-new-tokens", "8", "--quiet"]
+    assert generate.main(argv + ["--tree", "dynamic", "--tree-nodes", "5"]) == 0
+    assert "[medusa] " in capsys.readouterr().err
+    assert generate.main(argv + ["--tree-nodes", "5"]) == 2
+    assert "--tree-nodes sizes a dynamic tree; add --tree dynamic" in capsys.readouterr().err
+
+
+def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):
+    from bench.dynamic_trees import main as bench_main
+
+    root, _ = tiny
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench_main(["--heads", str(root / "heads"), "--model", str(root / "model"), "--prompts", str(prompts),
+                    "--budgets", "2,5", "--max-new-tokens", "6", "--choice-reps", "2", "--device", "cpu",
+                    "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["nodes"], r["tree"]) for r in rows] == [(2, "static"), (2, "dynamic"), (5, "static"), (5, "dynamic")]
+    assert all(r["mean_accepted"] >= 1 and r["step_ms"] > 0 and math.isfinite(r["tokens_per_s"]) for r in rows)
+    assert all(r["same_as_static"] == 2 for r in rows if r["tree"] == "dynamic")  # greedy: the same text
+    assert "| 5 | dynamic |" in printed.getvalue()
