@@ -8,6 +8,7 @@ answer letter (it depends on the prompt). Heads on a random backbone can therefo
 import importlib
 import json
 import random
+import shutil
 import string
 
 import pytest
@@ -202,6 +203,22 @@ def test_hidden_cache_serves_later_epochs(setup, warmed, tmp_path):
     assert all_close(cached.module.heads.state_dict(), plain.module.heads.state_dict(), tol=1e-5)
     with pytest.raises(Exception, match="made for another model"):
         Trainer(config(setup, "other", epochs=2, max_len=100, cache_hidden=str(tmp_path / "cache")))
+
+
+def test_continued_heads_drop_what_was_measured_on_their_old_weights(setup, warmed, tmp_path):
+    # Temperatures and rank accuracies describe the weights they were fitted on; trained on, the heads save
+    # without them (calibration.py and tree_tuning.py refit them), and keep everything else.
+    heads_dir = tmp_path / "heads"
+    shutil.copytree(warmed[0].out / "heads", heads_dir)
+    raw = json.loads((heads_dir / "config.json").read_text())
+    fitted = {"medusa_temperatures": [1.5] * raw["medusa_num_heads"], "rank_accuracy": [[0.5]] * raw["medusa_num_heads"],
+              "medusa_choices": [[0], [1]]}
+    (heads_dir / "config.json").write_text(json.dumps({**raw, **fitted}))
+    trainer = Trainer(config(setup, "continued", heads=str(heads_dir), max_steps=2))
+    trainer.run()
+    saved = json.loads((trainer.out / "heads" / "config.json").read_text())
+    assert saved.get("medusa_temperatures") is None and saved.get("rank_accuracy") is None
+    assert saved["medusa_choices"] == [[0], [1]]
 
 
 # ----- joint --------------------------------------------------------------------------------------

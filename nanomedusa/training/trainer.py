@@ -183,6 +183,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.heads:  # joint training always, warm-up when it continues from earlier heads
             heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
+            # Measured on the loaded weights, they would not describe the trained ones: refit after training.
+            heads.config = replace(heads.config, rank_accuracy=None, medusa_temperatures=None)
         else:
             heads = MedusaHeads.from_base(model, cfg.num_heads, cfg.num_layers, cfg.shared_lm_head,
                                           base_model=str(cfg.model or self.ckpt_dir)).float()
