@@ -55,7 +55,7 @@ import torch
 
 import kernels
 from nanomedusa.cli import ArgumentParser, check_at_least, check_kernels, check_output_file, run_reporting_errors
-from nanomedusa.decoder import Decoder
+from nanomedusa.decoder import Decoder, sync
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
@@ -69,7 +69,6 @@ from .prompts import DEFAULT_PROMPTS, Prompt, chat_prompts, measure, read_prompt
 from .report import metadata, print_table, save, say
 from .sampling import bench_sampling, print_sampling_tables
 from .steps import bench_7b, bench_tree_sizes, print_7b_tables, print_sizes_table
-from .timer import sync
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results.json"

@@ -12,14 +12,14 @@ confidence. Per row: mean accepted length (tokens per step), step time (the deco
 static tree's tokens (greedy decoding with either tree is plain greedy decoding, so all should). The
 dynamic tree's extra work per step (scoring and choosing its nodes, laying them out) is also timed on its
 own: its proposal and layout, replayed as one CUDA graph on a GPU, minus a static tree's proposal.
-Each tree first decodes the first prompt untimed (CUDA graph capture, kernel compilation).
+Each tree first decodes the first prompt untimed (CUDA graph capture, kernel compilation). The prompts,
+the timer (bench/timer.py) and the JSON file are the other benchmarks'.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import statistics
 from pathlib import Path
 
 import torch
@@ -27,18 +27,16 @@ import torch
 from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
-from nanomedusa.dynamic_tree import DynamicTree, head_accuracies
+from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa, propose
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
-
-def read_prompts(path: str, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
-    """The "prompt" of each JSON line, rendered with the chat template and tokenized."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()][:limit]
-    return [tokenizer.encode_chat([{"role": "user", "content": json.loads(line)["prompt"]}]) for line in lines]
+from .prompts import chat_prompts
+from .report import device_name, save
+from .timer import time_ms
 
 
 def decode_all(decoder, heads, tree, prompts, max_new_tokens, eos_ids) -> tuple[dict, list[list[int]]]:
@@ -54,17 +52,9 @@ def decode_all(decoder, heads, tree, prompts, max_new_tokens, eos_ids) -> tuple[
 
 
 def replay_ms(fn, *inputs, device, reps: int) -> float:
-    """Mean time of fn(*inputs), replayed as a CUDA graph on a GPU (called eagerly elsewhere)."""
+    """Median time of fn(*inputs), replayed as a CUDA graph on a GPU (called eagerly elsewhere)."""
     step = GraphedStep(fn, *inputs)
-    step(*inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        step(*inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 1e3 * (time.perf_counter() - start) / reps
+    return statistics.median(time_ms(lambda: step(*inputs), device, samples=reps))
 
 
 @torch.inference_mode()
@@ -99,7 +89,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads directory (a LoRA adapter in it is applied)")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
-    p.add_argument("--prompts", default="bench/prompts-chat-heldout.jsonl", help="JSON lines with a \"prompt\" each")
+    p.add_argument("--prompts", default="bench/prompts-chat-heldout.jsonl", help="JSON lines with an \"id\" and a \"prompt\" each")
     p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
     p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -113,11 +103,11 @@ def main(argv=None) -> None:
     if has_adapter(args.heads):
         print(apply_adapter(model, args.heads))
     tokenizer = Tokenizer.from_dir(checkpoint)
-    prompts = read_prompts(args.prompts, tokenizer, args.num_prompts)
+    prompts = [p.ids for p in chat_prompts(tokenizer, Path(args.prompts), args.num_prompts)]
     decoder = Decoder(model)
     rows = []
     for nodes in sorted({int(n) for n in args.budgets.split(",")}):
-        static = TreeBuffers.from_choices(tree_from_head_accuracies(head_accuracies(heads.config), nodes - 1),
+        static = TreeBuffers.from_choices(tree_from_head_accuracies(heads.config.rank_accuracies(), nodes - 1),
                                           device=model.device)
         dynamic = DynamicTree.for_heads(heads.config, nodes, device=model.device)
         (static_row, static_tokens), (dynamic_row, dynamic_tokens) = (
@@ -128,13 +118,13 @@ def main(argv=None) -> None:
         rows.append({"nodes": nodes, "tree": "dynamic", **dynamic_row, "same_as_static": same,
                      "choice_ms": choice_ms(model, heads, static, dynamic, args.choice_reps)})
         print_table(rows[-2:])
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+    device = device_name(model.device)
     print(f"\n{device}, {model.dtype}, greedy, {len(prompts)} prompts of {args.prompts}, {args.max_new_tokens} new "
           f"tokens, heads {args.heads}:")
     print_table(rows)
     out = {"device": device, "dtype": str(model.dtype), "heads": args.heads, "model": args.model,
            "prompts": args.prompts, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rows": rows}
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    save(out, args.json)
     print(f"wrote {args.json}")
 
 

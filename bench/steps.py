@@ -13,9 +13,7 @@ little) and borrows the acceptance of heads trained for the small model.
 
 from __future__ import annotations
 
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -41,19 +39,13 @@ STEP_TREES = {"mc_sim_7b_63": PRESETS["mc_sim_7b_63"], "mc_sim_7b_63[:15]": PRES
 # Step time against tree size (for sizing trees to the hardware)
 
 
-def rank_accuracy(heads_dir: Path, num_heads: int) -> list[list[float]]:
-    """The heads' measured rank accuracies (tree_tuning.py --write stores them), else a generic decay."""
-    stored = json.loads((heads_dir / "config.json").read_text()).get("rank_accuracy")
-    return stored or [[0.6 ** (k + 1) * 0.5 ** i for i in range(10)] for k in range(num_heads)]
-
-
 @torch.inference_mode()
 def bench_tree_sizes(args, device, dtype) -> dict:
     """Mean decoding-step time of plain decoding and of Medusa with trees of each --tree-sizes node
     count (the whole step: forward, acceptance, compaction, next guesses), over the first prompts."""
     spec, model, heads, tokenizer = first_heads(args, device, dtype, "--tree-sizes times the steps of Medusa heads")
     prompts = chat_prompts(tokenizer, args.prompts, args.num_prompts or 4)
-    acc = rank_accuracy(spec.heads_dir, heads.config.num_heads)
+    acc = heads.config.rank_accuracies()
 
     def decode_step_ms(summary: dict) -> float:  # the decoding steps alone, prefill excluded
         decode_seconds = summary["seconds"] - sum(r["prefill_seconds"] or 0.0 for r in summary["per_prompt"])

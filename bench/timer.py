@@ -34,12 +34,6 @@ from typing import Callable
 import torch
 
 
-def sync(device: str | torch.device) -> None:
-    """Wait for the device, before reading a host clock (the wall-clock measurements of whole generations)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: str | torch.device, *, samples: int = 20, rep_ms: float = 0.0,
             warmup_ms: float = 25.0) -> list[float]:
     """Milliseconds per call of `fn` on `device`, one per sample (see the module docstring)."""

@@ -37,8 +37,8 @@ from typing import Callable, Iterable
 import torch
 
 from .adapter import apply_adapter, has_adapter
-from .cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file, check_seed,
-                  run_reporting_errors)
+from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_input_dir, check_input_file,
+                  check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_text_atomically
 from .heads import MedusaHeads
@@ -149,10 +149,7 @@ def check_args(args) -> None:
     for path in args.data or []:
         check_input_file("--data", path)
     check_at_least(1, {"--max-len": args.max_len, "--limit": args.limit})
-    if not 0 < args.eval_fraction < 1:
-        raise NanoMedusaError(f"--eval-fraction must be in (0, 1), not {args.eval_fraction}; pass the one the heads "
-                              f"were trained with (default 0.02).")
-    check_seed(args.seed)
+    check_held_out_split(args.eval_fraction, args.seed)
 
 
 def write_held_out_prompts(args) -> None:

@@ -61,6 +61,14 @@ def check_seed(seed: int) -> None:
         raise NanoMedusaError(f"--seed must be in 0 .. {2**32 - 1}, not {seed}.")
 
 
+def check_held_out_split(eval_fraction: float, seed: int) -> None:
+    """--eval-fraction and --seed of a tool that reads the held-out split train.py made (tree_tuning, calibration)."""
+    if not 0 < eval_fraction < 1:
+        raise NanoMedusaError(f"--eval-fraction must be in (0, 1), not {eval_fraction}; pass the one the heads "
+                              f"were trained with (default 0.02).")
+    check_seed(seed)
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
     """--temperature >= 0 (0 = greedy), --top-p in (0, 1] (1 = off), --top-k >= 0 (0 = off)."""
     check_at_least(0, {"--temperature": temperature, "--top-k": top_k})

@@ -49,12 +49,18 @@ def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> i
     return needed
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device, before reading a host clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Decoder:
     def __init__(self, model, cuda_graphs: bool = True):
         self.model = model
         self.uses_graphs = cuda_graphs and model.device.type == "cuda"
         self.graphs: dict = {}  # key -> GraphedStep, see `step`
-        self._graphs_read: tuple = ()  # the cache and RoPE table the graphs were captured on
+        self._graphs_read: tuple = (None, None)  # the cache and RoPE table the graphs were captured on
         self._rng: torch.Generator | None = None
 
     @property
@@ -62,9 +68,7 @@ class Decoder:
         return self.model.device
 
     def sync(self) -> None:
-        """Wait for the device (before reading a clock)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     def prepare(self, prompt_len: int, max_new_tokens: int, extra: int = 0, cached_len: int = 0) -> None:
         """Size (or reuse) the cache for one run: `check_fits` slots, `extra` of them for a Medusa tree.
@@ -92,7 +96,7 @@ class Decoder:
         if not self.uses_graphs:
             return GraphedStep(fn, *example_inputs, enabled=False)
         read = (self.model.kv_cache, self.model.rope_cos)
-        if len(self._graphs_read) != 2 or any(a is not b for a, b in zip(read, self._graphs_read)):
+        if any(a is not b for a, b in zip(read, self._graphs_read)):
             self.graphs.clear()  # captured on a cache or RoPE table that has since been replaced
             self._graphs_read = read
         if key not in self.graphs:

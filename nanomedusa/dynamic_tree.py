@@ -62,12 +62,6 @@ SUPERSET_NODES = 256  # candidates scored each step, the root included
 DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree
 
 
-def head_accuracies(config: HeadsConfig) -> list[list[float]]:
-    """[K][topk] the heads' held-out rank accuracies (tree_tuning.py stores them), else a generic decay."""
-    K = config.num_heads
-    return (config.rank_accuracy or [])[:K] or [[0.6 ** (k + 1) * 0.5 ** i for i in range(10)] for k in range(K)]
-
-
 def default_nodes(config: HeadsConfig) -> int:
     """The node budget to start from: the size of the heads' own static tree (to be tuned on the GPU,
     with `python -m bench.dynamic_trees`)."""
@@ -112,7 +106,7 @@ class DynamicTree:
         accuracy tree (`tree_from_head_accuracies`) of max(superset_nodes, num_nodes) nodes, or every path
         their accuracy table allows if that is fewer."""
         num_nodes = num_nodes or default_nodes(config)
-        acc = head_accuracies(config)
+        acc = config.rank_accuracies()
         capacity = sum(len(acc[0]) ** depth for depth in range(1, len(acc) + 1))
         if num_nodes > capacity + 1:
             raise NanoMedusaError(f"{len(acc)} heads with top-{len(acc[0])} guesses make trees of at most "

@@ -52,6 +52,11 @@ class HeadsConfig:
     rank_accuracy: list | None = None  # [K][topk] share of head k's rank-i guesses that were right (tree_tuning.py)
     medusa_temperatures: list | None = None  # [K] head k's probabilities are softmax(logits / T_k) (calibration.py)
 
+    def rank_accuracies(self) -> list[list[float]]:
+        """[K][topk] the measured rank accuracies (tree_tuning.py --write stores them), else a generic decay."""
+        K = self.num_heads
+        return (self.rank_accuracy or [])[:K] or [[0.6 ** (k + 1) * 0.5 ** i for i in range(10)] for k in range(K)]
+
     def temperatures(self) -> list[float]:
         """One temperature per head: the fitted ones, else 1.0 (uncalibrated)."""
         return self.medusa_temperatures or [1.0] * self.num_heads

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from kernels.medusa_heads import MAX_TOPK
 
 from .adapter import apply_adapter, has_adapter
-from .cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file, check_seed,
-                  run_reporting_errors)
+from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_input_dir, check_input_file,
+                  check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads
@@ -122,10 +122,7 @@ def check_args(args) -> None:
     check_at_least(1, {"--nodes": args.nodes, "--topk": args.topk, "--max-len": args.max_len, "--limit": args.limit})
     if args.topk > MAX_TOPK:
         raise NanoMedusaError(f"--topk must be at most {MAX_TOPK} (the deepest rank a tree may use), not {args.topk}.")
-    if not 0 < args.eval_fraction < 1:
-        raise NanoMedusaError(f"--eval-fraction must be in (0, 1), not {args.eval_fraction}; pass the one the heads "
-                              f"were trained with (default 0.02).")
-    check_seed(args.seed)
+    check_held_out_split(args.eval_fraction, args.seed)
 
 
 def run(args) -> None:
