@@ -5,7 +5,9 @@ Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `com
 `accept_candidates`, `speculative_accept`, `medusa_heads`) dispatches here: the Triton version on CUDA
 tensors, the torch reference elsewhere. `set_backend` forces one side ("torch" or "triton"; "triton" on
 CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against its reference: see
-`interpreter.py`). An input a kernel cannot take raises `KernelInputError` (`errors.py`); `testing.py` holds
+`interpreter.py`). `set_row_invariant(True)` makes the Triton side compute every row of a call exactly as a
+one-row call would (fixed reduction schedules, whatever the row count), so that a Medusa tree step
+reproduces plain decoding bit for bit; the torch side is unchanged by it. An input a kernel cannot take raises `KernelInputError` (`errors.py`); `testing.py` holds
 the correctness checks the tests and the benchmarks share. Nothing here imports the application above.
 """
 
@@ -23,6 +25,7 @@ if interpreting():
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")
+_row_invariant = os.environ.get("NANOMEDUSA_ROW_INVARIANT", "0") == "1"
 
 
 def set_backend(name: str) -> None:
@@ -35,6 +38,17 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+def set_row_invariant(flag: bool) -> None:
+    """Whether Triton kernels use row-invariant schedules (`linear`, `tree_attention`; the other kernels
+    are per row whatever the row count)."""
+    global _row_invariant
+    _row_invariant = bool(flag)
+
+
+def row_invariant() -> bool:
+    return _row_invariant
 
 
 def triton_available() -> bool:
