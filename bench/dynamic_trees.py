@@ -11,7 +11,9 @@ confidence. Per row: mean accepted length (tokens per step), step time (the deco
 (seconds - prefill seconds) / steps, summed over prompts), decode tokens/s, and how many prompts gave the
 static tree's tokens (greedy decoding with either tree is plain greedy decoding, so all should). The
 dynamic tree's extra work per step (scoring and choosing its nodes, laying them out) is also timed on its
-own: its proposal and layout, replayed as one CUDA graph on a GPU, minus a static tree's proposal.
+own: its proposal and layout, replayed as one CUDA graph on a GPU, minus a static tree's proposal. And
+"proposal kernels" counts the kernels a tree's proposal launches (the dynamic tree's layout included), as
+`kernels.testing.counting_launches` counts them on one eager call: each is a node of the step's CUDA graph.
 Each tree first decodes the first prompt untimed (CUDA graph capture, kernel compilation). The prompts,
 the timer (bench/timer.py) and the JSON file are the other benchmarks'.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.testing import counting_launches
 from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
@@ -57,32 +60,54 @@ def replay_ms(fn, *inputs, device, reps: int) -> float:
     return statistics.median(time_ms(lambda: step(*inputs), device, samples=reps))
 
 
-@torch.inference_mode()
-def choice_ms(model, heads, static: TreeBuffers, dynamic: DynamicTree, reps: int) -> float:
-    """The dynamic tree's extra time per step: its proposal (heads' probabilities, scores, choice) and the
-    next step's layout, minus the static tree's proposal."""
-    hidden = torch.randn(1, model.config.dim, device=model.device, dtype=model.dtype)
-    root = torch.zeros((), dtype=torch.long, device=model.device)
+def proposal_steps(model, heads, static: TreeBuffers, dynamic: DynamicTree):
+    """(static step, dynamic step, their inputs): a static tree's proposal; a dynamic tree's proposal (the heads'
+    probabilities, scores, choice) and the next step's layout of it."""
+    inputs = (torch.randn(1, model.config.dim, device=model.device, dtype=model.dtype),  # hidden
+              torch.zeros((), dtype=torch.long, device=model.device))  # root
     weight = model.lm_head.weight
+
+    def static_step(hidden, root):
+        return propose(heads, static, weight, root, hidden)
 
     def dynamic_step(hidden, root):
         tokens, nodes = propose(heads, dynamic, weight, root, hidden)
         return tokens, dynamic.layout(nodes)
 
-    def static_step(hidden, root):
-        return propose(heads, static, weight, root, hidden)
+    return static_step, dynamic_step, inputs
 
-    return (replay_ms(dynamic_step, hidden, root, device=model.device, reps=reps)
-            - replay_ms(static_step, hidden, root, device=model.device, reps=reps))
+
+@torch.inference_mode()
+def choice_ms(model, heads, static: TreeBuffers, dynamic: DynamicTree, reps: int) -> float:
+    """The dynamic tree's extra time per step: its proposal and the next step's layout, minus the static
+    tree's proposal."""
+    static_step, dynamic_step, inputs = proposal_steps(model, heads, static, dynamic)
+    return (replay_ms(dynamic_step, *inputs, device=model.device, reps=reps)
+            - replay_ms(static_step, *inputs, device=model.device, reps=reps))
+
+
+@torch.inference_mode()
+def proposal_kernels(model, heads, static: TreeBuffers, dynamic: DynamicTree) -> tuple[int, int]:
+    """Kernels launched by the static tree's proposal and by the dynamic tree's proposal and layout, counted
+    on one eager call each after a warm-up one (`counting_launches`: aten ops that compute, Triton launches)."""
+    static_step, dynamic_step, inputs = proposal_steps(model, heads, static, dynamic)
+    counts = []
+    for step in (static_step, dynamic_step):
+        step(*inputs)  # a first call makes what later calls reuse (the heads' stacked weights, temperatures)
+        with counting_launches() as launched:
+            step(*inputs)
+        counts.append(sum(launched.values()))
+    return counts[0], counts[1]
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| nodes | tree | mean accepted | step ms | decode tokens/s | same tokens as static | choice ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| nodes | tree | mean accepted | step ms | decode tokens/s | same tokens as static | choice ms "
+          "| proposal kernels |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         same, choice = ("", "") if r["tree"] == "static" else (r["same_as_static"], f"{r['choice_ms']:.3f}")
         print(f"| {r['nodes']} | {r['tree']} | {r['mean_accepted']:.2f} | {r['step_ms']:.3f} | "
-              f"{r['tokens_per_s']:.1f} | {same} | {choice} |")
+              f"{r['tokens_per_s']:.1f} | {same} | {choice} | {r['proposal_kernels']} |")
 
 
 def main(argv=None) -> None:
@@ -114,9 +139,11 @@ def main(argv=None) -> None:
             decode_all(decoder, heads, tree, prompts, args.max_new_tokens, tokenizer.eos_ids)
             for tree in (static, dynamic))
         same = sum(a == b for a, b in zip(static_tokens, dynamic_tokens))
-        rows.append({"nodes": nodes, "tree": "static", **static_row})
+        static_kernels, dynamic_kernels = proposal_kernels(model, heads, static, dynamic)
+        rows.append({"nodes": nodes, "tree": "static", **static_row, "proposal_kernels": static_kernels})
         rows.append({"nodes": nodes, "tree": "dynamic", **dynamic_row, "same_as_static": same,
-                     "choice_ms": choice_ms(model, heads, static, dynamic, args.choice_reps)})
+                     "choice_ms": choice_ms(model, heads, static, dynamic, args.choice_reps),
+                     "proposal_kernels": dynamic_kernels})
         print_table(rows[-2:])
     device = device_name(model.device)
     print(f"\n{device}, {model.dtype}, greedy, {len(prompts)} prompts of {args.prompts}, {args.max_new_tokens} new "

@@ -2,7 +2,9 @@
 
 Head k computes x <- x + SiLU(W_kl x + b_kl) for each of its L ResBlocks, then logits = V_k x, where
 V_k is the head's own vocab projection or the base model's lm_head shared by all heads.
-`medusa_topk` returns only each head's top-k token ids, which is all decoding needs.
+`medusa_topk` returns each head's top-k token ids, which is all a static tree needs; given the heads'
+temperatures T_k it also returns their calibrated log-probabilities, log softmax(logits / T_k) at those
+ids, which a dynamic tree scores its nodes with (nanomedusa/dynamic_tree.py).
 
 The Triton version never materialises the [K, N, V] logits. Three kernels:
   1. `_resblock_kernel`, once per ResBlock layer, all K heads in one launch: a program owns one head,
@@ -12,7 +14,11 @@ The Triton version never materialises the [K, N, V] logits. Three kernels:
   2. `_vocab_topk_kernel`: a program owns a BLOCK_V slice of the vocabulary, computes those logits
      for its rows and writes each row's top-k of the slice (value and id) as candidates. With the
      shared lm_head all K*N rows share one program, so each weight is read once, not K times.
-  3. `_merge_topk_kernel`: one program per row picks the top-k of its candidates.
+     With temperatures it also writes the slice's share of the log-partition: the max m_s of the
+     tempered logits z / T over the slice, and S_s = the sum of exp(z / T - m_s) over it.
+  3. `_merge_topk_kernel`: one program per row picks the top-k of its candidates; with temperatures
+     it combines the slices' shares, log Z = m + log(sum over s of S_s * exp(m_s - m)) with m the
+     largest m_s (as online softmax rescales), and writes z / T - log Z beside each id.
 All matrix products accumulate in float32; float32 inputs use exact ("ieee") products, not TF32.
 """
 
@@ -44,16 +50,22 @@ def medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight):
     return torch.stack(logits)
 
 
-def medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk):
-    """Same inputs as `medusa_heads_reference` -> top-k token ids [K, N, topk] (best first)."""
-    return medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight).topk(topk, dim=-1).indices
+def medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):
+    """Same inputs as `medusa_heads_reference` -> top-k token ids [K, N, topk] (best first); with
+    temperatures [K] (head k's T_k) -> (ids, log-probabilities [K, N, topk] float32), the log-probabilities
+    log softmax(logits / T_k) of those ids."""
+    logits = medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight)
+    if temperatures is None:
+        return logits.topk(topk, dim=-1).indices
+    top = torch.log_softmax(logits.float() / temperatures.float().view(-1, 1, 1), dim=-1).topk(topk, dim=-1)
+    return top.indices, top.values
 
 
-def medusa_topk(hidden, res_weight, res_bias, vocab_weight, topk):
+def medusa_topk(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
     if use_triton(hidden):
-        return medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk)
-    return medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk)
+        return medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
+    return medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
 
 
 @triton.jit
@@ -105,16 +117,20 @@ def _next_best(values, ids, taken):
 
 
 @triton.jit
-def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, R, N, stride_xk, stride_wg, num_v_blocks,
+def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, temperatures_ptr, slice_max_ptr, slice_sum_ptr,
+                       R, N, stride_xk, stride_wg, num_v_blocks,
                        V: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                       LOG_PARTITION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """Program (g, m, v): the logits of rows m*BLOCK_M.. of group g over vocab slice v, reduced to
     each row's TOPK best of the slice.
 
     A group is R rows that share one vocab weight [V, D] at w_ptr + g * stride_wg: one head's N rows
     (R = N), or all K*N rows when the heads share the lm_head (stride_wg = 0). Row f = g * R + r is
     position f % N of head f // N in x (head stride stride_xk, rows D contiguous).
-    Candidates go to cand_*[f, v * TOPK + i], both [K*N, num_v_blocks * TOPK].
+    Candidates go to cand_*[f, v * TOPK + i], both [K*N, num_v_blocks * TOPK]. With LOG_PARTITION, the
+    slice's max of the tempered logits z / T (T = temperatures[head], float32 [K]) goes to slice_max[f, v]
+    and the sum of exp(z / T - max) to slice_sum[f, v], both [K*N, num_v_blocks] float32.
     """
     group, m_block, v_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M], within the group
@@ -143,25 +159,47 @@ def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, R, N, stride
         tl.store(cand_values_ptr + slot + i, best, mask=row_ok)
         tl.store(cand_ids_ptr + slot + i, best_id, mask=row_ok)
 
+    if LOG_PARTITION:  # the slice's share of log sum exp(z / T); padding columns add exp(-inf) = 0
+        temperature = tl.load(temperatures_ptr + flat // N, mask=row_ok, other=1.0)  # [BLOCK_M]
+        tempered = logits / temperature[:, None]
+        top = tl.max(tempered, axis=1)  # [BLOCK_M], finite: a slice holds at least one real column
+        tl.store(slice_max_ptr + flat * num_v_blocks + v_block, top, mask=row_ok)
+        tl.store(slice_sum_ptr + flat * num_v_blocks + v_block, tl.sum(tl.exp(tempered - top[:, None]), axis=1),
+                 mask=row_ok)
+
 
 @triton.jit
-def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, C, TOPK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, temperatures_ptr, slice_max_ptr, slice_sum_ptr,
+                       logprobs_ptr, C, N, num_v_blocks, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program f: out[f, :] = the ids of the TOPK best of row f's C candidates, best first.
 
     cand_* [K*N, C], out [K*N, TOPK] int64. A vocab id appears in one slice only, so the
     candidate ids of a row are distinct. The tile is [1, BLOCK_C] to share `_next_best`.
+    With LOG_PARTITION, also logprobs[f, :] = z / T - log Z (float32 [K*N, TOPK]) of those ids, log Z
+    combined from the num_v_blocks slices' shares (see `_vocab_topk_kernel`).
     """
     row = tl.program_id(0) + tl.arange(0, 1)  # [1]
     c = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
     values = tl.load(cand_values_ptr + row[:, None] * C + c, mask=c < C, other=float("-inf"))
     ids = tl.load(cand_ids_ptr + row[:, None] * C + c, mask=c < C, other=2**31 - 1)
     taken = c >= C  # padding lanes are never picked
+    if LOG_PARTITION:
+        s = tl.arange(0, BLOCK_S)[None, :]  # [1, BLOCK_S]
+        slice_max = tl.load(slice_max_ptr + row[:, None] * num_v_blocks + s, mask=s < num_v_blocks,
+                            other=float("-inf"))
+        slice_sum = tl.load(slice_sum_ptr + row[:, None] * num_v_blocks + s, mask=s < num_v_blocks, other=0.0)
+        top = tl.max(slice_max, axis=1)  # [1]
+        log_z = top + tl.log(tl.sum(slice_sum * tl.exp(slice_max - top[:, None]), axis=1))  # [1]
+        temperature = tl.load(temperatures_ptr + row // N)  # [1]
     for i in range(TOPK):
-        _, best_id, taken = _next_best(values, ids, taken)
+        best, best_id, taken = _next_best(values, ids, taken)
         tl.store(out_ptr + row * TOPK + i, best_id.to(tl.int64))
+        if LOG_PARTITION:
+            tl.store(logprobs_ptr + row * TOPK + i, best / temperature - log_z)
 
 
-def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk) -> None:
+def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None) -> None:
     K, L, D = res_weight.shape[0], res_weight.shape[1], hidden.shape[-1]
     if hidden.dim() != 2 or res_weight.shape[2:] != (D, D) or res_bias.shape != (K, L, D):
         raise KernelInputError(f"Medusa weights do not fit hidden [N, D={D}]: got res_weight "
@@ -177,11 +215,14 @@ def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk) -> None:
     if not 1 <= topk <= min(MAX_TOPK, V):
         raise KernelInputError(f"the fused Medusa kernel takes top-k between 1 and {min(MAX_TOPK, V)}, not {topk}; "
                                f"use a tree with fewer candidates per head.")
+    if temperatures is not None and (temperatures.shape != (K,) or temperatures.device != hidden.device):
+        raise KernelInputError(f"temperatures must be one per head, [K={K}], on the hidden state's device; got "
+                               f"{tuple(temperatures.shape)} on {temperatures.device}.")
 
 
-def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk):
+def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):
     """Same contract as `medusa_topk_reference`: L + 2 launches, no [K, N, V] logits."""
-    _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk)
+    _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
     K, L = res_weight.shape[:2]
     N, D = hidden.shape
     V = vocab_weight.shape[-2]
@@ -212,15 +253,25 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk):
     groups, R = (1, K * N) if shared else (K, N)
     cand_values = torch.empty(K * N, num_v_blocks * topk, dtype=torch.float32, device=dev)
     cand_ids = torch.empty(K * N, num_v_blocks * topk, dtype=torch.int32, device=dev)
+    log_partition = temperatures is not None
+    if log_partition:  # the slices' shares of each row's log-partition, and its log-probabilities
+        temperatures = temperatures.to(torch.float32).contiguous()
+        slice_max, slice_sum = torch.empty(2, K * N, num_v_blocks, dtype=torch.float32, device=dev)
+        logprobs = torch.empty(K, N, topk, dtype=torch.float32, device=dev)
+    else:  # unused pointers: the kernels skip those parts
+        temperatures = slice_max = slice_sum = logprobs = cand_values
     _vocab_topk_kernel[(groups, triton.cdiv(R, ROWS), num_v_blocks)](
-        x, vocab_weight, cand_values, cand_ids, R, N, stride_xk, 0 if shared else V * D, num_v_blocks,
-        V=V, D=D, TOPK=topk, DOT_PRECISION=precision, BLOCK_M=ROWS, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
+        x, vocab_weight, cand_values, cand_ids, temperatures, slice_max, slice_sum, R, N, stride_xk,
+        0 if shared else V * D, num_v_blocks, V=V, D=D, TOPK=topk, DOT_PRECISION=precision,
+        LOG_PARTITION=log_partition, BLOCK_M=ROWS, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
         num_warps=4 if block_v <= 128 else 8,
     )
 
-    # Stage 3: merge each row's candidates.
+    # Stage 3: merge each row's candidates (and its slices' log-partition shares).
     ids = torch.empty(K, N, topk, dtype=torch.long, device=dev)
     block_c = triton.next_power_of_2(num_v_blocks * topk)
-    _merge_topk_kernel[(K * N,)](cand_values, cand_ids, ids, num_v_blocks * topk, TOPK=topk, BLOCK_C=block_c,
+    _merge_topk_kernel[(K * N,)](cand_values, cand_ids, ids, temperatures, slice_max, slice_sum, logprobs,
+                                 num_v_blocks * topk, N, num_v_blocks, TOPK=topk, LOG_PARTITION=log_partition,
+                                 BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(num_v_blocks),
                                  num_warps=8 if block_c >= 2048 else 4)
-    return ids
+    return (ids, logprobs) if log_partition else ids

@@ -5,7 +5,8 @@ the benchmarks (bench/) run them at the sizes they time, so that only a kernel t
 Each `check_*` runs a Triton kernel with every `torch.empty` poisoned (`poisoned_empty`), so that an element
 the kernel forgot to write fails the comparison, and compares it with its reference: floating-point outputs
 within TOLERANCE, integer outputs and copies exactly. The `*_inputs` builders make random inputs of a given
-size. Like the rest of `kernels/`, nothing here imports the application.
+size. `counting_launches` counts the kernels a piece of code launches (so that a CPU test can pin how many
+a CUDA-graphed step replays). Like the rest of `kernels/`, nothing here imports the application.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .acceptance import accept_candidates_reference, accept_candidates_triton
+from .dynamic_tree import tree_choice_reference, tree_choice_triton, tree_layout_reference, tree_layout_triton
 from .kv_compaction import compact_kv_reference, compact_kv_triton
+from .linear import linear_reference, linear_triton
 from .medusa_heads import medusa_heads_reference, medusa_topk_triton
 from .rmsnorm import rmsnorm_reference, rmsnorm_triton
 
@@ -41,6 +46,57 @@ def poisoned_empty():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+# Aten ops that allocate without writing: no kernel runs (views are skipped by their schema).
+# (scalar_tensor: a Python number wrapped for an op, as in torch.where(c, x, -1), kept on the host.)
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "scalar_tensor"}
+
+
+class _AtenCounter(TorchDispatchMode):
+    def __init__(self, counts: Counter):
+        super().__init__()
+        self.counts, self.paused = counts, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (self.paused or func.is_view or name in _ALLOCATIONS):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting_launches():
+    """Inside the block, count what would launch a device kernel -> Counter {op: launches}: each aten op
+    that computes (views and bare allocations are free) under its name, each Triton launch as
+    "triton:<kernel>". The tensor ops a Triton launch runs itself (the CPU interpreter's copies) are not
+    counted. On any device, so a CPU test can pin how many kernels a CUDA-graphed step would replay."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    counts: Counter = Counter()
+    mode = _AtenCounter(counts)
+    originals = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+
+    def counted(run):
+        def launch(self, *args, **kwargs):
+            if not kwargs.get("warmup"):
+                counts[f"triton:{self.fn.__name__}"] += 1
+            paused, mode.paused = mode.paused, True
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                mode.paused = paused
+        return launch
+
+    for cls, run in originals.items():
+        cls.run = counted(run)
+    try:
+        with mode:
+            yield counts
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -68,6 +124,43 @@ def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None):
     rtol, atol = TOLERANCE[want.dtype]
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     return x, weight, res
+
+
+# ------------------------------------------------------------------------------------------- Linear
+
+def linear_inputs(M, N, K, dtype, device, bias=True, lead=()):
+    """Random x [*lead, M, K], weight [N, K] and bias [N] (or None) scaled like a trained layer's
+    (outputs of order 1)."""
+    x = torch.randn(*lead, M, K, device=device).to(dtype)
+    weight = (K**-0.5 * torch.randn(N, K, device=device)).to(dtype)
+    return x, weight, (0.1 * torch.randn(N, device=device)).to(dtype) if bias else None
+
+
+def check_linear(x, weight, bias=None, config=None) -> torch.Tensor:
+    """linear_triton (with `config`, else its own) == linear_reference computed in float32, within
+    TOLERANCE of x's dtype; returns the kernel's output."""
+    with poisoned_empty():
+        got = linear_triton(x, weight, bias, config=config)
+    want = linear_reference(x.float(), weight.float(), None if bias is None else bias.float())
+    assert got.dtype == x.dtype and got.shape == want.shape
+    rtol, atol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol)
+    return got
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b hold the same bits: unlike ==, tells -0.0 from 0.0 and equates identical NaNs."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def rows_differing_from_one_row_calls(fn, x: torch.Tensor, rows) -> list[int]:
+    """The rows i (of `rows`) where fn(x)[i], x [M, K] computed in one call, differs in any bit from
+    fn(x[i:i + 1])[0], row i alone: [] for a row-invariant fn."""
+    full = fn(x)
+    return [i for i in rows if not same_bits(fn(x[i:i + 1])[0], full[i])]
 
 
 # --------------------------------------------------------------------------------------- Acceptance
@@ -155,14 +248,46 @@ def assert_topk_matches(ids: torch.Tensor, logits: torch.Tensor, topk: int) -> N
     assert torch.equal(ids[clear], ref.indices[..., :topk][clear]), "ids differ where the ranking is clear"
 
 
-def check_medusa(K, L, N, D, V, shared, topk, dtype, device):
-    """medusa_topk_triton against the reference logits on random inputs (see assert_topk_matches);
-    returns the inputs (hidden, res_weight, res_bias, vocab_weight)."""
+def check_medusa(K, L, N, D, V, shared, topk, dtype, device, temperatures=None):
+    """medusa_topk_triton against the reference logits on random inputs (see assert_topk_matches); with
+    temperatures [K] also its log-probabilities, against log_softmax(logits / T) at the ids it returned
+    (so a tie that picked another id is no error). Returns the inputs (hidden, res_weight, res_bias,
+    vocab_weight)."""
     inputs = medusa_inputs(K, L, N, D, V, shared, dtype, device)
     with poisoned_empty():
-        ids = medusa_topk_triton(*inputs, topk)
-    assert_topk_matches(ids, medusa_heads_reference(*inputs), topk)
+        out = medusa_topk_triton(*inputs, topk, temperatures)
+    logits = medusa_heads_reference(*inputs)
+    ids = out if temperatures is None else out[0]
+    assert_topk_matches(ids, logits, topk)
+    if temperatures is not None:
+        want = torch.log_softmax(logits.float() / temperatures.float().view(-1, 1, 1), dim=-1).gather(-1, ids)
+        assert out[1].dtype == torch.float32 and out[1].shape == ids.shape
+        rtol, atol = TOLERANCE[dtype]  # (the logits are rounded to dtype, then tempered in float32)
+        torch.testing.assert_close(out[1], want, rtol=rtol, atol=atol)
     return inputs
+
+
+# ------------------------------------------------------------------------------------- Dynamic trees
+
+def check_tree_choice(root, head_ids, head_logprobs, ranks, num_nodes):
+    """tree_choice_triton == tree_choice_reference exactly (float32 log-probabilities); returns (tokens, nodes)."""
+    with poisoned_empty():
+        got = tree_choice_triton(root, head_ids, head_logprobs, ranks, num_nodes)
+    want = tree_choice_reference(root, head_ids, head_logprobs, ranks, num_nodes)
+    for name, g, w in zip(("tokens", "nodes"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: {g.tolist()}, reference {w.tolist()}"
+    return got
+
+
+def check_tree_layout(nodes, *tables):
+    """tree_layout_triton == tree_layout_reference exactly, every buffer; returns the buffers."""
+    with poisoned_empty():
+        got = tree_layout_triton(nodes, *tables)
+    want = tree_layout_reference(nodes, *tables)
+    names = ("attn_mask", "depths", "parents", "tree_indices", "retrieve", "children")
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: {g.tolist()}, reference {w.tolist()}"
+    return got
 
 
 # ------------------------------------------------------------------------------------ KV compaction

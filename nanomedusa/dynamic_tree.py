@@ -24,8 +24,10 @@ Fixed shapes, no host sync: N and M are fixed, so every tensor has the same shap
 retrieve rows are N, the leaves' first and -1 rows after; the child table has the superset's width), and
 the whole step, choice included, still replays as one CUDA graph with one host sync. `choose` runs in
 the step's `propose` (medusa_generation.py) and returns the chosen superset nodes beside the tokens; the
-next step lays that tree out (`layout`) before verifying it. Torch ops only: a sort of M scores and a
-few gathers of at most N x M entries, tiny next to the forward pass. Every acceptance works on the chosen
+next step lays that tree out (`layout`) before verifying it. Each is one kernel launch on CUDA
+(kernels/dynamic_tree.py, torch references elsewhere), from index tables made once here, and the heads'
+calibrated log-probabilities come from their fused top-k kernel: so a dynamic step launches as many
+kernels as a static one (`python -m bench.dynamic_trees` counts them). Every acceptance works on the chosen
 tree as on a static one; lossless sampling stays lossless, since the tree depends on the context only (the
 heads' output), never on the step's random draws.
 
@@ -38,6 +40,7 @@ Example: the superset is tree.py's example tree (M = 5), N = 4. Head 0 guesses (
          /              \
   node 3: [0,0] c  0.42   node 4: [0,1] d  0.21        (0.7 * 0.6, 0.7 * 0.3)
 
+    ranks = [[-1, -1], [0, -1], [1, -1], [0, 0], [0, 1]]   (each node's path, -1 padded: the index table)
     by (score desc, node asc): 0, 1, 3, 4 | 2   -> nodes  = [0, 1, 3, 4]   (sorted back into node order)
     tokens           = [root, a, c, d]            depths = [0, 1, 2, 2]     parents = [0, 0, 1, 1]
     attn_mask        = [[1 . . .], [1 1 . .], [1 1 1 .], [1 1 . 1]]
@@ -53,6 +56,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+from kernels.dynamic_tree import tree_choice, tree_layout
 
 from .errors import NanoMedusaError
 from .heads import HeadsConfig
@@ -76,6 +81,7 @@ class DynamicTree:
 
     superset: TreeBuffers  # the M candidate nodes, in node order (parents before children)
     num_nodes: int  # N: nodes verified each step, the root included
+    ranks: torch.Tensor  # [M, depth_max] long: each node's path (its guesses' ranks), -1 padded right
     lineage: torch.Tensor  # [M, depth_max + 1] long: root..node, -1 padded right (a node's retrieve row)
     path_order: torch.Tensor  # [M] long: each node's rank in lexicographic path order (the retrieve rows' order)
 
@@ -86,8 +92,9 @@ class DynamicTree:
         if not 1 <= num_nodes <= superset.num_nodes:
             raise NanoMedusaError(f"a dynamic tree over a superset of {superset.num_nodes} nodes verifies 1 to "
                                   f"{superset.num_nodes} of them, not {num_nodes}; pass --tree-nodes in that range.")
-        # N nodes reach at most depth N - 1: deeper superset nodes are never chosen, and the retrieve rows
-        # (so the K/V moved per step) stay within the N cache slots a step has.
+        # N nodes reach at most depth N - 1: deeper superset nodes are never chosen (each ranks after its N or
+        # more ancestors, even scored on its first N - 1 guesses only), and the retrieve rows (so the K/V moved
+        # per step) stay within the N cache slots a step has.
         depth = min(superset.depth_max, num_nodes - 1)
         node_of = {tuple(path): node for node, path in enumerate(superset.paths)}
         lineage = [[node_of[tuple(path[:d])] for d in range(min(len(path), depth) + 1)] for path in superset.paths]
@@ -95,6 +102,8 @@ class DynamicTree:
         return cls(
             superset=superset,
             num_nodes=num_nodes,
+            ranks=torch.tensor([path[:depth] + [-1] * (depth - len(path[:depth])) for path in superset.paths],
+                               dtype=torch.long, device=device).view(superset.num_nodes, depth),
             lineage=torch.tensor([line + [-1] * (depth + 1 - len(line)) for line in lineage], device=device),
             path_order=torch.tensor(by_path, device=device).argsort(),
         )
@@ -133,47 +142,30 @@ class DynamicTree:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "num_nodes"}
         return replace(self, **moved)
 
-    def scores(self, head_logprobs: torch.Tensor) -> torch.Tensor:
-        """head_logprobs [K, k] (each head's top-k calibrated log-probabilities, best first) -> each superset
-        node's log score [M]: the sum of its path's log-probabilities, the root's 0."""
-        # A node's own log-probability sits where `candidate_tokens` would put its token (the root's is 0).
-        own = self.superset.candidate_tokens(head_logprobs.new_zeros(()), head_logprobs.clamp(max=0))  # [M]
-        score = own
-        for _ in range(self.superset.depth_max - 1):  # after d rounds, the nodes up to depth d + 1 are summed
-            score = score.index_select(0, self.superset.parents) + own
-        return score
-
     def choose(self, root: torch.Tensor, head_ids: torch.Tensor, head_logprobs: torch.Tensor):
         """root [] (the base model's next token), head_ids and head_logprobs [K, k] (each head's top-k tokens
         and their calibrated log-probabilities, best first) -> this step's tree: its tokens [N] and the
-        superset nodes they sit on [N], in node order."""
-        # stable: equal scores keep node order, so a parent ranks before its children (module docstring)
-        best = torch.sort(self.scores(head_logprobs), descending=True, stable=True).indices[: self.num_nodes]
-        nodes = best.sort().values  # [N] node order: parents before children, the root first
-        return self.superset.candidate_tokens(root, head_ids).index_select(0, nodes), nodes
+        superset nodes they sit on [N], in node order. One launch on CUDA (`kernels.dynamic_tree.tree_choice`)."""
+        return tree_choice(root, head_ids, head_logprobs, self.ranks, self.num_nodes)
 
     def layout(self, nodes: torch.Tensor) -> TreeBuffers:
         """The chosen superset nodes [N] (from `choose`) -> the step tree's buffers, with fixed shapes:
         retrieve_indices [N, depth_max + 1] (the leaves' rows in `TreeBuffers.from_choices`' order, then
-        -1 rows) and child_index [N, C] (C the superset's width; the chosen children come first)."""
-        s, N = self.superset, self.num_nodes
-        # superset node -> its index in this tree, -1 if not chosen; the extra last entry maps the -1 padding
-        # of the superset's tables (read as index -1) to -1 too.
-        index = torch.full((s.num_nodes + 1,), -1, dtype=torch.long, device=nodes.device)
-        index[nodes] = torch.arange(N, device=nodes.device)
-        children = index[s.child_index.index_select(0, nodes)]  # [N, C]
-        is_leaf = (children < 0).all(dim=1)  # [N] (only a root-only tree's root is a leaf and a root)
-        rows = torch.where(is_leaf, self.path_order[nodes], s.num_nodes).sort(stable=True).indices  # leaves first
-        retrieve = torch.where(is_leaf[rows, None], index[self.lineage.index_select(0, nodes[rows])], -1)
+        -1 rows) and child_index [N, C] (C the superset's width; the chosen children come first: a head's
+        guesses come best first, so a node's chosen children are its first ones). One launch on CUDA
+        (`kernels.dynamic_tree.tree_layout`)."""
+        s = self.superset
+        attn_mask, depths, parents, tree_indices, retrieve, children = tree_layout(
+            nodes, s.parents, s.depths, s.tree_indices, s.child_index, self.lineage, self.path_order)
         return TreeBuffers(
             paths=None,  # not known on the host
-            num_nodes=N,
+            num_nodes=self.num_nodes,
             depth_max=self.depth_max,
             topk=s.topk,
-            attn_mask=s.attn_mask.index_select(0, nodes).index_select(1, nodes),  # [N, N]
-            depths=s.depths.index_select(0, nodes),
-            parents=index[s.parents.index_select(0, nodes)],
-            tree_indices=s.tree_indices.index_select(0, nodes),
+            attn_mask=attn_mask,  # [N, N]
+            depths=depths,
+            parents=parents,
+            tree_indices=tree_indices,
             retrieve_indices=retrieve,
             child_index=children,
         )

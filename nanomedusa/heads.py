@@ -90,7 +90,7 @@ class MedusaHeads(nn.Module):
 
         self.medusa_head = nn.ModuleList(head() for _ in range(config.num_heads))
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
-        self._temperatures = None  # [K, 1, 1] float32 on the heads' device, see `topk_logprobs`
+        self._temperatures = None  # (device, values) and those values [K] float32 there, see `topk_logprobs`
 
     @classmethod
     def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model=""):
@@ -139,15 +139,14 @@ class MedusaHeads(nn.Module):
     @torch.no_grad()
     def topk_logprobs(self, hidden, k: int, lm_head_weight=None):
         """hidden [N, dim] -> each head's top-k token ids [K, N, k] and their calibrated log-probabilities
-        [K, N, k], log softmax(logits / T) with T the head's temperature (best first; dynamic_tree.py scores
-        its nodes with them). Unlike `topk` this makes the whole logits, [K, N, vocab]: at decoding's N = 1,
-        K rows."""
-        logits = self(hidden, lm_head_weight)  # [K, N, V] float32
-        if self._temperatures is None or self._temperatures.device != logits.device:
+        [K, N, k] float32, log softmax(logits / T) with T the head's temperature (best first; dynamic_tree.py
+        scores its nodes with them). On CUDA the fused kernel gathers each row's log-partition in the same
+        pass as its top-k, without making the [K, N, vocab] logits."""
+        key = (hidden.device, tuple(self.config.temperatures()))
+        if self._temperatures is None or self._temperatures[0] != key:
             # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured.
-            self._temperatures = torch.tensor(self.config.temperatures(), device=logits.device).view(-1, 1, 1)
-        top = torch.log_softmax(logits / self._temperatures, dim=-1).topk(k, dim=-1)
-        return top.indices, top.values
+            self._temperatures = key, torch.tensor(key[1], dtype=torch.float32, device=hidden.device)  # [K]
+        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k, self._temperatures[1])
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)

@@ -23,7 +23,7 @@ from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
-from nanomedusa.tree import TreeBuffers
+from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 from nanomedusa.training.data import load_conversations, split_train_eval
 from tests.test_medusa import one_thread  # noqa: F401 (a fixture)
 from tests.test_tree import random_tree
@@ -108,6 +108,7 @@ def test_layout_equals_the_static_buffers_of_the_chosen_paths():
 def test_docstring_example_exactly():
     tree = DynamicTree.from_choices([[0], [1], [0, 0], [0, 1]], 4)
     ids = torch.tensor([[10, 11], [12, 13]])  # a, b; c, d
+    assert tree.ranks.tolist() == [[-1, -1], [0, -1], [1, -1], [0, 0], [0, 1]]
     tokens, nodes = tree.choose(torch.tensor(99), ids, torch.tensor([[0.7, 0.2], [0.6, 0.3]]).log())
     assert nodes.tolist() == [0, 1, 3, 4] and tokens.tolist() == [99, 10, 12, 13]
     step = tree.layout(nodes)
@@ -145,6 +146,25 @@ def test_acceptance_on_a_dynamic_layout_equals_the_static_trees(kernel):
         got = walk(probs, tokens, step.child_index, step.retrieve_indices, uniforms)
         want = walk(probs, tokens, static.child_index, static.retrieve_indices, static_uniforms)
         assert [t.item() for t in got] == [t.item() for t in want], case
+
+
+def test_a_dynamic_proposal_launches_no_more_kernels_than_a_static_one(tiny):
+    """Pinned, so that the choice's launches do not creep back. On the Triton kernels (what a GPU's step graph
+    replays), a dynamic tree's proposal and layout launch the heads' L + 2 kernels (their top-k with the
+    log-partition), one choice and one layout; a static tree's proposal the same heads' kernels and two torch
+    ops laying its tokens out. (With the torch log-softmax and choice: 47 + 21 kernels, against 6.)"""
+    import kernels
+    from bench.dynamic_trees import proposal_kernels
+
+    root, model = tiny
+    heads = MedusaHeads.load(root / "heads", model.config).eval()
+    config = heads.config
+    kernels.set_backend("triton")  # (the conftest fixture restores the backend)
+    for nodes in (2, 16):
+        static = TreeBuffers.from_choices(tree_from_head_accuracies(config.rank_accuracies(), nodes - 1))
+        static_kernels, dynamic_kernels = proposal_kernels(model, heads, static, DynamicTree.for_heads(config, nodes))
+        assert static_kernels == config.num_layers + 4
+        assert dynamic_kernels <= config.num_layers + 4, dynamic_kernels
 
 
 def test_budget_out_of_range_is_a_clear_error():
@@ -284,4 +304,5 @@ def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):
     assert [(r["nodes"], r["tree"]) for r in rows] == [(2, "static"), (2, "dynamic"), (5, "static"), (5, "dynamic")]
     assert all(r["mean_accepted"] >= 1 and r["step_ms"] > 0 and math.isfinite(r["tokens_per_s"]) for r in rows)
     assert all(r["same_as_static"] == 2 for r in rows if r["tree"] == "dynamic")  # greedy: the same text
+    assert all(r["proposal_kernels"] > 0 for r in rows)
     assert "| 5 | dynamic |" in printed.getvalue()

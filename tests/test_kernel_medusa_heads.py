@@ -4,6 +4,8 @@ Without a GPU the kernels run in Triton's CPU interpreter (fp32 and fp16; bf16 o
 is broken in the interpreter). The ids are checked through the reference logits: the logits at the
 returned ids must be the reference's top-k values, and the ids themselves must match wherever the
 reference's ranking has no near-ties (`assert_topk_matches`). Buffers are poisoned before each run.
+With the heads' temperatures the kernels also return log softmax(logits / T) at those ids, from each
+row's log-partition gathered in the same vocab pass: checked against the reference's full logits.
 """
 
 import os
@@ -19,7 +21,7 @@ import pytest  # noqa: E402
 
 from kernels import medusa_heads  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
-from kernels.testing import assert_topk_matches, check_medusa, medusa_inputs  # noqa: E402
+from kernels.testing import assert_topk_matches, check_medusa, medusa_inputs, poisoned_empty  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -84,3 +86,60 @@ def test_bad_inputs_name_the_fix():
         medusa_heads.medusa_topk_triton(hidden, res_w, res_b, vocab[:, :, :39], 4)
     with pytest.raises(KernelInputError, match="stacked weights"):
         medusa_heads.medusa_topk_triton(hidden, res_w[:, :, :39], res_b, vocab, 4)
+
+
+# --- calibrated log-probabilities: the log-partition of the tempered logits, in the same vocab pass ------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K, L, N, D, V, shared, topk", [
+    (3, 1, 1, 40, 300, True, 10),    # decode: one row, three 128-wide slices, the last with 44 real columns
+    (3, 1, 1, 40, 257, False, 10),   # per-head vocab weights
+    (2, 2, 3, 96, 130, False, 16),   # two ResBlocks, three rows per head
+    (3, 0, 6, 40, 200, True, 3),     # no ResBlocks; 18 shared rows span two tiles
+])
+def test_log_probabilities_match_reference(K, L, N, D, V, shared, topk, dtype):
+    temperatures = torch.tensor([0.7, 1.9, 1.3][:K], device=DEVICE)
+    check_medusa(K, L, N, D, V, shared, topk, dtype, DEVICE, temperatures)
+
+
+def test_log_probabilities_over_widened_slices(monkeypatch):
+    # Widened slices (fewer, wider programs) combine fewer log-partition shares, and so do 1-slice vocabularies.
+    monkeypatch.setattr(medusa_heads, "MAX_CANDIDATES", 8)
+    check_medusa(2, 1, 1, 40, 257, False, 4, torch.float32, DEVICE, torch.tensor([0.5, 2.0], device=DEVICE))
+    check_medusa(2, 1, 1, 40, 100, True, 4, torch.float32, DEVICE, torch.tensor([1.0, 3.0], device=DEVICE))
+
+
+def test_reference_log_probabilities_are_the_tempered_log_softmax():
+    inputs = medusa_inputs(3, 1, 2, 40, 300, True, torch.float32, DEVICE)
+    temperatures = torch.tensor([0.7, 1.9, 1.3], device=DEVICE)
+    ids, logprobs = medusa_heads.medusa_topk_reference(*inputs, 5, temperatures)
+    logits = medusa_heads.medusa_heads_reference(*inputs)
+    want = torch.log_softmax(logits / temperatures[:, None, None], dim=-1).topk(5, dim=-1)
+    assert torch.equal(ids, want.indices) and torch.equal(logprobs, want.values)
+    assert torch.equal(ids, medusa_heads.medusa_topk_reference(*inputs, 5))  # a temperature reorders nothing
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_heads_topk_logprobs_on_the_kernels_equal_the_tempered_log_softmax(shared):
+    # MedusaHeads.topk_logprobs through the Triton kernels (no [K, N, V] logits) against its old definition,
+    # log_softmax(logits / T).topk of the heads' whole logits.
+    import kernels
+    from nanomedusa.heads import HeadsConfig, MedusaHeads
+
+    config = HeadsConfig(3, 1, 40, 300, shared, medusa_temperatures=[0.8, 1.7, 1.2])
+    heads = MedusaHeads(config).to(DEVICE).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape) * 40**-0.5)
+    lm_head = torch.randn(300, 40, device=DEVICE) * 40**-0.5
+    hidden = torch.randn(2, 40, device=DEVICE)
+    kernels.set_backend("triton")  # (the conftest fixture restores the backend)
+    with poisoned_empty():
+        ids, logprobs = heads.topk_logprobs(hidden, 6, lm_head)
+    with torch.no_grad():
+        logits = heads(hidden, lm_head)
+    want = torch.log_softmax(logits / torch.tensor(config.medusa_temperatures, device=DEVICE)[:, None, None], -1)
+    assert_topk_matches(ids, logits, 6)
+    torch.testing.assert_close(logprobs, want.gather(-1, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logprobs, want.topk(6, dim=-1).values, rtol=1e-5, atol=1e-5)
