@@ -25,9 +25,9 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 
 import torch
 
-import kernels
-from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_kernels, check_positive,
-                            check_sampling, check_seed, check_text, run_reporting_errors)
+from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
+                            check_positive, check_sampling, check_seed, check_text, run_reporting_errors,
+                            use_kernels)
 from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true",
                    help="run plain decoding and Medusa on the prompt, each warmed up untimed first, and print their "
                         "prefill and decode times and the speedup")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="kernel backend")
+    add_kernel_flags(p)
     p.add_argument("--quiet", action="store_true", help="do not stream the text")
     p.add_argument("--verbose", action="store_true", help="print where the time goes: imports, load, first-call setup, prefill, decode")
     return p.parse_args(argv)
@@ -199,7 +199,7 @@ def check_args(args) -> None:
     check_positive({"--posterior-threshold": args.posterior_threshold})
     check_sampling(args.temperature, args.top_p, args.top_k)
     check_seed(args.seed)
-    check_kernels(args.kernels, resolve_device(args.device))
+    check_kernels(args.kernels, resolve_device(args.device), args.exact)
     check_input_dir("--medusa", args.medusa)
     if args.tree_nodes is not None and args.tree != "dynamic":
         raise NanoMedusaError("--tree-nodes sizes a dynamic tree; add --tree dynamic, or drop --tree-nodes.")
@@ -210,7 +210,7 @@ def check_args(args) -> None:
 
 def run(args) -> None:
     check_args(args)
-    kernels.set_backend(args.kernels)
+    use_kernels(args.kernels, args.exact, resolve_device(args.device))
     imported = time.perf_counter()
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)

@@ -53,8 +53,8 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from nanomedusa.cli import ArgumentParser, check_at_least, check_kernels, check_output_file, run_reporting_errors
+from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_kernels, check_output_file,
+                            run_reporting_errors, use_kernels)
 from nanomedusa.decoder import Decoder, sync
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import GenerationResult, generate
@@ -81,10 +81,10 @@ def parse_args(argv=None):
                    help="checkpoint dir, .gguf or hub id (default: the built-in default model)")
     p.add_argument("--device", default="cuda", help="cpu, cuda (default), cuda:N or auto")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32 or auto")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
-                   help="kernel backend (default auto: Triton on CUDA)")
-    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
-                   help="JSONL file of {\"id\", \"prompt\"} (default bench/prompts-train-mix.jsonl)")
+    add_kernel_flags(p)
+    p.add_argument("--prompts", type=Path, nargs="+", default=[DEFAULT_PROMPTS], metavar="FILE",
+                   help="JSONL files of {\"id\", \"prompt\"}, their prompts run in order "
+                        "(default bench/prompts-train-mix.jsonl)")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
     p.add_argument("--heads", action="append", default=[], metavar="[LABEL=]HEADS_DIR[@MODEL_DIR]",
@@ -315,14 +315,14 @@ def check_args(args) -> None:
     check_output_file("--step-times", args.step_times)
     for path in args.sampling or ():
         read_prompts(path, args.num_prompts)  # a missing or malformed prompt file fails now
-    check_kernels(args.kernels, resolve_device(args.device))
+    check_kernels(args.kernels, resolve_device(args.device), args.exact)
 
 
 def run(args) -> None:
     """Every part the flags ask for, in order; the JSON file is rewritten after each."""
     check_args(args)
-    kernels.set_backend(args.kernels)
     device = resolve_device(args.device)
+    use_kernels(args.kernels, args.exact, device)
     dtype = resolve_dtype(args.dtype, device)
     results = {"meta": metadata(args, device, dtype)}
     say(f"[bench] {results['meta']['device']}, torch {torch.__version__}, {results['meta']['dtype']}")

@@ -7,6 +7,7 @@
 #   bash bench/gpu_run.sh sizes     # step time against tree size, then the warm-up heads' tree sized to it
 #   bash bench/gpu_run.sh joint     # Medusa-2: LoRA backbone + heads from the warm-up heads, then their tree
 #   bash bench/gpu_run.sh bench     # end-to-end benchmark on the three bench prompt sets, 7B-shaped steps
+#   bash bench/gpu_run.sh exact     # --exact: greedy Medusa = plain greedy on 108 prompts x 256 tokens, and its cost
 #
 # Data: the chat prompts (PROMPTS_CHAT, default ../shared/data/prompts-chat-train.jsonl) are answered with
 # up to CHAT_TOKENS (512) new tokens, the math-heavy prompts (PROMPTS_MATH, default
@@ -18,7 +19,8 @@
 # with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N prompts of
 # each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
-# JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep).
+# JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep), and for the exact
+# stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS_CHAT=${PROMPTS_CHAT:-../shared/data/prompts-chat-train.jsonl}
@@ -86,8 +88,22 @@ case "${1:-}" in
             | tee "$OUT/bench-$set.txt"
     done
     ;;
+  exact)  # the shipped heads (HEADS_DIRS overrides), bf16: same text as plain greedy on all four bench sets
+          # (108 prompts, 256 tokens, three trees), then the cost of --exact on the held-out chat set, the
+          # 7B shape's steps with and without it, and the linear kernel's bandwidth per matrix
+    read -r -a SHIPPED <<< "${HEADS_DIRS:---heads m1=weights/smollm2-135m-instruct-medusa --heads m2=weights/smollm2-135m-instruct-medusa2}"
+    python -m bench.decode $MODEL_FLAG "${SHIPPED[@]}" --exact --max-new-tokens 256 --no-hf --skip-7b --quick-warmup \
+        --prompts bench/prompts-chat-heldout.jsonl bench/prompts-chat.jsonl bench/prompts-train-mix.jsonl \
+        bench/prompts-extra.jsonl --json "$OUT/results-exact.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench-exact.txt"
+    for flag in --no-exact --exact; do
+        python -m bench.decode $MODEL_FLAG "${SHIPPED[@]}" $flag --tree own --prompts bench/prompts-chat-heldout.jsonl \
+            --no-hf --skip-7b --json "$OUT/results-chat-heldout$flag.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench-chat$flag.txt"
+    done
+    python -m bench.decode --skip-e2e --no-medusa --json "$OUT/results-7b.json" ${BENCH_7B_FLAGS:-} 2>&1 | tee "$OUT/bench-7b.txt"
+    python -m bench.linear --json "$OUT/linear.json" ${LINEAR_FLAGS:-} 2>&1 | tee "$OUT/bench-linear.txt"
+    ;;
   *)
-    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench" >&2
+    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench|exact" >&2
     exit 2
     ;;
 esac

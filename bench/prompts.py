@@ -52,10 +52,13 @@ def read_prompts(path: Path, limit: int | None) -> list[tuple[str, str, str | No
     return out[:limit]
 
 
-def chat_prompts(tokenizer: Tokenizer, path: Path, limit: int | None) -> list[Prompt]:
-    """The prompts of a JSONL file (`read_prompts`), each rendered with the chat template and tokenized."""
+def chat_prompts(tokenizer: Tokenizer, paths: Path | list[Path], limit: int | None) -> list[Prompt]:
+    """The prompts of one JSONL file or of several in order (`read_prompts`), the first `limit` of them all,
+    each rendered with the chat template and tokenized."""
+    paths = [paths] if isinstance(paths, (str, Path)) else paths
+    records = [record for path in paths for record in read_prompts(Path(path), limit)][:limit]
     return [Prompt(i, tokenizer.encode_chat([{"role": "user", "content": text}]), category)
-            for i, text, category in read_prompts(path, limit)]
+            for i, text, category in records]
 
 
 def warmup_prompts(prompts: list[Prompt], quick: bool) -> list[Prompt]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+import kernels
+
 
 def say(message: str) -> None:
     print(message, flush=True)
@@ -56,7 +58,7 @@ def metadata(args, device: torch.device, dtype: torch.dtype) -> dict:
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "dtype": str(dtype).removeprefix("torch."),
-            "kernels": args.kernels,
+            "kernels": args.kernels, "row_invariant": kernels.row_invariant(),
             "args": json.loads(json.dumps(vars(args), default=str))}  # paths (--sampling's too) as strings
 
 

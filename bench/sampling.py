@@ -42,7 +42,7 @@ def bench_sampling(args, device, dtype) -> dict:
                                                            eos_ids=eos, generator=gen),
     }
     sets = {}
-    for path in args.sampling or [args.prompts]:
+    for path in args.sampling or args.prompts:
         prompts = chat_prompts(tokenizer, path, args.num_prompts)
         seeds = {tuple(p.ids): seed for seed, p in enumerate(prompts)}
         say(f"[sampling] {path.stem}: {len(prompts)} prompts, {spec.label} heads, tree {tree_label}")

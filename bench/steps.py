@@ -17,6 +17,8 @@ import statistics
 
 import torch
 
+import kernels
+
 from nanomedusa.config import ModelConfig
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
@@ -110,7 +112,7 @@ def step_ms(model: Transformer, prefix: int, tree: TreeBuffers | None, reps: int
     """One CUDA-graphed forward of T new tokens (1 for decode, else the tree's nodes) after `prefix`
     cached ones, lm_head included: the median milliseconds of `reps` replays."""
     device = model.device
-    mask = tree.attn_mask if tree else torch.ones(1, 1, dtype=torch.bool, device=device)  # [T, T]
+    mask = tree.attn_mask if tree else None  # [T, T], or causal
     depths = tree.depths if tree else torch.zeros(1, dtype=torch.long, device=device)  # [T]
 
     def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]
@@ -133,7 +135,10 @@ def step_trees(medusa: list[dict]) -> list[tuple[str, list[list[int]]]]:
 
 @torch.inference_mode()
 def bench_7b(args, device, dtype, medusa: list[dict]) -> dict:
-    """Step times of a random 7B-shaped model, its bandwidth floor and the projected Medusa speedup."""
+    """Step times of a random 7B-shaped model, its bandwidth floor and the projected Medusa speedup.
+
+    Every step is timed twice: with cuBLAS linear layers and the default attention, and with the
+    row-invariant kernels (`--exact`; on a GPU only). "ms" is the run's own setting (--exact or not)."""
     trees = [(label, TreeBuffers.from_choices(paths, device=device)) for label, paths in step_trees(medusa)]
     prefix = args.big_prefix
     cache_len = max(2048, prefix + max(t.num_nodes for _, t in trees)) + 128
@@ -142,13 +147,25 @@ def bench_7b(args, device, dtype, medusa: list[dict]) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"[7b] {weight_bytes / 1e9:.2f} GB of weights; prefill of {prefix} tokens, cache of {cache_len}")
     model.forward_hidden(torch.randint(args.big_vocab, (1, prefix), device=device), prefix_len=0)
-    decode = step_ms(model, prefix, None, args.big_reps)
-    say(f"[7b] decode step (T = 1): {decode:.3f} ms")
+    chosen = kernels.row_invariant()
+    modes = {"default": False, "exact": True} if device.type == "cuda" else {"default": chosen}
+    steps = [("decode", None)] + [(f"tree {label}", tree) for label, tree in trees]
+    times = {}  # (step label, mode) -> ms
+    try:
+        for mode, flag in modes.items():
+            kernels.set_row_invariant(flag)
+            for label, tree in steps:
+                times[label, mode] = step_ms(model, prefix, tree, args.big_reps)
+                say(f"[7b] {label} (T = {tree.num_nodes if tree else 1}), {mode} kernels: {times[label, mode]:.3f} ms")
+    finally:
+        kernels.set_row_invariant(chosen)
+    mine = "exact" if chosen and "exact" in modes else "default"
+    decode = times["decode", mine]
     tree_steps, tree_ms = [], {}
-    for label, tree in trees:
-        ms = tree_ms[tree_key(tree.paths[1:])] = step_ms(model, prefix, tree, args.big_reps)
-        say(f"[7b] tree step {label} (T = {tree.num_nodes}): {ms:.3f} ms")
-        tree_steps.append({"tree": label, "nodes": tree.num_nodes, "ms": ms, "vs_decode": ms / decode})
+    for (label, tree) in steps[1:]:
+        ms = tree_ms[tree_key(tree.paths[1:])] = times[label, mine]
+        tree_steps.append({"tree": label.removeprefix("tree "), "nodes": tree.num_nodes, "ms": ms,
+                           "vs_decode": ms / decode, "ms_by_kernels": {m: times[label, m] for m in modes}})
     del model
     free_memory(device)
     bandwidth = copy_bandwidth(device, args.copy_mib << 20, samples=args.big_reps)
@@ -166,17 +183,24 @@ def bench_7b(args, device, dtype, medusa: list[dict]) -> dict:
                        "n_heads": args.big_heads, "n_kv_heads": args.big_kv_heads,
                        "intermediate_size": args.big_ffn},
             "prefix": prefix, "cache_len": cache_len, "reps": args.big_reps, "weight_bytes": weight_bytes,
-            "decode_ms": decode, "tree_steps": tree_steps, "copy_bytes": 2 * (args.copy_mib << 20),
+            "kernels": mine, "decode_ms": decode, "decode_ms_by_kernels": {m: times["decode", m] for m in modes},
+            "tree_steps": tree_steps, "copy_bytes": 2 * (args.copy_mib << 20),
             "copy_bandwidth_bytes_per_s": bandwidth, "floor_ms": floor, "decode_vs_floor": decode / floor,
             "projected": projected}
 
 
 def print_7b_tables(big: dict) -> None:
-    rows = [["decode", 1, big["decode_ms"], 1.0]] + [
-        [f"tree {s['tree']}", s["nodes"], s["ms"], s["vs_decode"]] for s in big["tree_steps"]]
-    rows.append(["floor: weights / copy bandwidth", "-", big["floor_ms"], big["floor_ms"] / big["decode_ms"]])
-    print_table(f"7B-shaped steps (prefix {big['prefix']}, lm_head included, CUDA graphs, median of {big['reps']})",
-                ["step", "T", "ms", "vs decode"], rows)
+    modes = list(big["decode_ms_by_kernels"])
+    by_mode = {m: [big["decode_ms_by_kernels"][m]] + [s["ms_by_kernels"][m] for s in big["tree_steps"]] for m in modes}
+    rows = [[label, nodes] + [f"{by_mode[m][i]:.3f} ({by_mode[m][i] / by_mode[m][0]:.2f}x)" for m in modes]
+            + ([f"{by_mode['exact'][i] / by_mode['default'][i]:.3f}x"] if "exact" in modes else [])
+            for i, (label, nodes) in enumerate([("decode", 1)] + [(f"tree {s['tree']}", s["nodes"])
+                                                                  for s in big["tree_steps"]])]
+    rows.append(["floor: weights / copy bandwidth", "-"] + [f"{big['floor_ms']:.3f} "
+                 f"({big['floor_ms'] / by_mode[m][0]:.0%} of decode)" for m in modes] + ["-"] * ("exact" in modes))
+    print_table(f"7B-shaped steps (prefix {big['prefix']}, lm_head included, CUDA graphs, median of {big['reps']}): "
+                f"ms (vs decode)", ["step", "T"] + [f"{m} kernels" for m in modes]
+                + ["exact / default"] * ("exact" in modes), rows)
     if big["projected"]:
         print_table("Projected Medusa speedup on the 7B shape (mean accepted x t_decode / t_tree)",
                     ["heads", "tree", "T", "mean accepted", "tree ms", "speedup"],

@@ -1,19 +1,25 @@
 """Benchmark of the tree-attention kernel against the torch reference and PyTorch SDPA, timed as a
 decode step pays for it: every layer's call in one CUDA graph, every layer reading its own cache.
 
-    python -m bench.tree_attention [--quick] [--out FILE.json]     # on a CUDA machine
-    TRITON_INTERPRET=1 python -m bench.tree_attention --smoke      # without a GPU: untimed
+    python -m bench.tree_attention [--quick] [--row-invariant] [--out FILE.json]   # on a CUDA machine
+    TRITON_INTERPRET=1 python -m bench.tree_attention --smoke                     # without a GPU: untimed
 
 Shapes: attention layers like Llama-2-7B (32 layers; 32 query heads, GQA 32/8 and MHA 32/32,
 head_dim 128, 2048 cached tokens) and like SmolLM2-135M (30 layers; 9/3 heads, head_dim 64, 512 cached
-tokens), batch 1, bf16, T in {1, 16, 64} new tokens under a causal tree mask (the kernel's cost does not
-depend on the mask's shape). The caches hold exactly S = prefix + T slots, so the whole cache is read.
+tokens), batch 1, bf16, T in {1, 16, 64} new tokens: a plain decode (T = 1, tree_mask None) or the first T
+nodes of the Medusa tree mc_sim_7b_63 (the default kernel's cost does not depend on the mask's shape, the
+row-invariant mode's does: it gathers the keys of every node whose ancestors are not contiguous). The
+caches hold exactly S = prefix + T slots, so the whole cache is read. --row-invariant instead times the
+default kernel against its row-invariant mode only, on the 7B GQA and SmolLM2 layers at prefixes
+RI_PREFIXES, for a decode and a 64-node tree.
 
 Implementations: `triton` (the split-K heuristic, prefix_len a Python int), `triton 0-d prefix` (the
 same with prefix_len a 0-d device tensor, as the engine calls it under CUDA graphs: the grid is then
 sized on S), `triton split N` for N in SPLITS (the table shows the fastest as `triton best`, and a
 sweep section lists them all beside the heuristic's pick: that is what tunes the heuristic),
-`torch reference`, and `torch SDPA` with a dense bool mask [T, S] built once outside the timed region.
+`triton row-invariant` (row_invariant=True, 0-d prefix: what the engine runs under
+kernels.set_row_invariant(True)), `torch reference`, and `torch SDPA` with a dense bool mask [T, S] built
+once outside the timed region.
 
 Method, in order:
   1. Correctness: every implementation on fresh random bf16 inputs of each case against the reference
@@ -56,6 +62,7 @@ import triton
 from kernels.testing import rel_error, tree_attention_inputs
 from kernels.tree_attention import split_heuristic, tree_attention_reference, tree_attention_triton
 from nanomedusa.cli import ArgumentParser
+from nanomedusa.tree import PRESETS, TreeBuffers
 
 from .report import save
 from .timer import capture_graph, copy_bandwidth, time_ms
@@ -77,6 +84,14 @@ SHAPES = [
     Shape("SmolLM2 9/3", 9, 3, 64, 512, 30),
 ]
 NEW_TOKENS = (1, 16, 64)
+# --row-invariant: decode and a 64-node tree at these prefixes, off the mode's 256-key chunk boundaries: its
+# per-token programs re-read the chunk's keys before the prefix end (none at a multiple of 256, the best case),
+# and at 250 and 1000 the tree's slots run into the next chunk too.
+RI_PREFIXES = (250, 1000, 4000)
+RI_SHAPES = [Shape(f"{name} L={p}", h, kv, d, p, n) for name, h, kv, d, n in
+             [("7B GQA", 32, 8, 128, 32), ("SmolLM2", 9, 3, 64, 30)] for p in RI_PREFIXES]
+RI_NEW_TOKENS = (1, 64)
+TREE = "mc_sim_7b_63"  # T > 1 new tokens are this tree's first T nodes
 SPLITS = (1, 2, 4, 8, 16, 32)
 MAX_REL_ERROR = 1e-2  # bf16 inputs
 # The input sets of one graph hold at least this many times the L2: a cyclic walk over them finds
@@ -86,8 +101,15 @@ WORKING_SET_L2 = 4
 REPS = {"full": (100.0, 20, 25.0), "quick": (20.0, 8, 10.0)}
 
 SMOKE_SHAPE = Shape("tiny 4/2", 4, 2, 16, 9, 2)
-SMOKE_NEW_TOKENS = (1, 3)
+SMOKE_NEW_TOKENS = (1, 5)  # 5 nodes: node 3 (path [1]) has its ancestors apart
 SMOKE_MAX_REL_ERROR = 1e-5  # float32 inputs
+
+
+def medusa_tree_mask(T: int, device) -> torch.Tensor:
+    """The ancestor mask [T, T] of the first T nodes of the TREE preset (T <= 64; T = 1: the root alone)."""
+    if T == 1:
+        return torch.ones(1, 1, dtype=torch.bool, device=device)
+    return TreeBuffers.from_choices(PRESETS[TREE][:T - 1], device=device).attn_mask
 
 
 def dense_mask(prefix_len: int, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
@@ -114,6 +136,11 @@ class LayerInputs(NamedTuple):
     def n_sets(self) -> int:
         return len(self.q)
 
+    @property
+    def call_mask(self) -> torch.Tensor | None:
+        """The tree_mask argument as the engine passes it: None (causal) for a plain decode."""
+        return None if self.tree_mask.shape[0] == 1 else self.tree_mask
+
 
 def layer_inputs(q, k_caches, v_caches, prefix_len: int, tree_mask) -> LayerInputs:
     q, k_caches, v_caches = list(q), list(k_caches), list(v_caches)
@@ -123,11 +150,11 @@ def layer_inputs(q, k_caches, v_caches, prefix_len: int, tree_mask) -> LayerInpu
 
 
 def make_layer_inputs(shape: Shape, T: int, n_sets: int, dtype: torch.dtype, device) -> LayerInputs:
-    """n_sets random input sets of `shape` with T new tokens (see LayerInputs)."""
+    """n_sets random input sets of `shape` with T new tokens, the first T nodes of TREE (see LayerInputs)."""
     sets = [tree_attention_inputs(shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.prefix_len, T, dtype,
                                   device) for _ in range(n_sets)]
-    q, k, v, prefix_len, tree_mask = zip(*sets)
-    return layer_inputs(q, k, v, prefix_len[0], tree_mask[0])
+    q, k, v, prefix_len, _ = zip(*sets)
+    return layer_inputs(q, k, v, prefix_len[0], medusa_tree_mask(T, device))
 
 
 def bytes_per_call(shape: Shape, T: int, dtype: torch.dtype) -> int:
@@ -151,23 +178,27 @@ def sdpa_attention(q, k_cache, v_cache, mask):
 
 
 def _triton_split(n: int) -> Callable[[LayerInputs, int], torch.Tensor]:
-    return lambda x, i: tree_attention_triton(x.q[i], x.k_cache[i], x.v_cache[i], x.prefix_len, x.tree_mask,
+    return lambda x, i: tree_attention_triton(x.q[i], x.k_cache[i], x.v_cache[i], x.prefix_len, x.call_mask,
                                               num_splits=n)
 
 
+ROW_INVARIANT = "triton row-invariant"
 # name -> call i of a LayerInputs. Every one is graph-capturable: no host sync, fixed shapes.
 IMPLEMENTATIONS: dict[str, Callable[[LayerInputs, int], torch.Tensor]] = {
-    "triton": lambda x, i: tree_attention_triton(x.q[i], x.k_cache[i], x.v_cache[i], x.prefix_len, x.tree_mask),
+    "triton": lambda x, i: tree_attention_triton(x.q[i], x.k_cache[i], x.v_cache[i], x.prefix_len, x.call_mask),
     "triton 0-d prefix": lambda x, i: tree_attention_triton(x.q[i], x.k_cache[i], x.v_cache[i],
-                                                            x.prefix_tensor, x.tree_mask),
+                                                            x.prefix_tensor, x.call_mask),
     **{f"triton split {n}": _triton_split(n) for n in SPLITS},
+    ROW_INVARIANT: lambda x, i: tree_attention_triton(x.q[i], x.k_cache[i], x.v_cache[i], x.prefix_tensor,
+                                                      x.call_mask, row_invariant=True),
     "torch reference": lambda x, i: tree_attention_reference(x.q[i], x.k_cache[i], x.v_cache[i], x.prefix_len,
-                                                             x.tree_mask),
+                                                             x.call_mask),
     "torch SDPA": lambda x, i: sdpa_attention(x.q[i], x.k_cache[i], x.v_cache[i], x.sdpa_mask),
 }
+RI_IMPLEMENTATIONS = {name: IMPLEMENTATIONS[name] for name in ("triton 0-d prefix", ROW_INVARIANT)}
 SPLIT_NAMES = {n: f"triton split {n}" for n in SPLITS}
 BEST = "triton best"  # derived row: the fastest of the split sweep
-TABLE_ROWS = ("triton", "triton 0-d prefix", BEST, "torch reference", "torch SDPA")
+TABLE_ROWS = ("triton", "triton 0-d prefix", BEST, ROW_INVARIANT, "torch reference", "torch SDPA")
 
 
 # ----------------------------------------------------------------------------------- correctness
@@ -175,7 +206,7 @@ TABLE_ROWS = ("triton", "triton 0-d prefix", BEST, "torch reference", "torch SDP
 def reference(x: LayerInputs, i: int) -> torch.Tensor:
     """Call i computed by the reference in float64."""
     return tree_attention_reference(x.q[i].double(), x.k_cache[i].double(), x.v_cache[i].double(), x.prefix_len,
-                                    x.tree_mask)
+                                    x.call_mask)
 
 
 def checked_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -185,11 +216,11 @@ def checked_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> f
     return rel_error(out, ref)
 
 
-def max_rel_errors(q, k_cache, v_cache, prefix_len, tree_mask) -> dict[str, float]:
+def max_rel_errors(q, k_cache, v_cache, prefix_len, tree_mask, implementations=None) -> dict[str, float]:
     """max |out - ref| / max |ref| for every implementation, ref = the reference computed in float64."""
     x = layer_inputs([q], [k_cache], [v_cache], prefix_len, tree_mask)
     ref = reference(x, 0)
-    return {name: checked_error(fn(x, 0), ref, q.dtype) for name, fn in IMPLEMENTATIONS.items()}
+    return {name: checked_error(fn(x, 0), ref, q.dtype) for name, fn in (implementations or IMPLEMENTATIONS).items()}
 
 
 def check_pass(outs: list[torch.Tensor], x: LayerInputs) -> float:
@@ -265,7 +296,7 @@ def row_ok(row: dict, max_error: float) -> bool:
 def best_split_row(rows: dict[str, dict], max_error: float) -> dict | None:
     """The split-sweep row with the lowest median time among those that passed their check (untimed:
     the first that passed)."""
-    ran = [rows[SPLIT_NAMES[n]] for n in SPLITS if row_ok(rows[SPLIT_NAMES[n]], max_error)]
+    ran = [rows[SPLIT_NAMES[n]] for n in SPLITS if SPLIT_NAMES[n] in rows and row_ok(rows[SPLIT_NAMES[n]], max_error)]
     if not ran:
         return None
     timed = [r for r in ran if r["time_us"] is not None]
@@ -306,17 +337,17 @@ def format_sweep(layer: str, T: int, rows: dict[str, dict], heuristic: int, best
 
 
 def summarize_errors(errors: dict[str, float]) -> dict[str, float]:
-    """The correctness line: the split sweep folded into its worst error."""
-    splits = [errors[SPLIT_NAMES[n]] for n in SPLITS]
+    """The correctness line: the split sweep (if run) folded into its worst error."""
+    splits = [errors[name] for name in SPLIT_NAMES.values() if name in errors]
     short = {k: v for k, v in errors.items() if k not in SPLIT_NAMES.values()}
-    return {"triton": short.pop("triton"), "0-d prefix": short.pop("triton 0-d prefix"),
-            f"splits {SPLITS[0]}-{SPLITS[-1]}": max(splits),
-            **{k.removeprefix("torch "): v for k, v in short.items()}}
+    if splits:
+        short[f"splits {SPLITS[0]}-{SPLITS[-1]}"] = max(splits)
+    return {k.removeprefix("torch ").removeprefix("triton ") if k != "triton" else k: v for k, v in short.items()}
 
 
 def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dtype, timed: bool,
                   max_error: float, rep_ms: float = 0.0, n_samples: int = 0, warmup_ms: float = 0.0,
-                  log: Callable[[str], None] = print) -> None:
+                  log: Callable[[str], None] = print, implementations=IMPLEMENTATIONS) -> None:
     """Fill `results` (the JSON document) as it goes, so that a crash still leaves what was measured.
     timed=True: CUDA graphs and events (CUDA only); timed=False: one eager untimed pass (the smoke)."""
     results.update(correctness=[], timings=[], splits=[], failures=[])
@@ -337,8 +368,9 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
     log(f"max relative error vs the float64 reference ({str(dtype).removeprefix('torch.')} inputs):")
     for shape, T in cases:
         try:
-            errors = max_rel_errors(*tree_attention_inputs(shape.n_heads, shape.n_kv_heads, shape.head_dim,
-                                                           shape.prefix_len, T, dtype, device))
+            q, k, v, prefix_len, _ = tree_attention_inputs(shape.n_heads, shape.n_kv_heads, shape.head_dim,
+                                                           shape.prefix_len, T, dtype, device)
+            errors = max_rel_errors(q, k, v, prefix_len, medusa_tree_mask(T, device), implementations)
         except Exception as exc:  # noqa: BLE001 - report, go on with the other cases
             results["failures"].append(f"check {shape.name} T={T}: {exc!r}")
             log(f"  {shape.name:13s} T={T:<3d} ERROR {exc!r}")
@@ -366,7 +398,7 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
             continue
         heuristic = split_heuristic(x.q[0], x.k_cache[0], x.prefix_len)
         heuristic_dev = split_heuristic(x.q[0], x.k_cache[0], x.prefix_tensor)
-        for name, fn in IMPLEMENTATIONS.items():
+        for name, fn in implementations.items():
             splits = {"triton": heuristic, "triton 0-d prefix": heuristic_dev}.get(name)
             if name.startswith("triton split "):
                 splits = int(name.removeprefix("triton split "))
@@ -387,20 +419,22 @@ def run_benchmark(results: dict, shapes, new_tokens, *, device, dtype: torch.dty
             results["timings"].append(rows[name])
         best = best_split_row(rows, max_error)
         for name in TABLE_ROWS:
-            row = best if name == BEST else rows[name]
+            row = best if name == BEST else rows.get(name)
             if row is not None:
                 log(format_row(row, max_error))
-        results["splits"].append({"layer": shape.name, "T": T, "heuristic": heuristic,
-                                  "best": None if best is None else best["num_splits"],
-                                  "time_us": {n: rows[SPLIT_NAMES[n]]["time_us"] for n in SPLITS}})
-        sweeps.append(format_sweep(shape.name, T, rows, heuristic, best))
+        if all(name in rows for name in SPLIT_NAMES.values()):
+            results["splits"].append({"layer": shape.name, "T": T, "heuristic": heuristic,
+                                      "best": None if best is None else best["num_splits"],
+                                      "time_us": {n: rows[SPLIT_NAMES[n]]["time_us"] for n in SPLITS}})
+            sweeps.append(format_sweep(shape.name, T, rows, heuristic, best))
         del x
         if timed:
             torch.cuda.empty_cache()
 
-    log("\nsplit sweep, µs per layer (num_splits:time, * fastest) and the heuristic's pick:")
-    for line in sweeps:
-        log(line)
+    if sweeps:
+        log("\nsplit sweep, µs per layer (num_splits:time, * fastest) and the heuristic's pick:")
+        for line in sweeps:
+            log(line)
 
 
 def new_results(mode: str, **settings) -> dict:
@@ -428,6 +462,9 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="also write every number to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer timed replays (about a quarter of the GPU time)")
+    p.add_argument("--row-invariant", action="store_true",
+                   help="only the default kernel against its row-invariant mode, decode and a 64-node tree at "
+                        f"prefixes {', '.join(map(str, RI_PREFIXES))}")
     p.add_argument("--smoke", action="store_true",
                    help="untimed run on a tiny shape, CUDA if there is one, else CPU (needs TRITON_INTERPRET=1)")
     return p.parse_args(argv)
@@ -453,15 +490,18 @@ def main(argv=None) -> int:
             raise SystemExit("the tree-attention benchmark needs a CUDA GPU; run it on the GPU machine "
                              "(without one: TRITON_INTERPRET=1 python -m bench.tree_attention --smoke).")
         rep_ms, n_samples, warmup_ms = REPS["quick" if args.quick else "full"]
-        results = new_results("quick" if args.quick else "full", rep_ms=rep_ms, n_samples=n_samples,
-                              warmup_ms=warmup_ms, working_set_l2=WORKING_SET_L2, splits=list(SPLITS),
-                              max_rel_error=MAX_REL_ERROR)
+        shapes, new_tokens, implementations = ((RI_SHAPES, RI_NEW_TOKENS, RI_IMPLEMENTATIONS) if args.row_invariant
+                                               else (SHAPES, NEW_TOKENS, IMPLEMENTATIONS))
+        results = new_results(("row-invariant " if args.row_invariant else "") + ("quick" if args.quick else "full"),
+                              rep_ms=rep_ms, n_samples=n_samples, warmup_ms=warmup_ms, working_set_l2=WORKING_SET_L2,
+                              splits=list(SPLITS), max_rel_error=MAX_REL_ERROR, tree=TREE,
+                              shapes=[s.name for s in shapes], new_tokens=list(new_tokens))
         torch.manual_seed(0)
         try:
             with torch.no_grad():
-                run_benchmark(results, SHAPES, NEW_TOKENS, device="cuda", dtype=torch.bfloat16, timed=True,
+                run_benchmark(results, shapes, new_tokens, device="cuda", dtype=torch.bfloat16, timed=True,
                               max_error=MAX_REL_ERROR, rep_ms=rep_ms, n_samples=n_samples, warmup_ms=warmup_ms,
-                              log=log)
+                              log=log, implementations=implementations)
         finally:
             if args.out:
                 save(results, args.out)

@@ -1,14 +1,15 @@
 """Tree attention: T new query tokens attend to a cached prefix plus each other under a tree mask.
 
 One op serves every attention call at inference time:
-  * prefill:      prefix_len = 0 (or the tokens already cached), tree_mask = causal [T, T]
-  * plain decode: T = 1, tree_mask = [[True]]
+  * prefill:      prefix_len = 0 (or the tokens already cached), tree_mask = None (causal)
+  * plain decode: T = 1, tree_mask = None
   * Medusa step:  the T tree nodes, tree_mask[i, j] = node j is node i or one of its ancestors
 
 The caller has already written the new keys/values into cache slots prefix_len .. prefix_len+T-1.
 Queries come head-major, q [B, Hq, T, D]; the output is token-major, [B, T, Hq, D], so the attention's
 output projection reads it as [B, T, Hq * D] without a transpose copy.
-Query i sees every slot < prefix_len, and slot prefix_len+j exactly when tree_mask[i, j].
+Query i sees every slot < prefix_len, and slot prefix_len+j exactly when tree_mask[i, j] (without a
+mask: when j <= i, and no mask is read).
 The optional `key_valid` [B, S] bool further hides slots from every query of a batch row (the left
 padding of a batch of unequal prompts). A query that sees no slot at all (a padding token itself) gets
 a zero output rather than the NaN of a softmax over nothing: a NaN there would flow into the next
@@ -26,6 +27,50 @@ The Triton version is flash-decoding with grouped-query attention folded in:
   * Each program runs an online softmax (in base 2: scores are pre-multiplied by log2(e)) and writes
     its unnormalised output with its running max and sum; a small second kernel merges the chunks.
     With a single chunk the first kernel normalises and writes the output itself.
+
+Row-invariant mode (`row_invariant=True`; `tree_attention` passes `kernels.row_invariant()`). Greedy
+Medusa must emit exactly the tokens of plain greedy decoding, so a tree node's row must come out bit
+for bit as the plain decode of the same token computes it. Floating-point sums depend on how their
+terms are grouped, and above, the grouping follows the call rather than the row: BLOCK_M, the split
+count and the chunk bounds are derived from T and prefix_len + T. Worse, a node's keys sit elsewhere.
+Take prefix_len P = 100 and the tree of nanomedusa/tree.py's example, node 4 = path [0, 1] at depth 2:
+
+    plain decode of its token (T = 1, prefix_len 102): slots 0..99 prefix, 100 root, 101 [0], 102 [0, 1]
+    tree step (T = 5, prefix_len 100):                  slots 0..99 prefix, 100 root, 101 [0],
+                                                        102 [1] masked, 103 [0, 0] masked, 104 [0, 1]
+
+Same keys, other columns: within a 16-key tile from slot 96 the decode sums its keys in columns 4..6,
+the tree step in columns 4, 5 and 8, and where a tile or chunk boundary falls between 102 and 104 the
+two calls even split the sum differently. So the mode computes each row as the one-token call over its
+*logical* keys (the prefix, then its ancestors in depth order, itself last: slots 0 .. P + depth):
+  1. Tile shapes fixed per dtype, whatever T: BLOCK_M = 64 for 16-bit inputs on a GPU (16 for fp32 and
+     the interpreter), BLOCK_N and num_warps as above (they never depended on T). A tl.dot element
+     depends only on its own row and column, not on where the row sits in the tile or what the other
+     rows hold, so equal tile contents give equal bits. (64 rows also keep a one-token decode on the
+     same wgmma instructions as a tree: with 16 rows Triton falls back to mma.sync.)
+  2. Key chunks of CHUNK = chunk_tiles() * BLOCK_N keys at absolute positions (0 .. CHUNK, CHUNK ..
+     2 CHUNK, ...), independent of T and of the cache size S; the grid holds one program per chunk of
+     the cache (prefix_len may live on the device), chunks past prefix_len + T write nothing, and the
+     merge, always run, reads the chunks up to there in order. A chunk a row sees nothing of merges as
+     exact zeros, so a row's result depends on its own keys only.
+  3. Rows whose ancestors are not at tree slots 0 .. depth (mask row other than 1..1 0..0; above: nodes
+     2, 3, 4) take every chunk from the tree's first on from per-token programs, appended to the grid:
+     one per (node, chunk the tree slots can reach), each holding the node's GROUP query rows at the top
+     of a BLOCK_M tile, exactly like the one-token call. It walks the logical keys of the chunk, reading
+     logical position x from slot x below P and from slot P + a_(x-P) above, where a_k, the node's
+     depth-k ancestor, is the (k+1)-th set bit of its mask row (computed in the kernel from the row's
+     running count: no per-layer preprocessing). The row-block programs skip those rows' partials there.
+     Causal calls (tree_mask None) and contiguous rows need no gathering; trees have at most
+     MAX_ROW_INVARIANT_TREE nodes, of any depth.
+  4. Every tile path rounds alike: scores are masked before they are scaled, so the compiler contracts
+     the scaling into the exp2's subtraction (one FMA) on every path, and prefix tiles apply a runtime
+     mask too. (Scaling first let the prefix path fuse and the masked path not: a tile the decode reads
+     as prefix and the tree step as tree keys then rounded differently.)
+The mode costs the per-token programs (up to a chunk of prefix re-read per gathered node and KV head),
+fixed 64-row tiles for small T, and the merge kernel on every call; bench/tree_attention.py times it.
+Its partials take B * Hkv * chunks * T * group * D floats, chunks = cdiv(prefix_len + T, CHUNK) (cdiv(S,
+CHUNK) for a device prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a 7B
+GQA layer: about 1 GB, transient), where the default mode, with its single split, needs none.
 """
 
 from __future__ import annotations
@@ -37,15 +82,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import use_triton
+from . import row_invariant, use_triton
 from .errors import KernelInputError
 
 
 def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
-    """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool; key_valid [B, S] bool
-    or None -> out [B, T, Hq, D] (token-major: the output projection reads it as [B, T, Hq * D])."""
+    """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool or None (causal); key_valid
+    [B, S] bool or None -> out [B, T, Hq, D] (token-major: the output projection reads it as [B, T, Hq * D])."""
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if tree_mask is None:
+        tree_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     slots = torch.arange(S, device=q.device)
     rel = slots - prefix_len  # [S]: position of each slot relative to the first tree node
     in_tree = (rel >= 0) & (rel < T)
@@ -63,9 +110,15 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_val
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    """Dispatch: the Triton kernel on CUDA (row-invariant when `kernels.row_invariant()`), the reference
+    elsewhere (see module docstring). tree_mask None: causal (prefill, plain decode).
+
+    A causal call of more than MAX_ROW_INVARIANT_TREE tokens (a long prefill) keeps the default schedule even
+    then: no one-row call is ever compared with it (plain and Medusa decoding run the same prefill), and the
+    row-invariant merge would hold partials growing with the square of its length."""
     if use_triton(q):
-        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
+        exact = row_invariant() and (tree_mask is not None or q.shape[2] <= MAX_ROW_INVARIANT_TREE)
+        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid, row_invariant=exact)
     return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
 
 
@@ -86,34 +139,56 @@ def _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
-                 tree_mask_ptr, key_valid_ptr, qk_scale, HAS_KEY_VALID: tl.constexpr, IN_PREFIX: tl.constexpr,
-                 EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold key tile start .. start + BLOCK_N into the online softmax (m_i, l_i, acc) of the query rows q.
+                 tree_mask_ptr, key_valid_ptr, ancestors, qk_scale, HAS_MASK: tl.constexpr,
+                 HAS_KEY_VALID: tl.constexpr, IN_PREFIX: tl.constexpr, GATHER: tl.constexpr,
+                 ROW_INVARIANT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Fold key tile start .. start + BLOCK_N (keys below hi) into the online softmax (m_i, l_i, acc) of the
+    query rows q (row r is token t[r]).
 
-    IN_PREFIX: the whole tile is cached prefix (visible to every row, below hi), so no key or tree mask
-    is built and, with EVEN_D (D == BLOCK_D), K and V load unmasked: the compiler then issues wide
-    vector loads, which a per-key mask against a runtime bound (a device prefix_len) would forbid.
+    IN_PREFIX: the whole tile is cached prefix (visible to every row, below hi), so no tree mask is read
+    and, with EVEN_D (D == BLOCK_D), K and V load unmasked: the compiler then issues wide vector loads,
+    which a per-key mask against a runtime bound (a device prefix_len) would forbid.
+    GATHER (a per-token program of the row-invariant mode): the keys are one token's logical positions,
+    prefix + k standing for its depth-k ancestor at tree slot prefix + a_k; `ancestors` is the running
+    count of its mask row, so a_k = the number of entries whose count is <= k. Every key below hi is visible.
+    Otherwise query t sees tree slot prefix + j when tree_mask[t, j] (HAS_MASK), or when j <= t (causal).
     """
-    keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
-    key_ok = tl.full([BLOCK_N], 1, tl.int1) if IN_PREFIX else keys < hi
+    keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions: cache slots, or logical if GATHER
+    if IN_PREFIX and not ROW_INVARIANT:
+        key_ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:  # (always true in a prefix tile, but a runtime mask there keeps the arithmetic of every path the same)
+        key_ok = keys < hi
+    slots = keys
+    if GATHER and not IN_PREFIX:
+        rel = keys - prefix
+        a_k = tl.sum((ancestors[None, :] <= rel[:, None]).to(tl.int32), 1)  # [BLOCK_N]
+        # (clamped: only a tree past the cache's end, which the caller cannot have written, would reach S)
+        slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
     if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
-        key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
+        key_ok &= tl.load(key_valid_ptr + b * S + slots, mask=key_ok, other=0) != 0
     if IN_PREFIX and EVEN_D and not HAS_KEY_VALID:
-        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
+        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
     else:
-        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-    if IN_PREFIX:
-        if HAS_KEY_VALID:
+        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & key_ok[None, :],
+                      other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    # Mask, then scale: every path then rounds the scores alike (a scale straight off the dot may be
+    # fused into the exp2's subtraction as one FMA, a scale behind a select not).
+    if IN_PREFIX or GATHER:
+        if HAS_KEY_VALID or ROW_INVARIANT or GATHER:
             s = tl.where(key_ok[None, :], s, float("-inf"))
-    else:
+    elif HAS_MASK:
         # Visible: every prefix slot, and tree slot prefix+j when tree_mask[t, j] (j < T since hi <= prefix+T).
         j = keys - prefix
         in_tree = tl.load(tree_mask_ptr + t[:, None] * T + j[None, :], mask=(key_ok & (j >= 0))[None, :], other=0)
-        visible = (key_ok & (j < 0))[None, :] | (in_tree != 0)
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where((key_ok & (j < 0))[None, :] | (in_tree != 0), s, float("-inf"))
+    else:  # causal: query t sees the slots up to its own, prefix + t
+        s = tl.where(key_ok[None, :] & ((keys - prefix)[None, :] <= t[:, None]), s, float("-inf"))
+    s = s * qk_scale
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
@@ -127,72 +202,150 @@ def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_bas
 
 
 @triton.jit
-def _attend_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    T, S, D, n_kv_heads, num_splits, qk_scale,
-    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_KEY_VALID: tl.constexpr, WRITE_OUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One (query-row block, key chunk, batch * kv head): attend BLOCK_M query rows to the chunk's keys."""
-    pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    if PREFIX_IS_PTR:
-        prefix = tl.load(prefix_len).to(tl.int32)  # read on the device: no host sync, graph-capturable
-    else:
-        prefix = prefix_len
-
-    # This program's keys: whole tiles lo .. hi of the visible range 0 .. min(prefix+T, S). The split is
-    # sized here from the real length, so a grid sized on the host from S still shares the work evenly;
-    # chunks past the end run no iteration and write neutral partials (max -inf, sum 0).
-    kv_len = tl.minimum(prefix + T, S)
-    tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
-    lo = split * tiles_per_split * BLOCK_N
-    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
-    # Tiles lo .. mid hold cached prefix only (the bulk of the keys): they take the mask-free path.
-    mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
-    row_ok = rows < T * GROUP
-    t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token's mask
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    io_mask = row_ok[:, None] & d_ok[None, :]
-    q_offs = _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :]  # [BLOCK_M, BLOCK_D]
-    q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0)
-
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+def _attend_keys(q, lo, mid, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs, tree_mask_ptr,
+                 key_valid_ptr, ancestors, qk_scale, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                 GATHER: tl.constexpr, ROW_INVARIANT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The online softmax of the query rows q over the key tiles lo .. hi -> (max, sum, unnormalised out).
+    Tiles lo .. mid hold cached prefix only (the bulk of the keys): they take the mask-free path."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
     for start in range(lo, mid, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base,
-                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, qk_scale,
-                                     HAS_KEY_VALID, True, EVEN_D, BLOCK_N, DOT_PRECISION)
+                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, ancestors, qk_scale,
+                                     HAS_MASK, HAS_KEY_VALID, True, False, ROW_INVARIANT, EVEN_D, BLOCK_N,
+                                     DOT_PRECISION)
     for start in range(mid, hi, BLOCK_N):  # the tile the prefix ends in, and the tree's own slots
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base,
-                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, qk_scale,
-                                     HAS_KEY_VALID, False, EVEN_D, BLOCK_N, DOT_PRECISION)
+                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, ancestors, qk_scale,
+                                     HAS_MASK, HAS_KEY_VALID, False, GATHER, ROW_INVARIANT, EVEN_D, BLOCK_N,
+                                     DOT_PRECISION)
+    return m_i, l_i, acc
 
-    if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out_offs = _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :]
-        tl.store(out_ptr + out_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
-    else:  # partials [B * Hkv, num_splits, T * GROUP, (D)], merged by _combine_chunks_kernel
-        part_rows = (bh * num_splits + split) * (T * GROUP) + rows
-        tl.store(part_acc_ptr + part_rows.to(tl.int64)[:, None] * D + d[None, :], acc, mask=io_mask)
-        tl.store(part_m_ptr + part_rows, m_i, mask=row_ok)
-        tl.store(part_l_ptr + part_rows, l_i, mask=row_ok)
+
+@triton.jit
+def _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, chunk, num_splits, n_rows, rows, d, D, ok, m_i, l_i,
+                    acc):
+    """Chunk `chunk`'s partials of query rows `rows` (where ok): [B * Hkv, num_splits, T * GROUP, (D)]."""
+    part_rows = (bh * num_splits + chunk) * n_rows + rows
+    tl.store(part_acc_ptr + part_rows.to(tl.int64)[:, None] * D + d[None, :], acc, mask=ok[:, None] & (d < D)[None, :])
+    tl.store(part_m_ptr + part_rows, m_i, mask=ok)
+    tl.store(part_l_ptr + part_rows, l_i, mask=ok)
+
+
+@triton.jit
+def _attend_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    T, S, D, n_kv_heads, num_splits, n_tree_chunks, qk_scale,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    WRITE_OUT: tl.constexpr, ROW_INVARIANT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (pid, batch * kv head). pid < m_blocks * num_splits: a row-block program, query-row block
+    pid % m_blocks against key chunk pid // m_blocks. Past those (row-invariant mode with a tree mask): a
+    per-token program, token (pid - m_blocks * num_splits) % T against the tree chunk of index its quotient."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
+    if PREFIX_IS_PTR:
+        prefix = tl.load(prefix_len).to(tl.int32)  # read on the device: no host sync, graph-capturable
+    else:
+        prefix = prefix_len
+    kv_len = tl.minimum(prefix + T, S)  # keys 0 .. kv_len: the prefix and the tree
+    n_rows = T * GROUP
+    m_blocks = tl.cdiv(n_rows, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    is_row_block = True  # (a compile-time True unless the grid also holds per-token programs)
+    if ROW_INVARIANT and HAS_MASK:
+        is_row_block = pid < m_blocks * num_splits
+    if is_row_block:  # ---------------------------------------------------------------- a row-block program
+        pid_m, split = pid % m_blocks, pid // m_blocks
+        if ROW_INVARIANT:  # chunk `split` is keys split * CHUNK .. + CHUNK, whatever T and S
+            lo = split * CHUNK
+            hi = tl.minimum(lo + CHUNK, kv_len)
+        else:
+            # Whole tiles lo .. hi of the visible range, the split sized here from the real length, so that a
+            # grid sized on the host from S still shares the work evenly; chunks past the end run no
+            # iteration and write neutral partials (max -inf, sum 0).
+            tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
+            lo = split * tiles_per_split * BLOCK_N
+            hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
+        mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
+        row_ok = rows < n_rows
+        t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token's mask
+        store_ok = row_ok
+        if ROW_INVARIANT:
+            store_ok &= lo < kv_len  # a chunk past the keys loads and writes nothing: the merge stops before it
+        io_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
+                    mask=store_ok[:, None] & d_ok[None, :], other=0.0)
+        if ROW_INVARIANT and HAS_MASK:
+            # A row whose ancestors are not at slots prefix .. prefix + depth (its mask row is not 1 .. 1 0 .. 0)
+            # gets every chunk from the tree's first on from its own programs. (Decided before the loop, which
+            # then holds one flag per row rather than the mask rows.)
+            jj = tl.arange(0, BLOCK_T)
+            mask_rows = tl.load(tree_mask_ptr + t[:, None] * T + jj[None, :],
+                                mask=(store_ok & (lo + CHUNK > prefix))[:, None] & (jj < T)[None, :], other=0) != 0
+            count = tl.sum(mask_rows.to(tl.int32), 1)
+            last = tl.max(tl.where(mask_rows, jj[None, :], -1), 1)
+            store_ok &= last == count - 1
+        m_i, l_i, acc = _attend_keys(q, lo, mid, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks,
+                                     stride_vs, tree_mask_ptr, key_valid_ptr, t, qk_scale, HAS_MASK, HAS_KEY_VALID,
+                                     False, ROW_INVARIANT, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+        if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            out_offs = _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :]
+            tl.store(out_ptr + out_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, split, num_splits, n_rows, rows, d, D,
+                            store_ok, m_i, l_i, acc)
+
+    if ROW_INVARIANT and HAS_MASK:  # ------------------------------------------------- a per-token program
+        if not is_row_block:
+            token_pid = pid - m_blocks * num_splits
+            tok, i = token_pid % T, token_pid // T
+            jj = tl.arange(0, BLOCK_T)
+            mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0).to(tl.int32)  # [BLOCK_T]
+            count = tl.sum(mask_row, 0)  # the token's logical keys: prefix + count
+            last = tl.max(tl.where(mask_row != 0, jj, -1), 0)
+            chunk = prefix // CHUNK + i
+            lo = chunk * CHUNK
+            if (last != count - 1) & (lo < kv_len):
+                # As a one-token call over the keys laid out contiguously would: chunk `chunk` of the logical
+                # keys 0 .. prefix + count, prefix tiles from the cache as they are, the rest gathered.
+                hi = tl.minimum(lo + CHUNK, prefix + count)
+                mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
+                ancestors = tl.cumsum(mask_row, 0)
+                r = tl.arange(0, BLOCK_M)  # the token's GROUP rows first, as in a one-token call; the rest idle
+                rows = tok * GROUP + r
+                row_ok = r < GROUP
+                q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                m_i, l_i, acc = _attend_keys(q, lo, mid, hi, prefix, b, rows, d, d_ok, S, T, k_base, v_base,
+                                             stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, ancestors, qk_scale,
+                                             HAS_MASK, HAS_KEY_VALID, True, ROW_INVARIANT, EVEN_D, BLOCK_M, BLOCK_N,
+                                             BLOCK_D, DOT_PRECISION)
+                _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, chunk, num_splits, n_rows, rows, d, D,
+                                row_ok, m_i, l_i, acc)
 
 
 @triton.jit
 def _combine_chunks_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, prefix_len, T, S, D, n_kv_heads, num_splits,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, ROW_INVARIANT: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m)."""
+    """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m),
+    the chunks merged in order."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     n_rows = T * GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -200,17 +353,24 @@ def _combine_chunks_kernel(
     d = tl.arange(0, BLOCK_D)
     io_mask = row_ok[:, None] & (d < D)[None, :]
     first = bh * num_splits * n_rows + rows  # [BLOCK_M] partial row of chunk 0; chunk s is s * n_rows further
+    n_chunks = num_splits
+    if ROW_INVARIANT:  # only the chunks that hold keys were written
+        if PREFIX_IS_PTR:
+            prefix = tl.load(prefix_len).to(tl.int32)
+        else:
+            prefix = prefix_len
+        n_chunks = tl.cdiv(tl.minimum(prefix + T, S), CHUNK)
 
     # Padding rows (never stored) read m = 0, l = 1 so that nothing divides 0 by 0.
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(num_splits):
+    for s in range(n_chunks):
         m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * n_rows, mask=row_ok, other=0.0))
     # Empty chunks have m = -inf and weigh exactly 0. A row with no visible key in any chunk keeps
     # m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0, as in the reference.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(num_splits):
+    for s in range(n_chunks):
         part = first + s * n_rows
         w = tl.exp2(tl.load(part_m_ptr + part, mask=row_ok, other=0.0) - m_max)
         den += w * tl.load(part_l_ptr + part, mask=row_ok, other=1.0)
@@ -244,18 +404,28 @@ def _num_splits(n_programs: int, n_rows: int, max_keys: int, block_n: int, devic
     return max(1, min(wanted, triton.cdiv(triton.cdiv(max_keys, block_n), min_tiles), MAX_SPLITS))
 
 
-def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int]:
+def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
+                 row_invariant: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every tile side >= 16; the limits below
-    were read off sm_90 compiles (registers, spills, shared memory), not tuned by timing."""
+    were read off sm_90 compiles (registers, spills, shared memory), not tuned by timing. In the
+    row-invariant mode BLOCK_M is the most the dtype allows whatever the row count, so that every call
+    runs the same tile shapes (and so the same dot instructions)."""
     block_d = max(16, triton.next_power_of_2(D))
     if not on_gpu:  # the interpreter runs numpy per program: small tiles keep tests quick and still tile
         return 16, 16, block_d, 4
     # fp32 dots run without tensor cores and spill past 16 rows; 64 rows suit 16-bit inputs.
-    block_m = min(max(16, triton.next_power_of_2(n_rows)), 16 if dtype == torch.float32 else 64)
+    max_m = 16 if dtype == torch.float32 else 64
+    block_m = max_m if row_invariant else min(max(16, triton.next_power_of_2(n_rows)), max_m)
     # Three pipeline stages of K and V tiles must fit in shared memory.
     block_n = 64 if block_d * dtype.itemsize <= 256 else 32
     num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill from 64 x 128 accumulators up
     return block_m, block_n, block_d, num_warps
+
+
+def chunk_tiles(on_gpu: bool) -> int:
+    """Key tiles per chunk in the row-invariant mode: 4 x 64 keys on a GPU (about the default split's chunks);
+    2 x 16 in the interpreter, so that the tests' short sequences still span several chunks."""
+    return 4 if on_gpu else 2
 
 
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
@@ -266,8 +436,8 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None
     if Hq % k_cache.shape[1]:
         raise KernelInputError(f"tree attention needs the {Hq} query heads to be a multiple of the "
                                f"{k_cache.shape[1]} KV heads; check num_key_value_heads in the config.")
-    if tree_mask.shape != (T, T) or tree_mask.dtype != torch.bool:
-        raise KernelInputError(f"tree attention needs a bool tree_mask of shape ({T}, {T}); "
+    if tree_mask is not None and (tree_mask.shape != (T, T) or tree_mask.dtype != torch.bool):
+        raise KernelInputError(f"tree attention needs a bool tree_mask of shape ({T}, {T}) (or None: causal); "
                                f"got {tree_mask.dtype} {tuple(tree_mask.shape)}.")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise KernelInputError(f"tree attention needs q and the caches in one dtype, got {q.dtype} and "
@@ -293,9 +463,16 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
     return _num_splits(triton.cdiv(n_rows, block_m) * B * Hkv, n_rows, max_keys, block_n, q.device)
 
 
+# The row-invariant mode's per-token programs read a whole mask row (and compare it with every key of a tile):
+# trees up to this many nodes. Causal calls (tree_mask None) take any T.
+MAX_ROW_INVARIANT_TREE = 256
+
+
 def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None, *,
-                          num_splits: int | None = None):
-    """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning)."""
+                          num_splits: int | None = None, row_invariant: bool = False):
+    """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning).
+    `row_invariant`: compute each query row exactly as a one-token call over its own keys would (see the
+    module docstring); its chunks are fixed, so `num_splits` does not apply."""
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -303,37 +480,56 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
     n_rows = T * group  # query rows per KV head
     q = q.contiguous()
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-    tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
+    has_mask = tree_mask is not None
+    if has_mask:
+        tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
     has_key_valid = key_valid is not None
-    key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else tree_mask  # (never read if None)
-
-    block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda)
-    m_blocks = triton.cdiv(n_rows, block_m)
-
+    key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else q  # (never read if None)
     prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
-    if num_splits is None:
+
+    block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda, row_invariant)
+    m_blocks = triton.cdiv(n_rows, block_m)
+    chunk = chunk_tiles(q.is_cuda) * block_n
+    n_tree_chunks = 0  # per-token programs per token (row-invariant mode with a tree mask)
+    if row_invariant:
+        if num_splits is not None:
+            raise KernelInputError("tree attention's row-invariant mode has fixed key chunks; drop num_splits.")
+        if has_mask and T > MAX_ROW_INVARIANT_TREE:
+            raise KernelInputError(f"row-invariant tree attention takes trees of at most {MAX_ROW_INVARIANT_TREE} "
+                                   f"nodes, got a tree_mask of {T}; pass tree_mask=None for causal calls "
+                                   "(prefill, decode) or use a smaller tree.")
+        # One chunk per CHUNK keys; with a device prefix_len the grid covers the cache (empty chunks exit).
+        max_keys = S if prefix_is_ptr else max(1, min(prefix_len + T, S))
+        num_splits = triton.cdiv(max_keys, chunk)
+        if has_mask:  # the chunks that tree slots prefix .. prefix + T - 1 can reach, wherever prefix falls
+            n_tree_chunks = (T + chunk - 2) // chunk + 1
+    elif num_splits is None:
         num_splits = split_heuristic(q, k_cache, prefix_len)
-    if num_splits > 1:
+    write_out = num_splits == 1 and not row_invariant
+    if write_out:  # the kernel writes `out` directly and never touches the partials
+        part_acc = part_m = part_l = out
+    else:
         part_acc = torch.empty(B * Hkv, num_splits, n_rows, D, device=q.device, dtype=torch.float32)
         part_m = torch.empty(B * Hkv, num_splits, n_rows, device=q.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
-    else:  # the kernel writes `out` directly and never touches the partials
-        part_acc = part_m = part_l = out
 
-    _attend_chunk_kernel[(m_blocks, num_splits, B * Hkv)](
-        q, k_cache, v_cache, tree_mask, key_valid, prefix_len, out, part_acc, part_m, part_l,
-        T, S, D, Hkv, num_splits, math.log2(math.e) / math.sqrt(D),
+    _attend_chunk_kernel[(m_blocks * num_splits + T * n_tree_chunks, B * Hkv)](
+        q, k_cache, v_cache, tree_mask if has_mask else q, key_valid, prefix_len, out, part_acc, part_m, part_l,
+        T, S, D, Hkv, num_splits, n_tree_chunks, math.log2(math.e) / math.sqrt(D),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_KEY_VALID=has_key_valid, WRITE_OUT=num_splits == 1,
+        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid,
+        WRITE_OUT=write_out, ROW_INVARIANT=row_invariant, CHUNK=chunk,
+        BLOCK_T=max(16, triton.next_power_of_2(T)) if has_mask and row_invariant else 16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
         # fp32 inputs must not be rounded to tf32 by tl.dot; 16-bit inputs ignore this setting.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
-    if num_splits > 1:
+    if not write_out:
         _combine_chunks_kernel[(m_blocks, B * Hkv)](
-            part_acc, part_m, part_l, out, T, D, Hkv, num_splits,
-            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            part_acc, part_m, part_l, out, prefix_len, T, S, D, Hkv, num_splits,
+            GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, ROW_INVARIANT=row_invariant, CHUNK=chunk,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
     return out

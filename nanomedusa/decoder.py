@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+import kernels
+
 from .cuda_graphs import GraphedStep
 from .errors import NanoMedusaError
 from .sampling import Sampling
@@ -91,10 +93,12 @@ class Decoder:
     def step(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None):
         """`fn` as a CUDA graph kept under `key`, captured the first time the key comes up (eager off a GPU).
 
-        `key` must name everything `fn` depends on besides the model and its cache, and `generator` what
-        it draws random numbers from (`random_generator`): the graph replays its draws from it."""
+        `key` must name everything `fn` depends on besides the model, its cache and the kernel settings (added
+        here: a graph replays the kernels it was captured with), and `generator` what it draws random
+        numbers from (`random_generator`): the graph replays its draws from it."""
         if not self.uses_graphs:
             return GraphedStep(fn, *example_inputs, enabled=False)
+        key = (key, kernels.get_backend(), kernels.row_invariant())
         read = (self.model.kv_cache, self.model.rope_cos)
         if any(a is not b for a, b in zip(read, self._graphs_read)):
             self.graphs.clear()  # captured on a cache or RoPE table that has since been replaced

@@ -8,7 +8,7 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
 * Without a cache (training) it is ordinary causal self-attention over `tokens`.
 * With a cache (`setup_cache`, kv_cache.py), the T new tokens' keys/values are written at cache slots
   prefix_len .. prefix_len+T-1, and each new token attends to every slot < prefix_len plus the new
-  tokens that `tree_mask` [T, T] allows (causal for prefill/decode, ancestors for a Medusa tree).
+  tokens that `tree_mask` [T, T] allows (None: causal, for prefill and decode; ancestors for a Medusa tree).
   RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
 
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.linear import linear
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_cache import apply_rope, rope_and_cache
 from kernels.swiglu import silu_mul
@@ -30,6 +31,13 @@ from kernels.tree_attention import tree_attention
 from .config import ModelConfig, rope_inv_freq
 from .errors import NanoMedusaError
 from .kv_cache import KVCache
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `kernels.linear`: F.linear, or the row-invariant Triton kernel (module docstring)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -56,8 +64,8 @@ class Attention(nn.Module):
         # layer instead of three, which is what a batch-1 decode step pays for. loading.py fills the
         # row blocks from Hugging Face's q_proj, k_proj and v_proj.
         self.qkv_sizes = fused_row_blocks(config)["attention.wqkv"]
-        self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
+        self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, kv_cache=None, prefix_len=None, tree_mask=None, key_valid=None):
         """x [B, T, dim]; cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens' positions;
@@ -83,8 +91,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate_proj; up_proj
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
+        self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate_proj; up_proj
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
 
     def forward(self, x):
         return self.w2(silu_mul(self.w13(x)))  # [B, T, 2 I] -> silu(gate) * up [B, T, I] -> [B, T, dim]
@@ -121,7 +129,7 @@ class Transformer(nn.Module):
                                            _weight=torch.empty(config.vocab_size, config.dim))
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         # None for training (plain causal attention); set with setup_cache for decoding. Reassigning it
@@ -175,8 +183,6 @@ class Transformer(nn.Module):
             positions = prefix_len + torch.arange(T, device=tokens.device)  # [T]
         if self.kv_cache is None:
             self._ensure_rope(T)
-        elif tree_mask is None:
-            tree_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # float32 [T, Dh] or [B, T, Dh]
         x, residual = self.tok_embeddings(tokens), None  # [B, T, dim]
         for i, block in enumerate(self.layers):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import linear as linear_bench
 from bench import tree_attention
 from bench.checkpoints import parse_heads_spec
 from bench.decode import main
@@ -178,7 +179,7 @@ def test_held_out_prompts_are_diverse_and_not_training_prompts(path, count):
 
 def test_tree_attention_correctness_check_runs_on_a_tiny_case():
     errors = tree_attention.max_rel_errors(*tree_attention_inputs(4, 2, 16, 9, 3, torch.float32, DEVICE))
-    assert set(errors) == {"triton", "triton 0-d prefix", "torch reference", "torch SDPA"} | {
+    assert set(errors) == {"triton", "triton 0-d prefix", "triton row-invariant", "torch reference", "torch SDPA"} | {
         f"triton split {n}" for n in (1, 2, 4, 8, 16, 32)}
     assert max(errors.values()) <= 1e-5
 
@@ -201,3 +202,45 @@ def test_tree_attention_smoke_runs_all_but_the_graph_timing(poisoned_allocations
     for label in ("triton (", "triton 0-d prefix (", "triton best (1 split)", "torch reference", "torch SDPA",
                   "heuristic"):
         assert label in printed
+
+
+def test_linear_bench_matrices_are_the_two_models_layers():
+    shapes = {(m.model, m.name): (m.N, m.K) for m in linear_bench.MATRICES}
+    assert shapes == {("7B", "wqkv"): (12288, 4096), ("7B", "wo"): (4096, 4096), ("7B", "w13"): (22016, 4096),
+                      ("7B", "w2"): (4096, 11008), ("7B", "lm_head"): (32000, 4096),
+                      ("SmolLM2-135M", "wqkv"): (960, 576), ("SmolLM2-135M", "wo"): (576, 576),
+                      ("SmolLM2-135M", "w13"): (3072, 576), ("SmolLM2-135M", "w2"): (576, 1536),
+                      ("SmolLM2-135M", "lm_head"): (49152, 576)}
+    grid = linear_bench.sweep_configs(227 << 10, 2)
+    assert len(grid) == 102 and len(set(grid)) == len(grid)  # 4 of the 108 overflow 227 KiB
+
+
+def test_linear_smoke_checks_times_and_sweeps(tmp_path, capsys):
+    # The GPU run's path (checks, invariance of the kernel and of F.linear, the timing table, the sweep with
+    # its split-K round, the JSON) on two tiny float32 matrices, one eager call per timing.
+    out = tmp_path / "linear.json"
+    assert linear_bench.main(["--smoke", "--sweep", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["failures"] == [] and r["mode"] == "smoke" and r["dtype"] == "float32"
+    names = [m.name for m in linear_bench.SMOKE_MATRICES]
+    assert [c["matrix"] for c in r["checks"]] == names
+    assert all(c["triton_rows_differing"] == [] and c["rel_error"] <= 1e-5 for c in r["checks"])
+    assert all(c["rows_checked"] == max(linear_bench.SMOKE_ROWS) for c in r["checks"])
+    assert [(t["matrix"], t["M"]) for t in r["timings"]] == [(n, M) for n in names for M in linear_bench.SMOKE_ROWS]
+    assert all(t["triton_us"] > 0 and t["cublas_us"] > 0 for t in r["timings"])
+    for name in names:
+        swept = {s["label"] for s in r["sweep"] if s["matrix"] == name and s["error"] is None}
+        assert {linear_bench.config_label(c) for c in linear_bench.SMOKE_SWEEP} < swept
+        assert any(label.endswith(" split2") for label in swept)
+    for title in ("### Checks (float32)", "### Time per call", "### Sweep tiny a [24, 40]", "### Sweep summary"):
+        assert title in printed
+
+
+def test_linear_sweep_compiles_in_worker_processes(capsys):
+    # On the GPU the sweep's configs compile in parallel processes first; here the same pool runs the
+    # interpreter, which proves the call pickles and a worker's failure is counted, not raised.
+    configs = [linear_bench.SMOKE_SWEEP[0], linear_bench.SMOKE_SWEEP[0]._replace(block_k=0)]
+    linear_bench.precompile(configs, torch.float32, torch.device("cpu"))
+    printed = capsys.readouterr().out
+    assert printed.startswith("compiled 2 configs in ") and "(1 failed to compile or run)" in printed

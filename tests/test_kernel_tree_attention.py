@@ -1,4 +1,6 @@
-"""The Triton tree-attention kernel against its torch reference (kernels/tree_attention.py).
+"""The Triton tree-attention kernel against its torch reference (kernels/tree_attention.py), and its
+row-invariant mode against its contract: every query row bit for bit what a one-token call over that
+token's own keys, laid out contiguously, computes.
 
 Without a GPU the kernels run in Triton's CPU interpreter: tiny shapes, fp32 and fp16 (bf16 is broken
 in the interpreter, so it is only checked on CUDA).
@@ -15,9 +17,18 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import kernels  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
 from kernels.testing import rel_error, tree_attention_inputs  # noqa: E402
-from kernels.tree_attention import tree_attention_reference, tree_attention_triton  # noqa: E402
+from kernels.tree_attention import (  # noqa: E402
+    MAX_ROW_INVARIANT_TREE,
+    _tile_config,
+    chunk_tiles,
+    tree_attention,
+    tree_attention_reference,
+    tree_attention_triton,
+)
+from nanomedusa.tree import TreeBuffers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,7 +41,9 @@ def random_tree_mask(T: int) -> torch.Tensor:
     return mask
 
 
-def make_mask(kind: str, T: int) -> torch.Tensor:
+def make_mask(kind: str, T: int) -> torch.Tensor | None:
+    if kind == "none":  # causal, as the op reads tree_mask=None
+        return None
     if kind == "causal":
         return torch.ones(T, T, dtype=torch.bool).tril()
     if kind == "tree":
@@ -40,13 +53,14 @@ def make_mask(kind: str, T: int) -> torch.Tensor:
 
 
 def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=False, num_splits=None,
-             key_valid=None):
+             key_valid=None, row_invariant=False):
     """Kernel output and the float64 reference on fresh random inputs. Cache slots the op must ignore
     (past prefix+T, or hidden by key_valid) hold NaN for the kernel: it must never use them."""
     q = torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE)
     k = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
     v = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
-    tree_mask = make_mask(mask_kind, T).to(DEVICE)
+    tree_mask = make_mask(mask_kind, T)
+    tree_mask = None if tree_mask is None else tree_mask.to(DEVICE)
     ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask, key_valid)
     unused = (torch.arange(S, device=DEVICE) >= prefix + T).expand(B, S)  # [B, S]
     if key_valid is not None:
@@ -54,7 +68,7 @@ def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=Fal
     k = k.masked_fill(unused[:, None, :, None], float("nan"))
     v = v.masked_fill(unused[:, None, :, None], float("nan"))
     p = torch.tensor(prefix, device=DEVICE) if prefix_as_tensor else prefix
-    out = tree_attention_triton(q, k, v, p, tree_mask, key_valid, num_splits=num_splits)
+    out = tree_attention_triton(q, k, v, p, tree_mask, key_valid, num_splits=num_splits, row_invariant=row_invariant)
     return out, ref
 
 
@@ -70,6 +84,7 @@ FP32_CASES = [
     # Prefixes longer than a GPU key tile (64), so whole prefix-only tiles take the mask-free path:
     (1, 8, 2, 9, 200, 64, 170, "tree", False, None),  # head_dim = the tile's: unmasked K/V loads
     (1, 4, 2, 5, 150, 24, 130, "tree", True, 3),  # head_dim 24 < its 32-wide tile: loads keep a dim mask
+    (2, 4, 2, 6, 37, 16, 9, "none", True, 2),  # tree_mask None: causal
 ]
 
 
@@ -149,3 +164,162 @@ def test_device_prefix_len_is_graph_capturable():
         prefix.fill_(p)
         graph.replay()
         assert rel_error(out, tree_attention_reference(q, k, v, p, tree_mask)) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------- row-invariant mode
+# The contract (issue #16): with row_invariant=True, the output row of a query token equals, bit for bit,
+# what a one-token (T=1) causal call computes over that token's logical keys: the cached prefix, then its
+# ancestors in depth order and itself, at slots prefix .. prefix + depth. That is the plain decode of the
+# same token, so a greedy Medusa step reproduces plain greedy decoding.
+
+# A Medusa tree (nodes in BFS order) with branching at every depth, so that most nodes' ancestors are not
+# contiguous tree slots: node 6 = [1, 0] sees tree slots 0, 2, 6, where its plain decode holds them at 0, 1, 2;
+# node 13 = [0, 1, 0, 0] (depth 4) sees 0, 1, 5, 10, 13.
+CHOICES = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0],
+           [0, 0, 0, 0], [0, 1, 0, 0]]
+INVARIANT_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+S_CACHE, HEAD_DIM = 96, 16
+
+
+def mode_chunk() -> int:
+    """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM."""
+    _, block_n, _, _ = _tile_config(1, HEAD_DIM, torch.float32, DEVICE == "cuda", row_invariant=True)
+    return chunk_tiles(DEVICE == "cuda") * block_n
+
+
+def random_qkv(B, Hq, Hkv, T, S, D, dtype):
+    return (torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE), torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE),
+            torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE))
+
+
+def logical_layout(cache, prefix, ancestors):
+    """A copy of cache [B, Hkv, S, D] laid out as the plain decode of a node sees it: its ancestors' tree slots
+    prefix + a (a in depth order, the node last) moved to prefix .. prefix + depth; NaN after (never read)."""
+    out = cache.clone()
+    n = len(ancestors)
+    out[:, :, prefix:prefix + n] = cache[:, :, prefix + ancestors]
+    out[:, :, prefix + n:] = float("nan")
+    return out
+
+
+def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefix_as_tensor=False):
+    """The tree call, then for every node t the one-token call over its logical keys; returns the nodes whose
+    row differs in any bit (torch.equal), the one-token calls always row-invariant (the contract's side)."""
+    T = q.shape[2]
+    as_prefix = (lambda p: torch.tensor(p, device=DEVICE)) if prefix_as_tensor else (lambda p: p)
+    tree_out = tree_attention_triton(q, k, v, as_prefix(prefix), tree_mask, row_invariant=row_invariant)
+    assert not tree_out.isnan().any()
+    differ = []
+    for t in range(T):
+        ancestors = (tree_mask[t].nonzero().flatten() if tree_mask is not None
+                     else torch.arange(t + 1, device=DEVICE))  # causal: the tokens before it, as they are
+        depth = len(ancestors) - 1
+        one = tree_attention_triton(q[:, :, t:t + 1], logical_layout(k, prefix, ancestors),
+                                    logical_layout(v, prefix, ancestors), as_prefix(prefix + depth), None,
+                                    row_invariant=True)
+        if not torch.equal(one[:, 0], tree_out[:, t]):
+            differ.append(t)
+    return differ
+
+
+@pytest.mark.parametrize("dtype", INVARIANT_DTYPES)
+@pytest.mark.parametrize("chunks,offset,prefix_as_tensor", [
+    (0, 0, False),  # the tree at slot 0
+    (1, -3, True),  # straddles a chunk boundary (and a tile boundary), device prefix_len
+    (1, 0, False),  # starts exactly on a chunk boundary
+    (1, 21, True),  # a tile or so into a chunk (in the interpreter: straddles the next one)
+])
+def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, dtype, chunks, offset,
+                                                                    prefix_as_tensor):
+    prefix = chunks * mode_chunk() + offset
+    tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
+    T = tree_mask.shape[0]
+    S = prefix + T + mode_chunk()  # a chunk past the tree: the grid covers it, the merge must skip it
+    q, k, v = random_qkv(1, 6, 2, T, S, HEAD_DIM, dtype)  # group of 3
+    assert rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, True, prefix_as_tensor) == []
+
+
+def test_default_mode_is_not_row_invariant():
+    """The check above bites: without the mode, rows of the same tree differ from the one-token calls (the
+    split into chunks follows prefix + T, and the ancestors sit apart)."""
+    prefix = mode_chunk() - 3
+    tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
+    q, k, v = random_qkv(1, 6, 2, tree_mask.shape[0], prefix + 40, HEAD_DIM, torch.float32)
+    assert len(rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, False)) > 0
+
+
+@pytest.mark.parametrize("prefix,prefix_as_tensor", [(0, False), (27, True)])
+def test_row_invariant_causal_rows_equal_one_token_calls(poisoned_allocations, prefix, prefix_as_tensor):
+    """A prefill's rows (tree_mask None) are the plain decodes of its tokens; an explicit causal mask gives
+    the same bits (every row of it is contiguous, so no row is gathered)."""
+    T, S = 12, 80
+    q, k, v = random_qkv(2, 4, 2, T, S, HEAD_DIM, torch.float32)
+    assert rows_unlike_one_token_calls(q, k, v, prefix, None, True, prefix_as_tensor) == []
+    causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
+    assert torch.equal(tree_attention_triton(q, k, v, prefix, causal, row_invariant=True),
+                       tree_attention_triton(q, k, v, prefix, None, row_invariant=True))
+
+
+# (B, Hq, Hkv, T, S, D, prefix, mask, prefix as tensor): the reference still holds in the mode
+ROW_INVARIANT_CASES = [
+    (1, 4, 4, 1, 37, 16, 36, "none", False),  # MHA decode
+    (2, 8, 2, 1, 37, 32, 20, "none", True),  # GQA decode, trailing slots unused
+    (1, 6, 2, 7, 70, 64, 33, "tree", True),  # group of 3
+    (1, 4, 1, 13, 37, 16, 5, "any", True),  # any mask: rows gathered whatever their shape
+    (1, 2, 2, 40, 90, 24, 30, "tree", False),  # tree over 3 chunks; head_dim below its tile
+    (1, 4, 2, 40, 40, 16, 0, "none", False),  # prefill: several query-row blocks
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,prefix,mask_kind,prefix_as_tensor", ROW_INVARIANT_CASES)
+def test_row_invariant_matches_float64_reference(poisoned_allocations, B, Hq, Hkv, T, S, D, prefix, mask_kind,
+                                                 prefix_as_tensor):
+    out, ref = run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, torch.float32, prefix_as_tensor, row_invariant=True)
+    assert out.shape == ref.shape and not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("mask_kind", ["tree", "none"])
+def test_row_invariant_key_valid_and_blind_rows(poisoned_allocations, mask_kind):
+    # Row 0 of the batch has left padding and a hole; row 2 hides every slot (a padding token): zeros.
+    B, S, prefix = 3, 50, 30
+    key_valid = torch.arange(S, device=DEVICE)[None, :] >= torch.tensor([5, 0, 0], device=DEVICE)[:, None]
+    key_valid[0, 9] = False
+    key_valid[2] = False
+    out, ref = run_case(B, 4, 2, 6, S, 16, prefix, mask_kind, torch.float32, True, key_valid=key_valid,
+                        row_invariant=True)
+    assert (out[2] == 0).all() and not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-5
+
+
+def test_dispatcher_follows_the_row_invariant_switch():
+    kernels.set_backend("triton")
+    q, k, v, prefix, _ = tree_attention_inputs(4, 2, 16, 30, 5, torch.float32, DEVICE)
+    mask = random_tree_mask(5).to(DEVICE)
+    for flag in (True, False):
+        kernels.set_row_invariant(flag)
+        assert torch.equal(tree_attention(q, k, v, prefix, mask),
+                           tree_attention_triton(q, k, v, prefix, mask, row_invariant=flag))
+
+
+def test_row_invariant_bad_inputs_name_the_fix():
+    q, k, v, prefix, _ = tree_attention_inputs(4, 2, 16, 3, MAX_ROW_INVARIANT_TREE + 1, torch.float32, DEVICE)
+    with pytest.raises(KernelInputError, match="pass tree_mask=None for causal calls"):
+        tree_attention_triton(q, k, v, prefix, random_tree_mask(q.shape[2]).to(DEVICE), row_invariant=True)
+    with pytest.raises(KernelInputError, match="drop num_splits"):
+        tree_attention_triton(q[:, :, :2], k, v, prefix, None, num_splits=2, row_invariant=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_row_invariant_is_graph_capturable():
+    q, k, v, _, _ = tree_attention_inputs(8, 2, 64, 300, 13, torch.bfloat16, DEVICE)
+    tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
+    prefix = torch.tensor(100, device=DEVICE)
+    tree_attention_triton(q, k, v, prefix, tree_mask, row_invariant=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tree_attention_triton(q, k, v, prefix, tree_mask, row_invariant=True)
+    for p in (250, 7):
+        prefix.fill_(p)
+        graph.replay()
+        assert torch.equal(out, tree_attention_triton(q, k, v, p, tree_mask, row_invariant=True))

@@ -1,0 +1,213 @@
+"""A row-invariant linear layer: out = x @ weight^T + bias, each row computed the same whatever the row count.
+
+Why: a plain decode step runs the model's linear layers on 1 row, a Medusa tree step on T = 16..128 rows.
+cuBLAS picks its kernel (tile shape, split-K, reduction order) by the row count, so the same row comes out
+different in the last bits, an argmax flips, and greedy Medusa drifts from plain greedy decoding (issue #16).
+Here the schedule never looks at the row count M:
+  * The tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split-K) comes from `_tile_config(N, K,
+    dtype, on_gpu)`: no M anywhere, no autotuning (which would key on M). BLOCK_M is fixed too, so a 1-row
+    call runs the very tile a 64-row call does, with 63 zero rows beside it.
+  * Each output element is one program's float32 accumulator over K in BLOCK_K steps, in order; with
+    split-K, SPLIT_K programs take fixed K ranges (by N and K only) and a second kernel adds their partial
+    sums in split order (never atomics, whose order is a race).
+  * M is an ordinary runtime argument that Triton does not specialise on (`do_not_specialize`), so every M
+    runs the same compiled binary; M only masks which rows are loaded and stored. A tensor-core MMA
+    computes each row of its tile the same way whatever the other rows hold, so row i of an M-row call is
+    bit for bit the 1-row call on row i.
+
+`linear(x, weight, bias)` dispatches: the Triton kernel when Triton kernels are in use (`use_triton`) and
+row invariance is on (`kernels.set_row_invariant(True)`), else `F.linear` (cuBLAS, the faster default when
+bit-exactness with plain decoding is not asked for). Shapes: x [..., K], weight [N, K] with contiguous rows,
+bias [N] or None -> out [..., N] in x's dtype; weight and bias share x's dtype; float32 accumulation, and
+float32 inputs use exact ("ieee") products, not TF32.
+
+On the GPU the kernel is built for batch-1 decoding, where a linear layer streams its weight once and is
+bound by memory bandwidth: a program owns BLOCK_N output features (rows of the weight, each read along K
+contiguously) and all BLOCK_M rows of x, so a tree step of up to BLOCK_M = 64 rows reads each weight tile
+once, and narrow BLOCK_N spreads even a 4096-feature matrix over every SM.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import row_invariant, use_triton
+from .errors import KernelInputError
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REDUCE_BLOCK = 256  # output features per program of the split-K merge
+
+
+class TileConfig(NamedTuple):
+    """How `_linear_kernel` cuts the work; see `_tile_config`."""
+    block_m: int  # rows of x per program (fixed: never chosen by M)
+    block_n: int  # output features per program
+    block_k: int  # K step of the accumulation loop
+    num_warps: int
+    num_stages: int  # software-pipeline depth of the K loop (bytes in flight per program)
+    split_k: int = 1  # programs sharing one output tile, each over a fixed K range
+
+
+def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig:
+    """The tile config for a weight [N, K] of `dtype`: a function of those alone, never of the row count M,
+    because a config chosen by M would give a 1-row decode and a 64-row tree step different reduction
+    schedules, hence different bits (the very thing this kernel exists to avoid).
+
+    GPU (bf16/fp16, memory-bound at decode sizes): BLOCK_M = 64, so that a tree step of up to 64 rows reads
+    each weight tile once (a 1-row decode then wastes tensor-core work, which it has to spare). The rest was
+    read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/RESULTS.md, "Row-invariant linear"),
+    choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take 64-feature
+    tiles, narrow ones with a long K (a 7B's wo and w2) 32-feature tiles with 256-long K steps, which keep
+    more of each weight row in flight per program; the small matrices of a 135M model, whose calls are
+    bound by launch latency, take 32 x 128 tiles.
+    Interpreter (CPU tests): small tiles, so tests are quick and K takes several steps and a tail.
+    """
+    if not on_gpu:
+        return TileConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # exact fp32 products run on CUDA cores: smaller tiles, same schedule idea
+        return TileConfig(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3)
+    if N >= 16384:  # w13 [22016, 4096], lm_heads [32000, 4096] and [49152, 576]
+        return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    if N >= 8192:  # wqkv [12288, 4096]
+        return TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if K >= 2048:  # wo [4096, 4096], w2 [4096, 11008]
+        return TileConfig(block_m=64, block_n=32, block_k=256, num_warps=4, num_stages=4)
+    return TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)
+
+
+def linear_reference(x, weight, bias=None):
+    """x [..., K], weight [N, K], bias [N] or None -> x @ weight^T + bias [..., N]: the definition."""
+    return F.linear(x, weight, bias)
+
+
+def linear(x, weight, bias=None):
+    """Dispatch: the row-invariant Triton kernel when Triton kernels are in use and row invariance is on,
+    else F.linear (see module docstring). Autograd always goes through F.linear."""
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or bias is not None and bias.requires_grad)
+    if use_triton(x) and row_invariant() and not needs_grad:
+        return linear_triton(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split,
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
+
+    x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N].
+    PARTIAL=False (one split): out [M, N] = acc + b, rounded once to out's dtype.
+    PARTIAL=True: out is the float32 partials [SPLIT_K, M, N], acc of K range s at out[s]; the bias is
+    added by the merge. K range s is [s * k_per_split, (s + 1) * k_per_split), k_per_split a multiple of
+    BLOCK_K, so the steps are the same BLOCK_K-aligned steps for every split count.
+    """
+    m_block, n_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features = weight rows
+    row_ok = rows < M
+    col_ok = cols < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    ks = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    # int64 row offsets: M * K and N * K can pass 2**31 (long prefills, big vocabularies)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K], K contiguous
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):  # in order: the accumulation's one fixed schedule
+        k_ok = (k0 + tl.arange(0, BLOCK_K)) < K  # only the last step of all can be short
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if PARTIAL:
+        offsets = (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
+        tl.store(out_ptr + offsets, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _merge_splits_kernel(partial_ptr, b_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Program (row, block): out[row, cols] = sum over s = 0, 1, .. of partial[s, row, cols], in that order,
+    + b[cols], rounded once. partial [SPLIT_K, M, N] float32, out [M, N], b [N]."""
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.load(partial_ptr + row * N + cols, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(partial_ptr + (s * M + row) * N + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_inputs(x, weight, bias) -> None:
+    if weight.dim() != 2:
+        raise KernelInputError(f"the linear weight must be 2-D [N, K], not {tuple(weight.shape)}; pass the "
+                               f"layer's weight matrix.")
+    N, K = weight.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise KernelInputError(f"x {tuple(x.shape)} does not fit the weight [N={N}, K={K}]: x's last dimension "
+                               f"must be K = {K}.")
+    if x.dtype not in DTYPES:
+        raise KernelInputError(f"the Triton linear takes float32, float16 or bfloat16 inputs, not {x.dtype}.")
+    if weight.dtype != x.dtype or bias is not None and bias.dtype != x.dtype:
+        raise KernelInputError(f"x ({x.dtype}), weight ({weight.dtype}) and bias "
+                               f"({None if bias is None else bias.dtype}) must share one dtype; cast the "
+                               f"layer to the activations' dtype.")
+    if bias is not None and bias.shape != (N,):
+        raise KernelInputError(f"the bias has shape {tuple(bias.shape)} but must be ({N},) to match the "
+                               f"weight [N={N}, K={K}].")
+    if K > 1 and weight.stride(1) != 1:
+        raise KernelInputError("the linear weight's rows must be contiguous (stride 1 along K); make it "
+                               "contiguous once when loading the model (weight.contiguous()), not per call.")
+
+
+def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
+    """Same contract as `linear_reference`, row-invariant (see module docstring): one launch, or two with
+    split-K. `config` overrides `_tile_config` (the benchmark's sweep; tests of split-K): any config is
+    row-invariant, as long as one config serves every row count."""
+    _check_inputs(x, weight, bias)
+    N, K = weight.shape
+    cfg = config or _tile_config(N, K, x.dtype, x.is_cuda)
+    x2 = x.reshape(-1, K).contiguous()  # [M, K]; a no-op for the usual contiguous activations
+    M = x2.shape[0]
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+    # The K ranges of the splits: whole BLOCK_K steps, the same for every M.
+    k_steps = triton.cdiv(K, cfg.block_k)
+    split_k = min(cfg.split_k, k_steps)
+    k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty split (e.g. 5 steps in 4 splits of 2 is 3 splits)
+    partial = split_k > 1
+    # split-K writes float32 partial sums [split_k, M, N]; one split writes the output directly
+    dest = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if partial else out
+    has_bias = bias is not None
+    b = bias if has_bias else weight  # a stand-in pointer the kernel never reads
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split_k)
+    _linear_kernel[grid](
+        x2, weight, b, dest, M, N, K, weight.stride(0), k_per_split,
+        HAS_BIAS=has_bias, PARTIAL=partial, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if partial:
+        _merge_splits_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](
+            dest, b, out, M, N, HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return out

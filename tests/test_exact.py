@@ -1,0 +1,89 @@
+"""--exact (row-invariant kernels): a Medusa tree step computes every accepted token bit for bit as plain
+decoding computes it, so greedy Medusa's text is plain greedy's in any dtype.
+
+On a CPU the Triton kernels run in Triton's interpreter (fp32); the GPU run (bf16) is in bench/gpu_run.sh
+(`exact` stage) and bench/RESULTS.md. Each kernel's own row-invariance tests are beside its other tests
+(test_kernel_linear.py, test_kernel_tree_attention.py).
+"""
+
+import pytest
+import torch
+
+import kernels
+from nanomedusa.cli import check_kernels
+from nanomedusa.decoder import Decoder
+from nanomedusa.errors import NanoMedusaError
+from nanomedusa.generation import generate
+from nanomedusa.heads import MedusaHeads
+from nanomedusa.loading import load_model
+from nanomedusa.medusa_generation import generate_medusa, verify
+from nanomedusa.tree import TreeBuffers
+from tests.helpers import make_hf_checkpoint
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = ["float32"] + (["bfloat16"] if DEVICE == "cuda" else [])  # the interpreter cannot run bf16
+# Node 1 is a wrong guess; the accepted path root -> 2 -> 3 -> 4 sits at tree slots 0, 2, 3, 4, not at
+# 0..3 where plain decoding keeps the same tokens: the case row-invariant attention must gather.
+CHOICES = [[0], [1], [1, 0], [1, 0, 0]]
+PATH = [0, 2, 3, 4]
+
+
+@pytest.fixture
+def triton_exact():
+    kernels.set_backend("triton")
+    kernels.set_row_invariant(True)  # tests/conftest.py restores both afterwards
+
+
+def tiny_model(tmp_path, dtype):
+    make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=2, vocab_size=61)
+    return load_model(tmp_path, device=DEVICE, dtype=dtype)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prompt_len", [5, 30])  # the tree inside one key tile / straddling tiles and chunks
+@torch.inference_mode()
+def test_tree_step_computes_accepted_tokens_as_plain_decoding(tmp_path, triton_exact, dtype, prompt_len):
+    model = tiny_model(tmp_path, dtype)
+    prompt = [(7 * i + 3) % 61 for i in range(prompt_len)]
+    decoder = Decoder(model, cuda_graphs=False)
+
+    # Plain decoding: the prompt, then one token per forward; each step's logits and K/V.
+    decoder.prepare(prompt_len, 8)
+    logits = model.logits(decoder.prefill(prompt))[0]
+    greedy, plain_logits = [int(logits.argmax())], []
+    for position in range(prompt_len, prompt_len + len(PATH)):
+        step = model(torch.tensor([[greedy[-1]]], device=DEVICE), prefix_len=position)[0, 0]
+        plain_logits.append(step)
+        greedy.append(int(step.argmax()))
+    plain_kv = model.kv_cache.buffer[:, :, :, :, prompt_len:prompt_len + len(PATH)].clone()  # [L, 2, B, Hkv, 4, Dh]
+
+    # One tree step over the same prompt: the greedy tokens on the path, a wrong guess on node 1.
+    tree = TreeBuffers.from_choices(CHOICES, device=DEVICE)
+    assert [tree.paths[n] for n in PATH] == [[], [1], [1, 0], [1, 0, 0]]
+    tree_tokens = torch.tensor([greedy[0], (greedy[1] + 1) % 61] + greedy[1:len(PATH)], device=DEVICE)
+    decoder.prepare(prompt_len, 8, extra=tree.num_nodes)
+    decoder.prefill(prompt)
+    _, tree_logits = verify(model, tree, tree_tokens, torch.tensor(prompt_len, device=DEVICE))
+
+    for depth, node in enumerate(PATH):
+        assert torch.equal(tree_logits[node], plain_logits[depth]), f"logits of node {node} differ"
+        assert torch.equal(model.kv_cache.buffer[:, :, :, :, prompt_len + node], plain_kv[:, :, :, :, depth]), \
+            f"K/V of node {node} differ"
+
+
+@pytest.mark.parametrize("tree_choices", [CHOICES, [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]])
+def test_exact_medusa_output_equals_plain_greedy(tmp_path, triton_exact, tree_choices):
+    model = tiny_model(tmp_path, "float32")
+    prompt = [5, 17, 42, 8, 9, 33]
+    expected = generate(Decoder(model), prompt, max_new_tokens=16).tokens
+    heads = MedusaHeads.from_base(model, num_heads=3).eval()
+    tree = TreeBuffers.from_choices(tree_choices, device=DEVICE)
+    assert generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=16).tokens == expected
+
+
+def test_exact_needs_the_triton_kernels():
+    with pytest.raises(NanoMedusaError, match="--exact"):
+        check_kernels("torch", torch.device("cpu"), exact=True)
+    with pytest.raises(NanoMedusaError, match="--exact"):
+        check_kernels("auto", torch.device("cpu"), exact=True)
+    check_kernels("auto", torch.device("cpu"), exact=False)  # --no-exact is always fine

@@ -1,0 +1,152 @@
+"""The row-invariant Triton linear (kernels/linear.py) against its torch reference, and its one promise:
+row i of an M-row call holds the same bits as the 1-row call on row i, for every M.
+
+Without a GPU the kernel runs in Triton's CPU interpreter: fp32 and fp16 (bf16 is broken in the
+interpreter, so it is only checked on CUDA), on small shapes. Outputs are poisoned before each run (see
+`poisoned_empty`), so an element the kernel does not write fails the comparison.
+
+What the interpreter can and cannot show: a K schedule that changed with M (BLOCK_K, split-K) changes the
+bits there too, and the invariance tests fail; a BLOCK_M that changed with M does not, since numpy's matmul
+rounds a row alike wherever it sits in the tile, so only the CUDA run (other MMA instructions) would catch
+it, and `_tile_config`'s signature is checked to leave M out.
+"""
+
+import inspect
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when a kernel is decorated, i.e. when triton and kernels/
+    # are imported: this must be set before those imports.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+import kernels.linear as linear_module  # noqa: E402
+from kernels.errors import KernelInputError  # noqa: E402
+from kernels.linear import TileConfig, _tile_config, linear, linear_triton  # noqa: E402
+from kernels.testing import check_linear, linear_inputs, rows_differing_from_one_row_calls, same_bits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# Split-K over a small K: 16-wide steps, so that K = 80 takes 5 steps in 3 splits of 2, the last short.
+SPLIT_3 = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, split_k=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead, M, N, K", [((), 5, 48, 40), ((2,), 3, 20, 33), ((), 17, 50, 70)])
+def test_matches_reference(lead, M, N, K, bias, dtype):
+    # N and K are not multiples of the tiles (16 x 32 in the interpreter): the tails are masked.
+    x, w, b = linear_inputs(M, N, K, dtype, DEVICE, bias=bias, lead=lead)
+    assert check_linear(x, w, b).shape == (*lead, M, N)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_k_matches_reference(bias):
+    check_linear(*linear_inputs(6, 40, 80, torch.float32, DEVICE, bias=bias, lead=(2,)), config=SPLIT_3)
+
+
+@pytest.mark.parametrize("N, K", [(48, 40), (96, 80)])
+def test_every_row_is_bitwise_its_one_row_call(N, K):
+    x, w, b = linear_inputs(70, N, K, torch.float32, DEVICE)
+    for M in (1, 2, 5, 16, 17, 64, 70):
+        rows = sorted({0, 1, M // 2, M - 2, M - 1} & set(range(M)))
+        assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w, b), x[:M], rows) == [], M
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_row_invariant_in_16_bit_and_with_split_k(dtype):
+    x, w, b = linear_inputs(33, 40, 80, dtype, DEVICE)
+    for config in (None, SPLIT_3):
+        assert rows_differing_from_one_row_calls(
+            lambda t: linear_triton(t, w, b, config=config), x, [0, 15, 16, 31, 32]) == []
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU's tiles: 64 rows, BLOCK_K 128, a 7B-wide K")
+@pytest.mark.parametrize("N", [256, 4096 * 3])
+def test_row_invariant_on_the_gpu_at_model_sizes(N):
+    x, w, b = linear_inputs(128, N, 4096, torch.bfloat16, DEVICE, bias=False)
+    check_linear(x, w)
+    for M in (1, 16, 63, 64, 65, 128):
+        rows = sorted({0, M // 2, M - 1})
+        assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w), x[:M], rows) == [], M
+
+
+def test_the_bit_check_sees_one_ulp_and_the_sign_of_zero():
+    # What the invariance tests compare would catch the smallest change of any schedule.
+    a = torch.randn(4, 7)
+    assert same_bits(a, a.clone())
+    assert not same_bits(a, torch.nextafter(a, torch.full_like(a, float("inf"))))
+    assert not same_bits(torch.zeros(3), -torch.zeros(3))  # equal as numbers, not as bits
+
+
+def test_another_k_schedule_changes_the_bits():
+    # The invariance the tests check is not a given: the same rows summed over K in other steps (split-K
+    # here) round differently, which is what cuBLAS choosing a kernel by row count does.
+    x, w, _ = linear_inputs(8, 48, 80, torch.float32, DEVICE, bias=False)
+    assert not same_bits(linear_triton(x, w), linear_triton(x, w, config=SPLIT_3))
+
+
+def test_the_tile_config_never_sees_the_row_count():
+    assert list(inspect.signature(_tile_config).parameters) == ["N", "K", "dtype", "on_gpu"]
+    for N, K in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096), (960, 576)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            for on_gpu in (True, False):
+                cfg = _tile_config(N, K, dtype, on_gpu)
+                assert all(v >= 16 and v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k)), cfg
+                assert cfg.split_k >= 1
+
+
+def test_no_rows_and_3d_shapes():
+    w = torch.randn(24, 40, device=DEVICE)
+    assert linear_triton(torch.randn(0, 40, device=DEVICE), w).shape == (0, 24)
+    assert linear_triton(torch.randn(2, 0, 40, device=DEVICE), w).shape == (2, 0, 24)
+
+
+def test_dispatch_runs_the_kernel_only_when_row_invariance_is_on(monkeypatch):
+    x, w, b = linear_inputs(3, 24, 40, torch.float32, DEVICE)
+    calls = []
+    real = linear_module.linear_triton
+    monkeypatch.setattr(linear_module, "linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kernels.set_backend("triton")
+    kernels.set_row_invariant(True)
+    with torch.no_grad():
+        out = linear(x, w, b)
+    assert calls == [1] and same_bits(out, real(x, w, b))
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton linear ran where F.linear should")
+
+    monkeypatch.setattr(linear_module, "linear_triton", no_kernel)
+    kernels.set_row_invariant(False)  # row invariance off: cuBLAS (here MKL) stays the default
+    assert same_bits(linear(x, w, b), F.linear(x, w, b))
+    kernels.set_row_invariant(True)
+    kernels.set_backend("torch")
+    assert same_bits(linear(x, w, b), F.linear(x, w, b))
+    kernels.set_backend("triton")
+    w.requires_grad_(True)  # autograd goes through F.linear, so a trainable weight gets its gradient
+    linear(x, w, b).sum().backward()
+    assert w.grad is not None
+
+
+def test_bad_inputs_name_the_fix():
+    x = torch.randn(2, 40, device=DEVICE)
+    w = torch.randn(24, 40, device=DEVICE)
+    with pytest.raises(KernelInputError, match="last dimension must be K = 40"):
+        linear_triton(torch.randn(2, 41, device=DEVICE), w)
+    with pytest.raises(KernelInputError, match="must be 2-D"):
+        linear_triton(x, w[None])
+    with pytest.raises(KernelInputError, match="must share one dtype"):
+        linear_triton(x, w.half())
+    with pytest.raises(KernelInputError, match="must share one dtype"):
+        linear_triton(x, w, torch.zeros(24, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(KernelInputError, match=r"must be \(24,\)"):
+        linear_triton(x, w, torch.zeros(23, device=DEVICE))
+    with pytest.raises(KernelInputError, match="rows must be contiguous"):
+        linear_triton(x, torch.randn(40, 24, device=DEVICE).t())
+    with pytest.raises(KernelInputError, match="float32, float16 or bfloat16"):
+        linear_triton(x.double(), w.double())
