@@ -10,6 +10,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        layer of 7B and SmolLM2 shapes (--smoke: untimed, on CPU too)
     python -m bench.small_kernels      RMSNorm, acceptance, Medusa top-k and KV compaction against their
                                        references
+    python -m bench.linear             the row-invariant linear kernel (--exact) against cuBLAS per matrix of
+                                       7B and SmolLM2 shapes at 1, 16 and 64 rows (--sweep: its tile configs)
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
@@ -26,9 +28,9 @@ The modules, one job each:
     decode.py          the end-to-end benchmark and the command line of all its parts
     steps.py           its step-time parts: the tree-size sweep and the 7B-shaped steps
     sampling.py        its sampling part
-    tree_attention.py, small_kernels.py   the kernel benchmarks (their checks: kernels/testing.py)
+    tree_attention.py, small_kernels.py, linear.py   the kernel benchmarks (their checks: kernels/testing.py)
 
 Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, dynamic-trees-*.json,
 tree_attention.json,
-bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
+linear-sweep.*, bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
 """

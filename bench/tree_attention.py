@@ -84,9 +84,9 @@ SHAPES = [
     Shape("SmolLM2 9/3", 9, 3, 64, 512, 30),
 ]
 NEW_TOKENS = (1, 16, 64)
-# --row-invariant: decode and a 64-node tree at these prefixes, off the mode's 256-key chunk boundaries: its
-# per-token programs re-read the chunk's keys before the prefix end (none at a multiple of 256, the best case),
-# and at 250 and 1000 the tree's slots run into the next chunk too.
+# --row-invariant: decode and a 64-node tree at these prefixes. Over the default, the mode's tree step pays
+# per-token programs that pass over the 2 key tiles of each gathered node's tail (per KV head), wherever the
+# prefix falls: at 250 they outweigh the short shared body, at 4000 the body dominates.
 RI_PREFIXES = (250, 1000, 4000)
 RI_SHAPES = [Shape(f"{name} L={p}", h, kv, d, p, n) for name, h, kv, d, n in
              [("7B GQA", 32, 8, 128, 32), ("SmolLM2", 9, 3, 64, 30)] for p in RI_PREFIXES]

@@ -33,44 +33,58 @@ Medusa must emit exactly the tokens of plain greedy decoding, so a tree node's r
 for bit as the plain decode of the same token computes it. Floating-point sums depend on how their
 terms are grouped, and above, the grouping follows the call rather than the row: BLOCK_M, the split
 count and the chunk bounds are derived from T and prefix_len + T. Worse, a node's keys sit elsewhere.
-Take prefix_len P = 100 and the tree of nanomedusa/tree.py's example, node 4 = path [0, 1] at depth 2:
+Take prefix_len P = 1000 and the tree of nanomedusa/tree.py's example, node 4 = path [0, 1] at depth 2:
 
-    plain decode of its token (T = 1, prefix_len 102): slots 0..99 prefix, 100 root, 101 [0], 102 [0, 1]
-    tree step (T = 5, prefix_len 100):                  slots 0..99 prefix, 100 root, 101 [0],
-                                                        102 [1] masked, 103 [0, 0] masked, 104 [0, 1]
+    plain decode of its token (T = 1, prefix_len 1002): slots 0..999 prefix, 1000 root, 1001 [0], 1002 [0, 1]
+    tree step (T = 5, prefix_len 1000):                  slots 0..999 prefix, 1000 root, 1001 [0],
+                                                         1002 [1] masked, 1003 [0, 0] masked, 1004 [0, 1]
 
-Same keys, other columns: within a 16-key tile from slot 96 the decode sums its keys in columns 4..6,
-the tree step in columns 4, 5 and 8, and where a tile or chunk boundary falls between 102 and 104 the
-two calls even split the sum differently. So the mode computes each row as the one-token call over its
-*logical* keys (the prefix, then its ancestors in depth order, itself last: slots 0 .. P + depth):
-  1. Tile shapes fixed per dtype, whatever T: BLOCK_M = 64 for 16-bit inputs on a GPU (16 for fp32 and
-     the interpreter), BLOCK_N and num_warps as above (they never depended on T). A tl.dot element
-     depends only on its own row and column, not on where the row sits in the tile or what the other
-     rows hold, so equal tile contents give equal bits. (64 rows also keep a one-token decode on the
-     same wgmma instructions as a tree: with 16 rows Triton falls back to mma.sync.)
-  2. Key chunks of CHUNK = chunk_tiles() * BLOCK_N keys at absolute positions (0 .. CHUNK, CHUNK ..
-     2 CHUNK, ...), independent of T and of the cache size S; the grid holds one program per chunk of
-     the cache (prefix_len may live on the device), chunks past prefix_len + T write nothing, and the
-     merge, always run, reads the chunks up to there in order. A chunk a row sees nothing of merges as
-     exact zeros, so a row's result depends on its own keys only.
-  3. Rows whose ancestors are not at tree slots 0 .. depth (mask row other than 1..1 0..0; above: nodes
-     2, 3, 4) take every chunk from the tree's first on from per-token programs, appended to the grid:
-     one per (node, chunk the tree slots can reach), each holding the node's GROUP query rows at the top
-     of a BLOCK_M tile, exactly like the one-token call. It walks the logical keys of the chunk, reading
-     logical position x from slot x below P and from slot P + a_(x-P) above, where a_k, the node's
-     depth-k ancestor, is the (k+1)-th set bit of its mask row (computed in the kernel from the row's
-     running count: no per-layer preprocessing). The row-block programs skip those rows' partials there.
-     Causal calls (tree_mask None) and contiguous rows need no gathering; trees have at most
-     MAX_ROW_INVARIANT_TREE nodes, of any depth.
-  4. Every tile path rounds alike: scores are masked before they are scaled, so the compiler contracts
-     the scaling into the exp2's subtraction (one FMA) on every path, and prefix tiles apply a runtime
-     mask too. (Scaling first let the prefix path fuse and the masked path not: a tile the decode reads
-     as prefix and the tree step as tree keys then rounded differently.)
-The mode costs the per-token programs (up to a chunk of prefix re-read per gathered node and KV head),
-fixed 64-row tiles for small T, and the merge kernel on every call; bench/tree_attention.py times it.
-Its partials take B * Hkv * chunks * T * group * D floats, chunks = cdiv(prefix_len + T, CHUNK) (cdiv(S,
-CHUNK) for a device prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a 7B
-GQA layer: about 1 GB, transient), where the default mode, with its single split, needs none.
+So the mode computes each row from its *logical* keys alone, the prefix, then its ancestors in depth order,
+itself last (logical positions 0 .. p, p = P + depth), in a decomposition that depends on p only:
+  * body: the keys below B_p = max(p // BLOCK_N - 1, 0) * BLOCK_N, cut into chunks at absolute positions
+    (c * CHUNK .. (c + 1) * CHUNK, CHUNK = chunk_tiles() * BLOCK_N; the chunk holding B_p cut there), each
+    one online-softmax pass -> one partial;
+  * tail: the keys B_p to p, key tiles p // BLOCK_N - 1 and p // BLOCK_N (tile 0 alone while p < BLOCK_N),
+    one pass -> one more partial;
+  * merge: the body chunks in order, then the tail.
+Every tile starts at a multiple of BLOCK_N, so a decode at p and a tree node at p group the same terms
+alike. With a GPU's BLOCK_N = 64 and CHUNK = 256, node 4 above (p = 1002) has the body chunks 0..256,
+256..512, 512..768, 768..896 and the tail 896..1002, whose logical keys 1000, 1001, 1002 the tree step
+gathers from slots 1000, 1001, 1004: the plain decode of its token computes the very same five partials.
+For a node at depth < BLOCK_N, B_p <= max(p - BLOCK_N, 0) <= P: every body is cached prefix, the same slots for
+every row, and only a tail can hold tree slots. One launch holds three kinds of programs (per batch row and
+KV head), then the merge kernel runs (always, the tail being a partial of its own):
+  1. body programs, one per (query-row block, chunk): the chunk for every row of the block, each row up to
+     its own B_p. A tile past a row's B_p is fully masked for that row, which leaves its running max, sum
+     and output exactly as they were (alpha = exp2(0) = 1, or 0 while nothing was seen, and every
+     p = exp2(-inf) = 0); the merge reads only a row's own chunks (a chunk it lacks adds exact zeros).
+  2. shared tail programs, one per row block: the tails of the block's contiguous rows (ancestors at tree
+     slots 0 .. depth: a plain decode, a prefill or causal mask, a tree's first-child chain), each row its
+     own B_p to p, cache slots as they are.
+  3. per-token tail programs, one per tree node: a node whose ancestors lie apart (mask row other than
+     1..1 0..0; above: nodes 2, 3, 4) passes over its <= 2 tail tiles itself, its GROUP query rows at the
+     top of a BLOCK_M tile exactly as the one-token call holds them, reading logical key x from slot x below
+     P and from slot P + a_(x-P) above, a_k its depth-k ancestor, the (k+1)-th set bit of its mask row
+     (computed in the kernel from the row's running count: no per-layer preprocessing).
+A node whose ancestors lie apart must therefore sit at depth < BLOCK_N (Medusa trees: about 5):
+`KernelInputError` otherwise, checked on the host for trees of more than BLOCK_N nodes (one read-back)
+except during a CUDA graph capture, where such a node gets a NaN row instead. Contiguous rows (causal
+calls) have no depth limit; trees have at most MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
+  * Tile shapes fixed per dtype, whatever T: BLOCK_M = 64 for 16-bit inputs on a GPU (16 for fp32 and
+    the interpreter), BLOCK_N and num_warps as above (they never depended on T). A tl.dot element
+    depends only on its own row and column, not on where the row sits in the tile or what the other
+    rows hold, so equal tile contents give equal bits. (64 rows also keep a one-token decode on the
+    same wgmma instructions as a tree: with 16 rows Triton falls back to mma.sync.)
+  * Every tile of every pass goes through one loop (`_ri_pass`): the visibility is a runtime select on
+    the scores before they are scaled, and both kernels are compiled with enable_fp_fusion=False, so no
+    mul + add is contracted into an FMA on one path (masked or not, body or tail, a variant compiled with
+    or without a tree mask) and not on another.
+The cost over the default mode: 2 tile passes per gathered node and KV head (64-row tiles holding GROUP
+real rows; the bodies are the default mode's work or a little less), fixed 64-row tiles for small T, and the
+merge kernel on every call; bench/tree_attention.py times it. Its partials take batch * Hkv * (1 +
+cdiv(B_max, CHUNK)) * T * group * D floats, B_max the body of the last key (prefix_len + T, or S for a device
+prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a 7B GQA layer: about 1 GB,
+transient), where the default mode, with its single split, needs none.
 """
 
 from __future__ import annotations
@@ -138,58 +152,11 @@ def _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
-                 tree_mask_ptr, key_valid_ptr, ancestors, qk_scale, HAS_MASK: tl.constexpr,
-                 HAS_KEY_VALID: tl.constexpr, IN_PREFIX: tl.constexpr, GATHER: tl.constexpr,
-                 ROW_INVARIANT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Fold key tile start .. start + BLOCK_N (keys below hi) into the online softmax (m_i, l_i, acc) of the
-    query rows q (row r is token t[r]).
-
-    IN_PREFIX: the whole tile is cached prefix (visible to every row, below hi), so no tree mask is read
-    and, with EVEN_D (D == BLOCK_D), K and V load unmasked: the compiler then issues wide vector loads,
-    which a per-key mask against a runtime bound (a device prefix_len) would forbid.
-    GATHER (a per-token program of the row-invariant mode): the keys are one token's logical positions,
-    prefix + k standing for its depth-k ancestor at tree slot prefix + a_k; `ancestors` is the running
-    count of its mask row, so a_k = the number of entries whose count is <= k. Every key below hi is visible.
-    Otherwise query t sees tree slot prefix + j when tree_mask[t, j] (HAS_MASK), or when j <= t (causal).
-    """
-    keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions: cache slots, or logical if GATHER
-    if IN_PREFIX and not ROW_INVARIANT:
-        key_ok = tl.full([BLOCK_N], 1, tl.int1)
-    else:  # (always true in a prefix tile, but a runtime mask there keeps the arithmetic of every path the same)
-        key_ok = keys < hi
-    slots = keys
-    if GATHER and not IN_PREFIX:
-        rel = keys - prefix
-        a_k = tl.sum((ancestors[None, :] <= rel[:, None]).to(tl.int32), 1)  # [BLOCK_N]
-        # (clamped: only a tree past the cache's end, which the caller cannot have written, would reach S)
-        slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
-    if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
-        key_ok &= tl.load(key_valid_ptr + b * S + slots, mask=key_ok, other=0) != 0
-    if IN_PREFIX and EVEN_D and not HAS_KEY_VALID:
-        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
-    else:
-        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & key_ok[None, :],
-                      other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    # Mask, then scale: every path then rounds the scores alike (a scale straight off the dot may be
-    # fused into the exp2's subtraction as one FMA, a scale behind a select not).
-    if IN_PREFIX or GATHER:
-        if HAS_KEY_VALID or ROW_INVARIANT or GATHER:
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-    elif HAS_MASK:
-        # Visible: every prefix slot, and tree slot prefix+j when tree_mask[t, j] (j < T since hi <= prefix+T).
-        j = keys - prefix
-        in_tree = tl.load(tree_mask_ptr + t[:, None] * T + j[None, :], mask=(key_ok & (j >= 0))[None, :], other=0)
-        s = tl.where((key_ok & (j < 0))[None, :] | (in_tree != 0), s, float("-inf"))
-    else:  # causal: query t sees the slots up to its own, prefix + t
-        s = tl.where(key_ok[None, :] & ((keys - prefix)[None, :] <= t[:, None]), s, float("-inf"))
-    s = s * qk_scale
-
+def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the online softmax (m_i, l_i, acc) of its query rows: s [BLOCK_M, BLOCK_N] the
+    tile's scores, masked (-inf where hidden) and scaled to log2 units; v [BLOCK_N, BLOCK_D] its values.
+    A row that sees nothing of the tile keeps its state exactly: its max is unchanged, so alpha = exp2(0) = 1
+    (or 0 while the max is still -inf, when l_i and acc are still 0) and every p = exp2(-inf) = 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
     # exp2(-inf - -inf) never makes a NaN (its p and alpha are then exactly 0).
@@ -201,11 +168,53 @@ def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_bas
     return m_new, l_i, acc
 
 
+# ------------------------------------------------------------------------------------------ default mode
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
+                 tree_mask_ptr, key_valid_ptr, qk_scale, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                 IN_PREFIX: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key tile start .. start + BLOCK_N (keys below hi) into the online softmax (m_i, l_i, acc) of the
+    query rows q (row r is token t[r]).
+
+    IN_PREFIX: the whole tile is cached prefix (visible to every row, below hi), so no key or tree mask is
+    built and, with EVEN_D (D == BLOCK_D), K and V load unmasked: the compiler then issues wide vector loads,
+    which a per-key mask against a runtime bound (a device prefix_len) would forbid.
+    Otherwise query t sees tree slot prefix + j when tree_mask[t, j] (HAS_MASK), or when j <= t (causal).
+    """
+    keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
+    key_ok = tl.full([BLOCK_N], 1, tl.int1) if IN_PREFIX else keys < hi
+    if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
+        key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
+    if IN_PREFIX and EVEN_D and not HAS_KEY_VALID:
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
+        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
+    else:
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & key_ok[None, :],
+                      other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    # Mask, then scale: every path then rounds the scores alike (a scale straight off the dot may be
+    # fused into the exp2's subtraction as one FMA, a scale behind a select not).
+    if IN_PREFIX:
+        if HAS_KEY_VALID:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+    elif HAS_MASK:
+        # Visible: every prefix slot, and tree slot prefix+j when tree_mask[t, j] (j < T since hi <= prefix+T).
+        j = keys - prefix
+        in_tree = tl.load(tree_mask_ptr + t[:, None] * T + j[None, :], mask=(key_ok & (j >= 0))[None, :], other=0)
+        s = tl.where((key_ok & (j < 0))[None, :] | (in_tree != 0), s, float("-inf"))
+    else:  # causal: query t sees the slots up to its own, prefix + t
+        s = tl.where(key_ok[None, :] & ((keys - prefix)[None, :] <= t[:, None]), s, float("-inf"))
+    s = s * qk_scale
+    return _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
+
+
 @triton.jit
 def _attend_keys(q, lo, mid, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs, tree_mask_ptr,
-                 key_valid_ptr, ancestors, qk_scale, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-                 GATHER: tl.constexpr, ROW_INVARIANT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 key_valid_ptr, qk_scale, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr, EVEN_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The online softmax of the query rows q over the key tiles lo .. hi -> (max, sum, unnormalised out).
     Tiles lo .. mid hold cached prefix only (the bulk of the keys): they take the mask-free path."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
@@ -213,14 +222,12 @@ def _attend_keys(q, lo, mid, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, st
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
     for start in range(lo, mid, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base,
-                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, ancestors, qk_scale,
-                                     HAS_MASK, HAS_KEY_VALID, True, False, ROW_INVARIANT, EVEN_D, BLOCK_N,
-                                     DOT_PRECISION)
+                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, qk_scale, HAS_MASK,
+                                     HAS_KEY_VALID, True, EVEN_D, BLOCK_N, DOT_PRECISION)
     for start in range(mid, hi, BLOCK_N):  # the tile the prefix ends in, and the tree's own slots
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base,
-                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, ancestors, qk_scale,
-                                     HAS_MASK, HAS_KEY_VALID, False, GATHER, ROW_INVARIANT, EVEN_D, BLOCK_N,
-                                     DOT_PRECISION)
+                                     stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, qk_scale, HAS_MASK,
+                                     HAS_KEY_VALID, False, EVEN_D, BLOCK_N, DOT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -237,16 +244,13 @@ def _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, chunk, num_splits,
 @triton.jit
 def _attend_chunk_kernel(
     q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    T, S, D, n_kv_heads, num_splits, n_tree_chunks, qk_scale,
+    T, S, D, n_kv_heads, num_splits, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    WRITE_OUT: tl.constexpr, ROW_INVARIANT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WRITE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (pid, batch * kv head). pid < m_blocks * num_splits: a row-block program, query-row block
-    pid % m_blocks against key chunk pid // m_blocks. Past those (row-invariant mode with a tree mask): a
-    per-token program, token (pid - m_blocks * num_splits) % T against the tree chunk of index its quotient."""
+    """Program (pid, batch * kv head): query-row block pid % m_blocks against key chunk pid // m_blocks."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
     if PREFIX_IS_PTR:
@@ -261,88 +265,37 @@ def _attend_chunk_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    is_row_block = True  # (a compile-time True unless the grid also holds per-token programs)
-    if ROW_INVARIANT and HAS_MASK:
-        is_row_block = pid < m_blocks * num_splits
-    if is_row_block:  # ---------------------------------------------------------------- a row-block program
-        pid_m, split = pid % m_blocks, pid // m_blocks
-        if ROW_INVARIANT:  # chunk `split` is keys split * CHUNK .. + CHUNK, whatever T and S
-            lo = split * CHUNK
-            hi = tl.minimum(lo + CHUNK, kv_len)
-        else:
-            # Whole tiles lo .. hi of the visible range, the split sized here from the real length, so that a
-            # grid sized on the host from S still shares the work evenly; chunks past the end run no
-            # iteration and write neutral partials (max -inf, sum 0).
-            tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
-            lo = split * tiles_per_split * BLOCK_N
-            hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
-        mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
+    pid_m, split = pid % m_blocks, pid // m_blocks
+    # Whole tiles lo .. hi of the visible range, the split sized here from the real length, so that a grid
+    # sized on the host from S still shares the work evenly; chunks past the end run no iteration and write
+    # neutral partials (max -inf, sum 0).
+    tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
+    mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
 
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
-        row_ok = rows < n_rows
-        t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token's mask
-        store_ok = row_ok
-        if ROW_INVARIANT:
-            store_ok &= lo < kv_len  # a chunk past the keys loads and writes nothing: the merge stops before it
-        io_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
-                    mask=store_ok[:, None] & d_ok[None, :], other=0.0)
-        if ROW_INVARIANT and HAS_MASK:
-            # A row whose ancestors are not at slots prefix .. prefix + depth (its mask row is not 1 .. 1 0 .. 0)
-            # gets every chunk from the tree's first on from its own programs. (Decided before the loop, which
-            # then holds one flag per row rather than the mask rows.)
-            jj = tl.arange(0, BLOCK_T)
-            mask_rows = tl.load(tree_mask_ptr + t[:, None] * T + jj[None, :],
-                                mask=(store_ok & (lo + CHUNK > prefix))[:, None] & (jj < T)[None, :], other=0) != 0
-            count = tl.sum(mask_rows.to(tl.int32), 1)
-            last = tl.max(tl.where(mask_rows, jj[None, :], -1), 1)
-            store_ok &= last == count - 1
-        m_i, l_i, acc = _attend_keys(q, lo, mid, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks,
-                                     stride_vs, tree_mask_ptr, key_valid_ptr, t, qk_scale, HAS_MASK, HAS_KEY_VALID,
-                                     False, ROW_INVARIANT, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
+    row_ok = rows < n_rows
+    t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token's mask
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :], mask=io_mask, other=0.0)
+    m_i, l_i, acc = _attend_keys(q, lo, mid, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
+                                 tree_mask_ptr, key_valid_ptr, qk_scale, HAS_MASK, HAS_KEY_VALID, EVEN_D, BLOCK_M,
+                                 BLOCK_N, BLOCK_D, DOT_PRECISION)
 
-        if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            out_offs = _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :]
-            tl.store(out_ptr + out_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
-        else:
-            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, split, num_splits, n_rows, rows, d, D,
-                            store_ok, m_i, l_i, acc)
-
-    if ROW_INVARIANT and HAS_MASK:  # ------------------------------------------------- a per-token program
-        if not is_row_block:
-            token_pid = pid - m_blocks * num_splits
-            tok, i = token_pid % T, token_pid // T
-            jj = tl.arange(0, BLOCK_T)
-            mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0).to(tl.int32)  # [BLOCK_T]
-            count = tl.sum(mask_row, 0)  # the token's logical keys: prefix + count
-            last = tl.max(tl.where(mask_row != 0, jj, -1), 0)
-            chunk = prefix // CHUNK + i
-            lo = chunk * CHUNK
-            if (last != count - 1) & (lo < kv_len):
-                # As a one-token call over the keys laid out contiguously would: chunk `chunk` of the logical
-                # keys 0 .. prefix + count, prefix tiles from the cache as they are, the rest gathered.
-                hi = tl.minimum(lo + CHUNK, prefix + count)
-                mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
-                ancestors = tl.cumsum(mask_row, 0)
-                r = tl.arange(0, BLOCK_M)  # the token's GROUP rows first, as in a one-token call; the rest idle
-                rows = tok * GROUP + r
-                row_ok = r < GROUP
-                q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                m_i, l_i, acc = _attend_keys(q, lo, mid, hi, prefix, b, rows, d, d_ok, S, T, k_base, v_base,
-                                             stride_ks, stride_vs, tree_mask_ptr, key_valid_ptr, ancestors, qk_scale,
-                                             HAS_MASK, HAS_KEY_VALID, True, ROW_INVARIANT, EVEN_D, BLOCK_M, BLOCK_N,
-                                             BLOCK_D, DOT_PRECISION)
-                _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, chunk, num_splits, n_rows, rows, d, D,
-                                row_ok, m_i, l_i, acc)
+    if WRITE_OUT:  # a single chunk saw every key: finish here (a row that saw none has acc = 0: output 0)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out_offs = _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :]
+        tl.store(out_ptr + out_offs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, split, num_splits, n_rows, rows, d, D, row_ok,
+                        m_i, l_i, acc)
 
 
 @triton.jit
 def _combine_chunks_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, prefix_len, T, S, D, n_kv_heads, num_splits,
-    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, ROW_INVARIANT: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m),
     the chunks merged in order."""
@@ -353,29 +306,233 @@ def _combine_chunks_kernel(
     d = tl.arange(0, BLOCK_D)
     io_mask = row_ok[:, None] & (d < D)[None, :]
     first = bh * num_splits * n_rows + rows  # [BLOCK_M] partial row of chunk 0; chunk s is s * n_rows further
-    n_chunks = num_splits
-    if ROW_INVARIANT:  # only the chunks that hold keys were written
-        if PREFIX_IS_PTR:
-            prefix = tl.load(prefix_len).to(tl.int32)
-        else:
-            prefix = prefix_len
-        n_chunks = tl.cdiv(tl.minimum(prefix + T, S), CHUNK)
 
     # Padding rows (never stored) read m = 0, l = 1 so that nothing divides 0 by 0.
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(n_chunks):
+    for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * n_rows, mask=row_ok, other=0.0))
     # Empty chunks have m = -inf and weigh exactly 0. A row with no visible key in any chunk keeps
     # m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0, as in the reference.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(n_chunks):
+    for s in range(num_splits):
         part = first + s * n_rows
         w = tl.exp2(tl.load(part_m_ptr + part, mask=row_ok, other=0.0) - m_max)
         den += w * tl.load(part_l_ptr + part, mask=row_ok, other=1.0)
         num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
                                     mask=io_mask, other=0.0)
+
+    den = tl.where(den == 0.0, 1.0, den)
+    tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
+             (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+# ------------------------------------------------------------------------------------ row-invariant mode
+
+@triton.jit
+def _ri_tail_start(end, BLOCK_N: tl.constexpr):
+    """B_p of a row whose logical keys are 0 .. end (exclusive), p = end - 1 its own position: the first key of
+    its tail, the start of key tile p // BLOCK_N - 1 (0 for p < 2 BLOCK_N). Its body is keys 0 .. B_p."""
+    return tl.maximum(tl.maximum(end - 1, 0) // BLOCK_N - 1, 0) * BLOCK_N
+
+
+@triton.jit
+def _ri_row_keys(prefix, kv_len, t, load_ok, tree_mask_ptr, T, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Query rows of tokens t [BLOCK_M] -> (end, contiguous) [BLOCK_M]: a row's logical keys are 0 .. end (its
+    prefix, its ancestors in depth order, itself last); contiguous: its ancestors sit at tree slots 0 .. depth
+    (mask row 1 .. 1 0 .. 0; always without a mask), so its logical keys are the cache slots 0 .. end as they
+    are. (Mask rows are read where load_ok.)"""
+    if HAS_MASK:
+        jj = tl.arange(0, BLOCK_T)
+        mask_rows = tl.load(tree_mask_ptr + t[:, None] * T + jj[None, :], mask=load_ok[:, None] & (jj < T)[None, :],
+                            other=0) != 0
+        count = tl.sum(mask_rows.to(tl.int32), 1)  # depth + 1
+        contiguous = tl.max(tl.where(mask_rows, jj[None, :], -1), 1) == count - 1  # its last set bit is its count's
+    else:  # causal: token t sees tree slots 0 .. t
+        count = t + 1
+        contiguous = t >= 0
+    return tl.minimum(prefix + count, kv_len), contiguous
+
+
+@triton.jit
+def _ri_pass(q, lo, hi, row_lo, row_hi, prefix, ancestors, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs,
+             key_valid_ptr, qk_scale, GATHER: tl.constexpr, WHOLE_TILES: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+             EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """One online-softmax pass of the row-invariant mode -> (max, sum, unnormalised out) of the query rows q:
+    the key tiles lo .. hi (lo a multiple of BLOCK_N), row r seeing logical keys row_lo[r] .. row_hi[r] (and
+    key_valid). Every tile of every pass goes through this loop: the visibility is always a runtime select on
+    the scores, before they are scaled, so every tile rounds alike whichever pass (and call) it is in, and a
+    tile a row sees nothing of leaves that row's state exactly as it was (see _online_softmax_step).
+
+    GATHER (a per-token program): logical key x is slot x below prefix and slot prefix + a_(x - prefix) above,
+    a_k the token's depth-k ancestor, the (k+1)-th set bit of its mask row: `ancestors` is the row's running
+    count, so a_k = the number of entries whose count is <= k.
+    WHOLE_TILES (bodies): every tile lies below hi, so with EVEN_D and no key_valid K and V load unmasked
+    (wide vector loads; the values are the same)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical key positions
+        load_ok = keys < hi
+        slots = keys
+        if GATHER:
+            rel = keys - prefix
+            a_k = tl.sum((ancestors[None, :] <= rel[:, None]).to(tl.int32), 1)  # [BLOCK_N]
+            # (clamped: only a tree past the cache's end, which the caller cannot have written, would reach S)
+            slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
+        if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
+            load_ok &= tl.load(key_valid_ptr + b * S + slots, mask=load_ok, other=0) != 0
+        if WHOLE_TILES and EVEN_D and not HAS_KEY_VALID:
+            k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
+            v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
+        else:
+            k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & load_ok[None, :],
+                          other=0.0)
+            v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=load_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        visible = load_ok[None, :] & (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
+        s = tl.where(visible, s, float("-inf"))  # mask, then scale
+        s = s * qk_scale
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_row_invariant_kernel(
+    q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, part_acc_ptr, part_m_ptr, part_l_ptr,
+    T, S, D, n_kv_heads, n_body, qk_scale,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (pid, batch * kv head) of the row-invariant mode; partials [B * Hkv, 1 + n_body, T * GROUP, (D)],
+    slot 0 each row's tail, slot 1 + c its body chunk c. With m_blocks query-row blocks:
+      pid < m_blocks * n_body:   body chunk pid // m_blocks (keys c * CHUNK .. (c + 1) * CHUNK, each row's cut at
+                                 its B_p) of row block pid % m_blocks, for every row of it (bodies are contiguous);
+      next m_blocks programs:    the tails of the block's contiguous rows (each row its own B_p .. p);
+      last T (with a tree mask): the tail of token pid - m_blocks * (n_body + 1), if its ancestors lie apart,
+                                 its GROUP rows at the top of the tile as in a one-token call, keys gathered."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
+    if PREFIX_IS_PTR:
+        prefix = tl.load(prefix_len).to(tl.int32)  # read on the device: no host sync, graph-capturable
+    else:
+        prefix = prefix_len
+    kv_len = tl.minimum(prefix + T, S)  # keys 0 .. kv_len: the prefix and the tree
+    n_rows = T * GROUP
+    m_blocks = tl.cdiv(n_rows, BLOCK_M)
+    n_slots = n_body + 1
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    no_ancestors = tl.zeros([BLOCK_T], tl.int32)  # (read by gathering passes only)
+
+    if pid < m_blocks * n_slots:  # ------------------------------------------------------- a row-block program
+        pid_m, c = pid % m_blocks, pid // m_blocks
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
+        row_ok = rows < n_rows
+        t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token
+        end, contiguous = _ri_row_keys(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T)
+        tail_lo = _ri_tail_start(end, BLOCK_N)
+        q_offs = _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :]
+        if c < n_body:  # body chunk c: every row's keys c * CHUNK .. min((c + 1) * CHUNK, B_p), cache slots as they are
+            lo = c * CHUNK
+            row_hi = tl.minimum(tail_lo, lo + CHUNK)
+            store_ok = row_ok & (lo < tail_lo)  # the rows with a body chunk c (the merge reads no other)
+            hi = tl.max(tl.where(store_ok, row_hi, lo), 0)  # a multiple of BLOCK_N, like every B_p
+            q = tl.load(q_ptr + q_offs, mask=store_ok[:, None] & d_ok[None, :], other=0.0)
+            m_i, l_i, acc = _ri_pass(q, lo, hi, tail_lo * 0 + lo, row_hi, prefix, no_ancestors, b, d, d_ok, S, k_base,
+                                     v_base, stride_ks, stride_vs, key_valid_ptr, qk_scale, False, True, HAS_KEY_VALID,
+                                     EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, 1 + c, n_slots, n_rows, rows, d, D, store_ok,
+                            m_i, l_i, acc)
+        else:  # the tails B_p .. p of the contiguous rows, cache slots as they are
+            store_ok = row_ok & contiguous
+            lo = tl.min(tl.where(store_ok, tail_lo, kv_len), 0)
+            hi = tl.max(tl.where(store_ok, end, 0), 0)
+            q = tl.load(q_ptr + q_offs, mask=store_ok[:, None] & d_ok[None, :], other=0.0)
+            m_i, l_i, acc = _ri_pass(q, lo, hi, tail_lo, end, prefix, no_ancestors, b, d, d_ok, S, k_base, v_base,
+                                     stride_ks, stride_vs, key_valid_ptr, qk_scale, False, False, HAS_KEY_VALID,
+                                     EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, 0, n_slots, n_rows, rows, d, D, store_ok,
+                            m_i, l_i, acc)
+
+    if HAS_MASK:  # ------------------------------------------------------------------------ a per-token program
+        if pid >= m_blocks * n_slots:
+            tok = pid - m_blocks * n_slots
+            jj = tl.arange(0, BLOCK_T)
+            mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0).to(tl.int32)  # [BLOCK_T]
+            count = tl.sum(mask_row, 0)  # depth + 1
+            last = tl.max(tl.where(mask_row != 0, jj, -1), 0)
+            if last != count - 1:  # ancestors apart: the tail from gathered keys, as a one-token call reads them
+                end = tl.minimum(prefix + count, kv_len)
+                tail_lo = _ri_tail_start(end, BLOCK_N)
+                r = tl.arange(0, BLOCK_M)  # the token's GROUP rows first, as in a one-token call; the rest idle
+                rows = tok * GROUP + r
+                row_ok = r < GROUP
+                q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                m_i, l_i, acc = _ri_pass(q, tail_lo, end, r * 0 + tail_lo, r * 0 + end, prefix,
+                                         tl.cumsum(mask_row, 0), b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs,
+                                         key_valid_ptr, qk_scale, True, False, HAS_KEY_VALID, EVEN_D, BLOCK_M,
+                                         BLOCK_N, BLOCK_D, DOT_PRECISION)
+                # Deeper than the mode takes (tree_attention_triton refuses such trees where it can read the mask
+                # on the host; not inside a CUDA graph capture): its body would hold tree slots. A NaN row, not a
+                # silently wrong one.
+                m_i = tl.where(count > BLOCK_N, float("nan"), m_i)
+                _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, 0, n_slots, n_rows, rows, d, D, row_ok,
+                                m_i, l_i, acc)
+
+
+@triton.jit
+def _merge_row_invariant_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, tree_mask_ptr, prefix_len, T, S, D, n_kv_heads, n_body,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (query-row block, batch * kv head) of the row-invariant mode: each row's body chunks in order, then its
+    tail, as in _combine_chunks_kernel. A row reads only its own partials: cdiv(B_p, CHUNK) body chunks (the
+    loop runs to the block's most, and a chunk a row lacks adds exact zeros: weight exp2(-inf) = 0)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    if PREFIX_IS_PTR:
+        prefix = tl.load(prefix_len).to(tl.int32)
+    else:
+        prefix = prefix_len
+    kv_len = tl.minimum(prefix + T, S)
+    n_rows = T * GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    t = tl.minimum(rows // GROUP, T - 1)
+    d = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (d < D)[None, :]
+    end, _ = _ri_row_keys(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T)
+    n_chunks = tl.where(row_ok, tl.cdiv(_ri_tail_start(end, BLOCK_N), CHUNK), 0)  # [BLOCK_M] body chunks per row
+    tail = bh * (n_body + 1) * n_rows + rows  # [BLOCK_M] slot 0: the tail; slot 1 + c: body chunk c
+
+    m_max = tl.load(part_m_ptr + tail, mask=row_ok, other=float("-inf"))
+    for c in range(tl.max(n_chunks, 0)):
+        use = c < n_chunks
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + tail + (1 + c) * n_rows, mask=use, other=float("-inf")))
+    # A row with no visible key keeps m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    for c in range(tl.max(n_chunks, 0)):
+        use = c < n_chunks
+        part = tail + (1 + c) * n_rows
+        w = tl.exp2(tl.load(part_m_ptr + part, mask=use, other=float("-inf")) - m_max)
+        den += w * tl.load(part_l_ptr + part, mask=use, other=0.0)
+        num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
+                                    mask=use[:, None] & io_mask, other=0.0)
+    w = tl.exp2(tl.load(part_m_ptr + tail, mask=row_ok, other=float("-inf")) - m_max)
+    den += w * tl.load(part_l_ptr + tail, mask=row_ok, other=0.0)
+    num += w[:, None] * tl.load(part_acc_ptr + tail.to(tl.int64)[:, None] * D + d[None, :], mask=io_mask, other=0.0)
 
     den = tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
@@ -468,12 +625,40 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
 MAX_ROW_INVARIANT_TREE = 256
 
 
+def _tail_start(end: int, block_n: int) -> int:
+    """The row-invariant mode's B_p (see `_ri_tail_start`) for a row whose logical keys are 0 .. end."""
+    return max(max(end - 1, 0) // block_n - 1, 0) * block_n
+
+
+def _check_row_invariant_depth(tree_mask: torch.Tensor, block_n: int) -> None:
+    """The row-invariant mode gathers only the <= 2 tail tiles of a node whose ancestors lie apart, so such a
+    node must be shallower than a key tile (its body, keys 0 .. B_p, then holds cached prefix only). A tree of
+    at most block_n nodes always is; a bigger one is read back (a host sync) unless a CUDA graph is being
+    captured, where the kernel instead gives a too-deep node a NaN row. Contiguous rows (a causal mask, the
+    tree's first-child chain) have no limit."""
+    T = tree_mask.shape[0]
+    if T <= block_n or tree_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    count = tree_mask.sum(1)  # depth + 1
+    contiguous = (tree_mask == (torch.arange(T, device=tree_mask.device) < count[:, None])).all(1)
+    deepest = int(torch.where(contiguous, 0, count).max()) - 1
+    if deepest >= block_n:
+        raise KernelInputError(
+            f"row-invariant tree attention takes tree nodes of depth below its key tile, {block_n}, where the "
+            f"node's ancestors are not tree slots 0 .. depth; this tree has one at depth {deepest}. Use a "
+            f"shallower tree (fewer Medusa heads) or run without the row-invariant mode (--no-exact).")
+
+
 def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None, *,
                           num_splits: int | None = None, row_invariant: bool = False):
     """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning).
     `row_invariant`: compute each query row exactly as a one-token call over its own keys would (see the
     module docstring); its chunks are fixed, so `num_splits` does not apply."""
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
+    if row_invariant:
+        if num_splits is not None:
+            raise KernelInputError("tree attention's row-invariant mode has fixed key chunks; drop num_splits.")
+        return _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -487,25 +672,11 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
     key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else q  # (never read if None)
     prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
 
-    block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda, row_invariant)
+    block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda)
     m_blocks = triton.cdiv(n_rows, block_m)
-    chunk = chunk_tiles(q.is_cuda) * block_n
-    n_tree_chunks = 0  # per-token programs per token (row-invariant mode with a tree mask)
-    if row_invariant:
-        if num_splits is not None:
-            raise KernelInputError("tree attention's row-invariant mode has fixed key chunks; drop num_splits.")
-        if has_mask and T > MAX_ROW_INVARIANT_TREE:
-            raise KernelInputError(f"row-invariant tree attention takes trees of at most {MAX_ROW_INVARIANT_TREE} "
-                                   f"nodes, got a tree_mask of {T}; pass tree_mask=None for causal calls "
-                                   "(prefill, decode) or use a smaller tree.")
-        # One chunk per CHUNK keys; with a device prefix_len the grid covers the cache (empty chunks exit).
-        max_keys = S if prefix_is_ptr else max(1, min(prefix_len + T, S))
-        num_splits = triton.cdiv(max_keys, chunk)
-        if has_mask:  # the chunks that tree slots prefix .. prefix + T - 1 can reach, wherever prefix falls
-            n_tree_chunks = (T + chunk - 2) // chunk + 1
-    elif num_splits is None:
+    if num_splits is None:
         num_splits = split_heuristic(q, k_cache, prefix_len)
-    write_out = num_splits == 1 and not row_invariant
+    write_out = num_splits == 1
     if write_out:  # the kernel writes `out` directly and never touches the partials
         part_acc = part_m = part_l = out
     else:
@@ -513,23 +684,74 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
         part_m = torch.empty(B * Hkv, num_splits, n_rows, device=q.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
 
-    _attend_chunk_kernel[(m_blocks * num_splits + T * n_tree_chunks, B * Hkv)](
+    _attend_chunk_kernel[(m_blocks * num_splits, B * Hkv)](
         q, k_cache, v_cache, tree_mask if has_mask else q, key_valid, prefix_len, out, part_acc, part_m, part_l,
-        T, S, D, Hkv, num_splits, n_tree_chunks, math.log2(math.e) / math.sqrt(D),
+        T, S, D, Hkv, num_splits, math.log2(math.e) / math.sqrt(D),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid,
-        WRITE_OUT=write_out, ROW_INVARIANT=row_invariant, CHUNK=chunk,
-        BLOCK_T=max(16, triton.next_power_of_2(T)) if has_mask and row_invariant else 16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
+        WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
         # fp32 inputs must not be rounded to tf32 by tl.dot; 16-bit inputs ignore this setting.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
     if not write_out:
         _combine_chunks_kernel[(m_blocks, B * Hkv)](
-            part_acc, part_m, part_l, out, prefix_len, T, S, D, Hkv, num_splits,
-            GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, ROW_INVARIANT=row_invariant, CHUNK=chunk,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            part_acc, part_m, part_l, out, T, D, Hkv, num_splits,
+            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
+    return out
+
+
+def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, key_valid):
+    """`tree_attention_triton(..., row_invariant=True)`: one launch of the body, shared-tail and per-token
+    programs, then the merge (see the module docstring)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    n_rows = T * group  # query rows per KV head
+    block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda, row_invariant=True)
+    m_blocks = triton.cdiv(n_rows, block_m)
+    chunk = chunk_tiles(q.is_cuda) * block_n
+    has_mask = tree_mask is not None
+    if has_mask:
+        if T > MAX_ROW_INVARIANT_TREE:
+            raise KernelInputError(f"row-invariant tree attention takes trees of at most {MAX_ROW_INVARIANT_TREE} "
+                                   f"nodes, got a tree_mask of {T}; pass tree_mask=None for causal calls "
+                                   "(prefill, decode) or use a smaller tree.")
+        _check_row_invariant_depth(tree_mask, block_n)
+        tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
+    q = q.contiguous()
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    has_key_valid = key_valid is not None
+    key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else q  # (never read if None)
+    prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
+
+    # Body chunks for the longest body the keys allow; with a device prefix_len the grid covers the cache (the
+    # programs past the rows' bodies exit). Slot 0 of the partials holds each row's tail, slot 1 + c its chunk c.
+    max_keys = S if prefix_is_ptr else max(1, min(prefix_len + T, S))
+    n_body = triton.cdiv(_tail_start(max_keys, block_n), chunk)
+    part_acc = torch.empty(B * Hkv, n_body + 1, n_rows, D, device=q.device, dtype=torch.float32)
+    part_m = torch.empty(B * Hkv, n_body + 1, n_rows, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    block_t = max(16, triton.next_power_of_2(T)) if has_mask else 16
+    tree_mask = tree_mask if has_mask else q  # (never read if None)
+
+    # enable_fp_fusion=False: no mul + add is contracted into an FMA, so no code path (body or tail, gathered or
+    # not, a variant compiled with or without a mask) can round differently from another.
+    _attend_row_invariant_kernel[(m_blocks * (n_body + 1) + (T if has_mask else 0), B * Hkv)](
+        q, k_cache, v_cache, tree_mask, key_valid, prefix_len, part_acc, part_m, part_l,
+        T, S, D, Hkv, n_body, math.log2(math.e) / math.sqrt(D),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, CHUNK=chunk,
+        BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, enable_fp_fusion=False,
+    )
+    _merge_row_invariant_kernel[(m_blocks, B * Hkv)](
+        part_acc, part_m, part_l, out, tree_mask, prefix_len, T, S, D, Hkv, n_body,
+        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, CHUNK=chunk, BLOCK_T=block_t,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
+    )
     return out

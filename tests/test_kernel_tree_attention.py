@@ -7,6 +7,7 @@ in the interpreter, so it is only checked on CUDA).
 """
 
 import os
+import sys
 
 import torch
 
@@ -181,10 +182,14 @@ INVARIANT_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else 
 S_CACHE, HEAD_DIM = 96, 16
 
 
+def mode_block_n() -> int:
+    """Keys per tile of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM."""
+    return _tile_config(1, HEAD_DIM, torch.float32, DEVICE == "cuda", row_invariant=True)[1]
+
+
 def mode_chunk() -> int:
     """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM."""
-    _, block_n, _, _ = _tile_config(1, HEAD_DIM, torch.float32, DEVICE == "cuda", row_invariant=True)
-    return chunk_tiles(DEVICE == "cuda") * block_n
+    return chunk_tiles(DEVICE == "cuda") * mode_block_n()
 
 
 def random_qkv(B, Hq, Hkv, T, S, D, dtype):
@@ -222,16 +227,20 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
     return differ
 
 
+# A row at logical position p: body = keys 0 .. B_p in chunks at absolute positions, tail = B_p .. p (tiles
+# p // BLOCK_N - 1 and p // BLOCK_N). The prefixes put the tree's rows on every side of those boundaries.
 @pytest.mark.parametrize("dtype", INVARIANT_DTYPES)
-@pytest.mark.parametrize("chunks,offset,prefix_as_tensor", [
-    (0, 0, False),  # the tree at slot 0
-    (1, -3, True),  # straddles a chunk boundary (and a tile boundary), device prefix_len
-    (1, 0, False),  # starts exactly on a chunk boundary
-    (1, 21, True),  # a tile or so into a chunk (in the interpreter: straddles the next one)
+@pytest.mark.parametrize("chunks,tiles,offset,prefix_as_tensor", [
+    (0, 0, 0, False),  # the tree at slot 0: the tail is tile 0 alone, no body
+    (0, 1, -2, False),  # prefix % BLOCK_N = BLOCK_N - 2: tails from tile 0, the deeper nodes' reaching tile 1
+    (1, 0, -3, True),  # straddles a chunk boundary (and a tile boundary), device prefix_len
+    (1, 0, 0, False),  # starts exactly on a chunk boundary
+    (1, 1, 5, True),  # a tile and a bit into a chunk
+    (2, 1, -1, True),  # prefix % BLOCK_N = BLOCK_N - 1: depth 0 and depth 1 have different B_p (and body chunks)
 ])
-def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, dtype, chunks, offset,
-                                                                    prefix_as_tensor):
-    prefix = chunks * mode_chunk() + offset
+def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, dtype, chunks, tiles,
+                                                                    offset, prefix_as_tensor):
+    prefix = chunks * mode_chunk() + tiles * mode_block_n() + offset
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
     T = tree_mask.shape[0]
     S = prefix + T + mode_chunk()  # a chunk past the tree: the grid covers it, the merge must skip it
@@ -248,12 +257,14 @@ def test_default_mode_is_not_row_invariant():
     assert len(rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, False)) > 0
 
 
-@pytest.mark.parametrize("prefix,prefix_as_tensor", [(0, False), (27, True)])
-def test_row_invariant_causal_rows_equal_one_token_calls(poisoned_allocations, prefix, prefix_as_tensor):
+@pytest.mark.parametrize("prefix,tiles,prefix_as_tensor", [(0, 0, False), (27, 0, True), (3, 3, False)])
+def test_row_invariant_causal_rows_equal_one_token_calls(poisoned_allocations, prefix, tiles, prefix_as_tensor):
     """A prefill's rows (tree_mask None) are the plain decodes of its tokens; an explicit causal mask gives
-    the same bits (every row of it is contiguous, so no row is gathered)."""
-    T, S = 12, 80
-    q, k, v = random_qkv(2, 4, 2, T, S, HEAD_DIM, torch.float32)
+    the same bits (every row of it is contiguous, so no row is gathered). With `tiles` key tiles of new tokens,
+    the later rows' bodies hold new tokens too (contiguous rows have no depth limit)."""
+    T = 12 if tiles == 0 else tiles * mode_block_n() - 8
+    S = prefix + T + 40
+    q, k, v = random_qkv(2 if tiles == 0 else 1, 4, 2, T, S, HEAD_DIM, torch.float32)
     assert rows_unlike_one_token_calls(q, k, v, prefix, None, True, prefix_as_tensor) == []
     causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
     assert torch.equal(tree_attention_triton(q, k, v, prefix, causal, row_invariant=True),
@@ -310,10 +321,37 @@ def test_row_invariant_bad_inputs_name_the_fix():
         tree_attention_triton(q[:, :, :2], k, v, prefix, None, num_splits=2, row_invariant=True)
 
 
+def chain_under_second_child(depth: int) -> torch.Tensor:
+    """The mask of a root with children [0] and [1] and a chain under [1] down to depth `depth`: the chain's
+    nodes sit after [0] in the tree, so their ancestors lie apart."""
+    chain = [[1] + [0] * k for k in range(1, depth)]
+    return TreeBuffers.from_choices([[0], [1]] + chain, device=DEVICE).attn_mask
+
+
+def test_row_invariant_refuses_a_node_deeper_than_a_key_tile(monkeypatch):
+    """A node whose ancestors lie apart is gathered for its tail only, so it must be shallower than a key tile;
+    contiguous rows (here a single chain, deeper still) have no limit. Where the host cannot check (inside a CUDA
+    graph capture), such a node gets a NaN row rather than a wrong one."""
+    block_n = mode_block_n()
+    T = block_n + 2
+    q, k, v = random_qkv(1, 2, 1, T, 60 + block_n, HEAD_DIM, torch.float32)
+    prefix = 20
+    with pytest.raises(KernelInputError, match=f"depth below its key tile, {block_n}.*at depth {block_n}"):
+        tree_attention_triton(q, k, v, prefix, chain_under_second_child(block_n), row_invariant=True)
+    chain = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
+    assert not tree_attention_triton(q, k, v, prefix, chain, row_invariant=True).isnan().any()
+    assert not tree_attention_triton(q[:, :, :-1], k, v, prefix, chain_under_second_child(block_n - 1),
+                                     row_invariant=True).isnan().any()
+
+    monkeypatch.setattr(sys.modules["kernels.tree_attention"], "_check_row_invariant_depth", lambda *args: None)
+    out = tree_attention_triton(q, k, v, prefix, chain_under_second_child(block_n), row_invariant=True)
+    assert out[:, -1].isnan().all() and not out[:, :-1].isnan().any()  # only the node at depth block_n
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_row_invariant_is_graph_capturable():
-    q, k, v, _, _ = tree_attention_inputs(8, 2, 64, 300, 13, torch.bfloat16, DEVICE)
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
+    q, k, v, _, _ = tree_attention_inputs(8, 2, 64, 300, tree_mask.shape[0], torch.bfloat16, DEVICE)
     prefix = torch.tensor(100, device=DEVICE)
     tree_attention_triton(q, k, v, prefix, tree_mask, row_invariant=True)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
