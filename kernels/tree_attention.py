@@ -171,6 +171,38 @@ def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
 # ------------------------------------------------------------------------------------------ default mode
 
 @triton.jit
+def _program_head(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb, stride_kh, stride_vb, stride_vh,
+                  PREFIX_IS_PTR: tl.constexpr):
+    """What every attention program starts from: its batch row b, the prefix length (read on the device when
+    it is a pointer: no host sync, graph-capturable), kv_len (keys 0 .. kv_len: the prefix and the tree) and
+    the bases of its (batch row, KV head)'s K and V."""
+    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
+    if PREFIX_IS_PTR:
+        prefix = tl.load(prefix_len).to(tl.int32)
+    else:
+        prefix = prefix_len
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    return b, prefix, tl.minimum(prefix + T, S), k_base, v_base
+
+
+@triton.jit
+def _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs, UNMASKED: tl.constexpr):
+    """K transposed [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] at cache slots `slots` [BLOCK_N], zeros where
+    not load_ok. UNMASKED (every key and the whole head_dim valid): plain loads, which the compiler issues as
+    wide vector loads; a per-key mask against a runtime bound (a device prefix_len) would forbid those."""
+    if UNMASKED:
+        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None])
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :])
+    else:
+        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & load_ok[None, :],
+                      other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=load_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    return k_t, v
+
+
+@triton.jit
 def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
                  tree_mask_ptr, key_valid_ptr, qk_scale, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
                  IN_PREFIX: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -186,14 +218,8 @@ def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_bas
     key_ok = tl.full([BLOCK_N], 1, tl.int1) if IN_PREFIX else keys < hi
     if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
         key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
-    if IN_PREFIX and EVEN_D and not HAS_KEY_VALID:
-        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
-    else:
-        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & key_ok[None, :],
-                      other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+    k_t, v = _load_kv_tile(k_base, v_base, keys, d, d_ok, key_ok, stride_ks, stride_vs,
+                           IN_PREFIX and EVEN_D and not HAS_KEY_VALID)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     # Mask, then scale: every path then rounds the scores alike (a scale straight off the dot may be
     # fused into the exp2's subtraction as one FMA, a scale behind a select not).
@@ -252,18 +278,12 @@ def _attend_chunk_kernel(
 ):
     """Program (pid, batch * kv head): query-row block pid % m_blocks against key chunk pid // m_blocks."""
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    if PREFIX_IS_PTR:
-        prefix = tl.load(prefix_len).to(tl.int32)  # read on the device: no host sync, graph-capturable
-    else:
-        prefix = prefix_len
-    kv_len = tl.minimum(prefix + T, S)  # keys 0 .. kv_len: the prefix and the tree
+    b, prefix, kv_len, k_base, v_base = _program_head(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
     pid_m, split = pid % m_blocks, pid // m_blocks
     # Whole tiles lo .. hi of the visible range, the split sized here from the real length, so that a grid
@@ -385,14 +405,8 @@ def _ri_pass(q, lo, hi, row_lo, row_hi, prefix, ancestors, b, d, d_ok, S, k_base
             slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
         if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
             load_ok &= tl.load(key_valid_ptr + b * S + slots, mask=load_ok, other=0) != 0
-        if WHOLE_TILES and EVEN_D and not HAS_KEY_VALID:
-            k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None])  # [BLOCK_D, BLOCK_N]
-            v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :])  # [BLOCK_N, BLOCK_D]
-        else:
-            k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & load_ok[None, :],
-                          other=0.0)
-            v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=load_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+        k_t, v = _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs,
+                               WHOLE_TILES and EVEN_D and not HAS_KEY_VALID)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         visible = load_ok[None, :] & (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         s = tl.where(visible, s, float("-inf"))  # mask, then scale
@@ -418,19 +432,13 @@ def _attend_row_invariant_kernel(
       last T (with a tree mask): the tail of token pid - m_blocks * (n_body + 1), if its ancestors lie apart,
                                  its GROUP rows at the top of the tile as in a one-token call, keys gathered."""
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    if PREFIX_IS_PTR:
-        prefix = tl.load(prefix_len).to(tl.int32)  # read on the device: no host sync, graph-capturable
-    else:
-        prefix = prefix_len
-    kv_len = tl.minimum(prefix + T, S)  # keys 0 .. kv_len: the prefix and the tree
+    b, prefix, kv_len, k_base, v_base = _program_head(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
     n_slots = n_body + 1
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     no_ancestors = tl.zeros([BLOCK_T], tl.int32)  # (read by gathering passes only)
 
     if pid < m_blocks * n_slots:  # ------------------------------------------------------- a row-block program
