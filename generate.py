@@ -210,7 +210,7 @@ def check_args(args) -> None:
 
 def run(args) -> None:
     check_args(args)
-    use_kernels(args.kernels, args.exact, resolve_device(args.device))
+    use_kernels(args.kernels, args.exact)
     imported = time.perf_counter()
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)

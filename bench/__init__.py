@@ -17,7 +17,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
                                        follow-up turn
     bash bench/gpu_run.sh STAGE        every GPU number we report, one stage per call (the kernels, the
-                                       training stages, the tree-size sweep, the end-to-end benchmark)
+                                       training stages, the tree-size sweep, the end-to-end benchmark,
+                                       --exact: its text against plain greedy's and its cost)
 
 The modules, one job each:
 
@@ -32,5 +33,5 @@ The modules, one job each:
 
 Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, dynamic-trees-*.json,
 tree_attention.json,
-linear-sweep.*, bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
+linear.{json,txt}, linear-sweep.*, tree_attention-row-invariant.*, exact-*.txt, bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
 """

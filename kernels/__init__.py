@@ -27,7 +27,7 @@ if interpreting():
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")
-_row_invariant = os.environ.get("NANOMEDUSA_ROW_INVARIANT", "0") == "1"
+_row_invariant = False
 
 
 def set_backend(name: str) -> None:

@@ -8,8 +8,9 @@ Here the schedule never looks at the row count M:
     dtype, on_gpu)`: no M anywhere, no autotuning (which would key on M). BLOCK_M is fixed too, so a 1-row
     call runs the very tile a 64-row call does, with 63 zero rows beside it.
   * Each output element is one program's float32 accumulator over K in BLOCK_K steps, in order; with
-    split-K, SPLIT_K programs take fixed K ranges (by N and K only) and a second kernel adds their partial
-    sums in split order (never atomics, whose order is a race).
+    split-K (which `python -m bench.linear --sweep` tries; no shipped config uses it), SPLIT_K programs take
+    fixed K ranges (by N and K only) and a second kernel adds their partial sums in split order (never
+    atomics, whose order is a race).
   * M is an ordinary runtime argument that Triton does not specialise on (`do_not_specialize`), so every M
     runs the same compiled binary; M only masks which rows are loaded and stored. A tensor-core MMA
     computes each row of its tile the same way whatever the other rows hold, so row i of an M-row call is
@@ -60,7 +61,7 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
 
     GPU (bf16/fp16, memory-bound at decode sizes): BLOCK_M = 64, so that a tree step of up to 64 rows reads
     each weight tile once (a 1-row decode then wastes tensor-core work, which it has to spare). The rest was
-    read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/RESULTS.md, "Row-invariant linear"),
+    read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/linear-sweep.txt; bench/RESULTS.md, "Exact greedy"),
     choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take 64-feature
     tiles, narrow ones with a long K (a 7B's wo and w2) 32-feature tiles with 256-long K steps, which keep
     more of each weight row in flight per program; the small matrices of a 135M model, whose calls are

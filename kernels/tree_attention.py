@@ -71,7 +71,7 @@ A node whose ancestors lie apart must therefore sit at depth < BLOCK_N (Medusa t
 except during a CUDA graph capture, where such a node gets a NaN row instead. Contiguous rows (causal
 calls) have no depth limit; trees have at most MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
   * Tile shapes fixed per dtype, whatever T: BLOCK_M = 64 for 16-bit inputs on a GPU (16 for fp32 and
-    the interpreter), BLOCK_N and num_warps as above (they never depended on T). A tl.dot element
+    the interpreter), BLOCK_N as above (it never depended on T), num_warps from BLOCK_M and BLOCK_D. A tl.dot element
     depends only on its own row and column, not on where the row sits in the tile or what the other
     rows hold, so equal tile contents give equal bits. (64 rows also keep a one-token decode on the
     same wgmma instructions as a tree: with 16 rows Triton falls back to mma.sync.)
@@ -127,12 +127,16 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     """Dispatch: the Triton kernel on CUDA (row-invariant when `kernels.row_invariant()`), the reference
     elsewhere (see module docstring). tree_mask None: causal (prefill, plain decode).
 
-    A causal call of more than MAX_ROW_INVARIANT_TREE tokens (a long prefill) keeps the default schedule even
-    then: no one-row call is ever compared with it (plain and Medusa decoding run the same prefill), and the
-    row-invariant merge would hold partials growing with the square of its length."""
+    Under row invariance a causal call of more than MAX_ROW_INVARIANT_TREE tokens (a long prefill) runs the
+    default kernel with one key chunk instead: the row-invariant merge would hold partials growing with the
+    square of its length, and one chunk makes every row depend on the prompt alone, not on the cache size a
+    run chose (plain and Medusa decoding size their caches differently, and the split heuristic reads it).
+    No one-row call is compared with a long prefill's rows: plain and Medusa decoding both prefill the prompt."""
     if use_triton(q):
-        exact = row_invariant() and (tree_mask is not None or q.shape[2] <= MAX_ROW_INVARIANT_TREE)
-        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid, row_invariant=exact)
+        if row_invariant() and tree_mask is None and q.shape[2] > MAX_ROW_INVARIANT_TREE:
+            return tree_attention_triton(q, k_cache, v_cache, prefix_len, None, key_valid, num_splits=1)
+        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid,
+                                     row_invariant=row_invariant())
     return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
 
 
@@ -168,19 +172,21 @@ def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-# ------------------------------------------------------------------------------------------ default mode
+@triton.jit
+def _read_prefix(prefix_len, PREFIX_IS_PTR: tl.constexpr):
+    """prefix_len, read on the device when it is a pointer (no host sync: graph-capturable)."""
+    if PREFIX_IS_PTR:
+        return tl.load(prefix_len).to(tl.int32)
+    return prefix_len
+
 
 @triton.jit
-def _program_head(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb, stride_kh, stride_vb, stride_vh,
+def _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb, stride_kh, stride_vb, stride_vh,
                   PREFIX_IS_PTR: tl.constexpr):
-    """What every attention program starts from: its batch row b, the prefix length (read on the device when
-    it is a pointer: no host sync, graph-capturable), kv_len (keys 0 .. kv_len: the prefix and the tree) and
+    """What every attention program starts from: its batch row b, the prefix length (`_read_prefix`), kv_len (keys 0 .. kv_len: the prefix and the tree) and
     the bases of its (batch row, KV head)'s K and V."""
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    if PREFIX_IS_PTR:
-        prefix = tl.load(prefix_len).to(tl.int32)
-    else:
-        prefix = prefix_len
+    prefix = _read_prefix(prefix_len, PREFIX_IS_PTR)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     return b, prefix, tl.minimum(prefix + T, S), k_base, v_base
@@ -202,6 +208,8 @@ def _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs,
     return k_t, v
 
 
+# ------------------------------------------------------------------------------------------ default mode
+
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_base, v_base, stride_ks, stride_vs,
                  tree_mask_ptr, key_valid_ptr, qk_scale, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
@@ -221,8 +229,6 @@ def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_bas
     k_t, v = _load_kv_tile(k_base, v_base, keys, d, d_ok, key_ok, stride_ks, stride_vs,
                            IN_PREFIX and EVEN_D and not HAS_KEY_VALID)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    # Mask, then scale: every path then rounds the scores alike (a scale straight off the dot may be
-    # fused into the exp2's subtraction as one FMA, a scale behind a select not).
     if IN_PREFIX:
         if HAS_KEY_VALID:
             s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -278,7 +284,7 @@ def _attend_chunk_kernel(
 ):
     """Program (pid, batch * kv head): query-row block pid % m_blocks against key chunk pid // m_blocks."""
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b, prefix, kv_len, k_base, v_base = _program_head(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
+    b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
                                                       stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
@@ -432,7 +438,7 @@ def _attend_row_invariant_kernel(
       last T (with a tree mask): the tail of token pid - m_blocks * (n_body + 1), if its ancestors lie apart,
                                  its GROUP rows at the top of the tile as in a one-token call, keys gathered."""
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b, prefix, kv_len, k_base, v_base = _program_head(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
+    b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
                                                       stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
@@ -508,10 +514,7 @@ def _merge_row_invariant_kernel(
     tail, as in _combine_chunks_kernel. A row reads only its own partials: cdiv(B_p, CHUNK) body chunks (the
     loop runs to the block's most, and a chunk a row lacks adds exact zeros: weight exp2(-inf) = 0)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    if PREFIX_IS_PTR:
-        prefix = tl.load(prefix_len).to(tl.int32)
-    else:
-        prefix = prefix_len
+    prefix = _read_prefix(prefix_len, PREFIX_IS_PTR)
     kv_len = tl.minimum(prefix + T, S)
     n_rows = T * GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

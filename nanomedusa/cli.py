@@ -124,31 +124,28 @@ def _check_parent(flag: str, path: Path) -> None:
         raise NanoMedusaError(f"{flag} {path} lies under {parent}, which is a file; pass a path under a directory.")
 
 
-# Whether --exact is on when neither --exact nor --no-exact is given on a GPU (README, "Exact greedy").
-EXACT_BY_DEFAULT = False
-
-
 def add_kernel_flags(p: argparse.ArgumentParser) -> None:
-    """--kernels and --exact, as generate.py and the benchmarks take them (`use_kernels` applies them)."""
+    """--kernels and --exact, as generate.py and bench/decode.py take them (`use_kernels` applies them)."""
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="kernel backend (default: Triton on a GPU, torch on a CPU)")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                   help="row-invariant kernels, so that greedy Medusa gives plain greedy's text bit for bit on a GPU "
-                        f"(default: {'on' if EXACT_BY_DEFAULT else 'off'} on a GPU)")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
+                   help="row-invariant kernels, so that greedy Medusa gives plain greedy's text bit for bit in any "
+                        "dtype (costs 12-15%% of Medusa's speed on the default model; README, 'Exact greedy')")
 
 
-def check_kernels(backend: str, device: torch.device, exact: bool | None = None) -> None:
+def check_kernels(backend: str, device: torch.device, exact: bool = False) -> None:
     """--kernels triton on a CPU runs the kernels in Triton's interpreter, which must be on from the start;
     --exact changes the Triton kernels only."""
     if backend == "triton" and device.type != "cuda" and not interpreting():
         raise NanoMedusaError("--kernels triton needs a CUDA GPU, or on a CPU Triton's interpreter: set "
                               "TRITON_INTERPRET=1 (slow, for checking kernels), or use --kernels torch or auto.")
     if exact and (backend == "torch" or backend == "auto" and device.type != "cuda"):
-        raise NanoMedusaError("--exact makes the Triton kernels row-invariant and the torch ones run here; "
-                              "run on a GPU, or add --kernels triton (with TRITON_INTERPRET=1 on a CPU).")
+        raise NanoMedusaError(f"--exact needs the Triton kernels, but --kernels {backend} on {device.type} runs the "
+                              f"torch ones; drop --kernels torch on a GPU, or on a CPU add --kernels triton with "
+                              f"TRITON_INTERPRET=1.")
 
 
-def use_kernels(backend: str, exact: bool | None, device: torch.device) -> None:
+def use_kernels(backend: str, exact: bool) -> None:
     """Apply --kernels and --exact (checked by `check_kernels`) for the rest of the process."""
     kernels.set_backend(backend)
-    kernels.set_row_invariant(EXACT_BY_DEFAULT and device.type == "cuda" if exact is None else exact)
+    kernels.set_row_invariant(exact)

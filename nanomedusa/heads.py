@@ -90,7 +90,7 @@ class MedusaHeads(nn.Module):
 
         self.medusa_head = nn.ModuleList(head() for _ in range(config.num_heads))
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
-        self._temperatures = None  # (device, values) and those values [K] float32 there, see `topk_logprobs`
+        self._temperatures = None  # (key, tensor [K] float32), key = (device, temperatures): see `topk_logprobs`
 
     @classmethod
     def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model=""):
@@ -144,8 +144,13 @@ class MedusaHeads(nn.Module):
         pass as its top-k, without making the [K, N, vocab] logits."""
         key = (hidden.device, tuple(self.config.temperatures()))
         if self._temperatures is None or self._temperatures[0] != key:
-            # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured.
-            self._temperatures = key, torch.tensor(key[1], dtype=torch.float32, device=hidden.device)  # [K]
+            # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured. New values
+            # on the same device go into the same tensor, which a graph captured earlier reads.
+            values = torch.tensor(key[1], dtype=torch.float32, device=hidden.device)  # [K]
+            old = self._temperatures and self._temperatures[1]
+            if old is not None and old.device == values.device and old.shape == values.shape:
+                values = old.copy_(values)
+            self._temperatures = key, values
         return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k, self._temperatures[1])
 
     def save(self, out_dir: str | Path) -> None:

@@ -12,8 +12,10 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
   RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
 
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
-read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`) come from `kernels/`, which
-picks Triton on CUDA.
+read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`,
+which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_row_invariant(True)`
+(`--exact`) is on; then they, and tree attention, run kernels whose every row comes out as a one-row call's
+would, so that a Medusa tree step computes each accepted token bit for bit as plain decoding does.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .kv_cache import KVCache
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `kernels.linear`: F.linear, or the row-invariant Triton kernel (module docstring)."""
+    """nn.Linear through `kernels.linear`: F.linear, or with row invariance on its Triton kernel (kernels/linear.py)."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)

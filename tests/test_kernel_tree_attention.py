@@ -313,6 +313,25 @@ def test_dispatcher_follows_the_row_invariant_switch():
                            tree_attention_triton(q, k, v, prefix, mask, row_invariant=flag))
 
 
+def test_a_long_prefill_under_row_invariance_does_not_depend_on_the_cache_size(monkeypatch):
+    # More tokens than a row-invariant tree may have: the default kernel, in one key chunk. Its split
+    # heuristic reads the cache length when prefix_len is on the device (a graphed prefill), and plain and
+    # Medusa decoding size their caches differently: split by it, a prompt's K/V would differ between them.
+    import kernels.tree_attention as tree_attention_module
+
+    monkeypatch.setattr(tree_attention_module, "_sm_count", lambda device: 132)  # a GPU's wish to split
+    kernels.set_backend("triton")
+    kernels.set_row_invariant(True)
+    T = MAX_ROW_INVARIANT_TREE + 8
+    q, k, v, _, _ = tree_attention_inputs(2, 1, 16, 0, T, torch.float32, DEVICE)
+    prefix = torch.tensor(0, device=DEVICE)
+    outs = []
+    for spare_slots in (0, 512):  # two runs' cache sizes
+        spare = torch.randn(1, 1, spare_slots, 16, device=DEVICE)
+        outs.append(tree_attention(q, torch.cat([k, spare], 2), torch.cat([v, spare], 2), prefix, None))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_row_invariant_bad_inputs_name_the_fix():
     q, k, v, prefix, _ = tree_attention_inputs(4, 2, 16, 3, MAX_ROW_INVARIANT_TREE + 1, torch.float32, DEVICE)
     with pytest.raises(KernelInputError, match="pass tree_mask=None for causal calls"):
