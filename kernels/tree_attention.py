@@ -176,8 +176,10 @@ def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
 def _read_prefix(prefix_len, PREFIX_IS_PTR: tl.constexpr):
     """prefix_len, read on the device when it is a pointer (no host sync: graph-capturable)."""
     if PREFIX_IS_PTR:
-        return tl.load(prefix_len).to(tl.int32)
-    return prefix_len
+        prefix = tl.load(prefix_len).to(tl.int32)
+    else:
+        prefix = prefix_len
+    return prefix
 
 
 @triton.jit
