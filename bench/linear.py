@@ -34,11 +34,9 @@ import itertools
 import math
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime
 from typing import Callable, NamedTuple
 
 import torch
@@ -49,7 +47,7 @@ from kernels.linear import TileConfig, _tile_config, linear_triton
 from kernels.testing import TOLERANCE, poisoned_empty, rel_error, rows_differing_from_one_row_calls
 from nanomedusa.cli import ArgumentParser
 
-from .report import device_name, print_table, save, say
+from .report import device_name, metadata, print_table, save, say
 from .timer import capture_graph, copy_bandwidth, time_ms
 
 DEFAULT_JSON = "bench/linear.json"
@@ -390,10 +388,7 @@ def main(argv=None) -> int:
         smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 << 10)
         grid = sweep_configs(smem, dtype.itemsize)
         table_reps, sweep_reps = TABLE_REPS, SWEEP_REPS
-    results = {"benchmark": "linear", "mode": "smoke" if args.smoke else "full", "device": device_name(device),
-               "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-               "python": platform.python_version(), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-               "dtype": str(dtype).removeprefix("torch."), "args": vars(args),
+    results = {"benchmark": "linear", "mode": "smoke" if args.smoke else "full", **metadata(args, device, dtype),
                "method": "µs per call = median over samples of back-to-back CUDA-graph replays (calls cycling "
                          "through weight copies that outsize the L2) / calls per graph; GB/s = weight bytes / time"}
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def device_name(device: torch.device) -> str:
 
 
 def metadata(args, device: torch.device, dtype: torch.dtype) -> dict:
-    """The machine, the versions, the date and every flag of the run."""
+    """The machine, the versions, the date, the kernel settings in force and every flag of the run."""
     try:
         import triton
 
@@ -56,9 +56,9 @@ def metadata(args, device: torch.device, dtype: torch.dtype) -> dict:
     except ImportError:
         triton_version = None
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cuda": torch.version.cuda, "python": platform.python_version(), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "dtype": str(dtype).removeprefix("torch."),
-            "kernels": args.kernels, "row_invariant": kernels.row_invariant(),
+            "kernels": kernels.get_backend(), "row_invariant": kernels.row_invariant(),
             "args": json.loads(json.dumps(vars(args), default=str))}  # paths (--sampling's too) as strings
 
 

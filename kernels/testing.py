@@ -273,9 +273,8 @@ def check_tree_choice(root, head_ids, head_logprobs, ranks, num_nodes):
     """tree_choice_triton == tree_choice_reference exactly (float32 log-probabilities); returns (tokens, nodes)."""
     with poisoned_empty():
         got = tree_choice_triton(root, head_ids, head_logprobs, ranks, num_nodes)
-    want = tree_choice_reference(root, head_ids, head_logprobs, ranks, num_nodes)
-    for name, g, w in zip(("tokens", "nodes"), got, want):
-        assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: {g.tolist()}, reference {w.tolist()}"
+    _assert_same_outputs(("tokens", "nodes"), got, tree_choice_reference(root, head_ids, head_logprobs, ranks,
+                                                                          num_nodes))
     return got
 
 
@@ -283,11 +282,15 @@ def check_tree_layout(nodes, *tables):
     """tree_layout_triton == tree_layout_reference exactly, every buffer; returns the buffers."""
     with poisoned_empty():
         got = tree_layout_triton(nodes, *tables)
-    want = tree_layout_reference(nodes, *tables)
-    names = ("attn_mask", "depths", "parents", "tree_indices", "retrieve", "children")
-    for name, g, w in zip(names, got, want):
-        assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: {g.tolist()}, reference {w.tolist()}"
+    _assert_same_outputs(("attn_mask", "depths", "parents", "tree_indices", "retrieve", "children"), got,
+                         tree_layout_reference(nodes, *tables))
     return got
+
+
+def _assert_same_outputs(names, got, want) -> None:
+    """Each output of a kernel equals its reference's exactly, dtype included."""
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: {g.tolist()}, reference {w.tolist()}"
 
 
 # ------------------------------------------------------------------------------------ KV compaction

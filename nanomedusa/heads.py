@@ -144,13 +144,8 @@ class MedusaHeads(nn.Module):
         pass as its top-k, without making the [K, N, vocab] logits."""
         key = (hidden.device, tuple(self.config.temperatures()))
         if self._temperatures is None or self._temperatures[0] != key:
-            # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured. New values
-            # on the same device go into the same tensor, which a graph captured earlier reads.
-            values = torch.tensor(key[1], dtype=torch.float32, device=hidden.device)  # [K]
-            old = self._temperatures and self._temperatures[1]
-            if old is not None and old.device == values.device and old.shape == values.shape:
-                values = old.copy_(values)
-            self._temperatures = key, values
+            # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured.
+            self._temperatures = key, torch.tensor(key[1], dtype=torch.float32, device=hidden.device)  # [K]
         return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k, self._temperatures[1])
 
     def save(self, out_dir: str | Path) -> None:

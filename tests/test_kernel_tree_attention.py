@@ -53,13 +53,17 @@ def make_mask(kind: str, T: int) -> torch.Tensor | None:
     return (torch.rand(T, T) < 0.5) | torch.eye(T, dtype=torch.bool)
 
 
+def random_qkv(B, Hq, Hkv, T, S, D, dtype):
+    """Random q [B, Hq, T, D] and caches k, v [B, Hkv, S, D] on DEVICE."""
+    return (torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE), torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE),
+            torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE))
+
+
 def run_case(B, Hq, Hkv, T, S, D, prefix, mask_kind, dtype, prefix_as_tensor=False, num_splits=None,
              key_valid=None, row_invariant=False):
     """Kernel output and the float64 reference on fresh random inputs. Cache slots the op must ignore
     (past prefix+T, or hidden by key_valid) hold NaN for the kernel: it must never use them."""
-    q = torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE)
-    k = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
-    v = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE)
+    q, k, v = random_qkv(B, Hq, Hkv, T, S, D, dtype)
     tree_mask = make_mask(mask_kind, T)
     tree_mask = None if tree_mask is None else tree_mask.to(DEVICE)
     ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask, key_valid)
@@ -190,11 +194,6 @@ def mode_block_n() -> int:
 def mode_chunk() -> int:
     """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM."""
     return chunk_tiles(DEVICE == "cuda") * mode_block_n()
-
-
-def random_qkv(B, Hq, Hkv, T, S, D, dtype):
-    return (torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE), torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE),
-            torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE))
 
 
 def logical_layout(cache, prefix, ancestors):
