@@ -65,7 +65,8 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
     choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take 64-feature
     tiles, narrow ones with a long K (a 7B's wo and w2) 32-feature tiles with 256-long K steps, which keep
     more of each weight row in flight per program; the small matrices of a 135M model, whose calls are
-    bound by launch latency, take 32 x 128 tiles.
+    bound by launch latency, take 32 x 128 tiles, and the smallest (up to 2^20 weights: its wqkv, wo and w2)
+    16-row ones, whose short per-program latency outweighs reading the weight once per 16 rows (from the L2).
     Interpreter (CPU tests): small tiles, so tests are quick and K takes several steps and a tail.
     """
     if not on_gpu:
@@ -76,6 +77,8 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
         return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
     if N >= 8192:  # wqkv [12288, 4096]
         return TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if N * K <= 1 << 20:  # SmolLM2-135M's wqkv [960, 576], wo [576, 576], w2 [576, 1536]
+        return TileConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=5)
     if K >= 2048:  # wo [4096, 4096], w2 [4096, 11008]
         return TileConfig(block_m=64, block_n=32, block_k=256, num_warps=4, num_stages=4)
     return TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)

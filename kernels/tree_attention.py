@@ -41,50 +41,50 @@ Take prefix_len P = 1000 and the tree of nanomedusa/tree.py's example, node 4 = 
 
 So the mode computes each row from its *logical* keys alone, the prefix, then its ancestors in depth order,
 itself last (logical positions 0 .. p, p = P + depth), in a decomposition that depends on p only:
-  * body: the keys below B_p = max(p // BLOCK_N - 1, 0) * BLOCK_N, cut into chunks at absolute positions
-    (c * CHUNK .. (c + 1) * CHUNK, CHUNK = chunk_tiles() * BLOCK_N; the chunk holding B_p cut there), each
-    one online-softmax pass -> one partial;
-  * tail: the keys B_p to p, key tiles p // BLOCK_N - 1 and p // BLOCK_N (tile 0 alone while p < BLOCK_N),
-    one pass -> one more partial;
+  * body: the keys below B_p = max(p // TAIL_GRAIN - 1, 0) * TAIL_GRAIN (TAIL_GRAIN = 16), cut into chunks at
+    absolute positions (c * CHUNK .. (c + 1) * CHUNK, CHUNK = chunk_tiles() * BLOCK_N, the chunk holding B_p
+    cut there), each one online-softmax pass over BLOCK_N-key tiles starting at multiples of BLOCK_N -> one
+    partial per chunk;
+  * tail: the keys B_p to p (17 to 32 of them; fewer while p < 32), one tile of 2 * TAIL_GRAIN keys, key
+    B_p + j in column j -> one more partial;
   * merge: the body chunks in order, then the tail.
-Every tile starts at a multiple of BLOCK_N, so a decode at p and a tree node at p group the same terms
-alike. With a GPU's BLOCK_N = 64 and CHUNK = 256, node 4 above (p = 1002) has the body chunks 0..256,
-256..512, 512..768, 768..896 and the tail 896..1002, whose logical keys 1000, 1001, 1002 the tree step
-gathers from slots 1000, 1001, 1004: the plain decode of its token computes the very same five partials.
-For a node at depth < BLOCK_N, B_p <= max(p - BLOCK_N, 0) <= P: every body is cached prefix, the same slots for
-every row, and only a tail can hold tree slots. One launch holds three kinds of programs (per batch row and
-KV head), then the merge kernel runs (always, the tail being a partial of its own):
-  1. body programs, one per (query-row block, chunk): the chunk for every row of the block, each row up to
-     its own B_p. A tile past a row's B_p is fully masked for that row, which leaves its running max, sum
-     and output exactly as they were (alpha = exp2(0) = 1, or 0 while nothing was seen, and every
-     p = exp2(-inf) = 0); the merge reads only a row's own chunks (a chunk it lacks adds exact zeros).
-  2. shared tail programs, one per row block: the tails of the block's contiguous rows (ancestors at tree
-     slots 0 .. depth: a plain decode, a prefill or causal mask, a tree's first-child chain), each row its
-     own B_p to p, cache slots as they are.
-  3. per-token tail programs, one per tree node: a node whose ancestors lie apart (mask row other than
-     1..1 0..0; above: nodes 2, 3, 4) passes over its <= 2 tail tiles itself, its GROUP query rows at the
-     top of a BLOCK_M tile exactly as the one-token call holds them, reading logical key x from slot x below
-     P and from slot P + a_(x-P) above, a_k its depth-k ancestor, the (k+1)-th set bit of its mask row
-     (computed in the kernel from the row's running count: no per-layer preprocessing).
-A node whose ancestors lie apart must therefore sit at depth < BLOCK_N (Medusa trees: about 5):
-`KernelInputError` otherwise, checked on the host for trees of more than BLOCK_N nodes (one read-back)
-except during a CUDA graph capture, where such a node gets a NaN row instead. Contiguous rows (causal
-calls) have no depth limit; trees have at most MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
-  * Tile shapes fixed per dtype, whatever T: BLOCK_M = 64 for 16-bit inputs on a GPU (16 for fp32 and
-    the interpreter), BLOCK_N as above (it never depended on T), num_warps from BLOCK_M and BLOCK_D. A tl.dot element
-    depends only on its own row and column, not on where the row sits in the tile or what the other
-    rows hold, so equal tile contents give equal bits. (64 rows also keep a one-token decode on the
-    same wgmma instructions as a tree: with 16 rows Triton falls back to mma.sync.)
-  * Every tile of every pass goes through one loop (`_ri_pass`): the visibility is a runtime select on
-    the scores before they are scaled, and both kernels are compiled with enable_fp_fusion=False, so no
-    mul + add is contracted into an FMA on one path (masked or not, body or tail, a variant compiled with
-    or without a tree mask) and not on another.
-The cost over the default mode: 2 tile passes per gathered node and KV head (64-row tiles holding GROUP
-real rows; the bodies are the default mode's work or a little less), fixed 64-row tiles for small T, and the
-merge kernel on every call; bench/tree_attention.py times it. Its partials take batch * Hkv * (1 +
-cdiv(B_max, CHUNK)) * T * group * D floats, B_max the body of the last key (prefix_len + T, or S for a device
-prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a 7B GQA layer: about 1 GB,
-transient), where the default mode, with its single split, needs none.
+So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 256,
+node 4 above (p = 1002) has the body chunks 0..256, 256..512, 512..768, 768..976 and the tail 976..1002, whose
+logical keys 1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain decode of its token
+computes the very same five partials. For a node at depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body
+is cached prefix, the same slots for every row, and only a tail can hold tree slots. Two kernels (programs per
+batch row and KV head):
+  1. `_ri_bodies_kernel`, one program per (query-row block, chunk): the chunk for every row of the block, each
+     row up to its own B_p. A key past a row's B_p is masked for that row, and a tile it sees nothing of leaves
+     its running max, sum and output exactly as they were (alpha = exp2(0) = 1, or 0 while nothing was seen,
+     and every p = exp2(-inf) = 0). Each writes its rows' partials.
+  2. `_ri_tails_kernel`, one program per token: its GROUP query rows in a TAIL_M-row tile (the same tile in
+     every call), its tail in one key tile, then the merge of its rows' body partials and tail. In a tree it
+     reads logical key x from slot x below P and from slot P + a_(x-P) above, a_k its depth-k ancestor, the
+     (k+1)-th set bit of its mask row (computed in the kernel from the row's running count: no per-layer
+     preprocessing); a causal call reads the slots as they are. A kernel of its own, with 4 warps and little
+     shared memory, so that many of these small programs share an SM.
+A node whose ancestors lie apart (mask row other than 1..1 0..0; above: nodes 2, 3, 4) must therefore sit at
+depth < TAIL_GRAIN (Medusa trees: about 5): `KernelInputError` otherwise, checked on the host for trees of more
+than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph capture, where such a node gets a NaN
+row instead. Contiguous rows (causal calls, a tree's first-child chain) have no depth limit; trees have at most
+MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
+  * Tile shapes fixed whatever T: body tiles of BLOCK_M = 64 rows for 16-bit inputs on a GPU (16 for fp32 and
+    the interpreter) and BLOCK_N keys, tail tiles of TAIL_M = max(16, GROUP rounded up to a power of 2) rows and 2 * TAIL_GRAIN keys,
+    num_warps from BLOCK_M and BLOCK_D. A tl.dot element depends only on its own row and column, not on where
+    the row sits in the tile or what the other rows hold, so equal tile contents give equal bits. (A decode's
+    body also runs 64-row tiles, so that it stays on the same wgmma instructions as a tree: with 16 rows Triton
+    falls back to mma.sync. Its tail runs the tree's 16-row tile, mma.sync in both.)
+  * Visibility is always a runtime select on the scores before they are scaled, masked loads give zeros, and
+    both kernels are compiled with enable_fp_fusion=False, so no mul + add is contracted into an FMA on one path
+    (a whole or a cut body tile, a gathered tail or not, a variant compiled with or without a tree mask) and not
+    on another.
+The cost over the default mode: one small tile per token and KV head for the tails (the tree's nodes share
+the bodies, and a tail is one tile of at most 32 keys), fixed 64-row body tiles for small T, and a second kernel
+on every call (the default mode needs one only when it splits the keys); bench/tree_attention.py times it. Its
+partials take batch * Hkv * cdiv(B_max, CHUNK) * T * group * D floats, B_max the body of the last key
+(prefix_len + T, or S for a device prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a
+7B GQA layer: about 1 GB, transient), where the default mode, with its single split, needs none.
 """
 
 from __future__ import annotations
@@ -195,13 +195,18 @@ def _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb, st
 
 
 @triton.jit
-def _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs, UNMASKED: tl.constexpr):
+def _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs, EVEN_D: tl.constexpr,
+                  UNMASKED: tl.constexpr):
     """K transposed [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] at cache slots `slots` [BLOCK_N], zeros where
-    not load_ok. UNMASKED (every key and the whole head_dim valid): plain loads, which the compiler issues as
-    wide vector loads; a per-key mask against a runtime bound (a device prefix_len) would forbid those."""
-    if UNMASKED:
+    not load_ok. UNMASKED (every key valid) with EVEN_D (the whole head_dim valid): plain loads. The compiler
+    issues wide vector loads along head_dim as long as the mask is constant along it, as a per-key mask alone is
+    (with EVEN_D); a head_dim mask against the runtime D would forbid them."""
+    if EVEN_D and UNMASKED:
         k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None])
         v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :])
+    elif EVEN_D:
+        k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=load_ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=load_ok[:, None], other=0.0)
     else:
         k_t = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_ok[:, None] & load_ok[None, :],
                       other=0.0)
@@ -228,8 +233,8 @@ def _attend_tile(q, m_i, l_i, acc, start, hi, prefix, b, t, d, d_ok, S, T, k_bas
     key_ok = tl.full([BLOCK_N], 1, tl.int1) if IN_PREFIX else keys < hi
     if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
         key_ok &= tl.load(key_valid_ptr + b * S + keys, mask=key_ok, other=0) != 0
-    k_t, v = _load_kv_tile(k_base, v_base, keys, d, d_ok, key_ok, stride_ks, stride_vs,
-                           IN_PREFIX and EVEN_D and not HAS_KEY_VALID)
+    k_t, v = _load_kv_tile(k_base, v_base, keys, d, d_ok, key_ok, stride_ks, stride_vs, EVEN_D,
+                           IN_PREFIX and not HAS_KEY_VALID)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if IN_PREFIX:
         if HAS_KEY_VALID:
@@ -321,6 +326,24 @@ def _attend_chunk_kernel(
 
 
 @triton.jit
+def _fold_partial(num, den, m, l, acc, m_max):
+    """Add one partial (max m, sum l, unnormalised out acc) of some rows to a merge's sums over their partials:
+    w = exp2(m - m_max), den += w * l, num += w * acc. A partial with m = -inf adds exact zeros."""
+    w = tl.exp2(m - m_max)
+    return num + w[:, None] * acc, den + w * l
+
+
+@triton.jit
+def _add_partial(num, den, part_acc_ptr, part_m_ptr, part_l_ptr, part, use, m_max, d, D):
+    """`_fold_partial` of the stored partials at rows `part` (where use; elsewhere m = -inf: exact zeros)."""
+    m = tl.load(part_m_ptr + part, mask=use, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=use, other=0.0)
+    acc = tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :], mask=use[:, None] & (d < D)[None, :],
+                  other=0.0)
+    return _fold_partial(num, den, m, l, acc, m_max)
+
+
+@triton.jit
 def _combine_chunks_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -335,7 +358,7 @@ def _combine_chunks_kernel(
     io_mask = row_ok[:, None] & (d < D)[None, :]
     first = bh * num_splits * n_rows + rows  # [BLOCK_M] partial row of chunk 0; chunk s is s * n_rows further
 
-    # Padding rows (never stored) read m = 0, l = 1 so that nothing divides 0 by 0.
+    # Padding rows (never stored) read m = 0 here and weigh 0 below (their den 0 becomes 1: no 0 / 0).
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * n_rows, mask=row_ok, other=0.0))
@@ -345,11 +368,8 @@ def _combine_chunks_kernel(
     num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     for s in range(num_splits):
-        part = first + s * n_rows
-        w = tl.exp2(tl.load(part_m_ptr + part, mask=row_ok, other=0.0) - m_max)
-        den += w * tl.load(part_l_ptr + part, mask=row_ok, other=1.0)
-        num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
-                                    mask=io_mask, other=0.0)
+        num, den = _add_partial(num, den, part_acc_ptr, part_m_ptr, part_l_ptr, first + s * n_rows, row_ok, m_max,
+                                d, D)
 
     den = tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
@@ -359,194 +379,171 @@ def _combine_chunks_kernel(
 # ------------------------------------------------------------------------------------ row-invariant mode
 
 @triton.jit
-def _ri_tail_start(end, BLOCK_N: tl.constexpr):
+def _ri_tail_start(end, TAIL_GRAIN: tl.constexpr):
     """B_p of a row whose logical keys are 0 .. end (exclusive), p = end - 1 its own position: the first key of
-    its tail, the start of key tile p // BLOCK_N - 1 (0 for p < 2 BLOCK_N). Its body is keys 0 .. B_p."""
-    return tl.maximum(tl.maximum(end - 1, 0) // BLOCK_N - 1, 0) * BLOCK_N
+    its tail, max(p // TAIL_GRAIN - 1, 0) * TAIL_GRAIN, so that the tail B_p .. p holds at most 2 * TAIL_GRAIN
+    keys. Its body is keys 0 .. B_p."""
+    return tl.maximum(tl.maximum(end - 1, 0) // TAIL_GRAIN - 1, 0) * TAIL_GRAIN
 
 
 @triton.jit
-def _ri_row_keys(prefix, kv_len, t, load_ok, tree_mask_ptr, T, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Query rows of tokens t [BLOCK_M] -> (end, contiguous) [BLOCK_M]: a row's logical keys are 0 .. end (its
-    prefix, its ancestors in depth order, itself last); contiguous: its ancestors sit at tree slots 0 .. depth
-    (mask row 1 .. 1 0 .. 0; always without a mask), so its logical keys are the cache slots 0 .. end as they
-    are. (Mask rows are read where load_ok.)"""
+def _ri_row_ends(prefix, kv_len, t, load_ok, tree_mask_ptr, T, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Query rows of tokens t [BLOCK_M] -> end [BLOCK_M]: a row's logical keys are 0 .. end (its prefix, its
+    ancestors in depth order, itself last). (Mask rows are read where load_ok.)"""
     if HAS_MASK:
         jj = tl.arange(0, BLOCK_T)
         mask_rows = tl.load(tree_mask_ptr + t[:, None] * T + jj[None, :], mask=load_ok[:, None] & (jj < T)[None, :],
-                            other=0) != 0
+                            other=0)
         count = tl.sum(mask_rows.to(tl.int32), 1)  # depth + 1
-        contiguous = tl.max(tl.where(mask_rows, jj[None, :], -1), 1) == count - 1  # its last set bit is its count's
     else:  # causal: token t sees tree slots 0 .. t
         count = t + 1
-        contiguous = t >= 0
-    return tl.minimum(prefix + count, kv_len), contiguous
+    return tl.minimum(prefix + count, kv_len)
 
 
 @triton.jit
-def _ri_pass(q, lo, hi, row_lo, row_hi, prefix, ancestors, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs,
-             key_valid_ptr, qk_scale, GATHER: tl.constexpr, WHOLE_TILES: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-             EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """One online-softmax pass of the row-invariant mode -> (max, sum, unnormalised out) of the query rows q:
-    the key tiles lo .. hi (lo a multiple of BLOCK_N), row r seeing logical keys row_lo[r] .. row_hi[r] (and
-    key_valid). Every tile of every pass goes through this loop: the visibility is always a runtime select on
-    the scores, before they are scaled, so every tile rounds alike whichever pass (and call) it is in, and a
-    tile a row sees nothing of leaves that row's state exactly as it was (see _online_softmax_step).
-
-    GATHER (a per-token program): logical key x is slot x below prefix and slot prefix + a_(x - prefix) above,
-    a_k the token's depth-k ancestor, the (k+1)-th set bit of its mask row: `ancestors` is the row's running
-    count, so a_k = the number of entries whose count is <= k.
-    WHOLE_TILES (bodies): every tile lies below hi, so with EVEN_D and no key_valid K and V load unmasked
-    (wide vector loads; the values are the same)."""
+def _ri_body(q, lo, hi, row_hi, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs, key_valid_ptr, qk_scale,
+             HAS_KEY_VALID: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A body chunk's online softmax -> (max, sum, unnormalised out) of the query rows q: key tiles lo .. hi (lo a
+    multiple of BLOCK_N, hi of TAIL_GRAIN: a B_p may cut the last tile), cache slots as they are, row r seeing
+    the keys below row_hi[r]. One loop for every tile: the visibility is a runtime select on the scores before
+    they are scaled, so every tile rounds alike in every call, and a tile a row sees nothing of leaves its state
+    exactly as it was (see _online_softmax_step)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
     for start in range(lo, hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical key positions
+        keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache slots
         load_ok = keys < hi
-        slots = keys
-        if GATHER:
-            rel = keys - prefix
-            a_k = tl.sum((ancestors[None, :] <= rel[:, None]).to(tl.int32), 1)  # [BLOCK_N]
-            # (clamped: only a tree past the cache's end, which the caller cannot have written, would reach S)
-            slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
         if HAS_KEY_VALID:  # hidden slots (a row's left padding) are neither seen nor even loaded
-            load_ok &= tl.load(key_valid_ptr + b * S + slots, mask=load_ok, other=0) != 0
-        k_t, v = _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs,
-                               WHOLE_TILES and EVEN_D and not HAS_KEY_VALID)
+            load_ok &= tl.load(key_valid_ptr + b * S + keys, mask=load_ok, other=0) != 0
+        k_t, v = _load_kv_tile(k_base, v_base, keys, d, d_ok, load_ok, stride_ks, stride_vs, EVEN_D, False)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        visible = load_ok[None, :] & (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        s = tl.where(visible, s, float("-inf"))  # mask, then scale
+        s = tl.where(load_ok[None, :] & (keys[None, :] < row_hi[:, None]), s, float("-inf"))  # mask, then scale
         s = s * qk_scale
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _attend_row_invariant_kernel(
+def _ri_tail(q, lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs, key_valid_ptr,
+             qk_scale, GATHER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, EVEN_D: tl.constexpr,
+             TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One token's tail -> (max, sum, unnormalised out) of its query rows q [TAIL_M, BLOCK_D]: its logical keys
+    lo .. end (at most TAIL_N), one tile, key x in column x - lo whatever the call.
+    GATHER (a tree): logical key x is slot x below prefix and slot prefix + a_(x - prefix) above, a_k the token's
+    depth-k ancestor, the (k+1)-th set bit of its mask row: `ancestors` is the row's running count, so a_k = the
+    number of entries whose count is <= k. Without: the slots as they are (causal calls)."""
+    keys = lo + tl.arange(0, TAIL_N)  # [TAIL_N] logical key positions
+    load_ok = keys < end
+    slots = keys
+    if GATHER:
+        rel = keys - prefix
+        a_k = tl.sum((ancestors[None, :] <= rel[:, None]).to(tl.int32), 1)  # [TAIL_N]
+        # (clamped: only a tree past the cache's end, which the caller cannot have written, would reach S)
+        slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
+    if HAS_KEY_VALID:
+        load_ok &= tl.load(key_valid_ptr + b * S + slots, mask=load_ok, other=0) != 0
+    k_t, v = _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs, EVEN_D, False)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [TAIL_M, TAIL_N]
+    s = tl.where(load_ok[None, :], s, float("-inf"))  # mask, then scale
+    s = s * qk_scale
+    m_i = tl.full([TAIL_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([TAIL_M], tl.float32)
+    acc = tl.zeros([TAIL_M, BLOCK_D], tl.float32)
+    return _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
+
+
+@triton.jit
+def _ri_bodies_kernel(
     q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, part_acc_ptr, part_m_ptr, part_l_ptr,
     T, S, D, n_kv_heads, n_body, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (pid, batch * kv head) of the row-invariant mode; partials [B * Hkv, 1 + n_body, T * GROUP, (D)],
-    slot 0 each row's tail, slot 1 + c its body chunk c. With m_blocks query-row blocks:
-      pid < m_blocks * n_body:   body chunk pid // m_blocks (keys c * CHUNK .. (c + 1) * CHUNK, each row's cut at
-                                 its B_p) of row block pid % m_blocks, for every row of it (bodies are contiguous);
-      next m_blocks programs:    the tails of the block's contiguous rows (each row its own B_p .. p);
-      last T (with a tree mask): the tail of token pid - m_blocks * (n_body + 1), if its ancestors lie apart,
-                                 its GROUP rows at the top of the tile as in a one-token call, keys gathered."""
+    """Program (pid, batch * kv head): body chunk c = pid // m_blocks (keys c * CHUNK .. (c + 1) * CHUNK, each
+    row's cut at its B_p) of query-row block pid % m_blocks, for every row of it that has one (bodies are cached
+    prefix, the same slots for every row) -> partials [B * Hkv, n_body, T * GROUP, (D)], slot c."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
                                                       stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
-    n_slots = n_body + 1
+    pid_m, c = pid % m_blocks, pid // m_blocks
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    no_ancestors = tl.zeros([BLOCK_T], tl.int32)  # (read by gathering passes only)
-
-    if pid < m_blocks * n_slots:  # ------------------------------------------------------- a row-block program
-        pid_m, c = pid % m_blocks, pid // m_blocks
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
-        row_ok = rows < n_rows
-        t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token
-        end, contiguous = _ri_row_keys(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T)
-        tail_lo = _ri_tail_start(end, BLOCK_N)
-        q_offs = _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :]
-        if c < n_body:  # body chunk c: every row's keys c * CHUNK .. min((c + 1) * CHUNK, B_p), cache slots as they are
-            lo = c * CHUNK
-            row_hi = tl.minimum(tail_lo, lo + CHUNK)
-            store_ok = row_ok & (lo < tail_lo)  # the rows with a body chunk c (the merge reads no other)
-            hi = tl.max(tl.where(store_ok, row_hi, lo), 0)  # a multiple of BLOCK_N, like every B_p
-            q = tl.load(q_ptr + q_offs, mask=store_ok[:, None] & d_ok[None, :], other=0.0)
-            m_i, l_i, acc = _ri_pass(q, lo, hi, tail_lo * 0 + lo, row_hi, prefix, no_ancestors, b, d, d_ok, S, k_base,
-                                     v_base, stride_ks, stride_vs, key_valid_ptr, qk_scale, False, True, HAS_KEY_VALID,
-                                     EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, 1 + c, n_slots, n_rows, rows, d, D, store_ok,
-                            m_i, l_i, acc)
-        else:  # the tails B_p .. p of the contiguous rows, cache slots as they are
-            store_ok = row_ok & contiguous
-            lo = tl.min(tl.where(store_ok, tail_lo, kv_len), 0)
-            hi = tl.max(tl.where(store_ok, end, 0), 0)
-            q = tl.load(q_ptr + q_offs, mask=store_ok[:, None] & d_ok[None, :], other=0.0)
-            m_i, l_i, acc = _ri_pass(q, lo, hi, tail_lo, end, prefix, no_ancestors, b, d, d_ok, S, k_base, v_base,
-                                     stride_ks, stride_vs, key_valid_ptr, qk_scale, False, False, HAS_KEY_VALID,
-                                     EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, 0, n_slots, n_rows, rows, d, D, store_ok,
-                            m_i, l_i, acc)
-
-    if HAS_MASK:  # ------------------------------------------------------------------------ a per-token program
-        if pid >= m_blocks * n_slots:
-            tok = pid - m_blocks * n_slots
-            jj = tl.arange(0, BLOCK_T)
-            mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0).to(tl.int32)  # [BLOCK_T]
-            count = tl.sum(mask_row, 0)  # depth + 1
-            last = tl.max(tl.where(mask_row != 0, jj, -1), 0)
-            if last != count - 1:  # ancestors apart: the tail from gathered keys, as a one-token call reads them
-                end = tl.minimum(prefix + count, kv_len)
-                tail_lo = _ri_tail_start(end, BLOCK_N)
-                r = tl.arange(0, BLOCK_M)  # the token's GROUP rows first, as in a one-token call; the rest idle
-                rows = tok * GROUP + r
-                row_ok = r < GROUP
-                q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                m_i, l_i, acc = _ri_pass(q, tail_lo, end, r * 0 + tail_lo, r * 0 + end, prefix,
-                                         tl.cumsum(mask_row, 0), b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs,
-                                         key_valid_ptr, qk_scale, True, False, HAS_KEY_VALID, EVEN_D, BLOCK_M,
-                                         BLOCK_N, BLOCK_D, DOT_PRECISION)
-                # Deeper than the mode takes (tree_attention_triton refuses such trees where it can read the mask
-                # on the host; not inside a CUDA graph capture): its body would hold tree slots. A NaN row, not a
-                # silently wrong one.
-                m_i = tl.where(count > BLOCK_N, float("nan"), m_i)
-                _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, 0, n_slots, n_rows, rows, d, D, row_ok,
-                                m_i, l_i, acc)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
+    row_ok = rows < n_rows
+    t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token
+    tail_lo = _ri_tail_start(_ri_row_ends(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T), TAIL_GRAIN)
+    lo = c * CHUNK
+    row_hi = tl.minimum(tail_lo, lo + CHUNK)
+    store_ok = row_ok & (lo < tail_lo)  # the rows with a body chunk c (the merge reads no other)
+    hi = tl.max(tl.where(store_ok, row_hi, lo), 0)
+    q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
+                mask=store_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i, l_i, acc = _ri_body(q, lo, hi, row_hi, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs, key_valid_ptr,
+                             qk_scale, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, c, n_body, n_rows, rows, d, D, store_ok, m_i, l_i, acc)
 
 
 @triton.jit
-def _merge_row_invariant_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, tree_mask_ptr, prefix_len, T, S, D, n_kv_heads, n_body,
-    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _ri_tails_kernel(
+    q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr,
+    T, S, D, n_kv_heads, n_body, qk_scale,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (query-row block, batch * kv head) of the row-invariant mode: each row's body chunks in order, then its
-    tail, as in _combine_chunks_kernel. A row reads only its own partials: cdiv(B_p, CHUNK) body chunks (the
-    loop runs to the block's most, and a chunk a row lacks adds exact zeros: weight exp2(-inf) = 0)."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    prefix = _read_prefix(prefix_len, PREFIX_IS_PTR)
-    kv_len = tl.minimum(prefix + T, S)
-    n_rows = T * GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    t = tl.minimum(rows // GROUP, T - 1)
+    """Program (token, batch * kv head): the token's tail, its GROUP query rows in a TAIL_M-row tile (the rest
+    idle: the same tile in every call), then its rows' merge: the body chunks in order, then the tail; writes
+    the output rows."""
+    tok, bh = tl.program_id(0), tl.program_id(1)
+    b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
     d = tl.arange(0, BLOCK_D)
-    io_mask = row_ok[:, None] & (d < D)[None, :]
-    end, _ = _ri_row_keys(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T)
-    n_chunks = tl.where(row_ok, tl.cdiv(_ri_tail_start(end, BLOCK_N), CHUNK), 0)  # [BLOCK_M] body chunks per row
-    tail = bh * (n_body + 1) * n_rows + rows  # [BLOCK_M] slot 0: the tail; slot 1 + c: body chunk c
+    d_ok = d < D
+    if HAS_MASK:
+        jj = tl.arange(0, BLOCK_T)
+        mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0).to(tl.int32)  # [BLOCK_T]
+        count = tl.sum(mask_row, 0)  # depth + 1
+        ancestors = tl.cumsum(mask_row, 0)
+    else:  # causal: tree slots 0 .. tok, as they are
+        count = tok + 1
+        ancestors = tl.zeros([BLOCK_T], tl.int32)  # (not read)
+    end = tl.minimum(prefix + count, kv_len)
+    tail_lo = _ri_tail_start(end, TAIL_GRAIN)
+    r = tl.arange(0, TAIL_M)
+    rows = tok * GROUP + r
+    row_ok = r < GROUP
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :], mask=io_mask, other=0.0)
+    m_t, l_t, acc_t = _ri_tail(q, tail_lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base, stride_ks,
+                               stride_vs, key_valid_ptr, qk_scale, HAS_MASK, HAS_KEY_VALID, EVEN_D, TAIL_M,
+                               2 * TAIL_GRAIN, BLOCK_D, DOT_PRECISION)
+    if HAS_MASK:
+        # A node whose ancestors lie apart, deeper than the mode takes (tree_attention_triton refuses such trees
+        # where it can read the mask on the host; not inside a CUDA graph capture): its body would hold tree slots.
+        # A NaN row, not a silently wrong one. (A contiguous row's body holds its own keys.)
+        apart = tl.max(tl.where(mask_row != 0, jj, -1), 0) != count - 1
+        m_t = tl.where(apart & (count > TAIL_GRAIN), float("nan"), m_t)
 
-    m_max = tl.load(part_m_ptr + tail, mask=row_ok, other=float("-inf"))
-    for c in range(tl.max(n_chunks, 0)):
-        use = c < n_chunks
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + tail + (1 + c) * n_rows, mask=use, other=float("-inf")))
+    n_chunks = tl.cdiv(tail_lo, CHUNK)  # this token's body chunks (a multiple of TAIL_GRAIN: no empty chunk)
+    first = bh * n_body * (T * GROUP) + rows  # [TAIL_M] its rows' partials of chunk 0 (chunk c: c * T * GROUP on)
+    m_max = m_t
+    for c in range(n_chunks):
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + c * T * GROUP, mask=row_ok, other=float("-inf")))
     # A row with no visible key keeps m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    den = tl.zeros([BLOCK_M], tl.float32)
-    for c in range(tl.max(n_chunks, 0)):
-        use = c < n_chunks
-        part = tail + (1 + c) * n_rows
-        w = tl.exp2(tl.load(part_m_ptr + part, mask=use, other=float("-inf")) - m_max)
-        den += w * tl.load(part_l_ptr + part, mask=use, other=0.0)
-        num += w[:, None] * tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :],
-                                    mask=use[:, None] & io_mask, other=0.0)
-    w = tl.exp2(tl.load(part_m_ptr + tail, mask=row_ok, other=float("-inf")) - m_max)
-    den += w * tl.load(part_l_ptr + tail, mask=row_ok, other=0.0)
-    num += w[:, None] * tl.load(part_acc_ptr + tail.to(tl.int64)[:, None] * D + d[None, :], mask=io_mask, other=0.0)
-
+    num = tl.zeros([TAIL_M, BLOCK_D], tl.float32)
+    den = tl.zeros([TAIL_M], tl.float32)
+    for c in range(n_chunks):
+        num, den = _add_partial(num, den, part_acc_ptr, part_m_ptr, part_l_ptr, first + c * T * GROUP, row_ok, m_max,
+                                d, D)
+    num, den = _fold_partial(num, den, m_t, l_t, acc_t, m_max)
     den = tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
              (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -633,33 +630,41 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
     return _num_splits(triton.cdiv(n_rows, block_m) * B * Hkv, n_rows, max_keys, block_n, q.device)
 
 
-# The row-invariant mode's per-token programs read a whole mask row (and compare it with every key of a tile):
-# trees up to this many nodes. Causal calls (tree_mask None) take any T.
+# The row-invariant mode's tail programs read a whole mask row (and compare it with every key of a tile): trees
+# up to this many nodes. Causal calls (tree_mask None) take any T.
 MAX_ROW_INVARIANT_TREE = 256
+# The row-invariant mode's tails start at multiples of this many keys and hold at most twice as many: small, so
+# that the per-token tail programs are cheap, and at least 16 (a tl.dot side).
+TAIL_GRAIN = 16
 
 
-def _tail_start(end: int, block_n: int) -> int:
+def _tail_start(end: int) -> int:
     """The row-invariant mode's B_p (see `_ri_tail_start`) for a row whose logical keys are 0 .. end."""
-    return max(max(end - 1, 0) // block_n - 1, 0) * block_n
+    return max(max(end - 1, 0) // TAIL_GRAIN - 1, 0) * TAIL_GRAIN
 
 
-def _check_row_invariant_depth(tree_mask: torch.Tensor, block_n: int) -> None:
-    """The row-invariant mode gathers only the <= 2 tail tiles of a node whose ancestors lie apart, so such a
-    node must be shallower than a key tile (its body, keys 0 .. B_p, then holds cached prefix only). A tree of
-    at most block_n nodes always is; a bigger one is read back (a host sync) unless a CUDA graph is being
-    captured, where the kernel instead gives a too-deep node a NaN row. Contiguous rows (a causal mask, the
-    tree's first-child chain) have no limit."""
+def _check_row_invariant_depth(tree_mask: torch.Tensor) -> None:
+    """The row-invariant mode gathers only the tail (at most 2 * TAIL_GRAIN keys) of a node whose ancestors lie
+    apart, so such a node must be shallower than TAIL_GRAIN (its body, keys 0 .. B_p, then holds cached prefix
+    only). A tree of at most TAIL_GRAIN nodes always is; a bigger one is read back (a host sync) once per mask
+    tensor and version unless a CUDA graph is being captured, where the kernel instead gives a too-deep node a
+    NaN row (as it does for a mask rewritten in place under inference mode, which keeps no version).
+    Contiguous rows (a causal mask, the tree's first-child chain) have no limit."""
     T = tree_mask.shape[0]
-    if T <= block_n or tree_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+    if T <= TAIL_GRAIN or tree_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    stamp = None if tree_mask.is_inference() else tree_mask._version
+    if getattr(tree_mask, "_row_invariant_depth_checked", ()) == (stamp,):
         return
     count = tree_mask.sum(1)  # depth + 1
     contiguous = (tree_mask == (torch.arange(T, device=tree_mask.device) < count[:, None])).all(1)
     deepest = int(torch.where(contiguous, 0, count).max()) - 1
-    if deepest >= block_n:
+    if deepest >= TAIL_GRAIN:
         raise KernelInputError(
-            f"row-invariant tree attention takes tree nodes of depth below its key tile, {block_n}, where the "
-            f"node's ancestors are not tree slots 0 .. depth; this tree has one at depth {deepest}. Use a "
-            f"shallower tree (fewer Medusa heads) or run without the row-invariant mode (--no-exact).")
+            f"row-invariant tree attention takes tree nodes of depth below {TAIL_GRAIN} where the node's "
+            f"ancestors are not tree slots 0 .. depth; this tree has one at depth {deepest}. Use a shallower tree "
+            f"(fewer Medusa heads) or run without the row-invariant mode (--no-exact).")
+    tree_mask._row_invariant_depth_checked = (stamp,)  # a step's mask is read back once, not once per layer
 
 
 def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None, *,
@@ -717,8 +722,8 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
 
 
 def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, key_valid):
-    """`tree_attention_triton(..., row_invariant=True)`: one launch of the body, shared-tail and per-token
-    programs, then the merge (see the module docstring)."""
+    """`tree_attention_triton(..., row_invariant=True)`: the body chunks, then each token's tail and merge (see
+    the module docstring)."""
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -732,7 +737,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
             raise KernelInputError(f"row-invariant tree attention takes trees of at most {MAX_ROW_INVARIANT_TREE} "
                                    f"nodes, got a tree_mask of {T}; pass tree_mask=None for causal calls "
                                    "(prefill, decode) or use a smaller tree.")
-        _check_row_invariant_depth(tree_mask, block_n)
+        _check_row_invariant_depth(tree_mask)
         tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
     q = q.contiguous()
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -741,30 +746,28 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
 
     # Body chunks for the longest body the keys allow; with a device prefix_len the grid covers the cache (the
-    # programs past the rows' bodies exit). Slot 0 of the partials holds each row's tail, slot 1 + c its chunk c.
+    # programs past the rows' bodies store nothing). Partials [B * Hkv, n_body, rows, (D)], chunk c in slot c.
     max_keys = S if prefix_is_ptr else max(1, min(prefix_len + T, S))
-    n_body = triton.cdiv(_tail_start(max_keys, block_n), chunk)
-    part_acc = torch.empty(B * Hkv, n_body + 1, n_rows, D, device=q.device, dtype=torch.float32)
-    part_m = torch.empty(B * Hkv, n_body + 1, n_rows, device=q.device, dtype=torch.float32)
+    n_body = triton.cdiv(_tail_start(max_keys), chunk)
+    part_acc = torch.empty(B * Hkv, n_body, n_rows, D, device=q.device, dtype=torch.float32)
+    part_m = torch.empty(B * Hkv, n_body, n_rows, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     block_t = max(16, triton.next_power_of_2(T)) if has_mask else 16
     tree_mask = tree_mask if has_mask else q  # (never read if None)
-
-    # enable_fp_fusion=False: no mul + add is contracted into an FMA, so no code path (body or tail, gathered or
-    # not, a variant compiled with or without a mask) can round differently from another.
-    _attend_row_invariant_kernel[(m_blocks * (n_body + 1) + (T if has_mask else 0), B * Hkv)](
-        q, k_cache, v_cache, tree_mask, key_valid, prefix_len, part_acc, part_m, part_l,
-        T, S, D, Hkv, n_body, math.log2(math.e) / math.sqrt(D),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, CHUNK=chunk,
-        BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, enable_fp_fusion=False,
-    )
-    _merge_row_invariant_kernel[(m_blocks, B * Hkv)](
-        part_acc, part_m, part_l, out, tree_mask, prefix_len, T, S, D, Hkv, n_body,
-        GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, CHUNK=chunk, BLOCK_T=block_t,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
-    )
+    args = (q, k_cache, v_cache, tree_mask, key_valid, prefix_len, part_acc, part_m, part_l)
+    sizes = (T, S, D, Hkv, n_body, math.log2(math.e) / math.sqrt(D), k_cache.stride(0), k_cache.stride(1),
+             k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+    common = dict(GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid,
+                  CHUNK=chunk, TAIL_GRAIN=TAIL_GRAIN, BLOCK_T=block_t, BLOCK_D=block_d, EVEN_D=block_d == D,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  # no mul + add contracted into an FMA, so no code path (a whole or a cut body tile, a gathered
+                  # tail or not, a variant compiled with or without a mask) rounds differently from another
+                  enable_fp_fusion=False)
+    if n_body:
+        _ri_bodies_kernel[(m_blocks * n_body, B * Hkv)](*args, *sizes, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                         num_warps=num_warps, **common)
+    # The tails are small tiles: a kernel of their own (few warps, little shared memory) lets many of them share
+    # an SM, where the bodies' shared memory would allow two programs.
+    _ri_tails_kernel[(T, B * Hkv)](*args, out, *sizes, TAIL_M=max(16, triton.next_power_of_2(group)), num_warps=4,
+                                   **common)
     return out

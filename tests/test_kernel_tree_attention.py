@@ -23,6 +23,7 @@ from kernels.errors import KernelInputError  # noqa: E402
 from kernels.testing import rel_error, tree_attention_inputs  # noqa: E402
 from kernels.tree_attention import (  # noqa: E402
     MAX_ROW_INVARIANT_TREE,
+    TAIL_GRAIN,
     _tile_config,
     chunk_tiles,
     tree_attention,
@@ -226,15 +227,17 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
     return differ
 
 
-# A row at logical position p: body = keys 0 .. B_p in chunks at absolute positions, tail = B_p .. p (tiles
-# p // BLOCK_N - 1 and p // BLOCK_N). The prefixes put the tree's rows on every side of those boundaries.
+# A row at logical position p: body = keys 0 .. B_p in chunks at absolute positions (B_p a multiple of
+# TAIL_GRAIN, so the last body tile may be cut), tail = B_p .. p in one tile. The prefixes put the tree's rows
+# on every side of those boundaries.
 @pytest.mark.parametrize("dtype", INVARIANT_DTYPES)
 @pytest.mark.parametrize("chunks,tiles,offset,prefix_as_tensor", [
-    (0, 0, 0, False),  # the tree at slot 0: the tail is tile 0 alone, no body
-    (0, 1, -2, False),  # prefix % BLOCK_N = BLOCK_N - 2: tails from tile 0, the deeper nodes' reaching tile 1
+    (0, 0, 0, False),  # the tree at slot 0: tails from key 0, no body
+    (0, 0, 3 * TAIL_GRAIN - 1, False),  # depth 0 and depth 1 have different B_p: one body ends a grain later
+    (0, 1, -2, False),  # prefix % BLOCK_N = BLOCK_N - 2: bodies cut inside tile 0, the deeper nodes' in tile 1
     (1, 0, -3, True),  # straddles a chunk boundary (and a tile boundary), device prefix_len
     (1, 0, 0, False),  # starts exactly on a chunk boundary
-    (1, 1, 5, True),  # a tile and a bit into a chunk
+    (1, 1, TAIL_GRAIN + 5, True),  # a tile and a bit into a chunk
     (2, 1, -1, True),  # prefix % BLOCK_N = BLOCK_N - 1: depth 0 and depth 1 have different B_p (and body chunks)
 ])
 def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, dtype, chunks, tiles,
@@ -346,24 +349,28 @@ def chain_under_second_child(depth: int) -> torch.Tensor:
     return TreeBuffers.from_choices([[0], [1]] + chain, device=DEVICE).attn_mask
 
 
-def test_row_invariant_refuses_a_node_deeper_than_a_key_tile(monkeypatch):
-    """A node whose ancestors lie apart is gathered for its tail only, so it must be shallower than a key tile;
+def test_row_invariant_refuses_a_node_deeper_than_the_tail_grain(monkeypatch):
+    """A node whose ancestors lie apart is gathered for its tail only, so it must be shallower than TAIL_GRAIN;
     contiguous rows (here a single chain, deeper still) have no limit. Where the host cannot check (inside a CUDA
     graph capture), such a node gets a NaN row rather than a wrong one."""
-    block_n = mode_block_n()
-    T = block_n + 2
-    q, k, v = random_qkv(1, 2, 1, T, 60 + block_n, HEAD_DIM, torch.float32)
+    grain = TAIL_GRAIN
+    T = grain + 2
+    q, k, v = random_qkv(1, 2, 1, T, 60 + grain, HEAD_DIM, torch.float32)
     prefix = 20
-    with pytest.raises(KernelInputError, match=f"depth below its key tile, {block_n}.*at depth {block_n}"):
-        tree_attention_triton(q, k, v, prefix, chain_under_second_child(block_n), row_invariant=True)
+    with pytest.raises(KernelInputError, match=f"depth below {grain}.*at depth {grain}"):
+        tree_attention_triton(q, k, v, prefix, chain_under_second_child(grain), row_invariant=True)
     chain = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
     assert not tree_attention_triton(q, k, v, prefix, chain, row_invariant=True).isnan().any()
-    assert not tree_attention_triton(q[:, :, :-1], k, v, prefix, chain_under_second_child(block_n - 1),
+    assert not tree_attention_triton(q[:, :, :-1], k, v, prefix, chain_under_second_child(grain - 1),
                                      row_invariant=True).isnan().any()
+    # The check is remembered per mask, and made again once the mask is written to.
+    chain.copy_(chain_under_second_child(grain))
+    with pytest.raises(KernelInputError, match=f"at depth {grain}"):
+        tree_attention_triton(q, k, v, prefix, chain, row_invariant=True)
 
     monkeypatch.setattr(sys.modules["kernels.tree_attention"], "_check_row_invariant_depth", lambda *args: None)
-    out = tree_attention_triton(q, k, v, prefix, chain_under_second_child(block_n), row_invariant=True)
-    assert out[:, -1].isnan().all() and not out[:, :-1].isnan().any()  # only the node at depth block_n
+    out = tree_attention_triton(q, k, v, prefix, chain_under_second_child(grain), row_invariant=True)
+    assert out[:, -1].isnan().all() and not out[:, :-1].isnan().any()  # only the node at depth TAIL_GRAIN
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

@@ -1,0 +1,98 @@
+"""Compile the intricate Triton kernels for a Hopper GPU (sm_90: H100, H200) on a machine without one.
+
+Triton's interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) executes a kernel's Python, not
+its compiled form, so it accepts code the compiler refuses: an early `return` inside an `if`, or a variable
+whose tile shape differs between the branches of an `if`. Both reached a GPU run here before. This module
+runs Triton's real compiler, front end to cubin (ptxas ships with Triton), for the specialisations the engine
+launches, and needs no GPU and no CUDA driver:
+
+    TRITON_INTERPRET=0 python -m kernels.compile_check        # exit status 1 when any kernel fails to compile
+
+tests/test_compile_check.py runs it on every CI push. Launch arguments are described by name: pointers as
+`*dtype`, integers as i32, scale factors as fp32; pointers and strides are marked divisible by 16, as Triton
+specialises them at a real launch (so the compiled loads are the real ones: wide, pipelined).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floats=("qk_scale",), **options):
+    """Compile the @triton.jit `kernel` for sm_90: `pointers` maps each pointer argument to its type ("*bf16"),
+    `constexprs` gives every constexpr; other arguments are i32 (those in `floats`: fp32). Returns the compiled
+    kernel (its `.asm` holds ttir, ttgir, ptx, cubin); raises triton's CompilationError where it does not compile."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    aligned = [i for i, name in enumerate(kernel.arg_names)
+               if name in pointers or name.startswith("stride") or name == "D"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=HOPPER, options=options)
+
+
+def _tree_attention_cases():
+    from . import tree_attention as ta
+
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tree_mask_ptr": "*u8", "key_valid_ptr": "*u8",
+                "prefix_len": "*i64", "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32",
+                "part_l_ptr": "*fp32"}
+    for has_mask in (True, False):
+        for has_key_valid in (False, True):
+            common = dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
+                          EVEN_D=True, DOT_PRECISION="tf32")
+            label = f"mask={has_mask} key_valid={has_key_valid}"
+            yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
+                   dict(common, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
+            row_invariant = dict(common, CHUNK=256, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+            yield (f"tree attention, row-invariant bodies, {label}", ta._ri_bodies_kernel, pointers,
+                   dict(row_invariant, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8, enable_fp_fusion=False))
+            yield (f"tree attention, row-invariant tails, {label}", ta._ri_tails_kernel, pointers,
+                   dict(row_invariant, TAIL_M=16), dict(num_warps=4, enable_fp_fusion=False))
+    yield ("tree attention, chunk merge", ta._combine_chunks_kernel, pointers,
+           dict(GROUP=4, BLOCK_M=64, BLOCK_D=128), dict(num_warps=8))
+
+
+def _linear_cases():
+    from . import linear
+
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
+    for N, K in [(22016, 4096), (4096, 11008), (576, 1536)]:  # a 7B's w13 and w2, a 135M model's w2
+        cfg = linear._tile_config(N, K, torch.bfloat16, True)
+        yield (f"linear, {N} x {K}", linear._linear_kernel, pointers,
+               dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    BLOCK_K=cfg.block_k), dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":
+        print("compile_check: run with TRITON_INTERPRET=0 (under the interpreter @triton.jit compiles nothing)")
+        return 2
+    failed = 0
+    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_linear_cases()]:
+        try:
+            compile_for_hopper(kernel, pointers, constexprs, **options)
+            print(f"ok      {name}")
+        except Exception as error:  # a CompilationError names the line; show its last lines
+            failed += 1
+            print(f"FAILED  {name}: {type(error).__name__}: {str(error)[-600:]}")
+    print(f"{failed} of the kernels failed to compile for sm_90" if failed else "every kernel compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
