@@ -28,12 +28,11 @@ import torch
 from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
                             check_positive, check_sampling, check_seed, check_text, run_reporting_errors,
                             use_kernels)
-from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import GenerationResult, generate
-from nanomedusa.heads import MedusaHeads
+from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa
 from nanomedusa.sampling import Sampling
@@ -106,9 +105,7 @@ def load_heads(args, model):
         if args.compare:
             raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
         return None, None
-    heads = MedusaHeads.load(path, model.config, device=model.device, dtype=model.dtype)
-    if has_adapter(path):  # Medusa-2 heads: the backbone they were trained with is the base + this adapter
-        print(f"[note] {apply_adapter(model, path)}.", file=sys.stderr)
+    heads = load_heads_and_adapter(path, model, say=lambda line: print(f"[note] {line}.", file=sys.stderr))
     if args.tree == "dynamic":
         return heads, DynamicTree.for_heads(heads.config, args.tree_nodes, device=model.device,
                                             vocab_size=model.config.vocab_size)

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 from kernels.testing import counting_launches
-from nanomedusa.adapter import apply_adapter, has_adapter
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
-from nanomedusa.heads import MedusaHeads
+from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa, propose
 from nanomedusa.tokenizer import Tokenizer
@@ -124,9 +123,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default="bench/dynamic-trees.json", help="where the rows are written")
     args = p.parse_args(argv)
     model, checkpoint = load_model(args.model, device=args.device, dtype=args.dtype)
-    heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
-    if has_adapter(args.heads):
-        print(apply_adapter(model, args.heads))
+    heads = load_heads_and_adapter(args.heads, model)
     tokenizer = Tokenizer.from_dir(checkpoint)
     prompts = [p.ids for p in chat_prompts(tokenizer, Path(args.prompts), args.num_prompts)]
     decoder = Decoder(model)

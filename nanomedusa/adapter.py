@@ -8,9 +8,9 @@ training with `--lora-rank R` therefore holds, beside `config.json` and `medusa_
                           (`layers.{i}.attention.wqkv`, `.wo`, `layers.{i}.feed_forward.w13`, `.w2`):
                           `{name}.lora_a` [rank, in] and `{name}.lora_b` [out, rank]
 
-and `config.json` gains `"lora": {"rank": R, "alpha": A}`. Loading the heads merges the adapter into
-the base model's weights once, W += (alpha / rank) * B @ A, so decoding runs at the base model's speed
-and the output is the fine-tuned model's (generate.py says so in one line).
+and `config.json` gains `"lora": {"rank": R, "alpha": A}`. Loading the heads (`heads.load_heads_and_adapter`)
+merges the adapter into the base model's weights once, W += (alpha / rank) * B @ A, so decoding runs at
+the base model's speed and the output is the fine-tuned model's (generate.py says so in one line).
 """
 
 from __future__ import annotations

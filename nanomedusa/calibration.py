@@ -36,12 +36,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from .adapter import apply_adapter, has_adapter
 from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_input_dir, check_input_file,
                   check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_text_atomically
-from .heads import MedusaHeads
+from .heads import MedusaHeads, load_heads_and_adapter
 from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import (IGNORE, Conversation, collate, load_conversations, prompt_messages, split_train_eval,
@@ -162,9 +161,7 @@ def write_held_out_prompts(args) -> None:
 
 def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
-    heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
-    if has_adapter(args.heads):  # Medusa-2: the heads read the adapted backbone
-        print(apply_adapter(model, args.heads))
+    heads = load_heads_and_adapter(args.heads, model)
     tokenizer = Tokenizer.from_dir(checkpoint)
     examples = []
     for path in args.data:

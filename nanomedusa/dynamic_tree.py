@@ -61,7 +61,7 @@ from kernels.dynamic_tree import tree_choice, tree_layout
 
 from .errors import NanoMedusaError
 from .heads import HeadsConfig
-from .tree import TreeBuffers, cut_to_depth, tree_from_head_accuracies
+from .tree import TreeBuffers, cut_to_depth, lineages, tree_from_head_accuracies
 
 SUPERSET_NODES = 256  # candidates scored each step, the root included
 DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree
@@ -96,8 +96,7 @@ class DynamicTree:
         # more ancestors, even scored on its first N - 1 guesses only), and the retrieve rows (so the K/V moved
         # per step) stay within the N cache slots a step has.
         depth = min(superset.depth_max, num_nodes - 1)
-        node_of = {tuple(path): node for node, path in enumerate(superset.paths)}
-        lineage = [[node_of[tuple(path[:d])] for d in range(min(len(path), depth) + 1)] for path in superset.paths]
+        lineage = [line[: depth + 1] for line in lineages(superset.paths)]
         by_path = sorted(range(superset.num_nodes), key=lambda node: superset.paths[node])
         return cls(
             superset=superset,

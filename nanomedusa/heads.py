@@ -17,12 +17,15 @@ names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{
 published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are. Our config.json may add
 `medusa_choices` (the tree the heads run with), `rank_accuracy` (their held-out rank accuracies, both from
 tree_tuning.py) and `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent).
+Heads from joint training (Medusa-2) may also ship a LoRA adapter for the backbone (adapter.py):
+`load_heads_and_adapter` loads such heads for a model and merges it in.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from kernels.medusa_heads import medusa_topk
 
+from .adapter import apply_adapter, has_adapter
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
 
@@ -202,6 +206,16 @@ class MedusaHeads(nn.Module):
             raise NanoMedusaError(f"the tensors in {weights_file} do not match its config.json ({first}); "
                                   f"fix medusa_num_heads/medusa_num_layers.") from None
         return heads.to(device=device, dtype=dtype).eval()
+
+
+def load_heads_and_adapter(heads_dir: str | Path, model, say: Callable[[str], object] = print) -> MedusaHeads:
+    """The heads in HEADS_DIR for `model` (on its device, in its dtype), with the LoRA adapter shipped beside
+    them, if any, merged into `model`'s weights in place: Medusa-2 heads read the backbone they were trained
+    with, the base model plus that adapter. `say` gets the adapter's one-line description."""
+    heads = MedusaHeads.load(heads_dir, model.config, device=model.device, dtype=model.dtype)
+    if has_adapter(heads_dir):
+        say(apply_adapter(model, heads_dir))
+    return heads
 
 
 def _heads_in_file(state: dict[str, torch.Tensor], configured: int, path: Path, weights_file: Path) -> int:

@@ -236,6 +236,13 @@ def parse_tree(spec: str | Sequence[Sequence[int]]) -> list[list[int]]:
     return _check_paths(raw)
 
 
+def lineages(paths: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each node's lineage, the node ids from the root down to it, for a tree given as its nodes' paths
+    (`paths[i]` is node i's, the root's [] among them, every prefix present: as `TreeBuffers.paths`)."""
+    node_of = {tuple(path): node for node, path in enumerate(paths)}
+    return [[node_of[tuple(path[:d])] for d in range(len(path) + 1)] for path in paths]
+
+
 def cut_to_depth(paths: list[list[int]], depth: int) -> list[list[int]]:
     """The paths at most `depth` deep: a tree fitted to K heads (a path of length d needs heads 0..d-1).
     Cutting keeps the tree ancestor-closed, since a path's prefixes are shorter than it."""
@@ -271,8 +278,8 @@ class TreeBuffers:
         """
         paths = [[]] + sorted(_check_paths(choices), key=_node_order)
         num_nodes = len(paths)
-        node_of = {tuple(path): node for node, path in enumerate(paths)}
-        parents = [0] + [node_of[tuple(path[:-1])] for path in paths[1:]]
+        lineage = lineages(paths)  # lineage[i] = node ids root..i
+        parents = [0] + [line[-2] for line in lineage[1:]]
         depth_max = max(len(path) for path in paths)
         topk = 1 + max(max(path) for path in paths[1:])
         if vocab_size is not None and topk > vocab_size:
@@ -282,11 +289,8 @@ class TreeBuffers:
             )
         tree_indices = [0] + [1 + (len(path) - 1) * topk + path[-1] for path in paths[1:]]
 
-        # lineage[i] = node ids root..i; parents precede children in node order.
-        lineage: list[list[int]] = [[0]]
         children: list[list[int]] = [[] for _ in range(num_nodes)]
         for node in range(1, num_nodes):
-            lineage.append(lineage[parents[node]] + [node])
             # Siblings share all but the last index, so node order visits them by top-k index.
             children[parents[node]].append(node)
 

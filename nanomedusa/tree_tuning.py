@@ -28,12 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from kernels.medusa_heads import MAX_TOPK
 
-from .adapter import apply_adapter, has_adapter
 from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_input_dir, check_input_file,
                   check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
-from .heads import WEIGHT_FILES, MedusaHeads
+from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter
 from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import IGNORE, collate, load_conversations, split_train_eval, tokenize_all
@@ -130,9 +129,7 @@ def run(args) -> None:
     check_args(args)
     step_times = read_step_times(args.step_times) if args.step_times else None
     model, ckpt = load_model(args.model, device=args.device)
-    heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=model.dtype)
-    if has_adapter(args.heads):
-        print(apply_adapter(model, args.heads))
+    heads = load_heads_and_adapter(args.heads, model)
     tokenizer = Tokenizer.from_dir(ckpt)
     hits, count, report = 0, 0, {}
     for path in args.data:
