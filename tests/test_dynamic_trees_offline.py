@@ -1,0 +1,54 @@
+"""bench/dynamic_trees_offline.py's simulator: its vectorised choice is the engine's, and its walk counts steps
+as generate_medusa does. (Its --validate mode checks the whole simulator against the engine on the real model.)"""
+
+import torch
+
+from bench.dynamic_trees_offline import Positions, Rules, Superset, Trace, choose, heads_config, walk
+from nanomedusa.dynamic_tree import DynamicTree
+
+HEADS = "weights/smollm2-135m-instruct-medusa"
+
+
+def random_logprobs(P, K, k, generator):
+    """[P, K, k] log-probabilities, descending per head as a head's top-k come (best first), in tied pairs."""
+    lp = -6 * torch.rand(P, K, k, generator=generator)
+    lp[:, :, 1::2] = lp[:, :, 0::2][:, :, : k // 2]
+    return lp.sort(-1, descending=True).values
+
+
+def test_the_offline_choice_is_the_engines():
+    config = heads_config(HEADS)
+    superset = Superset.for_heads(config)
+    generator = torch.Generator().manual_seed(0)
+    K, k = superset.ranks.shape[1], 1 + int(superset.ranks.max())
+    lp = random_logprobs(12, K, k, generator)
+    ids = torch.arange(K * k).view(K, k)
+    for N in (16, 64):
+        tree = DynamicTree.for_heads(config, N)
+        chosen = choose(lp, superset, N)  # [P, M] bool
+        for p in range(len(lp)):
+            _, nodes = tree.choose(torch.tensor(7), ids, lp[p])
+            assert chosen[p].nonzero()[:, 0].tolist() == sorted(nodes.tolist()), (N, p)
+
+
+def test_walk_advances_by_the_accepted_guesses_plus_the_root():
+    # 6 tokens; at root positions 0, 1, 3: 2, 0, 1 guesses accepted -> steps at 0 (to 3), 3 (to 5): 2 steps.
+    trace = Trace(torch.arange(6), torch.zeros(6, 1, 1, dtype=torch.long), torch.zeros(6, 1, 1))
+    assert walk([trace], torch.tensor([2, 0, 0, 1, 0, 0])) == [(6, 2)]
+    assert walk([trace, trace], torch.tensor([0] * 6 + [5, 0, 0, 0, 0, 0])) == [(6, 5), (6, 1)]
+
+
+def test_static_and_oracle_bound_what_a_rule_accepts():
+    config = heads_config(HEADS)
+    superset = Superset.for_heads(config)
+    generator = torch.Generator().manual_seed(1)
+    K = superset.ranks.shape[1]
+    tokens = torch.randint(0, 5, (40,), generator=generator)
+    ids = torch.randint(0, 5, (40, K, 10), generator=generator)  # a vocabulary of 5: many right guesses
+    positions = Positions.of([Trace(tokens, ids, random_logprobs(40, K, 10, generator))], superset)
+    rules = Rules(config, superset)
+    oracle = rules.accepted("oracle", positions, 16)
+    for name in ("static", "dynamic"):
+        got = rules.accepted(name, positions, 16)
+        assert (got <= oracle).all() and (oracle <= rules.accepted("ceiling", positions, 16)).all()
+    assert oracle.sum() > 0
