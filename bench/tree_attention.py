@@ -84,9 +84,9 @@ SHAPES = [
     Shape("SmolLM2 9/3", 9, 3, 64, 512, 30),
 ]
 NEW_TOKENS = (1, 16, 64)
-# --row-invariant: decode and a 64-node tree at these prefixes. Over the default, the mode's tree step pays
-# per-token programs that pass over the 2 key tiles of each gathered node's tail (per KV head), wherever the
-# prefix falls: at 250 they outweigh the short shared body, at 4000 the body dominates.
+# --row-invariant: decode and a 64-node tree at these prefixes. Over the default, the mode pays a second kernel
+# (every token's tail, one tile of at most 32 keys per KV head, and the merge) and fixed 64-row body tiles,
+# wherever the prefix falls: at 250 the second kernel weighs most, at 4000 the bodies.
 RI_PREFIXES = (250, 1000, 4000)
 RI_SHAPES = [Shape(f"{name} L={p}", h, kv, d, p, n) for name, h, kv, d, n in
              [("7B GQA", 32, 8, 128, 32), ("SmolLM2", 9, 3, 64, 30)] for p in RI_PREFIXES]

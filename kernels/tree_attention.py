@@ -70,8 +70,8 @@ than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph captur
 row instead. Contiguous rows (causal calls, a tree's first-child chain) have no depth limit; trees have at most
 MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
   * Tile shapes fixed whatever T: body tiles of BLOCK_M = 64 rows for 16-bit inputs on a GPU (16 for fp32 and
-    the interpreter) and BLOCK_N keys, tail tiles of TAIL_M = max(16, GROUP rounded up to a power of 2) rows and 2 * TAIL_GRAIN keys,
-    num_warps from BLOCK_M and BLOCK_D. A tl.dot element depends only on its own row and column, not on where
+    the interpreter) and BLOCK_N keys, num_warps from BLOCK_M and BLOCK_D; tail tiles of TAIL_M = max(16, GROUP
+    rounded up to a power of 2) rows and 2 * TAIL_GRAIN keys, 4 warps. A tl.dot element depends only on its own row and column, not on where
     the row sits in the tile or what the other rows hold, so equal tile contents give equal bits. (A decode's
     body also runs 64-row tiles, so that it stays on the same wgmma instructions as a tree: with 16 rows Triton
     falls back to mma.sync. Its tail runs the tree's 16-row tile, mma.sync in both.)

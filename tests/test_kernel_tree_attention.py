@@ -234,7 +234,7 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
 @pytest.mark.parametrize("chunks,tiles,offset,prefix_as_tensor", [
     (0, 0, 0, False),  # the tree at slot 0: tails from key 0, no body
     (0, 0, 3 * TAIL_GRAIN - 1, False),  # depth 0 and depth 1 have different B_p: one body ends a grain later
-    (0, 1, -2, False),  # prefix % BLOCK_N = BLOCK_N - 2: bodies cut inside tile 0, the deeper nodes' in tile 1
+    (0, 1, -2, False),  # prefix % BLOCK_N = BLOCK_N - 2 (on a GPU: bodies cut in tile 0, deeper nodes' later)
     (1, 0, -3, True),  # straddles a chunk boundary (and a tile boundary), device prefix_len
     (1, 0, 0, False),  # starts exactly on a chunk boundary
     (1, 1, TAIL_GRAIN + 5, True),  # a tile and a bit into a chunk
