@@ -24,8 +24,9 @@ float32 inputs use exact ("ieee") products, not TF32.
 
 On the GPU the kernel is built for batch-1 decoding, where a linear layer streams its weight once and is
 bound by memory bandwidth: a program owns BLOCK_N output features (rows of the weight, each read along K
-contiguously) and all BLOCK_M rows of x, so a tree step of up to BLOCK_M = 64 rows reads each weight tile
-once, and narrow BLOCK_N spreads even a 4096-feature matrix over every SM.
+contiguously) and all BLOCK_M rows of x, so a tree step of up to BLOCK_M = 64 rows (16 for the smallest
+matrices, which the L2 holds for the re-reads) reads each weight tile once, and narrow BLOCK_N spreads even a
+4096-feature matrix over every SM.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
                    help="kernel backend (default: Triton on a GPU, torch on a CPU)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
                    help="row-invariant kernels, so that greedy Medusa gives plain greedy's text bit for bit in any "
-                        "dtype (costs 12-15%% of Medusa's speed on the default model; README, 'Exact greedy')")
+                        "dtype (costs a few percent of Medusa's speed on the default model; README, 'Exact greedy')")
 
 
 def check_kernels(backend: str, device: torch.device, exact: bool = False) -> None:
