@@ -12,6 +12,9 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        references
     python -m bench.linear             the row-invariant linear kernel (--exact) against cuBLAS per matrix of
                                        7B and SmolLM2 shapes at 1, 16 and 64 rows (--sweep: its tile configs)
+    python -m bench.step_profile       a 7B-shaped decode and tree step: their times with cuBLAS, with the
+                                       row-invariant kernels, with and without programmatic dependent launch,
+                                       and each kernel's share of one step
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
@@ -33,5 +36,5 @@ The modules, one job each:
 
 Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, dynamic-trees-*.json,
 tree_attention.json,
-linear.{json,txt}, linear-sweep.*, tree_attention-row-invariant.*, exact-*.txt, bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
+linear.{json,txt}, linear-sweep.*, tree_attention-row-invariant.*, exact-*.txt, step-profile.*, bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
 """

@@ -85,7 +85,7 @@ SHAPES = [
 ]
 NEW_TOKENS = (1, 16, 64)
 # --row-invariant: decode and a 64-node tree at these prefixes. Over the default, the mode pays a second kernel
-# (every token's tail, one tile of at most 32 keys per KV head, and the merge) and fixed 64-row body tiles,
+# (every token's tail, one tile of at most 16 keys per KV head, and the merge) and fixed 64-row body tiles,
 # wherever the prefix falls: at 250 the second kernel weighs most, at 4000 the bodies.
 RI_PREFIXES = (250, 1000, 4000)
 RI_SHAPES = [Shape(f"{name} L={p}", h, kv, d, p, n) for name, h, kv, d, n in

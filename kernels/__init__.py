@@ -10,7 +10,9 @@ its reference: see `interpreter.py`). `set_row_invariant(True)` makes the Triton
 call exactly as a one-row call would (fixed reduction schedules, whatever the row count), so that a Medusa
 tree step reproduces plain decoding bit for bit; the torch side is unchanged by it. An input a kernel cannot
 take raises `KernelInputError` (`errors.py`); `testing.py` holds the correctness checks the tests and the
-benchmarks share. Nothing here imports the application above.
+benchmarks share. On Hopper and newer GPUs every kernel launches while the one before it still runs and waits
+on the device for its inputs (`dependent_launch.py`; `set_dependent_launch(False)` or NANOMEDUSA_PDL=0 turns
+it off). Nothing here imports the application above.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ if interpreting():
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")
 _row_invariant = False
+# Programmatic dependent launch (dependent_launch.py) where the GPU has it; NANOMEDUSA_PDL=0 switches it off.
+_dependent_launch = os.environ.get("NANOMEDUSA_PDL", "1") != "0"
 
 
 def set_backend(name: str) -> None:
@@ -51,6 +55,17 @@ def set_row_invariant(flag: bool) -> None:
 
 def row_invariant() -> bool:
     return _row_invariant
+
+
+def set_dependent_launch(flag: bool) -> None:
+    """Whether Triton kernels on Hopper and newer GPUs launch while the kernel before them still runs
+    (programmatic dependent launch, see dependent_launch.py); the results are the same either way."""
+    global _dependent_launch
+    _dependent_launch = bool(flag)
+
+
+def dependent_launch_enabled() -> bool:
+    return _dependent_launch
 
 
 def triton_available() -> bool:

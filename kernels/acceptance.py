@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 MODES = ("greedy", "typical")
@@ -119,7 +120,8 @@ def _passes_typical(row_ptr, token, V: tl.constexpr, temperature, eps, alpha, BL
 @triton.jit
 def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, node_logp_ptr, counter_ptr,
                    best_ptr, accept_len_ptr, T, P, Dp, stride_t, temperature, eps, alpha, V: tl.constexpr,
-                   GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                   GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program j of T: test node j, then, if it is the last to finish, pick the best path.
 
     logits [T, V] (row stride stride_t), tokens [T], retrieve [P, Dp] (contiguous, -1 padded),
@@ -128,6 +130,7 @@ def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, node_logp_
     V is a compile-time constant: it is fixed per model, and constant loop bounds are also what the
     Triton interpreter needs under NumPy >= 2.4.
     """
+    wait_for_previous_kernels(PDL)
     node = tl.program_id(0)
     # The retrieve rows as (child, parent) pairs: column c holds depth c + 1 of each path.
     path = tl.arange(0, BLOCK_P)[:, None]  # [BLOCK_P, 1]
@@ -199,6 +202,6 @@ def accept_candidates_triton(tree_logits, tree_tokens, retrieve_indices, mode="g
         T, P, Dp, logits.stride(0), float(temperature), float(eps), float(alpha), V=V,
         GREEDY=mode == "greedy", BLOCK_V=BLOCK_V,
         BLOCK_P=triton.next_power_of_2(P), BLOCK_D=triton.next_power_of_2(max(Dp - 1, 1)),
-        num_warps=8,
+        num_warps=8, **launch_options(logits),
     )
     return best, accept_len

@@ -26,10 +26,12 @@ from triton.compiler import ASTSource
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floats=("qk_scale",), **options):
+def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floats=("qk_scale",), aligned=("D",),
+                       **options):
     """Compile the @triton.jit `kernel` for sm_90: `pointers` maps each pointer argument to its type ("*bf16"),
-    `constexprs` gives every constexpr; other arguments are i32 (those in `floats`: fp32). Returns the compiled
-    kernel (its `.asm` holds ttir, ttgir, ptx, cubin); raises triton's CompilationError where it does not compile."""
+    `constexprs` gives every constexpr; other arguments are i32 (those in `floats`: fp32), marked divisible by 16
+    if named in `aligned` or "stride...", as a real launch specialises them. Returns the compiled kernel (its
+    `.asm` holds ttir, ttgir, ptx, cubin); raises triton's CompilationError where it does not compile."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -38,9 +40,9 @@ def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, float
             signature[name] = pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    aligned = [i for i, name in enumerate(kernel.arg_names)
-               if name in pointers or name.startswith("stride") or name == "D"]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    divisible = [i for i, name in enumerate(kernel.arg_names)
+                 if name in pointers or name.startswith("stride") or name in aligned]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=HOPPER, options=options)
 
@@ -54,17 +56,17 @@ def _tree_attention_cases():
     for has_mask in (True, False):
         for has_key_valid in (False, True):
             common = dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
-                          EVEN_D=True, DOT_PRECISION="tf32")
+                          EVEN_D=True, DOT_PRECISION="tf32", PDL=has_mask)  # both launch kinds compiled
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
                    dict(common, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
-            row_invariant = dict(common, CHUNK=256, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+            row_invariant = dict(common, CHUNK=512, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
             yield (f"tree attention, row-invariant bodies, {label}", ta._ri_bodies_kernel, pointers,
                    dict(row_invariant, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8, enable_fp_fusion=False))
             yield (f"tree attention, row-invariant tails, {label}", ta._ri_tails_kernel, pointers,
-                   dict(row_invariant, TAIL_M=16), dict(num_warps=4, enable_fp_fusion=False))
+                   dict(row_invariant, TAIL_M=16), dict(num_warps=1, enable_fp_fusion=False))
     yield ("tree attention, chunk merge", ta._combine_chunks_kernel, pointers,
-           dict(GROUP=4, BLOCK_M=64, BLOCK_D=128), dict(num_warps=8))
+           dict(GROUP=4, BLOCK_M=64, BLOCK_D=128, PDL=True), dict(num_warps=8))
 
 
 def _linear_cases():
@@ -75,7 +77,8 @@ def _linear_cases():
         cfg = linear._tile_config(N, K, torch.bfloat16, True)
         yield (f"linear, {N} x {K}", linear._linear_kernel, pointers,
                dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k), dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                    BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=True),
+               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split")))
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 # ------------------------------------------------------------------------------------------- choice
@@ -52,9 +53,11 @@ def tree_choice_reference(root, head_ids, head_logprobs, ranks, num_nodes: int):
 
 @triton.jit
 def _choice_kernel(root_ptr, ids_ptr, logprobs_ptr, ranks_ptr, tokens_ptr, nodes_ptr, M, N,
-                   stride_ik, stride_ir, stride_lk, stride_lr, DEPTH: tl.constexpr, BLOCK_M: tl.constexpr):
+                   stride_ik, stride_ir, stride_lk, stride_lr, DEPTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                   PDL: tl.constexpr):
     """One program: score the M superset nodes, keep the N best, write them (and their tokens) in node order.
     ids/logprobs [K, k] with strides (stride_*k, stride_*r); ranks [M, DEPTH] contiguous; tokens, nodes [N]."""
+    wait_for_previous_kernels(PDL)
     node = tl.arange(0, BLOCK_M)
     real = node < M
     score = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -89,7 +92,7 @@ def tree_choice_triton(root, head_ids, head_logprobs, ranks, num_nodes: int):
     ranks = ranks.contiguous() if depth else head_ids  # (a budget of 1: no column to read, nor memory to point at)
     _choice_kernel[(1,)](root, head_ids, head_logprobs, ranks, tokens, nodes, M, num_nodes,
                          *head_ids.stride(), *head_logprobs.stride(), DEPTH=depth, BLOCK_M=block_m,
-                         num_warps=4 if block_m <= 1024 else 8)
+                         num_warps=4 if block_m <= 1024 else 8, **launch_options(tokens))
     return tokens, nodes
 
 
@@ -144,9 +147,10 @@ def _position(nodes_ptr, N, node, LOG_N: tl.constexpr):
 def _layout_kernel(nodes_ptr, parents_ptr, depths_ptr, tree_indices_ptr, children_ptr, lineage_ptr, path_order_ptr,
                    mask_out, depths_out, parents_out, tree_indices_out, retrieve_out, children_out, M, N,
                    C: tl.constexpr, W: tl.constexpr, LOG_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_Q: tl.constexpr):
+                   BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_Q: tl.constexpr, PDL: tl.constexpr):
     """One program, lane p for the tree's node p (superset node nodes[p]). The superset's tables are
     contiguous: children [M, C], lineage [M, W], the others [M]; the outputs contiguous too."""
+    wait_for_previous_kernels(PDL)
     p = tl.arange(0, BLOCK_N)
     row = p < N
     node = tl.load(nodes_ptr + p, mask=row, other=0)
@@ -204,7 +208,7 @@ def tree_layout_triton(nodes, parents, depths, tree_indices, children, lineage, 
         children.contiguous(), lineage.contiguous(), path_order.contiguous(),
         attn_mask, out_depths, out_parents, out_tree_indices, retrieve, kids, M, N,
         C=C, W=W, LOG_N=block_n.bit_length() - 1, BLOCK_N=block_n, BLOCK_C=triton.next_power_of_2(C),
-        BLOCK_W=triton.next_power_of_2(W), BLOCK_Q=min(block_n, 32), num_warps=4,
+        BLOCK_W=triton.next_power_of_2(W), BLOCK_Q=min(block_n, 32), num_warps=4, **launch_options(attn_mask),
     )
     return attn_mask, out_depths, out_parents, out_tree_indices, retrieve, kids
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 
@@ -39,9 +40,10 @@ def compact_kv(kv, prefix_len, accepted):
 def _compact_kv_kernel(
     kv_ptr, prefix_len, accepted_ptr, A, S, D, batch, n_kv_heads,
     stride_l, stride_c, stride_b, stride_h, stride_s,
-    PREFIX_IS_PTR: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREFIX_IS_PTR: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (layer, k/v, batch, kv head): slab[prefix + i] = slab[prefix + accepted[i]] for i < A."""
+    wait_for_previous_kernels(PDL)
     pid = tl.program_id(0)
     head = pid % n_kv_heads
     b = (pid // n_kv_heads) % batch
@@ -92,5 +94,5 @@ def compact_kv_triton(kv, prefix_len, accepted):
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4),
         PREFIX_IS_PTR=isinstance(prefix_len, torch.Tensor),
         BLOCK_A=triton.next_power_of_2(A), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        num_warps=4,
+        num_warps=4, **launch_options(kv),
     )

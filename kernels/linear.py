@@ -39,10 +39,14 @@ import triton
 import triton.language as tl
 
 from . import row_invariant, use_triton
+from .dependent_launch import launch_options, prefetch_l2, wait_for_previous_kernels
 from .errors import KernelInputError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCE_BLOCK = 256  # output features per program of the split-K merge
+# Under programmatic dependent launch, each program asks for the first PREFETCH_BYTES of each of its weight rows
+# to be brought into the L2 while the kernel before it still runs (the weights depend on no earlier kernel).
+PREFETCH_BYTES = 512
 
 
 class TileConfig(NamedTuple):
@@ -102,7 +106,8 @@ def linear(x, weight, bias=None):
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split,
                    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
     x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N].
@@ -110,6 +115,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split
     PARTIAL=True: out is the float32 partials [SPLIT_K, M, N], acc of K range s at out[s]; the bias is
     added by the merge. K range s is [s * k_per_split, (s + 1) * k_per_split), k_per_split a multiple of
     BLOCK_K, so the steps are the same BLOCK_K-aligned steps for every split count.
+    PDL: first prefetch PREFETCH_LINES lines of LINE elements of each weight row into the L2, then wait for the
+    kernel that wrote x (dependent_launch.py).
     """
     m_block, n_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -117,6 +124,10 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
+    if PDL and PREFETCH_LINES > 0:  # addresses clamped into the weight: a prefetch must not leave it
+        line_k = tl.minimum(k_start + tl.arange(0, PREFETCH_LINES) * LINE, K - 1)  # [PREFETCH_LINES]
+        prefetch_l2(w_ptr + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + line_k[None, :])
+    wait_for_previous_kernels(PDL)
     k_end = tl.minimum(k_start + k_per_split, K)
     ks = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
     # int64 row offsets: M * K and N * K can pass 2**31 (long prefills, big vocabularies)
@@ -145,9 +156,10 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split
 
 @triton.jit(do_not_specialize=["M"])
 def _merge_splits_kernel(partial_ptr, b_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, block): out[row, cols] = sum over s = 0, 1, .. of partial[s, row, cols], in that order,
     + b[cols], rounded once. partial [SPLIT_K, M, N] float32, out [M, N], b [N]."""
+    wait_for_previous_kernels(PDL)
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -206,13 +218,17 @@ def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
     has_bias = bias is not None
     b = bias if has_bias else weight  # a stand-in pointer the kernel never reads
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split_k)
+    line = 128 // weight.element_size()  # weight elements per 128-byte line
+    prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
+    launch = launch_options(x)
     _linear_kernel[grid](
         x2, weight, b, dest, M, N, K, weight.stride(0), k_per_split,
         HAS_BIAS=has_bias, PARTIAL=partial, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREFETCH_LINES=triton.next_power_of_2(prefetch_lines) if prefetch_lines else 0, LINE=line,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
     if partial:
         _merge_splits_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](
-            dest, b, out, M, N, HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, num_warps=4)
+            dest, b, out, M, N, HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, num_warps=4, **launch)
     return out

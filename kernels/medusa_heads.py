@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 MAX_TOPK = 16
@@ -71,7 +72,7 @@ def medusa_topk(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=N
 @triton.jit
 def _resblock_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_xk, stride_wk, stride_bk,
                      D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[k, rows, cols] = x[k, rows, cols] + SiLU(x[k, rows, :] @ W[k, cols, :]^T + b[k, cols]).
 
     Program (k, m, n) owns head k, rows m*BLOCK_M.. and output features n*BLOCK_N.. .
@@ -80,6 +81,7 @@ def _resblock_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_xk, stride_wk, stri
     strides stride_wk / stride_bk; out [K, N, D] contiguous. Rounding follows the reference: the
     linear output, the SiLU and the sum are each rounded to the model dtype.
     """
+    wait_for_previous_kernels(PDL)
     head, m_block, n_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
@@ -121,7 +123,7 @@ def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, temperatures
                        R, N, stride_xk, stride_wg, num_v_blocks,
                        V: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        LOG_PARTITION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, m, v): the logits of rows m*BLOCK_M.. of group g over vocab slice v, reduced to
     each row's TOPK best of the slice.
 
@@ -132,6 +134,7 @@ def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, temperatures
     slice's max of the tempered logits z / T (T = temperatures[head], float32 [K]) goes to slice_max[f, v]
     and the sum of exp(z / T - max) to slice_sum[f, v], both [K*N, num_v_blocks] float32.
     """
+    wait_for_previous_kernels(PDL)
     group, m_block, v_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M], within the group
     flat = group * R + rows  # [BLOCK_M], among all K*N rows
@@ -171,7 +174,7 @@ def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, temperatures
 @triton.jit
 def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, temperatures_ptr, slice_max_ptr, slice_sum_ptr,
                        logprobs_ptr, C, N, num_v_blocks, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Program f: out[f, :] = the ids of the TOPK best of row f's C candidates, best first.
 
     cand_* [K*N, C], out [K*N, TOPK] int64. A vocab id appears in one slice only, so the
@@ -179,6 +182,7 @@ def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, temperatures_ptr,
     With LOG_PARTITION, also logprobs[f, :] = z / T - log Z (float32 [K*N, TOPK]) of those ids, log Z
     combined from the num_v_blocks slices' shares (see `_vocab_topk_kernel`).
     """
+    wait_for_previous_kernels(PDL)
     row = tl.program_id(0) + tl.arange(0, 1)  # [1]
     c = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
     values = tl.load(cand_values_ptr + row[:, None] * C + c, mask=c < C, other=float("-inf"))
@@ -238,7 +242,7 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, tempera
         grid = (K, triton.cdiv(N, ROWS), triton.cdiv(D, block_n))
         _resblock_kernel[grid](
             x, res_weight[:, layer], res_bias[:, layer], out, N, stride_xk, res_weight.stride(0), res_bias.stride(0),
-            D=D, DOT_PRECISION=precision, BLOCK_M=ROWS, BLOCK_N=block_n, BLOCK_K=128,
+            D=D, DOT_PRECISION=precision, BLOCK_M=ROWS, BLOCK_N=block_n, BLOCK_K=128, **launch_options(x),
         )
         x, stride_xk = out, N * D
 
@@ -264,7 +268,7 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, tempera
         x, vocab_weight, cand_values, cand_ids, temperatures, slice_max, slice_sum, R, N, stride_xk,
         0 if shared else V * D, num_v_blocks, V=V, D=D, TOPK=topk, DOT_PRECISION=precision,
         LOG_PARTITION=log_partition, BLOCK_M=ROWS, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
-        num_warps=4 if block_v <= 128 else 8,
+        num_warps=4 if block_v <= 128 else 8, **launch_options(x),
     )
 
     # Stage 3: merge each row's candidates (and its slices' log-partition shares).
@@ -273,5 +277,5 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, tempera
     _merge_topk_kernel[(K * N,)](cand_values, cand_ids, ids, temperatures, slice_max, slice_sum, logprobs,
                                  num_v_blocks * topk, N, num_v_blocks, TOPK=topk, LOG_PARTITION=log_partition,
                                  BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(num_v_blocks),
-                                 num_warps=8 if block_c >= 2048 else 4)
+                                 num_warps=8 if block_c >= 2048 else 4, **launch_options(ids))
     return (ids, logprobs) if log_partition else ids

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 MAX_D = 8192  # one row must fit in one program's registers
@@ -39,13 +40,14 @@ def rmsnorm(x, weight, eps, residual=None):
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program r normalises row r: x, residual, h, out are [rows, D] contiguous, weight is [D].
 
     Every rounding step mirrors `rmsnorm_reference`: h is rounded to x's dtype (as torch's x + r
     is), the normalised row is rounded to x's dtype before the weight multiplies it, and that
     product is rounded once to out's dtype.
     """
+    wait_for_previous_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)  # rows * D can pass 2**31 at long prefills
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -92,6 +94,6 @@ def rmsnorm_triton(x, weight, eps, residual=None):
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight.contiguous(), out, h, D, eps, HAS_RESIDUAL=has_residual, BLOCK_D=block_d,
             # 8 to 32 elements per thread: wider rows get more warps rather than more registers each.
-            num_warps=min(max(block_d // 256, 1), 8),
+            num_warps=min(max(block_d // 256, 1), 8), **launch_options(x),
         )
     return (out, h.view(x.shape)) if has_residual else out

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 
@@ -74,9 +75,10 @@ def _rope_and_cache_kernel(
     T, S, HALF, n_q_heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_kv, stride_cacheb, stride_cacheh, stride_caches,
-    PREFIX_IS_PTR: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PREFIX_IS_PTR: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (batch * token, head): heads < Hq are query heads, the rest key/value heads."""
+    wait_for_previous_kernels(PDL)
     bt, head = tl.program_id(0), tl.program_id(1)
     b, t = (bt // T).to(tl.int64), bt % T  # int64: batch offsets can pass 2**31 in a large cache
     d = tl.arange(0, BLOCK_HALF)
@@ -151,6 +153,6 @@ def rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len):
         cos.stride(0) if per_row else 0, cos.stride(-2),
         kv_cache_layer.stride(0), kv_cache_layer.stride(1), kv_cache_layer.stride(2), kv_cache_layer.stride(3),
         PREFIX_IS_PTR=isinstance(prefix_len, torch.Tensor), BLOCK_HALF=triton.next_power_of_2(D // 2),
-        num_warps=1,  # a row is at most a few hundred elements
+        num_warps=1, **launch_options(q),  # a row is at most a few hundred elements
     )
     return q_out

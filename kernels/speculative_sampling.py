@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 
 BLOCK_V = 4096  # probabilities per slice of the bonus draw
 
@@ -85,7 +86,7 @@ def speculative_accept(probs, tree_tokens, child_index, retrieve_indices, unifor
 @triton.jit
 def _walk_kernel(probs_ptr, tokens_ptr, children_ptr, retrieve_ptr, uniforms_ptr, best_ptr, accept_len_ptr,
                  bonus_ptr, stride_t, P, V: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """The whole walk in one program.
 
     probs [T, V] float32 (row stride stride_t), tokens [T], children [T, C] and retrieve [P, DEPTH + 1]
@@ -93,6 +94,7 @@ def _walk_kernel(probs_ptr, tokens_ptr, children_ptr, retrieve_ptr, uniforms_ptr
     The walk is unrolled (DEPTH + 1 levels of C children, a few hundred scalar loads at most); node
     ids and tokens are int32 throughout.
     """
+    wait_for_previous_kernels(PDL)
     # 1. The walk. A level the walk has already left is still computed (fixed shapes), and changes nothing.
     node = tl.full([], 0, tl.int32)  # the current node: the root
     accept_len = tl.full([], 0, tl.int32)
@@ -162,5 +164,6 @@ def speculative_accept_triton(probs, tree_tokens, child_index, retrieve_indices,
         uniforms.float().contiguous(), best, accept_len, bonus, probs.stride(0), P,
         V=V, C=C, DEPTH=Dp - 1, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)),
         BLOCK_P=triton.next_power_of_2(P), BLOCK_D=triton.next_power_of_2(Dp), num_warps=8,
+        **launch_options(probs),
     )
     return best, accept_len, bonus

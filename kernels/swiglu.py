@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 BLOCK = 1024  # columns per program
@@ -34,8 +35,9 @@ def silu_mul(gate_up):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, block): out[row, cols] = silu(gate_up[row, cols]) * gate_up[row, I + cols]."""
+    wait_for_previous_kernels(PDL)
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -54,5 +56,6 @@ def silu_mul_triton(gate_up):
     rows = gate_up.reshape(-1, 2 * I).contiguous()  # [R, 2I]; a no-op for a projection's output
     out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
     if rows.shape[0] > 0:
-        _silu_mul_kernel[(rows.shape[0], triton.cdiv(I, BLOCK))](rows, out, I, BLOCK=BLOCK, num_warps=4)
+        _silu_mul_kernel[(rows.shape[0], triton.cdiv(I, BLOCK))](rows, out, I, BLOCK=BLOCK, num_warps=4,
+                                                                     **launch_options(rows))
     return out

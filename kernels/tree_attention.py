@@ -41,17 +41,17 @@ Take prefix_len P = 1000 and the tree of nanomedusa/tree.py's example, node 4 = 
 
 So the mode computes each row from its *logical* keys alone, the prefix, then its ancestors in depth order,
 itself last (logical positions 0 .. p, p = P + depth), in a decomposition that depends on p only:
-  * body: the keys below B_p = max(p // TAIL_GRAIN - 1, 0) * TAIL_GRAIN (TAIL_GRAIN = 16), cut into chunks at
+  * body: the keys below B_p = max(p // TAIL_GRAIN - 1, 0) * TAIL_GRAIN (TAIL_GRAIN = 8), cut into chunks at
     absolute positions (c * CHUNK .. (c + 1) * CHUNK, CHUNK = chunk_tiles() * BLOCK_N, the chunk holding B_p
     cut there), each one online-softmax pass over BLOCK_N-key tiles starting at multiples of BLOCK_N -> one
     partial per chunk;
-  * tail: the keys B_p to p (17 to 32 of them; fewer while p < 32), one tile of 2 * TAIL_GRAIN keys, key
+  * tail: the keys B_p to p (9 to 16 of them; fewer while p < 16), one tile of 2 * TAIL_GRAIN keys, key
     B_p + j in column j -> one more partial;
   * merge: the body chunks in order, then the tail.
-So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 256,
-node 4 above (p = 1002) has the body chunks 0..256, 256..512, 512..768, 768..976 and the tail 976..1002, whose
-logical keys 1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain decode of its token
-computes the very same five partials. For a node at depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body
+So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 512,
+node 4 above (p = 1002) has the body chunks 0..512 and 512..992 and the tail 992..1002, whose logical keys
+1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain decode of its token computes the
+very same three partials. For a node at depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body
 is cached prefix, the same slots for every row, and only a tail can hold tree slots. Two kernels (programs per
 batch row and KV head):
   1. `_ri_bodies_kernel`, one program per (query-row block, chunk): the chunk for every row of the block, each
@@ -62,8 +62,8 @@ batch row and KV head):
      every call), its tail in one key tile, then the merge of its rows' body partials and tail. In a tree it
      reads logical key x from slot x below P and from slot P + a_(x-P) above, a_k its depth-k ancestor, the
      (k+1)-th set bit of its mask row (computed in the kernel from the row's running count: no per-layer
-     preprocessing); a causal call reads the slots as they are. A kernel of its own, with 4 warps and little
-     shared memory, so that many of these small programs share an SM.
+     preprocessing); a causal call reads the slots as they are. A kernel of its own, with a warp per 16 rows and little
+     shared memory, so that many of these small, latency-bound programs share an SM.
 A node whose ancestors lie apart (mask row other than 1..1 0..0; above: nodes 2, 3, 4) must therefore sit at
 depth < TAIL_GRAIN (Medusa trees: about 5): `KernelInputError` otherwise, checked on the host for trees of more
 than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph capture, where such a node gets a NaN
@@ -71,8 +71,9 @@ row instead. Contiguous rows (causal calls, a tree's first-child chain) have no 
 MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
   * Tile shapes fixed whatever T: body tiles of BLOCK_M = 64 rows for 16-bit inputs on a GPU (16 for fp32 and
     the interpreter) and BLOCK_N keys, num_warps from BLOCK_M and BLOCK_D; tail tiles of TAIL_M = max(16, GROUP
-    rounded up to a power of 2) rows and 2 * TAIL_GRAIN keys, 4 warps. A tl.dot element depends only on its own row and column, not on where
-    the row sits in the tile or what the other rows hold, so equal tile contents give equal bits. (A decode's
+    rounded up to a power of 2) rows and 2 * TAIL_GRAIN keys, a warp per 16 rows. A tl.dot element depends only
+    on its own row and column, not on where the row sits in the tile or what the other rows hold, so equal tile
+    contents give equal bits. (A decode's
     body also runs 64-row tiles, so that it stays on the same wgmma instructions as a tree: with 16 rows Triton
     falls back to mma.sync. Its tail runs the tree's 16-row tile, mma.sync in both.)
   * Visibility is always a runtime select on the scores before they are scaled, masked loads give zeros, and
@@ -80,7 +81,7 @@ MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
     (a whole or a cut body tile, a gathered tail or not, a variant compiled with or without a tree mask) and not
     on another.
 The cost over the default mode: one small tile per token and KV head for the tails (the tree's nodes share
-the bodies, and a tail is one tile of at most 32 keys), fixed 64-row body tiles for small T, and a second kernel
+the bodies, and a tail is one tile of at most 16 keys), fixed 64-row body tiles for small T, and a second kernel
 on every call (the default mode needs one only when it splits the keys); bench/tree_attention.py times it. Its
 partials take batch * Hkv * cdiv(B_max, CHUNK) * T * group * D floats, B_max the body of the last key
 (prefix_len + T, or S for a device prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a
@@ -97,6 +98,7 @@ import triton
 import triton.language as tl
 
 from . import row_invariant, use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 
@@ -287,9 +289,10 @@ def _attend_chunk_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     WRITE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (pid, batch * kv head): query-row block pid % m_blocks against key chunk pid // m_blocks."""
+    wait_for_previous_kernels(PDL)
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
                                                       stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
@@ -346,10 +349,11 @@ def _add_partial(num, den, part_acc_ptr, part_m_ptr, part_l_ptr, part, use, m_ma
 @triton.jit
 def _combine_chunks_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, T, D, n_kv_heads, num_splits,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (query-row block, batch * kv head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max m),
     the chunks merged in order."""
+    wait_for_previous_kernels(PDL)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     n_rows = T * GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -462,10 +466,12 @@ def _ri_bodies_kernel(
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (pid, batch * kv head): body chunk c = pid // m_blocks (keys c * CHUNK .. (c + 1) * CHUNK, each
     row's cut at its B_p) of query-row block pid % m_blocks, for every row of it that has one (bodies are cached
     prefix, the same slots for every row) -> partials [B * Hkv, n_body, T * GROUP, (D)], slot c."""
+    wait_for_previous_kernels(PDL)
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
                                                       stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
@@ -496,11 +502,12 @@ def _ri_tails_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (token, batch * kv head): the token's tail, its GROUP query rows in a TAIL_M-row tile (the rest
     idle: the same tile in every call), then its rows' merge: the body chunks in order, then the tail; writes
     the output rows."""
+    wait_for_previous_kernels(PDL)
     tok, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
                                                       stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
@@ -586,13 +593,19 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
     # Three pipeline stages of K and V tiles must fit in shared memory.
     block_n = 64 if block_d * dtype.itemsize <= 256 else 32
     num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill from 64 x 128 accumulators up
+    if row_invariant:
+        # Its bodies' one loop (no second, masked loop as in the default mode) fits 4 warps' registers at
+        # 64 x 128 (204, no spill), and ran a 7B's decode step 3% faster and its 64-node tree step 2-5% than 8.
+        num_warps = 4
     return block_m, block_n, block_d, num_warps
 
 
 def chunk_tiles(on_gpu: bool) -> int:
-    """Key tiles per chunk in the row-invariant mode: 4 x 64 keys on a GPU (about the default split's chunks);
-    2 x 16 in the interpreter, so that the tests' short sequences still span several chunks."""
-    return 4 if on_gpu else 2
+    """Key tiles per chunk in the row-invariant mode: 8 x 64 keys on a GPU (each chunk is a partial that every
+    token's tail program merges: with 4 x 64 a 7B's 64-node tree step took 6% longer at prefix 1024, 12% at
+    3000, the decode step no less; bench/RESULTS.md); 2 x 16 in the interpreter, so that the tests' short
+    sequences still span several chunks."""
+    return 8 if on_gpu else 2
 
 
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
@@ -633,9 +646,11 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
 # The row-invariant mode's tail programs read a whole mask row (and compare it with every key of a tile): trees
 # up to this many nodes. Causal calls (tree_mask None) take any T.
 MAX_ROW_INVARIANT_TREE = 256
-# The row-invariant mode's tails start at multiples of this many keys and hold at most twice as many: small, so
-# that the per-token tail programs are cheap, and at least 16 (a tl.dot side).
-TAIL_GRAIN = 16
+# The row-invariant mode's tails start at multiples of this many keys and hold at most twice as many, in a tile
+# of 2 * TAIL_GRAIN keys (at least 16: a tl.dot side). Small, so that the per-token tail programs are cheap
+# (8 rather than 16 halves the keys every tree node gathers: 3% off a 7B's 64-node tree step), and above the
+# depth of a Medusa tree (a node whose ancestors lie apart must be shallower than TAIL_GRAIN).
+TAIL_GRAIN = 8
 
 
 def _tail_start(end: int) -> int:
@@ -711,12 +726,12 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
         WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D,
         # fp32 inputs must not be rounded to tf32 by tl.dot; 16-bit inputs ignore this setting.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
+        num_warps=num_warps, **launch_options(q),
     )
     if not write_out:
         _combine_chunks_kernel[(m_blocks, B * Hkv)](
             part_acc, part_m, part_l, out, T, D, Hkv, num_splits,
-            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **launch_options(q),
         )
     return out
 
@@ -762,12 +777,13 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   # no mul + add contracted into an FMA, so no code path (a whole or a cut body tile, a gathered
                   # tail or not, a variant compiled with or without a mask) rounds differently from another
-                  enable_fp_fusion=False)
+                  enable_fp_fusion=False, **launch_options(q))
     if n_body:
         _ri_bodies_kernel[(m_blocks * n_body, B * Hkv)](*args, *sizes, BLOCK_M=block_m, BLOCK_N=block_n,
                                                          num_warps=num_warps, **common)
-    # The tails are small tiles: a kernel of their own (few warps, little shared memory) lets many of them share
-    # an SM, where the bodies' shared memory would allow two programs.
-    _ri_tails_kernel[(T, B * Hkv)](*args, out, *sizes, TAIL_M=max(16, triton.next_power_of_2(group)), num_warps=4,
-                                   **common)
+    # The tails are small tiles: a kernel of their own (a warp per 16 rows, little shared memory) lets many of
+    # these latency-bound programs share an SM, where the bodies' shared memory would allow two programs. (One
+    # warp rather than 4 for a 7B's 64-node tree: 8% off its step; the same number in every call, as the tile is.)
+    tail_m = max(16, triton.next_power_of_2(group))
+    _ri_tails_kernel[(T, B * Hkv)](*args, out, *sizes, TAIL_M=tail_m, num_warps=tail_m // 16, **common)
     return out

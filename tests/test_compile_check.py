@@ -48,3 +48,32 @@ def test_the_check_catches_what_the_interpreter_lets_through(tmp_path):
     """))
     result = run_compiled("check_bad.py", cwd=tmp_path)
     assert "refused: CompilationError" in result.stdout, result.stdout + result.stderr
+
+
+def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
+    # Under programmatic dependent launch a kernel starts before the previous one has finished: it must wait
+    # (griddepcontrol.wait) before its first load of anything an earlier kernel wrote. The linear layer's only
+    # earlier work is the L2 prefetch of its weights; without PDL neither instruction is there.
+    script = textwrap.dedent("""
+        import torch
+        from kernels import linear
+        from kernels.compile_check import compile_for_hopper
+        for pdl in (True, False):
+            cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
+            ptx = compile_for_hopper(linear._linear_kernel, dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr"], "*bf16"),
+                                     dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl),
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                     aligned=("N", "K", "k_per_split")).asm["ptx"]
+            lines = [line.strip() for line in ptx.splitlines()]
+            def first(instruction):  # the first line issuing it (after any predicate)
+                return next((i for i, line in enumerate(lines) if instruction in line.split()[:2]), None)
+            print(pdl, first("prefetch.global.L2"), first("griddepcontrol.wait;"),
+                  first("griddepcontrol.launch_dependents;"), first("cp.async.cg.shared.global"))
+    """)
+    result = run_compiled("-c", script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with_pdl, without = (line.split() for line in result.stdout.strip().splitlines()[-2:])
+    prefetch, wait, launch, load = (int(i) for i in with_pdl[1:])  # load: the first copy of x or w to shared memory
+    assert prefetch < wait < launch < load, with_pdl
+    assert without[1:4] == ["None", "None", "None"], without

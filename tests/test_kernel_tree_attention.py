@@ -36,10 +36,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def random_tree_mask(T: int) -> torch.Tensor:
-    """Ancestor mask [T, T] of a random tree: node i > 0 hangs under a random earlier node."""
+    """Ancestor mask [T, T] of a random tree: node i > 0 hangs under a random earlier node of depth below
+    TAIL_GRAIN - 1 (the row-invariant mode refuses deeper nodes off the first-child chain; Medusa trees are
+    about 5 deep)."""
     mask = torch.eye(T, dtype=torch.bool)
     for i in range(1, T):
-        mask[i] |= mask[torch.randint(i, ()).item()]
+        shallow = (mask[:i].sum(1) < TAIL_GRAIN).nonzero().flatten()  # depth + 1 < TAIL_GRAIN
+        mask[i] |= mask[shallow[torch.randint(shallow.numel(), ())].item()]
     return mask
 
 
@@ -278,7 +281,7 @@ ROW_INVARIANT_CASES = [
     (1, 4, 4, 1, 37, 16, 36, "none", False),  # MHA decode
     (2, 8, 2, 1, 37, 32, 20, "none", True),  # GQA decode, trailing slots unused
     (1, 6, 2, 7, 70, 64, 33, "tree", True),  # group of 3
-    (1, 4, 1, 13, 37, 16, 5, "any", True),  # any mask: rows gathered whatever their shape
+    (1, 4, 1, TAIL_GRAIN, 37, 16, 5, "any", True),  # any mask (of at most TAIL_GRAIN rows): gathered whatever its shape
     (1, 2, 2, 40, 90, 24, 30, "tree", False),  # tree over 3 chunks; head_dim below its tile
     (1, 4, 2, 40, 40, 16, 0, "none", False),  # prefill: several query-row blocks
 ]

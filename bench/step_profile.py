@@ -1,0 +1,131 @@
+"""Where a 7B-shaped step's time goes: the kernels of one decode step and one 64-node tree step, and the step
+times under each launch setting.
+
+    python -m bench.step_profile                       # H200: about a minute
+    python -m bench.step_profile --prefetch 0,512,2048 # also time the linear layer's L2 prefetch sizes
+
+Two tables:
+  steps    the CUDA-graphed decode and tree steps (bench/steps.py's `step_ms`, median of --reps replays) with
+           cuBLAS + default attention ("default") and the row-invariant kernels ("exact", with ordinary
+           launches and with programmatic dependent launch, "PDL": kernels/dependent_launch.py, which only the
+           row-invariant mode uses), and the copy-bandwidth floor of a step;
+  kernels  one eager step under torch.profiler, per kernel: calls and GPU microseconds per step. Their sum
+           against the graphed step's time is what the boundaries between kernels cost (launch, drain, ramp).
+
+The model is bench/steps.py's random Llama-7B shape (MHA, 32 layers), prefix --prefix cached tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+
+import kernels
+from kernels import linear as linear_kernel
+from nanomedusa.tree import PRESETS, TreeBuffers
+
+from .report import print_table, save, say
+from .steps import build_7b, step_ms
+from .timer import copy_bandwidth
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prefix", type=int, default=1024, help="cached tokens before the step (default 1024)")
+    p.add_argument("--layers", type=int, default=32, help="layers of the 7B shape (default 32)")
+    p.add_argument("--reps", type=int, default=100, help="graph replays per step time (default 100)")
+    p.add_argument("--prefetch", default=None, metavar="BYTES,...",
+                   help="also time the exact kernels under PDL with these L2 prefetch sizes per weight row")
+    p.add_argument("--top", type=int, default=14, help="kernels listed per profiled step (default 14)")
+    p.add_argument("--json", default=None, help="write the numbers here")
+    return p.parse_args(argv)
+
+
+def _short(name: str) -> str:
+    """A kernel's name without template arguments and launch-config suffixes."""
+    name = re.sub(r"<.*", "", name)
+    return name[:60]
+
+
+def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str, int, float]]:
+    """(kernel, calls, GPU µs) of one eager step, the largest first."""
+    device = model.device
+    mask = tree.attn_mask if tree else None
+    depths = tree.depths if tree else torch.zeros(1, dtype=torch.long, device=device)
+    tokens = torch.randint(model.config.vocab_size, (1, depths.numel()), device=device)
+    prefix_len = torch.tensor(prefix, device=device)
+
+    def step():
+        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths, tree_mask=mask)
+
+    for _ in range(3):  # compile and warm up outside the profile
+        step()
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    totals, calls = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[_short(event.name)] += event.device_time
+            calls[_short(event.name)] += 1
+    return sorted(((k, calls[k], totals[k]) for k in totals), key=lambda row: -row[2])
+
+
+@torch.inference_mode()
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    shape = argparse.Namespace(big_vocab=32000, big_dim=4096, big_layers=args.layers, big_heads=32,
+                               big_kv_heads=32, big_ffn=11008)
+    tree = TreeBuffers.from_choices(PRESETS["mc_sim_7b_63"], device=device)
+    model = build_7b(shape, device, dtype, args.prefix + tree.num_nodes + 128)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.forward_hidden(torch.randint(32000, (1, args.prefix), device=device), prefix_len=0)
+    settings = [("default", False, False, None), ("exact", True, False, None), ("exact", True, True, None)]
+    settings += [("exact", True, True, int(b)) for b in (args.prefetch.split(",") if args.prefetch else [])]
+    chosen_prefetch = linear_kernel.PREFETCH_BYTES
+    rows, out = [], {"prefix": args.prefix, "layers": args.layers, "steps": [], "profiles": {}}
+    try:
+        for mode, exact, pdl, prefetch in settings:
+            kernels.set_row_invariant(exact)
+            kernels.set_dependent_launch(pdl)
+            linear_kernel.PREFETCH_BYTES = chosen_prefetch if prefetch is None else prefetch
+            label = f"{mode}, {'PDL' if pdl else 'ordinary launches'}" + ("" if prefetch is None or not exact else
+                                                                          f", prefetch {prefetch} B")
+            decode = step_ms(model, args.prefix, None, args.reps)
+            tree_ms = step_ms(model, args.prefix, tree, args.reps)
+            say(f"[steps] {label}: decode {decode:.3f} ms, tree {tree_ms:.3f} ms")
+            rows.append([label, f"{decode:.3f}", f"{tree_ms:.3f}", f"{tree_ms / decode:.2f}x"])
+            out["steps"].append({"setting": label, "decode_ms": decode, "tree_ms": tree_ms})
+        for mode, exact in (("default", False), ("exact", True)):
+            kernels.set_row_invariant(exact)
+            kernels.set_dependent_launch(False)
+            linear_kernel.PREFETCH_BYTES = chosen_prefetch
+            for step_label, step_tree in (("decode", None), (f"tree T={tree.num_nodes}", tree)):
+                table = profile_step(model, args.prefix, step_tree)
+                out["profiles"][f"{mode} {step_label}"] = table
+                total = sum(us for _, _, us in table)
+                print_table(f"Kernels of one eager {step_label} step, {mode} kernels: {total:.0f} µs of kernel time",
+                            ["kernel", "calls", "µs per step", "share"],
+                            [[name, n, f"{us:.1f}", f"{us / total:.1%}"] for name, n, us in table[:args.top]])
+    finally:
+        kernels.set_row_invariant(False)
+        kernels.set_dependent_launch(True)
+        linear_kernel.PREFETCH_BYTES = chosen_prefetch
+    del model
+    bandwidth = copy_bandwidth(device, 1 << 30, samples=20)
+    floor = weight_bytes / bandwidth * 1e3
+    out["floor_ms"] = floor
+    print_table(f"7B-shaped steps ({args.layers} layers, prefix {args.prefix}, 64-node tree mc_sim_7b_63): ms, "
+                f"CUDA graphs; floor (weights / copy bandwidth) {floor:.3f} ms",
+                ["setting", "decode ms", "tree ms", "tree / decode"], rows)
+    if args.json:
+        save(out, args.json)
+
+
+if __name__ == "__main__":
+    main()
