@@ -172,6 +172,13 @@ def compare(args, decoder, tokenizer, prompt_ids, heads, tree) -> None:
           f"{med.tokens_per_second:.1f} vs plain {ar.tokens_per_second:.1f} tokens/s = "
           f"{ratio(med.tokens_per_second, ar.tokens_per_second)} speedup, mean accepted length {med.mean_accepted:.2f}",
           file=sys.stderr)
+    if args.temperature == 0 and args.accept in (None, "greedy"):  # in exact arithmetic one text (bit for bit: --exact)
+        same = "yes" if med.tokens == ar.tokens else f"no, they part at token {_first_difference(med.tokens, ar.tokens)}"
+        print(f"[compare] same tokens as plain greedy decoding: {same}", file=sys.stderr)
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def chat_session(args, decoder, tokenizer, heads, tree):
@@ -207,7 +214,7 @@ def check_args(args) -> None:
 
 def run(args) -> None:
     check_args(args)
-    use_kernels(args.kernels, args.exact)
+    use_kernels(args.kernels, args.exact, resolve_device(args.device))
     imported = time.perf_counter()
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)

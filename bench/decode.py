@@ -322,7 +322,7 @@ def run(args) -> None:
     """Every part the flags ask for, in order; the JSON file is rewritten after each."""
     check_args(args)
     device = resolve_device(args.device)
-    use_kernels(args.kernels, args.exact)
+    use_kernels(args.kernels, args.exact, device)
     dtype = resolve_dtype(args.dtype, device)
     results = {"meta": metadata(args, device, dtype)}
     say(f"[bench] {results['meta']['device']}, torch {torch.__version__}, {results['meta']['dtype']}")

@@ -128,14 +128,15 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     """--kernels and --exact, as generate.py and bench/decode.py take them (`use_kernels` applies them)."""
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="kernel backend (default: Triton on a GPU, torch on a CPU)")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                    help="row-invariant kernels, so that greedy Medusa gives plain greedy's text bit for bit in any "
-                        "dtype (costs a few percent of Medusa's speed on the default model; README, 'Exact greedy')")
+                        "dtype (default: on with the Triton kernels on a Hopper or newer GPU, where they are also "
+                        "the fastest; off elsewhere; README, 'Exact greedy')")
 
 
-def check_kernels(backend: str, device: torch.device, exact: bool = False) -> None:
+def check_kernels(backend: str, device: torch.device, exact: bool | None = None) -> None:
     """--kernels triton on a CPU runs the kernels in Triton's interpreter, which must be on from the start;
-    --exact changes the Triton kernels only."""
+    --exact (given: True; None is the default, never refused) changes the Triton kernels only."""
     if backend == "triton" and device.type != "cuda" and not interpreting():
         raise NanoMedusaError("--kernels triton needs a CUDA GPU, or on a CPU Triton's interpreter: set "
                               "TRITON_INTERPRET=1 (slow, for checking kernels), or use --kernels torch or auto.")
@@ -145,7 +146,17 @@ def check_kernels(backend: str, device: torch.device, exact: bool = False) -> No
                               f"TRITON_INTERPRET=1.")
 
 
-def use_kernels(backend: str, exact: bool) -> None:
-    """Apply --kernels and --exact (checked by `check_kernels`) for the rest of the process."""
+def exact_by_default(backend: str, device: torch.device) -> bool:
+    """What --exact is when not given: on where the row-invariant kernels were measured to cost nothing, the
+    Triton kernels on a Hopper or newer GPU (there every kernel of a step launches while the one before it ends,
+    kernels/dependent_launch.py; on an H200 that decoded faster than cuBLAS: README, 'Exact greedy'); off
+    elsewhere (no such launch, and tiles tuned on Hopper)."""
+    return (backend != "torch" and device.type == "cuda" and kernels.triton_available()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def use_kernels(backend: str, exact: bool | None, device: torch.device) -> None:
+    """Apply --kernels and --exact (checked by `check_kernels`; None: `exact_by_default`) for the rest of the
+    process."""
     kernels.set_backend(backend)
-    kernels.set_row_invariant(exact)
+    kernels.set_row_invariant(exact_by_default(backend, device) if exact is None else exact)

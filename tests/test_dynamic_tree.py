@@ -8,6 +8,7 @@ context (the heads' output), never on the step's random draws, so lossless sampl
 """
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -28,6 +29,17 @@ from nanomedusa.training.data import load_conversations, split_train_eval
 from tests.test_medusa import one_thread  # noqa: F401 (a fixture)
 from tests.test_tree import random_tree
 from tests.tiny_tokenizer import make_chat_checkpoint
+
+# Where the Triton kernels take their tensors: CUDA on a GPU machine, the CPU under the interpreter (CI).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_kernel_device(fn):
+    """fn with its tensor arguments moved to KERNEL_DEVICE and its tensor results back to the CPU."""
+    def call(*args):
+        results = fn(*(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args))
+        return [r.cpu() for r in results]
+    return call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,8 +138,8 @@ def test_docstring_example_exactly():
 def test_acceptance_on_a_dynamic_layout_equals_the_static_trees(kernel):
     """Greedy/typical acceptance and the lossless walk give the same path, length and bonus on a step's
     padded buffers as on the chosen paths' static buffers (the same uniforms, columns placed alike)."""
-    accept = {"torch": accept_candidates_reference, "triton": accept_candidates_triton}[kernel]
-    walk = {"torch": speculative_accept_reference, "triton": speculative_accept_triton}[kernel]
+    accept = {"torch": accept_candidates_reference, "triton": on_kernel_device(accept_candidates_triton)}[kernel]
+    walk = {"torch": speculative_accept_reference, "triton": on_kernel_device(speculative_accept_triton)}[kernel]
     gen = torch.Generator().manual_seed(1)
     cases = random_cases(5 if kernel == "triton" else 40)  # (the interpreter is slow)
     for case, (tree, ids, logprobs) in enumerate(cases):
@@ -157,12 +169,15 @@ def test_a_dynamic_proposal_launches_no_more_kernels_than_a_static_one(tiny):
     from bench.dynamic_trees import proposal_kernels
 
     root, model = tiny
-    heads = MedusaHeads.load(root / "heads", model.config).eval()
+    model = copy.deepcopy(model).to(KERNEL_DEVICE)  # (the module's model stays on the CPU for the other tests)
+    heads = MedusaHeads.load(root / "heads", model.config).to(KERNEL_DEVICE).eval()
     config = heads.config
     kernels.set_backend("triton")  # (the conftest fixture restores the backend)
     for nodes in (2, 16):
-        static = TreeBuffers.from_choices(tree_from_head_accuracies(config.rank_accuracies(), nodes - 1))
-        static_kernels, dynamic_kernels = proposal_kernels(model, heads, static, DynamicTree.for_heads(config, nodes))
+        static = TreeBuffers.from_choices(tree_from_head_accuracies(config.rank_accuracies(), nodes - 1),
+                                          device=KERNEL_DEVICE)
+        dynamic = DynamicTree.for_heads(config, nodes, device=KERNEL_DEVICE)
+        static_kernels, dynamic_kernels = proposal_kernels(model, heads, static, dynamic)
         assert static_kernels == config.num_layers + 4
         assert dynamic_kernels <= config.num_layers + 4, dynamic_kernels
 
@@ -287,6 +302,20 @@ def test_generate_runs_a_dynamic_tree(tiny, capsys):
     assert "[medusa] " in capsys.readouterr().err
     assert generate.main(argv + ["--tree-nodes", "5"]) == 2
     assert "--tree-nodes sizes a dynamic tree; add --tree dynamic" in capsys.readouterr().err
+
+
+def test_generate_compare_says_whether_medusa_gave_plain_greedys_tokens(tiny, capsys):
+    import generate
+
+    root, _ = tiny
+    argv = ["--model", str(root / "model"), "--medusa", str(root / "heads"), "--device", "cpu", "--prompt", "Hi.",
+            "--max-new-tokens", "12", "--quiet", "--compare"]
+    assert generate.main(argv) == 0
+    assert "[compare] same tokens as plain greedy decoding: yes" in capsys.readouterr().err  # fp32: exact anyway
+    assert generate.main(argv + ["--accept", "typical"]) == 0  # typical acceptance need not give greedy's text
+    assert "same tokens as plain" not in capsys.readouterr().err
+    assert generate._first_difference([5, 6, 7], [5, 6, 8]) == 2
+    assert generate._first_difference([5, 6], [5, 6, 7]) == 2  # one stopped early (an eos)
 
 
 def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):

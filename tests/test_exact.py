@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from nanomedusa.cli import check_kernels
+from nanomedusa.cli import check_kernels, exact_by_default, use_kernels
 from nanomedusa.decoder import Decoder
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import generate
@@ -89,3 +89,21 @@ def test_exact_needs_the_triton_kernels():
     with pytest.raises(NanoMedusaError, match="--exact"):
         check_kernels("auto", torch.device("cpu"), exact=True)
     check_kernels("auto", torch.device("cpu"), exact=False)  # --no-exact is always fine
+    check_kernels("auto", torch.device("cpu"), exact=None)  # and so is the default
+
+
+@pytest.mark.parametrize("backend,device,capability,expected", [
+    ("auto", "cpu", None, False),  # the torch kernels: nothing to make row-invariant
+    ("triton", "cpu", None, False),  # the interpreter: opt-in only
+    ("auto", "cuda", (9, 0), True),  # Hopper: every kernel launches while the last one ends (measured faster)
+    ("auto", "cuda", (10, 0), True),
+    ("auto", "cuda", (8, 0), False),  # Ampere: no programmatic dependent launch, tiles tuned on Hopper
+    ("torch", "cuda", (9, 0), False),
+])
+def test_exact_is_on_by_default_on_hopper_gpus_only(monkeypatch, backend, device, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert exact_by_default(backend, torch.device(device)) is expected
+    use_kernels(backend, None, torch.device(device))  # the default: as exact_by_default says
+    assert kernels.row_invariant() is expected
+    use_kernels(backend, not expected, torch.device(device))  # --exact / --no-exact win over it
+    assert kernels.row_invariant() is (not expected)
