@@ -25,8 +25,10 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 
 import torch
 
+import kernels
+from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
 from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
-                            check_positive, check_sampling, check_seed, check_text, run_reporting_errors,
+                            check_positive, check_sampling, check_seed, check_text, exact_fits, run_reporting_errors,
                             use_kernels)
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
@@ -76,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance alpha")
     p.add_argument("--compare", action="store_true",
                    help="run plain decoding and Medusa on the prompt, each warmed up untimed first, and print their "
-                        "prefill and decode times and the speedup")
+                        "prefill and decode times, the speedup and (greedy) whether Medusa gave plain's tokens")
     add_kernel_flags(p)
     p.add_argument("--quiet", action="store_true", help="do not stream the text")
     p.add_argument("--verbose", action="store_true", help="print where the time goes: imports, load, first-call setup, prefill, decode")
@@ -157,7 +159,8 @@ def run_one(label, args, decoder, tokenizer, prompt_ids, heads, tree) -> Generat
 
 def compare(args, decoder, tokenizer, prompt_ids, heads, tree) -> None:
     """Plain decoding against Medusa on the prompt. Each runs once untimed first, so that neither clock holds
-    graph capture, kernel compilation or a first prefill's setup; then each runs timed."""
+    graph capture, kernel compilation or a first prefill's setup; then each runs timed. With greedy acceptance,
+    also whether their tokens are the same."""
     for warm_heads, warm_tree in ((None, None), (heads, tree)):
         make_decode(args, decoder, tokenizer, warm_heads, warm_tree)(prompt_ids, args.max_new_tokens)
     ar = run_one("plain", args, decoder, tokenizer, prompt_ids, None, None)
@@ -172,8 +175,11 @@ def compare(args, decoder, tokenizer, prompt_ids, heads, tree) -> None:
           f"{med.tokens_per_second:.1f} vs plain {ar.tokens_per_second:.1f} tokens/s = "
           f"{ratio(med.tokens_per_second, ar.tokens_per_second)} speedup, mean accepted length {med.mean_accepted:.2f}",
           file=sys.stderr)
-    if args.temperature == 0 and args.accept in (None, "greedy"):  # in exact arithmetic one text (bit for bit: --exact)
-        same = "yes" if med.tokens == ar.tokens else f"no, they part at token {_first_difference(med.tokens, ar.tokens)}"
+    if Sampling(args.temperature, args.top_k, args.top_p).greedy and args.accept in (None, "greedy"):
+        # one text in exact arithmetic; in bf16 only with --exact's row-invariant kernels
+        parted = _first_difference(med.tokens, ar.tokens)
+        same = ("yes" if med.tokens == ar.tokens else f"no, they part at token {parted}"
+                f"{'' if kernels.row_invariant() else ' (--exact makes them equal)'}")
         print(f"[compare] same tokens as plain greedy decoding: {same}", file=sys.stderr)
 
 
@@ -219,6 +225,12 @@ def run(args) -> None:
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)
     heads, tree = load_heads(args, model)
+    if args.exact is None and heads is not None and kernels.row_invariant() and not exact_fits(
+            tree.num_nodes, heads.config.num_heads):
+        kernels.set_row_invariant(False)
+        print(f"[note] --exact is off: its kernels take trees of at most {MAX_ROW_INVARIANT_TREE} nodes from at "
+              f"most {TAIL_GRAIN - 1} heads, and this one has {tree.num_nodes} from {heads.config.num_heads}.",
+              file=sys.stderr)
     decoder = Decoder(model)  # one for the process: its CUDA graphs serve every run (--compare, chat turns)
     if args.verbose:
         print(f"[time] imports {imported - STARTED:.2f} s, load {time.perf_counter() - imported:.2f} s "

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from kernels.testing import counting_launches
+from nanomedusa.cli import add_kernel_flags, check_kernels, use_kernels
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.heads import load_heads_and_adapter
-from nanomedusa.loading import load_model
+from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import generate_medusa, propose
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
@@ -121,7 +122,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default="bench/dynamic-trees.json", help="where the rows are written")
+    add_kernel_flags(p)
     args = p.parse_args(argv)
+    check_kernels(args.kernels, resolve_device(args.device), args.exact)
+    use_kernels(args.kernels, args.exact, resolve_device(args.device))  # --exact: on by default on Hopper, as in generate.py
     model, checkpoint = load_model(args.model, device=args.device, dtype=args.dtype)
     heads = load_heads_and_adapter(args.heads, model)
     tokenizer = Tokenizer.from_dir(checkpoint)

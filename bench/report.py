@@ -59,6 +59,7 @@ def metadata(args, device: torch.device, dtype: torch.dtype) -> dict:
             "cuda": torch.version.cuda, "python": platform.python_version(), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "dtype": str(dtype).removeprefix("torch."),
             "kernels": kernels.get_backend(), "row_invariant": kernels.row_invariant(),
+            "dependent_launch": kernels.dependent_launch_enabled(),
             "args": json.loads(json.dumps(vars(args), default=str))}  # paths (--sampling's too) as strings
 
 

@@ -10,9 +10,9 @@ its reference: see `interpreter.py`). `set_row_invariant(True)` makes the Triton
 call exactly as a one-row call would (fixed reduction schedules, whatever the row count), so that a Medusa
 tree step reproduces plain decoding bit for bit; the torch side is unchanged by it. An input a kernel cannot
 take raises `KernelInputError` (`errors.py`); `testing.py` holds the correctness checks the tests and the
-benchmarks share. On Hopper and newer GPUs every kernel launches while the one before it still runs and waits
-on the device for its inputs (`dependent_launch.py`; `set_dependent_launch(False)` or NANOMEDUSA_PDL=0 turns
-it off). Nothing here imports the application above.
+benchmarks share. In the row-invariant mode on Hopper and newer GPUs every kernel launches while the one before
+it still runs and waits on the device for its inputs (`dependent_launch.py`; `set_dependent_launch(False)` or
+NANOMEDUSA_PDL=0 turns it off). Nothing here imports the application above.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def row_invariant() -> bool:
 
 
 def set_dependent_launch(flag: bool) -> None:
-    """Whether Triton kernels on Hopper and newer GPUs launch while the kernel before them still runs
-    (programmatic dependent launch, see dependent_launch.py); the results are the same either way."""
+    """Whether Triton kernels launch while the kernel before them still runs, in the row-invariant mode on
+    Hopper and newer GPUs (programmatic dependent launch, see dependent_launch.py); the results are the same
+    either way."""
     global _dependent_launch
     _dependent_launch = bool(flag)
 

@@ -4,7 +4,8 @@ Triton's interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) exe
 its compiled form, so it accepts code the compiler refuses: an early `return` inside an `if`, or a variable
 whose tile shape differs between the branches of an `if`. Both reached a GPU run here before. This module
 runs Triton's real compiler, front end to cubin (ptxas ships with Triton), for the specialisations the engine
-launches, and needs no GPU and no CUDA driver:
+launches (with programmatic dependent launch, checking that each waits, griddepcontrol.wait, before its
+first global memory access: kernels/dependent_launch.py), and needs no GPU and no CUDA driver:
 
     TRITON_INTERPRET=0 python -m kernels.compile_check        # exit status 1 when any kernel fails to compile
 
@@ -16,6 +17,7 @@ specialises them at a real launch (so the compiled loads are the real ones: wide
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
@@ -56,11 +58,11 @@ def _tree_attention_cases():
     for has_mask in (True, False):
         for has_key_valid in (False, True):
             common = dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
-                          EVEN_D=True, DOT_PRECISION="tf32", PDL=has_mask)  # both launch kinds compiled
+                          EVEN_D=True, DOT_PRECISION="tf32", PDL=True)
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
                    dict(common, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
-            row_invariant = dict(common, CHUNK=512, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+            row_invariant = dict(common, CHUNK=ta.chunk_tiles(True) * 64, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
             yield (f"tree attention, row-invariant bodies, {label}", ta._ri_bodies_kernel, pointers,
                    dict(row_invariant, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8, enable_fp_fusion=False))
             yield (f"tree attention, row-invariant tails, {label}", ta._ri_tails_kernel, pointers,
@@ -77,8 +79,26 @@ def _linear_cases():
         cfg = linear._tile_config(N, K, torch.bfloat16, True)
         yield (f"linear, {N} x {K}", linear._linear_kernel, pointers,
                dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=True),
+                    BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64, PDL=True),
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split")))
+
+
+# A global memory access in PTX: a load, store or atomic on global memory, or an async copy from it (a predicate
+# may precede it). L2 prefetches are not accesses: they read nothing into the program.
+_GLOBAL_ACCESS = re.compile(r"^(@!?%p\d+\s+)?((ld|st|atom|red)(\.\w+)*\.global|cp\.async\.)")
+
+
+def waits_before_memory(ptx: str) -> str | None:
+    """None if the kernel's first global memory access comes after its griddepcontrol.wait (what programmatic
+    dependent launch needs, kernels/dependent_launch.py), else what is wrong."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    wait = next((i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")), None)
+    access = next((i for i, line in enumerate(lines) if _GLOBAL_ACCESS.match(line)), None)
+    if wait is None:
+        return "no griddepcontrol.wait"
+    if access is not None and access < wait:
+        return f"global memory accessed before griddepcontrol.wait: {lines[access]}"
+    return None
 
 
 def main() -> int:
@@ -88,7 +108,11 @@ def main() -> int:
     failed = 0
     for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_linear_cases()]:
         try:
-            compile_for_hopper(kernel, pointers, constexprs, **options)
+            problem = waits_before_memory(compile_for_hopper(kernel, pointers, constexprs, **options).asm["ptx"])
+            if problem:
+                failed += 1
+                print(f"FAILED  {name}: {problem}")
+                continue
             print(f"ok      {name}")
         except Exception as error:  # a CompilationError names the line; show its last lines
             failed += 1

@@ -2,11 +2,12 @@
 
 A CUDA-graphed decode step is a chain of some 300 small kernels. Launched the ordinary way, each starts only
 once the previous one has finished and flushed its writes: every boundary leaves the SMs idle while the last
-programs of one kernel drain and the next kernel's programs are scheduled and issue their first loads: a
-microsecond or two each, 5% of a 7B decode step and a quarter of a 135M model's. With PDL (`launch_pdl=True`) the next kernel is launched as soon as
-every program of the running one has signalled (`griddepcontrol.launch_dependents`); its programs take the SMs
-the running one frees, do what does not depend on it (the linear layer prefetches its first weight tiles into
-the L2), and stop at `griddepcontrol.wait` until the running kernel has completed and its writes are visible.
+programs of one kernel drain and the next kernel's programs are scheduled and issue their first loads, a
+microsecond or two each: 5% of a 7B decode step, a quarter of a 135M model's. With PDL (`launch_pdl=True`) the
+next kernel is launched as soon as every program of the running one has signalled
+(`griddepcontrol.launch_dependents`); its programs take the SMs the running one frees, do what does not depend
+on it (the linear layer prefetches its first weight tiles into the L2), and stop at `griddepcontrol.wait`
+until the running kernel has completed and its writes are visible.
 So a kernel launched this way must wait before it reads anything an earlier kernel wrote, or writes anything
 an earlier kernel may still read: `wait_for_previous_kernels` first, as every kernel here does.
 
@@ -31,7 +32,8 @@ from .interpreter import interpreting
 
 @functools.lru_cache(maxsize=None)
 def _supports_pdl(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """NVIDIA sm_90 and newer (griddepcontrol is PTX for those; a ROCm build reports AMD's own versions)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def launch_options(t: torch.Tensor) -> dict:

@@ -17,8 +17,9 @@ Here the schedule never looks at the row count M:
     bit for bit the 1-row call on row i.
 
 `linear(x, weight, bias)` dispatches: the Triton kernel when Triton kernels are in use (`use_triton`) and
-row invariance is on (`kernels.set_row_invariant(True)`), else `F.linear` (cuBLAS, the faster default when
-bit-exactness with plain decoding is not asked for). Shapes: x [..., K], weight [N, K] with contiguous rows,
+row invariance is on (`kernels.set_row_invariant(True)`: `--exact`, the default on Hopper GPUs, where with
+programmatic dependent launch a step of these kernels runs faster than one with cuBLAS's), else `F.linear`
+(cuBLAS). Shapes: x [..., K], weight [N, K] with contiguous rows,
 bias [N] or None -> out [..., N] in x's dtype; weight and bias share x's dtype; float32 accumulation, and
 float32 inputs use exact ("ieee") products, not TF32.
 
@@ -220,12 +221,13 @@ def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split_k)
     line = 128 // weight.element_size()  # weight elements per 128-byte line
     prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
+    prefetch_lines = 1 << (prefetch_lines.bit_length() - 1) if prefetch_lines else 0  # a power of 2, at most that
     launch = launch_options(x)
     _linear_kernel[grid](
         x2, weight, b, dest, M, N, K, weight.stride(0), k_per_split,
         HAS_BIAS=has_bias, PARTIAL=partial, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREFETCH_LINES=triton.next_power_of_2(prefetch_lines) if prefetch_lines else 0, LINE=line,
+        PREFETCH_LINES=prefetch_lines, LINE=line,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
     if partial:

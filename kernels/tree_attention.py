@@ -45,7 +45,7 @@ itself last (logical positions 0 .. p, p = P + depth), in a decomposition that d
     absolute positions (c * CHUNK .. (c + 1) * CHUNK, CHUNK = chunk_tiles() * BLOCK_N, the chunk holding B_p
     cut there), each one online-softmax pass over BLOCK_N-key tiles starting at multiples of BLOCK_N -> one
     partial per chunk;
-  * tail: the keys B_p to p (9 to 16 of them; fewer while p < 16), one tile of 2 * TAIL_GRAIN keys, key
+  * tail: the keys B_p to p (9 to 16 of them; fewer while p < 8), one tile of 2 * TAIL_GRAIN keys, key
     B_p + j in column j -> one more partial;
   * merge: the body chunks in order, then the tail.
 So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 512,
@@ -70,12 +70,11 @@ than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph captur
 row instead. Contiguous rows (causal calls, a tree's first-child chain) have no depth limit; trees have at most
 MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
   * Tile shapes fixed whatever T: body tiles of BLOCK_M = 64 rows for 16-bit inputs on a GPU (16 for fp32 and
-    the interpreter) and BLOCK_N keys, num_warps from BLOCK_M and BLOCK_D; tail tiles of TAIL_M = max(16, GROUP
-    rounded up to a power of 2) rows and 2 * TAIL_GRAIN keys, a warp per 16 rows. A tl.dot element depends only
-    on its own row and column, not on where the row sits in the tile or what the other rows hold, so equal tile
-    contents give equal bits. (A decode's
-    body also runs 64-row tiles, so that it stays on the same wgmma instructions as a tree: with 16 rows Triton
-    falls back to mma.sync. Its tail runs the tree's 16-row tile, mma.sync in both.)
+    the interpreter) and BLOCK_N keys, 4 warps; tail tiles of TAIL_M = max(16, GROUP rounded up to a power of 2)
+    rows and 2 * TAIL_GRAIN keys, a warp per 16 rows. A tl.dot element depends only on its own row and column,
+    not on where the row sits in the tile or what the other rows hold, so equal tile contents give equal bits.
+    (A decode's body also runs 64-row tiles, so that it stays on the same wgmma instructions as a tree: with 16
+    rows Triton falls back to mma.sync. Its tail runs the tree's 16-row tile, mma.sync in both.)
   * Visibility is always a runtime select on the scores before they are scaled, masked loads give zeros, and
     both kernels are compiled with enable_fp_fusion=False, so no mul + add is contracted into an FMA on one path
     (a whole or a cut body tile, a gathered tail or not, a variant compiled with or without a tree mask) and not
@@ -85,7 +84,7 @@ the bodies, and a tail is one tile of at most 16 keys), fixed 64-row body tiles 
 on every call (the default mode needs one only when it splits the keys); bench/tree_attention.py times it. Its
 partials take batch * Hkv * cdiv(B_max, CHUNK) * T * group * D floats, B_max the body of the last key
 (prefix_len + T, or S for a device prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a
-7B GQA layer: about 1 GB, transient), where the default mode, with its single split, needs none.
+7B GQA layer: about half a GB, transient), where the default mode, with its single split, needs none.
 """
 
 from __future__ import annotations
@@ -581,7 +580,8 @@ def _num_splits(n_programs: int, n_rows: int, max_keys: int, block_n: int, devic
 def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
                  row_invariant: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every tile side >= 16; the limits below
-    were read off sm_90 compiles (registers, spills, shared memory), not tuned by timing. In the
+    were read off sm_90 compiles (registers, spills, shared memory), and only the row-invariant mode's warps
+    tuned by timing. In the
     row-invariant mode BLOCK_M is the most the dtype allows whatever the row count, so that every call
     runs the same tile shapes (and so the same dot instructions)."""
     block_d = max(16, triton.next_power_of_2(D))
@@ -595,16 +595,16 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
     num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill from 64 x 128 accumulators up
     if row_invariant:
         # Its bodies' one loop (no second, masked loop as in the default mode) fits 4 warps' registers at
-        # 64 x 128 (204, no spill), and ran a 7B's decode step 3% faster and its 64-node tree step 2-5% than 8.
+        # 64 x 128 (204, no spill), and ran a 7B's decode and 64-node tree steps 2-3% faster than 8 warps.
         num_warps = 4
     return block_m, block_n, block_d, num_warps
 
 
 def chunk_tiles(on_gpu: bool) -> int:
     """Key tiles per chunk in the row-invariant mode: 8 x 64 keys on a GPU (each chunk is a partial that every
-    token's tail program merges: with 4 x 64 a 7B's 64-node tree step took 6% longer at prefix 1024, 12% at
-    3000, the decode step no less; bench/RESULTS.md); 2 x 16 in the interpreter, so that the tests' short
-    sequences still span several chunks."""
+    token's tail program merges: with 4 x 64 a 7B's 64-node tree step took 4.5% longer at prefix 1024 and 10%
+    at 3000, its decode step 2.5% and 6%; bench/RESULTS.md); 2 x 16 in the interpreter, so that the tests'
+    short sequences still span several chunks."""
     return 8 if on_gpu else 2
 
 
@@ -648,7 +648,7 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
 MAX_ROW_INVARIANT_TREE = 256
 # The row-invariant mode's tails start at multiples of this many keys and hold at most twice as many, in a tile
 # of 2 * TAIL_GRAIN keys (at least 16: a tl.dot side). Small, so that the per-token tail programs are cheap
-# (8 rather than 16 halves the keys every tree node gathers: 3% off a 7B's 64-node tree step), and above the
+# (8 rather than 16 halves the keys every tree node gathers: 2% off a 7B's 64-node tree step), and above the
 # depth of a Medusa tree (a node whose ancestors lie apart must be shallower than TAIL_GRAIN).
 TAIL_GRAIN = 8
 
@@ -751,7 +751,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
         if T > MAX_ROW_INVARIANT_TREE:
             raise KernelInputError(f"row-invariant tree attention takes trees of at most {MAX_ROW_INVARIANT_TREE} "
                                    f"nodes, got a tree_mask of {T}; pass tree_mask=None for causal calls "
-                                   "(prefill, decode) or use a smaller tree.")
+                                   "(prefill, decode), or use a smaller tree or --no-exact.")
         _check_row_invariant_depth(tree_mask)
         tree_mask = tree_mask.contiguous().view(torch.uint8)  # same bytes; loads as 0/1 integers
     q = q.contiguous()
@@ -783,7 +783,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
                                                          num_warps=num_warps, **common)
     # The tails are small tiles: a kernel of their own (a warp per 16 rows, little shared memory) lets many of
     # these latency-bound programs share an SM, where the bodies' shared memory would allow two programs. (One
-    # warp rather than 4 for a 7B's 64-node tree: 8% off its step; the same number in every call, as the tile is.)
+    # warp rather than 4: about 4% off a 7B's 64-node tree step; the same number in every call, as the tile is.)
     tail_m = max(16, triton.next_power_of_2(group))
     _ri_tails_kernel[(T, B * Hkv)](*args, out, *sizes, TAIL_M=tail_m, num_warps=tail_m // 16, **common)
     return out

@@ -19,6 +19,7 @@ import torch
 
 import kernels
 from kernels.interpreter import interpreting
+from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
 
 from .errors import USER_ERRORS, NanoMedusaError
 
@@ -148,11 +149,18 @@ def check_kernels(backend: str, device: torch.device, exact: bool | None = None)
 
 def exact_by_default(backend: str, device: torch.device) -> bool:
     """What --exact is when not given: on where the row-invariant kernels were measured to cost nothing, the
-    Triton kernels on a Hopper or newer GPU (there every kernel of a step launches while the one before it ends,
-    kernels/dependent_launch.py; on an H200 that decoded faster than cuBLAS: README, 'Exact greedy'); off
-    elsewhere (no such launch, and tiles tuned on Hopper)."""
-    return (backend != "torch" and device.type == "cuda" and kernels.triton_available()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    Triton kernels on an NVIDIA Hopper GPU or its datacenter successor (sm_90, sm_100: there every kernel of a
+    step launches while the one before it ends, kernels/dependent_launch.py, and on an H200 that decoded faster
+    than cuBLAS: README, 'Exact greedy'); off elsewhere (older GPUs lack that launch, and consumer Blackwell's
+    smaller shared memory may not hold the tiles tuned on Hopper). `exact_fits` may still turn it off."""
+    return (backend != "torch" and device.type == "cuda" and torch.version.hip is None
+            and kernels.triton_available() and torch.cuda.get_device_capability(device)[0] in (9, 10))
+
+
+def exact_fits(num_nodes: int, num_heads: int) -> bool:
+    """Whether the row-invariant mode takes a tree of `num_nodes` nodes from `num_heads` heads (so at most that
+    deep): kernels/tree_attention.py's limits. Where it does not, --exact left at its default turns off."""
+    return num_nodes <= MAX_ROW_INVARIANT_TREE and num_heads < TAIL_GRAIN
 
 
 def use_kernels(backend: str, exact: bool | None, device: torch.device) -> None:

@@ -98,7 +98,7 @@ class Decoder:
         numbers from (`random_generator`): the graph replays its draws from it."""
         if not self.uses_graphs:
             return GraphedStep(fn, *example_inputs, enabled=False)
-        key = (key, kernels.get_backend(), kernels.row_invariant())
+        key = (key, kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled())
         read = (self.model.kv_cache, self.model.rope_cos)
         if any(a is not b for a, b in zip(read, self._graphs_read)):
             self.graphs.clear()  # captured on a cache or RoPE table that has since been replaced

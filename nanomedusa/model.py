@@ -14,8 +14,9 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
 read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`,
 which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_row_invariant(True)`
-(`--exact`) is on; then they, and tree attention, run kernels whose every row comes out as a one-row call's
-would, so that a Medusa tree step computes each accepted token bit for bit as plain decoding does.
+(`--exact`, the default on Hopper GPUs) is on; then they, and tree attention, run kernels whose every row
+comes out as a one-row call's would, so that a Medusa tree step computes each accepted token bit for bit as
+plain decoding does.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ from kernels.testing import poisoned_empty  # noqa: E402
 def restore_kernel_backend():
     """A test that picks a backend (`kernels.set_backend`, or a CLI's `--kernels` run in-process) must not
     leave it to the tests after it: a leaked "triton" runs every later test in the slow interpreter."""
-    backend, row_invariant = kernels.get_backend(), kernels.row_invariant()
+    backend, row_invariant, early = kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled()
     yield
     kernels.set_backend(backend)
     kernels.set_row_invariant(row_invariant)
+    kernels.set_dependent_launch(early)
 
 
 @pytest.fixture

@@ -60,7 +60,8 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
         from kernels.compile_check import compile_for_hopper
         for pdl in (True, False):
             cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
-            ptx = compile_for_hopper(linear._linear_kernel, dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr"], "*bf16"),
+            pointers = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr"], "*bf16")
+            ptx = compile_for_hopper(linear._linear_kernel, pointers,
                                      dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl),
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -77,3 +78,34 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
     prefetch, wait, launch, load = (int(i) for i in with_pdl[1:])  # load: the first copy of x or w to shared memory
     assert prefetch < wait < launch < load, with_pdl
     assert without[1:4] == ["None", "None", "None"], without
+
+
+def test_the_check_catches_a_kernel_that_reads_before_it_waits(tmp_path):
+    (tmp_path / "early_read.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+        from kernels.dependent_launch import wait_for_previous_kernels
+
+        @triton.jit
+        def early(x_ptr, PDL: tl.constexpr):
+            x = tl.load(x_ptr)  # may read what the kernel before is still writing
+            wait_for_previous_kernels(PDL)
+            tl.store(x_ptr + 1, x)
+
+        @triton.jit
+        def waits(x_ptr, PDL: tl.constexpr):
+            wait_for_previous_kernels(PDL)
+            tl.store(x_ptr + 1, tl.load(x_ptr))
+    """))
+    (tmp_path / "check_early.py").write_text(textwrap.dedent("""
+        from early_read import early, waits
+        from kernels.compile_check import compile_for_hopper, waits_before_memory
+        for kernel in (early, waits):
+            ptx = compile_for_hopper(kernel, {"x_ptr": "*fp32"}, {"PDL": True}).asm["ptx"]
+            print(kernel.fn.__name__, waits_before_memory(ptx))
+    """))
+    result = run_compiled("check_early.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    early, waits = result.stdout.strip().splitlines()[-2:]
+    assert early.startswith("early global memory accessed before griddepcontrol.wait"), early
+    assert waits == "waits None", waits

@@ -318,6 +318,23 @@ def test_generate_compare_says_whether_medusa_gave_plain_greedys_tokens(tiny, ca
     assert generate._first_difference([5, 6], [5, 6, 7]) == 2  # one stopped early (an eos)
 
 
+def test_generate_turns_default_exact_off_for_a_tree_its_kernels_cannot_take(tiny, capsys, monkeypatch):
+    import generate
+    import kernels
+    from nanomedusa import cli
+
+    root, _ = tiny
+    monkeypatch.setattr(cli, "exact_by_default", lambda backend, device: True)  # as on a Hopper GPU
+    monkeypatch.setattr(generate, "exact_fits", lambda num_nodes, num_heads: False)  # as for 8 heads
+    argv = ["--model", str(root / "model"), "--medusa", str(root / "heads"), "--device", "cpu", "--prompt", "Hi.",
+            "--max-new-tokens", "1", "--quiet", "--kernels", "triton"]
+    assert generate.main(argv) == 0
+    assert "[note] --exact is off: its kernels take trees of at most" in capsys.readouterr().err
+    assert not kernels.row_invariant()
+    assert generate.main(argv + ["--exact"]) == 0  # asked for: kept (and the kernels would refuse the tree)
+    assert "--exact is off" not in capsys.readouterr().err and kernels.row_invariant()
+
+
 def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):
     from bench.dynamic_trees import main as bench_main
 

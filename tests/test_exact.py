@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kernels
-from nanomedusa.cli import check_kernels, exact_by_default, use_kernels
+from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
+from nanomedusa.cli import check_kernels, exact_by_default, exact_fits, use_kernels
 from nanomedusa.decoder import Decoder
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import generate
@@ -98,12 +99,22 @@ def test_exact_needs_the_triton_kernels():
     ("auto", "cuda", (9, 0), True),  # Hopper: every kernel launches while the last one ends (measured faster)
     ("auto", "cuda", (10, 0), True),
     ("auto", "cuda", (8, 0), False),  # Ampere: no programmatic dependent launch, tiles tuned on Hopper
+    ("auto", "cuda", (12, 0), False),  # consumer Blackwell: less shared memory than the tiles tuned on Hopper
     ("torch", "cuda", (9, 0), False),
+    ("auto", "rocm", (9, 4), False),  # an AMD MI300 reports (9, 4): no griddepcontrol there
 ])
 def test_exact_is_on_by_default_on_hopper_gpus_only(monkeypatch, backend, device, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", "6.2" if device == "rocm" else None)
+    device = "cuda" if device == "rocm" else device  # (ROCm builds of torch call their GPUs cuda too)
     assert exact_by_default(backend, torch.device(device)) is expected
     use_kernels(backend, None, torch.device(device))  # the default: as exact_by_default says
     assert kernels.row_invariant() is expected
     use_kernels(backend, not expected, torch.device(device))  # --exact / --no-exact win over it
     assert kernels.row_invariant() is (not expected)
+
+
+def test_exact_by_default_steps_aside_for_trees_its_kernels_cannot_take():
+    assert exact_fits(64, 5) and exact_fits(MAX_ROW_INVARIANT_TREE, TAIL_GRAIN - 1)
+    assert not exact_fits(MAX_ROW_INVARIANT_TREE + 1, 5)  # too many nodes for the tails' mask rows
+    assert not exact_fits(64, TAIL_GRAIN)  # a node that deep, off the first-child chain, is refused

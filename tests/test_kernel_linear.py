@@ -69,6 +69,18 @@ def test_row_invariant_on_the_gpu_at_model_sizes(N, K):
         assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w), x[:M], rows) == [], M
 
 
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch (and the weights' L2 prefetch) needs a Hopper GPU")
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 40), (100, 72)])  # ragged N (tiles) and short K (prefetch)
+def test_dependent_launch_and_prefetch_change_no_bit(N, K):
+    kernels.set_row_invariant(True)  # where the kernels launch that way (tests/conftest.py restores it)
+    x, w, b = linear_inputs(64, N, K, torch.bfloat16, bias=True, device=DEVICE)
+    kernels.set_dependent_launch(True)
+    early = linear_triton(x, w, b)
+    kernels.set_dependent_launch(False)
+    assert same_bits(early, linear_triton(x, w, b))
+
+
 def test_the_bit_check_sees_one_ulp_and_the_sign_of_zero():
     # What the invariance tests compare would catch the smallest change of any schedule.
     a = torch.randn(4, 7)
