@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project reports from a GPU, one stage per call (each fits a 10-minute slot):
 #
-#   bash bench/gpu_run.sh kernels   # kernel tests on CUDA (bf16 included), kernel benchmark tables
+#   bash bench/gpu_run.sh kernels   # kernel tests on CUDA (bf16 included; --exact's and dynamic trees' too), kernel benchmark tables
 #   bash bench/gpu_run.sh distill   # the default model answers the chat and the math prompts (self-distillation)
 #   bash bench/gpu_run.sh warmup    # Medusa-1 heads on those answers, then their tree from head accuracies
 #   bash bench/gpu_run.sh sizes     # step time against tree size, then the warm-up heads' tree sized to it
@@ -47,7 +47,8 @@ tune_tree() {  # HEADS_DIR NAME
 
 case "${1:-}" in
   kernels)
-    python -m pytest -q -p no:cacheprovider tests/test_kernel_*.py 2>&1 | tee "$OUT/kernel_tests.log"
+    python -m pytest -q -p no:cacheprovider tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py 2>&1 \
+        | tee "$OUT/kernel_tests.log"
     python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
     python -m bench.tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
     ;;
