@@ -26,10 +26,9 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 import torch
 
 import kernels
-from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
 from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
-                            check_positive, check_sampling, check_seed, check_text, exact_fits, run_reporting_errors,
-                            use_kernels)
+                            check_positive, check_sampling, check_seed, check_text, keep_default_exact_within_reach,
+                            run_reporting_errors, use_kernels)
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
@@ -225,12 +224,9 @@ def run(args) -> None:
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)
     heads, tree = load_heads(args, model)
-    if args.exact is None and heads is not None and kernels.row_invariant() and not exact_fits(
-            tree.num_nodes, heads.config.num_heads):
-        kernels.set_row_invariant(False)
-        print(f"[note] --exact is off: its kernels take trees of at most {MAX_ROW_INVARIANT_TREE} nodes from at "
-              f"most {TAIL_GRAIN - 1} heads, and this one has {tree.num_nodes} from {heads.config.num_heads}.",
-              file=sys.stderr)
+    if heads is not None and (note := keep_default_exact_within_reach(args.exact, tree.num_nodes,
+                                                                      heads.config.num_heads)):
+        print(f"[note] {note}.", file=sys.stderr)
     decoder = Decoder(model)  # one for the process: its CUDA graphs serve every run (--compare, chat turns)
     if args.verbose:
         print(f"[time] imports {imported - STARTED:.2f} s, load {time.perf_counter() - imported:.2f} s "

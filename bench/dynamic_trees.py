@@ -124,8 +124,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", default="bench/dynamic-trees.json", help="where the rows are written")
     add_kernel_flags(p)
     args = p.parse_args(argv)
-    check_kernels(args.kernels, resolve_device(args.device), args.exact)
-    use_kernels(args.kernels, args.exact, resolve_device(args.device))  # --exact: on by default on Hopper, as in generate.py
+    device = resolve_device(args.device)
+    check_kernels(args.kernels, device, args.exact)
+    use_kernels(args.kernels, args.exact, device)  # --exact: on by default on Hopper, as in generate.py
     model, checkpoint = load_model(args.model, device=args.device, dtype=args.dtype)
     heads = load_heads_and_adapter(args.heads, model)
     tokenizer = Tokenizer.from_dir(checkpoint)

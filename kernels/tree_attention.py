@@ -62,8 +62,8 @@ batch row and KV head):
      every call), its tail in one key tile, then the merge of its rows' body partials and tail. In a tree it
      reads logical key x from slot x below P and from slot P + a_(x-P) above, a_k its depth-k ancestor, the
      (k+1)-th set bit of its mask row (computed in the kernel from the row's running count: no per-layer
-     preprocessing); a causal call reads the slots as they are. A kernel of its own, with a warp per 16 rows and little
-     shared memory, so that many of these small, latency-bound programs share an SM.
+     preprocessing); a causal call reads the slots as they are. A kernel of its own, with a warp per 16 rows
+     and little shared memory, so that many of these small, latency-bound programs share an SM.
 A node whose ancestors lie apart (mask row other than 1..1 0..0; above: nodes 2, 3, 4) must therefore sit at
 depth < TAIL_GRAIN (Medusa trees: about 5): `KernelInputError` otherwise, checked on the host for trees of more
 than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph capture, where such a node gets a NaN
@@ -592,11 +592,10 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
     block_m = max_m if row_invariant else min(max(16, triton.next_power_of_2(n_rows)), max_m)
     # Three pipeline stages of K and V tiles must fit in shared memory.
     block_n = 64 if block_d * dtype.itemsize <= 256 else 32
-    num_warps = 8 if block_m * block_d >= 64 * 128 else 4  # 4 warps spill from 64 x 128 accumulators up
-    if row_invariant:
-        # Its bodies' one loop (no second, masked loop as in the default mode) fits 4 warps' registers at
-        # 64 x 128 (204, no spill), and ran a 7B's decode and 64-node tree steps 2-3% faster than 8 warps.
-        num_warps = 4
+    # 4 warps spill from 64 x 128 accumulators up, but not in the row-invariant mode's bodies: their one loop (no
+    # second, masked loop as in the default mode) fits (204 registers), and ran a 7B's decode and 64-node tree
+    # steps 2-3% faster than with 8 warps.
+    num_warps = 8 if block_m * block_d >= 64 * 128 and not row_invariant else 4
     return block_m, block_n, block_d, num_warps
 
 

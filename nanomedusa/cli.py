@@ -131,8 +131,8 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
                    help="kernel backend (default: Triton on a GPU, torch on a CPU)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                    help="row-invariant kernels, so that greedy Medusa gives plain greedy's text bit for bit in any "
-                        "dtype (default: on with the Triton kernels on a Hopper or newer GPU, where they are also "
-                        "the fastest; off elsewhere; README, 'Exact greedy')")
+                        "dtype (default: on with the Triton kernels on an NVIDIA Hopper or datacenter Blackwell GPU, "
+                        "where they are also the fastest, for trees they take; off elsewhere; README, 'Exact greedy')")
 
 
 def check_kernels(backend: str, device: torch.device, exact: bool | None = None) -> None:
@@ -161,6 +161,16 @@ def exact_fits(num_nodes: int, num_heads: int) -> bool:
     """Whether the row-invariant mode takes a tree of `num_nodes` nodes from `num_heads` heads (so at most that
     deep): kernels/tree_attention.py's limits. Where it does not, --exact left at its default turns off."""
     return num_nodes <= MAX_ROW_INVARIANT_TREE and num_heads < TAIL_GRAIN
+
+
+def keep_default_exact_within_reach(exact: bool | None, num_nodes: int, num_heads: int) -> str | None:
+    """After the heads and their tree are known: --exact left at its default (None) and on, but beyond what its
+    kernels take (`exact_fits`), turns off. Returns the note saying so, or None when nothing changed."""
+    if exact is not None or not kernels.row_invariant() or exact_fits(num_nodes, num_heads):
+        return None
+    kernels.set_row_invariant(False)
+    return (f"--exact is off: its kernels take trees of at most {MAX_ROW_INVARIANT_TREE} nodes from at most "
+            f"{TAIL_GRAIN - 1} heads, and this one has {num_nodes} from {num_heads}")
 
 
 def use_kernels(backend: str, exact: bool | None, device: torch.device) -> None:
