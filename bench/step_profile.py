@@ -3,14 +3,18 @@ times under each launch setting.
 
     python -m bench.step_profile                       # H200: about a minute
     python -m bench.step_profile --prefetch 0,512,2048 # also time the linear layer's L2 prefetch sizes
+    python -m bench.step_profile --ablate              # also the graphed steps' cost of each kernel class
 
-Two tables:
+Two tables (three with --ablate):
   steps    the CUDA-graphed decode and tree steps (bench/steps.py's `step_ms`, median of --reps replays) with
            cuBLAS + default attention ("default") and the row-invariant kernels ("exact", with ordinary
            launches and with programmatic dependent launch, "PDL": kernels/dependent_launch.py, which only the
            row-invariant mode uses), and the copy-bandwidth floor of a step;
   kernels  one eager step under torch.profiler, per kernel: calls and GPU microseconds per step. Their sum
            against the graphed step's time is what the boundaries between kernels cost (launch, drain, ramp).
+  ablate   the row-invariant steps (CUDA graphs, PDL) timed again with one class of kernels not launched (the
+           step then computes garbage; only its time counts): what that class costs inside a graphed step,
+           where kernels overlap, rather than its kernels' own eager time.
 
 The model is bench/steps.py's random Llama-7B shape (MHA, 32 layers), prefix --prefix cached tokens.
 """
@@ -18,6 +22,7 @@ The model is bench/steps.py's random Llama-7B shape (MHA, 32 layers), prefix --p
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 from collections import defaultdict
 
@@ -39,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=100, help="graph replays per step time (default 100)")
     p.add_argument("--prefetch", default=None, metavar="BYTES,...",
                    help="also time the exact kernels under PDL with these L2 prefetch sizes per weight row")
+    p.add_argument("--ablate", action="store_true", help="also time the steps without each class of kernels")
     p.add_argument("--top", type=int, default=14, help="kernels listed per profiled step (default 14)")
     p.add_argument("--json", default=None, help="write the numbers here")
     return p.parse_args(argv)
@@ -74,6 +80,48 @@ def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str
     return sorted(((k, calls[k], totals[k]) for k in totals), key=lambda row: -row[2])
 
 
+# The kernel classes --ablate drops, each by the module attribute its launches go through.
+KERNEL_CLASSES = {
+    "attention tails": ("kernels.tree_attention", "_ri_tails_kernel"),
+    "attention bodies": ("kernels.tree_attention", "_ri_bodies_kernel"),
+    "RoPE + cache": ("kernels.rope_cache", "_rope_and_cache_kernel"),
+    "SwiGLU": ("kernels.swiglu", "_silu_mul_kernel"),
+    "RMSNorm": ("kernels.rmsnorm", "_rmsnorm_kernel"),
+    "linear": ("kernels.linear", "_linear_kernel"),
+}
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def ablation_rows(model, prefix: int, tree: TreeBuffers, reps: int) -> list[list]:
+    """[class, decode µs saved, tree µs saved] for each of KERNEL_CLASSES dropped alone, then for every class but
+    the linear layers', from graphed steps in the current kernel settings."""
+    base = step_ms(model, prefix, None, reps), step_ms(model, prefix, tree, reps)
+    rows = []
+    dropped_sets = [[name] for name in KERNEL_CLASSES] + [[n for n in KERNEL_CLASSES if n != "linear"]]
+    for dropped in dropped_sets:
+        saved = {}
+        for name in dropped:
+            module, attr = KERNEL_CLASSES[name]
+            module = importlib.import_module(module)
+            saved[name] = (module, attr, getattr(module, attr))
+            setattr(module, attr, _NoLaunch())
+        try:
+            decode, tree_ms = step_ms(model, prefix, None, reps), step_ms(model, prefix, tree, reps)
+        finally:
+            for module, attr, kernel in saved.values():
+                setattr(module, attr, kernel)
+        label = dropped[0] if len(dropped) == 1 else "all but linear"
+        rows.append([label, f"{(base[0] - decode) * 1e3:.0f}", f"{(base[1] - tree_ms) * 1e3:.0f}"])
+        say(f"[ablate] without {label}: decode {decode:.3f} ms, tree {tree_ms:.3f} ms")
+    return rows
+
+
 @torch.inference_mode()
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -105,6 +153,13 @@ def main(argv=None) -> None:
             say(f"[steps] {label}: decode {decode:.3f} ms, tree {tree_ms:.3f} ms")
             rows.append([label, f"{decode:.3f}", f"{tree_ms:.3f}", f"{tree_ms / decode:.2f}x"])
             out["steps"].append({"setting": label, "decode_ms": decode, "tree_ms": tree_ms})
+        ablation = None
+        if args.ablate:
+            kernels.set_row_invariant(True)
+            kernels.set_dependent_launch(saved[1])
+            linear_kernel.PREFETCH_BYTES = saved[2]
+            ablation = ablation_rows(model, args.prefix, tree, args.reps)
+            out["ablation_us_saved"] = ablation
         for mode, exact in (("default", False), ("exact", True)):
             kernels.set_row_invariant(exact)
             kernels.set_dependent_launch(False)  # (eager kernels, each timed on its own)
@@ -127,6 +182,9 @@ def main(argv=None) -> None:
     print_table(f"7B-shaped steps ({args.layers} layers, prefix {args.prefix}, 64-node tree mc_sim_7b_63): ms, "
                 f"CUDA graphs; floor (weights / copy bandwidth) {floor:.3f} ms",
                 ["setting", "decode ms", "tree ms", "tree / decode"], rows)
+    if ablation:
+        print_table("What each kernel class costs a graphed row-invariant step: µs saved without its launches",
+                    ["kernels dropped", "decode µs", "tree µs"], ablation)
     if args.json:
         save(out, args.json)
 

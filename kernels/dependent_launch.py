@@ -8,8 +8,11 @@ next kernel is launched as soon as every program of the running one has signalle
 (`griddepcontrol.launch_dependents`); its programs take the SMs the running one frees, do what does not depend
 on it (the linear layer prefetches its first weight tiles into the L2), and stop at `griddepcontrol.wait`
 until the running kernel has completed and its writes are visible.
-So a kernel launched this way must wait before it reads anything an earlier kernel wrote, or writes anything
-an earlier kernel may still read: `wait_for_previous_kernels` first, as every kernel here does.
+So a kernel launched this way must wait before it reads anything the kernel before it wrote, or writes anything
+an earlier kernel may still read: `wait_for_previous_kernels` first, as every kernel here does but one. The
+row-invariant attention tails read, before their wait, what the kernels before their predecessor wrote (which
+that predecessor, having waited for them before letting the tails launch, guarantees complete), through the L2
+only (kernels/tree_attention.py, `_ri_tails_kernel`).
 
 What the kernels compute is unchanged (this is scheduling only); the ordinary launch is kept outside the
 row-invariant mode (see `launch_options`), where PDL is not available (CPU interpreter, GPUs before sm_90), or

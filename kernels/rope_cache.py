@@ -11,9 +11,9 @@ in-kernel: no host sync, so the step can be captured in a CUDA graph).
 
 At batch 1 a decode step is bound by kernel launches, not bytes: done in torch this is ~14 launches
 per layer (mul, neg, cat, mul, add for each of q and k, the slot arange, two index_copy_). The Triton
-version is one launch with one program per (batch * token, head) over the Hq query heads followed by
-the Hkv key/value heads. A query program rotates its row into the output; a key/value program rotates
-the key row and copies the value row into the cache slot. Each row is read as its two halves, so the
+version is one launch with one program per (batch * token, block of heads) over the Hq query heads
+followed by the Hkv key/value heads. A query program rotates its rows into the output; a key/value
+program rotates the key rows and copies the value rows into the cache slot. Each row is read as its two halves, so the
 rotation needs no shuffle: out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2.
 """
 
@@ -59,49 +59,56 @@ def rope_and_cache(q, k, v, cos, sin, kv_cache_layer, prefix_len):
 
 
 @triton.jit
-def _rotate_row(src, dst, cos_row, sin_row, d, ok, HALF, mask):
-    """dst[0:D] = rotate(src[0:D]) for one head row; the two halves are read separately (no shuffle)."""
-    x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    c1, c2 = tl.load(cos_row + d, mask=ok, other=0.0), tl.load(cos_row + HALF + d, mask=ok, other=0.0)
-    s1, s2 = tl.load(sin_row + d, mask=ok, other=0.0), tl.load(sin_row + HALF + d, mask=ok, other=0.0)
-    tl.store(dst + d, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF + d, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=mask)
+def _rotate_rows(src, dst, cos_row, sin_row, d, ok, HALF, mask):
+    """dst[h, 0:D] = rotate(src[h, 0:D]) for a block of head rows: src and dst [HEADS] row pointers, d [BLOCK_HALF];
+    the two halves are read separately (no shuffle)."""
+    x1 = tl.load(src[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)  # [HEADS, BLOCK_HALF]
+    x2 = tl.load(src[:, None] + HALF + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    d_ok = d < HALF
+    c1, c2 = tl.load(cos_row + d, mask=d_ok, other=0.0), tl.load(cos_row + HALF + d, mask=d_ok, other=0.0)
+    s1, s2 = tl.load(sin_row + d, mask=d_ok, other=0.0), tl.load(sin_row + HALF + d, mask=d_ok, other=0.0)
+    tl.store(dst[:, None] + d[None, :], (x1 * c1[None, :] - x2 * s1[None, :]).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst[:, None] + HALF + d[None, :], (x2 * c2[None, :] + x1 * s2[None, :]).to(dst.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
 def _rope_and_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, prefix_len,
-    T, S, HALF, n_q_heads,
+    T, S, HALF, n_q_heads, n_kv_heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_kv, stride_cacheb, stride_cacheh, stride_caches,
-    PREFIX_IS_PTR: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    PREFIX_IS_PTR: tl.constexpr, HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One (batch * token, head): heads < Hq are query heads, the rest key/value heads."""
+    """One (batch * token, block of HEADS heads): blocks below cdiv(Hq, HEADS) hold query heads, the rest
+    key/value heads."""
     wait_for_previous_kernels(PDL)
-    bt, head = tl.program_id(0), tl.program_id(1)
+    bt, block = tl.program_id(0), tl.program_id(1)
     b, t = (bt // T).to(tl.int64), bt % T  # int64: batch offsets can pass 2**31 in a large cache
     d = tl.arange(0, BLOCK_HALF)
-    ok = d < HALF
     cos_row = cos_ptr + b * stride_cb + t * stride_ct  # stride_cb is 0 for tables shared by the batch
     sin_row = sin_ptr + b * stride_cb + t * stride_ct
-    if head < n_q_heads:  # query head: out[b, head, t, :], out contiguous [B, Hq, T, D]
-        dst = q_out_ptr + ((b * n_q_heads + head) * T + t) * (2 * HALF)
-        _rotate_row(q_ptr + b * stride_qb + t * stride_qt + head * stride_qh, dst, cos_row, sin_row, d, ok,
-                    HALF, ok)
-    else:  # key/value head: cache[0 (k) / 1 (v), b, kv_head, prefix + t, :]
-        kv_head = head - n_q_heads
+    q_blocks = tl.cdiv(n_q_heads, HEADS)
+    if block < q_blocks:  # query heads: out[b, head, t, :], out contiguous [B, Hq, T, D]
+        heads = block * HEADS + tl.arange(0, HEADS)  # [HEADS]
+        ok = (heads < n_q_heads)[:, None] & (d < HALF)[None, :]
+        dst = q_out_ptr + ((b * n_q_heads + heads) * T + t) * (2 * HALF)
+        _rotate_rows(q_ptr + b * stride_qb + t * stride_qt + heads * stride_qh, dst, cos_row, sin_row, d, ok, HALF, ok)
+    else:  # key/value heads: cache[0 (k) / 1 (v), b, kv_head, prefix + t, :]
+        heads = (block - q_blocks) * HEADS + tl.arange(0, HEADS)
+        ok = (heads < n_kv_heads)[:, None] & (d < HALF)[None, :]
         if PREFIX_IS_PTR:
             slot = tl.load(prefix_len).to(tl.int32) + t  # read on the device: no host sync, graph-capturable
         else:
             slot = prefix_len + t
         in_cache = ok & (slot >= 0) & (slot < S)  # a device prefix_len is not checked on the host: never overrun
-        dst = cache_ptr + b * stride_cacheb + kv_head * stride_cacheh + slot.to(tl.int64) * stride_caches
-        _rotate_row(k_ptr + b * stride_kb + t * stride_kt + kv_head * stride_kh, dst, cos_row, sin_row, d, ok,
-                    HALF, in_cache)
-        v_src = v_ptr + b * stride_vb + t * stride_vt + kv_head * stride_vh
-        tl.store(dst + stride_kv + d, tl.load(v_src + d, mask=ok), mask=in_cache)
-        tl.store(dst + stride_kv + HALF + d, tl.load(v_src + HALF + d, mask=ok), mask=in_cache)
+        dst = cache_ptr + b * stride_cacheb + heads * stride_cacheh + slot.to(tl.int64) * stride_caches
+        _rotate_rows(k_ptr + b * stride_kb + t * stride_kt + heads * stride_kh, dst, cos_row, sin_row, d, ok, HALF,
+                     in_cache)
+        v_src = v_ptr + b * stride_vb + t * stride_vt + heads * stride_vh
+        for half in tl.static_range(2):
+            col = half * HALF + d[None, :]
+            tl.store(dst[:, None] + stride_kv + col, tl.load(v_src[:, None] + col, mask=ok), mask=in_cache)
 
 
 def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
@@ -132,8 +139,14 @@ def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
                                f"{kv_cache_layer.shape[3]} slots; set up a larger cache.")
 
 
+# Head rows per program: a 7B's 32 query and 32 key/value heads are 8 programs per token (a 64-node tree step: 512,
+# where one program per head row made 4,096, each too small to cover its own launch and wait).
+HEADS_PER_PROGRAM = 8
+
+
 def rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len):
-    """Same contract as rope_and_cache_reference, in one launch: one program per (batch * token, head)."""
+    """Same contract as rope_and_cache_reference, in one launch: one program per (batch * token, block of
+    HEADS_PER_PROGRAM heads)."""
     _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache_layer.stride(-1) != 1:
         raise KernelInputError("rope_and_cache needs q, k, v and the cache contiguous along head_dim; "
@@ -145,14 +158,15 @@ def rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len):
     if B * T == 0:
         return q_out
     per_row = cos.dim() == 3
-    _rope_and_cache_kernel[(B * T, Hq + Hkv)](
+    heads = min(HEADS_PER_PROGRAM, triton.next_power_of_2(max(Hq, Hkv)))
+    _rope_and_cache_kernel[(B * T, triton.cdiv(Hq, heads) + triton.cdiv(Hkv, heads))](
         q, k, v, cos, sin, q_out, kv_cache_layer, prefix_len,
-        T, kv_cache_layer.shape[3], D // 2, Hq,
+        T, kv_cache_layer.shape[3], D // 2, Hq, Hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         cos.stride(0) if per_row else 0, cos.stride(-2),
         kv_cache_layer.stride(0), kv_cache_layer.stride(1), kv_cache_layer.stride(2), kv_cache_layer.stride(3),
-        PREFIX_IS_PTR=isinstance(prefix_len, torch.Tensor), BLOCK_HALF=triton.next_power_of_2(D // 2),
-        num_warps=1, **launch_options(q),  # a row is at most a few hundred elements
+        PREFIX_IS_PTR=isinstance(prefix_len, torch.Tensor), HEADS=heads, BLOCK_HALF=triton.next_power_of_2(D // 2),
+        num_warps=1, **launch_options(q),  # a block is at most a few thousand elements
     )
     return q_out

@@ -58,23 +58,27 @@ batch row and KV head):
      row up to its own B_p. A key past a row's B_p is masked for that row, and a tile it sees nothing of leaves
      its running max, sum and output exactly as they were (alpha = exp2(0) = 1, or 0 while nothing was seen,
      and every p = exp2(-inf) = 0). Each writes its rows' partials.
-  2. `_ri_tails_kernel`, one program per token: its GROUP query rows in a TAIL_M-row tile (the same tile in
-     every call), its tail in one key tile, then the merge of its rows' body partials and tail. In a tree it
-     reads logical key x from slot x below P and from slot P + a_(x-P) above, a_k its depth-k ancestor, the
-     (k+1)-th set bit of its mask row (computed in the kernel from the row's running count: no per-layer
-     preprocessing); a causal call reads the slots as they are. A kernel of its own, with a warp per 16 rows
-     and little shared memory, so that many of these small, latency-bound programs share an SM.
+  2. `_ri_tails_kernel`, one program per token: its GROUP query rows (a tile of TAIL_M rows, GROUP rounded up
+     to a power of 2: the same tile in every call), its tail in one key tile, then the merge of its rows' body
+     partials, MERGE_CHUNKS at a time, and tail. In a tree it reads logical key x from slot x below P and from
+     slot P + a_(x-P) above, a_k its depth-k ancestor, the (k+1)-th set bit of its mask row (computed in the
+     kernel from the row's running count: no per-layer preprocessing); a causal call reads the slots as they
+     are. The tail is products summed on CUDA cores (a tensor-core tile would need 16 rows where a model without
+     grouped queries has one), in a kernel of its own with one to four warps and few registers, so that a
+     64-node tree's programs all fit the GPU at once; under programmatic dependent launch it computes the tail
+     while the bodies still run and waits for them only to merge (`_ri_tails_kernel`).
 A node whose ancestors lie apart (mask row other than 1..1 0..0; above: nodes 2, 3, 4) must therefore sit at
 depth < TAIL_GRAIN (Medusa trees: about 5): `KernelInputError` otherwise, checked on the host for trees of more
 than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph capture, where such a node gets a NaN
 row instead. Contiguous rows (causal calls, a tree's first-child chain) have no depth limit; trees have at most
 MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
   * Tile shapes fixed whatever T: body tiles of BLOCK_M = 64 rows for 16-bit inputs on a GPU (16 for fp32 and
-    the interpreter) and BLOCK_N keys, 4 warps; tail tiles of TAIL_M = max(16, GROUP rounded up to a power of 2)
-    rows and 2 * TAIL_GRAIN keys, a warp per 16 rows. A tl.dot element depends only on its own row and column,
-    not on where the row sits in the tile or what the other rows hold, so equal tile contents give equal bits.
-    (A decode's body also runs 64-row tiles, so that it stays on the same wgmma instructions as a tree: with 16
-    rows Triton falls back to mma.sync. Its tail runs the tree's 16-row tile, mma.sync in both.)
+    the interpreter) and BLOCK_N keys, 4 warps; tail tiles of TAIL_M rows and 2 * TAIL_GRAIN keys, and merge
+    tiles of MERGE_CHUNKS chunks, their warps set by the model's shape alone (`_tail_warps`). A tl.dot element
+    depends only on its own row and column, not on where the row sits in the tile or what the other rows hold,
+    and a tl.sum over a tile of fixed shape and warps reduces each row in one fixed order, so equal tile
+    contents give equal bits. (A decode's body also runs 64-row tiles, so that it stays on the same wgmma
+    instructions as a tree: with 16 rows Triton falls back to mma.sync.)
   * Visibility is always a runtime select on the scores before they are scaled, masked loads give zeros, and
     both kernels are compiled with enable_fp_fusion=False, so no mul + add is contracted into an FMA on one path
     (a whole or a cut body tile, a gathered tail or not, a variant compiled with or without a tree mask) and not
@@ -174,10 +178,11 @@ def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _read_prefix(prefix_len, PREFIX_IS_PTR: tl.constexpr):
-    """prefix_len, read on the device when it is a pointer (no host sync: graph-capturable)."""
+def _read_prefix(prefix_len, PREFIX_IS_PTR: tl.constexpr, CACHE: tl.constexpr):
+    """prefix_len, read on the device when it is a pointer (no host sync: graph-capturable). CACHE: the load's
+    cache modifier (".cg": through the L2 only)."""
     if PREFIX_IS_PTR:
-        prefix = tl.load(prefix_len).to(tl.int32)
+        prefix = tl.load(prefix_len, cache_modifier=CACHE).to(tl.int32)
     else:
         prefix = prefix_len
     return prefix
@@ -185,11 +190,11 @@ def _read_prefix(prefix_len, PREFIX_IS_PTR: tl.constexpr):
 
 @triton.jit
 def _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb, stride_kh, stride_vb, stride_vh,
-                  PREFIX_IS_PTR: tl.constexpr):
+                  PREFIX_IS_PTR: tl.constexpr, CACHE: tl.constexpr):
     """What every attention program starts from: its batch row b, the prefix length (`_read_prefix`), kv_len (keys 0 .. kv_len: the prefix and the tree) and
     the bases of its (batch row, KV head)'s K and V."""
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    prefix = _read_prefix(prefix_len, PREFIX_IS_PTR)
+    prefix = _read_prefix(prefix_len, PREFIX_IS_PTR, CACHE)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     return b, prefix, tl.minimum(prefix + T, S), k_base, v_base
@@ -294,7 +299,7 @@ def _attend_chunk_kernel(
     wait_for_previous_kernels(PDL)
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
-                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR, "")
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
@@ -430,13 +435,15 @@ def _ri_body(q, lo, hi, row_hi, b, d, d_ok, S, k_base, v_base, stride_ks, stride
 
 @triton.jit
 def _ri_tail(q, lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs, key_valid_ptr,
-             qk_scale, GATHER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, EVEN_D: tl.constexpr,
-             TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One token's tail -> (max, sum, unnormalised out) of its query rows q [TAIL_M, BLOCK_D]: its logical keys
-    lo .. end (at most TAIL_N), one tile, key x in column x - lo whatever the call.
+             qk_scale, GATHER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, TAIL_N: tl.constexpr, CACHE: tl.constexpr):
+    """One token's tail -> (max, sum, unnormalised out) of its query rows q [TAIL_M, BLOCK_D] (float32): its
+    logical keys lo .. end (at most TAIL_N), one tile, key x in column x - lo whatever the call.
     GATHER (a tree): logical key x is slot x below prefix and slot prefix + a_(x - prefix) above, a_k the token's
     depth-k ancestor, the (k+1)-th set bit of its mask row: `ancestors` is the row's running count, so a_k = the
-    number of entries whose count is <= k. Without: the slots as they are (causal calls)."""
+    number of entries whose count is <= k. Without: the slots as they are (causal calls). CACHE: the loads' cache
+    modifier. Computed on CUDA cores, as products summed over a fixed tile (no tensor-core tile of 16 rows, which would
+    hold one useful row per program for a model without grouped queries and keep the tail programs' registers,
+    and so how many share an SM, at those 16 rows)."""
     keys = lo + tl.arange(0, TAIL_N)  # [TAIL_N] logical key positions
     load_ok = keys < end
     slots = keys
@@ -446,15 +453,20 @@ def _ri_tail(q, lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base, strid
         # (clamped: only a tree past the cache's end, which the caller cannot have written, would reach S)
         slots = tl.minimum(tl.where(rel < 0, keys, prefix + a_k), S - 1)
     if HAS_KEY_VALID:
-        load_ok &= tl.load(key_valid_ptr + b * S + slots, mask=load_ok, other=0) != 0
-    k_t, v = _load_kv_tile(k_base, v_base, slots, d, d_ok, load_ok, stride_ks, stride_vs, EVEN_D, False)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [TAIL_M, TAIL_N]
+        load_ok &= tl.load(key_valid_ptr + b * S + slots, mask=load_ok, other=0, cache_modifier=CACHE) != 0
+    kv_ok = load_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + slots[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0,
+                cache_modifier=CACHE).to(tl.float32)  # [TAIL_N, BLOCK_D]
+    v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0,
+                cache_modifier=CACHE).to(tl.float32)
+    s = tl.sum(q[:, None, :] * k[None, :, :], 2)  # [TAIL_M, TAIL_N]
     s = tl.where(load_ok[None, :], s, float("-inf"))  # mask, then scale
     s = s * qk_scale
-    m_i = tl.full([TAIL_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([TAIL_M], tl.float32)
-    acc = tl.zeros([TAIL_M, BLOCK_D], tl.float32)
-    return _online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
+    # The online softmax step of `_online_softmax_step` from an empty state, with the values' sum on CUDA cores.
+    m_i = tl.max(s, 1)
+    m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)  # a row that sees no key: every p = 0, not NaN
+    p = tl.exp2(s - m_sub[:, None])  # [TAIL_M, TAIL_N]
+    return m_i, tl.sum(p, 1), tl.sum(p[:, :, None] * v[None, :, :], 1)  # [TAIL_M], [TAIL_M], [TAIL_M, BLOCK_D]
 
 
 @triton.jit
@@ -473,7 +485,7 @@ def _ri_bodies_kernel(
     wait_for_previous_kernels(PDL)
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
-                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR, "")
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
     pid_m, c = pid % m_blocks, pid // m_blocks
@@ -495,26 +507,69 @@ def _ri_bodies_kernel(
 
 
 @triton.jit
+def _ri_chunk_rows(first, c0, limit, chunk_stride, row_ok, MERGE_CHUNKS: tl.constexpr):
+    """The partial rows of body chunks c0 .. c0 + MERGE_CHUNKS of a tail's rows (`first`: chunk 0's; chunk c is
+    c * chunk_stride further) [MERGE_CHUNKS, TAIL_M], and where they are to be read: c < limit, row_ok."""
+    c = c0 + tl.arange(0, MERGE_CHUNKS)
+    return first[None, :] + c[:, None] * chunk_stride, (c < limit)[:, None] & row_ok[None, :]
+
+
+@triton.jit
+def _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D):
+    """Chunk partials at rows `part` [C, TAIL_M] where ok: max m and sum l [C, TAIL_M], out acc [C, TAIL_M, BLOCK_D]
+    (-inf, 0 and 0 elsewhere)."""
+    m = tl.load(part_m_ptr + part, mask=ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=ok, other=0.0)
+    acc = tl.load(part_acc_ptr + part.to(tl.int64)[:, :, None] * D + d[None, None, :],
+                  mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
+    return m, l, acc
+
+
+@triton.jit
+def _ri_fold_chunks(num, den, m, l, acc, use, m_max):
+    """Add chunk partials (where use [C, TAIL_M]; elsewhere read as m = -inf, l = acc = 0) to a merge's sums:
+    den += sum_c w_c l_c, num += sum_c w_c acc_c, w_c = exp2(m_c - m_max), each sum one reduction over a tile of
+    fixed shape, so one fixed order in every call."""
+    w = tl.where(use, tl.exp2(m - m_max[None, :]), 0.0)
+    den += tl.sum(tl.where(use, w * l, 0.0), 0)
+    num += tl.sum(tl.where(use[:, :, None], w[:, :, None] * acc, 0.0), 0)
+    return num, den
+
+
+@triton.jit
 def _ri_tails_kernel(
     q_ptr, k_ptr, v_ptr, tree_mask_ptr, key_valid_ptr, prefix_len, part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr,
     T, S, D, n_kv_heads, n_body, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    MERGE_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL_BEFORE_WAIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (token, batch * kv head): the token's tail, its GROUP query rows in a TAIL_M-row tile (the rest
-    idle: the same tile in every call), then its rows' merge: the body chunks in order, then the tail; writes
-    the output rows."""
-    wait_for_previous_kernels(PDL)
+    idle: the same tile in every call), then its rows' merge of the body chunks' partials, MERGE_CHUNKS at a
+    time, and the tail's; writes the output rows.
+
+    TAIL_BEFORE_WAIT (under PDL, launched right after the bodies kernel): the tail needs nothing the bodies
+    write, only what the kernels before them did (q, the cache, the mask), and the bodies kernel let this one
+    launch only once those had completed. So the tail is computed while the bodies still run, and only the merge
+    waits for them. Those early reads go through the L2 only (".cg"), never an SM's L1, which may hold what the
+    same addresses held before (kernels/compile_check.py checks that nothing else comes before the wait)."""
+    if not TAIL_BEFORE_WAIT:
+        wait_for_previous_kernels(PDL)
+    CACHE: tl.constexpr = ".cg" if TAIL_BEFORE_WAIT else ""
     tok, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
-                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR)
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR, CACHE)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
+    r = tl.arange(0, TAIL_M)
+    rows = tok * GROUP + r
+    row_ok = r < GROUP
     if HAS_MASK:
         jj = tl.arange(0, BLOCK_T)
-        mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0).to(tl.int32)  # [BLOCK_T]
+        mask_row = tl.load(tree_mask_ptr + tok * T + jj, mask=jj < T, other=0,
+                           cache_modifier=CACHE).to(tl.int32)  # [BLOCK_T]
         count = tl.sum(mask_row, 0)  # depth + 1
         ancestors = tl.cumsum(mask_row, 0)
     else:  # causal: tree slots 0 .. tok, as they are
@@ -522,14 +577,12 @@ def _ri_tails_kernel(
         ancestors = tl.zeros([BLOCK_T], tl.int32)  # (not read)
     end = tl.minimum(prefix + count, kv_len)
     tail_lo = _ri_tail_start(end, TAIL_GRAIN)
-    r = tl.arange(0, TAIL_M)
-    rows = tok * GROUP + r
-    row_ok = r < GROUP
     io_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :], mask=io_mask, other=0.0)
-    m_t, l_t, acc_t = _ri_tail(q, tail_lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base, stride_ks,
-                               stride_vs, key_valid_ptr, qk_scale, HAS_MASK, HAS_KEY_VALID, EVEN_D, TAIL_M,
-                               2 * TAIL_GRAIN, BLOCK_D, DOT_PRECISION)
+    q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :], mask=io_mask, other=0.0,
+                cache_modifier=CACHE)
+    m_t, l_t, acc_t = _ri_tail(q.to(tl.float32), tail_lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base,
+                               stride_ks, stride_vs, key_valid_ptr, qk_scale, HAS_MASK, HAS_KEY_VALID, 2 * TAIL_GRAIN,
+                               CACHE)
     if HAS_MASK:
         # A node whose ancestors lie apart, deeper than the mode takes (tree_attention_triton refuses such trees
         # where it can read the mask on the host; not inside a CUDA graph capture): its body would hold tree slots.
@@ -537,18 +590,25 @@ def _ri_tails_kernel(
         apart = tl.max(tl.where(mask_row != 0, jj, -1), 0) != count - 1
         m_t = tl.where(apart & (count > TAIL_GRAIN), float("nan"), m_t)
 
+    if TAIL_BEFORE_WAIT:
+        wait_for_previous_kernels(PDL)  # the bodies' partials, from here on
     n_chunks = tl.cdiv(tail_lo, CHUNK)  # this token's body chunks (a multiple of TAIL_GRAIN: no empty chunk)
     first = bh * n_body * (T * GROUP) + rows  # [TAIL_M] its rows' partials of chunk 0 (chunk c: c * T * GROUP on)
-    m_max = m_t
-    for c in range(n_chunks):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + c * T * GROUP, mask=row_ok, other=float("-inf")))
+    # The first MERGE_CHUNKS chunks' partials in one read (every chunk up to a prefix of MERGE_CHUNKS * CHUNK keys).
+    part, use = _ri_chunk_rows(first, 0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
+    m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, use, d, d_ok, D)
+    m_max = tl.maximum(m_t, tl.max(m_c, 0))
+    for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):  # keys past MERGE_CHUNKS * CHUNK: more groups of chunks
+        part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
+        m_max = tl.maximum(m_max, tl.max(tl.load(part_m_ptr + part, mask=ok, other=float("-inf")), 0))
     # A row with no visible key keeps m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    num = tl.zeros([TAIL_M, BLOCK_D], tl.float32)
-    den = tl.zeros([TAIL_M], tl.float32)
-    for c in range(n_chunks):
-        num, den = _add_partial(num, den, part_acc_ptr, part_m_ptr, part_l_ptr, first + c * T * GROUP, row_ok, m_max,
-                                d, D)
+    num, den = _ri_fold_chunks(tl.zeros([TAIL_M, BLOCK_D], tl.float32), tl.zeros([TAIL_M], tl.float32), m_c, l_c,
+                               acc_c, use, m_max)
+    for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):
+        part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
+        m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D)
+        num, den = _ri_fold_chunks(num, den, m_c, l_c, acc_c, ok, m_max)
     num, den = _fold_partial(num, den, m_t, l_t, acc_t, m_max)
     den = tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
@@ -650,6 +710,16 @@ MAX_ROW_INVARIANT_TREE = 256
 # (8 rather than 16 halves the keys every tree node gathers: 2% off a 7B's 64-node tree step), and above the
 # depth of a Medusa tree (a node whose ancestors lie apart must be shallower than TAIL_GRAIN).
 TAIL_GRAIN = 8
+# A row-invariant tail merges its body chunks' partials this many at a time (`_ri_tails_kernel`): one read for every
+# prefix up to MERGE_CHUNKS * CHUNK keys.
+MERGE_CHUNKS = 8
+
+
+def _tail_warps(tail_m: int, block_d: int) -> int:
+    """Warps of a row-invariant tail program: one per 2,048 elements of its [TAIL_M, 2 * TAIL_GRAIN, BLOCK_D]
+    products (a 7B MHA model's one row: one warp), at most 4. A function of the model's shape only: every call of
+    a model runs the same tail program, so its sums reduce alike."""
+    return max(1, min(4, tail_m * 2 * TAIL_GRAIN * block_d // 2048))
 
 
 def _tail_start(end: int) -> int:
@@ -780,9 +850,13 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     if n_body:
         _ri_bodies_kernel[(m_blocks * n_body, B * Hkv)](*args, *sizes, BLOCK_M=block_m, BLOCK_N=block_n,
                                                          num_warps=num_warps, **common)
-    # The tails are small tiles: a kernel of their own (a warp per 16 rows, little shared memory) lets many of
-    # these latency-bound programs share an SM, where the bodies' shared memory would allow two programs. (One
-    # warp rather than 4: about 4% off a 7B's 64-node tree step; the same number in every call, as the tile is.)
-    tail_m = max(16, triton.next_power_of_2(group))
-    _ri_tails_kernel[(T, B * Hkv)](*args, out, *sizes, TAIL_M=tail_m, num_warps=tail_m // 16, **common)
+    # The tails are small tiles: a kernel of their own (few warps, 128 registers a thread for a 7B, little shared
+    # memory) lets many of these latency-bound programs share an SM, where the bodies' shared memory would allow
+    # two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave. Right after the bodies
+    # kernel, they compute their tails before waiting for it (TAIL_BEFORE_WAIT); without it (no body: a short
+    # prefix), the kernel before is RoPE's, which writes what the tails read, so they wait first.
+    tail_m = triton.next_power_of_2(group)
+    _ri_tails_kernel[(T, B * Hkv)](*args, out, *sizes, TAIL_M=tail_m, MERGE_CHUNKS=MERGE_CHUNKS,
+                                   TAIL_BEFORE_WAIT=bool(n_body) and common["PDL"],
+                                   num_warps=_tail_warps(tail_m, block_d), **common)
     return out

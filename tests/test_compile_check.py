@@ -96,16 +96,30 @@ def test_the_check_catches_a_kernel_that_reads_before_it_waits(tmp_path):
         def waits(x_ptr, PDL: tl.constexpr):
             wait_for_previous_kernels(PDL)
             tl.store(x_ptr + 1, tl.load(x_ptr))
+
+        @triton.jit
+        def early_through_l2(x_ptr, PDL: tl.constexpr):  # allowed: what the tails read before their wait
+            x = tl.load(x_ptr, cache_modifier=".cg")
+            wait_for_previous_kernels(PDL)
+            tl.store(x_ptr + 1, x)
+
+        @triton.jit
+        def early_store(x_ptr, PDL: tl.constexpr):
+            tl.store(x_ptr + 1, tl.load(x_ptr, cache_modifier=".cg"))  # may overwrite what the kernel before reads
+            wait_for_previous_kernels(PDL)
     """))
     (tmp_path / "check_early.py").write_text(textwrap.dedent("""
-        from early_read import early, waits
+        from early_read import early, waits, early_through_l2, early_store
         from kernels.compile_check import compile_for_hopper, waits_before_memory
-        for kernel in (early, waits):
+        for kernel in (early, waits, early_through_l2, early_store):
             ptx = compile_for_hopper(kernel, {"x_ptr": "*fp32"}, {"PDL": True}).asm["ptx"]
             print(kernel.fn.__name__, waits_before_memory(ptx))
     """))
     result = run_compiled("check_early.py", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    early, waits = result.stdout.strip().splitlines()[-2:]
+    early, waits, through_l2, store = result.stdout.strip().splitlines()[-4:]
     assert early.startswith("early global memory accessed before griddepcontrol.wait"), early
     assert waits == "waits None", waits
+    assert through_l2 == "early_through_l2 None", through_l2
+    assert store.startswith("early_store global memory accessed before griddepcontrol.wait"), store
+    assert "st.global" in store, store

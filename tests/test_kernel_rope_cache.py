@@ -65,6 +65,7 @@ CASES = [
     (2, 7, 6, 2, 16, 0, True, True),  # prefill from an empty cache
     (1, 7, 4, 1, 64, 16, False, False),  # MQA, a tree of 7 ending at the last slot
     (2, 1, 2, 2, 32, 11, True, True),
+    (1, 3, 20, 10, 16, 4, False, True),  # more heads than a program takes: several blocks, the last ones part-full
 ]
 
 

@@ -23,6 +23,7 @@ from kernels.errors import KernelInputError  # noqa: E402
 from kernels.testing import rel_error, tree_attention_inputs  # noqa: E402
 from kernels.tree_attention import (  # noqa: E402
     MAX_ROW_INVARIANT_TREE,
+    MERGE_CHUNKS,
     TAIL_GRAIN,
     _tile_config,
     chunk_tiles,
@@ -242,6 +243,7 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
     (1, 0, 0, False),  # starts exactly on a chunk boundary
     (1, 1, TAIL_GRAIN + 5, True),  # a tile and a bit into a chunk
     (2, 1, -1, True),  # prefix % BLOCK_N = BLOCK_N - 1: depth 0 and depth 1 have different B_p (and body chunks)
+    (MERGE_CHUNKS + 1, 0, 5, False),  # more chunks than a tail merges at once
 ])
 def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, dtype, chunks, tiles,
                                                                     offset, prefix_as_tensor):
@@ -284,6 +286,7 @@ ROW_INVARIANT_CASES = [
     (1, 4, 1, TAIL_GRAIN, 37, 16, 5, "any", True),  # any mask (of at most TAIL_GRAIN rows): gathered whatever its shape
     (1, 2, 2, 40, 90, 24, 30, "tree", False),  # tree over 3 chunks; head_dim below its tile
     (1, 4, 2, 40, 40, 16, 0, "none", False),  # prefill: several query-row blocks
+    (1, 4, 2, 5, 400, 16, 330, "tree", True),  # more body chunks than a tail merges at once (interpreter: 32 keys each)
 ]
 
 
