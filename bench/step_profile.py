@@ -12,9 +12,12 @@ Two tables (three with --ablate):
            row-invariant mode uses), and the copy-bandwidth floor of a step;
   kernels  one eager step under torch.profiler, per kernel: calls and GPU microseconds per step. Their sum
            against the graphed step's time is what the boundaries between kernels cost (launch, drain, ramp).
-  ablate   the row-invariant steps (CUDA graphs, PDL) timed again with one class of kernels not launched (the
-           step then computes garbage; only its time counts): what that class costs inside a graphed step,
-           where kernels overlap, rather than its kernels' own eager time.
+  ablate   the row-invariant steps (CUDA graphs, with PDL unless NANOMEDUSA_PDL=0) timed again with one class of
+           kernels not launched (the step then computes garbage; only its time counts): what that class costs
+           inside a graphed step, where kernels overlap, rather than its kernels' own eager time. Dropping a
+           kernel also drops a boundary, so the rows do not add up; and without the bodies the tails, which
+           would compute their tails while the bodies run, start that work earlier still, so the bodies' row
+           overstates them a little.
 
 The model is bench/steps.py's random Llama-7B shape (MHA, 32 layers), prefix --prefix cached tokens.
 """
@@ -183,7 +186,8 @@ def main(argv=None) -> None:
                 f"CUDA graphs; floor (weights / copy bandwidth) {floor:.3f} ms",
                 ["setting", "decode ms", "tree ms", "tree / decode"], rows)
     if ablation:
-        print_table("What each kernel class costs a graphed row-invariant step: µs saved without its launches",
+        print_table("What each kernel class costs a graphed row-invariant step"
+                    f"{'' if kernels.dependent_launch_enabled() else ' (PDL off)'}: µs saved without its launches",
                     ["kernels dropped", "decode µs", "tree µs"], ablation)
     if args.json:
         save(out, args.json)

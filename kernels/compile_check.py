@@ -59,20 +59,34 @@ def _tree_attention_cases():
     for has_mask in (True, False):
         for has_key_valid in (False, True):
             common = dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
-                          EVEN_D=True, DOT_PRECISION="tf32", PDL=True)
+                          PDL=True)
+            dots = dict(EVEN_D=True, DOT_PRECISION="tf32")
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
-                   dict(common, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
+                   dict(common, **dots, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
             row_invariant = dict(common, CHUNK=ta.chunk_tiles(True) * 64, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
             block_m, block_n, _, warps = ta._tile_config(64, 128, torch.bfloat16, True, row_invariant=True)
             yield (f"tree attention, row-invariant bodies, {label}", ta._ri_bodies_kernel, pointers,
-                   dict(row_invariant, BLOCK_M=block_m, BLOCK_N=block_n), dict(num_warps=warps, enable_fp_fusion=False))
-            tail_m = 4  # GROUP 4 (a grouped-query model such as Llama-3 8B)
-            yield (f"tree attention, row-invariant tails, {label}", ta._ri_tails_kernel, pointers,
-                   dict(row_invariant, TAIL_M=tail_m, MERGE_CHUNKS=ta.MERGE_CHUNKS, TAIL_BEFORE_WAIT=True),
-                   dict(num_warps=ta._tail_warps(tail_m, 128), enable_fp_fusion=False))
+                   dict(row_invariant, **dots, BLOCK_M=block_m, BLOCK_N=block_n),
+                   dict(num_warps=warps, enable_fp_fusion=False))
+            # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel), and of
+            # a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
+            for group, before_wait in ((1, True), (4, False)):
+                yield (f"tree attention, row-invariant tails, group {group}, {label}", ta._ri_tails_kernel, pointers,
+                       dict(row_invariant, GROUP=group, TAIL_M=group, MERGE_CHUNKS=ta.MERGE_CHUNKS,
+                            TAIL_BEFORE_WAIT=before_wait),
+                       dict(num_warps=ta._tail_warps(group, 128), enable_fp_fusion=False, l2_reads_first=before_wait))
     yield ("tree attention, chunk merge", ta._combine_chunks_kernel, pointers,
            dict(GROUP=4, BLOCK_M=64, BLOCK_D=128, PDL=True), dict(num_warps=8))
+
+
+def _rope_cases():
+    from . import rope_cache
+
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                "q_out_ptr": "*bf16", "cache_ptr": "*bf16", "prefix_len": "*i64"}
+    yield ("RoPE + cache, head_dim 128", rope_cache._rope_and_cache_kernel, pointers,
+           dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
 def _linear_cases():
@@ -94,16 +108,17 @@ _GLOBAL_ACCESS = re.compile(r"^(@!?%p\d+\s+)?((ld|st|atom|red)(\.\w+)*\.global|c
 _L2_LOAD = re.compile(r"^(@!?%p\d+\s+)?ld\.global(\.\w+)*\.cg\b")
 
 
-def waits_before_memory(ptx: str) -> str | None:
-    """None if the kernel touches global memory before its griddepcontrol.wait only with loads through the L2 (what
-    programmatic dependent launch needs, kernels/dependent_launch.py: such a load may only read what kernels before
-    the previous one wrote, as the row-invariant attention tails do), else what is wrong."""
+def waits_before_memory(ptx: str, l2_reads_first: bool = False) -> str | None:
+    """None if the kernel touches no global memory before its griddepcontrol.wait (what programmatic dependent
+    launch needs, kernels/dependent_launch.py), else what is wrong. `l2_reads_first`: loads through the L2 are
+    allowed there too, for a kernel that reads early only what kernels before the previous one wrote (the
+    row-invariant attention tails: whether that holds is the launch order's business, not the PTX's)."""
     lines = [line.strip() for line in ptx.splitlines()]
     wait = next((i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")), None)
     if wait is None:
         return "no griddepcontrol.wait"
-    access = next((i for i, line in enumerate(lines[:wait]) if _GLOBAL_ACCESS.match(line) and not _L2_LOAD.match(line)),
-                  None)
+    access = next((i for i, line in enumerate(lines[:wait])
+                   if _GLOBAL_ACCESS.match(line) and not (l2_reads_first and _L2_LOAD.match(line))), None)
     if access is not None:
         return f"global memory accessed before griddepcontrol.wait: {lines[access]}"
     return None
@@ -114,9 +129,12 @@ def main() -> int:
         print("compile_check: run with TRITON_INTERPRET=0 (under the interpreter @triton.jit compiles nothing)")
         return 2
     failed = 0
-    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_linear_cases()]:
+    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_linear_cases()]:
+        options = dict(options)
+        l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:
-            problem = waits_before_memory(compile_for_hopper(kernel, pointers, constexprs, **options).asm["ptx"])
+            ptx = compile_for_hopper(kernel, pointers, constexprs, **options).asm["ptx"]
+            problem = waits_before_memory(ptx, l2_reads_first)
             if problem:
                 failed += 1
                 print(f"FAILED  {name}: {problem}")

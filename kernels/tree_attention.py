@@ -47,7 +47,7 @@ itself last (logical positions 0 .. p, p = P + depth), in a decomposition that d
     partial per chunk;
   * tail: the keys B_p to p (9 to 16 of them; fewer while p < 8), one tile of 2 * TAIL_GRAIN keys, key
     B_p + j in column j -> one more partial;
-  * merge: the body chunks in order, then the tail.
+  * merge: the body chunks, MERGE_CHUNKS at a time (each group one sum over a tile of fixed shape), then the tail.
 So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 512,
 node 4 above (p = 1002) has the body chunks 0..512 and 512..992 and the tail 992..1002, whose logical keys
 1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain decode of its token computes the
@@ -462,7 +462,8 @@ def _ri_tail(q, lo, end, prefix, ancestors, b, d, d_ok, S, k_base, v_base, strid
     s = tl.sum(q[:, None, :] * k[None, :, :], 2)  # [TAIL_M, TAIL_N]
     s = tl.where(load_ok[None, :], s, float("-inf"))  # mask, then scale
     s = s * qk_scale
-    # The online softmax step of `_online_softmax_step` from an empty state, with the values' sum on CUDA cores.
+    # The online softmax step of `_online_softmax_step` from an empty state, with the values' sum on CUDA cores
+    # (and p kept in float32, where the bodies' tensor cores take it rounded to the values' dtype).
     m_i = tl.max(s, 1)
     m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)  # a row that sees no key: every p = 0, not NaN
     p = tl.exp2(s - m_sub[:, None])  # [TAIL_M, TAIL_N]
@@ -543,8 +544,7 @@ def _ri_tails_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_M: tl.constexpr,
-    MERGE_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TAIL_BEFORE_WAIT: tl.constexpr, PDL: tl.constexpr,
+    MERGE_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_BEFORE_WAIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (token, batch * kv head): the token's tail, its GROUP query rows in a TAIL_M-row tile (the rest
     idle: the same tile in every call), then its rows' merge of the body chunks' partials, MERGE_CHUNKS at a
@@ -706,7 +706,7 @@ def split_heuristic(q, k_cache, prefix_len) -> int:
 # up to this many nodes. Causal calls (tree_mask None) take any T.
 MAX_ROW_INVARIANT_TREE = 256
 # The row-invariant mode's tails start at multiples of this many keys and hold at most twice as many, in a tile
-# of 2 * TAIL_GRAIN keys (at least 16: a tl.dot side). Small, so that the per-token tail programs are cheap
+# of 2 * TAIL_GRAIN keys. Small, so that the per-token tail programs are cheap
 # (8 rather than 16 halves the keys every tree node gathers: 2% off a 7B's 64-node tree step), and above the
 # depth of a Medusa tree (a node whose ancestors lie apart must be shallower than TAIL_GRAIN).
 TAIL_GRAIN = 8
@@ -717,9 +717,12 @@ MERGE_CHUNKS = 8
 
 def _tail_warps(tail_m: int, block_d: int) -> int:
     """Warps of a row-invariant tail program: one per 2,048 elements of its [TAIL_M, 2 * TAIL_GRAIN, BLOCK_D]
-    products (a 7B MHA model's one row: one warp), at most 4. A function of the model's shape only: every call of
-    a model runs the same tail program, so its sums reduce alike."""
-    return max(1, min(4, tail_m * 2 * TAIL_GRAIN * block_d // 2048))
+    products, which it holds in registers (a 7B without grouped queries: one warp, 128 registers a thread; groups
+    of 4 and 8 at head_dim 128: 4 and 8 warps, 166 and 161 registers), at most 8 (a group of 16: 254 registers,
+    no spill). A function of the model's shape only: every call of a model runs the same tail program, so its
+    sums reduce alike. (For grouped-query models these programs are bigger than the tensor-core tails before them,
+    one or two warps of 219 registers; not yet timed on a GPU.)"""
+    return max(1, min(8, tail_m * 2 * TAIL_GRAIN * block_d // 2048))
 
 
 def _tail_start(end: int) -> int:
@@ -842,14 +845,14 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     sizes = (T, S, D, Hkv, n_body, math.log2(math.e) / math.sqrt(D), k_cache.stride(0), k_cache.stride(1),
              k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
     common = dict(GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid,
-                  CHUNK=chunk, TAIL_GRAIN=TAIL_GRAIN, BLOCK_T=block_t, BLOCK_D=block_d, EVEN_D=block_d == D,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  CHUNK=chunk, TAIL_GRAIN=TAIL_GRAIN, BLOCK_T=block_t, BLOCK_D=block_d,
                   # no mul + add contracted into an FMA, so no code path (a whole or a cut body tile, a gathered
                   # tail or not, a variant compiled with or without a mask) rounds differently from another
                   enable_fp_fusion=False, **launch_options(q))
     if n_body:
-        _ri_bodies_kernel[(m_blocks * n_body, B * Hkv)](*args, *sizes, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                         num_warps=num_warps, **common)
+        _ri_bodies_kernel[(m_blocks * n_body, B * Hkv)](
+            *args, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_D=block_d == D,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **common)
     # The tails are small tiles: a kernel of their own (few warps, 128 registers a thread for a 7B, little shared
     # memory) lets many of these latency-bound programs share an SM, where the bodies' shared memory would allow
     # two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave. Right after the bodies
