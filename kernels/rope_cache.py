@@ -13,8 +13,8 @@ At batch 1 a decode step is bound by kernel launches, not bytes: done in torch t
 per layer (mul, neg, cat, mul, add for each of q and k, the slot arange, two index_copy_). The Triton
 version is one launch with one program per (batch * token, block of heads) over the Hq query heads
 followed by the Hkv key/value heads. A query program rotates its rows into the output; a key/value
-program rotates the key rows and copies the value rows into the cache slot. Each row is read as its two halves, so the
-rotation needs no shuffle: out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2.
+program rotates the key rows and copies the value rows into the cache slot. Each row is read as its
+two halves, so the rotation needs no shuffle: out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2.
 """
 
 from __future__ import annotations

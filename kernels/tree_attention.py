@@ -64,9 +64,10 @@ batch row and KV head):
      slot P + a_(x-P) above, a_k its depth-k ancestor, the (k+1)-th set bit of its mask row (computed in the
      kernel from the row's running count: no per-layer preprocessing); a causal call reads the slots as they
      are. The tail is products summed on CUDA cores (a tensor-core tile would need 16 rows where a model without
-     grouped queries has one), in a kernel of its own with one to four warps and few registers, so that a
-     64-node tree's programs all fit the GPU at once; under programmatic dependent launch it computes the tail
-     while the bodies still run and waits for them only to merge (`_ri_tails_kernel`).
+     grouped queries has one), in a kernel of its own with few warps (`_tail_warps`; a 7B without grouped
+     queries: one, of 128 registers), so that a 64-node tree's programs all fit the GPU at once; under
+     programmatic dependent launch it computes the tail while the bodies still run and waits for them only to
+     merge (`_ri_tails_kernel`).
 A node whose ancestors lie apart (mask row other than 1..1 0..0; above: nodes 2, 3, 4) must therefore sit at
 depth < TAIL_GRAIN (Medusa trees: about 5): `KernelInputError` otherwise, checked on the host for trees of more
 than TAIL_GRAIN nodes (one read-back per mask) except during a CUDA graph capture, where such a node gets a NaN
@@ -527,14 +528,12 @@ def _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D):
 
 
 @triton.jit
-def _ri_fold_chunks(num, den, m, l, acc, use, m_max):
-    """Add chunk partials (where use [C, TAIL_M]; elsewhere read as m = -inf, l = acc = 0) to a merge's sums:
-    den += sum_c w_c l_c, num += sum_c w_c acc_c, w_c = exp2(m_c - m_max), each sum one reduction over a tile of
-    fixed shape, so one fixed order in every call."""
-    w = tl.where(use, tl.exp2(m - m_max[None, :]), 0.0)
-    den += tl.sum(tl.where(use, w * l, 0.0), 0)
-    num += tl.sum(tl.where(use[:, :, None], w[:, :, None] * acc, 0.0), 0)
-    return num, den
+def _ri_fold_chunks(num, den, m, l, acc, m_max):
+    """`_fold_partial` of chunk partials m, l [C, TAIL_M], acc [C, TAIL_M, BLOCK_D] (as `_ri_load_chunks` reads
+    them: a chunk not read has m = -inf and adds exact zeros): den += sum_c w_c l_c, num += sum_c w_c acc_c,
+    w_c = exp2(m_c - m_max), each sum one reduction over a tile of fixed shape, so one fixed order in every call."""
+    w = tl.exp2(m - m_max[None, :])
+    return num + tl.sum(w[:, :, None] * acc, 0), den + tl.sum(w * l, 0)
 
 
 @triton.jit
@@ -595,8 +594,8 @@ def _ri_tails_kernel(
     n_chunks = tl.cdiv(tail_lo, CHUNK)  # this token's body chunks (a multiple of TAIL_GRAIN: no empty chunk)
     first = bh * n_body * (T * GROUP) + rows  # [TAIL_M] its rows' partials of chunk 0 (chunk c: c * T * GROUP on)
     # The first MERGE_CHUNKS chunks' partials in one read (every chunk up to a prefix of MERGE_CHUNKS * CHUNK keys).
-    part, use = _ri_chunk_rows(first, 0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
-    m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, use, d, d_ok, D)
+    part, ok = _ri_chunk_rows(first, 0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
+    m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D)
     m_max = tl.maximum(m_t, tl.max(m_c, 0))
     for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):  # keys past MERGE_CHUNKS * CHUNK: more groups of chunks
         part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
@@ -604,11 +603,11 @@ def _ri_tails_kernel(
     # A row with no visible key keeps m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     num, den = _ri_fold_chunks(tl.zeros([TAIL_M, BLOCK_D], tl.float32), tl.zeros([TAIL_M], tl.float32), m_c, l_c,
-                               acc_c, use, m_max)
+                               acc_c, m_max)
     for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):
         part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
         m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D)
-        num, den = _ri_fold_chunks(num, den, m_c, l_c, acc_c, ok, m_max)
+        num, den = _ri_fold_chunks(num, den, m_c, l_c, acc_c, m_max)
     num, den = _fold_partial(num, den, m_t, l_t, acc_t, m_max)
     den = tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + _out_row_offsets(bh, rows, T, D, n_kv_heads, GROUP)[:, None] + d[None, :],
