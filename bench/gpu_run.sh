@@ -92,7 +92,7 @@ case "${1:-}" in
   exact)  # the shipped heads (HEADS_DIRS overrides), bf16: same text as plain greedy on all four bench sets
           # (108 prompts, 256 tokens, three trees), then the cost of --exact on the held-out chat set, the
           # 7B shape's steps with and without it (and without programmatic dependent launch, per kernel, and per
-          # kernel class inside the graphed step: step_profile --ablate),
+          # kernel class inside the graphed step: step_profile --ablate; the steps of two grouped-query shapes),
           # and the linear kernel's bandwidth per matrix
     read -r -a SHIPPED <<< "${HEADS_DIRS:---heads m1=weights/smollm2-135m-instruct-medusa --heads m2=weights/smollm2-135m-instruct-medusa2}"
     python -m bench.decode $MODEL_FLAG "${SHIPPED[@]}" --exact --max-new-tokens 256 --no-hf --skip-7b --quick-warmup \
@@ -104,6 +104,10 @@ case "${1:-}" in
     done
     python -m bench.decode --skip-e2e --no-medusa --json "$OUT/results-7b.json" ${BENCH_7B_FLAGS:-} 2>&1 | tee "$OUT/bench-7b.txt"
     python -m bench.step_profile --ablate --json "$OUT/step-profile.json" 2>&1 | tee "$OUT/step-profile.txt"
+    for shape in llama3-8b smollm2-135m; do  # grouped queries
+        python -m bench.step_profile --shape $shape --top 0 --json "$OUT/step-profile-$shape.json" 2>&1 \
+            | tee "$OUT/step-profile-$shape.txt"
+    done
     python -m bench.linear --json "$OUT/linear.json" ${LINEAR_FLAGS:-} 2>&1 | tee "$OUT/bench-linear.txt"
     ;;
   *)

@@ -1,9 +1,10 @@
 """Where a 7B-shaped step's time goes: the kernels of one decode step and one 64-node tree step, and the step
-times under each launch setting.
+times under each launch setting (other model shapes with --shape).
 
     python -m bench.step_profile                       # H200: about a minute
     python -m bench.step_profile --prefetch 0,512,2048 # also time the linear layer's L2 prefetch sizes
     python -m bench.step_profile --ablate              # also the graphed steps' cost of each kernel class
+    python -m bench.step_profile --shape llama3-8b     # grouped queries (4 a KV head), a 128K vocabulary
 
 Two tables (three with --ablate):
   steps    the CUDA-graphed decode and tree steps (bench/steps.py's `step_ms`, median of --reps replays) with
@@ -19,7 +20,7 @@ Two tables (three with --ablate):
            would compute their tails while the bodies run, start that work earlier still, so the bodies' row
            overstates them a little.
 
-The model is bench/steps.py's random Llama-7B shape (MHA, 32 layers), prefix --prefix cached tokens.
+The model has random weights in one of SHAPES (default Llama-7B's: MHA, 32 layers), prefix --prefix cached tokens.
 """
 
 from __future__ import annotations
@@ -40,10 +41,20 @@ from .steps import build_7b, step_ms
 from .timer import copy_bandwidth
 
 
+# Model shapes (bench/steps.py's build_7b arguments): Llama-2 7B; Llama-3 8B (GQA, group 4); SmolLM2-135M (the
+# default model: GQA, group 3, head_dim 64).
+SHAPES = {
+    "7b": dict(big_vocab=32000, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=32, big_ffn=11008),
+    "llama3-8b": dict(big_vocab=128256, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=8, big_ffn=14336),
+    "smollm2-135m": dict(big_vocab=49152, big_dim=576, big_layers=30, big_heads=9, big_kv_heads=3, big_ffn=1536),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prefix", type=int, default=1024, help="cached tokens before the step (default 1024)")
-    p.add_argument("--layers", type=int, default=32, help="layers of the 7B shape (default 32)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="the model's shape (default 7b)")
+    p.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
     p.add_argument("--reps", type=int, default=100, help="graph replays per step time (default 100)")
     p.add_argument("--prefetch", default=None, metavar="BYTES,...",
                    help="also time the exact kernels under PDL with these L2 prefetch sizes per weight row")
@@ -129,8 +140,7 @@ def ablation_rows(model, prefix: int, tree: TreeBuffers, reps: int) -> list[list
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
-    shape = argparse.Namespace(big_vocab=32000, big_dim=4096, big_layers=args.layers, big_heads=32,
-                               big_kv_heads=32, big_ffn=11008)
+    shape = argparse.Namespace(**{**SHAPES[args.shape], **({"big_layers": args.layers} if args.layers else {})})
     tree = TreeBuffers.from_choices(PRESETS["mc_sim_7b_63"], device=device)
     model = build_7b(shape, device, dtype, args.prefix + tree.num_nodes + 128)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -142,7 +152,7 @@ def main(argv=None) -> None:
     else:
         say("[steps] no programmatic dependent launch before sm_90: its rows are left out")
     saved = kernels.row_invariant(), kernels.dependent_launch_enabled(), linear_kernel.PREFETCH_BYTES
-    rows, out = [], {"prefix": args.prefix, "layers": args.layers, "steps": [], "profiles": {}}
+    rows, out = [], {"shape": args.shape, "prefix": args.prefix, "layers": shape.big_layers, "steps": [], "profiles": {}}
     try:
         for exact, pdl, prefetch in settings:
             kernels.set_row_invariant(exact)
@@ -182,7 +192,7 @@ def main(argv=None) -> None:
     bandwidth = copy_bandwidth(device, 1 << 30, samples=20)
     floor = weight_bytes / bandwidth * 1e3
     out["floor_ms"] = floor
-    print_table(f"7B-shaped steps ({args.layers} layers, prefix {args.prefix}, 64-node tree mc_sim_7b_63): ms, "
+    print_table(f"{args.shape}-shaped steps ({shape.big_layers} layers, prefix {args.prefix}, 64-node tree mc_sim_7b_63): ms, "
                 f"CUDA graphs; floor (weights / copy bandwidth) {floor:.3f} ms",
                 ["setting", "decode ms", "tree ms", "tree / decode"], rows)
     if ablation:

@@ -79,8 +79,11 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
         return TileConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: smaller tiles, same schedule idea
         return TileConfig(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3)
-    if N >= 16384:  # w13 [22016, 4096] (4 stages: 45 µs, not 49), lm_heads [32000, 4096] and [49152, 576] (3)
-        return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4 if N < 32000 else 3)
+    if N >= 16384:  # w13 [22016, 4096], [28672, 4096] (Llama-3 8B, Mistral 7B), lm_heads [32000, 4096] and more
+        # 4 stages (64 KB of shared memory a program, 3 programs an SM) only while the grid fits one wave of an
+        # H200's 132 SMs, N <= 396 * 64: a 7B's w13 then takes 45 µs, not 49; past it, 3 stages (4 programs an SM),
+        # or the last programs run as a second wave (Llama-3 8B's w13 with 4 stages: decode step 5.30 ms, not 4.80).
+        return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4 if N <= 396 * 64 else 3)
     if N >= 8192:  # wqkv [12288, 4096]
         return TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if N * K <= 1 << 20:  # SmolLM2-135M's wqkv [960, 576], wo [576, 576], w2 [576, 1536]
