@@ -1,7 +1,9 @@
 """Benchmark of the row-invariant Triton linear (kernels/linear.py) against cuBLAS (F.linear), on the weight
-matrices of a Llama-7B-shaped model and of SmolLM2-135M, at the row counts of a decode step and a tree step.
+matrices of a Llama-7B-shaped model and of SmolLM2-135M (or of --models), at the row counts of a decode step
+and a tree step.
 
     python -m bench.linear [--sweep] [--json [FILE]]            # on a CUDA machine, bf16
+    python -m bench.linear --sweep --models Llama-3-8B           # another model's matrices
     TRITON_INTERPRET=1 python -m bench.linear --smoke [--sweep]  # without a GPU: tiny shapes, float32
 
 For each matrix: a correctness check (the kernel at the largest row count against F.linear computed in
@@ -70,8 +72,11 @@ def model_matrices(model: str, dim: int, n_heads: int, n_kv_heads: int, head_dim
             Matrix(model, "lm_head", vocab, dim)]
 
 
-MATRICES = (model_matrices("7B", 4096, 32, 32, 128, 11008, 32000)
-            + model_matrices("SmolLM2-135M", 576, 9, 3, 64, 1536, 49152))
+MODELS = {"7B": model_matrices("7B", 4096, 32, 32, 128, 11008, 32000),
+          "SmolLM2-135M": model_matrices("SmolLM2-135M", 576, 9, 3, 64, 1536, 49152),
+          "Llama-3-8B": model_matrices("Llama-3-8B", 4096, 32, 8, 128, 14336, 128256)}
+DEFAULT_MODELS = ("7B", "SmolLM2-135M")
+MATRICES = [m for name in DEFAULT_MODELS for m in MODELS[name]]
 ROWS = (1, 16, 64)  # decode, a small tree, the default 64-node tree; the sweep takes the first and last
 SWEEP_BLOCK_M, SWEEP_BLOCK_N, SWEEP_BLOCK_K = (16, 64), (16, 32, 64), (64, 128, 256)
 SWEEP_WARPS, SWEEP_STAGES = (4, 8), (3, 4, 5)
@@ -365,6 +370,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="also time a grid of tile configs per matrix")
     p.add_argument("--json", nargs="?", const=DEFAULT_JSON, default=None, metavar="FILE",
                    help=f"write every number to FILE (default {DEFAULT_JSON})")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
+                   help=f"whose weight matrices (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--smoke", action="store_true",
                    help="tiny float32 shapes, eager calls (CPU: needs TRITON_INTERPRET=1)")
     return p.parse_args(argv)
@@ -384,7 +391,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("the linear benchmark needs a CUDA GPU; run it on the GPU machine "
                              "(without one: TRITON_INTERPRET=1 python -m bench.linear --smoke).")
-        device, dtype, matrices, rows, splits = torch.device("cuda"), torch.bfloat16, MATRICES, ROWS, SWEEP_SPLITS
+        matrices = [m for name in args.models for m in MODELS[name]]
+        device, dtype, rows, splits = torch.device("cuda"), torch.bfloat16, ROWS, SWEEP_SPLITS
         smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 << 10)
         grid = sweep_configs(smem, dtype.itemsize)
         table_reps, sweep_reps = TABLE_REPS, SWEEP_REPS
