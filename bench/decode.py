@@ -68,7 +68,7 @@ from .checkpoints import BASE, HeadsSpec, free_memory, heads_specs, load_backbon
 from .prompts import DEFAULT_PROMPTS, Prompt, chat_prompts, measure, read_prompts, warmup_prompts
 from .report import metadata, print_table, save, say
 from .sampling import bench_sampling, print_sampling_tables
-from .steps import bench_7b, bench_tree_sizes, print_7b_tables, print_sizes_table
+from .steps import SHAPES, bench_7b, bench_tree_sizes, print_7b_tables, print_sizes_table
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results.json"
@@ -109,12 +109,12 @@ def parse_args(argv=None):
                    help="where --tree-sizes writes its step times (default bench/step-times.json)")
     g = p.add_argument_group("7B shape", "Llama-2-7B's by default (vocab 32000, dim 4096, 32 layers, 32 heads, "
                                          "32 KV heads, FFN 11008); smaller only for smoke tests")
-    g.add_argument("--7b-vocab", dest="big_vocab", type=int, default=32000, metavar="N")
-    g.add_argument("--7b-dim", dest="big_dim", type=int, default=4096, metavar="N")
-    g.add_argument("--7b-layers", dest="big_layers", type=int, default=32, metavar="N")
-    g.add_argument("--7b-heads", dest="big_heads", type=int, default=32, metavar="N")
-    g.add_argument("--7b-kv-heads", dest="big_kv_heads", type=int, default=32, metavar="N")
-    g.add_argument("--7b-ffn", dest="big_ffn", type=int, default=11008, metavar="N")
+    g.add_argument("--7b-vocab", dest="big_vocab", type=int, default=SHAPES["7b"]["big_vocab"], metavar="N")
+    g.add_argument("--7b-dim", dest="big_dim", type=int, default=SHAPES["7b"]["big_dim"], metavar="N")
+    g.add_argument("--7b-layers", dest="big_layers", type=int, default=SHAPES["7b"]["big_layers"], metavar="N")
+    g.add_argument("--7b-heads", dest="big_heads", type=int, default=SHAPES["7b"]["big_heads"], metavar="N")
+    g.add_argument("--7b-kv-heads", dest="big_kv_heads", type=int, default=SHAPES["7b"]["big_kv_heads"], metavar="N")
+    g.add_argument("--7b-ffn", dest="big_ffn", type=int, default=SHAPES["7b"]["big_ffn"], metavar="N")
     g.add_argument("--7b-prefix", dest="big_prefix", type=int, default=1024, metavar="N",
                    help="tokens already in the cache (default 1024)")
     g.add_argument("--7b-reps", dest="big_reps", type=int, default=100, metavar="N",

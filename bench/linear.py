@@ -50,6 +50,7 @@ from kernels.testing import TOLERANCE, poisoned_empty, rel_error, rows_differing
 from nanomedusa.cli import ArgumentParser
 
 from .report import device_name, metadata, print_table, save, say
+from .steps import SHAPES
 from .timer import capture_graph, copy_bandwidth, time_ms
 
 DEFAULT_JSON = "bench/linear.json"
@@ -62,19 +63,20 @@ class Matrix(NamedTuple):
     K: int  # input features
 
 
-def model_matrices(model: str, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int,
-                   vocab: int) -> list[Matrix]:
-    """The weight matrices of one decoder layer and the lm_head, [N, K] as nn.Linear holds them."""
+def model_matrices(model: str, shape: dict) -> list[Matrix]:
+    """The weight matrices of one decoder layer and the lm_head of a model of `shape` (bench/steps.py's SHAPES),
+    [N, K] as nn.Linear holds them."""
+    dim, n_heads, n_kv_heads = shape["big_dim"], shape["big_heads"], shape["big_kv_heads"]
+    head_dim = dim // n_heads
     return [Matrix(model, "wqkv", (n_heads + 2 * n_kv_heads) * head_dim, dim),
             Matrix(model, "wo", dim, n_heads * head_dim),
-            Matrix(model, "w13", 2 * intermediate, dim),
-            Matrix(model, "w2", dim, intermediate),
-            Matrix(model, "lm_head", vocab, dim)]
+            Matrix(model, "w13", 2 * shape["big_ffn"], dim),
+            Matrix(model, "w2", dim, shape["big_ffn"]),
+            Matrix(model, "lm_head", shape["big_vocab"], dim)]
 
 
-MODELS = {"7B": model_matrices("7B", 4096, 32, 32, 128, 11008, 32000),
-          "SmolLM2-135M": model_matrices("SmolLM2-135M", 576, 9, 3, 64, 1536, 49152),
-          "Llama-3-8B": model_matrices("Llama-3-8B", 4096, 32, 8, 128, 14336, 128256)}
+MODELS = {model: model_matrices(model, SHAPES[shape])
+          for model, shape in (("7B", "7b"), ("SmolLM2-135M", "smollm2-135m"), ("Llama-3-8B", "llama3-8b"))}
 DEFAULT_MODELS = ("7B", "SmolLM2-135M")
 MATRICES = [m for name in DEFAULT_MODELS for m in MODELS[name]]
 ROWS = (1, 16, 64)  # decode, a small tree, the default 64-node tree; the sweep takes the first and last

@@ -20,7 +20,8 @@ Two tables (three with --ablate):
            would compute their tails while the bodies run, start that work earlier still, so the bodies' row
            overstates them a little.
 
-The model has random weights in one of SHAPES (default Llama-7B's: MHA, 32 layers), prefix --prefix cached tokens.
+The model has random weights in one of bench/steps.py's SHAPES (default Llama-7B's: MHA, 32 layers), prefix --prefix
+cached tokens.
 """
 
 from __future__ import annotations
@@ -37,17 +38,8 @@ from kernels import linear as linear_kernel
 from nanomedusa.tree import PRESETS, TreeBuffers
 
 from .report import print_table, save, say
-from .steps import build_7b, step_ms
+from .steps import SHAPES, build_7b, step_ms
 from .timer import copy_bandwidth
-
-
-# Model shapes (bench/steps.py's build_7b arguments): Llama-2 7B; Llama-3 8B (GQA, group 4); SmolLM2-135M (the
-# default model: GQA, group 3, head_dim 64).
-SHAPES = {
-    "7b": dict(big_vocab=32000, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=32, big_ffn=11008),
-    "llama3-8b": dict(big_vocab=128256, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=8, big_ffn=14336),
-    "smollm2-135m": dict(big_vocab=49152, big_dim=576, big_layers=30, big_heads=9, big_kv_heads=3, big_ffn=1536),
-}
 
 
 def parse_args(argv=None):

@@ -87,6 +87,15 @@ def print_sizes_table(sizes: dict) -> None:
 # 7B-shaped step times
 
 
+# Model shapes, as build_7b's arguments (bench/decode.py's --7b-* flags): Llama-2 7B (the default); Llama-3 8B
+# (grouped queries, 4 a KV head; a 128K vocabulary); SmolLM2-135M (the default model: a group of 3, head_dim 64).
+SHAPES = {
+    "7b": dict(big_vocab=32000, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=32, big_ffn=11008),
+    "llama3-8b": dict(big_vocab=128256, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=8, big_ffn=14336),
+    "smollm2-135m": dict(big_vocab=49152, big_dim=576, big_layers=30, big_heads=9, big_kv_heads=3, big_ffn=1536),
+}
+
+
 def build_7b(args, device, dtype, cache_len: int) -> Transformer:
     """A Llama-7B-shaped model with random weights, made directly on `device` in `dtype`."""
     config = ModelConfig(vocab_size=args.big_vocab, dim=args.big_dim, n_layers=args.big_layers,
