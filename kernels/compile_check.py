@@ -64,7 +64,8 @@ def _tree_attention_cases():
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
                    dict(common, **dots, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
-            row_invariant = dict(common, CHUNK=ta.chunk_tiles(True) * 64, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+            row_invariant = dict(common, CHUNK=ta.chunk_tiles(True, n_kv_heads=8) * 64, TAIL_GRAIN=ta.TAIL_GRAIN,
+                                 BLOCK_T=64)
             block_m, block_n, _, warps = ta._tile_config(64, 128, torch.bfloat16, True, row_invariant=True)
             yield (f"tree attention, row-invariant bodies, {label}", ta._ri_bodies_kernel, pointers,
                    dict(row_invariant, **dots, BLOCK_M=block_m, BLOCK_N=block_n),
@@ -93,7 +94,8 @@ def _linear_cases():
     from . import linear
 
     pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
-    for N, K in [(22016, 4096), (4096, 11008), (576, 1536)]:  # a 7B's w13 and w2, a 135M model's w2
+    # a 7B's w13 and w2, Llama-3 8B's wqkv (5 stages), a 135M model's w2
+    for N, K in [(22016, 4096), (4096, 11008), (6144, 4096), (576, 1536)]:
         cfg = linear._tile_config(N, K, torch.bfloat16, True)
         yield (f"linear, {N} x {K}", linear._linear_kernel, pointers,
                dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

@@ -48,12 +48,12 @@ itself last (logical positions 0 .. p, p = P + depth), in a decomposition that d
   * tail: the keys B_p to p (9 to 16 of them; fewer while p < 8), one tile of 2 * TAIL_GRAIN keys, key
     B_p + j in column j -> one more partial;
   * merge: the body chunks, MERGE_CHUNKS at a time (each group one sum over a tile of fixed shape), then the tail.
-So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 512,
-node 4 above (p = 1002) has the body chunks 0..512 and 512..992 and the tail 992..1002, whose logical keys
-1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain decode of its token computes the
-very same three partials. For a node at depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body
-is cached prefix, the same slots for every row, and only a tail can hold tree slots. Two kernels (programs per
-batch row and KV head):
+So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 512 (a
+model of 8 or more KV heads), node 4 above (p = 1002) has the body chunks 0..512 and 512..992 and the tail
+992..1002, whose logical keys 1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain
+decode of its token computes the very same three partials. For a node at depth < TAIL_GRAIN,
+B_p <= p - TAIL_GRAIN < P: every body is cached prefix, the same slots for every row, and only a tail can hold
+tree slots. Two kernels (programs per batch row and KV head):
   1. `_ri_bodies_kernel`, one program per (query-row block, chunk): the chunk for every row of the block, each
      row up to its own B_p. A key past a row's B_p is masked for that row, and a tile it sees nothing of leaves
      its running max, sum and output exactly as they were (alpha = exp2(0) = 1, or 0 while nothing was seen,
@@ -658,12 +658,16 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
     return block_m, block_n, block_d, num_warps
 
 
-def chunk_tiles(on_gpu: bool) -> int:
-    """Key tiles per chunk in the row-invariant mode: 8 x 64 keys on a GPU (each chunk is a partial that every
-    token's tail program merges: with 4 x 64 a 7B's 64-node tree step took 4.5% longer at prefix 1024 and 10%
-    at 3000, its decode step 2.5% and 6%; bench/RESULTS.md); 2 x 16 in the interpreter, so that the tests'
-    short sequences still span several chunks."""
-    return 8 if on_gpu else 2
+def chunk_tiles(on_gpu: bool, n_kv_heads: int) -> int:
+    """Key tiles per chunk in the row-invariant mode, a function of the model's shape (never of T or the prefix).
+    On a GPU 8 x 64 keys, each chunk a partial that every token's tail program merges (with 4 x 64 a 7B's 64-node
+    tree step took 4.5% longer at prefix 1024 and 10% at 3000, its decode step 2.5% and 6%; bench/RESULTS.md); 4
+    for fewer than 8 KV heads, whose bodies are otherwise a handful of programs (SmolLM2-135M, 3 KV heads: a
+    decode step at prefix 1024 0.756 ms, not 0.816, its 64-node tree 0.891, not 0.968; Llama-3 8B's 8 KV heads
+    lost on the tree with 4). 2 x 16 in the interpreter, so that the tests' short sequences span several chunks."""
+    if not on_gpu:
+        return 2
+    return 8 if n_kv_heads >= 8 else 4
 
 
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
@@ -817,7 +821,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     n_rows = T * group  # query rows per KV head
     block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda, row_invariant=True)
     m_blocks = triton.cdiv(n_rows, block_m)
-    chunk = chunk_tiles(q.is_cuda) * block_n
+    chunk = chunk_tiles(q.is_cuda, Hkv) * block_n
     has_mask = tree_mask is not None
     if has_mask:
         if T > MAX_ROW_INVARIANT_TREE:

@@ -326,8 +326,9 @@ def test_generate_turns_default_exact_off_for_a_tree_its_kernels_cannot_take(tin
     root, _ = tiny
     monkeypatch.setattr(cli, "exact_by_default", lambda backend, device: True)  # as on a Hopper GPU
     monkeypatch.setattr(cli, "exact_fits", lambda num_nodes, num_heads: False)  # as for 8 heads
-    argv = ["--model", str(root / "model"), "--medusa", str(root / "heads"), "--device", "cpu", "--prompt", "Hi.",
-            "--max-new-tokens", "1", "--quiet", "--kernels", "triton"]
+    # (the Triton kernels need a GPU, or the interpreter the CPU runs them in here)
+    argv = ["--model", str(root / "model"), "--medusa", str(root / "heads"), "--device", KERNEL_DEVICE,
+            "--prompt", "Hi.", "--max-new-tokens", "1", "--quiet", "--kernels", "triton"]
     assert generate.main(argv) == 0
     assert "[note] --exact is off: its kernels take trees of at most" in capsys.readouterr().err
     assert not kernels.row_invariant()
