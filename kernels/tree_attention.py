@@ -342,12 +342,20 @@ def _fold_partial(num, den, m, l, acc, m_max):
 
 
 @triton.jit
+def _load_partials(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, D):
+    """The stored partials at rows `part` (any shape P, where ok): max m and sum l [P], out acc [P, BLOCK_D]
+    (-inf, 0 and 0 elsewhere, so that a partial not read adds exact zeros to a merge)."""
+    m = tl.load(part_m_ptr + part, mask=ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=ok, other=0.0)
+    acc = tl.load(part_acc_ptr + tl.expand_dims(part.to(tl.int64), -1) * D + d,
+                  mask=tl.expand_dims(ok, -1) & (d < D), other=0.0)
+    return m, l, acc
+
+
+@triton.jit
 def _add_partial(num, den, part_acc_ptr, part_m_ptr, part_l_ptr, part, use, m_max, d, D):
     """`_fold_partial` of the stored partials at rows `part` (where use; elsewhere m = -inf: exact zeros)."""
-    m = tl.load(part_m_ptr + part, mask=use, other=float("-inf"))
-    l = tl.load(part_l_ptr + part, mask=use, other=0.0)
-    acc = tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * D + d[None, :], mask=use[:, None] & (d < D)[None, :],
-                  other=0.0)
+    m, l, acc = _load_partials(part_acc_ptr, part_m_ptr, part_l_ptr, part, use, d, D)
     return _fold_partial(num, den, m, l, acc, m_max)
 
 
@@ -517,19 +525,8 @@ def _ri_chunk_rows(first, c0, limit, chunk_stride, row_ok, MERGE_CHUNKS: tl.cons
 
 
 @triton.jit
-def _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D):
-    """Chunk partials at rows `part` [C, TAIL_M] where ok: max m and sum l [C, TAIL_M], out acc [C, TAIL_M, BLOCK_D]
-    (-inf, 0 and 0 elsewhere)."""
-    m = tl.load(part_m_ptr + part, mask=ok, other=float("-inf"))
-    l = tl.load(part_l_ptr + part, mask=ok, other=0.0)
-    acc = tl.load(part_acc_ptr + part.to(tl.int64)[:, :, None] * D + d[None, None, :],
-                  mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
-    return m, l, acc
-
-
-@triton.jit
 def _ri_fold_chunks(num, den, m, l, acc, m_max):
-    """`_fold_partial` of chunk partials m, l [C, TAIL_M], acc [C, TAIL_M, BLOCK_D] (as `_ri_load_chunks` reads
+    """`_fold_partial` of chunk partials m, l [C, TAIL_M], acc [C, TAIL_M, BLOCK_D] (as `_load_partials` reads
     them: a chunk not read has m = -inf and adds exact zeros): den += sum_c w_c l_c, num += sum_c w_c acc_c,
     w_c = exp2(m_c - m_max), each sum one reduction over a tile of fixed shape, so one fixed order in every call."""
     w = tl.exp2(m - m_max[None, :])
@@ -595,7 +592,7 @@ def _ri_tails_kernel(
     first = bh * n_body * (T * GROUP) + rows  # [TAIL_M] its rows' partials of chunk 0 (chunk c: c * T * GROUP on)
     # The first MERGE_CHUNKS chunks' partials in one read (every chunk up to a prefix of MERGE_CHUNKS * CHUNK keys).
     part, ok = _ri_chunk_rows(first, 0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
-    m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D)
+    m_c, l_c, acc_c = _load_partials(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, D)
     m_max = tl.maximum(m_t, tl.max(m_c, 0))
     for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):  # keys past MERGE_CHUNKS * CHUNK: more groups of chunks
         part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
@@ -606,7 +603,7 @@ def _ri_tails_kernel(
                                acc_c, m_max)
     for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):
         part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
-        m_c, l_c, acc_c = _ri_load_chunks(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, d_ok, D)
+        m_c, l_c, acc_c = _load_partials(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, D)
         num, den = _ri_fold_chunks(num, den, m_c, l_c, acc_c, m_max)
     num, den = _fold_partial(num, den, m_t, l_t, acc_t, m_max)
     den = tl.where(den == 0.0, 1.0, den)
