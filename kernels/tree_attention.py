@@ -657,11 +657,11 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
 
 def chunk_tiles(on_gpu: bool, n_kv_heads: int) -> int:
     """Key tiles per chunk in the row-invariant mode, a function of the model's shape (never of T or the prefix).
-    On a GPU 8 x 64 keys, each chunk a partial that every token's tail program merges (with 4 x 64 a 7B's 64-node
-    tree step took 4.5% longer at prefix 1024 and 10% at 3000, its decode step 2.5% and 6%; bench/RESULTS.md); 4
-    for fewer than 8 KV heads, whose bodies are otherwise a handful of programs (SmolLM2-135M, 3 KV heads: a
-    decode step at prefix 1024 0.756 ms, not 0.816, its 64-node tree 0.891, not 0.968; Llama-3 8B's 8 KV heads
-    lost on the tree with 4). 2 x 16 in the interpreter, so that the tests' short sequences span several chunks."""
+    On a GPU 8 x 64 keys: each chunk is a partial that every token's tail program merges, and with 4 x 64 a 7B's
+    and a Llama-3 8B's 64-node tree steps took 3% and 5% longer at prefix 3000 (H200, bench/RESULTS.md). 4 for
+    fewer than 8 KV heads, whose bodies are otherwise a handful of programs (SmolLM2-135M, 3 KV heads: a decode
+    step at prefix 1024 0.756 ms, not 0.816, its 64-node tree 0.891, not 0.968). 2 x 16 in the interpreter, so
+    that the tests' short sequences span several chunks."""
     if not on_gpu:
         return 2
     return 8 if n_kv_heads >= 8 else 4
