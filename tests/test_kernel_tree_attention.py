@@ -196,9 +196,10 @@ def mode_block_n() -> int:
     return _tile_config(1, HEAD_DIM, torch.float32, DEVICE == "cuda", row_invariant=True)[1]
 
 
-def mode_chunk(n_kv_heads: int = 2) -> int:
-    """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM and n_kv_heads."""
-    return chunk_tiles(DEVICE == "cuda", n_kv_heads) * mode_block_n()
+def mode_chunk() -> int:
+    """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM and the 2 KV heads
+    of the tests that cut their prefixes by it."""
+    return chunk_tiles(DEVICE == "cuda", n_kv_heads=2) * mode_block_n()
 
 
 def logical_layout(cache, prefix, ancestors):
