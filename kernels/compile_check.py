@@ -93,13 +93,16 @@ def _rope_cases():
 def _linear_cases():
     from . import linear
 
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
-    # a 7B's w13 and w2, Llama-3 8B's wqkv (5 stages), a 135M model's w2
-    for N, K in [(22016, 4096), (4096, 11008), (6144, 4096), (576, 1536)]:
+    # a 7B's w13, wo and w2 (split-K: the last-arriving program sums the partials), Llama-3 8B's wqkv (5 stages),
+    # a 135M model's w2
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
+                "counter_ptr": "*i32"}
+    for N, K in [(22016, 4096), (4096, 4096), (4096, 11008), (6144, 4096), (576, 1536)]:
         cfg = linear._tile_config(N, K, torch.bfloat16, True)
-        yield (f"linear, {N} x {K}", linear._linear_kernel, pointers,
-               dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64, PDL=True),
+        yield (f"linear, {N} x {K}" + (f", split-K {cfg.split_k}" if cfg.split_k > 1 else ""), linear._linear_kernel,
+               pointers, dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128,
+                              LINE=64, PDL=True),
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split")))
 
 

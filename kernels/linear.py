@@ -8,9 +8,10 @@ Here the schedule never looks at the row count M:
     dtype, on_gpu)`: no M anywhere, no autotuning (which would key on M). BLOCK_M is fixed too, so a 1-row
     call runs the very tile a 64-row call does, with 63 zero rows beside it.
   * Each output element is one program's float32 accumulator over K in BLOCK_K steps, in order; with
-    split-K (which `python -m bench.linear --sweep` tries; no shipped config uses it), SPLIT_K programs take
-    fixed K ranges (by N and K only) and a second kernel adds their partial sums in split order (never
-    atomics, whose order is a race).
+    split-K (the down projections of 7B-class models; `python -m bench.linear --sweep` tries it), SPLIT_K
+    programs take fixed K ranges (by N and K only) and write float32 partial sums; the last of a tile's
+    programs to arrive (an atomic counter says which) adds them up in split order, 0, 1, .., whoever arrived
+    when (never atomic adds of the sums themselves, whose order is a race).
   * M is an ordinary runtime argument that Triton does not specialise on (`do_not_specialize`), so every M
     runs the same compiled binary; M only masks which rows are loaded and stored. A tensor-core MMA
     computes each row of its tile the same way whatever the other rows hold, so row i of an M-row call is
@@ -44,7 +45,10 @@ from .dependent_launch import launch_options, prefetch_l2, wait_for_previous_ker
 from .errors import KernelInputError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REDUCE_BLOCK = 256  # output features per program of the split-K merge
+# Split-K's arrival counters, one per output tile, zero between calls (each tile's last program resets its own):
+# per device, never freed, since a CUDA graph keeps the address it was captured with.
+_TILE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+MIN_TILE_COUNTERS = 1 << 14
 # Under programmatic dependent launch, each program asks for the first PREFETCH_BYTES of each of its weight rows
 # to be brought into the L2 while the kernel before it still runs (the weights depend on no earlier kernel).
 PREFETCH_BYTES = 512
@@ -69,8 +73,9 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
     each weight tile once (a 1-row decode then wastes tensor-core work, which it has to spare). The rest was
     read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/linear-sweep.txt; bench/RESULTS.md, "Exact greedy"),
     choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take 64-feature
-    tiles, narrow ones with a long K (a 7B's wo and w2) 32-feature tiles with 256-long K steps, which keep
-    more of each weight row in flight per program; the small matrices of a 135M model, whose calls are
+    tiles, narrow ones with a long K (a 7B's wo) 32-feature tiles with 256-long K steps, which keep
+    more of each weight row in flight per program, and the down projections (K >= 8192: a 7B's w2) 64-feature
+    tiles with K split in two (then timed inside graphed steps); the small matrices of a 135M model, whose calls are
     bound by launch latency, take 32 x 128 tiles, and the smallest (up to 2^20 weights: its wqkv, wo and w2)
     16-row ones, whose short per-program latency outweighs reading the weight once per 16 rows (from the L2).
     Interpreter (CPU tests): small tiles, so tests are quick and K takes several steps and a tail.
@@ -89,9 +94,15 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
         # most one an SM takes 5 (Llama-3 8B's wqkv: 15.9 µs at one row, not 22.8 with the 32 x 256 tiles below,
         # whose 192 KB a program ran its 192 programs in two waves).
         return TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=5 if N <= 132 * 64 else 3)
+    if K >= 8192 and 2 * triton.cdiv(N, 64) <= 132:  # down projections: w2 [4096, 11008], [4096, 14336] (Llama-3 8B)
+        # Two K halves in two programs: 128 programs of 64 features fill the SMs once, where
+        # the 32 x 256 tiles below gave a 7B's w2 128 programs of half the bytes in flight each. Graphed steps, 7B:
+        # decode 4.106 ms, not 4.161, tree 4.664, not 4.677; Llama-3 8B: 4.574 and 5.419, not 4.643 and 5.469.
+        # (The same split for wo [4096, 4096] made the tree steps 1% slower.)
+        return TileConfig(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=2)
     if N * K <= 1 << 20:  # SmolLM2-135M's wqkv [960, 576], wo [576, 576], w2 [576, 1536]
         return TileConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=5)
-    if K >= 2048:  # wo [4096, 4096], w2 [4096, 11008]
+    if K >= 2048:  # wo [4096, 4096]; down projections of wider models (a 13B's w2 [5120, 13824])
         return TileConfig(block_m=64, block_n=32, block_k=256, num_warps=4, num_stages=4)
     return TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)
 
@@ -111,17 +122,18 @@ def linear(x, weight, bias=None):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split,
-                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_wn, k_per_split,
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
-    x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N].
-    PARTIAL=False (one split): out [M, N] = acc + b, rounded once to out's dtype.
-    PARTIAL=True: out is the float32 partials [SPLIT_K, M, N], acc of K range s at out[s]; the bias is
-    added by the merge. K range s is [s * k_per_split, (s + 1) * k_per_split), k_per_split a multiple of
-    BLOCK_K, so the steps are the same BLOCK_K-aligned steps for every split count.
+    x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N]; out [M, N] = x @ w^T + b,
+    rounded once to out's dtype. K range s is [s * k_per_split, (s + 1) * k_per_split), k_per_split a multiple
+    of BLOCK_K, so the steps are the same BLOCK_K-aligned steps for every split count.
+    SPLIT_K > 1: each program stores its float32 sum at partial [SPLIT_K, M, N][s], then counts itself in at
+    counter_ptr[tile] (int32, zero before the call); the last to arrive sums the tile's partials in split order,
+    writes out, and sets the counter back to zero.
     PDL: first prefetch PREFETCH_LINES lines of LINE elements of each weight row into the L2, then wait for the
     kernel that wrote x (dependent_launch.py).
     """
@@ -151,31 +163,34 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_wn, k_per_split
         w_ptrs += BLOCK_K
 
     out_mask = row_ok[:, None] & col_ok[None, :]
-    if PARTIAL:
-        offsets = (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
-        tl.store(out_ptr + offsets, acc, mask=out_mask)
-    else:
+    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]  # [BLOCK_M, BLOCK_N] into out (and each split's partials)
+    last = True
+    if SPLIT_K > 1:
+        split_size = M.to(tl.int64) * N
+        tl.store(partial_ptr + split * split_size + offsets, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial stored before the count below releases them
+        tile = m_block * tl.num_programs(1) + n_block
+        last = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:  # the partials read through the L2 (".cg"), where the other programs' stores are
+            acc = tl.load(partial_ptr + offsets, mask=out_mask, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                acc += tl.load(partial_ptr + s * split_size + offsets, mask=out_mask, cache_modifier=".cg")
+            tl.store(counter_ptr + tile, 0)
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _merge_splits_kernel(partial_ptr, b_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                         BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, block): out[row, cols] = sum over s = 0, 1, .. of partial[s, row, cols], in that order,
-    + b[cols], rounded once. partial [SPLIT_K, M, N] float32, out [M, N], b [N]."""
-    wait_for_previous_kernels(PDL)
-    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    cols = block * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    acc = tl.load(partial_ptr + row * N + cols, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(partial_ptr + (s * M + row) * N + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * N + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters, zero, for split-K's last-arriving programs (one per output tile)."""
+    counters = _TILE_COUNTERS.setdefault(device, [])
+    if not counters or counters[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise KernelInputError("a split-K linear layer met a larger grid than before inside a CUDA graph "
+                                   "capture; run the step once before capturing it (a warm-up).")
+        counters.append(torch.zeros(max(n, MIN_TILE_COUNTERS), dtype=torch.int32, device=device))
+    return counters[-1]
 
 
 def _check_inputs(x, weight, bias) -> None:
@@ -201,9 +216,9 @@ def _check_inputs(x, weight, bias) -> None:
 
 
 def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
-    """Same contract as `linear_reference`, row-invariant (see module docstring): one launch, or two with
-    split-K. `config` overrides `_tile_config` (the benchmark's sweep; tests of split-K): any config is
-    row-invariant, as long as one config serves every row count."""
+    """Same contract as `linear_reference`, row-invariant (see module docstring), in one launch. `config`
+    overrides `_tile_config` (the benchmark's sweep; tests of split-K): any config is row-invariant, as long as
+    one config serves every row count."""
     _check_inputs(x, weight, bias)
     N, K = weight.shape
     cfg = config or _tile_config(N, K, x.dtype, x.is_cuda)
@@ -219,24 +234,22 @@ def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
     split_k = min(cfg.split_k, k_steps)
     k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split (e.g. 5 steps in 4 splits of 2 is 3 splits)
-    partial = split_k > 1
-    # split-K writes float32 partial sums [split_k, M, N]; one split writes the output directly
-    dest = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if partial else out
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split_k)
+    if split_k > 1:  # float32 partial sums [split_k, M, N], and a counter per output tile
+        partial = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, grid[0] * grid[1])
+    else:
+        partial = counters = out  # stand-in pointers the kernel never reads
     has_bias = bias is not None
     b = bias if has_bias else weight  # a stand-in pointer the kernel never reads
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split_k)
     line = 128 // weight.element_size()  # weight elements per 128-byte line
     prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
     prefetch_lines = 1 << (prefetch_lines.bit_length() - 1) if prefetch_lines else 0  # a power of 2, at most that
-    launch = launch_options(x)
     _linear_kernel[grid](
-        x2, weight, b, dest, M, N, K, weight.stride(0), k_per_split,
-        HAS_BIAS=has_bias, PARTIAL=partial, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        x2, weight, b, out, partial, counters, M, N, K, weight.stride(0), k_per_split,
+        HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         PREFETCH_LINES=prefetch_lines, LINE=line,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x),
     )
-    if partial:
-        _merge_splits_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](
-            dest, b, out, M, N, HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, num_warps=4, **launch)
     return out

@@ -60,9 +60,10 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
         from kernels.compile_check import compile_for_hopper
         for pdl in (True, False):
             cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
-            pointers = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr"], "*bf16")
+            pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr"], "*bf16"), "partial_ptr": "*fp32",
+                        "counter_ptr": "*i32"}
             ptx = compile_for_hopper(linear._linear_kernel, pointers,
-                                     dict(HAS_BIAS=False, PARTIAL=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                                     dict(HAS_BIAS=False, SPLIT_K=1, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl),
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                      aligned=("N", "K", "k_per_split")).asm["ptx"]

@@ -43,6 +43,15 @@ def test_split_k_matches_reference(bias):
     check_linear(*linear_inputs(6, 40, 80, torch.float32, DEVICE, bias=bias, lead=(2,)), config=SPLIT_3)
 
 
+def test_split_k_leaves_its_tile_counters_at_zero():
+    # The last program of each tile resets its counter: a second call (a CUDA graph's next replay) finds them
+    # at zero again and computes the same bits.
+    x, w, b = linear_inputs(20, 40, 80, torch.float32, DEVICE)
+    first = linear_triton(x, w, b, config=SPLIT_3)
+    assert linear_module._TILE_COUNTERS[x.device][-1].count_nonzero() == 0
+    assert same_bits(first, linear_triton(x, w, b, config=SPLIT_3))
+
+
 @pytest.mark.parametrize("N, K", [(48, 40), (96, 80)])
 def test_every_row_is_bitwise_its_one_row_call(N, K):
     x, w, b = linear_inputs(70, N, K, torch.float32, DEVICE)
@@ -60,7 +69,7 @@ def test_row_invariant_in_16_bit_and_with_split_k(dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU's tiles: 64 rows and 16 (a 135M model's smallest matrices)")
-@pytest.mark.parametrize("N,K", [(256, 4096), (4096 * 3, 4096), (576, 1536)])
+@pytest.mark.parametrize("N,K", [(256, 4096), (4096 * 3, 4096), (4096, 11008), (576, 1536)])  # (4096, 11008): split-K
 def test_row_invariant_on_the_gpu_at_model_sizes(N, K):
     x, w, b = linear_inputs(128, N, K, torch.bfloat16, DEVICE, bias=False)
     check_linear(x, w)

@@ -196,10 +196,10 @@ def mode_block_n() -> int:
     return _tile_config(1, HEAD_DIM, torch.float32, DEVICE == "cuda", row_invariant=True)[1]
 
 
-def mode_chunk() -> int:
-    """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM and the 2 KV heads
-    of the tests that cut their prefixes by it."""
-    return chunk_tiles(DEVICE == "cuda", n_kv_heads=2) * mode_block_n()
+def mode_chunk(n_kv_heads: int = 2) -> int:
+    """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM and n_kv_heads KV
+    heads (on a GPU the chunk is longer from 8 KV heads on)."""
+    return chunk_tiles(DEVICE == "cuda", n_kv_heads) * mode_block_n()
 
 
 def logical_layout(cache, prefix, ancestors):
@@ -234,7 +234,9 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
 
 # A row at logical position p: body = keys 0 .. B_p in chunks at absolute positions (B_p a multiple of
 # TAIL_GRAIN, so the last body tile may be cut), tail = B_p .. p in one tile. The prefixes put the tree's rows
-# on every side of those boundaries.
+# on every side of those boundaries. On a GPU the chunks of 2 and of 8 KV heads differ (chunk_tiles), so both
+# run there; the interpreter cuts both alike, and CI runs the 2.
+@pytest.mark.parametrize("n_kv_heads", [2] + ([8] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("dtype", INVARIANT_DTYPES)
 @pytest.mark.parametrize("chunks,tiles,offset,prefix_as_tensor", [
     (0, 0, 0, False),  # the tree at slot 0: tails from key 0, no body
@@ -246,13 +248,14 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
     (2, 1, -1, True),  # prefix % BLOCK_N = BLOCK_N - 1: depth 0 and depth 1 have different B_p (and body chunks)
     (MERGE_CHUNKS + 1, 0, 5, False),  # more chunks than a tail merges at once
 ])
-def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, dtype, chunks, tiles,
-                                                                    offset, prefix_as_tensor):
-    prefix = chunks * mode_chunk() + tiles * mode_block_n() + offset
+def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, n_kv_heads, dtype, chunks,
+                                                                    tiles, offset, prefix_as_tensor):
+    chunk = mode_chunk(n_kv_heads)
+    prefix = chunks * chunk + tiles * mode_block_n() + offset
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
     T = tree_mask.shape[0]
-    S = prefix + T + mode_chunk()  # a chunk past the tree: the grid covers it, the merge must skip it
-    q, k, v = random_qkv(1, 6, 2, T, S, HEAD_DIM, dtype)  # group of 3
+    S = prefix + T + chunk  # a chunk past the tree: the grid covers it, the merge must skip it
+    q, k, v = random_qkv(1, 3 * n_kv_heads, n_kv_heads, T, S, HEAD_DIM, dtype)  # groups of 3
     assert rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, True, prefix_as_tensor) == []
 
 
