@@ -94,16 +94,27 @@ def _linear_cases():
     from . import linear
 
     # a 7B's w13, wo and w2 (split-K: the last-arriving program sums the partials), Llama-3 8B's wqkv (5 stages),
-    # a 135M model's w2
+    # a 135M model's w2; then, as --exact runs them for such a narrow model (model.py's FOLD_NORMS_MAX_DIM), its wo
+    # and w2 adding into the residual stream and making the next RMSNorm's stream, and its wqkv and w13 applying
+    # that norm (from the 18 feature tiles of w2's and wo's outputs)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
-                "counter_ptr": "*i32"}
-    for N, K in [(22016, 4096), (4096, 4096), (4096, 11008), (6144, 4096), (576, 1536)]:
+                "counter_ptr": "*i32", "residual_ptr": "*bf16", "norm_w_ptr": "*bf16", "h_ptr": "*bf16",
+                "sumsq_in_ptr": "*fp32", "sumsq_out_ptr": "*fp32"}
+    plain = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False)
+    into_stream = dict(NORM_IN_TILES=0, ADD_RESIDUAL=True, NORM_OUT=True)
+    for N, K, mode in [(22016, 4096, plain), (4096, 4096, plain), (4096, 11008, plain), (6144, 4096, plain),
+                       (576, 1536, plain), (576, 576, into_stream), (576, 1536, into_stream),
+                       (960, 576, dict(plain, NORM_IN_TILES=18)), (3072, 576, dict(plain, NORM_IN_TILES=18))]:
         cfg = linear._tile_config(N, K, torch.bfloat16, True)
-        yield (f"linear, {N} x {K}" + (f", split-K {cfg.split_k}" if cfg.split_k > 1 else ""), linear._linear_kernel,
-               pointers, dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
-                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128,
-                              LINE=64, PDL=True),
-               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split")))
+        label = "".join([f", split-K {cfg.split_k}" if cfg.split_k > 1 else "",
+                         ", into the residual stream" if mode["ADD_RESIDUAL"] else "",
+                         f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else ""])
+        yield (f"linear, {N} x {K}{label}", linear._linear_kernel, pointers,
+               dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
+                    PDL=True, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), **mode),
+               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
+                    floats=("eps",)))
 
 
 # A global memory access in PTX: a load, store or atomic on global memory, or an async copy from it (a predicate

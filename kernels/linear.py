@@ -24,6 +24,11 @@ programmatic dependent launch a step of these kernels runs faster than one with 
 bias [N] or None -> out [..., N] in x's dtype; weight and bias share x's dtype; float32 accumulation, and
 float32 inputs use exact ("ieee") products, not TF32.
 
+The same kernel can take the RMSNorm between two sublayers into its epilogues (a narrow model's blocks under
+`--exact`, nanomedusa/model.py): `linear_into_residual` adds its output to the residual stream h and leaves the
+next norm half done, a `NormedStream` of g * h and each row's squares of h summed per tile of features; the next
+layer's `linear_of_normed` multiplies its product of g * h by 1 / rms(h). No RMSNorm kernel runs between them.
+
 On the GPU the kernel is built for batch-1 decoding, where a linear layer streams its weight once and is
 bound by memory bandwidth: a program owns BLOCK_N output features (rows of the weight, each read along K
 contiguously) and all BLOCK_M rows of x, so a tree step of up to BLOCK_M = 64 rows (16 for the smallest
@@ -121,11 +126,74 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+class NormedStream(NamedTuple):
+    """The residual stream between two sublayers with the next RMSNorm half done, as `linear_into_residual` leaves
+    it: what the next linear layer needs to compute linear(rmsnorm(h)) in its own kernel (`linear_of_normed`), so
+    that under row invariance a transformer block runs no RMSNorm kernel of its own."""
+
+    scaled: torch.Tensor  # [..., D] g * h, rounded to h's dtype: the next linear layer's input
+    h: torch.Tensor  # [..., D] the residual stream
+    sumsq: torch.Tensor  # [tiles, rows] float32: each row's squares of h, summed over each tile of D
+    eps: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.h.shape
+
+
+def fuses_norms(x, weight) -> bool:
+    """Whether `linear` would run the Triton kernel on x and weight, so that RMSNorm can be folded into it."""
+    needs_grad = torch.is_grad_enabled() and weight.requires_grad
+    return use_triton(x) and row_invariant() and not needs_grad
+
+
+def linear_into_residual_reference(x, weight, bias, residual, norm_weight=None, eps=0.0):
+    """residual + linear(x, weight, bias), rounded as those two ops round; with norm_weight, the NormedStream of
+    the RMSNorm(norm_weight, eps) after it (its sumsq one tile of the whole D)."""
+    h = F.linear(x, weight, bias) + residual
+    if norm_weight is None:
+        return h
+    hf = h.float()
+    return NormedStream((norm_weight.float() * hf).to(h.dtype), h, hf.pow(2).sum(-1).reshape(1, -1), eps)
+
+
+def linear_of_normed_reference(stream: NormedStream, weight, bias=None):
+    """linear(rmsnorm(stream.h, g, eps), weight, bias) computed as the kernel does: 1 / rms times the product of
+    stream.scaled (g * h) with the weight, plus the bias."""
+    rstd = torch.rsqrt(stream.sumsq.sum(0) / stream.h.shape[-1] + stream.eps)  # [rows]
+    y = F.linear(stream.scaled.float(), weight.float()) * rstd.view(*stream.h.shape[:-1], 1)
+    return (y if bias is None else y + bias.float()).to(stream.h.dtype)
+
+
+def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
+    """`linear_into_residual_reference` in the Triton kernel's epilogue (see `_linear_kernel`): h, or the
+    NormedStream of the next RMSNorm. Row-invariant like `linear_triton`; for `fuses_norms` callers."""
+    N = weight.shape[0]
+    if residual.shape != (*x.shape[:-1], N) or residual.dtype != x.dtype:
+        raise KernelInputError(f"the residual {tuple(residual.shape)} ({residual.dtype}) must be shaped like the "
+                               f"layer's output {(*x.shape[:-1], N)} in x's dtype ({x.dtype}).")
+    if norm_weight is not None and norm_weight.shape != (N,):
+        raise KernelInputError(f"the RMSNorm weight {tuple(norm_weight.shape)} must be ({N},), the layer's output.")
+    out, h, sumsq = _run_linear(x, weight, bias, residual=residual, norm_weight=norm_weight)
+    return h if norm_weight is None else NormedStream(out, h, sumsq, eps)
+
+
+def linear_of_normed(stream: NormedStream, weight, bias=None):
+    """`linear_of_normed_reference` in the Triton kernel (see `_linear_kernel`). Row-invariant like `linear_triton`."""
+    if stream.sumsq.dim() != 2 or stream.sumsq.shape[1] != stream.h.reshape(-1, stream.h.shape[-1]).shape[0]:
+        raise KernelInputError(f"the stream's sums of squares {tuple(stream.sumsq.shape)} must be [tiles, rows] "
+                               f"for its {tuple(stream.h.shape)} rows; make the stream with linear_into_residual.")
+    return _run_linear(stream.scaled, weight, bias, sumsq_in=stream.sumsq, eps=stream.eps)[0]
+
+
 @triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_wn, k_per_split,
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr, h_ptr,
+                   sumsq_in_ptr, sumsq_out_ptr, eps, M, N, K, stride_wn, k_per_split,
                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
+                   PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
+                   NORM_IN_TILES: tl.constexpr, NORM_IN_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                   NORM_OUT: tl.constexpr):
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
     x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N]; out [M, N] = x @ w^T + b,
@@ -136,6 +204,12 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
     writes out, and sets the counter back to zero.
     PDL: first prefetch PREFETCH_LINES lines of LINE elements of each weight row into the L2, then wait for the
     kernel that wrote x (dependent_launch.py).
+    RMSNorm folded in (`NormedStream`; with split-K, in the last-arriving program):
+      NORM_IN_TILES > 0: x is g * h of a stream, sumsq_in [NORM_IN_TILES, M] float32 its rows' squares summed
+        per tile; out = rstd * acc + b, rstd = 1 / sqrt(sum of the tiles / K + eps) (summed in tile order).
+      ADD_RESIDUAL: h = round(round(acc + b) + residual) [M, N] (linear(x) + residual's roundings), stored at h_ptr;
+        with NORM_OUT, out = round(g * h), g = norm_w [N], and sumsq_out [cdiv(N, BLOCK_N), M] = h's squares summed
+        over this tile's features (one reduction of a fixed-shape tile: each row alike whatever the others hold).
     """
     m_block, n_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -177,9 +251,25 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
                 acc += tl.load(partial_ptr + s * split_size + offsets, mask=out_mask, cache_modifier=".cg")
             tl.store(counter_ptr + tile, 0)
     if last:
+        if NORM_IN_TILES > 0:  # the RMSNorm before this layer: its 1 / rms, from the stream's tile sums
+            tiles = tl.arange(0, NORM_IN_BLOCK)  # [NORM_IN_BLOCK]: NORM_IN_TILES rounded up to a power of 2
+            sums = tl.load(sumsq_in_ptr + tiles[:, None] * M + rows[None, :],
+                           mask=(tiles < NORM_IN_TILES)[:, None] & row_ok[None, :], other=0.0)  # [.., BLOCK_M]
+            acc = acc * tl.rsqrt(tl.sum(sums, 0) / K + eps)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        y = acc.to(out_ptr.dtype.element_ty)
+        if ADD_RESIDUAL:  # the residual add and, with NORM_OUT, the next RMSNorm's per-feature part
+            r = tl.load(residual_ptr + offsets, mask=out_mask, other=0.0)
+            h = (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)  # masked rows and features: 0
+            tl.store(h_ptr + offsets, h, mask=out_mask)
+            if NORM_OUT:
+                hf = h.to(tl.float32)
+                tl.store(sumsq_out_ptr + n_block * M + rows, tl.sum(hf * hf, 1), mask=row_ok)
+                g = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + offsets, (g[None, :] * hf).to(y.dtype), mask=out_mask)
+        else:
+            tl.store(out_ptr + offsets, y, mask=out_mask)
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -219,37 +309,56 @@ def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
     """Same contract as `linear_reference`, row-invariant (see module docstring), in one launch. `config`
     overrides `_tile_config` (the benchmark's sweep; tests of split-K): any config is row-invariant, as long as
     one config serves every row count."""
+    return _run_linear(x, weight, bias, config)[0]
+
+
+def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=None, norm_weight=None,
+                sumsq_in=None, eps=0.0):
+    """The launch of `_linear_kernel` -> (out, h, sumsq_out): out [..., N] (g * h with norm_weight), and with a
+    residual h [..., N] and, with norm_weight, sumsq_out [tiles, M] (else None). sumsq_in: x is a NormedStream's
+    scaled rows, their sums of squares [tiles, M]."""
     _check_inputs(x, weight, bias)
     N, K = weight.shape
     cfg = config or _tile_config(N, K, x.dtype, x.is_cuda)
     x2 = x.reshape(-1, K).contiguous()  # [M, K]; a no-op for the usual contiguous activations
     M = x2.shape[0]
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(out) if residual is not None and norm_weight is not None else out
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), 1)
+    sumsq_out = (torch.empty(grid[1], M, dtype=torch.float32, device=x.device) if norm_weight is not None
+                 else None)
     if M == 0 or N == 0:
-        return out
+        return out, h if residual is not None else None, sumsq_out
     if K == 0:
-        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+        return (out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()), None, None
     # The K ranges of the splits: whole BLOCK_K steps, the same for every M.
     k_steps = triton.cdiv(K, cfg.block_k)
     split_k = min(cfg.split_k, k_steps)
     k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split (e.g. 5 steps in 4 splits of 2 is 3 splits)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split_k)
+    grid = grid[:2] + (split_k,)
     if split_k > 1:  # float32 partial sums [split_k, M, N], and a counter per output tile
         partial = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, grid[0] * grid[1])
     else:
         partial = counters = out  # stand-in pointers the kernel never reads
     has_bias = bias is not None
-    b = bias if has_bias else weight  # a stand-in pointer the kernel never reads
+    b = bias if has_bias else weight  # a stand-in pointer the kernel never reads (as are the ones below)
     line = 128 // weight.element_size()  # weight elements per 128-byte line
     prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
     prefetch_lines = 1 << (prefetch_lines.bit_length() - 1) if prefetch_lines else 0  # a power of 2, at most that
+    norm_in_tiles = 0 if sumsq_in is None else sumsq_in.shape[0]
     _linear_kernel[grid](
-        x2, weight, b, out, partial, counters, M, N, K, weight.stride(0), k_per_split,
+        x2, weight, b, out, partial, counters,
+        out if residual is None else residual.reshape(M, N).contiguous(),
+        b if norm_weight is None else norm_weight, h,
+        out if sumsq_in is None else sumsq_in.contiguous(), out if sumsq_out is None else sumsq_out, float(eps),
+        M, N, K, weight.stride(0), k_per_split,
         HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREFETCH_LINES=prefetch_lines, LINE=line,
+        PREFETCH_LINES=prefetch_lines, LINE=line, NORM_IN_TILES=norm_in_tiles,
+        NORM_IN_BLOCK=triton.next_power_of_2(max(norm_in_tiles, 1)), ADD_RESIDUAL=residual is not None,
+        NORM_OUT=norm_weight is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x),
     )
-    return out
+    return out, h if residual is not None else None, sumsq_out

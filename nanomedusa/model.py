@@ -16,7 +16,8 @@ read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linea
 which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_row_invariant(True)`
 (`--exact`, the default on Hopper GPUs) is on; then they, and tree attention, run kernels whose every row
 comes out as a one-row call's would, so that a Medusa tree step computes each accepted token bit for bit as
-plain decoding does.
+plain decoding does; a narrow model's blocks then also fold their RMSNorms into those linear layers
+(`TransformerBlock.forward_fused`), two kernels fewer a layer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.linear import linear
+from kernels.linear import NormedStream, fuses_norms, linear, linear_into_residual, linear_of_normed
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_cache import apply_rope, rope_and_cache
 from kernels.swiglu import silu_mul
@@ -36,10 +37,26 @@ from .errors import NanoMedusaError
 from .kv_cache import KVCache
 
 
-class Linear(nn.Linear):
-    """nn.Linear through `kernels.linear`: F.linear, or with row invariance on its Triton kernel (kernels/linear.py)."""
+# The RMSNorms fold into the linear layers (TransformerBlock.forward_fused) up to this hidden size. On an H200 (graphed
+# steps, prefix 1024, bench/RESULTS.md) it made a SmolLM2-135M-shaped model's (dim 576) decode step 3-5% and its
+# 64-node tree step 5% faster, where launches are most of a step, but a 7B's and a Llama-3 8B's (dim 4096) 1-2%
+# slower: their epilogues' extra reads and writes cost more than the kernels they save. Untested in between.
+FOLD_NORMS_MAX_DIM = 1024
 
-    def forward(self, x):
+
+class Linear(nn.Linear):
+    """nn.Linear through `kernels.linear`: F.linear, or with row invariance on its Triton kernel (kernels/linear.py).
+
+    With the RMSNorms folded in (`TransformerBlock.forward_fused`) it also takes a NormedStream as input (the
+    norm's 1 / rms applied in its kernel), and `add_to`: the residual stream its output is added to, then the
+    `then_norm` RMSNorm's stream made for the next layer (a NormedStream; without then_norm, the new stream)."""
+
+    def forward(self, x, add_to=None, then_norm=None):
+        if isinstance(x, NormedStream):
+            return linear_of_normed(x, self.weight, self.bias)
+        if add_to is not None:
+            return linear_into_residual(x, self.weight, self.bias, add_to, *(
+                (then_norm.weight, then_norm.eps) if then_norm is not None else ()))
         return linear(x, self.weight, self.bias)
 
 
@@ -70,9 +87,11 @@ class Attention(nn.Module):
         self.wqkv = Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
         self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, prefix_len=None, tree_mask=None, key_valid=None):
-        """x [B, T, dim]; cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens' positions;
-        kv_cache: this layer's [2, B, Hkv, S, Dh] (KVCache.layer), or None for training."""
+    def forward(self, x, cos, sin, kv_cache=None, prefix_len=None, tree_mask=None, key_valid=None, add_to=None,
+                then_norm=None):
+        """x [B, T, dim] (or a NormedStream); cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens'
+        positions; kv_cache: this layer's [2, B, Hkv, S, Dh] (KVCache.layer), or None for training; add_to,
+        then_norm: what the output projection adds its output to and normalises for (`Linear`)."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # views of one [B, T, (Hq + 2 Hkv) Dh] tensor
         q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, Dh]
@@ -86,7 +105,8 @@ class Attention(nn.Module):
         else:  # one kernel: rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1
             q = rope_and_cache(q, k, v, cos, sin, kv_cache, prefix_len)  # [B, Hq, T, Dh]
             y = tree_attention(q, kv_cache[0], kv_cache[1], prefix_len, tree_mask, key_valid)
-        return self.wo(y.reshape(B, T, -1))  # [B, T, Hq, Dh] -> [B, T, dim]: a view for the kernel's output
+        y = y.reshape(B, T, -1)  # [B, T, Hq, Dh] -> [B, T, dim]: a view for the kernel's output
+        return self.wo(y) if add_to is None else self.wo(y, add_to, then_norm)  # (a training LoRA layer takes y only)
 
 
 class FeedForward(nn.Module):
@@ -97,8 +117,9 @@ class FeedForward(nn.Module):
         self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate_proj; up_proj
         self.w2 = Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
 
-    def forward(self, x):
-        return self.w2(silu_mul(self.w13(x)))  # [B, T, 2 I] -> silu(gate) * up [B, T, I] -> [B, T, dim]
+    def forward(self, x, add_to=None, then_norm=None):
+        y = silu_mul(self.w13(x))  # [B, T, 2 I] -> silu(gate) * up [B, T, I]
+        return self.w2(y) if add_to is None else self.w2(y, add_to, then_norm)  # [B, T, dim]; see `Linear`
 
 
 class TransformerBlock(nn.Module):
@@ -119,6 +140,19 @@ class TransformerBlock(nn.Module):
         x = self.attention(h, cos, sin, kv_cache, prefix_len, tree_mask, key_valid)
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
+
+    def forward_fused(self, x, cos, sin, kv_cache, prefix_len, tree_mask, key_valid, next_norm):
+        """`forward` with its RMSNorms folded into the linear layers around them (kernels/linear.py, row-invariant
+        Triton kernels only): the output projections add their outputs to the residual stream and make the next
+        norm's stream (NormedStream: g * h and h's sums of squares), whose 1 / rms the next linear layer applies.
+        x: the previous block's NormedStream, or at layer 0 the embeddings; next_norm: the next block's
+        attention_norm (None for the last block, which returns the residual stream itself, for the final norm)."""
+        if isinstance(x, NormedStream):
+            h, residual = x, x.h
+        else:  # layer 0: the embeddings, whose norm still runs on its own
+            h, residual = self.attention_norm(x), x
+        x = self.attention(h, cos, sin, kv_cache, prefix_len, tree_mask, key_valid, residual, self.ffn_norm)
+        return self.feed_forward(x, x.h, next_norm)
 
 
 class Transformer(nn.Module):
@@ -188,10 +222,23 @@ class Transformer(nn.Module):
             self._ensure_rope(T)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # float32 [T, Dh] or [B, T, Dh]
         x, residual = self.tok_embeddings(tokens), None  # [B, T, dim]
+        if self._folds_norms(x):  # row-invariant kernels: no RMSNorm kernels but the first and the last
+            for i, block in enumerate(self.layers):
+                kv = None if self.kv_cache is None else self.kv_cache.layer(i)
+                next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else None
+                x = block.forward_fused(x, cos, sin, kv, prefix_len, tree_mask, key_valid, next_norm)
+            return self.norm(x)
         for i, block in enumerate(self.layers):
             kv = None if self.kv_cache is None else self.kv_cache.layer(i)
             x, residual = block(x, residual, cos, sin, kv, prefix_len, tree_mask, key_valid)
         return self.norm(x, residual)[0]
+
+    def _folds_norms(self, x) -> bool:
+        """Whether the blocks run `forward_fused`: a model narrow enough (FOLD_NORMS_MAX_DIM) whose linear layers
+        are row-invariant Triton kernels and ours (a training run's LoRA wrappers compute their own products).
+        A function of the model and the kernel mode, never of the call: prefill, decode and tree steps fold alike."""
+        wqkv = self.layers[0].attention.wqkv
+        return self.config.dim <= FOLD_NORMS_MAX_DIM and isinstance(wqkv, Linear) and fuses_norms(x, wqkv.weight)
 
     def logits(self, hidden):
         """hidden [B, T, dim] -> float32 logits [B, T, vocab]."""

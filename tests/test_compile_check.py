@@ -60,13 +60,15 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
         from kernels.compile_check import compile_for_hopper
         for pdl in (True, False):
             cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
-            pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr"], "*bf16"), "partial_ptr": "*fp32",
+            pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"],
+                                        "*bf16"), **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"),
                         "counter_ptr": "*i32"}
             ptx = compile_for_hopper(linear._linear_kernel, pointers,
                                      dict(HAS_BIAS=False, SPLIT_K=1, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
-                                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl),
+                                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl,
+                                          NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False),
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                     aligned=("N", "K", "k_per_split")).asm["ptx"]
+                                     aligned=("N", "K", "k_per_split"), floats=("eps",)).asm["ptx"]
             lines = [line.strip() for line in ptx.splitlines()]
             def first(instruction):  # the first line issuing it (after any predicate)
                 return next((i for i, line in enumerate(lines) if instruction in line.split()[:2]), None)

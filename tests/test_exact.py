@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kernels
+import nanomedusa.model
 from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
 from nanomedusa.cli import check_kernels, exact_by_default, exact_fits, use_kernels
 from nanomedusa.decoder import Decoder
@@ -82,6 +83,23 @@ def test_exact_medusa_output_equals_plain_greedy(tmp_path, triton_exact, tree_ch
     got = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=16)
     assert got.tokens == expected
     assert got.steps < len(got.tokens) - 1  # some steps accepted guesses: tree steps, not only roots, were kept
+
+
+@torch.inference_mode()
+def test_exact_blocks_fold_their_norms_into_the_linear_layers(tmp_path, triton_exact, monkeypatch):
+    # Under --exact a narrow model runs only two RMSNorm kernels (layer 0's, before the first stream exists, and the
+    # final one); the hidden states are the unfused blocks' up to rounding. A wider model keeps its norms.
+    model = tiny_model(tmp_path, torch.float32)
+    tokens = torch.tensor([[(5 * i + 2) % 61 for i in range(9)]], device=DEVICE)
+    norms = []
+    real_rmsnorm = nanomedusa.model.rmsnorm
+    monkeypatch.setattr(nanomedusa.model, "rmsnorm", lambda *a, **k: norms.append(1) or real_rmsnorm(*a, **k))
+    fused = model.forward_hidden(tokens)
+    assert len(norms) == 2 and len(model.layers) > 1
+    monkeypatch.setattr(nanomedusa.model, "FOLD_NORMS_MAX_DIM", model.config.dim - 1)
+    unfused = model.forward_hidden(tokens)
+    assert len(norms) == 2 + 2 * len(model.layers) + 1
+    assert (fused - unfused).abs().max() <= 1e-5 * unfused.abs().max()
 
 
 def test_exact_needs_the_triton_kernels():

@@ -20,8 +20,11 @@ import torch.nn.functional as F
 import kernels
 import kernels.linear as linear_module
 from kernels.errors import KernelInputError
-from kernels.linear import TileConfig, _tile_config, linear, linear_triton
-from kernels.testing import check_linear, linear_inputs, rows_differing_from_one_row_calls, same_bits
+from kernels.linear import (NormedStream, TileConfig, _tile_config, linear, linear_into_residual, linear_into_residual_reference,
+                            linear_of_normed, linear_of_normed_reference, linear_triton)
+from kernels.rmsnorm import rmsnorm_reference
+from kernels.testing import (TOLERANCE, check_linear, linear_inputs, poisoned_empty, rel_error,
+                             rows_differing_from_one_row_calls, same_bits)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -163,3 +166,74 @@ def test_bad_inputs_name_the_fix():
         linear_triton(x, torch.randn(40, 24, device=DEVICE).t())
     with pytest.raises(KernelInputError, match="float32, float16 or bfloat16"):
         linear_triton(x.double(), w.double())
+
+
+# ------------------------------------------------------------------- RMSNorm folded into the linear layers
+# Under --exact a block's output projections add into the residual stream and make the next RMSNorm's stream
+# (g * h and h's sums of squares per tile of features); the next linear layer applies its 1 / rms.
+
+def folded_norm_inputs(M, N, K, dtype):
+    x, w, b = linear_inputs(M, N, K, dtype, DEVICE)
+    residual = torch.randn(M, N, device=DEVICE).to(dtype)
+    g = (0.5 + torch.rand(N, device=DEVICE)).to(dtype)
+    return x, w, b, residual, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_into_residual_and_of_normed_match_their_references(dtype, bias):
+    x, w, b, residual, g = folded_norm_inputs(7, 40, 72, dtype)  # N = 40: the last feature tile ragged
+    b = b if bias else None
+    with poisoned_empty():
+        stream = linear_into_residual(x, w, b, residual, g, 1e-5)
+        h = linear_into_residual(x, w, b, residual)
+    want = linear_into_residual_reference(x.float(), w.float(), None if b is None else b.float(), residual.float(),
+                                          g.float(), 1e-5)
+    tol = TOLERANCE[dtype][0]
+    assert stream.h.dtype == stream.scaled.dtype == dtype and stream.sumsq.dtype == torch.float32
+    assert same_bits(h, stream.h)
+    assert rel_error(stream.h, want.h) <= tol and rel_error(stream.scaled, want.scaled) <= tol
+    assert stream.sumsq.shape[1] == 7 and rel_error(stream.sumsq.sum(0), want.sumsq[0]) <= tol
+    # The next layer: the norm's 1 / rms in the kernel, against RMSNorm then the product (float32).
+    w2, b2 = linear_inputs(1, 24, 40, dtype, DEVICE)[1:]
+    with poisoned_empty():
+        got = linear_of_normed(stream, w2, b2)
+    unfused = F.linear(rmsnorm_reference(want.h, g.float(), 1e-5), w2.float(), b2.float())
+    assert got.dtype == dtype and rel_error(got, unfused) <= tol
+    assert rel_error(got, linear_of_normed_reference(stream, w2, b2)) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:] if DEVICE == "cuda" else DTYPES)
+def test_folded_norm_rows_are_bitwise_their_one_row_calls(dtype):
+    M = 70 if DEVICE == "cuda" else 33
+    x, w, b, residual, g = folded_norm_inputs(M, 48, 80, dtype)
+    w2, b2 = linear_inputs(1, 40, 48, dtype, DEVICE)[1:]
+
+    def both(rows):  # the producer's three outputs and the next layer's, for some rows
+        stream = linear_into_residual(x[rows], w, b, residual[rows], g, 1e-5)
+        return stream.h, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2, b2)
+
+    full = both(slice(0, M))
+    for i in sorted({0, 1, 15, 16, M // 2, M - 1}):
+        assert all(same_bits(one[0], whole[i]) for one, whole in zip(both(slice(i, i + 1)), full)), i
+
+
+def test_folded_norm_errors_are_one_sentence():
+    x, w, b, residual, g = folded_norm_inputs(3, 40, 80, torch.float32)
+    with pytest.raises(KernelInputError, match="shaped like the layer's output"):
+        linear_into_residual(x, w, b, residual[:, :8], g)
+    with pytest.raises(KernelInputError, match="RMSNorm weight"):
+        linear_into_residual(x, w, b, residual, g[:8])
+
+
+def test_folded_norm_with_split_k_is_the_same_sums():
+    # The down projections split K: the last-arriving program does the residual add and the norm's part.
+    x, w, b, residual, g = folded_norm_inputs(5, 40, 80, torch.float32)
+    out, h, sumsq = linear_module._run_linear(x, w, b, SPLIT_3, residual=residual, norm_weight=g)
+    want = linear_into_residual_reference(x, w, b, residual, g)
+    assert rel_error(h, want.h) <= 1e-5 and rel_error(out, want.scaled) <= 1e-5
+    assert rel_error(sumsq.sum(0), want.sumsq[0]) <= 1e-5
+    stream = NormedStream(out, h, sumsq, 1e-5)
+    w2, b2 = linear_inputs(1, 24, 40, torch.float32, DEVICE)[1:]
+    split = linear_module._run_linear(out, w2, b2, SPLIT_3, sumsq_in=sumsq, eps=1e-5)[0]
+    assert rel_error(split, linear_of_normed_reference(stream, w2, b2)) <= 1e-5
