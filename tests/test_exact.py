@@ -90,7 +90,7 @@ def test_exact_blocks_fold_their_norms_into_the_linear_layers(tmp_path, triton_e
     # Under --exact a narrow model runs only two RMSNorm kernels (layer 0's, before the first stream exists, and the
     # final one); the hidden states are the unfused blocks' up to rounding. A wider model keeps its norms.
     model = tiny_model(tmp_path, torch.float32)
-    tokens = torch.tensor([[(5 * i + 2) % 61 for i in range(9)]], device=DEVICE)
+    tokens = torch.tensor([[(5 * i + b) % 61 for i in range(9)] for b in (2, 7)], device=DEVICE)  # 18 rows
     norms = []
     real_rmsnorm = nanomedusa.model.rmsnorm
     monkeypatch.setattr(nanomedusa.model, "rmsnorm", lambda *a, **k: norms.append(1) or real_rmsnorm(*a, **k))

@@ -4,6 +4,7 @@ sampling settings behave."""
 import pytest
 import torch
 
+import kernels
 from nanomedusa.decoder import PREFILL_BUCKET, Decoder
 from nanomedusa.generation import generate, generate_batch
 from nanomedusa.loading import load_model
@@ -18,7 +19,11 @@ def model(tmp_path_factory):
     return load_model(path, device="cpu", dtype="float32")[0]
 
 
-def test_batch_of_unequal_prompts_equals_one_by_one(model):
+@pytest.mark.parametrize("exact", [False, True])
+def test_batch_of_unequal_prompts_equals_one_by_one(model, exact):
+    if exact:  # the row-invariant Triton kernels (the interpreter on a CPU), RMSNorms folded into the linear layers
+        kernels.set_backend("triton")
+        kernels.set_row_invariant(True)  # (tests/conftest.py restores both)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (3, 11, 1, 7)]
     singles = [generate(Decoder(model), p, max_new_tokens=16).tokens for p in prompts]
