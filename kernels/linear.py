@@ -51,7 +51,8 @@ from .errors import KernelInputError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Split-K's arrival counters, one per output tile, zero between calls (each tile's last program resets its own):
-# per device, never freed, since a CUDA graph keeps the address it was captured with.
+# per device, never freed, since a CUDA graph keeps the address it was captured with. Shared by every call on the
+# device, so split-K calls must not run at once on two streams (the engine runs one stream).
 _TILE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 MIN_TILE_COUNTERS = 1 << 14
 # Under programmatic dependent launch, each program asks for the first PREFETCH_BYTES of each of its weight rows
@@ -141,9 +142,10 @@ class NormedStream(NamedTuple):
         return self.h.shape
 
 
-def fuses_norms(x, weight) -> bool:
-    """Whether `linear` would run the Triton kernel on x and weight, so that RMSNorm can be folded into it."""
-    needs_grad = torch.is_grad_enabled() and weight.requires_grad
+def fuses_norms(x, params) -> bool:
+    """Whether linear layers of these parameters run the Triton kernel on x with the RMSNorms folded in: Triton
+    kernels in use, row invariance on, and no gradient wanted (the folded kernels have no autograd)."""
+    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     return use_triton(x) and row_invariant() and not needs_grad
 
 
@@ -167,7 +169,7 @@ def linear_of_normed_reference(stream: NormedStream, weight, bias=None):
 
 def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
     """`linear_into_residual_reference` in the Triton kernel's epilogue (see `_linear_kernel`): h, or the
-    NormedStream of the next RMSNorm. Row-invariant like `linear_triton`; for `fuses_norms` callers."""
+    NormedStream of the next RMSNorm. Row-invariant like `linear_triton`; no autograd (see `fuses_norms`)."""
     N = weight.shape[0]
     if residual.shape != (*x.shape[:-1], N) or residual.dtype != x.dtype:
         raise KernelInputError(f"the residual {tuple(residual.shape)} ({residual.dtype}) must be shaped like the "
@@ -206,7 +208,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, resid
     kernel that wrote x (dependent_launch.py).
     RMSNorm folded in (`NormedStream`; with split-K, in the last-arriving program):
       NORM_IN_TILES > 0: x is g * h of a stream, sumsq_in [NORM_IN_TILES, M] float32 its rows' squares summed
-        per tile; out = rstd * acc + b, rstd = 1 / sqrt(sum of the tiles / K + eps) (summed in tile order).
+        per tile; out = rstd * acc + b, rstd = 1 / sqrt(sum of the tiles / K + eps) (one fixed reduction).
       ADD_RESIDUAL: h = round(round(acc + b) + residual) [M, N] (linear(x) + residual's roundings), stored at h_ptr;
         with NORM_OUT, out = round(g * h), g = norm_w [N], and sumsq_out [cdiv(N, BLOCK_N), M] = h's squares summed
         over this tile's features (one reduction of a fixed-shape tile: each row alike whatever the others hold).
@@ -261,7 +263,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, resid
         y = acc.to(out_ptr.dtype.element_ty)
         if ADD_RESIDUAL:  # the residual add and, with NORM_OUT, the next RMSNorm's per-feature part
             r = tl.load(residual_ptr + offsets, mask=out_mask, other=0.0)
-            h = (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)  # masked rows and features: 0
+            h = (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)  # masked features: 0 (masked rows: never stored)
             tl.store(h_ptr + offsets, h, mask=out_mask)
             if NORM_OUT:
                 hf = h.to(tl.float32)
@@ -327,10 +329,8 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), 1)
     sumsq_out = (torch.empty(grid[1], M, dtype=torch.float32, device=x.device) if norm_weight is not None
                  else None)
-    if M == 0 or N == 0:
+    if M == 0 or N == 0:  # (K = 0 never gets here: x.reshape(-1, 0) refuses)
         return out, h if residual is not None else None, sumsq_out
-    if K == 0:
-        return (out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()), None, None
     # The K ranges of the splits: whole BLOCK_K steps, the same for every M.
     k_steps = triton.cdiv(K, cfg.block_k)
     split_k = min(cfg.split_k, k_steps)

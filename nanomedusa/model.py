@@ -235,10 +235,11 @@ class Transformer(nn.Module):
 
     def _folds_norms(self, x) -> bool:
         """Whether the blocks run `forward_fused`: a model narrow enough (FOLD_NORMS_MAX_DIM) whose linear layers
-        are row-invariant Triton kernels and ours (a training run's LoRA wrappers compute their own products).
-        A function of the model and the kernel mode, never of the call: prefill, decode and tree steps fold alike."""
-        wqkv = self.layers[0].attention.wqkv
-        return self.config.dim <= FOLD_NORMS_MAX_DIM and isinstance(wqkv, Linear) and fuses_norms(x, wqkv.weight)
+        are ours (a training run's LoRA wrappers compute their own products) and row-invariant Triton kernels, with
+        no gradient wanted. The same for every inference call of a model: prefill, decode and tree steps fold alike.
+        (Training never folds; forward_fused, called directly, would also bypass the blocks' FSDP hooks.)"""
+        return (self.config.dim <= FOLD_NORMS_MAX_DIM and isinstance(self.layers[0].attention.wqkv, Linear)
+                and fuses_norms(x, self.layers.parameters()))
 
     def logits(self, hidden):
         """hidden [B, T, dim] -> float32 logits [B, T, vocab]."""

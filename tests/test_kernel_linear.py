@@ -218,6 +218,21 @@ def test_folded_norm_rows_are_bitwise_their_one_row_calls(dtype):
         assert all(same_bits(one[0], whole[i]) for one, whole in zip(both(slice(i, i + 1)), full)), i
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU's tile configs at a narrow model's sizes")
+@pytest.mark.parametrize("N,K", [(576, 1536), (1024, 4096)])  # 16-row tiles; 64-row ones (over 2^20 weights)
+def test_folded_norm_rows_are_bitwise_on_the_gpu_at_model_sizes(N, K):
+    x, w, b, residual, g = folded_norm_inputs(70, N, K, torch.bfloat16)
+    w2 = linear_inputs(1, 3 * N, N, torch.bfloat16, DEVICE, bias=False)[1]
+
+    def both(rows):
+        stream = linear_into_residual(x[rows], w, b, residual[rows], g, 1e-5)
+        return stream.h, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2)
+
+    full = both(slice(0, 70))
+    for i in (0, 35, 63, 64, 69):
+        assert all(same_bits(one[0], whole[i]) for one, whole in zip(both(slice(i, i + 1)), full)), i
+
+
 def test_folded_norm_errors_are_one_sentence():
     x, w, b, residual, g = folded_norm_inputs(3, 40, 80, torch.float32)
     with pytest.raises(KernelInputError, match="shaped like the layer's output"):
