@@ -118,11 +118,17 @@ def linear_reference(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+def runs_row_invariant_kernel(x, params) -> bool:
+    """Whether linear layers of these parameters (None entries skipped) run the row-invariant Triton kernel on x:
+    Triton kernels in use, row invariance on, and no gradient wanted (the kernel has no autograd; F.linear has)."""
+    needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    return use_triton(x) and row_invariant() and not needs_grad
+
+
 def linear(x, weight, bias=None):
-    """Dispatch: the row-invariant Triton kernel when Triton kernels are in use and row invariance is on,
-    else F.linear (see module docstring). Autograd always goes through F.linear."""
-    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or bias is not None and bias.requires_grad)
-    if use_triton(x) and row_invariant() and not needs_grad:
+    """Dispatch: the row-invariant Triton kernel when `runs_row_invariant_kernel`, else F.linear (see module
+    docstring). Autograd always goes through F.linear."""
+    if runs_row_invariant_kernel(x, (weight, bias)):
         return linear_triton(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -140,13 +146,6 @@ class NormedStream(NamedTuple):
     @property
     def shape(self) -> torch.Size:
         return self.h.shape
-
-
-def fuses_norms(x, params) -> bool:
-    """Whether linear layers of these parameters run the Triton kernel on x with the RMSNorms folded in: Triton
-    kernels in use, row invariance on, and no gradient wanted (the folded kernels have no autograd)."""
-    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    return use_triton(x) and row_invariant() and not needs_grad
 
 
 def linear_into_residual_reference(x, weight, bias, residual, norm_weight=None, eps=0.0):
@@ -169,7 +168,8 @@ def linear_of_normed_reference(stream: NormedStream, weight, bias=None):
 
 def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
     """`linear_into_residual_reference` in the Triton kernel's epilogue (see `_linear_kernel`): h, or the
-    NormedStream of the next RMSNorm. Row-invariant like `linear_triton`; no autograd (see `fuses_norms`)."""
+    NormedStream of the next RMSNorm. Row-invariant like `linear_triton`; no autograd
+    (callers check `runs_row_invariant_kernel`)."""
     N = weight.shape[0]
     if residual.shape != (*x.shape[:-1], N) or residual.dtype != x.dtype:
         raise KernelInputError(f"the residual {tuple(residual.shape)} ({residual.dtype}) must be shaped like the "
@@ -326,9 +326,8 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     M = x2.shape[0]
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     h = torch.empty_like(out) if residual is not None and norm_weight is not None else out
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), 1)
-    sumsq_out = (torch.empty(grid[1], M, dtype=torch.float32, device=x.device) if norm_weight is not None
-                 else None)
+    m_blocks, n_blocks = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
+    sumsq_out = torch.empty(n_blocks, M, dtype=torch.float32, device=x.device) if norm_weight is not None else None
     if M == 0 or N == 0:  # (K = 0 never gets here: x.reshape(-1, 0) refuses)
         return out, h if residual is not None else None, sumsq_out
     # The K ranges of the splits: whole BLOCK_K steps, the same for every M.
@@ -336,10 +335,9 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     split_k = min(cfg.split_k, k_steps)
     k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split (e.g. 5 steps in 4 splits of 2 is 3 splits)
-    grid = grid[:2] + (split_k,)
     if split_k > 1:  # float32 partial sums [split_k, M, N], and a counter per output tile
         partial = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        counters = _tile_counters(x.device, grid[0] * grid[1])
+        counters = _tile_counters(x.device, m_blocks * n_blocks)
     else:
         partial = counters = out  # stand-in pointers the kernel never reads
     has_bias = bias is not None
@@ -348,7 +346,7 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
     prefetch_lines = 1 << (prefetch_lines.bit_length() - 1) if prefetch_lines else 0  # a power of 2, at most that
     norm_in_tiles = 0 if sumsq_in is None else sumsq_in.shape[0]
-    _linear_kernel[grid](
+    _linear_kernel[(m_blocks, n_blocks, split_k)](
         x2, weight, b, out, partial, counters,
         out if residual is None else residual.reshape(M, N).contiguous(),
         b if norm_weight is None else norm_weight, h,

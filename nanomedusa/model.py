@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.linear import NormedStream, fuses_norms, linear, linear_into_residual, linear_of_normed
+from kernels.linear import (NormedStream, linear, linear_into_residual, linear_of_normed,
+                            runs_row_invariant_kernel)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_cache import apply_rope, rope_and_cache
 from kernels.swiglu import silu_mul
@@ -239,7 +240,7 @@ class Transformer(nn.Module):
         no gradient wanted. The same for every inference call of a model: prefill, decode and tree steps fold alike.
         (Training never folds; forward_fused, called directly, would also bypass the blocks' FSDP hooks.)"""
         return (self.config.dim <= FOLD_NORMS_MAX_DIM and isinstance(self.layers[0].attention.wqkv, Linear)
-                and fuses_norms(x, self.layers.parameters()))
+                and runs_row_invariant_kernel(x, self.layers.parameters()))
 
     def logits(self, hidden):
         """hidden [B, T, dim] -> float32 logits [B, T, vocab]."""

@@ -203,34 +203,31 @@ def test_linear_into_residual_and_of_normed_match_their_references(dtype, bias):
     assert rel_error(got, linear_of_normed_reference(stream, w2, b2)) <= tol
 
 
+def folded_rows_unlike_one_row_calls(M, N, K, next_features, dtype, rows) -> list[int]:
+    """The rows i (of `rows`) where the producer's outputs (h, g * h, the tile sums) or the next layer's from
+    them, computed for M rows at once, differ in any bit from the same computed for row i alone."""
+    x, w, b, residual, g = folded_norm_inputs(M, N, K, dtype)
+    w2, b2 = linear_inputs(1, next_features, N, dtype, DEVICE)[1:]
+
+    def outputs(r):
+        stream = linear_into_residual(x[r], w, b, residual[r], g, 1e-5)
+        return stream.h, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2, b2)
+
+    full = outputs(slice(0, M))
+    return [i for i in rows
+            if not all(same_bits(one[0], whole[i]) for one, whole in zip(outputs(slice(i, i + 1)), full))]
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:] if DEVICE == "cuda" else DTYPES)
 def test_folded_norm_rows_are_bitwise_their_one_row_calls(dtype):
     M = 70 if DEVICE == "cuda" else 33
-    x, w, b, residual, g = folded_norm_inputs(M, 48, 80, dtype)
-    w2, b2 = linear_inputs(1, 40, 48, dtype, DEVICE)[1:]
-
-    def both(rows):  # the producer's three outputs and the next layer's, for some rows
-        stream = linear_into_residual(x[rows], w, b, residual[rows], g, 1e-5)
-        return stream.h, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2, b2)
-
-    full = both(slice(0, M))
-    for i in sorted({0, 1, 15, 16, M // 2, M - 1}):
-        assert all(same_bits(one[0], whole[i]) for one, whole in zip(both(slice(i, i + 1)), full)), i
+    assert folded_rows_unlike_one_row_calls(M, 48, 80, 40, dtype, sorted({0, 1, 15, 16, M // 2, M - 1})) == []
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU's tile configs at a narrow model's sizes")
 @pytest.mark.parametrize("N,K", [(576, 1536), (1024, 4096)])  # 16-row tiles; 64-row ones (over 2^20 weights)
 def test_folded_norm_rows_are_bitwise_on_the_gpu_at_model_sizes(N, K):
-    x, w, b, residual, g = folded_norm_inputs(70, N, K, torch.bfloat16)
-    w2 = linear_inputs(1, 3 * N, N, torch.bfloat16, DEVICE, bias=False)[1]
-
-    def both(rows):
-        stream = linear_into_residual(x[rows], w, b, residual[rows], g, 1e-5)
-        return stream.h, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2)
-
-    full = both(slice(0, 70))
-    for i in (0, 35, 63, 64, 69):
-        assert all(same_bits(one[0], whole[i]) for one, whole in zip(both(slice(i, i + 1)), full)), i
+    assert folded_rows_unlike_one_row_calls(70, N, K, 3 * N, torch.bfloat16, [0, 35, 63, 64, 69]) == []
 
 
 def test_folded_norm_errors_are_one_sentence():
