@@ -15,6 +15,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
     python -m bench.step_profile       a 7B-shaped decode and tree step: their times with cuBLAS, with the
                                        row-invariant kernels, with and without programmatic dependent launch,
                                        and each kernel's share of one step
+    python -m bench.ab_steps           a code change's A/B: git revisions exported beside the working tree
+                                       (`export`), their graphed steps timed in alternation on one machine (`run`)
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's

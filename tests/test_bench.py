@@ -244,3 +244,28 @@ def test_linear_sweep_compiles_in_worker_processes(capsys):
     linear_bench.precompile(configs, torch.float32, torch.device("cpu"))
     printed = capsys.readouterr().out
     assert printed.startswith("compiled 2 configs in ") and "(1 failed to compile or run)" in printed
+
+
+def test_ab_steps_times_exported_versions_in_alternation(tmp_path):
+    from bench import ab_steps
+    first = ab_steps.export("HEAD", tmp_path)
+    assert (first / "kernels" / "linear.py").is_file() and (first / "bench" / "steps.py").is_file()
+    assert sorted(p.name for p in (first / "weights").iterdir()) == sorted(
+        p.name for p in (ab_steps.REPO / "weights").glob("*.py"))  # the code, not the shipped heads
+    second = tmp_path / "again"
+    first.rename(second)
+    ab_steps.export("HEAD", tmp_path)
+    out = ab_steps.run(ab_steps.parse_args(
+        ["run", str(first), str(second), "--shape", "smollm2-135m", "--layers", "1", "--prefix", "4",
+         "--reps", "2", "--rounds", "1", "--device", "cpu", "--json", str(tmp_path / "ab.json")]))
+    assert [r["version"] for r in out["results"]] == ["HEAD", "again"]
+    assert all(r["decode_ms"] > 0 and r["tree_ms"] > 0 and len(r["rounds"]) == 1 for r in out["results"])
+    assert json.loads((tmp_path / "ab.json").read_text())["results"][1]["version"] == "again"
+
+
+def test_ab_steps_errors_name_the_fix(tmp_path):
+    from bench import ab_steps
+    with pytest.raises(SystemExit, match="name a branch, tag or commit"):
+        ab_steps.export("no-such-revision-anywhere", tmp_path)
+    with pytest.raises(SystemExit, match="python -m bench.ab_steps export"):
+        ab_steps.run(ab_steps.parse_args(["run", str(tmp_path)]))

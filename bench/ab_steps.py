@@ -1,0 +1,176 @@
+"""A/B of code versions on the step benchmark: bench/steps.py's graphed decode and 64-node tree steps, timed for
+several revisions of this repository in alternation, so that a machine's drift touches every version alike.
+
+    python -m bench.ab_steps export main wip-swiglu-fold        # here, with git: ab/main/ and ab/wip-swiglu-fold/
+    python -m bench.ab_steps run ab/main ab/wip-swiglu-fold --shape smollm2-135m 7b --prefix 200 1024   # on a GPU
+
+Why versions and not flags: a kernel variant worth measuring is usually a change to the code, on a branch, and
+comparing it with main in one call on one machine is the only comparison this project trusts (machines of the
+pool differ by 2-3%). `export` writes each revision's kernels/, nanomedusa/, bench/ and weights/*.py into
+ab/<revision>/; the folder is untracked, so it travels to the device machine with the working tree (which has
+no git history there). `run` starts one Python process per version, shape, prefix and round, importing that
+version's modules from its own folder (`python -c` with the folder first on the path: this module's worker, so
+any revision with bench/steps.py's `build_7b` and `step_ms` can be measured). Each process builds the shape's
+random-weight model (bench/steps.py's SHAPES), fills `--prefix` cached tokens and times both steps, by default in
+the row-invariant mode with programmatic dependent launch (`--mode`). The table: per shape and prefix, each
+version's median over the rounds and its change against the first version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from .report import print_table, save, say
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORTED = ("kernels", "nanomedusa", "bench")  # and weights/*.py (not the shipped heads' files)
+MODES = {"exact-pdl": (True, True), "exact": (True, False), "default": (False, False)}
+
+# Runs in a version's folder with that folder first on sys.path: the step measurement of bench/step_profile.py,
+# using only what every measured revision has.
+_WORKER = r"""
+import argparse, json, sys
+from pathlib import Path
+import torch
+import kernels
+import nanomedusa.model
+from bench.steps import SHAPES, build_7b, step_ms
+from nanomedusa.tree import PRESETS, TreeBuffers
+
+if not Path(nanomedusa.model.__file__).resolve().is_relative_to(Path.cwd().resolve()):
+    sys.exit(f"the model code came from {nanomedusa.model.__file__}, not from this version's folder")
+
+a = json.loads(sys.argv[1])
+device = torch.device(a["device"])
+dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+shape = argparse.Namespace(**{**SHAPES[a["shape"]], **({"big_layers": a["layers"]} if a["layers"] else {})})
+kernels.set_row_invariant(a["exact"])
+kernels.set_dependent_launch(a["pdl"])
+with torch.inference_mode():
+    tree = TreeBuffers.from_choices(PRESETS[a["tree"]], device=device)
+    model = build_7b(shape, device, dtype, a["prefix"] + tree.num_nodes + 128)
+    model.forward_hidden(torch.randint(shape.big_vocab, (1, a["prefix"]), device=device), prefix_len=0)
+    times = {"decode_ms": step_ms(model, a["prefix"], None, a["reps"]),
+             "tree_ms": step_ms(model, a["prefix"], tree, a["reps"])}
+print(json.dumps(times))
+"""
+
+
+def export(revision: str, out_dir: Path) -> Path:
+    """Write `revision`'s code (EXPORTED and weights/*.py) into out_dir/<revision, / as ->; return that folder."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", revision, "--", *EXPORTED,
+                             "weights"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise SystemExit(f"error: git cannot read revision {revision!r} ({listed.stderr.strip()}); "
+                         f"name a branch, tag or commit of this repository.")
+    paths = [p for p in listed.stdout.splitlines() if not p.startswith("weights/") or p.endswith(".py")]
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", revision, "--", *paths],
+                             capture_output=True, check=True)
+    target = out_dir / revision.replace("/", "-")
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def measure(version: Path, job: dict, timeout: float) -> dict | None:
+    """One process in `version`'s folder: {"decode_ms", "tree_ms"}, or None (its error's last lines are said)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(version), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], cwd=version, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        say(f"[ab] {version.name}: no result within {timeout:.0f} s")
+        return None
+    if done.returncode != 0:
+        say(f"[ab] {version.name} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-5:]))
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    versions = [Path(v).resolve() for v in args.versions]
+    for v in versions:
+        if not (v / "bench" / "steps.py").is_file():
+            raise SystemExit(f"error: {v} holds no exported version (no bench/steps.py); "
+                             f"make it with `python -m bench.ab_steps export REVISION`.")
+    exact, pdl = MODES[args.mode]
+    times = {}  # (shape, prefix, version name) -> list of {"decode_ms", "tree_ms"}
+    for round_ in range(1, args.rounds + 1):
+        for shape in args.shape:
+            for prefix in args.prefix:
+                for v in versions:
+                    job = dict(device=args.device, shape=shape, layers=args.layers, prefix=prefix, tree=args.tree,
+                               reps=args.reps, exact=exact, pdl=pdl)
+                    got = measure(v, job, args.timeout)
+                    if got:
+                        times.setdefault((shape, prefix, v.name), []).append(got)
+                        say(f"[ab] round {round_}, {shape}, prefix {prefix}, {v.name}: decode "
+                            f"{got['decode_ms']:.3f} ms, tree {got['tree_ms']:.3f} ms")
+    rows, results = [], []
+    for shape in args.shape:
+        for prefix in args.prefix:
+            first = None
+            for v in versions:
+                runs = times.get((shape, prefix, v.name))
+                if not runs:
+                    rows.append([shape, prefix, v.name, "failed", "", "", "", ""])
+                    continue
+                decode = statistics.median(r["decode_ms"] for r in runs)
+                tree = statistics.median(r["tree_ms"] for r in runs)
+                first = first or (decode, tree)
+                rows.append([shape, prefix, v.name, f"{decode:.3f}", f"{tree:.3f}", f"{tree / decode:.2f}x",
+                             f"{decode / first[0] - 1:+.1%}", f"{tree / first[1] - 1:+.1%}"])
+                results.append(dict(shape=shape, prefix=prefix, version=v.name, decode_ms=decode, tree_ms=tree,
+                                    rounds=[dict(r) for r in runs]))
+    print_table(f"Graphed steps ({args.mode}, {args.tree} tree; median of {args.rounds} rounds, {args.reps} replays "
+                f"each): ms, and against {versions[0].name}",
+                ["shape", "prefix", "version", "decode ms", "tree ms", "tree / decode", "decode vs first",
+                 "tree vs first"], rows)
+    out = {"mode": args.mode, "tree": args.tree, "device": args.device, "results": results}
+    if args.json:
+        save(out, args.json)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write git revisions' code into ab/<revision>/ (run where git history is)")
+    e.add_argument("revisions", nargs="+", help="branches, tags or commits")
+    e.add_argument("--dir", default="ab", help="where the versions go (default ab/, beside the working tree)")
+    r = sub.add_parser("run", help="time exported versions' steps in alternation")
+    r.add_argument("versions", nargs="+", help="exported folders (ab/<revision>); the first is the baseline")
+    r.add_argument("--shape", nargs="+", default=["7b"], help="bench/steps.py SHAPES names (default 7b)")
+    r.add_argument("--prefix", nargs="+", type=int, default=[1024], help="cached tokens before the step")
+    r.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
+    r.add_argument("--tree", default="mc_sim_7b_63", help="the tree step's preset tree (default mc_sim_7b_63)")
+    r.add_argument("--mode", choices=sorted(MODES), default="exact-pdl",
+                   help="row-invariant kernels with PDL (default), without it, or cuBLAS + default attention")
+    r.add_argument("--rounds", type=int, default=2, help="times through every version (default 2)")
+    r.add_argument("--reps", type=int, default=200, help="graph replays per step time (default 200)")
+    r.add_argument("--device", default="cuda", help="default cuda (cpu: eager steps, for checking the tool)")
+    r.add_argument("--timeout", type=float, default=300, help="seconds per process (default 300)")
+    r.add_argument("--json", default=None, help="write the numbers here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.command == "export":
+        for revision in args.revisions:
+            say(f"[ab] {revision} -> {export(revision, Path(args.dir))}")
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
