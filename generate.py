@@ -7,10 +7,12 @@
     python generate.py --interactive                                            # a chat (nanomedusa/chat.py)
 
 The path of one token: tokenizer (nanomedusa/tokenizer.py) -> a Decoder (nanomedusa/decoder.py: the KV
-cache, the prefill, the CUDA graphs) over the model (nanomedusa/model.py, whose attention and norms are
-kernels/) -> plain decoding (nanomedusa/generation.py) or Medusa (nanomedusa/medusa_generation.py:
-verify, accept, keep, propose; heads.py guesses and tree.py lays the guesses out as a tree, or
-dynamic_tree.py chooses each step's tree).
+cache, the prefill, the CUDA graphs) over the model (nanomedusa/model.py, whose attention, RoPE, SwiGLU and
+norms are kernels/; under --exact, the GPU default, its linear layers too: kernels/linear.py, into which a
+narrow model like the default one folds its RMSNorms, TransformerBlock.forward_fused) -> plain decoding
+(nanomedusa/generation.py) or Medusa (nanomedusa/medusa_generation.py: verify, accept, keep, propose;
+heads.py guesses and tree.py lays the guesses out as a tree, or dynamic_tree.py chooses each step's tree;
+kernels/ again for the heads, the acceptance and the KV compaction).
 """
 
 from __future__ import annotations

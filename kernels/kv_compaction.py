@@ -1,8 +1,10 @@
 """KV compaction: after a Medusa step, move the accepted tree nodes' keys/values into place.
 
 The tree step wrote node j's K/V of every layer at cache slot prefix_len + j. Of those, the nodes on
-the accepted path (`accepted` [A], ascending node indices, the root first) must end up at slots
-prefix_len .. prefix_len + A - 1; the other nodes' entries are simply left to be overwritten.
+the accepted path (`accepted` [A], node indices: the root first, then ascending, then 0s where a path
+shorter than the tree's depth is padded with the root) must end up at slots prefix_len .. prefix_len + A - 1;
+the padding's copies land past the new prefix, on free slots, and the other nodes' entries are simply left to
+be overwritten.
 The whole cache is one tensor [n_layers, 2, B, Hkv, S, D], so one launch moves every layer.
 
 The Triton version runs one program per (layer, k-or-v, batch, kv head): it gathers the A accepted
@@ -66,11 +68,11 @@ def _compact_kv_kernel(
     mask = moves[:, None] & (d < D)[None, :]
     rows = tl.load(slab + src[:, None] * stride_s + d[None, :], mask=mask)  # [BLOCK_A, BLOCK_D]
     # Sources and destinations overlap: with accepted = [0, 1, 3, 4], slot 3 is read as row 2's source
-    # and written as row 3's destination. One thread copying rows in ascending order would be safe
-    # (row i's store lands on prefix+i, below every later source prefix+accepted[k] >= prefix+k > prefix+i),
-    # but Triton spreads a tile's rows over many threads, in no order we control, and may even replicate
-    # elements. So: every thread finishes its loads, the CTA barrier (which also orders memory) waits for
-    # all of them, and only then does anyone store.
+    # and written as row 3's destination. One thread copying rows in ascending order would be safe (row i's
+    # store lands on prefix+i, below every later path node's source prefix+accepted[k] >= prefix+k; the padding
+    # reads the root's slot, which no row writes), but Triton spreads a tile's rows over many threads, in no
+    # order we control, and may even replicate elements. So: every thread finishes its loads, the CTA barrier
+    # (which also orders memory) waits for all of them, and only then does anyone store.
     tl.debug_barrier()
     tl.store(slab + dst[:, None] * stride_s + d[None, :], rows, mask=mask)
 

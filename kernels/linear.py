@@ -18,7 +18,7 @@ Here the schedule never looks at the row count M:
     bit for bit the 1-row call on row i.
 
 `linear(x, weight, bias)` dispatches: the Triton kernel when Triton kernels are in use (`use_triton`) and
-row invariance is on (`kernels.set_row_invariant(True)`: `--exact`, the default on Hopper GPUs, where with
+row invariance is on (`kernels.set_row_invariant(True)`: `--exact`, the default on sm_90 / sm_100 GPUs, where with
 programmatic dependent launch a step of these kernels runs faster than one with cuBLAS's), else `F.linear`
 (cuBLAS). Shapes: x [..., K], weight [N, K] with contiguous rows,
 bias [N] or None -> out [..., N] in x's dtype; weight and bias share x's dtype; float32 accumulation, and
@@ -139,13 +139,13 @@ class NormedStream(NamedTuple):
     that under row invariance a transformer block runs no RMSNorm kernel of its own."""
 
     scaled: torch.Tensor  # [..., D] g * h, rounded to h's dtype: the next linear layer's input
-    h: torch.Tensor  # [..., D] the residual stream
+    residual: torch.Tensor  # [..., D] the residual stream h itself
     sumsq: torch.Tensor  # [tiles, rows] float32: each row's squares of h, summed over each tile of D
     eps: float
 
     @property
     def shape(self) -> torch.Size:
-        return self.h.shape
+        return self.residual.shape
 
 
 def linear_into_residual_reference(x, weight, bias, residual, norm_weight=None, eps=0.0):
@@ -159,11 +159,11 @@ def linear_into_residual_reference(x, weight, bias, residual, norm_weight=None, 
 
 
 def linear_of_normed_reference(stream: NormedStream, weight, bias=None):
-    """linear(rmsnorm(stream.h, g, eps), weight, bias) computed as the kernel does: 1 / rms times the product of
-    stream.scaled (g * h) with the weight, plus the bias."""
-    rstd = torch.rsqrt(stream.sumsq.sum(0) / stream.h.shape[-1] + stream.eps)  # [rows]
-    y = F.linear(stream.scaled.float(), weight.float()) * rstd.view(*stream.h.shape[:-1], 1)
-    return (y if bias is None else y + bias.float()).to(stream.h.dtype)
+    """linear(rmsnorm(h, g, eps), weight, bias), h = stream.residual, computed as the kernel does: 1 / rms times
+    the product of stream.scaled (g * h) with the weight, plus the bias."""
+    rstd = torch.rsqrt(stream.sumsq.sum(0) / stream.residual.shape[-1] + stream.eps)  # [rows]
+    y = F.linear(stream.scaled.float(), weight.float()) * rstd.view(*stream.residual.shape[:-1], 1)
+    return (y if bias is None else y + bias.float()).to(stream.residual.dtype)
 
 
 def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
@@ -182,9 +182,11 @@ def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
 
 def linear_of_normed(stream: NormedStream, weight, bias=None):
     """`linear_of_normed_reference` in the Triton kernel (see `_linear_kernel`). Row-invariant like `linear_triton`."""
-    if stream.sumsq.dim() != 2 or stream.sumsq.shape[1] != stream.h.reshape(-1, stream.h.shape[-1]).shape[0]:
+    rows = stream.residual.reshape(-1, stream.residual.shape[-1]).shape[0]
+    if stream.sumsq.dim() != 2 or stream.sumsq.shape[1] != rows:
         raise KernelInputError(f"the stream's sums of squares {tuple(stream.sumsq.shape)} must be [tiles, rows] "
-                               f"for its {tuple(stream.h.shape)} rows; make the stream with linear_into_residual.")
+                               f"for its {tuple(stream.residual.shape)} rows; make the stream with "
+                               f"linear_into_residual.")
     return _run_linear(stream.scaled, weight, bias, sumsq_in=stream.sumsq, eps=stream.eps)[0]
 
 
@@ -209,7 +211,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, resid
     RMSNorm folded in (`NormedStream`; with split-K, in the last-arriving program):
       NORM_IN_TILES > 0: x is g * h of a stream, sumsq_in [NORM_IN_TILES, M] float32 its rows' squares summed
         per tile; out = rstd * acc + b, rstd = 1 / sqrt(sum of the tiles / K + eps) (one fixed reduction).
-      ADD_RESIDUAL: h = round(round(acc + b) + residual) [M, N] (linear(x) + residual's roundings), stored at h_ptr;
+      ADD_RESIDUAL: h = round(round(acc + b) + residual) [M, N] (linear(x) + residual's roundings), stored at h_ptr
+        (only there: without NORM_OUT, h_ptr is out's buffer);
         with NORM_OUT, out = round(g * h), g = norm_w [N], and sumsq_out [cdiv(N, BLOCK_N), M] = h's squares summed
         over this tile's features (one reduction of a fixed-shape tile: each row alike whatever the others hold).
     """
@@ -325,6 +328,7 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     x2 = x.reshape(-1, K).contiguous()  # [M, K]; a no-op for the usual contiguous activations
     M = x2.shape[0]
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    # h: the new residual stream. Without a norm it is the output itself (the kernel stores h only, at h_ptr).
     h = torch.empty_like(out) if residual is not None and norm_weight is not None else out
     m_blocks, n_blocks = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
     sumsq_out = torch.empty(n_blocks, M, dtype=torch.float32, device=x.device) if norm_weight is not None else None
@@ -352,6 +356,7 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
         b if norm_weight is None else norm_weight, h,
         out if sumsq_in is None else sumsq_in.contiguous(), out if sumsq_out is None else sumsq_out, float(eps),
         M, N, K, weight.stride(0), k_per_split,
+        # (tf32 names the float32 inputs' mode; 16-bit inputs ignore it)
         HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         PREFETCH_LINES=prefetch_lines, LINE=line, NORM_IN_TILES=norm_in_tiles,

@@ -37,6 +37,6 @@ class KVCache:
         return self.buffer[i]  # [2, B, Hkv, S, Dh], a view
 
     def compact(self, prefix: torch.Tensor, path: torch.Tensor) -> None:
-        """Move the K/V of tree nodes `path` [A] (ascending, root first; written at slots prefix + node)
-        to slots prefix .. prefix + A - 1. `prefix` is a 0-d device tensor: no host sync."""
+        """Move the K/V of tree nodes `path` [A] (written at slots prefix + node; root first, then ascending, then
+        0s, a short path's padding) to slots prefix .. prefix + A - 1. `prefix` is a 0-d device tensor: no host sync."""
         compact_kv(self.buffer, prefix, path)

@@ -79,7 +79,8 @@ def propose(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, lm_head_weight,
     if isinstance(tree, DynamicTree):
         ids, logprobs = heads.topk_logprobs(hidden, tree.topk, lm_head_weight)  # [K, 1, k] each
         return tree.choose(root, ids[:, 0], logprobs[:, 0])
-    return (tree.candidate_tokens(root, heads.topk(hidden, tree.topk, lm_head_weight)[:, 0]),)
+    guesses = heads.topk(hidden, tree.topk, lm_head_weight)[:, 0]  # [K, 1, k] -> [K, k]
+    return (tree.candidate_tokens(root, guesses),)
 
 
 def verify(model, tree: TreeBuffers, tree_tokens, prefix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +102,7 @@ def accept(logits, tree_tokens, tree: TreeBuffers, rule: Acceptance, rng: torch.
     """logits [T, V], tree_tokens [T] -> best retrieve row [], accept_len [], bonus token []."""
     if rule.mode == "sample":
         return sample_walk(logits, tree_tokens, tree, rule.sampling, rng)
-    mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"
+    mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"  # typical at T = 0 is greedy
     best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
                                          max(rule.sampling.temperature, 1e-5), rule.posterior_threshold,
                                          rule.posterior_alpha)
@@ -194,9 +195,10 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     while not done:
         out = step(prefix, *proposal)
         prefix, proposal = out.prefix, out.next_tree
+        # the step's one host sync: the path's tokens, the bonus token and accept_len n
         *tokens, bonus, n = torch.cat([out.tokens, out.bonus.view(1), out.accept_len.view(1)]).tolist()
-        result.steps += 1  # (that .tolist() is the step's one host sync)
-        done = emit(tokens[1: n + 1] + [bonus])
+        result.steps += 1
+        done = emit(tokens[1: n + 1] + [bonus])  # tokens[0] is this step's root, emitted already (last bonus)
     decoder.sync()
     result.seconds = time.perf_counter() - start
     return result

@@ -14,10 +14,10 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
 read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`,
 which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_row_invariant(True)`
-(`--exact`, the default on Hopper GPUs) is on; then they, and tree attention, run kernels whose every row
-comes out as a one-row call's would, so that a Medusa tree step computes each accepted token bit for bit as
-plain decoding does; a narrow model's blocks then also fold their RMSNorms into those linear layers
-(`TransformerBlock.forward_fused`), two kernels fewer a layer.
+(`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's `exact_by_default`) is on; then they, and tree
+attention, run kernels whose every row comes out as a one-row call's would, so that a Medusa tree step computes
+each accepted token bit for bit as plain decoding does; a narrow model's blocks then also fold their RMSNorms
+into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class Linear(nn.Linear):
     """nn.Linear through `kernels.linear`: F.linear, or with row invariance on its Triton kernel (kernels/linear.py).
 
     With the RMSNorms folded in (`TransformerBlock.forward_fused`) it also takes a NormedStream as input (the
-    norm's 1 / rms applied in its kernel), and `add_to`: the residual stream its output is added to, then the
-    `then_norm` RMSNorm's stream made for the next layer (a NormedStream; without then_norm, the new stream)."""
+    norm's 1 / rms applied in its kernel), and `add_to`: the residual stream [..., out_features] its output is
+    added to; it then returns the new stream, or with `then_norm` that RMSNorm's NormedStream of it, the next
+    layer's input."""
 
     def forward(self, x, add_to=None, then_norm=None):
         if isinstance(x, NormedStream):
@@ -106,7 +107,7 @@ class Attention(nn.Module):
         else:  # one kernel: rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1
             q = rope_and_cache(q, k, v, cos, sin, kv_cache, prefix_len)  # [B, Hq, T, Dh]
             y = tree_attention(q, kv_cache[0], kv_cache[1], prefix_len, tree_mask, key_valid)
-        y = y.reshape(B, T, -1)  # [B, T, Hq, Dh] -> [B, T, dim]: a view for the kernel's output
+        y = y.reshape(B, T, -1)  # [B, T, Hq, Dh] -> [B, T, Hq * Dh]: a view for the kernel's output
         return self.wo(y) if add_to is None else self.wo(y, add_to, then_norm)  # (a training LoRA layer takes y only)
 
 
@@ -149,11 +150,11 @@ class TransformerBlock(nn.Module):
         x: the previous block's NormedStream, or at layer 0 the embeddings; next_norm: the next block's
         attention_norm (None for the last block, which returns the residual stream itself, for the final norm)."""
         if isinstance(x, NormedStream):
-            h, residual = x, x.h
+            normed, residual = x, x.residual
         else:  # layer 0: the embeddings, whose norm still runs on its own
-            h, residual = self.attention_norm(x), x
-        x = self.attention(h, cos, sin, kv_cache, prefix_len, tree_mask, key_valid, residual, self.ffn_norm)
-        return self.feed_forward(x, x.h, next_norm)
+            normed, residual = self.attention_norm(x), x
+        stream = self.attention(normed, cos, sin, kv_cache, prefix_len, tree_mask, key_valid, residual, self.ffn_norm)
+        return self.feed_forward(stream, stream.residual, next_norm)  # a NormedStream, or the stream [B, T, dim]
 
 
 class Transformer(nn.Module):

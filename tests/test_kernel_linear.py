@@ -190,15 +190,15 @@ def test_linear_into_residual_and_of_normed_match_their_references(dtype, bias):
     want = linear_into_residual_reference(x.float(), w.float(), None if b is None else b.float(), residual.float(),
                                           g.float(), 1e-5)
     tol = TOLERANCE[dtype][0]
-    assert stream.h.dtype == stream.scaled.dtype == dtype and stream.sumsq.dtype == torch.float32
-    assert same_bits(h, stream.h)
-    assert rel_error(stream.h, want.h) <= tol and rel_error(stream.scaled, want.scaled) <= tol
+    assert stream.residual.dtype == stream.scaled.dtype == dtype and stream.sumsq.dtype == torch.float32
+    assert same_bits(h, stream.residual)
+    assert rel_error(stream.residual, want.residual) <= tol and rel_error(stream.scaled, want.scaled) <= tol
     assert stream.sumsq.shape[1] == 7 and rel_error(stream.sumsq.sum(0), want.sumsq[0]) <= tol
     # The next layer: the norm's 1 / rms in the kernel, against RMSNorm then the product (float32).
     w2, b2 = linear_inputs(1, 24, 40, dtype, DEVICE)[1:]
     with poisoned_empty():
         got = linear_of_normed(stream, w2, b2)
-    unfused = F.linear(rmsnorm_reference(want.h, g.float(), 1e-5), w2.float(), b2.float())
+    unfused = F.linear(rmsnorm_reference(want.residual, g.float(), 1e-5), w2.float(), b2.float())
     assert got.dtype == dtype and rel_error(got, unfused) <= tol
     assert rel_error(got, linear_of_normed_reference(stream, w2, b2)) <= tol
 
@@ -211,7 +211,7 @@ def folded_rows_unlike_one_row_calls(M, N, K, next_features, dtype, rows) -> lis
 
     def outputs(r):
         stream = linear_into_residual(x[r], w, b, residual[r], g, 1e-5)
-        return stream.h, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2, b2)
+        return stream.residual, stream.scaled, stream.sumsq.T, linear_of_normed(stream, w2, b2)
 
     full = outputs(slice(0, M))
     return [i for i in rows
@@ -243,7 +243,7 @@ def test_folded_norm_with_split_k_is_the_same_sums():
     x, w, b, residual, g = folded_norm_inputs(5, 40, 80, torch.float32)
     out, h, sumsq = linear_module._run_linear(x, w, b, SPLIT_3, residual=residual, norm_weight=g)
     want = linear_into_residual_reference(x, w, b, residual, g)
-    assert rel_error(h, want.h) <= 1e-5 and rel_error(out, want.scaled) <= 1e-5
+    assert rel_error(h, want.residual) <= 1e-5 and rel_error(out, want.scaled) <= 1e-5
     assert rel_error(sumsq.sum(0), want.sumsq[0]) <= 1e-5
     stream = NormedStream(out, h, sumsq, 1e-5)
     w2, b2 = linear_inputs(1, 24, 40, torch.float32, DEVICE)[1:]
