@@ -5,6 +5,7 @@ times under each launch setting (other model shapes with --shape).
     python -m bench.step_profile --prefetch 0,512,2048 # also time the linear layer's L2 prefetch sizes
     python -m bench.step_profile --ablate              # also the graphed steps' cost of each kernel class
     python -m bench.step_profile --shape llama3-8b     # grouped queries (4 a KV head), a 128K vocabulary
+    python -m bench.step_profile --fold-norms on       # the 7B with its RMSNorms folded into the linear layers
 
 Two tables (three with --ablate):
   steps    the CUDA-graphed decode and tree steps (bench/steps.py's `step_ms`, median of --reps replays) with
@@ -35,6 +36,7 @@ import torch
 
 import kernels
 from kernels import linear as linear_kernel
+from nanomedusa import model as model_module
 from nanomedusa.tree import PRESETS, TreeBuffers
 
 from .report import print_table, save, say
@@ -52,6 +54,9 @@ def parse_args(argv=None):
                    help="also time the exact kernels under PDL with these L2 prefetch sizes per weight row")
     p.add_argument("--ablate", action="store_true", help="also time the steps without each class of kernels")
     p.add_argument("--top", type=int, default=14, help="kernels listed per profiled step (default 14)")
+    p.add_argument("--fold-norms", choices=("auto", "on", "off"), default="auto",
+                   help="the row-invariant blocks fold their RMSNorms into the linear layers: as shipped (auto: "
+                        "hidden sizes up to nanomedusa/model.py's FOLD_NORMS_MAX_DIM), always, or never")
     p.add_argument("--json", default=None, help="write the numbers here")
     return p.parse_args(argv)
 
@@ -128,9 +133,20 @@ def ablation_rows(model, prefix: int, tree: TreeBuffers, reps: int) -> list[list
     return rows
 
 
-@torch.inference_mode()
 def main(argv=None) -> None:
     args = parse_args(argv)
+    shipped = model_module.FOLD_NORMS_MAX_DIM
+    # every forward reads the module's constant: setting it is how the benchmark varies the fold
+    model_module.FOLD_NORMS_MAX_DIM = {"auto": shipped, "on": 1 << 30, "off": -1}[args.fold_norms]
+    try:
+        run(args)
+    finally:
+        model_module.FOLD_NORMS_MAX_DIM = shipped
+
+
+@torch.inference_mode()
+def run(args) -> None:
+    """The steps and their kernels, as the module docstring says, in the model settings `main` made."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     shape = argparse.Namespace(**{**SHAPES[args.shape], **({"big_layers": args.layers} if args.layers else {})})
     tree = TreeBuffers.from_choices(PRESETS["mc_sim_7b_63"], device=device)
@@ -144,7 +160,8 @@ def main(argv=None) -> None:
     else:
         say("[steps] no programmatic dependent launch before sm_90: its rows are left out")
     saved = kernels.row_invariant(), kernels.dependent_launch_enabled(), linear_kernel.PREFETCH_BYTES
-    rows, out = [], {"shape": args.shape, "prefix": args.prefix, "layers": shape.big_layers, "steps": [], "profiles": {}}
+    rows, out = [], {"shape": args.shape, "prefix": args.prefix, "layers": shape.big_layers,
+                     "fold_norms": args.fold_norms, "steps": [], "profiles": {}}
     try:
         for exact, pdl, prefetch in settings:
             kernels.set_row_invariant(exact)
