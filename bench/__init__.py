@@ -19,6 +19,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        (`export`), their graphed steps timed in alternation on one machine (`run`)
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
+    python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's
+                                       path) against the shipped ones: held-out accuracy, offline (CPU)
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
                                        follow-up turn
     bash bench/gpu_run.sh STAGE        every GPU number we report, one stage per call (the kernels, the
