@@ -124,6 +124,9 @@ def run(args) -> dict:
     heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=torch.float32)
     if not heads.config.shared_lm_head:
         raise SystemExit("error: the probe reads heads that share the base model's lm_head (--shared-lm-head).")
+    if not all(0 <= k < heads.config.num_heads for k in args.probe_heads):
+        raise SystemExit(f"error: {args.heads} has {heads.config.num_heads} heads; pass --probe-heads among "
+                         f"0 .. {heads.config.num_heads - 1}.")
     streams = {}
     for name, files in (("train", args.train), ("eval", args.eval)):
         examples = [e for f in files for e in tokenize_all(tokenizer, load_conversations(f), args.max_len)]

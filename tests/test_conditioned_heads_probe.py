@@ -5,6 +5,7 @@ import json
 import random
 import string
 
+import pytest
 import torch
 
 from bench import conditioned_heads_probe as probe
@@ -61,8 +62,8 @@ def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should
     held = write_pairs_data(tmp_path / "eval.jsonl", 16, seed=2)
     out = probe.run(probe.parse_args([
         "--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
-        str(held), "--steps", "150", "--batch", "64", "--lr", "1e-2", "--condition-lr", "3e-2", "--device", "cpu",
-        "--json", str(tmp_path / "p.json")]))
+        str(held), "--probe-heads", "0", "1", "--steps", "150", "--batch", "64", "--lr", "1e-2", "--condition-lr",
+        "3e-2", "--device", "cpu", "--json", str(tmp_path / "p.json")]))
     got = {(r["head"], r["variant"]): r for r in out["results"]}
     assert sorted(got) == [(0, "medusa"), (0, "root"), (0, "shipped"), (1, "medusa"), (1, "path"), (1, "root"),
                            (1, "shipped")]
@@ -72,3 +73,6 @@ def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should
     # and where t + 2 opens one, head 1's target is t + 2's letter: only the path (the tree's own token) tells
     assert got[(1, "path")]["top1"] > got[(1, "root")]["top1"] + 0.2
     assert json.loads((tmp_path / "p.json").read_text())["results"] == out["results"]
+    with pytest.raises(SystemExit, match="has 2 heads; pass --probe-heads among 0 .. 1"):
+        probe.run(probe.parse_args(["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"),
+                                    "--train", str(train), "--eval", str(held), "--device", "cpu"]))
