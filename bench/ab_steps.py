@@ -83,7 +83,7 @@ def export(revision: str, out_dir: Path) -> Path:
 
 def measure(version: Path, job: dict, timeout: float) -> dict | None:
     """One process in `version`'s folder: {"decode_ms", "tree_ms"}, or None (its error's last lines are said)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(version), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(version), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
         done = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], cwd=version, env=env,
                               capture_output=True, text=True, timeout=timeout)

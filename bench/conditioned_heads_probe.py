@@ -68,7 +68,8 @@ class Stream:
 
 
 class ProbeHead(nn.Module):
-    """One Medusa head's ResBlocks, fed h_t plus W times the embeddings of the `reads` tokens after t."""
+    """One Medusa head's ResBlocks, fed h_t plus W times the embeddings of the `reads` tokens after t, then the base
+    model's (shared) vocabulary projection."""
 
     def __init__(self, blocks: nn.Module, reads: int, dim: int):
         super().__init__()
@@ -77,12 +78,13 @@ class ProbeHead(nn.Module):
         if self.condition is not None:
             nn.init.zeros_(self.condition.weight)  # starts as the head it was copied from
 
-    def forward(self, stream: Stream, t: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+    def forward(self, stream: Stream, t: torch.Tensor, model) -> torch.Tensor:
+        """positions t [N] -> logits [N, V]."""
         x = stream.hidden[t]  # [N, D]
         if self.reads:
             after = stream.ids[t[:, None] + torch.arange(1, self.reads + 1, device=t.device)]  # [N, reads]
-            x = x + self.condition(embedding(after).float().flatten(1))  # [N, reads * D] -> [N, D]
-        return self.blocks(x)
+            x = x + self.condition(model.tok_embeddings(after).float().flatten(1))  # [N, reads * D] -> [N, D]
+        return F.linear(self.blocks(x), model.lm_head.weight.float())
 
 
 def accuracy(head: ProbeHead, stream: Stream, k: int, model, topk: int = 5, chunk: int = 1024) -> tuple[float, float]:
@@ -90,8 +92,7 @@ def accuracy(head: ProbeHead, stream: Stream, k: int, model, topk: int = 5, chun
     t_all, hits1, hitsk = stream.positions(k), 0, 0
     with torch.no_grad():
         for t in t_all.split(chunk):
-            logits = F.linear(head(stream, t, model.tok_embeddings), model.lm_head.weight.float())  # [N, V]
-            guesses = logits.topk(topk, dim=-1).indices  # [N, topk]
+            guesses = head(stream, t, model).topk(topk, dim=-1).indices  # [N, topk]
             right = guesses == stream.ids[t + k + 2][:, None]
             hits1 += int(right[:, 0].sum())
             hitsk += int(right.any(-1).sum())
@@ -102,14 +103,17 @@ def train(head: ProbeHead, stream: Stream, k: int, model, args) -> ProbeHead:
     """`args.steps` Adam steps on batches of `args.batch` positions, drawn by `args.seed` alike for every variant."""
     t_all = stream.positions(k)
     rng = torch.Generator().manual_seed(args.seed + k)
-    groups = [{"params": list(head.blocks.parameters()), "lr": args.lr}]  # the trained head: fine-tuned
+    groups = []
+    if args.lr > 0:  # the trained head: fine-tuned
+        groups.append({"params": list(head.blocks.parameters()), "lr": args.lr})
+    else:  # kept as it is: no gradients for its weights (only through it, for W)
+        head.blocks.requires_grad_(False)
     if head.condition is not None:  # new weights, from zero
         groups.append({"params": list(head.condition.parameters()), "lr": args.condition_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     for _ in range(args.steps):
         t = t_all[torch.randint(len(t_all), (args.batch,), generator=rng)].to(t_all.device)
-        logits = F.linear(head(stream, t, model.tok_embeddings), model.lm_head.weight.float())  # [N, V]
-        loss = F.cross_entropy(logits, stream.ids[t + k + 2])
+        loss = F.cross_entropy(head(stream, t, model), stream.ids[t + k + 2])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

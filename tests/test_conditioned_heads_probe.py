@@ -7,6 +7,7 @@ import string
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench import conditioned_heads_probe as probe
 from nanomedusa.heads import MedusaHeads
@@ -45,13 +46,13 @@ def test_a_conditioned_head_starts_as_its_copy_and_reads_the_right_tokens(tmp_pa
     plain = probe.ProbeHead(heads.medusa_head[1][:1], 0, model.config.dim)
     reading = probe.ProbeHead(heads.medusa_head[1][:1], 2, model.config.dim)
     with torch.no_grad():
-        assert torch.equal(plain(stream, t, model.tok_embeddings), reading(stream, t, model.tok_embeddings))
+        assert torch.equal(plain(stream, t, model), reading(stream, t, model))
         reading.condition.weight.normal_()
-        moved = reading(stream, t, model.tok_embeddings) - plain(stream, t, model.tok_embeddings)
-        # what it added: W [e(x_{t+1}), e(x_{t+2})], the two tokens after t
+        # what it adds to h_t: W [e(x_{t+1}), e(x_{t+2})], the two tokens after t
         e = model.tok_embeddings(torch.stack([stream.ids[t + 1], stream.ids[t + 2]], 1)).flatten(1)
-        assert torch.allclose(heads.medusa_head[1][:1](stream.hidden[t] + reading.condition(e)),
-                              moved + plain(stream, t, model.tok_embeddings), atol=1e-5)
+        want = F.linear(heads.medusa_head[1][:1](stream.hidden[t] + reading.condition(e)), model.lm_head.weight)
+        assert not torch.allclose(want, plain(stream, t, model), atol=1e-3)
+        assert torch.allclose(reading(stream, t, model), want, atol=1e-5)
 
 
 def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should(tmp_path):
