@@ -16,6 +16,8 @@ Usage:
     python generate.py --medusa out/warmup/heads --prompt "..."
     #    Several answer files train as a mix; --data-weights repeats (> 1) or thins (< 1) each file's examples.
     python train.py --stage warmup --data data/chat.jsonl data/math.jsonl --data-weights 1 0.5 --out out/warmup
+    #    Heads that read the tokens before their target (children guessed from their parent's token):
+    python train.py --stage warmup --reads-path --data data/answers.jsonl --out out/path
     #    --cache-hidden DIR keeps the frozen backbone's hidden states on disk for epochs after the first.
 
     # 3. Joint (Medusa-2, optional): backbone and heads together, from the warm-up heads.
@@ -79,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-heads", type=int, default=t.num_heads)
     g.add_argument("--num-layers", type=int, default=t.num_layers, help="ResBlocks per head")
     g.add_argument("--shared-lm-head", action="store_true", help="heads reuse the base lm_head (fewer parameters)")
+    g.add_argument("--reads-path", action="store_true",
+                   help="head k also reads the tokens t+1 .. t+k+1 before its target, so a tree's children depend on "
+                        "their parent (nanomedusa/path_tree.py); with --heads, adds that to the heads given")
     g.add_argument("--head-decay", type=float, default=t.head_decay, help="loss weight of head k is decay^k")
 
     g = p.add_argument_group("training")

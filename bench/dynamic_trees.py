@@ -65,13 +65,13 @@ def proposal_steps(model, heads, static: TreeBuffers, dynamic: DynamicTree):
     probabilities, scores, choice) and the next step's layout of it."""
     inputs = (torch.randn(1, model.config.dim, device=model.device, dtype=model.dtype),  # hidden
               torch.zeros((), dtype=torch.long, device=model.device))  # root
-    weight = model.lm_head.weight
+    weight, embed = model.lm_head.weight, model.tok_embeddings
 
     def static_step(hidden, root):
-        return propose(heads, static, weight, root, hidden)
+        return propose(heads, static, weight, root, hidden, embed)
 
     def dynamic_step(hidden, root):
-        tokens, nodes = propose(heads, dynamic, weight, root, hidden)
+        tokens, nodes = propose(heads, dynamic, weight, root, hidden, embed)
         return tokens, dynamic.layout(nodes)
 
     return static_step, dynamic_step, inputs

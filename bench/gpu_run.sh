@@ -8,6 +8,8 @@
 #   bash bench/gpu_run.sh joint     # Medusa-2: LoRA backbone + heads from the warm-up heads, then their tree
 #   bash bench/gpu_run.sh bench     # end-to-end benchmark on the three bench prompt sets, 7B-shaped steps
 #   bash bench/gpu_run.sh exact     # --exact: greedy Medusa = plain greedy on 108 prompts x 256 tokens, and its cost
+#   bash bench/gpu_run.sh path      # heads that read their path, grown from trained heads, tuned and calibrated
+#   bash bench/gpu_run.sh path-bench  # their static and dynamic trees against the heads they grew from
 #
 # Data: the chat prompts (PROMPTS_CHAT, default ../shared/data/prompts-chat-train.jsonl) are answered with
 # up to CHAT_TOKENS (512) new tokens, the math-heavy prompts (PROMPTS_MATH, default
@@ -20,7 +22,9 @@
 # each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
 # JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep), and for the exact
-# stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear).
+# stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
+# and for the path stages HEADS_FROM (the heads grown, default the shipped Medusa-1 heads), PATH_EPOCHS (default 1)
+# and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS_CHAT=${PROMPTS_CHAT:-../shared/data/prompts-chat-train.jsonl}
@@ -33,6 +37,7 @@ DATA=("$WORK/answers-chat.jsonl" "$WORK/answers-math.jsonl")
 read -r -a MIX <<< "${MIX:-1 0.5}"
 HEADS_FLAGS="--num-heads 5 --num-layers ${HEAD_LAYERS:-2} --shared-lm-head"
 RUN=${RUN:-warmup}
+HEADS_FROM=${HEADS_FROM:-weights/smollm2-135m-instruct-medusa}
 MODEL_FLAG=${MODEL:+--model $MODEL}
 STEP_TIMES="$OUT/step-times.json"
 [ -f "$STEP_TIMES" ] && export STEP_TIMES_FLAG="--step-times $STEP_TIMES"  # trees sized to the GPU
@@ -110,8 +115,33 @@ case "${1:-}" in
     done
     python -m bench.linear --json "$OUT/linear.json" ${LINEAR_FLAGS:-} 2>&1 | tee "$OUT/bench-linear.txt"
     ;;
+  path)  # HEADS_FROM plus path reading (train.py --reads-path: P_k from zero, the heads trained on with it) for
+         # PATH_EPOCHS more epochs on the distilled answers; their tree sized to bench/step-times.json, their
+         # temperatures fitted on the answers' held-out split
+    python train.py --stage warmup $MODEL_FLAG --heads "$HEADS_FROM" --reads-path --data "${DATA[@]}" \
+        --data-weights "${MIX[@]}" --out "$WORK/path" --epochs "${PATH_EPOCHS:-1}" --batch-size 32 --max-len 1024 \
+        --lr 2e-3 --log-every 100 2>&1 | no_bars | tee "$OUT/path.log"
+    cp "$WORK/path/eval.json" "$OUT/path_eval.json"
+    STEP_TIMES_FLAG="--step-times ${STEP_TIMES_FILE:-bench/step-times.json}" tune_tree "$WORK/path/heads" path
+    python -m nanomedusa.calibration $MODEL_FLAG --heads "$WORK/path/heads" --data "${DATA[@]}" --write 2>&1 \
+        | tee "$OUT/path_calibration.log"
+    ;;
+  path-bench)  # static against dynamic trees (bench.dynamic_trees) for the path stage's heads and HEADS_FROM,
+               # on the held-out chat set and the math/NLP mix; then both end to end against plain decoding
+    for set in chat-heldout train-mix; do
+        for heads in "from=$HEADS_FROM" "path=$WORK/path/heads"; do
+            python -m bench.dynamic_trees $MODEL_FLAG --heads "${heads#*=}" --prompts "bench/prompts-$set.jsonl" \
+                --budgets "${BUDGETS:-16,32,64,128}" --json "$OUT/dynamic-${heads%%=*}-$set.json" ${DYNAMIC_FLAGS:-} 2>&1 \
+                | tee -a "$OUT/path-bench.txt"
+        done
+    done
+    python -m bench.decode $MODEL_FLAG --heads "from=$HEADS_FROM" --heads "path=$WORK/path/heads" --tree own \
+        --prompts bench/prompts-chat-heldout.jsonl bench/prompts-train-mix.jsonl --no-hf --skip-7b \
+        ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results-path.json" ${BENCH_FLAGS:-} 2>&1 \
+        | tee "$OUT/bench-path.txt"
+    ;;
   *)
-    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench|exact" >&2
+    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench|exact|path|path-bench" >&2
     exit 2
     ;;
 esac

@@ -117,6 +117,19 @@ def _linear_cases():
                     floats=("eps",)))
 
 
+def _path_heads_cases():
+    from . import path_heads
+
+    yield ("path-reading heads' inputs, depth 4", path_heads._path_input_kernel,
+           {"hidden_ptr": "*bf16", "tokens_ptr": "*i64", "lineage_ptr": "*i64", "embed_ptr": "*bf16",
+            "proj_ptr": "*bf16", "out_ptr": "*bf16"},
+           dict(D=576, DEPTH=4, DOT_PRECISION="tf32", BLOCK_N=32, BLOCK_K=64, PDL=True), dict(num_warps=4))
+    yield ("path-reading heads' guesses placed", path_heads._place_guesses_kernel,
+           {"tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "ids_ptr": "*i64", "id_logprobs_ptr": "*fp32",
+            "children_ptr": "*i64", "parent_row_ptr": "*i64", "rank_ptr": "*i64"},
+           dict(TOPK=10, WITH_LOGPROBS=True, BLOCK_C=64, PDL=True), dict(num_warps=4))
+
+
 # A global memory access in PTX: a load, store or atomic on global memory, or an async copy from it (a predicate
 # may precede it). L2 prefetches are not accesses: they read nothing into the program.
 _GLOBAL_ACCESS = re.compile(r"^(@!?%p\d+\s+)?((ld|st|atom|red)(\.\w+)*\.global|cp\.async\.)")
@@ -145,7 +158,8 @@ def main() -> int:
         print("compile_check: run with TRITON_INTERPRET=0 (under the interpreter @triton.jit compiles nothing)")
         return 2
     failed = 0
-    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_linear_cases()]:
+    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_linear_cases(),
+                                                        *_path_heads_cases()]:
         options = dict(options)
         l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:

@@ -40,7 +40,7 @@ from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_in
                   check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_text_atomically
-from .heads import MedusaHeads, load_heads_and_adapter
+from .heads import MedusaHeads, path_ids, load_heads_and_adapter
 from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import (IGNORE, Conversation, collate, load_conversations, prompt_messages, split_train_eval,
@@ -92,29 +92,31 @@ def fit_temperature(chunks: Chunks, tolerance: float = 1e-4, max_steps: int = 30
 
 
 @torch.inference_mode()
-def answer_positions(model, num_heads: int, examples, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per head k: (hidden [n_k, D], the base model's last hidden state at each answer position where head k
-    has a target; targets [n_k], the token k + 2 after it)."""
-    hidden_rows, target_rows = [[] for _ in range(num_heads)], [[] for _ in range(num_heads)]
+def answer_positions(model, heads: MedusaHeads, examples, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per head k: (inputs [n_k, D], what head k reads at each answer position where it has a target: the base
+    model's last hidden state, plus its path for heads that read it; targets [n_k], the token k + 2 after it)."""
+    num_heads = heads.config.num_heads
+    input_rows, target_rows = [[] for _ in range(num_heads)], [[] for _ in range(num_heads)]
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size]).to(model.device)
         hidden = model.forward_hidden(batch.tokens)  # [B, T, D]
+        path = model.tok_embeddings(path_ids(batch.tokens, num_heads)) if heads.config.reads_path else None
         targets = shifted_targets(batch.labels, num_heads)[1:]  # [K, B, T]: head k's target at t is token t+k+2
         for k in range(num_heads):
             valid = targets[k] != IGNORE
-            hidden_rows[k].append(hidden[valid])
+            input_rows[k].append(heads.head_input(k, hidden[valid], None if path is None else path[valid]))
             target_rows[k].append(targets[k][valid])
-    return [(torch.cat(h), torch.cat(t)) for h, t in zip(hidden_rows, target_rows)]
+    return [(torch.cat(x), torch.cat(t)) for x, t in zip(input_rows, target_rows)]
 
 
 def calibrate(model, heads: MedusaHeads, examples, chunk: int = 512) -> list[Fit]:
     """One fitted temperature per head, on the answer positions of `examples`."""
     fits = []
-    for k, (hidden, targets) in enumerate(answer_positions(model, heads.config.num_heads, examples)):
+    for k, (inputs, targets) in enumerate(answer_positions(model, heads, examples)):
         @torch.inference_mode()
-        def chunks(k=k, hidden=hidden, targets=targets):
+        def chunks(k=k, inputs=inputs, targets=targets):
             for i in range(0, len(targets), chunk):
-                yield heads.head_logits(k, hidden[i:i + chunk], model.lm_head.weight), targets[i:i + chunk]
+                yield heads.input_logits(k, inputs[i:i + chunk], model.lm_head.weight), targets[i:i + chunk]
 
         fits.append(fit_temperature(chunks))
         print(f"  head {k}: T = {fits[-1].temperature:.3f}, NLL {fits[-1].nll_before:.4f} -> {fits[-1].nll_after:.4f} "

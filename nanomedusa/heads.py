@@ -7,6 +7,15 @@ Each head is `num_layers` ResBlocks (x + SiLU(Wx + b)) and then a vocabulary pro
 
 The ResBlocks start at zero, and each vocab projection starts as a copy of the base lm_head, so an
 untrained head guesses what the base model would say next (a reasonable start for training).
+
+Heads that read their path (`reads_path`, `train.py --reads-path`): head k also reads the tokens between
+h_t and its target, t+1 .. t+k+1 (the root, then the tree's own guesses above the node it extends):
+
+    x = hidden + P_k [e(x_{t+1}); ..; e(x_{t+k+1})]      e = the base model's token embedding, P_k [dim, (k+1) dim]
+
+so a tree node's children depend on the node's own token, not only on its depth and rank (path_tree.py
+proposes such trees depth by depth). Medusa's heads cannot tell "Paris" from "London" at depth 1 when they
+guess depth 2; these can. P_k starts at zero: such heads start as the plain heads they extend.
 `shared_lm_head=True` keeps no vocab projection of its own and reuses the base lm_head: K times
 fewer parameters (for a 49k-vocab, 576-wide model: 0.3M per head instead of 28.6M), at the cost of
 capacity, since each head can then only reshape the hidden state.
@@ -16,7 +25,8 @@ names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{
 / `.bias` for ResBlock j of head i, `medusa_head.{i}.{L}.weight` for its vocab projection), so
 published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are. Our config.json may add
 `medusa_choices` (the tree the heads run with), `rank_accuracy` (their held-out rank accuracies, both from
-tree_tuning.py) and `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent).
+tree_tuning.py), `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent) and
+`reads_path` (with P_k stored as `medusa_path.{k}.weight`; the reference implementation has no such heads).
 Heads from joint training (Medusa-2) may also ship a LoRA adapter for the backbone (adapter.py):
 `load_heads_and_adapter` loads such heads for a model and merges it in.
 """
@@ -26,7 +36,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +65,7 @@ class HeadsConfig:
     lora: dict | None = None  # {"rank", "alpha"} of a backbone adapter shipped beside them (adapter.py)
     rank_accuracy: list | None = None  # [K][topk] share of head k's rank-i guesses that were right (tree_tuning.py)
     medusa_temperatures: list | None = None  # [K] head k's probabilities are softmax(logits / T_k) (calibration.py)
+    reads_path: bool = False  # head k also reads the embeddings of tokens t+1 .. t+k+1 (module docstring)
 
     def rank_accuracies(self) -> list[list[float]]:
         """[K][topk] the measured rank accuracies (tree_tuning.py --write stores them), else a generic decay."""
@@ -93,14 +104,20 @@ class MedusaHeads(nn.Module):
             return nn.Sequential(*[ResBlock(D) for _ in range(config.num_layers)], *vocab)
 
         self.medusa_head = nn.ModuleList(head() for _ in range(config.num_heads))
+        self.medusa_path = None
+        if config.reads_path:
+            self.medusa_path = nn.ModuleList(nn.Linear((k + 1) * D, D, bias=False) for k in range(config.num_heads))
+            for proj in self.medusa_path:
+                nn.init.zeros_(proj.weight)  # the heads start as the plain heads they extend
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
         self._temperatures = None  # (key, tensor [K] float32), key = (device, temperatures): see `topk_logprobs`
 
     @classmethod
-    def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model=""):
+    def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model="", reads_path=False):
         """Fresh heads for `model`: zero ResBlocks, vocab projections copied from its lm_head."""
         c = model.config
-        heads = cls(HeadsConfig(num_heads, num_layers, c.dim, c.vocab_size, shared_lm_head, base_model))
+        heads = cls(HeadsConfig(num_heads, num_layers, c.dim, c.vocab_size, shared_lm_head, base_model,
+                                reads_path=reads_path))
         heads.to(device=model.device, dtype=model.dtype)
         if not shared_lm_head:
             with torch.no_grad():
@@ -108,15 +125,39 @@ class MedusaHeads(nn.Module):
                     head[-1].weight.copy_(model.lm_head.weight)
         return heads
 
-    def head_logits(self, k: int, hidden, lm_head_weight=None):
-        """hidden [..., dim] -> head k's logits [..., vocab] (float32)."""
-        x = self.medusa_head[k][: self.config.num_layers](hidden)
+    def with_path_reading(self) -> "MedusaHeads":
+        """These heads, made to read their path (`reads_path`) with P_k = 0: they guess as before until trained."""
+        if self.medusa_path is None:
+            p = next(self.parameters())
+            grown = MedusaHeads(replace(self.config, reads_path=True)).to(device=p.device, dtype=p.dtype)
+            grown.medusa_head.load_state_dict(self.medusa_head.state_dict())
+            return grown.train(self.training)
+        return self
+
+    def head_input(self, k: int, hidden, path=None):
+        """hidden [..., dim], path [..., >= k+1, dim] (embeddings of tokens t+1.., see `path_ids`) -> what head k
+        reads [..., dim]: hidden itself, or for heads that read their path hidden + P_k [path_0; ..; path_k]."""
+        if self.medusa_path is None:
+            return hidden
+        if path is None:
+            raise NanoMedusaError("these heads read the tokens before their target (reads_path); pass their "
+                                  "embeddings as path.")
+        return hidden + self.medusa_path[k](path[..., : k + 1, :].flatten(-2))
+
+    def head_logits(self, k: int, hidden, lm_head_weight=None, path=None):
+        """hidden [..., dim] (path [..., K, dim] for heads that read it) -> head k's logits [..., vocab] (float32)."""
+        return self.input_logits(k, self.head_input(k, hidden, path), lm_head_weight)
+
+    def input_logits(self, k: int, x, lm_head_weight=None):
+        """Head k on what it reads, x [..., dim] (`head_input`'s) -> its logits [..., vocab] (float32)."""
+        x = self.medusa_head[k][: self.config.num_layers](x)
         vocab = lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight
         return F.linear(x, vocab).float()
 
-    def forward(self, hidden, lm_head_weight=None):
-        """hidden [..., dim] -> logits [K, ..., vocab] (float32); differentiable, used for training."""
-        return torch.stack([self.head_logits(k, hidden, lm_head_weight) for k in range(self.config.num_heads)])
+    def forward(self, hidden, lm_head_weight=None, path=None):
+        """hidden [..., dim] (path [..., K, dim] for heads that read it) -> logits [K, ..., vocab] (float32);
+        differentiable, used for training."""
+        return torch.stack([self.head_logits(k, hidden, lm_head_weight, path) for k in range(self.config.num_heads)])
 
     def stacked_weights(self, lm_head_weight=None):
         """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels."""
@@ -138,7 +179,33 @@ class MedusaHeads(nn.Module):
     @torch.no_grad()
     def topk(self, hidden, k: int, lm_head_weight=None):
         """hidden [N, dim] -> each head's top-k token ids [K, N, k] (fused kernel on CUDA)."""
+        self._check_reads_hidden_only()
         return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k)
+
+    @torch.no_grad()
+    def head_topk(self, k: int, x, topk: int, lm_head_weight=None, logprobs: bool = False):
+        """Head k alone on its inputs x [N, dim] (`head_input`'s) -> its top-k ids [N, topk] (and, with logprobs,
+        their calibrated log-probabilities [N, topk] float32): the fused kernel on one head's weights."""
+        w, b, vocab = self.stacked_weights(lm_head_weight)
+        vocab = vocab if vocab.dim() == 2 else vocab[k: k + 1]
+        if not logprobs:
+            return medusa_topk(x, w[k: k + 1], b[k: k + 1], vocab, topk)[0]
+        ids, lps = medusa_topk(x, w[k: k + 1], b[k: k + 1], vocab, topk, self._temperature_tensor(x.device)[k: k + 1])
+        return ids[0], lps[0]
+
+    def _check_reads_hidden_only(self) -> None:
+        """All heads at once on h_t alone is what Medusa's heads do; heads that read their path cannot guess so."""
+        if self.medusa_path is not None:
+            raise NanoMedusaError("these heads read the tokens before their target (reads_path): their guesses "
+                                  "depend on the tree's path; propose with nanomedusa.path_tree, depth by depth.")
+
+    def _temperature_tensor(self, device) -> torch.Tensor:
+        """The heads' temperatures [K] float32 on `device`, made on the first call: a step's eager warm-up runs
+        before its CUDA graph is captured, which then reads this tensor."""
+        key = (device, tuple(self.config.temperatures()))
+        if self._temperatures is None or self._temperatures[0] != key:
+            self._temperatures = key, torch.tensor(key[1], dtype=torch.float32, device=device)  # [K]
+        return self._temperatures[1]
 
     @torch.no_grad()
     def topk_logprobs(self, hidden, k: int, lm_head_weight=None):
@@ -146,16 +213,15 @@ class MedusaHeads(nn.Module):
         [K, N, k] float32, log softmax(logits / T) with T the head's temperature (best first; dynamic_tree.py
         scores its nodes with them). On CUDA the fused kernel gathers each row's log-partition in the same
         pass as its top-k, without making the [K, N, vocab] logits."""
-        key = (hidden.device, tuple(self.config.temperatures()))
-        if self._temperatures is None or self._temperatures[0] != key:
-            # Made on the first call: a step's eager warm-up runs before its CUDA graph is captured.
-            self._temperatures = key, torch.tensor(key[1], dtype=torch.float32, device=hidden.device)  # [K]
-        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k, self._temperatures[1])
+        self._check_reads_hidden_only()
+        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k, self._temperature_tensor(hidden.device))
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {f"medusa_head.{k}": v.detach().contiguous() for k, v in self.medusa_head.state_dict().items()}
+        if self.medusa_path is not None:
+            state |= {f"medusa_path.{k}": v.detach().contiguous() for k, v in self.medusa_path.state_dict().items()}
         # Each file replaced whole: a run killed mid-save (training saves every --save-every steps) keeps the last heads.
         write_atomically(out_dir / WEIGHT_FILES[0], lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         write_text_atomically(out_dir / "config.json", json.dumps(self.config.to_json(), indent=2) + "\n")
@@ -178,6 +244,10 @@ class MedusaHeads(nn.Module):
         if weights_file is None:
             raise NanoMedusaError(f"{path} has none of {', '.join(WEIGHT_FILES)}; it is not a Medusa heads checkpoint.")
         state = _read_weights(weights_file)
+        path_state = {k.removeprefix("medusa_path."): state.pop(k) for k in list(state) if k.startswith("medusa_path.")}
+        if raw.get("reads_path") and not path_state:
+            raise NanoMedusaError(f"{path}/config.json says reads_path but {weights_file.name} has no medusa_path "
+                                  f"tensors; re-export the heads, or set reads_path to false.")
         num_heads = raw.get("medusa_num_heads", raw.get("num_heads"))
         num_layers = raw.get("medusa_num_layers", raw.get("num_layers", 1))
         if num_heads is None:
@@ -191,7 +261,7 @@ class MedusaHeads(nn.Module):
         hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
                              raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"), raw.get("lora"),
-                             raw.get("rank_accuracy"), _temperatures(raw, num_heads, path))
+                             raw.get("rank_accuracy"), _temperatures(raw, num_heads, path), bool(path_state))
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has {model_config.dim}; "
                                   f"use heads trained for this model.")
@@ -201,11 +271,21 @@ class MedusaHeads(nn.Module):
         heads = cls(config)
         try:
             heads.medusa_head.load_state_dict(state, strict=True)
+            if path_state:
+                heads.medusa_path.load_state_dict(path_state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
             raise NanoMedusaError(f"the tensors in {weights_file} do not match its config.json ({first}); "
                                   f"fix medusa_num_heads/medusa_num_layers.") from None
         return heads.to(device=device, dtype=dtype).eval()
+
+
+def path_ids(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """tokens [B, T] -> [B, T, K]: at t, the tokens t+1 .. t+K (0 past the end), the path that heads which read it
+    see at position t when every guess above their target is right (training, tuning and calibration)."""
+    B, T = tokens.shape
+    padded = torch.cat([tokens, tokens.new_zeros(B, num_heads)], dim=1)  # [B, T + K]
+    return torch.stack([padded[:, j + 1: j + 1 + T] for j in range(num_heads)], dim=-1)
 
 
 def load_heads_and_adapter(heads_dir: str | Path, model, say: Callable[[str], object] = print) -> MedusaHeads:

@@ -12,7 +12,9 @@ the heads' guesses after it, laid out on the tree. It reads as four verbs, each 
   4. propose:  the heads read the last accepted node's hidden state (no extra forward) and guess the
                next step's tree: tree_tokens = bonus + their top-k, picked by the tree (tree.py); a
                dynamic tree (dynamic_tree.py) also chooses which nodes, from the heads' confidence, and
-               the next step first lays them out (mask, depths, retrieve rows) before verifying them
+               the next step first lays them out (mask, depths, retrieve rows) before verifying them;
+               heads that read their path guess depth by depth, each node's children from its own
+               tokens (path_tree.py)
 
 With greedy acceptance every emitted token is the base model's argmax given the tokens before it,
 so the output is exactly plain greedy decoding's, only with fewer forward passes. Typical acceptance,
@@ -43,6 +45,7 @@ from .dynamic_tree import DynamicTree
 from .errors import NanoMedusaError
 from .generation import GenerationResult
 from .heads import MedusaHeads
+from .path_tree import propose_path_tree
 from .sampling import Sampling, next_token, target_probs
 from .tree import TreeBuffers
 
@@ -73,9 +76,12 @@ class MedusaStep(NamedTuple):
 
 
 def propose(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, lm_head_weight, root,
-            hidden) -> tuple[torch.Tensor, ...]:
+            hidden, embed=None) -> tuple[torch.Tensor, ...]:
     """root [] (a token not yet in the cache), hidden [1, D] of the token before it -> the next step's proposal:
-    (tree tokens [T],), or for a dynamic tree (tree tokens [N], the superset nodes it chose [N])."""
+    (tree tokens [T],), or for a dynamic tree (tree tokens [N], the superset nodes it chose [N]). Heads that
+    read their path guess depth by depth (path_tree.py) and need `embed`, the base model's token embedding."""
+    if heads.config.reads_path:
+        return propose_path_tree(heads, tree, lm_head_weight, root, hidden, embed)
     if isinstance(tree, DynamicTree):
         ids, logprobs = heads.topk_logprobs(hidden, tree.topk, lm_head_weight)  # [K, 1, k] each
         return tree.choose(root, ids[:, 0], logprobs[:, 0])
@@ -128,7 +134,7 @@ def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule
     hidden, logits = verify(model, step_tree, tree_tokens, prefix)
     best, accept_len, bonus = accept(logits, tree_tokens, step_tree, rule, rng)
     tokens, last = keep(model, step_tree, tree_tokens, prefix, best, accept_len)
-    next_tree = propose(heads, tree, model.lm_head.weight, bonus, hidden.index_select(0, last))
+    next_tree = propose(heads, tree, model.lm_head.weight, bonus, hidden.index_select(0, last), model.tok_embeddings)
     return MedusaStep(tokens, accept_len, prefix + accept_len + 1, bonus, next_tree)
 
 
@@ -189,7 +195,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     root = next_token(model.logits(hidden)[0], rule.draws, rng)
-    proposal = propose(heads, tree, model.lm_head.weight, root, hidden)  # tree tokens [T] (, chosen nodes [T])
+    proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)  # tree tokens [T] (, chosen nodes [T])
     result.prefill_seconds = time.perf_counter() - start
     done = max_new_tokens <= 0 or emit([root.item()])  # 0 tokens asked for: none emitted
     while not done:

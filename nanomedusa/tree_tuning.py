@@ -32,7 +32,7 @@ from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_in
                   check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
-from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter
+from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import IGNORE, collate, load_conversations, split_train_eval, tokenize_all
@@ -49,7 +49,8 @@ def rank_hits(model, heads: MedusaHeads, examples, topk: int = 10, batch_size: i
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size]).to(model.device)
         hidden = model.forward_hidden(batch.tokens)  # [B, T, D]
-        logits = heads(hidden, model.lm_head.weight)  # [K, B, T, V]
+        path = model.tok_embeddings(path_ids(batch.tokens, K)) if heads.config.reads_path else None  # [B, T, K, D]
+        logits = heads(hidden, model.lm_head.weight, path)  # [K, B, T, V]
         targets = shifted_targets(batch.labels, K)[1:]  # [K, B, T]: head k's target at t is token t+k+2
         valid = targets != IGNORE
         target_logit = logits.gather(-1, targets.clamp(min=0)[..., None])  # [K, B, T, 1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..heads import MedusaHeads
+from ..heads import MedusaHeads, path_ids
 from ..model import Transformer
 
 
@@ -26,6 +26,10 @@ class MedusaLM(nn.Module):
         if hidden is None:
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
                 hidden = self.model.forward_hidden(tokens)  # [B, T, dim]
-        head_logits = self.heads(hidden[head_mask], self.model.lm_head.weight)  # [K, N, V]
+        path = None
+        if self.heads.config.reads_path:  # the tokens t+1 .. t+K at each position: right wherever a target is
+            with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+                path = self.model.tok_embeddings(path_ids(tokens, self.heads.config.num_heads)[head_mask])  # [N, K, dim]
+        head_logits = self.heads(hidden[head_mask], self.model.lm_head.weight, path)  # [K, N, V]
         lm_logits = None if lm_mask is None else self.model.logits(hidden[lm_mask])  # [M, V]
         return head_logits, lm_logits

@@ -4,7 +4,8 @@
     results = trainer.run()   # -> the eval dict also written to OUT/eval.json
 
 * warmup: the backbone is frozen (no gradients, run under no_grad, bf16 on GPU); only the heads learn,
-  on loss = sum_k head_decay^k * CE(head_k(h_t), token_{t+k+2}).
+  on loss = sum_k head_decay^k * CE(head_k(h_t), token_{t+k+2}). Heads that read their path (--reads-path)
+  get the answer's own tokens t+1 .. t+k+1 (teacher forcing: what a tree's accepted path holds).
 * joint: backbone and heads learn together on loss = L_lm + w * L_medusa, with w ramped from 0 to
   --medusa-weight, the backbone at a much smaller learning rate than the heads (two AdamW groups),
   and optionally through LoRA adapters instead of all weights. This changes the base model: the
@@ -65,6 +66,7 @@ class TrainConfig:
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = False
+    reads_path: bool = False  # heads also read the tokens before their target (heads.py); adds them to --heads
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8  # per process and micro-batch
@@ -185,9 +187,11 @@ class Trainer:
             heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
             # Measured on the loaded weights, they would not describe the trained ones: refit after training.
             heads.config = replace(heads.config, rank_accuracy=None, medusa_temperatures=None)
+            if cfg.reads_path:
+                heads = heads.with_path_reading()
         else:
             heads = MedusaHeads.from_base(model, cfg.num_heads, cfg.num_layers, cfg.shared_lm_head,
-                                          base_model=str(cfg.model or self.ckpt_dir)).float()
+                                          base_model=str(cfg.model or self.ckpt_dir), reads_path=cfg.reads_path).float()
         return heads.train()
 
     def _make_optimizer(self):
@@ -204,7 +208,7 @@ class Trainer:
         cfg = self.cfg
         heads = self.module.heads.config
         return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data_files, "data_weights": cfg.data_weights, "heads": cfg.heads, "num_heads": heads.num_heads,
-                "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
+                "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "reads_path": heads.reads_path, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps}
 
