@@ -145,7 +145,9 @@ PRESETS: dict[str, list[list[int]]] = {
     # Ours: the greedy trees of `tree_from_head_accuracies` for the heads shipped in weights/ (Medusa-1:
     # smollm2-135m-instruct-medusa, Medusa-2: smollm2-135m-instruct-medusa2), from their held-out rank
     # accuracies and sized to an H200's step times (`python -m nanomedusa.tree_tuning --step-times`);
-    # each is also its checkpoint's config.json medusa_choices, the tree it runs with.
+    # each is also its checkpoint's config.json medusa_choices, the tree it runs with. The path-reading heads'
+    # (smollm2-135m-instruct-medusa-path, the default) is their 32-node tree of depth 3, chosen by end-to-end
+    # speed on an H200 (bench/RESULTS.md): their proposal costs a step more per depth than Medusa's.
     "smollm2_135m_medusa1": [
         [0], [1], [2], [3], [4], [5], [6], [7], [8], [9], [0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 5],
         [0, 6], [0, 7], [0, 8], [0, 9], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [2, 0], [2, 1], [2, 2],
@@ -159,6 +161,11 @@ PRESETS: dict[str, list[list[int]]] = {
         [0, 0, 5], [0, 0, 6], [0, 0, 7], [0, 0, 8], [0, 0, 9], [0, 1, 0], [0, 1, 1], [0, 1, 2], [0, 1, 3],
         [0, 2, 0], [0, 2, 1], [0, 3, 0], [0, 4, 0], [0, 5, 0], [0, 6, 0], [1, 0, 0], [1, 0, 1], [1, 1, 0],
         [2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 1, 0, 0],
+    ],
+    "smollm2_135m_medusa_path": [
+        [0], [1], [2], [3], [4], [5], [6], [7], [8], [9], [0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 5],
+        [0, 6], [0, 7], [1, 0], [1, 1], [2, 0], [3, 0], [4, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2],
+        [0, 0, 3], [0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0],
     ],
     **{f"chain{depth}": chain(depth) for depth in range(1, 6)},
 }

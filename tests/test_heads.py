@@ -127,7 +127,8 @@ def test_shipped_heads_are_the_default_on_a_gpu_only(capsys):
 
 
 @pytest.mark.parametrize("checkpoint, preset", [("smollm2-135m-instruct-medusa", "smollm2_135m_medusa1"),
-                                                ("smollm2-135m-instruct-medusa2", "smollm2_135m_medusa2")])
+                                                ("smollm2-135m-instruct-medusa2", "smollm2_135m_medusa2"),
+                                                ("smollm2-135m-instruct-medusa-path", "smollm2_135m_medusa_path")])
 def test_shipped_heads_run_their_named_tree_built_from_their_accuracies(checkpoint, preset):
     # The preset is the paper's greedy tree for the shipped heads' measured rank accuracies, and it is
     # the tree their config.json makes them run with (retraining the heads must update both).
@@ -137,4 +138,5 @@ def test_shipped_heads_run_their_named_tree_built_from_their_accuracies(checkpoi
     config = json.loads((generate.SHIPPED_HEADS.parent / checkpoint / "config.json").read_text())
     assert config["medusa_choices"] == PRESETS[preset]
     assert tree_from_head_accuracies(config["rank_accuracy"], len(PRESETS[preset])) == PRESETS[preset]
-    assert config["num_heads"] == len(config["rank_accuracy"]) == 4 and config["shared_lm_head"]
+    depth = max(len(path) for path in PRESETS[preset])  # the heads a tree does not reach were trimmed
+    assert config["num_heads"] == len(config["rank_accuracy"]) == depth and config["shared_lm_head"]

@@ -1,7 +1,8 @@
-"""The two shipped checkpoints for the default model, on the real SmolLM2-135M-Instruct in float32 (CPU).
+"""The shipped checkpoints for the default model, on the real SmolLM2-135M-Instruct in float32 (CPU).
 
 weights/smollm2-135m-instruct-medusa  (Medusa-1): greedy Medusa must equal plain greedy decoding of the
                                       default model, token for token.
+weights/smollm2-135m-instruct-medusa-path (Medusa-1 heads that read their path, the default): the same.
 weights/smollm2-135m-instruct-medusa2 (Medusa-2): its LoRA adapter is merged into the default model when
                                       the heads load; greedy Medusa must equal plain greedy decoding of
                                       that adapted model, and the CLI must say the adapter was applied.
@@ -31,6 +32,7 @@ from nanomedusa.tree import TreeBuffers, parse_tree
 REPO = Path(__file__).resolve().parents[1]
 MEDUSA1 = REPO / "weights" / "smollm2-135m-instruct-medusa"
 MEDUSA2 = REPO / "weights" / "smollm2-135m-instruct-medusa2"
+MEDUSA_PATH = REPO / "weights" / "smollm2-135m-instruct-medusa-path"
 PROMPTS = ["Write two sentences about the sea.", "What is 17 times 3? Explain briefly."]
 NEW_TOKENS = 32
 
@@ -42,7 +44,7 @@ def default_checkpoint():
     return ensure_default_model(progress=False)
 
 
-@pytest.mark.parametrize("heads_dir", [MEDUSA1, MEDUSA2], ids=["medusa1", "medusa2"])
+@pytest.mark.parametrize("heads_dir", [MEDUSA1, MEDUSA2, MEDUSA_PATH], ids=["medusa1", "medusa2", "path"])
 def test_shipped_heads_give_plain_greedy_text(default_checkpoint, heads_dir):
     model, ckpt = load_model(default_checkpoint, "cpu", "float32")
     heads = MedusaHeads.load(heads_dir, model.config, device="cpu", dtype=torch.float32)
@@ -64,7 +66,7 @@ def test_shipped_heads_give_plain_greedy_text(default_checkpoint, heads_dir):
 
 
 def test_cli_runs_both_checkpoints_and_names_the_adapter(default_checkpoint):
-    for heads_dir in (MEDUSA1, MEDUSA2):
+    for heads_dir in (MEDUSA1, MEDUSA2, MEDUSA_PATH):
         proc = subprocess.run([sys.executable, "generate.py", "--device", "cpu", "--medusa", str(heads_dir),
                                "--max-new-tokens", "8", "--prompt", "Say hello."],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
