@@ -12,6 +12,7 @@ norms are kernels/; under --exact, the GPU default, its linear layers too: kerne
 narrow model like the default one folds its RMSNorms, TransformerBlock.forward_fused) -> plain decoding
 (nanomedusa/generation.py) or Medusa (nanomedusa/medusa_generation.py: verify, accept, keep, propose;
 heads.py guesses and tree.py lays the guesses out as a tree, or dynamic_tree.py chooses each step's tree;
+heads that read their path, the default ones, guess the tree depth by depth in path_tree.py;
 kernels/ again for the heads, the acceptance and the KV compaction).
 """
 

@@ -128,8 +128,9 @@ class MedusaHeads(nn.Module):
     def with_path_reading(self) -> "MedusaHeads":
         """These heads, made to read their path (`reads_path`) with P_k = 0: they guess as before until trained."""
         if self.medusa_path is None:
-            p = next(self.parameters())
-            grown = MedusaHeads(replace(self.config, reads_path=True)).to(device=p.device, dtype=p.dtype)
+            p = next(self.parameters(), None)  # (heads without ResBlocks sharing the lm_head hold none)
+            grown = MedusaHeads(replace(self.config, reads_path=True))
+            grown = grown if p is None else grown.to(device=p.device, dtype=p.dtype)
             grown.medusa_head.load_state_dict(self.medusa_head.state_dict())
             return grown.train(self.training)
         return self

@@ -12,10 +12,11 @@ of its head over the nodes that have children there:
 `PathPlan` fixes, per depth, which nodes are parents, their lineage (to gather their paths' tokens), and
 for each child its parent's row and its rank, once per tree; so a proposal is a fixed sequence of kernels
 of fixed shapes, graphed with the rest of the step: per depth, the parents' inputs (kernels/path_heads.py),
-the head's fused top-k kernel on them (kernels/medusa_heads.py), and the guesses put in place. `propose_path_tree` runs it for a static tree (the
-tree's tokens) or a dynamic tree's superset (dynamic_tree.py): there every node also gets its guess's
-calibrated log-probability given its parent, a path's score is their sum, and the N best nodes are kept
-(`choose_by_path_scores`, ancestor-closed for the reasons dynamic_tree.py gives).
+the head's fused top-k kernel on them (kernels/medusa_heads.py), and the guesses put in place.
+`propose_path_tree` runs it for a static tree (the tree's tokens) or a dynamic tree's superset
+(dynamic_tree.py): there every node also gets its guess's calibrated log-probability given its parent, a
+path's score is their sum, and the N best nodes are kept (`choose_by_path_scores`, ancestor-closed for the
+reasons dynamic_tree.py gives).
 
 Example: tree [[0], [1], [0, 0], [0, 1], [1, 0]] (nodes 1..5 in that order), guessing "The cat sat":
 
@@ -39,6 +40,7 @@ import torch
 from kernels.path_heads import path_input, place_guesses
 
 from .dynamic_tree import DynamicTree
+from .errors import NanoMedusaError
 from .heads import MedusaHeads
 from .tree import TreeBuffers, lineages
 
@@ -131,6 +133,9 @@ def propose_path_tree(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, lm_he
                       embed) -> tuple[torch.Tensor, ...]:
     """`medusa_generation.propose` for heads that read their path: (tree tokens [T],) for a static tree,
     (tokens [N], the superset nodes chosen [N]) for a dynamic one."""
+    if embed is None:
+        raise NanoMedusaError("heads that read their path need the base model's token embedding; pass "
+                              "embed=model.tok_embeddings.")
     plan = plan_for(tree, hidden.device)
     if isinstance(tree, DynamicTree):
         tokens, node_logprobs = guess_along_paths(heads, plan, root, hidden, lm_head_weight, embed, logprobs=True)
