@@ -6,6 +6,10 @@ on a tuning set.
     python -m bench.dynamic_trees_offline --heads weights/smollm2-135m-instruct-medusa --budgets 32,64 \\
         --eval bench/prompts-chat-heldout.jsonl:24 --tune /tmp/held-chat.jsonl:48 --max-new-tokens 128
 
+It models Medusa's heads, whose guesses do not depend on the tree's path: heads that read their path (the default
+weights/smollm2-135m-instruct-medusa-path) are refused with a clear error; `python -m bench.dynamic_trees`
+measures those on a GPU.
+
 The tuning sets are prompts whose answers the heads' training held out (never the evaluation sets), made by
 
     python -m nanomedusa.calibration --held-out-prompts ../shared/data/prompts-chat-train.jsonl --out /tmp/held-chat.jsonl

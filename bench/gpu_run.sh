@@ -23,7 +23,8 @@
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
 # JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep), and for the exact
 # stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
-# and for the path stages HEADS_FROM (the heads grown, default the shipped Medusa-1 heads), PATH_EPOCHS (default 1)
+# and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_NODES
+# and PATH_DEPTH (their tree: 31 paths, 3 heads deep)
 # and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -116,13 +117,15 @@ case "${1:-}" in
     python -m bench.linear --json "$OUT/linear.json" ${LINEAR_FLAGS:-} 2>&1 | tee "$OUT/bench-linear.txt"
     ;;
   path)  # HEADS_FROM plus path reading (train.py --reads-path: P_k from zero, the heads trained on with it) for
-         # PATH_EPOCHS more epochs on the distilled answers; their tree sized to bench/step-times.json, their
-         # temperatures fitted on the answers' held-out split
+         # PATH_EPOCHS more epochs on the distilled answers; their tree PATH_NODES (31) paths and PATH_DEPTH (3)
+         # heads deep, the deeper heads dropped (each depth of a path-reading proposal costs launches: the shipped
+         # weights/smollm2-135m-instruct-medusa-path, bench/RESULTS.md); temperatures fitted on the held-out split
     python train.py --stage warmup $MODEL_FLAG --heads "$HEADS_FROM" --reads-path --data "${DATA[@]}" \
         --data-weights "${MIX[@]}" --out "$WORK/path" --epochs "${PATH_EPOCHS:-1}" --batch-size 32 --max-len 1024 \
         --lr 2e-3 --log-every 100 2>&1 | no_bars | tee "$OUT/path.log"
     cp "$WORK/path/eval.json" "$OUT/path_eval.json"
-    STEP_TIMES_FLAG="--step-times ${STEP_TIMES_FILE:-bench/step-times.json}" tune_tree "$WORK/path/heads" path
+    python -m nanomedusa.tree_tuning $MODEL_FLAG --heads "$WORK/path/heads" --data "${DATA[@]}" --nodes "${PATH_NODES:-31}" \
+        --max-depth "${PATH_DEPTH:-3}" --json "$OUT/path_accuracy.json" --write --trim 2>&1 | tee "$OUT/path_tree.log"
     python -m nanomedusa.calibration $MODEL_FLAG --heads "$WORK/path/heads" --data "${DATA[@]}" --write 2>&1 \
         | tee "$OUT/path_calibration.log"
     ;;

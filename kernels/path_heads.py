@@ -46,23 +46,23 @@ def place_guesses_reference(tokens, logprobs, ids, id_logprobs, children, parent
 
 @triton.jit
 def _path_input_kernel(hidden_ptr, tokens_ptr, lineage_ptr, embed_ptr, proj_ptr, out_ptr, P, stride_hidden,
-                       D: tl.constexpr, DEPTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       D: tl.constexpr, DEPTH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (m, n): parents m*ROWS.. and features n*BLOCK_N..; proj [D, DEPTH * D] contiguous, lineage
+    """Program (m, n): parents m*BLOCK_M.. and features n*BLOCK_N..; proj [D, DEPTH * D] contiguous, lineage
     [P, DEPTH] contiguous, out [P, D] contiguous; hidden row p at hidden_ptr + p * stride_hidden (0: one row)."""
     wait_for_previous_kernels(PDL)
-    rows = tl.program_id(0) * 16 + tl.arange(0, 16)  # [16] parents
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] parents
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
     row_ok, col_ok = rows < P, cols < D
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(DEPTH):  # the path's j-th token, root first
         node = tl.load(lineage_ptr + rows * DEPTH + j, mask=row_ok, other=0)
-        token = tl.load(tokens_ptr + node, mask=row_ok, other=0).to(tl.int64)  # [16]
+        token = tl.load(tokens_ptr + node, mask=row_ok, other=0).to(tl.int64)  # [BLOCK_M]
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < D
             e = tl.load(embed_ptr + token[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [16, BLOCK_K]
+                        other=0.0)  # [BLOCK_M, BLOCK_K]
             w = tl.load(proj_ptr + cols[:, None] * (DEPTH * D) + j * D + ks[None, :],
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
             acc = tl.dot(e, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -92,6 +92,9 @@ def path_input_triton(hidden, tokens, lineage, embed_weight, proj_weight):
     """Same contract as `path_input_reference`, in one launch."""
     P, depth = lineage.shape
     V, D = embed_weight.shape
+    if hidden.dim() != 2 or tokens.dtype != torch.long or lineage.dtype != torch.long:
+        raise KernelInputError(f"path_input takes hidden [rows, D] and int64 tokens and lineage; got hidden "
+                               f"{tuple(hidden.shape)}, tokens {tokens.dtype}, lineage {lineage.dtype}.")
     if proj_weight.shape != (D, depth * D) or hidden.shape[-1] != D or hidden.shape[0] not in (1, P):
         raise KernelInputError(f"the path projection {tuple(proj_weight.shape)} must be [D={D}, {depth} * D] for a "
                                f"path of {depth} tokens, and hidden {tuple(hidden.shape)} [1 or {P}, {D}].")
@@ -104,7 +107,7 @@ def path_input_triton(hidden, tokens, lineage, embed_weight, proj_weight):
     _path_input_kernel[(triton.cdiv(P, ROWS), triton.cdiv(D, block_n))](
         hidden, tokens, lineage, embed_weight, proj_weight, out, P, 0 if hidden.shape[0] == 1 else D,
         D=D, DEPTH=depth, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-        BLOCK_N=block_n, BLOCK_K=64, **launch_options(hidden),
+        BLOCK_M=ROWS, BLOCK_N=block_n, BLOCK_K=64, **launch_options(hidden),
     )
     return out
 

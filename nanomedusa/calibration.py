@@ -116,7 +116,7 @@ def calibrate(model, heads: MedusaHeads, examples, chunk: int = 512) -> list[Fit
         @torch.inference_mode()
         def chunks(k=k, inputs=inputs, targets=targets):
             for i in range(0, len(targets), chunk):
-                yield heads.input_logits(k, inputs[i:i + chunk], model.lm_head.weight), targets[i:i + chunk]
+                yield heads.logits_of_input(k, inputs[i:i + chunk], model.lm_head.weight), targets[i:i + chunk]
 
         fits.append(fit_temperature(chunks))
         print(f"  head {k}: T = {fits[-1].temperature:.3f}, NLL {fits[-1].nll_before:.4f} -> {fits[-1].nll_after:.4f} "

@@ -147,9 +147,9 @@ class MedusaHeads(nn.Module):
 
     def head_logits(self, k: int, hidden, lm_head_weight=None, path=None):
         """hidden [..., dim] (path [..., K, dim] for heads that read it) -> head k's logits [..., vocab] (float32)."""
-        return self.input_logits(k, self.head_input(k, hidden, path), lm_head_weight)
+        return self.logits_of_input(k, self.head_input(k, hidden, path), lm_head_weight)
 
-    def input_logits(self, k: int, x, lm_head_weight=None):
+    def logits_of_input(self, k: int, x, lm_head_weight=None):
         """Head k on what it reads, x [..., dim] (`head_input`'s) -> its logits [..., vocab] (float32)."""
         x = self.medusa_head[k][: self.config.num_layers](x)
         vocab = lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight

@@ -195,7 +195,8 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     root = next_token(model.logits(hidden)[0], rule.draws, rng)
-    proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)  # tree tokens [T] (, chosen nodes [T])
+    # tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
+    proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)
     result.prefill_seconds = time.perf_counter() - start
     done = max_new_tokens <= 0 or emit([root.item()])  # 0 tokens asked for: none emitted
     while not done:

@@ -37,6 +37,7 @@ from typing import Sequence
 
 import torch
 
+from kernels.dynamic_tree import tree_choice
 from kernels.path_heads import path_input, place_guesses
 
 from .dynamic_tree import DynamicTree
@@ -60,11 +61,16 @@ class Level:
 class PathPlan:
     num_nodes: int  # M: the tree's nodes, root included
     levels: tuple[Level, ...]  # depth 1, 2, ..
+    node_paths: torch.Tensor  # [M, depth_max] each node's path below the root as node ids, -1 padded (for choosing)
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]], depth_max: int, device=None) -> PathPlan:
         """paths in node order, paths[0] == [] the root (TreeBuffers.paths); nodes deeper than depth_max get no
         guess (a dynamic tree never chooses them, see DynamicTree.from_choices)."""
+
+        def long(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
         lineage = lineages(paths)
         levels = []
         for depth in range(1, depth_max + 1):
@@ -73,21 +79,21 @@ class PathPlan:
                 break
             parents = sorted({lineage[node][-2] for node in children})
             row = {parent: i for i, parent in enumerate(parents)}
-
-            def long(values):
-                return torch.tensor(values, dtype=torch.long, device=device)
-
             levels.append(Level(
-                parent_lineage=long([lineage[parent] for parent in parents]).view(len(parents), depth),
+                parent_lineage=long([lineage[parent] for parent in parents]),  # each parent's is `depth` long
                 children=long(children),
                 parent_row=long([row[lineage[node][-2]] for node in children]),
                 rank=long([paths[node][-1] for node in children]),
                 topk=1 + max(paths[node][-1] for node in children),
             ))
-        return cls(len(paths), tuple(levels))
+        below_root = [line[1: depth_max + 1] for line in lineage]
+        node_paths = long([line + [-1] * (depth_max - len(line)) for line in below_root]).view(len(paths), depth_max)
+        return cls(len(paths), tuple(levels), node_paths)
 
 
-_PLANS: dict = {}  # (tree key, device) -> PathPlan: made once per tree, the first time it proposes
+# (tree key, device) -> PathPlan, made the first time a tree proposes. Kept for good: a captured step's CUDA graph
+# reads the plan's tensors at the addresses they had when it was captured.
+_PLANS: dict = {}
 
 
 def plan_for(tree: TreeBuffers | DynamicTree, device) -> PathPlan:
@@ -99,7 +105,7 @@ def plan_for(tree: TreeBuffers | DynamicTree, device) -> PathPlan:
     return _PLANS[key]
 
 
-def guess_along_paths(heads: MedusaHeads, plan: PathPlan, root, hidden, lm_head_weight, embed,
+def guess_along_paths(heads: MedusaHeads, plan: PathPlan, lm_head_weight, root, hidden, embed,
                       logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """root [] (the step's next token), hidden [1, D] (the state before it), embed (the base model's token
     embedding) -> every node's token [M] (the root's at node 0) and, with logprobs, each node's guess's
@@ -115,18 +121,14 @@ def guess_along_paths(heads: MedusaHeads, plan: PathPlan, root, hidden, lm_head_
     return tokens, node_logprobs
 
 
-def choose_by_path_scores(tokens, node_logprobs, lineage, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens, node_logprobs [M], lineage [M, depth + 1] (root..node, -1 padded: DynamicTree.lineage) -> the N
-    best nodes' tokens [N] and the nodes [N] in node order. A node's score is the sum of its path's
-    log-probabilities (each clamped to <= 0), summed root first, so a child's is its parent's plus its own
-    and never above it; ties keep node order (a stable sort), so each node ranks after its parent."""
-    steps = lineage[:, 1:]  # [M, depth] the nodes below the root on each node's path
-    lp = node_logprobs.clamp(max=0)[steps.clamp(min=0)]  # [M, depth]
-    score = torch.zeros_like(node_logprobs)
-    for d in range(steps.shape[1]):
-        score = score + torch.where(steps[:, d] >= 0, lp[:, d], 0)
-    nodes = torch.sort(score, descending=True, stable=True).indices[:num_nodes].sort().values  # [N]
-    return tokens[nodes], nodes
+def choose_by_path_scores(tokens, node_logprobs, node_paths, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens, node_logprobs [M], node_paths [M, depth] (`PathPlan.node_paths`) -> the N best nodes' tokens [N]
+    and the nodes [N] in node order: dynamic_tree.py's choice (`kernels.dynamic_tree.tree_choice`, one launch on
+    CUDA), each node's guesses looked up by node id instead of by rank. A node's score is the sum of its path's
+    log-probabilities (each clamped to <= 0), root first, so a child's is its parent's plus its own and never
+    above it; ties keep node order, so each node ranks after its parent."""
+    depth = node_paths.shape[1]
+    return tree_choice(tokens[0], tokens.expand(depth, -1), node_logprobs.expand(depth, -1), node_paths, num_nodes)
 
 
 def propose_path_tree(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, lm_head_weight, root, hidden,
@@ -138,6 +140,6 @@ def propose_path_tree(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, lm_he
                               "embed=model.tok_embeddings.")
     plan = plan_for(tree, hidden.device)
     if isinstance(tree, DynamicTree):
-        tokens, node_logprobs = guess_along_paths(heads, plan, root, hidden, lm_head_weight, embed, logprobs=True)
-        return choose_by_path_scores(tokens, node_logprobs, tree.lineage, tree.num_nodes)
-    return (guess_along_paths(heads, plan, root, hidden, lm_head_weight, embed)[0],)
+        tokens, node_logprobs = guess_along_paths(heads, plan, lm_head_weight, root, hidden, embed, logprobs=True)
+        return choose_by_path_scores(tokens, node_logprobs, plan.node_paths, tree.num_nodes)
+    return (guess_along_paths(heads, plan, lm_head_weight, root, hidden, embed)[0],)

@@ -3,6 +3,7 @@
     python -m nanomedusa.tree_tuning --heads weights/smollm2-135m-instruct-medusa \
         --data data/answers.jsonl [more.jsonl ...] --nodes 63 [--model M] [--write]
     python -m nanomedusa.tree_tuning ... --step-times bench/step-times.json --write   # sized to the hardware
+    python -m nanomedusa.tree_tuning ... --nodes 31 --max-depth 3 --write --trim   # 3 heads deep, the rest dropped
 
 The Medusa paper builds its sparse tree greedily: a path's expected contribution to the accepted
 length is the product of its heads' rank accuracies, so the best N-node tree keeps the N paths with
@@ -119,7 +120,8 @@ def check_args(args) -> None:
         check_input_file("--data", path)
     if args.json:
         check_output_file("--json", args.json)
-    check_at_least(1, {"--nodes": args.nodes, "--topk": args.topk, "--max-len": args.max_len, "--limit": args.limit})
+    check_at_least(1, {"--nodes": args.nodes, "--topk": args.topk, "--max-len": args.max_len, "--limit": args.limit,
+                       "--max-depth": args.max_depth})
     if args.topk > MAX_TOPK:
         raise NanoMedusaError(f"--topk must be at most {MAX_TOPK} (the deepest rank a tree may use), not {args.topk}.")
     check_held_out_split(args.eval_fraction, args.seed)
@@ -131,6 +133,9 @@ def run(args) -> None:
     step_times = read_step_times(args.step_times) if args.step_times else None
     model, ckpt = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
+    if args.max_depth is not None and args.max_depth > heads.config.num_heads:
+        raise NanoMedusaError(f"--max-depth {args.max_depth} is deeper than the {heads.config.num_heads} heads in "
+                              f"{args.heads}; pass at most {heads.config.num_heads}.")
     tokenizer = Tokenizer.from_dir(ckpt)
     hits, count, report = 0, 0, {}
     for path in args.data:
@@ -146,17 +151,18 @@ def run(args) -> None:
     acc = hits / count.clamp(min=1)[:, None]  # [K, topk], pooled over the files' answer tokens
     if len(args.data) > 1:
         print_accuracies("all files", acc)
+    tree_acc = acc[: args.max_depth]  # the heads the tree may use (None: all)
     nodes = args.nodes
     if step_times:
-        nodes, sizes = size_for_hardware(acc, step_times)
+        nodes, sizes = size_for_hardware(tree_acc, step_times)
         print(f"step times of {step_times.get('device', '?')} "
               f"(plain step {step_times.get('plain_step_ms', 0):.3f} ms):")
         for r in sizes:
             print(f"  T={r['nodes']:>4}: {r['step_ms']:.3f} ms, expected accepted {r['expected_accepted']:.2f}, "
                   f"{r['tokens_per_ms']:.3f} tokens/ms")
         report["sizes"] = sizes
-    choices = tree_from_head_accuracies(acc, nodes)
-    print(f"tree ({len(choices)} nodes, expected accepted {expected_accept_length(acc, choices):.2f}): "
+    choices = tree_from_head_accuracies(tree_acc, nodes)
+    print(f"tree ({len(choices)} nodes, expected accepted {expected_accept_length(tree_acc, choices):.2f}): "
           f"{json.dumps(choices)}")
     if args.json:
         out = {**report, "pooled": acc.tolist(), "medusa_choices": choices}
@@ -181,6 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=63, help="tree size, root not counted")
     p.add_argument("--step-times", default=None, metavar="FILE",
                    help="step time against tree size (python -m bench.decode --tree-sizes): choose the size too")
+    p.add_argument("--max-depth", type=int, default=None,
+                   help="build the tree from the first D heads only (default: all); where each depth costs a step "
+                        "more, as when heads read their path (nanomedusa/path_tree.py), a shallower tree can be faster")
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)

@@ -57,14 +57,15 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     heldout = json.loads((work / "out" / "results-chat-heldout.json").read_text())
     assert set(heldout["medusa"][0]["by_category"]) == {"writing"}  # the first two prompts are writing prompts
     # heads that read their path, grown from the warm-up's, and their benchmark against those
-    env |= {"HEADS_FROM": str(work / "warmup" / "heads"), "STEP_TIMES_FILE": str(work / "out" / "step-times.json"),
-            "BUDGETS": "4,8", "DYNAMIC_FLAGS": "--device cpu --dtype float32 --num-prompts 2 --max-new-tokens 8 --choice-reps 2"}
+    env |= {"HEADS_FROM": str(work / "warmup" / "heads"), "PATH_NODES": "3", "PATH_DEPTH": "1", "BUDGETS": "4,8", "DYNAMIC_FLAGS": "--device cpu --dtype float32 --num-prompts 2 --max-new-tokens 8 --choice-reps 2"}
     for stage in ("path", "path-bench"):
         proc = subprocess.run(["bash", "bench/gpu_run.sh", stage], cwd=REPO, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"stage {stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     path_heads = MedusaHeads.load(work / "path" / "heads", ModelConfig.from_json(model / "config.json"))
     config = json.loads((work / "path" / "heads" / "config.json").read_text())
-    assert path_heads.config.reads_path and config["medusa_choices"] and len(config["medusa_temperatures"]) == depth
+    # a tree of 3 paths one head deep (the root's top 3), the other heads dropped, the one left calibrated
+    assert path_heads.config.reads_path and config["medusa_choices"] == [[0], [1], [2]]
+    assert path_heads.config.num_heads == len(config["medusa_temperatures"]) == 1
     for name in ("from", "path"):
         for prompt_set in ("chat-heldout", "train-mix"):
             rows = json.loads((work / "out" / f"dynamic-{name}-{prompt_set}.json").read_text())["rows"]

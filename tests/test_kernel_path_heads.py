@@ -12,9 +12,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels.dynamic_tree import tree_choice_reference, tree_choice_triton  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
 from kernels.path_heads import (path_input_reference, path_input_triton, place_guesses_reference,  # noqa: E402
                                 place_guesses_triton)
+from nanomedusa.dynamic_tree import DynamicTree  # noqa: E402
+from nanomedusa.path_tree import PathPlan  # noqa: E402
+from tests.test_medusa import SUPERSET  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16: not in the interpreter
@@ -65,3 +69,18 @@ def test_place_guesses_matches_the_reference(with_logprobs):
         outs.append((tokens, logprobs))
     assert torch.equal(outs[0][0], outs[1][0])
     assert not with_logprobs or torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("nodes", [1, 7, 40])
+def test_the_choice_kernel_reads_guesses_by_node(nodes):
+    # A dynamic tree over path-reading heads reuses the choice kernel with node ids where ranks were and each
+    # node's own guess and log-probability broadcast over the depths (path_tree.choose_by_path_scores).
+    gen = torch.Generator().manual_seed(nodes)
+    tree = DynamicTree.from_choices(SUPERSET, nodes)
+    node_paths = PathPlan.from_paths(tree.superset.paths, tree.depth_max, DEVICE).node_paths
+    M, depth = node_paths.shape
+    tokens = torch.randint(0, 1000, (M,), generator=gen).to(DEVICE)
+    logprobs = (-torch.randint(0, 3, (M,), generator=gen).float()).to(DEVICE)  # ties, often and exactly
+    args = (tokens[0], tokens.expand(depth, -1), logprobs.expand(depth, -1), node_paths, nodes)
+    expected, got = tree_choice_reference(*args), tree_choice_triton(*args)
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])

@@ -8,6 +8,7 @@ round-trip and trim; and training: on answers where a token tells the next-but-o
 what plain heads cannot.
 """
 
+import dataclasses
 import json
 import random
 import string
@@ -28,6 +29,7 @@ from nanomedusa.path_tree import PathPlan, choose_by_path_scores, guess_along_pa
 from nanomedusa.tree import TreeBuffers, lineages
 from nanomedusa.tree_tuning import trim_heads
 from nanomedusa.training import TrainConfig, Trainer
+from nanomedusa.training.losses import shifted_targets
 from tests.helpers import make_hf_checkpoint
 from tests.test_medusa import SUPERSET, TREES, make_tree, one_thread  # noqa: F401 (a fixture)
 from tests.tiny_tokenizer import make_chat_checkpoint
@@ -69,8 +71,8 @@ def test_proposal_equals_each_node_guessed_on_its_own(model, tree_name):
     tree = TreeBuffers.from_choices(TREES[tree_name])
     hidden, root = torch.randn(1, model.config.dim), torch.tensor(7)
     with torch.no_grad():
-        tokens, logprobs = guess_along_paths(heads, PathPlan.from_paths(tree.paths, tree.depth_max), root, hidden,
-                                             model.lm_head.weight, model.tok_embeddings, logprobs=True)
+        tokens, logprobs = guess_along_paths(heads, PathPlan.from_paths(tree.paths, tree.depth_max),
+                                             model.lm_head.weight, root, hidden, model.tok_embeddings, logprobs=True)
         for node, line in enumerate(lineages(tree.paths)[1:], start=1):
             k, rank = len(tree.paths[node]) - 1, tree.paths[node][-1]
             above = model.tok_embeddings(tokens[line[:-1]])[None]  # [1, k + 1, D]: root .. the parent
@@ -89,7 +91,7 @@ def test_proposal_equals_each_node_guessed_on_its_own(model, tree_name):
 def test_untrained_path_reading_proposes_what_the_plain_heads_propose(model, tree_name):
     plain = path_heads(model, 2)  # its ResBlocks, without the path: P_k = 0 below
     plain.medusa_path = None
-    plain.config = plain.config.__class__(**{**plain.config.__dict__, "reads_path": False})
+    plain.config = dataclasses.replace(plain.config, reads_path=False)
     grown = plain.with_path_reading().eval()
     assert grown.config.reads_path and all(not p.weight.any() for p in grown.medusa_path)
     tree, hidden, root = make_tree(tree_name), torch.randn(1, model.config.dim), torch.tensor(11)
@@ -118,13 +120,16 @@ def test_choice_by_path_scores_against_a_reference(case):
                 else torch.rand(M, generator=gen).log() * 2)
     logprobs[0] = 0
     tokens = torch.randint(0, 50, (M,), generator=gen)
-    got_tokens, nodes = choose_by_path_scores(tokens, logprobs, tree.lineage, tree.num_nodes)
+    plan = PathPlan.from_paths(tree.superset.paths, tree.depth_max)
+    assert torch.equal(torch.cat([tree.lineage[:, :1], plan.node_paths], 1), tree.lineage)  # root, then these
+    got_tokens, nodes = choose_by_path_scores(tokens, logprobs, plan.node_paths, tree.num_nodes)
     expected = reference_choice(tree.superset.parents.tolist(), logprobs.tolist(), tree.num_nodes)
     assert nodes.tolist() == expected and torch.equal(got_tokens, tokens[nodes])
     assert set(tree.superset.parents[nodes].tolist()) <= set(nodes.tolist())  # ancestor-closed
 
 
-@pytest.mark.parametrize("tree_name", ["chain3", "small", "mc_sim_7b_63", "dynamic-2", "dynamic-9", "dynamic-64"])
+@pytest.mark.parametrize("tree_name", ["chain3", "small", "mc_sim_7b_63", "dynamic-1", "dynamic-2", "dynamic-9",
+                                       "dynamic-64"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_medusa_with_path_heads_equals_greedy(model, tree_name, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -151,6 +156,19 @@ def test_triton_kernels_give_the_same_path_tree_output(model, tree_name):
 def test_path_ids_are_the_tokens_after_each_position():
     tokens = torch.tensor([[10, 11, 12, 13]])
     assert path_ids(tokens, 2).tolist() == [[[11, 12], [12, 13], [13, 0], [0, 0]]]
+
+
+def test_training_reads_exactly_the_tokens_between_a_position_and_its_target():
+    # Head k at position t guesses token t+k+2 (shifted_targets row k+1) and must read t+1 .. t+k+1, never the
+    # target itself: the alignment a step's tree gives it (root = t+1, then the path's guesses).
+    T, K = 9, 3
+    tokens = torch.arange(100, 100 + T)[None]  # token t is 100 + t
+    targets = shifted_targets(tokens, K)[1:]  # [K, 1, T]
+    reads = path_ids(tokens, K)  # [1, T, K]
+    for k in range(K):
+        for t in range(T - k - 2):
+            assert targets[k, 0, t] == 100 + t + k + 2
+            assert reads[0, t, : k + 1].tolist() == [100 + t + j for j in range(1, k + 2)]
 
 
 def test_checkpoints_round_trip_and_trim(model, tmp_path):
@@ -202,6 +220,8 @@ def test_training_path_heads_learns_what_plain_heads_cannot(tmp_path):
     # letter between (half of the answer positions; the other half guess a random letter either way); measured
     # 0.04 against 0.46
     assert plain["heads"][0]["top1"] < 0.15 and read["heads"][0]["top1"] > plain["heads"][0]["top1"] + 0.25
+    # and no more than reading the letter can give: a head that saw its own target would approach 1
+    assert read["heads"][0]["top1"] < 0.6
     heads = MedusaHeads.load(tmp_path / "path" / "heads", load_model(tmp_path / "ckpt", "cpu", "float32")[0].config)
     assert heads.config.reads_path and any(p.weight.abs().sum() > 0 for p in heads.medusa_path)
 

@@ -27,7 +27,9 @@ class MedusaLM(nn.Module):
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
                 hidden = self.model.forward_hidden(tokens)  # [B, T, dim]
         path = None
-        if self.heads.config.reads_path:  # the tokens t+1 .. t+K at each position: right wherever a target is
+        # Heads that read their path get the tokens t+1 .. t+K at each position t. Where head k has a target (token
+        # t+k+2), the k+1 tokens it reads are the answer's own: the zero padding past the end is never under a loss.
+        if self.heads.config.reads_path:
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
                 path = self.model.tok_embeddings(path_ids(tokens, self.heads.config.num_heads)[head_mask])  # [N, K, dim]
         head_logits = self.heads(hidden[head_mask], self.model.lm_head.weight, path)  # [K, N, V]

@@ -188,7 +188,7 @@ class Trainer:
             # Measured on the loaded weights, they would not describe the trained ones: refit after training.
             heads.config = replace(heads.config, rank_accuracy=None, medusa_temperatures=None)
             if cfg.reads_path:
-                heads = heads.with_path_reading()
+                heads = heads.with_path_reading().to(self.device)
         else:
             heads = MedusaHeads.from_base(model, cfg.num_heads, cfg.num_layers, cfg.shared_lm_head,
                                           base_model=str(cfg.model or self.ckpt_dir), reads_path=cfg.reads_path).float()
@@ -208,9 +208,11 @@ class Trainer:
         cfg = self.cfg
         heads = self.module.heads.config
         return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data_files, "data_weights": cfg.data_weights, "heads": cfg.heads, "num_heads": heads.num_heads,
-                "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "reads_path": heads.reads_path, "lora_rank": cfg.lora_rank,
+                "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
-                "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps}
+                "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps,
+                # only when set: checkpoints from before heads could read their path have no such key
+                **({"reads_path": True} if heads.reads_path else {})}
 
     @property
     def num_heads(self) -> int:
