@@ -21,6 +21,9 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        accepted length, step time, tokens/s, the choice's own time
     python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's
                                        path) against the shipped ones: held-out accuracy, offline (CPU)
+    python -m bench.path_trees_offline  path-reading heads' static trees against trees grown from their own
+                                       guesses (EAGLE-2's expansion) at equal node counts: an exact greedy
+                                       simulator (CPU)
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
                                        follow-up turn
     bash bench/gpu_run.sh STAGE        every GPU number we report, one stage per call (the kernels, the
@@ -39,6 +42,7 @@ The modules, one job each:
     tree_attention.py, small_kernels.py, linear.py   the kernel benchmarks (their checks: kernels/testing.py)
 
 Results: RESULTS.md (the numbers and what they mean), results-*.json, step-times.json, dynamic-trees-*.json,
+path-heads.json, path-trees-offline.json,
 tree_attention.json,
 linear.{json,txt}, linear-sweep.*, tree_attention-row-invariant.*, exact-*.txt, step-profile.*, bench_*.txt, startup.txt; the prompt sets: prompts-*.jsonl.
 """

@@ -1,0 +1,51 @@
+"""bench/path_trees_offline.py, the offline simulator of greedy decoding with path-reading heads: its static rule
+must take the steps the engine takes (so its comparison with EAGLE-2's expansion is one of real runs), and its
+expansion must verify what its rule says."""
+
+import pytest
+import torch
+
+from bench.path_trees_offline import Step, accepted_depth, simulate, walk
+from nanomedusa.decoder import Decoder
+from nanomedusa.generation import generate
+from nanomedusa.medusa_generation import generate_medusa
+from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
+from tests.test_medusa import one_thread  # noqa: F401 (a fixture)
+from tests.test_path_tree import model, path_heads  # noqa: F401 (model is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_walk_and_accepted_depth():
+    # a chain 0 -> 1 -> 2 and a second child 3 of the root; the future is [5, 6]
+    parents, depths, tokens = [0, 0, 1, 0], [0, 1, 2, 1], [9, 5, 6, 7]
+    assert accepted_depth(parents, depths, tokens, None, [5, 6]) == 2
+    assert accepted_depth(parents, depths, tokens, {1, 3}, [5, 6]) == 1  # node 2 not verified
+    assert accepted_depth(parents, depths, tokens, None, [5]) == 1  # a guess past the end is wrong
+    assert walk(list(range(10)), lambda i: 0) == 9 and walk(list(range(10)), lambda i: 2) == 3
+
+
+@pytest.mark.parametrize("seed", [1, 5])  # random heads whose guesses some steps accept (most seeds': none)
+def test_static_rule_takes_the_engines_steps(model, seed):
+    heads = path_heads(model, seed, num_heads=3)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, model.config.vocab_size, (5,), generator=gen).tolist()
+    continuation = generate(Decoder(model), prompt, max_new_tokens=24).tokens
+    budgets = [4, 12]
+    steps = simulate(model, heads, prompt, continuation, budgets, max_depth=3, beam=4, children=4)
+    for n in budgets:
+        tree = TreeBuffers.from_choices(tree_from_head_accuracies(heads.config.rank_accuracies(), n - 1))
+        run = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=24)
+        assert run.tokens == continuation and steps[("static", n)] == run.steps, n
+        assert steps[("expand", n)] <= len(continuation) - 1
+    assert steps[("static", 12)] < len(continuation) - 1  # some step accepted a guess: the check bites
+
+
+def test_expansion_keeps_the_beam_and_scores_down_the_path(model):
+    heads = path_heads(model, 2, num_heads=3)
+    parents, depths, tokens, scores = Step(heads, model, torch.randn(1, model.config.dim), 7).expand(3, 2, 3)
+    assert len(tokens) == 1 + 3 + 2 * 3 * 2 and depths.count(1) == 3 and depths.count(3) == 6
+    assert tokens[0] == 7 and all(scores[n] <= scores[parents[n]] for n in range(1, len(tokens)))
+    # depth 2's parents are depth 1's two best
+    best = sorted((n for n in range(len(tokens)) if depths[n] == 1), key=lambda n: -scores[n])[:2]
+    assert {parents[n] for n in range(len(tokens)) if depths[n] == 2} == set(best)
