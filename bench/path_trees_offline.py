@@ -79,17 +79,15 @@ class Step:
         children: at each depth the `beam` best nodes of the depth above (the root at first) each get `children`
         guesses of the head, scored by the path's summed calibrated log-probabilities."""
         heads, embed, lm = self.heads, self.model.tok_embeddings, self.model.lm_head.weight
-        temperatures = heads.config.temperatures()
         parents, depths, tokens, scores, paths = [0], [0], [int(self.root)], [0.0], [[int(self.root)]]
         frontier = [0]
         for k in range(depth):  # head k guesses depth k + 1 for each frontier node
             path = embed(torch.tensor([paths[n] for n in frontier]))  # [B, k + 1, D]
             x = heads.head_input(k, self.hidden.expand(len(frontier), -1), path)  # [B, D]
-            logprobs = torch.log_softmax(heads.logits_of_input(k, x, lm) / temperatures[k], dim=-1)  # [B, V]
-            top = logprobs.topk(children, dim=-1)
+            ids, logprobs = heads.head_topk(k, x, children, lm, logprobs=True)  # [B, children] each, calibrated
             new = []
             for row, parent in enumerate(frontier):
-                for lp, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                for lp, token in zip(logprobs[row].tolist(), ids[row].tolist()):
                     new.append(len(tokens))
                     parents.append(parent), depths.append(k + 1), tokens.append(token)
                     scores.append(scores[parent] + min(lp, 0.0)), paths.append(paths[parent] + [token])

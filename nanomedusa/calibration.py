@@ -40,7 +40,7 @@ from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_in
                   check_output_file, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_text_atomically
-from .heads import MedusaHeads, path_ids, load_heads_and_adapter
+from .heads import MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import (IGNORE, Conversation, collate, load_conversations, prompt_messages, split_train_eval,

@@ -8,6 +8,10 @@ Each head is `num_layers` ResBlocks (x + SiLU(Wx + b)) and then a vocabulary pro
 The ResBlocks start at zero, and each vocab projection starts as a copy of the base lm_head, so an
 untrained head guesses what the base model would say next (a reasonable start for training).
 
+`shared_lm_head=True` keeps no vocab projection of its own and reuses the base lm_head: K times
+fewer parameters (for a 49k-vocab, 576-wide model: 0.3M per head instead of 28.6M), at the cost of
+capacity, since each head can then only reshape the hidden state.
+
 Heads that read their path (`reads_path`, `train.py --reads-path`): head k also reads the tokens between
 h_t and its target, t+1 .. t+k+1 (the root, then the tree's own guesses above the node it extends):
 
@@ -16,9 +20,6 @@ h_t and its target, t+1 .. t+k+1 (the root, then the tree's own guesses above th
 so a tree node's children depend on the node's own token, not only on its depth and rank (path_tree.py
 proposes such trees depth by depth). Medusa's heads cannot tell "Paris" from "London" at depth 1 when they
 guess depth 2; these can. P_k starts at zero: such heads start as the plain heads they extend.
-`shared_lm_head=True` keeps no vocab projection of its own and reuses the base lm_head: K times
-fewer parameters (for a 49k-vocab, 576-wide model: 0.3M per head instead of 28.6M), at the cost of
-capacity, since each head can then only reshape the hidden state.
 
 Checkpoints are a directory with `config.json` and `medusa_lm_head.safetensors`, with the tensor
 names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{j}.linear.weight`
@@ -110,7 +111,7 @@ class MedusaHeads(nn.Module):
             for proj in self.medusa_path:
                 nn.init.zeros_(proj.weight)  # the heads start as the plain heads they extend
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
-        self._temperatures = None  # (key, tensor [K] float32), key = (device, temperatures): see `topk_logprobs`
+        self._temperatures = None  # (key, tensor [K] float32), key = (device, temperatures): see `_temperature_tensor`
 
     @classmethod
     def from_base(cls, model, num_heads=4, num_layers=1, shared_lm_head=False, base_model="", reads_path=False):
