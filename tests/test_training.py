@@ -435,3 +435,27 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert code == 2 and "no conversation with an assistant answer" in err and "--stage distill" in err
     code, err = run(prompts, "--stage", "joint")
     assert code == 2 and "--heads" in err
+
+
+def test_warmup_from_adapted_heads_trains_on_their_backbone_and_keeps_the_adapter(setup, warmed):
+    # Medusa-2 heads read the backbone their adapter makes: heads grown from them (here: to read their path) must
+    # train on that backbone, frozen, and ship the same adapter (it was lost before: warm-up exported an empty one).
+    from nanomedusa.adapter import ADAPTER_FILE
+    from nanomedusa.heads import load_heads_and_adapter
+
+    joint = Trainer(config(setup, "joint-then-path", stage="joint", heads=str(warmed[0].out / "heads"), max_steps=2,
+                           lora_rank=4, backbone_lr=3e-3))
+    joint.run()
+    adapted_heads = joint.out / "heads"
+    grown = Trainer(config(setup, "path-on-adapted", heads=str(adapted_heads), reads_path=True, max_steps=2))
+    adapted = load_model(setup[1], "cpu", "float32")[0]
+    apply_adapter(adapted, adapted_heads)
+    trained_on = grown.module.model.state_dict()
+    assert all(torch.allclose(trained_on[k], v, atol=1e-6) for k, v in adapted.state_dict().items())
+    grown.run()
+    out = grown.out / "heads"
+    assert (out / ADAPTER_FILE).read_bytes() == (adapted_heads / ADAPTER_FILE).read_bytes()
+    base = load_model(setup[1], "cpu", "float32")[0]
+    heads = load_heads_and_adapter(out, base, say=lambda _: None)  # merges the adapter into `base`
+    assert heads.config.reads_path and heads.config.lora
+    assert all(torch.allclose(base.state_dict()[k], v, atol=1e-6) for k, v in adapted.state_dict().items())

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
-from ..adapter import save_adapter
+from ..adapter import ADAPTER_FILE, save_adapter
 from ..errors import NanoMedusaError
 from ..files import write_atomically
 from ..heads import HeadsConfig, MedusaHeads
@@ -101,9 +101,10 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def export(out_dir, wrapped: nn.Module, heads_config: HeadsConfig, ckpt_dir: Path, with_model: bool,
-           lora_scale: float, is_main: bool) -> None:
-    """Write OUT/heads (with the LoRA adapter if `heads_config.lora`), and OUT/model if `with_model`
-    and the whole backbone was trained, from the live, maybe sharded, module."""
+           lora_scale: float, is_main: bool, adapter_from: Path | None = None) -> None:
+    """Write OUT/heads (with the LoRA adapter if `heads_config.lora`: the one trained, or, from a warm-up on a
+    backbone adapted by `adapter_from`'s adapter, that one unchanged), and OUT/model if `with_model` and the whole
+    backbone was trained, from the live, maybe sharded, module."""
     with_model = with_model and not heads_config.lora  # an adapter ships in OUT/heads, not as a model copy
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not with_model)
     state = get_model_state_dict(wrapped, options=options)
@@ -113,7 +114,9 @@ def export(out_dir, wrapped: nn.Module, heads_config: HeadsConfig, ckpt_dir: Pat
     heads = MedusaHeads(heads_config)
     heads.load_state_dict(_strip(state, "heads."))
     heads.save(out_dir / "heads")
-    if heads_config.lora:
+    if adapter_from is not None:
+        shutil.copy(Path(adapter_from) / ADAPTER_FILE, out_dir / "heads" / ADAPTER_FILE)
+    elif heads_config.lora:
         save_adapter(adapter_state(_strip(state, "model.")), out_dir / "heads")
     if with_model:
         model_state = merge_lora_state(_strip(state, "model."), lora_scale)

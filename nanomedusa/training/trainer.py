@@ -5,7 +5,8 @@
 
 * warmup: the backbone is frozen (no gradients, run under no_grad, bf16 on GPU); only the heads learn,
   on loss = sum_k head_decay^k * CE(head_k(h_t), token_{t+k+2}). Heads that read their path (--reads-path)
-  get the answer's own tokens t+1 .. t+k+1 (teacher forcing: what a tree's accepted path holds).
+  get the answer's own tokens t+1 .. t+k+1 (teacher forcing: what a tree's accepted path holds). From --heads that
+  ship a backbone adapter (Medusa-2's), the frozen backbone is the adapted one they read, and the adapter ships on.
 * joint: backbone and heads learn together on loss = L_lm + w * L_medusa, with w ramped from 0 to
   --medusa-weight, the backbone at a much smaller learning rate than the heads (two AdamW groups),
   and optionally through LoRA adapters instead of all weights. This changes the base model: the
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 import kernels
 
+from ..adapter import apply_adapter, has_adapter
 from ..errors import NanoMedusaError
 from ..heads import MedusaHeads
 from ..loading import load_model, resolve_checkpoint
@@ -139,9 +141,15 @@ class Trainer:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" and not self.joint else "float32"
         model, _ = load_model(self.ckpt_dir, self.device, dtype)
+        # Warm-up from heads that ship a backbone adapter (Medusa-2's): they read the adapted backbone, so it is
+        # what they train on (frozen), and the adapter ships on with the heads trained.
+        self.adapter_from = Path(cfg.heads) if not self.joint and cfg.heads and has_adapter(cfg.heads) else None
+        if self.adapter_from is not None:
+            self._print(apply_adapter(model, self.adapter_from))
         self.hidden_cache = None
         if cfg.cache_hidden:
-            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(str(self.ckpt_dir), model.dtype, self.train_set))
+            backbone = f"{self.ckpt_dir}+{self.adapter_from}" if self.adapter_from else str(self.ckpt_dir)
+            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(backbone, model.dtype, self.train_set))
 
         heads = self._make_heads(model)
         model.requires_grad_(self.joint and not cfg.lora_rank)
@@ -330,7 +338,7 @@ class Trainer:
         elif self.joint:  # the heads now belong to the fine-tuned model, not to the one training started from
             heads_config = replace(heads_config, base_model=str(self.out / "model"))
         checkpoint.export(self.out, self.wrapped, heads_config, self.ckpt_dir, self.joint and not heads_only,
-                          self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main)
+                          self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main, self.adapter_from)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
