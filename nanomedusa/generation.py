@@ -18,14 +18,15 @@ import torch
 
 from .cuda_graphs import GraphedStep
 from .decoder import Decoder, check_fits
+from .pending_read import PendingRead
 from .sampling import Sampling, next_token
 
 
 @dataclass
 class GenerationResult:
     tokens: list[int] = field(default_factory=list)
-    seconds: float = 0.0  # wall time, prefill included
-    prefill_seconds: float = 0.0
+    seconds: float = 0.0  # wall time until the last token reached the host, prefill included
+    prefill_seconds: float = 0.0  # until the first token reached the host
     steps: int = 0  # forward passes after the prefill (the prefill's token counts as step 0's)
 
     @property
@@ -65,20 +66,26 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
     start = time.perf_counter()
     # Only the last position's logits are needed: the lm_head over every prompt position costs P x V.
     logits = model.logits(decoder.prefill(prompt_ids, start=cached_len))[0]  # [V]
-    token = next_token(logits, sampling, rng)
-    result.prefill_seconds = time.perf_counter() - start
-    while max_new_tokens > 0:  # 0 tokens asked for: none emitted
-        tok = token.item()
+    token = next_token(logits, sampling, rng)  # [] on the device
+    # Token i is read one step behind (pending_read.py): step i, which feeds it back, is queued first, so the
+    # device decodes token i + 1 while the host reads and streams token i. A step queued for a token that turns
+    # out to be eos is wasted (it writes that token's own cache slot).
+    while len(result.tokens) < max_new_tokens:  # 0 tokens asked for: none emitted
+        read = PendingRead(token)
+        if len(result.tokens) + 1 < max_new_tokens:  # a token after this one is wanted, unless this one is eos
+            token = decode_step(token.view(1, 1), pos)
+            pos += 1
+        tok = read.tolist()
         result.tokens.append(tok)
+        if len(result.tokens) == 1:
+            result.prefill_seconds = time.perf_counter() - start
         if on_tokens:
             on_tokens([tok])
-        if len(result.tokens) >= max_new_tokens or tok in eos_ids:
+        if tok in eos_ids:
             break
-        token = decode_step(token.view(1, 1), pos)
-        pos += 1
-        result.steps += 1
-    decoder.sync()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start  # the last token is on the host: what a caller waits for
+    result.steps = max(len(result.tokens) - 1, 0)  # the decode steps whose tokens were kept
+    decoder.sync()  # a step queued past eos
     return result
 
 

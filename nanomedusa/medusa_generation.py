@@ -45,6 +45,7 @@ from .dynamic_tree import DynamicTree
 from .errors import NanoMedusaError
 from .generation import GenerationResult
 from .heads import MedusaHeads
+from .pending_read import PendingRead
 from .path_tree import propose_path_tree
 from .sampling import Sampling, next_token, target_probs
 from .tree import TreeBuffers
@@ -145,6 +146,12 @@ def placeholder_proposal(tree: TreeBuffers | DynamicTree, device) -> tuple[torch
     return (tokens, torch.arange(tree.num_nodes, device=device)) if isinstance(tree, DynamicTree) else (tokens,)
 
 
+def cache_room(tree: TreeBuffers | DynamicTree) -> int:
+    """Cache slots a Medusa run needs past its prompt and answer: a step's tree, and as many more as the
+    run's last step can overshoot the answer by (the step queued past the end writes its tree there)."""
+    return tree.num_nodes + tree.depth_max
+
+
 def check_medusa(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance) -> None:
     if rule.mode not in ACCEPT_MODES:
         raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
@@ -169,7 +176,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     check_medusa(heads, tree, rule)
     model, device = decoder.model, decoder.device
     tree = tree.to(device)
-    decoder.prepare(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
+    decoder.prepare(len(prompt_ids), max_new_tokens, extra=cache_room(tree), cached_len=cached_len)
     rng = decoder.random_generator(rule.draws, generator)
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
     # The key names all that the step closes over besides the model and its cache.
@@ -197,15 +204,22 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     root = next_token(model.logits(hidden)[0], rule.draws, rng)
     # tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
     proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)
+    # Each step's tokens are read one step behind (pending_read.py): the next step, whose inputs are all on the
+    # device, is queued first, so the device verifies while the host reads and streams. It is queued whenever the
+    # run could go on after the tokens being read (each step gives at least one); when they end it (eos, or
+    # enough tokens), it is wasted, and its tree lies past them in the cache (`decoder.prepare`'s extra slots).
+    read = PendingRead(root.view(1))
+    out = step(prefix, *proposal) if max_new_tokens > 1 else None
+    done = max_new_tokens <= 0 or emit(read.tolist())  # 0 tokens asked for: none emitted
     result.prefill_seconds = time.perf_counter() - start
-    done = max_new_tokens <= 0 or emit([root.item()])  # 0 tokens asked for: none emitted
     while not done:
-        out = step(prefix, *proposal)
-        prefix, proposal = out.prefix, out.next_tree
-        # the step's one host sync: the path's tokens, the bonus token and accept_len n
-        *tokens, bonus, n = torch.cat([out.tokens, out.bonus.view(1), out.accept_len.view(1)]).tolist()
+        # the step's tokens to read: the path's, the bonus token and accept_len n
+        read = PendingRead(torch.cat([out.tokens, out.bonus.view(1), out.accept_len.view(1)]))
+        if len(result.tokens) + 1 < max_new_tokens:
+            out = step(out.prefix, *out.next_tree)
+        *tokens, bonus, n = read.tolist()
         result.steps += 1
         done = emit(tokens[1: n + 1] + [bonus])  # tokens[0] is this step's root, emitted already (last bonus)
-    decoder.sync()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start  # the last token is on the host: what a caller waits for
+    decoder.sync()  # a step queued past the end
     return result

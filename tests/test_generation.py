@@ -97,6 +97,7 @@ def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
         for prompt in ([5, 17, 42], list(range(3, 3 + PREFILL_BUCKET + 5)), [9, 8, 7, 6, 5]):
             torch.testing.assert_close(graphed.prefill(prompt), eager.prefill(prompt), rtol=1e-4, atol=1e-4)
         # 3 prompts, 2 padded lengths; a graph's key also holds the kernel settings it was captured with
-        assert sorted(graphed.graphs) == [(("prefill", n), "auto", False) for n in (PREFILL_BUCKET, 2 * PREFILL_BUCKET)]
+        settings = (kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled())
+        assert sorted(graphed.graphs) == [(("prefill", n), *settings) for n in (PREFILL_BUCKET, 2 * PREFILL_BUCKET)]
     for prompt in ([5, 17, 42], list(range(3, 90))):
         assert generate(graphed, prompt, 20).tokens == generate(eager, prompt, 20).tokens

@@ -1,0 +1,39 @@
+"""Reading a step's tokens on the host without leaving the GPU idle: the copy is queued, the next step too.
+
+A decoding loop has to read each step's tokens on the host (to stream them, to stop at eos), and the plain
+way, `tokens.tolist()` right after the step, waits for the GPU to finish, then leaves it idle while Python
+reads the values, streams them and launches the next step: tens of microseconds a step, several percent of
+a small model's step. So the loops (generation.py, medusa_generation.py) read one step behind:
+
+    read = PendingRead(out.tokens)   # the copy to the host, queued behind the kernels that compute them
+    out = step(out.next_inputs)      # the next step, queued before waiting: its inputs never left the GPU
+    tokens = read.tolist()           # waits for the copy only; the GPU is busy with the next step meanwhile
+
+The step queued last is wasted when the tokens read say the run is over (eos, or enough tokens): a cost of
+one step's GPU time per run, after its last token has reached the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PendingRead:
+    """values (a device tensor) on their way to the host; `tolist()` waits for them. The copy goes to page-locked
+    memory, which a copy can fill asynchronously, and is taken before anything queued after it (the next step's
+    graph replay, which overwrites its static outputs) runs."""
+
+    def __init__(self, values: torch.Tensor):
+        self._done = None
+        if values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:  # the CPU computes eagerly: nothing to wait for, but the next step may overwrite values
+            self._host = values.clone()
+
+    def tolist(self):
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
