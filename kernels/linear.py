@@ -79,7 +79,7 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
     each weight tile once (a 1-row decode then wastes tensor-core work, which it has to spare). The rest was
     read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/linear-sweep.txt; bench/RESULTS.md, "Exact greedy"),
     choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take 64-feature
-    tiles, narrow ones with a long K (a 7B's wo) 32-feature tiles with 256-long K steps, which keep
+    tiles (a 7B's wqkv 128-feature ones: bench/linear-sweep-7b-n128.txt), narrow ones with a long K (a 7B's wo) 32-feature tiles with 256-long K steps, which keep
     more of each weight row in flight per program, and the down projections (K >= 8192: a 7B's w2) 64-feature
     tiles with K split in two (then timed inside graphed steps); the small matrices of a 135M model, whose calls are
     bound by launch latency, take 32 x 128 tiles, and the smallest (up to 2^20 weights: its wqkv, wo and w2)
@@ -95,7 +95,12 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
         # H200's 132 SMs, N <= 396 * 64: a 7B's w13 then takes 45 µs, not 49; past it, 3 stages (4 programs an SM),
         # or the last programs run as a second wave (Llama-3 8B's w13 with 4 stages: decode step 5.30 ms, not 4.80).
         return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4 if N <= 396 * 64 else 3)
-    if N >= 6144 and K >= 2048:  # wqkv [12288, 4096], with grouped queries [6144, 4096] (Llama-3 8B, Mistral 7B)
+    if N >= 12288 and K >= 2048:  # wqkv [12288, 4096] (a 7B without grouped queries)
+        # 128-feature tiles, 4 stages (192 KB, one program an SM): 96 programs, not 192 of 64 features, each with
+        # twice the bytes in flight; 26.2 µs at one row, not 27.7. Graphed 7B steps: decode 3.994 ms, not 4.039,
+        # tree 4.522, not 4.532 (bench/RESULTS.md).
+        return TileConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
+    if N >= 6144 and K >= 2048:  # wqkv with grouped queries [6144, 4096] (Llama-3 8B, Mistral 7B)
         # 32 KB of shared memory a stage: 3 stages (2 programs an SM) for a grid of two programs an SM; a grid of at
         # most one an SM takes 5 (Llama-3 8B's wqkv: 15.9 µs at one row, not 22.8 with the 32 x 256 tiles below,
         # whose 192 KB a program ran its 192 programs in two waves).
