@@ -23,7 +23,7 @@
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
 # JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep), and for the exact
 # stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
-# and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_NODES
+# and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES
 # and PATH_DEPTH (their tree: 31 paths, 3 heads deep)
 # and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees).
 set -euo pipefail
@@ -122,7 +122,7 @@ case "${1:-}" in
          # weights/smollm2-135m-instruct-medusa-path, bench/RESULTS.md); temperatures fitted on the held-out split
     python train.py --stage warmup $MODEL_FLAG --heads "$HEADS_FROM" --reads-path --data "${DATA[@]}" \
         --data-weights "${MIX[@]}" --out "$WORK/path" --epochs "${PATH_EPOCHS:-1}" --batch-size 32 --max-len 1024 \
-        --lr 2e-3 --log-every 100 2>&1 | no_bars | tee "$OUT/path.log"
+        --lr "${PATH_LR:-2e-3}" --log-every 100 2>&1 | no_bars | tee "$OUT/path.log"
     cp "$WORK/path/eval.json" "$OUT/path_eval.json"
     python -m nanomedusa.tree_tuning $MODEL_FLAG --heads "$WORK/path/heads" --data "${DATA[@]}" --nodes "${PATH_NODES:-31}" \
         --max-depth "${PATH_DEPTH:-3}" --json "$OUT/path_accuracy.json" --write --trim 2>&1 | tee "$OUT/path_tree.log"
