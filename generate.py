@@ -38,7 +38,7 @@ from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
-from nanomedusa.medusa_generation import ACCEPT_MODES, cache_room, generate_medusa
+from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa
 from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, cut_to_depth, parse_tree
@@ -194,7 +194,7 @@ def chat_session(args, decoder, tokenizer, heads, tree):
     from nanomedusa.chat import ChatSession  # only this path needs it
 
     return ChatSession(decoder.model, tokenizer, make_decode(args, decoder, tokenizer, heads, tree), args.max_new_tokens,
-                       extra=cache_room(tree) if tree is not None else 0, context=args.context, system=args.system)
+                       extra=tree.num_nodes if tree is not None else 0, context=args.context, system=args.system)
 
 
 def check_args(args) -> None:

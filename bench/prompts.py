@@ -2,8 +2,8 @@
 timed (`measure`), into the totals every part of the benchmark reports (`totals`).
 
 A method's time per prompt is what its `generate` call reports (`GenerationResult.seconds`, prefill
-included; `prefill_seconds` the prefill alone), so that every method is timed by the same clock; see
-bench/decode.py for what the totals mean.
+included; `prefill_seconds` until the first token reached the host), so that every method is timed by the same
+clock; see bench/decode.py for what the totals mean.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
         # H200's 132 SMs, N <= 396 * 64: a 7B's w13 then takes 45 µs, not 49; past it, 3 stages (4 programs an SM),
         # or the last programs run as a second wave (Llama-3 8B's w13 with 4 stages: decode step 5.30 ms, not 4.80).
         return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4 if N <= 396 * 64 else 3)
-    if N >= 12288 and K >= 2048:  # wqkv [12288, 4096] (a 7B without grouped queries)
+    if N >= 12288 and K >= 4096:  # wqkv without grouped queries: a 7B's [12288, 4096] (a 13B's too, not timed)
         # 128-feature tiles, 4 stages (192 KB, one program an SM): 96 programs, not 192 of 64 features, each with
         # twice the bytes in flight; 26.2 µs at one row, not 27.7. Graphed 7B steps: decode 3.994 ms, not 4.039,
         # tree 4.522, not 4.532 (bench/RESULTS.md).

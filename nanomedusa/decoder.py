@@ -45,7 +45,7 @@ def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> i
     needed = prompt_len + max_new_tokens + extra
     if needed > context:
         what = f"prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens}"
-        what += f" + tree ({extra} slots)" if extra else ""
+        what += f" + tree ({extra} nodes)" if extra else ""
         raise NanoMedusaError(f"{what} = {needed} exceeds the model's context of {context} tokens; "
                               f"shorten the prompt or lower --max-new-tokens.")
     return needed

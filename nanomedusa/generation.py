@@ -25,9 +25,9 @@ from .sampling import Sampling, next_token
 @dataclass
 class GenerationResult:
     tokens: list[int] = field(default_factory=list)
-    seconds: float = 0.0  # wall time until the last token reached the host, prefill included
+    seconds: float = 0.0  # wall time, prefill included
     prefill_seconds: float = 0.0  # until the first token reached the host
-    steps: int = 0  # forward passes after the prefill (the prefill's token counts as step 0's)
+    steps: int = 0  # forward passes after the prefill whose tokens were kept (the prefill's token is step 0's)
 
     @property
     def tokens_per_second(self) -> float:
@@ -67,9 +67,9 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
     # Only the last position's logits are needed: the lm_head over every prompt position costs P x V.
     logits = model.logits(decoder.prefill(prompt_ids, start=cached_len))[0]  # [V]
     token = next_token(logits, sampling, rng)  # [] on the device
-    # Token i is read one step behind (pending_read.py): step i, which feeds it back, is queued first, so the
-    # device decodes token i + 1 while the host reads and streams token i. A step queued for a token that turns
-    # out to be eos is wasted (it writes that token's own cache slot).
+    # Token i is read one step behind (pending_read.py): step i, which feeds it back, is queued first (when a token
+    # after it is wanted), so the device decodes token i + 1 while the host reads and streams token i. Only a step
+    # queued for a token that turns out to be eos is wasted (it writes that token's own cache slot).
     while len(result.tokens) < max_new_tokens:  # 0 tokens asked for: none emitted
         read = PendingRead(token)
         if len(result.tokens) + 1 < max_new_tokens:  # a token after this one is wanted, unless this one is eos
@@ -83,9 +83,9 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
             on_tokens([tok])
         if tok in eos_ids:
             break
-    result.seconds = time.perf_counter() - start  # the last token is on the host: what a caller waits for
     result.steps = max(len(result.tokens) - 1, 0)  # the decode steps whose tokens were kept
-    decoder.sync()  # a step queued past eos
+    decoder.sync()  # a step queued before an eos was read, counted: the next run would wait for it
+    result.seconds = time.perf_counter() - start
     return result
 
 

@@ -23,7 +23,8 @@ argmax and accepts guesses the tempered distribution finds typical enough; only 
 (`accept="sample"`) draws tokens at random.
 
 `medusa_step` chains the four with fixed shapes and no host sync, so on a GPU the whole step replays
-as one CUDA graph (captured by the Decoder), and the host reads the step's tokens back with one sync.
+as one CUDA graph (captured by the Decoder), and the host reads the step's tokens back one step behind
+(pending_read.py), while the next step already runs.
 Lossless sampling draws its random numbers inside the step too, from the generator the graph is
 registered with (`Decoder.random_generator`).
 """
@@ -146,12 +147,6 @@ def placeholder_proposal(tree: TreeBuffers | DynamicTree, device) -> tuple[torch
     return (tokens, torch.arange(tree.num_nodes, device=device)) if isinstance(tree, DynamicTree) else (tokens,)
 
 
-def cache_room(tree: TreeBuffers | DynamicTree) -> int:
-    """Cache slots a Medusa run needs past its prompt and answer: a step's tree, and as many more as the
-    run's last step can overshoot the answer by (the step queued past the end writes its tree there)."""
-    return tree.num_nodes + tree.depth_max
-
-
 def check_medusa(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance) -> None:
     if rule.mode not in ACCEPT_MODES:
         raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
@@ -176,7 +171,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     check_medusa(heads, tree, rule)
     model, device = decoder.model, decoder.device
     tree = tree.to(device)
-    decoder.prepare(len(prompt_ids), max_new_tokens, extra=cache_room(tree), cached_len=cached_len)
+    decoder.prepare(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
     rng = decoder.random_generator(rule.draws, generator)
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
     # The key names all that the step closes over besides the model and its cache.
@@ -202,24 +197,28 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     root = next_token(model.logits(hidden)[0], rule.draws, rng)
+    read = PendingRead(root.view(1))
     # tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
     proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)
-    # Each step's tokens are read one step behind (pending_read.py): the next step, whose inputs are all on the
-    # device, is queued first, so the device verifies while the host reads and streams. It is queued whenever the
-    # run could go on after the tokens being read (each step gives at least one); when they end it (eos, or
-    # enough tokens), it is wasted, and its tree lies past them in the cache (`decoder.prepare`'s extra slots).
-    read = PendingRead(root.view(1))
+    # Each step's tokens are read one step behind (pending_read.py) while the run surely goes on past them (a step
+    # gives 1 to depth_max + 1 tokens): the next step, whose inputs are all on the device, is queued first, so the
+    # device verifies while the host reads and streams. Near the end the host reads first and queues a step only if
+    # one is wanted, so that only eos can leave a queued step unused.
     out = step(prefix, *proposal) if max_new_tokens > 1 else None
-    done = max_new_tokens <= 0 or emit(read.tolist())  # 0 tokens asked for: none emitted
+    first = read.tolist()
     result.prefill_seconds = time.perf_counter() - start
+    done = max_new_tokens <= 0 or emit(first)  # 0 tokens asked for: none emitted
     while not done:
         # the step's tokens to read: the path's, the bonus token and accept_len n
         read = PendingRead(torch.cat([out.tokens, out.bonus.view(1), out.accept_len.view(1)]))
-        if len(result.tokens) + 1 < max_new_tokens:
+        ahead = len(result.tokens) + tree.depth_max + 1 < max_new_tokens
+        if ahead:
             out = step(out.prefix, *out.next_tree)
         *tokens, bonus, n = read.tolist()
         result.steps += 1
         done = emit(tokens[1: n + 1] + [bonus])  # tokens[0] is this step's root, emitted already (last bonus)
-    result.seconds = time.perf_counter() - start  # the last token is on the host: what a caller waits for
-    decoder.sync()  # a step queued past the end
+        if not done and not ahead:
+            out = step(out.prefix, *out.next_tree)
+    decoder.sync()  # a step queued before an eos was read, counted: the next run would wait for it
+    result.seconds = time.perf_counter() - start
     return result

@@ -15,7 +15,7 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.generation import generate
 from nanomedusa.loading import load_model
-from nanomedusa.medusa_generation import cache_room, generate_medusa
+from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers
 from tests.test_medusa import TREES, random_heads
@@ -73,7 +73,7 @@ def test_chat_with_kv_reuse_equals_the_growing_prompt(checkpoint, device, medusa
     model = load_model(checkpoint, device=device, dtype="float32")[0]
     tokenizer = Tokenizer.from_dir(checkpoint)
     decode = decoder(model, tokenizer, medusa)
-    session = ChatSession(model, tokenizer, decode, max_new_tokens=12, extra=cache_room(TreeBuffers.from_choices(TREES["small"])) if medusa else 0)
+    session = ChatSession(model, tokenizer, decode, max_new_tokens=12, extra=7 if medusa else 0)
     answers, prefilled = [], []
     for text in TURNS:
         cached = session.cached

@@ -8,6 +8,7 @@ import kernels
 from nanomedusa.decoder import PREFILL_BUCKET, Decoder
 from nanomedusa.generation import generate, generate_batch
 from nanomedusa.loading import load_model
+from nanomedusa.pending_read import PendingRead
 from nanomedusa.sampling import Sampling, target_probs
 from tests.helpers import make_hf_checkpoint
 
@@ -101,3 +102,14 @@ def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
         assert sorted(graphed.graphs) == [(("prefill", n), *settings) for n in (PREFILL_BUCKET, 2 * PREFILL_BUCKET)]
     for prompt in ([5, 17, 42], list(range(3, 90))):
         assert generate(graphed, prompt, 20).tokens == generate(eager, prompt, 20).tokens
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_a_pending_read_holds_the_values_it_was_queued_behind(device):
+    # The decoding loops queue the next step before reading the last one's tokens: that step overwrites the
+    # tensor read (a graph's static output), so the read must hold the values as they were when it was queued.
+    values = torch.tensor([7, 8, 9], device=device)
+    read = PendingRead(values)
+    values.fill_(0)  # queued after the read, as the next step's replay is
+    assert read.tolist() == [7, 8, 9]

@@ -14,7 +14,7 @@ from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
-from nanomedusa.medusa_generation import cache_room, generate_medusa
+from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.sampling import Sampling, target_probs
 from nanomedusa.tree import PRESETS, TreeBuffers, chain
 from tests.helpers import make_hf_checkpoint
@@ -127,19 +127,23 @@ def test_oracle_heads_accept_the_whole_depth(models, tree_name):
     assert got.steps == math.ceil((40 - 1) / (tree.depth_max + 1))
 
 
-def test_the_step_queued_past_the_end_fits_a_cache_sized_for_the_run(models):
-    # The loop queues each next step before reading the last one's tokens, so one step runs past the end. With
-    # heads that accept a chain's whole depth the last kept step overshoots max_new_tokens the most (37 -> 43 of
-    # 40 tokens), and the step after it writes its tree furthest: it must still fit a cache sized for the run
-    # alone (on the CPU a slot past the cache raises).
+@pytest.mark.parametrize("max_new_tokens, steps", [(37, 6), (40, 7)])  # the last step hits the end; overshoots it
+def test_steps_queued_ahead_stay_within_a_cache_sized_for_the_run(models, monkeypatch, max_new_tokens, steps):
+    # The loop queues each next step before reading the last one's tokens while the run surely goes on. With heads
+    # that accept a chain's whole depth the last step ends the run exactly (31 -> 37 of 37 tokens) or overshoots it
+    # (37 -> 43 of 40): no step may be queued after it (none is wasted when a run ends by length), and every step's
+    # tree must fit a cache sized for the run alone (on the CPU a slot past the cache raises).
+    calls = []
+    step = medusa_generation.medusa_step
+    monkeypatch.setattr(medusa_generation, "medusa_step", lambda *args: calls.append(1) or step(*args))
     model = models["mha"]
     prompt = [5, 17, 42, 8]
     expected = generate(Decoder(model), prompt, max_new_tokens=50).tokens  # the oracle knows past the end
     heads, tree = OracleHeads(model, prompt, expected), TreeBuffers.from_choices(TREES["chain5"])
     model.kv_cache = None  # not the larger cache an earlier test left, which would hide an overflow
-    got = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=40)
-    assert model.kv_cache.max_seq_len == len(prompt) + 40 + cache_room(tree)
-    assert got.tokens == expected[:40] and got.steps == 7
+    got = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=max_new_tokens)
+    assert model.kv_cache.max_seq_len == len(prompt) + max_new_tokens + tree.num_nodes
+    assert got.tokens == expected[:max_new_tokens] and got.steps == len(calls) == steps
 
 
 @pytest.mark.parametrize("model_name,nodes,heads_kind", [
@@ -207,7 +211,7 @@ def test_tree_that_does_not_fit_is_a_clear_error(models):
     model = models["mha"]  # context 256
     heads = MedusaHeads.from_base(model, num_heads=5)
     tree = TreeBuffers.from_choices(TREES["mc_sim_7b_63"])
-    with pytest.raises(NanoMedusaError, match=r"tree \(\d+ slots\) = \d+ exceeds the model's context of 256"):
+    with pytest.raises(NanoMedusaError, match=r"tree \(\d+ nodes\) = \d+ exceeds the model's context of 256"):
         generate_medusa(Decoder(model), heads, tree, list(range(3, 60)), max_new_tokens=150)
 
 
