@@ -197,9 +197,9 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     root = next_token(model.logits(hidden)[0], rule.draws, rng)
-    read = PendingRead(root.view(1))
     # tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
     proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)
+    read = PendingRead(root.view(1))  # after the proposal, as measured (bench/RESULTS.md, twelfth run)
     # Each step's tokens are read one step behind (pending_read.py) while the run surely goes on past them (a step
     # gives 1 to depth_max + 1 tokens): the next step, whose inputs are all on the device, is queued first, so the
     # device verifies while the host reads and streams. Near the end the host reads first and queues a step only if
