@@ -17,6 +17,7 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        and each kernel's share of one step
     python -m bench.ab_steps           a code change's A/B: git revisions exported beside the working tree
                                        (`export`), their graphed steps timed in alternation on one machine (`run`)
+    python -m bench.ab_decode          the same A/B end to end: bench.decode from each version's code, alternated
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
     python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's

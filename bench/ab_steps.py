@@ -96,12 +96,19 @@ def measure(version: Path, job: dict, timeout: float) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(args) -> dict:
-    versions = [Path(v).resolve() for v in args.versions]
+def version_folders(paths, needs: str) -> list[Path]:
+    """The folders of the versions to measure (exported ones, or . for the working tree), each checked to hold
+    `needs` (a path inside it), else an error naming the fix."""
+    versions = [Path(v).resolve() for v in paths]
     for v in versions:
-        if not (v / "bench" / "steps.py").is_file():
-            raise SystemExit(f"error: {v} holds no exported version (no bench/steps.py); "
-                             f"make it with `python -m bench.ab_steps export REVISION`.")
+        if not (v / needs).is_file():
+            raise SystemExit(f"error: {v} holds no version of this code (no {needs}); make one with "
+                             f"`python -m bench.ab_steps export REVISION`, or pass . for the working tree.")
+    return versions
+
+
+def run(args) -> dict:
+    versions = version_folders(args.versions, "bench/steps.py")
     exact, pdl = MODES[args.mode]
     times = {}  # (shape, prefix, version name) -> list of {"decode_ms", "tree_ms"}
     for round_ in range(1, args.rounds + 1):

@@ -269,3 +269,34 @@ def test_ab_steps_errors_name_the_fix(tmp_path):
         ab_steps.export("no-such-revision-anywhere", tmp_path)
     with pytest.raises(SystemExit, match="python -m bench.ab_steps export"):
         ab_steps.run(ab_steps.parse_args(["run", str(tmp_path)]))
+
+
+def test_ab_decode_runs_each_version_end_to_end(tmp_path):
+    from bench import ab_decode, ab_steps
+    make_chat_checkpoint(tmp_path / "base", seed=1, max_position_embeddings=1024)
+    save_random_heads(load_model(tmp_path / "base", "cpu", "float32")[0], tmp_path / "m1", num_heads=2, seed=1,
+                      medusa_choices=[[0], [1], [0, 0]])
+    files = []
+    for name, text in (("a.jsonl", "Name three colours."), ("b.jsonl", "What is 2 + 3?")):
+        (tmp_path / name).write_text(json.dumps({"id": name, "prompt": text}) + "\n")
+        files.append(str(tmp_path / name))
+    exported = ab_steps.export("HEAD", tmp_path / "ab")
+    out = ab_decode.run(ab_decode.parse_args(
+        [str(exported), ".", "--rounds", "1", "--json", str(tmp_path / "ab.json"), "--",
+         "--model", str(tmp_path / "base"), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4",
+         "--heads", f"m1={tmp_path / 'm1'}", "--tree", "own", "--no-hf", "--skip-7b", "--quick-warmup", "--prompts",
+         *files]))
+    assert (exported / "weights" / "smollm2-135m-instruct-medusa-path").is_symlink()  # the shipped heads, linked in
+    versions = ("HEAD", ab_steps.REPO.name)
+    assert {(r["method"], r["prompts"], r["version"]) for r in out["results"]} == {
+        (m, f, v) for m in ("plain (base)", "m1 / own") for f in ("a.jsonl", "b.jsonl") for v in versions}
+    assert all(r["tokens_per_second"] > 0 and r["runs"] == 1 for r in out["results"])
+    assert json.loads((tmp_path / "ab.json").read_text())["versions"] == list(versions)
+
+
+def test_ab_decode_errors_name_the_fix(tmp_path):
+    from bench import ab_decode
+    with pytest.raises(SystemExit, match="python -m bench.ab_steps export"):
+        ab_decode.run(ab_decode.parse_args([str(tmp_path), "--", "--no-hf"]))
+    with pytest.raises(SystemExit):
+        ab_decode.parse_args([".", "--", "--json", "x.json"])  # its own --json goes before `--`
