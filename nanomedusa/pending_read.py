@@ -2,15 +2,15 @@
 
 A decoding loop has to read each step's tokens on the host (to stream them, to stop at eos), and the plain
 way, `tokens.tolist()` right after the step, waits for the GPU to finish, then leaves it idle while Python
-reads the values, streams them and launches the next step: tens of microseconds a step, several percent of
-a small model's step. So the loops (generation.py, medusa_generation.py) read one step behind:
+reads the values, streams them and launches the next step: some 30 µs a step on an H200, 3-4% of the default
+model's decoding step (bench/RESULTS.md). So the loops (generation.py, medusa_generation.py) read one step behind:
 
     read = PendingRead(out.tokens)   # the copy to the host, queued behind the kernels that compute them
     out = step(out.next_inputs)      # the next step, queued before waiting: its inputs never left the GPU
     tokens = read.tolist()           # waits for the copy only; the GPU is busy with the next step meanwhile
 
-The step queued last is wasted when the tokens read say the run is over (eos, or enough tokens): a cost of
-one step's GPU time per run, after its last token has reached the host.
+They queue a step ahead only while the run surely goes on past the tokens being read, so the one step that can be
+wasted is one queued before an eos is read.
 """
 
 from __future__ import annotations
