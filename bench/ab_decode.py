@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from .ab_steps import REPO, version_folders
-from .prompts import DEFAULT_PROMPTS, read_prompts
+from .prompts import DEFAULT_PROMPTS, read_prompts, totals
 from .report import print_table, save, say
 
 # Runs in the working tree with the version's folder first on sys.path: bench.decode as `python -m` would.
@@ -102,12 +102,13 @@ def run(args) -> dict:
     for method, prompts in dict.fromkeys((m, f) for m, f, _ in rows_of):
         first = None
         for v in versions:
-            rows = rows_of.get((method, prompts, v.name), [])
-            tokens, seconds = sum(r["new_tokens"] for r in rows), sum(r["seconds"] for r in rows)
-            gained, steps = sum(r["new_tokens"] - 1 for r in rows), sum(r["steps"] for r in rows)
-            speed = tokens / seconds if seconds else 0.0
+            rows = rows_of.get((method, prompts, v.name))
+            if not rows:  # this version's bench.decode reported no such method (an older one, other labels)
+                table.append([method, prompts, v.name, "missing", "", ""])
+                continue
+            total = totals(rows)  # summed over the file's prompts and the rounds, as bench.decode sums its own
+            speed, accepted = total["tokens_per_second"], total["mean_accepted"]
             first = first or speed
-            accepted = gained / steps if steps else 1.0
             table.append([method, prompts, v.name, f"{speed:.1f}", f"{accepted:.2f}", f"{speed / first - 1:+.1%}"])
             results.append(dict(method=method, prompts=prompts, version=v.name, tokens_per_second=speed,
                                 mean_accepted=accepted, runs=len(rows)))

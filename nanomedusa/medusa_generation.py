@@ -46,8 +46,8 @@ from .dynamic_tree import DynamicTree
 from .errors import NanoMedusaError
 from .generation import GenerationResult
 from .heads import MedusaHeads
-from .pending_read import PendingRead
 from .path_tree import propose_path_tree
+from .pending_read import PendingRead
 from .sampling import Sampling, next_token, target_probs
 from .tree import TreeBuffers
 
