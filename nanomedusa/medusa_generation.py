@@ -140,6 +140,15 @@ def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule
     return MedusaStep(tokens, accept_len, prefix + accept_len + 1, bonus, next_tree)
 
 
+def start_tree(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, draws: Sampling, rng,
+               hidden) -> tuple[torch.Tensor, ...]:
+    """hidden [1, D] at the prompt's last position -> (root [], *the first step's proposal): the base model's
+    next token and the heads' first tree. A function of its own so that it replays as one graph too (a proposal
+    is some 6 to 19 kernel launches, which from Python cost more than they run)."""
+    root = next_token(model.logits(hidden)[0], draws, rng)
+    return (root, *propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings))
+
+
 def placeholder_proposal(tree: TreeBuffers | DynamicTree, device) -> tuple[torch.Tensor, ...]:
     """A proposal of the right shapes to capture the step's graph on: token 0 everywhere, and for a dynamic
     tree its first N superset nodes (node order puts parents first, so they form a tree)."""
@@ -178,6 +187,9 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     key = ("medusa", rule, id(heads), tree.key)
     step = decoder.step(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
                         *placeholder_proposal(tree, device), generator=rng)
+    start_step = decoder.step(("medusa-start", rule.draws, id(heads), tree.key),
+                              functools.partial(start_tree, model, heads, tree, rule.draws, rng),
+                              torch.zeros(1, model.config.dim, dtype=model.dtype, device=device), generator=rng)
     result = GenerationResult()
 
     def emit(tokens: list[int]) -> bool:
@@ -196,9 +208,8 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     decoder.sync()
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
-    root = next_token(model.logits(hidden)[0], rule.draws, rng)
-    # tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
-    proposal = propose(heads, tree, model.lm_head.weight, root, hidden, model.tok_embeddings)
+    # the root [], the tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
+    root, *proposal = start_step(hidden)
     read = PendingRead(root.view(1))  # after the proposal, as measured (bench/RESULTS.md, twelfth run)
     # Each step's tokens are read one step behind (pending_read.py) while the run surely goes on past them (a step
     # gives 1 to depth_max + 1 tokens): the next step, whose inputs are all on the device, is queued first, so the
