@@ -4,6 +4,7 @@ and a tree step.
 
     python -m bench.linear [--sweep] [--json [FILE]]            # on a CUDA machine, bf16
     python -m bench.linear --sweep --models Llama-3-8B           # another model's matrices
+    python -m bench.linear --sweep-tree                          # tiles for the tree step, same K schedule
     TRITON_INTERPRET=1 python -m bench.linear --smoke [--sweep]  # without a GPU: tiny shapes, float32
 
 For each matrix: a correctness check (the kernel at the largest row count against F.linear computed in
@@ -24,6 +25,13 @@ for invariance on two rows before it is timed, and prints the best few per matri
 `kernels.linear._tile_config`. Configs that cannot run (shared memory) are skipped. The configs are compiled
 first in parallel worker processes (Triton's disk cache then serves them), since compiling a hundred configs
 one by one would take minutes of the GPU slot.
+
+--sweep-tree times, per matrix, the configs that keep `_tile_config`'s schedule over K (BLOCK_M, BLOCK_K,
+split-K) and change only how the features are cut and pipelined (BLOCK_N, warps, stages), at the tree step's
+M = 64 (and M = 16): each checked bit for bit, every row of its 64-row call against the 1-row calls of
+`_tile_config`'s own config. A config that passes could serve the tree step while the decode step keeps its own:
+each output element still sums the same products in the same order. (An MMA computes an element from its own row
+and column; that the tile's width leaves its bits alone is what the check tests, on this GPU.)
 
 --smoke (the tests' CPU run, in Triton's interpreter) takes the same path on two tiny float32 matrices, with
 host timing of eager calls in place of CUDA graphs and a two-config sweep.
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels.linear import TileConfig, _tile_config, linear_triton
-from kernels.testing import TOLERANCE, poisoned_empty, rel_error, rows_differing_from_one_row_calls
+from kernels.testing import TOLERANCE, poisoned_empty, rel_error, rows_differing_from_one_row_calls, same_bits
 from nanomedusa.cli import ArgumentParser
 
 from .report import device_name, metadata, print_table, save, say
@@ -83,6 +91,8 @@ ROWS = (1, 16, 64)  # decode, a small tree, the default 64-node tree; the sweep 
 SWEEP_BLOCK_M, SWEEP_BLOCK_N, SWEEP_BLOCK_K = (16, 64), (16, 32, 64), (64, 128, 256)
 SWEEP_WARPS, SWEEP_STAGES = (4, 8), (3, 4, 5)
 SWEEP_SPLITS = (2, 4)  # tried on the best config of each BLOCK_N, per matrix
+TREE_BLOCK_N, TREE_WARPS, TREE_STAGES = (32, 64, 128, 256), (4, 8), (2, 3, 4, 5)  # --sweep-tree's grid
+TREE_ROWS = (16, 64)
 SWEEP_SHOW = 5  # configs printed per matrix
 WORKING_SET_L2 = 3  # the weight copies of one graph hold this many times the L2
 MIN_CALLS = 8  # calls per graph at least
@@ -91,6 +101,7 @@ SMOKE_MATRICES = [Matrix("tiny", "a", 24, 40), Matrix("tiny", "b", 40, 24)]
 SMOKE_ROWS = (1, 16)
 SMOKE_SWEEP = [TileConfig(16, 16, 32, 4, 1), TileConfig(16, 32, 16, 4, 1)]
 SMOKE_SPLITS = (2,)
+SMOKE_TREE_BLOCK_N = (16, 32)
 
 
 class Reps(NamedTuple):
@@ -253,6 +264,39 @@ def sweep_matrix(case: Case, configs: list[TileConfig], splits, reps: Reps, resu
     return ok
 
 
+def tree_configs(own: TileConfig, block_ns, smem_bytes: int, itemsize: int) -> list[TileConfig]:
+    """own with every BLOCK_N of block_ns, warps and stages of the tree grid: the same K schedule (BLOCK_M,
+    BLOCK_K, split-K), whose pipelines fit shared memory."""
+    grid = itertools.product(block_ns, TREE_WARPS, TREE_STAGES)
+    return [own._replace(block_n=n, num_warps=w, num_stages=s) for n, w, s in grid
+            if s * (own.block_m + n) * own.block_k * itemsize <= smem_bytes]
+
+
+def sweep_tree_matrix(case: Case, own: TileConfig, configs: list[TileConfig], reps: Reps, results: dict) -> list[dict]:
+    """Each config at the case's row counts, after checking its largest call bit for bit against the 1-row calls of
+    `own` (the decode step's config); returns the rows that passed and ran, fastest at the largest M first."""
+    x, w = case.x[max(case.x)], case.weights[0]
+    decode_rows = torch.cat([linear_triton(x[i:i + 1], w, config=own) for i in range(x.shape[0])])  # [M, N]
+    done = []
+    for cfg in configs:
+        row = {"model": case.matrix.model, "matrix": case.matrix.name, "config": cfg._asdict(),
+               "label": config_label(cfg), "us": {}, "gbs": {}, "rows_differing": None, "error": None}
+        try:
+            got = linear_triton(x, w, config=cfg)
+            row["rows_differing"] = [i for i in range(x.shape[0]) if not same_bits(got[i], decode_rows[i])]
+            if not row["rows_differing"]:
+                for M in case.x:
+                    us = us_per_call(triton_call(cfg), case, M, reps)
+                    row["us"][M], row["gbs"][M] = us, case.weight_bytes / us / 1e3
+        except Exception as exc:  # noqa: BLE001 - this config cannot run here (e.g. out of shared memory)
+            row["error"] = repr(exc)[:300]
+            if x.is_cuda:
+                torch.cuda.synchronize()
+        done.append(row)
+    results["sweep_tree"].extend(done)
+    return sorted((r for r in done if r["us"]), key=lambda r: r["us"][max(case.x)])
+
+
 def print_sweep(case: Case, ranked: list[dict], current: dict, copy_gbs: float | None) -> None:
     m = case.matrix
     lo, hi = min(case.x), max(case.x)
@@ -274,11 +318,43 @@ def print_sweep(case: Case, ranked: list[dict], current: dict, copy_gbs: float |
 
 # -------------------------------------------------------------------------------------------- the run
 
+def run_sweep_tree(matrices, cases, tree_grid: Callable[[TileConfig], list[TileConfig]], reps: Reps, results: dict,
+                   checkpoint: Callable[[], None]) -> None:
+    """--sweep-tree (see the module docstring): per matrix, the tree grid around its own config, and a summary."""
+    summary = []
+    for matrix, label, own, case in cases():
+        configs = [*tree_grid(own), own] if own not in tree_grid(own) else tree_grid(own)
+        tree_case = case._replace(x={M: case.x[M] for M in TREE_ROWS if M in case.x} or case.x)
+        ranked = sweep_tree_matrix(tree_case, own, configs, reps, results)
+        differing = [r for r in results["sweep_tree"][-len(configs):] if r["rows_differing"]]
+        hi = max(tree_case.x)
+        current = next((r for r in ranked if r["config"] == own._asdict()), None)
+        print_table(f"Tree tiles {label} [{matrix.N}, {matrix.K}], K schedule of {config_label(own)}: "
+                    f"{len(ranked)} of {len(configs)} configs bitwise equal to its 1-row calls and timed"
+                    + (f", {len(differing)} differing" if differing else ""),
+                    ["config", *(f"µs M={M}" for M in tree_case.x), f"GB/s M={hi}", "own µs / µs"],
+                    [[r["label"], *(r["us"][M] for M in tree_case.x), r["gbs"][hi],
+                      current and current["us"][hi] / r["us"][hi]] for r in ranked[:SWEEP_SHOW]]
+                    + ([["own: " + current["label"], *(current["us"][M] for M in tree_case.x), current["gbs"][hi], 1.0]]
+                       if current and current not in ranked[:SWEEP_SHOW] else []))
+        if differing:
+            results["failures"].append(f"tree tiles {label}: {', '.join(r['label'] for r in differing)} differ from "
+                                       f"the 1-row calls of {config_label(own)}")
+        if ranked:
+            summary.append([label, config_label(own), current and current["us"][hi], ranked[0]["label"],
+                            ranked[0]["us"][hi]])
+        checkpoint()
+    print_table("Tree tiles summary: µs at the tree's row count, _tile_config's own config and the fastest with its "
+                "K schedule", ["matrix", "own", "µs", "fastest", "µs"], summary)
+
+
 def run(matrices, rows, *, device, dtype, sweep: bool, sweep_grid, splits, table_reps: Reps, sweep_reps: Reps,
-        results: dict, checkpoint: Callable[[], None] = lambda: None, log: Callable[[str], None] = say) -> None:
+        results: dict, checkpoint: Callable[[], None] = lambda: None, log: Callable[[str], None] = say,
+        tree_grid: Callable[[TileConfig], list[TileConfig]] | None = None) -> None:
     """Fill `results` (the JSON document) part by part, calling `checkpoint` after each (the JSON is
-    rewritten, so that a run that fails late keeps what it measured): checks, timing table, sweep."""
-    results.update(checks=[], timings=[], sweep=[], failures=[])
+    rewritten, so that a run that fails late keeps what it measured): checks, timing table, sweep, tree sweep
+    (`tree_grid`: own config -> the configs to try)."""
+    results.update(checks=[], timings=[], sweep=[], sweep_tree=[], failures=[])
     on_gpu = device.type == "cuda"
     copy_gbs, l2_bytes = None, 0
     if on_gpu:
@@ -347,6 +423,11 @@ def run(matrices, rows, *, device, dtype, sweep: bool, sweep_grid, splits, table
                 ["matrix", "M", "triton µs", "GB/s", "% copy", "cuBLAS µs", "GB/s", "% copy", "cuBLAS / triton"],
                 table_rows)
     checkpoint()
+    if tree_grid is not None:
+        if on_gpu:
+            owns = {_tile_config(m.N, m.K, dtype, on_gpu) for m in matrices}
+            precompile(sorted({cfg for own in owns for cfg in tree_grid(own)}), dtype, device, log)
+        run_sweep_tree(matrices, cases, tree_grid, sweep_reps, results, checkpoint)
     if not sweep:
         return
 
@@ -370,6 +451,8 @@ def run(matrices, rows, *, device, dtype, sweep: bool, sweep_grid, splits, table
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", action="store_true", help="also time a grid of tile configs per matrix")
+    p.add_argument("--sweep-tree", action="store_true",
+                   help="also time, per matrix, tiles for the tree step that keep its K schedule (checked bitwise)")
     p.add_argument("--json", nargs="?", const=DEFAULT_JSON, default=None, metavar="FILE",
                    help=f"write every number to FILE (default {DEFAULT_JSON})")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
@@ -389,6 +472,7 @@ def main(argv=None) -> int:
                              "TRITON_INTERPRET=1 python -m bench.linear --smoke")
         dtype, matrices, rows, grid, splits = torch.float32, SMOKE_MATRICES, SMOKE_ROWS, SMOKE_SWEEP, SMOKE_SPLITS
         table_reps = sweep_reps = TABLE_REPS  # unused: the smoke times one eager call
+        tree_block_ns, smem = SMOKE_TREE_BLOCK_N, 1 << 30
     else:
         if not torch.cuda.is_available():
             raise SystemExit("the linear benchmark needs a CUDA GPU; run it on the GPU machine "
@@ -398,6 +482,7 @@ def main(argv=None) -> int:
         smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 << 10)
         grid = sweep_configs(smem, dtype.itemsize)
         table_reps, sweep_reps = TABLE_REPS, SWEEP_REPS
+        tree_block_ns = TREE_BLOCK_N
     results = {"benchmark": "linear", "mode": "smoke" if args.smoke else "full", **metadata(args, device, dtype),
                "method": "µs per call = median over samples of back-to-back CUDA-graph replays (calls cycling "
                          "through weight copies that outsize the L2) / calls per graph; GB/s = weight bytes / time"}
@@ -406,6 +491,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             run(matrices, rows, device=device, dtype=dtype, sweep=args.sweep, sweep_grid=grid, splits=splits,
                 table_reps=table_reps, sweep_reps=sweep_reps, results=results,
+                tree_grid=(lambda own: tree_configs(own, tree_block_ns, smem, dtype.itemsize)) if args.sweep_tree
+                else None,
                 checkpoint=lambda: args.json and save(results, args.json))
     finally:
         results["seconds"] = time.perf_counter() - started

@@ -237,6 +237,27 @@ def test_linear_smoke_checks_times_and_sweeps(tmp_path, capsys):
         assert title in printed
 
 
+def test_linear_tree_sweep_keeps_the_k_schedule_and_checks_every_row_bitwise(tmp_path, capsys):
+    # --sweep-tree: configs that cut the features differently but sum each element's products alike, each
+    # checked bit for bit against the 1-row calls of the shipped config before it is timed.
+    out = tmp_path / "linear.json"
+    assert linear_bench.main(["--smoke", "--sweep-tree", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    own = linear_bench._tile_config(24, 40, torch.float32, False)
+    assert r["failures"] == [] and r["sweep_tree"]
+    for row in r["sweep_tree"]:
+        cfg = row["config"]
+        assert (cfg["block_m"], cfg["block_k"], cfg["split_k"]) == (own.block_m, own.block_k, own.split_k)
+        assert row["rows_differing"] == [] and set(row["us"]) == {"16"}  # (JSON keys)
+    assert {row["config"]["block_n"] for row in r["sweep_tree"]} == {16, 32}
+    assert "### Tree tiles summary" in capsys.readouterr().out
+    # A config that sums over K in other steps is caught, not timed.
+    case = linear_bench.make_case(linear_bench.SMOKE_MATRICES[0], (16,), torch.float32, torch.device("cpu"), 0)
+    results = {"sweep_tree": []}
+    ranked = linear_bench.sweep_tree_matrix(case, own, [own._replace(block_k=8)], linear_bench.TABLE_REPS, results)
+    assert ranked == [] and results["sweep_tree"][0]["rows_differing"]
+
+
 def test_linear_sweep_compiles_in_worker_processes(capsys):
     # On the GPU the sweep's configs compile in parallel processes first; here the same pool runs the
     # interpreter, which proves the call pickles and a worker's failure is counted, not raised.
