@@ -28,9 +28,9 @@ one by one would take minutes of the GPU slot.
 
 --sweep-tree times, per matrix, the configs that keep `_tile_config`'s schedule over K (BLOCK_M, BLOCK_K,
 split-K) and change only how the features are cut and pipelined (BLOCK_N, warps, stages), at the tree step's
-M = 64 (and M = 16): each checked bit for bit, every row of its 64-row call against the 1-row calls of
-`_tile_config`'s own config. A config that passes could serve the tree step while the decode step keeps its own:
-each output element still sums the same products in the same order. (An MMA computes an element from its own row
+M = 16 and 64: each call checked first, every row bit for bit against the 1-row calls of `_tile_config`'s own
+config. A config that passes could serve the tree step while the decode step keeps its own: each output element
+still sums the same products in the same order. (An MMA computes an element from its own row
 and column; that the tile's width leaves its bits alone is what the check tests, on this GPU.)
 
 --smoke (the tests' CPU run, in Triton's interpreter) takes the same path on two tiny float32 matrices, with
@@ -189,7 +189,30 @@ def sweep_configs(smem_bytes: int, itemsize: int) -> list[TileConfig]:
     """The grid, without the configs whose pipeline overflows shared memory (Triton keeps `stages` buffers
     of the x and weight tiles)."""
     grid = itertools.product(SWEEP_BLOCK_M, SWEEP_BLOCK_N, SWEEP_BLOCK_K, SWEEP_WARPS, SWEEP_STAGES)
-    return [TileConfig(m, n, k, w, s) for m, n, k, w, s in grid if s * (m + n) * k * itemsize <= smem_bytes]
+    return [cfg for cfg in itertools.starmap(TileConfig, grid) if fits_smem(cfg, smem_bytes, itemsize)]
+
+
+def fits_smem(cfg: TileConfig, smem_bytes: int, itemsize: int) -> bool:
+    """Whether the config's pipeline, `stages` buffers of the x and weight tiles, fits shared memory."""
+    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * itemsize <= smem_bytes
+
+
+def time_config(row: dict, cfg: TileConfig, case: Case, reps: Reps) -> None:
+    """Fill a sweep row's µs and GB/s at each of the case's row counts."""
+    for M in case.x:
+        us = us_per_call(triton_call(cfg), case, M, reps)
+        row["us"][M], row["gbs"][M] = us, case.weight_bytes / us / 1e3
+
+
+def record_config_error(row: dict, exc: Exception, on_gpu: bool) -> None:
+    """A config that cannot run here (e.g. out of shared memory): its error in the row. On a GPU a sticky CUDA
+    error then surfaces here rather than in the next config."""
+    row["error"] = repr(exc)[:300]
+    if on_gpu:
+        try:
+            torch.cuda.synchronize()
+        except Exception as sync_exc:  # noqa: BLE001
+            row["error"] += f"; then {sync_exc!r}"[:300]
 
 
 def _compile_in_worker(config: tuple, dtype_name: str, device: str) -> str | None:
@@ -238,19 +261,12 @@ def sweep_matrix(case: Case, configs: list[TileConfig], splits, reps: Reps, resu
             row["check_error"], differing = check(case, cfg, [0, max(rows_of) - 1])
             if differing:
                 raise AssertionError(f"rows {differing} differ from their 1-row calls")
-            for M in rows_of:
-                us = us_per_call(triton_call(cfg), case, M, reps)
-                row["us"][M], row["gbs"][M] = us, case.weight_bytes / us / 1e3
+            time_config(row, cfg, case, reps)
         except AssertionError as exc:  # a wrong result: a failure of the run, not just of this config
             row["error"] = repr(exc)[:300]
             results["failures"].append(f"sweep {case.matrix.model} {case.matrix.name} {row['label']}: {row['error']}")
         except Exception as exc:  # noqa: BLE001 - this config cannot run here (e.g. out of shared memory)
-            row["error"] = repr(exc)[:300]
-            if case.weights[0].is_cuda:  # surface a sticky CUDA error here rather than in the next config
-                try:
-                    torch.cuda.synchronize()
-                except Exception as sync_exc:  # noqa: BLE001
-                    row["error"] += f"; then {sync_exc!r}"[:300]
+            record_config_error(row, exc, case.weights[0].is_cuda)
         return row
 
     done = [run(cfg) for cfg in configs]
@@ -265,33 +281,32 @@ def sweep_matrix(case: Case, configs: list[TileConfig], splits, reps: Reps, resu
 
 
 def tree_configs(own: TileConfig, block_ns, smem_bytes: int, itemsize: int) -> list[TileConfig]:
-    """own with every BLOCK_N of block_ns, warps and stages of the tree grid: the same K schedule (BLOCK_M,
-    BLOCK_K, split-K), whose pipelines fit shared memory."""
+    """own, and own with every BLOCK_N of block_ns, warps and stages of the tree grid: the same K schedule
+    (BLOCK_M, BLOCK_K, split-K), whose pipelines fit shared memory."""
     grid = itertools.product(block_ns, TREE_WARPS, TREE_STAGES)
-    return [own._replace(block_n=n, num_warps=w, num_stages=s) for n, w, s in grid
-            if s * (own.block_m + n) * own.block_k * itemsize <= smem_bytes]
+    configs = [cfg for n, w, s in grid
+               if fits_smem(cfg := own._replace(block_n=n, num_warps=w, num_stages=s), smem_bytes, itemsize)]
+    return configs if own in configs else [*configs, own]
 
 
 def sweep_tree_matrix(case: Case, own: TileConfig, configs: list[TileConfig], reps: Reps, results: dict) -> list[dict]:
-    """Each config at the case's row counts, after checking its largest call bit for bit against the 1-row calls of
+    """Each config at the case's row counts, each of its calls first checked bit for bit against the 1-row calls of
     `own` (the decode step's config); returns the rows that passed and ran, fastest at the largest M first."""
-    x, w = case.x[max(case.x)], case.weights[0]
-    decode_rows = torch.cat([linear_triton(x[i:i + 1], w, config=own) for i in range(x.shape[0])])  # [M, N]
+    w = case.weights[0]
+    decode_rows = {M: torch.cat([linear_triton(x[i:i + 1], w, config=own) for i in range(M)])  # [M, N]
+                   for M, x in case.x.items()}
     done = []
     for cfg in configs:
         row = {"model": case.matrix.model, "matrix": case.matrix.name, "config": cfg._asdict(),
                "label": config_label(cfg), "us": {}, "gbs": {}, "rows_differing": None, "error": None}
         try:
-            got = linear_triton(x, w, config=cfg)
-            row["rows_differing"] = [i for i in range(x.shape[0]) if not same_bits(got[i], decode_rows[i])]
+            row["rows_differing"] = sorted({i for M, x in case.x.items()
+                                            for i, got in enumerate(linear_triton(x, w, config=cfg))
+                                            if not same_bits(got, decode_rows[M][i])})
             if not row["rows_differing"]:
-                for M in case.x:
-                    us = us_per_call(triton_call(cfg), case, M, reps)
-                    row["us"][M], row["gbs"][M] = us, case.weight_bytes / us / 1e3
+                time_config(row, cfg, case, reps)
         except Exception as exc:  # noqa: BLE001 - this config cannot run here (e.g. out of shared memory)
-            row["error"] = repr(exc)[:300]
-            if x.is_cuda:
-                torch.cuda.synchronize()
+            record_config_error(row, exc, w.is_cuda)
         done.append(row)
     results["sweep_tree"].extend(done)
     return sorted((r for r in done if r["us"]), key=lambda r: r["us"][max(case.x)])
@@ -318,12 +333,12 @@ def print_sweep(case: Case, ranked: list[dict], current: dict, copy_gbs: float |
 
 # -------------------------------------------------------------------------------------------- the run
 
-def run_sweep_tree(matrices, cases, tree_grid: Callable[[TileConfig], list[TileConfig]], reps: Reps, results: dict,
+def run_sweep_tree(cases, tree_grid: Callable[[TileConfig], list[TileConfig]], reps: Reps, results: dict,
                    checkpoint: Callable[[], None]) -> None:
     """--sweep-tree (see the module docstring): per matrix, the tree grid around its own config, and a summary."""
     summary = []
     for matrix, label, own, case in cases():
-        configs = [*tree_grid(own), own] if own not in tree_grid(own) else tree_grid(own)
+        configs = tree_grid(own)
         tree_case = case._replace(x={M: case.x[M] for M in TREE_ROWS if M in case.x} or case.x)
         ranked = sweep_tree_matrix(tree_case, own, configs, reps, results)
         differing = [r for r in results["sweep_tree"][-len(configs):] if r["rows_differing"]]
@@ -353,7 +368,7 @@ def run(matrices, rows, *, device, dtype, sweep: bool, sweep_grid, splits, table
         tree_grid: Callable[[TileConfig], list[TileConfig]] | None = None) -> None:
     """Fill `results` (the JSON document) part by part, calling `checkpoint` after each (the JSON is
     rewritten, so that a run that fails late keeps what it measured): checks, timing table, sweep, tree sweep
-    (`tree_grid`: own config -> the configs to try)."""
+    (`tree_grid`: own config -> the configs to try, own included)."""
     results.update(checks=[], timings=[], sweep=[], sweep_tree=[], failures=[])
     on_gpu = device.type == "cuda"
     copy_gbs, l2_bytes = None, 0
@@ -427,7 +442,7 @@ def run(matrices, rows, *, device, dtype, sweep: bool, sweep_grid, splits, table
         if on_gpu:
             owns = {_tile_config(m.N, m.K, dtype, on_gpu) for m in matrices}
             precompile(sorted({cfg for own in owns for cfg in tree_grid(own)}), dtype, device, log)
-        run_sweep_tree(matrices, cases, tree_grid, sweep_reps, results, checkpoint)
+        run_sweep_tree(cases, tree_grid, sweep_reps, results, checkpoint)
     if not sweep:
         return
 

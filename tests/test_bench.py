@@ -243,18 +243,21 @@ def test_linear_tree_sweep_keeps_the_k_schedule_and_checks_every_row_bitwise(tmp
     out = tmp_path / "linear.json"
     assert linear_bench.main(["--smoke", "--sweep-tree", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    own = linear_bench._tile_config(24, 40, torch.float32, False)
+    on_gpu = torch.cuda.is_available()  # (the smoke runs on the GPU where there is one)
     assert r["failures"] == [] and r["sweep_tree"]
     for row in r["sweep_tree"]:
-        cfg = row["config"]
+        m = next(m for m in linear_bench.SMOKE_MATRICES if m.name == row["matrix"])
+        own, cfg = linear_bench._tile_config(m.N, m.K, torch.float32, on_gpu), row["config"]
         assert (cfg["block_m"], cfg["block_k"], cfg["split_k"]) == (own.block_m, own.block_k, own.split_k)
         assert row["rows_differing"] == [] and set(row["us"]) == {"16"}  # (JSON keys)
-    assert {row["config"]["block_n"] for row in r["sweep_tree"]} == {16, 32}
+    assert {row["config"]["block_n"] for row in r["sweep_tree"]} >= set(linear_bench.SMOKE_TREE_BLOCK_N)
     assert "### Tree tiles summary" in capsys.readouterr().out
     # A config that sums over K in other steps is caught, not timed.
-    case = linear_bench.make_case(linear_bench.SMOKE_MATRICES[0], (16,), torch.float32, torch.device("cpu"), 0)
+    matrix = linear_bench.SMOKE_MATRICES[0]
+    own = linear_bench._tile_config(matrix.N, matrix.K, torch.float32, on_gpu)
+    case = linear_bench.make_case(matrix, (16,), torch.float32, torch.device("cuda" if on_gpu else "cpu"), 0)
     results = {"sweep_tree": []}
-    ranked = linear_bench.sweep_tree_matrix(case, own, [own._replace(block_k=8)], linear_bench.TABLE_REPS, results)
+    ranked = linear_bench.sweep_tree_matrix(case, own, [own._replace(block_k=16)], linear_bench.TABLE_REPS, results)
     assert ranked == [] and results["sweep_tree"][0]["rows_differing"]
 
 
