@@ -249,3 +249,31 @@ def test_typical_and_lossless_sampling_run_on_path_trees(model):
                                 generator=torch.Generator().manual_seed(0)).tokens
                 for name in ("mc_sim_7b_63", "dynamic-64")]
         assert len(outs[0]) == 25 and outs[0] == outs[1], accept
+
+
+def _graphed_path_tree_runs(device, tmp_path, tree_name):
+    """The body of the GPU test below: greedy output equal to plain greedy decoding's, and seeded sampling the same
+    replayed as eager, with path-reading heads whose start (root and first proposal) and steps are CUDA graphs."""
+    from nanomedusa.sampling import Sampling
+
+    make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=2, vocab_size=61)
+    model = load_model(tmp_path, device=device, dtype="float32")[0]
+    heads = path_heads(load_model(tmp_path, device="cpu", dtype="float32")[0], 2).to(device)
+    tree, prompt = make_tree(tree_name), [5, 17, 42, 8, 9]
+    graphed, eager = Decoder(model), Decoder(model, cuda_graphs=False)
+    expected = generate(eager, prompt, max_new_tokens=40).tokens
+    for _ in range(2):  # the second run replays the graphs the first captured
+        assert generate_medusa(graphed, heads, tree, prompt, max_new_tokens=40).tokens == expected
+    sampling = Sampling(temperature=0.8, top_p=0.95)
+
+    def sampled(decoder):
+        gen = torch.Generator(device).manual_seed(7)
+        return generate_medusa(decoder, heads, tree, prompt, 40, sampling, accept="sample", generator=gen).tokens
+
+    assert sampled(graphed) == sampled(graphed) == sampled(eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")
+@pytest.mark.parametrize("tree_name", ["small", "mc_sim_7b_63", "dynamic-9"])
+def test_graphed_path_tree_runs_on_gpu(tmp_path, tree_name):
+    _graphed_path_tree_runs("cuda", tmp_path, tree_name)
