@@ -11,7 +11,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
     python -m bench.small_kernels      RMSNorm, acceptance, Medusa top-k and KV compaction against their
                                        references
     python -m bench.linear             the row-invariant linear kernel (--exact) against cuBLAS per matrix of
-                                       7B and SmolLM2 shapes at 1, 16 and 64 rows (--sweep: its tile configs)
+                                       7B and SmolLM2 shapes at 1, 16 and 64 rows (--sweep: its tile configs;
+                                       --sweep-tree: tiles for the tree step with the decode step's bits)
     python -m bench.step_profile       a 7B-shaped decode and tree step: their times with cuBLAS, with the
                                        row-invariant kernels, with and without programmatic dependent launch,
                                        and each kernel's share of one step
@@ -22,6 +23,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        accepted length, step time, tokens/s, the choice's own time
     python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's
                                        path) against the shipped ones: held-out accuracy, offline (CPU)
+    python -m bench.feature_draft_probe  an EAGLE-style draft (one decoder layer over the base model's features)
+                                       trained and measured like heads: held-out accuracy per depth (offline)
     python -m bench.path_trees_offline  path-reading heads' static trees against trees grown from their own
                                        guesses (EAGLE-2's expansion) at equal node counts: an exact greedy
                                        simulator (CPU)

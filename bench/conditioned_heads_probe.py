@@ -133,7 +133,7 @@ def run(args) -> dict:
                          f"0 .. {heads.config.num_heads - 1}.")
     streams = {}
     for name, files in (("train", args.train), ("eval", args.eval)):
-        examples = [e for f in files for e in tokenize_all(tokenizer, load_conversations(f), args.max_len)]
+        examples = load_examples(tokenizer, files, args.max_len)
         streams[name] = Stream(model, examples)
         say(f"[probe] {name}: {len(examples)} answers, {int((streams[name].labels != IGNORE).sum())} answer tokens")
     rows, results = [], []
@@ -159,12 +159,24 @@ def run(args) -> dict:
     return out
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every offline probe of drafts takes: the base model, the answers it trains on and is measured
+    on (`load_examples`), and how much of each conversation it keeps."""
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf or hub id (default: the built-in model)")
-    p.add_argument("--heads", default=SHIPPED_HEADS, help=f"Medusa heads to start from (default {SHIPPED_HEADS})")
     p.add_argument("--train", nargs="+", required=True, help="answers to train on (train.py --stage distill output)")
     p.add_argument("--eval", nargs="+", required=True, help="held-out answers to measure on")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation kept (default 1024)")
+
+
+def load_examples(tokenizer, files, max_len: int):
+    """Every answer of the answer files, tokenized, in order."""
+    return [e for f in files for e in tokenize_all(tokenizer, load_conversations(f), max_len)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(p)
+    p.add_argument("--heads", default=SHIPPED_HEADS, help=f"Medusa heads to start from (default {SHIPPED_HEADS})")
     p.add_argument("--probe-heads", nargs="+", type=int, default=[0, 1, 2], help="which heads (default 0 1 2)")
     p.add_argument("--steps", type=int, default=250, help="training steps per variant (default 250)")
     p.add_argument("--batch", type=int, default=256, help="positions per step (default 256)")
@@ -172,7 +184,6 @@ def parse_args(argv=None):
                    help="AdamW learning rate of the heads' own blocks (default 0: only W learns)")
     p.add_argument("--condition-lr", type=float, default=1e-2,
                    help="AdamW learning rate of W, which starts from zero (default 1e-2)")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation kept (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the numbers here")

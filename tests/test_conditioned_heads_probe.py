@@ -55,12 +55,18 @@ def test_a_conditioned_head_starts_as_its_copy_and_reads_the_right_tokens(tmp_pa
         assert torch.allclose(reading(stream, t, model), want, atol=1e-5)
 
 
-def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should(tmp_path):
+def pairs_probe_files(tmp_path, n_train: int, n_eval: int):
+    """A tiny chat checkpoint in tmp_path/ckpt, two fresh heads sharing its lm_head in tmp_path/heads, and letter-pair
+    answers to train on and to measure on -> (train file, eval file)."""
     make_chat_checkpoint(tmp_path / "ckpt", seed=4)
     model, _ = load_model(tmp_path / "ckpt", "cpu", torch.float32)
     MedusaHeads.from_base(model, num_heads=2, num_layers=1, shared_lm_head=True).save(tmp_path / "heads")
-    train = write_pairs_data(tmp_path / "train.jsonl", 64, seed=1)
-    held = write_pairs_data(tmp_path / "eval.jsonl", 16, seed=2)
+    return (write_pairs_data(tmp_path / "train.jsonl", n_train, seed=1),
+            write_pairs_data(tmp_path / "eval.jsonl", n_eval, seed=2))
+
+
+def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should(tmp_path):
+    train, held = pairs_probe_files(tmp_path, 64, 16)
     out = probe.run(probe.parse_args([
         "--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
         str(held), "--probe-heads", "0", "1", "--steps", "150", "--batch", "64", "--lr", "1e-2", "--condition-lr",

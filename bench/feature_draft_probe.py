@@ -1,0 +1,267 @@
+"""Would a draft that reads the base model's features guess deeper than Medusa heads? An offline probe for #15.
+
+    bash bench/gpu_run.sh distill      # the default model's answers to the training prompts, in work/
+    python train.py --stage distill --data bench/prompts-chat-heldout.jsonl --out work/eval-chat.jsonl \
+        --max-new-tokens 256           # and to held-out ones (likewise bench/prompts-train-mix.jsonl)
+    python -m bench.feature_draft_probe --train work/answers-chat.jsonl work/answers-math.jsonl \
+        --eval work/eval-chat.jsonl --json out/feature-draft-probe.json   # a GPU: minutes; a CPU: --limit-train
+
+Why: #15's dynamic trees stall on the draft's strength. The default path-reading heads guess tokens t+2, t+3, t+4
+right 0.55 / 0.41 / 0.39 of the time (bench/RESULTS.md), and the trees EAGLE-2 grows pay off with drafts that
+are right 0.7-0.8 of the time at every depth. EAGLE (Li et al. 2024) drafts with one decoder layer that reads, at
+each position j, the base model's feature f_j (its last hidden state, the one its lm_head reads) beside the next
+token's embedding e(x_{j+1}), and predicts the next feature f_{j+1}; the base lm_head turns that into its guess of
+x_{j+2}. Deeper guesses feed its own predicted features back in. This probe trains such a layer on --train
+(teacher-forced: the base model's features in; smooth-L1 to the next feature plus `--ce-weight` x cross-entropy
+on the token, EAGLE's loss) and measures it on --eval the way nanomedusa.tree_tuning measures heads: for each
+depth m, how often its rank-r guess of token t+m+1 is the true token when the tokens before it are (what a tree's
+acceptance rests on). Beside it, --heads measured alike, and each one's expected accepted length with the best
+static tree of --nodes nodes (tree.py's greedy rule over those rank accuracies).
+
+Depth m without running m passes per position: at depth m, position j's query belongs to the chain that started at
+t = j - m + 1. It sees the base model's features up to t (set 0: every position's input made from true features)
+and then one input from each set s = 1 .. m - 1 (inputs made from features the draft predicted s times), the one
+at position t + s. So one attention call per depth over the sets' keys, with that mask (`frontier_mask`), gives
+every chain's m-th guess at once; tests/test_feature_draft_probe.py checks it against running each chain alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.rope_cache import apply_rope
+from nanomedusa.config import ModelConfig, rope_inv_freq
+from nanomedusa.heads import load_heads_and_adapter
+from nanomedusa.loading import load_model, resolve_checkpoint
+from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.training.data import IGNORE
+from nanomedusa.tree import expected_accept_length, tree_from_head_accuracies
+from nanomedusa.tree_tuning import rank_accuracies
+
+from .conditioned_heads_probe import add_data_arguments, load_examples
+from .report import print_table, save, say
+
+DEFAULT_HEADS = "weights/smollm2-135m-instruct-medusa-path"
+
+
+class FeatureDraft(nn.Module):
+    """EAGLE's draft: fc([e(x_{j+1}); f_j]) -> one pre-norm decoder layer of the base model's shape (causal
+    attention with RoPE, SwiGLU) -> the predicted f_{j+1}."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, Dh = config.dim, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, Dh
+        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.attn_norm = nn.RMSNorm(D, eps=config.rms_norm_eps)
+        self.wqkv = nn.Linear(D, (config.n_heads + 2 * config.n_kv_heads) * Dh, bias=False)
+        self.wo = nn.Linear(config.n_heads * Dh, D, bias=False)
+        self.ffn_norm = nn.RMSNorm(D, eps=config.rms_norm_eps)
+        self.w13 = nn.Linear(D, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, D, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def inputs(self, embeds, features):
+        """e(x_{j+1}) [T, D], f_j [T, D] -> the layer's input at each position j [T, D]."""
+        return self.fc(torch.cat([embeds, features], dim=-1))
+
+    def rope(self, T: int):
+        angles = torch.outer(torch.arange(T, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # [T, Dh]
+        return angles.cos(), angles.sin()
+
+    def qkv(self, x, cos, sin):
+        """x [T, D] -> q [Hq, T, Dh], k and v [Hkv, T, Dh], RoPE'd at positions 0 .. T-1."""
+        T, Dh = x.shape[0], self.head_dim
+        q, k, v = self.wqkv(self.attn_norm(x)).split([self.n_heads * Dh, self.n_kv_heads * Dh,
+                                                      self.n_kv_heads * Dh], dim=-1)
+        q = apply_rope(q.view(1, T, self.n_heads, Dh), cos, sin)[0].transpose(0, 1)
+        k = apply_rope(k.view(1, T, self.n_kv_heads, Dh), cos, sin)[0].transpose(0, 1)
+        return q, k, v.view(T, self.n_kv_heads, Dh).transpose(0, 1)
+
+    def attend(self, x, q, keys, values, mask):
+        """The rest of the layer for inputs x [T, D] with queries q [Hq, T, Dh] over keys/values [Hkv, S, Dh]
+        under mask [T, S] (True: seen) -> outputs [T, D]."""
+        y = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)[0]  # [Hq, T, Dh]
+        h = x + self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
+        gate, up = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
+        return h + self.w2(F.silu(gate) * up)
+
+    def forward(self, embeds, features):
+        """Teacher-forced (depth 1): e(x_{j+1}), f_j [T, D] -> the predicted f_{j+1} [T, D], causally."""
+        x = self.inputs(embeds, features)
+        q, k, v = self.qkv(x, *self.rope(x.shape[0]))
+        return self.attend(x, q, k, v, frontier_mask(x.shape[0], 1, x.device))
+
+
+def frontier_mask(T: int, depth: int, device) -> torch.Tensor:
+    """[T, depth * T] bool: at depth m, position j's query (chain start t = j - m + 1) sees set 0 at positions <= t and
+    set s at position t + s (s = 1 .. m - 1; set s is column block s). Depth 1 is the causal mask."""
+    j = torch.arange(T, device=device)[:, None]
+    i = torch.arange(T, device=device)[None, :]
+    t = j - (depth - 1)
+    return torch.cat([i <= t] + [i == t + s for s in range(1, depth)], dim=1)
+
+
+def draft_guesses(draft: FeatureDraft, embeds, features, lm_head_weight, depth: int) -> list[torch.Tensor]:
+    """Every chain's guesses, depth by depth: logits [T, V] per depth m = 1 .. depth, row j holding the m-th guess
+    (of token j + 2) of the chain that started at t = j - m + 1 with the base model's features up to t; rows with
+    t < 0 are no chain (ignore them)."""
+    T = embeds.shape[0]
+    cos, sin = draft.rope(T)
+    features_in, keys, values, logits = features, [], [], []
+    for m in range(1, depth + 1):
+        x = draft.inputs(embeds, features_in)  # set m - 1: inputs from features predicted m - 1 times
+        q, k, v = draft.qkv(x, cos, sin)
+        keys.append(k)
+        values.append(v)
+        out = draft.attend(x, q, torch.cat(keys, dim=1), torch.cat(values, dim=1), frontier_mask(T, m, x.device))
+        logits.append(F.linear(out, lm_head_weight))
+        # The next set's input at j reads the feature of token j as this depth predicted it (from position j - 1).
+        features_in = torch.cat([features[:1], out[:-1]])
+    return logits
+
+
+def example_tensors(model, example):
+    """-> ids [T], labels [T], the base model's features f [T, D] (float32), and e(x_{j+1}) [T, D] (0 past the end)."""
+    ids = torch.tensor(example.input_ids, device=model.device)
+    with torch.no_grad():
+        features = model.forward_hidden(ids[None])[0].float()
+        embeds = model.tok_embeddings(torch.cat([ids[1:], ids.new_zeros(1)])).float()
+    return ids, torch.tensor(example.labels, device=model.device), features, embeds
+
+
+def targets_at_depth(ids, labels, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows j whose depth-m guess has an answer token to guess, x_{j+2}, with a chain start t = j - m + 1 >= 0
+    -> (rows [N], their targets [N])."""
+    j = torch.arange(max(len(ids) - 2, 0), device=ids.device)
+    ok = (j >= depth - 1) & (labels[j + 2] != IGNORE)
+    return j[ok], ids[j[ok] + 2]
+
+
+def train_draft(draft: FeatureDraft, model, examples, args) -> list[float]:
+    """EAGLE's loss, teacher-forced, `args.batch` answers a step, `args.epochs` passes -> the loss per step."""
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    losses, started = [], time.perf_counter()
+    steps = args.epochs * math.ceil(len(examples) / args.batch)
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for start in range(0, len(order), args.batch):
+            optimizer.zero_grad()
+            total = 0.0
+            for i in order[start:start + args.batch]:
+                ids, labels, features, embeds = example_tensors(model, examples[i])
+                rows, targets = targets_at_depth(ids, labels, 1)
+                if not len(rows):
+                    continue
+                predicted = draft(embeds, features)[rows]  # f_{j+1} predicted at j
+                loss = (F.smooth_l1_loss(predicted, features[rows + 1])
+                        + args.ce_weight * F.cross_entropy(F.linear(predicted, model.lm_head.weight.float()), targets))
+                (loss / args.batch).backward()
+                total += loss.item() / args.batch
+            optimizer.step()
+            losses.append(total)
+            if len(losses) % args.log_every == 0:
+                say(f"[probe] step {len(losses)}/{steps} (epoch {epoch + 1}): loss {total:.4f}, "
+                    f"{time.perf_counter() - started:.0f} s")
+    return losses
+
+
+@torch.no_grad()
+def draft_rank_accuracies(draft: FeatureDraft, model, examples, depth: int, topk: int) -> torch.Tensor:
+    """-> acc [depth, topk]: the share of chains whose rank-r guess at depth m is the true token (tree_tuning's
+    table for heads, for the draft)."""
+    hits = torch.zeros(depth, topk, dtype=torch.float64)
+    count = torch.zeros(depth, dtype=torch.float64)
+    for example in examples:
+        ids, labels, features, embeds = example_tensors(model, example)
+        for m, logits in enumerate(draft_guesses(draft, embeds, features, model.lm_head.weight.float(), depth)):
+            rows, targets = targets_at_depth(ids, labels, m + 1)
+            picked = logits[rows]  # [N, V]
+            rank = (picked > picked.gather(1, targets[:, None])).sum(1)  # [N]
+            for r in range(topk):
+                hits[m, r] += float((rank == r).sum())
+            count[m] += len(rows)
+    return hits / count.clamp(min=1)[:, None]
+
+
+def best_static_tree(acc: torch.Tensor, nodes: int) -> tuple[float, list[list[int]]]:
+    """The expected accepted length of the greedy static tree of `nodes` nodes for rank accuracies acc, and its paths."""
+    paths = tree_from_head_accuracies(acc, nodes)
+    return expected_accept_length(acc, paths), paths
+
+
+def run(args) -> dict:
+    torch.manual_seed(args.seed)
+    ckpt = resolve_checkpoint(args.model)
+    model, _ = load_model(ckpt, args.device, torch.float32)
+    model.requires_grad_(False)
+    tokenizer = Tokenizer.from_dir(ckpt)
+    data = {name: load_examples(tokenizer, files, args.max_len) for name, files in (("train", args.train),
+                                                                                     ("eval", args.eval))}
+    if args.limit_train:
+        data["train"] = data["train"][: args.limit_train]
+    if args.limit_eval:
+        data["eval"] = data["eval"][: args.limit_eval]
+    for name, examples in data.items():
+        say(f"[probe] {name}: {len(examples)} answers, {sum(sum(l != IGNORE for l in e.labels) for e in examples)} "
+            f"answer tokens")
+    draft = FeatureDraft(model.config).to(model.device)
+    losses = train_draft(draft.train(), model, data["train"], args)
+    acc_draft = draft_rank_accuracies(draft.eval(), model, data["eval"], args.depth, args.topk)
+    rows = [[m + 1, f"t+{m + 2}", *(f"{acc_draft[m, :r].sum():.3f}" for r in (1, 5))] for m in range(args.depth)]
+    out = {"train": args.train, "eval": args.eval, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
+           "ce_weight": args.ce_weight, "nodes": args.nodes, "losses": losses, "draft_acc": acc_draft.tolist()}
+    expected = {"draft": best_static_tree(acc_draft, args.nodes)[0]}
+    if args.heads:
+        heads = load_heads_and_adapter(args.heads, model, say=say)  # (after the draft: an adapter changes model)
+        acc_heads = rank_accuracies(model, heads, data["eval"], args.topk)
+        for m, row in enumerate(rows):
+            row += [f"{acc_heads[m, :r].sum():.3f}" for r in (1, 5)] if m < len(acc_heads) else ["-", "-"]
+        out["heads"], out["heads_acc"] = args.heads, acc_heads.tolist()
+        expected["heads"] = best_static_tree(acc_heads, args.nodes)[0]
+    out["expected_accepted"] = expected
+    print_table(f"Held-out accuracy per depth (the tokens before each guess right; {len(data['eval'])} answers)",
+                ["depth", "guesses", "draft top-1", "draft top-5"] + (["heads top-1", "heads top-5"] if args.heads
+                                                                       else []), rows)
+    say("[probe] expected accepted length, best static tree of {} nodes: {}".format(
+        args.nodes, ", ".join(f"{k} {v:.3f}" for k, v in expected.items())))
+    if args.json:
+        save(out, args.json)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(p)
+    p.add_argument("--heads", default=DEFAULT_HEADS, help=f"heads to compare with (default {DEFAULT_HEADS}; '' none)")
+    p.add_argument("--depth", type=int, default=4, help="guesses per chain measured (default 4)")
+    p.add_argument("--topk", type=int, default=8, help="ranks measured per depth (default 8)")
+    p.add_argument("--nodes", type=int, default=32, help="the static trees' size (default 32, the default heads')")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=16, help="answers per optimizer step (default 16)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the token loss beside the feature loss")
+    p.add_argument("--limit-train", type=int, default=0, help="use the first N training answers (default all)")
+    p.add_argument("--limit-eval", type=int, default=0, help="use the first N held-out answers (default all)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write the numbers here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
