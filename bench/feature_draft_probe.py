@@ -1,10 +1,10 @@
 """Would a draft that reads the base model's features guess deeper than Medusa heads? An offline probe for #15.
 
-    bash bench/gpu_run.sh distill      # the default model's answers to the training prompts, in work/
-    python train.py --stage distill --data bench/prompts-chat-heldout.jsonl --out work/eval-chat.jsonl \
-        --max-new-tokens 256           # and to held-out ones (likewise bench/prompts-train-mix.jsonl)
-    python -m bench.feature_draft_probe --train work/answers-chat.jsonl work/answers-math.jsonl \
-        --eval work/eval-chat.jsonl --json out/feature-draft-probe.json   # a GPU: minutes; a CPU: --limit-train
+    bash bench/gpu_run.sh distill && bash bench/gpu_run.sh draft-probe   # on a GPU: the whole run, in minutes
+    python -m bench.feature_draft_probe --train A.jsonl --eval B.jsonl --limit-train 6 --device cpu   # a small one
+
+(draft-probe: the default model's answers to the held-out bench sets, then this probe trained on the distill
+stage's answers and measured on those.)
 
 Why: #15's dynamic trees stall on the draft's strength. The default path-reading heads guess tokens t+2, t+3, t+4
 right 0.55 / 0.41 / 0.39 of the time (bench/RESULTS.md), and the trees EAGLE-2 grows pay off with drafts that

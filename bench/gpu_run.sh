@@ -10,6 +10,7 @@
 #   bash bench/gpu_run.sh exact     # --exact: greedy Medusa = plain greedy on 108 prompts x 256 tokens, and its cost
 #   bash bench/gpu_run.sh path      # heads that read their path, grown from trained heads, tuned and calibrated
 #   bash bench/gpu_run.sh path-bench  # their static and dynamic trees against the heads they grew from
+#   bash bench/gpu_run.sh draft-probe # an EAGLE-style draft trained on the distilled answers, per-depth accuracy (#15)
 #
 # Data: the chat prompts (PROMPTS_CHAT, default ../shared/data/prompts-chat-train.jsonl) are answered with
 # up to CHAT_TOKENS (512) new tokens, the math-heavy prompts (PROMPTS_MATH, default
@@ -143,8 +144,20 @@ case "${1:-}" in
         ${NUM_PROMPTS:+--num-prompts $NUM_PROMPTS} --json "$OUT/results-path.json" ${BENCH_FLAGS:-} 2>&1 \
         | tee "$OUT/bench-path.txt"
     ;;
+  draft-probe)  # #15: an EAGLE-style draft over the base model's features (bench.feature_draft_probe), trained on the
+                # distill stage's answers, measured on the default model's answers (EVAL_TOKENS, default 256) to the
+                # held-out chat set and the math/NLP mix, beside the default heads (HEADS: another heads directory)
+    for set in chat-heldout train-mix; do
+        python train.py --stage distill $MODEL_FLAG --data "bench/prompts-$set.jsonl" --out "$WORK/eval-$set.jsonl" \
+            --max-new-tokens "${EVAL_TOKENS:-256}" ${NUM_PROMPTS:+--limit $NUM_PROMPTS} 2>&1 | no_bars | tail -n 2 \
+            | tee -a "$OUT/draft-probe.log"
+    done
+    python -m bench.feature_draft_probe $MODEL_FLAG --heads "${HEADS:-weights/smollm2-135m-instruct-medusa-path}" \
+        --train "${DATA[@]}" --eval "$WORK/eval-chat-heldout.jsonl" "$WORK/eval-train-mix.jsonl" \
+        --json "$OUT/feature-draft-probe.json" ${DRAFT_FLAGS:-} 2>&1 | tee -a "$OUT/draft-probe.log"
+    ;;
   *)
-    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench|exact|path|path-bench" >&2
+    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench|exact|path|path-bench|draft-probe" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,8 @@
 """bench/gpu_run.sh, the script that produces every GPU number we report, runs end to end.
 
 Device time is scarce, so a broken flag must show up here, not on the GPU: each stage (distill, warmup,
-joint, bench) runs on a tiny chat checkpoint on the CPU, the way the GPU session would call it.
+joint, bench, path, path-bench, draft-probe) runs on a tiny chat checkpoint on the CPU, the way the GPU session would
+call it.
 """
 
 import json
@@ -72,3 +73,11 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
             assert [(r["nodes"], r["tree"]) for r in rows] == [(4, "static"), (4, "dynamic"), (8, "static"), (8, "dynamic")]
     results = json.loads((work / "out" / "results-path.json").read_text())
     assert {m["heads"] for m in results["medusa"]} == {"from", "path"}
+    # the EAGLE-style draft probe, against the warm-up's heads, on answers to the held-out sets' first 2 prompts
+    env |= {"HEADS": str(work / "warmup" / "heads"), "EVAL_TOKENS": "12",
+            "DRAFT_FLAGS": "--device cpu --depth 2 --topk 3 --nodes 3 --batch 8 --limit-train 16"}
+    proc = subprocess.run(["bash", "bench/gpu_run.sh", "draft-probe"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"stage draft-probe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert all(len((work / f"eval-{s}.jsonl").read_text().splitlines()) == 2 for s in ("chat-heldout", "train-mix"))
+    probe = json.loads((work / "out" / "feature-draft-probe.json").read_text())
+    assert len(probe["draft_acc"]) == 2 and len(probe["heads_acc"]) >= 1 and len(probe["losses"]) == 2
