@@ -260,6 +260,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU: a probe's accuracies, not a decoder's bits
     run(parse_args(argv))
 
 
