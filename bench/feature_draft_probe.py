@@ -13,10 +13,13 @@ each position j, the base model's feature f_j (its last hidden state, the one it
 token's embedding e(x_{j+1}), and predicts the next feature f_{j+1}; the base lm_head turns that into its guess of
 x_{j+2}. Deeper guesses feed its own predicted features back in. This probe trains such a layer on --train
 (teacher-forced: the base model's features in; smooth-L1 to the next feature plus `--ce-weight` x cross-entropy
-on the token, EAGLE's loss) and measures it on --eval the way nanomedusa.tree_tuning measures heads: for each
-depth m, how often its rank-r guess of token t+m+1 is the true token when the tokens before it are (what a tree's
-acceptance rests on). Beside it, --heads measured alike, and each one's expected accepted length with the best
-static tree of --nodes nodes (tree.py's greedy rule over those rank accuracies).
+on the token, per answer token; unlike EAGLE, the token target is the answer's own token, which in distilled
+answers is the base model's greedy choice, not its whole distribution, and no noise is added to the features)
+and measures it on --eval the way nanomedusa.tree_tuning measures heads: for each depth m, how often its rank-r
+guess of token t+m+1 is the true token when the tokens before it are (what a tree's acceptance rests on; depth m
+and head m - 1 are scored on the same positions and targets). Beside it, --heads measured alike, and the expected
+accepted length of the best static tree of --paths paths (tree.py's greedy rule over those rank accuracies) for
+each, the draft's also cut to the heads' depth.
 
 Depth m without running m passes per position: at depth m, position j's query belongs to the chain that started at
 t = j - m + 1. It sees the base model's features up to t (set 0: every position's input made from true features)
@@ -36,7 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope_cache import apply_rope
+from nanomedusa.cli import check_input_dir, check_output_file
 from nanomedusa.config import ModelConfig, rope_inv_freq
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_checkpoint
 from nanomedusa.tokenizer import Tokenizer
@@ -48,6 +53,7 @@ from .conditioned_heads_probe import add_data_arguments, load_examples
 from .report import print_table, save, say
 
 DEFAULT_HEADS = "weights/smollm2-135m-instruct-medusa-path"
+GRAD_CLIP = 0.5
 
 
 class FeatureDraft(nn.Module):
@@ -72,6 +78,7 @@ class FeatureDraft(nn.Module):
         return self.fc(torch.cat([embeds, features], dim=-1))
 
     def rope(self, T: int):
+        """RoPE tables cos, sin [T, Dh] for positions 0 .. T-1 (the base model's frequencies)."""
         angles = torch.outer(torch.arange(T, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # [T, Dh]
         return angles.cos(), angles.sin()
@@ -85,9 +92,10 @@ class FeatureDraft(nn.Module):
         k = apply_rope(k.view(1, T, self.n_kv_heads, Dh), cos, sin)[0].transpose(0, 1)
         return q, k, v.view(T, self.n_kv_heads, Dh).transpose(0, 1)
 
-    def attend(self, x, q, keys, values, mask):
-        """The rest of the layer for inputs x [T, D] with queries q [Hq, T, Dh] over keys/values [Hkv, S, Dh]
-        under mask [T, S] (True: seen) -> outputs [T, D]."""
+    def finish_layer(self, x, q, keys, values, mask):
+        """The rest of the layer for inputs x [T, D]: attention of queries q [Hq, T, Dh] over keys/values
+        [Hkv, S, Dh] under mask [T, S] (True: seen), the output projection and residual, the SwiGLU block
+        -> outputs [T, D]."""
         y = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
                                            enable_gqa=self.n_heads != self.n_kv_heads)[0]  # [Hq, T, Dh]
         h = x + self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
@@ -98,7 +106,7 @@ class FeatureDraft(nn.Module):
         """Teacher-forced (depth 1): e(x_{j+1}), f_j [T, D] -> the predicted f_{j+1} [T, D], causally."""
         x = self.inputs(embeds, features)
         q, k, v = self.qkv(x, *self.rope(x.shape[0]))
-        return self.attend(x, q, k, v, frontier_mask(x.shape[0], 1, x.device))
+        return self.finish_layer(x, q, k, v, frontier_mask(x.shape[0], 1, x.device))
 
 
 def frontier_mask(T: int, depth: int, device) -> torch.Tensor:
@@ -122,32 +130,49 @@ def draft_guesses(draft: FeatureDraft, embeds, features, lm_head_weight, depth: 
         q, k, v = draft.qkv(x, cos, sin)
         keys.append(k)
         values.append(v)
-        out = draft.attend(x, q, torch.cat(keys, dim=1), torch.cat(values, dim=1), frontier_mask(T, m, x.device))
+        out = draft.finish_layer(x, q, torch.cat(keys, dim=1), torch.cat(values, dim=1),
+                                 frontier_mask(T, m, x.device))
         logits.append(F.linear(out, lm_head_weight))
-        # The next set's input at j reads the feature of token j as this depth predicted it (from position j - 1).
+        # The next set's input at j reads the feature of token j as this depth predicted it (from position j - 1);
+        # position 0 has none and keeps the true one, which no chain reads.
         features_in = torch.cat([features[:1], out[:-1]])
     return logits
 
 
 def example_tensors(model, example):
-    """-> ids [T], labels [T], the base model's features f [T, D] (float32), and e(x_{j+1}) [T, D] (0 past the end)."""
+    """-> the base model's features f [T, D] (float32) and e(x_{j+1}) [T, D] (the last row: token 0's, read by no
+    guess)."""
     ids = torch.tensor(example.input_ids, device=model.device)
     with torch.no_grad():
         features = model.forward_hidden(ids[None])[0].float()
         embeds = model.tok_embeddings(torch.cat([ids[1:], ids.new_zeros(1)])).float()
-    return ids, torch.tensor(example.labels, device=model.device), features, embeds
+    return features, embeds
 
 
-def targets_at_depth(ids, labels, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def targets_at_depth(example, depth: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows j whose depth-m guess has an answer token to guess, x_{j+2}, with a chain start t = j - m + 1 >= 0
-    -> (rows [N], their targets [N])."""
-    j = torch.arange(max(len(ids) - 2, 0), device=ids.device)
-    ok = (j >= depth - 1) & (labels[j + 2] != IGNORE)
-    return j[ok], ids[j[ok] + 2]
+    -> (rows [N], their targets [N]), built on the host (no device sync per answer)."""
+    rows = [j for j in range(depth - 1, len(example.input_ids) - 2) if example.labels[j + 2] != IGNORE]
+    targets = [example.input_ids[j + 2] for j in rows]
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(targets, dtype=torch.long, device=device)
+
+
+def draft_loss(draft: FeatureDraft, model, example, ce_weight: float) -> tuple[torch.Tensor, int]:
+    """EAGLE's loss of one answer, summed over its answer tokens: smooth-L1 of the predicted f_{j+1} against the base
+    model's, plus ce_weight x cross-entropy of its guess against x_{j+2} -> (the sum, the tokens counted)."""
+    rows, targets = targets_at_depth(example, 1, model.device)
+    if not len(rows):
+        return torch.zeros((), device=model.device), 0
+    features, embeds = example_tensors(model, example)
+    predicted = draft(embeds, features)[rows]  # f_{j+1} predicted at j
+    feature_loss = F.smooth_l1_loss(predicted, features[rows + 1], reduction="none").mean(-1).sum()
+    token_loss = F.cross_entropy(F.linear(predicted, model.lm_head.weight.float()), targets, reduction="sum")
+    return feature_loss + ce_weight * token_loss, len(rows)
 
 
 def train_draft(draft: FeatureDraft, model, examples, args) -> list[float]:
-    """EAGLE's loss, teacher-forced, `args.batch` answers a step, `args.epochs` passes -> the loss per step."""
+    """`draft_loss`, teacher-forced, `args.batch` answers a step (each token weighing alike), gradients clipped at
+    GRAD_CLIP as EAGLE does, `args.epochs` passes -> the loss per token of each step."""
     optimizer = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     losses, started = [], time.perf_counter()
@@ -155,24 +180,23 @@ def train_draft(draft: FeatureDraft, model, examples, args) -> list[float]:
     for epoch in range(args.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         for start in range(0, len(order), args.batch):
+            batch = [examples[i] for i in order[start:start + args.batch]]
+            tokens = sum(len(targets_at_depth(e, 1, "cpu")[0]) for e in batch)
+            if not tokens:
+                continue
             optimizer.zero_grad()
-            total = 0.0
-            for i in order[start:start + args.batch]:
-                ids, labels, features, embeds = example_tensors(model, examples[i])
-                rows, targets = targets_at_depth(ids, labels, 1)
-                if not len(rows):
-                    continue
-                predicted = draft(embeds, features)[rows]  # f_{j+1} predicted at j
-                loss = (F.smooth_l1_loss(predicted, features[rows + 1])
-                        + args.ce_weight * F.cross_entropy(F.linear(predicted, model.lm_head.weight.float()), targets))
-                (loss / args.batch).backward()
-                total += loss.item() / args.batch
+            total = torch.zeros((), device=model.device)
+            for example in batch:
+                loss, _ = draft_loss(draft, model, example, args.ce_weight)
+                (loss / tokens).backward()
+                total += loss.detach() / tokens
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), GRAD_CLIP)
             optimizer.step()
             losses.append(total)
             if len(losses) % args.log_every == 0:
-                say(f"[probe] step {len(losses)}/{steps} (epoch {epoch + 1}): loss {total:.4f}, "
+                say(f"[probe] step {len(losses)}/{steps} (epoch {epoch + 1}): loss {total.item():.4f}, "
                     f"{time.perf_counter() - started:.0f} s")
-    return losses
+    return [float(loss) for loss in losses]
 
 
 @torch.no_grad()
@@ -182,9 +206,9 @@ def draft_rank_accuracies(draft: FeatureDraft, model, examples, depth: int, topk
     hits = torch.zeros(depth, topk, dtype=torch.float64)
     count = torch.zeros(depth, dtype=torch.float64)
     for example in examples:
-        ids, labels, features, embeds = example_tensors(model, example)
+        features, embeds = example_tensors(model, example)
         for m, logits in enumerate(draft_guesses(draft, embeds, features, model.lm_head.weight.float(), depth)):
-            rows, targets = targets_at_depth(ids, labels, m + 1)
+            rows, targets = targets_at_depth(example, m + 1, model.device)
             picked = logits[rows]  # [N, V]
             rank = (picked > picked.gather(1, targets[:, None])).sum(1)  # [N]
             for r in range(topk):
@@ -193,13 +217,18 @@ def draft_rank_accuracies(draft: FeatureDraft, model, examples, depth: int, topk
     return hits / count.clamp(min=1)[:, None]
 
 
-def best_static_tree(acc: torch.Tensor, nodes: int) -> tuple[float, list[list[int]]]:
-    """The expected accepted length of the greedy static tree of `nodes` nodes for rank accuracies acc, and its paths."""
-    paths = tree_from_head_accuracies(acc, nodes)
-    return expected_accept_length(acc, paths), paths
+def best_static_tree(acc: torch.Tensor, paths: int) -> float:
+    """The expected accepted length of the greedy static tree of `paths` paths (root not counted) for rank
+    accuracies acc [depth, topk]."""
+    return expected_accept_length(acc, tree_from_head_accuracies(acc, paths))
 
 
 def run(args) -> dict:
+    check_input_dir("--heads", args.heads or None)  # before minutes of training, not after
+    if args.json:
+        check_output_file("--json", args.json)
+    if args.topk < 5:
+        raise NanoMedusaError(f"--topk {args.topk}: the table reports top-5 accuracy; pass --topk 5 or more.")
     torch.manual_seed(args.seed)
     ckpt = resolve_checkpoint(args.model)
     model, _ = load_model(ckpt, args.device, torch.float32)
@@ -218,22 +247,25 @@ def run(args) -> dict:
     losses = train_draft(draft.train(), model, data["train"], args)
     acc_draft = draft_rank_accuracies(draft.eval(), model, data["eval"], args.depth, args.topk)
     rows = [[m + 1, f"t+{m + 2}", *(f"{acc_draft[m, :r].sum():.3f}" for r in (1, 5))] for m in range(args.depth)]
+    expected = {"draft": best_static_tree(acc_draft, args.paths)}
     out = {"train": args.train, "eval": args.eval, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
-           "ce_weight": args.ce_weight, "nodes": args.nodes, "losses": losses, "draft_acc": acc_draft.tolist()}
-    expected = {"draft": best_static_tree(acc_draft, args.nodes)[0]}
+           "ce_weight": args.ce_weight, "paths": args.paths, "losses": losses, "draft_acc": acc_draft.tolist(),
+           "expected_accepted": expected}
+    if args.json:  # the draft's numbers first: they cost the minutes
+        save(out, args.json)
     if args.heads:
         heads = load_heads_and_adapter(args.heads, model, say=say)  # (after the draft: an adapter changes model)
         acc_heads = rank_accuracies(model, heads, data["eval"], args.topk)
         for m, row in enumerate(rows):
             row += [f"{acc_heads[m, :r].sum():.3f}" for r in (1, 5)] if m < len(acc_heads) else ["-", "-"]
         out["heads"], out["heads_acc"] = args.heads, acc_heads.tolist()
-        expected["heads"] = best_static_tree(acc_heads, args.nodes)[0]
-    out["expected_accepted"] = expected
+        expected["heads"] = best_static_tree(acc_heads, args.paths)
+        expected[f"draft, {len(acc_heads)} deep"] = best_static_tree(acc_draft[:len(acc_heads)], args.paths)
     print_table(f"Held-out accuracy per depth (the tokens before each guess right; {len(data['eval'])} answers)",
                 ["depth", "guesses", "draft top-1", "draft top-5"] + (["heads top-1", "heads top-5"] if args.heads
                                                                        else []), rows)
-    say("[probe] expected accepted length, best static tree of {} nodes: {}".format(
-        args.nodes, ", ".join(f"{k} {v:.3f}" for k, v in expected.items())))
+    say("[probe] expected accepted length, best static tree of {} paths: {}".format(
+        args.paths, ", ".join(f"{k} {v:.3f}" for k, v in expected.items())))
     if args.json:
         save(out, args.json)
     return out
@@ -244,8 +276,9 @@ def parse_args(argv=None):
     add_data_arguments(p)
     p.add_argument("--heads", default=DEFAULT_HEADS, help=f"heads to compare with (default {DEFAULT_HEADS}; '' none)")
     p.add_argument("--depth", type=int, default=4, help="guesses per chain measured (default 4)")
-    p.add_argument("--topk", type=int, default=8, help="ranks measured per depth (default 8)")
-    p.add_argument("--nodes", type=int, default=32, help="the static trees' size (default 32, the default heads')")
+    p.add_argument("--topk", type=int, default=8, help="ranks measured per depth (default 8, at least 5)")
+    p.add_argument("--paths", type=int, default=31,
+                   help="the static trees' paths, root not counted (default 31, the default heads' 32-node tree)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=16, help="answers per optimizer step (default 16)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")

@@ -26,7 +26,9 @@
 # stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
 # and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES
 # and PATH_DEPTH (their tree: 31 paths, 3 heads deep)
-# and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees).
+# and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees),
+# and for draft-probe EVAL_TOKENS (the held-out answers' length, default 256), DRAFT_HEADS (the heads compared, default the
+# shipped default heads) and DRAFT_FLAGS (more flags for bench.feature_draft_probe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS_CHAT=${PROMPTS_CHAT:-../shared/data/prompts-chat-train.jsonl}
@@ -146,13 +148,14 @@ case "${1:-}" in
     ;;
   draft-probe)  # #15: an EAGLE-style draft over the base model's features (bench.feature_draft_probe), trained on the
                 # distill stage's answers, measured on the default model's answers (EVAL_TOKENS, default 256) to the
-                # held-out chat set and the math/NLP mix, beside the default heads (HEADS: another heads directory)
+                # held-out chat set and the math/NLP mix, beside the default heads (DRAFT_HEADS: another heads directory)
+    : > "$OUT/draft-probe.log"
     for set in chat-heldout train-mix; do
         python train.py --stage distill $MODEL_FLAG --data "bench/prompts-$set.jsonl" --out "$WORK/eval-$set.jsonl" \
             --max-new-tokens "${EVAL_TOKENS:-256}" ${NUM_PROMPTS:+--limit $NUM_PROMPTS} 2>&1 | no_bars | tail -n 2 \
             | tee -a "$OUT/draft-probe.log"
     done
-    python -m bench.feature_draft_probe $MODEL_FLAG --heads "${HEADS:-weights/smollm2-135m-instruct-medusa-path}" \
+    python -m bench.feature_draft_probe $MODEL_FLAG ${DRAFT_HEADS:+--heads "$DRAFT_HEADS"} \
         --train "${DATA[@]}" --eval "$WORK/eval-chat-heldout.jsonl" "$WORK/eval-train-mix.jsonl" \
         --json "$OUT/feature-draft-probe.json" ${DRAFT_FLAGS:-} 2>&1 | tee -a "$OUT/draft-probe.log"
     ;;

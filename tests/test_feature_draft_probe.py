@@ -18,7 +18,7 @@ def chain_logits(draft, embeds, features, lm_head_weight, t: int, depth: int) ->
     x = draft.inputs(embeds[: t + 1], features[: t + 1])
     for s in range(depth):  # x [t + 1 + s, D]
         q, k, v = draft.qkv(x, *draft.rope(len(x)))
-        predicted = draft.attend(x, q, k, v, torch.ones(len(x), len(x), dtype=torch.bool).tril())[-1:]
+        predicted = draft.finish_layer(x, q, k, v, torch.ones(len(x), len(x), dtype=torch.bool).tril())[-1:]
         if s + 1 < depth:
             x = torch.cat([x, draft.inputs(embeds[t + s + 1: t + s + 2], predicted)])
     return F.linear(predicted[0], lm_head_weight)
@@ -41,7 +41,7 @@ def test_each_depths_guesses_are_its_chains_run_alone(tmp_path):
             for t in range(T - m + 1):
                 want = chain_logits(draft, embeds, features, W, t, m)
                 assert torch.allclose(depth_logits[t + m - 1], want, atol=1e-4), (m, t)
-        # the chains differ from depth to depth (the check above would pass on a draft that ignored its own features)
+        # the draft's own features change its guesses, so the chain check above is not vacuous
         assert not torch.allclose(logits[1][2:], logits[0][2:], atol=1e-3)
     mask = probe.frontier_mask(4, 2, "cpu").int().tolist()
     assert mask == [[0, 0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 1, 0],
@@ -53,14 +53,54 @@ def test_the_probe_trains_measures_and_compares(tmp_path):
     # draft reads beside the feature tells; training must find it.
     train, held = pairs_probe_files(tmp_path, 32, 8)
     args = ["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
-            str(held), "--depth", "3", "--topk", "4", "--nodes", "6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
+            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
             "1", "--device", "cpu", "--log-every", "1000", "--json", str(tmp_path / "p.json")]
     untrained = probe.run(probe.parse_args(args + ["--epochs", "0"]))
     out = probe.run(probe.parse_args(args + ["--epochs", "8"]))  # (a random tiny model's features: slow to learn)
     acc = torch.tensor(out["draft_acc"])
-    assert acc.shape == (3, 4) and bool((acc >= 0).all()) and bool((acc.sum(1) <= 1 + 1e-9).all())
+    assert acc.shape == (3, 5) and bool((acc >= 0).all()) and bool((acc.sum(1) <= 1 + 1e-9).all())
     assert len(torch.tensor(out["heads_acc"])) == 2  # the heads' table: one row per head
     assert out["losses"][-1] < out["losses"][0]
     assert out["draft_acc"][0][0] > untrained["draft_acc"][0][0] + 0.1
     assert out["expected_accepted"]["draft"] >= 1.0 and out["expected_accepted"]["heads"] >= 1.0
+    assert out["expected_accepted"]["draft, 2 deep"] <= out["expected_accepted"]["draft"]
     assert json.loads((tmp_path / "p.json").read_text())["draft_acc"] == out["draft_acc"]
+
+
+def test_depth_m_is_scored_where_head_m_minus_1_is(tmp_path):
+    # Depth m's row j guesses token j + 2 for the chain that started at t = j - m + 1: the same (position, target)
+    # pairs as head m - 1 at t (tree_tuning.rank_accuracies: head k at t guesses t + k + 2), answer tokens only.
+    from nanomedusa.training.data import IGNORE, Example
+    from nanomedusa.training.losses import shifted_targets
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        T = int(torch.randint(3, 30, (), generator=gen))
+        ids = torch.randint(5, 90, (T,), generator=gen).tolist()
+        labels = [t if bool(torch.rand((), generator=gen) < 0.7) else IGNORE for t in ids]
+        targets = shifted_targets(torch.tensor([labels]), 4)[1:, 0]  # [K, T]: head k's target at t
+        for m in range(1, 5):
+            rows, got = probe.targets_at_depth(Example(ids, labels), m, "cpu")
+            t = torch.nonzero(targets[m - 1] != IGNORE)[:, 0]
+            assert torch.equal(rows - (m - 1), t) and torch.equal(got, targets[m - 1][t])
+
+
+def test_the_loss_is_zero_for_a_draft_that_predicts_the_next_feature(tmp_path):
+    # draft_loss scores the predicted f_{j+1} against the base model's feature at j + 1 and its guess against x_{j+2}:
+    # a draft returning exactly the next features has no feature loss, and its token loss is the base model's own.
+    from nanomedusa.training.data import IGNORE, Example
+
+    make_hf_checkpoint(tmp_path, seed=2)
+    model, _ = load_model(tmp_path, "cpu", torch.float32)
+    ids = [5, 9, 14, 3, 22, 7, 11]
+    example = Example(ids, [IGNORE, IGNORE, IGNORE, 3, 22, 7, 11])
+    features, _ = probe.example_tensors(model, example)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, embeds, feats):
+            return torch.cat([feats[1:], feats[-1:]])  # row j: f_{j+1}
+
+    loss, tokens = probe.draft_loss(Oracle(), model, example, ce_weight=1.0)
+    rows = torch.tensor([1, 2, 3, 4])  # j with x_{j+2} an answer token
+    want = F.cross_entropy(F.linear(features[rows + 1], model.lm_head.weight), torch.tensor(ids[3:]), reduction="sum")
+    assert tokens == 4 and torch.allclose(loss, want, atol=1e-5)

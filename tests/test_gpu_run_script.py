@@ -74,8 +74,8 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     results = json.loads((work / "out" / "results-path.json").read_text())
     assert {m["heads"] for m in results["medusa"]} == {"from", "path"}
     # the EAGLE-style draft probe, against the warm-up's heads, on answers to the held-out sets' first 2 prompts
-    env |= {"HEADS": str(work / "warmup" / "heads"), "EVAL_TOKENS": "12",
-            "DRAFT_FLAGS": "--device cpu --depth 2 --topk 3 --nodes 3 --batch 8 --limit-train 16"}
+    env |= {"DRAFT_HEADS": str(work / "warmup" / "heads"), "EVAL_TOKENS": "12",
+            "DRAFT_FLAGS": "--device cpu --depth 2 --topk 5 --paths 3 --batch 8 --limit-train 16"}
     proc = subprocess.run(["bash", "bench/gpu_run.sh", "draft-probe"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"stage draft-probe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert all(len((work / f"eval-{s}.jsonl").read_text().splitlines()) == 2 for s in ("chat-heldout", "train-mix"))
