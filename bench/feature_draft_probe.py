@@ -21,6 +21,12 @@ and head m - 1 are scored on the same positions and targets). Beside it, --heads
 accepted length of the best static tree of --paths paths (tree.py's greedy rule over those rank accuracies) for
 each, the draft's also cut to the heads' depth.
 
+Then #15's question itself, for this draft: `--sim-starts` chain starts of the held-out answers get the draft's
+static tree (tree.py's rule over its rank accuracies) and EAGLE-2's dynamic tree (the `--beam` likeliest nodes of
+each depth grow `--branch` children each; the likeliest `paths` of all are kept), both drafted node by node as a
+decoder would (`TreeSimulator`), and greedy decoding's accepted length is read off each against the answer (the
+base model's own greedy text): tokens a step, static against dynamic, at each of `--sim-paths` sizes.
+
 Depth m without running m passes per position: at depth m, position j's query belongs to the chain that started at
 t = j - m + 1. It sees the base model's features up to t (set 0: every position's input made from true features)
 and then one input from each set s = 1 .. m - 1 (inputs made from features the draft predicted s times), the one
@@ -217,6 +223,139 @@ def draft_rank_accuracies(draft: FeatureDraft, model, examples, depth: int, topk
     return hits / count.clamp(min=1)[:, None]
 
 
+class DraftNode:
+    """A node of a draft tree grown at one chain start t: its token, the summed log-probabilities of its path (0 at
+    the root, the token after t, which the base model chose) and, once expanded, what its own draft call gave."""
+
+    def __init__(self, token: int, score: float, parent: "DraftNode | None"):
+        self.token, self.score, self.parent = token, score, parent
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.children: dict[int, DraftNode] = {}
+        self.feature = self.logprobs = self.kv = None  # [D], [V], (k, v) [Hkv, 1, Dh] of its call
+
+    def ancestors(self) -> list["DraftNode"]:
+        """Its ancestors below the root, shallowest first."""
+        chain, node = [], self.parent
+        while node is not None and node.parent is not None:
+            chain.append(node)
+            node = node.parent
+        return chain[::-1]
+
+
+class TreeSimulator:
+    """Draft trees grown at the chain starts of one answer, node by node, as a decoder would draft them: the root's call
+    is the teacher-forced one at t (the base model's features up to t); a node at depth d calls the draft at position
+    t + d on [e(its token); its parent's predicted feature], seeing positions 0 .. t and its ancestors' calls."""
+
+    def __init__(self, draft: FeatureDraft, model, example, max_depth: int):
+        self.draft, self.example, self.lm_head = draft, example, model.lm_head.weight.float()
+        self.embedding = model.tok_embeddings
+        self.calls: dict[tuple, tuple] = {}  # (t, the path's tokens) -> a call's (feature, logprobs, kv): trees share
+        features, self.embeds = example_tensors(model, example)
+        T = features.shape[0]
+        self.cos, self.sin = draft.rope(T + max_depth)
+        x = draft.inputs(self.embeds, features)
+        q, self.k0, self.v0 = draft.qkv(x, self.cos[:T], self.sin[:T])
+        self.out0 = draft.finish_layer(x, q, self.k0, self.v0, frontier_mask(T, 1, x.device))  # [T, D]
+
+    def root(self, t: int) -> DraftNode:
+        node = DraftNode(self.example.input_ids[t + 1], 0.0, None)
+        node.feature = self.out0[t]
+        node.logprobs = F.log_softmax(F.linear(self.out0[t], self.lm_head), dim=-1)
+        return node
+
+    def expand(self, node: DraftNode, t: int) -> None:
+        """Run the node's draft call, if not yet run (the root's ran with the teacher-forced pass)."""
+        if node.logprobs is not None:
+            return
+        ancestors = node.ancestors()
+        key = (t, *(a.token for a in ancestors), node.token)
+        if key not in self.calls:
+            p = t + node.depth  # its position
+            token = torch.tensor([node.token], device=self.embeds.device)
+            x = self.draft.inputs(self.embedding(token).float(), node.parent.feature[None])  # [1, D]
+            q, k, v = self.draft.qkv(x, self.cos[p:p + 1], self.sin[p:p + 1])
+            keys = torch.cat([self.k0[:, : t + 1], *(a.kv[0] for a in ancestors), k], dim=1)
+            values = torch.cat([self.v0[:, : t + 1], *(a.kv[1] for a in ancestors), v], dim=1)
+            out = self.draft.finish_layer(x, q, keys, values, None)[0]
+            self.calls[key] = out, F.log_softmax(F.linear(out, self.lm_head), dim=-1), (k, v)
+        node.feature, node.logprobs, node.kv = self.calls[key]
+
+    def child(self, node: DraftNode, token: int) -> DraftNode:
+        if token not in node.children:
+            node.children[token] = DraftNode(token, node.score + float(node.logprobs[token]), node)
+        return node.children[token]
+
+    def static_tree(self, t: int, paths: list[list[int]]) -> DraftNode:
+        """The tree of rank paths (tree.py's choices: path [1, 0] = the second guess, then its first)."""
+        root = self.root(t)
+        for path in paths:
+            node = root
+            for rank in path:
+                self.expand(node, t)
+                node = self.child(node, int(node.logprobs.topk(rank + 1).indices[rank]))
+        return root
+
+    def dynamic_tree(self, t: int, paths: int, depth: int, beam: int, branch: int) -> DraftNode:
+        """EAGLE-2's tree: depth by depth, the `beam` likeliest nodes of the last depth (summed log-probabilities)
+        each get their `branch` likeliest children; then the `paths` likeliest of all those nodes are kept (a child
+        never outranks its parent: its score is no higher, and ties go to the shallower)."""
+        root, grown = self.root(t), []
+        frontier = [root]
+        for _ in range(depth):
+            children = []
+            for node in frontier:
+                self.expand(node, t)
+                children += [self.child(node, int(tok)) for tok in node.logprobs.topk(branch).indices]
+            grown += children
+            frontier = sorted(children, key=lambda n: -n.score)[:beam]
+        kept = set(sorted(grown, key=lambda n: (-n.score, n.depth))[:paths])
+        for node in grown:  # prune to the kept nodes
+            node.children = {tok: c for tok, c in node.children.items() if c in kept}
+        root.children = {tok: c for tok, c in root.children.items() if c in kept}
+        return root
+
+    def accepted(self, root: DraftNode, t: int) -> int:
+        """Guesses greedy decoding accepts from the tree at t: down the tree while the next answer token is a child."""
+        ids, labels, node, n = self.example.input_ids, self.example.labels, root, 0
+        while t + 2 + n < len(ids) and labels[t + 2 + n] != IGNORE and ids[t + 2 + n] in node.children:
+            node = node.children[ids[t + 2 + n]]
+            n += 1
+        return n
+
+
+def chain_starts(examples, count: int) -> list[tuple[int, int]]:
+    """Up to `count` (answer index, t) chain starts spread evenly over the answers' positions whose root (t + 1) and
+    first guess (t + 2) are answer tokens."""
+    starts = [(i, t) for i, e in enumerate(examples) for t in range(len(e.input_ids) - 2)
+              if e.labels[t + 1] != IGNORE and e.labels[t + 2] != IGNORE]
+    stride = max(1, len(starts) // max(count, 1))
+    return starts[::stride][:count]
+
+
+@torch.no_grad()
+def simulate_trees(draft: FeatureDraft, model, examples, acc: torch.Tensor, budgets, args) -> list[dict]:
+    """Mean tokens a step (accepted guesses + the bonus token) of the static tree (tree.py's greedy rule over the
+    draft's rank accuracies) and of EAGLE-2's dynamic tree, each of N paths for N in budgets, at `args.sim_starts`
+    chain starts of the held-out answers."""
+    starts = chain_starts(examples, args.sim_starts)
+    static_paths = {n: tree_from_head_accuracies(acc, n) for n in budgets}
+    totals = {(n, kind): 0 for n in budgets for kind in ("static", "dynamic")}
+    by_answer: dict[int, list[int]] = {}
+    for i, t in starts:
+        by_answer.setdefault(i, []).append(t)
+    for i, ts in by_answer.items():
+        sim = TreeSimulator(draft, model, examples[i], len(acc))
+        for t in ts:
+            for n in budgets:
+                totals[n, "static"] += sim.accepted(sim.static_tree(t, static_paths[n]), t)
+                tree = sim.dynamic_tree(t, n, len(acc), args.beam, args.branch)
+                totals[n, "dynamic"] += sim.accepted(tree, t)
+    count = max(len(starts), 1)
+    return [{"paths": n, "starts": len(starts), "static": 1 + totals[n, "static"] / count,
+             "dynamic": 1 + totals[n, "dynamic"] / count} for n in budgets]
+
+
 def best_static_tree(acc: torch.Tensor, paths: int) -> float:
     """The expected accepted length of the greedy static tree of `paths` paths (root not counted) for rank
     accuracies acc [depth, topk]."""
@@ -251,6 +390,13 @@ def run(args) -> dict:
     out = {"train": args.train, "eval": args.eval, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
            "ce_weight": args.ce_weight, "paths": args.paths, "losses": losses, "draft_acc": acc_draft.tolist(),
            "expected_accepted": expected}
+    if args.sim_starts:
+        out["trees"] = simulate_trees(draft, model, data["eval"], acc_draft, args.sim_paths, args)
+        print_table(f"The draft's trees, greedy decoding simulated at {out['trees'][0]['starts']} chain starts of the "
+                    f"held-out answers: tokens a step (accepted + 1); dynamic = EAGLE-2's (beam {args.beam}, branch "
+                    f"{args.branch}, {args.depth} deep)", ["paths", "static", "dynamic", "dynamic / static"],
+                    [[r["paths"], f"{r['static']:.3f}", f"{r['dynamic']:.3f}", f"{r['dynamic'] / r['static']:.3f}"]
+                     for r in out["trees"]])
     if args.json:  # the draft's numbers first: they cost the minutes
         save(out, args.json)
     if args.heads:
@@ -279,6 +425,12 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=8, help="ranks measured per depth (default 8, at least 5)")
     p.add_argument("--paths", type=int, default=31,
                    help="the static trees' paths, root not counted (default 31, the default heads' 32-node tree)")
+    p.add_argument("--sim-starts", type=int, default=400,
+                   help="chain starts at which the draft's static and dynamic trees are simulated (default 400; 0: none)")
+    p.add_argument("--sim-paths", type=lambda v: [int(x) for x in v.split(",")], default=[15, 31, 63],
+                   help="the simulated trees' sizes in paths, root not counted (default 15,31,63)")
+    p.add_argument("--beam", type=int, default=8, help="dynamic trees: nodes expanded per depth (default 8)")
+    p.add_argument("--branch", type=int, default=8, help="dynamic trees: children per expanded node (default 8)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=16, help="answers per optimizer step (default 16)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")

@@ -53,7 +53,7 @@ def test_the_probe_trains_measures_and_compares(tmp_path):
     # draft reads beside the feature tells; training must find it.
     train, held = pairs_probe_files(tmp_path, 32, 8)
     args = ["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
-            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
+            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--sim-starts", "6", "--sim-paths", "3,6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
             "1", "--device", "cpu", "--log-every", "1000", "--json", str(tmp_path / "p.json")]
     untrained = probe.run(probe.parse_args(args + ["--epochs", "0"]))
     out = probe.run(probe.parse_args(args + ["--epochs", "8"]))  # (a random tiny model's features: slow to learn)
@@ -65,6 +65,8 @@ def test_the_probe_trains_measures_and_compares(tmp_path):
     assert out["expected_accepted"]["draft"] >= 1.0 and out["expected_accepted"]["heads"] >= 1.0
     assert out["expected_accepted"]["draft, 2 deep"] <= out["expected_accepted"]["draft"]
     assert json.loads((tmp_path / "p.json").read_text())["draft_acc"] == out["draft_acc"]
+    assert [(r["paths"], r["starts"]) for r in out["trees"]] == [(3, 6), (6, 6)]
+    assert all(1.0 <= r["static"] <= 4.0 and 1.0 <= r["dynamic"] <= 4.0 for r in out["trees"])
 
 
 def test_depth_m_is_scored_where_head_m_minus_1_is(tmp_path):
@@ -104,3 +106,63 @@ def test_the_loss_is_zero_for_a_draft_that_predicts_the_next_feature(tmp_path):
     rows = torch.tensor([1, 2, 3, 4])  # j with x_{j+2} an answer token
     want = F.cross_entropy(F.linear(features[rows + 1], model.lm_head.weight), torch.tensor(ids[3:]), reduction="sum")
     assert tokens == 4 and torch.allclose(loss, want, atol=1e-5)
+
+
+def random_draft_and_answer(tmp_path, T=14):
+    """A tiny model, a draft with weights large enough that every input matters, and an answer of T tokens."""
+    from nanomedusa.training.data import IGNORE, Example
+
+    make_hf_checkpoint(tmp_path, seed=2, num_key_value_heads=2)
+    model, _ = load_model(tmp_path, "cpu", torch.float32)
+    draft = probe.FeatureDraft(model.config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() == 1 else 0.3))
+    ids = torch.randint(3, model.config.vocab_size, (T,), generator=gen).tolist()
+    return model, draft, Example(ids, [IGNORE] * 2 + ids[2:])
+
+
+@torch.no_grad()
+def test_a_tree_drafted_node_by_node_guesses_what_the_chains_do(tmp_path):
+    # Down the answer's own tokens, each node's draft call gives the logits draft_guesses gives that chain at that
+    # depth; so a chain tree (rank 0 at every depth) accepts as many guesses as that chain's top-1s are right in a row.
+    model, draft, example = random_draft_and_answer(tmp_path)
+    features, embeds = probe.example_tensors(model, example)
+    guesses = probe.draft_guesses(draft, embeds, features, model.lm_head.weight, depth=3)
+    sim = probe.TreeSimulator(draft, model, example, max_depth=3)
+    ids = example.input_ids
+    for t in range(1, len(ids) - 4):
+        node = sim.root(t)
+        for d in range(1, 4):
+            sim.expand(node, t)
+            assert torch.allclose(node.logprobs, F.log_softmax(guesses[d - 1][t + d - 1], -1), atol=1e-4), (t, d)
+            node = sim.child(node, ids[t + 1 + d])
+        right = [int(guesses[d - 1][t + d - 1].argmax()) == ids[t + 1 + d] for d in range(1, 4)]
+        want = next((i for i, r in enumerate(right) if not r), 3)
+        assert sim.accepted(sim.static_tree(t, [[0], [0, 0], [0, 0, 0]]), t) == want
+        assert sim.accepted(node.parent.parent.parent, t) == 3  # the tree of the answer's own path accepts it all
+
+
+@torch.no_grad()
+def test_a_dynamic_tree_keeps_its_likeliest_nodes_and_their_ancestors(tmp_path):
+    model, draft, example = random_draft_and_answer(tmp_path)
+    t, paths, depth, beam, branch = 4, 7, 3, 2, 3
+
+    def nodes(node):
+        return [c for child in node.children.values() for c in (child, *nodes(child))]
+
+    sim = probe.TreeSimulator(draft, model, example, max_depth=depth)
+    kept = nodes(sim.dynamic_tree(t, paths, depth, beam, branch))  # (pruned: a node is reached only through its parent)
+    # EAGLE-2's rule by hand: the root's `branch` best children, then those of the `beam` best at each depth
+    grown, frontier = [], [sim.root(t)]
+    for _ in range(depth):
+        children = []
+        for node in frontier:
+            sim.expand(node, t)
+            children += [sim.child(node, int(tok)) for tok in node.logprobs.topk(branch).indices]
+        grown += children
+        frontier = sorted(children, key=lambda n: -n.score)[:beam]
+    assert len(grown) == branch + 2 * beam * branch
+    best = sorted(grown, key=lambda n: (-n.score, n.depth))[:paths]
+    assert sorted((n.depth, n.token, n.score) for n in kept) == sorted((n.depth, n.token, n.score) for n in best)
