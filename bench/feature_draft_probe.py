@@ -297,11 +297,19 @@ class TreeSimulator:
         return root
 
     def dynamic_tree(self, t: int, paths: int, depth: int, beam: int, branch: int) -> DraftNode:
-        """EAGLE-2's tree: depth by depth, the `beam` likeliest nodes of the last depth (summed log-probabilities)
-        each get their `branch` likeliest children; then the `paths` likeliest of all those nodes are kept (a child
-        never outranks its parent: its score is no higher, and ties go to the shallower)."""
-        root, grown = self.root(t), []
-        frontier = [root]
+        """EAGLE-2's tree: `grow`, then the `paths` likeliest of the grown nodes kept (a child never outranks its
+        parent: its score is no higher, and ties go to the shallower); the root's tree holds only those."""
+        root = self.root(t)
+        grown = self.grow(root, t, depth, beam, branch)
+        kept = set(sorted(grown, key=lambda n: (-n.score, n.depth))[:paths])
+        for node in [root, *grown]:
+            node.children = {tok: c for tok, c in node.children.items() if c in kept}
+        return root
+
+    def grow(self, root: DraftNode, t: int, depth: int, beam: int, branch: int) -> list[DraftNode]:
+        """Depth by depth, the `beam` likeliest nodes of the last depth (summed log-probabilities; the root at
+        first) each get their `branch` likeliest children -> every node grown."""
+        frontier, grown = [root], []
         for _ in range(depth):
             children = []
             for node in frontier:
@@ -309,11 +317,7 @@ class TreeSimulator:
                 children += [self.child(node, int(tok)) for tok in node.logprobs.topk(branch).indices]
             grown += children
             frontier = sorted(children, key=lambda n: -n.score)[:beam]
-        kept = set(sorted(grown, key=lambda n: (-n.score, n.depth))[:paths])
-        for node in grown:  # prune to the kept nodes
-            node.children = {tok: c for tok, c in node.children.items() if c in kept}
-        root.children = {tok: c for tok, c in root.children.items() if c in kept}
-        return root
+        return grown
 
     def accepted(self, root: DraftNode, t: int) -> int:
         """Guesses greedy decoding accepts from the tree at t: down the tree while the next answer token is a child."""

@@ -148,21 +148,21 @@ def test_a_tree_drafted_node_by_node_guesses_what_the_chains_do(tmp_path):
 def test_a_dynamic_tree_keeps_its_likeliest_nodes_and_their_ancestors(tmp_path):
     model, draft, example = random_draft_and_answer(tmp_path)
     t, paths, depth, beam, branch = 4, 7, 3, 2, 3
-
-    def nodes(node):
-        return [c for child in node.children.values() for c in (child, *nodes(child))]
-
     sim = probe.TreeSimulator(draft, model, example, max_depth=depth)
-    kept = nodes(sim.dynamic_tree(t, paths, depth, beam, branch))  # (pruned: a node is reached only through its parent)
-    # EAGLE-2's rule by hand: the root's `branch` best children, then those of the `beam` best at each depth
-    grown, frontier = [], [sim.root(t)]
-    for _ in range(depth):
-        children = []
-        for node in frontier:
-            sim.expand(node, t)
-            children += [sim.child(node, int(tok)) for tok in node.logprobs.topk(branch).indices]
-        grown += children
-        frontier = sorted(children, key=lambda n: -n.score)[:beam]
-    assert len(grown) == branch + 2 * beam * branch
-    best = sorted(grown, key=lambda n: (-n.score, n.depth))[:paths]
-    assert sorted((n.depth, n.token, n.score) for n in kept) == sorted((n.depth, n.token, n.score) for n in best)
+    grown = sim.grow(sim.root(t), t, depth, beam, branch)
+    # each depth grows `branch` children under each of the `beam` likeliest nodes of the depth before (the root first)
+    by_depth = [[n for n in grown if n.depth == d] for d in range(1, depth + 1)]
+    assert [len(nodes) for nodes in by_depth] == [branch] + [beam * branch] * (depth - 1)
+    for above, below in zip(by_depth, by_depth[1:]):
+        likeliest = sorted(above, key=lambda n: -n.score)[:beam]
+        assert {id(n.parent) for n in below} == {id(n) for n in likeliest}
+    for node in grown:  # each child among its parent's `branch` likeliest, its score its path's log-probability
+        assert node.token in node.parent.logprobs.topk(branch).indices.tolist()
+        assert abs(node.score - (node.parent.score + float(node.parent.logprobs[node.token]))) < 1e-6
+
+    def reachable(node):
+        return [c for child in node.children.values() for c in (child, *reachable(child))]
+
+    kept = reachable(sim.dynamic_tree(t, paths, depth, beam, branch))  # through kept parents only
+    cut = sorted(n.score for n in kept)[0]
+    assert len(kept) == paths and all(n.score <= cut for n in grown if n.score not in {k.score for k in kept})
