@@ -21,11 +21,11 @@ and head m - 1 are scored on the same positions and targets). Beside it, --heads
 accepted length of the best static tree of --paths paths (tree.py's greedy rule over those rank accuracies) for
 each, the draft's also cut to the heads' depth.
 
-Then #15's question itself, for this draft: `--sim-starts` chain starts of the held-out answers get the draft's
-static tree (tree.py's rule over its rank accuracies) and EAGLE-2's dynamic tree (the `--beam` likeliest nodes of
-each depth grow `--branch` children each; the likeliest `paths` of all are kept), both drafted node by node as a
-decoder would (`TreeSimulator`), and greedy decoding's accepted length is read off each against the answer (the
-base model's own greedy text): tokens a step, static against dynamic, at each of `--sim-paths` sizes.
+Then #15's question itself, for this draft: the first `--sim-answers` held-out answers are decoded greedily as the
+engine would, once with the draft's static tree (tree.py's rule over its rank accuracies on training answers) and
+once with EAGLE-2's dynamic tree (the `--beam` likeliest nodes of each depth grow `--branch` children each; the
+likeliest paths of all are kept), each drafted node by node as a decoder would (`TreeSimulator`) and accepted against
+the answer (the base model's own greedy text): tokens a step, static against dynamic, at each of `--sim-paths` sizes.
 
 Depth m without running m passes per position: at depth m, position j's query belongs to the chain that started at
 t = j - m + 1. It sees the base model's features up to t (set 0: every position's input made from true features)
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -231,7 +232,7 @@ class DraftNode:
         self.token, self.score, self.parent = token, score, parent
         self.depth = 0 if parent is None else parent.depth + 1
         self.children: dict[int, DraftNode] = {}
-        self.feature = self.logprobs = self.kv = None  # [D], [V], (k, v) [Hkv, 1, Dh] of its call
+        self.call: DraftCall | None = None  # its own draft call, once expanded
 
     def ancestors(self) -> list["DraftNode"]:
         """Its ancestors below the root, shallowest first."""
@@ -242,48 +243,63 @@ class DraftNode:
         return chain[::-1]
 
 
-class TreeSimulator:
-    """Draft trees grown at the chain starts of one answer, node by node, as a decoder would draft them: the root's call
-    is the teacher-forced one at t (the base model's features up to t); a node at depth d calls the draft at position
-    t + d on [e(its token); its parent's predicted feature], seeing positions 0 .. t and its ancestors' calls."""
+class DraftCall(NamedTuple):
+    feature: torch.Tensor  # [D] the feature it predicts: its children's input
+    ranked: list[tuple[int, float]]  # its likeliest children: (token, log-probability), best first
+    kv: tuple[torch.Tensor, torch.Tensor] | None  # its key and value [Hkv, 1, Dh] (the root's: the prefix's last)
 
-    def __init__(self, draft: FeatureDraft, model, example, max_depth: int):
-        self.draft, self.example, self.lm_head = draft, example, model.lm_head.weight.float()
-        self.embedding = model.tok_embeddings
-        self.calls: dict[tuple, tuple] = {}  # (t, the path's tokens) -> a call's (feature, logprobs, kv): trees share
-        features, self.embeds = example_tensors(model, example)
+
+class TreeSimulator:
+    """Draft trees grown in one answer, node by node, as a decoder would draft them: at chain start t the root's call
+    is the teacher-forced one at t (the base model's features up to t); a node at depth d calls the draft at position
+    t + d on [e(its token); its parent's predicted feature], seeing positions 0 .. t and its ancestors' calls. Calls
+    are kept by (t, the path's tokens), so trees of one start share them."""
+
+    def __init__(self, draft: FeatureDraft, model, example, max_depth: int, ranks: int):
+        self.draft, self.example, self.ranks = draft, example, ranks
+        self.lm_head, self.embedding = model.lm_head.weight.float(), model.tok_embeddings
+        self.calls: dict[tuple, DraftCall] = {}
+        features, embeds = example_tensors(model, example)
         T = features.shape[0]
         self.cos, self.sin = draft.rope(T + max_depth)
-        x = draft.inputs(self.embeds, features)
+        x = draft.inputs(embeds, features)
         q, self.k0, self.v0 = draft.qkv(x, self.cos[:T], self.sin[:T])
         self.out0 = draft.finish_layer(x, q, self.k0, self.v0, frontier_mask(T, 1, x.device))  # [T, D]
 
+    def call(self, out) -> DraftCall:
+        logprobs = F.log_softmax(F.linear(out, self.lm_head), dim=-1)
+        values, indices = logprobs.topk(self.ranks)
+        return DraftCall(out, list(zip(indices.tolist(), values.tolist())), None)  # (one read to the host)
+
     def root(self, t: int) -> DraftNode:
         node = DraftNode(self.example.input_ids[t + 1], 0.0, None)
-        node.feature = self.out0[t]
-        node.logprobs = F.log_softmax(F.linear(self.out0[t], self.lm_head), dim=-1)
+        key = (t,)
+        if key not in self.calls:
+            self.calls[key] = self.call(self.out0[t])
+        node.call = self.calls[key]
         return node
 
     def expand(self, node: DraftNode, t: int) -> None:
-        """Run the node's draft call, if not yet run (the root's ran with the teacher-forced pass)."""
-        if node.logprobs is not None:
+        """Run the node's draft call, unless it (or the same path's, in another tree of this start) has run."""
+        if node.call is not None:
             return
         ancestors = node.ancestors()
         key = (t, *(a.token for a in ancestors), node.token)
         if key not in self.calls:
             p = t + node.depth  # its position
-            token = torch.tensor([node.token], device=self.embeds.device)
-            x = self.draft.inputs(self.embedding(token).float(), node.parent.feature[None])  # [1, D]
+            token = torch.tensor([node.token], device=self.out0.device)
+            x = self.draft.inputs(self.embedding(token).float(), node.parent.call.feature[None])  # [1, D]
             q, k, v = self.draft.qkv(x, self.cos[p:p + 1], self.sin[p:p + 1])
-            keys = torch.cat([self.k0[:, : t + 1], *(a.kv[0] for a in ancestors), k], dim=1)
-            values = torch.cat([self.v0[:, : t + 1], *(a.kv[1] for a in ancestors), v], dim=1)
-            out = self.draft.finish_layer(x, q, keys, values, None)[0]
-            self.calls[key] = out, F.log_softmax(F.linear(out, self.lm_head), dim=-1), (k, v)
-        node.feature, node.logprobs, node.kv = self.calls[key]
+            keys = torch.cat([self.k0[:, : t + 1], *(a.call.kv[0] for a in ancestors), k], dim=1)
+            values = torch.cat([self.v0[:, : t + 1], *(a.call.kv[1] for a in ancestors), v], dim=1)
+            self.calls[key] = self.call(self.draft.finish_layer(x, q, keys, values, None)[0])._replace(kv=(k, v))
+        node.call = self.calls[key]
 
-    def child(self, node: DraftNode, token: int) -> DraftNode:
+    def child(self, node: DraftNode, rank: int) -> DraftNode:
+        """The node's rank-th likeliest child (the node expanded first)."""
+        token, logprob = node.call.ranked[rank]
         if token not in node.children:
-            node.children[token] = DraftNode(token, node.score + float(node.logprobs[token]), node)
+            node.children[token] = DraftNode(token, node.score + logprob, node)
         return node.children[token]
 
     def static_tree(self, t: int, paths: list[list[int]]) -> DraftNode:
@@ -293,31 +309,31 @@ class TreeSimulator:
             node = root
             for rank in path:
                 self.expand(node, t)
-                node = self.child(node, int(node.logprobs.topk(rank + 1).indices[rank]))
+                node = self.child(node, rank)
         return root
 
+    def grow(self, root: DraftNode, t: int, depth: int, beam: int, branch: int) -> list[DraftNode]:
+        """EAGLE-2's expansion: depth by depth, the `beam` likeliest nodes of the last depth (summed
+        log-probabilities; the root at first) each get their `branch` likeliest children -> every node grown."""
+        frontier, grown = [root], []
+        for _ in range(depth):
+            children = []
+            for node in frontier:
+                self.expand(node, t)
+                children += [self.child(node, rank) for rank in range(branch)]
+            grown += children
+            frontier = sorted(children, key=lambda n: -n.score)[:beam]
+        return grown
+
     def dynamic_tree(self, t: int, paths: int, depth: int, beam: int, branch: int) -> DraftNode:
-        """EAGLE-2's tree: `grow`, then the `paths` likeliest of the grown nodes kept (a child never outranks its
-        parent: its score is no higher, and ties go to the shallower); the root's tree holds only those."""
+        """EAGLE-2's tree: `grow`, then only the `paths` likeliest grown nodes stay attached (a child never outranks
+        its parent: its score is no higher, and ties go to the shallower, so they form a tree)."""
         root = self.root(t)
         grown = self.grow(root, t, depth, beam, branch)
         kept = set(sorted(grown, key=lambda n: (-n.score, n.depth))[:paths])
         for node in [root, *grown]:
             node.children = {tok: c for tok, c in node.children.items() if c in kept}
         return root
-
-    def grow(self, root: DraftNode, t: int, depth: int, beam: int, branch: int) -> list[DraftNode]:
-        """Depth by depth, the `beam` likeliest nodes of the last depth (summed log-probabilities; the root at
-        first) each get their `branch` likeliest children -> every node grown."""
-        frontier, grown = [root], []
-        for _ in range(depth):
-            children = []
-            for node in frontier:
-                self.expand(node, t)
-                children += [self.child(node, int(tok)) for tok in node.logprobs.topk(branch).indices]
-            grown += children
-            frontier = sorted(children, key=lambda n: -n.score)[:beam]
-        return grown
 
     def accepted(self, root: DraftNode, t: int) -> int:
         """Guesses greedy decoding accepts from the tree at t: down the tree while the next answer token is a child."""
@@ -328,36 +344,50 @@ class TreeSimulator:
         return n
 
 
-def chain_starts(examples, count: int) -> list[tuple[int, int]]:
-    """Up to `count` (answer index, t) chain starts spread evenly over the answers' positions whose root (t + 1) and
-    first guess (t + 2) are answer tokens."""
-    starts = [(i, t) for i, e in enumerate(examples) for t in range(len(e.input_ids) - 2)
-              if e.labels[t + 1] != IGNORE and e.labels[t + 2] != IGNORE]
-    stride = max(1, len(starts) // max(count, 1))
-    return starts[::stride][:count]
+def answer_spans(example) -> list[tuple[int, int]]:
+    """The answer's runs of consecutive answer tokens (labels not IGNORE), [start, end) each: one per assistant turn."""
+    spans, start = [], None
+    for j, label in enumerate([*example.labels, IGNORE]):
+        if label != IGNORE and start is None:
+            start = j
+        elif label == IGNORE and start is not None:
+            spans.append((start, j))
+            start = None
+    return spans
+
+
+def decode_with_trees(sim: TreeSimulator, example, make_tree) -> tuple[int, int]:
+    """Greedy decoding of the answer's turns with a tree drafted at each step (make_tree(t) -> its root), as the
+    engine decodes: the turn's first token comes from the prefill; each step emits its accepted guesses and the base
+    model's next token, and the next step starts after them -> (tokens emitted after the first, steps)."""
+    tokens = steps = 0
+    for start, end in answer_spans(example):
+        t = start - 1  # the root x_{t+1} is the turn's first token
+        while t + 2 < end:
+            n = sim.accepted(make_tree(t), t)
+            emitted = min(n + 1, end - (t + 2))  # (the last step may pass the turn's end: count only its tokens)
+            tokens, steps, t = tokens + emitted, steps + 1, t + n + 1
+    return tokens, steps
 
 
 @torch.no_grad()
-def simulate_trees(draft: FeatureDraft, model, examples, acc: torch.Tensor, budgets, args) -> list[dict]:
-    """Mean tokens a step (accepted guesses + the bonus token) of the static tree (tree.py's greedy rule over the
-    draft's rank accuracies) and of EAGLE-2's dynamic tree, each of N paths for N in budgets, at `args.sim_starts`
-    chain starts of the held-out answers."""
-    starts = chain_starts(examples, args.sim_starts)
-    static_paths = {n: tree_from_head_accuracies(acc, n) for n in budgets}
-    totals = {(n, kind): 0 for n in budgets for kind in ("static", "dynamic")}
-    by_answer: dict[int, list[int]] = {}
-    for i, t in starts:
-        by_answer.setdefault(i, []).append(t)
-    for i, ts in by_answer.items():
-        sim = TreeSimulator(draft, model, examples[i], len(acc))
-        for t in ts:
-            for n in budgets:
-                totals[n, "static"] += sim.accepted(sim.static_tree(t, static_paths[n]), t)
-                tree = sim.dynamic_tree(t, n, len(acc), args.beam, args.branch)
-                totals[n, "dynamic"] += sim.accepted(tree, t)
-    count = max(len(starts), 1)
-    return [{"paths": n, "starts": len(starts), "static": 1 + totals[n, "static"] / count,
-             "dynamic": 1 + totals[n, "dynamic"] / count} for n in budgets]
+def simulate_trees(draft: FeatureDraft, model, examples, tree_acc: torch.Tensor, args) -> list[dict]:
+    """Greedy decoding of the first `args.sim_answers` held-out answers with the draft's static trees (tree.py's rule
+    over `tree_acc`, its rank accuracies on training answers) and with EAGLE-2's dynamic trees, each of N paths for N
+    in args.sim_paths -> per N: tokens a step for each (emitted tokens over steps, all answers together)."""
+    kinds = {(n, "static"): tree_from_head_accuracies(tree_acc, n) for n in args.sim_paths}
+    totals = {(n, kind): [0, 0] for n in args.sim_paths for kind in ("static", "dynamic")}
+    for example in examples[: args.sim_answers]:
+        sim = TreeSimulator(draft, model, example, len(tree_acc), max(args.branch, tree_acc.shape[1]))
+        for (n, kind), total in totals.items():
+            make_tree = ((lambda t, paths=kinds[n, kind]: sim.static_tree(t, paths)) if kind == "static" else
+                         (lambda t, n=n: sim.dynamic_tree(t, n, len(tree_acc), args.beam, args.branch)))
+            tokens, steps = decode_with_trees(sim, example, make_tree)
+            total[0] += tokens
+            total[1] += steps
+    return [{"paths": n, "answers": len(examples[: args.sim_answers]),
+             **{kind: totals[n, kind][0] / max(totals[n, kind][1], 1) for kind in ("static", "dynamic")},
+             "steps": {kind: totals[n, kind][1] for kind in ("static", "dynamic")}} for n in args.sim_paths]
 
 
 def best_static_tree(acc: torch.Tensor, paths: int) -> float:
@@ -372,6 +402,10 @@ def run(args) -> dict:
         check_output_file("--json", args.json)
     if args.topk < 5:
         raise NanoMedusaError(f"--topk {args.topk}: the table reports top-5 accuracy; pass --topk 5 or more.")
+    capacity = sum(args.topk ** d for d in range(1, args.depth + 1))  # the paths tree.py's rule can pick from
+    if args.sim_answers and not all(0 < n <= capacity for n in args.sim_paths):
+        raise NanoMedusaError(f"--sim-paths {','.join(map(str, args.sim_paths))}: each must be 1 to {capacity} "
+                              f"(--topk {args.topk} ranks, --depth {args.depth} deep).")
     torch.manual_seed(args.seed)
     ckpt = resolve_checkpoint(args.model)
     model, _ = load_model(ckpt, args.device, torch.float32)
@@ -394,15 +428,20 @@ def run(args) -> dict:
     out = {"train": args.train, "eval": args.eval, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
            "ce_weight": args.ce_weight, "paths": args.paths, "losses": losses, "draft_acc": acc_draft.tolist(),
            "expected_accepted": expected}
-    if args.sim_starts:
-        out["trees"] = simulate_trees(draft, model, data["eval"], acc_draft, args.sim_paths, args)
-        print_table(f"The draft's trees, greedy decoding simulated at {out['trees'][0]['starts']} chain starts of the "
-                    f"held-out answers: tokens a step (accepted + 1); dynamic = EAGLE-2's (beam {args.beam}, branch "
-                    f"{args.branch}, {args.depth} deep)", ["paths", "static", "dynamic", "dynamic / static"],
-                    [[r["paths"], f"{r['static']:.3f}", f"{r['dynamic']:.3f}", f"{r['dynamic'] / r['static']:.3f}"]
-                     for r in out["trees"]])
     if args.json:  # the draft's numbers first: they cost the minutes
         save(out, args.json)
+    if args.sim_answers:
+        # The static trees' shape from training answers, so that neither kind is tuned on the answers it is scored on.
+        tree_acc = draft_rank_accuracies(draft, model, data["train"][: args.tree_answers], args.depth, args.topk)
+        out["trees"] = simulate_trees(draft, model, data["eval"], tree_acc, args)
+        print_table(f"The draft's trees: greedy decoding of {out['trees'][0]['answers']} held-out answers simulated, "
+                    f"tokens a step; static: tree.py's rule over its rank accuracies ({args.topk} ranks); dynamic: "
+                    f"EAGLE-2's (beam {args.beam}, branch {args.branch}); both {args.depth} deep",
+                    ["paths", "static", "dynamic", "dynamic / static"],
+                    [[r["paths"], f"{r['static']:.3f}", f"{r['dynamic']:.3f}", f"{r['dynamic'] / r['static']:.3f}"]
+                     for r in out["trees"]])
+        if args.json:
+            save(out, args.json)
     if args.heads:
         heads = load_heads_and_adapter(args.heads, model, say=say)  # (after the draft: an adapter changes model)
         acc_heads = rank_accuracies(model, heads, data["eval"], args.topk)
@@ -429,8 +468,11 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=8, help="ranks measured per depth (default 8, at least 5)")
     p.add_argument("--paths", type=int, default=31,
                    help="the static trees' paths, root not counted (default 31, the default heads' 32-node tree)")
-    p.add_argument("--sim-starts", type=int, default=400,
-                   help="chain starts at which the draft's static and dynamic trees are simulated (default 400; 0: none)")
+    p.add_argument("--sim-answers", type=int, default=24,
+                   help="held-out answers greedily decoded with the draft's static and dynamic trees (default 24; 0: "
+                        "none)")
+    p.add_argument("--tree-answers", type=int, default=200,
+                   help="training answers whose rank accuracies shape the static trees (default 200)")
     p.add_argument("--sim-paths", type=lambda v: [int(x) for x in v.split(",")], default=[15, 31, 63],
                    help="the simulated trees' sizes in paths, root not counted (default 15,31,63)")
     p.add_argument("--beam", type=int, default=8, help="dynamic trees: nodes expanded per depth (default 8)")

@@ -1,5 +1,6 @@
 """bench/feature_draft_probe.py on a tiny model: every depth's guesses, computed for all chains in one attention call,
-equal each chain run alone; and the probe trains, measures and compares on tiny answers."""
+equal each chain run alone; depth m is scored where head m - 1 is; the loss; trees drafted node by node (static ranks,
+EAGLE-2's rule, acceptance, decoding turn by turn) agree with their definitions; and the probe runs end to end."""
 
 import json
 
@@ -12,15 +13,17 @@ from tests.helpers import make_hf_checkpoint
 from tests.test_conditioned_heads_probe import pairs_probe_files
 
 
-def chain_logits(draft, embeds, features, lm_head_weight, t: int, depth: int) -> torch.Tensor:
+def chain_logits(draft, embeds, features, lm_head_weight, t: int, depth: int, path_embeds=None) -> torch.Tensor:
     """The depth-th guess of the chain that starts at t, run alone: the inputs at positions 0 .. t from the true
-    features, then one position at a time from the feature the draft just predicted, causal attention over them."""
+    features, then one position at a time from the feature the draft just predicted, causal attention over them.
+    The tokens after t are the answer's (embeds), or those whose embeddings path_embeds [depth - 1, D] holds."""
+    path_embeds = embeds[t + 1: t + depth] if path_embeds is None else path_embeds
     x = draft.inputs(embeds[: t + 1], features[: t + 1])
     for s in range(depth):  # x [t + 1 + s, D]
         q, k, v = draft.qkv(x, *draft.rope(len(x)))
         predicted = draft.finish_layer(x, q, k, v, torch.ones(len(x), len(x), dtype=torch.bool).tril())[-1:]
         if s + 1 < depth:
-            x = torch.cat([x, draft.inputs(embeds[t + s + 1: t + s + 2], predicted)])
+            x = torch.cat([x, draft.inputs(path_embeds[s: s + 1], predicted)])
     return F.linear(predicted[0], lm_head_weight)
 
 
@@ -53,7 +56,7 @@ def test_the_probe_trains_measures_and_compares(tmp_path):
     # draft reads beside the feature tells; training must find it.
     train, held = pairs_probe_files(tmp_path, 32, 8)
     args = ["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
-            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--sim-starts", "6", "--sim-paths", "3,6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
+            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--sim-answers", "3", "--tree-answers", "8", "--sim-paths", "3,6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
             "1", "--device", "cpu", "--log-every", "1000", "--json", str(tmp_path / "p.json")]
     untrained = probe.run(probe.parse_args(args + ["--epochs", "0"]))
     out = probe.run(probe.parse_args(args + ["--epochs", "8"]))  # (a random tiny model's features: slow to learn)
@@ -65,7 +68,7 @@ def test_the_probe_trains_measures_and_compares(tmp_path):
     assert out["expected_accepted"]["draft"] >= 1.0 and out["expected_accepted"]["heads"] >= 1.0
     assert out["expected_accepted"]["draft, 2 deep"] <= out["expected_accepted"]["draft"]
     assert json.loads((tmp_path / "p.json").read_text())["draft_acc"] == out["draft_acc"]
-    assert [(r["paths"], r["starts"]) for r in out["trees"]] == [(3, 6), (6, 6)]
+    assert [(r["paths"], r["answers"]) for r in out["trees"]] == [(3, 3), (6, 3)]
     assert all(1.0 <= r["static"] <= 4.0 and 1.0 <= r["dynamic"] <= 4.0 for r in out["trees"])
 
 
@@ -124,31 +127,82 @@ def random_draft_and_answer(tmp_path, T=14):
 
 
 @torch.no_grad()
-def test_a_tree_drafted_node_by_node_guesses_what_the_chains_do(tmp_path):
-    # Down the answer's own tokens, each node's draft call gives the logits draft_guesses gives that chain at that
-    # depth; so a chain tree (rank 0 at every depth) accepts as many guesses as that chain's top-1s are right in a row.
+def test_every_node_of_a_grown_tree_is_its_path_run_alone(tmp_path):
+    # Each node's call, down the answer's own path and across a grown tree whose siblings share child tokens, gives
+    # the guesses of its path's chain run from scratch; a chain tree accepts what the chain's top-1s get right.
     model, draft, example = random_draft_and_answer(tmp_path)
     features, embeds = probe.example_tensors(model, example)
-    guesses = probe.draft_guesses(draft, embeds, features, model.lm_head.weight, depth=3)
-    sim = probe.TreeSimulator(draft, model, example, max_depth=3)
-    ids = example.input_ids
+    W, ids = model.lm_head.weight, example.input_ids
+    guesses = probe.draft_guesses(draft, embeds, features, W, depth=3)
+    sim = probe.TreeSimulator(draft, model, example, max_depth=3, ranks=4)
+    for t in (1, 4, 7):
+        root = sim.root(t)
+        grown = sim.grow(root, t, depth=3, beam=3, branch=4)
+        for node in [root, *[n for n in grown if n.call is not None]]:
+            path = [*node.ancestors(), node] if node.parent else []  # its tokens after the root
+            tokens = torch.tensor([n.token for n in path], dtype=torch.long)
+            want = chain_logits(draft, embeds, features, W, t, len(path) + 1, model.tok_embeddings(tokens))
+            got_tokens, got_logprobs = zip(*node.call.ranked)
+            values, indices = F.log_softmax(want, -1).topk(4)
+            assert list(got_tokens) == indices.tolist() and torch.allclose(torch.tensor(got_logprobs), values,
+                                                                              atol=1e-4), (t, [n.token for n in path])
+        assert sum(n.call is not None for n in grown) >= 3  # the checks above reached depth 2 and 3
     for t in range(1, len(ids) - 4):
-        node = sim.root(t)
-        for d in range(1, 4):
-            sim.expand(node, t)
-            assert torch.allclose(node.logprobs, F.log_softmax(guesses[d - 1][t + d - 1], -1), atol=1e-4), (t, d)
-            node = sim.child(node, ids[t + 1 + d])
         right = [int(guesses[d - 1][t + d - 1].argmax()) == ids[t + 1 + d] for d in range(1, 4)]
         want = next((i for i, r in enumerate(right) if not r), 3)
         assert sim.accepted(sim.static_tree(t, [[0], [0, 0], [0, 0, 0]]), t) == want
-        assert sim.accepted(node.parent.parent.parent, t) == 3  # the tree of the answer's own path accepts it all
+
+
+@torch.no_grad()
+def test_static_trees_follow_their_ranks_and_acceptance_follows_the_answer(tmp_path):
+    from nanomedusa.training.data import IGNORE, Example
+
+    model, draft, example = random_draft_and_answer(tmp_path)
+    sim = probe.TreeSimulator(draft, model, example, max_depth=2, ranks=3)
+    root = sim.static_tree(3, [[0], [1], [1, 0], [2]])
+    ranked = [tok for tok, _ in root.call.ranked]
+    assert list(root.children) == ranked[:3]
+    second = root.children[ranked[1]]
+    assert list(second.children) == [second.call.ranked[0][0]] and not root.children[ranked[0]].children
+    # acceptance: down the tree while the answer's next token is a child, and never past a token that is not the
+    # answer's (IGNORE: another turn, or the prompt)
+    ids = example.input_ids
+    path_tree = probe.DraftNode(ids[4], 0.0, None)
+    a = path_tree.children[ids[5]] = probe.DraftNode(ids[5], -1.0, path_tree)
+    a.children[ids[6]] = probe.DraftNode(ids[6], -2.0, a)
+    assert sim.accepted(path_tree, 3) == 2
+    cut = Example(ids, [*example.labels[:6], IGNORE, *example.labels[7:]])
+    assert probe.TreeSimulator(draft, model, cut, 2, 3).accepted(path_tree, 3) == 1
+
+
+@torch.no_grad()
+def test_decoding_with_trees_walks_every_turn_as_the_engine_steps(tmp_path):
+    from nanomedusa.training.data import IGNORE, Example
+
+    model, draft, _ = random_draft_and_answer(tmp_path)
+    ids = list(range(10, 30))
+    labels = [IGNORE] * 3 + ids[3:10] + [IGNORE] * 2 + ids[12:]  # turns: positions 3..9 and 12..19
+    example = Example(ids, labels)
+    assert probe.answer_spans(example) == [(3, 10), (12, 20)]
+    sim = probe.TreeSimulator(draft, model, example, max_depth=2, ranks=2)
+
+    def answers_own_path(t, depth=2):  # a tree holding the answer's next `depth` tokens: every guess accepted
+        root = node = probe.DraftNode(ids[t + 1], 0.0, None)
+        for d in range(min(depth, len(ids) - t - 2)):
+            node.children[ids[t + 2 + d]] = node = probe.DraftNode(ids[t + 2 + d], 0.0, node)
+        return root
+
+    # each turn's first token from the prefill, then 3 tokens a step (2 accepted + 1): turn 1 has 6 more tokens (2
+    # steps), turn 2 has 7 (3 steps, the last emitting 1)
+    assert probe.decode_with_trees(sim, example, answers_own_path) == (13, 5)
+    assert probe.decode_with_trees(sim, example, lambda t: probe.DraftNode(ids[t + 1], 0.0, None)) == (13, 13)
 
 
 @torch.no_grad()
 def test_a_dynamic_tree_keeps_its_likeliest_nodes_and_their_ancestors(tmp_path):
     model, draft, example = random_draft_and_answer(tmp_path)
     t, paths, depth, beam, branch = 4, 7, 3, 2, 3
-    sim = probe.TreeSimulator(draft, model, example, max_depth=depth)
+    sim = probe.TreeSimulator(draft, model, example, max_depth=depth, ranks=branch)
     grown = sim.grow(sim.root(t), t, depth, beam, branch)
     # each depth grows `branch` children under each of the `beam` likeliest nodes of the depth before (the root first)
     by_depth = [[n for n in grown if n.depth == d] for d in range(1, depth + 1)]
@@ -157,12 +211,13 @@ def test_a_dynamic_tree_keeps_its_likeliest_nodes_and_their_ancestors(tmp_path):
         likeliest = sorted(above, key=lambda n: -n.score)[:beam]
         assert {id(n.parent) for n in below} == {id(n) for n in likeliest}
     for node in grown:  # each child among its parent's `branch` likeliest, its score its path's log-probability
-        assert node.token in node.parent.logprobs.topk(branch).indices.tolist()
-        assert abs(node.score - (node.parent.score + float(node.parent.logprobs[node.token]))) < 1e-6
+        logprob = dict(node.parent.call.ranked)[node.token]
+        assert abs(node.score - (node.parent.score + logprob)) < 1e-6
 
     def reachable(node):
         return [c for child in node.children.values() for c in (child, *reachable(child))]
 
+    # (a second tree of the same start: the same calls, so the same scores)
     kept = reachable(sim.dynamic_tree(t, paths, depth, beam, branch))  # through kept parents only
-    cut = sorted(n.score for n in kept)[0]
+    cut = min(n.score for n in kept)
     assert len(kept) == paths and all(n.score <= cut for n in grown if n.score not in {k.score for k in kept})

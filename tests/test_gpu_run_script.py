@@ -75,9 +75,11 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     assert {m["heads"] for m in results["medusa"]} == {"from", "path"}
     # the EAGLE-style draft probe, against the warm-up's heads, on answers to the held-out sets' first 2 prompts
     env |= {"DRAFT_HEADS": str(work / "warmup" / "heads"), "EVAL_TOKENS": "12",
-            "DRAFT_FLAGS": "--device cpu --depth 2 --topk 5 --paths 3 --batch 8 --limit-train 16"}
+            "DRAFT_FLAGS": "--device cpu --depth 2 --topk 5 --paths 3 --batch 8 --limit-train 16 "
+                           "--sim-answers 2 --tree-answers 4 --sim-paths 2,3"}
     proc = subprocess.run(["bash", "bench/gpu_run.sh", "draft-probe"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"stage draft-probe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert all(len((work / f"eval-{s}.jsonl").read_text().splitlines()) == 2 for s in ("chat-heldout", "train-mix"))
     probe = json.loads((work / "out" / "feature-draft-probe.json").read_text())
     assert len(probe["draft_acc"]) == 2 and len(probe["heads_acc"]) >= 1 and len(probe["losses"]) == 2
+    assert [r["paths"] for r in probe["trees"]] == [2, 3]
