@@ -56,8 +56,9 @@ def test_the_probe_trains_measures_and_compares(tmp_path):
     # draft reads beside the feature tells; training must find it.
     train, held = pairs_probe_files(tmp_path, 32, 8)
     args = ["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
-            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--sim-answers", "3", "--tree-answers", "8", "--sim-paths", "3,6", "--batch", "4", "--lr", "1e-2", "--ce-weight",
-            "1", "--device", "cpu", "--log-every", "1000", "--json", str(tmp_path / "p.json")]
+            str(held), "--depth", "3", "--topk", "5", "--paths", "6", "--sim-answers", "3", "--tree-answers", "8",
+            "--sim-paths", "3,6", "--batch", "4", "--lr", "1e-2", "--ce-weight", "1", "--device", "cpu", "--log-every",
+            "1000", "--json", str(tmp_path / "p.json")]
     untrained = probe.run(probe.parse_args(args + ["--epochs", "0"]))
     out = probe.run(probe.parse_args(args + ["--epochs", "8"]))  # (a random tiny model's features: slow to learn)
     acc = torch.tensor(out["draft_acc"])
