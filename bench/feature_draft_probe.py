@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from typing import NamedTuple
 
@@ -46,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope_cache import apply_rope
-from nanomedusa.cli import check_input_dir, check_output_file
+from nanomedusa.cli import check_input_dir, check_output_file, run_reporting_errors
 from nanomedusa.config import ModelConfig, rope_inv_freq
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import load_heads_and_adapter
@@ -490,10 +491,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 on a GPU: a probe's accuracies, not a decoder's bits
-    run(parse_args(argv))
+    return run_reporting_errors(lambda: run(args))  # a bad flag or path: one `error:` line, before any training
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -222,3 +222,16 @@ def test_a_dynamic_tree_keeps_its_likeliest_nodes_and_their_ancestors(tmp_path):
     kept = reachable(sim.dynamic_tree(t, paths, depth, beam, branch))  # through kept parents only
     cut = min(n.score for n in kept)
     assert len(kept) == paths and all(n.score <= cut for n in grown if n.score not in {k.score for k in kept})
+
+
+def test_bad_flags_end_in_one_error_line_before_any_training(tmp_path, capsys):
+    train, held = pairs_probe_files(tmp_path, 2, 2)
+    capsys.readouterr()  # (the checkpoint's own progress lines)
+    base = ["--model", str(tmp_path / "ckpt"), "--train", str(train), "--eval", str(held), "--device", "cpu"]
+    assert probe.main([*base, "--heads", str(tmp_path / "missing")]) == 2
+    assert probe.main([*base, "--heads", "", "--topk", "3"]) == 2
+    assert probe.main([*base, "--heads", "", "--depth", "1", "--sim-paths", "9"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --heads {tmp_path / 'missing'} is not a directory; check the path.",
+        "error: --topk 3: the table reports top-5 accuracy; pass --topk 5 or more.",
+        "error: --sim-paths 9: each must be 1 to 8 (--topk 8 ranks, --depth 1 deep)."]
