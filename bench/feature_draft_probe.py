@@ -376,12 +376,12 @@ def simulate_trees(draft: FeatureDraft, model, examples, tree_acc: torch.Tensor,
     """Greedy decoding of the first `args.sim_answers` held-out answers with the draft's static trees (tree.py's rule
     over `tree_acc`, its rank accuracies on training answers) and with EAGLE-2's dynamic trees, each of N paths for N
     in args.sim_paths -> per N: tokens a step for each (emitted tokens over steps, all answers together)."""
-    kinds = {(n, "static"): tree_from_head_accuracies(tree_acc, n) for n in args.sim_paths}
+    static_paths = {n: tree_from_head_accuracies(tree_acc, n) for n in args.sim_paths}
     totals = {(n, kind): [0, 0] for n in args.sim_paths for kind in ("static", "dynamic")}
     for example in examples[: args.sim_answers]:
         sim = TreeSimulator(draft, model, example, len(tree_acc), max(args.branch, tree_acc.shape[1]))
         for (n, kind), total in totals.items():
-            make_tree = ((lambda t, paths=kinds[n, kind]: sim.static_tree(t, paths)) if kind == "static" else
+            make_tree = ((lambda t, paths=static_paths[n]: sim.static_tree(t, paths)) if kind == "static" else
                          (lambda t, n=n: sim.dynamic_tree(t, n, len(tree_acc), args.beam, args.branch)))
             tokens, steps = decode_with_trees(sim, example, make_tree)
             total[0] += tokens

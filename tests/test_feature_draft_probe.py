@@ -27,14 +27,25 @@ def chain_logits(draft, embeds, features, lm_head_weight, t: int, depth: int, pa
     return F.linear(predicted[0], lm_head_weight)
 
 
-def test_each_depths_guesses_are_its_chains_run_alone(tmp_path):
+def random_draft_and_answer(tmp_path, T=14):
+    """A tiny model, a draft with weights large enough that every input matters, and an answer of T tokens."""
+    from nanomedusa.training.data import IGNORE, Example
+
     make_hf_checkpoint(tmp_path, seed=2, num_key_value_heads=2)
     model, _ = load_model(tmp_path, "cpu", torch.float32)
     draft = probe.FeatureDraft(model.config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() == 1 else 0.3))
+    ids = torch.randint(3, model.config.vocab_size, (T,), generator=gen).tolist()
+    return model, draft, Example(ids, [IGNORE] * 2 + ids[2:])
+
+
+def test_each_depths_guesses_are_its_chains_run_alone(tmp_path):
+    model, draft, _ = random_draft_and_answer(tmp_path)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in draft.parameters():  # larger than the init, so that every input and position matters
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() == 1 else 0.3))
         T, D = 9, model.config.dim
         embeds, features = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
         W = model.lm_head.weight
@@ -110,21 +121,6 @@ def test_the_loss_is_zero_for_a_draft_that_predicts_the_next_feature(tmp_path):
     rows = torch.tensor([1, 2, 3, 4])  # j with x_{j+2} an answer token
     want = F.cross_entropy(F.linear(features[rows + 1], model.lm_head.weight), torch.tensor(ids[3:]), reduction="sum")
     assert tokens == 4 and torch.allclose(loss, want, atol=1e-5)
-
-
-def random_draft_and_answer(tmp_path, T=14):
-    """A tiny model, a draft with weights large enough that every input matters, and an answer of T tokens."""
-    from nanomedusa.training.data import IGNORE, Example
-
-    make_hf_checkpoint(tmp_path, seed=2, num_key_value_heads=2)
-    model, _ = load_model(tmp_path, "cpu", torch.float32)
-    draft = probe.FeatureDraft(model.config)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() == 1 else 0.3))
-    ids = torch.randint(3, model.config.vocab_size, (T,), generator=gen).tolist()
-    return model, draft, Example(ids, [IGNORE] * 2 + ids[2:])
 
 
 @torch.no_grad()
