@@ -82,7 +82,7 @@ class FeatureDraft(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def inputs(self, embeds, features):
-        """e(x_{j+1}) [T, D], f_j [T, D] -> the layer's input at each position j [T, D]."""
+        """e(x_{j+1}) [..., T, D], f_j [..., T, D] -> the layer's input at each position j [..., T, D]."""
         return self.fc(torch.cat([embeds, features], dim=-1))
 
     def rope(self, T: int):
@@ -92,29 +92,35 @@ class FeatureDraft(nn.Module):
         return angles.cos(), angles.sin()
 
     def qkv(self, x, cos, sin):
-        """x [T, D] -> q [Hq, T, Dh], k and v [Hkv, T, Dh], RoPE'd at positions 0 .. T-1."""
-        T, Dh = x.shape[0], self.head_dim
+        """x [..., T, D] -> q [..., Hq, T, Dh], k and v [..., Hkv, T, Dh], RoPE'd at positions 0 .. T-1 (the leading
+        dims: a batch of answers in training, none elsewhere)."""
+        *lead, T, _ = x.shape
+        Dh = self.head_dim
+
+        def heads(y, n, rotate):  # [..., T, n * Dh] -> [..., n, T, Dh]
+            y = y.reshape(-1, T, n, Dh)  # [B, T, n, Dh]
+            return (apply_rope(y, cos, sin) if rotate else y).transpose(1, 2).reshape(*lead, n, T, Dh)
+
         q, k, v = self.wqkv(self.attn_norm(x)).split([self.n_heads * Dh, self.n_kv_heads * Dh,
                                                       self.n_kv_heads * Dh], dim=-1)
-        q = apply_rope(q.view(1, T, self.n_heads, Dh), cos, sin)[0].transpose(0, 1)
-        k = apply_rope(k.view(1, T, self.n_kv_heads, Dh), cos, sin)[0].transpose(0, 1)
-        return q, k, v.view(T, self.n_kv_heads, Dh).transpose(0, 1)
+        return heads(q, self.n_heads, True), heads(k, self.n_kv_heads, True), heads(v, self.n_kv_heads, False)
 
     def finish_layer(self, x, q, keys, values, mask):
-        """The rest of the layer for inputs x [T, D]: attention of queries q [Hq, T, Dh] over keys/values
-        [Hkv, S, Dh] under mask [T, S] (True: seen), the output projection and residual, the SwiGLU block
-        -> outputs [T, D]."""
-        y = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)[0]  # [Hq, T, Dh]
-        h = x + self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
+        """The rest of the layer for inputs x [..., T, D]: attention of queries q [..., Hq, T, Dh] over keys/values
+        [..., Hkv, S, Dh] under mask [T, S] (True: seen), the output projection and residual, the SwiGLU block
+        -> outputs [..., T, D]."""
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # [..., Hq, T, Dh]
+        h = x + self.wo(y.transpose(-3, -2).reshape(x.shape))
         gate, up = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
         return h + self.w2(F.silu(gate) * up)
 
     def forward(self, embeds, features):
-        """Teacher-forced (depth 1): e(x_{j+1}), f_j [T, D] -> the predicted f_{j+1} [T, D], causally."""
+        """Teacher-forced (depth 1): e(x_{j+1}), f_j [..., T, D] -> the predicted f_{j+1} [..., T, D], causally."""
         x = self.inputs(embeds, features)
-        q, k, v = self.qkv(x, *self.rope(x.shape[0]))
-        return self.finish_layer(x, q, k, v, frontier_mask(x.shape[0], 1, x.device))
+        T = x.shape[-2]
+        q, k, v = self.qkv(x, *self.rope(T))
+        return self.finish_layer(x, q, k, v, frontier_mask(T, 1, x.device))
 
 
 def frontier_mask(T: int, depth: int, device) -> torch.Tensor:
@@ -138,7 +144,7 @@ def draft_guesses(draft: FeatureDraft, embeds, features, lm_head_weight, depth: 
         q, k, v = draft.qkv(x, cos, sin)
         keys.append(k)
         values.append(v)
-        out = draft.finish_layer(x, q, torch.cat(keys, dim=1), torch.cat(values, dim=1),
+        out = draft.finish_layer(x, q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2),
                                  frontier_mask(T, m, x.device))
         logits.append(F.linear(out, lm_head_weight))
         # The next set's input at j reads the feature of token j as this depth predicted it (from position j - 1);
@@ -147,14 +153,25 @@ def draft_guesses(draft: FeatureDraft, embeds, features, lm_head_weight, depth: 
     return logits
 
 
-def example_tensors(model, example):
-    """-> the base model's features f [T, D] (float32) and e(x_{j+1}) [T, D] (the last row: token 0's, read by no
-    guess)."""
-    ids = torch.tensor(example.input_ids, device=model.device)
+def batch_tensors(model, examples):
+    """-> the base model's features f [B, T, D] (float32) and e(x_{j+1}) [B, T, D] of the examples, right-padded to the
+    longest (causal attention: a padding token changes no feature before it; rows past an answer's end, and its last
+    row, token 0's embedding, are read by no guess)."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.zeros(len(examples), T + 1, dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+    ids = ids.to(model.device)
     with torch.no_grad():
-        features = model.forward_hidden(ids[None])[0].float()
-        embeds = model.tok_embeddings(torch.cat([ids[1:], ids.new_zeros(1)])).float()
+        features = model.forward_hidden(ids[:, :T]).float()
+        embeds = model.tok_embeddings(ids[:, 1:]).float()
     return features, embeds
+
+
+def example_tensors(model, example):
+    """`batch_tensors` of one example -> f [T, D], e(x_{j+1}) [T, D]."""
+    features, embeds = batch_tensors(model, [example])
+    return features[0], embeds[0]
 
 
 def targets_at_depth(example, depth: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,15 +182,18 @@ def targets_at_depth(example, depth: int, device) -> tuple[torch.Tensor, torch.T
     return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(targets, dtype=torch.long, device=device)
 
 
-def draft_loss(draft: FeatureDraft, model, example, ce_weight: float) -> tuple[torch.Tensor, int]:
-    """EAGLE's loss of one answer, summed over its answer tokens: smooth-L1 of the predicted f_{j+1} against the base
-    model's, plus ce_weight x cross-entropy of its guess against x_{j+2} -> (the sum, the tokens counted)."""
-    rows, targets = targets_at_depth(example, 1, model.device)
+def draft_loss(draft: FeatureDraft, model, examples, ce_weight: float) -> tuple[torch.Tensor, int]:
+    """EAGLE's loss of a batch of answers, summed over their answer tokens: smooth-L1 of the predicted f_{j+1} against
+    the base model's, plus ce_weight x cross-entropy of its guess against x_{j+2} -> (the sum, the tokens counted)."""
+    picked = [(b, *targets_at_depth(e, 1, "cpu")) for b, e in enumerate(examples)]
+    rows = torch.cat([rows for _, rows, _ in picked]).to(model.device)  # [N] positions j
     if not len(rows):
         return torch.zeros((), device=model.device), 0
-    features, embeds = example_tensors(model, example)
-    predicted = draft(embeds, features)[rows]  # f_{j+1} predicted at j
-    feature_loss = F.smooth_l1_loss(predicted, features[rows + 1], reduction="none").mean(-1).sum()
+    answer = torch.cat([torch.full((len(r),), b) for b, r, _ in picked]).to(model.device)  # [N] each row's answer
+    targets = torch.cat([targets for _, _, targets in picked]).to(model.device)  # [N]
+    features, embeds = batch_tensors(model, examples)  # [B, T, D]
+    predicted = draft(embeds, features)[answer, rows]  # [N, D] f_{j+1} predicted at j
+    feature_loss = F.smooth_l1_loss(predicted, features[answer, rows + 1], reduction="none").mean(-1).sum()
     token_loss = F.cross_entropy(F.linear(predicted, model.lm_head.weight.float()), targets, reduction="sum")
     return feature_loss + ce_weight * token_loss, len(rows)
 
@@ -188,21 +208,17 @@ def train_draft(draft: FeatureDraft, model, examples, args) -> list[float]:
     for epoch in range(args.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         for start in range(0, len(order), args.batch):
-            batch = [examples[i] for i in order[start:start + args.batch]]
-            tokens = sum(len(targets_at_depth(e, 1, "cpu")[0]) for e in batch)
+            loss, tokens = draft_loss(draft, model, [examples[i] for i in order[start:start + args.batch]],
+                                      args.ce_weight)
             if not tokens:
                 continue
             optimizer.zero_grad()
-            total = torch.zeros((), device=model.device)
-            for example in batch:
-                loss, _ = draft_loss(draft, model, example, args.ce_weight)
-                (loss / tokens).backward()
-                total += loss.detach() / tokens
+            (loss / tokens).backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), GRAD_CLIP)
             optimizer.step()
-            losses.append(total)
+            losses.append(loss.detach() / tokens)
             if len(losses) % args.log_every == 0:
-                say(f"[probe] step {len(losses)}/{steps} (epoch {epoch + 1}): loss {total.item():.4f}, "
+                say(f"[probe] step {len(losses)}/{steps} (epoch {epoch + 1}): loss {losses[-1].item():.4f}, "
                     f"{time.perf_counter() - started:.0f} s")
     return [float(loss) for loss in losses]
 
@@ -291,8 +307,8 @@ class TreeSimulator:
             token = torch.tensor([node.token], device=self.out0.device)
             x = self.draft.inputs(self.embedding(token).float(), node.parent.call.feature[None])  # [1, D]
             q, k, v = self.draft.qkv(x, self.cos[p:p + 1], self.sin[p:p + 1])
-            keys = torch.cat([self.k0[:, : t + 1], *(a.call.kv[0] for a in ancestors), k], dim=1)
-            values = torch.cat([self.v0[:, : t + 1], *(a.call.kv[1] for a in ancestors), v], dim=1)
+            keys = torch.cat([self.k0[:, : t + 1], *(a.call.kv[0] for a in ancestors), k], dim=-2)
+            values = torch.cat([self.v0[:, : t + 1], *(a.call.kv[1] for a in ancestors), v], dim=-2)
             self.calls[key] = self.call(self.draft.finish_layer(x, q, keys, values, None)[0])._replace(kv=(k, v))
         node.call = self.calls[key]
 
@@ -408,6 +424,7 @@ def run(args) -> dict:
         raise NanoMedusaError(f"--sim-paths {','.join(map(str, args.sim_paths))}: each must be 1 to {capacity} "
                               f"(--topk {args.topk} ranks, --depth {args.depth} deep).")
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True  # a probe's accuracies need no more; float32 products take 3x longer
     ckpt = resolve_checkpoint(args.model)
     model, _ = load_model(ckpt, args.device, torch.float32)
     model.requires_grad_(False)

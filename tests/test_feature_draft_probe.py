@@ -115,12 +115,26 @@ def test_the_loss_is_zero_for_a_draft_that_predicts_the_next_feature(tmp_path):
 
     class Oracle(torch.nn.Module):
         def forward(self, embeds, feats):
-            return torch.cat([feats[1:], feats[-1:]])  # row j: f_{j+1}
+            return torch.cat([feats[:, 1:], feats[:, -1:]], dim=1)  # row j: f_{j+1}
 
-    loss, tokens = probe.draft_loss(Oracle(), model, example, ce_weight=1.0)
+    loss, tokens = probe.draft_loss(Oracle(), model, [example], ce_weight=1.0)
     rows = torch.tensor([1, 2, 3, 4])  # j with x_{j+2} an answer token
     want = F.cross_entropy(F.linear(features[rows + 1], model.lm_head.weight), torch.tensor(ids[3:]), reduction="sum")
     assert tokens == 4 and torch.allclose(loss, want, atol=1e-5)
+
+
+def test_a_batchs_loss_is_the_sum_of_its_answers_losses(tmp_path):
+    # Answers of unequal length share one padded forward (base model and draft): the padding changes nothing.
+    from nanomedusa.training.data import IGNORE, Example
+
+    model, draft, long_answer = random_draft_and_answer(tmp_path, T=14)
+    short_answer = Example([7, 5, 12, 9, 3, 8], [IGNORE, IGNORE, IGNORE, 9, 3, 8])
+    with torch.no_grad():
+        batch_loss, batch_tokens = probe.draft_loss(draft, model, [short_answer, long_answer], ce_weight=0.5)
+        alone = [probe.draft_loss(draft, model, [e], ce_weight=0.5) for e in (short_answer, long_answer)]
+    assert batch_tokens == sum(n for _, n in alone) == 3 + 12
+    assert torch.allclose(batch_loss, sum(loss for loss, _ in alone), rtol=1e-5)
+    assert float(alone[0][0]) > 0.0 and float(alone[1][0]) > 0.0
 
 
 @torch.no_grad()
