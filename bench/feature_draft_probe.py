@@ -111,7 +111,7 @@ class FeatureDraft(nn.Module):
         -> outputs [..., T, D]."""
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # [..., Hq, T, Dh]
-        h = x + self.wo(y.transpose(-3, -2).reshape(x.shape))
+        h = x + self.wo(y.transpose(-3, -2).reshape(*x.shape[:-1], -1))
         gate, up = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
         return h + self.w2(F.silu(gate) * up)
 
@@ -133,9 +133,9 @@ def frontier_mask(T: int, depth: int, device) -> torch.Tensor:
 
 
 def draft_guesses(draft: FeatureDraft, embeds, features, lm_head_weight, depth: int) -> list[torch.Tensor]:
-    """Every chain's guesses, depth by depth: logits [T, V] per depth m = 1 .. depth, row j holding the m-th guess
-    (of token j + 2) of the chain that started at t = j - m + 1 with the base model's features up to t; rows with
-    t < 0 are no chain (ignore them)."""
+    """Every chain's guesses of one answer (embeds, features [T, D]), depth by depth: logits [T, V] per depth
+    m = 1 .. depth, row j holding the m-th guess (of token j + 2) of the chain that started at t = j - m + 1 with the
+    base model's features up to t; rows with t < 0 are no chain (ignore them)."""
     T = embeds.shape[0]
     cos, sin = draft.rope(T)
     features_in, keys, values, logits = features, [], [], []
@@ -424,7 +424,6 @@ def run(args) -> dict:
         raise NanoMedusaError(f"--sim-paths {','.join(map(str, args.sim_paths))}: each must be 1 to {capacity} "
                               f"(--topk {args.topk} ranks, --depth {args.depth} deep).")
     torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True  # a probe's accuracies need no more; float32 products take 3x longer
     ckpt = resolve_checkpoint(args.model)
     model, _ = load_model(ckpt, args.device, torch.float32)
     model.requires_grad_(False)

@@ -123,18 +123,27 @@ def test_the_loss_is_zero_for_a_draft_that_predicts_the_next_feature(tmp_path):
     assert tokens == 4 and torch.allclose(loss, want, atol=1e-5)
 
 
-def test_a_batchs_loss_is_the_sum_of_its_answers_losses(tmp_path):
-    # Answers of unequal length share one padded forward (base model and draft): the padding changes nothing.
+def test_a_batch_is_its_answers_run_alone(tmp_path):
+    # Answers of unequal length share one right-padded forward (base model and draft): each answer's features,
+    # embeddings and predictions are those of a forward of it alone, and the batch's loss is the sum of its answers'
+    # (an answer with nothing to score first, so the others' rows sit after an offset).
     from nanomedusa.training.data import IGNORE, Example
 
     model, draft, long_answer = random_draft_and_answer(tmp_path, T=14)
-    short_answer = Example([7, 5, 12, 9, 3, 8], [IGNORE, IGNORE, IGNORE, 9, 3, 8])
+    batch = [Example([4, 6, 8], [IGNORE] * 3), long_answer, Example([7, 5, 12, 9, 3, 8], [IGNORE] * 3 + [9, 3, 8])]
     with torch.no_grad():
-        batch_loss, batch_tokens = probe.draft_loss(draft, model, [short_answer, long_answer], ce_weight=0.5)
-        alone = [probe.draft_loss(draft, model, [e], ce_weight=0.5) for e in (short_answer, long_answer)]
-    assert batch_tokens == sum(n for _, n in alone) == 3 + 12
-    assert torch.allclose(batch_loss, sum(loss for loss, _ in alone), rtol=1e-5)
-    assert float(alone[0][0]) > 0.0 and float(alone[1][0]) > 0.0
+        features, embeds = probe.batch_tensors(model, batch)
+        predicted = draft(embeds, features)
+        for b, example in enumerate(batch):
+            L, ids = len(example.input_ids), torch.tensor(example.input_ids)
+            assert torch.allclose(features[b, :L], model.forward_hidden(ids[None])[0], atol=1e-6)
+            assert torch.equal(embeds[b, : L - 1], model.tok_embeddings(ids[1:]))
+            alone_features, alone_embeds = probe.example_tensors(model, example)
+            assert torch.allclose(predicted[b, :L], draft(alone_embeds, alone_features), atol=1e-5)
+        batch_loss, batch_tokens = probe.draft_loss(draft, model, batch, ce_weight=0.5)
+        alone = [probe.draft_loss(draft, model, [e], ce_weight=0.5) for e in batch]
+    assert [n for _, n in alone] == [0, 12, 3] and batch_tokens == 15
+    assert torch.allclose(batch_loss, sum(loss for loss, _ in alone), rtol=1e-6)
 
 
 @torch.no_grad()
