@@ -21,6 +21,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
     python -m bench.ab_decode          the same A/B end to end: bench.decode from each version's code, alternated
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
+    python -m bench.dynamic_trees_offline  the same comparison's accepted lengths exactly, by a greedy simulator
+                                       on a CPU, and other node-scoring rules (no timing)
     python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's
                                        path) against the shipped ones: held-out accuracy, offline (CPU)
     python -m bench.feature_draft_probe  an EAGLE-style draft (one decoder layer over the base model's features)

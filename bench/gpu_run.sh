@@ -22,8 +22,8 @@
 # with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N prompts of
 # each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
-# JOINT_STEPS (default 500), BENCH_FLAGS (more flags for the bench and the tree-size sweep), and for the exact
-# stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
+# JOINT_STEPS (default 500), BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench),
+# TRIM (--trim: drop the heads deeper than the tuned tree), and for the exact stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
 # and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES
 # and PATH_DEPTH (their tree: 31 paths, 3 heads deep)
 # and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees),
