@@ -73,3 +73,14 @@ def test_cli_runs_both_checkpoints_and_names_the_adapter(default_checkpoint):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "[medusa]" in proc.stderr and proc.stdout.strip()
         assert ("LoRA adapter" in proc.stderr) == (heads_dir == MEDUSA2)
+
+
+def test_every_shipped_checkpoint_is_in_the_wheel():
+    # pyproject's package-data names each shipped heads folder: one left out is missing from a non-editable install.
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        packaged = tomllib.load(f)["tool"]["setuptools"]["package-data"]["weights"]
+    shipped = sorted(p.parent.name for p in (REPO / "weights").glob("*/config.json"))
+    assert "smollm2-135m-instruct-medusa-path" in shipped
+    assert sorted(p.removesuffix("/*") for p in packaged) == shipped
