@@ -24,7 +24,7 @@ each, the draft's also cut to the heads' depth.
 Then #15's question itself, for this draft: the first `--sim-answers` held-out answers are decoded greedily as the
 engine would, once with the draft's static tree (tree.py's rule over its rank accuracies on training answers) and
 once with EAGLE-2's dynamic tree (the `--beam` likeliest nodes of each depth grow `--branch` children each; the
-likeliest paths of all are kept), each drafted node by node as a decoder would (`TreeSimulator`) and accepted against
+likeliest paths of all are kept), each drafted depth by depth as a decoder would (`TreeSimulator`) and accepted against
 the answer (the base model's own greedy text): tokens a step, static against dynamic, at each of `--sim-paths` sizes.
 
 Depth m without running m passes per position: at depth m, position j's query belongs to the chain that started at
@@ -267,15 +267,15 @@ class DraftCall(NamedTuple):
 
 
 class TreeSimulator:
-    """Draft trees grown in one answer, node by node, as a decoder would draft them: at chain start t the root's call
-    is the teacher-forced one at t (the base model's features up to t); a node at depth d calls the draft at position
-    t + d on [e(its token); its parent's predicted feature], seeing positions 0 .. t and its ancestors' calls. Calls
-    are kept by (t, the path's tokens), so trees of one start share them."""
+    """Draft trees grown in one answer as a decoder would draft them, one draft call a depth: at chain start t the
+    root's call is the teacher-forced one at t (the base model's features up to t); a node at depth d calls the draft
+    at position t + d on [e(its token); its parent's predicted feature], seeing positions 0 .. t and its ancestors'
+    calls. Calls are kept by (t, the path's tokens), so trees of one start share them."""
 
     def __init__(self, draft: FeatureDraft, model, example, max_depth: int, ranks: int):
         self.draft, self.example, self.ranks = draft, example, ranks
         self.lm_head, self.embedding = model.lm_head.weight.float(), model.tok_embeddings
-        self.calls: dict[tuple, DraftCall] = {}
+        self.calls_run: dict[tuple, DraftCall] = {}  # (t, the path's tokens) -> its call
         features, embeds = example_tensors(model, example)
         T = features.shape[0]
         self.cos, self.sin = draft.rope(T + max_depth)
@@ -283,34 +283,58 @@ class TreeSimulator:
         q, self.k0, self.v0 = draft.qkv(x, self.cos[:T], self.sin[:T])
         self.out0 = draft.finish_layer(x, q, self.k0, self.v0, frontier_mask(T, 1, x.device))  # [T, D]
 
-    def call(self, out) -> DraftCall:
-        logprobs = F.log_softmax(F.linear(out, self.lm_head), dim=-1)
-        values, indices = logprobs.topk(self.ranks)
-        return DraftCall(out, list(zip(indices.tolist(), values.tolist())), None)  # (one read to the host)
+    def calls(self, out) -> list[DraftCall]:
+        """Predicted features out [n, D] -> each one's call (its likeliest children in one read to the host)."""
+        values, indices = F.log_softmax(F.linear(out, self.lm_head), dim=-1).topk(self.ranks)  # [n, ranks]
+        ranked = torch.stack([indices.double(), values.double()], dim=-1).tolist()  # (token ids are exact in float64)
+        return [DraftCall(out[i], [(int(tok), logprob) for tok, logprob in row], None) for i, row in enumerate(ranked)]
 
     def root(self, t: int) -> DraftNode:
         node = DraftNode(self.example.input_ids[t + 1], 0.0, None)
         key = (t,)
-        if key not in self.calls:
-            self.calls[key] = self.call(self.out0[t])
-        node.call = self.calls[key]
+        if key not in self.calls_run:
+            self.calls_run[key] = self.calls(self.out0[t:t + 1])[0]
+        node.call = self.calls_run[key]
         return node
 
-    def expand(self, node: DraftNode, t: int) -> None:
-        """Run the node's draft call, unless it (or the same path's, in another tree of this start) has run."""
-        if node.call is not None:
+    def expand(self, nodes: list[DraftNode], t: int) -> None:
+        """Run the draft calls of nodes of one depth below the root in one batch, as a decoder drafts a depth: node
+        i's query, at position t + depth, sees positions 0 .. t, its ancestors' keys and its own (a tree mask over the
+        prefix and one block of `depth` keys a node). Nodes already expanded, or whose path another tree of this
+        start has run, take the kept call."""
+        todo: dict[tuple, list[DraftNode]] = {}
+        for node in nodes:
+            if node.call is None:
+                key = (t, *(a.token for a in node.ancestors()), node.token)
+                if key in self.calls_run:
+                    node.call = self.calls_run[key]
+                else:
+                    todo.setdefault(key, []).append(node)
+        if not todo:
             return
-        ancestors = node.ancestors()
-        key = (t, *(a.token for a in ancestors), node.token)
-        if key not in self.calls:
-            p = t + node.depth  # its position
-            token = torch.tensor([node.token], device=self.out0.device)
-            x = self.draft.inputs(self.embedding(token).float(), node.parent.call.feature[None])  # [1, D]
-            q, k, v = self.draft.qkv(x, self.cos[p:p + 1], self.sin[p:p + 1])
-            keys = torch.cat([self.k0[:, : t + 1], *(a.call.kv[0] for a in ancestors), k], dim=-2)
-            values = torch.cat([self.v0[:, : t + 1], *(a.call.kv[1] for a in ancestors), v], dim=-2)
-            self.calls[key] = self.call(self.draft.finish_layer(x, q, keys, values, None)[0])._replace(kv=(k, v))
-        node.call = self.calls[key]
+        first = [same[0] for same in todo.values()]  # one node per path
+        n, depth = len(first), first[0].depth
+        p = t + depth  # their position
+        tokens = torch.tensor([node.token for node in first], device=self.out0.device)
+        parents = torch.stack([node.parent.call.feature for node in first])  # [n, D]
+        x = self.draft.inputs(self.embedding(tokens).float(), parents)  # [n, D]
+        q, k, v = self.draft.qkv(x, self.cos[p].expand(n, -1), self.sin[p].expand(n, -1))  # [H, n, Dh]
+
+        def blocks(prefix, own, which):  # the prefix's keys (which 0) or values (1), then each node's ancestors' and
+            # its own -> [Hkv, t + 1 + n * depth, Dh]
+            return torch.cat([prefix[:, : t + 1], *(torch.cat([*(a.call.kv[which] for a in node.ancestors()),
+                                                                own[:, i:i + 1]], dim=-2)
+                                                     for i, node in enumerate(first))], dim=-2)
+
+        seen = torch.zeros(n, t + 1 + n * depth, dtype=torch.bool, device=x.device)  # [n, S]
+        seen[:, : t + 1] = True
+        for i in range(n):
+            seen[i, t + 1 + i * depth: t + 1 + (i + 1) * depth] = True
+        out = self.draft.finish_layer(x, q, blocks(self.k0, k, 0), blocks(self.v0, v, 1), seen)  # [n, D]
+        for i, (key, call) in enumerate(zip(todo, self.calls(out))):
+            self.calls_run[key] = call._replace(kv=(k[:, i:i + 1], v[:, i:i + 1]))
+            for node in todo[key]:
+                node.call = self.calls_run[key]
 
     def child(self, node: DraftNode, rank: int) -> DraftNode:
         """The node's rank-th likeliest child (the node expanded first)."""
@@ -320,24 +344,23 @@ class TreeSimulator:
         return node.children[token]
 
     def static_tree(self, t: int, paths: list[list[int]]) -> DraftNode:
-        """The tree of rank paths (tree.py's choices: path [1, 0] = the second guess, then its first)."""
-        root = self.root(t)
-        for path in paths:
-            node = root
-            for rank in path:
-                self.expand(node, t)
-                node = self.child(node, rank)
-        return root
+        """The tree of rank paths (tree.py's choices: path [1, 0] = the second guess, then its first), drafted depth
+        by depth."""
+        reached = {(): self.root(t)}  # rank path -> its node
+        for d in range(max(map(len, paths), default=0)):
+            longer = [tuple(path) for path in paths if len(path) > d]
+            self.expand(list({id(reached[path[:d]]): reached[path[:d]] for path in longer}.values()), t)
+            for path in longer:
+                reached[path[: d + 1]] = self.child(reached[path[:d]], path[d])
+        return reached[()]
 
     def grow(self, root: DraftNode, t: int, depth: int, beam: int, branch: int) -> list[DraftNode]:
         """EAGLE-2's expansion: depth by depth, the `beam` likeliest nodes of the last depth (summed
         log-probabilities; the root at first) each get their `branch` likeliest children -> every node grown."""
         frontier, grown = [root], []
         for _ in range(depth):
-            children = []
-            for node in frontier:
-                self.expand(node, t)
-                children += [self.child(node, rank) for rank in range(branch)]
+            self.expand(frontier, t)
+            children = [self.child(node, rank) for node in frontier for rank in range(branch)]
             grown += children
             frontier = sorted(children, key=lambda n: -n.score)[:beam]
         return grown
