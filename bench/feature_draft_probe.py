@@ -314,6 +314,7 @@ class TreeSimulator:
             return
         first = [same[0] for same in todo.values()]  # one node per path
         n, depth = len(first), first[0].depth
+        assert all(node.depth == depth for node in first), "expand takes the nodes of one depth"
         p = t + depth  # their position
         tokens = torch.tensor([node.token for node in first], device=self.out0.device)
         parents = torch.stack([node.parent.call.feature for node in first])  # [n, D]
@@ -326,10 +327,9 @@ class TreeSimulator:
                                                                 own[:, i:i + 1]], dim=-2)
                                                      for i, node in enumerate(first))], dim=-2)
 
-        seen = torch.zeros(n, t + 1 + n * depth, dtype=torch.bool, device=x.device)  # [n, S]
-        seen[:, : t + 1] = True
-        for i in range(n):
-            seen[i, t + 1 + i * depth: t + 1 + (i + 1) * depth] = True
+        key_index = torch.arange(t + 1 + n * depth, device=x.device)  # [S]: the prefix, then node i's block
+        block = (key_index - (t + 1)).div(depth, rounding_mode="floor")  # [S] the block a key is in (< 0: prefix)
+        seen = (block < 0) | (block == torch.arange(n, device=x.device)[:, None])  # [n, S]
         out = self.draft.finish_layer(x, q, blocks(self.k0, k, 0), blocks(self.v0, v, 1), seen)  # [n, D]
         for i, (key, call) in enumerate(zip(todo, self.calls(out))):
             self.calls_run[key] = call._replace(kv=(k[:, i:i + 1], v[:, i:i + 1]))
