@@ -204,6 +204,8 @@ def check_args(args) -> None:
     if args.interactive and (args.raw or args.compare):
         flag = "--raw" if args.raw else "--compare"
         raise NanoMedusaError(f"--interactive chats through the chat template with one decoder; drop {flag}.")
+    if args.context is not None and not args.interactive:  # (a one-shot run sizes its cache to what it needs)
+        raise NanoMedusaError("--context sets how much of a chat is kept; pass it with --interactive, or drop it.")
     check_at_least(1, {"--context": args.context})
     check_text("--prompt", args.prompt)
     check_text("--system", args.system)

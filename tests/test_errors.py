@@ -193,6 +193,8 @@ MORE_ERRORS = {
                               "--posterior-threshold must be above 0, not 0.0; pass a positive number."),
     "tree that is not JSON": ("generate", GENERATE[1:] + ["--tree", "[[0]"],
                               "Tree '[[0]' is not valid JSON (Expecting ',' delimiter at char 4); pass a preset name"),
+    "--context without a chat": ("generate", GENERATE[1:] + ["--context", "512"],
+                                 "--context sets how much of a chat is kept; pass it with --interactive, or drop it."),
     "--medusa is not a directory": ("generate", GENERATE[1:] + ["--medusa", "{root}/answers.jsonl"],
                                     "--medusa {root}/answers.jsonl is not a directory; check the path."),
     "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
