@@ -251,14 +251,16 @@ def test_typical_and_lossless_sampling_run_on_path_trees(model):
         assert len(outs[0]) == 25 and outs[0] == outs[1], accept
 
 
-def _graphed_path_tree_runs(device, tmp_path, tree_name):
-    """The body of the GPU test below: greedy output equal to plain greedy decoding's, and seeded sampling the same
-    replayed as eager, with path-reading heads whose start (root and first proposal) and steps are CUDA graphs."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")
+@pytest.mark.parametrize("tree_name", ["small", "mc_sim_7b_63", "dynamic-9"])
+def test_graphed_path_tree_runs_on_gpu(tmp_path, tree_name):
+    """Greedy output equal to plain greedy decoding's, and seeded sampling the same replayed as eager, with
+    path-reading heads whose start (root and first proposal) and steps are CUDA graphs."""
     from nanomedusa.sampling import Sampling
 
     make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=2, vocab_size=61)
-    model = load_model(tmp_path, device=device, dtype="float32")[0]
-    heads = path_heads(load_model(tmp_path, device="cpu", dtype="float32")[0], 2).to(device)
+    model = load_model(tmp_path, device="cuda", dtype="float32")[0]
+    heads = path_heads(load_model(tmp_path, device="cpu", dtype="float32")[0], 2).to("cuda")
     tree, prompt = make_tree(tree_name), [5, 17, 42, 8, 9]
     graphed, eager = Decoder(model), Decoder(model, cuda_graphs=False)
     expected = generate(eager, prompt, max_new_tokens=40).tokens
@@ -267,13 +269,7 @@ def _graphed_path_tree_runs(device, tmp_path, tree_name):
     sampling = Sampling(temperature=0.8, top_p=0.95)
 
     def sampled(decoder):
-        gen = torch.Generator(device).manual_seed(7)
+        gen = torch.Generator("cuda").manual_seed(7)
         return generate_medusa(decoder, heads, tree, prompt, 40, sampling, accept="sample", generator=gen).tokens
 
     assert sampled(graphed) == sampled(graphed) == sampled(eager)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")
-@pytest.mark.parametrize("tree_name", ["small", "mc_sim_7b_63", "dynamic-9"])
-def test_graphed_path_tree_runs_on_gpu(tmp_path, tree_name):
-    _graphed_path_tree_runs("cuda", tmp_path, tree_name)
