@@ -1,6 +1,8 @@
 """Plain decoding: batched generation equals one-by-one, padded and graphed prefills change nothing,
 sampling settings behave."""
 
+import copy
+
 import pytest
 import torch
 
@@ -25,6 +27,8 @@ def test_batch_of_unequal_prompts_equals_one_by_one(model, exact):
     if exact:  # the row-invariant Triton kernels (the interpreter on a CPU), RMSNorms folded into the linear layers
         kernels.set_backend("triton")
         kernels.set_row_invariant(True)  # (tests/conftest.py restores both)
+        if torch.cuda.is_available():  # compiled kernels need CUDA tensors: a copy of the module's model there
+            model = copy.deepcopy(model).cuda()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (3, 11, 1, 7)]
     singles = [generate(Decoder(model), p, max_new_tokens=16).tokens for p in prompts]

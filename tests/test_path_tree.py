@@ -8,6 +8,7 @@ round-trip and trim; and training: on answers where a token tells the next-but-o
 what plain heads cannot.
 """
 
+import copy
 import dataclasses
 import json
 import random
@@ -141,8 +142,11 @@ def test_greedy_medusa_with_path_heads_equals_greedy(model, tree_name, seed):
 
 @pytest.mark.parametrize("tree_name", ["small", "dynamic-5"])
 def test_triton_kernels_give_the_same_path_tree_output(model, tree_name):
-    # The fused heads kernel runs once per depth on that depth's parents (the interpreter on a CPU).
+    # The fused heads kernel runs once per depth on that depth's parents (the interpreter on a CPU; compiled on a
+    # GPU, which needs CUDA tensors: a copy of the module's model there).
     prompt, heads = [5, 17, 42, 8, 9], path_heads(model, 3)
+    if torch.cuda.is_available():
+        model, heads = copy.deepcopy(model).cuda(), heads.cuda()
     try:
         kernels.set_backend("torch")
         expected = generate_medusa(Decoder(model), heads, make_tree(tree_name), prompt, max_new_tokens=12)
