@@ -139,7 +139,10 @@ def test_a_batch_is_its_answers_run_alone(tmp_path):
             assert torch.allclose(features[b, :L], model.forward_hidden(ids[None])[0], atol=1e-6)
             assert torch.equal(embeds[b, : L - 1], model.tok_embeddings(ids[1:]))
             alone_features, alone_embeds = probe.example_tensors(model, example)
-            assert torch.allclose(predicted[b, :L], draft(alone_embeds, alone_features), atol=1e-5)
+            # Rounding, not a bug, parts them: a few float32 ulps of the largest logit (45-57 here) where the batched
+            # and the lone products take different BLAS kernels; a wrong row or offset would differ by whole units.
+            alone = draft(alone_embeds, alone_features)
+            assert torch.allclose(predicted[b, :L], alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
         batch_loss, batch_tokens = probe.draft_loss(draft, model, batch, ce_weight=0.5)
         alone = [probe.draft_loss(draft, model, [e], ce_weight=0.5) for e in batch]
     assert [n for _, n in alone] == [0, 12, 3] and batch_tokens == 15
