@@ -81,11 +81,12 @@ def export(revision: str, out_dir: Path) -> Path:
     return target
 
 
-def measure(version: Path, job: dict, timeout: float) -> dict | None:
-    """One process in `version`'s folder: {"decode_ms", "tree_ms"}, or None (its error's last lines are said)."""
+def measure(version: Path, job: dict, timeout: float, worker: str = _WORKER):
+    """One process of `worker` in `version`'s folder: the JSON its last line prints ({"decode_ms", "tree_ms"} for
+    this module's), or None (its error's last lines are said)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(version), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
-        done = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], cwd=version, env=env,
+        done = subprocess.run([sys.executable, "-c", worker, json.dumps(job)], cwd=version, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         say(f"[ab] {version.name}: no result within {timeout:.0f} s")

@@ -64,19 +64,23 @@ def _tree_attention_cases():
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
                    dict(common, **dots, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
-            row_invariant = dict(common, CHUNK=ta.chunk_tiles(True, n_kv_heads=8) * 64, TAIL_GRAIN=ta.TAIL_GRAIN,
-                                 BLOCK_T=64)
             block_m, block_n, _, warps = ta._tile_config(64, 128, torch.bfloat16, True, row_invariant=True)
-            yield (f"tree attention, row-invariant bodies, {label}", ta._ri_bodies_kernel, pointers,
-                   dict(row_invariant, **dots, BLOCK_M=block_m, BLOCK_N=block_n),
-                   dict(num_warps=warps, enable_fp_fusion=False))
-            # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel), and of
-            # a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
-            for group, before_wait in ((1, True), (4, False)):
-                yield (f"tree attention, row-invariant tails, group {group}, {label}", ta._ri_tails_kernel, pointers,
-                       dict(row_invariant, GROUP=group, TAIL_M=group, MERGE_CHUNKS=ta.MERGE_CHUNKS,
-                            TAIL_BEFORE_WAIT=before_wait),
-                       dict(num_warps=ta._tail_warps(group, 128), enable_fp_fusion=False, l2_reads_first=before_wait))
+            # chunks whose length follows the body's (8 KV heads or more), and fixed chunks (fewer)
+            for chunks in (ta.body_chunks(True, n_kv_heads=8), ta.body_chunks(True, n_kv_heads=2)):
+                row_invariant = dict(common, BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
+                                     BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+                where = f"{label}, {chunks}"
+                yield (f"tree attention, row-invariant bodies, {where}", ta._ri_bodies_kernel, pointers,
+                       dict(row_invariant, **dots, BLOCK_M=block_m),
+                       dict(num_warps=warps, enable_fp_fusion=False, l2_reads_first=True))
+                # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel),
+                # and of a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
+                for group, before_wait in ((1, True), (4, False)):
+                    yield (f"tree attention, row-invariant tails, group {group}, {where}", ta._ri_tails_kernel,
+                           pointers, dict(row_invariant, GROUP=group, TAIL_M=group, MERGE_CHUNKS=ta.MERGE_CHUNKS,
+                                          TAIL_BEFORE_WAIT=before_wait),
+                           dict(num_warps=ta._tail_warps(group, 128), enable_fp_fusion=False,
+                                l2_reads_first=before_wait))
     yield ("tree attention, chunk merge", ta._combine_chunks_kernel, pointers,
            dict(GROUP=4, BLOCK_M=64, BLOCK_D=128, PDL=True), dict(num_warps=8))
 

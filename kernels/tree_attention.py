@@ -42,19 +42,22 @@ Take prefix_len P = 1000 and the tree of nanomedusa/tree.py's example, node 4 = 
 So the mode computes each row from its *logical* keys alone, the prefix, then its ancestors in depth order,
 itself last (logical positions 0 .. p, p = P + depth), in a decomposition that depends on p only:
   * body: the keys below B_p = max(p // TAIL_GRAIN - 1, 0) * TAIL_GRAIN (TAIL_GRAIN = 8), cut into chunks at
-    absolute positions (c * CHUNK .. (c + 1) * CHUNK, CHUNK = chunk_tiles() * BLOCK_N, the chunk holding B_p
-    cut there), each one online-softmax pass over BLOCK_N-key tiles starting at multiples of BLOCK_N -> one
-    partial per chunk;
+    absolute positions c * L .. (c + 1) * L (the chunk holding B_p cut there), L a function of B_p alone
+    (`_ri_chunk_keys`): whole tiles, B_p's tiles shared over the `count` chunks the model's shape asks for (about
+    a wave of programs on a GPU), at most `max_tiles` tiles each, so a long body takes more chunks (`body_chunks`;
+    count 0: always max_tiles tiles); each chunk one online-softmax pass over BLOCK_N-key tiles starting at
+    multiples of BLOCK_N -> one partial per chunk;
   * tail: the keys B_p to p (9 to 16 of them; fewer while p < 8), one tile of 2 * TAIL_GRAIN keys, key
     B_p + j in column j -> one more partial;
   * merge: the body chunks, MERGE_CHUNKS at a time (each group one sum over a tile of fixed shape), then the tail.
-So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and CHUNK = 512 (a
-model of 8 or more KV heads), node 4 above (p = 1002) has the body chunks 0..512 and 512..992 and the tail
-992..1002, whose logical keys 1000, 1001, 1002 the tree step gathers from slots 1000, 1001, 1004: the plain
-decode of its token computes the very same three partials. For a node at depth < TAIL_GRAIN,
-B_p <= p - TAIL_GRAIN < P: every body is cached prefix, the same slots for every row, and only a tail can hold
+So a decode at p and a tree node at p group the same terms alike. With a GPU's BLOCK_N = 64 and 4 chunks of at
+most 8 tiles (a model of 32 KV heads), node 4 above (p = 1002, B_p = 992: 16 tiles, L = 256) has the body chunks
+0..256, 256..512, 512..768 and 768..992 and the tail 992..1002, whose logical keys 1000, 1001, 1002 the tree step
+gathers from slots 1000, 1001, 1004: the plain decode of its token computes the very same partials. For a node at
+depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body is cached prefix, the same slots for every row, and only a tail can hold
 tree slots. Two kernels (programs per batch row and KV head):
-  1. `_ri_bodies_kernel`, one program per (query-row block, chunk): the chunk for every row of the block, each
+  1. `_ri_bodies_kernel`, one program per (query-row block, chunk, chunk length): the chunk for every row of
+     the block whose chunks have that length (one length for all but where the rows straddle a change), each
      row up to its own B_p. A key past a row's B_p is masked for that row, and a tile it sees nothing of leaves
      its running max, sum and output exactly as they were (alpha = exp2(0) = 1, or 0 while nothing was seen,
      and every p = exp2(-inf) = 0). Each writes its rows' partials.
@@ -87,15 +90,18 @@ MAX_ROW_INVARIANT_TREE nodes. Rounding alike on every path:
 The cost over the default mode: one small tile per token and KV head for the tails (the tree's nodes share
 the bodies, and a tail is one tile of at most 16 keys), fixed 64-row body tiles for small T, and a second kernel
 on every call (the default mode needs one only when it splits the keys); bench/tree_attention.py times it. Its
-partials take batch * Hkv * cdiv(B_max, CHUNK) * T * group * D floats, B_max the body of the last key
-(prefix_len + T, or S for a device prefix_len): quadratic in T for a long causal call (a 4096-token prefill of a
-7B GQA layer: about half a GB, transient), where the default mode, with its single split, needs none.
+partials take batch * Hkv * n_body * T * group * D floats, n_body = max(count, cdiv(B_max's tiles, max_tiles)) but
+at most B_max's tiles, B_max the body of the last key (prefix_len + T, or S for a device prefix_len): a 64-node
+tree of a 7B with a 4,096-slot cache and a device prefix_len, 8 MB a layer; quadratic in T for a long causal call
+(a 4096-token prefill of a 7B GQA layer: about half a GB, transient), where the default mode, with its single
+split, needs none.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -404,13 +410,26 @@ def _ri_tail_start(end, TAIL_GRAIN: tl.constexpr):
 
 
 @triton.jit
-def _ri_row_ends(prefix, kv_len, t, load_ok, tree_mask_ptr, T, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+def _ri_chunk_keys(body_end, BLOCK_N: tl.constexpr, BODY_CHUNKS: tl.constexpr, CHUNK_TILES: tl.constexpr):
+    """The length of a row's body chunks, from the end of its body B_p alone: its BLOCK_N-key tiles shared out over
+    BODY_CHUNKS chunks (whole tiles each, at least one), at most CHUNK_TILES tiles. So a body up to BODY_CHUNKS *
+    CHUNK_TILES tiles long is cut into about BODY_CHUNKS programs, a longer one into chunks of CHUNK_TILES tiles, and a
+    decode at p and a tree node at p cut theirs alike. BODY_CHUNKS = 0: always CHUNK_TILES tiles (fixed chunks, one
+    length for every row)."""
+    if BODY_CHUNKS == 0:
+        return body_end * 0 + CHUNK_TILES * BLOCK_N
+    return tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(body_end, BLOCK_N), BODY_CHUNKS), 1), CHUNK_TILES) * BLOCK_N
+
+
+@triton.jit
+def _ri_row_ends(prefix, kv_len, t, load_ok, tree_mask_ptr, T, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+                 CACHE: tl.constexpr):
     """Query rows of tokens t [BLOCK_M] -> end [BLOCK_M]: a row's logical keys are 0 .. end (its prefix, its
-    ancestors in depth order, itself last). (Mask rows are read where load_ok.)"""
+    ancestors in depth order, itself last). (Mask rows are read where load_ok, with cache modifier CACHE.)"""
     if HAS_MASK:
         jj = tl.arange(0, BLOCK_T)
         mask_rows = tl.load(tree_mask_ptr + t[:, None] * T + jj[None, :], mask=load_ok[:, None] & (jj < T)[None, :],
-                            other=0)
+                            other=0, cache_modifier=CACHE)
         count = tl.sum(mask_rows.to(tl.int32), 1)  # depth + 1
     else:  # causal: token t sees tree slots 0 .. t
         count = t + 1
@@ -485,35 +504,85 @@ def _ri_bodies_kernel(
     T, S, D, n_kv_heads, n_body, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BODY_CHUNKS: tl.constexpr, CHUNK_TILES: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Program (pid, batch * kv head): body chunk c = pid // m_blocks (keys c * CHUNK .. (c + 1) * CHUNK, each
-    row's cut at its B_p) of query-row block pid % m_blocks, for every row of it that has one (bodies are cached
-    prefix, the same slots for every row) -> partials [B * Hkv, n_body, T * GROUP, (D)], slot c."""
-    wait_for_previous_kernels(PDL)
+    """Program (pid, batch * kv head): body chunk c = pid // m_blocks % n_body (keys c * L .. (c + 1) * L of a row, L
+    its `_ri_chunk_keys`, cut at its B_p) of query-row block pid % m_blocks, for the rows of it that have one and
+    whose L is the call's shortest plus pid // (m_blocks * n_body) tiles (bodies are cached prefix, the same slots
+    for every row) -> partials [B * Hkv, n_body, T * GROUP, (D)], slot c. The rows of a call have one L but where
+    they straddle a change of L; a row of a longer L then gets its chunk from a program of its own, not from a
+    union of ranges masked row by row in one loop (which cost a 7B's tree bodies 51 more registers and serialised
+    their wgmma: compiled for sm_90).
+
+    A tree step launches programs for lengths its rows may have, and most have none. Which rows a program serves
+    depends only on the prefix and the mask, which kernels before the previous one wrote (complete once that one
+    let this kernel launch, as for `_ri_tails_kernel`): read through the L2 before the wait, they let a program
+    with no rows end at once, before it waits, rather than hold an SM's place behind the busy ones (the default
+    model's shape at a prefix of 1,024 with 4 chunks: a 64-node tree step 0.897 ms with them waiting, 0.879 without).
+    One program always waits: a bodies kernel whose programs all ended early (a prefix below 16, say) would
+    otherwise end before the kernels it follows, and the tails, which read q, K and V before their own wait,
+    would race those kernels' writes. Fixed chunks (BODY_CHUNKS = 0) have one length, so no idle length programs:
+    their programs wait first and compute (nothing, for a chunk past the rows' bodies), which keeps the tree bodies
+    of a group of 4 at head_dim 128 at 168 registers where the early end takes 240 (sm_90, ptxas; 204 before the counts)."""
+    EARLY_END: tl.constexpr = BODY_CHUNKS > 0
+    CACHE: tl.constexpr = ".cg" if PDL and EARLY_END else ""
+    if not EARLY_END:
+        wait_for_previous_kernels(PDL)
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, prefix, kv_len, k_base, v_base = _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb,
-                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR, "")
+                                                      stride_kh, stride_vb, stride_vh, PREFIX_IS_PTR, CACHE)
     n_rows = T * GROUP
     m_blocks = tl.cdiv(n_rows, BLOCK_M)
     pid_m, c = pid % m_blocks, pid // m_blocks
+    length_step = 0
+    if EARLY_END:  # programs for n_lengths lengths: pid = (length_step * n_body + c) * m_blocks + pid_m
+        length_step = c // n_body
+        c = c % n_body
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
     row_ok = rows < n_rows
     t = tl.minimum(rows // GROUP, T - 1)  # padding rows (never stored) repeat the last token
-    tail_lo = _ri_tail_start(_ri_row_ends(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T), TAIL_GRAIN)
-    lo = c * CHUNK
-    row_hi = tl.minimum(tail_lo, lo + CHUNK)
-    store_ok = row_ok & (lo < tail_lo)  # the rows with a body chunk c (the merge reads no other)
-    hi = tl.max(tl.where(store_ok, row_hi, lo), 0)
+    tail_lo = _ri_tail_start(_ri_row_ends(prefix, kv_len, t, row_ok, tree_mask_ptr, T, HAS_MASK, BLOCK_T, CACHE),
+                             TAIL_GRAIN)
+    # This program's chunk length: the shortest a row of the call can have, from the prefix alone (a causal row
+    # sees at least one new key, a mask row maybe none), length_step tiles longer. Its rows: those whose chunks are
+    # that long and have a chunk c.
+    first_end = prefix if HAS_MASK else prefix + 1
+    length = _ri_chunk_keys(_ri_tail_start(tl.minimum(first_end, kv_len), TAIL_GRAIN), BLOCK_N, BODY_CHUNKS,
+                            CHUNK_TILES)
+    length += length_step * BLOCK_N
+    lo = c * length
+    mine = row_ok & (_ri_chunk_keys(tail_lo, BLOCK_N, BODY_CHUNKS, CHUNK_TILES) == length) & (lo < tail_lo)
+    if EARLY_END:
+        has_rows = tl.max(mine.to(tl.int32), 0) > 0
+        if has_rows | ((pid == 0) & (bh == 0)):
+            wait_for_previous_kernels(PDL)
+        if has_rows:
+            _ri_body_chunk(q_ptr, bh, rows, T, D, GROUP, mine, tail_lo, lo, length, b, d, d_ok, S, k_base, v_base,
+                           stride_ks, stride_vs, key_valid_ptr, qk_scale, part_acc_ptr, part_m_ptr, part_l_ptr, c,
+                           n_body, n_rows, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    else:
+        _ri_body_chunk(q_ptr, bh, rows, T, D, GROUP, mine, tail_lo, lo, length, b, d, d_ok, S, k_base, v_base,
+                       stride_ks, stride_vs, key_valid_ptr, qk_scale, part_acc_ptr, part_m_ptr, part_l_ptr, c, n_body,
+                       n_rows, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _ri_body_chunk(q_ptr, bh, rows, T, D, GROUP: tl.constexpr, mine, tail_lo, lo, length, b, d, d_ok, S, k_base,
+                   v_base, stride_ks, stride_vs, key_valid_ptr, qk_scale, part_acc_ptr, part_m_ptr, part_l_ptr, c,
+                   n_body, n_rows, HAS_KEY_VALID: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Body chunk c of the query rows `mine` (keys lo .. lo + length, each row's cut at its tail_lo) -> its
+    partials, slot c. A row not `mine` sees no key and is not stored."""
+    row_hi = tl.where(mine, tl.minimum(tail_lo, lo + length), 0)
     q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
-                mask=store_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i, l_i, acc = _ri_body(q, lo, hi, row_hi, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs, key_valid_ptr,
-                             qk_scale, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, c, n_body, n_rows, rows, d, D, store_ok, m_i, l_i, acc)
+                mask=mine[:, None] & d_ok[None, :], other=0.0)
+    m_i, l_i, acc = _ri_body(q, lo, tl.max(row_hi, 0), row_hi, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs,
+                             key_valid_ptr, qk_scale, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, c, n_body, n_rows, rows, d, D, mine, m_i, l_i, acc)
 
 
 @triton.jit
@@ -539,7 +608,8 @@ def _ri_tails_kernel(
     T, S, D, n_kv_heads, n_body, qk_scale,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    CHUNK: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_M: tl.constexpr,
+    BODY_CHUNKS: tl.constexpr, CHUNK_TILES: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_GRAIN: tl.constexpr,
+    BLOCK_T: tl.constexpr, TAIL_M: tl.constexpr,
     MERGE_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_BEFORE_WAIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (token, batch * kv head): the token's tail, its GROUP query rows in a TAIL_M-row tile (the rest
@@ -588,13 +658,14 @@ def _ri_tails_kernel(
 
     if TAIL_BEFORE_WAIT:
         wait_for_previous_kernels(PDL)  # the bodies' partials, from here on
-    n_chunks = tl.cdiv(tail_lo, CHUNK)  # this token's body chunks (a multiple of TAIL_GRAIN: no empty chunk)
+    # its body chunks (B_p a multiple of TAIL_GRAIN: none empty)
+    n_chunks = tl.cdiv(tail_lo, _ri_chunk_keys(tail_lo, BLOCK_N, BODY_CHUNKS, CHUNK_TILES))
     first = bh * n_body * (T * GROUP) + rows  # [TAIL_M] its rows' partials of chunk 0 (chunk c: c * T * GROUP on)
-    # The first MERGE_CHUNKS chunks' partials in one read (every chunk up to a prefix of MERGE_CHUNKS * CHUNK keys).
+    # The first MERGE_CHUNKS chunks' partials in one read (every body of at most MERGE_CHUNKS chunks).
     part, ok = _ri_chunk_rows(first, 0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
     m_c, l_c, acc_c = _load_partials(part_acc_ptr, part_m_ptr, part_l_ptr, part, ok, d, D)
     m_max = tl.maximum(m_t, tl.max(m_c, 0))
-    for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):  # keys past MERGE_CHUNKS * CHUNK: more groups of chunks
+    for c0 in range(MERGE_CHUNKS, n_chunks, MERGE_CHUNKS):  # more chunks than that: more groups
         part, ok = _ri_chunk_rows(first, c0, n_chunks, T * GROUP, row_ok, MERGE_CHUNKS)
         m_max = tl.maximum(m_max, tl.max(tl.load(part_m_ptr + part, mask=ok, other=float("-inf")), 0))
     # A row with no visible key keeps m_max = -inf: subtract 0 instead, so every weight is 0 and its output 0.
@@ -655,16 +726,28 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
     return block_m, block_n, block_d, num_warps
 
 
-def chunk_tiles(on_gpu: bool, n_kv_heads: int) -> int:
-    """Key tiles per chunk in the row-invariant mode, a function of the model's shape (never of T or the prefix).
-    On a GPU 8 x 64 keys: each chunk is a partial that every token's tail program merges, and with 4 x 64 a 7B's
-    and a Llama-3 8B's 64-node tree steps took 3% and 5% longer at prefix 3000 (H200, bench/RESULTS.md). 4 for
-    fewer than 8 KV heads, whose bodies are otherwise a handful of programs (SmolLM2-135M, 3 KV heads: a decode
-    step at prefix 1024 0.756 ms, not 0.816, its 64-node tree 0.891, not 0.968). 2 x 16 in the interpreter, so
-    that the tests' short sequences span several chunks."""
+class BodyChunks(NamedTuple):
+    """How the row-invariant mode cuts a row's body into chunks (`_ri_chunk_keys`): a function of the model's shape,
+    never of T; the chunks' length then follows the body's."""
+    count: int  # chunks of a body up to count * max_tiles tiles (of BLOCK_N keys); 0: fixed chunks of max_tiles
+    max_tiles: int  # tiles of a chunk at most: longer bodies take more chunks
+
+
+def body_chunks(on_gpu: bool, n_kv_heads: int) -> BodyChunks:
+    """The row-invariant mode's `BodyChunks` for a model of n_kv_heads KV heads. On a GPU, read off `python -m
+    bench.body_chunks` on an H200 (bench/RESULTS.md, 2026-12-03; graphed decode and 64-node tree steps, prefixes
+    300 to 4,000): 4 chunks of at most 8 tiles for a 7B's 32 KV heads (against fixed 8-tile chunks, decode 2.7%
+    faster at prefixes 300 and 1,024, the tree step 1.4% and 2.6%; level at 4,000, where the chunks are the same),
+    8 of at most 8 for 8 to 16 (Llama-3 8B: decode 0.7% and 1.9% faster at 300 and 1,024; 4 or 16 chunks were
+    slower), fixed 4-tile chunks for fewer (SmolLM2-135M: a count cost its tree step 2.5%, a second set of length
+    programs on every tree step; fixed chunks keep it level with the code before counts). In the interpreter (tiles of 16 keys) 4 chunks
+    of at most 2 tiles, so that the tests' short sequences span several chunks, both lengths and more chunks than a
+    tail merges at once."""
     if not on_gpu:
-        return 2
-    return 8 if n_kv_heads >= 8 else 4
+        return BodyChunks(4, 2)
+    if n_kv_heads < 8:
+        return BodyChunks(0, 4)
+    return BodyChunks(8 if n_kv_heads <= 16 else 4, 8)
 
 
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
@@ -818,7 +901,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     n_rows = T * group  # query rows per KV head
     block_m, block_n, block_d, num_warps = _tile_config(n_rows, D, q.dtype, q.is_cuda, row_invariant=True)
     m_blocks = triton.cdiv(n_rows, block_m)
-    chunk = chunk_tiles(q.is_cuda, Hkv) * block_n
+    chunks = body_chunks(q.is_cuda, Hkv)
     has_mask = tree_mask is not None
     if has_mask:
         if T > MAX_ROW_INVARIANT_TREE:
@@ -833,10 +916,12 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     key_valid = key_valid.contiguous().view(torch.uint8) if has_key_valid else q  # (never read if None)
     prefix_is_ptr = isinstance(prefix_len, torch.Tensor)
 
-    # Body chunks for the longest body the keys allow; with a device prefix_len the grid covers the cache (the
-    # programs past the rows' bodies store nothing). Partials [B * Hkv, n_body, rows, (D)], chunk c in slot c.
+    # Body chunks for the longest body the keys allow (with a device prefix_len, the cache's; the programs past the
+    # rows' bodies store nothing): chunks.count, or more of chunks.max_tiles, but never more than its tiles.
+    # Partials [B * Hkv, n_body, rows, (D)], chunk c in slot c.
     max_keys = S if prefix_is_ptr else max(1, min(prefix_len + T, S))
-    n_body = triton.cdiv(_tail_start(max_keys), chunk)
+    max_tiles = triton.cdiv(_tail_start(max_keys), block_n)
+    n_body = min(max_tiles, max(chunks.count, triton.cdiv(max_tiles, chunks.max_tiles)))
     part_acc = torch.empty(B * Hkv, n_body, n_rows, D, device=q.device, dtype=torch.float32)
     part_m = torch.empty(B * Hkv, n_body, n_rows, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -846,13 +931,18 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     sizes = (T, S, D, Hkv, n_body, math.log2(math.e) / math.sqrt(D), k_cache.stride(0), k_cache.stride(1),
              k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
     common = dict(GROUP=group, PREFIX_IS_PTR=prefix_is_ptr, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid,
-                  CHUNK=chunk, TAIL_GRAIN=TAIL_GRAIN, BLOCK_T=block_t, BLOCK_D=block_d,
+                  BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles, BLOCK_N=block_n, TAIL_GRAIN=TAIL_GRAIN,
+                  BLOCK_T=block_t, BLOCK_D=block_d,
                   # no mul + add contracted into an FMA, so no code path (a whole or a cut body tile, a gathered
                   # tail or not, a variant compiled with or without a mask) rounds differently from another
                   enable_fp_fusion=False, **launch_options(q))
+    # The rows of one call have chunks of at most n_lengths lengths: a chunk grows by a tile every chunks.count *
+    # block_n keys of body (up to its max_tiles), and the rows' bodies end at most T + 7 keys apart (their ends
+    # prefix (+ 1 if causal) to prefix + T, each body cut to a grain); a causal decode's one row has one.
+    n_lengths = 1 if (T == 1 and not has_mask) or chunks.count == 0 else 1 + triton.cdiv(T + 7, chunks.count * block_n)
     if n_body:
-        _ri_bodies_kernel[(m_blocks * n_body, B * Hkv)](
-            *args, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_D=block_d == D,
+        _ri_bodies_kernel[(m_blocks * n_body * n_lengths, B * Hkv)](
+            *args, *sizes, BLOCK_M=block_m, EVEN_D=block_d == D,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **common)
     # The tails are small tiles: a kernel of their own (few warps, 128 registers a thread for a 7B, little shared
     # memory) lets many of these latency-bound programs share an SM, where the bodies' shared memory would allow

@@ -26,7 +26,7 @@ from kernels.tree_attention import (  # noqa: E402
     MERGE_CHUNKS,
     TAIL_GRAIN,
     _tile_config,
-    chunk_tiles,
+    body_chunks,
     tree_attention,
     tree_attention_reference,
     tree_attention_triton,
@@ -196,10 +196,17 @@ def mode_block_n() -> int:
     return _tile_config(1, HEAD_DIM, torch.float32, DEVICE == "cuda", row_invariant=True)[1]
 
 
-def mode_chunk(n_kv_heads: int = 2) -> int:
-    """Keys per chunk of the row-invariant mode on DEVICE, for fp32/bf16 with head_dim HEAD_DIM and n_kv_heads KV
-    heads (on a GPU the chunk is longer from 8 KV heads on)."""
-    return chunk_tiles(DEVICE == "cuda", n_kv_heads) * mode_block_n()
+def mode_chunks(n_kv_heads: int = 2):
+    """The row-invariant mode's BodyChunks on DEVICE for a model of n_kv_heads KV heads."""
+    return body_chunks(DEVICE == "cuda", n_kv_heads)
+
+
+def mode_lengths(n_kv_heads: int = 2) -> int:
+    """Body keys of the row-invariant mode on DEVICE (fp32/bf16, head_dim HEAD_DIM, n_kv_heads KV heads) at whose
+    multiples its chunks change: a tile longer each (up to mode_chunks().max_tiles), or, with fixed chunks
+    (count 0), one chunk more."""
+    chunks = mode_chunks(n_kv_heads)
+    return mode_block_n() * (chunks.count or chunks.max_tiles)
 
 
 def logical_layout(cache, prefix, ancestors):
@@ -232,47 +239,97 @@ def rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, row_invariant, prefi
     return differ
 
 
-# A row at logical position p: body = keys 0 .. B_p in chunks at absolute positions (B_p a multiple of
-# TAIL_GRAIN, so the last body tile may be cut), tail = B_p .. p in one tile. The prefixes put the tree's rows
-# on every side of those boundaries. On a GPU the chunks of 2 and of 8 KV heads differ (chunk_tiles), so both
-# run there; the interpreter cuts both alike, and CI runs the 2.
+# A row at logical position p: body = keys 0 .. B_p in chunks of whole tiles at absolute positions (B_p a multiple
+# of TAIL_GRAIN, so the last body tile may be cut): up to mode_chunks().count of them, each a tile longer from every
+# multiple of mode_lengths() on, up to max_tiles; past that, more chunks (fixed chunks: a chunk boundary at every
+# multiple). Tail = B_p .. p in one tile. The prefixes put the tree's rows on every side of those boundaries: at
+# "x + 13" the root and depths 1-2 have B_p = x (p = x + 13 .. x + 15), depths 3-4 x + TAIL_GRAIN, so the rows of
+# one call take chunks of two lengths (or straddle a chunk boundary). On a GPU 2 and 8 KV heads cut differently
+# (body_chunks), so both run there; the interpreter cuts both alike, and CI runs the 2.
+PREFIXES = {  # name -> prefix for (block_n, mode_lengths(), BodyChunks)
+    "at slot 0": lambda n, step, c: 0,  # tails from key 0, no body
+    "depths apart by a grain": lambda n, step, c: 3 * TAIL_GRAIN - 1,  # depth 0 and depth 1 have different B_p
+    "in tile 0": lambda n, step, c: n - 2,  # prefix % BLOCK_N = BLOCK_N - 2: bodies cut in tile 0, deeper later
+    "at the first change of chunks": lambda n, step, c: step + 13,
+    "at the second change of chunks (or capped)": lambda n, step, c: 2 * step + 13,
+    # B_p = x - TAIL_GRAIN for the root, x for depth 2 on, x = step + n: the bodies end either side of a tile's end
+    "bodies across a tile boundary": lambda n, step, c: step + n + TAIL_GRAIN - 2,
+    "more chunks than a merge reads at once": lambda n, step, c: (MERGE_CHUNKS + 1) * n * c.max_tiles + 5,
+}
+
+
+def mode_prefix(where: str, n_kv_heads: int = 2) -> int:
+    """PREFIXES[where] for the row-invariant mode on DEVICE and a model of n_kv_heads KV heads."""
+    return PREFIXES[where](mode_block_n(), mode_lengths(n_kv_heads), mode_chunks(n_kv_heads))
+
+
 @pytest.mark.parametrize("n_kv_heads", [2] + ([8] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("dtype", INVARIANT_DTYPES)
-@pytest.mark.parametrize("chunks,tiles,offset,prefix_as_tensor", [
-    (0, 0, 0, False),  # the tree at slot 0: tails from key 0, no body
-    (0, 0, 3 * TAIL_GRAIN - 1, False),  # depth 0 and depth 1 have different B_p: one body ends a grain later
-    (0, 1, -2, False),  # prefix % BLOCK_N = BLOCK_N - 2 (on a GPU: bodies cut in tile 0, deeper nodes' later)
-    (1, 0, -3, True),  # straddles a chunk boundary (and a tile boundary), device prefix_len
-    (1, 0, 0, False),  # starts exactly on a chunk boundary
-    (1, 1, TAIL_GRAIN + 5, True),  # a tile and a bit into a chunk
-    (2, 1, -1, True),  # prefix % BLOCK_N = BLOCK_N - 1: depth 0 and depth 1 have different B_p (and body chunks)
-    (MERGE_CHUNKS + 1, 0, 5, False),  # more chunks than a tail merges at once
-])
-def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, n_kv_heads, dtype, chunks,
-                                                                    tiles, offset, prefix_as_tensor):
-    chunk = mode_chunk(n_kv_heads)
-    prefix = chunks * chunk + tiles * mode_block_n() + offset
+@pytest.mark.parametrize("where,prefix_as_tensor", [(name, i % 2 == 1) for i, name in enumerate(PREFIXES)]
+                         + [("at the first change of chunks", False)])  # two lengths, the host's prefix too
+def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, n_kv_heads, dtype, where,
+                                                                    prefix_as_tensor):
+    prefix = mode_prefix(where, n_kv_heads)
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
     T = tree_mask.shape[0]
-    S = prefix + T + chunk  # a chunk past the tree: the grid covers it, the merge must skip it
+    S = prefix + T + mode_lengths(n_kv_heads)  # keys past the tree: the grid covers them, the merge must skip them
     q, k, v = random_qkv(1, 3 * n_kv_heads, n_kv_heads, T, S, HEAD_DIM, dtype)  # groups of 3
     assert rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, True, prefix_as_tensor) == []
+
+
+@pytest.mark.parametrize("where", ["at the first change of chunks", "more chunks than a merge reads at once"])
+def test_fixed_chunks_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, monkeypatch, where):
+    """BodyChunks(0, max_tiles), the fixed chunks some shapes take: one chunk length for every row (and one set of
+    body programs per call), the same contract."""
+    import kernels.tree_attention as ta
+    fixed = ta.BodyChunks(0, mode_chunks().max_tiles)
+    monkeypatch.setattr(ta, "body_chunks", lambda on_gpu, n_kv_heads: fixed)
+    prefix = PREFIXES[where](mode_block_n(), mode_block_n() * fixed.max_tiles, fixed)
+    tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
+    T = tree_mask.shape[0]
+    q, k, v = random_qkv(1, 6, 2, T, prefix + T + mode_block_n() * fixed.max_tiles, HEAD_DIM, torch.float32)
+    assert rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, True, True) == []
+    out = tree_attention_triton(q, k, v, prefix, tree_mask, row_invariant=True)
+    ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask)
+    assert rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("prefix_as_tensor", [False, True])
+def test_row_invariant_mask_row_without_its_own_key(poisoned_allocations, prefix_as_tensor):
+    """A mask row may be empty (this token sees the prefix only): its body ends a grain before the others' and
+    can take shorter chunks than any other row of the call, which the bodies kernel must still launch for (it
+    takes the call's shortest length from the prefix alone, for a mask from an empty row's)."""
+    prefix = mode_lengths() + 2 * TAIL_GRAIN  # the empty row: B_p = mode_lengths(); the others a grain past it
+    T = 4
+    tree_mask = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
+    tree_mask[0, 0] = False
+    q, k, v = random_qkv(1, 6, 2, T, prefix + T + 8, HEAD_DIM, torch.float32)
+    assert rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, True, prefix_as_tensor) == []
+    as_prefix = torch.tensor(prefix, device=DEVICE) if prefix_as_tensor else prefix
+    out = tree_attention_triton(q, k, v, as_prefix, tree_mask, row_invariant=True)
+    ref = tree_attention_reference(q.double(), k.double(), v.double(), prefix, tree_mask)
+    assert rel_error(out, ref) <= 1e-5
 
 
 def test_default_mode_is_not_row_invariant():
     """The check above bites: without the mode, rows of the same tree differ from the one-token calls (the
     split into chunks follows prefix + T, and the ancestors sit apart)."""
-    prefix = mode_chunk() - 3
+    prefix = mode_lengths() - 3
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
     q, k, v = random_qkv(1, 6, 2, tree_mask.shape[0], prefix + 40, HEAD_DIM, torch.float32)
     assert len(rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, False)) > 0
 
 
-@pytest.mark.parametrize("prefix,tiles,prefix_as_tensor", [(0, 0, False), (27, 0, True), (3, 3, False)])
-def test_row_invariant_causal_rows_equal_one_token_calls(poisoned_allocations, prefix, tiles, prefix_as_tensor):
+@pytest.mark.parametrize("lengths,offset,tiles,prefix_as_tensor", [
+    (0, 0, 0, False), (0, 27, 0, True), (0, 3, 3, False),
+    (1, -10, 3, True),  # the rows' chunks of 1 tile, then of 2
+])
+def test_row_invariant_causal_rows_equal_one_token_calls(poisoned_allocations, lengths, offset, tiles,
+                                                         prefix_as_tensor):
     """A prefill's rows (tree_mask None) are the plain decodes of its tokens; an explicit causal mask gives
     the same bits (every row of it is contiguous, so no row is gathered). With `tiles` key tiles of new tokens,
     the later rows' bodies hold new tokens too (contiguous rows have no depth limit)."""
+    prefix = lengths * mode_lengths() + offset
     T = 12 if tiles == 0 else tiles * mode_block_n() - 8
     S = prefix + T + 40
     q, k, v = random_qkv(2 if tiles == 0 else 1, 4, 2, T, S, HEAD_DIM, torch.float32)
@@ -290,7 +347,7 @@ ROW_INVARIANT_CASES = [
     (1, 4, 1, TAIL_GRAIN, 37, 16, 5, "any", True),  # any mask (of at most TAIL_GRAIN rows): gathered whatever its shape
     (1, 2, 2, 40, 90, 24, 30, "tree", False),  # tree over 3 chunks; head_dim below its tile
     (1, 4, 2, 40, 40, 16, 0, "none", False),  # prefill: several query-row blocks
-    (1, 4, 2, 5, 400, 16, 330, "tree", True),  # more body chunks than a tail merges at once (interpreter: 32 keys each)
+    (1, 4, 2, 5, 400, 16, 330, "tree", True),  # a long body (interpreter: 10 chunks of 2 tiles)
 ]
 
 
