@@ -72,7 +72,8 @@ def _tree_attention_cases():
                 where = f"{label}, {chunks}"
                 yield (f"tree attention, row-invariant bodies, {where}", ta._ri_bodies_kernel, pointers,
                        dict(row_invariant, **dots, BLOCK_M=block_m),
-                       dict(num_warps=warps, enable_fp_fusion=False, l2_reads_first=True))
+                       # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before)
+                       dict(num_warps=warps, enable_fp_fusion=False, l2_reads_first=chunks.count > 0))
                 # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel),
                 # and of a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
                 for group, before_wait in ((1, True), (4, False)):

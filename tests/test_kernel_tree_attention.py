@@ -251,7 +251,8 @@ PREFIXES = {  # name -> prefix for (block_n, mode_lengths(), BodyChunks)
     "depths apart by a grain": lambda n, step, c: 3 * TAIL_GRAIN - 1,  # depth 0 and depth 1 have different B_p
     "in tile 0": lambda n, step, c: n - 2,  # prefix % BLOCK_N = BLOCK_N - 2: bodies cut in tile 0, deeper later
     "at the first change of chunks": lambda n, step, c: step + 13,
-    "at the second change of chunks (or capped)": lambda n, step, c: 2 * step + 13,
+    # (the interpreter's chunks are capped at 2 tiles by then: the rows straddle a change of chunk count instead)
+    "at the second change of chunks": lambda n, step, c: 2 * step + 13,
     # B_p = x - TAIL_GRAIN for the root, x for depth 2 on, x = step + n: the bodies end either side of a tile's end
     "bodies across a tile boundary": lambda n, step, c: step + n + TAIL_GRAIN - 2,
     "more chunks than a merge reads at once": lambda n, step, c: (MERGE_CHUNKS + 1) * n * c.max_tiles + 5,
@@ -311,6 +312,17 @@ def test_row_invariant_mask_row_without_its_own_key(poisoned_allocations, prefix
     assert rel_error(out, ref) <= 1e-5
 
 
+def test_causal_rows_over_three_chunk_lengths(poisoned_allocations, monkeypatch):
+    """A causal call whose rows' bodies span three chunk lengths (chunks a tile longer every tile of body: one
+    chunk per body up to 8 tiles), so the bodies kernel needs its third set of length programs."""
+    import kernels.tree_attention as ta
+    monkeypatch.setattr(ta, "body_chunks", lambda on_gpu, n_kv_heads: ta.BodyChunks(1, 8))
+    T = 3 * mode_block_n() + 8
+    prefix = mode_block_n() - 8  # bodies of 1 to 3 tiles (B_p = TAIL_GRAIN .. 3 * BLOCK_N)
+    q, k, v = random_qkv(1, 4, 2, T, prefix + T + 8, HEAD_DIM, torch.float32)
+    assert rows_unlike_one_token_calls(q, k, v, prefix, None, True, True) == []
+
+
 def test_default_mode_is_not_row_invariant():
     """The check above bites: without the mode, rows of the same tree differ from the one-token calls (the
     split into chunks follows prefix + T, and the ancestors sit apart)."""
@@ -322,7 +334,7 @@ def test_default_mode_is_not_row_invariant():
 
 @pytest.mark.parametrize("lengths,offset,tiles,prefix_as_tensor", [
     (0, 0, 0, False), (0, 27, 0, True), (0, 3, 3, False),
-    (1, -10, 3, True),  # the rows' chunks of 1 tile, then of 2
+    (1, -10, 3, True),  # the rows' chunks change length (interpreter: 1 tile, then 2; fixed chunks: a boundary)
 ])
 def test_row_invariant_causal_rows_equal_one_token_calls(poisoned_allocations, lengths, offset, tiles,
                                                          prefix_as_tensor):
@@ -441,9 +453,14 @@ def test_row_invariant_refuses_a_node_deeper_than_the_tail_grain(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_row_invariant_is_graph_capturable():
+@pytest.mark.parametrize("n_kv_heads", [2, 8])  # fixed chunks; chunk lengths that follow the body (body_chunks)
+def test_row_invariant_is_graph_capturable(n_kv_heads):
+    # With programmatic dependent launch on, as a graphed step runs it: at prefix 7 every body program has no
+    # rows and all but one end before their wait
+    kernels.set_row_invariant(True)
+    kernels.set_dependent_launch(True)
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
-    q, k, v, _, _ = tree_attention_inputs(8, 2, 64, 300, tree_mask.shape[0], torch.bfloat16, DEVICE)
+    q, k, v, _, _ = tree_attention_inputs(8, n_kv_heads, 64, 300, tree_mask.shape[0], torch.bfloat16, DEVICE)
     prefix = torch.tensor(100, device=DEVICE)
     tree_attention_triton(q, k, v, prefix, tree_mask, row_invariant=True)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
