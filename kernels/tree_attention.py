@@ -54,8 +54,8 @@ So a decode at p and a tree node at p group the same terms alike. With a GPU's B
 most 8 tiles (a model of 32 KV heads), node 4 above (p = 1002, B_p = 992: 16 tiles, L = 256) has the body chunks
 0..256, 256..512, 512..768 and 768..992 and the tail 992..1002, whose logical keys 1000, 1001, 1002 the tree step
 gathers from slots 1000, 1001, 1004: the plain decode of its token computes the very same partials. For a node at
-depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body is cached prefix, the same slots for every row, and only a tail can hold
-tree slots. Two kernels (programs per batch row and KV head):
+depth < TAIL_GRAIN, B_p <= p - TAIL_GRAIN < P: every body is cached prefix, the same slots for every row, and
+only a tail can hold tree slots. Two kernels (programs per batch row and KV head):
   1. `_ri_bodies_kernel`, one program per (query-row block, chunk, chunk length): the chunk for every row of
      the block whose chunks have that length (one length for all but where the rows straddle a change), each
      row up to its own B_p. A key past a row's B_p is masked for that row, and a tile it sees nothing of leaves
@@ -505,8 +505,8 @@ def _ri_bodies_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, PREFIX_IS_PTR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     BODY_CHUNKS: tl.constexpr, CHUNK_TILES: tl.constexpr, TAIL_GRAIN: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (pid, batch * kv head): body chunk c = pid // m_blocks % n_body (keys c * L .. (c + 1) * L of a row, L
     its `_ri_chunk_keys`, cut at its B_p) of query-row block pid % m_blocks, for the rows of it that have one and
@@ -742,9 +742,9 @@ def body_chunks(on_gpu: bool, n_kv_heads: int) -> BodyChunks:
     faster at prefixes 300 and 1,024, the tree step 1.4% and 2.6%; level at 4,000, where the chunks are the same),
     8 of at most 8 for 8 to 16 (Llama-3 8B: decode 0.7% and 1.9% faster at 300 and 1,024; 4 or 16 chunks were
     slower), fixed 4-tile chunks for fewer (SmolLM2-135M: a count cost its tree step 2.5%, a second set of length
-    programs on every tree step; fixed chunks keep it level with the code before counts). In the interpreter (tiles of 16 keys) 4 chunks
-    of at most 2 tiles, so that the tests' short sequences span several chunks, both lengths and more chunks than a
-    tail merges at once."""
+    programs on every tree step; fixed chunks keep it level with the code before counts). In the interpreter
+    (tiles of 16 keys) 4 chunks of at most 2 tiles, so that the tests' short sequences span several chunks, both
+    lengths and more chunks than a tail merges at once."""
     if not on_gpu:
         return BodyChunks(4, 2)
     if n_kv_heads < 8:
