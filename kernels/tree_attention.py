@@ -558,33 +558,19 @@ def _ri_bodies_kernel(
     length += length_step * BLOCK_N
     lo = c * length
     mine = row_ok & (_ri_chunk_keys(tail_lo, BLOCK_N, BODY_CHUNKS, CHUNK_TILES) == length) & (lo < tail_lo)
+    has_rows = True  # fixed chunks: every program computes (a chunk past its rows' bodies, nothing)
     if EARLY_END:
         has_rows = tl.max(mine.to(tl.int32), 0) > 0
         if has_rows | ((pid == 0) & (bh == 0)):
             wait_for_previous_kernels(PDL)
-        if has_rows:
-            _ri_body_chunk(q_ptr, bh, rows, T, D, GROUP, mine, tail_lo, lo, length, b, d, d_ok, S, k_base, v_base,
-                           stride_ks, stride_vs, key_valid_ptr, qk_scale, part_acc_ptr, part_m_ptr, part_l_ptr, c,
-                           n_body, n_rows, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    else:
-        _ri_body_chunk(q_ptr, bh, rows, T, D, GROUP, mine, tail_lo, lo, length, b, d, d_ok, S, k_base, v_base,
-                       stride_ks, stride_vs, key_valid_ptr, qk_scale, part_acc_ptr, part_m_ptr, part_l_ptr, c, n_body,
-                       n_rows, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-
-
-@triton.jit
-def _ri_body_chunk(q_ptr, bh, rows, T, D, GROUP: tl.constexpr, mine, tail_lo, lo, length, b, d, d_ok, S, k_base,
-                   v_base, stride_ks, stride_vs, key_valid_ptr, qk_scale, part_acc_ptr, part_m_ptr, part_l_ptr, c,
-                   n_body, n_rows, HAS_KEY_VALID: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Body chunk c of the query rows `mine` (keys lo .. lo + length, each row's cut at its tail_lo) -> its
-    partials, slot c. A row not `mine` sees no key and is not stored."""
-    row_hi = tl.where(mine, tl.minimum(tail_lo, lo + length), 0)
-    q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
-                mask=mine[:, None] & d_ok[None, :], other=0.0)
-    m_i, l_i, acc = _ri_body(q, lo, tl.max(row_hi, 0), row_hi, b, d, d_ok, S, k_base, v_base, stride_ks, stride_vs,
-                             key_valid_ptr, qk_scale, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, c, n_body, n_rows, rows, d, D, mine, m_i, l_i, acc)
+    if has_rows:
+        row_hi = tl.where(mine, tl.minimum(tail_lo, lo + length), 0)
+        q = tl.load(q_ptr + _query_row_offsets(bh, rows, T, D, GROUP)[:, None] + d[None, :],
+                    mask=mine[:, None] & d_ok[None, :], other=0.0)
+        m_i, l_i, acc = _ri_body(q, lo, tl.max(row_hi, 0), row_hi, b, d, d_ok, S, k_base, v_base, stride_ks,
+                                 stride_vs, key_valid_ptr, qk_scale, HAS_KEY_VALID, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
+                                 DOT_PRECISION)
+        _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, bh, c, n_body, n_rows, rows, d, D, mine, m_i, l_i, acc)
 
 
 @triton.jit
