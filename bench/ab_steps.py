@@ -108,6 +108,22 @@ def version_folders(paths, needs: str) -> list[Path]:
     return versions
 
 
+TABLE_COLUMNS = ["shape", "prefix", "version", "decode ms", "tree ms", "tree / decode", "decode vs first",
+                 "tree vs first"]
+
+
+def median_steps(runs) -> tuple[float, float]:
+    """The median decode and tree step ms of runs [{"decode_ms", "tree_ms"}, ...]."""
+    return statistics.median(r["decode_ms"] for r in runs), statistics.median(r["tree_ms"] for r in runs)
+
+
+def table_row(shape, prefix, label, decode: float, tree: float, first: tuple[float, float]) -> list:
+    """A row of TABLE_COLUMNS: a version's medians, their ratio and their change against `first`, the baseline's
+    (decode, tree)."""
+    return [shape, prefix, label, f"{decode:.3f}", f"{tree:.3f}", f"{tree / decode:.2f}x",
+            f"{decode / first[0] - 1:+.1%}", f"{tree / first[1] - 1:+.1%}"]
+
+
 def run(args) -> dict:
     versions = version_folders(args.versions, "bench/steps.py")
     exact, pdl = MODES[args.mode]
@@ -132,17 +148,13 @@ def run(args) -> dict:
                 if not runs:
                     rows.append([shape, prefix, v.name, "failed", "", "", "", ""])
                     continue
-                decode = statistics.median(r["decode_ms"] for r in runs)
-                tree = statistics.median(r["tree_ms"] for r in runs)
+                decode, tree = median_steps(runs)
                 first = first or (decode, tree)
-                rows.append([shape, prefix, v.name, f"{decode:.3f}", f"{tree:.3f}", f"{tree / decode:.2f}x",
-                             f"{decode / first[0] - 1:+.1%}", f"{tree / first[1] - 1:+.1%}"])
+                rows.append(table_row(shape, prefix, v.name, decode, tree, first))
                 results.append(dict(shape=shape, prefix=prefix, version=v.name, decode_ms=decode, tree_ms=tree,
                                     rounds=[dict(r) for r in runs]))
     print_table(f"Graphed steps ({args.mode}, {args.tree} tree; median of {args.rounds} rounds, {args.reps} replays "
-                f"each): ms, and against {versions[0].name}",
-                ["shape", "prefix", "version", "decode ms", "tree ms", "tree / decode", "decode vs first",
-                 "tree vs first"], rows)
+                f"each): ms, and against {versions[0].name}", TABLE_COLUMNS, rows)
     out = {"mode": args.mode, "tree": args.tree, "device": args.device, "results": results}
     if args.json:
         save(out, args.json)

@@ -17,9 +17,8 @@ first version's.
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from .ab_steps import measure, version_folders
+from .ab_steps import TABLE_COLUMNS, measure, median_steps, table_row, version_folders
 from .report import print_table, save, say
 
 # Runs in a version's folder with that folder first on sys.path (bench/ab_steps.py's `measure`).
@@ -91,18 +90,14 @@ def main() -> None:
             for name, got in by_version.items():
                 for count in dict.fromkeys(r["chunks"] for r in got if r["prefix"] == prefix):
                     runs = [r for r in got if r["prefix"] == prefix and r["chunks"] == count]
-                    decode = statistics.median(r["decode_ms"] for r in runs)
-                    tree = statistics.median(r["tree_ms"] for r in runs)
+                    decode, tree = median_steps(runs)
                     first = first or (decode, tree)
                     label = name if count is None else f"{name}, chunks {count}"
-                    rows.append([shape, prefix, label, f"{decode:.3f}", f"{tree:.3f}", f"{tree / decode:.2f}x",
-                                 f"{decode / first[0] - 1:+.1%}", f"{tree / first[1] - 1:+.1%}"])
+                    rows.append(table_row(shape, prefix, label, decode, tree, first))
                     results.append(dict(shape=shape, prefix=prefix, version=name, chunks=count, decode_ms=decode,
                                         tree_ms=tree, rounds=runs))
     print_table(f"Graphed row-invariant steps with PDL ({args.tree} tree; median of {args.rounds} rounds, {args.reps} "
-                f"replays each): ms, and against {args.versions[0]}",
-                ["shape", "prefix", "version", "decode ms", "tree ms", "tree / decode", "decode vs first",
-                 "tree vs first"], rows)
+                f"replays each): ms, and against {args.versions[0]}", TABLE_COLUMNS, rows)
     if args.json:
         save({"tree": args.tree, "device": args.device, "chunks": args.chunks, "results": results}, args.json)
 
