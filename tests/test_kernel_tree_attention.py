@@ -456,7 +456,7 @@ def test_row_invariant_refuses_a_node_deeper_than_the_tail_grain(monkeypatch):
 @pytest.mark.parametrize("n_kv_heads", [2, 8])  # fixed chunks; chunk lengths that follow the body (body_chunks)
 def test_row_invariant_is_graph_capturable(n_kv_heads):
     # With programmatic dependent launch on, as a graphed step runs it: at prefix 7 every body program has no
-    # rows and all but one end before their wait
+    # rows, and with a chunk count (8 KV heads) all but one end before their wait
     kernels.set_row_invariant(True)
     kernels.set_dependent_launch(True)
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
