@@ -75,7 +75,7 @@ def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str
     prefix_len = torch.tensor(prefix, device=device)
 
     def step():
-        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths, tree_mask=mask)
+        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths if tree else None, tree_mask=mask)
 
     for _ in range(3):  # compile and warm up outside the profile
         step()

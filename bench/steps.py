@@ -124,8 +124,8 @@ def step_ms(model: Transformer, prefix: int, tree: TreeBuffers | None, reps: int
     mask = tree.attn_mask if tree else None  # [T, T], or causal
     depths = tree.depths if tree else torch.zeros(1, dtype=torch.long, device=device)  # [T]
 
-    def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]
-        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths, tree_mask=mask)
+    def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]; a decode step's positions as decoding gives them
+        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths if tree else None, tree_mask=mask)
 
     tokens = torch.randint(model.config.vocab_size, (1, depths.numel()), device=device)
     prefix_len = torch.tensor(prefix, device=device)
