@@ -70,12 +70,12 @@ def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str
     """(kernel, calls, GPU µs) of one eager step, the largest first."""
     device = model.device
     mask = tree.attn_mask if tree else None
-    depths = tree.depths if tree else torch.zeros(1, dtype=torch.long, device=device)
-    tokens = torch.randint(model.config.vocab_size, (1, depths.numel()), device=device)
+    tokens = torch.randint(model.config.vocab_size, (1, tree.num_nodes if tree else 1), device=device)
     prefix_len = torch.tensor(prefix, device=device)
 
-    def step():
-        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths if tree else None, tree_mask=mask)
+    def step():  # a decode step takes no positions, as in decoding
+        return model(tokens, prefix_len=prefix_len, positions=prefix_len + tree.depths if tree else None,
+                     tree_mask=mask)
 
     for _ in range(3):  # compile and warm up outside the profile
         step()

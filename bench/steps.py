@@ -122,12 +122,12 @@ def step_ms(model: Transformer, prefix: int, tree: TreeBuffers | None, reps: int
     cached ones, lm_head included: the median milliseconds of `reps` replays."""
     device = model.device
     mask = tree.attn_mask if tree else None  # [T, T], or causal
-    depths = tree.depths if tree else torch.zeros(1, dtype=torch.long, device=device)  # [T]
 
-    def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]; a decode step's positions as decoding gives them
-        return model(tokens, prefix_len=prefix_len, positions=prefix_len + depths if tree else None, tree_mask=mask)
+    def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]; a decode step takes no positions, as in decoding
+        return model(tokens, prefix_len=prefix_len, positions=prefix_len + tree.depths if tree else None,
+                     tree_mask=mask)
 
-    tokens = torch.randint(model.config.vocab_size, (1, depths.numel()), device=device)
+    tokens = torch.randint(model.config.vocab_size, (1, tree.num_nodes if tree else 1), device=device)
     prefix_len = torch.tensor(prefix, device=device)
     graphed = GraphedStep(step, tokens, prefix_len)
     return statistics.median(time_ms(lambda: graphed(tokens, prefix_len), device, samples=reps))
