@@ -60,6 +60,7 @@ case "${1:-}" in
         | tee "$OUT/kernel_tests.log"
     python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
     python -m bench.tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
+    python -m bench.linear_tma --json "$OUT/linear-tma.json" 2>&1 | tee "$OUT/linear-tma.txt"
     ;;
   distill)
     python train.py --stage distill $MODEL_FLAG --data "$PROMPTS_CHAT" --out "${DATA[0]}" --max-new-tokens "${CHAT_TOKENS:-512}" \

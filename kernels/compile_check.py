@@ -114,12 +114,18 @@ def _linear_cases():
         label = "".join([f", split-K {cfg.split_k}" if cfg.split_k > 1 else "",
                          ", into the residual stream" if mode["ADD_RESIDUAL"] else "",
                          f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else ""])
-        yield (f"linear, {N} x {K}{label}", linear._linear_kernel, pointers,
-               dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
-                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
-                    PDL=True, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), **mode),
-               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
-                    floats=("eps",)))
+        for tma in sorted({False, cfg.tma}):  # a tree step's loads by the TMA, where the config has them
+            descriptors = {"x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
+                           "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>"} if tma else \
+                dict.fromkeys(["x_desc", "w_desc"], "*bf16")
+            yield (f"linear, {N} x {K}{label}{', TMA' if tma else ''}", linear._linear_kernel,
+                   {**pointers, **descriptors},
+                   dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
+                        PDL=True, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma,
+                        **mode),
+                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
+                        floats=("eps",)))
 
 
 def _path_heads_cases():

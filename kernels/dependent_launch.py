@@ -35,8 +35,9 @@ from .interpreter import interpreting
 
 
 @functools.lru_cache(maxsize=None)
-def _supports_pdl(device: torch.device) -> bool:
-    """NVIDIA sm_90 and newer (griddepcontrol is PTX for those; a ROCm build reports AMD's own versions)."""
+def hopper_or_newer(device: torch.device) -> bool:
+    """NVIDIA sm_90 and newer, which have griddepcontrol (PDL) and the tensor memory accelerator (a ROCm build
+    reports AMD's own versions)."""
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -50,7 +51,7 @@ def launch_options(t: torch.Tensor) -> dict:
     no wait of ours shortens their own drain. On an H200 that mix decoded the default model 1-4% slower with PDL
     than without, where the all-Triton step ran 9-31% faster (bench/RESULTS.md)."""
     if (dependent_launch_enabled() and row_invariant() and t.is_cuda and not interpreting()
-            and _supports_pdl(t.device)):
+            and hopper_or_newer(t.device)):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

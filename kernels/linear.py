@@ -33,7 +33,10 @@ On the GPU the kernel is built for batch-1 decoding, where a linear layer stream
 bound by memory bandwidth: a program owns BLOCK_N output features (rows of the weight, each read along K
 contiguously) and all BLOCK_M rows of x, so a tree step of up to BLOCK_M = 64 rows (16 for the smallest
 matrices, which the L2 holds for the re-reads) reads each weight tile once, and narrow BLOCK_N spreads even a
-4096-feature matrix over every SM.
+4096-feature matrix over every SM. A call that fills a tile of rows (a 64-node tree step, a prefill) loads its tiles
+by Hopper's tensor memory accelerator (TMA) where the config allows it, a 1-row decode by per-thread loads that
+skip its 63 empty rows: how a tile reaches shared memory changes no product and no sum, so the row's bits stay its
+1-row call's (`_loads_by_tma`; the tests compare the two paths bit for bit).
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import row_invariant, use_triton
-from .dependent_launch import launch_options, prefetch_l2, wait_for_previous_kernels
+from .dependent_launch import hopper_or_newer, launch_options, prefetch_l2, wait_for_previous_kernels
 from .errors import KernelInputError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,6 +72,7 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int  # software-pipeline depth of the K loop (bytes in flight per program)
     split_k: int = 1  # programs sharing one output tile, each over a fixed K range
+    tma: bool = False  # calls of at least block_m rows load their tiles by the tensor memory accelerator (Hopper)
 
 
 def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig:
@@ -88,6 +93,15 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
     """
     if not on_gpu:
         return TileConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+    cfg = _gpu_tile_config(N, K, dtype)
+    # Tree steps load by the TMA where it measured faster (bench/linear_tma.py, H200): the 64-row tiles, 0.5-6.9% a
+    # call for a 7B's matrices at 64 rows, 3.4-3.7% for a 135M model's w13 and lm_head; graphed 64-node tree steps
+    # 2.9% (7B) and 3.6% (135M) faster. The 16-row tiles of the 135M's smallest matrices ran 6-9% slower that way
+    # (a call's work too small for the copy engine's set-up to pay); fp32, not timed, keeps the per-thread loads.
+    return cfg._replace(tma=cfg.block_m == 64 and dtype != torch.float32)
+
+
+def _gpu_tile_config(N: int, K: int, dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: smaller tiles, same schedule idea
         return TileConfig(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3)
     if N >= 16384:  # w13 [22016, 4096], [28672, 4096] (Llama-3 8B, Mistral 7B), lm_heads [32000, 4096] and more
@@ -196,13 +210,13 @@ def linear_of_normed(stream: NormedStream, weight, bias=None):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr, h_ptr,
-                   sumsq_in_ptr, sumsq_out_ptr, eps, M, N, K, stride_wn, k_per_split,
+def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr,
+                   h_ptr, sumsq_in_ptr, sumsq_out_ptr, eps, M, N, K, stride_wn, k_per_split,
                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
                    NORM_IN_TILES: tl.constexpr, NORM_IN_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                   NORM_OUT: tl.constexpr):
+                   NORM_OUT: tl.constexpr, TMA: tl.constexpr):
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
     x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N]; out [M, N] = x @ w^T + b,
@@ -213,6 +227,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, resid
     writes out, and sets the counter back to zero.
     PDL: first prefetch PREFETCH_LINES lines of LINE elements of each weight row into the L2, then wait for the
     kernel that wrote x (dependent_launch.py).
+    TMA: the x and weight tiles come through x_desc [M, K] and w_desc [N, K] (tensor descriptors of
+    [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] boxes), not x_ptr and w_ptr: the same tiles, the same bits.
     RMSNorm folded in (`NormedStream`; with split-K, in the last-arriving program):
       NORM_IN_TILES > 0: x is g * h of a stream, sumsq_in [NORM_IN_TILES, M] float32 its rows' squares summed
         per tile; out = rstd * acc + b, rstd = 1 / sqrt(sum of the tiles / K + eps) (one fixed reduction).
@@ -239,9 +255,13 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, resid
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # in order: the accumulation's one fixed schedule
-        k_ok = (k0 + tl.arange(0, BLOCK_K)) < K  # only the last step of all can be short
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if TMA:  # the same tiles, their rows and columns past the tensors' ends filled with zeros by the copy engine
+            x = x_desc.load([m_block * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K]
+            w = w_desc.load([n_block * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K]
+        else:
+            k_ok = (k0 + tl.arange(0, BLOCK_K)) < K  # only the last step of all can be short
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -280,6 +300,18 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, resid
                 tl.store(out_ptr + offsets, (g[None, :] * hf).to(y.dtype), mask=out_mask)
         else:
             tl.store(out_ptr + offsets, y, mask=out_mask)
+
+
+def _loads_by_tma(cfg: TileConfig, x2, weight) -> bool:
+    """Whether this call loads its tiles by the tensor memory accelerator: its config says so, x2 [M, K] fills at
+    least one tile of rows, the device has a TMA (sm_90 and newer; the interpreter emulates one), and the starts and
+    row strides are 16-byte aligned, as it requires. Why a tile of rows: a 1-row decode's x tile, 63 of its rows
+    zeros filled in by the copy engine, ran a 7B's w13 74% slower than the per-thread loads, which skip masked rows
+    (bench/RESULTS.md, twentieth run)."""
+    nbytes = x2.element_size()
+    return (cfg.tma and x2.shape[0] >= cfg.block_m and (not x2.is_cuda or hopper_or_newer(x2.device))
+            and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x2.stride(0) * nbytes % 16 == 0
+            and weight.stride(0) * nbytes % 16 == 0)
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -355,8 +387,12 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
     prefetch_lines = 1 << (prefetch_lines.bit_length() - 1) if prefetch_lines else 0  # a power of 2, at most that
     norm_in_tiles = 0 if sumsq_in is None else sumsq_in.shape[0]
+    tma = _loads_by_tma(cfg, x2, weight)  # descriptors of x and the weight, or stand-ins the kernel never reads
+    x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_m, cfg.block_k]) if tma else x2
+    w_desc = TensorDescriptor(weight, [N, K], [weight.stride(0), 1], [cfg.block_n, cfg.block_k]) if tma else weight
+    # (Inside a CUDA graph the descriptors are kernel arguments, captured by value with the addresses they hold.)
     _linear_kernel[(m_blocks, n_blocks, split_k)](
-        x2, weight, b, out, partial, counters,
+        x2, weight, x_desc, w_desc, b, out, partial, counters,
         out if residual is None else residual.reshape(M, N).contiguous(),
         b if norm_weight is None else norm_weight, h,
         out if sumsq_in is None else sumsq_in.contiguous(), out if sumsq_out is None else sumsq_out, float(eps),
@@ -366,7 +402,7 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         PREFETCH_LINES=prefetch_lines, LINE=line, NORM_IN_TILES=norm_in_tiles,
         NORM_IN_BLOCK=triton.next_power_of_2(max(norm_in_tiles, 1)), ADD_RESIDUAL=residual is not None,
-        NORM_OUT=norm_weight is not None,
+        NORM_OUT=norm_weight is not None, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x),
     )
     return out, h if residual is not None else None, sumsq_out

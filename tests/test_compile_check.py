@@ -53,34 +53,41 @@ def test_the_check_catches_what_the_interpreter_lets_through(tmp_path):
 def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
     # Under programmatic dependent launch a kernel starts before the previous one has finished: it must wait
     # (griddepcontrol.wait) before its first load of anything an earlier kernel wrote. The linear layer's only
-    # earlier work is the L2 prefetch of its weights; without PDL neither instruction is there.
+    # earlier work is the L2 prefetch of its weights; without PDL neither instruction is there. Both ways of loading
+    # the tiles: per-thread copies to shared memory (a decode step) and the TMA (a tree step).
     script = textwrap.dedent("""
+        import itertools
         import torch
         from kernels import linear
         from kernels.compile_check import compile_for_hopper
-        for pdl in (True, False):
-            cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
+        LOADS = {False: "cp.async.cg.shared.global", True: "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"}
+        cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
+        for pdl, tma in itertools.product((True, False), (False, True)):
             pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"],
                                         "*bf16"), **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"),
-                        "counter_ptr": "*i32"}
+                        "counter_ptr": "*i32", "x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>" if tma else "*bf16",
+                        "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>" if tma else "*bf16"}
             ptx = compile_for_hopper(linear._linear_kernel, pointers,
                                      dict(HAS_BIAS=False, SPLIT_K=1, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl,
-                                          NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False),
+                                          NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False, TMA=tma),
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                      aligned=("N", "K", "k_per_split"), floats=("eps",)).asm["ptx"]
             lines = [line.strip() for line in ptx.splitlines()]
             def first(instruction):  # the first line issuing it (after any predicate)
                 return next((i for i, line in enumerate(lines) if instruction in line.split()[:2]), None)
-            print(pdl, first("prefetch.global.L2"), first("griddepcontrol.wait;"),
-                  first("griddepcontrol.launch_dependents;"), first("cp.async.cg.shared.global"))
+            print(pdl, tma, first("prefetch.global.L2"), first("griddepcontrol.wait;"),
+                  first("griddepcontrol.launch_dependents;"), first(LOADS[tma]))
     """)
     result = run_compiled("-c", script)
     assert result.returncode == 0, result.stdout + result.stderr
-    with_pdl, without = (line.split() for line in result.stdout.strip().splitlines()[-2:])
-    prefetch, wait, launch, load = (int(i) for i in with_pdl[1:])  # load: the first copy of x or w to shared memory
-    assert prefetch < wait < launch < load, with_pdl
-    assert without[1:4] == ["None", "None", "None"], without
+    lines = [line.split() for line in result.stdout.strip().splitlines()[-4:]]
+    assert [line[:2] for line in lines] == [["True", "False"], ["True", "True"], ["False", "False"], ["False", "True"]]
+    for with_pdl in lines[:2]:  # load: the first copy of x or w to shared memory
+        prefetch, wait, launch, load = (int(i) for i in with_pdl[2:])
+        assert prefetch < wait < launch < load, with_pdl
+    for without in lines[2:]:
+        assert without[2:5] == ["None", "None", "None"] and without[5] != "None", without
 
 
 def test_the_check_catches_a_kernel_that_reads_before_it_waits(tmp_path):

@@ -93,6 +93,20 @@ def test_dependent_launch_and_prefetch_change_no_bit(N, K):
     assert same_bits(early, linear_triton(x, w, b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [TileConfig(16, 16, 32, 4, 2), SPLIT_3], ids=["one-split", "split-3"])
+def test_tiles_loaded_by_tma_give_the_bits_of_per_thread_loads(config, dtype):
+    # A call of at least BLOCK_M rows loads its tiles by the TMA (a decode's single row never does): the copy
+    # engine fills the tile past the tensors' ends (rows past M, features past N, the last K step) with zeros, as
+    # the masked loads do, so the same tiles make the same products and the same bits, and each row of a call
+    # that loads by TMA is bitwise its 1-row call, which does not.
+    x, w, b = linear_inputs(33, 40, 80, dtype, DEVICE)
+    by_tma = config._replace(tma=True)
+    for M in (16, 20, 33):
+        assert same_bits(linear_triton(x[:M], w, b, config=by_tma), linear_triton(x[:M], w, b, config=config)), M
+    assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w, b, config=by_tma), x, [0, 16, 32]) == []
+
+
 def test_the_bit_check_sees_one_ulp_and_the_sign_of_zero():
     # What the invariance tests compare would catch the smallest change of any schedule.
     a = torch.randn(4, 7)
