@@ -4,10 +4,10 @@
 
 kernels/linear.py loads a call's tiles by the tensor memory accelerator when the call fills a tile of rows (a
 64-node tree step, a prefill) and its config allows it (`TileConfig.tma`); a 1-row decode keeps the per-thread
-loads either way. For each matrix of bench/linear.py: the tile config without and with TMA at M = BLOCK_M rows (the
-two outputs compared bit for bit first), and with TMA at one pipeline stage less and more (a stage count only
-pipelines the loads, it leaves the arithmetic alone). Timing as bench/linear.py's table: CUDA graphs of calls over
-weight copies that together exceed the L2.
+loads either way. For each matrix of bench/linear.py: the tile config without and with TMA at M = BLOCK_M rows
+(the two outputs compared bit for bit first, there and at one row more), and with TMA at one pipeline stage less
+and more (a stage count only pipelines the loads, it leaves the arithmetic alone). Timing as bench/linear.py's
+table: CUDA graphs of calls over weight copies that together exceed the L2.
 """
 
 from __future__ import annotations
@@ -41,12 +41,14 @@ def main(argv=None) -> int:
         for m in MODELS[model]:
             loads = _tile_config(m.N, m.K, torch.bfloat16, True)._replace(tma=False)
             M = loads.block_m  # the smallest call that loads by TMA
-            case = make_case(m, (M,), torch.bfloat16, device, props.L2_cache_size)
+            case = make_case(m, (M, M + 1), torch.bfloat16, device, props.L2_cache_size)
             by_tma = [loads._replace(tma=True, num_stages=s) for s in (loads.num_stages, loads.num_stages - 1,
                                                                        loads.num_stages + 1)
                       if s >= 2 and fits_smem(loads._replace(num_stages=s), props.shared_memory_per_block_optin, 2)]
             w = case.weights[0]
-            same = torch.equal(linear_triton(case.x[M], w, config=loads), linear_triton(case.x[M], w, config=by_tma[0]))
+            same = all(torch.equal(linear_triton(case.x[r], w, config=loads),
+                                   linear_triton(case.x[r], w, config=by_tma[0]))
+                       for r in (M, M + 1))  # a full tile of rows, and one row past it
             base = us_per_call(triton_call(loads), case, M, TABLE_REPS)
             for cfg in by_tma:
                 us = us_per_call(triton_call(cfg), case, M, TABLE_REPS)

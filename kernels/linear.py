@@ -52,6 +52,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import row_invariant, use_triton
 from .dependent_launch import hopper_or_newer, launch_options, prefetch_l2, wait_for_previous_kernels
 from .errors import KernelInputError
+from .interpreter import interpreting
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Split-K's arrival counters, one per output tile, zero between calls (each tile's last program resets its own):
@@ -96,7 +97,7 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
     cfg = _gpu_tile_config(N, K, dtype)
     # Tree steps load by the TMA where it measured faster (bench/linear_tma.py, H200): the 64-row tiles, 0.5-6.9% a
     # call for a 7B's matrices at 64 rows, 3.4-3.7% for a 135M model's w13 and lm_head; graphed 64-node tree steps
-    # 2.9% (7B) and 3.6% (135M) faster. The 16-row tiles of the 135M's smallest matrices ran 6-9% slower that way
+    # 2.9% (7B) and 1.5-3.6% (135M-shaped, two calls) faster. The 16-row tiles of the 135M's smallest matrices ran 6-9% slower that way
     # (a call's work too small for the copy engine's set-up to pay); fp32, not timed, keeps the per-thread loads.
     return cfg._replace(tma=cfg.block_m == 64 and dtype != torch.float32)
 
@@ -229,6 +230,7 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
     kernel that wrote x (dependent_launch.py).
     TMA: the x and weight tiles come through x_desc [M, K] and w_desc [N, K] (tensor descriptors of
     [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] boxes), not x_ptr and w_ptr: the same tiles, the same bits.
+    Without TMA, x_desc and w_desc are stand-in tensors the kernel never reads.
     RMSNorm folded in (`NormedStream`; with split-K, in the last-arriving program):
       NORM_IN_TILES > 0: x is g * h of a stream, sumsq_in [NORM_IN_TILES, M] float32 its rows' squares summed
         per tile; out = rstd * acc + b, rstd = 1 / sqrt(sum of the tiles / K + eps) (one fixed reduction).
@@ -248,10 +250,11 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
         prefetch_l2(w_ptr + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + line_k[None, :])
     wait_for_previous_kernels(PDL)
     k_end = tl.minimum(k_start + k_per_split, K)
-    ks = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    # int64 row offsets: M * K and N * K can pass 2**31 (long prefills, big vocabularies)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K], K contiguous
+    if not TMA:  # per-thread loads: the tiles' addresses, moved along K step by step
+        ks = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        # int64 row offsets: M * K and N * K can pass 2**31 (long prefills, big vocabularies)
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K], K contiguous
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # in order: the accumulation's one fixed schedule
@@ -262,9 +265,9 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
             k_ok = (k0 + tl.arange(0, BLOCK_K)) < K  # only the last step of all can be short
             x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
 
     out_mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None].to(tl.int64) * N + cols[None, :]  # [BLOCK_M, BLOCK_N] into out (and each split's partials)
@@ -304,14 +307,15 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
 
 def _loads_by_tma(cfg: TileConfig, x2, weight) -> bool:
     """Whether this call loads its tiles by the tensor memory accelerator: its config says so, x2 [M, K] fills at
-    least one tile of rows, the device has a TMA (sm_90 and newer; the interpreter emulates one), and the starts and
-    row strides are 16-byte aligned, as it requires. Why a tile of rows: a 1-row decode's x tile, 63 of its rows
-    zeros filled in by the copy engine, ran a 7B's w13 74% slower than the per-thread loads, which skip masked rows
-    (bench/RESULTS.md, twentieth run)."""
+    least one tile of rows, the device has a TMA (sm_90 and newer, measured on sm_90; the interpreter emulates
+    one), and the starts and row strides are 16-byte aligned, as it requires. Why a tile of rows: a 1-row decode
+    by TMA (a first version took it at every row count) ran a 7B's w13 74% slower than the per-thread loads, which
+    skip the tile's 63 masked rows (bench/RESULTS.md, twentieth run). Outside a CUDA graph each such launch also
+    encodes its two descriptors on the host (a prefill, an eager tree step; graphed steps hold them captured)."""
     nbytes = x2.element_size()
-    return (cfg.tma and x2.shape[0] >= cfg.block_m and (not x2.is_cuda or hopper_or_newer(x2.device))
-            and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x2.stride(0) * nbytes % 16 == 0
-            and weight.stride(0) * nbytes % 16 == 0)
+    has_tma = interpreting() if not x2.is_cuda else hopper_or_newer(x2.device)
+    return (cfg.tma and x2.shape[0] >= cfg.block_m and has_tma and x2.data_ptr() % 16 == 0
+            and weight.data_ptr() % 16 == 0 and x2.stride(0) * nbytes % 16 == 0 and weight.stride(0) * nbytes % 16 == 0)
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:

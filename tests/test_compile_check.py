@@ -60,17 +60,20 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
         import torch
         from kernels import linear
         from kernels.compile_check import compile_for_hopper
-        LOADS = {False: "cp.async.cg.shared.global", True: "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"}
+        LOADS = {False: "cp.async.cg.shared.global",  # per-thread copies; and a tile by TMA:
+                 True: "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"}
         cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
         for pdl, tma in itertools.product((True, False), (False, True)):
             pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"],
                                         "*bf16"), **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"),
-                        "counter_ptr": "*i32", "x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>" if tma else "*bf16",
+                        "counter_ptr": "*i32",
+                        "x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>" if tma else "*bf16",
                         "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>" if tma else "*bf16"}
             ptx = compile_for_hopper(linear._linear_kernel, pointers,
                                      dict(HAS_BIAS=False, SPLIT_K=1, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl,
-                                          NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False, TMA=tma),
+                                          NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False,
+                                          TMA=tma),
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                      aligned=("N", "K", "k_per_split"), floats=("eps",)).asm["ptx"]
             lines = [line.strip() for line in ptx.splitlines()]

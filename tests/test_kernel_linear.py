@@ -72,7 +72,8 @@ def test_row_invariant_in_16_bit_and_with_split_k(dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU's tiles: 64 rows and 16 (a 135M model's smallest matrices)")
-@pytest.mark.parametrize("N,K", [(256, 4096), (4096 * 3, 4096), (4096, 11008), (576, 1536)])  # (4096, 11008): split-K
+# (4096, 11008): split-K; (3000, 600): ragged features and a K tail, 64-row calls and more by TMA
+@pytest.mark.parametrize("N,K", [(256, 4096), (4096 * 3, 4096), (4096, 11008), (576, 1536), (3000, 600)])
 def test_row_invariant_on_the_gpu_at_model_sizes(N, K):
     x, w, b = linear_inputs(128, N, K, torch.bfloat16, DEVICE, bias=False)
     check_linear(x, w)
@@ -95,16 +96,24 @@ def test_dependent_launch_and_prefetch_change_no_bit(N, K):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", [TileConfig(16, 16, 32, 4, 2), SPLIT_3], ids=["one-split", "split-3"])
-def test_tiles_loaded_by_tma_give_the_bits_of_per_thread_loads(config, dtype):
+def test_tiles_loaded_by_tma_give_the_bits_of_per_thread_loads(config, dtype, monkeypatch):
     # A call of at least BLOCK_M rows loads its tiles by the TMA (a decode's single row never does): the copy
     # engine fills the tile past the tensors' ends (rows past M, features past N, the last K step) with zeros, as
     # the masked loads do, so the same tiles make the same products and the same bits, and each row of a call
-    # that loads by TMA is bitwise its 1-row call, which does not.
-    x, w, b = linear_inputs(33, 40, 80, dtype, DEVICE)
+    # that loads by TMA is bitwise its 1-row call, which does not. The weight is a slice of a wider matrix (row
+    # stride 88, not K = 80), as the descriptor must say.
+    x, _, b = linear_inputs(33, 40, 80, dtype, DEVICE)
+    w = torch.randn(40, 88, dtype=dtype, device=DEVICE)[:, :80]
     by_tma = config._replace(tma=True)
+    took_tma = []
+    loads_by_tma = linear_module._loads_by_tma
+    monkeypatch.setattr(linear_module, "_loads_by_tma", lambda *a: took_tma.append(loads_by_tma(*a)) or took_tma[-1])
     for M in (16, 20, 33):
         assert same_bits(linear_triton(x[:M], w, b, config=by_tma), linear_triton(x[:M], w, b, config=config)), M
+    assert took_tma == [True, False] * 3  # each M by TMA, then by loads
+    took_tma.clear()
     assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w, b, config=by_tma), x, [0, 16, 32]) == []
+    assert took_tma.count(True) == 1 and took_tma.count(False) == 3  # the 33-row call, then three 1-row calls
 
 
 def test_the_bit_check_sees_one_ulp_and_the_sign_of_zero():
