@@ -97,8 +97,8 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
     cfg = _gpu_tile_config(N, K, dtype)
     # Tree steps load by the TMA where it measured faster (bench/linear_tma.py, H200): the 64-row tiles, 0.5-6.9% a
     # call for a 7B's matrices at 64 rows, 3.4-3.7% for a 135M model's w13 and lm_head; graphed 64-node tree steps
-    # 2.9% (7B) and 1.5-3.6% (135M-shaped, two calls) faster. The 16-row tiles of the 135M's smallest matrices ran 6-9% slower that way
-    # (a call's work too small for the copy engine's set-up to pay); fp32, not timed, keeps the per-thread loads.
+    # 2.9% (7B) and 1.5-3.6% (135M-shaped, two calls) faster. The 16-row tiles of the 135M's smallest matrices ran
+    # 6-9% slower that way; fp32, not timed, keeps the per-thread loads.
     return cfg._replace(tma=cfg.block_m == 64 and dtype != torch.float32)
 
 
@@ -314,8 +314,9 @@ def _loads_by_tma(cfg: TileConfig, x2, weight) -> bool:
     encodes its two descriptors on the host (a prefill, an eager tree step; graphed steps hold them captured)."""
     nbytes = x2.element_size()
     has_tma = interpreting() if not x2.is_cuda else hopper_or_newer(x2.device)
-    return (cfg.tma and x2.shape[0] >= cfg.block_m and has_tma and x2.data_ptr() % 16 == 0
-            and weight.data_ptr() % 16 == 0 and x2.stride(0) * nbytes % 16 == 0 and weight.stride(0) * nbytes % 16 == 0)
+    aligned = all(n % 16 == 0 for n in (x2.data_ptr(), weight.data_ptr(), x2.stride(0) * nbytes,
+                                        weight.stride(0) * nbytes))
+    return cfg.tma and x2.shape[0] >= cfg.block_m and has_tma and aligned
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
