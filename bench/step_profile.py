@@ -40,7 +40,7 @@ from nanomedusa import model as model_module
 from nanomedusa.tree import PRESETS, TreeBuffers
 
 from .report import print_table, save, say
-from .steps import SHAPES, build_7b, step_ms
+from .steps import SHAPES, build_7b, step_inputs, step_ms
 from .timer import copy_bandwidth
 
 
@@ -69,19 +69,12 @@ def _short(name: str) -> str:
 def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str, int, float]]:
     """(kernel, calls, GPU µs) of one eager step, the largest first."""
     device = model.device
-    mask = tree.attn_mask if tree else None
-    tokens = torch.randint(model.config.vocab_size, (1, tree.num_nodes if tree else 1), device=device)
-    prefix_len = torch.tensor(prefix, device=device)
-
-    def step():  # a decode step takes no positions, as in decoding
-        return model(tokens, prefix_len=prefix_len, positions=prefix_len + tree.depths if tree else None,
-                     tree_mask=mask)
-
+    step, tokens, prefix_len = step_inputs(model, prefix, tree)
     for _ in range(3):  # compile and warm up outside the profile
-        step()
+        step(tokens, prefix_len)
     torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
+        step(tokens, prefix_len)
         torch.cuda.synchronize(device)
     totals, calls = defaultdict(float), defaultdict(int)
     for event in prof.events():

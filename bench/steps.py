@@ -117,20 +117,25 @@ def build_7b(args, device, dtype, cache_len: int) -> Transformer:
     return model
 
 
-def step_ms(model: Transformer, prefix: int, tree: TreeBuffers | None, reps: int) -> float:
-    """One CUDA-graphed forward of T new tokens (1 for decode, else the tree's nodes) after `prefix`
-    cached ones, lm_head included: the median milliseconds of `reps` replays."""
-    device = model.device
+def step_inputs(model: Transformer, prefix: int, tree: TreeBuffers | None):
+    """A forward of T new tokens (1 for decode, else the tree's nodes) after `prefix` cached ones, lm_head
+    included, as decoding runs it: (step, tokens [1, T] random, prefix_len 0-d on the device), step(tokens,
+    prefix_len) -> logits [1, T, V]. A decode step takes no positions (the model makes them), as in decoding."""
     mask = tree.attn_mask if tree else None  # [T, T], or causal
 
-    def step(tokens, prefix_len):  # [1, T] -> logits [1, T, V]; a decode step takes no positions, as in decoding
+    def step(tokens, prefix_len):
         return model(tokens, prefix_len=prefix_len, positions=prefix_len + tree.depths if tree else None,
                      tree_mask=mask)
 
-    tokens = torch.randint(model.config.vocab_size, (1, tree.num_nodes if tree else 1), device=device)
-    prefix_len = torch.tensor(prefix, device=device)
+    tokens = torch.randint(model.config.vocab_size, (1, tree.num_nodes if tree else 1), device=model.device)
+    return step, tokens, torch.tensor(prefix, device=model.device)
+
+
+def step_ms(model: Transformer, prefix: int, tree: TreeBuffers | None, reps: int) -> float:
+    """`step_inputs`' step, CUDA-graphed: the median milliseconds of `reps` replays."""
+    step, tokens, prefix_len = step_inputs(model, prefix, tree)
     graphed = GraphedStep(step, tokens, prefix_len)
-    return statistics.median(time_ms(lambda: graphed(tokens, prefix_len), device, samples=reps))
+    return statistics.median(time_ms(lambda: graphed(tokens, prefix_len), model.device, samples=reps))
 
 
 def step_trees(medusa: list[dict]) -> list[tuple[str, list[list[int]]]]:

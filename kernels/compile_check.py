@@ -95,6 +95,17 @@ def _rope_cases():
            dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
+def linear_pointers(cfg, tma: bool) -> dict[str, str]:
+    """The pointer (and, with `tma`, tensor-descriptor) arguments of `linear._linear_kernel` in bf16, for the tile
+    config `cfg` (a `linear.TileConfig`)."""
+    pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"], "*bf16"),
+                **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"), "counter_ptr": "*i32"}
+    if tma:  # the descriptors' boxes are the x and weight tiles
+        return {**pointers, "x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
+                "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>"}
+    return {**pointers, "x_desc": "*bf16", "w_desc": "*bf16"}  # stand-ins the kernel never reads
+
+
 def _linear_cases():
     from . import linear
 
@@ -102,9 +113,6 @@ def _linear_cases():
     # a 135M model's w2; then, as --exact runs them for such a narrow model (model.py's FOLD_NORMS_MAX_DIM), its wo
     # and w2 adding into the residual stream and making the next RMSNorm's stream, and its wqkv and w13 applying
     # that norm (from the 18 feature tiles of w2's and wo's outputs)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
-                "counter_ptr": "*i32", "residual_ptr": "*bf16", "norm_w_ptr": "*bf16", "h_ptr": "*bf16",
-                "sumsq_in_ptr": "*fp32", "sumsq_out_ptr": "*fp32"}
     plain = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False)
     into_stream = dict(NORM_IN_TILES=0, ADD_RESIDUAL=True, NORM_OUT=True)
     for N, K, mode in [(22016, 4096, plain), (4096, 4096, plain), (4096, 11008, plain), (6144, 4096, plain),
@@ -115,11 +123,8 @@ def _linear_cases():
                          ", into the residual stream" if mode["ADD_RESIDUAL"] else "",
                          f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else ""])
         for tma in sorted({False, cfg.tma}):  # a tree step's loads by the TMA, where the config has them
-            descriptors = {"x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
-                           "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>"} if tma else \
-                dict.fromkeys(["x_desc", "w_desc"], "*bf16")
             yield (f"linear, {N} x {K}{label}{', TMA' if tma else ''}", linear._linear_kernel,
-                   {**pointers, **descriptors},
+                   linear_pointers(cfg, tma),
                    dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
                         PDL=True, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma,

@@ -312,11 +312,12 @@ def _loads_by_tma(cfg: TileConfig, x2, weight) -> bool:
     by TMA (a first version took it at every row count) ran a 7B's w13 74% slower than the per-thread loads, which
     skip the tile's 63 masked rows (bench/RESULTS.md, twentieth run). Outside a CUDA graph each such launch also
     encodes its two descriptors on the host (a prefill, an eager tree step; graphed steps hold them captured)."""
-    nbytes = x2.element_size()
+    if not (cfg.tma and x2.shape[0] >= cfg.block_m):  # (every decode call ends here)
+        return False
     has_tma = interpreting() if not x2.is_cuda else hopper_or_newer(x2.device)
-    aligned = all(n % 16 == 0 for n in (x2.data_ptr(), weight.data_ptr(), x2.stride(0) * nbytes,
-                                        weight.stride(0) * nbytes))
-    return cfg.tma and x2.shape[0] >= cfg.block_m and has_tma and aligned
+    nbytes = x2.element_size()
+    return has_tma and all(n % 16 == 0 for n in (x2.data_ptr(), weight.data_ptr(), x2.stride(0) * nbytes,
+                                                 weight.stride(0) * nbytes))
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ def test_the_check_catches_what_the_interpreter_lets_through(tmp_path):
     """))
     (tmp_path / "check_bad.py").write_text(textwrap.dedent("""
         from bad_kernel import bad
-        from kernels.compile_check import compile_for_hopper
+        from kernels.compile_check import compile_for_hopper, linear_pointers
         try:
             compile_for_hopper(bad, {"x_ptr": "*fp32"}, {})
         except Exception as error:
@@ -59,17 +59,12 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
         import itertools
         import torch
         from kernels import linear
-        from kernels.compile_check import compile_for_hopper
+        from kernels.compile_check import compile_for_hopper, linear_pointers
         LOADS = {False: "cp.async.cg.shared.global",  # per-thread copies; and a tile by TMA:
                  True: "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"}
         cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
         for pdl, tma in itertools.product((True, False), (False, True)):
-            pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"],
-                                        "*bf16"), **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"),
-                        "counter_ptr": "*i32",
-                        "x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>" if tma else "*bf16",
-                        "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>" if tma else "*bf16"}
-            ptx = compile_for_hopper(linear._linear_kernel, pointers,
+            ptx = compile_for_hopper(linear._linear_kernel, linear_pointers(cfg, tma),
                                      dict(HAS_BIAS=False, SPLIT_K=1, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl,
                                           NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False,
