@@ -70,10 +70,13 @@ def _tree_attention_cases():
                 row_invariant = dict(common, BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
                                      BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
                 where = f"{label}, {chunks}"
-                yield (f"tree attention, row-invariant bodies, {where}", ta._ri_bodies_kernel, pointers,
-                       dict(row_invariant, **dots, BLOCK_M=block_m),
-                       # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before)
-                       dict(num_warps=warps, enable_fp_fusion=False, l2_reads_first=chunks.count > 0))
+                # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before); a group of
+                # 4, and with a count, a 7B's group of 1 and its deeper pipeline too (`_body_stages`)
+                for group in (4, 1) if chunks.count else (4,):
+                    yield (f"tree attention, row-invariant bodies, group {group}, {where}", ta._ri_bodies_kernel,
+                           pointers, dict(row_invariant, **dots, GROUP=group, BLOCK_M=block_m),
+                           dict(num_warps=warps, num_stages=ta._body_stages(group), enable_fp_fusion=False,
+                                l2_reads_first=chunks.count > 0))
                 # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel),
                 # and of a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
                 for group, before_wait in ((1, True), (4, False)):

@@ -786,6 +786,16 @@ TAIL_GRAIN = 8
 MERGE_CHUNKS = 8
 
 
+def _body_stages(group: int) -> int:
+    """Software-pipeline depth of a row-invariant bodies program's key loop (K and V tiles in flight): 4 for a model
+    without grouped queries, Triton's default 3 otherwise. Measured on H200s (bench/RESULTS.md, twenty-first run;
+    graphed steps at a prefix of 1,024): a 7B's decode step 0.9-1.1% and 64-node tree step 0.1-0.3% shorter with 4,
+    while 4 stages cost a Llama-3-8B-shaped tree step 2.8% (a group of 4: four times the bodies' programs at a tree
+    step) and left SmolLM2-135M's steps level; 5 gained the 7B less than 4. The stage count only pipelines the loads:
+    the sums, and so the bits, are the same at any depth."""
+    return 4 if group == 1 else 3
+
+
 def _tail_warps(tail_m: int, block_d: int) -> int:
     """Warps of a row-invariant tail program: one per 2,048 elements of its [TAIL_M, 2 * TAIL_GRAIN, BLOCK_D]
     products, which it holds in registers (a 7B without grouped queries: one warp, 128 registers a thread; groups
@@ -931,7 +941,8 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
     if n_body:
         _ri_bodies_kernel[(m_blocks * n_body * n_lengths, B * Hkv)](
             *args, *sizes, BLOCK_M=block_m, EVEN_D=block_d == D,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **common)
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+            num_stages=_body_stages(group), **common)
     # The tails are small tiles: a kernel of their own (few warps, 128 registers a thread for a 7B, little shared
     # memory) lets many of these latency-bound programs share an SM, where the bodies' shared memory would allow
     # two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave. Right after the bodies

@@ -264,17 +264,19 @@ def mode_prefix(where: str, n_kv_heads: int = 2) -> int:
     return PREFIXES[where](mode_block_n(), mode_lengths(n_kv_heads), mode_chunks(n_kv_heads))
 
 
+# On a GPU also a group of 1 (a 7B without grouped queries), whose bodies pipeline deeper (`_body_stages`).
+@pytest.mark.parametrize("group", [3] + ([1] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("n_kv_heads", [2] + ([8] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("dtype", INVARIANT_DTYPES)
 @pytest.mark.parametrize("where,prefix_as_tensor", [(name, i % 2 == 1) for i, name in enumerate(PREFIXES)]
                          + [("at the first change of chunks", False)])  # two lengths, the host's prefix too
-def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, n_kv_heads, dtype, where,
-                                                                    prefix_as_tensor):
+def test_row_invariant_tree_rows_equal_plain_decode_of_their_tokens(poisoned_allocations, group, n_kv_heads, dtype,
+                                                                    where, prefix_as_tensor):
     prefix = mode_prefix(where, n_kv_heads)
     tree_mask = TreeBuffers.from_choices(CHOICES, device=DEVICE).attn_mask
     T = tree_mask.shape[0]
     S = prefix + T + mode_lengths(n_kv_heads)  # keys past the tree: the grid covers them, the merge must skip them
-    q, k, v = random_qkv(1, 3 * n_kv_heads, n_kv_heads, T, S, HEAD_DIM, dtype)  # groups of 3
+    q, k, v = random_qkv(1, group * n_kv_heads, n_kv_heads, T, S, HEAD_DIM, dtype)
     assert rows_unlike_one_token_calls(q, k, v, prefix, tree_mask, True, prefix_as_tensor) == []
 
 
