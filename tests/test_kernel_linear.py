@@ -16,6 +16,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import kernels
 import kernels.linear as linear_module
@@ -44,6 +45,23 @@ def test_matches_reference(lead, M, N, K, bias, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 def test_split_k_matches_reference(bias):
     check_linear(*linear_inputs(6, 40, 80, torch.float32, DEVICE, bias=bias, lead=(2,)), config=SPLIT_3)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_sums_the_partials_in_split_order(split_k):
+    # Each split's partial is its K range's sum in BLOCK_K steps (a one-split call on those columns); the output is
+    # their sum in split order, whichever program arrived last (with 2 splits it adds the other's to its own).
+    x, w, _ = linear_inputs(20, 40, 80, torch.float32, DEVICE)
+    config = SPLIT_3._replace(split_k=split_k)
+    per_split = 16 * triton.cdiv(triton.cdiv(80, 16), split_k)  # whole BLOCK_K steps a split
+    one_split = config._replace(split_k=1)
+    partials = [linear_triton(x[:, k:k + per_split].contiguous(), w[:, k:k + per_split].contiguous(), config=one_split)
+                for k in range(0, 80, per_split)]
+    assert len(partials) == split_k
+    expected = partials[0]
+    for p in partials[1:]:
+        expected = expected + p
+    assert same_bits(linear_triton(x, w, config=config), expected)
 
 
 def test_split_k_leaves_its_tile_counters_at_zero():
