@@ -70,13 +70,11 @@ def _tree_attention_cases():
                 row_invariant = dict(common, BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
                                      BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
                 where = f"{label}, {chunks}"
-                # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before); a group of
-                # 4, and with a count, a 7B's group of 1 and its deeper pipeline too (`_body_stages`)
-                for group in (4, 1) if chunks.count else (4,):
-                    yield (f"tree attention, row-invariant bodies, group {group}, {where}", ta._ri_bodies_kernel,
-                           pointers, dict(row_invariant, **dots, GROUP=group, BLOCK_M=block_m),
-                           dict(num_warps=warps, num_stages=ta._body_stages(group), enable_fp_fusion=False,
-                                l2_reads_first=chunks.count > 0))
+                yield (f"tree attention, row-invariant bodies, {where}", ta._ri_bodies_kernel, pointers,
+                       dict(row_invariant, **dots, BLOCK_M=block_m),
+                       # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before)
+                       dict(num_warps=warps, num_stages=ta._body_stages(4), enable_fp_fusion=False,
+                            l2_reads_first=chunks.count > 0))
                 # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel),
                 # and of a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
                 for group, before_wait in ((1, True), (4, False)):
@@ -85,6 +83,13 @@ def _tree_attention_cases():
                                           TAIL_BEFORE_WAIT=before_wait),
                            dict(num_warps=ta._tail_warps(group, 128), enable_fp_fusion=False,
                                 l2_reads_first=before_wait))
+    # a 7B's bodies: no grouped queries, 32 KV heads' chunks and its deeper pipeline (`_body_stages`)
+    chunks = ta.body_chunks(True, n_kv_heads=32)
+    yield (f"tree attention, row-invariant bodies, a 7B's, {chunks}", ta._ri_bodies_kernel, pointers,
+           dict(GROUP=1, PREFIX_IS_PTR=True, HAS_MASK=True, HAS_KEY_VALID=False, BLOCK_D=128, PDL=True,
+                EVEN_D=True, DOT_PRECISION="tf32", BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
+                BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64, BLOCK_M=block_m),
+           dict(num_warps=warps, num_stages=ta._body_stages(1), enable_fp_fusion=False, l2_reads_first=True))
     yield ("tree attention, chunk merge", ta._combine_chunks_kernel, pointers,
            dict(GROUP=4, BLOCK_M=64, BLOCK_D=128, PDL=True), dict(num_warps=8))
 

@@ -705,7 +705,7 @@ def _tile_config(n_rows: int, D: int, dtype: torch.dtype, on_gpu: bool,
     # fp32 dots run without tensor cores and spill past 16 rows; 64 rows suit 16-bit inputs.
     max_m = 16 if dtype == torch.float32 else 64
     block_m = max_m if row_invariant else min(max(16, triton.next_power_of_2(n_rows)), max_m)
-    # Three pipeline stages of K and V tiles must fit in shared memory.
+    # Three pipeline stages of K and V tiles must fit in shared memory (four: `_body_stages`).
     block_n = 64 if block_d * dtype.itemsize <= 256 else 32
     # 4 warps spill from 64 x 128 accumulators up, but not in the row-invariant mode's bodies: their one loop (no
     # second, masked loop as in the default mode) fits (204 registers), and ran a 7B's decode and 64-node tree
@@ -790,9 +790,11 @@ def _body_stages(group: int) -> int:
     """Software-pipeline depth of a row-invariant bodies program's key loop (K and V tiles in flight): 4 for a model
     without grouped queries, Triton's default 3 otherwise. Measured on H200s (bench/RESULTS.md, twenty-first run;
     graphed steps at a prefix of 1,024): a 7B's decode step 0.9-1.1% and 64-node tree step 0.1-0.3% shorter with 4,
-    while 4 stages cost a Llama-3-8B-shaped tree step 2.8% (a group of 4: four times the bodies' programs at a tree
-    step) and left SmolLM2-135M's steps level; 5 gained the 7B less than 4. The stage count only pipelines the loads:
-    the sums, and so the bits, are the same at any depth."""
+    while 4 stages cost a Llama-3-8B-shaped tree step 2.8% and left SmolLM2-135M's steps level; 5 gained the 7B less
+    than 4. At head_dim 128 a program then takes 144 KB of shared memory, not 112 (compiled for sm_90), so one fits
+    an SM, not two: a 7B's decode runs about one program an SM anyway, while the 8B's tree step (a group of 4: four
+    times the programs of its decode step) then takes two waves. Only the 7B among the models without grouped
+    queries was measured. The stage count only pipelines the loads: the sums, and so the bits, stay the same."""
     return 4 if group == 1 else 3
 
 
@@ -945,7 +947,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
             num_stages=_body_stages(group), **common)
     # The tails are small tiles: a kernel of their own (few warps, 128 registers a thread for a 7B, little shared
     # memory) lets many of these latency-bound programs share an SM, where the bodies' shared memory would allow
-    # two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave. Right after the bodies
+    # one or two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave. Right after the bodies
     # kernel, they compute their tails before waiting for it (TAIL_BEFORE_WAIT); without it (no body: a short
     # prefix), the kernel before is RoPE's, which writes what the tails read, so they wait first.
     tail_m = triton.next_power_of_2(group)

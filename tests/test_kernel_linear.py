@@ -50,13 +50,15 @@ def test_split_k_matches_reference(bias):
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_split_k_sums_the_partials_in_split_order(split_k):
     # Each split's partial is its K range's sum in BLOCK_K steps (a one-split call on those columns); the output is
-    # their sum in split order, whichever program arrived last (with 2 splits it adds the other's to its own).
+    # their sum in split order, whichever program arrived last. (With 2 splits the order cannot show, p0 + p1 being
+    # p1 + p0 bit for bit: that case checks the ranges; with 3, another order fails it.)
     x, w, _ = linear_inputs(20, 40, 80, torch.float32, DEVICE)
+    K = x.shape[-1]
     config = SPLIT_3._replace(split_k=split_k)
-    per_split = 16 * triton.cdiv(triton.cdiv(80, 16), split_k)  # whole BLOCK_K steps a split
+    per_split = config.block_k * triton.cdiv(triton.cdiv(K, config.block_k), split_k)  # whole BLOCK_K steps a split
     one_split = config._replace(split_k=1)
     partials = [linear_triton(x[:, k:k + per_split].contiguous(), w[:, k:k + per_split].contiguous(), config=one_split)
-                for k in range(0, 80, per_split)]
+                for k in range(0, K, per_split)]
     assert len(partials) == split_k
     expected = partials[0]
     for p in partials[1:]:
