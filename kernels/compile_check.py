@@ -56,6 +56,7 @@ def _tree_attention_cases():
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tree_mask_ptr": "*u8", "key_valid_ptr": "*u8",
                 "prefix_len": "*i64", "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32",
                 "part_l_ptr": "*fp32"}
+    block_m, block_n, _, warps = ta._tile_config(64, 128, torch.bfloat16, True, row_invariant=True)
     for has_mask in (True, False):
         for has_key_valid in (False, True):
             common = dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
@@ -64,7 +65,6 @@ def _tree_attention_cases():
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
                    dict(common, **dots, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
-            block_m, block_n, _, warps = ta._tile_config(64, 128, torch.bfloat16, True, row_invariant=True)
             # chunks whose length follows the body's (8 KV heads or more), and fixed chunks (fewer)
             for chunks in (ta.body_chunks(True, n_kv_heads=8), ta.body_chunks(True, n_kv_heads=2)):
                 row_invariant = dict(common, BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
