@@ -57,39 +57,45 @@ def _tree_attention_cases():
                 "prefix_len": "*i64", "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32",
                 "part_l_ptr": "*fp32"}
     block_m, block_n, _, warps = ta._tile_config(64, 128, torch.bfloat16, True, row_invariant=True)
+    dots = dict(EVEN_D=True, DOT_PRECISION="tf32")
+
+    def common(has_mask, has_key_valid):
+        return dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
+                    PDL=True)
+
+    def row_invariant(has_mask, has_key_valid, chunks):  # what the row-invariant bodies and tails share
+        return dict(common(has_mask, has_key_valid), BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
+                    BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+
+    def bodies(where, shared, chunks, group):  # with the group's pipeline depth (`_body_stages`)
+        return (f"tree attention, row-invariant bodies, {where}", ta._ri_bodies_kernel, pointers,
+                dict(shared, **dots, GROUP=group, BLOCK_M=block_m),
+                # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before)
+                dict(num_warps=warps, num_stages=ta._body_stages(group), enable_fp_fusion=False,
+                     l2_reads_first=chunks.count > 0))
+
     for has_mask in (True, False):
         for has_key_valid in (False, True):
-            common = dict(GROUP=4, PREFIX_IS_PTR=True, HAS_MASK=has_mask, HAS_KEY_VALID=has_key_valid, BLOCK_D=128,
-                          PDL=True)
-            dots = dict(EVEN_D=True, DOT_PRECISION="tf32")
             label = f"mask={has_mask} key_valid={has_key_valid}"
             yield (f"tree attention, default mode, {label}", ta._attend_chunk_kernel, pointers,
-                   dict(common, **dots, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64), dict(num_warps=8))
+                   dict(common(has_mask, has_key_valid), **dots, WRITE_OUT=False, BLOCK_M=64, BLOCK_N=64),
+                   dict(num_warps=8))
             # chunks whose length follows the body's (8 KV heads or more), and fixed chunks (fewer)
             for chunks in (ta.body_chunks(True, n_kv_heads=8), ta.body_chunks(True, n_kv_heads=2)):
-                row_invariant = dict(common, BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
-                                     BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64)
+                shared = row_invariant(has_mask, has_key_valid, chunks)
                 where = f"{label}, {chunks}"
-                yield (f"tree attention, row-invariant bodies, {where}", ta._ri_bodies_kernel, pointers,
-                       dict(row_invariant, **dots, BLOCK_M=block_m),
-                       # (fixed chunks wait first; with a count, only L2 reads of the prefix and mask come before)
-                       dict(num_warps=warps, num_stages=ta._body_stages(4), enable_fp_fusion=False,
-                            l2_reads_first=chunks.count > 0))
+                yield bodies(where, shared, chunks, group=4)
                 # the tails of a 7B without grouped queries, computed before their wait (after a bodies kernel),
                 # and of a group of 4 (Llama-3 8B) waiting first (no bodies kernel before them)
                 for group, before_wait in ((1, True), (4, False)):
                     yield (f"tree attention, row-invariant tails, group {group}, {where}", ta._ri_tails_kernel,
-                           pointers, dict(row_invariant, GROUP=group, TAIL_M=group, MERGE_CHUNKS=ta.MERGE_CHUNKS,
+                           pointers, dict(shared, GROUP=group, TAIL_M=group, MERGE_CHUNKS=ta.MERGE_CHUNKS,
                                           TAIL_BEFORE_WAIT=before_wait),
                            dict(num_warps=ta._tail_warps(group, 128), enable_fp_fusion=False,
                                 l2_reads_first=before_wait))
-    # a 7B's bodies: no grouped queries, 32 KV heads' chunks and its deeper pipeline (`_body_stages`)
+    # a 7B's bodies: no grouped queries and 32 KV heads' chunks
     chunks = ta.body_chunks(True, n_kv_heads=32)
-    yield (f"tree attention, row-invariant bodies, a 7B's, {chunks}", ta._ri_bodies_kernel, pointers,
-           dict(GROUP=1, PREFIX_IS_PTR=True, HAS_MASK=True, HAS_KEY_VALID=False, BLOCK_D=128, PDL=True,
-                EVEN_D=True, DOT_PRECISION="tf32", BODY_CHUNKS=chunks.count, CHUNK_TILES=chunks.max_tiles,
-                BLOCK_N=block_n, TAIL_GRAIN=ta.TAIL_GRAIN, BLOCK_T=64, BLOCK_M=block_m),
-           dict(num_warps=warps, num_stages=ta._body_stages(1), enable_fp_fusion=False, l2_reads_first=True))
+    yield bodies(f"a 7B's, {chunks}", row_invariant(True, False, chunks), chunks, group=1)
     yield ("tree attention, chunk merge", ta._combine_chunks_kernel, pointers,
            dict(GROUP=4, BLOCK_M=64, BLOCK_D=128, PDL=True), dict(num_warps=8))
 
@@ -103,15 +109,26 @@ def _rope_cases():
            dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
-def linear_pointers(cfg, tma: bool) -> dict[str, str]:
-    """The pointer (and, with `tma`, tensor-descriptor) arguments of `linear._linear_kernel` in bf16, for the tile
-    config `cfg` (a `linear.TileConfig`)."""
+def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple[dict, dict, dict]:
+    """(pointers, constexprs, options) for `compile_for_hopper` of `linear._linear_kernel` in bf16 without a bias, as
+    `linear._run_linear` launches it with the tile config `cfg` (a `linear.TileConfig`), loading by the TMA or not,
+    under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL and NORM_OUT (default: a plain layer)."""
+    from . import linear
+
+    mode = mode or dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False)
     pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"], "*bf16"),
                 **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"), "counter_ptr": "*i32"}
     if tma:  # the descriptors' boxes are the x and weight tiles
-        return {**pointers, "x_desc": f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
-                "w_desc": f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>"}
-    return {**pointers, "x_desc": "*bf16", "w_desc": "*bf16"}  # stand-ins the kernel never reads
+        pointers.update(x_desc=f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
+                        w_desc=f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>")
+    else:
+        pointers.update(x_desc="*bf16", w_desc="*bf16")  # stand-ins the kernel never reads
+    constexprs = dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
+                      PDL=pdl, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma, **mode)
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
+                   floats=("eps",))
+    return pointers, constexprs, options
 
 
 def _linear_cases():
@@ -132,13 +149,7 @@ def _linear_cases():
                          f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else ""])
         for tma in sorted({False, cfg.tma}):  # a tree step's loads by the TMA, where the config has them
             yield (f"linear, {N} x {K}{label}{', TMA' if tma else ''}", linear._linear_kernel,
-                   linear_pointers(cfg, tma),
-                   dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
-                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
-                        PDL=True, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma,
-                        **mode),
-                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
-                        floats=("eps",)))
+                   *linear_case(cfg, tma, mode=mode))
 
 
 def _path_heads_cases():

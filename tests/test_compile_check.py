@@ -38,7 +38,7 @@ def test_the_check_catches_what_the_interpreter_lets_through(tmp_path):
     """))
     (tmp_path / "check_bad.py").write_text(textwrap.dedent("""
         from bad_kernel import bad
-        from kernels.compile_check import compile_for_hopper, linear_pointers
+        from kernels.compile_check import compile_for_hopper
         try:
             compile_for_hopper(bad, {"x_ptr": "*fp32"}, {})
         except Exception as error:
@@ -59,18 +59,13 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
         import itertools
         import torch
         from kernels import linear
-        from kernels.compile_check import compile_for_hopper, linear_pointers
+        from kernels.compile_check import compile_for_hopper, linear_case
         LOADS = {False: "cp.async.cg.shared.global",  # per-thread copies; and a tile by TMA:
                  True: "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"}
         cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
         for pdl, tma in itertools.product((True, False), (False, True)):
-            ptx = compile_for_hopper(linear._linear_kernel, linear_pointers(cfg, tma),
-                                     dict(HAS_BIAS=False, SPLIT_K=1, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
-                                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=4, LINE=64, PDL=pdl,
-                                          NORM_IN_TILES=0, NORM_IN_BLOCK=1, ADD_RESIDUAL=False, NORM_OUT=False,
-                                          TMA=tma),
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                     aligned=("N", "K", "k_per_split"), floats=("eps",)).asm["ptx"]
+            pointers, constexprs, options = linear_case(cfg, tma, pdl)
+            ptx = compile_for_hopper(linear._linear_kernel, pointers, constexprs, **options).asm["ptx"]
             lines = [line.strip() for line in ptx.splitlines()]
             def first(instruction):  # the first line issuing it (after any predicate)
                 return next((i for i, line in enumerate(lines) if instruction in line.split()[:2]), None)
