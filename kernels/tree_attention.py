@@ -947,7 +947,8 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
             num_stages=_body_stages(group), **common)
     # The tails are small tiles: a kernel of their own (few warps, 128 registers a thread for a 7B, little shared
     # memory) lets many of these latency-bound programs share an SM, where the bodies' shared memory would allow
-    # one or two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave. Right after the bodies
+    # one or two programs; a 7B's 64-node tree (2,048 tail programs) fits the GPU in one wave once the bodies are done
+    # (beside a running 7B bodies program only 8 fit an SM: compiled sizes, bench/RESULTS.md). Right after the bodies
     # kernel, they compute their tails before waiting for it (TAIL_BEFORE_WAIT); without it (no body: a short
     # prefix), the kernel before is RoPE's, which writes what the tails read, so they wait first.
     tail_m = triton.next_power_of_2(group)
