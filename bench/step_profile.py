@@ -84,14 +84,15 @@ def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str
     return sorted(((k, calls[k], totals[k]) for k in totals), key=lambda row: -row[2])
 
 
-# The kernel classes --ablate drops, each by the module attribute its launches go through.
+# The kernel classes --ablate drops, each by the module attributes its launches go through. (Where the q/k/v projection
+# rotates and writes the cache itself, kernels/linear.py's `fuses_rope_and_cache`, RoPE + cache is inside "linear".)
 KERNEL_CLASSES = {
     "attention tails": ("kernels.tree_attention", "_ri_tails_kernel"),
     "attention bodies": ("kernels.tree_attention", "_ri_bodies_kernel"),
     "RoPE + cache": ("kernels.rope_cache", "_rope_and_cache_kernel"),
     "SwiGLU": ("kernels.swiglu", "_silu_mul_kernel"),
     "RMSNorm": ("kernels.rmsnorm", "_rmsnorm_kernel"),
-    "linear": ("kernels.linear", "_linear_kernel"),
+    "linear": ("kernels.linear", "_linear_kernel", "_linear_rope_kernel"),
 }
 
 
@@ -109,16 +110,17 @@ def ablation_rows(model, prefix: int, tree: TreeBuffers, reps: int) -> list[list
     rows = []
     dropped_sets = [[name] for name in KERNEL_CLASSES] + [[n for n in KERNEL_CLASSES if n != "linear"]]
     for dropped in dropped_sets:
-        saved = {}
+        saved = []
         for name in dropped:
-            module, attr = KERNEL_CLASSES[name]
+            module, *attrs = KERNEL_CLASSES[name]
             module = importlib.import_module(module)
-            saved[name] = (module, attr, getattr(module, attr))
-            setattr(module, attr, _NoLaunch())
+            for attr in attrs:
+                saved.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, _NoLaunch())
         try:
             decode, tree_ms = step_ms(model, prefix, None, reps), step_ms(model, prefix, tree, reps)
         finally:
-            for module, attr, kernel in saved.values():
+            for module, attr, kernel in saved:
                 setattr(module, attr, kernel)
         label = dropped[0] if len(dropped) == 1 else "all but linear"
         rows.append([label, f"{(base[0] - decode) * 1e3:.0f}", f"{(base[1] - tree_ms) * 1e3:.0f}"])

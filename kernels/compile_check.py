@@ -109,15 +109,19 @@ def _rope_cases():
            dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
-def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple[dict, dict, dict]:
-    """(pointers, constexprs, options) for `compile_for_hopper` of `linear._linear_kernel` in bf16 without a bias, as
+def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple:
+    """(kernel, pointers, constexprs, options) for `compile_for_hopper` of the linear layer in bf16 without a bias, as
     `linear._run_linear` launches it with the tile config `cfg` (a `linear.TileConfig`), loading by the TMA or not,
-    under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL and NORM_OUT (default: a plain layer)."""
+    under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL and NORM_OUT, or ROPE_HEAD_DIM (then the kernel
+    is `_linear_rope_kernel`; those not given: a plain layer's)."""
     from . import linear
 
-    mode = mode or dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False)
-    pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr"], "*bf16"),
-                **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr"], "*fp32"), "counter_ptr": "*i32"}
+    mode = {**dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0), **(mode or {})}
+    kernel = linear._linear_rope_kernel if mode["ROPE_HEAD_DIM"] else linear._linear_kernel
+    pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr",
+                                 "cache_ptr"], "*bf16"),
+                **dict.fromkeys(["partial_ptr", "sumsq_in_ptr", "sumsq_out_ptr", "cos_ptr", "sin_ptr"], "*fp32"),
+                "counter_ptr": "*i32", "prefix_len": "*i64"}
     if tma:  # the descriptors' boxes are the x and weight tiles
         pointers.update(x_desc=f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
                         w_desc=f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>")
@@ -125,10 +129,11 @@ def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> t
         pointers.update(x_desc="*bf16", w_desc="*bf16")  # stand-ins the kernel never reads
     constexprs = dict(HAS_BIAS=False, SPLIT_K=cfg.split_k, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
-                      PDL=pdl, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma, **mode)
+                      PDL=pdl, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma,
+                      PREFIX_IS_PTR=True, **mode)
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
                    floats=("eps",))
-    return pointers, constexprs, options
+    return kernel, pointers, {k: v for k, v in constexprs.items() if k in kernel.arg_names}, options
 
 
 def _linear_cases():
@@ -137,19 +142,21 @@ def _linear_cases():
     # a 7B's w13, wo and w2 (split-K: the last-arriving program sums the partials), Llama-3 8B's wqkv (5 stages),
     # a 135M model's w2; then, as --exact runs them for such a narrow model (model.py's FOLD_NORMS_MAX_DIM), its wo
     # and w2 adding into the residual stream and making the next RMSNorm's stream, and its wqkv and w13 applying
-    # that norm (from the 18 feature tiles of w2's and wo's outputs)
-    plain = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False)
-    into_stream = dict(NORM_IN_TILES=0, ADD_RESIDUAL=True, NORM_OUT=True)
+    # that norm (from the 18 feature tiles of w2's and wo's outputs); a 7B's wqkv rotating q and k and writing the
+    # cache in its epilogue
+    plain = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0)
+    into_stream = dict(plain, ADD_RESIDUAL=True, NORM_OUT=True)
     for N, K, mode in [(22016, 4096, plain), (4096, 4096, plain), (4096, 11008, plain), (6144, 4096, plain),
                        (576, 1536, plain), (576, 576, into_stream), (576, 1536, into_stream),
-                       (960, 576, dict(plain, NORM_IN_TILES=18)), (3072, 576, dict(plain, NORM_IN_TILES=18))]:
+                       (960, 576, dict(plain, NORM_IN_TILES=18)), (3072, 576, dict(plain, NORM_IN_TILES=18)),
+                       (12288, 4096, dict(plain, ROPE_HEAD_DIM=128))]:
         cfg = linear._tile_config(N, K, torch.bfloat16, True)
         label = "".join([f", split-K {cfg.split_k}" if cfg.split_k > 1 else "",
                          ", into the residual stream" if mode["ADD_RESIDUAL"] else "",
-                         f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else ""])
+                         f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else "",
+                         ", RoPE + cache" if mode["ROPE_HEAD_DIM"] else ""])
         for tma in sorted({False, cfg.tma}):  # a tree step's loads by the TMA, where the config has them
-            yield (f"linear, {N} x {K}{label}{', TMA' if tma else ''}", linear._linear_kernel,
-                   *linear_case(cfg, tma, mode=mode))
+            yield (f"linear, {N} x {K}{label}{', TMA' if tma else ''}", *linear_case(cfg, tma, mode=mode))
 
 
 def _path_heads_cases():

@@ -24,6 +24,10 @@ programmatic dependent launch a step of these kernels runs faster than one with 
 bias [N] or None -> out [..., N] in x's dtype; weight and bias share x's dtype; float32 accumulation, and
 float32 inputs use exact ("ieee") products, not TF32.
 
+The fused q/k/v projection of an attention layer can also rotate q and k and write k and v into the KV cache in its
+epilogue (`linear_rope_and_cache`, a kernel of its own: `_linear_rope_kernel`), where its tiles hold whole heads
+(`fuses_rope_and_cache`); the layer then runs no RoPE kernel (kernels/rope_cache.py).
+
 The same kernel can take the RMSNorm between two sublayers into its epilogues (a narrow model's blocks under
 `--exact`, nanomedusa/model.py): `linear_into_residual` adds its output to the residual stream h and leaves the
 next norm half done, a `NormedStream` of g * h and each row's squares of h summed per tile of features; the next
@@ -53,6 +57,7 @@ from . import row_invariant, use_triton
 from .dependent_launch import hopper_or_newer, launch_options, prefetch_l2, wait_for_previous_kernels
 from .errors import KernelInputError
 from .interpreter import interpreting
+from .rope_cache import check_rope_and_cache_inputs, rope_and_cache_tile
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Split-K's arrival counters, one per output tile, zero between calls (each tile's last program resets its own):
@@ -168,6 +173,59 @@ class NormedStream(NamedTuple):
         return self.residual.shape
 
 
+class RopeAndCache(NamedTuple):
+    """What the fused q/k/v projection of an attention layer needs to rotate q and k and write k and v into the KV
+    cache in its own epilogue (`linear_rope_and_cache`), as `kernels.rope_and_cache` takes them."""
+
+    cos: torch.Tensor  # [T, D] or [B, T, D] float32: the RoPE tables at the tokens' positions
+    sin: torch.Tensor
+    cache: torch.Tensor  # the layer's [2, B, Hkv, S, D], contiguous (KVCache.layer)
+    prefix_len: int | torch.Tensor  # the tokens go to cache slots prefix_len .. prefix_len + T - 1
+    n_heads: int  # query heads (the projection's rows: n_heads, then Hkv key, then Hkv value heads of D)
+
+
+def fuses_rope_and_cache(x, weight, bias, head_dim: int) -> bool:
+    """Whether the fused q/k/v projection `weight` on x (a tensor or a NormedStream) rotates and writes the cache in
+    its epilogue (`linear_rope_and_cache`): it runs the row-invariant kernel, head_dim is a power of 2 and each
+    program's tile holds whole heads (a 7B's wqkv: 128-feature tiles of head_dim 128), with no split-K. Decided by
+    the weight's shape, never by the row count, so a model's prefill, decode and tree steps all take one path."""
+    rows = x.scaled if isinstance(x, NormedStream) else x
+    if not runs_row_invariant_kernel(rows, (weight, bias)) or head_dim & (head_dim - 1):
+        return False
+    cfg = _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
+    return cfg.block_n % head_dim == 0 and cfg.split_k == 1
+
+
+def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileConfig | None = None):
+    """`rope_and_cache(q, k, v, ...)` of the fused projection q, k, v = linear(x, weight, bias) (x [B, T, K], or a
+    NormedStream: linear_of_normed), in the projection's kernel: no (q, k, v) tensor and no RoPE kernel -> rotated
+    q [B, Hq, T, D]. Row-invariant like `linear_triton` (every row computed and rotated on its own); only where
+    `fuses_rope_and_cache`. `config` overrides `_tile_config` (tests), as in `linear_triton`: its tiles must hold whole
+    heads."""
+    stream = x if isinstance(x, NormedStream) else None
+    rows = stream.scaled if stream is not None else x
+    if rows.dim() != 3:
+        raise KernelInputError(f"a projection with RoPE takes x [B, T, K], not {tuple(rows.shape)}.")
+    B, T, _ = rows.shape
+    cache = rope.cache
+    if cache.dim() != 5 or not cache.is_contiguous():
+        raise KernelInputError(f"the fused projection writes a contiguous layer cache [2, B, Hkv, S, D], not "
+                               f"{tuple(cache.shape)} (contiguous: {cache.is_contiguous()}); pass KVCache.layer(i).")
+    Hkv, D = cache.shape[2], cache.shape[4]
+    if weight.shape[0] != (rope.n_heads + 2 * Hkv) * D:
+        raise KernelInputError(f"the fused projection's {weight.shape[0]} rows are not {rope.n_heads} query and "
+                               f"2 x {Hkv} key/value heads of {D}; check n_heads against the cache.")
+    check_rope_and_cache_inputs(B, T, Hkv, D, rows.dtype, rope.cos, rope.sin, cache, rope.prefix_len)
+    cfg = config or _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
+    if cfg.block_n % D or D & (D - 1) or cfg.split_k != 1:
+        raise KernelInputError(f"a projection with RoPE needs tiles of whole heads ({cfg.block_n} features a tile, "
+                               f"head_dim {D}, split-K {cfg.split_k}); check fuses_rope_and_cache first.")
+    rope = rope._replace(cos=rope.cos.contiguous(), sin=rope.sin.contiguous())  # no-ops for gathered tables
+    if stream is None:
+        return _run_linear(rows, weight, bias, cfg, rope=rope)[0]
+    return _run_linear(rows, weight, bias, cfg, sumsq_in=stream.sumsq, eps=stream.eps, rope=rope)[0]
+
+
 def linear_into_residual_reference(x, weight, bias, residual, norm_weight=None, eps=0.0):
     """residual + linear(x, weight, bias), rounded as those two ops round; with norm_weight, the NormedStream of
     the RMSNorm(norm_weight, eps) after it (its sumsq one tile of the whole D)."""
@@ -218,6 +276,42 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
                    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
                    NORM_IN_TILES: tl.constexpr, NORM_IN_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
                    NORM_OUT: tl.constexpr, TMA: tl.constexpr):
+    """A linear layer: `_linear_program` without RoPE (see there)."""
+    _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr,
+                    h_ptr, sumsq_in_ptr, sumsq_out_ptr, eps, 0, 0, 0, 0, 1, 0, 0, 0, 0, M, N, K, stride_wn,
+                    k_per_split, HAS_BIAS, SPLIT_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_LINES, LINE,
+                    PDL, NORM_IN_TILES, NORM_IN_BLOCK, ADD_RESIDUAL, NORM_OUT, TMA, 0, False)
+
+
+# (a kernel of its own, so that the other linear layers' launches do not carry the RoPE arguments: a first version
+# that passed them to every launch ran a launch-bound SmolLM2-135M-shaped tree step 1.2% slower, part of it the
+# arguments, bench/RESULTS.md)
+@triton.jit(do_not_specialize=["M", "T", "prefix_len"])
+def _linear_rope_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, sumsq_in_ptr, eps, cos_ptr, sin_ptr, cache_ptr,
+                        prefix_len, T, S, n_q_heads, n_kv_heads, stride_cb, M, N, K, stride_wn,
+                        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+                        LINE: tl.constexpr, PDL: tl.constexpr, NORM_IN_TILES: tl.constexpr,
+                        NORM_IN_BLOCK: tl.constexpr, TMA: tl.constexpr, ROPE_HEAD_DIM: tl.constexpr,
+                        PREFIX_IS_PTR: tl.constexpr):
+    """The fused q/k/v projection rotating q and k and writing the KV cache: `_linear_program` with RoPE (no split-K,
+    no residual)."""
+    _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, 0, 0, 0, 0, 0, sumsq_in_ptr, 0, eps, cos_ptr,
+                    sin_ptr, cache_ptr, prefix_len, T, S, n_q_heads, n_kv_heads, stride_cb, M, N, K, stride_wn, K,
+                    HAS_BIAS, 1, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_LINES, LINE, PDL, NORM_IN_TILES,
+                    NORM_IN_BLOCK, False, False, TMA, ROPE_HEAD_DIM, PREFIX_IS_PTR)
+
+
+@triton.jit
+def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr,
+                    h_ptr, sumsq_in_ptr, sumsq_out_ptr, eps, cos_ptr, sin_ptr, cache_ptr, prefix_len, T, S, n_q_heads,
+                    n_kv_heads, stride_cb, M, N, K, stride_wn, k_per_split,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
+                    NORM_IN_TILES: tl.constexpr, NORM_IN_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                    NORM_OUT: tl.constexpr, TMA: tl.constexpr, ROPE_HEAD_DIM: tl.constexpr,
+                    PREFIX_IS_PTR: tl.constexpr):
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
     x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N]; out [M, N] = x @ w^T + b,
@@ -238,6 +332,10 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
         (only there: without NORM_OUT, h_ptr is out's buffer);
         with NORM_OUT, out = round(g * h), g = norm_w [N], and sumsq_out [cdiv(N, BLOCK_N), M] = h's squares summed
         over this tile's features (one reduction of a fixed-shape tile: each row alike whatever the others hold).
+    RoPE and the KV cache written in the epilogue (ROPE_HEAD_DIM > 0: the fused q/k/v projection, tiles of whole
+    heads, no split-K): out is the rotated q [B, n_q_heads, T, ROPE_HEAD_DIM], and the rotated keys and the values
+    go to cache [2, B, n_kv_heads, S, ROPE_HEAD_DIM] at slots prefix_len + t (`rope_cache.rope_and_cache_tile`,
+    which says what cos_ptr, sin_ptr and stride_cb are).
     """
     m_block, n_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -292,7 +390,11 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
-        if ADD_RESIDUAL:  # the residual add and, with NORM_OUT, the next RMSNorm's per-feature part
+        if ROPE_HEAD_DIM > 0:
+            rope_and_cache_tile(y, rows, n_block * (BLOCK_N // ROPE_HEAD_DIM), M, cos_ptr, sin_ptr, out_ptr, cache_ptr,
+                                prefix_len, T, S, n_q_heads, n_kv_heads, stride_cb, PREFIX_IS_PTR,
+                                BLOCK_N // ROPE_HEAD_DIM, ROPE_HEAD_DIM)
+        elif ADD_RESIDUAL:  # the residual add and, with NORM_OUT, the next RMSNorm's per-feature part
             r = tl.load(residual_ptr + offsets, mask=out_mask, other=0.0)
             h = (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)  # masked features: 0 (masked rows: never stored)
             tl.store(h_ptr + offsets, h, mask=out_mask)
@@ -361,16 +463,19 @@ def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
 
 
 def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=None, norm_weight=None,
-                sumsq_in=None, eps=0.0):
-    """The launch of `_linear_kernel` -> (out, h, sumsq_out): out [..., N] (g * h with norm_weight), and with a
-    residual h [..., N] and, with norm_weight, sumsq_out [tiles, M] (else None). sumsq_in: x is a NormedStream's
-    scaled rows, their sums of squares [tiles, M]."""
+                sumsq_in=None, eps=0.0, rope: RopeAndCache | None = None):
+    """The launch of `_linear_kernel` (with rope: `_linear_rope_kernel`) -> (out, h, sumsq_out): out [..., N] (g * h
+    with norm_weight; with rope, the rotated q [B, Hq, T, D]), and with a residual h [..., N] and, with norm_weight,
+    sumsq_out [tiles, M] (else None). sumsq_in: x is a NormedStream's scaled rows, their sums of squares [tiles, M]."""
     _check_inputs(x, weight, bias)
     N, K = weight.shape
     cfg = config or _tile_config(N, K, x.dtype, x.is_cuda)
     x2 = x.reshape(-1, K).contiguous()  # [M, K]; a no-op for the usual contiguous activations
     M = x2.shape[0]
-    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    if rope is None:
+        out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    else:  # x [B, T, K]: the rotated q, [B, Hq, T, D]
+        out = torch.empty(x.shape[0], rope.n_heads, x.shape[1], rope.cache.shape[-1], dtype=x.dtype, device=x.device)
     # h: the new residual stream. Without a norm it is the output itself (the kernel stores h only, at h_ptr).
     h = torch.empty_like(out) if residual is not None and norm_weight is not None else out
     m_blocks, n_blocks = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
@@ -397,18 +502,27 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_m, cfg.block_k]) if tma else x2
     w_desc = TensorDescriptor(weight, [N, K], [weight.stride(0), 1], [cfg.block_n, cfg.block_k]) if tma else weight
     # (Inside a CUDA graph the descriptors are kernel arguments, captured by value with the addresses they hold.)
-    _linear_kernel[(m_blocks, n_blocks, split_k)](
+    grid = (m_blocks, n_blocks, split_k)
+    sumsq_in = out if sumsq_in is None else sumsq_in.contiguous()
+    shared = dict(
+        # (tf32 names the float32 inputs' mode; 16-bit inputs ignore it)
+        HAS_BIAS=has_bias, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=prefetch_lines, LINE=line,
+        NORM_IN_TILES=norm_in_tiles, NORM_IN_BLOCK=triton.next_power_of_2(max(norm_in_tiles, 1)), TMA=tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x))
+    if rope is not None:  # (split_k is 1: linear_rope_and_cache checked the config)
+        cos, sin, cache = rope.cos, rope.sin, rope.cache
+        per_row_tables = cos.dim() == 3  # [B, T, D], else [T, D] shared by the batch rows: a batch stride of 0
+        _linear_rope_kernel[grid](
+            x2, weight, x_desc, w_desc, b, out, sumsq_in, float(eps), cos, sin, cache, rope.prefix_len,
+            x.shape[1], cache.shape[3], rope.n_heads, cache.shape[2], cos.stride(0) if per_row_tables else 0,
+            M, N, K, weight.stride(0),
+            ROPE_HEAD_DIM=cache.shape[4], PREFIX_IS_PTR=isinstance(rope.prefix_len, torch.Tensor), **shared)
+        return out, None, None
+    _linear_kernel[grid](
         x2, weight, x_desc, w_desc, b, out, partial, counters,
         out if residual is None else residual.reshape(M, N).contiguous(),
-        b if norm_weight is None else norm_weight, h,
-        out if sumsq_in is None else sumsq_in.contiguous(), out if sumsq_out is None else sumsq_out, float(eps),
-        M, N, K, weight.stride(0), k_per_split,
-        # (tf32 names the float32 inputs' mode; 16-bit inputs ignore it)
-        HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREFETCH_LINES=prefetch_lines, LINE=line, NORM_IN_TILES=norm_in_tiles,
-        NORM_IN_BLOCK=triton.next_power_of_2(max(norm_in_tiles, 1)), ADD_RESIDUAL=residual is not None,
-        NORM_OUT=norm_weight is not None, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x),
-    )
+        b if norm_weight is None else norm_weight, h, sumsq_in, out if sumsq_out is None else sumsq_out, float(eps),
+        M, N, K, weight.stride(0), k_per_split, SPLIT_K=split_k, ADD_RESIDUAL=residual is not None,
+        NORM_OUT=norm_weight is not None, **shared)
     return out, h if residual is not None else None, sumsq_out

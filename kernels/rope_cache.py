@@ -15,6 +15,10 @@ version is one launch with one program per (batch * token, block of heads) over 
 followed by the Hkv key/value heads. A query program rotates its rows into the output; a key/value
 program rotates the key rows and copies the value rows into the cache slot. Each row is read as its
 two halves, so the rotation needs no shuffle: out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2.
+
+Where the fused q/k/v projection's tiles hold whole heads (a 7B's), the same work runs in that projection's epilogue
+instead (`rope_and_cache_tile`, called by kernels/linear.py's `linear_rope_and_cache`), and no kernel of this module
+runs: the projection's program has the head's two halves in its output tile already. Same roundings, same bits.
 """
 
 from __future__ import annotations
@@ -73,6 +77,56 @@ def _rotate_rows(src, dst, cos_row, sin_row, d, ok, HALF, mask):
 
 
 @triton.jit
+def rope_and_cache_tile(y, rows, first_head, M, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, prefix_len, T, S, n_q_heads,
+                        n_kv_heads, stride_cb, PREFIX_IS_PTR: tl.constexpr, HEADS: tl.constexpr,
+                        HEAD_DIM: tl.constexpr):
+    """`rope_and_cache` of a tile of the fused q/k/v projection's output, in that projection's epilogue
+    (kernels/linear.py): y [BLOCK_M, HEADS * HEAD_DIM] (the projection's rounded output) holds whole heads, head
+    slots first_head .. first_head + HEADS of rows `rows` (row r: token r % T of batch row r // T; rows >= M are
+    padding). Head slot h < n_q_heads is query head h, then come n_kv_heads key heads and n_kv_heads value heads.
+    Query heads go rotated to q_out [B, Hq, T, HEAD_DIM], key heads rotated and value heads as they are to cache
+    slot prefix_len + t of cache [2, B, Hkv, S, HEAD_DIM] (contiguous); cos, sin [T, HEAD_DIM] (stride_cb 0) or
+    [B, T, HEAD_DIM], contiguous float32. The same rounding as the standalone kernel: the projection's output is
+    rounded to its dtype first, rotated in float32 and rounded once."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    BLOCK_M: tl.constexpr = y.shape[0]
+    # Each head's two halves side by side: [BLOCK_M, HEADS, 2, HALF] -> [BLOCK_M, HEADS, HALF, 2] -> split.
+    x1, x2 = tl.split(tl.permute(tl.reshape(y.to(tl.float32), [BLOCK_M, HEADS, 2, HALF]), [0, 1, 3, 2]))
+    row_ok = rows < M
+    b, t = (rows // T).to(tl.int64), rows % T  # [BLOCK_M]
+    d = tl.arange(0, HALF)
+    head = first_head + tl.arange(0, HEADS)  # [HEADS] head slots
+    # the tables' rows, read once for each head of the tile (the same addresses): loaded in x1's shape and layout
+    table = (b * stride_cb + t * HEAD_DIM)[:, None, None] + (head * 0)[None, :, None] + d[None, None, :]
+    table_ok = row_ok[:, None, None]
+    c1 = tl.load(cos_ptr + table, mask=table_ok, other=0.0)  # [BLOCK_M, HEADS, HALF]
+    c2 = tl.load(cos_ptr + table + HALF, mask=table_ok, other=0.0)
+    s1 = tl.load(sin_ptr + table, mask=table_ok, other=0.0)
+    s2 = tl.load(sin_ptr + table + HALF, mask=table_ok, other=0.0)
+    # (the very expressions of _rotate_rows, which the standalone kernel computes: the same bits, tests check; a
+    # helper shared by the two kernels cost the standalone one's program 0.6% of a SmolLM2-135M tree step)
+    out1, out2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2  # [BLOCK_M, HEADS, HALF]
+    is_q, is_v = head < n_q_heads, head >= n_q_heads + n_kv_heads
+    out1 = tl.where(is_v[None, :, None], x1, out1)  # value heads: not rotated (x1, x2: exact copies of y)
+    out2 = tl.where(is_v[None, :, None], x2, out2)
+    if PREFIX_IS_PTR:
+        slot = tl.load(prefix_len).to(tl.int32) + t  # read on the device: no host sync, graph-capturable
+    else:
+        slot = prefix_len + t
+    kv_head = tl.where(is_v, head - n_kv_heads, head) - n_q_heads  # [HEADS]
+    q_row = ((b[:, None] * n_q_heads + head[None, :]) * T + t[:, None]) * HEAD_DIM  # [BLOCK_M, HEADS]
+    # cache[0 (k) / 1 (v), b, kv_head, slot]: cache[1] starts B * Hkv * S * HEAD_DIM elements after cache[0]
+    kv_row = ((is_v.to(tl.int64)[None, :] * (M // T) + b[:, None]) * n_kv_heads + kv_head[None, :]) * S
+    kv_row = (kv_row + slot[:, None]) * HEAD_DIM
+    dst = tl.where(is_q[None, :], q_out_ptr + q_row, cache_ptr + kv_row)  # [BLOCK_M, HEADS]
+    # A device prefix_len is not checked on the host: never write outside the cache.
+    in_cache = (slot >= 0) & (slot < S)
+    ok = row_ok[:, None] & (head < n_q_heads + 2 * n_kv_heads)[None, :] & (is_q[None, :] | in_cache[:, None])
+    tl.store(dst[:, :, None] + d[None, None, :], out1.to(y.dtype), mask=ok[:, :, None])
+    tl.store(dst[:, :, None] + HALF + d[None, None, :], out2.to(y.dtype), mask=ok[:, :, None])
+
+
+@triton.jit
 def _rope_and_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, prefix_len,
     T, S, HALF, n_q_heads, n_kv_heads,
@@ -115,8 +169,15 @@ def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise KernelInputError(f"rope_and_cache got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
                                f"pass q [B, T, Hq, D] and k, v [B, T, Hkv, D] (the projections viewed per head).")
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
+    B, T, _, D = q.shape
+    if not (q.dtype == k.dtype == v.dtype):
+        raise KernelInputError(f"rope_and_cache needs q, k and v in one dtype, got {q.dtype}, {k.dtype} and {v.dtype}.")
+    check_rope_and_cache_inputs(B, T, k.shape[2], D, q.dtype, cos, sin, kv_cache_layer, prefix_len)
+
+
+def check_rope_and_cache_inputs(B, T, Hkv, D, dtype, cos, sin, kv_cache_layer, prefix_len) -> None:
+    """The checks of what `rope_and_cache` takes besides q, k and v, for B x T tokens of Hkv KV heads of head_dim D
+    in `dtype` (also for a projection that rotates in its epilogue: kernels/linear.py)."""
     if D % 2:
         raise KernelInputError(f"RoPE rotates pairs of dimensions, so head_dim must be even, not {D}.")
     if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
@@ -128,12 +189,13 @@ def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
     if kv_cache_layer.dim() != 5 or kv_cache_layer.shape[:3] != (2, B, Hkv) or kv_cache_layer.shape[4] != D:
         raise KernelInputError(f"rope_and_cache needs a layer cache shaped [2, {B}, {Hkv}, S, {D}], got "
                                f"{tuple(kv_cache_layer.shape)}; pass model.kv_cache[layer].")
-    if not (q.dtype == k.dtype == v.dtype == kv_cache_layer.dtype):
-        raise KernelInputError(f"rope_and_cache needs q, k, v and the cache in one dtype, got {q.dtype}, {k.dtype}, "
-                               f"{v.dtype} and {kv_cache_layer.dtype}; cast the cache to the model dtype.")
+    if kv_cache_layer.dtype != dtype:
+        raise KernelInputError(f"rope_and_cache needs the projections and the cache in one dtype, got {dtype} "
+                               f"projections and a {kv_cache_layer.dtype} cache; cast the cache to the model dtype.")
     if isinstance(prefix_len, torch.Tensor):
-        if prefix_len.dim() != 0 or prefix_len.device != q.device or prefix_len.is_floating_point():
-            raise KernelInputError("rope_and_cache needs prefix_len as an int or a 0-d integer tensor on q's device.")
+        if prefix_len.dim() != 0 or prefix_len.device != kv_cache_layer.device or prefix_len.is_floating_point():
+            raise KernelInputError("rope_and_cache needs prefix_len as an int or a 0-d integer tensor on the cache's "
+                                   "device.")
     elif not 0 <= prefix_len <= kv_cache_layer.shape[3] - T:
         raise KernelInputError(f"{T} new tokens at prefix_len {prefix_len} do not fit a cache of "
                                f"{kv_cache_layer.shape[3]} slots; set up a larger cache.")

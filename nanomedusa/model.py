@@ -17,7 +17,8 @@ which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_r
 (`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's `exact_by_default`) is on; then they, and tree
 attention, run kernels whose every row comes out as a one-row call's would, so that a Medusa tree step computes
 each accepted token bit for bit as plain decoding does; a narrow model's blocks then also fold their RMSNorms
-into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer.
+into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, and a q/k/v projection whose
+tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one kernel fewer.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.linear import (NormedStream, linear, linear_into_residual, linear_of_normed,
-                            runs_row_invariant_kernel)
+from kernels.linear import (NormedStream, RopeAndCache, fuses_rope_and_cache, linear, linear_into_residual,
+                            linear_of_normed, linear_rope_and_cache, runs_row_invariant_kernel)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_cache import apply_rope, rope_and_cache
 from kernels.swiglu import silu_mul
@@ -53,7 +54,9 @@ class Linear(nn.Linear):
     added to; it then returns the new stream, or with `then_norm` that RMSNorm's NormedStream of it, the next
     layer's input."""
 
-    def forward(self, x, add_to=None, then_norm=None):
+    def forward(self, x, add_to=None, then_norm=None, rope=None):
+        if rope is not None:  # the fused q/k/v projection, rotating and caching in its epilogue
+            return linear_rope_and_cache(x, self.weight, self.bias, rope)
         if isinstance(x, NormedStream):
             return linear_of_normed(x, self.weight, self.bias)
         if add_to is not None:
@@ -94,21 +97,30 @@ class Attention(nn.Module):
         """x [B, T, dim] (or a NormedStream); cos, sin [T, Dh] or [B, T, Dh] float32 RoPE tables for the tokens'
         positions; kv_cache: this layer's [2, B, Hkv, S, Dh] (KVCache.layer), or None for training; add_to,
         then_norm: what the output projection adds its output to and normalises for (`Linear`)."""
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # views of one [B, T, (Hq + 2 Hkv) Dh] tensor
-        q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, Dh]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if kv_cache is None:  # training: causal attention over the T tokens, with autograd
+            q, k, v = self._heads(self.wqkv(x))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
             y = y.transpose(1, 2)  # [B, T, Hq, Dh]
-        else:  # one kernel: rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1
-            q = rope_and_cache(q, k, v, cos, sin, kv_cache, prefix_len)  # [B, Hq, T, Dh]
+        else:  # rotate q and k, write k and v into cache slots prefix_len .. prefix_len+T-1, attend
+            # (a training run's LoRA wrapper around wqkv computes its own product: never fused)
+            if isinstance(self.wqkv, Linear) and fuses_rope_and_cache(x, self.wqkv.weight, self.wqkv.bias,
+                                                                      self.head_dim):
+                # in the projection's own kernel: no (q, k, v) tensor and no RoPE kernel
+                q = self.wqkv(x, rope=RopeAndCache(cos, sin, kv_cache, prefix_len, self.n_heads))  # [B, Hq, T, Dh]
+            else:  # one kernel after the projection
+                q = rope_and_cache(*self._heads(self.wqkv(x)), cos, sin, kv_cache, prefix_len)  # [B, Hq, T, Dh]
             y = tree_attention(q, kv_cache[0], kv_cache[1], prefix_len, tree_mask, key_valid)
-        y = y.reshape(B, T, -1)  # [B, T, Hq, Dh] -> [B, T, Hq * Dh]: a view for the kernel's output
+        y = y.flatten(2)  # [B, T, Hq, Dh] -> [B, T, Hq * Dh]: a view for the kernel's output
         return self.wo(y) if add_to is None else self.wo(y, add_to, then_norm)  # (a training LoRA layer takes y only)
+
+    def _heads(self, qkv):
+        """The fused projection's output [B, T, (Hq + 2 Hkv) Dh] -> its views q [B, T, Hq, Dh], k, v [B, T, Hkv, Dh]."""
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        B, T, _ = qkv.shape
+        return (q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim),
+                v.view(B, T, self.n_kv_heads, self.head_dim))
 
 
 class FeedForward(nn.Module):

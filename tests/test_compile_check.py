@@ -64,8 +64,8 @@ def test_dependent_launch_waits_before_reading_and_prefetches_weights_first():
                  True: "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"}
         cfg = linear._tile_config(22016, 4096, torch.bfloat16, True)
         for pdl, tma in itertools.product((True, False), (False, True)):
-            pointers, constexprs, options = linear_case(cfg, tma, pdl)
-            ptx = compile_for_hopper(linear._linear_kernel, pointers, constexprs, **options).asm["ptx"]
+            kernel, pointers, constexprs, options = linear_case(cfg, tma, pdl)
+            ptx = compile_for_hopper(kernel, pointers, constexprs, **options).asm["ptx"]
             lines = [line.strip() for line in ptx.splitlines()]
             def first(instruction):  # the first line issuing it (after any predicate)
                 return next((i for i, line in enumerate(lines) if instruction in line.split()[:2]), None)

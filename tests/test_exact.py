@@ -41,10 +41,25 @@ def tiny_model(tmp_path, dtype):
     return load_model(tmp_path, device=DEVICE, dtype=dtype)[0]
 
 
+@pytest.fixture(params=[True, False], ids=["rope-in-projection", "rope-kernel"])
+def rope_in_projection(request, monkeypatch):
+    """Both ways the attention rotates q and k and writes the cache: in the q/k/v projection's epilogue, as the tiny
+    model's whole-head tiles (head_dim 16, the interpreter's 16-feature tiles) and a 7B's take it, or in the RoPE
+    kernel after the projection, as the default model's narrower tiles do (kernels/linear.py,
+    `fuses_rope_and_cache`). The fused case checks that it did fuse."""
+    fused = []
+    decide = nanomedusa.model.fuses_rope_and_cache
+    monkeypatch.setattr(nanomedusa.model, "fuses_rope_and_cache",
+                        lambda *args: fused.append(request.param and decide(*args)) or fused[-1])
+    yield
+    assert fused and all(fused) == request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prompt_len", [5, 30])  # the tree inside one key tile / straddling tiles and chunks
 @torch.inference_mode()
-def test_tree_step_computes_accepted_tokens_as_plain_decoding(tmp_path, triton_exact, dtype, prompt_len):
+def test_tree_step_computes_accepted_tokens_as_plain_decoding(tmp_path, triton_exact, rope_in_projection, dtype,
+                                                              prompt_len):
     model = tiny_model(tmp_path, dtype)
     prompt = [(7 * i + 3) % 61 for i in range(prompt_len)]
     decoder = Decoder(model, cuda_graphs=False)

@@ -1,4 +1,5 @@
-"""The fused RoPE + KV-cache-write kernel against its torch reference (kernels/rope_cache.py).
+"""The fused RoPE + KV-cache-write kernel against its torch reference (kernels/rope_cache.py), and the same work
+done in the epilogue of the fused q/k/v projection (kernels/linear.py's `linear_rope_and_cache`).
 
 Without a GPU the kernel runs in Triton's CPU interpreter: fp32 and fp16 (bf16 is broken in the
 interpreter, so it is only checked on CUDA). The cache starts as NaN and the op's allocations are
@@ -16,8 +17,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import kernels  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
+from kernels.linear import (RopeAndCache, TileConfig, fuses_rope_and_cache, linear_rope_and_cache,  # noqa: E402
+                            linear_triton)
 from kernels.rope_cache import rope_and_cache_reference, rope_and_cache_triton, rotate_half  # noqa: E402
+from kernels.testing import linear_inputs, same_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -155,3 +160,94 @@ def test_device_prefix_len_is_graph_capturable():
         ref_q = rope_and_cache_reference(q, k, v, cos, sin, ref_cache, p)
         torch.testing.assert_close(out, ref_q, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(cache[:, :, :, p], ref_cache[:, :, :, p], rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------------ in the q/k/v projection's epilogue
+
+def projection_case(B, T, Hq, Hkv, D, K, prefix, dtype, seed=0):
+    """x [B, T, K], a fused q/k/v weight [(Hq + 2 Hkv) D, K] and bias, per-row RoPE tables for positions prefix + t
+    (row b shifted by 3 b: left padding) and a NaN-filled cache of S slots (more where T needs them)."""
+    torch.manual_seed(seed)
+    x, w, b = linear_inputs(B * T, (Hq + 2 * Hkv) * D, K, dtype, DEVICE)
+    positions = prefix + torch.arange(T, device=DEVICE) - 3 * torch.arange(B, device=DEVICE)[:, None]  # [B, T]
+    cos, sin = rope_tables(positions, D)
+    slots = max(S, prefix + T)
+    return x.view(B, T, K), w, b, cos, sin, torch.full((2, B, Hkv, slots, D), float("nan"), dtype=dtype, device=DEVICE)
+
+
+def projection_then_rope(x, w, b, cos, sin, cache, prefix, Hq, config):
+    """The two-kernel path: the projection's output split per head, then `rope_and_cache_triton`."""
+    B, T, _ = x.shape
+    Hkv, D = cache.shape[2], cache.shape[4]
+    q, k, v = linear_triton(x, w, b, config=config).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    return rope_and_cache_triton(q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), cos, sin, cache,
+                                 prefix)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads_per_tile", [1, 2])
+@pytest.mark.parametrize("prefix_as_tensor", [False, True])
+def test_projection_with_rope_gives_the_bits_of_projection_then_rope(poisoned_allocations, dtype, heads_per_tile,
+                                                                     prefix_as_tensor):
+    # Grouped queries (6 query heads, 2 KV heads: 10 head slots, so with 2 heads a tile the last tile is part-full),
+    # two batch rows with their own positions, a bias: q and every cache slot as the projection and then the
+    # standalone kernel make them, bit for bit (the same rounding: the projection's output, then the rotation).
+    B, T, Hq, Hkv, D, prefix = 2, 5, 6, 2, 16, 4
+    x, w, b, cos, sin, cache = projection_case(B, T, Hq, Hkv, D, 40, prefix, dtype)
+    config = TileConfig(block_m=16, block_n=D * heads_per_tile, block_k=32, num_warps=4, num_stages=2)
+    expected_cache = cache.clone()
+    expected_q = projection_then_rope(x, w, b, cos, sin, expected_cache, prefix, Hq, config)
+    p = torch.tensor(prefix, device=DEVICE) if prefix_as_tensor else prefix
+    q = linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, p, Hq), config=config)
+    assert q.shape == (B, Hq, T, D) and q.is_contiguous()
+    assert same_bits(q, expected_q)
+    assert same_bits(cache, expected_cache)  # the new slots alike, every other slot still NaN
+    check_cache(cache, expected_cache, prefix, T)
+
+
+# On a GPU a 7B's wqkv, whose 128-feature tiles hold whole heads: 64 rows load by the TMA, 70 (two batch rows) take
+# two tiles of rows, the second part-full
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,K", [(1, 20, 4, 2, 16, 40)] + (
+    [(1, 64, 32, 32, 128, 4096), (2, 35, 32, 32, 128, 4096)] if DEVICE == "cuda" else []))
+def test_projection_with_rope_rows_are_bitwise_their_one_row_calls(B, T, Hq, Hkv, D, K):
+    # Each token of a T-token call (a tree step, a prefill) gets the q and the K/V bits a one-token call at its
+    # own position and slot (a plain decode step) gives it.
+    kernels.set_row_invariant(True)  # (tests/conftest.py restores it)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    prefix = 3
+    x, w, b, cos, sin, cache = projection_case(B, T, Hq, Hkv, D, K, prefix, dtype)
+    if DEVICE == "cuda":
+        assert fuses_rope_and_cache(x, w, b, D) or pytest.fail("the default tiles should hold whole heads")
+    config = None if DEVICE == "cuda" else TileConfig(16, 16, 32, 4, 2)
+    q = linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, prefix, Hq), config=config)
+    one_row_cache = torch.full_like(cache, float("nan"))
+    for t in sorted({0, 1, T // 2, T - 1}):
+        one_q = linear_rope_and_cache(x[:, t:t + 1], w, b, RopeAndCache(cos[:, t:t + 1], sin[:, t:t + 1],
+                                                                        one_row_cache, prefix + t, Hq), config=config)
+        assert same_bits(one_q[:, :, 0], q[:, :, t]), f"q of token {t}"
+        assert same_bits(one_row_cache[:, :, :, prefix + t], cache[:, :, :, prefix + t]), f"K/V of token {t}"
+
+
+def test_fused_only_where_the_tiles_hold_whole_heads():
+    kernels.set_backend("triton")
+    kernels.set_row_invariant(True)  # tests/conftest.py restores both afterwards
+    x, w, b, *_ = projection_case(1, 2, 4, 2, 16, 40, 0, torch.float32)
+    assert fuses_rope_and_cache(x, w, b, 16)  # the interpreter's 16-feature tiles
+    assert not fuses_rope_and_cache(x, w, b, 32) and not fuses_rope_and_cache(x, w, b, 12)
+    kernels.set_row_invariant(False)  # cuBLAS's projection: the standalone kernel
+    assert not fuses_rope_and_cache(x, w, b, 16)
+
+
+def test_projection_with_rope_bad_inputs_name_the_fix():
+    x, w, b, cos, sin, cache = projection_case(1, 3, 4, 2, 16, 40, 0, torch.float32)
+    config = TileConfig(16, 16, 32, 4, 2)
+    with pytest.raises(KernelInputError, match="not 2 query and 2 x 2 key/value heads of 16"):
+        linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, 0, 2), config=config)
+    with pytest.raises(KernelInputError, match="contiguous layer cache"):
+        linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache.transpose(3, 4), 0, 4), config=config)
+    with pytest.raises(KernelInputError, match="tiles of whole heads"):
+        linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, 0, 4), config=config._replace(block_n=8))
+    with pytest.raises(KernelInputError, match="do not fit a cache of 23 slots"):
+        linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, S - 2, 4), config=config)
+    with pytest.raises(KernelInputError, match=r"x \[B, T, K\]"):
+        linear_rope_and_cache(x[0], w, b, RopeAndCache(cos, sin, cache, 0, 4), config=config)
