@@ -109,7 +109,7 @@ def _rope_cases():
            dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
-def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple:
+def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple[object, dict, dict, dict]:
     """(kernel, pointers, constexprs, options) for `compile_for_hopper` of the linear layer in bf16 without a bias, as
     `linear._run_linear` launches it with the tile config `cfg` (a `linear.TileConfig`), loading by the TMA or not,
     under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL and NORM_OUT, or ROPE_HEAD_DIM (then the kernel
@@ -131,8 +131,9 @@ def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> t
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=linear.PREFETCH_BYTES // 128, LINE=64,
                       PDL=pdl, NORM_IN_BLOCK=triton.next_power_of_2(max(mode["NORM_IN_TILES"], 1)), TMA=tma,
                       PREFIX_IS_PTR=True, **mode)
-    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=("N", "K", "k_per_split"),
-                   floats=("eps",))
+    # (a 7B's 32 query and 32 KV heads are multiples of 16, as a real launch specialises them)
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                   aligned=("N", "K", "k_per_split", "n_q_heads", "n_kv_heads"), floats=("eps",))
     return kernel, pointers, {k: v for k, v in constexprs.items() if k in kernel.arg_names}, options
 
 

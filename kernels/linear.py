@@ -223,6 +223,7 @@ def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileCo
     rope = rope._replace(cos=rope.cos.contiguous(), sin=rope.sin.contiguous())  # no-ops for gathered tables
     if stream is None:
         return _run_linear(rows, weight, bias, cfg, rope=rope)[0]
+    _check_stream(stream)
     return _run_linear(rows, weight, bias, cfg, sumsq_in=stream.sumsq, eps=stream.eps, rope=rope)[0]
 
 
@@ -260,12 +261,16 @@ def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
 
 def linear_of_normed(stream: NormedStream, weight, bias=None):
     """`linear_of_normed_reference` in the Triton kernel (see `_linear_kernel`). Row-invariant like `linear_triton`."""
+    _check_stream(stream)
+    return _run_linear(stream.scaled, weight, bias, sumsq_in=stream.sumsq, eps=stream.eps)[0]
+
+
+def _check_stream(stream: NormedStream) -> None:
     rows = stream.residual.reshape(-1, stream.residual.shape[-1]).shape[0]
     if stream.sumsq.dim() != 2 or stream.sumsq.shape[1] != rows:
         raise KernelInputError(f"the stream's sums of squares {tuple(stream.sumsq.shape)} must be [tiles, rows] "
                                f"for its {tuple(stream.residual.shape)} rows; make the stream with "
                                f"linear_into_residual.")
-    return _run_linear(stream.scaled, weight, bias, sumsq_in=stream.sumsq, eps=stream.eps)[0]
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -278,9 +283,13 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
                    NORM_OUT: tl.constexpr, TMA: tl.constexpr):
     """A linear layer: `_linear_program` without RoPE (see there)."""
     _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr,
-                    h_ptr, sumsq_in_ptr, sumsq_out_ptr, eps, 0, 0, 0, 0, 1, 0, 0, 0, 0, M, N, K, stride_wn,
-                    k_per_split, HAS_BIAS, SPLIT_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_LINES, LINE,
-                    PDL, NORM_IN_TILES, NORM_IN_BLOCK, ADD_RESIDUAL, NORM_OUT, TMA, 0, False)
+                    h_ptr, sumsq_in_ptr, sumsq_out_ptr, eps,
+                    cos_ptr=0, sin_ptr=0, cache_ptr=0, prefix_len=0, T=1, S=0, n_q_heads=0, n_kv_heads=0, stride_cb=0,
+                    M=M, N=N, K=K, stride_wn=stride_wn, k_per_split=k_per_split, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
+                    DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                    PREFETCH_LINES=PREFETCH_LINES, LINE=LINE, PDL=PDL, NORM_IN_TILES=NORM_IN_TILES,
+                    NORM_IN_BLOCK=NORM_IN_BLOCK, ADD_RESIDUAL=ADD_RESIDUAL, NORM_OUT=NORM_OUT, TMA=TMA, ROPE_HEAD_DIM=0,
+                    PREFIX_IS_PTR=False)
 
 
 # (a kernel of its own, so that the other linear layers' launches do not carry the RoPE arguments: a first version
@@ -296,10 +305,15 @@ def _linear_rope_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, sumsq_in_p
                         PREFIX_IS_PTR: tl.constexpr):
     """The fused q/k/v projection rotating q and k and writing the KV cache: `_linear_program` with RoPE (no split-K,
     no residual)."""
-    _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, 0, 0, 0, 0, 0, sumsq_in_ptr, 0, eps, cos_ptr,
-                    sin_ptr, cache_ptr, prefix_len, T, S, n_q_heads, n_kv_heads, stride_cb, M, N, K, stride_wn, K,
-                    HAS_BIAS, 1, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_LINES, LINE, PDL, NORM_IN_TILES,
-                    NORM_IN_BLOCK, False, False, TMA, ROPE_HEAD_DIM, PREFIX_IS_PTR)
+    _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr,
+                    partial_ptr=0, counter_ptr=0, residual_ptr=0, norm_w_ptr=0, h_ptr=0, sumsq_in_ptr=sumsq_in_ptr,
+                    sumsq_out_ptr=0, eps=eps, cos_ptr=cos_ptr, sin_ptr=sin_ptr, cache_ptr=cache_ptr,
+                    prefix_len=prefix_len, T=T, S=S, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, stride_cb=stride_cb,
+                    M=M, N=N, K=K, stride_wn=stride_wn, k_per_split=K, HAS_BIAS=HAS_BIAS, SPLIT_K=1,
+                    DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                    PREFETCH_LINES=PREFETCH_LINES, LINE=LINE, PDL=PDL, NORM_IN_TILES=NORM_IN_TILES,
+                    NORM_IN_BLOCK=NORM_IN_BLOCK, ADD_RESIDUAL=False, NORM_OUT=False, TMA=TMA,
+                    ROPE_HEAD_DIM=ROPE_HEAD_DIM, PREFIX_IS_PTR=PREFIX_IS_PTR)
 
 
 @triton.jit

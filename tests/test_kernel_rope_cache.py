@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
-from kernels.linear import (RopeAndCache, TileConfig, fuses_rope_and_cache, linear_rope_and_cache,  # noqa: E402
-                            linear_triton)
+from kernels.linear import (RopeAndCache, TileConfig, fuses_rope_and_cache, linear_into_residual,  # noqa: E402
+                            linear_of_normed, linear_rope_and_cache, linear_triton)
 from kernels.rope_cache import rope_and_cache_reference, rope_and_cache_triton, rotate_half  # noqa: E402
 from kernels.testing import linear_inputs, same_bits  # noqa: E402
 
@@ -164,12 +164,15 @@ def test_device_prefix_len_is_graph_capturable():
 
 # ------------------------------------------------------------------------ in the q/k/v projection's epilogue
 
-def projection_case(B, T, Hq, Hkv, D, K, prefix, dtype, seed=0):
-    """x [B, T, K], a fused q/k/v weight [(Hq + 2 Hkv) D, K] and bias, per-row RoPE tables for positions prefix + t
-    (row b shifted by 3 b: left padding) and a NaN-filled cache of S slots (more where T needs them)."""
+def projection_case(B, T, Hq, Hkv, D, K, prefix, dtype, per_row=True, seed=0):
+    """x [B, T, K], a fused q/k/v weight [(Hq + 2 Hkv) D, K] and bias, RoPE tables for positions prefix + t (per_row:
+    [B, T, D], row b shifted by 3 b, left padding; else [T, D], shared by the rows, as a plain batch has them) and a
+    NaN-filled cache of S slots (more where T needs them)."""
     torch.manual_seed(seed)
     x, w, b = linear_inputs(B * T, (Hq + 2 * Hkv) * D, K, dtype, DEVICE)
-    positions = prefix + torch.arange(T, device=DEVICE) - 3 * torch.arange(B, device=DEVICE)[:, None]  # [B, T]
+    positions = prefix + torch.arange(T, device=DEVICE)  # [T]
+    if per_row:
+        positions = positions - 3 * torch.arange(B, device=DEVICE)[:, None]  # [B, T]
     cos, sin = rope_tables(positions, D)
     slots = max(S, prefix + T)
     return x.view(B, T, K), w, b, cos, sin, torch.full((2, B, Hkv, slots, D), float("nan"), dtype=dtype, device=DEVICE)
@@ -185,15 +188,16 @@ def projection_then_rope(x, w, b, cos, sin, cache, prefix, Hq, config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads_per_tile", [1, 2])
-@pytest.mark.parametrize("prefix_as_tensor", [False, True])
+@pytest.mark.parametrize("heads_per_tile", [1, 2, 4])
+@pytest.mark.parametrize("prefix_as_tensor, per_row", [(False, True), (True, False)])
 def test_projection_with_rope_gives_the_bits_of_projection_then_rope(poisoned_allocations, dtype, heads_per_tile,
-                                                                     prefix_as_tensor):
-    # Grouped queries (6 query heads, 2 KV heads: 10 head slots, so with 2 heads a tile the last tile is part-full),
-    # two batch rows with their own positions, a bias: q and every cache slot as the projection and then the
-    # standalone kernel make them, bit for bit (the same rounding: the projection's output, then the rotation).
+                                                                     prefix_as_tensor, per_row):
+    # Grouped queries (6 query heads, 2 KV heads: 10 head slots; with 4 heads a tile, the second tile holds query
+    # and key heads, the third value heads and two slots past the last head), two batch rows with their own positions
+    # or the batch's shared ones, a bias: q and every cache slot as the projection and then the standalone kernel make
+    # them, bit for bit (the same rounding: the projection's output, then the rotation).
     B, T, Hq, Hkv, D, prefix = 2, 5, 6, 2, 16, 4
-    x, w, b, cos, sin, cache = projection_case(B, T, Hq, Hkv, D, 40, prefix, dtype)
+    x, w, b, cos, sin, cache = projection_case(B, T, Hq, Hkv, D, 40, prefix, dtype, per_row)
     config = TileConfig(block_m=16, block_n=D * heads_per_tile, block_k=32, num_warps=4, num_stages=2)
     expected_cache = cache.clone()
     expected_q = projection_then_rope(x, w, b, cos, sin, expected_cache, prefix, Hq, config)
@@ -220,12 +224,42 @@ def test_projection_with_rope_rows_are_bitwise_their_one_row_calls(B, T, Hq, Hkv
         assert fuses_rope_and_cache(x, w, b, D) or pytest.fail("the default tiles should hold whole heads")
     config = None if DEVICE == "cuda" else TileConfig(16, 16, 32, 4, 2)
     q = linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, prefix, Hq), config=config)
+    two_kernels_cache = cache.clone().fill_(float("nan"))  # and the bits of the two-kernel path at these tiles
+    assert same_bits(q, projection_then_rope(x, w, b, cos, sin, two_kernels_cache, prefix, Hq, config))
+    assert same_bits(cache, two_kernels_cache)
     one_row_cache = torch.full_like(cache, float("nan"))
     for t in sorted({0, 1, T // 2, T - 1}):
         one_q = linear_rope_and_cache(x[:, t:t + 1], w, b, RopeAndCache(cos[:, t:t + 1], sin[:, t:t + 1],
                                                                         one_row_cache, prefix + t, Hq), config=config)
         assert same_bits(one_q[:, :, 0], q[:, :, t]), f"q of token {t}"
         assert same_bits(one_row_cache[:, :, :, prefix + t], cache[:, :, :, prefix + t]), f"K/V of token {t}"
+
+
+def test_projection_with_rope_takes_a_normed_stream(poisoned_allocations):
+    # A narrow model folds its RMSNorms (kernels/linear.py's NormedStream): the projection then applies the norm's
+    # 1 / rms as linear_of_normed does, and rotates that.
+    B, T, Hq, Hkv, D = 2, 3, 4, 2, 16
+    x, w, b, cos, sin, cache = projection_case(B, T, Hq, Hkv, D, 40, 5, torch.float32)
+    residual = torch.randn(B, T, 40, device=DEVICE)
+    stream = linear_into_residual(torch.randn(B, T, 32, device=DEVICE), torch.randn(40, 32, device=DEVICE) / 6, None,
+                                  residual, torch.rand(40, device=DEVICE) + 0.5, 1e-5)
+    config = TileConfig(16, 16, 32, 4, 2)
+    q = linear_rope_and_cache(stream, w, b, RopeAndCache(cos, sin, cache, 5, Hq), config=config)
+    qkv = linear_of_normed(stream, w, b)  # (the interpreter's own tiles: 16 features, as config)
+    expected_cache = torch.full_like(cache, float("nan"))
+    expected_q = rope_and_cache_triton(*(t.view(B, T, -1, D) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], -1)),
+                                       cos, sin, expected_cache, 5)
+    assert same_bits(q, expected_q) and same_bits(cache, expected_cache)
+
+
+def test_projection_with_rope_writes_nothing_past_the_cache(poisoned_allocations):
+    # A device prefix_len cannot be checked on the host: the keys and values that would land past slot S - 1 are
+    # dropped, as the standalone kernel drops them; q is written whole.
+    x, w, b, cos, sin, cache = projection_case(1, 3, 4, 2, 16, 40, 0, torch.float32)
+    q = linear_rope_and_cache(x, w, b, RopeAndCache(cos, sin, cache, torch.tensor(S - 1, device=DEVICE), 4),
+                              config=TileConfig(16, 32, 32, 4, 2))
+    assert cache[:, :, :, :S - 1].isnan().all() and not cache[:, :, :, S - 1].isnan().any()
+    assert not q.isnan().any()
 
 
 def test_fused_only_where_the_tiles_hold_whole_heads():
