@@ -109,14 +109,18 @@ def _rope_cases():
            dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
+# A plain linear layer's epilogue constexprs: linear_case's `mode` changes some of them.
+LINEAR_PLAIN = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0)
+
+
 def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple[object, dict, dict, dict]:
     """(kernel, pointers, constexprs, options) for `compile_for_hopper` of the linear layer in bf16 without a bias, as
     `linear._run_linear` launches it with the tile config `cfg` (a `linear.TileConfig`), loading by the TMA or not,
     under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL and NORM_OUT, or ROPE_HEAD_DIM (then the kernel
-    is `_linear_rope_kernel`; those not given: a plain layer's)."""
+    is `_linear_rope_kernel`; those not given: LINEAR_PLAIN's)."""
     from . import linear
 
-    mode = {**dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0), **(mode or {})}
+    mode = {**LINEAR_PLAIN, **(mode or {})}
     kernel = linear._linear_rope_kernel if mode["ROPE_HEAD_DIM"] else linear._linear_kernel
     pointers = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "out_ptr", "residual_ptr", "norm_w_ptr", "h_ptr",
                                  "cache_ptr"], "*bf16"),
@@ -145,7 +149,7 @@ def _linear_cases():
     # and w2 adding into the residual stream and making the next RMSNorm's stream, and its wqkv and w13 applying
     # that norm (from the 18 feature tiles of w2's and wo's outputs); a 7B's wqkv rotating q and k and writing the
     # cache in its epilogue
-    plain = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0)
+    plain = LINEAR_PLAIN
     into_stream = dict(plain, ADD_RESIDUAL=True, NORM_OUT=True)
     for N, K, mode in [(22016, 4096, plain), (4096, 4096, plain), (4096, 11008, plain), (6144, 4096, plain),
                        (576, 1536, plain), (576, 576, into_stream), (576, 1536, into_stream),

@@ -190,10 +190,14 @@ def fuses_rope_and_cache(x, weight, bias, head_dim: int) -> bool:
     program's tile holds whole heads (a 7B's wqkv: 128-feature tiles of head_dim 128), with no split-K. Decided by
     the weight's shape, never by the row count, so a model's prefill, decode and tree steps all take one path."""
     rows = x.scaled if isinstance(x, NormedStream) else x
-    if not runs_row_invariant_kernel(rows, (weight, bias)) or head_dim & (head_dim - 1):
-        return False
-    cfg = _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
-    return cfg.block_n % head_dim == 0 and cfg.split_k == 1
+    return (runs_row_invariant_kernel(rows, (weight, bias))
+            and _tiles_hold_whole_heads(_tile_config(*weight.shape, rows.dtype, rows.is_cuda), head_dim))
+
+
+def _tiles_hold_whole_heads(cfg: TileConfig, head_dim: int) -> bool:
+    """Whether the epilogue of a program of `cfg` can rotate its tile's heads: head_dim a power of 2 (the epilogue
+    splits each head's halves as tensors), whole heads in a tile, and no split-K (the epilogue runs once a tile)."""
+    return head_dim & (head_dim - 1) == 0 and cfg.block_n % head_dim == 0 and cfg.split_k == 1
 
 
 def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileConfig | None = None):
@@ -217,7 +221,7 @@ def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileCo
                                f"2 x {Hkv} key/value heads of {D}; check n_heads against the cache.")
     check_rope_and_cache_inputs(B, T, Hkv, D, rows.dtype, rope.cos, rope.sin, cache, rope.prefix_len)
     cfg = config or _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
-    if cfg.block_n % D or D & (D - 1) or cfg.split_k != 1:
+    if not _tiles_hold_whole_heads(cfg, D):
         raise KernelInputError(f"a projection with RoPE needs tiles of whole heads ({cfg.block_n} features a tile, "
                                f"head_dim {D}, split-K {cfg.split_k}); check fuses_rope_and_cache first.")
     rope = rope._replace(cos=rope.cos.contiguous(), sin=rope.sin.contiguous())  # no-ops for gathered tables
