@@ -85,7 +85,8 @@ def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str
 
 
 # The kernel classes --ablate drops, each by the module attributes its launches go through. (Where the q/k/v projection
-# rotates and writes the cache itself, kernels/linear.py's `fuses_rope_and_cache`, RoPE + cache is inside "linear".)
+# rotates and writes the cache itself, kernels/linear.py's `fuses_rope_and_cache`, RoPE + cache is inside "linear";
+# where the gate/up projection applies SwiGLU, `fuses_swiglu`, so is SwiGLU.)
 KERNEL_CLASSES = {
     "attention tails": ("kernels.tree_attention", "_ri_tails_kernel"),
     "attention bodies": ("kernels.tree_attention", "_ri_bodies_kernel"),

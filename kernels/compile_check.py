@@ -110,14 +110,14 @@ def _rope_cases():
 
 
 # A plain linear layer's epilogue constexprs: linear_case's `mode` changes some of them.
-LINEAR_PLAIN = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0)
+LINEAR_PLAIN = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0, GATE_UP=False)
 
 
 def linear_case(cfg, tma: bool, pdl: bool = True, mode: dict | None = None) -> tuple[object, dict, dict, dict]:
     """(kernel, pointers, constexprs, options) for `compile_for_hopper` of the linear layer in bf16 without a bias, as
     `linear._run_linear` launches it with the tile config `cfg` (a `linear.TileConfig`), loading by the TMA or not,
-    under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL and NORM_OUT, or ROPE_HEAD_DIM (then the kernel
-    is `_linear_rope_kernel`; those not given: LINEAR_PLAIN's)."""
+    under PDL or not. mode: the epilogue's NORM_IN_TILES, ADD_RESIDUAL, NORM_OUT and GATE_UP, or ROPE_HEAD_DIM (then the
+    kernel is `_linear_rope_kernel`; those not given: LINEAR_PLAIN's)."""
     from . import linear
 
     mode = {**LINEAR_PLAIN, **(mode or {})}
@@ -148,18 +148,19 @@ def _linear_cases():
     # a 135M model's w2; then, as --exact runs them for such a narrow model (model.py's FOLD_NORMS_MAX_DIM), its wo
     # and w2 adding into the residual stream and making the next RMSNorm's stream, and its wqkv and w13 applying
     # that norm (from the 18 feature tiles of w2's and wo's outputs); a 7B's wqkv rotating q and k and writing the
-    # cache in its epilogue
+    # cache in its epilogue; SwiGLU in the gate/up projections' epilogues (a 7B's and Llama-3 8B's w13)
     plain = LINEAR_PLAIN
     into_stream = dict(plain, ADD_RESIDUAL=True, NORM_OUT=True)
     for N, K, mode in [(22016, 4096, plain), (4096, 4096, plain), (4096, 11008, plain), (6144, 4096, plain),
                        (576, 1536, plain), (576, 576, into_stream), (576, 1536, into_stream),
                        (960, 576, dict(plain, NORM_IN_TILES=18)), (3072, 576, dict(plain, NORM_IN_TILES=18)),
-                       (12288, 4096, dict(plain, ROPE_HEAD_DIM=128))]:
-        cfg = linear._tile_config(N, K, torch.bfloat16, True)
+                       (12288, 4096, dict(plain, ROPE_HEAD_DIM=128)), (22016, 4096, dict(plain, GATE_UP=True)),
+                       (28672, 4096, dict(plain, GATE_UP=True))]:
+        cfg = (linear._swiglu_tile_config if mode["GATE_UP"] else linear._tile_config)(N, K, torch.bfloat16, True)
         label = "".join([f", split-K {cfg.split_k}" if cfg.split_k > 1 else "",
                          ", into the residual stream" if mode["ADD_RESIDUAL"] else "",
                          f", normed input ({mode['NORM_IN_TILES']} tiles)" if mode["NORM_IN_TILES"] else "",
-                         ", RoPE + cache" if mode["ROPE_HEAD_DIM"] else ""])
+                         ", RoPE + cache" if mode["ROPE_HEAD_DIM"] else "", ", SwiGLU" if mode["GATE_UP"] else ""])
         for tma in sorted({False, cfg.tma}):  # a tree step's loads by the TMA, where the config has them
             yield (f"linear, {N} x {K}{label}{', TMA' if tma else ''}", *linear_case(cfg, tma, mode=mode))
 

@@ -231,6 +231,53 @@ def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileCo
     return _run_linear(rows, weight, bias, cfg, sumsq_in=stream.sumsq, eps=stream.eps, rope=rope)[0]
 
 
+def fuses_swiglu(x, weight, bias) -> bool:
+    """Whether the MLP's fused gate/up projection `weight` [2I, K] on x (a tensor or a NormedStream) computes SwiGLU
+    in its epilogue (`linear_swiglu`): it runs the row-invariant kernel, without split-K, and on a GPU its tiles are
+    64 features or wider. Decided by the weight's shape, never by the row count.
+
+    Why the width (H200, graphed steps, bench/RESULTS.md, twenty-third run): a 7B's and Llama-3 8B's w13, 64-feature
+    tiles, ran their tree steps 1.2-1.6% faster with SwiGLU in the epilogue (`_swiglu_tile_config`); a 135M model's
+    32-feature tiles ran its tree step 4.4% slower halved and its decode step 1.2% slower whole, so it keeps the
+    SwiGLU kernel. The interpreter fuses every shape, so the CPU tests take the fused path through the model."""
+    rows = x.scaled if isinstance(x, NormedStream) else x
+    if not runs_row_invariant_kernel(rows, (weight, bias)) or weight.shape[0] % 2:
+        return False
+    cfg = _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
+    return cfg.split_k == 1 and (cfg.block_n >= 64 or not rows.is_cuda)
+
+
+def linear_swiglu(x, weight, bias=None, *, config: TileConfig | None = None):
+    """`silu_mul(linear(x, weight, bias))` (x [..., K], or a NormedStream: linear_of_normed) in the projection's
+    kernel: no [..., 2I] tensor and no SwiGLU kernel -> silu(gate) * up [..., I], the same bits. Row-invariant like
+    `linear_triton`; only where `fuses_swiglu`. `config` overrides `_swiglu_tile_config` (tests)."""
+    stream = x if isinstance(x, NormedStream) else None
+    rows = stream.scaled if stream is not None else x
+    if weight.dim() != 2 or weight.shape[0] % 2:
+        raise KernelInputError(f"a projection with SwiGLU needs the fused gate/up weight [2I, K], an even number of "
+                               f"rows; got {tuple(weight.shape)}.")
+    cfg = config or _swiglu_tile_config(*weight.shape, rows.dtype, rows.is_cuda)
+    if cfg.split_k != 1:
+        raise KernelInputError(f"a projection with SwiGLU runs without split-K, not {cfg.split_k} splits; check "
+                               f"fuses_swiglu first.")
+    if stream is None:
+        return _run_linear(rows, weight, bias, cfg, gate_up=True)[0]
+    _check_stream(stream)
+    return _run_linear(rows, weight, bias, cfg, sumsq_in=stream.sumsq, eps=stream.eps, gate_up=True)[0]
+
+
+def _swiglu_tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig:
+    """The tiles of the gate/up projection [N, K] with SwiGLU, each program loading a gate and an up tile a stage:
+    the projection's own (`_tile_config`), with half the features where it pipelines 4 or more stages on a GPU.
+
+    Measured (H200, graphed steps, bench/RESULTS.md, twenty-third run): a 7B's w13 (4 stages) with whole tiles holds
+    96 KB of shared memory a program, 2 programs an SM, and its decode step ran 0.4% slower; halved, 64 KB and 3 an
+    SM as without SwiGLU, level. Llama-3 8B's (3 stages, 72 KB whole) ran its decode step 0.8-1.0% slower halved
+    and level whole; its tree step 1.6% faster either way."""
+    cfg = _tile_config(N, K, dtype, on_gpu)
+    return cfg._replace(block_n=cfg.block_n // 2) if on_gpu and cfg.num_stages >= 4 and cfg.block_n >= 64 else cfg
+
+
 def linear_into_residual_reference(x, weight, bias, residual, norm_weight=None, eps=0.0):
     """residual + linear(x, weight, bias), rounded as those two ops round; with norm_weight, the NormedStream of
     the RMSNorm(norm_weight, eps) after it (its sumsq one tile of the whole D)."""
@@ -284,7 +331,7 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
                    NORM_IN_TILES: tl.constexpr, NORM_IN_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                   NORM_OUT: tl.constexpr, TMA: tl.constexpr):
+                   NORM_OUT: tl.constexpr, TMA: tl.constexpr, GATE_UP: tl.constexpr):
     """A linear layer: `_linear_program` without RoPE (see there)."""
     _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, counter_ptr, residual_ptr, norm_w_ptr,
                     h_ptr, sumsq_in_ptr, sumsq_out_ptr, eps,
@@ -293,7 +340,7 @@ def _linear_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, co
                     DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                     PREFETCH_LINES=PREFETCH_LINES, LINE=LINE, PDL=PDL, NORM_IN_TILES=NORM_IN_TILES,
                     NORM_IN_BLOCK=NORM_IN_BLOCK, ADD_RESIDUAL=ADD_RESIDUAL, NORM_OUT=NORM_OUT, TMA=TMA, ROPE_HEAD_DIM=0,
-                    PREFIX_IS_PTR=False)
+                    PREFIX_IS_PTR=False, GATE_UP=GATE_UP)
 
 
 # (a kernel of its own, so that the other linear layers' launches do not carry the RoPE arguments: a first version
@@ -317,7 +364,7 @@ def _linear_rope_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, sumsq_in_p
                     DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                     PREFETCH_LINES=PREFETCH_LINES, LINE=LINE, PDL=PDL, NORM_IN_TILES=NORM_IN_TILES,
                     NORM_IN_BLOCK=NORM_IN_BLOCK, ADD_RESIDUAL=False, NORM_OUT=False, TMA=TMA,
-                    ROPE_HEAD_DIM=ROPE_HEAD_DIM, PREFIX_IS_PTR=PREFIX_IS_PTR)
+                    ROPE_HEAD_DIM=ROPE_HEAD_DIM, PREFIX_IS_PTR=PREFIX_IS_PTR, GATE_UP=False)
 
 
 @triton.jit
@@ -329,7 +376,7 @@ def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, c
                     PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
                     NORM_IN_TILES: tl.constexpr, NORM_IN_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
                     NORM_OUT: tl.constexpr, TMA: tl.constexpr, ROPE_HEAD_DIM: tl.constexpr,
-                    PREFIX_IS_PTR: tl.constexpr):
+                    PREFIX_IS_PTR: tl.constexpr, GATE_UP: tl.constexpr):
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
     x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N]; out [M, N] = x @ w^T + b,
@@ -354,6 +401,10 @@ def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, c
     heads, no split-K): out is the rotated q [B, n_q_heads, T, ROPE_HEAD_DIM], and the rotated keys and the values
     go to cache [2, B, n_kv_heads, S, ROPE_HEAD_DIM] at slots prefix_len + t (`rope_cache.rope_and_cache_tile`,
     which says what cos_ptr, sin_ptr and stride_cb are).
+    SwiGLU in the epilogue (GATE_UP: the MLP's fused gate/up projection, w [2N, K], gate rows then up rows; no
+    split-K, no residual): a second accumulator over the up rows n*BLOCK_N + N.., and out [M, N] = silu(gate) * up
+    of the two rounded outputs, computed as kernels/swiglu.py's kernel does (the same bits as the projection's [M, 2N]
+    output through that kernel).
     """
     m_block, n_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -373,17 +424,25 @@ def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, c
         w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K], K contiguous
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATE_UP:  # the up projection's features, N weight rows further on
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # in order: the accumulation's one fixed schedule
         if TMA:  # the same tiles, their rows and columns past the tensors' ends filled with zeros by the copy engine
             x = x_desc.load([m_block * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K]
             w = w_desc.load([n_block * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K]
+            if GATE_UP:
+                w_up = w_desc.load([N + n_block * BLOCK_N, k0])
         else:
             k_ok = (k0 + tl.arange(0, BLOCK_K)) < K  # only the last step of all can be short
             x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            if GATE_UP:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if GATE_UP:
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=DOT_PRECISION)
 
     out_mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None].to(tl.int64) * N + cols[None, :]  # [BLOCK_M, BLOCK_N] into out (and each split's partials)
@@ -404,11 +463,19 @@ def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, c
             tiles = tl.arange(0, NORM_IN_BLOCK)  # [NORM_IN_BLOCK]: NORM_IN_TILES rounded up to a power of 2
             sums = tl.load(sumsq_in_ptr + tiles[:, None] * M + rows[None, :],
                            mask=(tiles < NORM_IN_TILES)[:, None] & row_ok[None, :], other=0.0)  # [.., BLOCK_M]
-            acc = acc * tl.rsqrt(tl.sum(sums, 0) / K + eps)[:, None]
+            rstd = tl.rsqrt(tl.sum(sums, 0) / K + eps)[:, None]
+            acc = acc * rstd
+            if GATE_UP:
+                acc_up = acc_up * rstd
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATE_UP:
+                acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
-        if ROPE_HEAD_DIM > 0:
+        if GATE_UP:  # silu(gate) * up of the rounded outputs, as kernels/swiglu.py computes it
+            gate, up = y.to(tl.float32), acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out_ptr + offsets, (gate * tl.sigmoid(gate) * up).to(y.dtype), mask=out_mask)
+        elif ROPE_HEAD_DIM > 0:
             rope_and_cache_tile(y, rows, n_block * (BLOCK_N // ROPE_HEAD_DIM), M, cos_ptr, sin_ptr, out_ptr, cache_ptr,
                                 prefix_len, T, S, n_q_heads, n_kv_heads, stride_cb, PREFIX_IS_PTR,
                                 BLOCK_N // ROPE_HEAD_DIM, ROPE_HEAD_DIM)
@@ -481,22 +548,24 @@ def linear_triton(x, weight, bias=None, *, config: TileConfig | None = None):
 
 
 def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=None, norm_weight=None,
-                sumsq_in=None, eps=0.0, rope: RopeAndCache | None = None):
+                sumsq_in=None, eps=0.0, rope: RopeAndCache | None = None, gate_up: bool = False):
     """The launch of `_linear_kernel` (with rope: `_linear_rope_kernel`) -> (out, h, sumsq_out): out [..., N] (g * h
     with norm_weight; with rope, the rotated q [B, Hq, T, D]), and with a residual h [..., N] and, with norm_weight,
-    sumsq_out [tiles, M] (else None). sumsq_in: x is a NormedStream's scaled rows, their sums of squares [tiles, M]."""
+    sumsq_out [tiles, M] (else None). sumsq_in: x is a NormedStream's scaled rows, their sums of squares [tiles, M].
+    gate_up: the weight is a fused gate/up projection, out [..., N / 2] = silu(gate) * up."""
     _check_inputs(x, weight, bias)
-    N, K = weight.shape
+    N, K = weight.shape  # (N: the weight's rows; the kernel's N is the output's features, N / 2 with gate_up)
     cfg = config or _tile_config(N, K, x.dtype, x.is_cuda)
+    n_out = N // 2 if gate_up else N
     x2 = x.reshape(-1, K).contiguous()  # [M, K]; a no-op for the usual contiguous activations
     M = x2.shape[0]
     if rope is None:
-        out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+        out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     else:  # x [B, T, K]: the rotated q, [B, Hq, T, D]
         out = torch.empty(x.shape[0], rope.n_heads, x.shape[1], rope.cache.shape[-1], dtype=x.dtype, device=x.device)
     # h: the new residual stream. Without a norm it is the output itself (the kernel stores h only, at h_ptr).
     h = torch.empty_like(out) if residual is not None and norm_weight is not None else out
-    m_blocks, n_blocks = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
+    m_blocks, n_blocks = triton.cdiv(M, cfg.block_m), triton.cdiv(n_out, cfg.block_n)
     sumsq_out = torch.empty(n_blocks, M, dtype=torch.float32, device=x.device) if norm_weight is not None else None
     if M == 0 or N == 0:  # (K = 0 never gets here: x.reshape(-1, 0) refuses)
         return out, h if residual is not None else None, sumsq_out
@@ -541,6 +610,6 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
         x2, weight, x_desc, w_desc, b, out, partial, counters,
         out if residual is None else residual.reshape(M, N).contiguous(),
         b if norm_weight is None else norm_weight, h, sumsq_in, out if sumsq_out is None else sumsq_out, float(eps),
-        M, N, K, weight.stride(0), k_per_split, SPLIT_K=split_k, ADD_RESIDUAL=residual is not None,
-        NORM_OUT=norm_weight is not None, **shared)
+        M, n_out, K, weight.stride(0), k_per_split, SPLIT_K=split_k, ADD_RESIDUAL=residual is not None,
+        NORM_OUT=norm_weight is not None, GATE_UP=gate_up, **shared)
     return out, h if residual is not None else None, sumsq_out

@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.linear import (NormedStream, RopeAndCache, fuses_rope_and_cache, linear, linear_into_residual,
-                            linear_of_normed, linear_rope_and_cache, runs_row_invariant_kernel)
+from kernels.linear import (NormedStream, RopeAndCache, fuses_rope_and_cache, fuses_swiglu, linear,
+                            linear_into_residual, linear_of_normed, linear_rope_and_cache, linear_swiglu,
+                            runs_row_invariant_kernel)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_cache import apply_rope, rope_and_cache
 from kernels.swiglu import silu_mul
@@ -54,9 +55,11 @@ class Linear(nn.Linear):
     added to; it then returns the new stream, or with `then_norm` that RMSNorm's NormedStream of it, the next
     layer's input."""
 
-    def forward(self, x, add_to=None, then_norm=None, rope=None):
+    def forward(self, x, add_to=None, then_norm=None, rope=None, swiglu=False):
         if rope is not None:  # the fused q/k/v projection, rotating and caching in its epilogue
             return linear_rope_and_cache(x, self.weight, self.bias, rope)
+        if swiglu:  # the fused gate/up projection, applying SwiGLU in its epilogue
+            return linear_swiglu(x, self.weight, self.bias)
         if isinstance(x, NormedStream):
             return linear_of_normed(x, self.weight, self.bias)
         if add_to is not None:
@@ -132,7 +135,11 @@ class FeedForward(nn.Module):
         self.w2 = Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
 
     def forward(self, x, add_to=None, then_norm=None):
-        y = silu_mul(self.w13(x))  # [B, T, 2 I] -> silu(gate) * up [B, T, I]
+        # (a training run's LoRA wrapper around w13 computes its own product: never fused)
+        if isinstance(self.w13, Linear) and fuses_swiglu(x, self.w13.weight, self.w13.bias):
+            y = self.w13(x, swiglu=True)  # silu(gate) * up [B, T, I] in the projection's own kernel
+        else:
+            y = silu_mul(self.w13(x))  # [B, T, 2 I] -> silu(gate) * up [B, T, I]
         return self.w2(y) if add_to is None else self.w2(y, add_to, then_norm)  # [B, T, dim]; see `Linear`
 
 
