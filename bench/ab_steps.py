@@ -13,7 +13,9 @@ version's modules from its own folder (`python -c` with the folder first on the 
 any revision with bench/steps.py's `build_7b` and `step_ms` can be measured). Each process builds the shape's
 random-weight model (bench/steps.py's SHAPES), fills `--prefix` cached tokens and times both steps, by default in
 the row-invariant mode with programmatic dependent launch (`--mode`). The table: per shape and prefix, each
-version's median over the rounds and its change against the first version.
+version's median over the rounds and its change against the first version; with `--floor`, also each decode step
+against the bandwidth floor of this machine (the shape's weights over the copy bandwidth measured after the rounds,
+as bench/steps.py's 7B part counts it), since the machines of the pool differ.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ with torch.inference_mode():
     model = build_7b(shape, device, dtype, a["prefix"] + tree.num_nodes + 128)
     model.forward_hidden(torch.randint(shape.big_vocab, (1, a["prefix"]), device=device), prefix_len=0)
     times = {"decode_ms": step_ms(model, a["prefix"], None, a["reps"]),
-             "tree_ms": step_ms(model, a["prefix"], tree, a["reps"])}
+             "tree_ms": step_ms(model, a["prefix"], tree, a["reps"]),
+             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 print(json.dumps(times))
 """
 
@@ -109,7 +112,7 @@ def version_folders(paths, needs: str) -> list[Path]:
 
 
 TABLE_COLUMNS = ["shape", "prefix", "version", "decode ms", "tree ms", "tree / decode", "decode vs first",
-                 "tree vs first"]
+                 "tree vs first", "floor / decode"]
 
 
 def median_steps(runs) -> tuple[float, float]:
@@ -117,11 +120,13 @@ def median_steps(runs) -> tuple[float, float]:
     return statistics.median(r["decode_ms"] for r in runs), statistics.median(r["tree_ms"] for r in runs)
 
 
-def table_row(shape, prefix, label, decode: float, tree: float, first: tuple[float, float]) -> list:
+def table_row(shape, prefix, label, decode: float, tree: float, first: tuple[float, float],
+              floor_ms: float | None = None) -> list:
     """A row of TABLE_COLUMNS: a version's medians, their ratio and their change against `first`, the baseline's
-    (decode, tree)."""
-    return [shape, prefix, label, f"{decode:.3f}", f"{tree:.3f}", f"{tree / decode:.2f}x",
-            f"{decode / first[0] - 1:+.1%}", f"{tree / first[1] - 1:+.1%}"]
+    (decode, tree), and the share of the decode step that the bandwidth floor `floor_ms` is (- without one)."""
+    return [shape, prefix, label, f"{decode:.3f}", f"{tree:.3f}", f"{tree / decode:.3f}x",
+            f"{decode / first[0] - 1:+.1%}", f"{tree / first[1] - 1:+.1%}",
+            "-" if floor_ms is None else f"{floor_ms / decode:.1%}"]
 
 
 def run(args) -> dict:
@@ -139,6 +144,13 @@ def run(args) -> dict:
                         times.setdefault((shape, prefix, v.name), []).append(got)
                         say(f"[ab] round {round_}, {shape}, prefix {prefix}, {v.name}: decode "
                             f"{got['decode_ms']:.3f} ms, tree {got['tree_ms']:.3f} ms")
+    bandwidth = None
+    if args.floor:  # after the rounds, so that no version's steps run beside it
+        import torch
+
+        from .timer import copy_bandwidth
+        bandwidth = copy_bandwidth(torch.device(args.device), 1 << 30, samples=100)
+        say(f"[ab] copy bandwidth {bandwidth / 1e12:.3f} TB/s")
     rows, results = [], []
     for shape in args.shape:
         for prefix in args.prefix:
@@ -146,16 +158,18 @@ def run(args) -> dict:
             for v in versions:
                 runs = times.get((shape, prefix, v.name))
                 if not runs:
-                    rows.append([shape, prefix, v.name, "failed", "", "", "", ""])
+                    rows.append([shape, prefix, v.name, "failed", "", "", "", "", ""])
                     continue
                 decode, tree = median_steps(runs)
                 first = first or (decode, tree)
-                rows.append(table_row(shape, prefix, v.name, decode, tree, first))
+                floor_ms = runs[0]["weight_bytes"] / bandwidth * 1e3 if bandwidth else None
+                rows.append(table_row(shape, prefix, v.name, decode, tree, first, floor_ms))
                 results.append(dict(shape=shape, prefix=prefix, version=v.name, decode_ms=decode, tree_ms=tree,
                                     rounds=[dict(r) for r in runs]))
     print_table(f"Graphed steps ({args.mode}, {args.tree} tree; median of {args.rounds} rounds, {args.reps} replays "
                 f"each): ms, and against {versions[0].name}", TABLE_COLUMNS, rows)
-    out = {"mode": args.mode, "tree": args.tree, "device": args.device, "results": results}
+    out = {"mode": args.mode, "tree": args.tree, "device": args.device, "copy_bandwidth_bytes_per_s": bandwidth,
+           "results": results}
     if args.json:
         save(out, args.json)
     return out
@@ -179,6 +193,9 @@ def parse_args(argv=None):
     r.add_argument("--reps", type=int, default=200, help="graph replays per step time (default 200)")
     r.add_argument("--device", default="cuda", help="default cuda (cpu: eager steps, for checking the tool)")
     r.add_argument("--timeout", type=float, default=300, help="seconds per process (default 300)")
+    r.add_argument("--floor", action="store_true",
+                   help="measure this machine's copy bandwidth after the rounds and show each decode step's share "
+                        "of its bandwidth floor")
     r.add_argument("--json", default=None, help="write the numbers here")
     return p.parse_args(argv)
 

@@ -270,8 +270,9 @@ def test_linear_sweep_compiles_in_worker_processes(capsys):
     assert printed.startswith("compiled 2 configs in ") and "(1 failed to compile or run)" in printed
 
 
-def test_ab_steps_times_exported_versions_in_alternation(tmp_path):
-    from bench import ab_steps
+def test_ab_steps_times_exported_versions_in_alternation(tmp_path, monkeypatch, capsys):
+    from bench import ab_steps, timer
+    monkeypatch.setattr(timer, "copy_bandwidth", lambda device, nbytes, samples: 1e9)  # 1 GB/s: a known floor
     first = ab_steps.export("HEAD", tmp_path)
     assert (first / "kernels" / "linear.py").is_file() and (first / "bench" / "steps.py").is_file()
     assert sorted(p.name for p in (first / "weights").iterdir()) == sorted(
@@ -281,9 +282,14 @@ def test_ab_steps_times_exported_versions_in_alternation(tmp_path):
     ab_steps.export("HEAD", tmp_path)
     out = ab_steps.run(ab_steps.parse_args(
         ["run", str(first), str(second), "--shape", "smollm2-135m", "--layers", "1", "--prefix", "4",
-         "--reps", "2", "--rounds", "1", "--device", "cpu", "--json", str(tmp_path / "ab.json")]))
+         "--reps", "2", "--rounds", "1", "--device", "cpu", "--floor", "--json", str(tmp_path / "ab.json")]))
     assert [r["version"] for r in out["results"]] == ["HEAD", "again"]
     assert all(r["decode_ms"] > 0 and r["tree_ms"] > 0 and len(r["rounds"]) == 1 for r in out["results"])
+    # the floor column: the one-layer model's weights at 1 GB/s, over each version's decode step
+    first_run = out["results"][0]["rounds"][0]
+    floor_ms = first_run["weight_bytes"] / 1e9 * 1e3
+    assert first_run["weight_bytes"] > 1e6
+    assert f"{floor_ms / out['results'][0]['decode_ms']:.1%}" in capsys.readouterr().out
     assert json.loads((tmp_path / "ab.json").read_text())["results"][1]["version"] == "again"
 
 
