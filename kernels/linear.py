@@ -26,7 +26,9 @@ float32 inputs use exact ("ieee") products, not TF32.
 
 The fused q/k/v projection of an attention layer can also rotate q and k and write k and v into the KV cache in its
 epilogue (`linear_rope_and_cache`, a kernel of its own: `_linear_rope_kernel`), where its tiles hold whole heads
-(`fuses_rope_and_cache`); the layer then runs no RoPE kernel (kernels/rope_cache.py).
+(`fuses_rope_and_cache`); the layer then runs no RoPE kernel (kernels/rope_cache.py). Likewise the MLP's fused
+gate/up projection can apply SwiGLU in its epilogue (`linear_swiglu`, where `fuses_swiglu`: wide models' tiles), each
+program accumulating a gate and an up tile; the layer then runs no SwiGLU kernel (kernels/swiglu.py).
 
 The same kernel can take the RMSNorm between two sublayers into its epilogues (a narrow model's blocks under
 `--exact`, nanomedusa/model.py): `linear_into_residual` adds its output to the residual stream h and leaves the
@@ -243,8 +245,13 @@ def fuses_swiglu(x, weight, bias) -> bool:
     rows = x.scaled if isinstance(x, NormedStream) else x
     if not runs_row_invariant_kernel(rows, (weight, bias)) or weight.shape[0] % 2:
         return False
-    cfg = _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
-    return cfg.split_k == 1 and (cfg.block_n >= 64 or not rows.is_cuda)
+    return _gate_up_takes_swiglu(*weight.shape, rows.dtype, rows.is_cuda)
+
+
+def _gate_up_takes_swiglu(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> bool:
+    """`fuses_swiglu`'s rule for a gate/up weight [N, K], given that the row-invariant kernel runs."""
+    cfg = _tile_config(N, K, dtype, on_gpu)
+    return cfg.split_k == 1 and (cfg.block_n >= 64 or not on_gpu)
 
 
 def linear_swiglu(x, weight, bias=None, *, config: TileConfig | None = None):
@@ -380,8 +387,9 @@ def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, c
     """Program (m, n, s): rows m*BLOCK_M.. and output features n*BLOCK_N.., over K range s.
 
     x [M, K] contiguous; w [N, K] with row stride stride_wn (K contiguous); b [N]; out [M, N] = x @ w^T + b,
-    rounded once to out's dtype. K range s is [s * k_per_split, (s + 1) * k_per_split), k_per_split a multiple
-    of BLOCK_K, so the steps are the same BLOCK_K-aligned steps for every split count.
+    rounded once to out's dtype (with GATE_UP, w [2N, K], w_desc over all 2N rows, and b [2N]: see below). K range
+    s is [s * k_per_split, (s + 1) * k_per_split), k_per_split a multiple of BLOCK_K, so the steps are the same
+    BLOCK_K-aligned steps for every split count.
     SPLIT_K > 1: each program stores its float32 sum at partial [SPLIT_K, M, N][s], then counts itself in at
     counter_ptr[tile] (int32, zero before the call); the last to arrive sums the tile's partials in split order,
     writes out, and sets the counter back to zero.
@@ -406,12 +414,16 @@ def _linear_program(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, partial_ptr, c
     of the two rounded outputs, computed as kernels/swiglu.py's kernel does (the same bits as the projection's [M, 2N]
     output through that kernel).
     """
+    tl.static_assert(not GATE_UP or (SPLIT_K == 1 and not ADD_RESIDUAL and ROPE_HEAD_DIM == 0),
+                     "SwiGLU in the epilogue takes no split-K, residual or RoPE")
     m_block, n_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features = weight rows
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
+    # (with GATE_UP only the gate rows: prefetching the up rows too measured no faster, a 7B step +0.2%, H200,
+    # bench/RESULTS.md, twenty-third run)
     if PDL and PREFETCH_LINES > 0:  # addresses clamped into the weight: a prefetch must not leave it
         line_k = tl.minimum(k_start + tl.arange(0, PREFETCH_LINES) * LINE, K - 1)  # [PREFETCH_LINES]
         prefetch_l2(w_ptr + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + line_k[None, :])

@@ -290,7 +290,8 @@ def test_ab_steps_times_exported_versions_in_alternation(tmp_path, monkeypatch, 
     floor_ms = first_run["weight_bytes"] / 1e9 * 1e3
     assert first_run["weight_bytes"] > 1e6
     assert f"{floor_ms / out['results'][0]['decode_ms']:.1%}" in capsys.readouterr().out
-    assert json.loads((tmp_path / "ab.json").read_text())["results"][1]["version"] == "again"
+    saved = json.loads((tmp_path / "ab.json").read_text())
+    assert saved["results"][1]["version"] == "again" and saved["copy_bandwidth_bytes_per_s"] == 1e9
 
 
 def test_ab_steps_errors_name_the_fix(tmp_path):

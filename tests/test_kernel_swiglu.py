@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import linear
 from kernels.errors import KernelInputError
-from kernels.linear import TileConfig, fuses_swiglu, linear_into_residual, linear_of_normed, linear_swiglu, linear_triton
+from kernels.linear import (TileConfig, fuses_swiglu, linear_into_residual, linear_of_normed, linear_swiglu,
+                            linear_triton)
 from kernels.swiglu import silu_mul_reference, silu_mul_triton
 from kernels.testing import TOLERANCE, linear_inputs, poisoned_empty, rows_differing_from_one_row_calls, same_bits
 
@@ -44,13 +46,14 @@ def test_odd_width_names_the_fix():
 # ------------------------------------------------------------------ in the gate/up projection's epilogue
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("I, K, bias", [(40, 48, True), (64, 70, False)])  # I past a tile's edge; a K tail
+@pytest.mark.parametrize("I, K, bias", [(40, 48, True), (64, 80, False)])  # I past a tile's edge; a K tail
 @pytest.mark.parametrize("tma", [False, True])
 def test_projection_with_swiglu_gives_the_bits_of_projection_then_silu_mul(dtype, I, K, bias, tma):
     # The gate's and the up projection's features accumulate as the [.., 2I] projection's do, and the activation
     # rounds as the SwiGLU kernel's: the same bits, loading the tiles by the TMA (rows of a whole tile) or not.
     x, w, b = linear_inputs(18, 2 * I, K, dtype, DEVICE, bias=bias, lead=(1,))
     config = TileConfig(16, 16, 32, 4, 2, tma=tma)
+    assert linear._loads_by_tma(config, x.reshape(-1, K), w) == tma  # (K's rows 16-byte aligned for the TMA)
     with poisoned_empty():
         got = linear_swiglu(x, w, b, config=config)
     assert got.shape == (1, 18, I)
@@ -63,7 +66,7 @@ def test_projection_with_swiglu_takes_a_normed_stream():
     stream = linear_into_residual(torch.randn(2, 3, 32, device=DEVICE), torch.randn(40, 32, device=DEVICE) / 6, None,
                                   residual, torch.rand(40, device=DEVICE) + 0.5, 1e-5)
     _, w, _ = linear_inputs(1, 2 * 24, 40, torch.float32, DEVICE)
-    # (both on the device's own fp32 tiles: 16 features, which halving keeps)
+    # (both on the device's own fp32 tiles, which `_swiglu_tile_config` keeps whole)
     assert same_bits(linear_swiglu(stream, w), silu_mul_triton(linear_of_normed(stream, w)))
 
 
@@ -93,6 +96,20 @@ def test_which_gate_up_projections_take_swiglu():
     x = torch.empty(1, 4096, dtype=dtype, device=DEVICE)
     for (N, K), fused in [((22016, 4096), True), ((28672, 4096), True), ((3072, 576), DEVICE == "cpu")]:
         assert fuses_swiglu(x[:, :K], torch.empty(N, K, dtype=dtype, device=DEVICE), None) == fused, (N, K)
+
+
+def test_gpu_tile_choices_for_swiglu():
+    # The GPU's choices, which every config's same bits leave to this test: SwiGLU in the epilogue for 64-feature tiles
+    # and wider, halved where 4 stages (a 7B's w13), whole at 3 (Llama-3 8B's); a 135M model's 32-feature tiles keep
+    # the SwiGLU kernel (bench/RESULTS.md, twenty-third run).
+    bf16 = torch.bfloat16
+    assert linear._gate_up_takes_swiglu(22016, 4096, bf16, True)
+    assert linear._gate_up_takes_swiglu(28672, 4096, bf16, True)
+    assert not linear._gate_up_takes_swiglu(3072, 576, bf16, True)
+    assert linear._gate_up_takes_swiglu(3072, 576, bf16, False)  # the interpreter fuses every shape
+    assert linear._swiglu_tile_config(22016, 4096, bf16, True).block_n == 32
+    assert linear._swiglu_tile_config(28672, 4096, bf16, True).block_n == 64
+    assert linear._swiglu_tile_config(3072, 576, bf16, False) == linear._tile_config(3072, 576, bf16, False)
 
 
 def test_projection_with_swiglu_bad_inputs_name_the_fix():
