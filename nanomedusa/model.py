@@ -53,7 +53,8 @@ class Linear(nn.Linear):
     With the RMSNorms folded in (`TransformerBlock.forward_fused`) it also takes a NormedStream as input (the
     norm's 1 / rms applied in its kernel), and `add_to`: the residual stream [..., out_features] its output is
     added to; it then returns the new stream, or with `then_norm` that RMSNorm's NormedStream of it, the next
-    layer's input."""
+    layer's input. Where the tiles allow, the q/k/v projection takes `rope` (it rotates q and k and writes the KV
+    cache itself) and the gate/up projection `swiglu` (it returns silu(gate) * up)."""
 
     def forward(self, x, add_to=None, then_norm=None, rope=None, swiglu=False):
         if rope is not None:  # the fused q/k/v projection, rotating and caching in its epilogue
