@@ -175,6 +175,19 @@ class NormedStream(NamedTuple):
         return self.residual.shape
 
 
+def _input_rows(x) -> torch.Tensor:
+    """The rows a linear layer's kernel reads for x: a tensor itself, a NormedStream's g * h."""
+    return x.scaled if isinstance(x, NormedStream) else x
+
+
+def _input_and_norm(x) -> tuple[torch.Tensor, dict]:
+    """(`_input_rows(x)`, the `_run_linear` arguments that apply the norm x carries), x checked."""
+    if isinstance(x, NormedStream):
+        _check_stream(x)
+        return x.scaled, dict(sumsq_in=x.sumsq, eps=x.eps)
+    return x, {}
+
+
 class RopeAndCache(NamedTuple):
     """What the fused q/k/v projection of an attention layer needs to rotate q and k and write k and v into the KV
     cache in its own epilogue (`linear_rope_and_cache`), as `kernels.rope_and_cache` takes them."""
@@ -191,7 +204,7 @@ def fuses_rope_and_cache(x, weight, bias, head_dim: int) -> bool:
     its epilogue (`linear_rope_and_cache`): it runs the row-invariant kernel, head_dim is a power of 2 and each
     program's tile holds whole heads (a 7B's wqkv: 128-feature tiles of head_dim 128), with no split-K. Decided by
     the weight's shape, never by the row count, so a model's prefill, decode and tree steps all take one path."""
-    rows = x.scaled if isinstance(x, NormedStream) else x
+    rows = _input_rows(x)
     return (runs_row_invariant_kernel(rows, (weight, bias))
             and _tiles_hold_whole_heads(_tile_config(*weight.shape, rows.dtype, rows.is_cuda), head_dim))
 
@@ -208,8 +221,7 @@ def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileCo
     q [B, Hq, T, D]. Row-invariant like `linear_triton` (every row computed and rotated on its own); only where
     `fuses_rope_and_cache`. `config` overrides `_tile_config` (tests), as in `linear_triton`: its tiles must hold whole
     heads."""
-    stream = x if isinstance(x, NormedStream) else None
-    rows = stream.scaled if stream is not None else x
+    rows, norm = _input_and_norm(x)
     if rows.dim() != 3:
         raise KernelInputError(f"a projection with RoPE takes x [B, T, K], not {tuple(rows.shape)}.")
     B, T, _ = rows.shape
@@ -227,10 +239,7 @@ def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileCo
         raise KernelInputError(f"a projection with RoPE needs tiles of whole heads ({cfg.block_n} features a tile, "
                                f"head_dim {D}, split-K {cfg.split_k}); check fuses_rope_and_cache first.")
     rope = rope._replace(cos=rope.cos.contiguous(), sin=rope.sin.contiguous())  # no-ops for gathered tables
-    if stream is None:
-        return _run_linear(rows, weight, bias, cfg, rope=rope)[0]
-    _check_stream(stream)
-    return _run_linear(rows, weight, bias, cfg, sumsq_in=stream.sumsq, eps=stream.eps, rope=rope)[0]
+    return _run_linear(rows, weight, bias, cfg, rope=rope, **norm)[0]
 
 
 def fuses_swiglu(x, weight, bias) -> bool:
@@ -242,7 +251,7 @@ def fuses_swiglu(x, weight, bias) -> bool:
     tiles, ran their tree steps 1.2-1.6% faster with SwiGLU in the epilogue (`_swiglu_tile_config`); a 135M model's
     32-feature tiles ran its tree step 4.4% slower halved and its decode step 1.2% slower whole, so it keeps the
     SwiGLU kernel. The interpreter fuses every shape, so the CPU tests take the fused path through the model."""
-    rows = x.scaled if isinstance(x, NormedStream) else x
+    rows = _input_rows(x)
     if not runs_row_invariant_kernel(rows, (weight, bias)) or weight.shape[0] % 2:
         return False
     return _gate_up_takes_swiglu(*weight.shape, rows.dtype, rows.is_cuda)
@@ -258,8 +267,7 @@ def linear_swiglu(x, weight, bias=None, *, config: TileConfig | None = None):
     """`silu_mul(linear(x, weight, bias))` (x [..., K], or a NormedStream: linear_of_normed) in the projection's
     kernel: no [..., 2I] tensor and no SwiGLU kernel -> silu(gate) * up [..., I], the same bits. Row-invariant like
     `linear_triton`; only where `fuses_swiglu`. `config` overrides `_swiglu_tile_config` (tests)."""
-    stream = x if isinstance(x, NormedStream) else None
-    rows = stream.scaled if stream is not None else x
+    rows, norm = _input_and_norm(x)
     if weight.dim() != 2 or weight.shape[0] % 2:
         raise KernelInputError(f"a projection with SwiGLU needs the fused gate/up weight [2I, K], an even number of "
                                f"rows; got {tuple(weight.shape)}.")
@@ -267,10 +275,7 @@ def linear_swiglu(x, weight, bias=None, *, config: TileConfig | None = None):
     if cfg.split_k != 1:
         raise KernelInputError(f"a projection with SwiGLU runs without split-K, not {cfg.split_k} splits; check "
                                f"fuses_swiglu first.")
-    if stream is None:
-        return _run_linear(rows, weight, bias, cfg, gate_up=True)[0]
-    _check_stream(stream)
-    return _run_linear(rows, weight, bias, cfg, sumsq_in=stream.sumsq, eps=stream.eps, gate_up=True)[0]
+    return _run_linear(rows, weight, bias, cfg, gate_up=True, **norm)[0]
 
 
 def _swiglu_tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig:

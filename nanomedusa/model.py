@@ -17,8 +17,9 @@ which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_r
 (`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's `exact_by_default`) is on; then they, and tree
 attention, run kernels whose every row comes out as a one-row call's would, so that a Medusa tree step computes
 each accepted token bit for bit as plain decoding does; a narrow model's blocks then also fold their RMSNorms
-into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, and a q/k/v projection whose
-tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one kernel fewer.
+into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, a q/k/v projection whose
+tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one kernel fewer, and a
+wide gate/up projection applies SwiGLU itself (`FeedForward`), one more.
 """
 
 from __future__ import annotations
