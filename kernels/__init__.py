@@ -22,10 +22,10 @@ import os
 import torch
 
 from .errors import KernelInputError
-from .interpreter import interpreting, patch_for_numpy_24
+from .interpreter import interpreting, patch_interpreter
 
 if interpreting():
-    patch_for_numpy_24()
+    patch_interpreter()
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")

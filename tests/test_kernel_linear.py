@@ -6,9 +6,9 @@ interpreter, so it is only checked on CUDA), on small shapes. Outputs are poison
 `poisoned_empty`), so an element the kernel does not write fails the comparison.
 
 What the interpreter can and cannot show: a K schedule that changed with M (BLOCK_K, split-K) changes the
-bits there too, and the invariance tests fail; a BLOCK_M that changed with M does not, since numpy's matmul
-rounds a row alike wherever it sits in the tile, so only the CUDA run (other MMA instructions) would catch
-it, and `_tile_config`'s signature is checked to leave M out.
+bits there too, and the invariance tests fail; a BLOCK_M that changed with M does not, since the interpreter's
+tl.dot rounds a row alike wherever it sits in the tile (kernels/interpreter.py), so only the CUDA run (other MMA
+instructions) would catch it, and `_tile_config`'s signature is checked to leave M out.
 """
 
 import inspect
