@@ -6,8 +6,8 @@ programs of one kernel drain and the next kernel's programs are scheduled and is
 microsecond or two each: 5% of a 7B decode step, a quarter of a 135M model's. With PDL (`launch_pdl=True`) the
 next kernel is launched as soon as every program of the running one has signalled
 (`griddepcontrol.launch_dependents`); its programs take the SMs the running one frees, do what does not depend
-on it (the linear layer prefetches its first weight tiles into the L2), and stop at `griddepcontrol.wait`
-until the running kernel has completed and its writes are visible.
+on it (the linear layer prefetches its first weight tiles into the L2, the RMSNorm loads its weight), and stop at
+`griddepcontrol.wait` until the running kernel has completed and its writes are visible.
 So a kernel launched this way must wait before it reads anything the kernel before it wrote, or writes anything
 an earlier kernel may still read: `wait_for_previous_kernels` first, as every kernel here does but two. The
 row-invariant attention tails read, before their wait, what the kernels before their predecessor wrote (which

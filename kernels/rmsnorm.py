@@ -47,10 +47,13 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
     is), the normalised row is rounded to x's dtype before the weight multiplies it, and that
     product is rounded once to out's dtype.
     """
-    wait_for_previous_kernels(PDL)
-    row = tl.program_id(0).to(tl.int64)  # rows * D can pass 2**31 at long prefills
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    # g before the wait for the kernel that wrote x (dependent_launch.py): no kernel of a step writes it, and its load
+    # then runs while that kernel drains (H200, graphed steps: a 7B's decode 0.5% faster, Llama-3 8B's 0.4%)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    wait_for_previous_kernels(PDL)
+    row = tl.program_id(0).to(tl.int64)  # rows * D can pass 2**31 at long prefills
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)  # [BLOCK_D]
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * D + cols, mask=mask, other=0.0)
@@ -61,7 +64,6 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
     hf = h.to(tl.float32)  # masked lanes are 0, so they add nothing to the sum of squares
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
     normed = (hf * rstd).to(x.dtype)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
