@@ -27,8 +27,8 @@ def patch_interpreter() -> None:
     * `tl.dot` row by row alike: the interpreter multiplies with np.matmul, whose BLAS computes a row by a different
       micro-kernel depending on where it sits in the tile on some CPUs (OpenBLAS's AVX2 kernels on an AMD EPYC: the
       tile's last rows), so a row's bits would depend on the rows beside it, which a GPU's tensor cores never do and
-      the row-invariance tests (issue #16) check. np.einsum without BLAS sums each element over k in order, the same
-      for every row.
+      the row-invariance tests (issue #16) check. np.einsum without BLAS sums each element over k in an order set by
+      K and the operands' layout, the same for every row.
     """
     global _patched
     if _patched:
@@ -45,7 +45,7 @@ def patch_interpreter() -> None:
     original_dot = interpreter.InterpreterBuilder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:  # (fp8: none of our kernels)
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:  # (8-bit, fp8 or int8: none of our kernels)
             return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         acc = d.data.dtype
         product = np.einsum("...ik,...kj->...ij", a.data.astype(acc), b.data.astype(acc))  # (no BLAS: optimize=False)
