@@ -45,7 +45,8 @@ def patch_interpreter() -> None:
     original_dot = interpreter.InterpreterBuilder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:  # (8-bit, fp8 or int8: none of our kernels)
+        # (8-bit operands, fp8 or int8, which none of our kernels has: the original)
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
             return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         acc = d.data.dtype
         product = np.einsum("...ik,...kj->...ij", a.data.astype(acc), b.data.astype(acc))  # (no BLAS: optimize=False)
