@@ -109,6 +109,16 @@ def _rope_cases():
            dict(PREFIX_IS_PTR=True, HEADS=rope_cache.HEADS_PER_PROGRAM, BLOCK_HALF=64, PDL=True), dict(num_warps=1))
 
 
+def _rmsnorm_cases():
+    from . import rmsnorm
+
+    pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "h_ptr": "*bf16"}
+    for has_residual in (False, True):  # a 7B's width; its weight read early, through the L2
+        yield (f"RMSNorm, width 4096, residual={has_residual}", rmsnorm._rmsnorm_kernel, pointers,
+               dict(HAS_RESIDUAL=has_residual, BLOCK_D=4096, PDL=True),
+               dict(num_warps=8, floats=("eps",), l2_reads_first=True))
+
+
 # A plain linear layer's epilogue constexprs: linear_case's `mode` changes some of them.
 LINEAR_PLAIN = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0, GATE_UP=False)
 
@@ -206,8 +216,8 @@ def main() -> int:
         print("compile_check: run with TRITON_INTERPRET=0 (under the interpreter @triton.jit compiles nothing)")
         return 2
     failed = 0
-    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_linear_cases(),
-                                                        *_path_heads_cases()]:
+    for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_rmsnorm_cases(),
+                                                        *_linear_cases(), *_path_heads_cases()]:
         options = dict(options)
         l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:

@@ -16,9 +16,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import kernels  # noqa: E402
+
 from kernels.errors import KernelInputError  # noqa: E402
-from kernels.rmsnorm import rmsnorm_triton  # noqa: E402
-from kernels.testing import check_rmsnorm  # noqa: E402
+from kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton  # noqa: E402
+from kernels.testing import TOLERANCE, check_rmsnorm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -38,6 +40,19 @@ def test_widest_row():
 def test_weight_of_another_dtype_promotes_like_the_reference():
     # An fp32 weight on fp16 activations gives an fp32 output in the reference; the kernel must agree.
     check_rmsnorm((3, 100), torch.float16, DEVICE, weight_dtype=torch.float32)
+
+
+def test_strided_weight():
+    # The kernel reads its weight before waiting for the kernel before it (PDL, in the row-invariant mode on Hopper),
+    # which here is the copy that makes the weight contiguous: that launch must wait for it, or it reads what the
+    # copy has not written yet.
+    kernels.set_row_invariant(True)  # (tests/conftest.py restores it)
+    x, residual = torch.randn(64, 96, device=DEVICE), torch.randn(64, 96, device=DEVICE)
+    weight = (1 + 0.1 * torch.randn(96, 2, device=DEVICE))[:, 1]  # [96], stride 2
+    out, h = rmsnorm_triton(x, weight, 1e-5, residual)
+    want, want_h = rmsnorm_reference(x, weight, 1e-5, residual)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(out, want, rtol=TOLERANCE[torch.float32][0], atol=TOLERANCE[torch.float32][1])
 
 
 def test_no_rows():
