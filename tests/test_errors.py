@@ -102,6 +102,23 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
                                                  f"pass an existing directory, a .gguf file or a hub id."]
 
 
+def test_another_kernels_package_first_on_the_path(tmp_path):
+    # Hugging Face's `kernels` (installed by transformers >= 5.25) shares our kernels/' import name: where it comes
+    # first, importing nanomedusa says so and how to fix it, instead of failing inside a module's imports.
+    other = tmp_path / "site-packages" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(other.parent), str(REPO)]))
+    run = subprocess.run([sys.executable, "-c", "import nanomedusa.model"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert (f"ImportError: `import kernels` finds {other.resolve() / '__init__.py'} instead of "
+            f"nanomedusa's kernels/ ({REPO / 'kernels'})") in run.stderr, run.stderr
+    assert "pip uninstall kernels" in run.stderr
+    env["PYTHONPATH"] = str(REPO)  # ours first: the same import works
+    assert subprocess.run([sys.executable, "-c", "import nanomedusa.model"], cwd=tmp_path, env=env).returncode == 0
+
+
 def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
