@@ -3,13 +3,15 @@
     python -m bench.dynamic_trees --heads weights/smollm2-135m-instruct-medusa \\
         --prompts bench/prompts-chat-heldout.jsonl --budgets 16,32,64,128 [--model M] [--json FILE]
 
-For each budget N (nodes verified per step, the root included), greedy Medusa decoding of every prompt
-with two trees: the static tree of N nodes built from the heads' measured rank accuracies
+For each budget N (nodes verified per step, the root included), Medusa decoding of every prompt (greedy, or
+`--accept typical` / `--accept sample` at `--temperature` and `--top-p`, each prompt's draws seeded alike for both
+trees) with two trees: the static tree of N nodes built from the heads' measured rank accuracies
 (`tree_from_head_accuracies`, as `python -m nanomedusa.tree_tuning` builds the heads' own tree), and the
 dynamic tree of N nodes (nanomedusa/dynamic_tree.py), chosen each step from the heads' calibrated
 confidence. Per row: mean accepted length (tokens per step), step time (the decoding steps alone:
-(seconds - prefill seconds) / steps, summed over prompts), decode tokens/s, and how many prompts gave the
-static tree's tokens (greedy decoding with either tree is plain greedy decoding, so all should). The
+(seconds - prefill seconds) / steps, summed over prompts), decode tokens/s, and, greedy, how many prompts gave
+the static tree's tokens (greedy decoding with either tree is plain greedy decoding, so all should; typical
+acceptance and sampling keep what each tree's guesses let them, so their texts differ). The
 dynamic tree's extra work per step (scoring and choosing its nodes, laying them out) is also timed on its
 own: its proposal and layout, replayed as one CUDA graph on a GPU, minus a static tree's proposal. And
 "proposal kernels" counts the kernels a tree's proposal launches (the dynamic tree's layout included), as
@@ -22,18 +24,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from kernels.testing import counting_launches
-from nanomedusa.cli import add_kernel_flags, check_kernels, use_kernels
+from nanomedusa.cli import add_kernel_flags, check_kernels, check_sampling, run_reporting_errors, use_kernels
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
-from nanomedusa.medusa_generation import generate_medusa, propose
+from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa, propose
+from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
@@ -42,10 +46,16 @@ from .report import device_name, save
 from .timer import time_ms
 
 
-def decode_all(decoder, heads, tree, prompts, max_new_tokens, eos_ids) -> tuple[dict, list[list[int]]]:
-    """Greedy Medusa over every prompt after one untimed warm-up -> (summary row, each prompt's tokens)."""
-    generate_medusa(decoder, heads, tree, prompts[0], max_new_tokens, eos_ids=eos_ids)
-    results = [generate_medusa(decoder, heads, tree, ids, max_new_tokens, eos_ids=eos_ids) for ids in prompts]
+def decode_all(decoder, heads, tree, prompts, max_new_tokens, eos_ids, accept: str, sampling: Sampling,
+               seed: int) -> tuple[dict, list[list[int]]]:
+    """Medusa over every prompt after one untimed warm-up -> (summary row, each prompt's tokens). Prompt i draws
+    from a generator seeded seed + i, whatever the tree."""
+    def run(i, ids):
+        return generate_medusa(decoder, heads, tree, ids, max_new_tokens, sampling, accept, eos_ids=eos_ids,
+                               generator=torch.Generator().manual_seed(seed + i))
+
+    run(0, prompts[0])
+    results = [run(i, ids) for i, ids in enumerate(prompts)]
     steps = sum(r.steps for r in results)
     gained = sum(len(r.tokens) - 1 for r in results)  # the tokens after each prompt's first (the prefill's)
     decode_seconds = sum(r.seconds - r.prefill_seconds for r in results)
@@ -106,11 +116,12 @@ def print_table(rows: list[dict]) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         same, choice = ("", "") if r["tree"] == "static" else (r["same_as_static"], f"{r['choice_ms']:.3f}")
+        same = "-" if same is None else same
         print(f"| {r['nodes']} | {r['tree']} | {r['mean_accepted']:.2f} | {r['step_ms']:.3f} | "
               f"{r['tokens_per_s']:.1f} | {same} | {choice} | {r['proposal_kernels']} |")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads directory (a LoRA adapter in it is applied)")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
@@ -118,12 +129,25 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
     p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--accept", default="greedy", choices=ACCEPT_MODES, help="how candidates are accepted")
+    p.add_argument("--temperature", type=float, default=0.7, help="typical and sample: the temperature")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample: the nucleus cut (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sample: prompt i's draws are seeded with seed + i")
     p.add_argument("--choice-reps", type=int, default=200, help="replays timing the dynamic tree's choice")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default="bench/dynamic-trees.json", help="where the rows are written")
     add_kernel_flags(p)
     args = p.parse_args(argv)
+    if args.accept != "greedy" and args.temperature <= 0:
+        p.error(f"--accept {args.accept} needs --temperature > 0")
+    return run_reporting_errors(lambda: run(args))  # a bad flag: one `error:` line, before the model loads
+
+
+def run(args) -> None:
+    check_sampling(args.temperature, args.top_p)
+    sampling = {"greedy": Sampling(), "typical": Sampling(args.temperature),  # (typical: the temperature alone)
+                "sample": Sampling(args.temperature, top_p=args.top_p)}[args.accept]
     device = resolve_device(args.device)
     check_kernels(args.kernels, device, args.exact)
     use_kernels(args.kernels, args.exact, device)  # --exact: on by default on Hopper, as in generate.py
@@ -138,9 +162,10 @@ def main(argv=None) -> None:
                                           device=model.device)
         dynamic = DynamicTree.for_heads(heads.config, nodes, device=model.device)
         (static_row, static_tokens), (dynamic_row, dynamic_tokens) = (
-            decode_all(decoder, heads, tree, prompts, args.max_new_tokens, tokenizer.eos_ids)
+            decode_all(decoder, heads, tree, prompts, args.max_new_tokens, tokenizer.eos_ids, args.accept, sampling,
+                       args.seed)
             for tree in (static, dynamic))
-        same = sum(a == b for a, b in zip(static_tokens, dynamic_tokens))
+        same = sum(a == b for a, b in zip(static_tokens, dynamic_tokens)) if args.accept == "greedy" else None
         static_kernels, dynamic_kernels = proposal_kernels(model, heads, static, dynamic)
         rows.append({"nodes": nodes, "tree": "static", **static_row, "proposal_kernels": static_kernels})
         rows.append({"nodes": nodes, "tree": "dynamic", **dynamic_row, "same_as_static": same,
@@ -148,14 +173,17 @@ def main(argv=None) -> None:
                      "proposal_kernels": dynamic_kernels})
         print_table(rows[-2:])
     device = device_name(model.device)
-    print(f"\n{device}, {model.dtype}, greedy, {len(prompts)} prompts of {args.prompts}, {args.max_new_tokens} new "
+    how = args.accept if args.accept == "greedy" else f"{args.accept} at temperature {args.temperature}" + (
+        f", top-p {args.top_p}" if args.accept == "sample" else "")
+    print(f"\n{device}, {model.dtype}, {how}, {len(prompts)} prompts of {args.prompts}, {args.max_new_tokens} new "
           f"tokens, heads {args.heads}:")
     print_table(rows)
-    out = {"device": device, "dtype": str(model.dtype), "heads": args.heads, "model": args.model,
+    out = {"device": device, "dtype": str(model.dtype), "heads": args.heads, "model": args.model, "accept": args.accept,
+           "sampling": None if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p},
            "prompts": args.prompts, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rows": rows}
     save(out, args.json)
     print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -343,13 +343,22 @@ def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     write_prompts(prompts, 2)
     printed = io.StringIO()
+    argv = ["--heads", str(root / "heads"), "--model", str(root / "model"), "--prompts", str(prompts),
+            "--budgets", "2,5", "--max-new-tokens", "6", "--choice-reps", "2", "--device", "cpu"]
     with contextlib.redirect_stdout(printed):
-        bench_main(["--heads", str(root / "heads"), "--model", str(root / "model"), "--prompts", str(prompts),
-                    "--budgets", "2,5", "--max-new-tokens", "6", "--choice-reps", "2", "--device", "cpu",
-                    "--json", str(tmp_path / "out.json")])
+        assert bench_main(argv + ["--json", str(tmp_path / "out.json")]) == 0
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [(r["nodes"], r["tree"]) for r in rows] == [(2, "static"), (2, "dynamic"), (5, "static"), (5, "dynamic")]
     assert all(r["mean_accepted"] >= 1 and r["step_ms"] > 0 and math.isfinite(r["tokens_per_s"]) for r in rows)
     assert all(r["same_as_static"] == 2 for r in rows if r["tree"] == "dynamic")  # greedy: the same text
     assert all(r["proposal_kernels"] > 0 for r in rows)
     assert "| 5 | dynamic |" in printed.getvalue()
+    # typical acceptance and lossless sampling with both trees (their texts may differ: no count of equal ones)
+    for accept in ("typical", "sample"):
+        with contextlib.redirect_stdout(printed):
+            assert bench_main(argv + ["--accept", accept, "--json", str(tmp_path / f"{accept}.json")]) == 0
+        out = json.loads((tmp_path / f"{accept}.json").read_text())
+        assert out["accept"] == accept and out["sampling"]["temperature"] == 0.7
+        assert len(out["rows"]) == 4 and all(r["mean_accepted"] >= 1 for r in out["rows"])
+        assert all(r["same_as_static"] is None for r in out["rows"] if r["tree"] == "dynamic")
+    assert f"{accept} at temperature 0.7, top-p 0.9" in printed.getvalue()
