@@ -81,6 +81,9 @@ def export(revision: str, out_dir: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(target, filter="data")
+    # Before 786701f nanomedusa/ had no __init__.py, and Python takes a regular package anywhere on the path (the
+    # working tree's, when it is there) over a namespace folder first on it: an empty one keeps the version's own.
+    (target / "nanomedusa" / "__init__.py").touch()
     return target
 
 

@@ -4,9 +4,9 @@
         --prompts bench/prompts-chat-heldout.jsonl --budgets 16,32,64,128 [--model M] [--json FILE]
 
 For each budget N (nodes verified per step, the root included), Medusa decoding of every prompt (greedy, or
-`--accept typical` / `--accept sample` at `--temperature` and `--top-p`, each prompt's draws seeded alike for both
-trees) with two trees: the static tree of N nodes built from the heads' measured rank accuracies
-(`tree_from_head_accuracies`, as `python -m nanomedusa.tree_tuning` builds the heads' own tree), and the
+`--accept typical` at `--temperature`, or `--accept sample` at `--temperature` and `--top-p`, each prompt's draws
+seeded alike for both trees) with two trees: the static tree of N nodes built from the heads' measured rank
+accuracies (`tree_from_head_accuracies`, as `python -m nanomedusa.tree_tuning` builds the heads' own tree), and the
 dynamic tree of N nodes (nanomedusa/dynamic_tree.py), chosen each step from the heads' calibrated
 confidence. Per row: mean accepted length (tokens per step), step time (the decoding steps alone:
 (seconds - prefill seconds) / steps, summed over prompts), decode tokens/s, and, greedy, how many prompts gave
@@ -22,7 +22,6 @@ the timer (bench/timer.py) and the JSON file are the other benchmarks'.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 import torch
 
 from kernels.testing import counting_launches
-from nanomedusa.cli import add_kernel_flags, check_kernels, check_sampling, run_reporting_errors, use_kernels
+from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_kernels, check_sampling, run_reporting_errors,
+                            use_kernels)
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
@@ -122,7 +122,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads directory (a LoRA adapter in it is applied)")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
     p.add_argument("--prompts", default="bench/prompts-chat-heldout.jsonl", help="JSON lines with an \"id\" and a \"prompt\" each")

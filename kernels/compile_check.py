@@ -199,7 +199,8 @@ def waits_before_memory(ptx: str, l2_reads_first: bool = False) -> str | None:
     """None if the kernel touches no global memory before its griddepcontrol.wait (what programmatic dependent
     launch needs, kernels/dependent_launch.py), else what is wrong. `l2_reads_first`: loads through the L2 are
     allowed there too, for a kernel that reads early only what kernels before the previous one wrote (the
-    row-invariant attention tails: whether that holds is the launch order's business, not the PTX's)."""
+    row-invariant attention tails) or what no kernel writes (the RMSNorm's weight): whether that holds is the
+    launch order's business, not the PTX's."""
     lines = [line.strip() for line in ptx.splitlines()]
     wait = next((i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")), None)
     if wait is None:

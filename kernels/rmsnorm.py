@@ -83,6 +83,12 @@ def _check_inputs(x, weight, residual) -> None:
                                f"and dtype ({tuple(x.shape)}, {x.dtype}).")
 
 
+def _launch_options(x, weight) -> dict:
+    """`launch_options`, but without PDL for a strided weight: the kernel loads g before it waits for the kernel
+    before it, which would then be the copy that makes g contiguous, so that launch must start after the copy."""
+    return launch_options(x) if weight.is_contiguous() else {"PDL": False}
+
+
 def rmsnorm_triton(x, weight, eps, residual=None):
     """Same contract as `rmsnorm_reference`, in one kernel launch (one program per row)."""
     _check_inputs(x, weight, residual)
@@ -95,12 +101,9 @@ def rmsnorm_triton(x, weight, eps, residual=None):
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2.shape[0] > 0:
         block_d = triton.next_power_of_2(D)
-        # The kernel loads g before it waits for the kernel before it, which for a strided weight would be the copy
-        # that makes it contiguous: that launch goes without PDL, so it starts after the copy has ended.
-        pdl = launch_options(x) if weight.is_contiguous() else {"PDL": False}
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight.contiguous(), out, h, D, eps, HAS_RESIDUAL=has_residual, BLOCK_D=block_d,
             # 8 to 32 elements per thread: wider rows get more warps rather than more registers each.
-            num_warps=min(max(block_d // 256, 1), 8), **pdl,
+            num_warps=min(max(block_d // 256, 1), 8), **_launch_options(x, weight),
         )
     return (out, h.view(x.shape)) if has_residual else out

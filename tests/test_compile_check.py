@@ -101,7 +101,7 @@ def test_the_check_catches_a_kernel_that_reads_before_it_waits(tmp_path):
             tl.store(x_ptr + 1, tl.load(x_ptr))
 
         @triton.jit
-        def early_through_l2(x_ptr, PDL: tl.constexpr):  # allowed only with l2_reads_first (the attention tails)
+        def early_through_l2(x_ptr, PDL: tl.constexpr):  # allowed only with l2_reads_first (attention tails, RMSNorm)
             x = tl.load(x_ptr, cache_modifier=".cg")
             wait_for_previous_kernels(PDL)
             tl.store(x_ptr + 1, x)

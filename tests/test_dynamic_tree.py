@@ -361,4 +361,8 @@ def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):
         assert out["accept"] == accept and out["sampling"]["temperature"] == 0.7
         assert len(out["rows"]) == 4 and all(r["mean_accepted"] >= 1 for r in out["rows"])
         assert all(r["same_as_static"] is None for r in out["rows"] if r["tree"] == "dynamic")
-    assert f"{accept} at temperature 0.7, top-p 0.9" in printed.getvalue()
+    assert "typical at temperature 0.7, 2 prompts" in printed.getvalue()
+    assert "sample at temperature 0.7, top-p 0.9, 2 prompts" in printed.getvalue()
+    with pytest.raises(SystemExit) as stopped:  # a rule that draws needs a temperature: one line, before loading
+        bench_main(argv + ["--accept", "sample", "--temperature", "0"])
+    assert stopped.value.code == 2

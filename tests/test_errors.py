@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,21 @@ def test_another_kernels_package_first_on_the_path(tmp_path):
     assert "pip uninstall kernels" in run.stderr
     env["PYTHONPATH"] = str(REPO)  # ours first: the same import works
     assert subprocess.run([sys.executable, "-c", "import nanomedusa.model"], cwd=tmp_path, env=env).returncode == 0
+
+
+def test_another_kernels_package_installed_over_ours(tmp_path):
+    # Both installed from wheels into one site-packages: one kernels/ folder, whose __init__.py is the other one's.
+    site = tmp_path / "site-packages"
+    (site / "nanomedusa").mkdir(parents=True)
+    shutil.copy(REPO / "nanomedusa" / "__init__.py", site / "nanomedusa")
+    shutil.copytree(REPO / "kernels", site / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "kernels" / "__init__.py").write_text("from .utils import get_kernel\n")
+    run = subprocess.run([sys.executable, "-c", "import nanomedusa"], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(site)))
+    assert run.returncode == 1
+    assert (f"ImportError: {(site / 'kernels' / '__init__.py').resolve()} is not nanomedusa's kernels/__init__.py "
+            f"(Hugging Face's `kernels` package") in run.stderr, run.stderr
+    assert "`pip uninstall kernels`, then reinstall nanomedusa" in run.stderr
 
 
 def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):

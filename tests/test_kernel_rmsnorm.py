@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
+import kernels.rmsnorm as rmsnorm_module  # noqa: E402
 
 from kernels.errors import KernelInputError  # noqa: E402
 from kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton  # noqa: E402
@@ -53,6 +54,14 @@ def test_strided_weight():
     want, want_h = rmsnorm_reference(x, weight, 1e-5, residual)
     assert torch.equal(h, want_h)
     torch.testing.assert_close(out, want, rtol=TOLERANCE[torch.float32][0], atol=TOLERANCE[torch.float32][1])
+
+
+def test_a_strided_weight_launches_without_pdl(monkeypatch):
+    # The race itself needs a GPU; the decision is checked here as if PDL were available.
+    monkeypatch.setattr(rmsnorm_module, "launch_options", lambda t: {"PDL": True, "launch_pdl": True})
+    x, weight = torch.randn(2, 96), torch.randn(96, 2)
+    assert rmsnorm_module._launch_options(x, weight[:, 0].contiguous()) == {"PDL": True, "launch_pdl": True}
+    assert rmsnorm_module._launch_options(x, weight[:, 0]) == {"PDL": False}
 
 
 def test_no_rows():
