@@ -108,11 +108,13 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ RMSNorm
 
-def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None):
+def check_rmsnorm(shape, dtype, device, residual=True, weight_dtype=None, strided_weight=False):
     """rmsnorm_triton == rmsnorm_reference on random x of `shape` [..., D] (out within TOLERANCE, h
-    exact); returns the inputs (x, weight, residual)."""
+    exact), the weight every other element of a longer tensor with `strided_weight`; returns the inputs
+    (x, weight, residual)."""
     x = torch.randn(shape, dtype=dtype, device=device)
-    weight = 1 + 0.1 * torch.randn(shape[-1], dtype=weight_dtype or dtype, device=device)
+    weight = 1 + 0.1 * torch.randn(shape[-1], 2 if strided_weight else 1, dtype=weight_dtype or dtype, device=device)
+    weight = weight[:, -1]  # [D], stride 2 with strided_weight
     res = torch.randn(shape, dtype=dtype, device=device) if residual else None
     with poisoned_empty():
         got = rmsnorm_triton(x, weight, 1e-5, res)
