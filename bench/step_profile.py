@@ -68,13 +68,17 @@ def _short(name: str) -> str:
 
 def profile_step(model, prefix: int, tree: TreeBuffers | None) -> list[tuple[str, int, float]]:
     """(kernel, calls, GPU µs) of one eager step, the largest first."""
-    device = model.device
     step, tokens, prefix_len = step_inputs(model, prefix, tree)
+    return profile_kernels(lambda: step(tokens, prefix_len), model.device)
+
+
+def profile_kernels(call, device) -> list[tuple[str, int, float]]:
+    """(kernel, calls, GPU µs) of one eager call(), the largest first."""
     for _ in range(3):  # compile and warm up outside the profile
-        step(tokens, prefix_len)
+        call()
     torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step(tokens, prefix_len)
+        call()
         torch.cuda.synchronize(device)
     totals, calls = defaultdict(float), defaultdict(int)
     for event in prof.events():

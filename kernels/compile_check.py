@@ -188,6 +188,22 @@ def _path_heads_cases():
            dict(TOPK=10, WITH_LOGPROBS=True, BLOCK_C=64, PDL=True), dict(num_warps=4))
 
 
+def _medusa_heads_cases():
+    from . import medusa_heads
+
+    vocab_pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "temperatures_ptr": "*fp32",
+                      "slice_max_ptr": "*fp32", "tempered_max_ptr": "*fp32", "slice_sum_ptr": "*fp32"}
+    for rows, warps in ((medusa_heads.ROWS, 4), (medusa_heads.VOCAB_ROWS, 8)):  # a decode step; a path proposal
+        yield (f"Medusa heads' vocab logits, {rows} rows, with the log-partition", medusa_heads._vocab_logits_kernel,
+               vocab_pointers, dict(V=49152, D=576, DOT_PRECISION="tf32", LOG_PARTITION=True, BLOCK_M=rows,
+                                    BLOCK_V=128, BLOCK_K=64, PDL=True), dict(num_warps=warps))
+    yield ("Medusa heads' top-10, with log-probabilities", medusa_heads._topk_kernel,
+           {"logits_ptr": "*bf16", "slice_max_ptr": "*fp32", "out_ptr": "*i64", "temperatures_ptr": "*fp32",
+            "tempered_max_ptr": "*fp32", "slice_sum_ptr": "*fp32", "logprobs_ptr": "*fp32"},
+           dict(V=49152, TOPK=10, LOG_PARTITION=True, BLOCK_V=128, BLOCK_S=512, BLOCK_T=16, PDL=True),
+           dict(num_warps=8))
+
+
 # A global memory access in PTX: a load, store or atomic on global memory, or an async copy from it (a predicate
 # may precede it). L2 prefetches are not accesses: they read nothing into the program.
 _GLOBAL_ACCESS = re.compile(r"^(@!?%p\d+\s+)?((ld|st|atom|red)(\.\w+)*\.global|cp\.async\.)")
@@ -218,7 +234,8 @@ def main() -> int:
         return 2
     failed = 0
     for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_rmsnorm_cases(),
-                                                        *_linear_cases(), *_path_heads_cases()]:
+                                                        *_linear_cases(), *_path_heads_cases(),
+                                                        *_medusa_heads_cases()]:
         options = dict(options)
         l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:

@@ -6,19 +6,26 @@ V_k is the head's own vocab projection or the base model's lm_head shared by all
 temperatures T_k it also returns their calibrated log-probabilities, log softmax(logits / T_k) at those
 ids, which a dynamic tree scores its nodes with (nanomedusa/dynamic_tree.py).
 
-The Triton version never materialises the [K, N, V] logits. Three kernels:
+The Triton version runs three kernels:
   1. `_resblock_kernel`, once per ResBlock layer, all K heads in one launch: a program owns one head,
      up to ROWS = 16 rows and BLOCK_N output features, streams its [BLOCK_N, D] slice of W through
      `tl.dot`, and applies bias, SiLU and the residual add in the epilogue. (Layers run one launch
      each because layer l+1 needs every feature of layer l.)
-  2. `_vocab_topk_kernel`: a program owns a BLOCK_V slice of the vocabulary, computes those logits
-     for its rows and writes each row's top-k of the slice (value and id) as candidates. With the
-     shared lm_head all K*N rows share one program, so each weight is read once, not K times.
-     With temperatures it also writes the slice's share of the log-partition: the max m_s of the
-     tempered logits z / T over the slice, and S_s = the sum of exp(z / T - m_s) over it.
-  3. `_merge_topk_kernel`: one program per row picks the top-k of its candidates; with temperatures
-     it combines the slices' shares, log Z = m + log(sum over s of S_s * exp(m_s - m)) with m the
-     largest m_s (as online softmax rescales), and writes z / T - log Z beside each id.
+  2. `_vocab_logits_kernel`: a program owns a BLOCK_V slice of the vocabulary and ROWS to VOCAB_ROWS
+     rows, computes those logits, stores them rounded to the model dtype (as the reference ranks them;
+     [K*N, V]) and each row's largest of the slice. With the shared lm_head all K*N rows share one
+     program, so each weight is read once, not K times. With temperatures it also writes the slice's
+     share of the log-partition: the max m_s of the tempered logits z / T over the slice, and S_s = the
+     sum of exp(z / T - m_s) over it.
+  3. `_topk_kernel`: one program per row. A row's top-k logits lie in the k slices with the largest
+     maxima (ties to the earlier slice): any other slice ranks after k slices that each hold a logit
+     ranking before all of its own. So the program picks those k slices by their maxima, then the top-k of
+     their k * BLOCK_V logits. With temperatures it combines the slices' shares, log Z = m + log(sum over
+     s of S_s * exp(m_s - m)) with m the largest m_s (as online softmax rescales), and writes z / T - log Z
+     beside each id.
+Why not a top-k per slice in stage 2 (as this file did before): that selection, k passes over every
+logit, cost more than reading the vocab weight; picking slices by one max each leaves k passes over k
+slices only (bench/RESULTS.md, "the heads' top-k").
 All matrix products accumulate in float32; float32 inputs use exact ("ieee") products, not TF32.
 """
 
@@ -34,8 +41,9 @@ from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
 MAX_TOPK = 16
-MAX_CANDIDATES = 8192  # per row, after stage 2: the merge program holds them all in registers
+MAX_SLICES = 4096  # vocab slices per row at most: the top-k program holds every slice's max in registers
 ROWS = 16  # rows per program: tl.dot's smallest tile; decoding has 1 to a few rows per head
+VOCAB_ROWS = 64  # rows per vocab-slice program at most (a dynamic tree's path-reading heads run on ~60)
 
 
 def medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight):
@@ -107,32 +115,19 @@ def _resblock_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_xk, stride_wk, stri
 
 
 @triton.jit
-def _next_best(values, ids, taken):
-    """One step of top-k selection along axis 1 of values, ids, taken [R, B].
-
-    Returns each row's largest value not yet taken [R], its id [R] (the smallest id among equal
-    values), and `taken` with that entry marked. ids must be distinct within a row.
-    """
-    best = tl.max(tl.where(taken, float("-inf"), values), axis=1)  # [R]
-    best_id = tl.min(tl.where(~taken & (values == best[:, None]), ids, 2**31 - 1), axis=1)  # [R]
-    return best, best_id, taken | (ids == best_id[:, None])
-
-
-@triton.jit
-def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, temperatures_ptr, slice_max_ptr, slice_sum_ptr,
-                       R, N, stride_xk, stride_wg, num_v_blocks,
-                       V: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       LOG_PARTITION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (g, m, v): the logits of rows m*BLOCK_M.. of group g over vocab slice v, reduced to
-    each row's TOPK best of the slice.
+def _vocab_logits_kernel(x_ptr, w_ptr, logits_ptr, temperatures_ptr, slice_max_ptr, tempered_max_ptr, slice_sum_ptr,
+                         R, N, stride_xk, stride_wg, num_v_blocks,
+                         V: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG_PARTITION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (g, m, v): the logits of rows m*BLOCK_M.. of group g over vocab slice v, and each row's max of them.
 
     A group is R rows that share one vocab weight [V, D] at w_ptr + g * stride_wg: one head's N rows
     (R = N), or all K*N rows when the heads share the lm_head (stride_wg = 0). Row f = g * R + r is
     position f % N of head f // N in x (head stride stride_xk, rows D contiguous).
-    Candidates go to cand_*[f, v * TOPK + i], both [K*N, num_v_blocks * TOPK]. With LOG_PARTITION, the
-    slice's max of the tempered logits z / T (T = temperatures[head], float32 [K]) goes to slice_max[f, v]
-    and the sum of exp(z / T - max) to slice_sum[f, v], both [K*N, num_v_blocks] float32.
+    The logits, rounded to x's dtype, go to logits[f, :] ([K*N, V]) and their max to slice_max[f, v]
+    ([K*N, num_v_blocks] float32). With LOG_PARTITION, the max m of the tempered logits z / T over the slice
+    (T = temperatures[head], float32 [K]) goes to tempered_max[f, v] and the sum of exp(z / T - m) to
+    slice_sum[f, v], both [K*N, num_v_blocks] float32.
     """
     wait_for_previous_kernels(PDL)
     group, m_block, v_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -152,52 +147,83 @@ def _vocab_topk_kernel(x_ptr, w_ptr, cand_values_ptr, cand_ids_ptr, temperatures
         w = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < D) & vocab_ok, other=0.0)  # [BLOCK_K, BLOCK_V]
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
-    # Rank the logits rounded to the model dtype, as the reference's are; padding columns rank last.
-    logits = tl.where(vocab_ok, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
-    ids = tl.broadcast_to(vocab[None, :], (BLOCK_M, BLOCK_V))
-    taken = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.int1)
-    slot = flat * (num_v_blocks * TOPK) + v_block * TOPK  # [BLOCK_M]
-    for i in range(TOPK):
-        best, best_id, taken = _next_best(logits, ids, taken)
-        tl.store(cand_values_ptr + slot + i, best, mask=row_ok)
-        tl.store(cand_ids_ptr + slot + i, best_id, mask=row_ok)
-
+    # The logits rounded to the model dtype, as the reference's are; padding columns rank last.
+    rounded = acc.to(x_ptr.dtype.element_ty)
+    tl.store(logits_ptr + flat[:, None].to(tl.int64) * V + vocab[None, :], rounded, mask=row_ok[:, None] & vocab_ok)
+    logits = tl.where(vocab_ok, rounded.to(tl.float32), float("-inf"))
+    top = tl.max(logits, axis=1)  # [BLOCK_M], finite: a slice holds at least one real column
+    tl.store(slice_max_ptr + flat * num_v_blocks + v_block, top, mask=row_ok)
     if LOG_PARTITION:  # the slice's share of log sum exp(z / T); padding columns add exp(-inf) = 0
         temperature = tl.load(temperatures_ptr + flat // N, mask=row_ok, other=1.0)  # [BLOCK_M]
         tempered = logits / temperature[:, None]
-        top = tl.max(tempered, axis=1)  # [BLOCK_M], finite: a slice holds at least one real column
-        tl.store(slice_max_ptr + flat * num_v_blocks + v_block, top, mask=row_ok)
-        tl.store(slice_sum_ptr + flat * num_v_blocks + v_block, tl.sum(tl.exp(tempered - top[:, None]), axis=1),
-                 mask=row_ok)
+        tempered_top = tl.max(tempered, axis=1)  # [BLOCK_M]
+        tl.store(tempered_max_ptr + flat * num_v_blocks + v_block, tempered_top, mask=row_ok)
+        tl.store(slice_sum_ptr + flat * num_v_blocks + v_block,
+                 tl.sum(tl.exp(tempered - tempered_top[:, None]), axis=1), mask=row_ok)
+
+
+TAKEN = tl.constexpr(2**63 - 1)  # a rank key above every real one (see _rank_keys)
 
 
 @triton.jit
-def _merge_topk_kernel(cand_values_ptr, cand_ids_ptr, out_ptr, temperatures_ptr, slice_max_ptr, slice_sum_ptr,
-                       logprobs_ptr, C, N, num_v_blocks, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    """Program f: out[f, :] = the ids of the TOPK best of row f's C candidates, best first.
+def _rank_keys(values, ids, real):
+    """float32 values and int32 ids >= 0, real [R, B] -> int64 keys [R, B] whose ascending order is (value
+    descending, id ascending), TAKEN where not real: one min reduction then finds a row's best, ties to the
+    smaller id, where a max and a min would take two. ids must be distinct within a row."""
+    values = tl.where(values == 0.0, 0.0, values)  # -0.0 ties +0.0, as float comparison has it
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # the float order, as integers
+    return tl.where(real, ((-ordered) << 32) + ids, TAKEN)
 
-    cand_* [K*N, C], out [K*N, TOPK] int64. A vocab id appears in one slice only, so the
-    candidate ids of a row are distinct. The tile is [1, BLOCK_C] to share `_next_best`.
-    With LOG_PARTITION, also logprobs[f, :] = z / T - log Z (float32 [K*N, TOPK]) of those ids, log Z
-    combined from the num_v_blocks slices' shares (see `_vocab_topk_kernel`).
+
+@triton.jit
+def _pop_best(keys):
+    """keys [R, B] (from _rank_keys) -> each row's best value [R] float32 and id [R] int32 (-1 when every lane is
+    TAKEN), and keys with that lane TAKEN."""
+    best = tl.min(keys, axis=1)  # [R]
+    ordered = (-(best >> 32)).to(tl.int32)
+    value = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+    return value, (best & 0xFFFFFFFF).to(tl.int32), tl.where(keys == best[:, None], TAKEN, keys)
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_max_ptr, slice_sum_ptr, logprobs_ptr, N,
+                 num_v_blocks,
+                 V: tl.constexpr, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+    """Program f: out[f, :] = the ids of the TOPK best of row f's logits, best first (ties: the smaller id).
+
+    logits [K*N, V] (stage 2's), slice_max [K*N, num_v_blocks] float32, out [K*N, TOPK] int64. First the
+    TOPK slices with the largest maxima (ties: the earlier slice; see the module docstring for why the row's
+    TOPK best lie in them), then the TOPK best of their logits, a [1, BLOCK_T * BLOCK_V] tile. With
+    LOG_PARTITION, also logprobs[f, :] = z / T - log Z (float32 [K*N, TOPK]) of those ids, log Z combined
+    from the num_v_blocks slices' shares (see `_vocab_logits_kernel`).
     """
     wait_for_previous_kernels(PDL)
     row = tl.program_id(0) + tl.arange(0, 1)  # [1]
-    c = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
-    values = tl.load(cand_values_ptr + row[:, None] * C + c, mask=c < C, other=float("-inf"))
-    ids = tl.load(cand_ids_ptr + row[:, None] * C + c, mask=c < C, other=2**31 - 1)
-    taken = c >= C  # padding lanes are never picked
-    if LOG_PARTITION:
-        s = tl.arange(0, BLOCK_S)[None, :]  # [1, BLOCK_S]
-        slice_max = tl.load(slice_max_ptr + row[:, None] * num_v_blocks + s, mask=s < num_v_blocks,
-                            other=float("-inf"))
-        slice_sum = tl.load(slice_sum_ptr + row[:, None] * num_v_blocks + s, mask=s < num_v_blocks, other=0.0)
-        top = tl.max(slice_max, axis=1)  # [1]
-        log_z = top + tl.log(tl.sum(slice_sum * tl.exp(slice_max - top[:, None]), axis=1))  # [1]
-        temperature = tl.load(temperatures_ptr + row // N)  # [1]
+    s = tl.arange(0, BLOCK_S)[None, :]  # [1, BLOCK_S]
+    slice_max = tl.load(slice_max_ptr + row[:, None] * num_v_blocks + s, mask=s < num_v_blocks, other=float("-inf"))
+    keys = _rank_keys(slice_max, s, s < num_v_blocks)
+    t = tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    chosen = tl.full([BLOCK_T], -1, tl.int32)  # the slices picked, best first; -1: none (fewer slices than TOPK)
     for i in range(TOPK):
-        best, best_id, taken = _next_best(values, ids, taken)
+        _, best_slice, keys = _pop_best(keys)  # [1]
+        chosen = tl.where(t == i, best_slice, chosen)
+
+    # The picked slices' logits and their ids, [BLOCK_T, BLOCK_V], ranked as one row.
+    ids = tl.maximum(chosen, 0)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    real = (chosen >= 0)[:, None] & (ids < V)
+    values = tl.load(logits_ptr + row.to(tl.int64) * V + ids, mask=real, other=0.0).to(tl.float32)
+    keys = tl.reshape(_rank_keys(values, ids, real), [1, BLOCK_T * BLOCK_V])
+    if LOG_PARTITION:
+        temperature = tl.load(temperatures_ptr + row // N)  # [1]
+        slice_ok = s < num_v_blocks
+        tempered_max = tl.load(tempered_max_ptr + row[:, None] * num_v_blocks + s, mask=slice_ok, other=float("-inf"))
+        slice_sum = tl.load(slice_sum_ptr + row[:, None] * num_v_blocks + s, mask=slice_ok, other=0.0)
+        top = tl.max(tempered_max, axis=1)  # [1]
+        log_z = top + tl.log(tl.sum(slice_sum * tl.exp(tempered_max - top[:, None]), axis=1))  # [1]
+    for i in range(TOPK):
+        best, best_id, keys = _pop_best(keys)
         tl.store(out_ptr + row * TOPK + i, best_id.to(tl.int64))
         if LOG_PARTITION:
             tl.store(logprobs_ptr + row * TOPK + i, best / temperature - log_z)
@@ -225,7 +251,8 @@ def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures
 
 
 def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):
-    """Same contract as `medusa_topk_reference`: L + 2 launches, no [K, N, V] logits."""
+    """Same contract as `medusa_topk_reference`: L + 2 launches; the [K*N, V] logits in the model dtype (the
+    reference's are float32)."""
     _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
     K, L = res_weight.shape[:2]
     N, D = hidden.shape
@@ -246,36 +273,38 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, tempera
         )
         x, stride_xk = out, N * D
 
-    # Stage 2: vocab slices -> per-slice top-k candidates. The slice widens for big vocabularies so
-    # that a row keeps at most MAX_CANDIDATES; the weight tile [BLOCK_K, BLOCK_V] stays near 8192
-    # elements (16 KB in bf16 per pipeline stage), with BLOCK_K >= 16 as tl.dot needs.
+    # Stage 2: the logits [K*N, V], and each row's max of each vocab slice. The slice widens for big
+    # vocabularies so that a row has at most MAX_SLICES; the weight tile [BLOCK_K, BLOCK_V] stays near
+    # 8192 elements (16 KB in bf16 per pipeline stage), with BLOCK_K >= 16 as tl.dot needs.
     block_v = 128
-    while triton.cdiv(V, block_v) * topk > MAX_CANDIDATES:
+    while triton.cdiv(V, block_v) > MAX_SLICES:
         block_v *= 2
     num_v_blocks = triton.cdiv(V, block_v)
     shared = vocab_weight.dim() == 2
     groups, R = (1, K * N) if shared else (K, N)
-    cand_values = torch.empty(K * N, num_v_blocks * topk, dtype=torch.float32, device=dev)
-    cand_ids = torch.empty(K * N, num_v_blocks * topk, dtype=torch.int32, device=dev)
+    logits = torch.empty(K * N, V, dtype=dtype, device=dev)
+    slice_max = torch.empty(K * N, num_v_blocks, dtype=torch.float32, device=dev)
     log_partition = temperatures is not None
     if log_partition:  # the slices' shares of each row's log-partition, and its log-probabilities
         temperatures = temperatures.to(torch.float32).contiguous()
-        slice_max, slice_sum = torch.empty(2, K * N, num_v_blocks, dtype=torch.float32, device=dev)
+        tempered_max, slice_sum = torch.empty(2, K * N, num_v_blocks, dtype=torch.float32, device=dev)
         logprobs = torch.empty(K, N, topk, dtype=torch.float32, device=dev)
     else:  # unused pointers: the kernels skip those parts
-        temperatures = slice_max = slice_sum = logprobs = cand_values
-    _vocab_topk_kernel[(groups, triton.cdiv(R, ROWS), num_v_blocks)](
-        x, vocab_weight, cand_values, cand_ids, temperatures, slice_max, slice_sum, R, N, stride_xk,
-        0 if shared else V * D, num_v_blocks, V=V, D=D, TOPK=topk, DOT_PRECISION=precision,
-        LOG_PARTITION=log_partition, BLOCK_M=ROWS, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
-        num_warps=4 if block_v <= 128 else 8, **launch_options(x),
+        temperatures = tempered_max = slice_sum = logprobs = slice_max
+    # Many rows (a path-reading proposal's parents) share a program, so each slice of the weight is read once
+    block_m = min(max(ROWS, triton.next_power_of_2(R)), VOCAB_ROWS)
+    _vocab_logits_kernel[(groups, triton.cdiv(R, block_m), num_v_blocks)](
+        x, vocab_weight, logits, temperatures, slice_max, tempered_max, slice_sum, R, N, stride_xk,
+        0 if shared else V * D, num_v_blocks, V=V, D=D, DOT_PRECISION=precision, LOG_PARTITION=log_partition,
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=max(16, 8192 // block_v),
+        num_warps=4 if block_v * block_m <= 128 * ROWS else 8, **launch_options(x),
     )
 
-    # Stage 3: merge each row's candidates (and its slices' log-partition shares).
+    # Stage 3: each row's top-k, from the top-k slices by their maxima (and its log-partition).
     ids = torch.empty(K, N, topk, dtype=torch.long, device=dev)
-    block_c = triton.next_power_of_2(num_v_blocks * topk)
-    _merge_topk_kernel[(K * N,)](cand_values, cand_ids, ids, temperatures, slice_max, slice_sum, logprobs,
-                                 num_v_blocks * topk, N, num_v_blocks, TOPK=topk, LOG_PARTITION=log_partition,
-                                 BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(num_v_blocks),
-                                 num_warps=8 if block_c >= 2048 else 4, **launch_options(ids))
+    block_t = triton.next_power_of_2(topk)
+    _topk_kernel[(K * N,)](logits, slice_max, ids, temperatures, tempered_max, slice_sum, logprobs, N, num_v_blocks,
+                           V=V, TOPK=topk, LOG_PARTITION=log_partition, BLOCK_V=block_v,
+                           BLOCK_S=triton.next_power_of_2(num_v_blocks), BLOCK_T=block_t,
+                           num_warps=8 if block_t * block_v >= 2048 else 4, **launch_options(ids))
     return (ids, logprobs) if log_partition else ids

@@ -43,15 +43,29 @@ def test_no_resblocks():
 
 
 def test_more_rows_than_one_tile():
-    # K*N = 18 shared rows span two 16-row tiles; per head, N = 17 rows span two as well.
+    # K*N = 18 shared rows span two 16-row tiles of the ResBlocks (one 32-row vocab program); per head, N = 17 rows
+    # span two as well; 70 shared rows span two 64-row vocab programs.
     check_medusa(3, 1, 6, 40, 200, True, 3, torch.float32, DEVICE)
     check_medusa(2, 1, 17, 40, 200, False, 3, torch.float32, DEVICE)
+    check_medusa(1, 1, 70, 40, 200, True, 3, torch.float32, DEVICE, torch.tensor([0.8], device=DEVICE))
 
 
 def test_widened_vocab_slices(monkeypatch):
-    # Big vocabularies widen the slices to cap the candidates per row; force that at a tiny size.
-    monkeypatch.setattr(medusa_heads, "MAX_CANDIDATES", 8)
+    # Big vocabularies widen the slices to cap the slices per row; force that at a tiny size.
+    monkeypatch.setattr(medusa_heads, "MAX_SLICES", 2)  # 257 ids: two 256-wide slices, not three of 128
     check_medusa(2, 1, 1, 40, 257, False, 4, torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("topk", [3, 8])
+def test_top_logits_in_one_slice(topk):
+    # The top-k program reads only the k slices with the largest maxima: here every top logit sits in slice 2
+    # (ids 260..269), so one slice holds them all and the other picked slices hold none.
+    hidden, res_w, res_b, vocab = medusa_inputs(1, 0, 1, 40, 1000, True, torch.float32, DEVICE)
+    vocab[260:270] = hidden[0] / hidden[0].norm() ** 2 * torch.arange(5.0, 55.0, 5.0, device=DEVICE)[:, None]
+    ids = medusa_heads.medusa_topk_triton(hidden, res_w, res_b, vocab, topk)
+    logits = medusa_heads.medusa_heads_reference(hidden, res_w, res_b, vocab)
+    assert_topk_matches(ids, logits, topk)
+    assert set(ids.flatten().tolist()) <= set(range(260, 270))  # logits 5 .. 50 there, of order 1 elsewhere
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -104,7 +118,7 @@ def test_log_probabilities_match_reference(K, L, N, D, V, shared, topk, dtype):
 
 def test_log_probabilities_over_widened_slices(monkeypatch):
     # Widened slices (fewer, wider programs) combine fewer log-partition shares, and so do 1-slice vocabularies.
-    monkeypatch.setattr(medusa_heads, "MAX_CANDIDATES", 8)
+    monkeypatch.setattr(medusa_heads, "MAX_SLICES", 2)
     check_medusa(2, 1, 1, 40, 257, False, 4, torch.float32, DEVICE, torch.tensor([0.5, 2.0], device=DEVICE))
     check_medusa(2, 1, 1, 40, 100, True, 4, torch.float32, DEVICE, torch.tensor([1.0, 3.0], device=DEVICE))
 
