@@ -4,7 +4,7 @@ A static tree (tree.py) verifies the same shape every step, tuned to the heads' 
 the heads know when they are sure: after "The capital of France is" head 0 may give " Paris" 0.95,
 elsewhere its best guess 0.2. A dynamic tree spends a fixed budget of N nodes (the root included) where
 this step's guesses are likeliest. It keeps a fixed SUPERSET of M >= N candidate nodes (the heads'
-accuracy tree of 256 nodes, `DynamicTree.for_heads`), and each step:
+accuracy tree of 256 nodes, or 4 N for heads that read their path: `DynamicTree.for_heads`), and each step:
 
   1. score: every superset node gets the product of its path's probabilities, where head d's rank-r
      guess has p = softmax(logits / T_d)[guess], T_d the head's fitted temperature (calibration.py).
@@ -64,6 +64,10 @@ from .heads import HeadsConfig
 from .tree import TreeBuffers, cut_to_depth, lineages, tree_from_head_accuracies
 
 SUPERSET_NODES = 256  # candidates scored each step, the root included
+# Heads that read their path run on every superset node with children (path_tree.py), so their superset is cut to
+# 4 N nodes: it kept the 256-node superset's accepted length within 0.1% at 16 and 32 nodes offline and took a
+# third off the choice's time on an H200 (bench/RESULTS.md, twenty-sixth run).
+PATH_SUPERSET_PER_NODE = 4
 DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree
 
 
@@ -108,12 +112,16 @@ class DynamicTree:
         )
 
     @classmethod
-    def for_heads(cls, config: HeadsConfig, num_nodes: int | None = None, superset_nodes: int = SUPERSET_NODES,
+    def for_heads(cls, config: HeadsConfig, num_nodes: int | None = None, superset_nodes: int | None = None,
                   device=None, vocab_size: int | None = None) -> DynamicTree:
         """The dynamic tree of `num_nodes` (default: `default_nodes`) for these heads: its superset is their
         accuracy tree (`tree_from_head_accuracies`) of max(superset_nodes, num_nodes) nodes, or every path
-        their accuracy table allows if that is fewer."""
+        their accuracy table allows if that is fewer. superset_nodes defaults to SUPERSET_NODES, for heads that
+        read their path to min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes)."""
         num_nodes = num_nodes or default_nodes(config)
+        if superset_nodes is None:
+            superset_nodes = (min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes) if config.reads_path
+                              else SUPERSET_NODES)
         acc = config.rank_accuracies()
         capacity = sum(len(acc[0]) ** depth for depth in range(1, len(acc) + 1))
         if num_nodes > capacity + 1:

@@ -182,6 +182,19 @@ def test_a_dynamic_proposal_launches_no_more_kernels_than_a_static_one(tiny):
         assert dynamic_kernels <= config.num_layers + 4, dynamic_kernels
 
 
+def test_path_reading_heads_get_a_budget_sized_superset():
+    # Their proposal runs on every superset parent, so their superset is 4 N nodes (at most 256); Medusa's 256.
+    from dataclasses import replace
+
+    from nanomedusa.heads import HeadsConfig
+
+    config = HeadsConfig(3, 1, 40, 300, True, rank_accuracy=[[0.5 / (r + 1) for r in range(10)]] * 3)
+    path = replace(config, reads_path=True)
+    assert [DynamicTree.for_heads(path, n).superset.num_nodes for n in (16, 32, 64, 128)] == [64, 128, 256, 256]
+    assert [DynamicTree.for_heads(config, n).superset.num_nodes for n in (16, 128)] == [256, 256]
+    assert DynamicTree.for_heads(path, 16, superset_nodes=256).superset.num_nodes == 256  # a size given is kept
+
+
 def test_budget_out_of_range_is_a_clear_error():
     with pytest.raises(NanoMedusaError, match="verifies 1 to 4 of them, not 5; pass --tree-nodes in that range"):
         DynamicTree.from_choices([[0], [1], [0, 0]], 5)

@@ -1,12 +1,13 @@
 """bench/path_trees_offline.py, the offline simulator of greedy decoding with path-reading heads: its static rule
-must take the steps the engine takes (so its comparison with EAGLE-2's expansion is one of real runs), and its
-expansion must verify what its rule says."""
+and dynamic rules must take the steps the engine takes (so their comparison with EAGLE-2's expansion is one of real
+runs), and its expansion must verify what its rule says."""
 
 import pytest
 import torch
 
 from bench.path_trees_offline import Step, accepted_depth, simulate, walk
 from nanomedusa.decoder import Decoder
+from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import generate
 from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
@@ -26,19 +27,26 @@ def test_walk_and_accepted_depth():
 
 
 @pytest.mark.parametrize("seed", [1, 5])  # random heads whose guesses some steps accept (most seeds': none)
-def test_static_rule_takes_the_engines_steps(model, seed):
+def test_static_and_dynamic_rules_take_the_engines_steps(model, seed):
     heads = path_heads(model, seed, num_heads=3)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, model.config.vocab_size, (5,), generator=gen).tolist()
     continuation = generate(Decoder(model), prompt, max_new_tokens=24).tokens
     budgets = [4, 12]
-    steps = simulate(model, heads, prompt, continuation, budgets, max_depth=3, beam=4, children=4)
+    supersets = [8, 40]  # below and above a budget: for_heads takes the larger
+    steps = simulate(model, heads, prompt, continuation, budgets, max_depth=3, beam=4, children=4,
+                     supersets=supersets)
     for n in budgets:
         tree = TreeBuffers.from_choices(tree_from_head_accuracies(heads.config.rank_accuracies(), n - 1))
         run = generate_medusa(Decoder(model), heads, tree, prompt, max_new_tokens=24)
         assert run.tokens == continuation and steps[("static", n)] == run.steps, n
         assert steps[("expand", n)] <= len(continuation) - 1
+        for size in supersets:
+            dynamic = DynamicTree.for_heads(heads.config, n, superset_nodes=size)
+            run = generate_medusa(Decoder(model), heads, dynamic, prompt, max_new_tokens=24)
+            assert run.tokens == continuation and steps[(f"dynamic-{size}", n)] == run.steps, (n, size)
     assert steps[("static", 12)] < len(continuation) - 1  # some step accepted a guess: the check bites
+    assert steps[("dynamic-40", 12)] < len(continuation) - 1
 
 
 def test_expansion_keeps_the_beam_and_scores_down_the_path(model):
