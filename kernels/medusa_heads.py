@@ -251,8 +251,8 @@ def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures
 
 
 def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):
-    """Same contract as `medusa_topk_reference`: L + 2 launches; the [K*N, V] logits in the model dtype (the
-    reference's are float32)."""
+    """Same contract as `medusa_topk_reference`: L + 2 launches; the [K*N, V] logits in the model dtype, as the
+    reference's."""
     _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
     K, L = res_weight.shape[:2]
     N, D = hidden.shape

@@ -43,8 +43,8 @@ def test_no_resblocks():
 
 
 def test_more_rows_than_one_tile():
-    # K*N = 18 shared rows span two 16-row tiles of the ResBlocks (one 32-row vocab program); per head, N = 17 rows
-    # span two as well; 70 shared rows span two 64-row vocab programs.
+    # K*N = 18 shared rows share one 32-row vocab program; per head, N = 17 rows span two 16-row ResBlock tiles;
+    # 70 shared rows span two 64-row vocab programs.
     check_medusa(3, 1, 6, 40, 200, True, 3, torch.float32, DEVICE)
     check_medusa(2, 1, 17, 40, 200, False, 3, torch.float32, DEVICE)
     check_medusa(1, 1, 70, 40, 200, True, 3, torch.float32, DEVICE, torch.tensor([0.8], device=DEVICE))
