@@ -187,9 +187,8 @@ def _pop_best(keys):
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_max_ptr, slice_sum_ptr, logprobs_ptr, N,
-                 num_v_blocks,
-                 V: tl.constexpr, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr, BLOCK_V: tl.constexpr,
+def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_max_ptr, slice_sum_ptr, logprobs_ptr,
+                 N, num_v_blocks, V: tl.constexpr, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     """Program f: out[f, :] = the ids of the TOPK best of row f's logits, best first (ties: the smaller id).
 
@@ -202,8 +201,9 @@ def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_
     wait_for_previous_kernels(PDL)
     row = tl.program_id(0) + tl.arange(0, 1)  # [1]
     s = tl.arange(0, BLOCK_S)[None, :]  # [1, BLOCK_S]
-    slice_max = tl.load(slice_max_ptr + row[:, None] * num_v_blocks + s, mask=s < num_v_blocks, other=float("-inf"))
-    keys = _rank_keys(slice_max, s, s < num_v_blocks)
+    slice_ok = s < num_v_blocks
+    slice_max = tl.load(slice_max_ptr + row[:, None] * num_v_blocks + s, mask=slice_ok, other=float("-inf"))
+    keys = _rank_keys(slice_max, s, slice_ok)
     t = tl.arange(0, BLOCK_T)  # [BLOCK_T]
     chosen = tl.full([BLOCK_T], -1, tl.int32)  # the slices picked, best first; -1: none (fewer slices than TOPK)
     for i in range(TOPK):
@@ -217,7 +217,6 @@ def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_
     keys = tl.reshape(_rank_keys(values, ids, real), [1, BLOCK_T * BLOCK_V])
     if LOG_PARTITION:
         temperature = tl.load(temperatures_ptr + row // N)  # [1]
-        slice_ok = s < num_v_blocks
         tempered_max = tl.load(tempered_max_ptr + row[:, None] * num_v_blocks + s, mask=slice_ok, other=float("-inf"))
         slice_sum = tl.load(slice_sum_ptr + row[:, None] * num_v_blocks + s, mask=slice_ok, other=0.0)
         top = tl.max(tempered_max, axis=1)  # [1]

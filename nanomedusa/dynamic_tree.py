@@ -66,7 +66,8 @@ from .tree import TreeBuffers, cut_to_depth, lineages, tree_from_head_accuracies
 SUPERSET_NODES = 256  # candidates scored each step, the root included
 # Heads that read their path run on every superset node with children (path_tree.py), so their superset is cut to
 # 4 N nodes: it kept the 256-node superset's accepted length within 0.13% at 16 and 32 nodes offline and took
-# 30-35% off the choice's time there on an H200 (from 64 nodes on it is the 256-node superset) (bench/RESULTS.md, twenty-sixth run).
+# 30-35% off the choice's time there on an H200; from 64 nodes on it is the 256-node superset (bench/RESULTS.md,
+# twenty-sixth run).
 PATH_SUPERSET_PER_NODE = 4
 DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree
 
