@@ -68,10 +68,14 @@ def prompt_files(decode_args: list[str]) -> list[Path]:
 
 
 def methods(result: dict) -> dict[str, list[dict]]:
-    """bench.decode's JSON -> {method label: its per-prompt rows}: plain decoding per backbone, Medusa per heads x tree."""
+    """bench.decode's JSON -> {method label: its per-prompt rows}: plain decoding per backbone, Medusa per heads x tree,
+    and --sampling's methods."""
     out = {f"plain ({backbone})": part["per_prompt"] for backbone, part in result.get("ar", {}).items()}
     for m in result.get("medusa", []):
         out[f"{m['heads']} / {m['tree']}"] = m["per_prompt"]
+    for per_method in result.get("sampling", {}).get("sets", {}).values():  # --sampling: each method, every file
+        for label, part in per_method.items():
+            out.setdefault(f"sampling: {label}", []).extend(part["per_prompt"])
     return out
 
 

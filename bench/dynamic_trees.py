@@ -64,9 +64,30 @@ def decode_all(decoder, heads, tree, prompts, max_new_tokens, eos_ids, accept: s
     return row, [r.tokens for r in results]
 
 
-def replay_ms(fn, *inputs, device, reps: int) -> float:
-    """Median time of fn(*inputs), replayed as a CUDA graph on a GPU (called eagerly elsewhere)."""
-    step = GraphedStep(fn, *inputs)
+def add_replay_flags(p, top_help: str) -> None:
+    """The flags of the benchmarks that replay graphed parts of a step and profile their kernels (bench.proposal_cost,
+    bench.sampling_cost)."""
+    p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
+    p.add_argument("--reps", type=int, default=200, help="graph replays a timing (their median)")
+    p.add_argument("--top", type=int, default=12, help=top_help)
+    p.add_argument("--json", default=None, help="write the numbers here")
+    add_kernel_flags(p)
+
+
+def replay_device(args, tool: str) -> torch.device:
+    """The GPU those benchmarks replay on, with the kernels their flags chose; on a CPU, an error naming the fix."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: bench.{tool} times CUDA graphs; run it on a GPU.")
+    device = torch.device("cuda")
+    check_kernels(args.kernels, device, args.exact)
+    use_kernels(args.kernels, args.exact, device)
+    return device
+
+
+def replay_ms(fn, *inputs, device, reps: int, generator: torch.Generator | None = None) -> float:
+    """Median time of fn(*inputs), replayed as a CUDA graph on a GPU (called eagerly elsewhere); `generator`, what
+    fn draws random numbers from."""
+    step = GraphedStep(fn, *inputs, generator=generator)
     return statistics.median(time_ms(lambda: step(*inputs), device, samples=reps))
 
 

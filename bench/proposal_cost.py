@@ -26,12 +26,12 @@ import sys
 
 import torch
 
-from nanomedusa.cli import ArgumentParser, add_kernel_flags, check_kernels, run_reporting_errors, use_kernels
+from nanomedusa.cli import ArgumentParser, run_reporting_errors
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
-from .dynamic_trees import proposal_steps, replay_ms
+from .dynamic_trees import add_replay_flags, proposal_steps, replay_device, replay_ms
 from .report import device_name, print_table, save
 from .step_profile import profile_kernels
 from .steps import SHAPES, build_7b, step_ms
@@ -41,24 +41,16 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads directory (a LoRA adapter in it is applied)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="the base model's shape")
-    p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
     p.add_argument("--supersets", default="64,128,256", help="superset sizes of the dynamic trees")
     p.add_argument("--prefix", type=int, default=256, help="cached tokens before a verification forward")
-    p.add_argument("--reps", type=int, default=200, help="graph replays a timing (their median)")
-    p.add_argument("--top", type=int, default=12, help="kernels listed per profiled proposal")
-    p.add_argument("--json", default=None, help="write the numbers here")
-    add_kernel_flags(p)
+    add_replay_flags(p, "kernels listed per profiled proposal")
     args = p.parse_args(argv)
     return run_reporting_errors(lambda: run(args))
 
 
 @torch.inference_mode()
 def run(args) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench.proposal_cost times CUDA graphs; run it on a GPU.")
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    check_kernels(args.kernels, device, args.exact)
-    use_kernels(args.kernels, args.exact, device)
+    device, dtype = replay_device(args, "proposal_cost"), torch.bfloat16
     budgets = sorted({int(n) for n in args.budgets.split(",")})
     supersets = sorted({int(n) for n in args.supersets.split(",")})
     model = build_7b(argparse.Namespace(**SHAPES[args.shape]), device, dtype, args.prefix + max(budgets) + 16)

@@ -2,8 +2,8 @@
 that defines what it computes.
 
 Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `compact_kv`,
-`accept_candidates`, `speculative_accept`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`,
-`linear`) dispatches here: the Triton version on CUDA tensors, the torch reference elsewhere (`linear` takes
+`accept_candidates`, `target_probs`, `speculative_accept`, `medusa_topk`, a dynamic tree's `tree_choice` and
+`tree_layout`, `linear`) dispatches here: the Triton version on CUDA tensors, the torch reference elsewhere (`linear` takes
 its kernel only under `set_row_invariant(True)`; otherwise cuBLAS). `set_backend` forces one side ("torch"
 or "triton"; "triton" on CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against
 its reference: see `interpreter.py`). `set_row_invariant(True)` makes the Triton side compute every row of a

@@ -119,6 +119,16 @@ def _rmsnorm_cases():
                dict(num_warps=8, floats=("eps",), l2_reads_first=True))
 
 
+def _target_probs_cases():
+    from . import target_probs
+
+    for top_k, top_p in ((False, True), (True, True)):  # the default model's vocabulary, 32 warps
+        yield (f"target probs, 49,152 tokens, top-k={top_k}, top-p={top_p}", target_probs._target_probs_kernel,
+               {"logits_ptr": "*bf16", "out_ptr": "*fp32"},
+               dict(TOP_K=top_k, TOP_P=top_p, BLOCK_V=65536, PDL=True),
+               dict(num_warps=32, floats=("inv_temperature", "top_k", "top_p")))
+
+
 # A plain linear layer's epilogue constexprs: linear_case's `mode` changes some of them.
 LINEAR_PLAIN = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0, GATE_UP=False)
 
@@ -235,7 +245,7 @@ def main() -> int:
     failed = 0
     for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_rmsnorm_cases(),
                                                         *_linear_cases(), *_path_heads_cases(),
-                                                        *_medusa_heads_cases()]:
+                                                        *_medusa_heads_cases(), *_target_probs_cases()]:
         options = dict(options)
         l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:

@@ -1,7 +1,8 @@
 """Turning logits into the next token: greedy, or sampling with temperature, top-k and top-p.
 
-`target_probs` is the one definition of the distribution we sample from; plain sampling and
-Medusa's speculative sampling both use it, which is what makes the latter lossless. Tokens are drawn
+`target_probs` is the one definition of the distribution we sample from (`kernels/target_probs.py`: a
+Triton kernel on a GPU, its torch reference elsewhere); plain sampling and Medusa's speculative sampling both
+use it, which is what makes the latter lossless. Tokens are drawn
 on the device by inverse CDF on a uniform (`sample_from`, from the speculative-sampling kernel, whose bonus
 draw is the same), with no host sync, so that sampling steps replay inside CUDA graphs.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.speculative_sampling import sample_from
+from kernels.target_probs import target_probs as kernel_target_probs
 
 
 @dataclass(frozen=True)
@@ -27,20 +29,9 @@ class Sampling:
 
 
 def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """logits [..., V] -> probabilities [..., V] after temperature, top-k and top-p (sampling only)."""
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k > 0:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
-        drop[..., 0].fill_(False)  # whatever top_p and rounding, the likeliest token stays (fill_: no host copy)
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    """logits [..., V] -> probabilities [..., V] float32 after temperature, top-k and top-p (sampling only;
+    `kernels/target_probs.py` defines the cuts)."""
+    return kernel_target_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:

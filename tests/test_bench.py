@@ -325,6 +325,17 @@ def test_ab_decode_runs_each_version_end_to_end(tmp_path):
     assert json.loads((tmp_path / "ab.json").read_text())["versions"] == list(versions)
 
 
+def test_ab_decode_reads_the_sampling_methods_of_every_file():
+    from bench.ab_decode import methods
+    result = {"ar": {"base": {"per_prompt": [{"id": "a1"}]}},
+              "sampling": {"temperature": 0.7, "sets": {
+                  "a": {"plain sampling": {"per_prompt": [{"id": "a1"}]},
+                        "Medusa, lossless": {"per_prompt": [{"id": "a1"}]}},
+                  "b": {"plain sampling": {"per_prompt": [{"id": "b1"}, {"id": "b2"}]}}}}}
+    assert methods(result) == {"plain (base)": [{"id": "a1"}], "sampling: Medusa, lossless": [{"id": "a1"}],
+                               "sampling: plain sampling": [{"id": "a1"}, {"id": "b1"}, {"id": "b2"}]}
+
+
 def test_ab_decode_errors_name_the_fix(tmp_path):
     from bench import ab_decode
     with pytest.raises(SystemExit, match="python -m bench.ab_steps export"):

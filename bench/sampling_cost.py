@@ -1,0 +1,81 @@
+"""What lossless sampling's acceptance costs a step on a GPU, against typical acceptance, per tree size (the
+sampling step grows with the tree much faster than a typical one: bench/RESULTS.md, #15's twenty-fifth run).
+
+    python -m bench.sampling_cost [--heads DIR] [--budgets 16,32,64,128] [--vocab 49152] [--reps 200] [--json FILE]
+
+Per node budget N (the heads' accuracy tree of N nodes, the root included), on random logits [N, vocab] in bf16,
+each replayed as a CUDA graph (median of --reps):
+
+  target probs   `sampling.target_probs` of every node's logits (temperature 0.7, top-p 0.9): the distributions
+                 the walk reads, all N of them, though it visits at most depth + 1 nodes;
+  sample walk    `medusa_generation.sample_walk`: those, the uniforms and the walk (what a sampling step spends
+                 on acceptance);
+  typical        `medusa_generation.accept` with typical acceptance, for scale.
+
+Then one eager sample walk of the largest budget, per kernel under torch.profiler. No model and no prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.medusa_generation import Acceptance, accept, sample_walk
+from nanomedusa.sampling import Sampling, target_probs
+from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
+
+from .dynamic_trees import add_replay_flags, replay_device, replay_ms
+from .report import device_name, print_table, save
+from .step_profile import profile_kernels
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--heads", default="weights/smollm2-135m-instruct-medusa-path",
+                   help="heads directory whose rank accuracies shape the trees (only its config.json is read)")
+    p.add_argument("--vocab", type=int, default=49152, help="vocabulary size (default: the default model's)")
+    add_replay_flags(p, "kernels listed in the profile")
+    args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(args))
+
+
+@torch.inference_mode()
+def run(args) -> None:
+    device = replay_device(args, "sampling_cost")
+    acc = json.loads((Path(args.heads) / "config.json").read_text())["rank_accuracy"]  # [K][topk]
+    sampling = Sampling(temperature=0.7, top_p=0.9)
+    typical = Acceptance(mode="typical", sampling=sampling)
+    rng = torch.Generator(device=device)
+    out = {"device": device_name(device), "heads": args.heads, "vocab": args.vocab, "rows": [], "profile": []}
+    rows = []
+    for n in sorted({int(b) for b in args.budgets.split(",")}):
+        tree = TreeBuffers.from_choices(tree_from_head_accuracies(acc, n - 1), device=device)
+        logits = torch.randn(n, args.vocab, device=device).mul(3).to(torch.bfloat16)  # [N, V]
+        tokens = torch.randint(args.vocab, (n,), device=device)  # [N]
+
+        def walk(logits, tokens, tree=tree):
+            return sample_walk(logits, tokens, tree, sampling, rng)
+
+        times = {"target probs": replay_ms(lambda z: target_probs(z, sampling), logits, device=device, reps=args.reps),
+                 "sample walk": replay_ms(walk, logits, tokens, device=device, reps=args.reps, generator=rng),
+                 "typical": replay_ms(lambda z, t, tree=tree: accept(z, t, tree, typical, None), logits, tokens,
+                                      device=device, reps=args.reps)}
+        out["rows"].append({"nodes": n, **{k.replace(" ", "_") + "_ms": v for k, v in times.items()}})
+        rows.append([n, *(f"{v:.3f}" for v in times.values())])
+        out["profile"] = profile_kernels(lambda: walk(logits, tokens), device)  # the largest budget's is kept
+    print_table(f"Acceptance's ms a step ({device_name(device)}, random bf16 logits over {args.vocab:,} tokens, "
+                f"temperature 0.7, top-p 0.9)", ["nodes", "target probs", "sample walk", "typical"], rows)
+    total = sum(us for _, _, us in out["profile"])
+    print_table(f"Kernels of one eager sample walk, {rows[-1][0]} nodes: {total:.0f} µs of kernel time",
+                ["kernel", "calls", "µs", "share"],
+                [[name, calls, f"{us:.1f}", f"{us / total:.1%}"] for name, calls, us in out["profile"][:args.top]])
+    if args.json:
+        save(out, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
