@@ -56,15 +56,20 @@ def link_weights(version: Path) -> None:
 
 
 def prompt_files(decode_args: list[str]) -> list[Path]:
-    """The prompt files bench.decode will read: those after --prompts, else its default."""
-    if "--prompts" not in decode_args:
-        return [DEFAULT_PROMPTS]
-    files = []
-    for arg in decode_args[decode_args.index("--prompts") + 1:]:
-        if arg.startswith("--"):
-            break
-        files.append(REPO / arg)
-    return files
+    """The prompt files bench.decode will read: those after --prompts (else its default), then those after
+    --sampling (which alone reads --prompts' files)."""
+    def after(flag: str) -> list[Path]:
+        if flag not in decode_args:
+            return []
+        files = []
+        for arg in decode_args[decode_args.index(flag) + 1:]:
+            if arg.startswith("--"):
+                break
+            files.append(REPO / arg)
+        return files
+
+    files = after("--prompts") if "--prompts" in decode_args else [DEFAULT_PROMPTS]
+    return files + [f for f in after("--sampling") if f not in files]
 
 
 def methods(result: dict) -> dict[str, list[dict]]:

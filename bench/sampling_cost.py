@@ -66,7 +66,7 @@ def run(args) -> None:
                                       device=device, reps=args.reps)}
         out["rows"].append({"nodes": n, **{k.replace(" ", "_") + "_ms": v for k, v in times.items()}})
         rows.append([n, *(f"{v:.3f}" for v in times.values())])
-        out["profile"] = profile_kernels(lambda: walk(logits, tokens), device)  # the largest budget's is kept
+    out["profile"] = profile_kernels(lambda: walk(logits, tokens), device)  # the last (largest) budget's walk
     print_table(f"Acceptance's ms a step ({device_name(device)}, random bf16 logits over {args.vocab:,} tokens, "
                 f"temperature 0.7, top-p 0.9)", ["nodes", "target probs", "sample walk", "typical"], rows)
     total = sum(us for _, _, us in out["profile"])

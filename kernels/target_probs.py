@@ -10,13 +10,13 @@ what makes the latter lossless; the walk down a tree reads the distribution of e
 step computes it for all of the tree's rows.
 
 The reference sorts each row to find the nucleus. The Triton kernel does not sort: one program per row keeps
-the row's exp(z - max) as one block (registers, and local memory where a row of up to MAX_VOCAB outgrows them)
-and finds each cut by bisection over the
-values' float32 bit patterns, which order non-negative floats as integers do. "The mass strictly above
-pattern b" falls as b rises, so 31 halvings of [0, +inf's pattern] find the smallest b under top_p times the
-total: the nucleus is every token at or above it (the same for top k, with counts). On an H200, for 49,152 tokens,
-that is about 0.08 ms for 2 to 64 rows and 0.12 ms for 128, where the reference took 0.18 / 0.33 / 1.0 ms for 2 / 32
-/ 128 rows (bench/sampling_cost.py). The 31 halvings are serial, so one row costs as much as 64.
+the row's exp(z - max) as one block (registers, and local memory where a row of up to MAX_VOCAB outgrows them) and
+finds each cut by bisection over the values' float32 bit patterns, which order non-negative floats as integers do.
+"The mass strictly above pattern b" falls as b rises, so 31 halvings of [0, +inf's pattern] find the smallest b
+under top_p times the total: the nucleus is every token at or above it (the same for top k, with counts). On an
+H200, for 49,152 tokens, that is 0.08-0.09 ms for 2 to 64 rows and 0.12 ms for 128, where the reference took 0.18 /
+0.33 / 1.0 ms for 2 / 32 / 128 rows (bench/sampling_cost.py). The 31 halvings are serial, so one row costs as much
+as 64.
 """
 
 from __future__ import annotations

@@ -336,6 +336,16 @@ def test_ab_decode_reads_the_sampling_methods_of_every_file():
                                "sampling: plain sampling": [{"id": "a1"}, {"id": "b1"}, {"id": "b2"}]}
 
 
+def test_ab_decode_knows_the_sampling_prompt_files():
+    from bench.ab_decode import prompt_files
+    from bench.ab_steps import REPO
+    from bench.prompts import DEFAULT_PROMPTS
+    assert prompt_files(["--prompts", "a.jsonl", "--sampling", "b.jsonl", "a.jsonl", "--no-hf"]) == [
+        REPO / "a.jsonl", REPO / "b.jsonl"]
+    assert prompt_files(["--sampling", "b.jsonl"]) == [DEFAULT_PROMPTS, REPO / "b.jsonl"]
+    assert prompt_files(["--sampling", "--no-hf"]) == [DEFAULT_PROMPTS]
+
+
 def test_ab_decode_errors_name_the_fix(tmp_path):
     from bench import ab_decode
     with pytest.raises(SystemExit, match="python -m bench.ab_steps export"):
