@@ -2,9 +2,9 @@
 
 `target_probs` is the one definition of the distribution we sample from (`kernels/target_probs.py`: a
 Triton kernel on a GPU, its torch reference elsewhere); plain sampling and Medusa's speculative sampling both
-use it, which is what makes the latter lossless. Tokens are drawn
-on the device by inverse CDF on a uniform (`sample_from`, from the speculative-sampling kernel, whose bonus
-draw is the same), with no host sync, so that sampling steps replay inside CUDA graphs.
+use it, which is what makes the latter lossless. Tokens are drawn on the device by inverse CDF on a uniform
+(`sample_from`, from the speculative-sampling kernel, whose bonus draw is the same), with no host sync, so
+that sampling steps replay inside CUDA graphs.
 """
 
 from __future__ import annotations
