@@ -58,7 +58,7 @@ def link_weights(version: Path) -> None:
 def prompt_files(decode_args: list[str]) -> list[Path]:
     """The prompt files bench.decode will read: those after --prompts (else its default), then those after
     --sampling (which alone reads --prompts' files)."""
-    def after(flag: str) -> list[Path]:
+    def after(flag: str) -> list[Path]:  # the files listed after flag, none where it is absent
         if flag not in decode_args:
             return []
         files = []
@@ -68,7 +68,7 @@ def prompt_files(decode_args: list[str]) -> list[Path]:
             files.append(REPO / arg)
         return files
 
-    files = after("--prompts") if "--prompts" in decode_args else [DEFAULT_PROMPTS]
+    files = after("--prompts") or [DEFAULT_PROMPTS]  # bench.decode's --prompts takes at least one file
     return files + [f for f in after("--sampling") if f not in files]
 
 
