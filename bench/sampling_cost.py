@@ -12,6 +12,8 @@ each replayed as a CUDA graph (median of --reps):
                  on acceptance);
   typical        `medusa_generation.accept` with typical acceptance, for scale.
 
+Plain sampling's draw from one row (`sampling.next_token`: kernels/sample_token.py) against the nucleus computed
+first and drawn from (`target_probs`, then `sample_from`: how it drew before) and greedy's argmax, for scale.
 Then one eager sample walk of the largest budget, per kernel under torch.profiler. No model and no prompts.
 """
 
@@ -25,7 +27,8 @@ import torch
 
 from nanomedusa.cli import ArgumentParser, run_reporting_errors
 from nanomedusa.medusa_generation import Acceptance, accept, sample_walk
-from nanomedusa.sampling import Sampling, target_probs
+from kernels.speculative_sampling import sample_from
+from nanomedusa.sampling import Sampling, next_token, target_probs
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .dynamic_trees import add_replay_flags, replay_device, replay_ms
@@ -66,9 +69,18 @@ def run(args) -> None:
                                       device=device, reps=args.reps)}
         out["rows"].append({"nodes": n, **{k.replace(" ", "_") + "_ms": v for k, v in times.items()}})
         rows.append([n, *(f"{v:.3f}" for v in times.values())])
+    row = logits[0]  # [V]
+    plain = {"next token": replay_ms(lambda z: next_token(z, sampling, rng), row, device=device, reps=args.reps,
+                                     generator=rng),
+             "nucleus, then draw": replay_ms(lambda z: sample_from(target_probs(z, sampling), torch.rand(
+                 (), generator=rng, device=device)), row, device=device, reps=args.reps, generator=rng),
+             "argmax": replay_ms(lambda z: z.argmax(-1), row, device=device, reps=args.reps)}
+    out["plain_draw_ms"] = {k.replace(" ", "_").replace(",", ""): v for k, v in plain.items()}
     out["profile"] = profile_kernels(lambda: walk(logits, tokens), device)  # the last (largest) budget's walk
     print_table(f"Acceptance's ms a step ({device_name(device)}, random bf16 logits over {args.vocab:,} tokens, "
                 f"temperature 0.7, top-p 0.9)", ["nodes", "target probs", "sample walk", "typical"], rows)
+    print_table(f"Plain sampling's draw from one row, ms ({device_name(device)})", list(plain),
+                [[f"{v:.3f}" for v in plain.values()]])
     total = sum(us for _, _, us in out["profile"])
     print_table(f"Kernels of one eager sample walk, {rows[-1][0]} nodes: {total:.0f} µs of kernel time",
                 ["kernel", "calls", "µs", "share"],

@@ -129,6 +129,16 @@ def _target_probs_cases():
                dict(num_warps=32, floats=("inv_temperature", "top_k", "top_p")))
 
 
+def _sample_token_cases():
+    from . import sample_token
+
+    for top_k, top_p in ((False, True), (True, True)):  # plain sampling's draw over the default model's vocabulary
+        yield (f"sample token, 49,152 tokens, top-k={top_k}, top-p={top_p}", sample_token._sample_token_kernel,
+               {"logits_ptr": "*bf16", "u_ptr": "*fp32", "out_ptr": "*i64"},
+               dict(TOP_K=top_k, TOP_P=top_p, PROPOSALS=sample_token.PROPOSALS, BLOCK_V=65536, PDL=True),
+               dict(num_warps=32, floats=("inv_temperature", "top_k", "top_p")))
+
+
 # A plain linear layer's epilogue constexprs: linear_case's `mode` changes some of them.
 LINEAR_PLAIN = dict(NORM_IN_TILES=0, ADD_RESIDUAL=False, NORM_OUT=False, ROPE_HEAD_DIM=0, GATE_UP=False)
 
@@ -245,7 +255,8 @@ def main() -> int:
     failed = 0
     for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_rmsnorm_cases(),
                                                         *_linear_cases(), *_path_heads_cases(),
-                                                        *_medusa_heads_cases(), *_target_probs_cases()]:
+                                                        *_medusa_heads_cases(), *_target_probs_cases(),
+                                                        *_sample_token_cases()]:
         options = dict(options)
         l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:

@@ -2,9 +2,10 @@
 
 `target_probs` is the one definition of the distribution we sample from (`kernels/target_probs.py`: a
 Triton kernel on a GPU, its torch reference elsewhere); plain sampling and Medusa's speculative sampling both
-use it, which is what makes the latter lossless. Tokens are drawn on the device by inverse CDF on a uniform
-(`sample_from`, from the speculative-sampling kernel, whose bonus draw is the same), with no host sync, so
-that sampling steps replay inside CUDA graphs.
+draw from it, which is what makes the latter lossless. Plain sampling draws its token without computing that
+distribution (`kernels/sample_token.py`: proposals from the softmax kept when they lie in the nucleus, which is
+rejection sampling from it); Medusa's walk reads the distribution of its tree's nodes. Every draw is on the
+device from uniforms drawn beforehand, with no host sync, so that sampling steps replay inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.speculative_sampling import sample_from
+from kernels.sample_token import PROPOSALS, sample_token
 from kernels.target_probs import target_probs as kernel_target_probs
 
 
@@ -35,8 +36,8 @@ def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [..., V] -> token ids [...], greedy or drawn from `target_probs` with `generator`."""
+    """logits [..., V] -> token ids [...], greedy or drawn from `target_probs`' distribution with `generator`."""
     if sampling.greedy:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape[:-1], generator=generator, device=logits.device)
-    return sample_from(target_probs(logits, sampling), u)
+    u = torch.rand((*logits.shape[:-1], PROPOSALS + 1), generator=generator, device=logits.device)
+    return sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, u)

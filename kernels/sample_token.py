@@ -1,0 +1,114 @@
+"""Plain sampling's draw: one token per row from `target_probs`' distribution, without finding the nucleus first.
+
+A row's token is proposed from softmax(logits / temperature) cut to the top k only (q), by inverse CDF on a uniform
+as `sample_from` draws, and kept when it lies in the nucleus: when the tokens strictly likelier than it hold less
+than top_p of q, which is `target_probs`' own membership rule. Otherwise the next uniform proposes again, up to
+PROPOSALS times; if every proposal misses, the last uniform draws from the nucleus itself (`target_probs`' cut).
+This is rejection sampling, so the token is distributed exactly as `target_probs`: a proposal lands in the nucleus
+S with probability q(S) >= top_p and, given that, on x with probability q(x) / q(S), the nucleus distribution; the
+fallback draws from that same distribution. Four proposals all miss with probability (1 - q(S))^4, 1e-4 at the
+usual top-p of 0.9. Without a nucleus (top_p = 1) the first proposal is the token.
+
+Why: `target_probs` finds the nucleus's edge by 31 halvings over the whole row, each a pass over all of it (0.08 ms
+for the default model's 49,152 tokens on an H200, a tenth of a decoding step). Plain sampling needs only the
+token: one prefix sum and about three passes for the proposal that is kept. Lossless speculative sampling still
+takes `target_probs` of its tree's nodes, since its walk reads their probabilities. The uniforms come in
+[..., PROPOSALS + 1], drawn beforehand so that the draw replays inside a CUDA graph.
+
+The reference is that procedure in torch, proposal by proposal; the Triton kernel is one program per row, taking a
+row of up to `target_probs.MAX_VOCAB` tokens as one block (a longer one takes the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import use_triton
+from .dependent_launch import launch_options, wait_for_previous_kernels
+from .speculative_sampling import sample_from
+from .target_probs import MAX_VOCAB, _smallest_bits_below, target_probs_reference
+
+PROPOSALS = 4  # draws from q before the exact nucleus is found; all miss with probability (1 - top_p)^4 at most
+
+
+def sample_token_reference(logits, temperature: float, top_k: int, top_p: float, uniforms):
+    """logits [..., V], uniforms [..., PROPOSALS + 1] in [0, 1) -> token ids [...] (see the module docstring)."""
+    q = target_probs_reference(logits, temperature, top_k)  # [..., V] cut to the top k only
+    if top_p >= 1.0:
+        return sample_from(q, uniforms[..., 0])
+    token = sample_from(target_probs_reference(logits, temperature, top_k, top_p), uniforms[..., PROPOSALS])
+    for j in reversed(range(PROPOSALS)):  # the first proposal that lands in the nucleus wins
+        proposal = sample_from(q, uniforms[..., j])  # [...]
+        q_x = q.gather(-1, proposal[..., None])  # [..., 1]
+        above = torch.where(q > q_x, q, 0.0).sum(-1)  # [...] mass of the tokens strictly likelier
+        token = torch.where(above < top_p, proposal, token)
+    return token
+
+
+def sample_token(logits, temperature: float, top_k: int, top_p: float, uniforms):
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if use_triton(logits) and logits.shape[-1] <= MAX_VOCAB:
+        return sample_token_triton(logits, temperature, top_k, top_p, uniforms)
+    return sample_token_reference(logits, temperature, top_k, top_p, uniforms)
+
+
+@triton.jit
+def _inverse_cdf(cdf, u, last):
+    """`sample_from` on one row: the first token whose cumulative mass (cdf [BLOCK_V]) exceeds u times the total,
+    never past `last`, the last token with mass (rounding can put the draw at the very top)."""
+    below = tl.sum((cdf <= u * tl.max(cdf, axis=0)).to(tl.int32), axis=0)  # tokens wholly below the draw
+    return tl.minimum(below, last)
+
+
+@triton.jit
+def _sample_token_kernel(logits_ptr, u_ptr, out_ptr, stride_row, V, inv_temperature, top_k, top_p,
+                         TOP_K: tl.constexpr, TOP_P: tl.constexpr, PROPOSALS: tl.constexpr, BLOCK_V: tl.constexpr,
+                         PDL: tl.constexpr):
+    """Program r: out[r] = row r's token. logits [R, V] (row stride stride_row), u [R, PROPOSALS + 1], out [R]
+    int64; top_k a float, as in `target_probs`."""
+    wait_for_previous_kernels(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, BLOCK_V)
+    real = idx < V
+    z = tl.load(logits_ptr + row * stride_row + idx, mask=real, other=float("-inf")).to(tl.float32) * inv_temperature
+    e = tl.exp(z - tl.max(z, axis=0))  # [BLOCK_V] q times its total; 0 past V
+    bits = e.to(tl.int32, bitcast=True)  # ordered as e is (e >= 0)
+    if TOP_K:
+        e = tl.where(bits >= _smallest_bits_below(bits, e, top_k, True), e, 0.0)
+    last = tl.max(tl.where(e > 0, idx, -1), axis=0)
+    cdf = tl.cumsum(e, axis=0)
+    u_row = u_ptr + row * (PROPOSALS + 1)
+    token = _inverse_cdf(cdf, tl.load(u_row), last)
+    if TOP_P:
+        limit = top_p * tl.sum(e, axis=0)  # the nucleus: tokens with less than this strictly above them
+
+        # Proposal j is kept when the mass strictly above it is under the limit; its pattern picked out by a max.
+        kept = tl.sum(tl.where(bits > tl.max(tl.where(idx == token, bits, 0), axis=0), e, 0.0), axis=0) < limit
+        j = 1
+        while (j < PROPOSALS) & (kept == 0):
+            token = _inverse_cdf(cdf, tl.load(u_row + j), last)
+            kept = tl.sum(tl.where(bits > tl.max(tl.where(idx == token, bits, 0), axis=0), e, 0.0), axis=0) < limit
+            j += 1
+        if kept == 0:  # every proposal missed: draw from the nucleus itself, as target_probs cuts it
+            nucleus = tl.where(bits >= _smallest_bits_below(bits, e, limit, False), e, 0.0)
+            token = _inverse_cdf(tl.cumsum(nucleus, axis=0), tl.load(u_row + PROPOSALS),
+                                 tl.max(tl.where(nucleus > 0, idx, -1), axis=0))
+    tl.store(out_ptr + row, token.to(tl.int64))
+
+
+def sample_token_triton(logits, temperature: float, top_k: int, top_p: float, uniforms):
+    """Same contract as `sample_token_reference` (rows up to MAX_VOCAB long), in one launch."""
+    V = logits.shape[-1]
+    rows = logits.reshape(-1, V)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()  # [R, V]
+    u = uniforms.reshape(-1, PROPOSALS + 1).float().contiguous()  # [R, PROPOSALS + 1]
+    out = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    if rows.shape[0] > 0:
+        block_v = triton.next_power_of_2(V)
+        _sample_token_kernel[(rows.shape[0],)](
+            rows, u, out, rows.stride(0), V, 1.0 / temperature, float(min(top_k, V)), top_p, TOP_K=0 < top_k < V,
+            TOP_P=top_p < 1.0, PROPOSALS=PROPOSALS, BLOCK_V=block_v, num_warps=min(32, max(4, block_v // 2048)),
+            **launch_options(rows))
+    return out
