@@ -1,20 +1,17 @@
-"""What lossless sampling's acceptance costs a step on a GPU, against typical acceptance, per tree size (the
-sampling step grows with the tree much faster than a typical one: bench/RESULTS.md, #15's twenty-fifth run).
+"""What lossless sampling's acceptance costs a step on a GPU, against typical acceptance, per tree size, and what
+plain sampling's draw costs against greedy's argmax.
 
     python -m bench.sampling_cost [--heads DIR] [--budgets 16,32,64,128] [--vocab 49152] [--reps 200] [--json FILE]
 
 Per node budget N (the heads' accuracy tree of N nodes, the root included), on random logits [N, vocab] in bf16,
-each replayed as a CUDA graph (median of --reps):
+each replayed as a CUDA graph (median of --reps), `medusa_generation.accept`:
 
-  target probs   `sampling.target_probs` of every node's logits (temperature 0.7, top-p 0.9): the distributions
-                 the walk reads, all N of them, though it visits at most depth + 1 nodes;
-  sample walk    `medusa_generation.sample_walk`: those, the uniforms and the walk (what a sampling step spends
-                 on acceptance);
-  typical        `medusa_generation.accept` with typical acceptance, for scale.
+  sample    lossless sampling (temperature 0.7, top-p 0.9): a token drawn from every node's logits
+            (kernels/sample_token.py), then the path of guesses that are their parent's draws (kernels/acceptance.py);
+  typical   typical acceptance, for scale.
 
-Plain sampling's draw from one row (`sampling.next_token`: kernels/sample_token.py) against the nucleus computed
-first and drawn from (`target_probs`, then `sample_from`: how it drew before) and greedy's argmax, for scale.
-Then one eager sample walk of the largest budget, per kernel under torch.profiler. No model and no prompts.
+Then plain sampling's draw from one row (`sampling.next_token`) against the argmax, and one eager sample
+acceptance of the largest budget, per kernel under torch.profiler. No model and no prompts.
 """
 
 from __future__ import annotations
@@ -26,9 +23,8 @@ from pathlib import Path
 import torch
 
 from nanomedusa.cli import ArgumentParser, run_reporting_errors
-from nanomedusa.medusa_generation import Acceptance, accept, sample_walk
-from kernels.speculative_sampling import sample_from
-from nanomedusa.sampling import Sampling, next_token, target_probs
+from nanomedusa.medusa_generation import Acceptance, accept
+from nanomedusa.sampling import Sampling, next_token
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .dynamic_trees import add_replay_flags, replay_device, replay_ms
@@ -51,7 +47,8 @@ def run(args) -> None:
     device = replay_device(args, "sampling_cost")
     acc = json.loads((Path(args.heads) / "config.json").read_text())["rank_accuracy"]  # [K][topk]
     sampling = Sampling(temperature=0.7, top_p=0.9)
-    typical = Acceptance(mode="typical", sampling=sampling)
+    rules = {"sample": Acceptance(mode="sample", sampling=sampling), "typical": Acceptance(mode="typical",
+                                                                                          sampling=sampling)}
     rng = torch.Generator(device=device)
     out = {"device": device_name(device), "heads": args.heads, "vocab": args.vocab, "rows": [], "profile": []}
     rows = []
@@ -59,30 +56,23 @@ def run(args) -> None:
         tree = TreeBuffers.from_choices(tree_from_head_accuracies(acc, n - 1), device=device)
         logits = torch.randn(n, args.vocab, device=device).mul(3).to(torch.bfloat16)  # [N, V]
         tokens = torch.randint(args.vocab, (n,), device=device)  # [N]
-
-        def walk(logits, tokens, tree=tree):
-            return sample_walk(logits, tokens, tree, sampling, rng)
-
-        times = {"target probs": replay_ms(lambda z: target_probs(z, sampling), logits, device=device, reps=args.reps),
-                 "sample walk": replay_ms(walk, logits, tokens, device=device, reps=args.reps, generator=rng),
-                 "typical": replay_ms(lambda z, t, tree=tree: accept(z, t, tree, typical, None), logits, tokens,
-                                      device=device, reps=args.reps)}
-        out["rows"].append({"nodes": n, **{k.replace(" ", "_") + "_ms": v for k, v in times.items()}})
+        steps = {name: (lambda z, t, tree=tree, rule=rule: accept(z, t, tree, rule, rng))
+                 for name, rule in rules.items()}
+        times = {name: replay_ms(step, logits, tokens, device=device, reps=args.reps, generator=rng)
+                 for name, step in steps.items()}
+        out["rows"].append({"nodes": n, **{f"{name}_ms": v for name, v in times.items()}})
         rows.append([n, *(f"{v:.3f}" for v in times.values())])
-    row = logits[0]  # [V]
-    plain = {"next token": replay_ms(lambda z: next_token(z, sampling, rng), row, device=device, reps=args.reps,
+    plain = {"next token": replay_ms(lambda z: next_token(z, sampling, rng), logits[0], device=device, reps=args.reps,
                                      generator=rng),
-             "nucleus, then draw": replay_ms(lambda z: sample_from(target_probs(z, sampling), torch.rand(
-                 (), generator=rng, device=device)), row, device=device, reps=args.reps, generator=rng),
-             "argmax": replay_ms(lambda z: z.argmax(-1), row, device=device, reps=args.reps)}
-    out["plain_draw_ms"] = {k.replace(" ", "_").replace(",", ""): v for k, v in plain.items()}
-    out["profile"] = profile_kernels(lambda: walk(logits, tokens), device)  # the last (largest) budget's walk
+             "argmax": replay_ms(lambda z: z.argmax(-1), logits[0], device=device, reps=args.reps)}
+    out["plain_draw_ms"] = {k.replace(" ", "_"): v for k, v in plain.items()}
+    out["profile"] = profile_kernels(lambda: steps["sample"](logits, tokens), device)  # the largest budget's
     print_table(f"Acceptance's ms a step ({device_name(device)}, random bf16 logits over {args.vocab:,} tokens, "
-                f"temperature 0.7, top-p 0.9)", ["nodes", "target probs", "sample walk", "typical"], rows)
+                f"temperature 0.7, top-p 0.9)", ["nodes", *rules], rows)
     print_table(f"Plain sampling's draw from one row, ms ({device_name(device)})", list(plain),
                 [[f"{v:.3f}" for v in plain.values()]])
     total = sum(us for _, _, us in out["profile"])
-    print_table(f"Kernels of one eager sample walk, {rows[-1][0]} nodes: {total:.0f} µs of kernel time",
+    print_table(f"Kernels of one eager sample acceptance, {rows[-1][0]} nodes: {total:.0f} µs of kernel time",
                 ["kernel", "calls", "µs", "share"],
                 [[name, calls, f"{us:.1f}", f"{us / total:.1%}"] for name, calls, us in out["profile"][:args.top]])
     if args.json:

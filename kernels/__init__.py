@@ -2,7 +2,7 @@
 that defines what it computes.
 
 Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `compact_kv`, `accept_candidates`,
-`target_probs`, `speculative_accept`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`, `linear`)
+`sample_token`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`, `linear`)
 dispatches here: the Triton version on CUDA tensors, the torch reference elsewhere (`linear` takes its kernel only
 under `set_row_invariant(True)`; otherwise cuBLAS). `set_backend` forces one side ("torch" or "triton"; "triton" on
 CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against its reference: see

@@ -4,6 +4,12 @@ After the tree forward, `tree_logits[j]` is the base model's next-token distribu
 Node j (not the root) is acceptable when its own token passes a test under its parent's logits:
   * greedy:  token == argmax(parent logits)                        (output identical to greedy decoding)
   * typical: p(token) > min(eps, alpha * exp(-H(p))), p = softmax(parent logits / temperature)
+  * sample:  token == drawn[parent], the token the parent's target distribution drew (`drawn`, one per node:
+             plain sampling's draw from every node's logits). This is lossless speculative sampling: the tokens
+             that come out are each node's own draw, so they are distributed as plain sampling's, and a guess x is
+             accepted with probability p(x), as the rejection walk of the Medusa reference accepts it (its
+             guesses are a head's top-k, certain, so its acceptance ratio min(1, p(x) / 1) is p(x)); when the
+             first child is refused, the draw is distributed as p without it, which is that walk's residual.
 A path (a row of `retrieve_indices`: root, then one node per depth, padded with -1) is accepted up
 to its first unacceptable node. The best path is the one accepted furthest; among those, for typical
 acceptance, the likeliest (largest sum of log p(token) over its accepted nodes), as the Medusa reference
@@ -28,18 +34,24 @@ from . import use_triton
 from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
-MODES = ("greedy", "typical")
+MODES = ("greedy", "typical", "sample")
 BLOCK_V = 4096  # logits per slice: 16 per thread at 8 warps, enough loads in flight to hide latency
 
 
-def _check_mode(mode: str) -> None:
+def _check_mode(mode: str, drawn) -> None:
     if mode not in MODES:
         raise KernelInputError(f"unknown acceptance mode {mode!r}; use one of {', '.join(MODES)}.")
+    if (mode == "sample") != (drawn is not None):
+        raise KernelInputError("pass `drawn` (each node's drawn token) with mode 'sample', and only with it.")
 
 
-def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature=1.0, eps=0.09, alpha=0.3):
-    """tree_logits [T, V], tree_tokens [T], parents [T] (root's parent = 0) -> (ok [T] bool, log_p [T] float32:
-    log p(token) under the parent's tempered distribution in typical mode, zeros in greedy mode)."""
+def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature=1.0, eps=0.09, alpha=0.3,
+                            drawn=None):
+    """tree_logits [T, V], tree_tokens [T], parents [T] (root's parent = 0), drawn [T] (sample mode) -> (ok [T]
+    bool, log_p [T] float32: log p(token) under the parent's tempered distribution in typical mode, else zeros)."""
+    if mode == "sample":
+        ok = drawn[parents] == tree_tokens
+        return ok, torch.zeros(ok.shape, device=ok.device)
     parent_logits = tree_logits[parents].float()  # [T, V]
     if mode == "greedy":
         ok = parent_logits.argmax(-1) == tree_tokens
@@ -52,13 +64,14 @@ def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature
 
 
 def accept_candidates_reference(tree_logits, tree_tokens, retrieve_indices, mode="greedy",
-                                temperature=1.0, eps=0.09, alpha=0.3):
-    """tree_logits [T, V]; tree_tokens [T]; retrieve_indices [P, Dp] -> (best_path [], accept_len [])."""
-    _check_mode(mode)
+                                temperature=1.0, eps=0.09, alpha=0.3, drawn=None):
+    """tree_logits [T, V]; tree_tokens [T]; retrieve_indices [P, Dp]; drawn [T] in sample mode -> (best_path [],
+    accept_len [])."""
+    _check_mode(mode, drawn)
     nodes = retrieve_indices.clamp(min=0)  # [P, Dp]
     parents = torch.zeros(tree_tokens.shape[0], dtype=torch.long, device=tree_tokens.device)
     parents[nodes[:, 1:]] = nodes[:, :-1]  # padding writes parent-of-0 = 0, harmless
-    ok, log_p = node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature, eps, alpha)
+    ok, log_p = node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature, eps, alpha, drawn)
     ok_path = ok[nodes[:, 1:]] & (retrieve_indices[:, 1:] >= 0)  # [P, Dp-1]
     accepted = ok_path.long().cumprod(dim=1).bool()  # [P, Dp-1]: True up to the first failing node
     accept_len = accepted.sum(dim=1)  # [P]
@@ -70,11 +83,10 @@ def accept_candidates_reference(tree_logits, tree_tokens, retrieve_indices, mode
 
 
 def accept_candidates(tree_logits, tree_tokens, retrieve_indices, mode="greedy",
-                      temperature=1.0, eps=0.09, alpha=0.3):
+                      temperature=1.0, eps=0.09, alpha=0.3, drawn=None):
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
-    if use_triton(tree_logits):
-        return accept_candidates_triton(tree_logits, tree_tokens, retrieve_indices, mode, temperature, eps, alpha)
-    return accept_candidates_reference(tree_logits, tree_tokens, retrieve_indices, mode, temperature, eps, alpha)
+    args = (tree_logits, tree_tokens, retrieve_indices, mode, temperature, eps, alpha, drawn)
+    return accept_candidates_triton(*args) if use_triton(tree_logits) else accept_candidates_reference(*args)
 
 
 @triton.jit
@@ -118,13 +130,14 @@ def _passes_typical(row_ptr, token, V: tl.constexpr, temperature, eps, alpha, BL
 
 
 @triton.jit
-def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, node_logp_ptr, counter_ptr,
+def _accept_kernel(logits_ptr, tokens_ptr, drawn_ptr, retrieve_ptr, node_ok_ptr, node_logp_ptr, counter_ptr,
                    best_ptr, accept_len_ptr, T, P, Dp, stride_t, temperature, eps, alpha, V: tl.constexpr,
-                   GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MODE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                    PDL: tl.constexpr):
     """Program j of T: test node j, then, if it is the last to finish, pick the best path.
 
-    logits [T, V] (row stride stride_t), tokens [T], retrieve [P, Dp] (contiguous, -1 padded),
+    logits [T, V] (row stride stride_t), tokens [T], drawn [T] (MODE 2 only), retrieve [P, Dp] (contiguous, -1
+    padded), MODE the index of the mode in MODES,
     node_ok [T] int32 and node_logp [T] int32 (float32 bits) scratch, counter [1] int32 (zero on entry
     and on exit), best / accept_len [] int64.
     V is a compile-time constant: it is fixed per model, and constant loop bounds are also what the
@@ -147,10 +160,12 @@ def _accept_kernel(logits_ptr, tokens_ptr, retrieve_ptr, node_ok_ptr, node_logp_
     if parent >= 0:
         token = tl.load(tokens_ptr + node)
         parent_row = logits_ptr + parent * stride_t
-        if GREEDY:
+        if MODE == 0:
             ok = _is_argmax(parent_row, token, V, BLOCK_V)
-        else:
+        elif MODE == 1:
             ok, log_p = _passes_typical(parent_row, token, V, temperature, eps, alpha, BLOCK_V)
+        else:
+            ok = (tl.load(drawn_ptr + parent) == token).to(tl.int32)
     # Scalar atomics are issued by one thread, in program order, and are acq_rel: a program that
     # draws the last ticket below also sees this verdict.
     # log p travels as its int32 bits: the interpreter has no float atomic exchange.
@@ -185,9 +200,9 @@ def _arrival_counter(device: torch.device) -> torch.Tensor:
 
 
 def accept_candidates_triton(tree_logits, tree_tokens, retrieve_indices, mode="greedy",
-                             temperature=1.0, eps=0.09, alpha=0.3):
+                             temperature=1.0, eps=0.09, alpha=0.3, drawn=None):
     """Same contract as `accept_candidates_reference`, in one kernel launch and no host sync."""
-    _check_mode(mode)
+    _check_mode(mode, drawn)
     T, V = tree_logits.shape
     P, Dp = retrieve_indices.shape
     dev = tree_logits.device
@@ -198,9 +213,9 @@ def accept_candidates_triton(tree_logits, tree_tokens, retrieve_indices, mode="g
     best = torch.empty((), dtype=torch.long, device=dev)
     accept_len = torch.empty((), dtype=torch.long, device=dev)
     _accept_kernel[(T,)](
-        logits, tree_tokens.contiguous(), retrieve, node_ok, node_logp, _arrival_counter(dev), best, accept_len,
-        T, P, Dp, logits.stride(0), float(temperature), float(eps), float(alpha), V=V,
-        GREEDY=mode == "greedy", BLOCK_V=BLOCK_V,
+        logits, tree_tokens.contiguous(), tree_tokens if drawn is None else drawn.contiguous(), retrieve, node_ok,
+        node_logp, _arrival_counter(dev), best, accept_len, T, P, Dp, logits.stride(0), float(temperature),
+        float(eps), float(alpha), V=V, MODE=MODES.index(mode), BLOCK_V=BLOCK_V,
         BLOCK_P=triton.next_power_of_2(P), BLOCK_D=triton.next_power_of_2(max(Dp - 1, 1)),
         num_warps=8, **launch_options(logits),
     )

@@ -119,16 +119,6 @@ def _rmsnorm_cases():
                dict(num_warps=8, floats=("eps",), l2_reads_first=True))
 
 
-def _target_probs_cases():
-    from . import target_probs
-
-    for top_k, top_p in ((False, True), (True, True)):  # the default model's vocabulary, 32 warps
-        yield (f"target probs, 49,152 tokens, top-k={top_k}, top-p={top_p}", target_probs._target_probs_kernel,
-               {"logits_ptr": "*bf16", "out_ptr": "*fp32"},
-               dict(TOP_K=top_k, TOP_P=top_p, BLOCK_V=65536, PDL=True),
-               dict(num_warps=32, floats=("inv_temperature", "top_k", "top_p")))
-
-
 def _sample_token_cases():
     from . import sample_token
 
@@ -255,8 +245,7 @@ def main() -> int:
     failed = 0
     for name, kernel, pointers, constexprs, options in [*_tree_attention_cases(), *_rope_cases(), *_rmsnorm_cases(),
                                                         *_linear_cases(), *_path_heads_cases(),
-                                                        *_medusa_heads_cases(), *_target_probs_cases(),
-                                                        *_sample_token_cases()]:
+                                                        *_medusa_heads_cases(), *_sample_token_cases()]:
         options = dict(options)
         l2_reads_first = options.pop("l2_reads_first", False)  # a case's own flag, not a compiler option
         try:

@@ -207,12 +207,17 @@ def acceptance_inputs(parents: list[int], V: int, dtype, device, accept_prob: fl
     return logits.to(device), tokens.to(device)
 
 
-def check_acceptance(logits, tokens, retrieve, mode, temperature=1.0, eps=0.09, alpha=0.3) -> tuple[int, int]:
-    """accept_candidates_triton == accept_candidates_reference exactly; returns (best, accept_len)."""
+def check_acceptance(logits, tokens, retrieve, mode, temperature=1.0, eps=0.09, alpha=0.3,
+                     drawn=None) -> tuple[int, int]:
+    """accept_candidates_triton == accept_candidates_reference exactly; returns (best, accept_len). Sample mode
+    takes each node's draw from `drawn` [T], by default its argmax (so that it accepts what greedy accepts)."""
     retrieve = retrieve.to(logits.device)
+    if mode == "sample" and drawn is None:
+        drawn = logits.argmax(-1)
+    args = (logits, tokens, retrieve, mode, temperature, eps, alpha, drawn)
     with poisoned_empty():
-        best, accept_len = accept_candidates_triton(logits, tokens, retrieve, mode, temperature, eps, alpha)
-    want_best, want_len = accept_candidates_reference(logits, tokens, retrieve, mode, temperature, eps, alpha)
+        best, accept_len = accept_candidates_triton(*args)
+    want_best, want_len = accept_candidates_reference(*args)
     assert best.shape == () and accept_len.shape == () and best.dtype == accept_len.dtype == torch.long
     got, want = (best.item(), accept_len.item()), (want_best.item(), want_len.item())
     assert got == want, f"{mode}: (best, accept_len) = {got}, reference {want}"

@@ -5,9 +5,10 @@ the heads' guesses after it, laid out on the tree. It reads as four verbs, each 
 
   1. verify:   one forward over the T nodes: node j is written to cache slot prefix+j, sits at RoPE
                position prefix + depth(j), and attends to the prefix and its own ancestors (tree attention)
-  2. accept:   greedy / typical: the path accepted furthest, the likeliest among equals (kernels.acceptance);
-               sample: rejection sampling down the tree, exact for temperature > 0 (`sample_walk`);
-               and the bonus token, from the last accepted node's logits: the next root
+  2. accept:   the path accepted furthest, the likeliest among equals (kernels.acceptance): greedy and
+               typical test each guess under its parent's logits; lossless sampling draws a token from every
+               node's logits and accepts a guess that is its parent's draw, exact for temperature > 0;
+               and the bonus token, the last accepted node's argmax or draw: the next root
   3. keep:     move the accepted nodes' K/V to slots prefix, prefix+1, ... (KVCache.compact)
   4. propose:  the heads read the last accepted node's hidden state (no extra forward) and guess the
                next step's tree: tree_tokens = bonus + their top-k, picked by the tree (tree.py); a
@@ -39,7 +40,6 @@ from typing import Callable, NamedTuple
 import torch
 
 from kernels.acceptance import accept_candidates
-from kernels.speculative_sampling import speculative_accept
 
 from .decoder import Decoder
 from .dynamic_tree import DynamicTree
@@ -48,7 +48,7 @@ from .generation import GenerationResult
 from .heads import MedusaHeads
 from .path_tree import propose_path_tree
 from .pending_read import PendingRead
-from .sampling import Sampling, next_token, target_probs
+from .sampling import Sampling, next_token
 from .tree import TreeBuffers
 
 ACCEPT_MODES = ("greedy", "typical", "sample")
@@ -98,18 +98,12 @@ def verify(model, tree: TreeBuffers, tree_tokens, prefix) -> tuple[torch.Tensor,
     return hidden, model.logits(hidden)
 
 
-def sample_walk(logits, tree_tokens, tree: TreeBuffers, sampling: Sampling, rng: torch.Generator):
-    """Lossless speculative sampling down the tree -> best retrieve row [], accept_len [], bonus token [].
-    The uniforms are drawn on the device, so the walk needs no host sync either."""
-    uniforms = torch.rand(tree.depth_max + 1, tree.child_index.shape[1] + 1, generator=rng, device=logits.device)
-    return speculative_accept(target_probs(logits, sampling), tree_tokens, tree.child_index,
-                              tree.retrieve_indices, uniforms)
-
-
 def accept(logits, tree_tokens, tree: TreeBuffers, rule: Acceptance, rng: torch.Generator | None):
     """logits [T, V], tree_tokens [T] -> best retrieve row [], accept_len [], bonus token []."""
-    if rule.mode == "sample":
-        return sample_walk(logits, tree_tokens, tree, rule.sampling, rng)
+    if rule.mode == "sample":  # a guess is accepted when it is what its parent drew; the bonus is a draw too
+        drawn = next_token(logits, rule.sampling, rng)  # [T] the token each node's target distribution drew
+        best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, "sample", drawn=drawn)
+        return best, accept_len, drawn.index_select(0, tree.accepted_path(best, accept_len)[1])[0]
     mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"  # typical at T = 0 is greedy
     best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
                                          max(rule.sampling.temperature, 1e-5), rule.posterior_threshold,

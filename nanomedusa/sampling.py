@@ -1,11 +1,11 @@
 """Turning logits into the next token: greedy, or sampling with temperature, top-k and top-p.
 
-`target_probs` is the one definition of the distribution we sample from (`kernels/target_probs.py`: a
-Triton kernel on a GPU, its torch reference elsewhere); plain sampling and Medusa's speculative sampling both
-draw from it, which is what makes the latter lossless. Plain sampling draws its token without computing that
-distribution (`kernels/sample_token.py`: proposals from the softmax kept when they lie in the nucleus, which is
-rejection sampling from it); Medusa's walk reads the distribution of its tree's nodes. Every draw is on the
-device from uniforms drawn beforehand, with no host sync, so that sampling steps replay inside CUDA graphs.
+`target_probs` is the one definition of the distribution we sample from, and `next_token` draws from it
+(`kernels/sample_token.py`: the distribution in torch; the draw a Triton kernel on a GPU, its torch reference
+elsewhere, which keeps proposals from the softmax when they lie in the nucleus: rejection sampling). Plain
+sampling and Medusa's lossless sampling, which draws at every node of its tree, both draw this way, which is what
+makes the latter lossless. Every draw is on the device from uniforms drawn beforehand, with no host sync, so that
+sampling steps replay inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.sample_token import PROPOSALS, sample_token
-from kernels.target_probs import target_probs as kernel_target_probs
+from kernels import sample_token as draw
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,13 @@ class Sampling:
 
 def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [..., V] -> probabilities [..., V] float32 after temperature, top-k and top-p (sampling only;
-    `kernels/target_probs.py` defines the cuts)."""
-    return kernel_target_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    `kernels/sample_token.py` defines the cuts)."""
+    return draw.target_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [..., V] -> token ids [...], greedy or drawn from `target_probs`' distribution with `generator`."""
     if sampling.greedy:
         return logits.argmax(-1)
-    u = torch.rand((*logits.shape[:-1], PROPOSALS + 1), generator=generator, device=logits.device)
-    return sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, u)
+    u = torch.rand((*logits.shape[:-1], draw.PROPOSALS + 1), generator=generator, device=logits.device)
+    return draw.sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, u)

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from kernels.acceptance import accept_candidates_reference, accept_candidates_triton
-from kernels.speculative_sampling import speculative_accept_reference, speculative_accept_triton
 from nanomedusa.calibration import fit_temperature, held_out_prompts
 from nanomedusa.calibration import main as calibration_main
 from nanomedusa.dynamic_tree import DynamicTree
@@ -136,28 +135,21 @@ def test_docstring_example_exactly():
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_acceptance_on_a_dynamic_layout_equals_the_static_trees(kernel):
-    """Greedy/typical acceptance and the lossless walk give the same path, length and bonus on a step's
-    padded buffers as on the chosen paths' static buffers (the same uniforms, columns placed alike)."""
+    """Greedy, typical and lossless-sampling acceptance give the same path and length on a step's padded buffers
+    as on the chosen paths' static buffers (sampling: the same draw at each node)."""
     accept = {"torch": accept_candidates_reference, "triton": on_kernel_device(accept_candidates_triton)}[kernel]
-    walk = {"torch": speculative_accept_reference, "triton": on_kernel_device(speculative_accept_triton)}[kernel]
     gen = torch.Generator().manual_seed(1)
     cases = random_cases(5 if kernel == "triton" else 40)  # (the interpreter is slow)
     for case, (tree, ids, logprobs) in enumerate(cases):
         tokens, nodes = tree.choose(torch.tensor(0), ids % 16, logprobs)  # tokens in a 16-token vocabulary
         step, static = check_layout(tree, nodes)
         logits = torch.randn(tree.num_nodes, 16, generator=gen) * 3
-        for mode in ("greedy", "typical"):  # the leaves' rows come first, in the same order: the same best row
-            got, want = (accept(logits, tokens, t.retrieve_indices, mode, 0.7) for t in (step, static))
+        drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]  # [N] each node's draw
+        for mode in ("greedy", "typical", "sample"):  # the leaves' rows come first, in the same order: the same row
+            draws = drawn if mode == "sample" else None
+            got, want = (accept(logits, tokens, t.retrieve_indices, mode, 0.7, 0.09, 0.3, draws)
+                         for t in (step, static))
             assert [t.item() for t in got] == [t.item() for t in want], (case, mode)
-        if tree.num_nodes == 1:
-            continue
-        probs = torch.softmax(logits, dim=-1)
-        C, D = static.child_index.shape[1], static.depth_max
-        uniforms = torch.rand(step.depth_max + 1, step.child_index.shape[1] + 1, generator=gen)
-        static_uniforms = torch.cat([uniforms[: D + 1, :C], uniforms[: D + 1, -1:]], dim=1)  # the bonus column last
-        got = walk(probs, tokens, step.child_index, step.retrieve_indices, uniforms)
-        want = walk(probs, tokens, static.child_index, static.retrieve_indices, static_uniforms)
-        assert [t.item() for t in got] == [t.item() for t in want], case
 
 
 def test_a_dynamic_proposal_launches_no_more_kernels_than_a_static_one(tiny):

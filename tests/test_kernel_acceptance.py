@@ -151,7 +151,24 @@ def test_arrival_counter_is_left_at_zero():
     assert acceptance._arrival_counter(logits.device).item() == 0
 
 
-def test_unknown_mode():
+def test_unknown_mode_and_draws_without_sample_mode():
     logits, tokens, retrieve, _ = random_case(0)
-    with pytest.raises(KernelInputError, match="unknown acceptance mode 'sampling'; use one of greedy, typical."):
+    with pytest.raises(KernelInputError, match="unknown acceptance mode 'sampling'; use one of greedy, typical, sam"):
         acceptance.accept_candidates_triton(logits, tokens, retrieve.to(DEVICE), "sampling")
+    for mode, drawn in (("sample", None), ("greedy", tokens)):
+        with pytest.raises(KernelInputError, match="pass `drawn`"):
+            acceptance.accept_candidates(logits, tokens, retrieve.to(DEVICE), mode, drawn=drawn)
+
+
+@pytest.mark.parametrize("drawn, expected", [
+    ([0, 0, 3, 3, 3], (0, 2)),  # the root drew 0 (node 1), node 1 drew 0 (node 3): row 0, two deep, where greedy
+    ([0, 1, 3, 3, 3], (0, 1)),  # takes row 1; here node 1 drew 1, which neither of its children carries
+    ([1, 3, 0, 3, 3], (1, 2)),  # the root drew 1 (node 2), node 2 drew 0 (node 4): row 1, two deep
+    ([2, 0, 0, 3, 3], (0, 0)),  # the root drew a token no child carries
+])
+def test_sample_mode_follows_the_draws(drawn, expected):
+    # TWO_BRANCHES' tokens: node 1 = 0, node 2 = 1 under the root; node 3 = 0 under node 1, node 4 = 0 under node 2.
+    tokens = torch.tensor([0, 0, 1, 0, 0], device=DEVICE)
+    logits = two_branch_logits([0.3, 0.6, 0.05, 0.05])  # argmax 1 everywhere: the draws, not it, decide
+    drawn = torch.tensor(drawn, device=DEVICE)
+    assert check_acceptance(logits, tokens, TWO_BRANCHES, "sample", drawn=drawn) == expected

@@ -1,5 +1,6 @@
-"""Plain sampling's draw (kernels/sample_token.py): the kernel against its torch reference, token for token on the
-same uniforms, and the reference against the distribution it must draw from, `target_probs`.
+"""Plain sampling (kernels/sample_token.py): what `target_probs` cuts (temperature, top k, the nucleus with its
+ties); the draw's kernel against its torch reference, token for token on the same uniforms; and the reference
+against the distribution it must draw from.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py): fp32 and fp16 logits; bf16 on CUDA.
 """
@@ -7,9 +8,7 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py): fp32 
 import pytest
 import torch
 
-from kernels.sample_token import PROPOSALS, sample_token_reference, sample_token_triton
-from kernels.speculative_sampling import sample_from
-from kernels.target_probs import target_probs_reference
+from kernels.sample_token import PROPOSALS, sample_from, sample_token_reference, sample_token_triton, target_probs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -63,7 +62,7 @@ def test_the_reference_draws_from_target_probs(temperature, top_k, top_p):
     u = torch.rand(n, PROPOSALS + 1, generator=torch.Generator().manual_seed(1))
     tokens = sample_token_reference(logits.expand(n, -1), temperature, top_k, top_p, u)
     freq = torch.bincount(tokens, minlength=8).double() / n
-    want = target_probs_reference(logits, temperature, top_k, top_p).double()
+    want = target_probs(logits, temperature, top_k, top_p).double()
     assert torch.equal(freq > 0, want > 0)
     assert (freq - want).abs().max() < 4 * (0.25 / n) ** 0.5  # four standard deviations at worst
 
@@ -75,5 +74,43 @@ def test_the_fallback_is_what_a_nucleus_draw_gives(impl):
     logits = torch.randn(64, 500, device=DEVICE) * 0.3  # flat: proposals rarely hit the likeliest token
     u = uniforms((64,))
     got = impl(logits, 1.0, 0, 1e-6, u)
-    assert torch.equal(got, sample_from(target_probs_reference(logits, 1.0, 0, 1e-6), u[:, PROPOSALS]))
+    assert torch.equal(got, sample_from(target_probs(logits, 1.0, 0, 1e-6), u[:, PROPOSALS]))
     assert torch.equal(got, logits.argmax(-1))
+
+
+def test_a_tie_at_the_nucleus_edge_is_kept_whole():
+    # softmax: 0.421 for token 0, 0.155 each for the three tied, 0.057 each for the last two. The mass above the
+    # tie (0.421) is under 0.6, so all three stay, though two of them would already reach 0.6.
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    full = logits.softmax(-1)
+    p = target_probs(logits, 1.0, 0, 0.6)
+    assert (p[0, :4] > 0).all() and (p[0, 4:] == 0).all()
+    torch.testing.assert_close(p[0, :4], full[0, :4] / full[0, :4].sum())
+    p = target_probs(logits, 1.0, 0, 0.4)  # token 0 alone reaches 0.4: the whole tie goes
+    assert p[0, 0] == 1 and (p[0, 1:] == 0).all()
+    p = target_probs(logits, 1.0, 2, 1.0)  # top 2: the second largest logit is tied three ways, all kept
+    assert (p[0, :4] > 0).all() and (p[0, 4:] == 0).all()
+
+
+def test_the_nucleus_is_the_smallest_likeliest_set_reaching_top_p():
+    logits = torch.randn(4, 500, dtype=torch.float64) * 2
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        p = target_probs(logits, 1.0, 0, top_p)
+        full = logits.softmax(-1)
+        for row in range(4):
+            kept = p[row] > 0
+            # the likeliest tokens, reaching top_p, and not without their least likely member
+            assert full[row][kept].min() >= torch.cat([full[row][~kept], torch.zeros(1, dtype=full.dtype)]).max()
+            assert full[row][kept].sum() >= top_p - 1e-9
+            assert full[row][kept].sum() - full[row][kept].min() < top_p
+
+
+def test_the_kernel_keeps_a_tie_at_the_edge_whole():
+    # As above: at top-p 0.6 tokens 0-3 form the nucleus. The draws land on all four, never on 4 or 5, and the
+    # fallback (top-p 0.01: proposals of tokens 1-5 all miss) takes token 0 only.
+    logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0, 0.0], device=DEVICE).expand(64, -1)
+    for top_p, support in ((0.6, {0, 1, 2, 3}), (0.01, {0})):
+        u = uniforms((64,), seed=2)
+        got = sample_token_triton(logits, 1.0, 0, top_p, u)
+        assert set(got.tolist()) == support
+        assert torch.equal(got, sample_token_reference(logits, 1.0, 0, top_p, u))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import nanomedusa.medusa_generation as medusa_generation
-from kernels.speculative_sampling import speculative_accept_reference, speculative_accept_triton
+import kernels.sample_token
+from kernels.acceptance import accept_candidates_triton
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
@@ -245,50 +246,41 @@ def chi_square(counts: dict, probs: dict, n: int) -> tuple[float, int]:
     return stat, cells - 1
 
 
-WALKS = {"torch": speculative_accept_reference, "triton": speculative_accept_triton}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the walk kernel runs (the interpreter on a CPU)
 
 
+def on_the_kernels(monkeypatch):
+    """Lossless sampling's own kernels (the draws and the acceptance) in place of their references: on CPU
+    tensors the interpreter runs them (conftest.py), while the model stays on the fast references."""
+    monkeypatch.setattr(kernels.sample_token, "sample_token", kernels.sample_token.sample_token_triton)
+    monkeypatch.setattr(medusa_generation, "accept_candidates", accept_candidates_triton)
 
 
-@pytest.mark.parametrize("walk, n", [("torch", 20000), ("triton", 1500)])  # (the interpreter is slow)
-def test_rejection_sampling_at_one_node_is_exact(walk, n):
-    """One tree node with three children: whatever comes out (a child or a draw from the residual)
-    must be distributed as the target p. Chi-square at the 0.1% level."""
+@pytest.mark.parametrize("on_kernels, n", [(False, 20000), (True, 1500)])  # (the interpreter is slow)
+def test_lossless_acceptance_at_one_node_is_exact(monkeypatch, on_kernels, n):
+    """One tree node with three children: whatever comes out first (an accepted child or the bonus token) must
+    be distributed as the root's target p, and a child must be accepted with probability p(its token), the sum
+    over the three. Chi-square at the 0.1% level; the acceptance rate within four standard deviations."""
+    if on_kernels and not torch.cuda.is_available():
+        on_the_kernels(monkeypatch)
     torch.manual_seed(0)
-    tree = TreeBuffers.from_choices([[0], [1], [2]], device=DEVICE)
-    logits = torch.randn(tree.num_nodes, 6) * 1.5  # [T, V]
-    tokens = torch.tensor([0, 3, 1, 5], device=DEVICE)  # root, then the children's guesses
-    p = target_probs(logits, Sampling(temperature=0.8, top_k=5)).to(DEVICE)  # [T, V]
-    uniforms = torch.rand(n, tree.depth_max + 1, tree.child_index.shape[1] + 1,
-                          generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    counts = {}
-    for u in uniforms:
-        best, accept_len, bonus = WALKS[walk](p, tokens, tree.child_index, tree.retrieve_indices, u)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tree = TreeBuffers.from_choices([[0], [1], [2]], device=device)
+    logits = (torch.randn(tree.num_nodes, 6) * 1.5).to(device)  # [T, V]
+    tokens = torch.tensor([0, 3, 1, 5], device=device)  # root, then the children's guesses
+    rule = medusa_generation.Acceptance(mode="sample", sampling=Sampling(temperature=0.8, top_k=5))
+    p = target_probs(logits, rule.sampling)[0].cpu()  # [V] the root's target
+    rng = torch.Generator(device).manual_seed(1)
+    counts, accepted = {}, 0
+    for _ in range(n):
+        best, accept_len, bonus = medusa_generation.accept(logits, tokens, tree, rule, rng)
         first = tokens[tree.retrieve_indices[best, 1]].item() if accept_len > 0 else bonus.item()
         counts[first] = counts.get(first, 0) + 1
-    stat, df = chi_square(counts, {t: p[0, t].item() for t in range(6) if p[0, t] > 0}, n)
+        accepted += accept_len.item()
+    stat, df = chi_square(counts, {t: p[t].item() for t in range(6) if p[t] > 0}, n)
     assert stat < chi_square_bound(df), (stat, df)
-
-
-def test_speculative_walk_kernel_matches_reference():
-    """The Triton walk against the torch reference on random trees, distributions and uniforms: the same
-    path, accepted length and bonus token (the two differ only where rounding puts a uniform on a boundary)."""
-    gen = torch.Generator().manual_seed(0)
-    for case in range(24):
-        tree = TreeBuffers.from_choices(TREES["small"] if case % 2 else TREES["mc_sim_7b_63"], device=DEVICE)
-        vocab = (16, 300, 5000)[case % 3]
-        logits = torch.randn(tree.num_nodes, vocab, generator=gen) * (1 + case % 4)  # [T, V]
-        p = target_probs(logits, Sampling(temperature=1.0, top_k=(0, 4)[case % 2], top_p=(1.0, 0.8)[case // 12]))
-        p = p.to(DEVICE)
-        # Each head guesses the root's likeliest tokens (distinct, as a top-k is): often right, often not.
-        guesses = p[0].argsort(descending=True)[: tree.topk].repeat(tree.depth_max, 1)  # [depth_max, topk]
-        tokens = tree.candidate_tokens(guesses[0, 0], guesses)
-        uniforms = torch.rand(tree.depth_max + 1, tree.child_index.shape[1] + 1, generator=gen).to(DEVICE)
-        args = (p, tokens, tree.child_index, tree.retrieve_indices, uniforms)
-        got = [t.item() for t in speculative_accept_triton(*args)]
-        assert got == [t.item() for t in speculative_accept_reference(*args)], case
+    rate = p[[3, 1, 5]].sum().item()
+    assert abs(accepted / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5
 
 
 def three_token_law(model, prompt, sampling) -> dict:
@@ -307,20 +299,20 @@ def three_token_law(model, prompt, sampling) -> dict:
     return {k: v for k, v in probs.items() if v > 0}
 
 
-@pytest.mark.parametrize("decoder, device, walk, n", [
-    ("plain", "cpu", None, 3000), ("medusa", "cpu", "torch", 3000),
-    pytest.param("medusa", "cpu", "triton", 600, marks=pytest.mark.skipif(  # the interpreter, on CPU tensors
-        torch.cuda.is_available(), reason="on a GPU the cuda case runs the compiled kernel")),
-    pytest.param("plain", "cuda", None, 3000, marks=CUDA), pytest.param("medusa", "cuda", None, 3000, marks=CUDA),
+@pytest.mark.parametrize("decoder, device, on_kernels, n", [
+    ("plain", "cpu", False, 3000), ("medusa", "cpu", False, 3000),
+    pytest.param("medusa", "cpu", True, 600, marks=pytest.mark.skipif(  # the interpreter, on CPU tensors
+        torch.cuda.is_available(), reason="on a GPU the cuda case runs the compiled kernels")),
+    pytest.param("plain", "cuda", False, 3000, marks=CUDA), pytest.param("medusa", "cuda", False, 3000, marks=CUDA),
 ])
-def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, decoder, device, walk, n):
+def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, decoder, device, on_kernels, n):
     """End to end on a 6-token vocabulary, temperature and top-p applied on the device: the joint law of the
     first three generated tokens, plain or Medusa sampling, must equal the model's own (computed exactly by
     enumeration). n runs; with up to 215 degrees of freedom, a correct sampler fails the 0.1% bound once in a
-    thousand runs, while a biased one (e.g. accepting guesses without the rejection step) fails it every time.
-    On a GPU every step replays as a CUDA graph, the walk and the draws inside it."""
-    if walk is not None:  # only the walk on the kernel under test: the model stays on the fast references
-        monkeypatch.setattr(medusa_generation, "speculative_accept", WALKS[walk])
+    thousand runs, while a biased one (e.g. accepting a guess its parent did not draw) fails it every time.
+    On a GPU every step replays as a CUDA graph, the draws and the acceptance inside it."""
+    if on_kernels:
+        on_the_kernels(monkeypatch)
     make_hf_checkpoint(tmp_path, seed=3, vocab_size=6, num_key_value_heads=2)
     model = load_model(tmp_path, device=device, dtype="float32")[0]
     sampling = Sampling(temperature=0.9, top_p=0.95)
