@@ -10,6 +10,8 @@ Node j (not the root) is acceptable when its own token passes a test under its p
              accepted with probability p(x), as the rejection walk of the Medusa reference accepts it (its
              guesses are a head's top-k, certain, so its acceptance ratio min(1, p(x) / 1) is p(x)); when the
              first child is refused, the draw is distributed as p without it, which is that walk's residual.
+             This needs siblings to carry distinct tokens, as a top-k's do: two children of one token could both
+             be accepted, and the choice between their paths would then lean on their descendants' draws.
 A path (a row of `retrieve_indices`: root, then one node per depth, padded with -1) is accepted up
 to its first unacceptable node. The best path is the one accepted furthest; among those, for typical
 acceptance, the likeliest (largest sum of log p(token) over its accepted nodes), as the Medusa reference
