@@ -110,23 +110,22 @@ def tree_layout_reference(nodes, parents, depths, tree_indices, children, lineag
     """nodes [N] (chosen superset nodes, ascending, ancestor-closed) and the superset's tables: parents [M],
     depths [M], tree_indices [M], children [M, C] (-1 padded), lineage [M, W] (root..node, -1 padded) and
     path_order [M] (each node's rank in lexicographic path order) -> the chosen tree's
-    (attn_mask [N, N] bool, depths [N], parents [N], tree_indices [N], retrieve [N, W], children [N, C]),
-    superset ids turned into positions in `nodes` (-1 where not chosen). Retrieve rows: the leaves' lineages
-    in path order, then -1 rows."""
+    (attn_mask [N, N] bool, depths [N], parents [N], tree_indices [N], retrieve [N, W]), superset ids turned into
+    positions in `nodes` (-1 where not chosen). Retrieve rows: the leaves' (chosen nodes with no chosen child)
+    lineages in path order, then -1 rows."""
     M, N = parents.shape[0], nodes.shape[0]
     # superset node -> its position in this tree, -1 if not chosen; the extra last entry maps the -1
     # padding of the superset's tables (read as index -1) to -1 too.
     position = torch.full((M + 1,), -1, dtype=torch.long, device=nodes.device)
     position[nodes] = torch.arange(N, device=nodes.device)
-    kids = position[children.index_select(0, nodes)]  # [N, C]
-    is_leaf = (kids < 0).all(dim=1)  # [N] (only a root-only tree's root is a leaf and a root)
+    is_leaf = (position[children.index_select(0, nodes)] < 0).all(dim=1)  # [N] (a root alone is a leaf too)
     rows = torch.where(is_leaf, path_order[nodes], M).sort(stable=True).indices  # leaves first, by path
     retrieve = torch.where(is_leaf[rows, None], position[lineage.index_select(0, nodes[rows])], -1)
     depth = depths.index_select(0, nodes)
     # node q is node p's ancestor (or p) iff p's lineage at q's depth is q
     attn_mask = lineage.index_select(0, nodes)[:, depth] == nodes[None, :]
     return (attn_mask, depth, position[parents.index_select(0, nodes)], tree_indices.index_select(0, nodes),
-            retrieve, kids)
+            retrieve)
 
 
 @triton.jit
@@ -145,7 +144,7 @@ def _position(nodes_ptr, N, node, LOG_N: tl.constexpr):
 
 @triton.jit
 def _layout_kernel(nodes_ptr, parents_ptr, depths_ptr, tree_indices_ptr, children_ptr, lineage_ptr, path_order_ptr,
-                   mask_out, depths_out, parents_out, tree_indices_out, retrieve_out, children_out, M, N,
+                   mask_out, depths_out, parents_out, tree_indices_out, retrieve_out, M, N,
                    C: tl.constexpr, W: tl.constexpr, LOG_N: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_Q: tl.constexpr, PDL: tl.constexpr):
     """One program, lane p for the tree's node p (superset node nodes[p]). The superset's tables are
@@ -163,8 +162,7 @@ def _layout_kernel(nodes_ptr, parents_ptr, depths_ptr, tree_indices_ptr, childre
     c = tl.arange(0, BLOCK_C)[None, :]
     in_c = row[:, None] & (c < C)
     kids = _position(nodes_ptr, N, tl.load(children_ptr + node[:, None] * C + c, mask=in_c, other=-1), LOG_N)
-    tl.store(children_out + p[:, None] * C + c, kids, mask=in_c)
-    is_leaf = tl.max(kids, axis=1) < 0  # [BLOCK_N]
+    is_leaf = tl.max(kids, axis=1) < 0  # [BLOCK_N] no child chosen
 
     # Attention: node q is node p's ancestor (or p) iff p's lineage at q's depth is q; BLOCK_Q columns a time.
     for q0 in range(0, N, BLOCK_Q):
@@ -201,16 +199,15 @@ def tree_layout_triton(nodes, parents, depths, tree_indices, children, lineage, 
     attn_mask = torch.empty(N, N, dtype=torch.bool, device=dev)
     out_depths, out_parents, out_tree_indices = torch.empty(3, N, dtype=torch.long, device=dev)
     retrieve = torch.empty(N, W, dtype=torch.long, device=dev)
-    kids = torch.empty(N, C, dtype=torch.long, device=dev)
     block_n = triton.next_power_of_2(N)
     _layout_kernel[(1,)](
         nodes.contiguous(), parents.contiguous(), depths.contiguous(), tree_indices.contiguous(),
         children.contiguous(), lineage.contiguous(), path_order.contiguous(),
-        attn_mask, out_depths, out_parents, out_tree_indices, retrieve, kids, M, N,
+        attn_mask, out_depths, out_parents, out_tree_indices, retrieve, M, N,
         C=C, W=W, LOG_N=block_n.bit_length() - 1, BLOCK_N=block_n, BLOCK_C=triton.next_power_of_2(C),
         BLOCK_W=triton.next_power_of_2(W), BLOCK_Q=min(block_n, 32), num_warps=4, **launch_options(attn_mask),
     )
-    return attn_mask, out_depths, out_parents, out_tree_indices, retrieve, kids
+    return attn_mask, out_depths, out_parents, out_tree_indices, retrieve
 
 
 def tree_layout(nodes, parents, depths, tree_indices, children, lineage, path_order):

@@ -12,7 +12,7 @@ accuracy tree of 256 nodes, or 4 N for heads that read their path: `DynamicTree.
      expected contribution to the accepted length, as in the Medusa paper's tree construction.
   2. choose: the N best nodes, sorted by (score descending, node index ascending).
   3. lay out: the chosen nodes' tokens, and the buffers verifying them needs (attention mask, depths,
-     retrieve rows, children), as `TreeBuffers.from_choices` would build them for the chosen paths.
+     retrieve rows), as `TreeBuffers.from_choices` would build them for the chosen paths.
 
 Why the N best form a tree (every chosen node's parent chosen too): probabilities are at most 1, so a
 score never grows down a path, and a tie goes to the smaller node index, which the superset's node order
@@ -21,7 +21,7 @@ log-probabilities, each clamped to <= 0, and a child's score is computed as its 
 floating-point rounding of parent + x, with x <= 0, never exceeds the parent either.
 
 Fixed shapes, no host sync: N and M are fixed, so every tensor has the same shape every step (the
-retrieve rows are N, the leaves' first and -1 rows after; the child table has the superset's width), and
+retrieve rows are N, the leaves' first and -1 rows after), and
 the whole step, choice included, still replays as one CUDA graph with one host sync. `choose` runs in
 the step's `propose` (medusa_generation.py) and returns the chosen superset nodes beside the tokens; the
 next step lays that tree out (`layout`) before verifying it. Each is one kernel launch on CUDA
@@ -45,7 +45,6 @@ Example: the superset is tree.py's example tree (M = 5), N = 4. Head 0 guesses (
     tokens           = [root, a, c, d]            depths = [0, 1, 2, 2]     parents = [0, 0, 1, 1]
     attn_mask        = [[1 . . .], [1 1 . .], [1 1 1 .], [1 1 . 1]]
     retrieve_indices = [[0, 1, 2], [0, 1, 3], [-1, -1, -1], [-1, -1, -1]]   (leaves [0,0] and [0,1], then padding)
-    child_index      = [[1, -1], [2, 3], [-1, -1], [-1, -1]]                 (the superset's width, 2)
 
 With N = 3 this step's tree would be the chain root, a, c; a step where head 0 is unsure (say 0.3, 0.25)
 takes [0] and [1] instead: a static tree verifies the same nodes either way.
@@ -89,6 +88,7 @@ class DynamicTree:
     ranks: torch.Tensor  # [M, depth_max] long: each node's path (its guesses' ranks), -1 padded right
     lineage: torch.Tensor  # [M, depth_max + 1] long: root..node, -1 padded right (a node's retrieve row)
     path_order: torch.Tensor  # [M] long: each node's rank in lexicographic path order (the retrieve rows' order)
+    children: torch.Tensor  # [M, C] long: each node's children, -1 padded right (a chosen node without: a leaf)
 
     @classmethod
     def from_choices(cls, superset_choices, num_nodes: int, device=None, vocab_size: int | None = None) -> DynamicTree:
@@ -103,6 +103,10 @@ class DynamicTree:
         depth = min(superset.depth_max, num_nodes - 1)
         lineage = [line[: depth + 1] for line in lineages(superset.paths)]
         by_path = sorted(range(superset.num_nodes), key=lambda node: superset.paths[node])
+        kids: list[list[int]] = [[] for _ in range(superset.num_nodes)]
+        for node, parent in enumerate(superset.parents.tolist()[1:], start=1):
+            kids[parent].append(node)
+        width = max(len(k) for k in kids)
         return cls(
             superset=superset,
             num_nodes=num_nodes,
@@ -110,6 +114,7 @@ class DynamicTree:
                                dtype=torch.long, device=device).view(superset.num_nodes, depth),
             lineage=torch.tensor([line + [-1] * (depth + 1 - len(line)) for line in lineage], device=device),
             path_order=torch.tensor(by_path, device=device).argsort(),
+            children=torch.tensor([k + [-1] * (width - len(k)) for k in kids], device=device).view(-1, width),
         )
 
     @classmethod
@@ -159,12 +164,10 @@ class DynamicTree:
     def layout(self, nodes: torch.Tensor) -> TreeBuffers:
         """The chosen superset nodes [N] (from `choose`) -> the step tree's buffers, with fixed shapes:
         retrieve_indices [N, depth_max + 1] (the leaves' rows in `TreeBuffers.from_choices`' order, then
-        -1 rows) and child_index [N, C] (C the superset's width; the chosen children come first: a head's
-        guesses come best first, so a node's chosen children are its first ones). One launch on CUDA
-        (`kernels.dynamic_tree.tree_layout`)."""
+        -1 rows). One launch on CUDA (`kernels.dynamic_tree.tree_layout`)."""
         s = self.superset
-        attn_mask, depths, parents, tree_indices, retrieve, children = tree_layout(
-            nodes, s.parents, s.depths, s.tree_indices, s.child_index, self.lineage, self.path_order)
+        attn_mask, depths, parents, tree_indices, retrieve = tree_layout(
+            nodes, s.parents, s.depths, s.tree_indices, self.children, self.lineage, self.path_order)
         return TreeBuffers(
             paths=None,  # not known on the host
             num_nodes=self.num_nodes,
@@ -175,5 +178,4 @@ class DynamicTree:
             parents=parents,
             tree_indices=tree_indices,
             retrieve_indices=retrieve,
-            child_index=children,
         )

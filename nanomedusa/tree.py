@@ -23,8 +23,7 @@ read from (`candidate_tokens`) is [root, head0_top0, head0_top1, head1_top0, hea
       1 [ 1 1 . . . ]                     retrieve_indices = [[0, 1,  3],   leaf [0,0]
       2 [ 1 . 1 . . ]                                         [0, 1,  4],   leaf [0,1]
       3 [ 1 1 . 1 . ]                                         [0, 2, -1]]   leaf [1]
-      4 [ 1 1 . . 1 ]                     child_index      = [[1, 2], [3, 4], [-1, -1], [-1, -1],
-                                                              [-1, -1]]
+      4 [ 1 1 . . 1 ]
 
 Had the tree also held [1, 0], that node would read pool[3] too: a head's guesses do not depend on
 the branch they extend, so nodes of equal depth and rank read the same pool entry.
@@ -270,7 +269,6 @@ class TreeBuffers:
     parents: torch.Tensor  # [T] long, root's parent is 0
     tree_indices: torch.Tensor  # [T] long: each node's slot in the pool (see candidate_tokens)
     retrieve_indices: torch.Tensor  # [P, depth_max + 1] long: root..leaf node ids, -1 padded right
-    child_index: torch.Tensor  # [T, C] long: children by top-k index, -1 padded right
 
     @classmethod
     def from_choices(
@@ -296,19 +294,13 @@ class TreeBuffers:
             )
         tree_indices = [0] + [1 + (len(path) - 1) * topk + path[-1] for path in paths[1:]]
 
-        children: list[list[int]] = [[] for _ in range(num_nodes)]
-        for node in range(1, num_nodes):
-            # Siblings share all but the last index, so node order visits them by top-k index.
-            children[parents[node]].append(node)
 
         attn_mask = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
         for node, line in enumerate(lineage):
             attn_mask[node, line] = True
 
-        leaves = sorted((n for n in range(1, num_nodes) if not children[n]), key=lambda n: paths[n])
+        leaves = sorted(set(range(1, num_nodes)) - set(parents), key=lambda n: paths[n])
         retrieve = [lineage[n] + [-1] * (depth_max + 1 - len(lineage[n])) for n in leaves]
-        width = max(len(kids) for kids in children)
-        child_index = [kids + [-1] * (width - len(kids)) for kids in children]
 
         def long(rows: list) -> torch.Tensor:
             return torch.tensor(rows, dtype=torch.long, device=device)
@@ -323,7 +315,6 @@ class TreeBuffers:
             parents=long(parents),
             tree_indices=long(tree_indices),
             retrieve_indices=long(retrieve),
-            child_index=long(child_index),
         )
 
     @property

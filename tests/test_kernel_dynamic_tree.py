@@ -27,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def tables(tree: DynamicTree):
     s = tree.superset
-    return s.parents, s.depths, s.tree_indices, s.child_index, tree.lineage, tree.path_order
+    return s.parents, s.depths, s.tree_indices, tree.children, tree.lineage, tree.path_order
 
 
 def test_choice_and_layout_match_the_references():
