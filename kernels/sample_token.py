@@ -11,9 +11,10 @@ both draw from it through `sample_token`, which is what makes the latter lossles
 to the top k only (q), by inverse CDF on a uniform (`sample_from`), and kept when it lies in the nucleus: when the
 tokens strictly likelier than it hold less than top_p of q. Otherwise the next uniform proposes again, up to
 PROPOSALS times; if every proposal misses, the last uniform draws from the nucleus itself. This is rejection
-sampling, so the token is distributed exactly as `target_probs`: a proposal lands in the nucleus S with probability
-q(S) >= top_p and, given that, on x with probability q(x) / q(S), the nucleus distribution; the fallback draws from
-that same distribution. Four proposals all miss with probability (1 - q(S))^4, 1e-4 at the usual top-p of 0.9.
+sampling, so the token is distributed exactly as `target_probs` (up to rounding: the kernel sums the mass above
+a token in another order than the reference's sort): a proposal lands in the nucleus S with probability q(S) >=
+top_p and, given that, on x with probability q(x) / q(S), the nucleus distribution; the fallback draws from that
+same distribution. Four proposals all miss with probability (1 - q(S))^4, at most 1e-4 at the usual top-p of 0.9.
 Without a nucleus (top_p = 1) the first proposal is the token.
 
 Why: finding the nucleus's edge takes 31 halvings over the whole row (below), each a pass over all of it: 0.08 ms
