@@ -122,6 +122,13 @@ def _inverse_cdf(cdf, u, last):
 
 
 @triton.jit
+def _in_nucleus(bits, e, idx, token, limit):
+    """Whether `token` is in the nucleus: the mass of the tokens strictly likelier than it (e [BLOCK_V], bits its
+    float32 patterns) is under `limit`. Its pattern is picked out of the block by a max."""
+    return tl.sum(tl.where(bits > tl.max(tl.where(idx == token, bits, 0), axis=0), e, 0.0), axis=0) < limit
+
+
+@triton.jit
 def _sample_token_kernel(logits_ptr, u_ptr, out_ptr, stride_row, V, inv_temperature, top_k, top_p,
                          TOP_K: tl.constexpr, TOP_P: tl.constexpr, PROPOSALS: tl.constexpr, BLOCK_V: tl.constexpr,
                          PDL: tl.constexpr):
@@ -142,13 +149,11 @@ def _sample_token_kernel(logits_ptr, u_ptr, out_ptr, stride_row, V, inv_temperat
     token = _inverse_cdf(cdf, tl.load(u_row), last)
     if TOP_P:
         limit = top_p * tl.sum(e, axis=0)  # the nucleus: tokens with less than this strictly above them
-
-        # Proposal j is kept when the mass strictly above it is under the limit; its pattern picked out by a max.
-        kept = tl.sum(tl.where(bits > tl.max(tl.where(idx == token, bits, 0), axis=0), e, 0.0), axis=0) < limit
+        kept = _in_nucleus(bits, e, idx, token, limit)
         j = 1
-        while (j < PROPOSALS) & (kept == 0):
+        while (j < PROPOSALS) & (kept == 0):  # proposal j, while none so far lies in the nucleus
             token = _inverse_cdf(cdf, tl.load(u_row + j), last)
-            kept = tl.sum(tl.where(bits > tl.max(tl.where(idx == token, bits, 0), axis=0), e, 0.0), axis=0) < limit
+            kept = _in_nucleus(bits, e, idx, token, limit)
             j += 1
         if kept == 0:  # every proposal missed: draw from the nucleus itself, as target_probs cuts it
             nucleus = tl.where(bits >= _smallest_bits_below(bits, e, limit, False), e, 0.0)
