@@ -2,6 +2,7 @@
 plain sampling's draw costs against greedy's argmax.
 
     python -m bench.sampling_cost [--heads DIR] [--budgets 16,32,64,128] [--vocab 49152] [--reps 200] [--json FILE]
+                                  [--blocks 2048,4096,8192,16384]
 
 Per node budget N (the heads' accuracy tree of N nodes, the root included), on random logits [N, vocab] in bf16,
 each replayed as a CUDA graph (median of --reps), `medusa_generation.accept`:
@@ -11,7 +12,9 @@ each replayed as a CUDA graph (median of --reps), `medusa_generation.accept`:
   typical   typical acceptance, for scale.
 
 Then plain sampling's draw from one row (`sampling.next_token`) against the argmax, and one eager sample
-acceptance of the largest budget, per kernel under torch.profiler. No model and no prompts.
+acceptance of the largest budget, per kernel under torch.profiler. With --blocks, the draw's kernel
+(kernels/sample_token.py) at each block size (tokens a program reads at a time, with its `warps`) on 1, 32 and 128
+rows, top-p 0.9 with and without top-k 50: how its BLOCK was chosen. No model and no prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import sample_token
 from nanomedusa.cli import ArgumentParser, run_reporting_errors
 from nanomedusa.medusa_generation import Acceptance, accept
 from nanomedusa.sampling import Sampling, next_token
@@ -37,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default="weights/smollm2-135m-instruct-medusa-path",
                    help="heads directory whose rank accuracies shape the trees (only its config.json is read)")
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary size (default: the default model's)")
+    p.add_argument("--blocks", default="", help="also time the draw's kernel at these block sizes (comma-separated)")
     add_replay_flags(p, "kernels listed in the profile")
     args = p.parse_args(argv)
     return run_reporting_errors(lambda: run(args))
@@ -75,8 +80,26 @@ def run(args) -> None:
     print_table(f"Kernels of one eager sample acceptance, {rows[-1][0]} nodes: {total:.0f} µs of kernel time",
                 ["kernel", "calls", "µs", "share"],
                 [[name, calls, f"{us:.1f}", f"{us / total:.1%}"] for name, calls, us in out["profile"][:args.top]])
+    if args.blocks:
+        out["blocks"] = block_sweep([int(b) for b in args.blocks.split(",")], args.vocab, device, args.reps, rng)
     if args.json:
         save(out, args.json)
+
+
+def block_sweep(blocks: list[int], vocab: int, device, reps: int, rng) -> list[dict]:
+    """The draw's kernel per block size, rows and top-k cut: ms (temperature 0.7, top-p 0.9, random bf16 logits)."""
+    rows, table = [], []
+    for top_k in (0, 50):
+        for n in (1, 32, 128):
+            logits = torch.randn(n, vocab, device=device).mul(3).to(torch.bfloat16)  # [R, V]
+            u = torch.rand(n, sample_token.PROPOSALS + 1, device=device, generator=rng)
+            times = [replay_ms(lambda z, b=b: sample_token.sample_token_triton(z, 0.7, top_k, 0.9, u, block=b), logits,
+                               device=device, reps=reps) for b in blocks]
+            rows.append({"top_k": top_k, "rows": n, "ms": dict(zip(blocks, times))})
+            table.append([top_k, n, *(f"{t:.3f}" for t in times)])
+    print_table(f"The draw's kernel by block size, ms ({device_name(device)}, top-p 0.9)",
+                ["top-k", "rows", *(f"{b:,} ({sample_token.warps(b)} warps)" for b in blocks)], table)
+    return rows
 
 
 if __name__ == "__main__":

@@ -124,9 +124,9 @@ def _sample_token_cases():
 
     for top_k, top_p in ((False, True), (True, True)):  # plain sampling's draw over the default model's vocabulary
         yield (f"sample token, 49,152 tokens, top-k={top_k}, top-p={top_p}", sample_token._sample_token_kernel,
-               {"logits_ptr": "*bf16", "u_ptr": "*fp32", "out_ptr": "*i64"},
-               dict(TOP_K=top_k, TOP_P=top_p, PROPOSALS=sample_token.PROPOSALS, BLOCK_V=65536, PDL=True),
-               dict(num_warps=32, floats=("inv_temperature", "top_k", "top_p")))
+               {"logits_ptr": "*bf16", "kth_ptr": "*fp32", "u_ptr": "*fp32", "out_ptr": "*i64"},
+               dict(TOP_K=top_k, TOP_P=top_p, PROPOSALS=sample_token.PROPOSALS, BLOCK=sample_token.BLOCK, PDL=True),
+               dict(num_warps=sample_token.warps(sample_token.BLOCK), floats=("inv_temperature", "top_p")))
 
 
 # A plain linear layer's epilogue constexprs: linear_case's `mode` changes some of them.

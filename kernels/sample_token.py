@@ -18,16 +18,17 @@ same distribution. Four proposals all miss with probability (1 - q(S))^4, at mos
 Without a nucleus (top_p = 1) the first proposal is the token.
 
 Why: finding the nucleus's edge takes 31 halvings over the whole row (below), each a pass over all of it: 0.08 ms
-for the default model's 49,152 tokens on an H200, a tenth of a decoding step, however many rows run beside it. A
-token needs one prefix sum and about three passes for the proposal that is kept. The uniforms come in
-[..., PROPOSALS + 1], drawn beforehand so that the draw replays inside a CUDA graph.
+or more for the default model's 49,152 tokens on an H200, a tenth of a decoding step. A token kept needs about three
+passes: the row's max, its total, and the mass above the proposal (its draw walks only to the block it lies in).
+The uniforms come in [..., PROPOSALS + 1], drawn beforehand so that the draw replays inside a CUDA graph.
 
-The reference is that procedure in torch, proposal by proposal. The Triton kernel is one program per row, which
-keeps the row's exp(z - max) as one block (registers, and local memory where a row of up to MAX_VOCAB outgrows
-them; a longer one takes the reference). The top-k cut and the fallback find their edge by bisection over the
-values' float32 bit patterns, which order non-negative floats as integers do: "the mass (or count) strictly above
-pattern b" falls as b rises, so 31 halvings of [0, +inf's pattern] find the smallest b under the limit, and the cut
-keeps every token at or above it.
+The reference is that procedure in torch, proposal by proposal. The Triton kernel is one program per row, reading
+the row BLOCK tokens at a time in every pass (the row stays in the L2 between passes, and a block fits in
+registers, so a program is small and a tree's rows run side by side). The top-k cut comes from torch.topk before
+it: the row's k-th largest logit, which the cut keeps and everything at or above it. The fallback finds the
+nucleus's edge by bisection over the values' float32 bit patterns, which order non-negative floats as integers do:
+"the mass strictly above pattern b" falls as b rises, so 31 halvings of [0, +inf's pattern] find the smallest b
+under the limit, and the cut keeps every token at or above it.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import triton.language as tl
 from . import use_triton
 from .dependent_launch import launch_options, wait_for_previous_kernels
 
-MAX_VOCAB = 131072  # the longest row a program takes as one block; a longer one takes the reference
 INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf's bit pattern: above every finite non-negative float's
+# Tokens a program reads at a time: on an H200 (bf16, 49,152 tokens) 8,192 with 16 warps beat 1,024-16,384 with 2-16
+# (`python -m bench.sampling_cost --blocks 2048,4096,8192,16384`)
+BLOCK = 8192
 PROPOSALS = 4  # draws from q before the exact nucleus is found; all miss with probability (1 - top_p)^4 at most
 
 
@@ -89,90 +92,140 @@ def sample_token_reference(logits, temperature: float, top_k: int, top_p: float,
 
 def sample_token(logits, temperature: float, top_k: int, top_p: float, uniforms):
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
-    if use_triton(logits) and logits.shape[-1] <= MAX_VOCAB:
+    if use_triton(logits):
         return sample_token_triton(logits, temperature, top_k, top_p, uniforms)
     return sample_token_reference(logits, temperature, top_k, top_p, uniforms)
 
 
 @triton.jit
-def _smallest_bits_below(bits, e, limit, COUNT: tl.constexpr):
-    """bits [BLOCK_V] int32 (e's float32 patterns, e >= 0) -> the smallest pattern b whose weight above it is
-    under limit: the count of bits > b (COUNT) or the sum of their e. Both fall as b rises, and +inf's pattern has
-    none above it, so 31 halvings of [0, INF_BITS] find b (limit > 0)."""
+def _logits(row_ptr, start, V, BLOCK: tl.constexpr):
+    """Tokens start .. start + BLOCK - 1 of a row: (logits [BLOCK] float32, -inf past V; their ids)."""
+    idx = start + tl.arange(0, BLOCK)
+    return tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32), idx
+
+
+@triton.jit
+def _row_max(row_ptr, V, inv_temperature, BLOCK: tl.constexpr):
+    m = tl.full([], float("-inf"), tl.float32)
+    for start in range(0, V, BLOCK):
+        logits, _ = _logits(row_ptr, start, V, BLOCK)
+        m = tl.maximum(m, tl.max(logits * inv_temperature, axis=0))
+    return m
+
+
+@triton.jit
+def _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK: tl.constexpr):
+    """Tokens start .. start + BLOCK - 1 of a row: (e, bits, idx). e [BLOCK] = exp(logit * inv_temperature - row_max),
+    q times its total, is 0 past V, for a logit under kth (the top-k cut; -inf: none) and where e's float32 pattern
+    (bits, ordered as e is since e >= 0) is under cut (the nucleus's; 0: none)."""
+    logits, idx = _logits(row_ptr, start, V, BLOCK)
+    e = tl.exp(logits * inv_temperature - row_max)
+    bits = e.to(tl.int32, bitcast=True)
+    return tl.where((logits >= kth) & (bits >= cut), e, 0.0), bits, idx
+
+
+@triton.jit
+def _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, b, BLOCK: tl.constexpr):
+    """The sum of e over the row's tokens whose pattern is above b: one pass."""
+    total = tl.full([], 0.0, tl.float32)
+    for start in range(0, V, BLOCK):
+        e, bits, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+        total += tl.sum(tl.where(bits > b, e, 0.0), axis=0)
+    return total
+
+
+@triton.jit
+def _smallest_bits_below(row_ptr, V, inv_temperature, row_max, kth, cut, limit, BLOCK: tl.constexpr):
+    """The smallest pattern b whose mass above it is under limit (> 0). The mass falls as b rises, and +inf's
+    pattern has none above it, so 31 halvings of [0, INF_BITS] find b: a pass over the row each."""
     lo = tl.full([], 0, tl.int32)
     hi = tl.full([], INF_BITS, tl.int32)
     for _ in range(31):
         mid = lo + (hi - lo) // 2
-        if COUNT:
-            above = tl.sum((bits > mid).to(tl.float32), axis=0)
-        else:
-            above = tl.sum(tl.where(bits > mid, e, 0.0), axis=0)
-        under = above < limit
+        under = _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, mid, BLOCK) < limit
         hi = tl.where(under, mid, hi)
         lo = tl.where(under, lo, mid + 1)
     return hi
 
 
 @triton.jit
-def _inverse_cdf(cdf, u, last):
-    """`sample_from` on one row: the first token whose cumulative mass (cdf [BLOCK_V]) exceeds u times the total,
-    never past `last`, the last token with mass (rounding can put the draw at the very top)."""
-    below = tl.sum((cdf <= u * tl.max(cdf, axis=0)).to(tl.int32), axis=0)  # tokens wholly below the draw
-    return tl.minimum(below, last)
+def _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, cut, target, BLOCK: tl.constexpr):
+    """`sample_from` on one row: the first token whose cumulative weight exceeds target (u times the total), never one
+    without weight (rounding can put the draw at the very top). Walks the blocks until the draw lies in one, so on
+    average half a pass. Returns the token and its e's pattern."""
+    run = tl.full([], 0.0, tl.float32)  # the weight of the blocks before `start`
+    start = 0
+    weighed = 0  # the last block seen with any weight
+    e, _, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+    s = tl.sum(e, axis=0)
+    while (start + BLOCK < V) & (run + s <= target):  # the draw lies past this block
+        weighed = tl.where(s > 0, start, weighed)
+        run += s
+        start += BLOCK
+        e, _, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+        s = tl.sum(e, axis=0)
+    past_the_end = s == 0  # the draw rounded past the total, and the last block has no weight: take the last token
+    start = tl.where(past_the_end, weighed, start)  # with weight, in the last block that had any
+    e, bits, idx = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+    below = tl.sum((run + tl.cumsum(e, axis=0) <= target).to(tl.int32), axis=0)  # tokens wholly below the draw
+    below = tl.where(past_the_end, BLOCK, below)
+    token = tl.minimum(start + below, tl.max(tl.where(e > 0, idx, -1), axis=0))
+    return token, tl.max(tl.where(idx == token, bits, 0), axis=0)
 
 
 @triton.jit
-def _in_nucleus(bits, e, idx, token, limit):
-    """Whether `token` is in the nucleus: the mass of the tokens strictly likelier than it (e [BLOCK_V], bits its
-    float32 patterns) is under `limit`. Its pattern is picked out of the block by a max."""
-    return tl.sum(tl.where(bits > tl.max(tl.where(idx == token, bits, 0), axis=0), e, 0.0), axis=0) < limit
-
-
-@triton.jit
-def _sample_token_kernel(logits_ptr, u_ptr, out_ptr, stride_row, V, inv_temperature, top_k, top_p,
-                         TOP_K: tl.constexpr, TOP_P: tl.constexpr, PROPOSALS: tl.constexpr, BLOCK_V: tl.constexpr,
+def _sample_token_kernel(logits_ptr, kth_ptr, u_ptr, out_ptr, stride_row, V, inv_temperature, top_p,
+                         TOP_K: tl.constexpr, TOP_P: tl.constexpr, PROPOSALS: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
-    """Program r: out[r] = row r's token. logits [R, V] (row stride stride_row), u [R, PROPOSALS + 1], out [R]
-    int64; top_k a float (an int 1 would be specialised into a constant)."""
+    """Program r: out[r] = row r's token. logits [R, V] (row stride stride_row), kth [R] float32 (TOP_K: the row's
+    k-th largest logit), u [R, PROPOSALS + 1], out [R] int64. The row is read BLOCK tokens at a time, in passes: its
+    max, its total, each proposal's walk to its draw and the mass above it, and only if every proposal misses, the
+    nucleus's edge (bisection) and a draw from the nucleus."""
     wait_for_previous_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, BLOCK_V)
-    real = idx < V
-    z = tl.load(logits_ptr + row * stride_row + idx, mask=real, other=float("-inf")).to(tl.float32) * inv_temperature
-    e = tl.exp(z - tl.max(z, axis=0))  # [BLOCK_V] q times its total; 0 past V
-    bits = e.to(tl.int32, bitcast=True)  # ordered as e is (e >= 0)
-    if TOP_K:
-        e = tl.where(bits >= _smallest_bits_below(bits, e, top_k, True), e, 0.0)
-    last = tl.max(tl.where(e > 0, idx, -1), axis=0)
-    cdf = tl.cumsum(e, axis=0)
+    row_ptr = logits_ptr + row * stride_row
     u_row = u_ptr + row * (PROPOSALS + 1)
-    token = _inverse_cdf(cdf, tl.load(u_row), last)
+    kth = float("-inf")  # no top-k cut
+    if TOP_K:
+        kth = tl.load(kth_ptr + row)
+    row_max = _row_max(row_ptr, V, inv_temperature, BLOCK)
+    total = _mass_above(row_ptr, V, inv_temperature, row_max, kth, 0, -1, BLOCK)
+    token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, 0, tl.load(u_row) * total, BLOCK)
     if TOP_P:
-        limit = top_p * tl.sum(e, axis=0)  # the nucleus: tokens with less than this strictly above them
-        kept = _in_nucleus(bits, e, idx, token, limit)
+        limit = top_p * total  # the nucleus: tokens with less than this strictly above them
+        kept = _mass_above(row_ptr, V, inv_temperature, row_max, kth, 0, bits_x, BLOCK) < limit
         j = 1
         while (j < PROPOSALS) & (kept == 0):  # proposal j, while none so far lies in the nucleus
-            token = _inverse_cdf(cdf, tl.load(u_row + j), last)
-            kept = _in_nucleus(bits, e, idx, token, limit)
+            token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, 0, tl.load(u_row + j) * total,
+                                         BLOCK)
+            kept = _mass_above(row_ptr, V, inv_temperature, row_max, kth, 0, bits_x, BLOCK) < limit
             j += 1
         if kept == 0:  # every proposal missed: draw from the nucleus itself, as target_probs cuts it
-            nucleus = tl.where(bits >= _smallest_bits_below(bits, e, limit, False), e, 0.0)
-            token = _inverse_cdf(tl.cumsum(nucleus, axis=0), tl.load(u_row + PROPOSALS),
-                                 tl.max(tl.where(nucleus > 0, idx, -1), axis=0))
+            cut = _smallest_bits_below(row_ptr, V, inv_temperature, row_max, kth, 0, limit, BLOCK)
+            nucleus_total = _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, -1, BLOCK)
+            token, _ = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, cut,
+                                    tl.load(u_row + PROPOSALS) * nucleus_total, BLOCK)
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
-def sample_token_triton(logits, temperature: float, top_k: int, top_p: float, uniforms):
-    """Same contract as `sample_token_reference` (rows up to MAX_VOCAB long), in one launch."""
+def sample_token_triton(logits, temperature: float, top_k: int, top_p: float, uniforms, block: int = BLOCK):
+    """Same contract as `sample_token_reference`, in one launch after the top-k cut's torch.topk (when there is one);
+    block: tokens a program reads at a time."""
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()  # [R, V]
     u = uniforms.reshape(-1, PROPOSALS + 1).float().contiguous()  # [R, PROPOSALS + 1]
     out = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    cut_top_k = 0 < top_k < V
+    # The k-th largest logit of each row [R]: the top-k cut keeps the logits at least it, as target_probs does.
+    kth = rows.topk(top_k, dim=-1).values[:, -1].float().contiguous() if cut_top_k else u  # [R] (u: unread)
     if rows.shape[0] > 0:
-        block_v = triton.next_power_of_2(V)
         _sample_token_kernel[(rows.shape[0],)](
-            rows, u, out, rows.stride(0), V, 1.0 / temperature, float(min(top_k, V)), top_p, TOP_K=0 < top_k < V,
-            TOP_P=top_p < 1.0, PROPOSALS=PROPOSALS, BLOCK_V=block_v, num_warps=min(32, max(4, block_v // 2048)),
-            **launch_options(rows))
+            rows, kth, u, out, rows.stride(0), V, 1.0 / temperature, top_p, TOP_K=cut_top_k, TOP_P=top_p < 1.0,
+            PROPOSALS=PROPOSALS, BLOCK=block, num_warps=warps(block), **launch_options(rows))
     return out
+
+
+def warps(block: int) -> int:
+    """The kernel's warps for `block` tokens a pass: 16 at BLOCK, where each thread holds 16 tokens."""
+    return max(1, min(16, block // 512))

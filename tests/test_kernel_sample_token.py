@@ -31,6 +31,17 @@ def test_matches_reference(shape, dtype, temperature, top_k, top_p):
     assert torch.equal(got, sample_token_reference(logits, temperature, top_k, top_p, u))
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+def test_matches_reference_block_by_block(temperature, top_k, top_p):
+    # Blocks of 64 tokens: every pass walks 16 of them, the draw stops in whichever its uniform lands, and the
+    # row's last block is partly past V. A masked run of blocks (-inf) has no weight for the walk to stop in.
+    logits = torch.randn(4, 1000, device=DEVICE) * 3
+    logits[1, 128:512] = float("-inf")
+    u = uniforms((4,), seed=3)
+    got = sample_token_triton(logits, temperature, top_k, top_p, u, block=64)
+    assert torch.equal(got, sample_token_reference(logits, temperature, top_k, top_p, u))
+
+
 def test_a_strided_row_and_minus_infinity():
     logits = torch.randn(8, 2 * 40_000, device=DEVICE)[:, :40_000] * 4  # [8, 40000], row stride 80000
     logits[:, ::3] = float("-inf")  # e.g. a vocabulary mask
