@@ -25,7 +25,10 @@ The uniforms come in [..., PROPOSALS + 1], drawn beforehand so that the draw rep
 The reference is that procedure in torch, proposal by proposal. The Triton kernel is one program per row, reading
 the row BLOCK tokens at a time in every pass (the row stays in the L2 between passes, and a block fits in
 registers, so a program is small and a tree's rows run side by side). The top-k cut comes from torch.topk before
-it: the row's k-th largest logit, which the cut keeps and everything at or above it. The fallback finds the
+it: the row's k-th largest logit, which the cut keeps and everything at or above it. (The reference cuts z =
+logit / temperature, which can round two neighbouring float32 logits to one z and keep both where the kernel keeps
+the larger; bf16 and fp16 logits are too far apart for that. Dividing in the kernel, not multiplying by
+1 / temperature, would cost about as much as the rest of a pass's arithmetic.) The fallback finds the
 nucleus's edge by bisection over the values' float32 bit patterns, which order non-negative floats as integers do:
 "the mass strictly above pattern b" falls as b rises, so 31 halvings of [0, +inf's pattern] find the smallest b
 under the limit, and the cut keeps every token at or above it.
@@ -41,8 +44,10 @@ from . import use_triton
 from .dependent_launch import launch_options, wait_for_previous_kernels
 
 INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf's bit pattern: above every finite non-negative float's
-# Tokens a program reads at a time: on an H200 (bf16, 49,152 tokens) 8,192 with 16 warps beat 1,024-16,384 with 2-16
-# (`python -m bench.sampling_cost --blocks 2048,4096,8192,16384`)
+NO_CUT = tl.constexpr(0)  # a nucleus cut that keeps every token: every e's pattern is at least 0
+# Tokens a program reads at a time: on an H200 (bf16, 49,152 tokens) 8,192 with 16 warps beat 2,048-16,384 with
+# `warps` (`python -m bench.sampling_cost --blocks 2048,4096,8192,16384`; a one-off sweep of 1,024-8,192 with 2-16
+# warps agreed)
 BLOCK = 8192
 PROPOSALS = 4  # draws from q before the exact nucleus is found; all miss with probability (1 - top_p)^4 at most
 
@@ -106,6 +111,7 @@ def _logits(row_ptr, start, V, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_max(row_ptr, V, inv_temperature, BLOCK: tl.constexpr):
+    """The row's largest z = logit / temperature: the softmax's shift, so that e <= 1."""
     m = tl.full([], float("-inf"), tl.float32)
     for start in range(0, V, BLOCK):
         logits, _ = _logits(row_ptr, start, V, BLOCK)
@@ -116,8 +122,8 @@ def _row_max(row_ptr, V, inv_temperature, BLOCK: tl.constexpr):
 @triton.jit
 def _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK: tl.constexpr):
     """Tokens start .. start + BLOCK - 1 of a row: (e, bits, idx). e [BLOCK] = exp(logit * inv_temperature - row_max),
-    q times its total, is 0 past V, for a logit under kth (the top-k cut; -inf: none) and where e's float32 pattern
-    (bits, ordered as e is since e >= 0) is under cut (the nucleus's; 0: none)."""
+    q times its total, is 0 past V, for a logit under kth (the top-k cut: the row's k-th largest logit; -inf: none)
+    and where e's float32 pattern (bits, ordered as e is since e >= 0) is under cut (the nucleus's; NO_CUT: none)."""
     logits, idx = _logits(row_ptr, start, V, BLOCK)
     e = tl.exp(logits * inv_temperature - row_max)
     bits = e.to(tl.int32, bitcast=True)
@@ -132,6 +138,12 @@ def _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, b, BLOCK: tl.con
         e, bits, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
         total += tl.sum(tl.where(bits > b, e, 0.0), axis=0)
     return total
+
+
+@triton.jit
+def _total(row_ptr, V, inv_temperature, row_max, kth, cut, BLOCK: tl.constexpr):
+    """The sum of e over the row (every pattern is above -1)."""
+    return _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, -1, BLOCK)
 
 
 @triton.jit
@@ -151,21 +163,21 @@ def _smallest_bits_below(row_ptr, V, inv_temperature, row_max, kth, cut, limit, 
 @triton.jit
 def _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, cut, target, BLOCK: tl.constexpr):
     """`sample_from` on one row: the first token whose cumulative weight exceeds target (u times the total), never one
-    without weight (rounding can put the draw at the very top). Walks the blocks until the draw lies in one, so on
-    average half a pass. Returns the token and its e's pattern."""
+    without weight (rounding can put the draw at the very top). Walks the blocks only as far as the one the draw lies
+    in. Returns the token and its e's pattern."""
     run = tl.full([], 0.0, tl.float32)  # the weight of the blocks before `start`
     start = 0
-    weighed = 0  # the last block seen with any weight
+    last_weighted = 0  # the start of the last block seen with any weight
     e, _, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
     s = tl.sum(e, axis=0)
     while (start + BLOCK < V) & (run + s <= target):  # the draw lies past this block
-        weighed = tl.where(s > 0, start, weighed)
+        last_weighted = tl.where(s > 0, start, last_weighted)
         run += s
         start += BLOCK
         e, _, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
         s = tl.sum(e, axis=0)
     past_the_end = s == 0  # the draw rounded past the total, and the last block has no weight: take the last token
-    start = tl.where(past_the_end, weighed, start)  # with weight, in the last block that had any
+    start = tl.where(past_the_end, last_weighted, start)  # with weight, in the last block that had any
     e, bits, idx = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
     below = tl.sum((run + tl.cumsum(e, axis=0) <= target).to(tl.int32), axis=0)  # tokens wholly below the draw
     below = tl.where(past_the_end, BLOCK, below)
@@ -178,9 +190,9 @@ def _sample_token_kernel(logits_ptr, kth_ptr, u_ptr, out_ptr, stride_row, V, inv
                          TOP_K: tl.constexpr, TOP_P: tl.constexpr, PROPOSALS: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
     """Program r: out[r] = row r's token. logits [R, V] (row stride stride_row), kth [R] float32 (TOP_K: the row's
-    k-th largest logit), u [R, PROPOSALS + 1], out [R] int64. The row is read BLOCK tokens at a time, in passes: its
-    max, its total, each proposal's walk to its draw and the mass above it, and only if every proposal misses, the
-    nucleus's edge (bisection) and a draw from the nucleus."""
+    k-th largest logit), u [R, PROPOSALS + 1], out [R] int64. The row is read BLOCK tokens at a time,
+    in passes: its max, its total, each proposal's walk to its draw and the mass above it, and only if every
+    proposal misses, the nucleus's edge (bisection) and a draw from the nucleus."""
     wait_for_previous_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -189,20 +201,20 @@ def _sample_token_kernel(logits_ptr, kth_ptr, u_ptr, out_ptr, stride_row, V, inv
     if TOP_K:
         kth = tl.load(kth_ptr + row)
     row_max = _row_max(row_ptr, V, inv_temperature, BLOCK)
-    total = _mass_above(row_ptr, V, inv_temperature, row_max, kth, 0, -1, BLOCK)
-    token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, 0, tl.load(u_row) * total, BLOCK)
+    total = _total(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, BLOCK)
+    token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, tl.load(u_row) * total, BLOCK)
     if TOP_P:
         limit = top_p * total  # the nucleus: tokens with less than this strictly above them
-        kept = _mass_above(row_ptr, V, inv_temperature, row_max, kth, 0, bits_x, BLOCK) < limit
+        kept = _mass_above(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, bits_x, BLOCK) < limit
         j = 1
         while (j < PROPOSALS) & (kept == 0):  # proposal j, while none so far lies in the nucleus
-            token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, 0, tl.load(u_row + j) * total,
-                                         BLOCK)
-            kept = _mass_above(row_ptr, V, inv_temperature, row_max, kth, 0, bits_x, BLOCK) < limit
+            token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, NO_CUT,
+                                         tl.load(u_row + j) * total, BLOCK)
+            kept = _mass_above(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, bits_x, BLOCK) < limit
             j += 1
         if kept == 0:  # every proposal missed: draw from the nucleus itself, as target_probs cuts it
-            cut = _smallest_bits_below(row_ptr, V, inv_temperature, row_max, kth, 0, limit, BLOCK)
-            nucleus_total = _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, -1, BLOCK)
+            cut = _smallest_bits_below(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, limit, BLOCK)
+            nucleus_total = _total(row_ptr, V, inv_temperature, row_max, kth, cut, BLOCK)
             token, _ = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, cut,
                                     tl.load(u_row + PROPOSALS) * nucleus_total, BLOCK)
     tl.store(out_ptr + row, token.to(tl.int64))
@@ -217,8 +229,8 @@ def sample_token_triton(logits, temperature: float, top_k: int, top_p: float, un
     u = uniforms.reshape(-1, PROPOSALS + 1).float().contiguous()  # [R, PROPOSALS + 1]
     out = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
     cut_top_k = 0 < top_k < V
-    # The k-th largest logit of each row [R]: the top-k cut keeps the logits at least it, as target_probs does.
-    kth = rows.topk(top_k, dim=-1).values[:, -1].float().contiguous() if cut_top_k else u  # [R] (u: unread)
+    # The top-k cut's edge: each row's k-th largest logit [R]; without a cut the kernel reads none (u stands in).
+    kth = rows.topk(top_k, dim=-1).values[:, -1].float().contiguous() if cut_top_k else u
     if rows.shape[0] > 0:
         _sample_token_kernel[(rows.shape[0],)](
             rows, kth, u, out, rows.stride(0), V, 1.0 / temperature, top_p, TOP_K=cut_top_k, TOP_P=top_p < 1.0,

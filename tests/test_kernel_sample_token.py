@@ -42,6 +42,19 @@ def test_matches_reference_block_by_block(temperature, top_k, top_p):
     assert torch.equal(got, sample_token_reference(logits, temperature, top_k, top_p, u))
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.9), (50, 0.9)])
+def test_a_draw_at_the_very_top_takes_the_last_token_with_weight(top_k, top_p):
+    # u = 1 stands in for a draw that rounding puts at the total: the walk passes every block, and the row's last
+    # blocks have no weight (-inf), so it must step back to the last block that has some, as sample_from's clamp
+    # does. (At top-p 0.9 the proposal, the row's last token, usually misses, and the fallback draws the same way.)
+    logits = torch.randn(4, 1000, device=DEVICE) * 3
+    logits[:, 600:] = float("-inf")
+    u = torch.ones(4, PROPOSALS + 1, device=DEVICE)
+    got = sample_token_triton(logits, 0.7, top_k, top_p, u, block=64)
+    assert ((0 <= got) & (got < 600)).all()
+    assert torch.equal(got, sample_token_reference(logits, 0.7, top_k, top_p, u))
+
+
 def test_a_strided_row_and_minus_infinity():
     logits = torch.randn(8, 2 * 40_000, device=DEVICE)[:, :40_000] * 4  # [8, 40000], row stride 80000
     logits[:, ::3] = float("-inf")  # e.g. a vocabulary mask
