@@ -294,7 +294,6 @@ class TreeBuffers:
             )
         tree_indices = [0] + [1 + (len(path) - 1) * topk + path[-1] for path in paths[1:]]
 
-
         attn_mask = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
         for node, line in enumerate(lineage):
             attn_mask[node, line] = True
