@@ -26,9 +26,10 @@ mean accepted = (L - 1) / steps, summed over prompts (bench/prompts.py's `totals
 step's +1). Guesses past the end of c are counted wrong: a step reaching them ends the run either way.
 `--validate` checks all of it against `generate_medusa` (torch kernels, float32): same tokens, same steps.
 
-Node-scoring rules. A rule maps the heads' calibrated log-probabilities [K, k] to per-guess increments <= 0;
-a node's score is the sum of its path's increments and the N best superset nodes are verified (ties to the
-smaller node index), so the chosen nodes always form a tree (dynamic_tree.py's argument). Each rule is one
+Node-scoring rules. A rule maps the heads' calibrated log-probabilities [K, k] ("features": and the step's
+context) to per-guess increments <= 0; a node's score is the sum of its path's increments and the N best
+superset nodes are verified (ties to the smaller node index), so the chosen nodes always form a tree
+(dynamic_tree.py's argument). Each rule is one
 elementwise transform of the log-probabilities before `DynamicTree.choose`, from a small table:
 
   static         the heads' static tree of N nodes (`tree_from_head_accuracies`), the baseline
@@ -42,11 +43,16 @@ elementwise transform of the log-probabilities before `DynamicTree.choose`, from
                  over BIN_EDGES per head
   prior-ratio    increment = log acc_d,r + alpha (lp - mean lp_d,r): the static tree's path accuracy moved by
                  this step's confidence against its tuning-set mean, alpha fitted per N
+  features       increment = log sigmoid(w_d . x): "conditional" with everything else a step could see before it
+                 chooses (`guess_features`): the guess's rank, its head's top-1 and top-k mass and entropy, the
+                 previous head's top-1, the base model's own top-1 log-probability and entropy at the root;
+                 fitted per head by logistic regression like "conditional"
   oracle         the deepest right superset node, whatever N (a ceiling for any rule over this superset)
   ceiling        the deepest right path among the heads' top-10 guesses (a ceiling for any tree)
 
 Traces are cached under --cache (per heads, prompt file, prompt id and --max-new-tokens): a full run generates
-about 32k tokens on the CPU once; later runs only simulate.
+about 35k tokens per heads once, over an hour on a CPU, a few minutes on a GPU (`--trace-device cuda
+--trace-only`, then copy the cache back); later runs only simulate.
 """
 
 from __future__ import annotations
@@ -72,8 +78,8 @@ from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 HEADS = ["weights/smollm2-135m-instruct-medusa", "weights/smollm2-135m-instruct-medusa2"]
-EVAL = ["bench/prompts-chat-heldout.jsonl:24", "bench/prompts-train-mix.jsonl:20"]
-TUNE = ["/tmp/held-chat.jsonl:48", "/tmp/held-train.jsonl:32"]
+EVAL = ["bench/prompts-chat-heldout.jsonl:48", "bench/prompts-train-mix.jsonl:20"]
+TUNE = ["/tmp/held-chat.jsonl:150", "/tmp/held-train.jsonl:100"]
 TOPK = 10  # guesses per head kept in a trace: the superset's ranks reach 9
 
 
@@ -87,6 +93,7 @@ class Trace:
     tokens: torch.Tensor  # [L] long: c_0 .. c_{L-1}
     ids: torch.Tensor  # [L, K, TOPK] long: each head's top-k at root c_i (head d guesses c_{i+d+1})
     logprobs: torch.Tensor  # [L, K, TOPK] float32: their calibrated log-probabilities (the engine's)
+    context: torch.Tensor  # [L, 2 + K] float32: the base model's top-1 log-prob and entropy there, each head's entropy
 
 
 def read_prompt_set(spec: str) -> tuple[str, list[tuple[str, list[dict]]]]:
@@ -103,26 +110,41 @@ def make_trace(model, heads, decoder: Decoder, prompt_ids: list[int], max_new_to
     """Plain greedy decoding, then one teacher-forced forward over prompt + continuation for the heads."""
     tokens = generate(decoder, prompt_ids, max_new_tokens, eos_ids=eos_ids).tokens
     P = len(prompt_ids)
-    hidden = model.forward_hidden(torch.tensor([prompt_ids + tokens]), prefix_len=0)[0]  # [P + L, D]
-    ids, logprobs = heads.topk_logprobs(hidden[P - 1: P - 1 + len(tokens)], TOPK, model.lm_head.weight)
-    return Trace(torch.tensor(tokens), ids.transpose(0, 1).contiguous(), logprobs.transpose(0, 1).contiguous())
+    hidden = model.forward_hidden(torch.tensor([prompt_ids + tokens], device=model.device), prefix_len=0)[0]
+    hidden = hidden[P - 1: P - 1 + len(tokens)]  # [L, D]: where each root c_i was predicted
+    ids, logprobs = heads.topk_logprobs(hidden, TOPK, model.lm_head.weight)
+    base = F.log_softmax(model.logits(hidden).float(), -1)  # [L, V]
+    temperatures = heads.config.temperatures()
+    head_lp = torch.stack([F.log_softmax(heads.head_logits(k, hidden, model.lm_head.weight) / t, -1)
+                           for k, t in enumerate(temperatures)])  # [K, L, V]: calibrated, as topk_logprobs
+    context = torch.cat([base.max(-1).values[:, None], entropy(base)[:, None], entropy(head_lp).T], 1)
+    return Trace(torch.tensor(tokens), ids.transpose(0, 1).contiguous().cpu(),
+                 logprobs.transpose(0, 1).contiguous().cpu(), context.cpu())
 
 
-def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Path) -> dict[str, list[Trace]]:
-    """{prompt file: its traces}, from the cache where there, else generated (and cached)."""
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Path,
+                device: str = "cpu") -> dict[str, list[Trace]]:
+    """{prompt file: its traces}, from the cache where there, else generated (and cached) on `device`, in
+    float32 with the torch kernels (on a GPU in graphed steps: minutes where a CPU takes an hour)."""
     out, model = {}, None
     for spec in specs:
         path, prompts = read_prompt_set(spec)
         cache_file = cache / f"{Path(heads_dir).name}--{Path(path).stem}--{max_new_tokens}.pt"
         cached = torch.load(cache_file) if cache_file.is_file() else {}
-        missing = [(i, messages) for i, messages in prompts if i not in cached]
+        # An entry cached before traces kept their context is traced again.
+        missing = [(i, messages) for i, messages in prompts if "context" not in cached.get(i, {})]
         if missing and model is None:
-            model, checkpoint = load_model(None, device="cpu", dtype=torch.float32)
+            kernels.set_backend("torch")
+            model, checkpoint = load_model(None, device=device, dtype=torch.float32)
             heads = load_heads_and_adapter(heads_dir, model)
             tokenizer, decoder = Tokenizer.from_dir(checkpoint), Decoder(model)
         for n, (i, messages) in enumerate(missing, 1):
             trace = make_trace(model, heads, decoder, tokenizer.encode_chat(messages), max_new_tokens, tokenizer.eos_ids)
-            cached[i] = {"tokens": trace.tokens, "ids": trace.ids, "logprobs": trace.logprobs}
+            cached[i] = vars(trace)
             print(f"  traced {Path(heads_dir).name} {path} {n}/{len(missing)} {i}: {len(trace.tokens)} tokens", flush=True)
             if n % 8 == 0 or n == len(missing):
                 cache.mkdir(parents=True, exist_ok=True)
@@ -159,6 +181,7 @@ class Positions:
 
     traces: list[Trace]
     logprobs: torch.Tensor  # [P, K, TOPK]
+    context: torch.Tensor  # [P, 2 + K]
     hit: torch.Tensor  # [P, K, TOPK] bool: the guess is the true token
     node_right: torch.Tensor  # [P, M] bool: all the superset node's guesses are right
 
@@ -176,7 +199,7 @@ class Positions:
         for d in range(superset.ranks.shape[1]):
             has = superset.ranks[:, d] >= 0
             right &= ~has | hit[:, d].gather(1, superset.ranks[:, d].clamp(min=0).expand(len(hit), -1))
-        return cls(traces, torch.cat([t.logprobs for t in traces]), hit, right)
+        return cls(traces, torch.cat([t.logprobs for t in traces]), torch.cat([t.context for t in traces]), hit, right)
 
 
 def choose(increments: torch.Tensor, superset: Superset, num_nodes: int) -> torch.Tensor:
@@ -218,7 +241,7 @@ def mean_accepted(runs: list[tuple[int, int]]) -> float:
 
 # ------------------------------------------------------------------------------------------------ rules
 
-RULES = ["static", "dynamic", "depth-bias", "conditional", "binned", "prior-ratio", "oracle", "ceiling"]
+RULES = ["static", "dynamic", "depth-bias", "conditional", "binned", "prior-ratio", "features", "oracle", "ceiling"]
 # "binned"'s log-probability bins: edges between them, ascending (bin 0 below -8, the last above -0.05)
 BIN_EDGES = [-8.0, -6.0, -5.0, -4.0, -3.5, -3.0, -2.5, -2.0, -1.6, -1.3, -1.0, -0.8, -0.6, -0.45, -0.3, -0.2, -0.1, -0.05]
 
@@ -238,8 +261,9 @@ class Rules:
         chosen[self.superset.nodes_of(tree_from_head_accuracies(self.config.rank_accuracies(), num_nodes - 1))] = True
         return chosen
 
-    def increments(self, name: str, lp: torch.Tensor, num_nodes: int) -> torch.Tensor:
-        """The rule's increments [P, K, TOPK] from the heads' calibrated log-probabilities lp [P, K, TOPK]."""
+    def increments(self, name: str, lp: torch.Tensor, context: torch.Tensor, num_nodes: int) -> torch.Tensor:
+        """The rule's increments [P, K, TOPK] from the heads' calibrated log-probabilities lp [P, K, TOPK] (and,
+        for "features", the positions' context [P, 2 + K])."""
         if name == "dynamic":
             return lp
         if name == "depth-bias":
@@ -247,6 +271,9 @@ class Rules:
         if name == "conditional":
             a, b, c = torch.tensor(self.params[name]).T[:, :, None]  # [K, 1] each
             return F.logsigmoid(a * lp + b * log1m_exp(lp) + c)
+        if name == "features":
+            w = torch.tensor(self.params[name])  # [K, F]
+            return F.logsigmoid((guess_features(lp, context) * w[:, None]).sum(-1))
         if name == "binned":
             table = torch.tensor(self.params[name]).log()  # [K, bins]
             return table[torch.arange(lp.shape[1])[:, None], torch.bucketize(lp, torch.tensor(BIN_EDGES))]
@@ -262,7 +289,7 @@ class Rules:
             return accepted(positions, positions.node_right, self.superset)
         if name == "static":
             return accepted(positions, self.static_nodes(num_nodes), self.superset)
-        chosen = choose(self.increments(name, positions.logprobs, num_nodes), self.superset, num_nodes)
+        chosen = choose(self.increments(name, positions.logprobs, positions.context, num_nodes), self.superset, num_nodes)
         return accepted(positions, chosen, self.superset)
 
     def mean_accepted(self, name: str, positions: Positions, num_nodes: int) -> float:
@@ -271,9 +298,11 @@ class Rules:
     def fit(self, tune: Positions, budgets: list[int]) -> None:
         """Every rule's parameters from the tuning positions (never the evaluation sets): the calibrations by
         likelihood, the per-N ones by the tuning set's mean accepted length."""
-        samples = [parent_right_samples(tune, self.superset, d) for d in range(tune.logprobs.shape[1])]
-        self.params["conditional"] = [fit_beta_calibration(lp, hit) for lp, hit in samples]
-        self.params["binned"] = [fit_binned(lp, hit) for lp, hit in samples]
+        samples = [parent_right_samples(tune, self.superset, d, guess_features(tune.logprobs, tune.context))
+                   for d in range(tune.logprobs.shape[1])]  # per head: (features [n, F], right [n])
+        self.params["conditional"] = [fit_beta_calibration(x[:, 0], hit) for x, hit in samples]
+        self.params["binned"] = [fit_binned(x[:, 0].contiguous(), hit) for x, hit in samples]
+        self.params["features"] = [fit_logistic(x, hit, l2=1e-3, max_iter=300) for x, hit in samples]
         self.params["mean-lp"] = tune.logprobs.mean(0).tolist()  # [K, TOPK]
         for N in budgets:
             for name, start, grid in (("depth-bias", [0.0] * len(samples), [x / 4 for x in range(-4, 13)]),
@@ -290,28 +319,47 @@ def log1m_exp(lp: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-lp.exp().clamp(max=1 - 1e-6))
 
 
-def parent_right_samples(tune: Positions, superset: Superset, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def guess_features(lp: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """What a step knows of each guess before it chooses -> [P, K, TOPK, F], the calibrated log-probability
+    first: lp, log(1 - p), the head's top-1 lp, the log of its top-TOPK mass, the previous head's top-1 lp (0
+    for head 0), the base model's top-1 lp and entropy at the root, the head's entropy, 1, the rank one-hot."""
+    P, K, R = lp.shape
+    per_guess = [lp, log1m_exp(lp), lp[:, :, :1], torch.logsumexp(lp, 2, keepdim=True),
+                 F.pad(lp[:, :-1, :1], (0, 0, 1, 0)), context[:, None, None, 0], context[:, None, None, 1],
+                 context[:, 2:, None], torch.ones(1, 1, 1)]
+    ranks = F.one_hot(torch.arange(R), R).float().expand(P, K, R, R)
+    return torch.cat([torch.stack([x.expand(P, K, R) for x in per_guess], -1), ranks], -1)
+
+
+def parent_right_samples(tune: Positions, superset: Superset, d: int,
+                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Head d's guesses that some superset node at depth d + 1 makes where its parent's guesses are all right:
-    (their log-probabilities [n], whether each is right [n]). At most one parent path is right at a position,
-    so each (position, rank) counts once."""
+    (their `values` [P, K, TOPK, ...] -> [n, ...], whether each is right [n]). At most one parent path is right
+    at a position, so each (position, rank) counts once."""
     parent_of = {tuple(p): n for n, p in enumerate(superset.paths)}
     nodes = (superset.depth == d + 1).nonzero()[:, 0]
     parents = torch.tensor([parent_of[tuple(superset.paths[n][:-1])] for n in nodes.tolist()])
     rank = superset.ranks[nodes, d]
     ok = tune.node_right[:, parents]  # [P, n]
-    return tune.logprobs[:, d][:, rank][ok], tune.hit[:, d][:, rank][ok]
+    return values[:, d][:, rank][ok], tune.hit[:, d][:, rank][ok]
 
 
 def fit_beta_calibration(lp: torch.Tensor, hit: torch.Tensor) -> list[float]:
     """(a, b, c) maximising the likelihood of P(right) = sigmoid(a log p + b log(1 - p) + c) (beta calibration,
     Kull et al. 2017: it keeps p = 0 and p = 1 where they are when a, -b > 0), by logistic regression."""
-    x = torch.stack([lp, log1m_exp(lp), torch.ones_like(lp)], 1).double()
-    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=100, line_search_fn="strong_wolfe")
+    return fit_logistic(torch.stack([lp, log1m_exp(lp), torch.ones_like(lp)], 1), hit)
+
+
+def fit_logistic(x: torch.Tensor, hit: torch.Tensor, l2: float = 0.0, max_iter: int = 100) -> list[float]:
+    """w maximising the likelihood of P(right) = sigmoid(x @ w), less l2 |w|^2, for x [n, F] (a column of ones
+    in x gives the intercept)."""
+    x = x.double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def loss():
         opt.zero_grad()
-        value = F.binary_cross_entropy_with_logits(x @ w, hit.double())
+        value = F.binary_cross_entropy_with_logits(x @ w, hit.double()) + l2 * (w * w).sum()
         value.backward()
         return value
 
@@ -390,19 +438,23 @@ def validate(heads_dir: str, spec: str, budgets: list[int], max_new_tokens: int,
 # ------------------------------------------------------------------------------------------------ main
 
 
+def traces_of(heads_dir: str, specs: list[str], args) -> dict[str, list[Trace]]:
+    return load_traces(heads_dir, specs, args.max_new_tokens, args.cache, args.trace_device)
+
+
 def evaluate(heads_dir: str, args) -> tuple[list[dict], dict]:
     """Fit the rules on the tuning sets, then each rule's mean accepted length on each evaluation set -> (rows,
     the fitted parameters)."""
     config = heads_config(heads_dir)
     superset = Superset.for_heads(config)
     rules = Rules(config, superset)
-    tune_traces = [t for ts in load_traces(heads_dir, args.tune, args.max_new_tokens, args.cache).values() for t in ts]
+    tune_traces = [t for ts in traces_of(heads_dir, args.tune, args).values() for t in ts]
     rules.fit(Positions.of(tune_traces, superset), args.budgets)
     print(f"{heads_dir}: rules fitted on {len(tune_traces)} tuning prompts: "
           f"{json.dumps({k: v for k, v in rules.params.items() if k != 'mean-lp'})}", flush=True)
     rows = []
     sets = {"tuning (in-sample)": tune_traces,
-            **{Path(p).stem: ts for p, ts in load_traces(heads_dir, args.eval, args.max_new_tokens, args.cache).items()}}
+            **{Path(p).stem: ts for p, ts in traces_of(heads_dir, args.eval, args).items()}}
     for set_name, traces in sets.items():
         positions = Positions.of(traces, superset)
         for N in args.budgets:
@@ -431,6 +483,8 @@ def main(argv=None) -> None:
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="instead: check the simulator against the engine on the first N prompts of the first --eval")
     p.add_argument("--cache", type=Path, default=Path("/tmp/nanomedusa-offline-traces"))
+    p.add_argument("--trace-device", default="cpu", help="where missing traces are made (cuda: minutes, not an hour)")
+    p.add_argument("--trace-only", action="store_true", help="instead: make and cache every set's traces, then stop")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and fitted parameters here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -439,6 +493,10 @@ def main(argv=None) -> None:
         ok = all([validate(h, spec, args.budgets, args.max_new_tokens, args.cache) for h in args.heads])
         print("simulator = engine on every prompt" if ok else "the simulator DIFFERS from the engine")
         sys.exit(0 if ok else 1)
+    if args.trace_only:
+        for heads_dir in args.heads:
+            traces_of(heads_dir, args.tune + args.eval, args)
+        return
     rows, params = [], {}
     for heads_dir in args.heads:
         heads_rows, params[heads_dir] = evaluate(heads_dir, args)

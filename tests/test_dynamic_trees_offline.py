@@ -33,7 +33,7 @@ def test_the_offline_choice_is_the_engines():
 
 def test_walk_advances_by_the_accepted_guesses_plus_the_root():
     # 6 tokens; at root positions 0, 1, 3: 2, 0, 1 guesses accepted -> steps at 0 (to 3), 3 (to 5): 2 steps.
-    trace = Trace(torch.arange(6), torch.zeros(6, 1, 1, dtype=torch.long), torch.zeros(6, 1, 1))
+    trace = Trace(torch.arange(6), torch.zeros(6, 1, 1, dtype=torch.long), torch.zeros(6, 1, 1), torch.zeros(6, 3))
     assert walk([trace], torch.tensor([2, 0, 0, 1, 0, 0])) == [(6, 2)]
     assert walk([trace, trace], torch.tensor([0] * 6 + [5, 0, 0, 0, 0, 0])) == [(6, 5), (6, 1)]
 
@@ -45,10 +45,38 @@ def test_static_and_oracle_bound_what_a_rule_accepts():
     K = superset.ranks.shape[1]
     tokens = torch.randint(0, 5, (40,), generator=generator)
     ids = torch.randint(0, 5, (40, K, 10), generator=generator)  # a vocabulary of 5: many right guesses
-    positions = Positions.of([Trace(tokens, ids, random_logprobs(40, K, 10, generator))], superset)
+    positions = Positions.of([Trace(tokens, ids, random_logprobs(40, K, 10, generator), torch.zeros(40, 2 + K))], superset)
     rules = Rules(config, superset)
     oracle = rules.accepted("oracle", positions, 16)
     for name in ("static", "dynamic"):
         got = rules.accepted(name, positions, 16)
         assert (got <= oracle).all() and (oracle <= rules.accepted("ceiling", positions, 16)).all()
     assert oracle.sum() > 0
+
+
+def test_the_features_rule_learns_what_the_context_says():
+    # Where the base model is sure (context column 0 near 0) every head's top guess is right. Elsewhere heads 1-3
+    # are wrong and head 0's first or second guess is right, half and half. 5 nodes hold either the path of 4 top
+    # guesses (right where sure) or head 0's two guesses (right elsewhere), and the heads' probabilities are
+    # noise. Fitted on these positions, "features" must take the right shape at every position (the oracle's),
+    # which neither the probabilities nor the ranks alone can: it fails when the context does not reach it.
+    config = heads_config(HEADS)
+    superset = Superset.for_heads(config)
+    superset.nodes_of([[0, 0, 0, 0], [1]])  # both are candidates
+    generator = torch.Generator().manual_seed(2)
+    K, L = superset.ranks.shape[1], 300
+    tokens = torch.randint(0, 1000, (L,), generator=generator)
+    ids = torch.randint(1000, 2000, (L, K, 10), generator=generator)  # never right
+    sure, first = torch.rand(2, L, generator=generator) < 0.5
+    future = torch.cat([tokens, torch.full((K + 1,), -1)])  # past the end: never right
+    for d in range(K):
+        ids[:, d, 0] = torch.where(sure | (d == 0) & first, future[d + 1: d + 1 + L], ids[:, d, 0])
+    ids[:, 0, 1] = torch.where(~sure & ~first, future[1: 1 + L], ids[:, 0, 1])
+    context = torch.randn(L, 2 + K, generator=generator)
+    context[:, 0] = torch.where(sure, 0.0, -4.0)
+    positions = Positions.of([Trace(tokens, ids, random_logprobs(L, K, 10, generator), context)], superset)
+    rules = Rules(config, superset)
+    rules.fit(positions, [5])
+    oracle = rules.accepted("oracle", positions, 5)
+    assert (rules.accepted("features", positions, 5) == oracle).all()
+    assert rules.accepted("dynamic", positions, 5).sum() < oracle.sum()
