@@ -18,8 +18,9 @@ same distribution. Four proposals all miss with probability (1 - q(S))^4, at mos
 Without a nucleus (top_p = 1) the first proposal is the token.
 
 Why: finding the nucleus's edge takes 31 halvings over the whole row (below), each a pass over all of it: 0.08 ms
-or more for the default model's 49,152 tokens on an H200, a tenth of a decoding step. A token kept needs about three
-passes: the row's max, its total, and the mass above the proposal (its draw walks only to the block it lies in).
+or more for the default model's 49,152 tokens on an H200, a tenth of a decoding step. A token kept needs about two and a
+half passes: the row's max and total (one pass, as online softmax computes them), the walk to the block the
+proposal's draw lies in, and the mass above the proposal.
 The uniforms come in [..., PROPOSALS + 1], drawn beforehand so that the draw replays inside a CUDA graph.
 
 The reference is that procedure in torch, proposal by proposal. The Triton kernel is one program per row, reading
@@ -110,13 +111,20 @@ def _logits(row_ptr, start, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_max(row_ptr, V, inv_temperature, BLOCK: tl.constexpr):
-    """The row's largest z = logit / temperature: the softmax's shift, so that e <= 1."""
+def _row_max_and_total(row_ptr, V, inv_temperature, kth, BLOCK: tl.constexpr):
+    """One pass: the row's largest z = logit / temperature (the softmax's shift, so that every e <= 1) and the
+    total of e over the tokens the top-k cut keeps. Online softmax: the total so far is kept against the max so
+    far, and rescaled when a block raises it, so the row is read once where a max, then a total, read it twice."""
     m = tl.full([], float("-inf"), tl.float32)
+    total = tl.full([], 0.0, tl.float32)
     for start in range(0, V, BLOCK):
         logits, _ = _logits(row_ptr, start, V, BLOCK)
-        m = tl.maximum(m, tl.max(logits * inv_temperature, axis=0))
-    return m
+        z = logits * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite logit yet (a masked start): 0, not NaN
+        total = total * tl.exp(m - shift) + tl.sum(tl.where(logits >= kth, tl.exp(z - shift), 0.0), axis=0)
+        m = m_new
+    return m, total
 
 
 @triton.jit
@@ -142,7 +150,7 @@ def _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, b, BLOCK: tl.con
 
 @triton.jit
 def _total(row_ptr, V, inv_temperature, row_max, kth, cut, BLOCK: tl.constexpr):
-    """The sum of e over the row (every pattern is above -1)."""
+    """The sum of e over the row (every pattern is above -1): the nucleus's, in the fallback."""
     return _mass_above(row_ptr, V, inv_temperature, row_max, kth, cut, -1, BLOCK)
 
 
@@ -164,21 +172,22 @@ def _smallest_bits_below(row_ptr, V, inv_temperature, row_max, kth, cut, limit, 
 def _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, cut, target, BLOCK: tl.constexpr):
     """`sample_from` on one row: the first token whose cumulative weight exceeds target (u times the total), never one
     without weight (rounding can put the draw at the very top). Walks the blocks only as far as the one the draw lies
-    in. Returns the token and its e's pattern."""
+    in, and keeps the block it stops at for the draw's place in it. Returns the token and its e's pattern."""
     run = tl.full([], 0.0, tl.float32)  # the weight of the blocks before `start`
     start = 0
     last_weighted = 0  # the start of the last block seen with any weight
-    e, _, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+    e, bits, idx = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
     s = tl.sum(e, axis=0)
     while (start + BLOCK < V) & (run + s <= target):  # the draw lies past this block
         last_weighted = tl.where(s > 0, start, last_weighted)
         run += s
         start += BLOCK
-        e, _, _ = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+        e, bits, idx = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
         s = tl.sum(e, axis=0)
     past_the_end = s == 0  # the draw rounded past the total, and the last block has no weight: take the last token
-    start = tl.where(past_the_end, last_weighted, start)  # with weight, in the last block that had any
-    e, bits, idx = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
+    if past_the_end:  # with weight, in the last block that had any (read again: this is rare)
+        start = last_weighted
+        e, bits, idx = _weights(row_ptr, start, V, inv_temperature, row_max, kth, cut, BLOCK)
     below = tl.sum((run + tl.cumsum(e, axis=0) <= target).to(tl.int32), axis=0)  # tokens wholly below the draw
     below = tl.where(past_the_end, BLOCK, below)
     token = tl.minimum(start + below, tl.max(tl.where(e > 0, idx, -1), axis=0))
@@ -191,7 +200,7 @@ def _sample_token_kernel(logits_ptr, kth_ptr, u_ptr, out_ptr, stride_row, V, inv
                          PDL: tl.constexpr):
     """Program r: out[r] = row r's token. logits [R, V] (row stride stride_row), kth [R] float32 (TOP_K: the row's
     k-th largest logit), u [R, PROPOSALS + 1], out [R] int64. The row is read BLOCK tokens at a time,
-    in passes: its max, its total, each proposal's walk to its draw and the mass above it, and only if every
+    in passes: its max and total (one pass), each proposal's walk to its draw and the mass above it, and only if every
     proposal misses, the nucleus's edge (bisection) and a draw from the nucleus."""
     wait_for_previous_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -200,8 +209,7 @@ def _sample_token_kernel(logits_ptr, kth_ptr, u_ptr, out_ptr, stride_row, V, inv
     kth = float("-inf")  # no top-k cut
     if TOP_K:
         kth = tl.load(kth_ptr + row)
-    row_max = _row_max(row_ptr, V, inv_temperature, BLOCK)
-    total = _total(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, BLOCK)
+    row_max, total = _row_max_and_total(row_ptr, V, inv_temperature, kth, BLOCK)
     token, bits_x = _inverse_cdf(row_ptr, V, inv_temperature, row_max, kth, NO_CUT, tl.load(u_row) * total, BLOCK)
     if TOP_P:
         limit = top_p * total  # the nucleus: tokens with less than this strictly above them
