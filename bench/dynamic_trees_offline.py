@@ -29,8 +29,8 @@ step's +1). Guesses past the end of c are counted wrong: a step reaching them en
 Node-scoring rules. A rule maps the heads' calibrated log-probabilities [K, k] ("features": and the step's
 context) to per-guess increments <= 0; a node's score is the sum of its path's increments and the N best
 superset nodes are verified (ties to the smaller node index), so the chosen nodes always form a tree
-(dynamic_tree.py's argument). Each rule is one
-elementwise transform of the log-probabilities before `DynamicTree.choose`, from a small table:
+(dynamic_tree.py's argument). Each rule turns the log-probabilities (and "features" the context too) into
+increments before `DynamicTree.choose`, from a small table:
 
   static         the heads' static tree of N nodes (`tree_from_head_accuracies`), the baseline
   dynamic        the shipped rule: increment = lp, the calibrated log-probability (`DynamicTree.choose` as it is)
@@ -52,7 +52,9 @@ elementwise transform of the log-probabilities before `DynamicTree.choose`, from
 
 Traces are cached under --cache (per heads, prompt file, prompt id and --max-new-tokens): a full run generates
 about 35k tokens per heads once, over an hour on a CPU, a few minutes on a GPU (`--trace-device cuda
---trace-only`, then copy the cache back); later runs only simulate.
+--trace-only`, then copy the cache back); later runs only simulate. The cache does not record where a trace was
+made: a GPU's float32 can break a near tie of two tokens otherwise than a CPU's, so `--validate` (which checks the
+simulator against the CPU engine) is worth running on GPU-made traces.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def make_trace(model, heads, decoder: Decoder, prompt_ids: list[int], max_new_to
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    return -(logprobs.exp() * logprobs).sum(-1)
+    """[..., V] log-probabilities -> [...] entropies in nats (a token of probability 0 adds 0, not NaN)."""
+    return torch.special.entr(logprobs.exp()).sum(-1)
 
 
 def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Path,
@@ -298,7 +301,8 @@ class Rules:
     def fit(self, tune: Positions, budgets: list[int]) -> None:
         """Every rule's parameters from the tuning positions (never the evaluation sets): the calibrations by
         likelihood, the per-N ones by the tuning set's mean accepted length."""
-        samples = [parent_right_samples(tune, self.superset, d, guess_features(tune.logprobs, tune.context))
+        features = guess_features(tune.logprobs, tune.context)  # [P, K, TOPK, F]
+        samples = [parent_right_samples(tune, self.superset, d, features)
                    for d in range(tune.logprobs.shape[1])]  # per head: (features [n, F], right [n])
         self.params["conditional"] = [fit_beta_calibration(x[:, 0], hit) for x, hit in samples]
         self.params["binned"] = [fit_binned(x[:, 0].contiguous(), hit) for x, hit in samples]
@@ -322,11 +326,12 @@ def log1m_exp(lp: torch.Tensor) -> torch.Tensor:
 def guess_features(lp: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """What a step knows of each guess before it chooses -> [P, K, TOPK, F], the calibrated log-probability
     first: lp, log(1 - p), the head's top-1 lp, the log of its top-TOPK mass, the previous head's top-1 lp (0
-    for head 0), the base model's top-1 lp and entropy at the root, the head's entropy, 1, the rank one-hot."""
+    for head 0), the base model's top-1 lp and entropy at the root, the head's entropy, and the rank one-hot
+    (which also gives the intercept: its columns sum to 1)."""
     P, K, R = lp.shape
     per_guess = [lp, log1m_exp(lp), lp[:, :, :1], torch.logsumexp(lp, 2, keepdim=True),
                  F.pad(lp[:, :-1, :1], (0, 0, 1, 0)), context[:, None, None, 0], context[:, None, None, 1],
-                 context[:, 2:, None], torch.ones(1, 1, 1)]
+                 context[:, 2:, None]]
     ranks = F.one_hot(torch.arange(R), R).float().expand(P, K, R, R)
     return torch.cat([torch.stack([x.expand(P, K, R) for x in per_guess], -1), ranks], -1)
 
@@ -351,8 +356,8 @@ def fit_beta_calibration(lp: torch.Tensor, hit: torch.Tensor) -> list[float]:
 
 
 def fit_logistic(x: torch.Tensor, hit: torch.Tensor, l2: float = 0.0, max_iter: int = 100) -> list[float]:
-    """w maximising the likelihood of P(right) = sigmoid(x @ w), less l2 |w|^2, for x [n, F] (a column of ones
-    in x gives the intercept)."""
+    """w maximising the likelihood of P(right) = sigmoid(x @ w), less l2 |w|^2, for x [n, F] (columns of x that
+    sum to 1 give the intercept)."""
     x = x.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -439,6 +444,7 @@ def validate(heads_dir: str, spec: str, budgets: list[int], max_new_tokens: int,
 
 
 def traces_of(heads_dir: str, specs: list[str], args) -> dict[str, list[Trace]]:
+    """`load_traces` with the command line's settings."""
     return load_traces(heads_dir, specs, args.max_new_tokens, args.cache, args.trace_device)
 
 
@@ -483,7 +489,7 @@ def main(argv=None) -> None:
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="instead: check the simulator against the engine on the first N prompts of the first --eval")
     p.add_argument("--cache", type=Path, default=Path("/tmp/nanomedusa-offline-traces"))
-    p.add_argument("--trace-device", default="cpu", help="where missing traces are made (cuda: minutes, not an hour)")
+    p.add_argument("--trace-device", default="cpu", help="where missing traces are made (cuda: minutes, not an hour; see the module docstring)")
     p.add_argument("--trace-only", action="store_true", help="instead: make and cache every set's traces, then stop")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and fitted parameters here")
     args = p.parse_args(argv)

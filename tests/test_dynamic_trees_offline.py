@@ -62,7 +62,7 @@ def test_the_features_rule_learns_what_the_context_says():
     # which neither the probabilities nor the ranks alone can: it fails when the context does not reach it.
     config = heads_config(HEADS)
     superset = Superset.for_heads(config)
-    superset.nodes_of([[0, 0, 0, 0], [1]])  # both are candidates
+    assert len(superset.nodes_of([[0, 0, 0, 0], [1]])) == 2  # both are candidates (nodes_of raises otherwise)
     generator = torch.Generator().manual_seed(2)
     K, L = superset.ranks.shape[1], 300
     tokens = torch.randint(0, 1000, (L,), generator=generator)
