@@ -20,27 +20,36 @@ def uniforms(shape, seed=0):
     return torch.rand((*shape, PROPOSALS + 1), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
-def assert_same_draws(got, logits, temperature, top_k, top_p, u, nudge=1e-5):
+def random_logits(*shape, seed=0):
+    """Logits of spread 3, the same on every run and device (made on the CPU)."""
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to(DEVICE)
+
+
+NUDGES = [sign * 10.0**-e for e in (7, 6, 5) for sign in (-1, 1)]
+
+
+def assert_same_draws(got, logits, temperature, top_k, top_p, u):
     """got must be the reference's draws token for token, except where rounding decides: the kernel sums a row in
     another order than the reference's float32 cumsum (off by up to about 1e-6 of the total over thousands of
     tokens), so a uniform that close to the boundary between two tokens can pick either. A row that differs must
-    therefore lie between what the reference draws with its uniforms moved by `nudge` down and up (a token's
-    place in the CDF is its id's order). On random rows of 3,000 tokens about 1 in 1,000 differs so; a wrong
-    kernel lands far outside a nudge."""
-    want = sample_token_reference(logits, temperature, top_k, top_p, u)
+    be what the reference draws with its uniforms moved by one of NUDGES (up to 1e-5), or, without a nucleus
+    (the first proposal is the token, and a token's place in the CDF is its id's order), lie between those draws.
+    At most 1 row in 50 may differ (at least 2): on random rows of 3,000 tokens about 1 in 1,000 does."""
+    want = sample_token_reference(logits, temperature, top_k, top_p, u).reshape(-1)
     V = logits.shape[-1]
     got_rows, rows, u_rows = got.reshape(-1), logits.reshape(-1, V), u.reshape(-1, PROPOSALS + 1)
-    for r in (got_rows != want.reshape(-1)).nonzero()[:, 0].tolist():
-        low, high = (sample_token_reference(rows[r], temperature, top_k, top_p, (u_rows[r] + d).clamp(0, 1 - 2**-24))
-                     for d in (-nudge, nudge))
-        assert low <= got_rows[r] <= high, (r, got_rows[r].item(), want.reshape(-1)[r].item(), low.item(), high.item())
-
-
+    differ = (got_rows != want).nonzero()[:, 0].tolist()
+    assert len(differ) <= max(2, len(want) // 50), (len(differ), len(want))
+    for r in differ:
+        near = [sample_token_reference(rows[r], temperature, top_k, top_p, (u_rows[r] + d).clamp(0, 1 - 2**-24)).item()
+                for d in NUDGES]
+        token = got_rows[r].item()
+        assert token in near or (top_p >= 1.0 and min(near) <= token <= max(near)), (r, token, want[r].item(), near)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1000), (40, 3000), (3, 2, 777)])
 @pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
 def test_matches_reference(shape, dtype, temperature, top_k, top_p):
-    logits = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    logits = random_logits(*shape).to(dtype)
     u = uniforms(shape[:-1])
     got = sample_token_triton(logits, temperature, top_k, top_p, u)
     assert got.shape == shape[:-1] and got.dtype == torch.long
@@ -52,7 +61,7 @@ def test_matches_reference_block_by_block(temperature, top_k, top_p):
     # Blocks of 64 tokens: every pass walks 16 of them, the draw stops in whichever its uniform lands, and the
     # row's last block is partly past V. A masked run of blocks (-inf) has no weight for the walk to stop in, and
     # where a row starts with one, the max-and-total pass starts with blocks of no finite logit.
-    logits = torch.randn(4, 1000, device=DEVICE) * 3
+    logits = random_logits(4, 1000, seed=1)
     logits[1, 128:512] = float("-inf")
     logits[2, :200] = float("-inf")
     u = uniforms((4,), seed=3)
@@ -66,7 +75,7 @@ def test_a_draw_at_the_very_top_takes_the_last_token_with_weight(top_k, top_p):
     # can round apart): the walk passes every block, and the row's last blocks have no weight (-inf), so it must
     # step back to the last block that has some, as sample_from's clamp does. (At top-p 0.9 the proposal, the
     # row's last token, usually misses, and the fallback draws the same way.)
-    logits = torch.randn(4, 1000, device=DEVICE) * 3
+    logits = random_logits(4, 1000, seed=2)
     logits[:, 600:] = float("-inf")
     u = torch.full((4, PROPOSALS + 1), 1.001, device=DEVICE)
     got = sample_token_triton(logits, 0.7, top_k, top_p, u, block=64)
@@ -75,7 +84,7 @@ def test_a_draw_at_the_very_top_takes_the_last_token_with_weight(top_k, top_p):
 
 
 def test_a_strided_row_and_minus_infinity():
-    logits = torch.randn(8, 2 * 40_000, device=DEVICE)[:, :40_000] * 4  # [8, 40000], row stride 80000
+    logits = random_logits(8, 2 * 40_000, seed=3)[:, :40_000] * 4 / 3  # [8, 40000], row stride 80000
     logits[:, ::3] = float("-inf")  # e.g. a vocabulary mask
     u = uniforms((8,))
     got = sample_token_triton(logits, 0.7, 0, 0.95, u)
