@@ -292,7 +292,8 @@ class Rules:
             return accepted(positions, positions.node_right, self.superset)
         if name == "static":
             return accepted(positions, self.static_nodes(num_nodes), self.superset)
-        chosen = choose(self.increments(name, positions.logprobs, positions.context, num_nodes), self.superset, num_nodes)
+        increments = self.increments(name, positions.logprobs, positions.context, num_nodes)
+        chosen = choose(increments, self.superset, num_nodes)
         return accepted(positions, chosen, self.superset)
 
     def mean_accepted(self, name: str, positions: Positions, num_nodes: int) -> float:
@@ -489,7 +490,8 @@ def main(argv=None) -> None:
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="instead: check the simulator against the engine on the first N prompts of the first --eval")
     p.add_argument("--cache", type=Path, default=Path("/tmp/nanomedusa-offline-traces"))
-    p.add_argument("--trace-device", default="cpu", help="where missing traces are made (cuda: minutes, not an hour; see the module docstring)")
+    p.add_argument("--trace-device", default="cpu",
+                   help="where missing traces are made (cuda: minutes, not an hour; see the module docstring)")
     p.add_argument("--trace-only", action="store_true", help="instead: make and cache every set's traces, then stop")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and fitted parameters here")
     args = p.parse_args(argv)

@@ -45,7 +45,8 @@ def test_static_and_oracle_bound_what_a_rule_accepts():
     K = superset.ranks.shape[1]
     tokens = torch.randint(0, 5, (40,), generator=generator)
     ids = torch.randint(0, 5, (40, K, 10), generator=generator)  # a vocabulary of 5: many right guesses
-    positions = Positions.of([Trace(tokens, ids, random_logprobs(40, K, 10, generator), torch.zeros(40, 2 + K))], superset)
+    trace = Trace(tokens, ids, random_logprobs(40, K, 10, generator), torch.zeros(40, 2 + K))
+    positions = Positions.of([trace], superset)
     rules = Rules(config, superset)
     oracle = rules.accepted("oracle", positions, 16)
     for name in ("static", "dynamic"):

@@ -45,6 +45,8 @@ def assert_same_draws(got, logits, temperature, top_k, top_p, u):
                 for d in NUDGES]
         token = got_rows[r].item()
         assert token in near or (top_p >= 1.0 and min(near) <= token <= max(near)), (r, token, want[r].item(), near)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1000), (40, 3000), (3, 2, 777)])
 @pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
