@@ -115,7 +115,7 @@ def make_trace(model, heads, decoder: Decoder, prompt_ids: list[int], max_new_to
     hidden = model.forward_hidden(torch.tensor([prompt_ids + tokens], device=model.device), prefix_len=0)[0]
     hidden = hidden[P - 1: P - 1 + len(tokens)]  # [L, D]: where each root c_i was predicted
     ids, logprobs = heads.topk_logprobs(hidden, TOPK, model.lm_head.weight)
-    base = F.log_softmax(model.logits(hidden).float(), -1)  # [L, V]
+    base = F.log_softmax(model.logits(hidden), -1)  # [L, V] (model.logits is float32)
     temperatures = heads.config.temperatures()
     head_lp = torch.stack([F.log_softmax(heads.head_logits(k, hidden, model.lm_head.weight) / t, -1)
                            for k, t in enumerate(temperatures)])  # [K, L, V]: calibrated, as topk_logprobs

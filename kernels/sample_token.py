@@ -18,10 +18,10 @@ same distribution. Four proposals all miss with probability (1 - q(S))^4, at mos
 Without a nucleus (top_p = 1) the first proposal is the token.
 
 Why: finding the nucleus's edge takes 31 halvings over the whole row (below), each a pass over all of it: 0.08 ms
-or more for the default model's 49,152 tokens on an H200, a tenth of a decoding step. A token kept needs about two and a
-half passes: the row's max and total (one pass, as online softmax computes them), the walk to the block the
-proposal's draw lies in, and the mass above the proposal.
-The uniforms come in [..., PROPOSALS + 1], drawn beforehand so that the draw replays inside a CUDA graph.
+or more for the default model's 49,152 tokens on an H200, a tenth of a decoding step. A token kept needs about
+two and a half passes: the row's max and total (one pass, as online softmax computes them), the walk to the block
+the proposal's draw lies in, and the mass above the proposal. The uniforms come in [..., PROPOSALS + 1], drawn
+beforehand so that the draw replays inside a CUDA graph.
 
 The reference is that procedure in torch, proposal by proposal. The Triton kernel is one program per row, reading
 the row BLOCK tokens at a time in every pass (the row stays in the L2 between passes, and a block fits in

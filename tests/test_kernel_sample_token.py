@@ -86,7 +86,8 @@ def test_a_draw_at_the_very_top_takes_the_last_token_with_weight(top_k, top_p):
 
 
 def test_a_strided_row_and_minus_infinity():
-    logits = random_logits(8, 2 * 40_000, seed=3)[:, :40_000] * 4 / 3  # [8, 40000], row stride 80000
+    logits = (random_logits(8, 2 * 40_000, seed=3) * 4 / 3)[:, :40_000]  # [8, 40000], row stride 80000
+    assert logits.stride(0) == 2 * 40_000  # a view: scaling after slicing would copy the rows together
     logits[:, ::3] = float("-inf")  # e.g. a vocabulary mask
     u = uniforms((8,))
     got = sample_token_triton(logits, 0.7, 0, 0.95, u)
