@@ -2,6 +2,7 @@
 # Everything this project reports from a GPU, one stage per call (each fits a 10-minute slot):
 #
 #   bash bench/gpu_run.sh kernels   # kernel tests on CUDA (bf16 included; --exact's and dynamic trees' too), kernel benchmark tables
+#   bash bench/gpu_run.sh kernel-tests  # those tests alone
 #   bash bench/gpu_run.sh distill   # the default model answers the chat and the math prompts (self-distillation)
 #   bash bench/gpu_run.sh warmup    # Medusa-1 heads on those answers, then their tree from head accuracies
 #   bash bench/gpu_run.sh sizes     # step time against tree size, then the warm-up heads' tree sized to it
@@ -22,7 +23,9 @@
 # with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N prompts of
 # each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
-# JOINT_STEPS (default 500), BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench),
+# JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files, default the kernels', --exact's
+# and dynamic trees', and how many pytest processes run them at once, default 4),
+# BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench),
 # TRIM (--trim: drop the heads deeper than the tuned tree), and for the exact stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
 # and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES
 # and PATH_DEPTH (their tree: 31 paths, 3 heads deep)
@@ -54,10 +57,32 @@ tune_tree() {  # HEADS_DIR NAME
         ${STEP_TIMES_FLAG:-} --write ${TRIM:-} 2>&1 | tee "$OUT/$2_tree.log"
 }
 
+# pytest over the files given, in KERNEL_JOBS (4) processes at once, files dealt round-robin: on a GPU compiling
+# each test's kernels dominates (one CPU core a process; the kernel tests alone ran past 7 minutes in one), and
+# the GPU has room for all. Prints each group's log in turn; fails if any group failed.
+kernel_tests() {  # FILE...
+    local jobs=${KERNEL_JOBS:-4} files=("$@") logs=() pids=() failed=0 j i
+    for ((j = 0; j < jobs && j < ${#files[@]}; j++)); do
+        local group=()
+        for ((i = j; i < ${#files[@]}; i += jobs)); do group+=("${files[i]}"); done
+        logs+=("$(mktemp)")
+        python -m pytest -q -p no:cacheprovider "${group[@]}" > "${logs[j]}" 2>&1 &
+        pids+=($!)
+    done
+    for j in "${!pids[@]}"; do
+        wait "${pids[j]}" || failed=1
+        cat "${logs[j]}"
+        rm -f "${logs[j]}"
+    done
+    return $failed
+}
+
 case "${1:-}" in
-  kernels)
-    python -m pytest -q -p no:cacheprovider tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py 2>&1 \
+  kernels|kernel-tests)
+    # unquoted: KERNEL_TESTS is a list of files, and the default a glob
+    kernel_tests ${KERNEL_TESTS:-tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py} \
         | tee "$OUT/kernel_tests.log"
+    [ "$1" = kernel-tests ] && exit 0
     python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
     python -m bench.tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
     python -m bench.linear_tma --json "$OUT/linear-tma.json" 2>&1 | tee "$OUT/linear-tma.txt"
@@ -161,7 +186,7 @@ case "${1:-}" in
         --json "$OUT/feature-draft-probe.json" ${DRAFT_FLAGS:-} 2>&1 | tee -a "$OUT/draft-probe.log"
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh kernels|distill|warmup|sizes|joint|bench|exact|path|path-bench|draft-probe" >&2
+    echo "usage: bash bench/gpu_run.sh kernels|kernel-tests|distill|warmup|sizes|joint|bench|exact|path|path-bench|draft-probe" >&2
     exit 2
     ;;
 esac

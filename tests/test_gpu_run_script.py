@@ -83,3 +83,25 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     probe = json.loads((work / "out" / "feature-draft-probe.json").read_text())
     assert len(probe["draft_acc"]) == 2 and len(probe["heads_acc"]) >= 1 and len(probe["losses"]) == 2
     assert [r["paths"] for r in probe["trees"]] == [2, 3]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_kernel_tests_run_in_parallel_groups_and_a_failing_group_fails_the_stage(tmp_path):
+    # KERNEL_JOBS pytest processes, the files dealt round-robin: 2 jobs over a, b, c, d run [a, c] and [b, d].
+    tests = {"a": "def test_a():\n    pass\n", "c": "def test_c():\n    pass\n",
+             "b": "import pytest\n\n@pytest.mark.parametrize('i', range(3))\ndef test_b(i):\n    pass\n",
+             "d": "def test_d():\n    assert False\n"}
+    for name, text in tests.items():
+        (tmp_path / f"test_{name}.py").write_text(text)
+    env = {**os.environ, "WORK": str(tmp_path / "work"), "KERNEL_JOBS": "2"}
+
+    def stage(*names):
+        files = " ".join(str(tmp_path / f"test_{n}.py") for n in names)
+        proc = subprocess.run(["bash", "bench/gpu_run.sh", "kernel-tests"], cwd=REPO, env={**env, "KERNEL_TESTS": files},
+                              capture_output=True, text=True)
+        log = (tmp_path / "work" / "out" / "kernel_tests.log").read_text()
+        return proc.returncode, [line.split(" in ")[0] for line in log.splitlines() if " passed in " in line]
+
+    assert stage("a", "b", "c") == (0, ["2 passed", "3 passed"])  # [a, c] and [b], each group's log in turn
+    rc, summaries = stage("a", "b", "c", "d")
+    assert rc != 0 and summaries == ["2 passed", "1 failed, 3 passed"]  # [b, d] failed, and so did the stage
