@@ -58,21 +58,25 @@ tune_tree() {  # HEADS_DIR NAME
 }
 
 # pytest over the files given, in KERNEL_JOBS (4) processes at once, files dealt round-robin: on a GPU compiling
-# each test's kernels dominates (one CPU core a process; the kernel tests alone ran past 7 minutes in one), and
-# the GPU has room for all. Prints each group's log in turn; fails if any group failed.
+# each test's kernels dominates (one CPU core a process; the kernel tests alone ran past 7 minutes in one). Each
+# group writes $OUT/kernel_tests.N.log as it goes (what finished survives a timeout); then prints those logs in
+# turn, and fails if any group failed.
 kernel_tests() {  # FILE...
-    local jobs=${KERNEL_JOBS:-4} files=("$@") logs=() pids=() failed=0 j i
+    local jobs=${KERNEL_JOBS:-4} files=("$@") pids=() failed=0 j i
+    if ! [[ $jobs =~ ^[1-9][0-9]*$ ]] || [ ${#files[@]} -eq 0 ]; then
+        echo "kernel_tests: KERNEL_JOBS must be 1 or more (it is '$jobs') and KERNEL_TESTS name files" >&2
+        return 2
+    fi
+    rm -f "$OUT"/kernel_tests.[0-9]*.log  # an earlier run's, perhaps with more groups
     for ((j = 0; j < jobs && j < ${#files[@]}; j++)); do
         local group=()
         for ((i = j; i < ${#files[@]}; i += jobs)); do group+=("${files[i]}"); done
-        logs+=("$(mktemp)")
-        python -m pytest -q -p no:cacheprovider "${group[@]}" > "${logs[j]}" 2>&1 &
+        python -m pytest -q -p no:cacheprovider "${group[@]}" > "$OUT/kernel_tests.$j.log" 2>&1 &
         pids+=($!)
     done
     for j in "${!pids[@]}"; do
         wait "${pids[j]}" || failed=1
-        cat "${logs[j]}"
-        rm -f "${logs[j]}"
+        cat "$OUT/kernel_tests.$j.log"
     done
     return $failed
 }
@@ -81,7 +85,7 @@ case "${1:-}" in
   kernels|kernel-tests)
     # unquoted: KERNEL_TESTS is a list of files, and the default a glob
     kernel_tests ${KERNEL_TESTS:-tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py} \
-        | tee "$OUT/kernel_tests.log"
+        2>&1 | tee "$OUT/kernel_tests.log"
     [ "$1" = kernel-tests ] && exit 0
     python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
     python -m bench.tree_attention --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/bench_tree_attention.txt"
@@ -186,7 +190,8 @@ case "${1:-}" in
         --json "$OUT/feature-draft-probe.json" ${DRAFT_FLAGS:-} 2>&1 | tee -a "$OUT/draft-probe.log"
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh kernels|kernel-tests|distill|warmup|sizes|joint|bench|exact|path|path-bench|draft-probe" >&2
+    echo "usage: bash bench/gpu_run.sh STAGE, STAGE one of kernels kernel-tests distill warmup sizes joint bench" \
+         "exact path path-bench draft-probe" >&2
     exit 2
     ;;
 esac

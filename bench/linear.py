@@ -488,7 +488,7 @@ def main(argv=None) -> int:
             raise SystemExit("the smoke run on CPU needs Triton's interpreter: "
                              "TRITON_INTERPRET=1 python -m bench.linear --smoke")
         dtype, matrices, rows, grid, splits = torch.float32, SMOKE_MATRICES, SMOKE_ROWS, SMOKE_SWEEP, SMOKE_SPLITS
-        table_reps = sweep_reps = TABLE_REPS  # unused: the smoke times one eager call
+        table_reps = sweep_reps = TABLE_REPS  # used on a GPU only: on a CPU the smoke times one eager call
         tree_block_ns, smem = SMOKE_TREE_BLOCK_N, 1 << 30
     else:
         if not torch.cuda.is_available():
@@ -502,7 +502,9 @@ def main(argv=None) -> int:
         tree_block_ns = TREE_BLOCK_N
     results = {"benchmark": "linear", "mode": "smoke" if args.smoke else "full", **metadata(args, device, dtype),
                "method": "µs per call = median over samples of back-to-back CUDA-graph replays (calls cycling "
-                         "through weight copies that outsize the L2) / calls per graph; GB/s = weight bytes / time"}
+                         "through weight copies that outsize the L2) / calls per graph; GB/s = weight bytes / time"
+                         if not args.smoke else "smoke (checks the path, not the speed): on a CPU one eager call, "
+                         "on a GPU CUDA-graph replays of one weight copy"}
     torch.manual_seed(0)
     try:
         with torch.no_grad():

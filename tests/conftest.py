@@ -30,8 +30,9 @@ def restore_kernel_backend():
 
 @pytest.fixture(autouse=True)
 def seeded_random_numbers():
-    """Every test starts from the same global random state, so its random inputs do not depend on which tests ran
-    before it: a test that passes keeps passing, alone or in the whole suite, and a failure reproduces with `-k`."""
+    """torch's global random state is the same at the start of every test, so a test's random inputs do not depend
+    on which tests ran before it: run alone (`-k`) or in the whole suite, it draws the same numbers. (A module-scoped
+    fixture runs before this one: it seeds itself where it draws.)"""
     torch.manual_seed(0)
 
 
