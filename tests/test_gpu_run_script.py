@@ -109,9 +109,9 @@ def test_kernel_tests_run_in_parallel_groups_and_a_failing_group_fails_the_stage
         summaries = [line.split(" in ")[0] for line in log.read_text().splitlines() if " passed in " in line]
         return proc.returncode, summaries, proc.stdout + proc.stderr
 
-    rc, summaries, err = stage("a", "b", "c")
-    assert (rc, summaries) == (0, ["2 passed", "3 passed"]), err  # [a, c] and [b], each group's log in turn
-    rc, summaries, err = stage("a", "b", "c", "d")
-    assert rc != 0 and summaries == ["2 passed", "1 failed, 3 passed"], err  # [b, d] failed, so did the stage
+    rc, summaries, output = stage("a", "b", "c")
+    assert (rc, summaries) == (0, ["2 passed", "3 passed"]), output  # [a, c] and [b], each group's log in turn
+    rc, summaries, output = stage("a", "b", "c", "d")
+    assert rc != 0 and summaries == ["2 passed", "1 failed, 3 passed"], output  # [b, d] failed, so did the stage
     rc, summaries, output = stage("c", jobs="0")
     assert rc != 0 and summaries == [] and "KERNEL_JOBS must be 1 or more" in log.read_text(), output
