@@ -13,16 +13,24 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
     python -m bench.linear             the row-invariant linear kernel (--exact) against cuBLAS per matrix of
                                        7B and SmolLM2 shapes at 1, 16 and 64 rows (--sweep: its tile configs;
                                        --sweep-tree: tiles for the tree step with the decode step's bits)
+    python -m bench.linear_tma         the linear kernel's tree-step tiles loaded by the TMA against per-thread
+                                       loads, per matrix (Hopper)
     python -m bench.step_profile       a 7B-shaped decode and tree step: their times with cuBLAS, with the
                                        row-invariant kernels, with and without programmatic dependent launch,
                                        and each kernel's share of one step
     python -m bench.ab_steps           a code change's A/B: git revisions exported beside the working tree
                                        (`export`), their graphed steps timed in alternation on one machine (`run`)
     python -m bench.ab_decode          the same A/B end to end: bench.decode from each version's code, alternated
+    python -m bench.body_chunks        the row-invariant tree attention's body chunking swept on graphed steps,
+                                       beside a version of the code without it (an ab_steps export)
     python -m bench.dynamic_trees      static against dynamic trees (--tree dynamic) at equal node budgets:
                                        accepted length, step time, tokens/s, the choice's own time
     python -m bench.dynamic_trees_offline  the same comparison's accepted lengths exactly, by a greedy simulator
                                        on a CPU, and other node-scoring rules (no timing)
+    python -m bench.proposal_cost      what a tree's proposal costs a step: static trees against dynamic trees
+                                       over supersets of several sizes, and the kernels behind each
+    python -m bench.sampling_cost      what lossless sampling's acceptance costs a step against typical
+                                       acceptance, per tree size, and plain sampling's draw against argmax
     python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's
                                        path) against the shipped ones: held-out accuracy, offline (CPU)
     python -m bench.feature_draft_probe  an EAGLE-style draft (one decoder layer over the base model's features)
