@@ -34,6 +34,13 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path, ref, ours
 
 
+@pytest.fixture(autouse=True)
+def no_cache_attached(checkpoint):
+    """Each test gets the module's shared model with no KV cache attached, whichever test ran before it: a Decoder
+    leaves its cache on the model (a chat's next turn reuses it), and every forward of a model with a cache uses it."""
+    checkpoint[3].kv_cache = None
+
+
 def test_logits_match_transformers(checkpoint):
     name, path, ref, ours = checkpoint
     if name == "sharded":
@@ -54,7 +61,6 @@ def test_cached_decode_equals_full_forward(checkpoint):
         pieces = [ours(tokens[:, :7], prefix_len=0)]  # prefill 7, then one token at a time
         for t in range(7, 19):
             pieces.append(ours(tokens[:, t:t + 1], prefix_len=t))
-        ours.kv_cache = None
     assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-5
 
 
