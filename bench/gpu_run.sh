@@ -24,7 +24,7 @@
 # each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
 # under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
 # JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files, default the kernels', --exact's
-# and dynamic trees', and how many pytest processes run them at once, default 4),
+# and dynamic trees', and how many pytest processes run them at once, one file each, default 4),
 # BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench),
 # TRIM (--trim: drop the heads deeper than the tuned tree), and for the exact stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
 # and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES
@@ -57,34 +57,28 @@ tune_tree() {  # HEADS_DIR NAME
         ${STEP_TIMES_FLAG:-} --write ${TRIM:-} 2>&1 | tee "$OUT/$2_tree.log"
 }
 
-# pytest over the files given, in KERNEL_JOBS (4) processes at once, files dealt round-robin: on a GPU compiling
-# each test's kernels dominates (one CPU core a process; the kernel tests alone ran past 7 minutes in one). Each
-# group writes $OUT/kernel_tests.N.log as it goes (what finished survives a timeout); then prints those logs in
-# turn, and fails if any group failed.
+# pytest over the files given, one process per file, KERNEL_JOBS (4) at a time, each slot taking the next file when
+# its last one ends (xargs -P): on a GPU compiling each test's kernels dominates (one CPU core a process; the kernel
+# tests alone ran past 7 minutes in one), and a queue keeps the slots busy however unevenly the files' times fall,
+# so list the slow files first. File i writes $OUT/kernel_tests.i.log as it goes (what finished survives a
+# timeout); then the logs are printed in the files' order, and the stage fails if any file failed.
 kernel_tests() {  # FILE...
-    local jobs=${KERNEL_JOBS:-4} files=("$@") pids=() failed=0 j i
+    local jobs=${KERNEL_JOBS:-4} files=("$@") failed=0 i
     if ! [[ $jobs =~ ^[1-9][0-9]*$ ]] || [ ${#files[@]} -eq 0 ]; then
         echo "kernel_tests: KERNEL_JOBS must be 1 or more (it is '$jobs') and KERNEL_TESTS name files" >&2
         return 2
     fi
-    rm -f "$OUT"/kernel_tests.[0-9]*.log  # an earlier run's, perhaps with more groups
-    for ((j = 0; j < jobs && j < ${#files[@]}; j++)); do
-        local group=()
-        for ((i = j; i < ${#files[@]}; i += jobs)); do group+=("${files[i]}"); done
-        python -m pytest -q -p no:cacheprovider "${group[@]}" > "$OUT/kernel_tests.$j.log" 2>&1 &
-        pids+=($!)
-    done
-    for j in "${!pids[@]}"; do
-        wait "${pids[j]}" || failed=1
-        cat "$OUT/kernel_tests.$j.log"
-    done
+    rm -f "$OUT"/kernel_tests.[0-9]*.log  # an earlier run's, perhaps of more files
+    for i in "${!files[@]}"; do printf '%s\0%s\0' "${files[i]}" "$OUT/kernel_tests.$i.log"; done \
+        | xargs -0 -n 2 -P "$jobs" sh -c 'python -m pytest -q -p no:cacheprovider "$0" > "$1" 2>&1' || failed=1
+    for i in "${!files[@]}"; do [ -f "$OUT/kernel_tests.$i.log" ] && cat "$OUT/kernel_tests.$i.log"; done
     return $failed
 }
 
 case "${1:-}" in
   kernels|kernel-tests)
-    # unquoted: KERNEL_TESTS is a list of files, and the default a glob
-    kernel_tests ${KERNEL_TESTS:-tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py} \
+    # unquoted: KERNEL_TESTS is a list of files; the default lists the largest first (more tests, more compiling)
+    kernel_tests ${KERNEL_TESTS:-$(ls -S tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py)} \
         2>&1 | tee "$OUT/kernel_tests.log"
     [ "$1" = kernel-tests ] && exit 0
     python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
