@@ -102,12 +102,14 @@ def default_heads_dir(args, device: torch.device) -> Path | None:
 
 
 def load_heads(args, model):
-    if args.no_medusa and not args.compare:
-        return None, None
-    path = args.medusa or default_heads_dir(args, model.device)
+    path = None if args.no_medusa and not args.compare else args.medusa or default_heads_dir(args, model.device)
     if path is None:
         if args.compare:
             raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
+        given = [flag for flag, value in (("--tree", args.tree), ("--accept", args.accept)) if value is not None]
+        if given:  # not an error: the CPU's default (plain decoding) should not refuse a GPU's command line
+            print(f"[note] {' and '.join(given)} apply to Medusa decoding; this run decodes plainly (no heads), "
+                  f"so {'they do' if len(given) > 1 else 'it does'} nothing here.", file=sys.stderr)
         return None, None
     heads = load_heads_and_adapter(path, model, say=lambda line: print(f"[note] {line}.", file=sys.stderr))
     if args.tree == "dynamic":

@@ -51,10 +51,13 @@ def apply_adapter(model, heads_dir: str | Path) -> str:
     heads_dir = Path(heads_dir)
     try:
         lora = json.loads((heads_dir / "config.json").read_text())["lora"]
-        scale = float(lora["alpha"]) / int(lora["rank"])
-    except (OSError, ValueError, KeyError, TypeError):
+        rank, scale = lora["rank"], float(lora["alpha"]) / lora["rank"]
+        if type(rank) is not int or rank < 1:
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         raise NanoMedusaError(f"{heads_dir} has {ADAPTER_FILE} but its config.json lacks \"lora\": "
-                              f"{{\"rank\", \"alpha\"}}; re-export the heads from joint training.") from None
+                              f"{{\"rank\": a positive integer, \"alpha\"}}; re-export the heads from joint "
+                              f"training.") from None
     try:
         tensors = load_file(str(heads_dir / ADAPTER_FILE))
     except Exception as e:
@@ -65,9 +68,13 @@ def apply_adapter(model, heads_dir: str | Path) -> str:
     for name in layers:
         weight = params.get(name + ".weight")
         a, b = tensors[name + ".lora_a"], tensors.get(name + ".lora_b")
+        if b is not None and (a.dim() != 2 or b.dim() != 2 or (a.shape[0], b.shape[1]) != (rank, rank)):
+            raise NanoMedusaError(f"the adapter's {name} tensors are {list(a.shape)} and {list(b.shape)}, not "
+                                  f"[{rank}, in] and [out, {rank}] for config.json's rank {rank}; re-export the heads "
+                                  f"from joint training.")
         if weight is None or b is None or (b.shape[0], a.shape[1]) != tuple(weight.shape):
             raise NanoMedusaError(f"the adapter in {heads_dir} does not fit this model (layer {name}); "
                                   f"use it with the base model it was trained on ({model.config.n_layers} layers here).")
         weight += lora_delta(a.to(weight.device), b.to(weight.device), scale).to(weight.dtype)
-    return (f"applied the LoRA adapter in {heads_dir} (rank {lora['rank']}, {len(layers)} layers): "
+    return (f"applied the LoRA adapter in {heads_dir} (rank {rank}, {len(layers)} layers): "
             f"the output is the fine-tuned model's, not the base model's")

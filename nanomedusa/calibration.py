@@ -156,6 +156,9 @@ def check_args(args) -> None:
 def write_held_out_prompts(args) -> None:
     _, checkpoint = load_model(args.model, device="cpu")  # for its tokenizer: prompt lengths decide the split
     held_out = held_out_prompts(args.held_out_prompts, Tokenizer.from_dir(checkpoint), args.eval_fraction, args.seed)
+    if not held_out:
+        raise NanoMedusaError(f"{args.held_out_prompts} holds no prompt to hold out; pass the prompts file the heads' "
+                              f"answers came from.")
     lines = [json.dumps({"id": c.id, "messages": prompt_messages(c)}, ensure_ascii=False) for c in held_out]
     write_text_atomically(Path(args.out), "\n".join(lines) + "\n")
     print(f"wrote the {len(held_out)} held-out prompts of {args.held_out_prompts} to {args.out}")

@@ -99,6 +99,8 @@ def check_input_file(flag: str, path: str | Path) -> None:
 
 
 def check_input_dir(flag: str, path: str | Path | None) -> None:
+    if path == "":  # (Path("") is the current directory)
+        raise NanoMedusaError(f"{flag} is empty; pass a directory.")
     if path is not None and not Path(path).is_dir():
         raise NanoMedusaError(f"{flag} {path} is not a directory; check the path.")
 

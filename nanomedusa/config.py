@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,15 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 SUPPORTED_ROPE_SCALING = ("linear", "llama3", "default")
+# The numbers each scaling reads (rope_inv_freq): required, since a default would silently change the positions.
+_ROPE_SCALING_NUMBERS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
+# Integer fields -> their least value; config.json names them as _HF_NAMES says (where it differs).
+_INTEGER_FIELDS = {"vocab_size": 1, "dim": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "intermediate_size": 1,
+                   "head_dim": 0, "max_position_embeddings": 1}
+_HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads"}
+# SwiGLU's activation: what every supported architecture uses (transformers spells SiLU both ways).
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass
@@ -44,6 +54,17 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
 
     def __post_init__(self):
+        for name, minimum in _INTEGER_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+                raise NanoMedusaError(f"config.json's {_HF_NAMES.get(name, name)} is {value!r}; it must be an integer "
+                                      f"of at least {minimum}: fix the config.")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _positive_number(value):
+                raise NanoMedusaError(f"config.json's {name} is {value!r}; it must be a positive number: fix the "
+                                      f"config.")
+            setattr(self, name, float(value))
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads != 0:
@@ -52,11 +73,19 @@ class ModelConfig:
                 f"num_key_value_heads={self.n_kv_heads}; fix the config so query heads split evenly over KV heads."
             )
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise NanoMedusaError(f"config.json's rope_scaling is {self.rope_scaling!r}; it must be an object such "
+                                      f"as {{\"rope_type\": \"linear\", \"factor\": 2.0}}, or null: fix the config.")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in SUPPORTED_ROPE_SCALING:
                 raise NanoMedusaError(
                     f"rope_scaling type {kind!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_SCALING)}."
                 )
+            for key in _ROPE_SCALING_NUMBERS.get(kind, ()):
+                value = self.rope_scaling.get(key)
+                if not _positive_number(value):
+                    raise NanoMedusaError(f"config.json's {kind} rope_scaling needs {key} as a positive number, not "
+                                          f"{value!r}; add it from the model's original config.")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -71,15 +100,18 @@ class ModelConfig:
             # Sliding-window attention only differs once the context passes the window; we refuse
             # contexts longer than it (see max_position_embeddings) instead of silently diverging.
             hf = {**hf, "max_position_embeddings": min(hf.get("max_position_embeddings", 2048), hf["sliding_window"])}
+        activation = hf.get("hidden_act", "silu")
+        if activation not in SUPPORTED_ACTIVATIONS:
+            raise NanoMedusaError(f"config.json's hidden_act is {activation!r}; nanomedusa's SwiGLU computes silu, so "
+                                  f"this checkpoint would run wrong: use a model whose hidden_act is silu.")
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
         rope_scaling = hf.get("rope_scaling")
-        if rope_scaling is None and isinstance(hf.get("rope_parameters"), dict):
-            # transformers >= 5 writes rope settings under rope_parameters.
-            params = hf["rope_parameters"]
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = dict(params)
-        rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        # transformers >= 5 writes rope settings under rope_parameters.
+        params = hf["rope_parameters"] if isinstance(hf.get("rope_parameters"), dict) else {}
+        if rope_scaling is None and params.get("rope_type", "default") != "default":
+            rope_scaling = dict(params)
+        rope_theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
         try:
             return cls(
                 vocab_size=hf["vocab_size"],
@@ -90,7 +122,7 @@ class ModelConfig:
                 intermediate_size=hf["intermediate_size"],
                 head_dim=hf.get("head_dim") or 0,
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-                rope_theta=float(rope_theta),
+                rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
@@ -114,6 +146,11 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise NanoMedusaError(f"{path} holds a JSON {type(hf).__name__}, not an object; restore the file.")
         return cls.from_hf(hf)
+
+
+def _positive_number(value) -> bool:
+    """A finite number above 0 (a bool is a number to Python, not to a config)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _arch_from_model_type(model_type: str | None) -> str:

@@ -254,16 +254,25 @@ class MedusaHeads(nn.Module):
         num_layers = raw.get("medusa_num_layers", raw.get("num_layers", 1))
         if num_heads is None:
             raise NanoMedusaError(f"{path}/config.json lacks medusa_num_heads; add it (the number of heads).")
+        for name, value, minimum in (("medusa_num_heads", num_heads, 1), ("medusa_num_layers", num_layers, 0)):
+            if type(value) is not int or value < minimum:
+                raise NanoMedusaError(f"{path}/config.json's {name} is {value!r}; it must be an integer of at least "
+                                      f"{minimum}: fix the config.")
         num_heads = _heads_in_file(state, num_heads, path, weights_file)
         # The reference's configs do not say whether the vocab projection is shared: the tensors do.
         shared = f"{num_layers}.weight" not in {k.split(".", 1)[1] for k in state if k.startswith("0.")}
         if num_layers and "0.0.linear.weight" not in state:
             raise NanoMedusaError(f"{weights_file} has no ResBlock 0.0.linear.weight but config.json says "
                                   f"medusa_num_layers {num_layers}; fix medusa_num_layers.")
+        if num_layers and state["0.0.linear.weight"].dim() != 2:
+            shape = list(state["0.0.linear.weight"].shape)
+            raise NanoMedusaError(f"{weights_file}'s 0.0.linear.weight has shape {shape}, not [hidden, hidden]; "
+                                  f"re-download or re-train the heads.")
         hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
                              raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"), raw.get("lora"),
-                             raw.get("rank_accuracy"), _temperatures(raw, num_heads, path), bool(path_state))
+                             _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),
+                             bool(path_state))
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has {model_config.dim}; "
                                   f"use heads trained for this model.")
@@ -325,10 +334,26 @@ def _temperatures(raw: dict, num_heads: int, path: Path) -> list[float] | None:
     return [float(t) for t in temperatures[:num_heads]]
 
 
+def _rank_accuracy(raw: dict, num_heads: int, path: Path) -> list[list[float]] | None:
+    """config.json's rank_accuracy for the heads loaded: its first num_heads rows (as `_temperatures`), or None
+    when it has none. Each row is one head's share of right guesses per rank, numbers from 0 to 1."""
+    rows = raw.get("rank_accuracy")
+    if rows is None:
+        return None
+    if (not isinstance(rows, list) or len(rows) < num_heads
+            or not all(isinstance(row, list) and row and all(type(a) in (int, float) and 0 <= a <= 1 for a in row)
+                       for row in rows[:num_heads])):
+        raise NanoMedusaError(f"{path}/config.json's rank_accuracy must be {num_heads} rows of numbers from 0 to 1, "
+                              f"one per head; measure them again with python -m nanomedusa.tree_tuning --write.")
+    return rows[:num_heads]
+
+
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     """Tensors keyed `{head}.{layer}....`, whichever of the reference's spellings the file uses."""
     try:
         state = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise NanoMedusaError(f"{file} could not be read ({e.__class__.__name__}); re-download or re-train the heads.") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise NanoMedusaError(f"{file} does not hold named tensors (a state dict); re-download or re-train the heads.")
     return {k.removeprefix("medusa_head."): v for k, v in state.items()}

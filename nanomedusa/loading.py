@@ -99,7 +99,7 @@ def resolve_device(name: str) -> torch.device:
         raise NanoMedusaError(f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu.")
     if device.type not in ("cpu", "cuda"):
         raise NanoMedusaError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto.")
-    return device
+    return torch.device("cpu") if device.type == "cpu" else device  # "cpu:0" is the one CPU device, named plainly
 
 
 def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float32) -> Path:
@@ -146,9 +146,9 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8 or not JSON
+            files = [ckpt / f for f in sorted(set(weight_map.values()))]  # each a shard's file name
+        except (ValueError, KeyError, TypeError, AttributeError):  # ValueError: not UTF-8 or not JSON
             raise NanoMedusaError(f"{index} is not a valid safetensors index; re-download the checkpoint.") from None
-        files = [ckpt / f for f in sorted(set(weight_map.values()))]
     else:
         files = [ckpt / "model.safetensors"]
     for f in files:

@@ -56,7 +56,11 @@ class _SentencePieceBackend:
     `add_prefix_space: false`) unless it already starts with a space."""
 
     def __init__(self, model_file: Path, config: dict, added: dict[int, tuple[str, bool]]):
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_file.read_bytes() + _RAW_NORMALIZER)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_file.read_bytes() + _RAW_NORMALIZER)
+        except RuntimeError:  # sentencepiece's parse error, a C++ status line
+            raise NanoMedusaError(f"{model_file} is not a sentencepiece model; restore it from the original "
+                                  f"checkpoint.") from None
         sp = self._sp
         self._tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         self._bytes = {i: int(self._tokens[i][3:-1], 16) for i in range(len(self._tokens)) if sp.is_byte(i)}
@@ -119,7 +123,11 @@ class _TokenizersBackend:
     """`tokenizer.json` through the `tokenizers` library, which is what transformers runs for it."""
 
     def __init__(self, json_file: Path):
-        self._tk = tokenizers.Tokenizer.from_file(str(json_file))
+        try:
+            self._tk = tokenizers.Tokenizer.from_file(str(json_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise NanoMedusaError(f"{json_file} is not a tokenizer the tokenizers library can read ({e}); restore it "
+                                  f"from the original checkpoint.") from None
         self.added_tokens = [t.content for t in self._tk.get_added_tokens_decoder().values()]
         self.vocab_size = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1
         # Ids the file's post-processor puts around a single text, e.g. [bos] for Llama-3, [] for GPT-2.
@@ -175,9 +183,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(read_utf8(path))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise NanoMedusaError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from e
+    if not isinstance(data, dict):
+        raise NanoMedusaError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from the "
+                              f"original checkpoint.")
+    return data
 
 
 def _token_str(value) -> str | None:

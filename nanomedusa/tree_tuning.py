@@ -124,6 +124,8 @@ def check_args(args) -> None:
                        "--max-depth": args.max_depth})
     if args.topk > MAX_TOPK:
         raise NanoMedusaError(f"--topk must be at most {MAX_TOPK} (the deepest rank a tree may use), not {args.topk}.")
+    if args.trim and not args.write:
+        raise NanoMedusaError("--trim drops heads from the files --write rewrites; add --write, or drop --trim.")
     check_held_out_split(args.eval_fraction, args.seed)
 
 

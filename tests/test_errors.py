@@ -1,6 +1,7 @@
 """Bad input gets one clear sentence naming the fix, never a traceback from deep inside torch."""
 
 import importlib
+import re
 import json
 import os
 import shutil
@@ -212,6 +213,8 @@ CLI_ERRORS = {
                               "--data {root} is a directory; pass a file."),
     "training data not UTF-8": (TRAIN + ["--data", "{root}/latin1.jsonl", "--out", "{root}/o"],
                                 "{root}/latin1.jsonl is not UTF-8 text (byte 0xe9 at offset 26); re-save it as UTF-8."),
+    "default model with an argument": (["-m", "weights.default_model", "--bogus"],
+                                       "unrecognized arguments: --bogus; see --help."),
     "corrupt state.pt": (WARMUP + ["--out", "{root}/corrupt", "--resume"],
                          "{root}/corrupt/checkpoint/state.pt is damaged or not a training checkpoint; delete it to "
                          "start over, or choose another --out."),
@@ -230,6 +233,7 @@ MORE_ERRORS = {
                                  "--context sets how much of a chat is kept; pass it with --interactive, or drop it."),
     "--medusa is not a directory": ("generate", GENERATE[1:] + ["--medusa", "{root}/answers.jsonl"],
                                     "--medusa {root}/answers.jsonl is not a directory; check the path."),
+    "empty --medusa": ("generate", GENERATE[1:] + ["--medusa", ""], "--medusa is empty; pass a directory."),
     "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
                              "argument --max-new-tokens: invalid int value: 'abc'; see --help."),
     "--out under a file": ("train", WARMUP[1:] + ["--out", "{root}/answers.jsonl/o"],
@@ -250,6 +254,13 @@ MORE_ERRORS = {
                                                                         "{root}/answers.jsonl", "--eval-fraction", "0"],
                                              "--eval-fraction must be in (0, 1), not 0.0; pass the one the heads were "
                                              "trained with (default 0.02)."),
+    "tree tuning --trim without --write": ("nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data",
+                                                                     "{root}/answers.jsonl", "--trim"],
+                                           "--trim drops heads from the files --write rewrites; add --write, or drop "
+                                           "--trim."),
+    "calibration's held-out prompts of an empty file": ("nanomedusa.calibration", [
+        "--model", "{root}/model", "--held-out-prompts", "{root}/empty.jsonl", "--out", "{root}/held.jsonl"],
+        "{root}/empty.jsonl holds no prompt to hold out; pass the prompts file the heads' answers came from."),
     "bench without new tokens": ("bench.decode", ["--device", "cpu", "--max-new-tokens", "0"],
                                  "--max-new-tokens must be at least 1, not 0; pass 1 or more."),
     "bench tree sizes that are not numbers": ("bench.decode", ["--device", "cpu", "--tree-sizes", "16,x"],
@@ -268,6 +279,7 @@ def cli_root(tmp_path_factory):
     (root / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]
     (root / "answers.jsonl").write_text("".join(json.dumps({"id": i, "conversations": turns}) + "\n" for i in range(4)))
+    (root / "empty.jsonl").write_text("")
     (root / "latin1.jsonl").write_bytes(b'{"id": "a", "prompt": "caf\xe9"}\n')
     (root / "corrupt" / "checkpoint").mkdir(parents=True)
     (root / "corrupt" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
@@ -323,3 +335,153 @@ def test_cli_runs_triton_kernels_in_the_interpreter(cli_root, capsys):
 
     assert generate_cli.main(with_root(GENERATE[1:] + ["--kernels", "triton", "--max-new-tokens", "2"], cli_root)) == 0
     assert "[plain] 2 tokens in" in capsys.readouterr().err
+
+
+# ----- damaged or hand-edited files, and settings no input could satisfy: one sentence, not a traceback ------------
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("hidden_size", "64", "config.json's hidden_size is '64'; it must be an integer of at least 1: fix the config."),
+    ("num_hidden_layers", 0, "config.json's num_hidden_layers is 0; it must be an integer of at least 1"),
+    ("max_position_embeddings", None, "config.json's max_position_embeddings is None; it must be an integer"),
+    ("rms_norm_eps", "x", "config.json's rms_norm_eps is 'x'; it must be a positive number: fix the config."),
+    ("rope_theta", -10000.0, "config.json's rope_theta is -10000.0; it must be a positive number"),
+    ("rope_scaling", "linear", "config.json's rope_scaling is 'linear'; it must be an object such as"),
+    ("rope_scaling", {"rope_type": "linear"},
+     "config.json's linear rope_scaling needs factor as a positive number, not None; add it from the model's"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0},
+     "config.json's llama3 rope_scaling needs original_max_position_embeddings as a positive number, not None"),
+    ("hidden_act", "gelu", "config.json's hidden_act is 'gelu'; nanomedusa's SwiGLU computes silu, so this "
+                           "checkpoint would run wrong: use a model whose hidden_act is silu."),
+])
+def test_config_values_of_the_wrong_kind(ckpt, field, value, expected):
+    edit_json(ckpt / "config.json", **{field: value})
+    with pytest.raises(NanoMedusaError, match="^" + re.escape(expected)):
+        load_model(ckpt, device="cpu")
+
+
+def test_config_numbers_load_as_numbers(ckpt):
+    # integers where floats go (rope_theta 10000, as many configs write it) are fine, and stored as floats
+    edit_json(ckpt / "config.json", rope_theta=10000, rms_norm_eps=1, hidden_act="swish")
+    config = load_model(ckpt, device="cpu")[0].config
+    assert (type(config.rope_theta), type(config.rms_norm_eps)) == (float, float)
+
+
+def test_sharded_index_whose_weight_map_is_not_an_object(ckpt):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [1]}))
+    with pytest.raises(NanoMedusaError, match="model.safetensors.index.json is not a valid safetensors index"):
+        load_model(ckpt, device="cpu")
+
+
+def test_cpu_0_is_the_cpu(ckpt):  # torch accepts the name, safetensors does not
+    assert load_model(ckpt, device="cpu:0")[0].device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("tokenizer.json", b"not json", "tokenizer.json is not a tokenizer the tokenizers library can read"),
+    ("tokenizer.json", b"[]", "tokenizer.json is not a tokenizer the tokenizers library can read"),
+    ("tokenizer.model", b"\x00junk", "tokenizer.model is not a sentencepiece model; restore it"),
+    ("tokenizer_config.json", b"[1, 2]", "tokenizer_config.json holds a JSON list, not an object; restore it"),
+])
+def test_damaged_tokenizer_files(tmp_path, name, content, expected):
+    from nanomedusa.tokenizer import Tokenizer
+
+    make_chat_checkpoint(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+        Tokenizer.from_dir(tmp_path)
+
+
+@pytest.fixture()
+def heads_dir(ckpt, tmp_path):
+    model = load_model(ckpt, device="cpu")[0]
+    MedusaHeads.from_base(model, num_heads=2, num_layers=1).save(tmp_path / "heads")
+    return tmp_path / "heads"
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"medusa_num_layers": "1"}, "config.json's medusa_num_layers is '1'; it must be an integer of at least 0"),
+    ({"medusa_num_heads": 0}, "config.json's medusa_num_heads is 0; it must be an integer of at least 1"),
+    ({"rank_accuracy": "x"}, "config.json's rank_accuracy must be 2 rows of numbers from 0 to 1, one per head; "
+                             "measure them again with python -m nanomedusa.tree_tuning --write."),
+    ({"rank_accuracy": [[0.5, 0.2]]}, "config.json's rank_accuracy must be 2 rows of numbers from 0 to 1"),
+    ({"rank_accuracy": [[0.5, 0.2], [0.4, -0.1]]}, "config.json's rank_accuracy must be 2 rows of numbers from 0 to 1"),
+])
+def test_heads_config_values_of_the_wrong_kind(ckpt, heads_dir, changes, expected):
+    edit_json(heads_dir / "config.json", **changes)
+    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+        MedusaHeads.load(heads_dir, load_model(ckpt, device="cpu")[0].config)
+
+
+def test_heads_files_that_hold_the_wrong_things(ckpt, heads_dir):
+    config = load_model(ckpt, device="cpu")[0].config
+    state = load_file(str(heads_dir / "medusa_lm_head.safetensors"))
+    save_file(state | {"medusa_head.0.0.linear.weight": torch.zeros(4)}, str(heads_dir / "medusa_lm_head.safetensors"))
+    with pytest.raises(NanoMedusaError, match=r"0.0.linear.weight has shape \[4\], not \[hidden, hidden\]"):
+        MedusaHeads.load(heads_dir, config)
+    (heads_dir / "medusa_lm_head.safetensors").unlink()
+    torch.save([torch.zeros(2)], heads_dir / "medusa_lm_head.pt")  # the reference's file name, but a list
+    with pytest.raises(NanoMedusaError, match=r"medusa_lm_head.pt does not hold named tensors \(a state dict\)"):
+        MedusaHeads.load(heads_dir, config)
+
+
+@pytest.mark.parametrize("lora, shapes, expected", [
+    ({"rank": 0, "alpha": 8}, None, "config.json lacks \"lora\": {\"rank\": a positive integer, \"alpha\"}"),
+    ({"rank": 4, "alpha": 8}, ((4, 64), (64, 3)),
+     "the adapter's layers.0.attention.wo tensors are [4, 64] and [64, 3], not [4, in] and [out, 4] for "
+     "config.json's rank 4; re-export the heads from joint training."),
+])
+def test_lora_adapters_that_do_not_add_up(ckpt, heads_dir, lora, shapes, expected):
+    from nanomedusa.adapter import apply_adapter, save_adapter
+
+    model = load_model(ckpt, device="cpu")[0]
+    a_shape, b_shape = shapes or ((4, model.config.dim), (model.config.dim, 4))
+    save_adapter({"layers.0.attention.wo.lora_a": torch.zeros(a_shape),
+                  "layers.0.attention.wo.lora_b": torch.zeros(b_shape)}, heads_dir)
+    edit_json(heads_dir / "config.json", lora=lora)
+    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+        apply_adapter(model, heads_dir)
+
+
+def test_chat_whose_answer_leaves_no_room_for_a_message(tmp_path):
+    from nanomedusa.chat import ChatSession
+    from nanomedusa.tokenizer import Tokenizer
+
+    make_chat_checkpoint(tmp_path)
+    model, tokenizer = load_model(tmp_path, device="cpu")[0], Tokenizer.from_dir(tmp_path)
+    context = model.config.max_position_embeddings
+    expected = (f"an answer of {context} tokens and a tree of 7 nodes leaves no room for a message in a chat context "
+                f"of {context} tokens; lower --max-new-tokens.")
+    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+        ChatSession(model, tokenizer, decode=None, max_new_tokens=context, extra=7)
+    ChatSession(model, tokenizer, decode=None, max_new_tokens=context // 2)  # room to spare: no error
+
+
+def test_distill_of_an_empty_prompts_file_and_of_prompts_it_cannot_answer(tmp_path, capsys):
+    from nanomedusa.training import DistillConfig, distill
+
+    make_chat_checkpoint(tmp_path / "model")
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = DistillConfig(model=str(tmp_path / "model"), data=str(tmp_path / "empty.jsonl"),
+                        out=str(tmp_path / "o.jsonl"), device="cpu")
+    with pytest.raises(NanoMedusaError, match="empty.jsonl holds no prompts; pass a JSON-lines file of conversations"):
+        distill(cfg)
+    prompts = [{"id": "long", "prompt": "word " * 400}, {"id": "a", "prompt": "hi"}, {"id": "a", "prompt": "hello"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    cfg.data = str(tmp_path / "p.jsonl")
+    assert distill(cfg) == 1
+    assert "distill: skipped 2 of 3 prompts: 1 with a repeated id, 1 with no room to answer in the context (the " \
+           "model's context is 256 tokens)" in capsys.readouterr().out
+
+
+def test_medusa_flags_without_heads_say_they_do_nothing(cli_root, capsys):
+    import generate as generate_cli
+
+    argv = GENERATE[1:] + ["--max-new-tokens", "2", "--tree", "dynamic", "--accept", "typical"]
+    assert generate_cli.main(with_root(argv, cli_root)) == 0
+    err = capsys.readouterr().err
+    assert "[note] --tree and --accept apply to Medusa decoding; this run decodes plainly (no heads), so they do " \
+           "nothing here." in err and "[plain] 2 tokens in" in err

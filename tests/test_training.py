@@ -459,3 +459,16 @@ def test_warmup_from_adapted_heads_trains_on_their_backbone_and_keeps_the_adapte
     heads = load_heads_and_adapter(out, base, say=lambda _: None)  # merges the adapter into `base`
     assert heads.config.reads_path and heads.config.lora
     assert all(torch.allclose(base.state_dict()[k], v, atol=1e-6) for k, v in adapted.state_dict().items())
+
+
+def test_examples_are_cut_at_the_models_context(setup, tmp_path, capsys):
+    # --max-len past the context would train on positions decoding never reaches (its cache stops there)
+    root, ckpt, _ = setup
+    turns = [{"from": "human", "value": "count"}, {"from": "gpt", "value": "abc " * 150}]  # 600 characters: 600 tokens
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"id": f"l{i}", "conversations": turns}) + "\n" for i in range(16)))
+    trainer = Trainer(config(setup, tmp_path / "out", data=str(data), max_len=1000))
+    context = trainer.module.model.config.max_position_embeddings
+    assert max(len(example.input_ids) for example in trainer.train_set) == context < 1000
+    assert f"[note] examples are cut at the model's context of {context} tokens, not --max-len 1000" \
+        in capsys.readouterr().out

@@ -125,7 +125,10 @@ def _say(message: str, progress: bool) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        print(ensure_default_model())
-    except NanoMedusaError as error:
-        sys.exit(f"error: {error}")
+    import argparse
+
+    from nanomedusa.cli import ArgumentParser, run_reporting_errors
+
+    # No flags: --help prints this docstring (where the GGUF comes from), and any other argument is refused.
+    ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    sys.exit(run_reporting_errors(lambda: print(ensure_default_model())))

@@ -75,7 +75,10 @@ def distill(cfg: DistillConfig) -> int:
     if cfg.batch_size < 1:
         raise NanoMedusaError(f"--distill-batch-size {cfg.batch_size} is below 1; pass a positive size, e.g. 64.")
     index, count = parse_shard(cfg.shard)
-    conversations = load_conversations(cfg.data)[: cfg.limit][index::count]
+    conversations = load_conversations(cfg.data)
+    if not conversations:
+        raise NanoMedusaError(f"{cfg.data} holds no prompts; pass a JSON-lines file of conversations to answer.")
+    conversations = conversations[: cfg.limit][index::count]
     out = Path(cfg.out)
     done = finished_ids(out)
     todo = [c for c in conversations if c.id not in done]
@@ -86,15 +89,22 @@ def distill(cfg: DistillConfig) -> int:
     tokenizer = Tokenizer.from_dir(ckpt_dir)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
     context = model.config.max_position_embeddings
-    jobs, seen = [], set()
+    jobs, seen, why = [], set(), {"a repeated id": 0, "no prompt": 0, "no room to answer in the context": 0}
     for conversation in todo:
         messages = prompt_messages(conversation)
         prompt_ids = tokenizer.encode_chat(messages) if messages else []
-        if conversation.id in seen or not prompt_ids or len(prompt_ids) >= context:
-            continue  # a duplicate id, an empty prompt, or one that leaves no room to answer
+        reason = ("a repeated id" if conversation.id in seen else "no prompt" if not prompt_ids
+                  else "no room to answer in the context" if len(prompt_ids) >= context else None)
+        if reason:
+            why[reason] += 1
+            continue
         seen.add(conversation.id)
         jobs.append(Job(conversation.id, messages, prompt_ids, min(cfg.max_new_tokens, context - len(prompt_ids))))
     skipped = len(todo) - len(jobs)
+    if skipped:
+        tqdm.write(f"distill: skipped {skipped} of {len(todo)} prompts: "
+                   + ", ".join(f"{n} with {reason}" for reason, n in why.items() if n)
+                   + f" (the model's context is {context} tokens)")
     jobs.sort(key=lambda job: -len(job.prompt_ids))  # stable: equal lengths keep the data's order
     written = capped = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +126,7 @@ def distill(cfg: DistillConfig) -> int:
             bar.set_postfix(written=written, skipped=skipped)
     if written:
         tqdm.write(f"distill: {capped} of {written} answers ({100 * capped / written:.1f}%) were cut at "
-                   f"--max-new-tokens {cfg.max_new_tokens} before the model ended them")
+                   f"--max-new-tokens {cfg.max_new_tokens} (or where the context ended) before the model ended them")
     return written
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import kernels
 
 from ..adapter import apply_adapter, has_adapter
+from ..config import ModelConfig
 from ..errors import NanoMedusaError
 from ..heads import MedusaHeads
 from ..loading import load_model, resolve_checkpoint
@@ -174,6 +175,11 @@ class Trainer:
         """-> (training examples of the weighted mix, held-out examples of every file)."""
         cfg = self.cfg
         trains, held_out = [], []
+        # Positions past the model's context never occur in decoding (the cache stops there): no use training on them.
+        max_len = min(cfg.max_len, ModelConfig.from_json(self.ckpt_dir / "config.json").max_position_embeddings)
+        if max_len < cfg.max_len:
+            self._print(f"[note] examples are cut at the model's context of {max_len} tokens, not --max-len "
+                        f"{cfg.max_len}")
         for path, conversations in zip(cfg.data_files, sources):
             answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
             if not answered:
@@ -181,12 +187,12 @@ class Trainer:
                                       f"answer its prompts first with --stage distill.")
             # Each file split on its own, as tree_tuning.py splits it, so its held-out part stays unseen.
             train_c, eval_c = split_train_eval(answered, cfg.eval_fraction, cfg.seed)
-            train = tokenize_all(self.tokenizer, train_c, cfg.max_len, progress=self.dist.is_main)
+            train = tokenize_all(self.tokenizer, train_c, max_len, progress=self.dist.is_main)
             if not train:
-                raise NanoMedusaError(f"no training example of {path} keeps an answer token within --max-len "
-                                      f"{cfg.max_len}; raise --max-len.")
+                raise NanoMedusaError(f"no training example of {path} keeps an answer token within its first {max_len} "
+                                      f"tokens; raise --max-len (at most the model's context).")
             trains.append(train)
-            held_out += tokenize_all(self.tokenizer, eval_c, cfg.max_len)
+            held_out += tokenize_all(self.tokenizer, eval_c, max_len)
         return mix_examples(trains, cfg.data_weights or [1.0] * len(trains), cfg.seed), held_out
 
     def _make_heads(self, model) -> MedusaHeads:
