@@ -43,6 +43,7 @@ import triton.language as tl
 
 from . import use_triton
 from .dependent_launch import launch_options, wait_for_previous_kernels
+from .errors import KernelInputError
 
 INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf's bit pattern: above every finite non-negative float's
 NO_CUT = tl.constexpr(0)  # a nucleus cut that keeps every token: every e's pattern is at least 0
@@ -98,6 +99,9 @@ def sample_token_reference(logits, temperature: float, top_k: int, top_p: float,
 
 def sample_token(logits, temperature: float, top_k: int, top_p: float, uniforms):
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):  # (else the kernel would draw token -1 or divide by 0)
+        raise KernelInputError(f"sample_token needs temperature > 0, top_k >= 0 and top_p in (0, 1], not "
+                               f"{temperature}, {top_k} and {top_p}; decode greedily (argmax) at temperature 0.")
     if use_triton(logits):
         return sample_token_triton(logits, temperature, top_k, top_p, uniforms)
     return sample_token_reference(logits, temperature, top_k, top_p, uniforms)

@@ -739,6 +739,9 @@ def body_chunks(on_gpu: bool, n_kv_heads: int) -> BodyChunks:
 
 
 def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4:
+        raise KernelInputError(f"tree attention takes q [B, Hq, T, D] and caches [B, Hkv, S, D], not {tuple(q.shape)} "
+                               f"and {tuple(k_cache.shape)}; pass the queries head-major, 4-D.")
     B, Hq, T, D = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
         raise KernelInputError(f"tree attention got caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} for "

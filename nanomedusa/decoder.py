@@ -19,6 +19,7 @@ in steps of CACHE_BUCKET slots, so that runs of similar length share one cache a
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -37,10 +38,25 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def check_prompt(model, prompt_ids) -> None:
+    """A run's prompt is a list of token ids of the model's vocabulary: an id outside it would index past the
+    embedding (an IndexError on a CPU, a device-side assert on a GPU)."""
+    if not isinstance(prompt_ids, (list, tuple)):
+        raise NanoMedusaError(f"the prompt must be a list of token ids, not a {type(prompt_ids).__name__}; pass "
+                              f"tokenizer.encode(text) (or a tensor's .tolist()).")
+    vocab = model.config.vocab_size
+    bad = next((i for i in prompt_ids if not isinstance(i, numbers.Integral) or not 0 <= i < vocab), None)
+    if bad is not None:
+        raise NanoMedusaError(f"the prompt holds {bad!r}, not a token id of the model's vocabulary (0 to {vocab - 1}); "
+                              f"encode the prompt with this model's tokenizer.")
+
+
 def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
     """Cache slots needed for a run; a clear error if they exceed the model's context."""
     if prompt_len == 0:
         raise NanoMedusaError("the prompt is empty; pass some text with --prompt.")
+    if max_new_tokens < 0:
+        raise NanoMedusaError(f"max_new_tokens must be at least 0, not {max_new_tokens}; pass 0 or more.")
     context = model.config.max_position_embeddings
     needed = prompt_len + max_new_tokens + extra
     if needed > context:

@@ -124,7 +124,10 @@ class DynamicTree:
         accuracy tree (`tree_from_head_accuracies`) of max(superset_nodes, num_nodes) nodes, or every path
         their accuracy table allows if that is fewer. superset_nodes defaults to SUPERSET_NODES, for heads that
         read their path to min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes)."""
-        num_nodes = num_nodes or default_nodes(config)
+        num_nodes = default_nodes(config) if num_nodes is None else num_nodes
+        if type(num_nodes) is not int or num_nodes < 1:
+            raise NanoMedusaError(f"a dynamic tree's node budget is a whole number of at least 1, not {num_nodes!r}; "
+                                  f"pass --tree-nodes 1 or more (default {default_nodes(config)}).")
         if superset_nodes is None:
             superset_nodes = (min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes) if config.reads_path
                               else SUPERSET_NODES)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .cuda_graphs import GraphedStep
-from .decoder import Decoder, check_fits
+from .decoder import Decoder, check_fits, check_prompt
 from .pending_read import PendingRead
 from .sampling import Sampling, next_token
 
@@ -52,6 +52,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
     """Decode up to max_new_tokens after prompt_ids. `cached_len` > 0 continues from a KV cache that already
     holds prompt_ids[:cached_len] (a chat's earlier turns): only the rest is prefilled."""
     model, device = decoder.model, decoder.device
+    check_prompt(model, prompt_ids)
     decoder.prepare(len(prompt_ids), max_new_tokens, cached_len=cached_len)
     pos = torch.tensor(len(prompt_ids), device=device)  # 0-d: the next free cache slot, kept on the device
     rng = decoder.random_generator(sampling, generator)
@@ -100,6 +101,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplin
     floating-point reordering). Rows that hit eos stop growing; the batch ends when all have.
     """
     device, B = model.device, len(prompts)
+    for prompt in prompts:
+        check_prompt(model, prompt)
     longest = max(len(p) for p in prompts)
     slots = check_fits(model, longest, max_new_tokens)
     model.setup_cache(slots, batch_size=B)

@@ -159,8 +159,10 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
 
 def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
     """-> (model in eval mode, its checkpoint directory)."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    device = resolve_device(str(device))  # a torch.device too: checked alike (str gives e.g. "cuda:0")
+    if isinstance(dtype, torch.dtype):  # the name it has among DTYPES, so that it is checked alike
+        dtype = next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+    dtype = resolve_dtype(dtype, device)
     ckpt = resolve_checkpoint(spec, dtype)
     config = ModelConfig.from_json(ckpt / "config.json")
     with torch.device("meta"):

@@ -41,7 +41,7 @@ import torch
 
 from kernels.acceptance import accept_candidates
 
-from .decoder import Decoder
+from .decoder import Decoder, check_prompt
 from .dynamic_tree import DynamicTree
 from .errors import NanoMedusaError
 from .generation import GenerationResult
@@ -150,7 +150,18 @@ def placeholder_proposal(tree: TreeBuffers | DynamicTree, device) -> tuple[torch
     return (tokens, torch.arange(tree.num_nodes, device=device)) if isinstance(tree, DynamicTree) else (tokens,)
 
 
-def check_medusa(heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance) -> None:
+def check_medusa(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance) -> None:
+    if not isinstance(tree, (TreeBuffers, DynamicTree)):
+        raise NanoMedusaError(f"the tree must be a TreeBuffers or a DynamicTree, not a {type(tree).__name__}; build "
+                              f"one with TreeBuffers.from_choices(paths) or DynamicTree.for_heads(heads.config).")
+    c, m = heads.config, model.config
+    if (c.hidden_size, c.vocab_size) != (m.dim, m.vocab_size):
+        raise NanoMedusaError(f"the heads read {c.hidden_size}-wide hidden states and guess among {c.vocab_size} "
+                              f"tokens, but the model's are {m.dim} and {m.vocab_size}; use heads made for this model.")
+    weight = next(heads.parameters(), None)  # (heads sharing the lm_head without ResBlocks hold none)
+    if weight is not None and (weight.dtype, weight.device) != (model.dtype, model.device):
+        raise NanoMedusaError(f"the heads are {weight.dtype} on {weight.device} but the model is {model.dtype} on "
+                              f"{model.device}; move them with heads.to(device=model.device, dtype=model.dtype).")
     if rule.mode not in ACCEPT_MODES:
         raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
     if rule.mode == "sample" and rule.sampling.greedy:
@@ -171,8 +182,9 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     turns; slots past them may hold an earlier step's tree, which the prefill overwrites): only the rest is
     prefilled."""
     rule = Acceptance(accept, sampling, posterior_threshold, posterior_alpha)
-    check_medusa(heads, tree, rule)
     model, device = decoder.model, decoder.device
+    check_medusa(model, heads, tree, rule)
+    check_prompt(model, prompt_ids)
     tree = tree.to(device)
     decoder.prepare(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
     rng = decoder.random_generator(rule.draws, generator)

@@ -10,11 +10,14 @@ sampling steps replay inside CUDA graphs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kernels import sample_token as draw
+
+from .errors import NanoMedusaError
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,12 @@ class Sampling:
     temperature: float = 0.0  # 0 means greedy (argmax)
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0  # 1 means no nucleus cut
+
+    def __post_init__(self):
+        # (The command lines check their flags first, naming them: cli.check_sampling. This is for a library caller.)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1):
+            raise NanoMedusaError(f"{self} needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) and top_p in "
+                                  f"(0, 1] (1: off).")
 
     @property
     def greedy(self) -> bool:

@@ -93,7 +93,7 @@ def test_unknown_dtype_and_device(ckpt):
 def test_prompt_longer_than_the_context(ckpt):
     model, _ = load_model(ckpt, device="cpu")  # max_position_embeddings = 256
     with pytest.raises(NanoMedusaError, match=r"prompt \(250 tokens\) \+ --max-new-tokens 10 = 260 exceeds the model's context of 256"):
-        generate(Decoder(model), list(range(3, 253)), max_new_tokens=10)
+        generate(Decoder(model), [5] * 250, max_new_tokens=10)  # (ids of its 97-token vocabulary)
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
@@ -485,3 +485,91 @@ def test_medusa_flags_without_heads_say_they_do_nothing(cli_root, capsys):
     err = capsys.readouterr().err
     assert "[note] --tree and --accept apply to Medusa decoding; this run decodes plainly (no heads), so they do " \
            "nothing here." in err and "[plain] 2 tokens in" in err
+
+
+# ----- the library, called from Python with the mistakes a caller makes (a read-only audit of the API) -------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model, its Decoder, 2 heads of its own and a 3-node tree; another model's heads (other width and
+    vocabulary)."""
+    root = tmp_path_factory.mktemp("api")
+    make_hf_checkpoint(root / "model")
+    make_hf_checkpoint(root / "other", hidden_size=32, vocab_size=300)
+    model, other = load_model(root / "model", device="cpu")[0], load_model(root / "other", device="cpu")[0]
+    return (model, Decoder(model), MedusaHeads.from_base(model, num_heads=2).eval(),
+            TreeBuffers.from_choices([[0], [1], [0, 0]]), MedusaHeads.from_base(other, num_heads=2).eval())
+
+
+def test_medusa_with_heads_or_a_tree_that_are_not_this_models(tiny):
+    model, decoder, heads, tree, others = tiny
+    with pytest.raises(NanoMedusaError, match=re.escape("the heads read 32-wide hidden states and guess among 300 "
+                                                        f"tokens, but the model's are {model.config.dim} and "
+                                                        f"{model.config.vocab_size}; use heads made for this model.")):
+        generate_medusa(decoder, others, tree, [5, 6, 7], 4)
+    with pytest.raises(NanoMedusaError, match=re.escape("the heads are torch.float16 on cpu but the model is "
+                                                        "torch.float32 on cpu; move them with heads.to(")):
+        generate_medusa(decoder, MedusaHeads.from_base(model, num_heads=2).half(), tree, [5, 6, 7], 4)
+    with pytest.raises(NanoMedusaError, match=re.escape("the tree must be a TreeBuffers or a DynamicTree, not a list; "
+                                                        "build one with TreeBuffers.from_choices(paths)")):
+        generate_medusa(decoder, heads, [[0], [1], [0, 0]], [5, 6, 7], 4)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ([5, 500, 7], "the prompt holds 500, not a token id of the model's vocabulary (0 to 96); encode the prompt with "
+                  "this model's tokenizer."),
+    ([5, -1], "the prompt holds -1, not a token id of the model's vocabulary"),
+    (torch.tensor([5, 6]), "the prompt must be a list of token ids, not a Tensor; pass tokenizer.encode(text)"),
+])
+def test_prompts_that_are_not_token_ids(tiny, prompt, expected):
+    model, decoder, heads, tree, _ = tiny
+    for run in (lambda: generate(decoder, prompt, 4), lambda: generate_medusa(decoder, heads, tree, prompt, 4)):
+        with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+            run()
+
+
+def test_negative_new_tokens_and_sampling_settings_from_python(tiny):
+    from kernels.errors import KernelInputError
+    from kernels.sample_token import sample_token
+    from nanomedusa.sampling import Sampling
+
+    _, decoder, heads, tree, _ = tiny
+    for run in (lambda: generate(decoder, [5] * 300, -100), lambda: generate_medusa(decoder, heads, tree, [5], -3)):
+        with pytest.raises(NanoMedusaError, match="max_new_tokens must be at least 0, not -"):
+            run()
+    expected = ("Sampling(temperature=1.0, top_k=0, top_p=0.0) needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) "
+                "and top_p in (0, 1] (1: off).")
+    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+        Sampling(1.0, 0, 0.0)
+    with pytest.raises(KernelInputError, match=re.escape("sample_token needs temperature > 0, top_k >= 0 and top_p in "
+                                                         "(0, 1], not 1.0, 0 and 0.0")):
+        sample_token(torch.randn(1, 37), 1.0, 0, 0.0, torch.rand(1, 5))
+
+
+def test_load_model_checks_torch_devices_and_dtypes_as_it_checks_their_names(ckpt):
+    if not torch.cuda.is_available():
+        with pytest.raises(NanoMedusaError, match="device 'cuda' was asked for but this machine has no CUDA GPU"):
+            load_model(ckpt, device=torch.device("cuda"))
+    with pytest.raises(NanoMedusaError, match="unknown dtype 'torch.int8'; use one of auto, float32"):
+        load_model(ckpt, device="cpu", dtype=torch.int8)
+    assert load_model(ckpt, device=torch.device("cpu"), dtype=torch.float16)[0].dtype == torch.float16
+
+
+@pytest.mark.parametrize("budget", [0, 8.5, "8"])
+def test_dynamic_tree_budgets_that_are_not_node_counts(tiny, budget):
+    from nanomedusa.dynamic_tree import DynamicTree
+
+    heads = tiny[2]
+    expected = f"a dynamic tree's node budget is a whole number of at least 1, not {budget!r}; pass --tree-nodes 1"
+    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+        DynamicTree.for_heads(heads.config, budget)
+
+
+def test_tree_attention_of_queries_that_are_not_four_dimensional():
+    from kernels.errors import KernelInputError
+    from kernels.tree_attention import tree_attention_triton
+
+    k = v = torch.randn(1, 2, 12, 16)
+    with pytest.raises(KernelInputError, match=re.escape("tree attention takes q [B, Hq, T, D] and caches "
+                                                         "[B, Hkv, S, D], not (4, 3, 16) and (1, 2, 12, 16)")):
+        tree_attention_triton(torch.randn(4, 3, 16), k, v, 5, None)

@@ -80,7 +80,11 @@ class OracleHeads:
             model.kv_cache = None
             self.hidden = model.forward_hidden(seq)[0]  # [P+N, D], hidden at each position
         self.seq, self.vocab = seq[0].tolist(), vocab
-        self.config = type("C", (), {"num_heads": num_heads, "reads_path": False})()
+        self.config = type("C", (), {"num_heads": num_heads, "reads_path": False, "hidden_size": model.config.dim,
+                                     "vocab_size": model.config.vocab_size})()
+
+    def parameters(self):  # (none: generate_medusa checks the heads' weights against the model's only when there are)
+        return iter(())
 
     def topk(self, hidden, k, lm_head_weight=None):
         pos = (self.hidden - hidden).norm(dim=-1).argmin().item()  # which position this hidden state is
