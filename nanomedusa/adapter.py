@@ -55,7 +55,7 @@ def apply_adapter(model, heads_dir: str | Path) -> str:
         if type(rank) is not int or rank < 1:
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        raise NanoMedusaError(f"{heads_dir} has {ADAPTER_FILE} but its config.json lacks \"lora\": "
+        raise NanoMedusaError(f"{heads_dir} has {ADAPTER_FILE} but its config.json lacks a valid \"lora\": "
                               f"{{\"rank\": a positive integer, \"alpha\"}}; re-export the heads from joint "
                               f"training.") from None
     try:

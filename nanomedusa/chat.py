@@ -94,9 +94,10 @@ class ChatSession:
         shortest = len(tokenizer.encode_chat(self.conversation([{"role": "user", "content": ""}])))
         if shortest + self.reserve > self.context:  # no message could ever fit: the settings, not a message, are wrong
             tree = f" and a tree of {extra} nodes" if extra else ""
-            wider = " or raise --context" if self.context < limit else ""
+            fix = ("lower --max-new-tokens" + (" or use a smaller tree" if extra else "")
+                   + (" or raise --context" if self.context < limit else ""))
             raise NanoMedusaError(f"an answer of {max_new_tokens} tokens{tree} leaves no room for a message in a chat "
-                                  f"context of {self.context} tokens; lower --max-new-tokens{wider}.")
+                                  f"context of {self.context} tokens; {fix}.")
         self.messages: list[Message] = []  # user and assistant turns, alternating, oldest first
         self.cached: list[int] = []  # the ids in cache slots 0 .. len-1
         self.used = 0  # tokens of the conversation so far (prompt + answer of the last turn)

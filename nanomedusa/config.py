@@ -23,7 +23,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 SUPPORTED_ROPE_SCALING = ("linear", "llama3", "default")
-# The numbers each scaling reads (rope_inv_freq): required, since a default would silently change the positions.
+# The numbers each scaling needs (rope_inv_freq): refused when missing, since a default would silently move the
+# positions; llama3's low/high_freq_factor may be left out (1 and 4, as Llama 3.1 and 3.2 ship them).
 _ROPE_SCALING_NUMBERS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
 # Integer fields -> their least value; config.json names them as _HF_NAMES says (where it differs).
 _INTEGER_FIELDS = {"vocab_size": 1, "dim": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "intermediate_size": 1,
@@ -111,7 +112,8 @@ class ModelConfig:
         params = hf["rope_parameters"] if isinstance(hf.get("rope_parameters"), dict) else {}
         if rope_scaling is None and params.get("rope_type", "default") != "default":
             rope_scaling = dict(params)
-        rope_theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
+        # (a null is left out; a 0 is kept, and refused in __post_init__)
+        rope_theta = next((t for t in (hf.get("rope_theta"), params.get("rope_theta")) if t is not None), 10000.0)
         try:
             return cls(
                 vocab_size=hf["vocab_size"],

@@ -1,9 +1,9 @@
 """Bad input gets one clear sentence naming the fix, never a traceback from deep inside torch."""
 
 import importlib
-import re
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -349,6 +349,7 @@ def edit_json(path: Path, **changes) -> None:
     ("max_position_embeddings", None, "config.json's max_position_embeddings is None; it must be an integer"),
     ("rms_norm_eps", "x", "config.json's rms_norm_eps is 'x'; it must be a positive number: fix the config."),
     ("rope_theta", -10000.0, "config.json's rope_theta is -10000.0; it must be a positive number"),
+    ("rope_theta", 0, "config.json's rope_theta is 0; it must be a positive number"),
     ("rope_scaling", "linear", "config.json's rope_scaling is 'linear'; it must be an object such as"),
     ("rope_scaling", {"rope_type": "linear"},
      "config.json's linear rope_scaling needs factor as a positive number, not None; add it from the model's"),
@@ -429,7 +430,7 @@ def test_heads_files_that_hold_the_wrong_things(ckpt, heads_dir):
 
 
 @pytest.mark.parametrize("lora, shapes, expected", [
-    ({"rank": 0, "alpha": 8}, None, "config.json lacks \"lora\": {\"rank\": a positive integer, \"alpha\"}"),
+    ({"rank": 0, "alpha": 8}, None, "config.json lacks a valid \"lora\": {\"rank\": a positive integer, \"alpha\"}"),
     ({"rank": 4, "alpha": 8}, ((4, 64), (64, 3)),
      "the adapter's layers.0.attention.wo tensors are [4, 64] and [64, 3], not [4, in] and [out, 4] for "
      "config.json's rank 4; re-export the heads from joint training."),
@@ -454,7 +455,7 @@ def test_chat_whose_answer_leaves_no_room_for_a_message(tmp_path):
     model, tokenizer = load_model(tmp_path, device="cpu")[0], Tokenizer.from_dir(tmp_path)
     context = model.config.max_position_embeddings
     expected = (f"an answer of {context} tokens and a tree of 7 nodes leaves no room for a message in a chat context "
-                f"of {context} tokens; lower --max-new-tokens.")
+                f"of {context} tokens; lower --max-new-tokens or use a smaller tree.")
     with pytest.raises(NanoMedusaError, match=re.escape(expected)):
         ChatSession(model, tokenizer, decode=None, max_new_tokens=context, extra=7)
     ChatSession(model, tokenizer, decode=None, max_new_tokens=context // 2)  # room to spare: no error

@@ -113,6 +113,7 @@ def test_kernel_tests_run_from_a_queue_and_a_failing_file_fails_the_stage(tmp_pa
     rc, summaries, output = stage("a", "b", "c")
     assert (rc, summaries) == (0, ["1 passed", "3 passed", "1 passed"]), output  # each file's log, in their order
     rc, summaries, output = stage("a", "b", "c", "d")
-    assert rc != 0 and summaries == ["1 passed", "3 passed", "1 passed", "1 failed"], output  # d failed, so did the stage
+    # d failed, so did the stage
+    assert rc != 0 and summaries == ["1 passed", "3 passed", "1 passed", "1 failed"], output
     rc, summaries, output = stage("b", jobs="0")
     assert rc != 0 and summaries == [] and "KERNEL_JOBS must be 1 or more" in log.read_text(), output
