@@ -80,7 +80,9 @@ def ours_to_hf(name: str, part: int | None = None) -> str:
     raise KeyError(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):  # checked as its name among DTYPES is
+        name = next((key for key, dtype in DTYPES.items() if dtype == name), str(name))
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
@@ -88,7 +90,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
+    name = str(name)  # a torch.device is checked as its name is (e.g. "cuda:0")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -159,9 +162,7 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
 
 def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
     """-> (model in eval mode, its checkpoint directory)."""
-    device = resolve_device(str(device))  # a torch.device too: checked alike (str gives e.g. "cuda:0")
-    if isinstance(dtype, torch.dtype):  # the name it has among DTYPES, so that it is checked alike
-        dtype = next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     ckpt = resolve_checkpoint(spec, dtype)
     config = ModelConfig.from_json(ckpt / "config.json")
