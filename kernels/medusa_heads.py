@@ -39,6 +39,7 @@ import triton.language as tl
 from . import use_triton
 from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
+from .linear import torch_linear
 
 MAX_TOPK = 16
 MAX_SLICES = 4096  # vocab slices per row at most: the top-k program holds every slice's max in registers
@@ -50,13 +51,15 @@ def medusa_heads_reference(hidden, res_weight, res_bias, vocab_weight):
     """hidden [N, D]; res_weight [K, L, D, D]; res_bias [K, L, D]; vocab_weight [K, V, D] or shared [V, D]
     -> logits [K, N, V]."""
     K, L = res_weight.shape[:2]
-    logits = []
+    heads_out = []
     for k in range(K):
         x = hidden
         for layer in range(L):
-            x = x + F.silu(F.linear(x, res_weight[k, layer], res_bias[k, layer]))
-        logits.append(F.linear(x, vocab_weight if vocab_weight.dim() == 2 else vocab_weight[k]))
-    return torch.stack(logits)
+            x = x + F.silu(torch_linear(x, res_weight[k, layer], res_bias[k, layer]))
+        heads_out.append(x)
+    if vocab_weight.dim() == 2:  # a shared lm_head: one product over every head's rows reads its weight once
+        return torch_linear(torch.stack(heads_out), vocab_weight)
+    return torch.stack([torch_linear(x, vocab_weight[k]) for k, x in enumerate(heads_out)])
 
 
 def medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):

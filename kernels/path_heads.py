@@ -25,6 +25,7 @@ import triton.language as tl
 from . import use_triton
 from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
+from .linear import torch_linear
 
 ROWS = 16  # parents per program: tl.dot's smallest tile
 
@@ -33,7 +34,7 @@ def path_input_reference(hidden, tokens, lineage, embed_weight, proj_weight):
     """hidden [1, D] or [P, D]; tokens [M] long (the tree's tokens so far); lineage [P, d] node ids (root..parent);
     embed_weight [V, D]; proj_weight [D, d * D] -> x [P, D] = hidden + proj_weight @ the path's embeddings."""
     path = F.embedding(tokens[lineage], embed_weight)  # [P, d, D]
-    return hidden + F.linear(path.flatten(1), proj_weight)
+    return hidden + torch_linear(path.flatten(1), proj_weight)
 
 
 def place_guesses_reference(tokens, logprobs, ids, id_logprobs, children, parent_row, rank) -> None:

@@ -127,12 +127,16 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_val
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :]  # [B, 1, T, S]
     group = Hq // Hkv
-    k = k_cache.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
-    v = v_cache.repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # [B, Hq, T, S]
+    # Query head h reads KV head h // group: a KV head's group of query heads is one [group * T, D] block of
+    # rows, so each K/V is read as it is, never copied per query head.
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32 at least; a float64 reference stays float64
+    qg = q.to(acc).reshape(B, Hkv, group * T, D)
+    scores = (qg @ k_cache.to(acc).transpose(-1, -2)).view(B, Hkv, group, T, S) / math.sqrt(D)
+    mask = mask.view(-1, 1, 1, T, S)  # [B or 1, 1, 1, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no visible key: zero output
-    return (probs @ v.float()).to(q.dtype).transpose(1, 2)  # [B, T, Hq, D]
+    out = probs.view(B, Hkv, group * T, S) @ v_cache.to(acc)  # [B, Hkv, group * T, D]
+    return out.view(B, Hq, T, D).to(q.dtype).transpose(1, 2)  # [B, T, Hq, D]
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
@@ -143,12 +147,19 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     default kernel with one key chunk instead: the row-invariant merge would hold partials growing with the
     square of its length, and one chunk makes every row depend on the prompt alone, not on the cache size a
     run chose (plain and Medusa decoding size their caches differently, and the split heuristic reads it).
-    No one-row call is compared with a long prefill's rows: plain and Medusa decoding both prefill the prompt."""
+    No one-row call is compared with a long prefill's rows: plain and Medusa decoding both prefill the prompt.
+
+    On a CPU the reference reads only the slots a query can see, up to prefix_len + T, where a GPU's call keeps the
+    whole cache's shapes for its CUDA graph: a chat's cache is sized for its whole context (2,048 slots on a CPU)."""
     if use_triton(q):
         if row_invariant() and tree_mask is None and q.shape[2] > MAX_ROW_INVARIANT_TREE:
             return tree_attention_triton(q, k_cache, v_cache, prefix_len, None, key_valid, num_splits=1)
         return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid,
                                      row_invariant=row_invariant())
+    if q.device.type == "cpu":  # no CUDA graph to keep whole: read only the slots a query can see
+        end = int(prefix_len) + q.shape[2]
+        k_cache, v_cache = k_cache[:, :, :end], v_cache[:, :, :end]
+        key_valid = None if key_valid is None else key_valid[:, :end]
     return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
 
 

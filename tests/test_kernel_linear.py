@@ -21,8 +21,9 @@ import triton
 import kernels
 import kernels.linear as linear_module
 from kernels.errors import KernelInputError
-from kernels.linear import (NormedStream, TileConfig, _tile_config, linear, linear_into_residual, linear_into_residual_reference,
-                            linear_of_normed, linear_of_normed_reference, linear_triton)
+from kernels.linear import (CPU_WEIGHT_LEFT_MAX_ROWS, NormedStream, TileConfig, _tile_config, linear,
+                            linear_into_residual, linear_into_residual_reference, linear_of_normed,
+                            linear_of_normed_reference, linear_triton, torch_linear)
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.testing import (TOLERANCE, check_linear, linear_inputs, poisoned_empty, rel_error,
                              rows_differing_from_one_row_calls, same_bits)
@@ -181,15 +182,45 @@ def test_dispatch_runs_the_kernel_only_when_row_invariance_is_on(monkeypatch):
         raise AssertionError("the Triton linear ran where F.linear should")
 
     monkeypatch.setattr(linear_module, "linear_triton", no_kernel)
-    kernels.set_row_invariant(False)  # row invariance off: cuBLAS (here MKL) stays the default
-    assert same_bits(linear(x, w, b), F.linear(x, w, b))
+    kernels.set_row_invariant(False)  # row invariance off: torch's product (cuBLAS, or MKL) stays the default
+    assert same_bits(linear(x, w, b), torch_linear(x, w, b))
     kernels.set_row_invariant(True)
     kernels.set_backend("torch")
-    assert same_bits(linear(x, w, b), F.linear(x, w, b))
+    assert same_bits(linear(x, w, b), torch_linear(x, w, b))
     kernels.set_backend("triton")
     w.requires_grad_(True)  # autograd goes through F.linear, so a trainable weight gets its gradient
     linear(x, w, b).sum().backward()
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3,), (2, 5), (CPU_WEIGHT_LEFT_MAX_ROWS,),
+                                  (CPU_WEIGHT_LEFT_MAX_ROWS + 1,), (0,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_linear_is_f_linear(lead, bias):
+    x, w, b = torch.randn(*lead, 40), torch.randn(24, 40), torch.randn(24) if bias else None
+    with torch.no_grad():
+        out = torch_linear(x, w, b)
+    assert out.shape == (*lead, 24) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_linear_puts_a_cpu_weight_on_the_left_only_where_that_was_faster(monkeypatch):
+    """A float32 CPU product of 1 to CPU_WEIGHT_LEFT_MAX_ROWS rows without a gradient runs as weight @ x^T (no
+    F.linear); more rows, 16-bit dtypes and products autograd must see go through F.linear."""
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(linear_module.F, "linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    w, b = torch.randn(24, 40), torch.randn(24)
+    with torch.no_grad():
+        for rows in (1, 2, CPU_WEIGHT_LEFT_MAX_ROWS):
+            torch_linear(torch.randn(rows, 40), w, b)
+        assert calls == []
+        torch_linear(torch.randn(CPU_WEIGHT_LEFT_MAX_ROWS + 1, 40), w, b)
+        torch_linear(torch.randn(2, 40, dtype=torch.float16), w.half(), b.half())
+    assert len(calls) == 2
+    w.requires_grad_(True)
+    torch_linear(torch.randn(2, 40), w, b).sum().backward()
+    assert len(calls) == 3 and w.grad is not None
 
 
 def test_bad_inputs_name_the_fix():
