@@ -71,7 +71,7 @@ MIN_TILE_COUNTERS = 1 << 14
 # Under programmatic dependent launch, each program asks for the first PREFETCH_BYTES of each of its weight rows
 # to be brought into the L2 while the kernel before it still runs (the weights depend on no earlier kernel).
 PREFETCH_BYTES = 512
-# `torch_linear` puts a CPU product's weight on the left up to this many rows; past them F.linear was faster.
+# `torch_linear` puts a CPU product's weight on the left up to this many rows (faster at 64 and 128, slower at 256).
 CPU_WEIGHT_LEFT_MAX_ROWS = 128
 
 
@@ -169,18 +169,20 @@ def torch_linear(x, weight, bias=None):
 
     Why: a decode step's products are bound by streaming the weights from memory. On this project's CPU machines
     (torch's MKL on 2 AMD EPYC cores) F.linear streamed the default model's lm_head [49152, 576] at 12 GB/s for one
-    row (8.8 ms) and at 4.5-7 GB/s for 2 to 32 rows (15-25 ms), while the product with the weight as its left operand
-    streamed it at 40 GB/s for 2 rows (2.8 ms) and 17 GB/s for 8 (6.7 ms); past 128 rows F.linear was the faster.
+    row (8.8 ms) and at 4-7.5 GB/s for 2 to 32 rows (15-27 ms), while the product with the weight as its left operand
+    streamed it at 40 GB/s for 2 rows (2.8 ms) and 17 GB/s for 8 (6.7 ms); it stayed 5-20% faster up to 128 rows,
+    and F.linear was the faster at 256 and 512.
     One row is computed as two (itself twice), since torch turns a one-row product back into F.linear's kind. Plain
     decoding of the default model on a CPU ran 1.7-1.8x faster (bench/RESULTS.md). The sums run in another order than
     F.linear's, so the last bits differ from its, as F.linear's own do between row counts; float16 and bfloat16
     products ran slower this way and keep F.linear."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
+    plain_bias = bias is None or bias.dtype == torch.float32 and bias.shape == weight.shape[:1]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
-            or not 0 < rows <= CPU_WEIGHT_LEFT_MAX_ROWS or torch.is_grad_enabled()
+            or not plain_bias or not 0 < rows <= CPU_WEIGHT_LEFT_MAX_ROWS or torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)  # and its checks and messages for whatever the fast path does not take
     x2 = x.reshape(rows, K)
     out = torch.mm(weight, (torch.cat([x2, x2]) if rows == 1 else x2).t())  # [N, rows] (2 for one row)
     if bias is not None:

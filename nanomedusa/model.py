@@ -13,10 +13,11 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
 
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
 read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`,
-which picks Triton on CUDA. The linear layers are cuBLAS's unless `kernels.set_row_invariant(True)`
-(`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's `exact_by_default`) is on; then they, and tree
-attention, run kernels whose every row comes out as a one-row call's would, so that a Medusa tree step computes
-each accepted token bit for bit as plain decoding does; a narrow model's blocks then also fold their RMSNorms
+which picks Triton on CUDA. The linear layers are torch's products (`kernels.linear.torch_linear`: cuBLAS's on a
+GPU) unless `kernels.set_row_invariant(True)` (`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's
+`exact_by_default`) is on; then they, and tree attention, run kernels whose every row comes out as a one-row
+call's would, so that a Medusa tree step computes each accepted token bit for bit as plain decoding does; a
+narrow model's blocks then also fold their RMSNorms
 into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, a q/k/v projection whose
 tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one kernel fewer, and a
 wide gate/up projection applies SwiGLU itself (`FeedForward`), one more.
@@ -49,7 +50,8 @@ FOLD_NORMS_MAX_DIM = 1024
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `kernels.linear`: F.linear, or with row invariance on its Triton kernel (kernels/linear.py).
+    """nn.Linear through `kernels.linear`: torch's product, or with row invariance on its Triton kernel
+    (kernels/linear.py).
 
     With the RMSNorms folded in (`TransformerBlock.forward_fused`) it also takes a NormedStream as input (the
     norm's 1 / rms applied in its kernel), and `add_to`: the residual stream [..., out_features] its output is

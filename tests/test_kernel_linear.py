@@ -179,7 +179,7 @@ def test_dispatch_runs_the_kernel_only_when_row_invariance_is_on(monkeypatch):
     assert calls == [1] and same_bits(out, real(x, w, b))
 
     def no_kernel(*args, **kwargs):
-        raise AssertionError("the Triton linear ran where F.linear should")
+        raise AssertionError("the Triton linear ran where torch's product should")
 
     monkeypatch.setattr(linear_module, "linear_triton", no_kernel)
     kernels.set_row_invariant(False)  # row invariance off: torch's product (cuBLAS, or MKL) stays the default
@@ -217,10 +217,15 @@ def test_torch_linear_puts_a_cpu_weight_on_the_left_only_where_that_was_faster(m
         assert calls == []
         torch_linear(torch.randn(CPU_WEIGHT_LEFT_MAX_ROWS + 1, 40), w, b)
         torch_linear(torch.randn(2, 40, dtype=torch.float16), w.half(), b.half())
-    assert len(calls) == 2
-    w.requires_grad_(True)
+        with pytest.raises(RuntimeError):  # a bias of another dtype gets F.linear's own error
+            torch_linear(torch.randn(2, 40), w, b.double())
+    assert len(calls) == 3
+    w.requires_grad_(True)  # as a model's parameters are: decoding runs them under inference mode, swapped
+    with torch.inference_mode():
+        torch_linear(torch.randn(2, 40), w, b)
+    assert len(calls) == 3
     torch_linear(torch.randn(2, 40), w, b).sum().backward()
-    assert len(calls) == 3 and w.grad is not None
+    assert len(calls) == 4 and w.grad is not None
 
 
 def test_bad_inputs_name_the_fix():
