@@ -171,11 +171,10 @@ def torch_linear(x, weight, bias=None):
     (torch's MKL on 2 AMD EPYC cores) F.linear streamed the default model's lm_head [49152, 576] at 12 GB/s for one
     row (8.8 ms) and at 4-7.5 GB/s for 2 to 32 rows (15-27 ms), while the product with the weight as its left operand
     streamed it at 40 GB/s for 2 rows (2.8 ms) and 17 GB/s for 8 (6.7 ms); it stayed 5-20% faster up to 128 rows,
-    and F.linear was the faster at 256 and 512.
-    One row is computed as two (itself twice), since torch turns a one-row product back into F.linear's kind. Plain
-    decoding of the default model on a CPU ran 1.7-1.8x faster (bench/RESULTS.md). The sums run in another order than
-    F.linear's, so the last bits differ from its, as F.linear's own do between row counts; float16 and bfloat16
-    products ran slower this way and keep F.linear."""
+    and F.linear was the faster at 256 and 512. One row is computed as two (itself twice), since torch turns a
+    one-row product back into F.linear's kind. Plain decoding of the default model on a CPU ran 1.7-1.8x faster
+    (bench/RESULTS.md). The sums run in another order than F.linear's, so the last bits differ from its, as
+    F.linear's own do between row counts; float16 and bfloat16 products ran slower this way and keep F.linear."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     plain_bias = bias is None or bias.dtype == torch.float32 and bias.shape == weight.shape[:1]
