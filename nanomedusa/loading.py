@@ -81,8 +81,10 @@ def ours_to_hf(name: str, part: int | None = None) -> str:
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(name, torch.dtype):  # checked as its name among DTYPES is
-        name = next((key for key, dtype in DTYPES.items() if dtype == name), str(name))
+    if isinstance(name, torch.dtype):  # one of DTYPES' is taken; any other is refused by its name below
+        if name in DTYPES.values():
+            return name
+        name = str(name)
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:

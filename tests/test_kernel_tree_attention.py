@@ -126,12 +126,12 @@ def test_reference_query_heads_read_their_kv_head():
     """The reference's grouped queries against attention written out per query head: head h reads KV head
     h // group, over the prefix and its tree ancestors."""
     B, Hq, Hkv, T, S, D, prefix = 2, 6, 2, 4, 11, 8, 5
-    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64) for H, L in ((Hq, T), (Hkv, S), (Hkv, S)))
-    tree_mask = random_tree_mask(T)
+    q, k, v = random_qkv(B, Hq, Hkv, T, S, D, torch.float64)
+    tree_mask = random_tree_mask(T).to(DEVICE)
     out = tree_attention_reference(q, k, v, prefix, tree_mask)  # [B, T, Hq, D]
     for h in range(Hq):
         for i in range(T):
-            seen = torch.cat([torch.arange(prefix), prefix + tree_mask[i].nonzero().flatten()])
+            seen = torch.cat([torch.arange(prefix, device=DEVICE), prefix + tree_mask[i].nonzero().flatten()])
             kh, vh = k[:, h // (Hq // Hkv), seen], v[:, h // (Hq // Hkv), seen]  # [B, keys, D]
             probs = (torch.einsum("bd,bkd->bk", q[:, h, i], kh) / D ** 0.5).softmax(-1)
             torch.testing.assert_close(out[:, i, h], torch.einsum("bk,bkd->bd", probs, vh))
@@ -143,7 +143,7 @@ def test_cpu_dispatch_reads_no_slot_past_the_tree(prefix_as_tensor, with_key_val
     """On a CPU the torch path reads only slots < prefix_len + T: NaN past them changes nothing."""
     kernels.set_backend("torch")
     B, Hq, Hkv, T, S, D, prefix = 2, 4, 2, 3, 30, 8, 9
-    q, k, v = (torch.randn(B, H, L, D) for H, L in ((Hq, T), (Hkv, S), (Hkv, S)))
+    q, k, v = (t.cpu() for t in random_qkv(B, Hq, Hkv, T, S, D, torch.float32))
     tree_mask = random_tree_mask(T)
     key_valid = torch.ones(B, S, dtype=torch.bool) if with_key_valid else None
     if with_key_valid:
