@@ -1,6 +1,6 @@
 """Plain sampling (kernels/sample_token.py): what `target_probs` cuts (temperature, top k, the nucleus with its
-ties); the draw's kernel against its torch reference, token for token on the same uniforms; and the reference
-against the distribution it must draw from.
+ties); the draw's kernel and its CPU path against its torch reference, token for token on the same uniforms; and
+the reference against the distribution it must draw from.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py): fp32 and fp16 logits; bf16 on CUDA.
 """
@@ -8,7 +8,9 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py): fp32 
 import pytest
 import torch
 
-from kernels.sample_token import PROPOSALS, sample_from, sample_token_reference, sample_token_triton, target_probs
+import kernels.sample_token as draw
+from kernels.sample_token import (PROPOSALS, sample_from, sample_token, sample_token_cpu, sample_token_reference,
+                                  sample_token_triton, target_probs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -95,7 +97,7 @@ def test_a_strided_row_and_minus_infinity():
     assert_same_draws(got, logits, 0.7, 0, 0.95, u)
 
 
-@pytest.mark.parametrize("impl", [sample_token_reference, sample_token_triton])
+@pytest.mark.parametrize("impl", [sample_token_reference, sample_token_triton, sample_token_cpu])
 def test_a_proposal_outside_the_nucleus_is_refused(impl):
     # softmax: 0.644 for token 0, 0.237 for token 1, 0.087 and 0.032 for tokens 2 and 3. The nucleus of 0.8 is
     # tokens 0 and 1 (0.644 above token 1 is under 0.8; 0.881 above token 2 is not).
@@ -106,6 +108,38 @@ def test_a_proposal_outside_the_nucleus_is_refused(impl):
     u = torch.tensor([[*high, 0.9]], device=DEVICE)  # every proposal is token 3: the last uniform draws from the
     assert impl(logits, 1.0, 0, 0.8, u).item() == 1  # nucleus, where 0.9 of (0.731, 0.269) is token 1
     assert impl(logits, 1.0, 0, 1.0, u).item() == 3  # no nucleus: the first proposal stands
+
+
+@pytest.mark.parametrize("shape", [(1, 1000), (40, 3000), (3, 2, 777)])
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS + [(1.0, 0, 0.3)])
+def test_the_cpu_path_draws_the_references_tokens(shape, temperature, top_k, top_p):
+    # Token for token on the same uniforms (no rounding apart: the same torch operations on the same rows). At top-p
+    # 0.3 and 0.05 some rows' proposals all miss and some don't, so the nucleus is found for a few rows only.
+    logits = random_logits(*shape, seed=4).cpu()
+    u = uniforms(shape[:-1], seed=5).cpu()
+    want = sample_token_reference(logits, temperature, top_k, top_p, u)
+    assert torch.equal(sample_token_cpu(logits, temperature, top_k, top_p, u), want)
+    assert torch.equal(sample_token(logits, temperature, top_k, top_p, u), want)
+
+
+def test_the_cpu_path_finds_the_nucleus_only_where_every_proposal_missed(monkeypatch):
+    # Row 0 rises gently over 1,000 tokens (at top-p 0.05 the nucleus is its top 50 or so, which uniforms of 0.5
+    # miss); row 1 puts 0.99 on token 7 (a proposal of it is kept at once). So the nucleus is computed for row 0
+    # alone, and without row 0 the proposals stop after the first.
+    logits = torch.zeros(2, 1000)
+    logits[0] = torch.arange(1000) * 1e-3
+    logits[1, 7] = 12.0
+    u = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.25], [0.5, 0.1, 0.9, 0.3, 0.0]])
+    want = sample_token_reference(logits, 1.0, 0, 0.05, u)
+    assert want[0] >= 900 and want[1] == 7
+    cuts, draws = [], []
+    monkeypatch.setattr(draw, "target_probs", lambda z, *a: cuts.append((z.shape[0], *a)) or target_probs(z, *a))
+    monkeypatch.setattr(draw, "sample_from", lambda p, v: draws.append(v.shape) or sample_from(p, v))
+    assert torch.equal(sample_token(logits, 1.0, 0, 0.05, u), want)
+    assert cuts == [(2, 1.0, 0), (1, 1.0, 0, 0.05)]  # q for both rows, then the nucleus of row 0 alone
+    cuts.clear(), draws.clear()
+    assert sample_token(logits[1:], 1.0, 0, 0.05, u[1:]).tolist() == [7]
+    assert cuts == [(1, 1.0, 0)] and len(draws) == 1
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 0.9), (1.0, 0, 0.3), (1.0, 3, 0.7), (0.9, 4, 1.0)])
@@ -122,7 +156,7 @@ def test_the_reference_draws_from_target_probs(temperature, top_k, top_p):
     assert (freq - want).abs().max() < 4 * (0.25 / n) ** 0.5  # four standard deviations at worst
 
 
-@pytest.mark.parametrize("impl", [sample_token_reference, sample_token_triton])
+@pytest.mark.parametrize("impl", [sample_token_reference, sample_token_triton, sample_token_cpu])
 def test_the_fallback_is_what_a_nucleus_draw_gives(impl):
     # With top_p tiny every proposal past the likeliest token misses; the rows whose proposals all miss draw with
     # the last uniform from the nucleus, as sample_from over target_probs would.
