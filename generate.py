@@ -92,13 +92,13 @@ def default_heads_dir(args, device: torch.device) -> Path | None:
 
     On a CPU a tree step's products of several rows cost much more than a plain step's one row (a 32-node step
     about 4 plain steps on our 2-core machine), so the shipped 32-node tree is slower there; only the smallest tree
-    pays, 1.15-1.23x plain with --tree chain1 (bench/RESULTS.md), too little, on one kind of CPU, to change the
+    pays, 1.09-1.18x plain with --tree chain1 (bench/RESULTS.md), too little, on one kind of CPU, to change the
     default. It runs with --medusa DIR."""
     if args.model is not None or not (SHIPPED_HEADS / "config.json").is_file():
         return None
     if device.type == "cpu" and not args.compare:
         print(f"[note] on a CPU the default is plain decoding (Medusa's trees pay off on a GPU); pass --medusa "
-              f"{SHIPPED_HEADS} --tree chain1 for the shipped heads with the smallest tree, which was 1.15-1.23x "
+              f"{SHIPPED_HEADS} --tree chain1 for the shipped heads with the smallest tree, which was 1.09-1.18x "
               f"faster on our CPU.", file=sys.stderr)
         return None
     return SHIPPED_HEADS

@@ -115,8 +115,7 @@ from .errors import KernelInputError
 def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     """q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; tree_mask [T, T] bool or None (causal); key_valid
     [B, S] bool or None -> out [B, T, Hq, D] (token-major: the output projection reads it as [B, T, Hq * D])."""
-    B, Hq, T, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    T, S = q.shape[2], k_cache.shape[2]
     if tree_mask is None:
         tree_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     slots = torch.arange(S, device=q.device)
@@ -126,15 +125,26 @@ def tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_val
     mask = (rel < 0) | tree_part  # [T, S]
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :]  # [B, 1, T, S]
+    return attend(q, k_cache, v_cache, mask)
+
+
+def attend(q, k_cache, v_cache, mask=None):
+    """The reference's arithmetic: q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; mask [T, S] or [B, 1, T, S]
+    bool (None: every query sees every slot) -> out [B, T, Hq, D]. A query that sees no slot gets zeros."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     # Query head h reads KV head h // group: a KV head's group of query heads is one [group * T, D] block of
     # rows, so each K/V is read as it is, never copied per query head.
     acc = torch.promote_types(q.dtype, torch.float32)  # float32 at least; a float64 reference stays float64
     qg = q.to(acc).reshape(B, Hkv, group * T, D)
     scores = (qg @ k_cache.to(acc).transpose(-1, -2)).view(B, Hkv, group, T, S) / math.sqrt(D)
-    mask = mask.view(-1, 1, 1, T, S)  # [B or 1, 1, 1, T, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no visible key: zero output
+    if mask is None:
+        probs = scores.softmax(-1)
+    else:
+        mask = mask.view(-1, 1, 1, T, S)  # [B or 1, 1, 1, T, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no visible key: zero output
     out = probs.view(B, Hkv, group * T, S) @ v_cache.to(acc)  # [B, Hkv, group * T, D]
     return out.view(B, Hq, T, D).to(q.dtype).transpose(1, 2)  # [B, T, Hq, D]
 
@@ -149,17 +159,27 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     run chose (plain and Medusa decoding size their caches differently, and the split heuristic reads it).
     No one-row call is compared with a long prefill's rows: plain and Medusa decoding both prefill the prompt.
 
-    On a CPU the reference reads only the slots a query can see, up to prefix_len + T, where a GPU's call keeps the
-    whole cache's shapes for its CUDA graph: a chat's cache is sized for its whole context (2,048 slots on a CPU)."""
+    On a CPU the reference's arithmetic (`attend`) reads only the slots a query can see, up to prefix_len + T, where a
+    GPU's call keeps the whole cache's shapes for its CUDA graph: a chat's cache is sized for its whole context (2,048
+    slots on a CPU). Its mask is the prefix's slots, then the tree's, built from prefix_len read on the host; a plain
+    decoding step's one token sees every slot read and needs none. (The reference's mask, built for any cache size
+    without reading prefix_len, took 70 of a plain step's 100 µs there, at the default model's shapes.)"""
     if use_triton(q):
         if row_invariant() and tree_mask is None and q.shape[2] > MAX_ROW_INVARIANT_TREE:
             return tree_attention_triton(q, k_cache, v_cache, prefix_len, None, key_valid, num_splits=1)
         return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid,
                                      row_invariant=row_invariant())
-    if q.device.type == "cpu":  # no CUDA graph to keep whole: read only the slots a query can see
-        end = int(prefix_len) + q.shape[2]
-        k_cache, v_cache = k_cache[:, :, :end], v_cache[:, :, :end]
-        key_valid = None if key_valid is None else key_valid[:, :end]
+    if q.device.type == "cpu":  # no CUDA graph to keep whole: the host reads prefix_len and builds the mask
+        prefix, T = int(prefix_len), q.shape[2]
+        k_cache, v_cache = k_cache[:, :, :prefix + T], v_cache[:, :, :prefix + T]  # [B, Hkv, prefix + T, D]
+        if T == 1 and tree_mask is None and key_valid is None:
+            return attend(q, k_cache, v_cache)  # one token sees every slot read
+        if tree_mask is None:
+            tree_mask = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = torch.cat([tree_mask.new_ones(T, prefix), tree_mask], 1)  # [T, prefix + T]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :prefix + T]  # [B, 1, T, prefix + T]
+        return attend(q, k_cache, v_cache, mask)
     return tree_attention_reference(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
 
 

@@ -139,18 +139,35 @@ def test_reference_query_heads_read_their_kv_head():
 
 @pytest.mark.parametrize("prefix_as_tensor", [False, True])
 @pytest.mark.parametrize("with_key_valid", [False, True])
-def test_cpu_dispatch_reads_no_slot_past_the_tree(prefix_as_tensor, with_key_valid):
-    """On a CPU the torch path reads only slots < prefix_len + T: NaN past them changes nothing."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_dispatch_reads_no_slot_past_the_tree(prefix_as_tensor, with_key_valid, causal):
+    """On a CPU the torch path reads only slots < prefix_len + T, with a mask of its own (a tree's, or causal as
+    in a prefill): NaN past them changes nothing."""
     kernels.set_backend("torch")
     B, Hq, Hkv, T, S, D, prefix = 2, 4, 2, 3, 30, 8, 9
     q, k, v = (t.cpu() for t in random_qkv(B, Hq, Hkv, T, S, D, torch.float32))
-    tree_mask = random_tree_mask(T)
+    tree_mask = None if causal else random_tree_mask(T)
     key_valid = torch.ones(B, S, dtype=torch.bool) if with_key_valid else None
     if with_key_valid:
         key_valid[1, :4] = False  # a left-padded row
     ref = tree_attention_reference(q, k, v, prefix, tree_mask, key_valid)
     k[:, :, prefix + T:], v[:, :, prefix + T:] = float("nan"), float("nan")
     out = tree_attention(q, k, v, torch.tensor(prefix) if prefix_as_tensor else prefix, tree_mask, key_valid)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("prefix_as_tensor", [False, True])
+def test_cpu_plain_decode_step_equals_the_reference(prefix_as_tensor):
+    """A plain decoding step on a CPU (one token, causal, no key_valid) skips the mask: it sees every slot it reads,
+    so its output is the reference's over those slots bit for bit (and over the whole cache up to rounding)."""
+    kernels.set_backend("torch")
+    B, Hq, Hkv, S, D, prefix = 2, 6, 2, 30, 8, 11
+    q, k, v = (t.cpu() for t in random_qkv(B, Hq, Hkv, 1, S, D, torch.float32))
+    ref = tree_attention_reference(q, k, v, prefix, None)
+    ref_read = tree_attention_reference(q, k[:, :, :prefix + 1], v[:, :, :prefix + 1], prefix, None)
+    k[:, :, prefix + 1:], v[:, :, prefix + 1:] = float("nan"), float("nan")
+    out = tree_attention(q, k, v, torch.tensor(prefix) if prefix_as_tensor else prefix, None)
+    assert torch.equal(out, ref_read)
     torch.testing.assert_close(out, ref)
 
 
