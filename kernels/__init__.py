@@ -2,17 +2,18 @@
 that defines what it computes.
 
 Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `compact_kv`, `accept_candidates`,
-`sample_token`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`, `linear`)
-dispatches here: the Triton version on CUDA tensors, the torch reference elsewhere (`linear` takes its kernel only
-under `set_row_invariant(True)`; otherwise torch's product, `torch_linear`). `set_backend` forces one side ("torch"
-or "triton"; "triton" on CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against its
-reference: see `interpreter.py`). `set_row_invariant(True)` makes the Triton side compute every row of a call
+`sample_token`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`, `linear`) dispatches here: the
+Triton version on CUDA tensors, the torch reference elsewhere (`linear` takes its kernel only under
+`set_row_invariant(True)`; otherwise torch's product, `torch_linear`; on a CPU `tree_attention` and `sample_token`
+give the reference's results with host-side shortcuts a CUDA graph could not have). `set_backend` forces one side
+("torch" or "triton"; "triton" on CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against
+its reference: see `interpreter.py`). `set_row_invariant(True)` makes the Triton side compute every row of a call
 exactly as a one-row call would (fixed reduction schedules, whatever the row count), so that a Medusa tree step
 reproduces plain decoding bit for bit; the torch side is unchanged by it. An input a kernel cannot take raises
-`KernelInputError` (`errors.py`); `testing.py` holds the correctness checks the tests and the benchmarks share. In the row-invariant
-mode on Hopper and newer GPUs every kernel launches while the one before it still runs and waits on the device for
-its inputs (`dependent_launch.py`; `set_dependent_launch(False)` or NANOMEDUSA_PDL=0 turns it off). Nothing here
-imports the application above.
+`KernelInputError` (`errors.py`); `testing.py` holds the correctness checks the tests and the benchmarks share. In
+the row-invariant mode on Hopper and newer GPUs every kernel launches while the one before it still runs and waits
+on the device for its inputs (`dependent_launch.py`; `set_dependent_launch(False)` or NANOMEDUSA_PDL=0 turns it
+off). Nothing here imports the application above.
 """
 
 from __future__ import annotations

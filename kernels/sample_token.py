@@ -97,8 +97,8 @@ def sample_token_reference(logits, temperature: float, top_k: int, top_p: float,
 def first_proposal_in_nucleus(q, top_p: float, uniforms, stop_when_all_kept: bool = False):
     """q [..., V] the top-k-cut softmax, uniforms [..., PROPOSALS + 1] -> (token [...], kept [...] bool): each row's
     first proposal from q that lies in the nucleus (the tokens strictly likelier than it hold less than top_p), and
-    whether one did (where none did, token is the last proposal looked at). stop_when_all_kept: skip the proposals left once
-    every row has kept one (a host sync: for a CPU, not for a CUDA graph)."""
+    whether one did (where none did, token is the last proposal looked at). stop_when_all_kept: skip the proposals
+    left once every row has kept one (a host sync: for a CPU, not for a CUDA graph)."""
 
     def proposal(j):  # [...] the j-th proposal and whether it lies in the nucleus
         x = sample_from(q, uniforms[..., j])

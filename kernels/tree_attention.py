@@ -229,8 +229,8 @@ def _read_prefix(prefix_len, PREFIX_IS_PTR: tl.constexpr, CACHE: tl.constexpr):
 @triton.jit
 def _program_setup(prefix_len, k_ptr, v_ptr, bh, n_kv_heads, T, S, stride_kb, stride_kh, stride_vb, stride_vh,
                   PREFIX_IS_PTR: tl.constexpr, CACHE: tl.constexpr):
-    """What every attention program starts from: its batch row b, the prefix length (`_read_prefix`), kv_len (keys 0 .. kv_len: the prefix and the tree) and
-    the bases of its (batch row, KV head)'s K and V."""
+    """What every attention program starts from: its batch row b, the prefix length (`_read_prefix`), kv_len (keys
+    0 .. kv_len: the prefix and the tree) and the bases of its (batch row, KV head)'s K and V."""
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
     prefix = _read_prefix(prefix_len, PREFIX_IS_PTR, CACHE)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh

@@ -1,11 +1,11 @@
 """Turning logits into the next token: greedy, or sampling with temperature, top-k and top-p.
 
 `target_probs` is the one definition of the distribution we sample from, and `next_token` draws from it
-(`kernels/sample_token.py`: the distribution in torch; the draw a Triton kernel on a GPU, its torch reference
-elsewhere, which keeps proposals from the softmax when they lie in the nucleus: rejection sampling). Plain
-sampling and Medusa's lossless sampling, which draws at every node of its tree, both draw this way, which is what
-makes the latter lossless. Every draw is on the device from uniforms drawn beforehand, with no host sync, so that
-sampling steps replay inside CUDA graphs.
+(`kernels/sample_token.py`: the distribution in torch; the draw a Triton kernel on a GPU, the same tokens in torch
+on a CPU, keeping proposals from the softmax when they lie in the nucleus: rejection sampling). Plain sampling and
+Medusa's lossless sampling, which draws at every node of its tree, both draw this way, which is what makes the
+latter lossless. Every draw uses uniforms drawn beforehand, and on a GPU needs no host sync, so that sampling steps
+replay inside CUDA graphs.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py): fp32 
 import pytest
 import torch
 
+import kernels
 import kernels.sample_token as draw
 from kernels.sample_token import (PROPOSALS, sample_from, sample_token, sample_token_cpu, sample_token_reference,
                                   sample_token_triton, target_probs)
@@ -115,6 +116,7 @@ def test_a_proposal_outside_the_nucleus_is_refused(impl):
 def test_the_cpu_path_draws_the_references_tokens(shape, temperature, top_k, top_p):
     # Token for token on the same uniforms (no rounding apart: the same torch operations on the same rows). At top-p
     # 0.3 and 0.05 some rows' proposals all miss and some don't, so the nucleus is found for a few rows only.
+    kernels.set_backend("torch")  # (else NANOMEDUSA_KERNELS=triton would send CPU tensors to the interpreter)
     logits = random_logits(*shape, seed=4).cpu()
     u = uniforms(shape[:-1], seed=5).cpu()
     want = sample_token_reference(logits, temperature, top_k, top_p, u)
@@ -126,6 +128,7 @@ def test_the_cpu_path_finds_the_nucleus_only_where_every_proposal_missed(monkeyp
     # Row 0 rises gently over 1,000 tokens (at top-p 0.05 the nucleus is its top 50 or so, which uniforms of 0.5
     # miss); row 1 puts 0.99 on token 7 (a proposal of it is kept at once). So the nucleus is computed for row 0
     # alone, and without row 0 the proposals stop after the first.
+    kernels.set_backend("torch")
     logits = torch.zeros(2, 1000)
     logits[0] = torch.arange(1000) * 1e-3
     logits[1, 7] = 12.0

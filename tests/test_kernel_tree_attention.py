@@ -142,7 +142,7 @@ def test_reference_query_heads_read_their_kv_head():
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_dispatch_reads_no_slot_past_the_tree(prefix_as_tensor, with_key_valid, causal):
     """On a CPU the torch path reads only slots < prefix_len + T, with a mask of its own (a tree's, or causal as
-    in a prefill): NaN past them changes nothing."""
+    in a prefill): NaN past them changes nothing, and the output is the reference's over those slots bit for bit."""
     kernels.set_backend("torch")
     B, Hq, Hkv, T, S, D, prefix = 2, 4, 2, 3, 30, 8, 9
     q, k, v = (t.cpu() for t in random_qkv(B, Hq, Hkv, T, S, D, torch.float32))
@@ -151,8 +151,12 @@ def test_cpu_dispatch_reads_no_slot_past_the_tree(prefix_as_tensor, with_key_val
     if with_key_valid:
         key_valid[1, :4] = False  # a left-padded row
     ref = tree_attention_reference(q, k, v, prefix, tree_mask, key_valid)
-    k[:, :, prefix + T:], v[:, :, prefix + T:] = float("nan"), float("nan")
+    end = prefix + T
+    ref_read = tree_attention_reference(q, k[:, :, :end], v[:, :, :end], prefix, tree_mask,
+                                        None if key_valid is None else key_valid[:, :end])
+    k[:, :, end:], v[:, :, end:] = float("nan"), float("nan")
     out = tree_attention(q, k, v, torch.tensor(prefix) if prefix_as_tensor else prefix, tree_mask, key_valid)
+    assert torch.equal(out, ref_read)
     torch.testing.assert_close(out, ref)
 
 
