@@ -252,20 +252,23 @@ def test_linear_tree_sweep_keeps_the_k_schedule_and_checks_every_row_bitwise(tmp
         assert row["rows_differing"] == [] and set(row["us"]) == {"16"}  # (JSON keys)
     assert {row["config"]["block_n"] for row in r["sweep_tree"]} >= set(linear_bench.SMOKE_TREE_BLOCK_N)
     assert "### Tree tiles summary" in capsys.readouterr().out
-    # A config that sums over K in other steps is caught, not timed.
+    # A config that sums each element's products in another order is caught, not timed: here 16-long K steps, with
+    # K split in two whose sums are added at the end. (A shorter K step alone was the example, but an H200's fp32
+    # product adds each product in K order whatever the step, so its bits did not change there.)
     matrix = linear_bench.SMOKE_MATRICES[0]
     own = linear_bench._tile_config(matrix.N, matrix.K, torch.float32, on_gpu)
     case = linear_bench.make_case(matrix, (16,), torch.float32, torch.device("cuda" if on_gpu else "cpu"), 0)
     results = {"sweep_tree": []}
-    ranked = linear_bench.sweep_tree_matrix(case, own, [own._replace(block_k=16)], linear_bench.TABLE_REPS, results)
+    ranked = linear_bench.sweep_tree_matrix(case, own, [own._replace(block_k=16, split_k=2)],
+                                            linear_bench.TABLE_REPS, results)
     assert ranked == [] and results["sweep_tree"][0]["rows_differing"]
 
 
 def test_linear_sweep_compiles_in_worker_processes(capsys):
-    # On the GPU the sweep's configs compile in parallel processes first; here the same pool runs the
-    # interpreter, which proves the call pickles and a worker's failure is counted, not raised.
+    # On the GPU the sweep's configs compile in parallel processes first; without one the same pool runs the
+    # interpreter. Either way the call pickles and a worker's failure (a K step of 0) is counted, not raised.
     configs = [linear_bench.SMOKE_SWEEP[0], linear_bench.SMOKE_SWEEP[0]._replace(block_k=0)]
-    linear_bench.precompile(configs, torch.float32, torch.device("cpu"))
+    linear_bench.precompile(configs, torch.float32, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     printed = capsys.readouterr().out
     assert printed.startswith("compiled 2 configs in ") and "(1 failed to compile or run)" in printed
 
