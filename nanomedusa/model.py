@@ -11,16 +11,15 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
   tokens that `tree_mask` [T, T] allows (None: causal, for prefill and decode; ancestors for a Medusa tree).
   RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
 
-The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads)
-read. Hot ops (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`,
-which picks Triton on CUDA. The linear layers are torch's products (`kernels.linear.torch_linear`: cuBLAS's on a
-GPU) unless `kernels.set_row_invariant(True)` (`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's
-`exact_by_default`) is on; then they, and tree attention, run kernels whose every row comes out as a one-row
-call's would, so that a Medusa tree step computes each accepted token bit for bit as plain decoding does; a
-narrow model's blocks then also fold their RMSNorms
-into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, a q/k/v projection whose
-tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one kernel fewer, and a
-wide gate/up projection applies SwiGLU itself (`FeedForward`), one more.
+The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads) read. Hot ops
+(`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`, which picks Triton on
+CUDA. The linear layers are torch's products (`kernels.linear.torch_linear`: cuBLAS's on a GPU) unless
+`kernels.set_row_invariant(True)` (`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's `exact_by_default`) is
+on; then they, and tree attention, run kernels whose every row comes out as a one-row call's would, so that a Medusa
+tree step computes each accepted token bit for bit as plain decoding does; a narrow model's blocks then also fold
+their RMSNorms into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, a q/k/v
+projection whose tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one
+kernel fewer, and a wide gate/up projection applies SwiGLU itself (`FeedForward`), one more.
 """
 
 from __future__ import annotations
