@@ -44,7 +44,8 @@ from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, cut_to_depth, parse_tree
 from weights import SHIPPED_HEADS
 
-DEFAULT_TREE = "mc_sim_7b_63"
+DEFAULT_TREE = "mc_sim_7b_63"  # for heads without a tree of their own
+CPU_TREE = "chain1"  # the default on a CPU (load_heads says why)
 
 
 def parse_args(argv=None):
@@ -68,9 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the shipped heads of the default model)")
     p.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding")
     p.add_argument("--tree", default=None,
-                   help=f"tree preset name, JSON list of paths, or dynamic: each step verifies the --tree-nodes "
-                        f"likeliest nodes by the heads' calibrated confidence (default: the heads' own tree, else "
-                        f"{DEFAULT_TREE})")
+                   help=f"tree preset name, JSON list of paths, own (the heads' own tree, else {DEFAULT_TREE}), or "
+                        f"dynamic: each step verifies the --tree-nodes likeliest nodes by the heads' calibrated "
+                        f"confidence (default: own on a GPU, {CPU_TREE} on a CPU)")
     p.add_argument("--tree-nodes", type=int, default=None,
                    help="--tree dynamic: nodes verified per step, the root included (default: as many as the heads' "
                         "own tree has, else 64; tune it on the GPU with python -m bench.dynamic_trees)")
@@ -87,30 +88,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_heads_dir(args, device: torch.device) -> Path | None:
-    """The shipped heads, when the model is the built-in default, they are present and the device is a GPU.
-
-    On a CPU a tree step's products of several rows cost much more than a plain step's one row (a 32-node step
-    about 4 plain steps on our 2-core machine), so the shipped 32-node tree is slower there; only the smallest tree
-    pays, 1.09-1.18x plain with --tree chain1 (bench/RESULTS.md), too little, on one kind of CPU, to change the
-    default. It runs with --medusa DIR."""
+def default_heads_dir(args) -> Path | None:
+    """The shipped heads, when the model is the built-in default and they are present."""
     if args.model is not None or not (SHIPPED_HEADS / "config.json").is_file():
-        return None
-    if device.type == "cpu" and not args.compare:
-        print(f"[note] on a CPU the default is plain decoding (Medusa's trees pay off on a GPU); pass --medusa "
-              f"{SHIPPED_HEADS} --tree chain1 for the shipped heads with the smallest tree, which was 1.09-1.18x "
-              f"faster on our CPU.", file=sys.stderr)
         return None
     return SHIPPED_HEADS
 
 
 def load_heads(args, model):
-    path = None if args.no_medusa and not args.compare else args.medusa or default_heads_dir(args, model.device)
+    """The heads and their tree for this run, or (None, None) for plain decoding.
+
+    Without --tree the tree is the heads' own (else DEFAULT_TREE), except on a CPU, where it is CPU_TREE, the root
+    and one guess: a CPU's products of several rows cost much more than a plain step's one row (the default model's
+    32-node step is 2.2-2.7 plain steps on a 16-core Xeon, 3.9 on our 2-core EPYC), so the heads' own tree decodes
+    slower than plain decoding there (0.5-0.9x), while the root and one guess was 1.05-1.18x plain decoding on both
+    CPUs at 1 to 16 threads, and the next size, 4 nodes, 0.99-1.2x (bench/RESULTS.md)."""
+    path = None if args.no_medusa and not args.compare else args.medusa or default_heads_dir(args)
     if path is None:
         if args.compare:
             raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
         given = [flag for flag, value in (("--tree", args.tree), ("--accept", args.accept)) if value is not None]
-        if given:  # not an error: the CPU's default (plain decoding) should not refuse a GPU's command line
+        if given:  # not an error: --no-medusa, or a model without shipped heads, decodes plainly
             print(f"[note] {' and '.join(given)} apply to Medusa decoding; this run decodes plainly (no heads), "
                   f"so {'they do' if len(given) > 1 else 'it does'} nothing here.", file=sys.stderr)
         return None, None
@@ -118,10 +116,15 @@ def load_heads(args, model):
     if args.tree == "dynamic":
         return heads, DynamicTree.for_heads(heads.config, args.tree_nodes, device=model.device,
                                             vocab_size=model.config.vocab_size)
-    tree_spec = args.tree or heads.config.medusa_choices or DEFAULT_TREE
-    choices = parse_tree(tree_spec)
-    if args.tree is None:  # a default tree deeper than the heads: drop the paths the heads cannot fill
-        choices = cut_to_depth(choices, heads.config.num_heads)
+    spec = args.tree
+    if spec is None and model.device.type == "cpu":
+        spec = CPU_TREE
+        print(f"[note] on a CPU the default tree is {CPU_TREE}, the root and one guess (larger trees cost more than "
+              f"they gain there); pass --tree own for the heads' own tree, or --no-medusa.", file=sys.stderr)
+    if spec in (None, "own"):  # a default tree deeper than the heads: drop the paths the heads cannot fill
+        choices = cut_to_depth(parse_tree(heads.config.medusa_choices or DEFAULT_TREE), heads.config.num_heads)
+    else:
+        choices = parse_tree(spec)
     return heads, TreeBuffers.from_choices(choices, device=model.device, vocab_size=model.config.vocab_size)
 
 
@@ -223,7 +226,7 @@ def check_args(args) -> None:
     if args.tree_nodes is not None and args.tree != "dynamic":
         raise NanoMedusaError("--tree-nodes sizes a dynamic tree; add --tree dynamic, or drop --tree-nodes.")
     check_at_least(1, {"--tree-nodes": args.tree_nodes})
-    if args.tree not in (None, "dynamic"):
+    if args.tree not in (None, "dynamic", "own"):
         parse_tree(args.tree)  # a typo fails now, not after the model has loaded
 
 

@@ -113,17 +113,30 @@ def test_mismatched_heads_are_clear_errors(model, tmp_path):
         MedusaHeads.load(tmp_path, model.config)
 
 
-def test_shipped_heads_are_the_default_on_a_gpu_only(capsys):
+def test_shipped_heads_are_the_default_model_s_default():
     import generate
 
-    args = generate.parse_args(["--prompt", "hi"])
-    assert generate.default_heads_dir(args, torch.device("cuda")) == generate.SHIPPED_HEADS
-    assert generate.default_heads_dir(args, torch.device("cpu")) is None
-    assert "on a CPU the default is plain decoding" in capsys.readouterr().err
-    args = generate.parse_args(["--prompt", "hi", "--compare"])  # --compare needs heads: it still gets them
-    assert generate.default_heads_dir(args, torch.device("cpu")) == generate.SHIPPED_HEADS
-    args = generate.parse_args(["--prompt", "hi", "--model", "some/other-model"])
-    assert generate.default_heads_dir(args, torch.device("cuda")) is None
+    assert generate.default_heads_dir(generate.parse_args(["--prompt", "hi"])) == generate.SHIPPED_HEADS
+    assert generate.default_heads_dir(generate.parse_args(["--prompt", "hi", "--model", "some/other-model"])) is None
+
+
+def test_a_cpu_s_default_tree_is_the_root_and_one_guess_and_own_picks_the_heads_tree(model, tmp_path, capsys):
+    import generate
+
+    heads = MedusaHeads.from_base(model, num_heads=2, num_layers=1)
+    heads.config.medusa_choices = [[0], [1], [0, 0], [0, 0, 0]]  # one path deeper than the heads: cut
+    heads.save(tmp_path)
+    argv = ["--prompt", "hi", "--medusa", str(tmp_path)]
+
+    def tree_of(*flags):
+        return generate.load_heads(generate.parse_args(argv + list(flags)), model)[1].paths
+
+    assert tree_of() == [[], [0]]  # on a CPU: chain1
+    assert "on a CPU the default tree is chain1" in capsys.readouterr().err
+    assert tree_of("--tree", "own") == [[], [0], [1], [0, 0]]
+    assert tree_of("--tree", "chain2") == [[], [0], [0, 0]]
+    assert "default tree" not in capsys.readouterr().err  # a tree asked for: no note
+    assert generate.load_heads(generate.parse_args(argv + ["--no-medusa"]), model) == (None, None)
 
 
 @pytest.mark.parametrize("checkpoint, preset", [("smollm2-135m-instruct-medusa", "smollm2_135m_medusa1"),
