@@ -99,16 +99,18 @@ def load_heads(args, model):
     """The heads and their tree for this run, or (None, None) for plain decoding.
 
     Without --tree the tree is the heads' own (else DEFAULT_TREE), except on a CPU, where it is CPU_TREE, the root
-    and one guess: a CPU's products of several rows cost much more than a plain step's one row (the default model's
-    32-node step is 2.2-2.7 plain steps on a 16-core Xeon, 3.9 on our 2-core EPYC), so the heads' own tree decodes
-    slower than plain decoding there (0.5-0.9x), while the root and one guess was 1.05-1.18x plain decoding on both
-    CPUs at 1 to 16 threads, and the next size, 4 nodes, 0.99-1.2x (bench/RESULTS.md)."""
+    and one guess, whatever the heads: a CPU's products of several rows cost much more than a plain step's one row
+    (the default model's 32-node step is 2.2-2.7 plain steps on a 16-core Xeon, 3.9 on our 2-core EPYC), so the
+    shipped heads' own tree decodes slower than plain decoding there (0.5-0.9x), while the root and one guess was
+    1.05-1.18x plain decoding on both CPUs at 1 to 16 threads; a 4-node tree ran 0.99x on the 2-core machine,
+    though the Xeon's step times put it at 1.16-1.19x (bench/RESULTS.md)."""
     path = None if args.no_medusa and not args.compare else args.medusa or default_heads_dir(args)
     if path is None:
         if args.compare:
             raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
         given = [flag for flag, value in (("--tree", args.tree), ("--accept", args.accept)) if value is not None]
-        if given:  # not an error: --no-medusa, or a model without shipped heads, decodes plainly
+        if given:  # not an error: a Medusa command line with --no-medusa added, or for a model without shipped
+            # heads, should run plainly, not be refused
             print(f"[note] {' and '.join(given)} apply to Medusa decoding; this run decodes plainly (no heads), "
                   f"so {'they do' if len(given) > 1 else 'it does'} nothing here.", file=sys.stderr)
         return None, None

@@ -61,6 +61,7 @@ def time_to_first_token(extra: list[str], max_new_tokens: int) -> tuple[float, s
 def follow_up_latencies(extra: list[str], conversation_tokens: int, follow_ups: int, max_new_tokens: int):
     """Grow a chat to `conversation_tokens`, then time `follow_ups` turns; -> [(ms to first token, prefilled, used)]."""
     import generate
+    from nanomedusa.decoder import Decoder
     from nanomedusa.loading import load_model
     from nanomedusa.tokenizer import Tokenizer
 
@@ -68,7 +69,7 @@ def follow_up_latencies(extra: list[str], conversation_tokens: int, follow_ups: 
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)
     heads, tree = generate.load_heads(args, model)
-    session = generate.chat_session(args, model, tokenizer, heads, tree)
+    session = generate.chat_session(args, Decoder(model), tokenizer, heads, tree)
     prompts = [json.loads(line)["prompt"] for line in (REPO / "bench" / "prompts-chat.jsonl").open()]
     for prompt in prompts:
         if session.used >= conversation_tokens:

@@ -68,7 +68,7 @@ SUPERSET_NODES = 256  # candidates scored each step, the root included
 # 30-35% off the choice's time there on an H200; from 64 nodes on it is the 256-node superset (bench/RESULTS.md,
 # twenty-sixth run).
 PATH_SUPERSET_PER_NODE = 4
-DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree
+DEFAULT_NODES = 64  # the budget for heads without a tree of their own: the size of generate.py's default tree on a GPU
 
 
 def default_nodes(config: HeadsConfig) -> int:

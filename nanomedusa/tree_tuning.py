@@ -10,7 +10,7 @@ length is the product of its heads' rank accuracies, so the best N-node tree kee
 the largest products (`tree.tree_from_head_accuracies`). This script measures those accuracies on
 held-out conversations (the same split `train.py` holds out, by --seed and --eval-fraction), prints
 them (per data file and pooled), and with --write stores the tree as `medusa_choices` in the heads'
-config.json, where `generate.py` picks it up as the heads' default tree.
+config.json, where `generate.py` picks it up as the heads' default tree on a GPU (`--tree own` on a CPU).
 
 Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
 (the step time against node count that `python -m bench.decode --tree-sizes ...` measured on the

@@ -120,12 +120,15 @@ def test_shipped_heads_are_the_default_model_s_default():
     assert generate.default_heads_dir(generate.parse_args(["--prompt", "hi", "--model", "some/other-model"])) is None
 
 
-def test_a_cpu_s_default_tree_is_the_root_and_one_guess_and_own_picks_the_heads_tree(model, tmp_path, capsys):
+def test_a_cpu_s_default_tree_is_the_root_and_one_guess_and_own_picks_the_heads_tree(model, tmp_path, capsys,
+                                                                                        monkeypatch):
     import generate
 
     heads = MedusaHeads.from_base(model, num_heads=2, num_layers=1)
     heads.config.medusa_choices = [[0], [1], [0, 0], [0, 0, 0]]  # one path deeper than the heads: cut
     heads.save(tmp_path)
+    monkeypatch.setattr(generate, "SHIPPED_HEADS", tmp_path)  # as the default model's heads: a CPU takes them too
+    assert generate.load_heads(generate.parse_args(["--prompt", "hi"]), model)[1].paths == [[], [0]]
     argv = ["--prompt", "hi", "--medusa", str(tmp_path)]
 
     def tree_of(*flags):
