@@ -52,13 +52,15 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", default=None,
                    help="the user message (rendered with the model's chat template); --interactive: the first turn")
-    p.add_argument("--interactive", action="store_true", help="a multi-turn chat in the terminal (or one line per turn from a pipe)")
+    p.add_argument("--interactive", action="store_true",
+                   help="a multi-turn chat in the terminal (or one line per turn from a pipe)")
     p.add_argument("--context", type=int, default=None,
                    help="--interactive: tokens of conversation kept, rounded up to a multiple of 256 "
                         "(default: the model's context; at most 2048 on a CPU)")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
-    p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint dir, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -66,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the shipped heads of the default model)")
+    p.add_argument("--medusa", default=None,
+                   help="Medusa heads directory (default: the shipped heads of the default model)")
     p.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding")
     p.add_argument("--tree", default=None,
                    help=f"tree preset name, JSON list of paths, own (the heads' own tree, else {DEFAULT_TREE}), or "
@@ -84,7 +87,8 @@ def parse_args(argv=None):
                         "prefill and decode times, the speedup and (greedy) whether Medusa gave plain's tokens")
     add_kernel_flags(p)
     p.add_argument("--quiet", action="store_true", help="do not stream the text")
-    p.add_argument("--verbose", action="store_true", help="print where the time goes: imports, load, first-call setup, prefill, decode")
+    p.add_argument("--verbose", action="store_true",
+                   help="print where the time goes: imports, load, first-call setup, prefill, decode")
     return p.parse_args(argv)
 
 
@@ -131,7 +135,8 @@ def load_heads(args, model):
 
 
 def make_decode(args, decoder, tokenizer, heads, tree):
-    """generate or generate_medusa on `decoder` with all but (prompt_ids, max_new_tokens, on_tokens=, cached_len=) bound."""
+    """generate or generate_medusa on `decoder`, with all but (prompt_ids, max_new_tokens, on_tokens=, cached_len=)
+    bound."""
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     generator = torch.Generator(device=decoder.device).manual_seed(args.seed)
     common = dict(sampling=sampling, eos_ids=tokenizer.eos_ids, generator=generator)
@@ -203,8 +208,9 @@ def chat_session(args, decoder, tokenizer, heads, tree):
     """The --interactive conversation (nanomedusa/chat.py), answering as a one-shot run would."""
     from nanomedusa.chat import ChatSession  # only this path needs it
 
-    return ChatSession(decoder.model, tokenizer, make_decode(args, decoder, tokenizer, heads, tree), args.max_new_tokens,
-                       extra=tree.num_nodes if tree is not None else 0, context=args.context, system=args.system)
+    return ChatSession(decoder.model, tokenizer, make_decode(args, decoder, tokenizer, heads, tree),
+                       args.max_new_tokens, extra=tree.num_nodes if tree is not None else 0, context=args.context,
+                       system=args.system)
 
 
 def check_args(args) -> None:

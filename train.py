@@ -8,7 +8,9 @@ Usage:
     python train.py --stage distill --data ../shared/data/prompts-train.jsonl --out data/answers.jsonl
 
     #    Several GPUs: one process per GPU on disjoint shards, then concatenate them.
-    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python train.py --stage distill --data ... --shard $i/4 --out data/answers.$i.jsonl & done; wait
+    for i in 0 1 2 3; do
+      CUDA_VISIBLE_DEVICES=$i python train.py --stage distill --data ... --shard $i/4 --out data/answers.$i.jsonl &
+    done; wait
     cat data/answers.?.jsonl > data/answers.jsonl
 
     # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/heads, out/eval.json
@@ -58,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=["distill", "warmup", "joint"], default="warmup")
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: the project default)")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="training conversations (several files train as a mix), or one prompts file for --stage distill")
+                   help="training conversations (several files train as a mix), or one prompts file for --stage "
+                        "distill")
     p.add_argument("--data-weights", type=float, nargs="+", default=None, metavar="W",
                    help="one weight per --data file: its training examples are repeated (W > 1) or thinned (W < 1)")
     p.add_argument("--out", default=None, help="output dir (warmup/joint, default out) or .jsonl file (distill)")

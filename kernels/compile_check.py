@@ -191,7 +191,8 @@ def _path_heads_cases():
     yield ("path-reading heads' inputs, depth 4", path_heads._path_input_kernel,
            {"hidden_ptr": "*bf16", "tokens_ptr": "*i64", "lineage_ptr": "*i64", "embed_ptr": "*bf16",
             "proj_ptr": "*bf16", "out_ptr": "*bf16"},
-           dict(D=576, DEPTH=4, DOT_PRECISION="tf32", BLOCK_M=path_heads.ROWS, BLOCK_N=32, BLOCK_K=64, PDL=True), dict(num_warps=4))
+           dict(D=576, DEPTH=4, DOT_PRECISION="tf32", BLOCK_M=path_heads.ROWS, BLOCK_N=32, BLOCK_K=64, PDL=True),
+           dict(num_warps=4))
     yield ("path-reading heads' guesses placed", path_heads._place_guesses_kernel,
            {"tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "ids_ptr": "*i64", "id_logprobs_ptr": "*fp32",
             "children_ptr": "*i64", "parent_row_ptr": "*i64", "rank_ptr": "*i64"},

@@ -93,13 +93,14 @@ def _tile_config(N: int, K: int, dtype: torch.dtype, on_gpu: bool) -> TileConfig
 
     GPU (bf16/fp16, memory-bound at decode sizes): BLOCK_M = 64, so that a tree step of up to 64 rows reads
     each weight tile once (a 1-row decode then wastes tensor-core work, which it has to spare). The rest was
-    read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/linear-sweep.txt; bench/RESULTS.md, "Exact greedy"),
-    choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take 64-feature
-    tiles (a 7B's wqkv 128-feature ones: bench/linear-sweep-7b-n128.txt), narrow ones with a long K (a 7B's wo) 32-feature tiles with 256-long K steps, which keep
-    more of each weight row in flight per program, and the down projections (K >= 8192: a 7B's w2) 64-feature
-    tiles with K split in two (then timed inside graphed steps); the small matrices of a 135M model, whose calls are
-    bound by launch latency, take 32 x 128 tiles, and the smallest (up to 2^20 weights: its wqkv, wo and w2)
-    16-row ones, whose short per-program latency outweighs reading the weight once per 16 rows (from the L2).
+    read off `python -m bench.linear --sweep` on an H200 (132 SMs; bench/linear-sweep.txt; bench/RESULTS.md,
+    "Exact greedy"), choosing by the sum of the 1-row and 64-row times: wide matrices (w13, wqkv, lm_heads) take
+    64-feature tiles (a 7B's wqkv 128-feature ones: bench/linear-sweep-7b-n128.txt), narrow ones with a long K (a
+    7B's wo) 32-feature tiles with 256-long K steps, which keep more of each weight row in flight per program, and
+    the down projections (K >= 8192: a 7B's w2) 64-feature tiles with K split in two (then timed inside graphed
+    steps); the small matrices of a 135M model, whose calls are bound by launch latency, take 32 x 128 tiles, and
+    the smallest (up to 2^20 weights: its wqkv, wo and w2) 16-row ones, whose short per-program latency outweighs
+    reading the weight once per 16 rows (from the L2).
     Interpreter (CPU tests): small tiles, so tests are quick and K takes several steps and a tail.
     """
     if not on_gpu:

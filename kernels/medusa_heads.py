@@ -191,8 +191,8 @@ def _pop_best(keys):
 
 @triton.jit
 def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_max_ptr, slice_sum_ptr, logprobs_ptr,
-                 N, num_v_blocks, V: tl.constexpr, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+                 N, num_v_blocks, V: tl.constexpr, TOPK: tl.constexpr, LOG_PARTITION: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     """Program f: out[f, :] = the ids of the TOPK best of row f's logits, best first (ties: the smaller id).
 
     logits [K*N, V] (stage 2's), slice_max [K*N, num_v_blocks] float32, out [K*N, TOPK] int64. First the

@@ -104,7 +104,8 @@ def path_input_triton(hidden, tokens, lineage, embed_weight, proj_weight):
                                "cast the heads to the model's dtype.")
     hidden, lineage, embed_weight, proj_weight = (t.contiguous() for t in (hidden, lineage, embed_weight, proj_weight))
     out = torch.empty(P, D, dtype=hidden.dtype, device=hidden.device)
-    block_n = 32 if D <= 2048 else 64  # as the ResBlocks: narrow tiles spread a small model's weights over more programs
+    # as the ResBlocks: narrow tiles spread a small model's weights over more programs
+    block_n = 32 if D <= 2048 else 64
     _path_input_kernel[(triton.cdiv(P, ROWS), triton.cdiv(D, block_n))](
         hidden, tokens, lineage, embed_weight, proj_weight, out, P, 0 if hidden.shape[0] == 1 else D,
         D=D, DEPTH=depth, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",

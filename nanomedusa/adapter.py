@@ -74,7 +74,8 @@ def apply_adapter(model, heads_dir: str | Path) -> str:
                                   f"from joint training.")
         if weight is None or b is None or (b.shape[0], a.shape[1]) != tuple(weight.shape):
             raise NanoMedusaError(f"the adapter in {heads_dir} does not fit this model (layer {name}); "
-                                  f"use it with the base model it was trained on ({model.config.n_layers} layers here).")
+                                  f"use it with the base model it was trained on ({model.config.n_layers} layers "
+                                  f"here).")
         weight += lora_delta(a.to(weight.device), b.to(weight.device), scale).to(weight.dtype)
     return (f"applied the LoRA adapter in {heads_dir} (rank {rank}, {len(layers)} layers): "
             f"the output is the fine-tuned model's, not the base model's")

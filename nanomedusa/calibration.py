@@ -92,7 +92,8 @@ def fit_temperature(chunks: Chunks, tolerance: float = 1e-4, max_steps: int = 30
 
 
 @torch.inference_mode()
-def answer_positions(model, heads: MedusaHeads, examples, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def answer_positions(model, heads: MedusaHeads, examples,
+                     batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per head k: (inputs [n_k, D], what head k reads at each answer position where it has a target: the base
     model's last hidden state, plus its path for heads that read it; targets [n_k], the token k + 2 after it)."""
     num_heads = heads.config.num_heads

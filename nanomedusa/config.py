@@ -134,7 +134,8 @@ class ModelConfig:
                 architecture=arch,
             )
         except KeyError as e:
-            raise NanoMedusaError(f"config.json lacks the field {e.args[0]!r}; re-export the checkpoint with it.") from None
+            raise NanoMedusaError(f"config.json lacks the field {e.args[0]!r}; re-export the checkpoint with "
+                                  f"it.") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":

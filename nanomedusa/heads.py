@@ -224,7 +224,8 @@ class MedusaHeads(nn.Module):
         state = {f"medusa_head.{k}": v.detach().contiguous() for k, v in self.medusa_head.state_dict().items()}
         if self.medusa_path is not None:
             state |= {f"medusa_path.{k}": v.detach().contiguous() for k, v in self.medusa_path.state_dict().items()}
-        # Each file replaced whole: a run killed mid-save (training saves every --save-every steps) keeps the last heads.
+        # Each file replaced whole: a run killed mid-save (training saves every --save-every steps) keeps the last
+        # heads.
         write_atomically(out_dir / WEIGHT_FILES[0], lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         write_text_atomically(out_dir / "config.json", json.dumps(self.config.to_json(), indent=2) + "\n")
 
@@ -274,11 +275,12 @@ class MedusaHeads(nn.Module):
                              _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),
                              bool(path_state))
         if hidden != model_config.dim:
-            raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has {model_config.dim}; "
-                                  f"use heads trained for this model.")
+            raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has "
+                                  f"{model_config.dim}; use heads trained for this model.")
         if not shared and state[f"0.{num_layers}.weight"].shape[0] != model_config.vocab_size:
-            raise NanoMedusaError(f"the heads in {path} predict {state[f'0.{num_layers}.weight'].shape[0]} tokens but the "
-                                  f"model's vocabulary has {model_config.vocab_size}; use heads trained for this model.")
+            raise NanoMedusaError(f"the heads in {path} predict {state[f'0.{num_layers}.weight'].shape[0]} tokens but "
+                                  f"the model's vocabulary has {model_config.vocab_size}; use heads trained for this "
+                                  f"model.")
         heads = cls(config)
         try:
             heads.medusa_head.load_state_dict(state, strict=True)
@@ -351,9 +353,11 @@ def _rank_accuracy(raw: dict, num_heads: int, path: Path) -> list[list[float]] |
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     """Tensors keyed `{head}.{layer}....`, whichever of the reference's spellings the file uses."""
     try:
-        state = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+        state = (load_file(str(file)) if file.suffix == ".safetensors"
+                 else torch.load(file, map_location="cpu", weights_only=True))
     except Exception as e:
-        raise NanoMedusaError(f"{file} could not be read ({e.__class__.__name__}); re-download or re-train the heads.") from None
+        raise NanoMedusaError(f"{file} could not be read ({e.__class__.__name__}); re-download or re-train the "
+                              f"heads.") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise NanoMedusaError(f"{file} does not hold named tensors (a state dict); re-download or re-train the heads.")
     return {k.removeprefix("medusa_head."): v for k, v in state.items()}

@@ -123,11 +123,13 @@ def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float
         return convert_cached(path, dtype=dtype)
     if path.exists():
         if not path.is_dir():
-            raise NanoMedusaError(f"{path} is not a directory; --model takes a checkpoint directory, a .gguf file or a hub id.")
+            raise NanoMedusaError(f"{path} is not a directory; --model takes a checkpoint directory, a .gguf file or "
+                                  f"a hub id.")
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
         return _download_from_hub(str(spec))
-    raise NanoMedusaError(f"checkpoint directory {path} does not exist; pass an existing directory, a .gguf file or a hub id.")
+    raise NanoMedusaError(f"checkpoint directory {path} does not exist; pass an existing directory, a .gguf file or "
+                          f"a hub id.")
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -176,14 +178,16 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
         try:
             handle = safe_open(str(file), framework="pt", device=str(device))
         except Exception as e:
-            raise NanoMedusaError(f"{file} is not a readable safetensors file ({e}); re-download the checkpoint.") from None
+            raise NanoMedusaError(f"{file} is not a readable safetensors file ({e}); re-download the "
+                                  f"checkpoint.") from None
         with handle:
             for hf_name in handle.keys():
                 mapped = hf_to_ours(hf_name)
                 if mapped is None:
                     if IGNORED.match(hf_name):
                         continue
-                    raise NanoMedusaError(f"{file.name} holds an unexpected tensor {hf_name!r}; is this really a Llama-family checkpoint?")
+                    raise NanoMedusaError(f"{file.name} holds an unexpected tensor {hf_name!r}; is this really a "
+                                          f"Llama-family checkpoint?")
                 name, part = mapped
                 tensor = handle.get_tensor(hf_name)
                 want, rows = expected.get(name, ()), slice(None)
@@ -219,7 +223,8 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
         elif sizes is not None:
             missing += [ours_to_hf(name, part) for part in range(len(sizes)) if part not in filled.get(name, ())]
     if missing:
-        raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {missing[0]}); re-download it.")
+        raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {missing[0]}); "
+                              f"re-download it.")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from ..adapter import ADAPTER_FILE, save_adapter
 from ..errors import NanoMedusaError
@@ -62,8 +63,8 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     state = _read_state(path)
     for key, value in settings.items():
         if state["settings"].get(key) != value:
-            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={state['settings'].get(key)!r} but this "
-                                  f"run has {value!r}; resume with the same settings or choose another --out.")
+            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={state['settings'].get(key)!r} but "
+                                  f"this run has {value!r}; resume with the same settings or choose another --out.")
     set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(state["rng"]["torch"])

@@ -60,9 +60,11 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file or use JSON lines.") from None
+            raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file or use JSON "
+                                  f"lines.") from None
         if not isinstance(items, list):
-            raise NanoMedusaError(f"{path} holds a JSON {type(items).__name__}, not a list of records; wrap the records in [...].")
+            raise NanoMedusaError(f"{path} holds a JSON {type(items).__name__}, not a list of records; wrap the "
+                                  f"records in [...].")
         records = [(f"{path} record {i + 1}", item) for i, item in enumerate(items)]
     else:
         records = []
@@ -73,10 +75,12 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
             try:
                 records.append((f"{path} line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise NanoMedusaError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+                raise NanoMedusaError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that "
+                                      f"line.") from None
     for where, record in records:
         if not isinstance(record, dict):
-            raise NanoMedusaError(f"{where} is not a JSON object; give each record as {{\"conversations\": [...]}} or similar.")
+            raise NanoMedusaError(f"{where} is not a JSON object; give each record as {{\"conversations\": [...]}} or "
+                                  f"similar.")
     return records
 
 
@@ -89,15 +93,16 @@ def to_conversation(where: str, record: dict, index: int) -> Conversation:
     elif "prompt" in record:
         turns, role_key, text_key = [{"role": "user", "content": record["prompt"]}], "role", "content"
     else:
-        raise NanoMedusaError(f"{where} has none of conversations, messages or prompt; use ShareGPT, OpenAI messages or prompt records.")
+        raise NanoMedusaError(f"{where} has none of conversations, messages or prompt; use ShareGPT, OpenAI messages "
+                              f"or prompt records.")
     if not isinstance(turns, list):
         raise NanoMedusaError(f"{where} has a {role_key!r} list that is not a list; give the turns as a JSON list.")
     messages = []
     for turn in turns:
         role = ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get(text_key), str):
-            raise NanoMedusaError(f"{where} has a turn {str(turn)[:60]!r} that is not a {{{role_key}, {text_key}}} pair "
-                                  f"with a known role; use human/gpt/system or user/assistant/system.")
+            raise NanoMedusaError(f"{where} has a turn {str(turn)[:60]!r} that is not a {{{role_key}, {text_key}}} "
+                                  f"pair with a known role; use human/gpt/system or user/assistant/system.")
         messages.append({"role": role, "content": turn[text_key]})
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)  # an answer with no question (ShareGPT dumps have some) cannot be rendered
@@ -132,8 +137,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Exam
             break
         through = _encode(tokenizer, messages[: i + 1], False, bos)
         if ids[: len(prompt)] != prompt or ids[: len(through)] != through:
-            raise NanoMedusaError("the model's chat template does not render (and tokenize) a conversation as a prefix of "
-                                  "its continuation, so answers cannot be located; train with a ChatML-style model.")
+            raise NanoMedusaError("the model's chat template does not render (and tokenize) a conversation as a prefix "
+                                  "of its continuation, so answers cannot be located; train with a ChatML-style model.")
         labels[len(prompt): len(through)] = ids[len(prompt): len(through)]
     ids, labels = ids[:max_len], labels[:max_len]
     # Position 0 is never a target (nothing precedes it), so an example needs an answer token after it.
@@ -143,7 +148,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Exam
 
 
 def _encode(tokenizer, messages: list[dict], generation_prompt: bool, bos: list[int]) -> list[int]:
-    return bos + tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt), add_bos=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+    return bos + tokenizer.encode(text, add_bos=False)
 
 
 def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, progress: bool = False) -> list[Example]:
@@ -204,12 +210,14 @@ class StepSampler:
     """
 
     def __init__(self, n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int):
-        self.n, self.batch_size, self.grad_accum, self.world, self.rank, self.seed = n, batch_size, grad_accum, world, rank, seed
+        self.n, self.batch_size, self.grad_accum = n, batch_size, grad_accum
+        self.world, self.rank, self.seed = world, rank, seed
         self.global_batch = batch_size * grad_accum * world
         self.steps_per_epoch = n // self.global_batch
         if self.steps_per_epoch == 0:
-            raise NanoMedusaError(f"the training split has {n} examples, fewer than one global batch of {self.global_batch} "
-                                  f"(batch size x grad accum x processes); lower --batch-size or --grad-accum.")
+            raise NanoMedusaError(f"the training split has {n} examples, fewer than one global batch of "
+                                  f"{self.global_batch} (batch size x grad accum x processes); lower --batch-size or "
+                                  f"--grad-accum.")
         self._epoch, self._order = -1, None
 
     def micro_batches(self, step: int) -> list[list[int]]:

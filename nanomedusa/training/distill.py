@@ -108,7 +108,8 @@ def distill(cfg: DistillConfig) -> int:
     jobs.sort(key=lambda job: -len(job.prompt_ids))  # stable: equal lengths keep the data's order
     written = capped = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True) as bar:
+    with (open(out, "a", encoding="utf-8") as f,
+          tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True) as bar):
         bar.update(skipped)
         bar.set_postfix(written=written, skipped=skipped)
         for batch in batches(jobs, cfg.batch_size if sampling.greedy else 1):
@@ -150,11 +151,13 @@ def batches(jobs: list[Job], size: int):
 def answer(decoder: Decoder, batch: list[Job], sampling: Sampling, eos_ids: list[int], seed: int) -> list[list[int]]:
     """The generated tokens of each job (ending with eos where the model stopped)."""
     if len(batch) > 1:
-        return generate_batch(decoder.model, [job.prompt_ids for job in batch], batch[0].max_new_tokens, sampling, eos_ids=eos_ids)
+        return generate_batch(decoder.model, [job.prompt_ids for job in batch], batch[0].max_new_tokens, sampling,
+                              eos_ids=eos_ids)
     job, generator = batch[0], None
     if not sampling.greedy:
         generator = torch.Generator(decoder.device).manual_seed(seed * 1_000_003 + zlib.crc32(job.id.encode()))
-    return [generate(decoder, job.prompt_ids, job.max_new_tokens, sampling, eos_ids=eos_ids, generator=generator).tokens]
+    return [generate(decoder, job.prompt_ids, job.max_new_tokens, sampling, eos_ids=eos_ids,
+                     generator=generator).tokens]
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -184,5 +187,6 @@ def finished_ids(path: Path) -> set[str]:
         try:
             ids.add(str(json.loads(line)["id"]))
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise NanoMedusaError(f"{path} line {n} is not a distilled answer with an id; remove it or choose another --out.") from None
+            raise NanoMedusaError(f"{path} line {n} is not a distilled answer with an id; remove it or choose another "
+                                  f"--out.") from None
     return ids

@@ -60,5 +60,6 @@ def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
         if key.endswith(".lora_a"):
             prefix = key[: -len("lora_a")]
             weight = merged[prefix + "weight"]
-            merged[prefix + "weight"] = (weight.float() + lora_delta(state[key], state[prefix + "lora_b"], scale)).to(weight.dtype)
+            delta = lora_delta(state[key], state[prefix + "lora_b"], scale)
+            merged[prefix + "weight"] = (weight.float() + delta).to(weight.dtype)
     return merged

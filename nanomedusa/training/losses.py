@@ -44,7 +44,8 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
         # The target's rank: how many logits beat it (one pass over the vocabulary, cheaper than topk).
         target_logit = logits.gather(-1, targets.clamp(min=0)[..., None])  # [R, N, 1]
         rank = (logits > target_logit).sum(-1)  # [R, N]
-        stats = torch.stack([ce.detach(), valid.sum(-1), (valid & (rank < 1)).sum(-1), (valid & (rank < 5)).sum(-1)], dim=-1)
+        stats = torch.stack([ce.detach(), valid.sum(-1), (valid & (rank < 1)).sum(-1), (valid & (rank < 5)).sum(-1)],
+                            dim=-1)
     return ce, stats.float()
 
 

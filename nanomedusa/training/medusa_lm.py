@@ -31,7 +31,8 @@ class MedusaLM(nn.Module):
         # t+k+2), the k+1 tokens it reads are the answer's own: the zero padding past the end is never under a loss.
         if self.heads.config.reads_path:
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-                path = self.model.tok_embeddings(path_ids(tokens, self.heads.config.num_heads)[head_mask])  # [N, K, dim]
+                path_tokens = path_ids(tokens, self.heads.config.num_heads)[head_mask]
+                path = self.model.tok_embeddings(path_tokens)  # [N, K, dim]
         head_logits = self.heads(hidden[head_mask], self.model.lm_head.weight, path)  # [K, N, V]
         lm_logits = None if lm_mask is None else self.model.logits(hidden[lm_mask])  # [M, V]
         return head_logits, lm_logits

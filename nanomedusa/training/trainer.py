@@ -99,11 +99,14 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise NanoMedusaError(f"unknown stage {self.stage!r}; use one of warmup, joint, distill.")
         if self.stage == "joint" and not self.heads:
-            raise NanoMedusaError("joint training starts from warm-up heads; pass --heads OUT/heads from a --stage warmup run.")
+            raise NanoMedusaError("joint training starts from warm-up heads; pass --heads OUT/heads from a --stage "
+                                  "warmup run.")
         if self.stage == "warmup" and self.lora_rank:
-            raise NanoMedusaError("--lora-rank only applies to --stage joint (warm-up never changes the backbone); drop it.")
+            raise NanoMedusaError("--lora-rank only applies to --stage joint (warm-up never changes the backbone); "
+                                  "drop it.")
         if self.stage == "joint" and self.cache_hidden:
-            raise NanoMedusaError("--cache-hidden only applies to --stage warmup (joint training changes the hidden states); drop it.")
+            raise NanoMedusaError("--cache-hidden only applies to --stage warmup (joint training changes the hidden "
+                                  "states); drop it.")
         positive = {"--num-heads": self.num_heads, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
                     "--max-len": self.max_len, "--epochs": self.epochs, "--log-every": self.log_every}
         for flag, value in positive.items():
@@ -131,7 +134,8 @@ class Trainer:
         self.device = self.dist.device
         self.out = Path(cfg.out)
         if checkpoint.state_path(self.out).exists() and not cfg.resume:
-            raise NanoMedusaError(f"{self.out} already holds a training checkpoint; pass --resume to continue it or choose another --out.")
+            raise NanoMedusaError(f"{self.out} already holds a training checkpoint; pass --resume to continue it or "
+                                  f"choose another --out.")
         torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
 
         sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
@@ -163,9 +167,11 @@ class Trainer:
         # Autocast over float32 weights mixes dtypes inside a block (bf16 matmul outputs, float32
         # residual stream); the Triton kernels (used under no_grad) refuse that, the references do not.
         self.kernel_backend = "torch" if self.autocast and model.dtype == torch.float32 else kernels.get_backend()
-        self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank, cfg.seed)
+        self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank,
+                                   cfg.seed)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
-        self.start_step = checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings()) if cfg.resume else 0
+        self.start_step = (checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings())
+                           if cfg.resume else 0)
         if cfg.resume and self.dist.is_main:
             checkpoint.truncate_log(self.out / "log.jsonl", self.start_step)
 
@@ -221,8 +227,9 @@ class Trainer:
         """What a resumed run must share with the run that wrote the checkpoint."""
         cfg = self.cfg
         heads = self.module.heads.config
-        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data_files, "data_weights": cfg.data_weights, "heads": cfg.heads, "num_heads": heads.num_heads,
-                "num_layers": heads.num_layers, "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
+        return {"stage": cfg.stage, "model": cfg.model, "data": cfg.data_files, "data_weights": cfg.data_weights,
+                "heads": cfg.heads, "num_heads": heads.num_heads, "num_layers": heads.num_layers,
+                "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps,
                 # only when set: checkpoints from before heads could read their path have no such key
@@ -260,7 +267,8 @@ class Trainer:
         head_targets = targets[1:]
         head_mask = (head_targets != IGNORE).any(0)  # [B, T]
         lm_mask = targets[0] != IGNORE if with_lm else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), kernel_backend(self.kernel_backend):
+        with (torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+              kernel_backend(self.kernel_backend)):
             hidden = None
             if self.hidden_cache is not None and indices is not None:
                 lengths = [len(self.train_set[i].input_ids) for i in indices]
@@ -312,11 +320,13 @@ class Trainer:
                         f"trainable parameters on {self.dist.world} x {self.device.type}")
         # Window sums since the last log line; `seconds` counts training steps only (not saving or eval).
         window, tokens, seconds = torch.zeros(self.num_heads + 1, 4, device=self.device), 0, 0.0
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=cfg.stage, disable=not main, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=cfg.stage, disable=not main,
+                   dynamic_ncols=True)
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
             stats, n = self.train_step(step)
-            window, tokens, seconds, done = window + stats, tokens + n, seconds + time.perf_counter() - started, step + 1
+            window, tokens, done = window + stats, tokens + n, step + 1
+            seconds += time.perf_counter() - started
             bar.update(1)
             if done % cfg.log_every == 0 or done == self.total_steps:
                 self._log_window(done, window, tokens, seconds)
