@@ -38,7 +38,7 @@ from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
-from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa
+from nanomedusa.medusa_generation import ACCEPT_MODES, Acceptance, check_acceptance, check_medusa, generate_medusa
 from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, cut_to_depth, parse_tree
@@ -137,15 +137,22 @@ def load_heads(args, model):
 def make_decode(args, decoder, tokenizer, heads, tree):
     """generate or generate_medusa on `decoder`, with all but (prompt_ids, max_new_tokens, on_tokens=, cached_len=)
     bound."""
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    rule = acceptance(args)
     generator = torch.Generator(device=decoder.device).manual_seed(args.seed)
-    common = dict(sampling=sampling, eos_ids=tokenizer.eos_ids, generator=generator)
+    common = dict(sampling=rule.sampling, eos_ids=tokenizer.eos_ids, generator=generator)
     if heads is None:
         return functools.partial(generate, decoder, **common)
-    accept = args.accept or ("greedy" if sampling.greedy else "sample")
-    return functools.partial(generate_medusa, decoder, heads, tree, accept=accept,
-                             posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha,
+    return functools.partial(generate_medusa, decoder, heads, tree, accept=rule.mode,
+                             posterior_threshold=rule.posterior_threshold, posterior_alpha=rule.posterior_alpha,
                              **common)
+
+
+def acceptance(args) -> Acceptance:
+    """The sampling flags and how Medusa accepts: --accept, else greedy at temperature 0 and lossless sampling
+    above it."""
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    return Acceptance(args.accept or ("greedy" if sampling.greedy else "sample"), sampling, args.posterior_threshold,
+                      args.posterior_alpha)
 
 
 def run_one(label, args, decoder, tokenizer, prompt_ids, heads, tree) -> GenerationResult:
@@ -217,6 +224,9 @@ def check_args(args) -> None:
     """Every flag's value, before the model loads (a NanoMedusaError naming the fix)."""
     if args.prompt is None and not args.interactive:
         raise NanoMedusaError("pass --prompt TEXT, or --interactive for a chat.")
+    if args.raw and args.system is not None:
+        raise NanoMedusaError("--raw feeds the prompt without the chat template, which is where --system goes; drop "
+                              "one of them.")
     if args.interactive and (args.raw or args.compare):
         flag = "--raw" if args.raw else "--compare"
         raise NanoMedusaError(f"--interactive chats through the chat template with one decoder; drop {flag}.")
@@ -229,6 +239,8 @@ def check_args(args) -> None:
     check_positive({"--posterior-threshold": args.posterior_threshold})
     check_sampling(args.temperature, args.top_p, args.top_k)
     check_seed(args.seed)
+    if args.accept is not None:
+        check_acceptance(acceptance(args))
     check_kernels(args.kernels, resolve_device(args.device), args.exact)
     check_input_dir("--medusa", args.medusa)
     if args.tree_nodes is not None and args.tree != "dynamic":
@@ -245,6 +257,8 @@ def run(args) -> None:
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(ckpt)
     heads, tree = load_heads(args, model)
+    if heads is not None:  # a tree deeper than the heads fails now, not in a chat's every turn
+        check_medusa(model, heads, tree, acceptance(args))
     if heads is not None and (note := keep_default_exact_within_reach(args.exact, tree.num_nodes,
                                                                       heads.config.num_heads)):
         print(f"[note] {note}.", file=sys.stderr)
@@ -257,16 +271,20 @@ def run(args) -> None:
 
         run_chat(chat_session(args, decoder, tokenizer, heads, tree), first=args.prompt, verbose=args.verbose)
         return
-    if args.raw:
-        prompt_ids = tokenizer.encode(args.prompt)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
-        prompt_ids = tokenizer.encode_chat(messages)
+    prompt_ids = encode_prompt(args, tokenizer)
     if args.compare:
         compare(args, decoder, tokenizer, prompt_ids, heads, tree)
     else:
         run_one("medusa" if heads is not None else "plain", args, decoder, tokenizer, prompt_ids, heads, tree)
+
+
+def encode_prompt(args, tokenizer) -> list[int]:
+    """--prompt as the model reads it: through the chat template, with --system when given (even empty, as
+    --interactive does), or as it is with --raw."""
+    if args.raw:
+        return tokenizer.encode(args.prompt)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return tokenizer.encode_chat(system + [{"role": "user", "content": args.prompt}])
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ from typing import TextIO
 
 from .chat_template import Message
 from .errors import USER_ERRORS, NanoMedusaError
+from .files import check_utf8
 from .decoder import CACHE_BUCKET, round_up
 from .generation import GenerationResult
 from .tokenizer import Tokenizer
@@ -115,6 +116,14 @@ class ChatSession:
     def say(self, text: str, on_text: Callable[[str], None] = lambda text: None) -> str:
         """Answer one user message, streaming the answer's text to `on_text`; returns the answer.
         Ctrl-C (KeyboardInterrupt) ends the answer early: what came so far is kept as the answer."""
+        earlier = list(self.messages)
+        try:
+            return self._answer(text, on_text)
+        except USER_ERRORS:  # a refused message leaves the conversation as it was
+            self.messages = earlier
+            raise
+
+    def _answer(self, text: str, on_text: Callable[[str], None]) -> str:
         began = time.perf_counter()
         prompt = self._fit({"role": "user", "content": text})
         start = min(common_prefix(self.cached, prompt), len(prompt) - 1)  # the last id must run: its logits
@@ -196,6 +205,8 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
     """The chat loop: each line is a message or a command; answers stream to `out`, notices go to stderr."""
     if stdin.isatty():
         print("Chat: type a message and Enter; /help lists the commands.", file=sys.stderr)
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 then reach the line's check, in every locale
+        stdin.reconfigure(errors="surrogateescape")
 
     def write(text: str) -> None:
         out.write(text)
@@ -204,6 +215,11 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
     for line in read_lines(stdin, first):
         line = line.strip()
         if not line:
+            continue
+        try:
+            check_utf8("this line", line)
+        except NanoMedusaError as e:
+            print(f"error: {e}", file=sys.stderr)
             continue
         command, _, rest = line.partition(" ")
         if command in ("/exit", "/quit"):

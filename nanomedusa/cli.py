@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -22,18 +24,25 @@ from kernels.interpreter import interpreting
 from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
 
 from .errors import USER_ERRORS, NanoMedusaError
+from .files import check_utf8
+from .sampling import MIN_TEMPERATURE
 
 USAGE_ERROR = 2  # exit status for anything the user can fix
+BROKEN_PIPE = 128 + signal.SIGPIPE  # the status a shell gives a tool that SIGPIPE ended
 
 
 def run_reporting_errors(body: Callable[[], object]) -> int:
     """Every CLI's ending: run `body`; a user's error (`USER_ERRORS`) becomes one `error: ...` line and
-    USAGE_ERROR."""
+    USAGE_ERROR. A reader of stdout that went away (`| head`) ends the run quietly, as it ends a Unix tool."""
     try:
         body()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit, which would raise again: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     return 0
 
 
@@ -74,20 +83,17 @@ def check_held_out_split(eval_fraction: float, seed: int) -> None:
 def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
     """--temperature >= 0 (0 = greedy), --top-p in (0, 1] (1 = off), --top-k >= 0 (0 = off)."""
     check_at_least(0, {"--temperature": temperature, "--top-k": top_k})
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise NanoMedusaError(f"--temperature {temperature} is too small to divide logits by; pass 0 for greedy "
+                              f"decoding, or at least {MIN_TEMPERATURE}.")
     if not 0 < top_p <= 1:  # top-p 0 would drop even the likeliest token
         raise NanoMedusaError(f"--top-p must be in (0, 1] (1 = off), not {top_p}; pass e.g. 0.9.")
 
 
 def check_text(flag: str, text: str | None) -> None:
-    """Text from the command line must be UTF-8: other bytes arrive as lone surrogates no tokenizer takes."""
-    if text is None:
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        byte = ord(text[e.start]) - 0xDC00  # Python keeps undecodable argv byte b as U+DC00 + b
-        raise NanoMedusaError(f"{flag} is not valid UTF-8 (byte 0x{byte:02x} at character {e.start}); "
-                              f"pass UTF-8 text.") from None
+    """Text from the command line must be UTF-8 (None: not given)."""
+    if text is not None:
+        check_utf8(flag, text)
 
 
 def check_input_file(flag: str, path: str | Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import NanoMedusaError
 from .files import read_utf8
 
-# architectures[0] in config.json -> our name for it. All are the same network up to attention biases.
+# architectures[0] in config.json -> our name for it. All are the same network up to biases.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -48,7 +48,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k and v
+    output_bias: bool = False  # the attention's output projection (Llama's attention_bias; Qwen2's has none)
+    mlp_bias: bool = False  # gate, up and down
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -105,6 +107,9 @@ class ModelConfig:
         if activation not in SUPPORTED_ACTIVATIONS:
             raise NanoMedusaError(f"config.json's hidden_act is {activation!r}; nanomedusa's SwiGLU computes silu, so "
                                   f"this checkpoint would run wrong: use a model whose hidden_act is silu.")
+        # Llama's attention_bias puts a bias on o_proj too, and only Llama has mlp_bias; Qwen2 always biases q, k, v.
+        qkv_bias = bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM"))
+        llama = arch == "LlamaForCausalLM"
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
         rope_scaling = hf.get("rope_scaling")
@@ -127,7 +132,9 @@ class ModelConfig:
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                attention_bias=qkv_bias,
+                output_bias=qkv_bias and llama,
+                mlp_bias=bool(hf.get("mlp_bias", False)) and llama,
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,

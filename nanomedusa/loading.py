@@ -30,16 +30,16 @@ from .model import Transformer, fused_row_blocks
 # Hugging Face name (regex) -> (our name, part). Our attention keeps q, k and v in one fused projection
 # `wqkv` and the MLP keeps gate and up in `w13` (see model.py); `part` is the block of rows a Hugging Face
 # tensor fills there, in order (`fused_part_sizes` gives the blocks' heights), None for a whole tensor.
-# Biases follow their weights (Qwen2 has q/k/v biases).
+# Biases follow their weights (Qwen2 has q/k/v biases; Llama may have them everywhere but the norms).
 HF_TO_OURS = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight", None),
     (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wqkv.\2", 0),
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wqkv.\2", 1),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wqkv.\2", 2),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight", None),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w13.weight", 0),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w13.weight", 1),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight", None),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"layers.\1.attention.wo.\2", None),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"layers.\1.feed_forward.w13.\2", 0),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"layers.\1.feed_forward.w13.\2", 1),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"layers.\1.feed_forward.w2.\2", None),
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight", None),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight", None),
     (r"model\.norm\.weight", "norm.weight", None),
@@ -158,6 +158,11 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
             raise NanoMedusaError(f"{index} is not a valid safetensors index; re-download the checkpoint.") from None
     else:
         files = [ckpt / "model.safetensors"]
+        pickled = next(ckpt.glob("pytorch_model*.bin"), None)
+        if not files[0].is_file() and pickled is not None:  # loading a pickle can run code: we read safetensors only
+            raise NanoMedusaError(f"{ckpt} holds its weights as {pickled.name}, a pickle, where nanomedusa reads "
+                                  f"safetensors; download the model's safetensors files, or convert them with "
+                                  f"transformers (from_pretrained, then save_pretrained).")
     for f in files:
         if not f.is_file():
             raise NanoMedusaError(f"{f} is missing; the checkpoint in {ckpt} is incomplete, re-download it.")

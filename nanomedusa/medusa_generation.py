@@ -150,6 +150,17 @@ def placeholder_proposal(tree: TreeBuffers | DynamicTree, device) -> tuple[torch
     return (tokens, torch.arange(tree.num_nodes, device=device)) if isinstance(tree, DynamicTree) else (tokens,)
 
 
+def check_acceptance(rule: Acceptance) -> None:
+    """The acceptance rule and the sampling settings must agree (generate.py checks its flags with this too)."""
+    if rule.mode not in ACCEPT_MODES:
+        raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
+    if rule.mode == "sample" and rule.sampling.greedy:
+        raise NanoMedusaError("--accept sample needs --temperature > 0; use --accept greedy for greedy decoding.")
+    if rule.mode == "greedy" and not rule.sampling.greedy:  # (it would silently decode greedily)
+        raise NanoMedusaError("--accept greedy keeps the model's argmax, so --temperature would do nothing; use "
+                              "--accept sample (lossless) or --accept typical to sample, or --temperature 0.")
+
+
 def check_medusa(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance) -> None:
     if not isinstance(tree, (TreeBuffers, DynamicTree)):
         raise NanoMedusaError(f"the tree must be a TreeBuffers or a DynamicTree, not a {type(tree).__name__}; build "
@@ -162,10 +173,7 @@ def check_medusa(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rul
     if weight is not None and (weight.dtype, weight.device) != (model.dtype, model.device):
         raise NanoMedusaError(f"the heads are {weight.dtype} on {weight.device} but the model is {model.dtype} on "
                               f"{model.device}; move them with heads.to(device=model.device, dtype=model.dtype).")
-    if rule.mode not in ACCEPT_MODES:
-        raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
-    if rule.mode == "sample" and rule.sampling.greedy:
-        raise NanoMedusaError("--accept sample needs --temperature > 0; use --accept greedy for greedy decoding.")
+    check_acceptance(rule)
     if heads.config.num_heads < tree.depth_max:
         raise NanoMedusaError(f"the tree is {tree.depth_max} deep but there are only {heads.config.num_heads} "
                               f"Medusa heads; pick a tree at most {heads.config.num_heads} deep.")

@@ -96,7 +96,7 @@ class Attention(nn.Module):
         # row blocks from Hugging Face's q_proj, k_proj and v_proj.
         self.qkv_sizes = fused_row_blocks(config)["attention.wqkv"]
         self.wqkv = Linear(config.dim, sum(self.qkv_sizes), bias=config.attention_bias)
-        self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=config.output_bias)
 
     def forward(self, x, cos, sin, kv_cache=None, prefix_len=None, tree_mask=None, key_valid=None, add_to=None,
                 then_norm=None):
@@ -134,8 +134,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate_proj; up_proj
-        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
+        self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=config.mlp_bias)  # gate_proj; up_proj
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)  # down_proj
 
     def forward(self, x, add_to=None, then_norm=None):
         # (a training run's LoRA wrapper around w13 computes its own product: never fused)

@@ -20,6 +20,11 @@ from kernels import sample_token as draw
 from .errors import NanoMedusaError
 
 
+# The smallest temperature above 0 (greedy): logits / temperature must stay finite in float32, and below this a
+# draw is greedy's anyway (vLLM draws greedily below 1e-5 too).
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0 means greedy (argmax)
@@ -28,9 +33,10 @@ class Sampling:
 
     def __post_init__(self):
         # (The command lines check their flags first, naming them: cli.check_sampling. This is for a library caller.)
-        if not (math.isfinite(self.temperature) and self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1):
-            raise NanoMedusaError(f"{self} needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) and top_p in "
-                                  f"(0, 1] (1: off).")
+        t = self.temperature
+        if not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE) and self.top_k >= 0 and 0 < self.top_p <= 1):
+            raise NanoMedusaError(f"{self} needs temperature 0 (greedy) or at least {MIN_TEMPERATURE}, top_k >= 0 (0: "
+                                  f"off) and top_p in (0, 1] (1: off).")
 
     @property
     def greedy(self) -> bool:

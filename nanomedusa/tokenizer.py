@@ -27,7 +27,7 @@ import tokenizers
 
 from .chat_template import ChatFormat, Message
 from .errors import NanoMedusaError
-from .files import read_utf8
+from .files import check_utf8, read_utf8
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -192,15 +192,20 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _token_str(value) -> str | None:
+def _token_str(value, where: str) -> str | None:
     """tokenizer_config.json writes a token either as a string or as {"content": ..., ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+    token = value.get("content") if isinstance(value, dict) else value
+    if token is not None and not isinstance(token, str):
+        raise NanoMedusaError(f"{where} is {value!r}, not a token's text; restore the file from the original "
+                              f"checkpoint.")
+    return token
 
 
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
+def _as_list(value, where: str) -> list[int]:
+    ids = [] if value is None else list(value) if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) for i in ids):
+        raise NanoMedusaError(f"{where} is {value!r}, not token ids; restore the file from the original checkpoint.")
+    return ids
 
 
 def _added_tokens(path: Path, config: dict) -> dict[int, tuple[str, bool]]:
@@ -208,7 +213,8 @@ def _added_tokens(path: Path, config: dict) -> dict[int, tuple[str, bool]]:
     added = {}
     for token_id, token in config.get("added_tokens_decoder", {}).items():
         special = token.get("special", True) if isinstance(token, dict) else True
-        added[int(token_id)] = (_token_str(token), bool(special))
+        added[int(token_id)] = (_token_str(token, f"{path / 'tokenizer_config.json'}'s token {token_id}"),
+                                bool(special))
     # Older checkpoints list them in added_tokens.json instead ({content: id}).
     for content, token_id in _read_json(path / "added_tokens.json").items():
         added.setdefault(int(token_id), (content, True))
@@ -221,8 +227,11 @@ def _chat_template(path: Path, config: dict) -> str | None:
         return read_utf8(path / "chat_template.jinja")
     template = _read_json(path / "chat_template.json").get("chat_template", config.get("chat_template"))
     if isinstance(template, list):  # several named templates: take the default one
-        named = {t.get("name"): t.get("template") for t in template}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise NanoMedusaError(f"the chat template in {path} is {template!r}, not text; restore tokenizer_config.json "
+                              f"from the original checkpoint.")
     return template
 
 
@@ -264,14 +273,18 @@ class Tokenizer:
             )
 
         # The tokenizer's own bos/eos strings first: they are what transformers adds and stops on.
-        bos_token, eos_token = _token_str(config.get("bos_token")), _token_str(config.get("eos_token"))
+        where = path / "tokenizer_config.json"
+        bos_token = _token_str(config.get("bos_token"), f"{where}'s bos_token")
+        eos_token = _token_str(config.get("eos_token"), f"{where}'s eos_token")
         bos_candidates = [backend.token_to_id(bos_token) if bos_token else None]
         bos_candidates += [generation.get("bos_token_id"), model.get("bos_token_id"), default_bos]
         bos_id = next((i for i in bos_candidates if i is not None), None)
         # Generation stops on any of them (e.g. Llama-3-Instruct lists both <|end_of_text|> and <|eot_id|>).
         eos_candidates = [backend.token_to_id(eos_token) if eos_token else None]
-        eos_candidates += _as_list(generation.get("eos_token_id")) + _as_list(model.get("eos_token_id"))
-        eos_ids = list(dict.fromkeys(i for i in eos_candidates if i is not None)) or _as_list(default_eos)
+        eos_candidates += (_as_list(generation.get("eos_token_id"), f"{path / 'generation_config.json'}'s eos_token_id")
+                           + _as_list(model.get("eos_token_id"), f"{path / 'config.json'}'s eos_token_id"))
+        eos_ids = (list(dict.fromkeys(i for i in eos_candidates if i is not None))
+                   or _as_list(default_eos, "the sentencepiece model's eos id"))
 
         if add_bos is None:
             # With a tokenizer.json, transformers ignores add_bos_token and runs the file's post-processor.
@@ -291,6 +304,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; `add_bos=None` follows the checkpoint (as transformers does)."""
+        check_utf8("the text", text)
         ids = self._backend.encode(text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)

@@ -137,6 +137,30 @@ def test_full_context_drops_the_oldest_turns_with_a_message(checkpoint):
     assert len(session.messages) % 2 == 0  # the refused message left no half turn behind
 
 
+def test_a_refused_turn_leaves_the_conversation_as_it_was(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    decode = decoder(model, tokenizer, False)
+    refuse = False
+
+    def decode_or_refuse(*args, **kwargs):  # as when the decoder refuses the run's settings
+        if refuse:
+            raise NanoMedusaError("refused")
+        return decode(*args, **kwargs)
+
+    session = ChatSession(model, tokenizer, decode_or_refuse, max_new_tokens=8)
+    session.say(TURNS[0])
+    history = session.messages.copy()
+    refuse = True
+    with pytest.raises(NanoMedusaError, match="refused"):
+        session.say(TURNS[1])
+    with pytest.raises(NanoMedusaError, match=r"the text is not valid UTF-8 \(a lone surrogate U\+D83D"):
+        session.say("half an emoji: \ud83d")
+    assert session.messages == history
+    refuse = False
+    assert session.say(TURNS[1]) == growing_prompt_answers(model, tokenizer, decode, [TURNS[1]], 8, history)[0]
+
+
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(checkpoint):
     model = load_model(checkpoint, device="cpu", dtype="float32")[0]
     tokenizer = Tokenizer.from_dir(checkpoint)
@@ -160,13 +184,19 @@ def test_piped_cli_session(checkpoint, tmp_path):
     model = load_model(checkpoint, device="cpu", dtype="float32")[0]
     tokenizer = Tokenizer.from_dir(checkpoint)
     expected = growing_prompt_answers(model, tokenizer, decoder(model, tokenizer, False), TURNS[:2], 10)
-    script = f"{TURNS[0]}\n{TURNS[1]}\n/stats\n/bogus\n/reset\n{TURNS[0]}\n/exit\nnever read\n"
+    # Lines that are not UTF-8 (Latin-1 bytes) are refused one by one and leave the conversation as it was.
+    script = (f"{TURNS[0]}\n".encode() + b"caf\xe9\n/system \xe9t\xe9\n"
+              + f"{TURNS[1]}\n/stats\n/bogus\n/reset\n{TURNS[0]}\n/exit\nnever read\n".encode())
     proc = subprocess.run(
         [sys.executable, "generate.py", "--model", str(checkpoint), "--device", "cpu", "--interactive",
          "--max-new-tokens", "10"],
-        cwd=REPO, input=script, capture_output=True, text=True, env=os.environ, timeout=600,
+        cwd=REPO, input=script, capture_output=True, env=os.environ, timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "".join(answer + "\n" for answer in [*expected, expected[0]])
-    assert "context used:" in proc.stderr and "the conversation is cleared" in proc.stderr
-    assert "unknown command /bogus" in proc.stderr
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert stdout == "".join(answer + "\n" for answer in [*expected, expected[0]])
+    assert "context used:" in stderr and "the conversation is cleared" in stderr
+    assert "unknown command /bogus" in stderr
+    assert "error: this line is not valid UTF-8 (byte 0xe9 at character 3); pass UTF-8 text." in stderr
+    assert "error: this line is not valid UTF-8 (byte 0xe9 at character 8)" in stderr
+    assert "Traceback" not in stderr

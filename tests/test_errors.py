@@ -50,6 +50,13 @@ def test_missing_safetensors(ckpt):
         load_model(ckpt, device="cpu")
 
 
+def test_pickled_weights_only(ckpt):
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")  # (the name is all the check reads)
+    with pytest.raises(NanoMedusaError, match="holds its weights as pytorch_model.bin, a pickle, where nanomedusa reads "
+                                              "safetensors; download the model's safetensors files, or convert"):
+        load_model(ckpt, device="cpu")
+
+
 def test_corrupt_safetensors(ckpt):
     (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(NanoMedusaError, match="is not a readable safetensors file"):
@@ -234,6 +241,20 @@ MORE_ERRORS = {
     "--medusa is not a directory": ("generate", GENERATE[1:] + ["--medusa", "{root}/answers.jsonl"],
                                     "--medusa {root}/answers.jsonl is not a directory; check the path."),
     "empty --medusa": ("generate", GENERATE[1:] + ["--medusa", ""], "--medusa is empty; pass a directory."),
+    "--accept greedy with a temperature": ("generate", GENERATE[1:] + ["--accept", "greedy", "--temperature", "0.7"],
+                                           "--accept greedy keeps the model's argmax, so --temperature would do "
+                                           "nothing; use --accept sample (lossless) or --accept typical to sample"),
+    "--accept sample at temperature 0": ("generate", GENERATE[1:] + ["--accept", "sample"],
+                                         "--accept sample needs --temperature > 0; use --accept greedy"),
+    "temperature too small to divide by": ("generate", GENERATE[1:] + ["--temperature", "1e-45"],
+                                           "--temperature 1e-45 is too small to divide logits by; pass 0 for greedy "
+                                           "decoding, or at least 1e-05."),
+    "--raw with --system": ("generate", GENERATE[1:] + ["--raw", "--system", "Be terse."],
+                            "--raw feeds the prompt without the chat template, which is where --system goes; drop "
+                            "one of them."),
+    "a tree deeper than the heads, before a chat starts": (
+        "generate", GENERATE[1:-2] + ["--interactive", "--medusa", "{root}/heads", "--tree", "chain3"],
+        "the tree is 3 deep but there are only 2 Medusa heads; pick a tree at most 2 deep."),
     "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
                              "argument --max-new-tokens: invalid int value: 'abc'; see --help."),
     "--out under a file": ("train", WARMUP[1:] + ["--out", "{root}/answers.jsonl/o"],
@@ -314,6 +335,28 @@ def test_more_cli_errors(name, cli_root, capsys):
     except SystemExit as e:  # argparse's own errors exit from inside parse_args
         code = e.code
     assert_one_error_line(code, capsys.readouterr().err, expected.format(root=cli_root))
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(cli_root):
+    # `generate.py ... | head -c 3`: the pipe is closed before the first token is written
+    argv = [a for a in with_root(GENERATE, cli_root) if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, *argv, "--max-new-tokens", "8"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 128 + 13 and "Traceback" not in stderr, stderr  # as SIGPIPE ends a Unix tool
+
+
+def test_the_prompt_takes_an_empty_system_message_as_the_chat_does(cli_root):
+    import generate
+    from nanomedusa.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(cli_root / "model")
+    user = {"role": "user", "content": "hi"}
+    for system, messages in ((None, [user]), ("", [{"role": "system", "content": ""}, user])):
+        args = generate.parse_args(["--prompt", "hi"] + ([] if system is None else ["--system", system]))
+        assert generate.encode_prompt(args, tokenizer) == tokenizer.encode_chat(messages)
+    assert tokenizer.encode_chat([user]) != tokenizer.encode_chat([{"role": "system", "content": ""}, user])
 
 
 def test_kernel_errors_are_reported_like_ours(capsys):
@@ -538,10 +581,11 @@ def test_negative_new_tokens_and_sampling_settings_from_python(tiny):
     for run in (lambda: generate(decoder, [5] * 300, -100), lambda: generate_medusa(decoder, heads, tree, [5], -3)):
         with pytest.raises(NanoMedusaError, match="max_new_tokens must be at least 0, not -"):
             run()
-    expected = ("Sampling(temperature=1.0, top_k=0, top_p=0.0) needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) "
-                "and top_p in (0, 1] (1: off).")
-    with pytest.raises(NanoMedusaError, match=re.escape(expected)):
+    needs = "needs temperature 0 (greedy) or at least 1e-05, top_k >= 0 (0: off) and top_p in (0, 1] (1: off)."
+    with pytest.raises(NanoMedusaError, match=re.escape(f"Sampling(temperature=1.0, top_k=0, top_p=0.0) {needs}")):
         Sampling(1.0, 0, 0.0)
+    with pytest.raises(NanoMedusaError, match=re.escape(needs)):  # it would divide the logits into infinities
+        Sampling(1e-45)
     with pytest.raises(KernelInputError, match=re.escape("sample_token needs temperature > 0, top_k >= 0 and top_p in "
                                                          "(0, 1], not 1.0, 0 and 0.0")):
         sample_token(torch.randn(1, 37), 1.0, 0, 0.0, torch.rand(1, 5))

@@ -18,6 +18,7 @@ VARIANTS = {
     "head_dim": dict(head_dim=32, num_key_value_heads=2),
     "sharded": dict(shard_size="20KB"),
     "qwen2_bias": dict(arch="qwen2", num_key_value_heads=2),
+    "llama_bias": dict(attention_bias=True, mlp_bias=True, num_key_value_heads=2),  # o_proj and the MLP's too
 }
 
 

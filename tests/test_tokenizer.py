@@ -358,3 +358,23 @@ def test_errors(tmp_path):
         ChatFormat("chatml").render([])
     with pytest.raises(NanoMedusaError, match="malformed; give each message as a dict with 'role'"):
         ChatFormat("chatml").render([{"role": "robot", "content": "beep"}])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("chat_template", 5, "the chat template in .* is 5, not text; restore tokenizer_config.json"),
+    ("eos_token", {"content": 5}, r"tokenizer_config.json's eos_token is \{'content': 5\}, not a token's text"),
+])
+def test_config_values_of_the_wrong_type(bpe_dir, tmp_path, field, value, message):
+    shutil.copytree(bpe_dir, tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    with pytest.raises(NanoMedusaError, match=message):
+        Tokenizer.from_dir(tmp_path / "ckpt")
+
+
+def test_text_that_is_not_utf8_is_refused(ckpt):
+    # what Python makes of a byte that is not UTF-8 in argv or a pipe (U+DC00 + byte), and a JSON "\ud83d"
+    with pytest.raises(NanoMedusaError, match=r"the text is not valid UTF-8 \(byte 0xe9 at character 3\)"):
+        Tokenizer.from_dir(ckpt).encode("caf\udce9")
+    with pytest.raises(NanoMedusaError, match=r"\(a lone surrogate U\+D83D at character \d+\); pass UTF-8 text"):
+        Tokenizer.from_dir(ckpt).encode_chat([{"role": "user", "content": "a\ud83d"}])
