@@ -27,7 +27,8 @@ Usage:
     python train.py --stage joint --heads out/warmup/heads --data data/answers.jsonl --out out/joint
     python generate.py --model out/joint/model --medusa out/joint/heads --prompt "..."
     #    With LoRA the backbone's change ships as a small adapter inside out/joint/heads (no out/joint/model);
-    #    --medusa out/joint/heads merges it into the base model when it loads.
+    #    --medusa out/joint/heads merges it into the base model when it loads. From such heads (Medusa-2's) only full
+    #    joint training continues: their adapter is merged into the backbone it trains, which becomes out/joint/model.
     python train.py --stage joint --heads out/warmup/heads --lora-rank 16 --backbone-lr 2e-4 ...
 
     # Several GPUs: the same commands under torchrun (DDP for warm-up, FSDP for joint training).
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_input_file,
                             check_output_dir, check_output_file, check_positive, check_sampling, check_seed,
@@ -125,10 +127,20 @@ def check_args(args) -> None:
     check_seed(args.seed)
     if args.stage == "distill":
         check_output_file("--out", args.out or DistillConfig.out)
+        if Path(args.out or DistillConfig.out).suffix == ".json":  # read back as one JSON array, it would not parse
+            raise NanoMedusaError(f"--out {args.out} would hold JSON lines, one answer per line; name it .jsonl.")
         check_at_least(1, {"--max-new-tokens": args.max_new_tokens, "--limit": args.limit})
         check_sampling(args.temperature, args.top_p)
         return
-    check_output_dir("--out", args.out or TrainConfig.out)
+    out = Path(args.out or TrainConfig.out)
+    check_output_dir("--out", out)
+    # What training writes into OUT: a file or directory in the way would fail only once training is done.
+    for name, is_dir in (("heads", True), ("checkpoint", True), ("model", True), ("log.jsonl", False),
+                         ("eval.json", False), ("train_config.json", False)):
+        if (out / name).exists() and (out / name).is_dir() != is_dir:
+            found, needed = ("file", "directory") if is_dir else ("directory", "file")
+            raise NanoMedusaError(f"--out {out} holds a {found} {name} where training writes a {needed}; remove it "
+                                  f"or choose another --out.")
     check_input_dir("--heads", args.heads)
     if args.cache_hidden:
         check_output_dir("--cache-hidden", args.cache_hidden)
@@ -136,10 +148,10 @@ def check_args(args) -> None:
     check_at_least(0, {"--num-layers": args.num_layers, "--weight-decay": args.weight_decay,
                        "--warmup-steps": args.warmup_steps, "--grad-clip": args.grad_clip,
                        "--medusa-weight": args.medusa_weight, "--medusa-weight-warmup": args.medusa_weight_warmup,
-                       "--lora-rank": args.lora_rank, "--save-every": args.save_every, "--eval-every": args.eval_every,
-                       "--data-weights": min(args.data_weights) if args.data_weights else None})
+                       "--lora-rank": args.lora_rank, "--save-every": args.save_every, "--eval-every": args.eval_every})
     check_positive({"--lr": args.lr, "--backbone-lr": args.backbone_lr, "--head-decay": args.head_decay,
-                    "--lora-alpha": args.lora_alpha})
+                    "--lora-alpha": args.lora_alpha,
+                    "--data-weights": min(args.data_weights) if args.data_weights else None})
 
 
 def run(args) -> None:

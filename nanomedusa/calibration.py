@@ -43,8 +43,8 @@ from .files import write_text_atomically
 from .heads import MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import Tokenizer
-from .training.data import (IGNORE, Conversation, collate, load_conversations, prompt_messages, split_train_eval,
-                            tokenize_all)
+from .training.data import (IGNORE, Conversation, collate, example_length, load_conversations, prompt_messages,
+                            split_train_eval, tokenize_all, train_eval_split)
 from .training.losses import shifted_targets
 
 Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (logits [n, V], targets [n])
@@ -169,12 +169,13 @@ def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
     tokenizer = Tokenizer.from_dir(checkpoint)
+    max_len = example_length(args.max_len, model.config.max_position_embeddings)
     examples = []
     for path in args.data:
         conversations = load_conversations(path)
         if not args.whole_files:
-            conversations = split_train_eval(conversations, args.eval_fraction, args.seed)[1]
-        examples += tokenize_all(tokenizer, conversations[: args.limit], args.max_len)
+            conversations = train_eval_split(conversations, args.eval_fraction, args.seed)[1]
+        examples += tokenize_all(tokenizer, conversations[: args.limit], max_len)
     if not examples:
         raise NanoMedusaError("no held-out conversation with an answer; pass more --data.")
     print(f"calibrating {heads.config.num_heads} heads on {len(examples)} held-out conversations:")

@@ -8,9 +8,10 @@
 The Medusa paper builds its sparse tree greedily: a path's expected contribution to the accepted
 length is the product of its heads' rank accuracies, so the best N-node tree keeps the N paths with
 the largest products (`tree.tree_from_head_accuracies`). This script measures those accuracies on
-held-out conversations (the same split `train.py` holds out, by --seed and --eval-fraction), prints
-them (per data file and pooled), and with --write stores the tree as `medusa_choices` in the heads'
-config.json, where `generate.py` picks it up as the heads' default tree on a GPU (`--tree own` on a CPU).
+held-out conversations (the split `train.py` holds out, by --seed and --eval-fraction, each cut as it cuts
+them: `training/data.py`), prints them (per data file and pooled), and with --write stores the tree as
+`medusa_choices` in the heads' config.json, where `generate.py` picks it up as the heads' default tree on a
+GPU (`--tree own` on a CPU).
 
 Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
 (the step time against node count that `python -m bench.decode --tree-sizes ...` measured on the
@@ -36,7 +37,7 @@ from .files import write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import Tokenizer
-from .training.data import IGNORE, collate, load_conversations, split_train_eval, tokenize_all
+from .training.data import IGNORE, collate, example_length, load_conversations, tokenize_all, train_eval_split
 from .training.losses import shifted_targets
 from .tree import expected_accept_length, tree_from_head_accuracies
 
@@ -139,10 +140,11 @@ def run(args) -> None:
         raise NanoMedusaError(f"--max-depth {args.max_depth} is deeper than the {heads.config.num_heads} heads in "
                               f"{args.heads}; pass at most {heads.config.num_heads}.")
     tokenizer = Tokenizer.from_dir(ckpt)
+    max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}
     for path in args.data:
-        _, held_out = split_train_eval(load_conversations(path), args.eval_fraction, args.seed)
-        examples = tokenize_all(tokenizer, held_out[: args.limit], args.max_len)
+        _, held_out = train_eval_split(load_conversations(path), args.eval_fraction, args.seed)
+        examples = tokenize_all(tokenizer, held_out[: args.limit], max_len)
         if not examples:
             raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
         file_hits, file_count = rank_hits(model, heads, examples, args.topk)

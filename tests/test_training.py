@@ -15,18 +15,21 @@ import pytest
 import torch
 
 import train as train_cli
-from nanomedusa.adapter import apply_adapter
-from nanomedusa.heads import MedusaHeads
+from nanomedusa import calibration, tree_tuning
+from nanomedusa.adapter import ADAPTER_FILE, apply_adapter
+from nanomedusa.heads import MedusaHeads, load_heads_and_adapter
 from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.training.data import (IGNORE, Example, StepSampler, load_conversations, mix_examples, split_train_eval,
                                       tokenize_conversation)
+from nanomedusa.training.hidden_cache import HiddenCache
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
 
 distill_module = importlib.import_module("nanomedusa.training.distill")  # the package's `distill` is the function
+trainer_module = importlib.import_module("nanomedusa.training.trainer")
 
 LOWER = string.ascii_lowercase
 
@@ -108,6 +111,28 @@ def test_formats_and_split(tmp_path):
     train, held = split_train_eval(items, 0.2, seed=7)
     assert len(held) == 10 and sorted(train + held) == items and split_train_eval(items, 0.2, seed=7)[1] == held
     assert split_train_eval(items, 0.2, seed=8)[1] != held
+
+
+MALFORMED = [  # (file name, text, what the error says after the file's name)
+    ("role.jsonl", '{"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "a"}]}\n',
+     "line 1 has a turn"),
+    ("role.json", '[{"messages": [{"role": {"a": 1}, "content": "hi"}]}]', "record 1 has a turn"),
+    ("turns.jsonl", '{"prompt": "a"}\n{"conversations": "hello"}\n', "line 2 has turns that are not a list"),
+    ("text.jsonl", '{"conversations": [{"from": "human", "value": "hi \\ud83d"}, {"from": "gpt", "value": "a"}]}\n',
+     "line 1 is not valid UTF-8"),
+    ("id.json", '[{"prompt": "a"}, {"id": "a\\udc00", "prompt": "b"}]', "record 2 is not valid UTF-8"),
+    ("deep.jsonl", '{"prompt": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", "line 2 nests its JSON too deeply"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nests its JSON too deeply"),
+    ("lines.json", '{"prompt": "a"}\n{"prompt": "b"}\n', "a file of one record per line must be named .jsonl"),
+]
+
+
+@pytest.mark.parametrize("name, text, says", MALFORMED, ids=[case[0] for case in MALFORMED])
+def test_malformed_records_are_one_sentence(tmp_path, name, text, says):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(NanoMedusaError, match=f"^{path} .*{says}[^.]*\\.$"):
+        load_conversations(path)
 
 
 def test_mix_weights_repeat_and_thin_each_file(setup, tmp_path):
@@ -252,6 +277,61 @@ def test_joint_changes_backbone_and_keeps_lm_loss(setup, warmed, lora_rank):
         assert torch.allclose(exported(tokens), trainer.module.model(tokens), atol=tolerance)
 
 
+@pytest.fixture(scope="module")
+def adapted(setup, warmed):
+    """Medusa-2 heads: OUT/heads of LoRA joint training, which carry the backbone's adapter."""
+    trainer = Trainer(config(setup, "lora-joint", stage="joint", heads=str(warmed[0].out / "heads"), max_steps=2,
+                             lora_rank=4, backbone_lr=3e-3))
+    trainer.run()
+    return trainer.out / "heads"
+
+
+def adapted_backbone(setup, heads_dir):
+    """The base model with the adapter in `heads_dir` merged in: the backbone those heads read."""
+    model = load_model(setup[1], "cpu", "float32")[0]
+    apply_adapter(model, heads_dir)
+    return model
+
+
+def test_full_joint_from_adapted_heads_trains_their_backbone_into_out_model(setup, adapted):
+    start = adapted_backbone(setup, adapted)
+    trainer = Trainer(config(setup, "full-from-adapted", stage="joint", heads=str(adapted), max_steps=2,
+                             backbone_lr=1e-3))
+    trained = trainer.module.model
+    assert all(torch.allclose(trained.state_dict()[k], v, atol=1e-6) for k, v in start.state_dict().items())
+    trainer.run()
+    saved = json.loads((trainer.out / "heads" / "config.json").read_text())
+    assert saved["lora"] is None and saved["base_model_name_or_path"] == str(trainer.out / "model")
+    assert not (trainer.out / "heads" / ADAPTER_FILE).exists()  # merged into OUT/model, not applied twice
+    exported = load_model(trainer.out / "model", "cpu", "float32")[0]
+    load_heads_and_adapter(trainer.out / "heads", exported, say=lambda _: pytest.fail("an adapter was merged"))
+    tokens = torch.randint(0, 80, (2, 17))
+    with torch.no_grad():
+        assert torch.allclose(exported(tokens), trained(tokens), atol=1e-4)
+        assert not torch.allclose(exported(tokens), start(tokens), atol=1e-4)  # the backbone did train on
+
+
+def test_lora_joint_from_adapted_heads_is_refused_before_the_model_loads(setup, adapted, monkeypatch):
+    monkeypatch.setattr(trainer_module, "load_model", lambda *args, **kw: pytest.fail("the model loaded"))
+    with pytest.raises(NanoMedusaError, match=r"drop --lora-rank\) or start LoRA joint training from warm-up heads\.$"):
+        Trainer(config(setup, "lora-on-lora", stage="joint", heads=str(adapted), lora_rank=4))
+
+
+def test_float16_joint_training_is_refused_and_a_diverged_run_stops(setup, warmed):
+    heads = str(warmed[0].out / "heads")
+    for dtype in ("float16", "fp16", torch.float16):
+        with pytest.raises(NanoMedusaError, match="pass --dtype bfloat16 or float32"):
+            config(setup, "fp16", stage="joint", heads=heads, dtype=dtype).check()
+    config(setup, "fp16", stage="joint", heads=heads, dtype="float16", lora_rank=4).check()  # LoRA trains float32
+    # The first step's update (~lr) blows the heads up: the next window's loss is not finite, and with one step only,
+    # the final evaluation's. Either way nothing diverged is exported.
+    for steps, stop in ((4, 2), (1, 1)):
+        trainer = Trainer(config(setup, f"diverged{steps}", lr=1e30, warmup_steps=0, max_steps=steps, log_every=1))
+        with pytest.raises(NanoMedusaError, match=f"not finite at step {stop} .*lower --lr"):
+            trainer.run()
+        assert not (trainer.out / "heads").exists()
+
+
 # ----- resume -------------------------------------------------------------------------------------
 
 
@@ -284,6 +364,25 @@ def test_resume_matches_uninterrupted_run(setup, monkeypatch):
     a, b = straight.module.heads.state_dict(), resumed.module.heads.state_dict()
     assert all_close(a, b, tol=1e-6)
     assert not all_close(a, cut.module.heads.state_dict(), tol=1e-6)  # the cut run really stopped early
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
+    Trainer(config(setup, "path-ckpt", reads_path=True, max_steps=2, save_every=1)).run()
+    with pytest.raises(NanoMedusaError, match="made with reads_path=True but this run has None"):
+        Trainer(config(setup, "path-ckpt", max_steps=2, save_every=1, resume=True))
+    lora = dict(stage="joint", heads=str(warmed[0].out / "heads"), lora_rank=4, max_steps=2, save_every=1)
+    Trainer(config(setup, "lora-ckpt", **lora)).run()
+    with pytest.raises(NanoMedusaError, match="made with lora_alpha=16.0 but this run has 1000.0"):
+        Trainer(config(setup, "lora-ckpt", **lora, lora_alpha=1000.0, resume=True))
+    assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
+
+
+def test_a_new_run_starts_its_log_afresh(setup):
+    for lr in (1e-2, 5e-3):  # the second run, not resumed, into the first one's --out
+        trainer = Trainer(config(setup, "relogged", lr=lr, max_steps=3, log_every=1))
+        trainer.run()
+    log = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [1, 2, 3] and log[0]["lr"] == pytest.approx(5e-3 / 5)
 
 
 # ----- distillation -------------------------------------------------------------------------------
@@ -437,28 +536,20 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert code == 2 and "--heads" in err
 
 
-def test_warmup_from_adapted_heads_trains_on_their_backbone_and_keeps_the_adapter(setup, warmed):
+def test_warmup_from_adapted_heads_trains_on_their_backbone_and_keeps_the_adapter(setup, adapted):
     # Medusa-2 heads read the backbone their adapter makes: heads grown from them (here: to read their path) must
     # train on that backbone, frozen, and ship the same adapter (it was lost before: warm-up exported an empty one).
-    from nanomedusa.adapter import ADAPTER_FILE
-    from nanomedusa.heads import load_heads_and_adapter
-
-    joint = Trainer(config(setup, "joint-then-path", stage="joint", heads=str(warmed[0].out / "heads"), max_steps=2,
-                           lora_rank=4, backbone_lr=3e-3))
-    joint.run()
-    adapted_heads = joint.out / "heads"
-    grown = Trainer(config(setup, "path-on-adapted", heads=str(adapted_heads), reads_path=True, max_steps=2))
-    adapted = load_model(setup[1], "cpu", "float32")[0]
-    apply_adapter(adapted, adapted_heads)
+    grown = Trainer(config(setup, "path-on-adapted", heads=str(adapted), reads_path=True, max_steps=2))
+    backbone = adapted_backbone(setup, adapted).state_dict()
     trained_on = grown.module.model.state_dict()
-    assert all(torch.allclose(trained_on[k], v, atol=1e-6) for k, v in adapted.state_dict().items())
+    assert all(torch.allclose(trained_on[k], v, atol=1e-6) for k, v in backbone.items())
     grown.run()
     out = grown.out / "heads"
-    assert (out / ADAPTER_FILE).read_bytes() == (adapted_heads / ADAPTER_FILE).read_bytes()
+    assert (out / ADAPTER_FILE).read_bytes() == (adapted / ADAPTER_FILE).read_bytes()
     base = load_model(setup[1], "cpu", "float32")[0]
     heads = load_heads_and_adapter(out, base, say=lambda _: None)  # merges the adapter into `base`
     assert heads.config.reads_path and heads.config.lora
-    assert all(torch.allclose(base.state_dict()[k], v, atol=1e-6) for k, v in adapted.state_dict().items())
+    assert all(torch.allclose(base.state_dict()[k], v, atol=1e-6) for k, v in backbone.items())
 
 
 def test_examples_are_cut_at_the_models_context(setup, tmp_path, capsys):
@@ -472,3 +563,60 @@ def test_examples_are_cut_at_the_models_context(setup, tmp_path, capsys):
     assert max(len(example.input_ids) for example in trainer.train_set) == context < 1000
     assert f"[note] examples are cut at the model's context of {context} tokens, not --max-len 1000" \
         in capsys.readouterr().out
+
+
+def test_cli_refuses_paths_that_would_fail_after_the_run(setup, tmp_path, capsys):
+    def run(*args):
+        code = train_cli.main(["--model", setup[1], "--data", setup[2], *args])
+        return code, capsys.readouterr().err.strip()
+
+    # Distillation writes JSON lines, which a .json file would be read back as one JSON array.
+    assert run("--stage", "distill", "--out", str(tmp_path / "answers.json")) == (
+        2, f"error: --out {tmp_path / 'answers.json'} would hold JSON lines, one answer per line; name it .jsonl.")
+    assert not (tmp_path / "answers.json").exists()
+    assert run("--data-weights", "-1", "--out", str(tmp_path / "w")) == (
+        2, "error: --data-weights must be above 0, not -1.0; pass a positive number.")
+    for name, make in (("heads", lambda p: p.write_text("")), ("log.jsonl", lambda p: p.mkdir())):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        make(out / name)
+        code, err = run("--out", str(out), "--max-steps", "1")
+        assert code == 2 and err.startswith(f"error: --out {out} holds a ") and err.endswith("choose another --out.")
+        assert not (out / "train_config.json").exists()  # refused before training
+
+
+@pytest.mark.parametrize("meta", ["not JSON", "[1]", None])
+def test_damaged_hidden_cache_is_one_sentence(tmp_path, meta):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if meta is None:
+        (cache / "meta.json").mkdir()
+    else:
+        (cache / "meta.json").write_text(meta)
+    with pytest.raises(NanoMedusaError, match="is damaged or was made for another model, dtype or data; delete it"):
+        HiddenCache(cache, "fingerprint")
+
+
+def test_tools_measure_on_the_examples_training_held_out(setup, warmed, tmp_path, monkeypatch):
+    # train.py holds out a share of a file's answered conversations, cut at the model's context (256 tokens here):
+    # tree_tuning.py and calibration.py must measure on exactly those, whatever unanswered prompts the file holds.
+    data = tmp_path / "mixed.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            s = i % 26
+            turns = [{"from": "human", "value": f"count from {LOWER[s]}"}, {"from": "gpt", "value": LOWER[s:] * 12}]
+            record = {"id": f"p{i}", "prompt": "count"} if i % 5 == 0 else {"id": f"c{i}", "conversations": turns}
+            f.write(json.dumps(record) + "\n")
+    held_out = [e.input_ids for e in Trainer(config(setup, tmp_path / "out", data=str(data), max_len=1000,
+                                                    eval_fraction=0.25)).eval_set]
+    assert len(held_out) == 8 and max(map(len, held_out)) == 256
+    seen = {}
+    for module, name in ((tree_tuning, "rank_hits"), (calibration, "calibrate")):
+        def spy(model, heads, examples, *args, name=name, real=getattr(module, name)):
+            seen[name] = [e.input_ids for e in examples]
+            return real(model, heads, examples, *args)
+        monkeypatch.setattr(module, name, spy)
+    flags = ["--model", setup[1], "--heads", str(warmed[0].out / "heads"), "--data", str(data), "--device", "cpu",
+             "--eval-fraction", "0.25", "--seed", "3", "--max-len", "1000"]
+    assert tree_tuning.main(flags + ["--nodes", "4"]) == 0 and calibration.main(flags) == 0
+    assert seen == {"rank_hits": held_out, "calibrate": held_out}

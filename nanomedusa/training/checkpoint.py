@@ -3,8 +3,9 @@
     OUT/checkpoint/state.pt  trainable weights (frozen ones are re-read from --model), AdamW state,
                              step, RNG states and the settings a resumed run must share
     OUT/heads/               the heads, in `MedusaHeads.save` format (generate.py --medusa OUT/heads);
-                             after joint training with LoRA also the adapter (`nanomedusa/adapter.py`),
-                             which loading the heads merges into the base model
+                             after joint training with LoRA (or warm-up from heads that had one) also
+                             the adapter (`nanomedusa/adapter.py`), which loading the heads merges into
+                             the base model
     OUT/model/               full joint training only: the fine-tuned base model as a full Hugging Face
                              checkpoint directory (config, model.safetensors, tokenizer files)
 
@@ -61,10 +62,12 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     if not path.is_file():
         raise NanoMedusaError(f"there is no checkpoint at {path} to resume from; drop --resume to start a new run.")
     state = _read_state(path)
-    for key, value in settings.items():
-        if state["settings"].get(key) != value:
-            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={state['settings'].get(key)!r} but "
-                                  f"this run has {value!r}; resume with the same settings or choose another --out.")
+    saved = state["settings"]
+    # Over both runs' keys: a setting recorded only when it is on (reads_path) must not be dropped unnoticed.
+    for key in sorted(saved.keys() | settings.keys()):
+        if saved.get(key) != settings.get(key):
+            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={saved.get(key)!r} but this run "
+                                  f"has {settings.get(key)!r}; resume with the same settings or choose another --out.")
     set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(state["rng"]["torch"])
@@ -86,7 +89,7 @@ def _read_state(path: Path) -> dict:
 
 def truncate_log(path: Path, step: int) -> None:
     """Cut OUT/log.jsonl back to the records of steps <= step (and any torn last line), in place:
-    a run resumed from the checkpoint of `step` logs the later steps again."""
+    a run resumed from the checkpoint of `step` logs the later steps again, a new run (step 0) starts afresh."""
     if not path.is_file():
         return
     keep = 0  # bytes of whole records up to `step`
@@ -119,6 +122,8 @@ def export(out_dir, wrapped: nn.Module, heads_config: HeadsConfig, ckpt_dir: Pat
         shutil.copy(Path(adapter_from) / ADAPTER_FILE, out_dir / "heads" / ADAPTER_FILE)
     elif heads_config.lora:
         save_adapter(adapter_state(_strip(state, "model.")), out_dir / "heads")
+    else:  # an earlier run's adapter left in OUT/heads would be merged into a backbone these heads never read
+        (out_dir / "heads" / ADAPTER_FILE).unlink(missing_ok=True)
     if with_model:
         model_state = merge_lora_state(_strip(state, "model."), lora_scale)
         save_model_dir(model_state, ckpt_dir, out_dir / "model")

@@ -14,9 +14,11 @@ tokenizing the prefixes around it:
     tokens(render(msgs[:i], generation prompt)) = ids[:start]   answer i is ids[start:end]
     tokens(render(msgs[:i+1]))                  = ids[:end]
 
-Several files train together as a mix (`mix_examples`): each file is split into train / held-out on
-its own, and its training examples are repeated or thinned by its weight, so a small but important
-source (open-ended chat) can count for more than a large one (math word problems).
+Several files train together as a mix (`mix_examples`): each file's answered conversations are split into
+train / held-out on its own (`train_eval_split`, which tree_tuning.py and calibration.py use to find the
+held-out part again), and its training examples are repeated or thinned by its weight, so a small but
+important source (open-ended chat) can count for more than a large one (math word problems). Examples are
+cut at --max-len or the model's context, whichever is shorter (`example_length`).
 
 `StepSampler` decides which examples each rank sees at each optimizer step: a fixed function of
 (seed, step), so a resumed run continues exactly where it stopped, and the same global batch is cut
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NanoMedusaError
-from ..files import read_utf8
+from ..files import check_utf8, read_utf8
 
 IGNORE = -100  # label of a token that is not trained on (cross_entropy's ignore_index)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -60,8 +62,12 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file or use JSON "
-                                  f"lines.") from None
+            # A first record that ends with line 1: JSON lines, which a .json name promises not to hold.
+            fix = ("a file of one record per line must be named .jsonl" if (e.msg, e.lineno) == ("Extra data", 2)
+                   else "fix the file or use JSON lines")
+            raise NanoMedusaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}.") from None
+        except RecursionError:
+            raise NanoMedusaError(f"{path} nests its JSON too deeply to read; fix the file.") from None
         if not isinstance(items, list):
             raise NanoMedusaError(f"{path} holds a JSON {type(items).__name__}, not a list of records; wrap the "
                                   f"records in [...].")
@@ -76,6 +82,9 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
                 records.append((f"{path} line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise NanoMedusaError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that "
+                                      f"line.") from None
+            except RecursionError:
+                raise NanoMedusaError(f"{path} line {n} nests its JSON too deeply to read; fix or remove that "
                                       f"line.") from None
     for where, record in records:
         if not isinstance(record, dict):
@@ -96,17 +105,21 @@ def to_conversation(where: str, record: dict, index: int) -> Conversation:
         raise NanoMedusaError(f"{where} has none of conversations, messages or prompt; use ShareGPT, OpenAI messages "
                               f"or prompt records.")
     if not isinstance(turns, list):
-        raise NanoMedusaError(f"{where} has a {role_key!r} list that is not a list; give the turns as a JSON list.")
+        raise NanoMedusaError(f"{where} has turns that are not a list; give the turns as a JSON list.")
     messages = []
     for turn in turns:
-        role = ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        name = turn.get(role_key) if isinstance(turn, dict) else None
+        role = ROLES.get(name) if isinstance(name, str) else None
         if role is None or not isinstance(turn.get(text_key), str):
             raise NanoMedusaError(f"{where} has a turn {str(turn)[:60]!r} that is not a {{{role_key}, {text_key}}} "
                                   f"pair with a known role; use human/gpt/system or user/assistant/system.")
         messages.append({"role": role, "content": turn[text_key]})
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)  # an answer with no question (ShareGPT dumps have some) cannot be rendered
-    return Conversation(str(record.get("id", index)), messages)
+    conversation = Conversation(str(record.get("id", index)), messages)
+    for text in [conversation.id] + [m["content"] for m in messages]:  # (JSON may escape half a surrogate pair)
+        check_utf8(where, text, fix="fix or remove that record")
+    return conversation
 
 
 def load_conversations(path: str | Path) -> list[Conversation]:
@@ -166,6 +179,23 @@ def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list
     n_eval = min(max(round(n * eval_fraction), 1), n - 1) if eval_fraction > 0 and n >= 2 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in sorted(order[:n_eval])]
+
+
+def train_eval_split(conversations: list[Conversation], eval_fraction: float,
+                     seed: int) -> tuple[list[Conversation], list[Conversation]]:
+    """(training, held-out) conversations of one data file, as train.py splits them: only the answered ones, so
+    that prompts not yet answered (nothing to train or measure on) move no answer between the two."""
+    answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
+    return split_train_eval(answered, eval_fraction, seed)
+
+
+def example_length(max_len: int, context: int, say=print) -> int:
+    """Tokens kept per example: --max-len, or the model's context where that is shorter, as positions past it never
+    occur in decoding (the cache stops there). `say` gets a note when the context cuts."""
+    length = min(max_len, context)
+    if length < max_len:
+        say(f"[note] examples are cut at the model's context of {length} tokens, not --max-len {max_len}")
+    return length
 
 
 def mix_examples(sources: list[list[Example]], weights: list[float], seed: int) -> list[Example]:

@@ -37,9 +37,9 @@ class HiddenCache:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fingerprint:
-            raise NanoMedusaError(f"the hidden-state cache in {self.dir} was made for another model, dtype or data; "
-                                  f"delete it or pass another --cache-hidden directory.")
+        if meta.exists() and _fingerprint_of(meta) != fingerprint:
+            raise NanoMedusaError(f"the hidden-state cache in {self.dir} is damaged or was made for another model, "
+                                  f"dtype or data; delete it or pass another --cache-hidden directory.")
         _write_atomic(meta, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n"))
 
     def batch_hidden(self, indices: list[int], lengths: list[int], tokens: torch.Tensor,
@@ -57,6 +57,14 @@ class HiddenCache:
         for f, n, row in zip(files, lengths, hidden):
             _write_atomic(f, lambda tmp, row=row[:n]: save_file({"hidden": row.contiguous().cpu()}, str(tmp)))
         return hidden
+
+
+def _fingerprint_of(meta: Path) -> str | None:
+    """The fingerprint meta.json records; None if it is no such file (not JSON, not an object, a directory)."""
+    try:
+        return json.loads(meta.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -10,10 +10,14 @@
 * joint: backbone and heads learn together on loss = L_lm + w * L_medusa, with w ramped from 0 to
   --medusa-weight, the backbone at a much smaller learning rate than the heads (two AdamW groups),
   and optionally through LoRA adapters instead of all weights. This changes the base model: the
-  result is OUT/model, which must then be served together with OUT/heads.
+  result is OUT/model, which must then be served together with OUT/heads (with LoRA: the adapter in
+  OUT/heads). From heads that ship an adapter, full joint training starts from the adapted backbone and
+  OUT/model has it merged in; LoRA joint training is refused there (it would stack a second adapter).
+  Its trained weights are never float16 (AdamW's state underflows there: NaN after a step).
 
 Each optimizer step: grad_accum micro-batches per process, bf16 autocast on GPU, grad clipping,
-cosine learning rate with linear warm-up. Logs (rank 0) go to the terminal and OUT/log.jsonl.
+cosine learning rate with linear warm-up. Logs (rank 0) go to the terminal and OUT/log.jsonl, which a run
+that does not resume starts afresh; a logged loss that is not finite stops the run on every rank.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ from ..adapter import apply_adapter, has_adapter
 from ..config import ModelConfig
 from ..errors import NanoMedusaError
 from ..heads import MedusaHeads
-from ..loading import load_model, resolve_checkpoint
+from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import Tokenizer
 from . import checkpoint
-from .data import (IGNORE, StepSampler, collate, eval_batches, load_conversations, mix_examples, split_train_eval,
-                   tokenize_all)
+from .data import (IGNORE, StepSampler, collate, eval_batches, example_length, load_conversations, mix_examples,
+                   tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
 from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
@@ -104,6 +108,12 @@ class TrainConfig:
         if self.stage == "warmup" and self.lora_rank:
             raise NanoMedusaError("--lora-rank only applies to --stage joint (warm-up never changes the backbone); "
                                   "drop it.")
+        if self.stage == "joint" and self.lora_rank and self.heads and has_adapter(self.heads):
+            raise NanoMedusaError(f"the heads in {self.heads} already carry a LoRA adapter; continue with full joint "
+                                  f"training (drop --lora-rank) or start LoRA joint training from warm-up heads.")
+        if self.stage == "joint" and not self.lora_rank and DTYPES.get(self.dtype, self.dtype) is torch.float16:
+            raise NanoMedusaError("full joint training would update float16 weights, which AdamW turns to NaN in a "
+                                  "step; pass --dtype bfloat16 or float32.")
         if self.stage == "joint" and self.cache_hidden:
             raise NanoMedusaError("--cache-hidden only applies to --stage warmup (joint training changes the hidden "
                                   "states); drop it.")
@@ -146,11 +156,13 @@ class Trainer:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" and not self.joint else "float32"
         model, _ = load_model(self.ckpt_dir, self.device, dtype)
-        # Warm-up from heads that ship a backbone adapter (Medusa-2's): they read the adapted backbone, so it is
-        # what they train on (frozen), and the adapter ships on with the heads trained.
-        self.adapter_from = Path(cfg.heads) if not self.joint and cfg.heads and has_adapter(cfg.heads) else None
-        if self.adapter_from is not None:
-            self._print(apply_adapter(model, self.adapter_from))
+        # Heads that ship a backbone adapter (Medusa-2's) read the adapted backbone, so it is what they train on.
+        # Warm-up keeps it frozen and ships the adapter on with the heads; full joint training trains it whole and
+        # exports it as OUT/model (LoRA joint training from such heads is refused by TrainConfig.check).
+        adapted = cfg.heads and has_adapter(cfg.heads)
+        if adapted:
+            self._print(apply_adapter(model, cfg.heads))
+        self.adapter_from = Path(cfg.heads) if adapted and not self.joint else None
         self.hidden_cache = None
         if cfg.cache_hidden:
             backbone = f"{self.ckpt_dir}+{self.adapter_from}" if self.adapter_from else str(self.ckpt_dir)
@@ -172,7 +184,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.start_step = (checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings())
                            if cfg.resume else 0)
-        if cfg.resume and self.dist.is_main:
+        if self.dist.is_main:  # a resumed run logs its later steps again, a new one starts the log afresh (step 0)
             checkpoint.truncate_log(self.out / "log.jsonl", self.start_step)
 
     # ----- setup -------------------------------------------------------------------------------
@@ -181,18 +193,14 @@ class Trainer:
         """-> (training examples of the weighted mix, held-out examples of every file)."""
         cfg = self.cfg
         trains, held_out = [], []
-        # Positions past the model's context never occur in decoding (the cache stops there): no use training on them.
-        max_len = min(cfg.max_len, ModelConfig.from_json(self.ckpt_dir / "config.json").max_position_embeddings)
-        if max_len < cfg.max_len:
-            self._print(f"[note] examples are cut at the model's context of {max_len} tokens, not --max-len "
-                        f"{cfg.max_len}")
+        context = ModelConfig.from_json(self.ckpt_dir / "config.json").max_position_embeddings
+        max_len = example_length(cfg.max_len, context, self._print)
         for path, conversations in zip(cfg.data_files, sources):
-            answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
-            if not answered:
+            # Each file split on its own, as tree_tuning.py splits it, so its held-out part stays unseen.
+            train_c, eval_c = train_eval_split(conversations, cfg.eval_fraction, cfg.seed)
+            if not train_c:
                 raise NanoMedusaError(f"{path} has no conversation with an assistant answer to train on; "
                                       f"answer its prompts first with --stage distill.")
-            # Each file split on its own, as tree_tuning.py splits it, so its held-out part stays unseen.
-            train_c, eval_c = split_train_eval(answered, cfg.eval_fraction, cfg.seed)
             train = tokenize_all(self.tokenizer, train_c, max_len, progress=self.dist.is_main)
             if not train:
                 raise NanoMedusaError(f"no training example of {path} keeps an answer token within its first {max_len} "
@@ -232,8 +240,9 @@ class Trainer:
                 "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps,
-                # only when set: checkpoints from before heads could read their path have no such key
-                **({"reads_path": True} if heads.reads_path else {})}
+                # only when they matter, so that checkpoints from before these keys existed still resume
+                **({"reads_path": True} if heads.reads_path else {}),
+                **({"lora_alpha": cfg.lora_alpha} if cfg.lora_rank else {})}
 
     @property
     def num_heads(self) -> int:
@@ -351,8 +360,8 @@ class Trainer:
         heads_config = self.module.heads.config
         if self.joint and self.cfg.lora_rank:  # the heads carry the backbone's adapter (nanomedusa/adapter.py)
             heads_config = replace(heads_config, lora={"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha})
-        elif self.joint:  # the heads now belong to the fine-tuned model, not to the one training started from
-            heads_config = replace(heads_config, base_model=str(self.out / "model"))
+        elif self.joint:  # the heads now belong to the fine-tuned model (any adapter merged in), not the original
+            heads_config = replace(heads_config, base_model=str(self.out / "model"), lora=None)
         checkpoint.export(self.out, self.wrapped, heads_config, self.ckpt_dir, self.joint and not heads_only,
                           self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main, self.adapter_from)
 
@@ -368,9 +377,10 @@ class Trainer:
 
     def _log_window(self, step: int, stats: torch.Tensor, tokens: int, seconds: float) -> None:
         totals = all_reduce_sum(torch.cat([stats.flatten(), stats.new_tensor([tokens])]), self.dist)
+        summary = summarize(totals[:-1].view_as(stats), self.weights(step - 1))
+        self._stop_if_diverged(step, [summary["loss"]])
         if not self.dist.is_main:
             return
-        summary = summarize(totals[:-1].view_as(stats), self.weights(step - 1))
         record = {"step": step, "loss": summary["loss"], "lr": self.optimizer.param_groups[0]["lr"],
                   "tokens_per_s": totals[-1].item() / max(seconds, 1e-9), "heads": summary["heads"]}
         if self.joint:
@@ -385,12 +395,20 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _log_eval(self, step: int, results: dict) -> None:
+        self._stop_if_diverged(step, [r["loss"] for r in [results["lm"], *results["heads"]]])
         if not self.dist.is_main or not results["lm"]["tokens"]:
             return
         rows = [("lm_head", results["lm"])] + [(f"head {k}", h) for k, h in enumerate(results["heads"])]
         lines = [f"eval at step {step} ({results['lm']['tokens']} tokens): predictor  loss  top-1  top-5"]
         lines += [f"  {name:>8}  {r['loss']:.3f}  {r['top1']:.3f}  {r['top5']:.3f}" for name, r in rows]
         self._print("\n".join(lines))
+
+    def _stop_if_diverged(self, step: int, losses: list[float]) -> None:
+        """Stop before a diverged model is saved. `losses` are all-reduced, the same on every rank: all stop
+        together, and none is left waiting in a collective."""
+        if not all(math.isfinite(loss) for loss in losses):
+            raise NanoMedusaError(f"the loss is not finite at step {step} (training diverged); lower --lr (and in "
+                                  f"joint training --backbone-lr), or train in float32 (--dtype float32).")
 
     def _print(self, text: str) -> None:
         if self.dist.is_main:
