@@ -111,6 +111,7 @@ class MedusaHeads(nn.Module):
             for proj in self.medusa_path:
                 nn.init.zeros_(proj.weight)  # the heads start as the plain heads they extend
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
+        self._stacked_key = None  # the weights_key they were copied at
         self._temperatures = None  # (key, tensor [K] float32), key = (device, temperatures): see `_temperature_tensor`
 
     @classmethod
@@ -161,9 +162,16 @@ class MedusaHeads(nn.Module):
         differentiable, used for training."""
         return torch.stack([self.head_logits(k, hidden, lm_head_weight, path) for k in range(self.config.num_heads)])
 
+    def weights_key(self) -> tuple:
+        """Changes whenever a weight does: every in-place write (an optimizer step, load_state_dict) bumps a tensor's
+        version, and .to() moves it. Keys the stacked copies below and the decoder's CUDA graphs over them."""
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
     def stacked_weights(self, lm_head_weight=None):
-        """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels."""
-        if self._stacked is None or self.training:
+        """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels, copied
+        once per version of the weights (`weights_key`)."""
+        key = self.weights_key()
+        if self._stacked is None or self._stacked_key != key:
             L, D = self.config.num_layers, self.config.hidden_size
             p = next(self.parameters(), lm_head_weight)
             with torch.no_grad():
@@ -174,7 +182,7 @@ class MedusaHeads(nn.Module):
                     w = p.new_zeros(self.config.num_heads, 0, D, D)
                     b = p.new_zeros(self.config.num_heads, 0, D)
                 vocab = None if self.config.shared_lm_head else torch.stack([h[-1].weight for h in self.medusa_head])
-            self._stacked = (w, b, vocab)
+            self._stacked, self._stacked_key = (w, b, vocab), key
         w, b, vocab = self._stacked
         return w, b, lm_head_weight if vocab is None else vocab
 

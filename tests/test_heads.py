@@ -44,6 +44,28 @@ def test_forward_topk_and_kernel_reference_agree(model, shared):
     assert torch.equal(heads.topk(hidden, 5, model.lm_head.weight), logits.topk(5, dim=-1).indices)
 
 
+def test_the_kernels_read_the_weights_as_they_are_now(model):
+    # The fused kernels read stacked copies of the weights, made once: a load_state_dict or an optimizer's in-place
+    # step after a first decode must reach them (it did not: decoding went on with the old copies).
+    def perturbed(seed):
+        heads = MedusaHeads.from_base(model, num_heads=3, num_layers=1).eval()
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        return heads
+
+    hidden = torch.randn(4, model.config.dim)
+    heads, other = perturbed(1), perturbed(2)
+    before = heads.topk(hidden, 5, model.lm_head.weight)
+    heads.load_state_dict(other.state_dict())
+    assert torch.equal(heads.topk(hidden, 5, model.lm_head.weight), other.topk(hidden, 5, model.lm_head.weight))
+    assert not torch.equal(heads.topk(hidden, 5, model.lm_head.weight), before)
+    with torch.no_grad():  # as an optimizer steps: in place
+        for p in heads.parameters():
+            p.mul_(-1)
+    assert torch.equal(heads.topk(hidden, 5, model.lm_head.weight), heads(hidden).topk(5, dim=-1).indices)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_save_load_round_trip(model, tmp_path, shared):
     heads = MedusaHeads.from_base(model, num_heads=2, num_layers=1, shared_lm_head=shared, base_model="tiny")

@@ -86,6 +86,9 @@ class OracleHeads:
     def parameters(self):  # (none: generate_medusa checks the heads' weights against the model's only when there are)
         return iter(())
 
+    def weights_key(self):  # (no weights to change)
+        return ()
+
     def topk(self, hidden, k, lm_head_weight=None):
         pos = (self.hidden - hidden).norm(dim=-1).argmin().item()  # which position this hidden state is
         out = torch.zeros(self.config.num_heads, 1, k, dtype=torch.long)
