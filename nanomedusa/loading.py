@@ -115,7 +115,7 @@ def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float
 
         return ensure_default_model(dtype=dtype)
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
         if not path.is_file():
             raise NanoMedusaError(f"GGUF file {path} does not exist; check the --model path.")
         from weights.gguf_to_hf import convert_cached
@@ -127,6 +127,13 @@ def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float
                                   f"a hub id.")
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:  # ("a..b/c" and "org/name--x" look like ids but are none; no download could find them)
+            validate_repo_id(str(spec))
+        except HFValidationError:
+            raise NanoMedusaError(f"{spec} is neither a local path nor a valid hub id; pass a checkpoint directory, "
+                                  f"a .gguf file or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.") from None
         return _download_from_hub(str(spec))
     raise NanoMedusaError(f"checkpoint directory {path} does not exist; pass an existing directory, a .gguf file or "
                           f"a hub id.")
@@ -148,6 +155,15 @@ def _download_from_hub(repo_id: str) -> Path:
             ) from None
 
 
+def _restore_fix(ckpt: Path) -> str:
+    """How to get a damaged checkpoint whole again: one we converted (weights/cache/) is converted again once
+    deleted; any other is downloaded again."""
+    from weights.gguf_to_hf import CACHE_ROOT  # (on this error path only: it imports the GGUF reader)
+
+    ours = CACHE_ROOT.resolve() in Path(ckpt).resolve().parents
+    return f"delete {ckpt} to have it converted again" if ours else "re-download the checkpoint"
+
+
 def _safetensors_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
@@ -155,7 +171,7 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = [ckpt / f for f in sorted(set(weight_map.values()))]  # each a shard's file name
         except (ValueError, KeyError, TypeError, AttributeError):  # ValueError: not UTF-8 or not JSON
-            raise NanoMedusaError(f"{index} is not a valid safetensors index; re-download the checkpoint.") from None
+            raise NanoMedusaError(f"{index} is not a valid safetensors index; {_restore_fix(ckpt)}.") from None
     else:
         files = [ckpt / "model.safetensors"]
         pickled = next(ckpt.glob("pytorch_model*.bin"), None)
@@ -165,7 +181,7 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
                                   f"transformers (from_pretrained, then save_pretrained).")
     for f in files:
         if not f.is_file():
-            raise NanoMedusaError(f"{f} is missing; the checkpoint in {ckpt} is incomplete, re-download it.")
+            raise NanoMedusaError(f"{f} is missing; the checkpoint in {ckpt} is incomplete: {_restore_fix(ckpt)}.")
     return files
 
 
@@ -183,8 +199,7 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
         try:
             handle = safe_open(str(file), framework="pt", device=str(device))
         except Exception as e:
-            raise NanoMedusaError(f"{file} is not a readable safetensors file ({e}); re-download the "
-                                  f"checkpoint.") from None
+            raise NanoMedusaError(f"{file} is not a readable safetensors file ({e}); {_restore_fix(ckpt)}.") from None
         with handle:
             for hf_name in handle.keys():
                 mapped = hf_to_ours(hf_name)
@@ -229,7 +244,7 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
             missing += [ours_to_hf(name, part) for part in range(len(sizes)) if part not in filled.get(name, ())]
     if missing:
         raise NanoMedusaError(f"the checkpoint in {ckpt} lacks {len(missing)} tensors (first: {missing[0]}); "
-                              f"re-download it.")
+                              f"{_restore_fix(ckpt)}.")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight

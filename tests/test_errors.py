@@ -57,6 +57,28 @@ def test_pickled_weights_only(ckpt):
         load_model(ckpt, device="cpu")
 
 
+def test_a_damaged_conversion_is_converted_again_not_downloaded(tmp_path, monkeypatch):
+    import weights.gguf_to_hf
+
+    monkeypatch.setattr(weights.gguf_to_hf, "CACHE_ROOT", tmp_path)  # where converted checkpoints live
+    converted = tmp_path / "model-abc"
+    make_hf_checkpoint(converted)
+    (converted / "model.safetensors").write_bytes(b"torn")
+    with pytest.raises(NanoMedusaError, match=f"not a readable safetensors file .*; delete {converted} to have it "
+                                              f"converted again\\.$"):
+        load_model(converted, device="cpu")
+
+
+def test_model_paths_that_look_like_something_else(ckpt, tmp_path):
+    shutil.copytree(ckpt, tmp_path / "fine-tune.gguf")  # a checkpoint directory, whatever its name
+    load_model(tmp_path / "fine-tune.gguf", device="cpu")
+    with pytest.raises(NanoMedusaError, match="GGUF file .*MODEL.GGUF does not exist; check the --model path"):
+        load_model(tmp_path / "MODEL.GGUF", device="cpu")
+    for spec in ("a..b/c", "org/name--x"):  # shaped like hub ids, but none can exist
+        with pytest.raises(NanoMedusaError, match=f"^{re.escape(spec)} is neither a local path nor a valid hub id; "):
+            load_model(spec, device="cpu")
+
+
 def test_corrupt_safetensors(ckpt):
     (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(NanoMedusaError, match="is not a readable safetensors file"):
