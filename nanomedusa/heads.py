@@ -164,8 +164,9 @@ class MedusaHeads(nn.Module):
 
     def weights_key(self) -> tuple:
         """Changes whenever a weight does: every in-place write (an optimizer step, load_state_dict) bumps a tensor's
-        version, and .to() moves it. Keys the stacked copies below and the decoder's CUDA graphs over them."""
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+        version, and .to() moves it. Keys the stacked copies below and the decoder's CUDA graphs over them. (Weights
+        made under torch.inference_mode keep no version, and only code under it can write them in place.)"""
+        return tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.parameters())
 
     def stacked_weights(self, lm_head_weight=None):
         """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels, copied
