@@ -63,11 +63,11 @@ def parse_args(argv=None):
                    help="checkpoint dir, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most (per turn in a chat)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling's random draws")
     p.add_argument("--medusa", default=None,
                    help="Medusa heads directory (default: the shipped heads of the default model)")
     p.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding")
@@ -230,6 +230,8 @@ def check_args(args) -> None:
     if args.interactive and (args.raw or args.compare):
         flag = "--raw" if args.raw else "--compare"
         raise NanoMedusaError(f"--interactive chats through the chat template with one decoder; drop {flag}.")
+    if args.interactive and args.quiet:
+        raise NanoMedusaError("--interactive streams its answers, which --quiet would silence; drop --quiet.")
     if args.context is not None and not args.interactive:  # (a one-shot run sizes its cache to what it needs)
         raise NanoMedusaError("--context sets how much of a chat is kept; pass it with --interactive, or drop it.")
     check_at_least(1, {"--context": args.context})

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanomedusa.cli import check_input_file, run_reporting_errors
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model, resolve_checkpoint
 from nanomedusa.tokenizer import Tokenizer
@@ -127,10 +130,11 @@ def run(args) -> dict:
     tokenizer = Tokenizer.from_dir(ckpt)
     heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=torch.float32)
     if not heads.config.shared_lm_head:
-        raise SystemExit("error: the probe reads heads that share the base model's lm_head (--shared-lm-head).")
+        raise NanoMedusaError("the probe reads heads that share the base model's lm_head; train them with "
+                              "--shared-lm-head.")
     if not all(0 <= k < heads.config.num_heads for k in args.probe_heads):
-        raise SystemExit(f"error: {args.heads} has {heads.config.num_heads} heads; pass --probe-heads among "
-                         f"0 .. {heads.config.num_heads - 1}.")
+        raise NanoMedusaError(f"{args.heads} has {heads.config.num_heads} heads; pass --probe-heads among "
+                              f"0 .. {heads.config.num_heads - 1}.")
     streams = {}
     for name, files in (("train", args.train), ("eval", args.eval)):
         examples = load_examples(tokenizer, files, args.max_len)
@@ -168,6 +172,13 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation kept (default 1024)")
 
 
+def check_data_arguments(args) -> None:
+    """add_data_arguments' files, by their flags, before the model loads (a NanoMedusaError naming the fix)."""
+    for flag, files in (("--train", args.train), ("--eval", args.eval)):
+        for path in files:
+            check_input_file(flag, path)
+
+
 def load_examples(tokenizer, files, max_len: int):
     """Every answer of the answer files, tokenized, in order."""
     return [e for f in files for e in tokenize_all(tokenizer, load_conversations(f), max_len)]
@@ -190,10 +201,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     torch.manual_seed(0)
-    run(parse_args(argv))
+    args = parse_args(argv)
+    return run_reporting_errors(lambda: (check_data_arguments(args), run(args)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

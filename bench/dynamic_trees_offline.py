@@ -69,8 +69,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from nanomedusa.cli import check_input_dir, check_input_file, run_reporting_errors
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.files import read_utf8
 from nanomedusa.generation import generate
 from nanomedusa.heads import HeadsConfig, load_heads_and_adapter
@@ -480,7 +482,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['heads']} | {r['set']} ({r['prompts']}) | {r['nodes']} | " + " | ".join(cells) + " |")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", nargs="+", default=HEADS, help="Medusa heads directories (a LoRA adapter is applied)")
     p.add_argument("--eval", nargs="+", default=EVAL, metavar="FILE[:N]", help="evaluation prompt sets, first N prompts")
@@ -495,6 +497,23 @@ def main(argv=None) -> None:
     p.add_argument("--trace-only", action="store_true", help="instead: make and cache every set's traces, then stop")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and fitted parameters here")
     args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(args))
+
+
+def check_args(args) -> None:
+    """The paths, before an hour of tracing (a NanoMedusaError naming the fix)."""
+    for heads_dir in args.heads:
+        check_input_dir("--heads", heads_dir)
+    for path in (spec.partition(":")[0] for spec in args.eval):
+        check_input_file("--eval", path)
+    for path in (spec.partition(":")[0] for spec in args.tune):
+        if not Path(path).is_file():
+            raise NanoMedusaError(f"--tune {path} does not exist; make the tuning sets first with python -m "
+                                  f"nanomedusa.calibration --held-out-prompts (this module's docstring shows how).")
+
+
+def run(args) -> None:
+    check_args(args)
     torch.manual_seed(0)
     if args.validate:
         spec = f"{args.eval[0].partition(':')[0]}:{args.validate}"
@@ -517,4 +536,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -57,7 +57,7 @@ from nanomedusa.training.data import IGNORE
 from nanomedusa.tree import expected_accept_length, tree_from_head_accuracies
 from nanomedusa.tree_tuning import rank_accuracies
 
-from .conditioned_heads_probe import add_data_arguments, load_examples
+from .conditioned_heads_probe import add_data_arguments, check_data_arguments, load_examples
 from .report import print_table, save, say
 
 DEFAULT_HEADS = "weights/smollm2-135m-instruct-medusa-path"
@@ -438,6 +438,7 @@ def best_static_tree(acc: torch.Tensor, paths: int) -> float:
 
 def run(args) -> dict:
     check_input_dir("--heads", args.heads or None)  # before minutes of training, not after
+    check_data_arguments(args)
     if args.json:
         check_output_file("--json", args.json)
     if args.topk < 5:

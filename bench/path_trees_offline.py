@@ -33,12 +33,14 @@ multiple of the static tree's (#15's first target: >= 1.10x).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
+from nanomedusa.cli import check_input_dir, check_input_file, run_reporting_errors
 from nanomedusa.generation import generate_batch
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads, load_heads_and_adapter
 from nanomedusa.loading import load_model
 from nanomedusa.dynamic_tree import DynamicTree
@@ -168,13 +170,13 @@ def run(args) -> dict:
     model, checkpoint = load_model(args.model, device="cpu", dtype=torch.float32)
     heads = load_heads_and_adapter(args.heads, model)
     if not heads.config.reads_path:
-        raise SystemExit(f"error: {args.heads} holds heads that do not read their path; this simulator is for those "
-                         f"(python -m bench.dynamic_trees_offline models Medusa's).")
+        raise NanoMedusaError(f"{args.heads} holds heads that do not read their path; this simulator is for those "
+                              f"(python -m bench.dynamic_trees_offline models Medusa's).")
     max_depth = min(args.max_depth or heads.config.num_heads, heads.config.num_heads)
     supersets = sorted({int(n) for n in args.supersets.split(",")}) if args.supersets else []
     if supersets and max_depth < heads.config.num_heads:
-        raise SystemExit("error: --supersets models the engine's dynamic tree, which uses every head; drop "
-                         "--max-depth or pass --supersets ''.")
+        raise NanoMedusaError("--supersets models the engine's dynamic tree, which uses every head; drop "
+                              "--max-depth or pass --supersets ''.")
     tokenizer = Tokenizer.from_dir(checkpoint)
     budgets = sorted({int(n) for n in args.budgets.split(",")})
     rules = ["static", "expand"] + [f"dynamic-{size}" for size in supersets]
@@ -224,10 +226,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def check_args(args) -> None:
+    """The paths, before the model loads (a NanoMedusaError naming the fix)."""
+    check_input_dir("--heads", args.heads)
+    for path in args.prompts:
+        check_input_file("--prompts", path)
+
+
+def main(argv=None) -> int:
     torch.manual_seed(0)
-    run(parse_args(argv))
+    args = parse_args(argv)
+    return run_reporting_errors(lambda: (check_args(args), run(args)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -192,12 +192,21 @@ def read_lines(stdin: TextIO, first: str | None = None) -> Iterator[str]:
         yield first
     while True:
         try:
-            line = input("> ") if stdin.isatty() else stdin.readline()
+            line = input(_prompt()) if stdin.isatty() else stdin.readline()
         except (EOFError, KeyboardInterrupt):
             return
         if not (line or stdin.isatty()):  # the end of a pipe (input() gives "" for an empty line)
             return
         yield line.rstrip("\n")
+
+
+def _prompt() -> str:
+    """input()'s prompt, which it writes to stdout: where stdout is a file (`> answers.txt`), the prompt goes to
+    stderr instead, so that the file holds the answers alone."""
+    if sys.stdout.isatty():
+        return "> "
+    print("> ", end="", file=sys.stderr, flush=True)
+    return ""
 
 
 def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys.stdin,

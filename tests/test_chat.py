@@ -200,3 +200,20 @@ def test_piped_cli_session(checkpoint, tmp_path):
     assert "error: this line is not valid UTF-8 (byte 0xe9 at character 3); pass UTF-8 text." in stderr
     assert "error: this line is not valid UTF-8 (byte 0xe9 at character 8)" in stderr
     assert "Traceback" not in stderr
+
+
+def test_the_prompt_stays_out_of_answers_written_to_a_file(monkeypatch, capsys):
+    # input() writes its prompt to stdout: at a terminal that is the screen, but `--interactive > answers.txt` would
+    # put a "> " before every answer in the file
+    import io
+
+    from nanomedusa import chat
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert chat._prompt() == "> " and capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert chat._prompt() == "" and capsys.readouterr().err == "> "

@@ -65,7 +65,7 @@ def pairs_probe_files(tmp_path, n_train: int, n_eval: int):
             write_pairs_data(tmp_path / "eval.jsonl", n_eval, seed=2))
 
 
-def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should(tmp_path):
+def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should(tmp_path, capsys):
     train, held = pairs_probe_files(tmp_path, 64, 16)
     out = probe.run(probe.parse_args([
         "--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
@@ -80,6 +80,7 @@ def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should
     # and where t + 2 opens one, head 1's target is t + 2's letter: only the path (the tree's own token) tells
     assert got[(1, "path")]["top1"] > got[(1, "root")]["top1"] + 0.2
     assert json.loads((tmp_path / "p.json").read_text())["results"] == out["results"]
-    with pytest.raises(SystemExit, match="has 2 heads; pass --probe-heads among 0 .. 1"):
-        probe.run(probe.parse_args(["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"),
-                                    "--train", str(train), "--eval", str(held), "--device", "cpu"]))
+    capsys.readouterr()
+    assert probe.main(["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train),
+                       "--eval", str(held), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'heads'} has 2 heads; pass --probe-heads among 0 .. 1.\n"

@@ -271,11 +271,13 @@ MORE_ERRORS = {
     "temperature too small to divide by": ("generate", GENERATE[1:] + ["--temperature", "1e-45"],
                                            "--temperature 1e-45 is too small to divide logits by; pass 0 for greedy "
                                            "decoding, or at least 1e-05."),
+    "--quiet chat": ("generate", GENERATE[1:-2] + ["--interactive"],  # (GENERATE[5] is --quiet)
+                     "--interactive streams its answers, which --quiet would silence; drop --quiet."),
     "--raw with --system": ("generate", GENERATE[1:] + ["--raw", "--system", "Be terse."],
                             "--raw feeds the prompt without the chat template, which is where --system goes; drop "
                             "one of them."),
     "a tree deeper than the heads, before a chat starts": (
-        "generate", GENERATE[1:-2] + ["--interactive", "--medusa", "{root}/heads", "--tree", "chain3"],
+        "generate", GENERATE[1:5] + ["--interactive", "--medusa", "{root}/heads", "--tree", "chain3"],
         "the tree is 3 deep but there are only 2 Medusa heads; pick a tree at most 2 deep."),
     "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
                              "argument --max-new-tokens: invalid int value: 'abc'; see --help."),
@@ -304,6 +306,16 @@ MORE_ERRORS = {
     "calibration's held-out prompts of an empty file": ("nanomedusa.calibration", [
         "--model", "{root}/model", "--held-out-prompts", "{root}/empty.jsonl", "--out", "{root}/held.jsonl"],
         "{root}/empty.jsonl holds no prompt to hold out; pass the prompts file the heads' answers came from."),
+    "offline trees without their tuning sets": ("bench.dynamic_trees_offline", [
+        "--heads", "{root}/heads", "--eval", "{root}/prompts.jsonl:1", "--tune", "{root}/held.jsonl:3"],
+        "--tune {root}/held.jsonl does not exist; make the tuning sets first with python -m nanomedusa.calibration "
+        "--held-out-prompts (this module's docstring shows how)."),
+    "path-tree simulator without prompts": ("bench.path_trees_offline", [
+        "--heads", "{root}/heads", "--prompts", "{root}/none.jsonl"], "--prompts {root}/none.jsonl does not exist; "
+                                                                        "check the path."),
+    "heads probe without training answers": ("bench.conditioned_heads_probe", [
+        "--train", "{root}/none.jsonl", "--eval", "{root}/answers.jsonl"], "--train {root}/none.jsonl does not exist; "
+                                                                           "check the path."),
     "bench without new tokens": ("bench.decode", ["--device", "cpu", "--max-new-tokens", "0"],
                                  "--max-new-tokens must be at least 1, not 0; pass 1 or more."),
     "bench tree sizes that are not numbers": ("bench.decode", ["--device", "cpu", "--tree-sizes", "16,x"],
