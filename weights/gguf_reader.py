@@ -94,6 +94,11 @@ class GGUFFile:
             metadata[key] = self._value(self._scalar("<I"))
         infos = [self._tensor_entry() for _ in range(tensor_count)]
         alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if not (isinstance(alignment, int) and alignment > 0 and alignment & (alignment - 1) == 0):
+            raise NanoMedusaError(  # llama.cpp refuses such a file too
+                f"{self.path.name} gives general.alignment as {alignment!r}, not a power of two; "
+                f"re-download or re-convert the GGUF."
+            )
         data_start = -(-self._pos // alignment) * alignment
         tensors = [self._tensor_info(*info, data_start) for info in infos]
         return metadata, tensors

@@ -34,6 +34,8 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,33 +120,68 @@ def convert_gguf(
     named = _check_tensors(gguf_file.tensors, config, source)
     tokenizer = build_tokenizer(meta, source)
 
-    # Build beside the target and rename at the end: a killed conversion leaves a hidden `.partial`
-    # folder, never an `out_dir` that looks finished.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged(out_dir) as staging:
         _write_weights(staging / "model.safetensors", gguf_file, named, config, dtype, progress)
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "config.json", config)
         _write_json(staging / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
         _write_json(staging / "generation_config.json", _generation_config(config))
-        (staging / "README.md").write_text(_model_card(gguf_path, meta, gguf_file.tensors, dtype))
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / "README.md").write_text(_model_card(gguf_path, meta, gguf_file.tensors, dtype), encoding="utf-8")
     return out_dir
+
+
+@contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `out_dir` to build a checkpoint in, renamed to `out_dir` once the block ends.
+
+    A killed build leaves a hidden `.NAME.partial-PID` folder, never an `out_dir` that looks finished; the next
+    build of `out_dir` deletes those whose process is gone, at its start and at its end. A failed block deletes
+    its folder. If another process renamed its own build into place first (two first uses at once), ours is
+    deleted and theirs kept.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        try:
+            staging.rename(out_dir)
+        except OSError:
+            if not out_dir.is_dir():  # else another process's build is in place, the same as ours
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
+    _remove_abandoned(out_dir)  # again: a process killed just before we started may have been still exiting
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Delete the staging folders of `out_dir` whose process died before renaming them (SIGKILL, power loss)."""
+    prefix = f".{out_dir.name}.partial-"
+    for folder in out_dir.parent.iterdir():
+        pid = folder.name.removeprefix(prefix)
+        # One with our own PID is from a dead process whose PID we got again (PIDs repeat, in containers often).
+        if folder.name.startswith(prefix) and pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
 
 
 def convert_cached(gguf_path: str | Path, cache_root: str | Path | None = None, progress: bool = True,
                    dtype: torch.dtype = torch.float32) -> Path:
     """The converted checkpoint for `gguf_path` under `cache_root` (default weights/cache), converting on first use.
 
-    The folder is named after the file and a hash of its contents, so two different files that share
-    a name never share a checkpoint, and re-downloading the same file reuses it. `dtype` is the one the
-    model will run in (a GPU's bfloat16 halves what loading reads); it is named in the folder unless float32.
+    The folder is named after the file and `content_key`, so two different files that share a name do not
+    share a checkpoint, while running the same file again reuses it. `dtype` is the one the model will run
+    in (a GPU's bfloat16 halves what loading reads); it is named in the folder unless float32.
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -159,11 +196,18 @@ def convert_cached(gguf_path: str | Path, cache_root: str | Path | None = None, 
 
 
 def content_key(path: Path, chunk: int = 1 << 20) -> str:
-    """A short hash of a file's size, first and last MiB: the header (metadata) and some tensor data."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    """A short hash of a file's size, modification time (in nanoseconds), first MiB and last MiB.
+
+    Reading the whole file would take seconds for a large model on every start. The first MiB holds the
+    header (metadata); the modification time tells apart files that differ only further in (another
+    fine-tune of the same shape, a file re-exported in place). A copy or a new download of the same
+    file gets a new time, so it is converted once more: time lost, never the wrong model.
+    """
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size} {stat.st_mtime_ns}".encode())
     with open(path, "rb") as f:
         digest.update(f.read(chunk))
-        f.seek(max(path.stat().st_size - chunk, 0))
+        f.seek(max(stat.st_size - chunk, 0))
         digest.update(f.read(chunk))
     return digest.hexdigest()[:12]
 
@@ -217,7 +261,7 @@ def hf_config(gguf_file: GGUFFile, source: str, dtype: torch.dtype) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": _end_token_ids(meta),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
@@ -351,6 +395,14 @@ def _dequantize_rows(raw: np.ndarray, ggml_type: Q) -> np.ndarray:
     return gguf.quants.dequantize(raw, ggml_type)
 
 
+def _end_token_ids(meta: dict) -> int | list[int] | None:
+    """config.json's eos_token_id: every token llama.cpp ends generation on, as a list (eos first) if
+    there are several: eos, end of turn and end of message (Llama 3 Instruct's <|eot_id|>, <|eom_id|>)."""
+    keys = (f"tokenizer.ggml.{end}_token_id" for end in ("eos", "eot", "eom"))
+    ids = list(dict.fromkeys(meta[key] for key in keys if key in meta))
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
 def _generation_config(config: dict) -> dict:
     return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None}
 
@@ -389,15 +441,26 @@ def _unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _rope_scaling(
     gguf_file: GGUFFile, arch_name: str, rope_theta: float, head_dim: int, source: str
 ) -> dict | None:
-    """config.json's rope_scaling: linear from the metadata, llama3 from a rope_freqs tensor, or None."""
-    kind = gguf_file.metadata.get(f"{arch_name}.rope.scaling.type", "none")
+    """config.json's rope_scaling: linear from the metadata, llama3 from a rope_freqs tensor, or None.
+
+    The metadata is read as llama.cpp reads it: a factor with no type is linear, and older files give the
+    factor as `rope.scale_linear`.
+    """
+    meta = gguf_file.metadata
+    factor = meta.get(f"{arch_name}.rope.scaling.factor", meta.get(f"{arch_name}.rope.scale_linear"))
+    kind = meta.get(f"{arch_name}.rope.scaling.type", "none" if factor is None else "linear")
     rope_freqs = [t for t in gguf_file.tensors if t.name == ROPE_FREQS]
     if kind == "none" and rope_freqs:
         return llama3_rope_scaling(_dequantize(gguf_file, rope_freqs[0]), rope_theta, head_dim, source)
     if kind == "none":
         return None
+    if kind == "linear" and factor is None:
+        raise NanoMedusaError(
+            f"{source} asks for linear RoPE scaling but lacks its factor ({arch_name}.rope.scaling.factor); "
+            f"re-download or re-convert the GGUF."
+        )
     if kind == "linear" and not rope_freqs:
-        return {"rope_type": "linear", "factor": _f32(gguf_file.metadata[f"{arch_name}.rope.scaling.factor"])}
+        return {"rope_type": "linear", "factor": _f32(factor)}
     raise NanoMedusaError(
         f"{source} uses {kind!r} RoPE scaling{' as well as a rope_freqs tensor' if rope_freqs else ''}; only "
         f"linear scaling or Llama 3's rope_freqs alone converts, so use the model's Hugging Face checkpoint."
@@ -410,4 +473,4 @@ def _f32(value: float) -> float:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

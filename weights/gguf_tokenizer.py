@@ -10,7 +10,8 @@ we run:
   the merges are recovered from the scores, as transformers does, and unknown bytes fall back to
   `<0xNN>` tokens.
 
-`check_tokenizer` refuses other kinds from two metadata strings, before anything slow runs.
+`check_tokenizer` refuses other kinds from two metadata strings, and damaged metadata (a missing
+vocabulary, a special token id outside it, a merge of unknown tokens), before anything slow runs.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ _PRE_TOKENIZERS = {
 # Llama 3 emits a whole word when it is in the vocabulary, whatever the merges say (llama.cpp does too).
 _IGNORE_MERGES = {"llama-bpe"}
 _KINDS = ("gpt2", "llama")
+# The special tokens a GGUF may name by id (`tokenizer.ggml.{role}_token_id`).
+_SPECIAL_ROLES = ("bos", "eos", "unknown", "padding", "eot", "eom")
 _SPACE = "▁"  # sentencepiece's visible space
 
 
 def check_tokenizer(meta: dict, source: str) -> None:
-    """Refuse a tokenizer kind or pre-tokenizer that `build_tokenizer` cannot rebuild."""
+    """Refuse a tokenizer kind or pre-tokenizer that `build_tokenizer` cannot rebuild, or damaged metadata."""
     kind = meta.get("tokenizer.ggml.model")
     if kind not in _KINDS:
         raise NanoMedusaError(
@@ -76,6 +79,30 @@ def check_tokenizer(meta: dict, source: str) -> None:
             f"{source} uses the pre-tokenizer {pre!r}; only {', '.join(sorted(_PRE_TOKENIZERS))} are supported, "
             f"so use the model's Hugging Face checkpoint."
         )
+    damage = _damage(meta, kind)
+    if damage:
+        raise NanoMedusaError(f"{source} {damage}; re-download or re-convert the GGUF.")
+
+
+def _damage(meta: dict, kind: str) -> str | None:
+    """What is missing or wrong in the metadata the tokenizer is rebuilt from, or None if nothing is."""
+    needed = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges" if kind == "gpt2" else "tokenizer.ggml.scores")
+    for key in needed:
+        if key not in meta:
+            return f"lacks {key}"
+    tokens = meta["tokenizer.ggml.tokens"]
+    for role in _SPECIAL_ROLES:
+        token_id = meta.get(f"tokenizer.ggml.{role}_token_id")
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            return f"gives tokenizer.ggml.{role}_token_id as {token_id}, outside its {len(tokens)} tokens"
+    if kind == "gpt2":
+        vocab = set(tokens)
+        for merge in meta["tokenizer.ggml.merges"]:
+            parts = merge.split(" ")
+            # The tokenizers library refuses a merge unless both parts and their join are tokens.
+            if len(parts) != 2 or not {*parts, "".join(parts)} <= vocab:
+                return f"has the merge {merge!r}, which does not join two of its tokens into a third"
+    return None
 
 
 def build_tokenizer(meta: dict, source: str) -> Tokenizer:
