@@ -99,6 +99,11 @@ def default_heads_dir(args) -> Path | None:
     return SHIPPED_HEADS
 
 
+def heads_dir(args) -> str | Path | None:
+    """The heads this run decodes with (--compare: besides plain decoding), or None for plain decoding."""
+    return None if args.no_medusa and not args.compare else args.medusa or default_heads_dir(args)
+
+
 def load_heads(args, model):
     """The heads and their tree for this run, or (None, None) for plain decoding.
 
@@ -108,15 +113,17 @@ def load_heads(args, model):
     shipped heads' own tree decodes slower than plain decoding there (0.5-0.9x), while the root and one guess was
     1.05-1.18x plain decoding on both CPUs at 1 to 16 threads; a 4-node tree ran 0.99x on the 2-core machine,
     though the Xeon's step times put it at 1.16-1.19x (bench/RESULTS.md)."""
-    path = None if args.no_medusa and not args.compare else args.medusa or default_heads_dir(args)
+    path = heads_dir(args)
     if path is None:
         if args.compare:
             raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
         given = [flag for flag, value in (("--tree", args.tree), ("--accept", args.accept)) if value is not None]
         if given:  # not an error: a Medusa command line with --no-medusa added, or for a model without shipped
             # heads, should run plainly, not be refused
-            print(f"[note] {' and '.join(given)} apply to Medusa decoding; this run decodes plainly (no heads), "
-                  f"so {'they do' if len(given) > 1 else 'it does'} nothing here.", file=sys.stderr)
+            several = len(given) > 1
+            print(f"[note] {' and '.join(given)} {'apply' if several else 'applies'} to Medusa decoding; this run "
+                  f"decodes plainly (no heads), so {'they do' if several else 'it does'} nothing here.",
+                  file=sys.stderr)
         return None, None
     heads = load_heads_and_adapter(path, model, say=lambda line: print(f"[note] {line}.", file=sys.stderr))
     if args.tree == "dynamic":
@@ -241,7 +248,7 @@ def check_args(args) -> None:
     check_positive({"--posterior-threshold": args.posterior_threshold})
     check_sampling(args.temperature, args.top_p, args.top_k)
     check_seed(args.seed)
-    if args.accept is not None:
+    if args.accept is not None and heads_dir(args) is not None:  # (without heads it does nothing: load_heads says so)
         check_acceptance(acceptance(args))
     check_kernels(args.kernels, resolve_device(args.device), args.exact)
     check_input_dir("--medusa", args.medusa)

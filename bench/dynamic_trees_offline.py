@@ -497,7 +497,7 @@ def main(argv=None) -> int:
     p.add_argument("--trace-only", action="store_true", help="instead: make and cache every set's traces, then stop")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and fitted parameters here")
     args = p.parse_args(argv)
-    return run_reporting_errors(lambda: run(args))
+    return run_reporting_errors(lambda: (check_args(args), run(args)))
 
 
 def check_args(args) -> None:
@@ -506,14 +506,14 @@ def check_args(args) -> None:
         check_input_dir("--heads", heads_dir)
     for path in (spec.partition(":")[0] for spec in args.eval):
         check_input_file("--eval", path)
-    for path in (spec.partition(":")[0] for spec in args.tune):
-        if not Path(path).is_file():
+    for path in (spec.partition(":")[0] for spec in args.tune if not args.validate):  # (--validate reads none)
+        if not Path(path).exists():
             raise NanoMedusaError(f"--tune {path} does not exist; make the tuning sets first with python -m "
                                   f"nanomedusa.calibration --held-out-prompts (this module's docstring shows how).")
+        check_input_file("--tune", path)
 
 
 def run(args) -> None:
-    check_args(args)
     torch.manual_seed(0)
     if args.validate:
         spec = f"{args.eval[0].partition(':')[0]}:{args.validate}"

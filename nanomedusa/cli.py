@@ -28,7 +28,7 @@ from .files import check_utf8
 from .sampling import MIN_TEMPERATURE
 
 USAGE_ERROR = 2  # exit status for anything the user can fix
-BROKEN_PIPE = 128 + signal.SIGPIPE  # the status a shell gives a tool that SIGPIPE ended
+BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # the status a shell gives a tool SIGPIPE ended (13: POSIX's)
 
 
 def run_reporting_errors(body: Callable[[], object]) -> int:

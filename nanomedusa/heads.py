@@ -34,6 +34,7 @@ Heads from joint training (Medusa-2) may also ship a LoRA adapter for the backbo
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -94,6 +95,9 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+_STACK_SERIALS = itertools.count()  # numbers each set of stacked copies of heads' weights (copies_serial)
+
+
 class MedusaHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
@@ -112,6 +116,8 @@ class MedusaHeads(nn.Module):
                 nn.init.zeros_(proj.weight)  # the heads start as the plain heads they extend
         self._stacked = None  # inference copies of the weights, stacked per head for the fused kernel
         self._stacked_key = None  # the weights_key they were copied at
+        self._stacked_serial = None  # see copies_serial
+        self.register_load_state_dict_post_hook(MedusaHeads._weights_loaded)
         self._temperatures = None  # (key, tensor [K] float32), key = (device, temperatures): see `_temperature_tensor`
 
     @classmethod
@@ -163,29 +169,55 @@ class MedusaHeads(nn.Module):
         return torch.stack([self.head_logits(k, hidden, lm_head_weight, path) for k in range(self.config.num_heads)])
 
     def weights_key(self) -> tuple:
-        """Changes whenever a weight does: every in-place write (an optimizer step, load_state_dict) bumps a tensor's
-        version, and .to() moves it. Keys the stacked copies below and the decoder's CUDA graphs over them. (Weights
-        made under torch.inference_mode keep no version, and only code under it can write them in place.)"""
+        """Changes when a weight is written in place, as an optimizer step writes it: each in-place write bumps a
+        tensor's version. Weights made under torch.inference_mode keep no version; load_state_dict, the way to
+        change those, marks the copies below stale itself (`_weights_loaded`)."""
         return tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.parameters())
 
     def stacked_weights(self, lm_head_weight=None):
-        """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels, copied
-        once per version of the weights (`weights_key`)."""
+        """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels: copies
+        made once and refreshed in place when the weights change (`weights_key`), so that a CUDA graph captured
+        on them reads the new weights. .to() and its kin drop them (`_apply`): the next call makes new ones."""
         key = self.weights_key()
         if self._stacked is None or self._stacked_key != key:
-            L, D = self.config.num_layers, self.config.hidden_size
-            p = next(self.parameters(), lm_head_weight)
-            with torch.no_grad():
-                if L:
-                    w = torch.stack([torch.stack([h[j].linear.weight for j in range(L)]) for h in self.medusa_head])
-                    b = torch.stack([torch.stack([h[j].linear.bias for j in range(L)]) for h in self.medusa_head])
-                else:
-                    w = p.new_zeros(self.config.num_heads, 0, D, D)
-                    b = p.new_zeros(self.config.num_heads, 0, D)
-                vocab = None if self.config.shared_lm_head else torch.stack([h[-1].weight for h in self.medusa_head])
-            self._stacked, self._stacked_key = (w, b, vocab), key
+            fresh = self._stack(lm_head_weight)
+            if self._stacked is None:
+                self._stacked, self._stacked_serial = fresh, next(_STACK_SERIALS)
+            else:
+                with torch.inference_mode():  # (copies made while decoding are inference tensors)
+                    for old, new in zip(self._stacked, fresh):
+                        if old is not None:
+                            old.copy_(new)
+            self._stacked_key = key
         w, b, vocab = self._stacked
         return w, b, lm_head_weight if vocab is None else vocab
+
+    def copies_serial(self, lm_head_weight=None) -> int:
+        """The number of the stacked copies the kernels read (made now if need be), which no other copies ever
+        had: the decoder's CUDA graphs over these heads read those copies' memory, so it keys them."""
+        self.stacked_weights(lm_head_weight)
+        return self._stacked_serial
+
+    def _stack(self, lm_head_weight) -> tuple:
+        L, D = self.config.num_layers, self.config.hidden_size
+        p = next(self.parameters(), lm_head_weight)
+        with torch.no_grad():
+            if L:
+                w = torch.stack([torch.stack([h[j].linear.weight for j in range(L)]) for h in self.medusa_head])
+                b = torch.stack([torch.stack([h[j].linear.bias for j in range(L)]) for h in self.medusa_head])
+            else:
+                w = p.new_zeros(self.config.num_heads, 0, D, D)
+                b = p.new_zeros(self.config.num_heads, 0, D)
+            vocab = None if self.config.shared_lm_head else torch.stack([h[-1].weight for h in self.medusa_head])
+        return w, b, vocab
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stacked = None  # moved or recast: the copies are made again, as new tensors (with a new serial)
+        return super()._apply(fn, *args, **kwargs)
+
+    @staticmethod
+    def _weights_loaded(module, incompatible_keys) -> None:
+        module._stacked_key = None  # refresh the copies, even of weights that keep no version
 
     @torch.no_grad()
     def topk(self, hidden, k: int, lm_head_weight=None):

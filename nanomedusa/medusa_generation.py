@@ -198,10 +198,11 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     rng = decoder.random_generator(rule.draws, generator)
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
     # The key names all that the step closes over besides the model and its cache.
-    key = ("medusa", rule, id(heads), heads.weights_key(), tree.key)
+    copies = heads.copies_serial(model.lm_head.weight)  # the heads' weights as the graphs read them
+    key = ("medusa", rule, id(heads), copies, tree.key)
     step = decoder.step(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
                         *placeholder_proposal(tree, device), generator=rng)
-    start_step = decoder.step(("medusa-start", rule.draws, id(heads), heads.weights_key(), tree.key),
+    start_step = decoder.step(("medusa-start", rule.draws, id(heads), copies, tree.key),
                               functools.partial(start_tree, model, heads, tree, rule.draws, rng),
                               torch.zeros(1, model.config.dim, dtype=model.dtype, device=device), generator=rng)
     result = GenerationResult()

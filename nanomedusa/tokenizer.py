@@ -225,12 +225,14 @@ def _chat_template(path: Path, config: dict) -> str | None:
     """The Jinja chat template, from chat_template.jinja / chat_template.json / tokenizer_config.json."""
     if (path / "chat_template.jinja").is_file():
         return read_utf8(path / "chat_template.jinja")
-    template = _read_json(path / "chat_template.json").get("chat_template", config.get("chat_template"))
+    separate = _read_json(path / "chat_template.json")
+    source = "chat_template.json" if "chat_template" in separate else "tokenizer_config.json"
+    template = separate.get("chat_template", config.get("chat_template"))
     if isinstance(template, list):  # several named templates: take the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
     if template is not None and not isinstance(template, str):
-        raise NanoMedusaError(f"the chat template in {path} is {template!r}, not text; restore tokenizer_config.json "
+        raise NanoMedusaError(f"the chat template in {path / source} is {template!r}, not text; restore the file "
                               f"from the original checkpoint.")
     return template
 

@@ -263,10 +263,11 @@ MORE_ERRORS = {
     "--medusa is not a directory": ("generate", GENERATE[1:] + ["--medusa", "{root}/answers.jsonl"],
                                     "--medusa {root}/answers.jsonl is not a directory; check the path."),
     "empty --medusa": ("generate", GENERATE[1:] + ["--medusa", ""], "--medusa is empty; pass a directory."),
-    "--accept greedy with a temperature": ("generate", GENERATE[1:] + ["--accept", "greedy", "--temperature", "0.7"],
+    "--accept greedy with a temperature": ("generate", GENERATE[1:] + ["--medusa", "{root}/heads", "--accept", "greedy",
+                                                                    "--temperature", "0.7"],
                                            "--accept greedy keeps the model's argmax, so --temperature would do "
                                            "nothing; use --accept sample (lossless) or --accept typical to sample"),
-    "--accept sample at temperature 0": ("generate", GENERATE[1:] + ["--accept", "sample"],
+    "--accept sample at temperature 0": ("generate", GENERATE[1:] + ["--medusa", "{root}/heads", "--accept", "sample"],
                                          "--accept sample needs --temperature > 0; use --accept greedy"),
     "temperature too small to divide by": ("generate", GENERATE[1:] + ["--temperature", "1e-45"],
                                            "--temperature 1e-45 is too small to divide logits by; pass 0 for greedy "
@@ -563,6 +564,11 @@ def test_medusa_flags_without_heads_say_they_do_nothing(cli_root, capsys):
     err = capsys.readouterr().err
     assert "[note] --tree and --accept apply to Medusa decoding; this run decodes plainly (no heads), so they do " \
            "nothing here." in err and "[plain] 2 tokens in" in err
+    # not even --accept greedy at a temperature (which Medusa refuses): a Medusa command line with --no-medusa added
+    argv = GENERATE[1:] + ["--medusa", "{root}/heads", "--no-medusa", "--max-new-tokens", "2", "--accept", "greedy",
+                           "--temperature", "0.7"]
+    assert generate_cli.main(with_root(argv, cli_root)) == 0
+    assert "[note] --accept applies to Medusa decoding" in capsys.readouterr().err
 
 
 # ----- the library, called from Python with the mistakes a caller makes (a read-only audit of the API) -------------

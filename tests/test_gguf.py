@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import weakref
@@ -525,7 +526,8 @@ def test_sentencepiece_tokenizer_matches_transformers_gguf_tokenizer(tmp_path):
     ({"tokenizer.ggml.eot_token_id": 0}, [2, 0]),  # Llama 3 Instruct: eos <|end_of_text|>, eot <|eot_id|>
     ({"tokenizer.ggml.eot_token_id": 0, "tokenizer.ggml.eom_token_id": 1}, [2, 0, 1]),
     ({"tokenizer.ggml.eot_token_id": 2}, 2),  # the same token twice is listed once
-], ids=["eos", "eot", "eot-eom", "eot-is-eos"])
+    ({"tokenizer.ggml.eot_token_id": 99999}, 2),  # outside the vocabulary: dropped, as llama.cpp drops it
+], ids=["eos", "eot", "eot-eom", "eot-is-eos", "eot-outside"])
 def test_generation_stops_on_every_end_token(tmp_path, ends, eos_token_id):
     """llama.cpp ends generation on eos, end-of-turn and end-of-message tokens; so must the checkpoint."""
     path = tmp_path / "tiny.gguf"
@@ -615,15 +617,15 @@ def test_inconsistent_tensors_are_refused_before_converting(tmp_path, monkeypatc
     (True, {"tokenizer.ggml.scores": None}, "lacks tokenizer.ggml.scores"),
     (False, {"tokenizer.ggml.bos_token_id": 99999}, "gives tokenizer.ggml.bos_token_id as 99999, outside its 280 "
      "tokens"),
-    (True, {"tokenizer.ggml.eot_token_id": 99999}, "gives tokenizer.ggml.eot_token_id as 99999, outside its 295 "
-     "tokens"),
+    (True, {"tokenizer.ggml.padding_token_id": 99999}, "gives tokenizer.ggml.padding_token_id as 99999, outside "
+     "its 295 tokens"),
     (False, {"tokenizer.ggml.merges": MERGES + ["zz qq"]}, "has the merge 'zz qq', which does not join two of its "
      "tokens into a third"),
     (False, {"tokenizer.ggml.merges": MERGES + ["the"]}, "has the merge 'the', which does not join"),
     (False, {"general.alignment": 0}, "gives general.alignment as 0, not a power of two"),
     (False, {"llama.rope.scaling.type": "linear"}, r"asks for linear RoPE scaling but lacks its factor "
      r"\(llama\.rope\.scaling\.factor\)"),
-], ids=["tokens", "merges", "scores", "bos", "eot", "merge-unknown", "merge-one-part", "alignment", "rope-factor"])
+], ids=["tokens", "merges", "scores", "bos", "padding", "merge-unknown", "merge-one-part", "alignment", "rope-factor"])
 def test_damaged_metadata_is_refused_in_one_line(tmp_path, spm, metadata, damage):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, spm=spm, metadata=metadata)
@@ -690,32 +692,38 @@ def test_builds_left_by_killed_processes_are_removed(tmp_path):
     cache = tmp_path / "cache"
     dead = subprocess.Popen(["true"])
     dead.wait()  # reaped: its PID names no process now
-    # Kept: a build still running, and another folder's. Removed: a killed build's, and one named with our PID,
-    # which can only be a dead process's whose PID we got again.
-    running, other = f".hf.partial-{os.getppid()}", f".other.partial-{dead.pid}"
-    killed, reused = f".hf.partial-{dead.pid}", f".hf.partial-{os.getpid()}"
-    for name in (running, other, killed, reused):
+    # Kept: a build still running, another folder's, and another host's (whose processes we cannot see). Removed: a
+    # killed build's, and one named with our PID, which can only be a dead process's whose PID we got again.
+    host = socket.gethostname()
+    running, other = f".hf.partial-{host}-{os.getppid()}", f".other.partial-{host}-{dead.pid}"
+    killed, reused = f".hf.partial-{host}-{dead.pid}", f".hf.partial-{host}-{os.getpid()}"
+    elsewhere = f".hf.partial-{host}x-{dead.pid}"
+    for name in (running, other, killed, reused, elsewhere):
         (cache / name).mkdir(parents=True)
         (cache / name / "model.safetensors").write_bytes(b"half")
     with staged(cache / "hf") as staging:
         (staging / "model.safetensors").write_bytes(b"whole")
-    assert {p.name for p in cache.iterdir()} == {running, other, "hf"}
+    assert {p.name for p in cache.iterdir()} == {running, other, elsewhere, "hf"}
     assert (cache / "hf" / "model.safetensors").read_bytes() == b"whole"
 
 
 def test_content_key_covers_size_time_and_both_ends(tmp_path):
     """Two files that differ only in the middle (another fine-tune of the same shape) are told apart by their
-    modification time; the key reads nothing else of them."""
-    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    modification time; of the bytes, the key reads the first and the last MiB only."""
+    def key_of(data: bytearray, mtime_ns: int) -> str:
+        path = tmp_path / "f.gguf"
+        path.write_bytes(data)
+        os.utime(path, ns=(0, mtime_ns))
+        return content_key(path)
+
     data = bytearray(3 << 20)
-    a.write_bytes(data)
-    data[len(data) // 2] = 1
-    b.write_bytes(data)
-    os.utime(a, ns=(0, 10**18))
-    os.utime(b, ns=(0, 10**18 + 1))
-    assert content_key(a) != content_key(b)
-    os.utime(b, ns=(0, 10**18))
-    assert content_key(a) == content_key(b)
+    same = key_of(data, 10**18)
+    assert key_of(data, 10**18 + 1) != same  # the time
+    assert key_of(data + b"\0", 10**18) != same  # the size
+    for at, seen in ((0, True), (len(data) // 2, False), (len(data) - 1, True)):  # first MiB, middle, last MiB
+        changed = bytearray(data)
+        changed[at] = 1
+        assert (key_of(changed, 10**18) != same) == seen, at
 
 
 def test_not_a_gguf_file_is_refused(tmp_path):

@@ -45,8 +45,9 @@ def test_forward_topk_and_kernel_reference_agree(model, shared):
 
 
 def test_the_kernels_read_the_weights_as_they_are_now(model):
-    # The fused kernels read stacked copies of the weights, made once: a load_state_dict or an optimizer's in-place
-    # step after a first decode must reach them (it did not: decoding went on with the old copies).
+    # The fused kernels read stacked copies of the weights: a load_state_dict or an optimizer's in-place step after a
+    # first decode must reach them (it did not: decoding went on with the old copies), and in place, since a CUDA
+    # graph captured on the copies reads their memory. Moving the heads makes new copies, under a new serial.
     def perturbed(seed):
         heads = MedusaHeads.from_base(model, num_heads=3, num_layers=1).eval()
         with torch.no_grad():
@@ -54,19 +55,27 @@ def test_the_kernels_read_the_weights_as_they_are_now(model):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
         return heads
 
+    def reads_its_weights(heads, hidden):
+        return torch.equal(heads.topk(hidden, 5), heads(hidden).topk(5, dim=-1).indices)
+
     hidden = torch.randn(4, model.config.dim)
     heads, other = perturbed(1), perturbed(2)
-    before = heads.topk(hidden, 5, model.lm_head.weight)
+    before = heads.topk(hidden, 5)
+    copies, serial = [t.data_ptr() for t in heads.stacked_weights()], heads.copies_serial()
     heads.load_state_dict(other.state_dict())
-    assert torch.equal(heads.topk(hidden, 5, model.lm_head.weight), other.topk(hidden, 5, model.lm_head.weight))
-    assert not torch.equal(heads.topk(hidden, 5, model.lm_head.weight), before)
+    assert torch.equal(heads.topk(hidden, 5), other.topk(hidden, 5)) and not torch.equal(heads.topk(hidden, 5), before)
     with torch.no_grad():  # as an optimizer steps: in place
         for p in heads.parameters():
             p.mul_(-1)
-    assert torch.equal(heads.topk(hidden, 5, model.lm_head.weight), heads(hidden).topk(5, dim=-1).indices)
+    assert reads_its_weights(heads, hidden)
+    assert [t.data_ptr() for t in heads.stacked_weights()] == copies and heads.copies_serial() == serial
+    heads.double()
+    assert reads_its_weights(heads, hidden.double()) and heads.copies_serial() != serial
     with torch.inference_mode():  # weights made here keep no version counter (the benches load heads so)
         made_here = perturbed(3)
-        assert torch.equal(made_here.topk(hidden, 5), made_here(hidden).topk(5, dim=-1).indices)
+        assert reads_its_weights(made_here, hidden)
+        made_here.load_state_dict(perturbed(4).state_dict())
+        assert reads_its_weights(made_here, hidden)
 
 
 @pytest.mark.parametrize("shared", [False, True])

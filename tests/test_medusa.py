@@ -86,8 +86,8 @@ class OracleHeads:
     def parameters(self):  # (none: generate_medusa checks the heads' weights against the model's only when there are)
         return iter(())
 
-    def weights_key(self):  # (no weights to change)
-        return ()
+    def copies_serial(self, lm_head_weight=None):  # (no weights, so no copies of them: itself)
+        return id(self)
 
     def topk(self, hidden, k, lm_head_weight=None):
         pos = (self.hidden - hidden).norm(dim=-1).argmin().item()  # which position this hidden state is

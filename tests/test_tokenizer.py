@@ -361,7 +361,7 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("chat_template", 5, "the chat template in .* is 5, not text; restore tokenizer_config.json"),
+    ("chat_template", 5, "the chat template in .*tokenizer_config.json is 5, not text; restore the file"),
     ("eos_token", {"content": 5}, r"tokenizer_config.json's eos_token is \{'content': 5\}, not a token's text"),
 ])
 def test_config_values_of_the_wrong_type(bpe_dir, tmp_path, field, value, message):

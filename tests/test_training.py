@@ -330,6 +330,11 @@ def test_float16_joint_training_is_refused_and_a_diverged_run_stops(setup, warme
         with pytest.raises(NanoMedusaError, match=f"not finite at step {stop} .*lower --lr"):
             trainer.run()
         assert not (trainer.out / "heads").exists()
+    # A checkpoint between log lines is written only after its window's loss is checked.
+    trainer = Trainer(config(setup, "diverged-save", lr=1e30, warmup_steps=0, max_steps=4, log_every=5, save_every=2))
+    with pytest.raises(NanoMedusaError, match="not finite at step 2 "):
+        trainer.run()
+    assert not (trainer.out / "checkpoint").exists() and not (trainer.out / "heads").exists()
 
 
 # ----- resume -------------------------------------------------------------------------------------
@@ -374,6 +379,12 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
     Trainer(config(setup, "lora-ckpt", **lora)).run()
     with pytest.raises(NanoMedusaError, match="made with lora_alpha=16.0 but this run has 1000.0"):
         Trainer(config(setup, "lora-ckpt", **lora, lora_alpha=1000.0, resume=True))
+    assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
+    # a checkpoint from before lora_alpha was recorded still resumes
+    path = setup[0] / "lora-ckpt" / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["lora_alpha"]
+    torch.save(state, path)
     assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
 
 

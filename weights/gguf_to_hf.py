@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,14 +135,15 @@ def convert_gguf(
 def staged(out_dir: Path) -> Iterator[Path]:
     """A fresh hidden folder beside `out_dir` to build a checkpoint in, renamed to `out_dir` once the block ends.
 
-    A killed build leaves a hidden `.NAME.partial-PID` folder, never an `out_dir` that looks finished; the next
-    build of `out_dir` deletes those whose process is gone, at its start and at its end. A failed block deletes
-    its folder. If another process renamed its own build into place first (two first uses at once), ours is
-    deleted and theirs kept.
+    A killed build leaves a hidden `.NAME.partial-HOST-PID` folder, never an `out_dir` that looks finished; the
+    next build of `out_dir` on the same host deletes those whose process is gone, at its start and at its end (a
+    cache shared with other hosts keeps theirs: we cannot tell whether their processes run). A failed block
+    deletes its folder. If another process renamed its own build into place first (two first uses at once), ours
+    is deleted and theirs kept.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    staging = out_dir.parent / f"{_staging_prefix(out_dir)}{os.getpid()}"
     staging.mkdir()
     try:
         yield staging
@@ -155,9 +157,14 @@ def staged(out_dir: Path) -> Iterator[Path]:
     _remove_abandoned(out_dir)  # again: a process killed just before we started may have been still exiting
 
 
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-{socket.gethostname()}-"
+
+
 def _remove_abandoned(out_dir: Path) -> None:
-    """Delete the staging folders of `out_dir` whose process died before renaming them (SIGKILL, power loss)."""
-    prefix = f".{out_dir.name}.partial-"
+    """Delete this host's staging folders of `out_dir` whose process died before renaming them (SIGKILL, power
+    loss)."""
+    prefix = _staging_prefix(out_dir)
     for folder in out_dir.parent.iterdir():
         pid = folder.name.removeprefix(prefix)
         # One with our own PID is from a dead process whose PID we got again (PIDs repeat, in containers often).
@@ -399,7 +406,9 @@ def _end_token_ids(meta: dict) -> int | list[int] | None:
     """config.json's eos_token_id: every token llama.cpp ends generation on, as a list (eos first) if
     there are several: eos, end of turn and end of message (Llama 3 Instruct's <|eot_id|>, <|eom_id|>)."""
     keys = (f"tokenizer.ggml.{end}_token_id" for end in ("eos", "eot", "eom"))
-    ids = list(dict.fromkeys(meta[key] for key in keys if key in meta))
+    # (check_tokenizer refuses an eos outside the vocabulary, or none; llama.cpp ignores an eot or eom outside it)
+    vocab = len(meta.get("tokenizer.ggml.tokens", ()))
+    ids = list(dict.fromkeys(meta[key] for key in keys if key in meta and 0 <= meta[key] < vocab))
     return ids[0] if len(ids) == 1 else (ids or None)
 
 

@@ -60,8 +60,9 @@ _PRE_TOKENIZERS = {
 # Llama 3 emits a whole word when it is in the vocabulary, whatever the merges say (llama.cpp does too).
 _IGNORE_MERGES = {"llama-bpe"}
 _KINDS = ("gpt2", "llama")
-# The special tokens a GGUF may name by id (`tokenizer.ggml.{role}_token_id`).
-_SPECIAL_ROLES = ("bos", "eos", "unknown", "padding", "eot", "eom")
+# The special tokens a GGUF names by id (`tokenizer.ggml.{role}_token_id`) that tokenizer_config looks up: one
+# outside the vocabulary is damage. (An end-of-turn id outside it is only dropped, as llama.cpp drops it.)
+_SPECIAL_ROLES = ("bos", "eos", "unknown", "padding")
 _SPACE = "▁"  # sentencepiece's visible space
 
 

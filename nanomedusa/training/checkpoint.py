@@ -39,6 +39,10 @@ TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_froz
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+# Settings that checkpoints from before they were recorded lack: compared only where a checkpoint has them.
+RECORDED_LATER = ("lora_alpha",)
+
+
 def state_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoint" / "state.pt"
 
@@ -65,6 +69,8 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     saved = state["settings"]
     # Over both runs' keys: a setting recorded only when it is on (reads_path) must not be dropped unnoticed.
     for key in sorted(saved.keys() | settings.keys()):
+        if key in RECORDED_LATER and key not in saved:
+            continue
         if saved.get(key) != settings.get(key):
             raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={saved.get(key)!r} but this run "
                                   f"has {settings.get(key)!r}; resume with the same settings or choose another --out.")

@@ -17,7 +17,8 @@
 
 Each optimizer step: grad_accum micro-batches per process, bf16 autocast on GPU, grad clipping,
 cosine learning rate with linear warm-up. Logs (rank 0) go to the terminal and OUT/log.jsonl, which a run
-that does not resume starts afresh; a logged loss that is not finite stops the run on every rank.
+that does not resume starts afresh; a logged loss that is not finite stops the run on every rank (a window is
+also logged at each checkpoint, so none is written before the loss that led to it was checked).
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ class Trainer:
                 "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps,
-                # only when they matter, so that checkpoints from before these keys existed still resume
+                # only when they matter, so that checkpoints of runs without them still resume (and see
+                # checkpoint.RECORDED_LATER for checkpoints from before lora_alpha was recorded)
                 **({"reads_path": True} if heads.reads_path else {}),
                 **({"lora_alpha": cfg.lora_alpha} if cfg.lora_rank else {})}
 
@@ -337,10 +339,11 @@ class Trainer:
             window, tokens, done = window + stats, tokens + n, step + 1
             seconds += time.perf_counter() - started
             bar.update(1)
-            if done % cfg.log_every == 0 or done == self.total_steps:
+            saving = cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps
+            if done % cfg.log_every == 0 or done == self.total_steps or saving:  # (logging checks the loss first)
                 self._log_window(done, window, tokens, seconds)
                 window, tokens, seconds = torch.zeros_like(window), 0, 0.0
-            if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
+            if saving:
                 self.save(done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
                 self._log_eval(done, self.evaluate())
