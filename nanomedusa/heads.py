@@ -98,6 +98,11 @@ class ResBlock(nn.Module):
 _STACK_SERIALS = itertools.count()  # numbers each set of stacked copies of heads' weights (copies_serial)
 
 
+def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and
+                                       (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device))
+
+
 class MedusaHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
@@ -169,25 +174,29 @@ class MedusaHeads(nn.Module):
         return torch.stack([self.head_logits(k, hidden, lm_head_weight, path) for k in range(self.config.num_heads)])
 
     def weights_key(self) -> tuple:
-        """Changes when a weight is written in place, as an optimizer step writes it: each in-place write bumps a
-        tensor's version. Weights made under torch.inference_mode keep no version; load_state_dict, the way to
-        change those, marks the copies below stale itself (`_weights_loaded`)."""
+        """Changes when a weight is written in place, as an optimizer step writes it (each in-place write bumps a
+        tensor's version), or replaced (.to() moves it). Weights made under torch.inference_mode keep no version;
+        load_state_dict on the heads, the way to change those, marks the copies below stale itself
+        (`_weights_loaded`)."""
         return tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.parameters())
 
     def stacked_weights(self, lm_head_weight=None):
         """(res_weight [K, L, D, D], res_bias [K, L, D], vocab [K, V, D] or shared [V, D]) for the kernels: copies
         made once and refreshed in place when the weights change (`weights_key`), so that a CUDA graph captured
-        on them reads the new weights. .to() and its kin drop them (`_apply`): the next call makes new ones."""
+        on them reads the new weights; made anew (with a new `copies_serial`) when the weights' dtype or device
+        changed."""
         key = self.weights_key()
+        if not key and lm_head_weight is not None:  # no parameters: zero-size copies made like the lm_head
+            key = (lm_head_weight.dtype, lm_head_weight.device)
         if self._stacked is None or self._stacked_key != key:
             fresh = self._stack(lm_head_weight)
-            if self._stacked is None:
-                self._stacked, self._stacked_serial = fresh, next(_STACK_SERIALS)
-            else:
+            if self._stacked is not None and all(_same_layout(old, new) for old, new in zip(self._stacked, fresh)):
                 with torch.inference_mode():  # (copies made while decoding are inference tensors)
                     for old, new in zip(self._stacked, fresh):
                         if old is not None:
                             old.copy_(new)
+            else:
+                self._stacked, self._stacked_serial = fresh, next(_STACK_SERIALS)
             self._stacked_key = key
         w, b, vocab = self._stacked
         return w, b, lm_head_weight if vocab is None else vocab
@@ -210,10 +219,6 @@ class MedusaHeads(nn.Module):
                 b = p.new_zeros(self.config.num_heads, 0, D)
             vocab = None if self.config.shared_lm_head else torch.stack([h[-1].weight for h in self.medusa_head])
         return w, b, vocab
-
-    def _apply(self, fn, *args, **kwargs):
-        self._stacked = None  # moved or recast: the copies are made again, as new tensors (with a new serial)
-        return super()._apply(fn, *args, **kwargs)
 
     @staticmethod
     def _weights_loaded(module, incompatible_keys) -> None:

@@ -71,6 +71,12 @@ def test_the_kernels_read_the_weights_as_they_are_now(model):
     assert [t.data_ptr() for t in heads.stacked_weights()] == copies and heads.copies_serial() == serial
     heads.double()
     assert reads_its_weights(heads, hidden.double()) and heads.copies_serial() != serial
+    serial = heads.copies_serial()
+    heads.double()  # (a move that moves nothing keeps the copies, and the graphs captured on them)
+    assert heads.copies_serial() == serial and [t.dtype for t in heads.stacked_weights()] == [torch.float64] * 3
+    bare = MedusaHeads.from_base(model, num_heads=2, num_layers=0, shared_lm_head=True)  # no parameters at all
+    assert bare.stacked_weights(model.lm_head.weight)[0].dtype == torch.float32
+    assert bare.stacked_weights(model.lm_head.weight.double())[0].dtype == torch.float64  # they follow the lm_head
     with torch.inference_mode():  # weights made here keep no version counter (the benches load heads so)
         made_here = perturbed(3)
         assert reads_its_weights(made_here, hidden)
