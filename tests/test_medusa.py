@@ -434,6 +434,47 @@ def test_graphed_medusa_step_on_gpu_equals_greedy(tmp_path, tree_name):
         assert got.tokens == expected
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("tree_name", ["small", "dynamic-9"])
+def test_decoding_after_the_heads_weights_change_uses_the_new_weights(tmp_path, device, tree_name):
+    # The fused kernels read stacked copies of the heads' weights, and on a GPU the graphs a decoder captured read
+    # those copies' memory: after a load_state_dict or an optimizer's in-place step, a decoder that already ran must
+    # decode with the new weights, as a fresh one does, and without capturing its graphs again.
+    make_hf_checkpoint(tmp_path, num_key_value_heads=2)
+    model = load_model(tmp_path, device=device, dtype="float32")[0]
+    tree, prompt = make_tree(tree_name), [3, 1, 4, 1, 5, 9, 2, 6]
+
+    def emitted_per_step(decoder, heads):  # what the heads' guesses decide (the tokens are greedy's whatever they are)
+        lengths = []
+        generate_medusa(decoder, heads, tree, prompt, 40, on_tokens=lambda tokens: lengths.append(len(tokens)))
+        return lengths
+
+    def negate(heads):  # in place, as an optimizer writes: the vocabulary projections then rank the least likely first
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.neg_()
+        return heads
+
+    # Zero ResBlocks and the lm_head: the heads guess the next token again, right where this model repeats itself.
+    good = MedusaHeads.from_base(model, num_heads=5).eval()
+    expected = emitted_per_step(Decoder(model), good)
+    assert max(expected) > 1  # guesses were accepted: without them the comparisons below would mean nothing
+    decoder = Decoder(model)
+    heads = negate(MedusaHeads.from_base(model, num_heads=5).eval())
+    assert max(emitted_per_step(decoder, heads)) == 1
+    graphs = len(decoder.graphs)
+    heads.load_state_dict(good.state_dict())
+    assert emitted_per_step(decoder, heads) == expected
+    assert max(emitted_per_step(decoder, negate(heads))) == 1
+    assert emitted_per_step(decoder, negate(heads)) == expected
+    with torch.inference_mode():  # weights made here keep no version counter (the benches load heads so)
+        frozen = negate(MedusaHeads.from_base(model, num_heads=5).eval())
+        assert max(emitted_per_step(decoder, frozen)) == 1
+        frozen.load_state_dict(good.state_dict())
+        assert emitted_per_step(decoder, frozen) == expected
+    assert len(decoder.graphs) == graphs + 2 * (device == "cuda")  # the frozen heads' own step and start graphs
+
+
 @pytest.mark.parametrize("tree_name", ["chain3", "small", "dynamic-5"])
 def test_triton_kernels_give_the_same_medusa_output(tmp_path, tree_name):
     # The whole decode on the Triton kernels (in the interpreter on a CPU; compiled on a GPU): RMSNorm,
