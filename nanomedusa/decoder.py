@@ -51,12 +51,21 @@ def check_prompt(model, prompt_ids) -> None:
                               f"encode the prompt with this model's tokenizer.")
 
 
+def check_eos_ids(eos_ids) -> None:
+    """The ids a run stops at: a list (or tuple) of token ids, possibly empty."""
+    if not isinstance(eos_ids, (list, tuple)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in eos_ids):
+        raise NanoMedusaError(f"eos_ids must be a list of token ids, not {eos_ids!r}; pass e.g. "
+                              f"tokenizer.eos_ids, or [id] for one id.")
+
+
 def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
     """Cache slots needed for a run; a clear error if they exceed the model's context."""
     if prompt_len == 0:
         raise NanoMedusaError("the prompt is empty; pass some text with --prompt.")
-    if max_new_tokens < 0:
-        raise NanoMedusaError(f"max_new_tokens must be at least 0, not {max_new_tokens}; pass 0 or more.")
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise NanoMedusaError(f"max_new_tokens must be a whole number of at least 0, not {max_new_tokens!r}; pass 0 "
+                              f"or more.")
     context = model.config.max_position_embeddings
     needed = prompt_len + max_new_tokens + extra
     if needed > context:

@@ -131,7 +131,7 @@ class DynamicTree:
         if superset_nodes is None:
             superset_nodes = (min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes) if config.reads_path
                               else SUPERSET_NODES)
-        acc = config.rank_accuracies()
+        acc = [row[: config.vocab_size] for row in config.rank_accuracies()]  # (a vocabulary smaller than the ranks)
         capacity = sum(len(acc[0]) ** depth for depth in range(1, len(acc) + 1))
         if num_nodes > capacity + 1:
             raise NanoMedusaError(f"{len(acc)} heads with top-{len(acc[0])} guesses make trees of at most "

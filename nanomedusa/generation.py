@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from .cuda_graphs import GraphedStep
-from .decoder import Decoder, check_fits, check_prompt
+from .decoder import Decoder, check_eos_ids, check_fits, check_prompt
+from .errors import NanoMedusaError
 from .pending_read import PendingRead
 from .sampling import Sampling, next_token
 
@@ -53,6 +54,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
     holds prompt_ids[:cached_len] (a chat's earlier turns): only the rest is prefilled."""
     model, device = decoder.model, decoder.device
     check_prompt(model, prompt_ids)
+    check_eos_ids(eos_ids)
     decoder.prepare(len(prompt_ids), max_new_tokens, cached_len=cached_len)
     pos = torch.tensor(len(prompt_ids), device=device)  # 0-d: the next free cache slot, kept on the device
     rng = decoder.random_generator(sampling, generator)
@@ -100,9 +102,14 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplin
     positions start at 0 at its first real token, so every row computes what it would alone (up to
     floating-point reordering). Rows that hit eos stop growing; the batch ends when all have.
     """
-    device, B = model.device, len(prompts)
-    for prompt in prompts:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise NanoMedusaError(f"generate_batch takes a non-empty list of prompts (lists of token ids), not "
+                              f"{prompts!r}.")
+    for prompt in prompts:  # each alone: an empty one would decode from padding
         check_prompt(model, prompt)
+        check_fits(model, len(prompt), max_new_tokens)
+    check_eos_ids(eos_ids)
+    device, B = model.device, len(prompts)
     longest = max(len(p) for p in prompts)
     slots = check_fits(model, longest, max_new_tokens)
     model.setup_cache(slots, batch_size=B)

@@ -69,6 +69,17 @@ class HeadsConfig:
     medusa_temperatures: list | None = None  # [K] head k's probabilities are softmax(logits / T_k) (calibration.py)
     reads_path: bool = False  # head k also reads the embeddings of tokens t+1 .. t+k+1 (module docstring)
 
+    def __post_init__(self):
+        # (load() checks a config.json's values first, naming the file; this catches heads built in code)
+        for name, value, least in (("num_heads", self.num_heads, 1), ("num_layers", self.num_layers, 0)):
+            if type(value) is not int or value < least:
+                raise NanoMedusaError(f"Medusa heads need {name} to be a whole number of at least {least}, not "
+                                      f"{value!r}.")
+        temperatures = self.medusa_temperatures
+        if temperatures is not None and (len(temperatures) != self.num_heads or not all(t > 0 for t in temperatures)):
+            raise NanoMedusaError(f"medusa_temperatures must be {self.num_heads} positive numbers, one per head, not "
+                                  f"{temperatures!r}; fit them with python -m nanomedusa.calibration.")
+
     def rank_accuracies(self) -> list[list[float]]:
         """[K][topk] the measured rank accuracies (tree_tuning.py --write stores them), else a generic decay."""
         K = self.num_heads
@@ -165,6 +176,7 @@ class MedusaHeads(nn.Module):
     def logits_of_input(self, k: int, x, lm_head_weight=None):
         """Head k on what it reads, x [..., dim] (`head_input`'s) -> its logits [..., vocab] (float32)."""
         x = self.medusa_head[k][: self.config.num_layers](x)
+        self._check_lm_head(lm_head_weight)
         vocab = lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight
         return F.linear(x, vocab).float()
 
@@ -173,11 +185,17 @@ class MedusaHeads(nn.Module):
         differentiable, used for training."""
         return torch.stack([self.head_logits(k, hidden, lm_head_weight, path) for k in range(self.config.num_heads)])
 
+    def _check_lm_head(self, lm_head_weight) -> None:
+        if self.config.shared_lm_head and lm_head_weight is None:
+            raise NanoMedusaError("these heads share the base model's lm_head (shared_lm_head): pass its weight, "
+                                  "model.lm_head.weight, as lm_head_weight.")
+
     def weights_key(self) -> tuple:
         """Changes when a weight is written in place, as an optimizer step writes it (each in-place write bumps a
         tensor's version), or replaced (.to() moves it). Weights made under torch.inference_mode keep no version;
         load_state_dict on the heads, the way to change those, marks the copies below stale itself
-        (`_weights_loaded`)."""
+        (`_weights_loaded`). Writes through `.data` (`p.data.copy_(...)`) bump no version either: change weights
+        with load_state_dict, or in place under torch.no_grad(), for the kernels to see them."""
         return tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.parameters())
 
     def stacked_weights(self, lm_head_weight=None):
@@ -185,6 +203,7 @@ class MedusaHeads(nn.Module):
         made once and refreshed in place when the weights change (`weights_key`), so that a CUDA graph captured
         on them reads the new weights; made anew (with a new `copies_serial`) when the weights' dtype or device
         changed."""
+        self._check_lm_head(lm_head_weight)
         key = self.weights_key()
         if not key and lm_head_weight is not None:  # no parameters: zero-size copies made like the lm_head
             key = (lm_head_weight.dtype, lm_head_weight.device)
@@ -305,7 +324,7 @@ class MedusaHeads(nn.Module):
             if type(value) is not int or value < minimum:
                 raise NanoMedusaError(f"{path}/config.json's {name} is {value!r}; it must be an integer of at least "
                                       f"{minimum}: fix the config.")
-        num_heads = _heads_in_file(state, num_heads, path, weights_file)
+        num_heads = _heads_in_file(state, num_heads, num_layers, path, weights_file)
         # The reference's configs do not say whether the vocab projection is shared: the tensors do.
         shared = f"{num_layers}.weight" not in {k.split(".", 1)[1] for k in state if k.startswith("0.")}
         if num_layers and "0.0.linear.weight" not in state:
@@ -357,10 +376,14 @@ def load_heads_and_adapter(heads_dir: str | Path, model, say: Callable[[str], ob
     return heads
 
 
-def _heads_in_file(state: dict[str, torch.Tensor], configured: int, path: Path, weights_file: Path) -> int:
+def _heads_in_file(state: dict[str, torch.Tensor], configured: int, num_layers: int, path: Path,
+                   weights_file: Path) -> int:
     """How many heads the weights hold, which wins over config.json: some published reference checkpoints
-    disagree with their own config (Vicuna-7B's says 2 heads, its file holds 4)."""
+    disagree with their own config (Vicuna-7B's says 2 heads, its file holds 4). Heads without ResBlocks that
+    share the lm_head hold no tensors at all: config.json alone counts them."""
     held = len({key.split(".", 1)[0] for key in state})
+    if held == 0 and num_layers == 0:
+        return configured
     if held == 0:
         raise NanoMedusaError(f"{weights_file} holds no tensors; re-download or re-train the heads.")
     if held != configured:

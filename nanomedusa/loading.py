@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -114,6 +115,9 @@ def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float
         from weights.default_model import ensure_default_model
 
         return ensure_default_model(dtype=dtype)
+    if not str(spec).strip():  # (Path("") is the current directory)
+        raise NanoMedusaError("the model to load is an empty string; pass a checkpoint directory, a .gguf file or a "
+                              "hub id, or None for the default model.")
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf" and not path.is_dir():
         if not path.is_file():
@@ -215,6 +219,9 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
                     sizes = fused_part_sizes(name, config)
                     rows = slice(sum(sizes[:part]), sum(sizes[: part + 1]))
                     want = (sizes[part], *want[1:])
+                if name not in expected and hf_name.endswith(".bias"):
+                    raise NanoMedusaError(f"{file.name} holds a bias, {hf_name}, that the model config.json describes "
+                                          f"has none of; set attention_bias (or mlp_bias) true in config.json.")
                 if name not in expected:
                     raise NanoMedusaError(
                         f"tensor {hf_name} has no place in the {config.n_layers}-layer model config.json describes; "
@@ -233,7 +240,11 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
                     state[name][rows] = tensor
                     filled.setdefault(name, set()).add(part)
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        lm_head, embeddings = state.pop("lm_head.weight", None), state.get("tok_embeddings.weight")
+        if lm_head is not None and embeddings is not None and not torch.equal(lm_head, embeddings):
+            print(f"[note] {ckpt}/config.json sets tie_word_embeddings but the weights hold an lm_head.weight unlike "
+                  f"the embeddings; using the embeddings, as the config says (set tie_word_embeddings false to use "
+                  f"the lm_head).", file=sys.stderr)
         expected.pop("lm_head.weight")
     missing = []
     for name in expected:

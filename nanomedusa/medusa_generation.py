@@ -41,7 +41,7 @@ import torch
 
 from kernels.acceptance import accept_candidates
 
-from .decoder import Decoder, check_prompt
+from .decoder import Decoder, check_eos_ids, check_prompt
 from .dynamic_tree import DynamicTree
 from .errors import NanoMedusaError
 from .generation import GenerationResult
@@ -174,6 +174,9 @@ def check_medusa(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rul
         raise NanoMedusaError(f"the heads are {weight.dtype} on {weight.device} but the model is {model.dtype} on "
                               f"{model.device}; move them with heads.to(device=model.device, dtype=model.dtype).")
     check_acceptance(rule)
+    if tree.topk > m.vocab_size:  # (only tiny vocabularies: the heads cannot rank more tokens than there are)
+        raise NanoMedusaError(f"the tree takes each head's top {tree.topk} guesses but the vocabulary has only "
+                              f"{m.vocab_size} tokens; use a tree whose ranks stay below {m.vocab_size}.")
     if heads.config.num_heads < tree.depth_max:
         raise NanoMedusaError(f"the tree is {tree.depth_max} deep but there are only {heads.config.num_heads} "
                               f"Medusa heads; pick a tree at most {heads.config.num_heads} deep.")
@@ -193,6 +196,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     model, device = decoder.model, decoder.device
     check_medusa(model, heads, tree, rule)
     check_prompt(model, prompt_ids)
+    check_eos_ids(eos_ids)
     tree = tree.to(device)
     decoder.prepare(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
     rng = decoder.random_generator(rule.draws, generator)

@@ -11,6 +11,7 @@ replay inside CUDA graphs.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,12 @@ class Sampling:
 
     def __post_init__(self):
         # (The command lines check their flags first, naming them: cli.check_sampling. This is for a library caller.)
-        t = self.temperature
-        if not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE) and self.top_k >= 0 and 0 < self.top_p <= 1):
-            raise NanoMedusaError(f"{self} needs temperature 0 (greedy) or at least {MIN_TEMPERATURE}, top_k >= 0 (0: "
-                                  f"off) and top_p in (0, 1] (1: off).")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        typed = (all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (t, p))
+                 and isinstance(k, numbers.Integral) and not isinstance(k, bool))
+        if not (typed and math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE) and k >= 0 and 0 < p <= 1):
+            raise NanoMedusaError(f"{self} needs temperature 0 (greedy) or at least {MIN_TEMPERATURE}, a whole number "
+                                  f"top_k >= 0 (0: off) and top_p in (0, 1] (1: off).")
 
     @property
     def greedy(self) -> bool:

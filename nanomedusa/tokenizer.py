@@ -137,7 +137,10 @@ class _TokenizersBackend:
         return self._tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # Ids outside the vocabulary are skipped, as the sentencepiece backend skips them (the library raises an
+        # OverflowError on a negative one).
+        vocab = self._tk.get_vocab_size(with_added_tokens=True)
+        return self._tk.decode([i for i in ids if 0 <= i < vocab], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)

@@ -619,9 +619,10 @@ def test_negative_new_tokens_and_sampling_settings_from_python(tiny):
 
     _, decoder, heads, tree, _ = tiny
     for run in (lambda: generate(decoder, [5] * 300, -100), lambda: generate_medusa(decoder, heads, tree, [5], -3)):
-        with pytest.raises(NanoMedusaError, match="max_new_tokens must be at least 0, not -"):
+        with pytest.raises(NanoMedusaError, match="max_new_tokens must be a whole number of at least 0, not -"):
             run()
-    needs = "needs temperature 0 (greedy) or at least 1e-05, top_k >= 0 (0: off) and top_p in (0, 1] (1: off)."
+    needs = ("needs temperature 0 (greedy) or at least 1e-05, a whole number top_k >= 0 (0: off) and top_p in (0, 1] "
+             "(1: off).")
     with pytest.raises(NanoMedusaError, match=re.escape(f"Sampling(temperature=1.0, top_k=0, top_p=0.0) {needs}")):
         Sampling(1.0, 0, 0.0)
     with pytest.raises(NanoMedusaError, match=re.escape(needs)):  # it would divide the logits into infinities
@@ -629,6 +630,92 @@ def test_negative_new_tokens_and_sampling_settings_from_python(tiny):
     with pytest.raises(KernelInputError, match=re.escape("sample_token needs temperature > 0, top_k >= 0 and top_p in "
                                                          "(0, 1], not 1.0, 0 and 0.0")):
         sample_token(torch.randn(1, 37), 1.0, 0, 0.0, torch.rand(1, 5))
+
+
+def test_library_arguments_of_the_wrong_kind(tiny, tmp_path):
+    # Each was taken and failed later inside torch, or ran on: an empty prompt in a batch decoded from padding, and
+    # 3.5 new tokens gave 4.
+    from nanomedusa.generation import generate_batch
+    from nanomedusa.heads import HeadsConfig
+    from nanomedusa.sampling import Sampling
+
+    model, decoder, heads, tree, _ = tiny
+    with pytest.raises(NanoMedusaError, match=re.escape("the prompt is empty; pass some text")):
+        generate_batch(model, [[5, 9, 17], []], 5)
+    with pytest.raises(NanoMedusaError, match=re.escape("generate_batch takes a non-empty list of prompts (lists of "
+                                                        "token ids), not [].")):
+        generate_batch(model, [], 5)
+    for run in (lambda eos: generate(decoder, [5, 6], 4, eos_ids=eos),
+                lambda eos: generate_medusa(decoder, heads, tree, [5, 6], 4, eos_ids=eos),
+                lambda eos: generate_batch(model, [[5, 6]], 4, eos_ids=eos)):
+        with pytest.raises(NanoMedusaError, match=re.escape("eos_ids must be a list of token ids, not 2; pass e.g. "
+                                                            "tokenizer.eos_ids, or [id] for one id.")):
+            run(2)
+    for run in (lambda: generate(decoder, [5, 6], 3.5), lambda: generate_medusa(decoder, heads, tree, [5, 6], True)):
+        with pytest.raises(NanoMedusaError, match="max_new_tokens must be a whole number of at least 0, not (3.5|True)"):
+            run()
+    for top_k in (2.5, True, "2"):
+        with pytest.raises(NanoMedusaError, match=re.escape("a whole number top_k >= 0")):
+            Sampling(1.0, top_k)
+    with pytest.raises(NanoMedusaError, match=re.escape("Medusa heads need num_heads to be a whole number of at least "
+                                                        "1, not 0.")):
+        MedusaHeads.from_base(model, num_heads=0)
+    with pytest.raises(NanoMedusaError, match="Medusa heads need num_layers to be a whole number of at least 0, not -1"):
+        MedusaHeads.from_base(model, num_layers=-1)
+    with pytest.raises(NanoMedusaError, match=re.escape("medusa_temperatures must be 2 positive numbers, one per head, "
+                                                        "not [1.0, 0.0]")):
+        HeadsConfig(2, 1, 64, 97, medusa_temperatures=[1.0, 0.0])
+    shared = MedusaHeads.from_base(model, num_heads=2, shared_lm_head=True)
+    for run in (lambda: shared.topk(torch.randn(1, 64), 3), lambda: shared(torch.randn(1, 64))):
+        with pytest.raises(NanoMedusaError, match=re.escape("these heads share the base model's lm_head (shared_lm_head): "
+                                                            "pass its weight, model.lm_head.weight, as lm_head_weight.")):
+            run()
+    with pytest.raises(NanoMedusaError, match="the model to load is an empty string; pass a checkpoint directory"):
+        load_model("", device="cpu")
+
+
+def test_trees_that_rank_more_guesses_than_the_vocabulary_holds(tmp_path):
+    from nanomedusa.dynamic_tree import DynamicTree
+    from nanomedusa.tree import PRESETS
+
+    make_hf_checkpoint(tmp_path, vocab_size=8)
+    model = load_model(tmp_path, device="cpu")[0]
+    heads = MedusaHeads.from_base(model, num_heads=5).eval()
+    with pytest.raises(NanoMedusaError, match=re.escape("the tree takes each head's top 10 guesses but the vocabulary "
+                                                        "has only 8 tokens; use a tree whose ranks stay below 8.")):
+        generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(PRESETS["mc_sim_7b_63"]), [5, 6], 4)
+    # Without measured accuracies the heads' dynamic tree assumed 10 ranks (torch's topk failed): the vocabulary's 8
+    tree = DynamicTree.for_heads(heads.config, 12)
+    assert tree.topk <= 8
+    expected = generate(Decoder(model), [5, 6], 12).tokens
+    assert generate_medusa(Decoder(model), heads, tree, [5, 6], 12).tokens == expected
+
+
+def test_checkpoints_whose_config_and_weights_disagree_on_biases_and_ties(tmp_path, capsys):
+    from safetensors.torch import load_file as read, save_file as write
+
+    make_hf_checkpoint(tmp_path / "bias", attention_bias=True)
+    config = json.loads((tmp_path / "bias" / "config.json").read_text())
+    (tmp_path / "bias" / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+    with pytest.raises(NanoMedusaError, match=re.escape("model.safetensors holds a bias, model.layers.0.self_attn.k_proj"
+                                                        ".bias, that the model config.json describes has none of; set "
+                                                        "attention_bias (or mlp_bias) true in config.json.")):
+        load_model(tmp_path / "bias", device="cpu")
+    make_hf_checkpoint(tmp_path / "tied")  # untied: its lm_head differs from the embeddings
+    capsys.readouterr()
+    model = load_model(tmp_path / "tied", device="cpu")[0]
+    assert capsys.readouterr().err == ""
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tied = load_model(tmp_path / "tied", device="cpu")[0]
+    assert "sets tie_word_embeddings but the weights hold an lm_head.weight unlike the embeddings; using the " \
+           "embeddings, as the config says" in capsys.readouterr().err
+    assert torch.equal(tied.lm_head.weight, model.tok_embeddings.weight)
+    weights = read(str(tmp_path / "tied" / "model.safetensors"))  # one saved with both, equal: nothing to say
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    write(weights, str(tmp_path / "tied" / "model.safetensors"))
+    load_model(tmp_path / "tied", device="cpu")
+    assert capsys.readouterr().err == ""
 
 
 def test_load_model_checks_torch_devices_and_dtypes_as_it_checks_their_names(ckpt):

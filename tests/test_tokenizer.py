@@ -218,6 +218,13 @@ def test_round_trip(ckpt):
         assert tok.decode(tok.encode(text)) == expected
 
 
+def test_ids_outside_the_vocabulary_decode_to_nothing(ckpt):
+    # (both backends alike: the tokenizers library raised an OverflowError on a negative id)
+    tok = Tokenizer.from_dir(ckpt)
+    ids = tok.encode("hello world", add_bos=False)
+    assert tok.decode([-1, *ids, tok.vocab_size + 5, 2**40]) == tok.decode(ids) == "hello world"
+
+
 def test_checkpoint_defaults(sp_dir, bpe_dir):
     sp, bpe = Tokenizer.from_dir(sp_dir), Tokenizer.from_dir(bpe_dir)
     assert (sp.bos_id, sp.eos_ids, sp.add_bos, sp.vocab_size) == (1, [2], True, 500)
