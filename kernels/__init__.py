@@ -10,7 +10,8 @@ give the reference's results with host-side shortcuts a CUDA graph could not hav
 its reference: see `interpreter.py`). `set_row_invariant(True)` makes the Triton side compute every row of a call
 exactly as a one-row call would (fixed reduction schedules, whatever the row count), so that a Medusa tree step
 reproduces plain decoding bit for bit; the torch side is unchanged by it. An input a kernel cannot take raises
-`KernelInputError` (`errors.py`); `testing.py` holds the correctness checks the tests and the benchmarks share. In
+`KernelInputError` (`errors.py`; checks several ops share, so that their torch and Triton paths refuse alike, are in
+`checks.py`); `testing.py` holds the correctness checks the tests and the benchmarks share. In
 the row-invariant mode on Hopper and newer GPUs every kernel launches while the one before it still runs and waits
 on the device for its inputs (`dependent_launch.py`; `set_dependent_launch(False)` or NANOMEDUSA_PDL=0 turns it
 off). Nothing here imports the application above.
@@ -18,6 +19,8 @@ off). Nothing here imports the application above.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -36,7 +39,8 @@ _dependent_launch = os.environ.get("NANOMEDUSA_PDL", "1") != "0"
 
 
 def set_backend(name: str) -> None:
-    """Choose the kernel implementation: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"."""
+    """Choose the kernel implementation: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton" (on CPU
+    tensors only with Triton's interpreter on, see interpreter.py; without it the first op says so)."""
     global _backend
     if name not in _BACKENDS:
         raise KernelInputError(f"unknown kernel backend {name!r}; use one of {', '.join(_BACKENDS)}.")
@@ -70,18 +74,25 @@ def dependent_launch_enabled() -> bool:
     return _dependent_launch
 
 
+@functools.cache  # (use_triton asks on every op)
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError:
         return False
     return True
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on tensor `t` should run its Triton kernel."""
+    """Whether an op on tensor `t` should run its Triton kernel. Under the "triton" backend a CPU tensor needs the
+    interpreter, which must have been on since triton was imported: without it, `KernelInputError` (where Triton
+    itself would fail on finding no GPU driver)."""
     if _backend == "torch" or torch.is_grad_enabled() and t.requires_grad:
         return False  # kernels are inference-only; autograd goes through the references
     if _backend == "triton":
+        if not t.is_cuda and not interpreting():
+            raise KernelInputError("the Triton kernels run on CUDA tensors, or on CPU tensors in Triton's "
+                                   "interpreter: set TRITON_INTERPRET=1 before anything imports triton (slow, for "
+                                   "checking kernels), or use the torch backend (kernels.set_backend('torch')).")
         return True
     return t.is_cuda and triton_available()

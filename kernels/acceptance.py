@@ -12,6 +12,8 @@ Node j (not the root) is acceptable when its own token passes a test under its p
              first child is refused, the draw is distributed as p without it, which is that walk's residual.
              This needs siblings to carry distinct tokens, as a top-k's do: two children of one token could both
              be accepted, and the choice between their paths would then lean on their descendants' draws.
+A token outside the vocabulary (the engine's never are: they are the heads' top-k) is unacceptable in every mode,
+and on every path, with no host check (no sync).
 A path (a row of `retrieve_indices`: root, then one node per depth, padded with -1) is accepted up
 to its first unacceptable node. The best path is the one accepted furthest; among those, for typical
 acceptance, the likeliest (largest sum of log p(token) over its accepted nodes), as the Medusa reference
@@ -61,7 +63,9 @@ def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature
     probs = torch.softmax(parent_logits / temperature, dim=-1)
     entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)  # [T]
     threshold = torch.minimum(torch.full_like(entropy, eps), alpha * torch.exp(-entropy))
-    p_token = probs.gather(-1, tree_tokens[:, None]).squeeze(-1)  # [T]
+    V = probs.shape[-1]  # (a token outside the vocabulary: probability 0, refused)
+    p_token = probs.gather(-1, tree_tokens.clamp(0, V - 1)[:, None]).squeeze(-1)  # [T]
+    p_token = torch.where((tree_tokens >= 0) & (tree_tokens < V), p_token, 0.0)
     return p_token > threshold, torch.log(p_token)
 
 
@@ -161,13 +165,18 @@ def _accept_kernel(logits_ptr, tokens_ptr, drawn_ptr, retrieve_ptr, node_ok_ptr,
     log_p = 0.0  # greedy: every path is equally likely, so ties go to the first
     if parent >= 0:
         token = tl.load(tokens_ptr + node)
+        # A token outside the vocabulary (never one of the heads' top-k) is refused, and its test reads token 0's
+        # logit instead of one past the parent's row.
+        in_vocab = (token >= 0) & (token < V)
+        logit_at = tl.where(in_vocab, token, 0)
         parent_row = logits_ptr + parent * stride_t
         if MODE == 0:
-            ok = _is_argmax(parent_row, token, V, BLOCK_V)
+            ok = _is_argmax(parent_row, logit_at, V, BLOCK_V)
         elif MODE == 1:
-            ok, log_p = _passes_typical(parent_row, token, V, temperature, eps, alpha, BLOCK_V)
+            ok, log_p = _passes_typical(parent_row, logit_at, V, temperature, eps, alpha, BLOCK_V)
         else:
             ok = (tl.load(drawn_ptr + parent) == token).to(tl.int32)
+        ok = tl.where(in_vocab, ok, 0)
     # Scalar atomics are issued by one thread, in program order, and are acq_rel: a program that
     # draws the last ticket below also sees this verdict.
     # log p travels as its int32 bits: the interpreter has no float atomic exchange.

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .checks import checked_prefix_len, is_integer_dtype
 from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
@@ -32,9 +33,11 @@ def compact_kv_reference(kv, prefix_len, accepted):
 
 
 def compact_kv(kv, prefix_len, accepted):
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring), each after the same
+    input checks."""
+    prefix_len = _check_inputs(kv, prefix_len, accepted)
     if use_triton(kv):
-        return compact_kv_triton(kv, prefix_len, accepted)
+        return _compact_kv_launch(kv, prefix_len, accepted)
     return compact_kv_reference(kv, prefix_len, accepted)
 
 
@@ -79,13 +82,24 @@ def _compact_kv_kernel(
 
 def compact_kv_triton(kv, prefix_len, accepted):
     """Same contract as compact_kv_reference: one launch for every layer, K and V, batch row and head."""
-    if kv.dim() != 6 or kv.shape[1] != 2 or kv.stride(-1) != 1:
-        raise KernelInputError(f"compact_kv needs a cache shaped [L, 2, B, Hkv, S, D] contiguous along D; "
-                               f"got shape {tuple(kv.shape)} strides {kv.stride()}.")
-    if accepted.dim() != 1 or accepted.device != kv.device:
-        raise KernelInputError("compact_kv needs `accepted` as a 1-d index tensor on the cache's device.")
-    if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != kv.device):
-        raise KernelInputError("compact_kv needs prefix_len as an int or a 0-d tensor on the cache's device.")
+    prefix_len = _check_inputs(kv, prefix_len, accepted)
+    return _compact_kv_launch(kv, prefix_len, accepted)
+
+
+def _check_inputs(kv, prefix_len, accepted):
+    """What every path refuses alike -> prefix_len as the kernel takes it (`checked_prefix_len`)."""
+    if kv.dim() != 6 or kv.shape[1] != 2:
+        raise KernelInputError(f"compact_kv needs a cache shaped [L, 2, B, Hkv, S, D]; got shape {tuple(kv.shape)}.")
+    if accepted.dim() != 1 or accepted.device != kv.device or not is_integer_dtype(accepted.dtype):
+        raise KernelInputError(f"compact_kv needs `accepted` as a 1-d integer index tensor on the cache's device; got "
+                               f"a {accepted.dtype} tensor of shape {tuple(accepted.shape)} on {accepted.device}.")
+    return checked_prefix_len("compact_kv", prefix_len, kv.device, accepted.numel(), kv.shape[4])
+
+
+def _compact_kv_launch(kv, prefix_len, accepted):
+    """`compact_kv_triton` of checked inputs."""
+    if kv.stride(-1) != 1:  # (the torch path takes any layout)
+        raise KernelInputError(f"compact_kv needs a cache contiguous along D; got strides {kv.stride()}.")
     L, _, B, Hkv, S, D = kv.shape
     accepted = accepted.contiguous()  # e.g. a slice of a strided index table; the kernel reads it densely
     A = accepted.numel()

@@ -263,12 +263,13 @@ def linear_rope_and_cache(x, weight, bias, rope: RopeAndCache, *, config: TileCo
     if weight.shape[0] != (rope.n_heads + 2 * Hkv) * D:
         raise KernelInputError(f"the fused projection's {weight.shape[0]} rows are not {rope.n_heads} query and "
                                f"2 x {Hkv} key/value heads of {D}; check n_heads against the cache.")
-    check_rope_and_cache_inputs(B, T, Hkv, D, rows.dtype, rope.cos, rope.sin, cache, rope.prefix_len)
+    prefix_len = check_rope_and_cache_inputs(B, T, Hkv, D, rows.dtype, rope.cos, rope.sin, cache, rope.prefix_len)
     cfg = config or _tile_config(*weight.shape, rows.dtype, rows.is_cuda)
     if not _tiles_hold_whole_heads(cfg, D):
         raise KernelInputError(f"a projection with RoPE needs tiles of whole heads ({cfg.block_n} features a tile, "
                                f"head_dim {D}, split-K {cfg.split_k}); check fuses_rope_and_cache first.")
-    rope = rope._replace(cos=rope.cos.contiguous(), sin=rope.sin.contiguous())  # no-ops for gathered tables
+    # (.contiguous(): no-ops for gathered tables)
+    rope = rope._replace(cos=rope.cos.contiguous(), sin=rope.sin.contiguous(), prefix_len=prefix_len)
     return _run_linear(rows, weight, bias, cfg, rope=rope, **norm)[0]
 
 
@@ -346,8 +347,9 @@ def linear_into_residual(x, weight, bias, residual, norm_weight=None, eps=0.0):
     if residual.shape != (*x.shape[:-1], N) or residual.dtype != x.dtype:
         raise KernelInputError(f"the residual {tuple(residual.shape)} ({residual.dtype}) must be shaped like the "
                                f"layer's output {(*x.shape[:-1], N)} in x's dtype ({x.dtype}).")
-    if norm_weight is not None and norm_weight.shape != (N,):
-        raise KernelInputError(f"the RMSNorm weight {tuple(norm_weight.shape)} must be ({N},), the layer's output.")
+    if norm_weight is not None and (norm_weight.shape != (N,) or norm_weight.dtype != x.dtype):
+        raise KernelInputError(f"the RMSNorm weight {tuple(norm_weight.shape)} ({norm_weight.dtype}) must be ({N},), "
+                               f"the layer's output, in x's dtype ({x.dtype}).")
     out, h, sumsq = _run_linear(x, weight, bias, residual=residual, norm_weight=norm_weight)
     return h if norm_weight is None else NormedStream(out, h, sumsq, eps)
 
@@ -627,7 +629,7 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     else:
         partial = counters = out  # stand-in pointers the kernel never reads
     has_bias = bias is not None
-    b = bias if has_bias else weight  # a stand-in pointer the kernel never reads (as are the ones below)
+    b = bias.contiguous() if has_bias else weight  # weight: a stand-in pointer the kernel never reads (as below)
     line = 128 // weight.element_size()  # weight elements per 128-byte line
     prefetch_lines = min(PREFETCH_BYTES // 128, triton.cdiv(k_per_split, line))
     prefetch_lines = 1 << (prefetch_lines.bit_length() - 1) if prefetch_lines else 0  # a power of 2, at most that
@@ -656,7 +658,7 @@ def _run_linear(x, weight, bias, config: TileConfig | None = None, *, residual=N
     _linear_kernel[grid](
         x2, weight, x_desc, w_desc, b, out, partial, counters,
         out if residual is None else residual.reshape(M, N).contiguous(),
-        b if norm_weight is None else norm_weight, h, sumsq_in, out if sumsq_out is None else sumsq_out, float(eps),
-        M, n_out, K, weight.stride(0), k_per_split, SPLIT_K=split_k, ADD_RESIDUAL=residual is not None,
+        b if norm_weight is None else norm_weight.contiguous(), h, sumsq_in, out if sumsq_out is None else sumsq_out,
+        float(eps), M, n_out, K, weight.stride(0), k_per_split, SPLIT_K=split_k, ADD_RESIDUAL=residual is not None,
         NORM_OUT=norm_weight is not None, GATE_UP=gate_up, **shared)
     return out, h if residual is not None else None, sumsq_out

@@ -31,6 +31,8 @@ All matrix products accumulate in float32; float32 inputs use exact ("ieee") pro
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -74,9 +76,11 @@ def medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk, temp
 
 
 def medusa_topk(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None):
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring); both refuse the same
+    inputs, the kernel's top-k limit (MAX_TOPK) too."""
+    _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
     if use_triton(hidden):
-        return medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
+        return _medusa_topk_launch(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
     return medusa_topk_reference(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
 
 
@@ -232,21 +236,25 @@ def _topk_kernel(logits_ptr, slice_max_ptr, out_ptr, temperatures_ptr, tempered_
 
 
 def _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures=None) -> None:
+    if hidden.dim() != 2 or res_weight.dim() != 4 or res_weight.shape[0] == 0:
+        raise KernelInputError(f"Medusa heads take a 2-D hidden state [N, D] and stacked weights [K >= 1, L, D, D]; "
+                               f"got hidden {tuple(hidden.shape)} and res_weight {tuple(res_weight.shape)}.")
     K, L, D = res_weight.shape[0], res_weight.shape[1], hidden.shape[-1]
-    if hidden.dim() != 2 or res_weight.shape[2:] != (D, D) or res_bias.shape != (K, L, D):
+    if res_weight.shape[2:] != (D, D) or res_bias.shape != (K, L, D):
         raise KernelInputError(f"Medusa weights do not fit hidden [N, D={D}]: got res_weight "
                                f"{tuple(res_weight.shape)} and res_bias {tuple(res_bias.shape)}; pass [K, L, D, D] "
                                f"and [K, L, D] stacked weights with a 2-D hidden state.")
-    V = vocab_weight.shape[-2]
-    if vocab_weight.shape[-1] != D or vocab_weight.dim() == 3 and vocab_weight.shape[0] != K:
+    shared = vocab_weight.dim() == 2
+    if not (shared or vocab_weight.dim() == 3 and vocab_weight.shape[0] == K) or vocab_weight.shape[-1] != D:
         raise KernelInputError(f"the vocab weight {tuple(vocab_weight.shape)} must be [K={K}, V, {D}] or a shared "
                                f"[V, {D}] lm_head.")
     if len({hidden.dtype, res_weight.dtype, res_bias.dtype, vocab_weight.dtype}) != 1:
         raise KernelInputError("the hidden state and every Medusa weight must share one dtype; cast the heads "
                                "to the model's dtype.")
-    if not 1 <= topk <= min(MAX_TOPK, V):
-        raise KernelInputError(f"the fused Medusa kernel takes top-k between 1 and {min(MAX_TOPK, V)}, not {topk}; "
-                               f"use a tree with fewer candidates per head.")
+    V = vocab_weight.shape[-2]
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or not 1 <= topk <= min(MAX_TOPK, V):
+        raise KernelInputError(f"Medusa heads give a top-k between 1 and {min(MAX_TOPK, V)} (the fused kernel's limit, "
+                               f"kept on every device), not {topk!r}; use a tree with fewer candidates per head.")
     if temperatures is not None and (temperatures.shape != (K,) or temperatures.device != hidden.device):
         raise KernelInputError(f"temperatures must be one per head, [K={K}], on the hidden state's device; got "
                                f"{tuple(temperatures.shape)} on {temperatures.device}.")
@@ -256,6 +264,11 @@ def medusa_topk_triton(hidden, res_weight, res_bias, vocab_weight, topk, tempera
     """Same contract as `medusa_topk_reference`: L + 2 launches; the [K*N, V] logits in the model dtype, as the
     reference's."""
     _check_inputs(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
+    return _medusa_topk_launch(hidden, res_weight, res_bias, vocab_weight, topk, temperatures)
+
+
+def _medusa_topk_launch(hidden, res_weight, res_bias, vocab_weight, topk, temperatures):
+    """`medusa_topk_triton` of checked inputs."""
     K, L = res_weight.shape[:2]
     N, D = hidden.shape
     V = vocab_weight.shape[-2]

@@ -102,7 +102,8 @@ def path_input_triton(hidden, tokens, lineage, embed_weight, proj_weight):
     if len({hidden.dtype, embed_weight.dtype, proj_weight.dtype}) != 1:
         raise KernelInputError("the hidden state, the token embedding and the path projection must share one dtype; "
                                "cast the heads to the model's dtype.")
-    hidden, lineage, embed_weight, proj_weight = (t.contiguous() for t in (hidden, lineage, embed_weight, proj_weight))
+    hidden, tokens, lineage, embed_weight, proj_weight = (
+        t.contiguous() for t in (hidden, tokens, lineage, embed_weight, proj_weight))
     out = torch.empty(P, D, dtype=hidden.dtype, device=hidden.device)
     # as the ResBlocks: narrow tiles spread a small model's weights over more programs
     block_n = 32 if D <= 2048 else 64
@@ -115,13 +116,23 @@ def path_input_triton(hidden, tokens, lineage, embed_weight, proj_weight):
 
 
 def place_guesses_triton(tokens, logprobs, ids, id_logprobs, children, parent_row, rank) -> None:
-    """Same contract as `place_guesses_reference`, in one launch."""
-    ids = ids.contiguous()
+    """Same contract as `place_guesses_reference`, in one launch. tokens and logprobs, written in place, must be
+    contiguous."""
     with_logprobs = logprobs is not None
+    for name, out in (("tokens", tokens), ("logprobs", logprobs)):
+        if out is not None and (out.dim() != 1 or not out.is_contiguous()):
+            raise KernelInputError(f"place_guesses writes {name} in place and takes it 1-D and contiguous, not shaped "
+                                   f"{tuple(out.shape)} with strides {out.stride()}; pass the tree's own buffer.")
+    C = children.numel()
+    if ids.dim() != 2 or not children.shape == parent_row.shape == rank.shape == (C,):
+        raise KernelInputError(f"place_guesses takes ids [P, k] and children, parent_row and rank of one length [C]; "
+                               f"got ids {tuple(ids.shape)}, children {tuple(children.shape)}, parent_row "
+                               f"{tuple(parent_row.shape)} and rank {tuple(rank.shape)}.")
+    ids, children, parent_row, rank = (t.contiguous() for t in (ids, children, parent_row, rank))
     _place_guesses_kernel[(1,)](
         tokens, logprobs if with_logprobs else tokens, ids, id_logprobs.contiguous() if with_logprobs else ids,
-        children, parent_row, rank, children.numel(), TOPK=ids.shape[1], WITH_LOGPROBS=with_logprobs,
-        BLOCK_C=triton.next_power_of_2(max(children.numel(), 1)), **launch_options(tokens),
+        children, parent_row, rank, C, TOPK=ids.shape[1], WITH_LOGPROBS=with_logprobs,
+        BLOCK_C=triton.next_power_of_2(max(C, 1)), **launch_options(tokens),
     )
 
 

@@ -32,9 +32,11 @@ def rmsnorm_reference(x, weight, eps, residual=None):
 
 
 def rmsnorm(x, weight, eps, residual=None):
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring); both refuse the same
+    shapes."""
+    _check_inputs(x, weight, residual)
     if use_triton(x):
-        return rmsnorm_triton(x, weight, eps, residual)
+        return _rmsnorm_launch(x, weight, eps, residual)
     return rmsnorm_reference(x, weight, eps, residual)
 
 
@@ -43,9 +45,9 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program r normalises row r: x, residual, h, out are [rows, D] contiguous, weight is [D].
 
-    Every rounding step mirrors `rmsnorm_reference`: h is rounded to x's dtype (as torch's x + r
-    is), the normalised row is rounded to x's dtype before the weight multiplies it, and that
-    product is rounded once to out's dtype.
+    Every rounding step mirrors `rmsnorm_reference`: h is rounded to h's dtype (as torch's x + r is: x's
+    and the residual's promoted), the normalised row is rounded to x's dtype before the weight multiplies
+    it, and that product is rounded once to out's dtype.
     """
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -59,7 +61,7 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)  # [BLOCK_D]
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * D + cols, mask=mask, other=0.0)
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * D + cols, h, mask=mask)
     else:
         h = x
@@ -71,16 +73,16 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, D, eps,
 
 
 def _check_inputs(x, weight, residual) -> None:
+    """What every path refuses alike. (A residual of another dtype is taken: under autocast a bf16 sublayer output
+    meets a float32 stream, and h = x + residual is then float32, as torch's sum.)"""
+    if x.dim() == 0:
+        raise KernelInputError("RMSNorm normalises the last dimension of x [..., D]; got a 0-d x.")
     D = x.shape[-1]
-    if D > MAX_D:
-        raise KernelInputError(f"the Triton RMSNorm handles rows up to {MAX_D} wide, not {D}; "
-                               f"use the torch backend (kernels.set_backend('torch')) for wider models.")
     if weight.shape != (D,):
         raise KernelInputError(f"RMSNorm weight has shape {tuple(weight.shape)} but must be ({D},) to match "
                                f"the last dimension of x.")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise KernelInputError(f"the residual ({tuple(residual.shape)}, {residual.dtype}) must have x's shape "
-                               f"and dtype ({tuple(x.shape)}, {x.dtype}).")
+    if residual is not None and residual.shape != x.shape:
+        raise KernelInputError(f"the residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}.")
 
 
 def _launch_options(x, weight) -> dict:
@@ -92,12 +94,21 @@ def _launch_options(x, weight) -> dict:
 def rmsnorm_triton(x, weight, eps, residual=None):
     """Same contract as `rmsnorm_reference`, in one kernel launch (one program per row)."""
     _check_inputs(x, weight, residual)
+    return _rmsnorm_launch(x, weight, eps, residual)
+
+
+def _rmsnorm_launch(x, weight, eps, residual):
+    """`rmsnorm_triton` of checked inputs."""
     D = x.shape[-1]
+    if D > MAX_D:
+        raise KernelInputError(f"the Triton RMSNorm handles rows up to {MAX_D} wide, not {D}; "
+                               f"use the torch backend (kernels.set_backend('torch')) for wider models.")
     has_residual = residual is not None
     x2 = x.reshape(-1, D).contiguous()  # [rows, D]; a no-op for the usual contiguous hidden state
     # Without a residual, x2 stands in for the residual and h pointers, which the kernel never touches.
     r2 = residual.reshape(-1, D).contiguous() if has_residual else x2
-    h = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if has_residual else x2
+    h_dtype = torch.promote_types(x.dtype, residual.dtype) if has_residual else x.dtype
+    h = torch.empty(x2.shape, dtype=h_dtype, device=x.device) if has_residual else x2
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2.shape[0] > 0:
         block_d = triton.next_power_of_2(D)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import use_triton
+from .checks import checked_prefix_len
 from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
@@ -48,7 +49,7 @@ def apply_rope(x, cos, sin):
 def rope_and_cache_reference(q, k, v, cos, sin, kv_cache_layer, prefix_len):
     """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [T, D] or [B, T, D] float32; kv_cache_layer
     [2, B, Hkv, S, D] (written in place) -> rotated q [B, Hq, T, D] contiguous."""
-    _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
+    prefix_len = _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
     slots = prefix_len + torch.arange(q.shape[1], device=q.device)  # [T]
     kv_cache_layer[0].index_copy_(2, slots, apply_rope(k, cos, sin).transpose(1, 2))
     kv_cache_layer[1].index_copy_(2, slots, v.transpose(1, 2))
@@ -165,19 +166,21 @@ def _rope_and_cache_kernel(
             tl.store(dst[:, None] + stride_kv + col, tl.load(v_src[:, None] + col, mask=ok), mask=in_cache)
 
 
-def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len) -> None:
+def _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len):
+    """The checks of `rope_and_cache`'s inputs -> prefix_len as the kernels take it (`checked_prefix_len`)."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise KernelInputError(f"rope_and_cache got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
                                f"pass q [B, T, Hq, D] and k, v [B, T, Hkv, D] (the projections viewed per head).")
     B, T, _, D = q.shape
     if not (q.dtype == k.dtype == v.dtype):
         raise KernelInputError(f"rope_and_cache needs q, k and v in one dtype, got {q.dtype}, {k.dtype} and {v.dtype}.")
-    check_rope_and_cache_inputs(B, T, k.shape[2], D, q.dtype, cos, sin, kv_cache_layer, prefix_len)
+    return check_rope_and_cache_inputs(B, T, k.shape[2], D, q.dtype, cos, sin, kv_cache_layer, prefix_len)
 
 
-def check_rope_and_cache_inputs(B, T, Hkv, D, dtype, cos, sin, kv_cache_layer, prefix_len) -> None:
+def check_rope_and_cache_inputs(B, T, Hkv, D, dtype, cos, sin, kv_cache_layer, prefix_len):
     """The checks of what `rope_and_cache` takes besides q, k and v, for B x T tokens of Hkv KV heads of head_dim D
-    in `dtype` (also for a projection that rotates in its epilogue: kernels/linear.py)."""
+    in `dtype` (also for a projection that rotates in its epilogue: kernels/linear.py) -> prefix_len as the kernels
+    take it (`checked_prefix_len`)."""
     if D % 2:
         raise KernelInputError(f"RoPE rotates pairs of dimensions, so head_dim must be even, not {D}.")
     if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
@@ -192,13 +195,7 @@ def check_rope_and_cache_inputs(B, T, Hkv, D, dtype, cos, sin, kv_cache_layer, p
     if kv_cache_layer.dtype != dtype:
         raise KernelInputError(f"rope_and_cache needs the projections and the cache in one dtype, got {dtype} "
                                f"projections and a {kv_cache_layer.dtype} cache; cast the cache to the model dtype.")
-    if isinstance(prefix_len, torch.Tensor):
-        if prefix_len.dim() != 0 or prefix_len.device != kv_cache_layer.device or prefix_len.is_floating_point():
-            raise KernelInputError("rope_and_cache needs prefix_len as an int or a 0-d integer tensor on the cache's "
-                                   "device.")
-    elif not 0 <= prefix_len <= kv_cache_layer.shape[3] - T:
-        raise KernelInputError(f"{T} new tokens at prefix_len {prefix_len} do not fit a cache of "
-                               f"{kv_cache_layer.shape[3]} slots; set up a larger cache.")
+    return checked_prefix_len("rope_and_cache", prefix_len, kv_cache_layer.device, T, kv_cache_layer.shape[3])
 
 
 # Head rows per program: a 7B's 32 query and 32 key/value heads are 8 programs per token (a 64-node tree step: 512,
@@ -209,7 +206,7 @@ HEADS_PER_PROGRAM = 8
 def rope_and_cache_triton(q, k, v, cos, sin, kv_cache_layer, prefix_len):
     """Same contract as rope_and_cache_reference, in one launch: one program per (batch * token, block of
     HEADS_PER_PROGRAM heads)."""
-    _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
+    prefix_len = _check_inputs(q, k, v, cos, sin, kv_cache_layer, prefix_len)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache_layer.stride(-1) != 1:
         raise KernelInputError("rope_and_cache needs q, k, v and the cache contiguous along head_dim; "
                                "view the projections' outputs as [B, T, H, D] without transposing.")

@@ -134,11 +134,9 @@ def sample_token_cpu(logits, temperature: float, top_k: int, top_p: float, unifo
 def sample_token(logits, temperature: float, top_k: int, top_p: float, uniforms):
     """Dispatch: the Triton kernel on CUDA, `sample_token_cpu` on a CPU, the reference elsewhere (see module
     docstring)."""
-    if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):  # (else the kernel would draw token -1 or divide by 0)
-        raise KernelInputError(f"sample_token needs temperature > 0, top_k >= 0 and top_p in (0, 1], not "
-                               f"{temperature}, {top_k} and {top_p}; decode greedily (argmax) at temperature 0.")
+    _check_inputs(logits, temperature, top_k, top_p, uniforms)
     if use_triton(logits):
-        return sample_token_triton(logits, temperature, top_k, top_p, uniforms)
+        return _sample_token_launch(logits, temperature, top_k, top_p, uniforms, BLOCK)
     if logits.device.type == "cpu":
         return sample_token_cpu(logits, temperature, top_k, top_p, uniforms)
     return sample_token_reference(logits, temperature, top_k, top_p, uniforms)
@@ -272,6 +270,24 @@ def _sample_token_kernel(logits_ptr, kth_ptr, u_ptr, out_ptr, stride_row, V, inv
 def sample_token_triton(logits, temperature: float, top_k: int, top_p: float, uniforms, block: int = BLOCK):
     """Same contract as `sample_token_reference`, in one launch after the top-k cut's torch.topk (when there is one);
     block: tokens a program reads at a time."""
+    _check_inputs(logits, temperature, top_k, top_p, uniforms)
+    return _sample_token_launch(logits, temperature, top_k, top_p, uniforms, block)
+
+
+def _check_inputs(logits, temperature: float, top_k: int, top_p: float, uniforms) -> None:
+    """What every path refuses alike (the dispatcher's, whichever it takes, and `sample_token_triton`'s)."""
+    if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):  # (else the kernel would draw token -1 or divide by 0)
+        raise KernelInputError(f"sample_token needs temperature > 0, top_k >= 0 and top_p in (0, 1], not "
+                               f"{temperature}, {top_k} and {top_p}; decode greedily (argmax) at temperature 0.")
+    want = (*logits.shape[:-1], PROPOSALS + 1)
+    if uniforms.shape != want or uniforms.device != logits.device:
+        raise KernelInputError(f"sample_token needs {PROPOSALS + 1} uniforms for each row of logits "
+                               f"{tuple(logits.shape)}, shaped {want} on {logits.device}, not {tuple(uniforms.shape)} "
+                               f"on {uniforms.device}.")
+
+
+def _sample_token_launch(logits, temperature: float, top_k: int, top_p: float, uniforms, block: int):
+    """`sample_token_triton` of checked inputs."""
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()  # [R, V]

@@ -28,10 +28,18 @@ def silu_mul_reference(gate_up):
 
 
 def silu_mul(gate_up):
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring)."""
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere (see module docstring); both refuse the same
+    shapes."""
+    _check_inputs(gate_up)
     if use_triton(gate_up):
-        return silu_mul_triton(gate_up)
+        return _silu_mul_launch(gate_up)
     return silu_mul_reference(gate_up)
+
+
+def _check_inputs(gate_up) -> None:
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise KernelInputError(f"silu_mul needs the fused gate/up output, an even last dimension; got shape "
+                               f"{tuple(gate_up.shape)}: pass the output of the MLP's w13 projection.")
 
 
 @triton.jit
@@ -49,9 +57,12 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr, PDL: tl.const
 
 def silu_mul_triton(gate_up):
     """Same contract as `silu_mul_reference`, in one launch."""
-    if gate_up.shape[-1] % 2:
-        raise KernelInputError(f"silu_mul needs the fused gate/up output, an even last dimension; got "
-                               f"{gate_up.shape[-1]}: pass the output of the MLP's w13 projection.")
+    _check_inputs(gate_up)
+    return _silu_mul_launch(gate_up)
+
+
+def _silu_mul_launch(gate_up):
+    """`silu_mul_triton` of checked inputs."""
     I = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * I).contiguous()  # [R, 2I]; a no-op for a projection's output
     out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)

@@ -108,6 +108,7 @@ import triton
 import triton.language as tl
 
 from . import row_invariant, use_triton
+from .checks import checked_prefix_len
 from .dependent_launch import launch_options, wait_for_previous_kernels
 from .errors import KernelInputError
 
@@ -142,7 +143,7 @@ def attend(q, k_cache, v_cache, mask=None):
     if mask is None:
         probs = scores.softmax(-1)
     else:
-        mask = mask.view(-1, 1, 1, T, S)  # [B or 1, 1, 1, T, S]
+        mask = mask.view(mask.shape[0] if mask.dim() == 4 else 1, 1, 1, T, S)  # [B or 1, 1, 1, T, S]
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0)  # no visible key: zero output
     out = probs.view(B, Hkv, group * T, S) @ v_cache.to(acc)  # [B, Hkv, group * T, D]
@@ -151,7 +152,8 @@ def attend(q, k_cache, v_cache, mask=None):
 
 def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     """Dispatch: the Triton kernel on CUDA (row-invariant when `kernels.row_invariant()`), the reference
-    elsewhere (see module docstring). tree_mask None: causal (prefill, plain decode).
+    elsewhere (see module docstring), each after the same input checks. tree_mask None: causal (prefill, plain
+    decode).
 
     Under row invariance a causal call of more than MAX_ROW_INVARIANT_TREE tokens (a long prefill) runs the
     default kernel with one key chunk instead: the row-invariant merge would hold partials growing with the
@@ -164,13 +166,15 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     slots on a CPU). Its mask is the prefix's slots, then the tree's, built from prefix_len read on the host; a plain
     decoding step's one token sees every slot read and needs none. (The reference's mask, built for any cache size
     without reading prefix_len, took 70 of a plain step's 100 µs there, at the default model's shapes.)"""
+    prefix_len = _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
     if use_triton(q):
         if row_invariant() and tree_mask is None and q.shape[2] > MAX_ROW_INVARIANT_TREE:
-            return tree_attention_triton(q, k_cache, v_cache, prefix_len, None, key_valid, num_splits=1)
-        return tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid,
-                                     row_invariant=row_invariant())
+            return _tree_attention_launch(q, k_cache, v_cache, prefix_len, None, key_valid, 1, False)
+        return _tree_attention_launch(q, k_cache, v_cache, prefix_len, tree_mask, key_valid, None, row_invariant())
     if q.device.type == "cpu":  # no CUDA graph to keep whole: the host reads prefix_len and builds the mask
-        prefix, T = int(prefix_len), q.shape[2]
+        T = q.shape[2]
+        # (a tensor's value, read here, is checked as an int's: the GPU, which does not read it, masks instead)
+        prefix = checked_prefix_len("tree attention", int(prefix_len), q.device, T, k_cache.shape[2])
         k_cache, v_cache = k_cache[:, :, :prefix + T], v_cache[:, :, :prefix + T]  # [B, Hkv, prefix + T, D]
         if T == 1 and tree_mask is None and key_valid is None:
             return attend(q, k_cache, v_cache)  # one token sees every slot read
@@ -769,7 +773,9 @@ def body_chunks(on_gpu: bool, n_kv_heads: int) -> BodyChunks:
     return BodyChunks(8 if n_kv_heads <= 16 else 4, 8)
 
 
-def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None:
+def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid):
+    """What every path refuses alike (the dispatcher's, whichever it takes, and `tree_attention_triton`'s) ->
+    prefix_len as the kernels take it (`checked_prefix_len`)."""
     if q.dim() != 4 or k_cache.dim() != 4:
         raise KernelInputError(f"tree attention takes q [B, Hq, T, D] and caches [B, Hkv, S, D], not {tuple(q.shape)} "
                                f"and {tuple(k_cache.shape)}; pass the queries head-major, 4-D.")
@@ -783,17 +789,14 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid) -> None
     if tree_mask is not None and (tree_mask.shape != (T, T) or tree_mask.dtype != torch.bool):
         raise KernelInputError(f"tree attention needs a bool tree_mask of shape ({T}, {T}) (or None: causal); "
                                f"got {tree_mask.dtype} {tuple(tree_mask.shape)}.")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise KernelInputError(f"tree attention needs q and the caches in one dtype, got {q.dtype} and "
-                               f"{k_cache.dtype}; cast the cache to the model dtype.")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise KernelInputError("tree attention needs caches contiguous along head_dim; allocate them contiguous.")
-    if isinstance(prefix_len, torch.Tensor) and (prefix_len.dim() != 0 or prefix_len.device != q.device):
-        raise KernelInputError("tree attention needs prefix_len as an int or a 0-d tensor on the device of q.")
+    if not q.is_floating_point() or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise KernelInputError(f"tree attention needs q and the caches in one floating-point dtype, got q {q.dtype}, "
+                               f"k {k_cache.dtype} and v {v_cache.dtype}; cast the cache to the model dtype.")
     S = k_cache.shape[2]
     if key_valid is not None and (key_valid.shape != (B, S) or key_valid.dtype != torch.bool):
         raise KernelInputError(f"tree attention needs key_valid as a bool [B, S] = ({B}, {S}) tensor; "
                                f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
+    return checked_prefix_len("tree attention", prefix_len, q.device, T, S)
 
 
 def split_heuristic(q, k_cache, prefix_len) -> int:
@@ -877,7 +880,14 @@ def tree_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=
     """Same contract as tree_attention_reference. `num_splits` overrides the split-K heuristic (tests, tuning).
     `row_invariant`: compute each query row exactly as a one-token call over its own keys would (see the
     module docstring); its chunks are fixed, so `num_splits` does not apply."""
-    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
+    prefix_len = _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, key_valid)
+    return _tree_attention_launch(q, k_cache, v_cache, prefix_len, tree_mask, key_valid, num_splits, row_invariant)
+
+
+def _tree_attention_launch(q, k_cache, v_cache, prefix_len, tree_mask, key_valid, num_splits, row_invariant):
+    """`tree_attention_triton` of checked inputs."""
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # (the torch path takes any layout)
+        raise KernelInputError("tree attention needs caches contiguous along head_dim; allocate them contiguous.")
     if row_invariant:
         if num_splits is not None:
             raise KernelInputError("tree attention's row-invariant mode has fixed key chunks; drop num_splits.")

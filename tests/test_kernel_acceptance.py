@@ -172,3 +172,16 @@ def test_sample_mode_follows_the_draws(drawn, expected):
     logits = two_branch_logits([0.3, 0.6, 0.05, 0.05])  # argmax 1 everywhere: the draws, not it, decide
     drawn = torch.tensor(drawn, device=DEVICE)
     assert check_acceptance(logits, tokens, TWO_BRANCHES, "sample", drawn=drawn) == expected
+
+
+@pytest.mark.parametrize("mode", ["greedy", "typical"])
+def test_a_token_outside_the_vocabulary_is_refused(mode):
+    # Node 1 (under the root) carries token V + 5 and node 3 (under node 2) token -1: the kernel read the logits
+    # just past the root's row and just before node 2's (logits[1, 5] and logits[1, V - 1], made to win) and
+    # accepted both; the typical reference raised an IndexError. Both refuse them now: row 1, node 2 alone.
+    V = 16
+    logits = 3 * torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    logits[1, 5] = logits[1, V - 1] = 50.0
+    tokens = torch.tensor([0, V + 5, int(logits[0].argmax()), -1])
+    retrieve = torch.tensor([[0, 1, -1], [0, 2, 3]])
+    assert check_acceptance(logits.to(DEVICE), tokens.to(DEVICE), retrieve, mode) == (1, 1)

@@ -12,6 +12,7 @@ instructions) would catch it, and `_tile_config`'s signature is checked to leave
 """
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -247,6 +248,16 @@ def test_bad_inputs_name_the_fix():
         linear_triton(x.double(), w.double())
 
 
+def test_a_strided_bias_is_read_as_it_is():
+    # A bias that is a column of a stacked table (stride 2) was read as if contiguous: every other element.
+    x, w, b = linear_inputs(3, 24, 40, torch.float32, DEVICE)
+    strided = torch.stack([b, -b], 1)[:, 0]
+    assert strided.stride() == (2,)
+    kernels.set_row_invariant(True)  # the dispatcher's kernel path (tests/conftest.py restores it)
+    kernels.set_backend("triton")
+    assert rel_error(linear(x, w, strided), F.linear(x, w, b)) <= 1e-5
+
+
 # ------------------------------------------------------------------- RMSNorm folded into the linear layers
 # Under --exact a block's output projections add into the residual stream and make the next RMSNorm's stream
 # (g * h and h's sums of squares per tile of features); the next linear layer applies its 1 / rms.
@@ -315,6 +326,17 @@ def test_folded_norm_errors_are_one_sentence():
         linear_into_residual(x, w, b, residual[:, :8], g)
     with pytest.raises(KernelInputError, match="RMSNorm weight"):
         linear_into_residual(x, w, b, residual, g[:8])
+    with pytest.raises(KernelInputError, match=re.escape("RMSNorm weight (40,) (torch.float16) must be (40,), the "
+                                                         "layer's output, in x's dtype (torch.float32).")):
+        linear_into_residual(x, w, b, residual, g.half())
+
+
+def test_folded_norm_reads_a_strided_norm_weight_as_it_is():
+    x, w, b, residual, g = folded_norm_inputs(3, 40, 80, torch.float32)
+    strided = torch.stack([g, -g], 1)[:, 0]
+    got = linear_into_residual(x, w, b, residual, strided, 1e-5)
+    want = linear_into_residual_reference(x, w, b, residual, g, 1e-5)
+    assert rel_error(got.scaled, want.scaled) <= 1e-5
 
 
 def test_folded_norm_with_split_k_is_the_same_sums():

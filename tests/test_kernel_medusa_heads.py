@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import kernels  # noqa: E402
 from kernels import medusa_heads  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
 from kernels.testing import assert_topk_matches, check_medusa, medusa_inputs, poisoned_empty  # noqa: E402
@@ -100,6 +101,28 @@ def test_bad_inputs_name_the_fix():
         medusa_heads.medusa_topk_triton(hidden, res_w, res_b, vocab[:, :, :39], 4)
     with pytest.raises(KernelInputError, match="stacked weights"):
         medusa_heads.medusa_topk_triton(hidden, res_w[:, :, :39], res_b, vocab, 4)
+
+
+@pytest.mark.parametrize("case", ["1-D hidden", "top-k 17", "top-k past V", "temperatures of another shape"])
+def test_every_path_refuses_alike(case):
+    # The torch path took a 1-D hidden state and a top-k of 17, which the kernel refuses (17: its real limit).
+    hidden, res_w, res_b, vocab = medusa_inputs(2, 1, 1, 40, 64, False, torch.float32, DEVICE)
+    topk, temperatures = 4, None
+    if case == "1-D hidden":
+        hidden = hidden[0]
+    elif case == "top-k 17":
+        topk = 17
+    elif case == "top-k past V":
+        vocab, topk = vocab[:, :10], 11
+    else:
+        temperatures = torch.ones((), device=DEVICE)
+    messages = set()
+    for backend in ("torch", "triton"):
+        kernels.set_backend(backend)  # (tests/conftest.py restores it)
+        with pytest.raises(KernelInputError) as refused:
+            medusa_heads.medusa_topk(hidden, res_w, res_b, vocab, topk, temperatures)
+        messages.add(str(refused.value))
+    assert len(messages) == 1, messages
 
 
 # --- calibrated log-probabilities: the log-partition of the tempered logits, in the same vocab pass ------------

@@ -4,6 +4,7 @@ tokens, 1 to 40 parents) and the guesses' placement (integers: exactly). Decodin
 tests/test_path_tree.py."""
 
 import os
+import re
 
 import torch
 
@@ -69,6 +70,46 @@ def test_place_guesses_matches_the_reference(with_logprobs):
         outs.append((tokens, logprobs))
     assert torch.equal(outs[0][0], outs[1][0])
     assert not with_logprobs or torch.equal(outs[0][1], outs[1][1])
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view of stride 2 (every other element of a longer tensor, the rest garbage)."""
+    return torch.stack([t, torch.full_like(t, 99)], -1)[..., 0]
+
+
+def test_path_input_reads_strided_tokens_as_they_are():
+    gen = torch.Generator().manual_seed(3)
+    V, D, P, depth, M = 30, 16, 3, 2, 7
+    hidden, embed = torch.randn(1, D, generator=gen).to(DEVICE), torch.randn(V, D, generator=gen).to(DEVICE)
+    proj = torch.randn(D, depth * D, generator=gen).to(DEVICE)
+    tokens = torch.randint(0, V, (M,), generator=gen).to(DEVICE)
+    lineage = torch.randint(0, M, (P, depth), generator=gen).to(DEVICE)
+    got = path_input_triton(hidden, strided(tokens), lineage, embed, proj)
+    assert torch.allclose(got, path_input_reference(hidden, tokens, lineage, embed, proj), atol=1e-4, rtol=1e-4)
+
+
+def test_place_guesses_reads_strided_indices_as_they_are():
+    # Strided children were read as every other element: wrong nodes written, or past the end of tokens.
+    ids, id_logprobs = torch.arange(100, 109, device=DEVICE).view(3, 3), -torch.rand(3, 3, device=DEVICE)
+    children, parent_row, rank = (torch.tensor(v, device=DEVICE) for v in ([1, 2, 3], [0, 1, 2], [0, 2, 1]))
+    outs = []
+    for place, index in ((place_guesses_reference, lambda t: t), (place_guesses_triton, strided)):
+        tokens, logprobs = torch.zeros(7, dtype=torch.long, device=DEVICE), torch.zeros(7, device=DEVICE)
+        place(tokens, logprobs, ids, id_logprobs, index(children), index(parent_row), index(rank))
+        outs.append((tokens, logprobs))
+    assert outs[0][0].tolist() == outs[1][0].tolist() == [0, 100, 105, 107, 0, 0, 0]
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("output", ["tokens", "logprobs"])
+def test_place_guesses_refuses_a_strided_output(output):
+    ids, id_logprobs = torch.zeros(3, 3, dtype=torch.long, device=DEVICE), torch.zeros(3, 3, device=DEVICE)
+    index = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    outs = {"tokens": torch.zeros(7, dtype=torch.long, device=DEVICE), "logprobs": torch.zeros(7, device=DEVICE)}
+    outs[output] = strided(outs[output])
+    with pytest.raises(KernelInputError, match=re.escape(f"place_guesses writes {output} in place and takes it 1-D "
+                                                         f"and contiguous, not shaped (7,) with strides (2,)")):
+        place_guesses_triton(outs["tokens"], outs["logprobs"], ids, id_logprobs, index, index, index)
 
 
 @pytest.mark.parametrize("nodes", [1, 7, 40])

@@ -6,6 +6,7 @@ interpreter, so it is only checked on CUDA). Outputs are poisoned before each ru
 """
 
 import os
+import re
 
 import torch
 
@@ -19,8 +20,8 @@ import pytest  # noqa: E402
 import kernels  # noqa: E402
 import kernels.rmsnorm as rmsnorm_module  # noqa: E402
 from kernels.errors import KernelInputError  # noqa: E402
-from kernels.rmsnorm import rmsnorm_triton  # noqa: E402
-from kernels.testing import check_rmsnorm  # noqa: E402
+from kernels.rmsnorm import rmsnorm, rmsnorm_reference, rmsnorm_triton  # noqa: E402
+from kernels.testing import check_rmsnorm, rel_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -77,5 +78,35 @@ def test_bad_inputs_name_the_fix():
         rmsnorm_triton(torch.randn(1, 8200, device=DEVICE), torch.ones(8200, device=DEVICE), 1e-5)
     with pytest.raises(KernelInputError, match=r"must be \(40,\)"):
         rmsnorm_triton(x, torch.ones(41, device=DEVICE), 1e-5)
-    with pytest.raises(KernelInputError, match="must have x's shape and dtype"):
-        rmsnorm_triton(x, torch.ones(40, device=DEVICE), 1e-5, residual=x.half())
+    with pytest.raises(KernelInputError, match=re.escape("the residual (40,) must have x's shape (2, 40).")):
+        rmsnorm_triton(x, torch.ones(40, device=DEVICE), 1e-5, residual=x[0])
+
+
+@pytest.mark.parametrize("case", ["weight [1, D]", "residual broadcast", "0-d x"])
+def test_every_path_refuses_alike(case):
+    # The torch path broadcast what the kernel refused.
+    x, weight, residual = torch.randn(2, 40, device=DEVICE), torch.ones(40, device=DEVICE), None
+    if case == "weight [1, D]":
+        weight = weight[None]
+    elif case == "residual broadcast":
+        residual = x[0]
+    else:
+        x = x[0, 0]
+    messages = set()
+    for backend in ("torch", "triton"):
+        kernels.set_backend(backend)  # (tests/conftest.py restores it)
+        with pytest.raises(KernelInputError) as refused:
+            rmsnorm(x, weight, 1e-5, residual)
+        messages.add(str(refused.value))
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("x_dtype,residual_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+def test_a_residual_of_another_dtype_adds_as_torch_adds(x_dtype, residual_dtype):
+    # As under autocast (a bf16 sublayer output, a float32 stream), which the torch path takes: h in the promoted
+    # dtype, the normalised row rounded to x's.
+    x, weight = torch.randn(3, 96, device=DEVICE).to(x_dtype), torch.randn(96, device=DEVICE)
+    residual = torch.randn(3, 96, device=DEVICE).to(residual_dtype)
+    (out, h), (want, want_h) = rmsnorm_triton(x, weight, 1e-5, residual), rmsnorm_reference(x, weight, 1e-5, residual)
+    assert h.dtype == torch.float32 and torch.equal(h, want_h)
+    assert out.dtype == want.dtype and rel_error(out, want) <= 1e-5

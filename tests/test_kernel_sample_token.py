@@ -5,6 +5,8 @@ the reference against the distribution it must draw from.
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py): fp32 and fp16 logits; bf16 on CUDA.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -206,3 +208,19 @@ def test_the_kernel_keeps_a_tie_at_the_edge_whole():
         got = sample_token_triton(logits, 1.0, 0, top_p, u)
         assert set(got.tolist()) == support
         assert torch.equal(got, sample_token_reference(logits, 1.0, 0, top_p, u))
+
+
+@pytest.mark.parametrize("u_shape", [(3, 2), (2, PROPOSALS + 1), (3,)])
+def test_uniforms_of_the_wrong_shape_are_refused_alike_on_every_path(u_shape):
+    # The kernel read [3, 5] uniforms from a [2, 5] tensor (past its end) and the CPU path drew from whatever the
+    # shape gave it; now both refuse, in one sentence.
+    logits, u = random_logits(3, 50), torch.rand(u_shape, device=DEVICE)
+    n = PROPOSALS + 1
+    message = (f"sample_token needs {n} uniforms for each row of logits (3, 50), shaped (3, {n}) on {logits.device}, "
+               f"not {u_shape} on {u.device}.")
+    for backend in ("torch", "triton"):
+        kernels.set_backend(backend)  # (tests/conftest.py restores it)
+        with pytest.raises(kernels.KernelInputError, match=re.escape(message)):
+            sample_token(logits, 0.7, 5, 0.9, u)
+    with pytest.raises(kernels.KernelInputError, match=re.escape(message)):
+        sample_token_triton(logits, 0.7, 5, 0.9, u)

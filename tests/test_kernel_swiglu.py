@@ -14,7 +14,7 @@ from kernels import linear
 from kernels.errors import KernelInputError
 from kernels.linear import (TileConfig, fuses_swiglu, linear_into_residual, linear_of_normed, linear_swiglu,
                             linear_triton)
-from kernels.swiglu import silu_mul_reference, silu_mul_triton
+from kernels.swiglu import silu_mul, silu_mul_reference, silu_mul_triton
 from kernels.testing import TOLERANCE, linear_inputs, poisoned_empty, rows_differing_from_one_row_calls, same_bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,6 +41,19 @@ def test_reference_is_swiglu():
 def test_odd_width_names_the_fix():
     with pytest.raises(KernelInputError, match="even last dimension"):
         silu_mul_triton(torch.randn(2, 7, device=DEVICE))
+
+
+@pytest.mark.parametrize("shape", [(2, 7), ()])
+def test_every_path_refuses_alike(shape):
+    # The torch path failed inside torch on an odd width, the kernel on a 0-d tensor.
+    messages = set()
+    for backend in ("torch", "triton"):
+        kernels.set_backend(backend)  # (tests/conftest.py restores it)
+        with pytest.raises(KernelInputError) as refused:
+            silu_mul(torch.randn(shape, device=DEVICE))
+        messages.add(str(refused.value))
+    assert messages == {f"silu_mul needs the fused gate/up output, an even last dimension; got shape {shape}: pass "
+                        f"the output of the MLP's w13 projection."}
 
 
 # ------------------------------------------------------------------ in the gate/up projection's epilogue

@@ -202,6 +202,58 @@ def test_bad_inputs_name_the_fix():
         tree_attention_triton(q[:, :4], k, k, 3, mask, torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
 
 
+def refusals(call) -> list[str]:
+    """The message `call(backend)` raises, for the dispatcher on each backend and for the kernel called directly."""
+    messages = []
+    for backend in ("torch", "triton", None):
+        if backend is not None:
+            kernels.set_backend(backend)  # (tests/conftest.py restores it)
+        with pytest.raises(KernelInputError) as refused:
+            call(tree_attention_triton if backend is None else tree_attention)
+        messages.append(str(refused.value))
+    return messages
+
+
+@pytest.mark.parametrize("case", ["v of another length", "past the cache", "negative prefix", "3-D q",
+                                  "heads not grouped", "mask of another size", "float prefix tensor"])
+def test_every_path_refuses_alike(case):
+    # The CPU dispatcher validated nothing: a v cache of another length was taken, the rest failed inside torch.
+    B, Hq, Hkv, T, S, D = 1, 4, 2, 3, 40, 16
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE) for H, L in ((Hq, T), (Hkv, S), (Hkv, S)))
+    mask, prefix = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril(), 5
+    if case == "v of another length":
+        v = torch.randn(B, Hkv, S + 1, D, device=DEVICE)
+    elif case == "past the cache":
+        prefix = S - 1
+    elif case == "negative prefix":
+        prefix = -2
+    elif case == "3-D q":
+        q = q[0]
+    elif case == "heads not grouped":
+        k = v = torch.randn(B, 3, S, D, device=DEVICE)
+    elif case == "mask of another size":
+        mask = mask[:2, :2]
+    else:
+        prefix = torch.tensor(5.0, device=DEVICE)
+    messages = refusals(lambda attention: attention(q, k, v, prefix, mask))
+    assert len(set(messages)) == 1, messages
+
+
+def test_a_dtype_mismatch_names_each_dtype():
+    # Only v in fp16 read "got torch.float32 and torch.float32".
+    q, k = torch.randn(1, 4, 3, 16, device=DEVICE), torch.randn(1, 2, 40, 16, device=DEVICE)
+    messages = refusals(lambda attention: attention(q, k, k.half(), 5, None))
+    assert set(messages) == {"tree attention needs q and the caches in one floating-point dtype, got q torch.float32, "
+                             "k torch.float32 and v torch.float16; cast the cache to the model dtype."}
+
+
+def test_no_new_tokens_give_an_empty_output_on_the_cpu_as_in_the_kernel():
+    q, k = torch.randn(1, 4, 0, 16), torch.randn(1, 2, 40, 16)
+    kernels.set_backend("torch")  # (tests/conftest.py restores it)
+    assert tree_attention(q, k, k, 5, None).shape == (1, 0, 4, 16)
+    assert tree_attention_triton(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), 5, None).shape == (1, 0, 4, 16)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_device_prefix_len_is_graph_capturable():
     q, k, v, _, tree_mask = tree_attention_inputs(8, 2, 64, 200, 4, torch.bfloat16, DEVICE)
