@@ -409,7 +409,12 @@ def coordinate_search(objective, start: list[float], grid: list[float], rounds: 
 
 def heads_config(heads_dir: str) -> HeadsConfig:
     raw = json.loads(read_utf8(Path(heads_dir) / "config.json"))
-    return HeadsConfig(**{k: raw[k] for k in HeadsConfig.__dataclass_fields__ if k in raw})
+    fields = {k: raw[k] for k in HeadsConfig.__dataclass_fields__ if k in raw}
+    # Heads trimmed by an older tree_tuning --trim kept every head's temperature: theirs are the first num_heads
+    # (as MedusaHeads.load reads them).
+    if fields.get("medusa_temperatures"):
+        fields["medusa_temperatures"] = fields["medusa_temperatures"][: fields["num_heads"]]
+    return HeadsConfig(**fields)
 
 
 # ------------------------------------------------------------------------------------------------ validation

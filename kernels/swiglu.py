@@ -37,6 +37,7 @@ def silu_mul(gate_up):
 
 
 def _check_inputs(gate_up) -> None:
+    """What every path refuses alike (the dispatcher's, whichever it takes, and `silu_mul_triton`'s)."""
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise KernelInputError(f"silu_mul needs the fused gate/up output, an even last dimension; got shape "
                                f"{tuple(gate_up.shape)}: pass the output of the MLP's w13 projection.")

@@ -174,7 +174,8 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, key_valid=None):
     if q.device.type == "cpu":  # no CUDA graph to keep whole: the host reads prefix_len and builds the mask
         T = q.shape[2]
         # (a tensor's value, read here, is checked as an int's: the GPU, which does not read it, masks instead)
-        prefix = checked_prefix_len("tree attention", int(prefix_len), q.device, T, k_cache.shape[2])
+        prefix = prefix_len if isinstance(prefix_len, int) else checked_prefix_len(
+            "tree attention", int(prefix_len), q.device, T, k_cache.shape[2])
         k_cache, v_cache = k_cache[:, :, :prefix + T], v_cache[:, :, :prefix + T]  # [B, Hkv, prefix + T, D]
         if T == 1 and tree_mask is None and key_valid is None:
             return attend(q, k_cache, v_cache)  # one token sees every slot read

@@ -20,6 +20,7 @@ in steps of CACHE_BUCKET slots, so that runs of similar length share one cache a
 from __future__ import annotations
 
 import numbers
+from collections.abc import Collection
 from typing import Callable
 
 import torch
@@ -52,8 +53,9 @@ def check_prompt(model, prompt_ids) -> None:
 
 
 def check_eos_ids(eos_ids) -> None:
-    """The ids a run stops at: a list (or tuple) of token ids, possibly empty."""
-    if not isinstance(eos_ids, (list, tuple)) or not all(
+    """The ids a run stops at: a collection of token ids (a list, tuple or set), possibly empty. (Not a generator:
+    the runs test `token in eos_ids`, which would consume it.)"""
+    if not isinstance(eos_ids, Collection) or isinstance(eos_ids, (str, bytes)) or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in eos_ids):
         raise NanoMedusaError(f"eos_ids must be a list of token ids, not {eos_ids!r}; pass e.g. "
                               f"tokenizer.eos_ids, or [id] for one id.")

@@ -175,8 +175,8 @@ class MedusaHeads(nn.Module):
 
     def logits_of_input(self, k: int, x, lm_head_weight=None):
         """Head k on what it reads, x [..., dim] (`head_input`'s) -> its logits [..., vocab] (float32)."""
-        x = self.medusa_head[k][: self.config.num_layers](x)
         self._check_lm_head(lm_head_weight)
+        x = self.medusa_head[k][: self.config.num_layers](x)
         vocab = lm_head_weight if self.config.shared_lm_head else self.medusa_head[k][-1].weight
         return F.linear(x, vocab).float()
 
@@ -324,7 +324,9 @@ class MedusaHeads(nn.Module):
             if type(value) is not int or value < minimum:
                 raise NanoMedusaError(f"{path}/config.json's {name} is {value!r}; it must be an integer of at least "
                                       f"{minimum}: fix the config.")
-        num_heads = _heads_in_file(state, num_heads, num_layers, path, weights_file)
+        # (the reference's configs do not say shared_lm_head; ours do, so a file emptied by accident still fails)
+        weightless = num_layers == 0 and raw.get("shared_lm_head") is not False
+        num_heads = _heads_in_file(state, num_heads, weightless, path, weights_file)
         # The reference's configs do not say whether the vocab projection is shared: the tensors do.
         shared = f"{num_layers}.weight" not in {k.split(".", 1)[1] for k in state if k.startswith("0.")}
         if num_layers and "0.0.linear.weight" not in state:
@@ -376,13 +378,13 @@ def load_heads_and_adapter(heads_dir: str | Path, model, say: Callable[[str], ob
     return heads
 
 
-def _heads_in_file(state: dict[str, torch.Tensor], configured: int, num_layers: int, path: Path,
+def _heads_in_file(state: dict[str, torch.Tensor], configured: int, weightless: bool, path: Path,
                    weights_file: Path) -> int:
     """How many heads the weights hold, which wins over config.json: some published reference checkpoints
     disagree with their own config (Vicuna-7B's says 2 heads, its file holds 4). Heads without ResBlocks that
-    share the lm_head hold no tensors at all: config.json alone counts them."""
+    share the lm_head (`weightless`) hold no tensors at all: config.json alone counts them."""
     held = len({key.split(".", 1)[0] for key in state})
-    if held == 0 and num_layers == 0:
+    if held == 0 and weightless:
         return configured
     if held == 0:
         raise NanoMedusaError(f"{weights_file} holds no tensors; re-download or re-train the heads.")

@@ -219,7 +219,8 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
                     sizes = fused_part_sizes(name, config)
                     rows = slice(sum(sizes[:part]), sum(sizes[: part + 1]))
                     want = (sizes[part], *want[1:])
-                if name not in expected and hf_name.endswith(".bias"):
+                layer = re.match(r"model\.layers\.(\d+)\.", hf_name)
+                if name not in expected and hf_name.endswith(".bias") and layer and int(layer[1]) < config.n_layers:
                     raise NanoMedusaError(f"{file.name} holds a bias, {hf_name}, that the model config.json describes "
                                           f"has none of; set attention_bias (or mlp_bias) true in config.json.")
                 if name not in expected:

@@ -97,7 +97,7 @@ def read_step_times(path: str) -> dict:
 
 def trim_heads(heads_dir: Path, config: dict, depth: int) -> None:
     """Keep heads 0 .. depth-1 (a head the tree never reads costs every step a top-k for nothing):
-    rewrites the weights file and sets the head count and accuracy rows in `config`."""
+    rewrites the weights file and sets the head count, accuracy rows and temperatures in `config`."""
     weights = heads_dir / WEIGHT_FILES[0]
     if not weights.is_file():
         raise NanoMedusaError(f"--trim rewrites {weights.name}, which {heads_dir} lacks; drop --trim.")
@@ -105,6 +105,8 @@ def trim_heads(heads_dir: Path, config: dict, depth: int) -> None:
     write_atomically(weights, lambda tmp: save_file(kept, str(tmp), metadata={"format": "pt"}))
     config["medusa_num_heads"] = config["num_heads"] = depth
     config["rank_accuracy"] = config["rank_accuracy"][:depth]
+    if config.get("medusa_temperatures") is not None:
+        config["medusa_temperatures"] = config["medusa_temperatures"][:depth]
     print(f"kept the {depth} heads the tree reaches in {weights}")
 
 

@@ -651,8 +651,12 @@ def test_library_arguments_of_the_wrong_kind(tiny, tmp_path):
         with pytest.raises(NanoMedusaError, match=re.escape("eos_ids must be a list of token ids, not 2; pass e.g. "
                                                             "tokenizer.eos_ids, or [id] for one id.")):
             run(2)
+        with pytest.raises(NanoMedusaError, match=re.escape("eos_ids must be a list of token ids, not <generator")):
+            run(i for i in [2])  # (`in` would consume it)
+        run({2, 3})  # any collection of ids
     for run in (lambda: generate(decoder, [5, 6], 3.5), lambda: generate_medusa(decoder, heads, tree, [5, 6], True)):
-        with pytest.raises(NanoMedusaError, match="max_new_tokens must be a whole number of at least 0, not (3.5|True)"):
+        with pytest.raises(NanoMedusaError, match=r"max_new_tokens must be a whole number of at least 0, not "
+                                                  r"(3\.5|True);"):
             run()
     for top_k in (2.5, True, "2"):
         with pytest.raises(NanoMedusaError, match=re.escape("a whole number top_k >= 0")):
@@ -660,18 +664,28 @@ def test_library_arguments_of_the_wrong_kind(tiny, tmp_path):
     with pytest.raises(NanoMedusaError, match=re.escape("Medusa heads need num_heads to be a whole number of at least "
                                                         "1, not 0.")):
         MedusaHeads.from_base(model, num_heads=0)
-    with pytest.raises(NanoMedusaError, match="Medusa heads need num_layers to be a whole number of at least 0, not -1"):
+    with pytest.raises(NanoMedusaError, match="Medusa heads need num_layers to be a whole number of at least 0, "
+                                              "not -1"):
         MedusaHeads.from_base(model, num_layers=-1)
     with pytest.raises(NanoMedusaError, match=re.escape("medusa_temperatures must be 2 positive numbers, one per head, "
                                                         "not [1.0, 0.0]")):
         HeadsConfig(2, 1, 64, 97, medusa_temperatures=[1.0, 0.0])
     shared = MedusaHeads.from_base(model, num_heads=2, shared_lm_head=True)
     for run in (lambda: shared.topk(torch.randn(1, 64), 3), lambda: shared(torch.randn(1, 64))):
-        with pytest.raises(NanoMedusaError, match=re.escape("these heads share the base model's lm_head (shared_lm_head): "
-                                                            "pass its weight, model.lm_head.weight, as lm_head_weight.")):
+        with pytest.raises(NanoMedusaError, match=re.escape("these heads share the base model's lm_head "
+                                                            "(shared_lm_head): pass its weight, model.lm_head.weight, "
+                                                            "as lm_head_weight.")):
             run()
     with pytest.raises(NanoMedusaError, match="the model to load is an empty string; pass a checkpoint directory"):
         load_model("", device="cpu")
+    # Heads sharing the lm_head without ResBlocks save an empty file and load; heads whose config says they have
+    # their own vocabulary projections must not load from an empty one.
+    MedusaHeads.from_base(model, num_heads=2, num_layers=0, shared_lm_head=True).save(tmp_path)
+    assert MedusaHeads.load(tmp_path, model.config).config.num_heads == 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "shared_lm_head": False}))
+    with pytest.raises(NanoMedusaError, match="medusa_lm_head.safetensors holds no tensors; re-download or re-train"):
+        MedusaHeads.load(tmp_path, model.config)
 
 
 def test_trees_that_rank_more_guesses_than_the_vocabulary_holds(tmp_path):
@@ -697,9 +711,9 @@ def test_checkpoints_whose_config_and_weights_disagree_on_biases_and_ties(tmp_pa
     make_hf_checkpoint(tmp_path / "bias", attention_bias=True)
     config = json.loads((tmp_path / "bias" / "config.json").read_text())
     (tmp_path / "bias" / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
-    with pytest.raises(NanoMedusaError, match=re.escape("model.safetensors holds a bias, model.layers.0.self_attn.k_proj"
-                                                        ".bias, that the model config.json describes has none of; set "
-                                                        "attention_bias (or mlp_bias) true in config.json.")):
+    with pytest.raises(NanoMedusaError, match=re.escape("model.safetensors holds a bias, model.layers.0.self_attn."
+                                                        "k_proj.bias, that the model config.json describes has none "
+                                                        "of; set attention_bias (or mlp_bias) true in config.json.")):
         load_model(tmp_path / "bias", device="cpu")
     make_hf_checkpoint(tmp_path / "tied")  # untied: its lm_head differs from the embeddings
     capsys.readouterr()

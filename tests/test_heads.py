@@ -1,6 +1,7 @@
 """Medusa heads: start as the base head, round-trip checkpoints, read the reference implementation's layout."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,6 +100,23 @@ def test_save_load_round_trip(model, tmp_path, shared, num_layers):
     assert loaded.config.num_heads == 2
     hidden = torch.randn(4, model.config.dim)
     assert torch.equal(loaded(hidden, model.lm_head.weight), heads(hidden, model.lm_head.weight))
+
+
+def test_trimmed_heads_keep_one_temperature_per_head(model, tmp_path):
+    # tree_tuning --trim cut the head count and accuracy rows but left every temperature, which HeadsConfig (and so
+    # bench/dynamic_trees_offline.py, reading config.json) then refused; MedusaHeads.load took the first ones.
+    from bench.dynamic_trees_offline import heads_config
+    from nanomedusa.tree_tuning import trim_heads
+
+    heads = MedusaHeads.from_base(model, num_heads=3, num_layers=1)
+    heads.config = replace(heads.config, rank_accuracy=[[0.5]] * 3, medusa_temperatures=[1.1, 1.2, 1.3])
+    heads.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    trimmed_before = {**config, "medusa_num_heads": 2, "num_heads": 2, "rank_accuracy": [[0.5]] * 2}
+    (tmp_path / "config.json").write_text(json.dumps(trimmed_before))
+    assert heads_config(str(tmp_path)).medusa_temperatures == [1.1, 1.2]
+    trim_heads(tmp_path, config, 2)
+    assert config["num_heads"] == len(config["rank_accuracy"]) == len(config["medusa_temperatures"]) == 2
 
 
 def reference_state(num_heads, num_layers, dim, vocab, prefix):
