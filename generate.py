@@ -8,8 +8,9 @@
 
 The path of one token: tokenizer (nanomedusa/tokenizer.py) -> a Decoder (nanomedusa/decoder.py: the KV
 cache, the prefill, the CUDA graphs) over the model (nanomedusa/model.py, whose attention, RoPE, SwiGLU and
-norms are kernels/; under --exact, the GPU default, its linear layers too: kernels/linear.py, into which a
-narrow model like the default one folds its RMSNorms, TransformerBlock.forward_fused) -> plain decoding
+norms are kernels/; under --exact, the default on Hopper and datacenter Blackwell GPUs, its linear layers too:
+kernels/linear.py, into which a narrow model like the default one folds its RMSNorms,
+TransformerBlock.forward_fused) -> plain decoding
 (nanomedusa/generation.py) or Medusa (nanomedusa/medusa_generation.py: verify, accept, keep, propose;
 heads.py guesses and tree.py lays the guesses out as a tree, or dynamic_tree.py chooses each step's tree;
 heads that read their path, the default ones, guess the tree depth by depth in path_tree.py;
@@ -30,7 +31,7 @@ import torch
 
 import kernels
 from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
-                            check_positive, check_sampling, check_seed, check_text, keep_default_exact_within_reach,
+                            check_positive, check_sampling, check_seed, check_text, drop_default_exact_beyond_reach,
                             run_reporting_errors, use_kernels)
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
@@ -268,7 +269,7 @@ def run(args) -> None:
     heads, tree = load_heads(args, model)
     if heads is not None:  # a tree deeper than the heads fails now, not in a chat's every turn
         check_medusa(model, heads, tree, acceptance(args))
-    if heads is not None and (note := keep_default_exact_within_reach(args.exact, tree.num_nodes,
+    if heads is not None and (note := drop_default_exact_beyond_reach(args.exact, tree.num_nodes,
                                                                       heads.config.num_heads)):
         print(f"[note] {note}.", file=sys.stderr)
     decoder = Decoder(model)  # one for the process: its CUDA graphs serve every run (--compare, chat turns)

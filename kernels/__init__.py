@@ -2,8 +2,9 @@
 that defines what it computes.
 
 Every public op (`tree_attention`, `rmsnorm`, `rope_and_cache`, `silu_mul`, `compact_kv`, `accept_candidates`,
-`sample_token`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`, `linear`) dispatches here: the
-Triton version on CUDA tensors, the torch reference elsewhere (`linear` takes its kernel only under
+`sample_token`, `medusa_topk`, a dynamic tree's `tree_choice` and `tree_layout`, path-reading heads' `path_input` and
+`place_guesses`, `linear`) dispatches in its own module through `use_triton` below: the Triton version on CUDA
+tensors, the torch reference elsewhere (`linear` takes its kernel only under
 `set_row_invariant(True)`; otherwise torch's product, `torch_linear`; on a CPU `tree_attention` and `sample_token`
 give the reference's results with host-side shortcuts a CUDA graph could not have). `set_backend` forces one side
 ("torch" or "triton"; "triton" on CPU tensors needs TRITON_INTERPRET=1, which is how CI checks every kernel against

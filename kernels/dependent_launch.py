@@ -9,9 +9,10 @@ next kernel is launched as soon as every program of the running one has signalle
 on it (the linear layer prefetches its first weight tiles into the L2, the RMSNorm loads its weight), and stop at
 `griddepcontrol.wait` until the running kernel has completed and its writes are visible.
 So a kernel launched this way must wait before it reads anything the kernel before it wrote, or writes anything
-an earlier kernel may still read: `wait_for_previous_kernels` first, as every kernel here does but two (the RMSNorm
-loads only its weight first, through the L2, which no kernel of a step writes; a strided weight, which a copy makes
-contiguous just before, launches without PDL). The row-invariant attention tails read, before
+an earlier kernel may still read: `wait_for_previous_kernels` first. What a kernel does before its wait reads
+only weights, which no kernel of a step writes (the linear layer's L2 prefetch, the RMSNorm's weight through the
+L2; a strided weight, which a copy makes contiguous just before, launches without PDL), except in the two
+row-invariant attention kernels. Their tails read, before
 their wait, what the kernels before their predecessor wrote (which that predecessor, having waited for them
 before letting the tails launch, guarantees complete), through the L2 only (kernels/tree_attention.py,
 `_ri_tails_kernel`); that predecessor's programs with nothing to compute end without waiting, but one of its

@@ -27,8 +27,8 @@ def patch_interpreter() -> None:
     * `tl.dot` row by row alike: the interpreter multiplies with np.matmul, whose BLAS computes a row by a different
       micro-kernel depending on where it sits in the tile on some CPUs (OpenBLAS's AVX2 kernels on an AMD EPYC: the
       tile's last rows), so a row's bits would depend on the rows beside it, which a GPU's tensor cores never do and
-      the row-invariance tests (issue #16) check. np.einsum without BLAS sums each element over k in an order set by
-      K and the operands' layout, the same for every row.
+      the row-invariance tests (tests/test_exact.py and each kernel's) check. np.einsum without BLAS sums each element
+      over k in an order set by K and the operands' layout, the same for every row.
     """
     global _patched
     if _patched:

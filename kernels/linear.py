@@ -2,7 +2,8 @@
 
 Why: a plain decode step runs the model's linear layers on 1 row, a Medusa tree step on T = 16..128 rows.
 cuBLAS picks its kernel (tile shape, split-K, reduction order) by the row count, so the same row comes out
-different in the last bits, an argmax flips, and greedy Medusa drifts from plain greedy decoding (issue #16).
+different in the last bits, an argmax flips, and greedy Medusa drifts from plain greedy decoding (README.md,
+"Exact greedy").
 Here the schedule never looks at the row count M:
   * The tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split-K) comes from `_tile_config(N, K,
     dtype, on_gpu)`: no M anywhere, no autotuning (which would key on M). BLOCK_M is fixed too, so a 1-row

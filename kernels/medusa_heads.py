@@ -13,8 +13,8 @@ The Triton version runs three kernels:
      each because layer l+1 needs every feature of layer l.)
   2. `_vocab_logits_kernel`: a program owns a BLOCK_V slice of the vocabulary and ROWS to VOCAB_ROWS
      rows, computes those logits, stores them rounded to the model dtype (as the reference ranks them;
-     [K*N, V]) and each row's largest of the slice. With the shared lm_head all K*N rows share one
-     program, so each weight is read once, not K times. With temperatures it also writes the slice's
+     [K*N, V]) and each row's largest of the slice. With the shared lm_head the K*N rows share a program
+     (up to VOCAB_ROWS of them), so each weight is read once, not K times. With temperatures it also writes the slice's
      share of the log-partition: the max m_s of the tempered logits z / T over the slice, and S_s = the
      sum of exp(z / T - m_s) over it.
   3. `_topk_kernel`: one program per row. A row's top-k logits lie in the k slices with the largest
@@ -23,7 +23,7 @@ The Triton version runs three kernels:
      their k * BLOCK_V logits. With temperatures it combines the slices' shares, log Z = m + log(sum over
      s of S_s * exp(m_s - m)) with m the largest m_s (as online softmax rescales), and writes z / T - log Z
      beside each id.
-Why not a top-k per slice in stage 2 (as this file did before): that selection, k passes over every
+Why not a top-k per slice in stage 2: that selection, k passes over every
 logit, cost more than reading the vocab weight; picking slices by one max each leaves k passes over k
 slices only (bench/RESULTS.md, "the heads' top-k").
 All matrix products accumulate in float32; float32 inputs use exact ("ieee") products, not TF32.

@@ -555,14 +555,14 @@ def _ri_bodies_kernel(
     A tree step launches programs for lengths its rows may have, and most have none. Which rows a program serves
     depends only on the prefix and the mask, which kernels before the previous one wrote (complete once that one
     let this kernel launch, as for `_ri_tails_kernel`): read through the L2 before the wait, they let a program
-    with no rows end at once, before it waits, rather than hold an SM's place behind the busy ones (measured on
-    the default model's shape with 4 chunks, which it no longer takes: at a prefix of 1,024 a 64-node tree step
-    0.897 ms with them waiting, 0.879 without; not measured apart for the shapes that take a count now).
+    with no rows end at once, before it waits, rather than hold an SM's place behind the busy ones (measured once,
+    on the default model's shape with 4 chunks: a 64-node tree step at a prefix of 1,024 took 0.879 ms, against
+    0.897 ms with every program waiting).
     One program always waits: a bodies kernel whose programs all ended early (a prefix below 16, say) would
     otherwise end before the kernels it follows, and the tails, which read q, K and V before their own wait,
     would race those kernels' writes. Fixed chunks (BODY_CHUNKS = 0) have one length, so no idle length programs:
     their programs wait first and compute (nothing, for a chunk past the rows' bodies): compiled for sm_90 at a
-    group of 4 and head_dim 128, 168 registers that way and 240 with the early end (204 before the counts).
+    group of 4 and head_dim 128, 168 registers that way and 240 with the early end.
     The early reads assume the mask is the caller's own tensor, not a copy the wrapper launches just before."""
     EARLY_END: tl.constexpr = BODY_CHUNKS > 0
     CACHE: tl.constexpr = ".cg" if PDL and EARLY_END else ""

@@ -171,7 +171,7 @@ def exact_fits(num_nodes: int, num_heads: int) -> bool:
     return num_nodes <= MAX_ROW_INVARIANT_TREE and num_heads < TAIL_GRAIN
 
 
-def keep_default_exact_within_reach(exact: bool | None, num_nodes: int, num_heads: int) -> str | None:
+def drop_default_exact_beyond_reach(exact: bool | None, num_nodes: int, num_heads: int) -> str | None:
     """After the heads and their tree are known: --exact left at its default (None) and on, but beyond what its
     kernels take (`exact_fits`), turns off. Returns the note saying so, or None when nothing changed."""
     if exact is not None or not kernels.row_invariant() or exact_fits(num_nodes, num_heads):

@@ -4,7 +4,7 @@ CUDA graphs captured on the cache.
     decoder = Decoder(model)                     # cuda_graphs=False: plain eager calls, also on a GPU
     result = generate(decoder, prompt_ids, 256)  # generation.py; medusa_generation.py takes it too
 
-Every graph of a run is captured here, in `Decoder.step`, the first time its key comes up, and replayed
+Every graph of a run is captured here, in `Decoder.graphed`, the first time its key comes up, and replayed
 by later runs that share the cache: a chat's turns (chat.py), a benchmark's prompts. A graph reads and
 writes the KV cache and the RoPE tables at the addresses they had at capture, so when the model's
 cache is replaced (a longer run, a batch) the decoder drops its graphs and captures again.
@@ -85,6 +85,8 @@ def sync(device: torch.device) -> None:
 
 
 class Decoder:
+    """A model's decoding state kept between runs (see the module docstring): cache sizing, prefill, graphs."""
+
     def __init__(self, model, cuda_graphs: bool = True):
         self.model = model
         self.uses_graphs = cuda_graphs and model.device.type == "cuda"
@@ -117,7 +119,7 @@ class Decoder:
             needed = round_up(max(needed, round_up(prompt_len, PREFILL_BUCKET)), CACHE_BUCKET)
         self.model.setup_cache(min(needed, self.model.config.max_position_embeddings))
 
-    def step(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None):
+    def graphed(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None):
         """`fn` as a CUDA graph kept under `key`, captured the first time the key comes up (eager off a GPU).
 
         `key` must name everything `fn` depends on besides the model, its cache and the kernel settings (added
@@ -161,7 +163,7 @@ class Decoder:
 
         # Capturing runs the step on these inputs first: `start` keeps those runs' writes on slots this prefill fills.
         prefix = torch.tensor(start, device=self.device)
-        step = self.step(("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=self.device),
+        step = self.graphed(("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=self.device),
                          prefix, torch.tensor(0, device=self.device))
         tokens = torch.tensor([new + [0] * (padded - len(new))], device=self.device)  # [1, padded]
         return step(tokens, prefix, torch.tensor(len(new) - 1, device=self.device))

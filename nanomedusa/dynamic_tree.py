@@ -22,7 +22,7 @@ floating-point rounding of parent + x, with x <= 0, never exceeds the parent eit
 
 Fixed shapes, no host sync: N and M are fixed, so every tensor has the same shape every step (the
 retrieve rows are N, the leaves' first and -1 rows after), and
-the whole step, choice included, still replays as one CUDA graph with one host sync. `choose` runs in
+the whole step, choice included, still replays as one CUDA graph with no host sync in it. `choose` runs in
 the step's `propose` (medusa_generation.py) and returns the chosen superset nodes beside the tokens; the
 next step lays that tree out (`layout`) before verifying it. Each is one kernel launch on CUDA
 (kernels/dynamic_tree.py, torch references elsewhere), from index tables made once here, and the heads'
@@ -167,7 +167,9 @@ class DynamicTree:
     def layout(self, nodes: torch.Tensor) -> TreeBuffers:
         """The chosen superset nodes [N] (from `choose`) -> the step tree's buffers, with fixed shapes:
         retrieve_indices [N, depth_max + 1] (the leaves' rows in `TreeBuffers.from_choices`' order, then
-        -1 rows). One launch on CUDA (`kernels.dynamic_tree.tree_layout`)."""
+        -1 rows). One launch on CUDA (`kernels.dynamic_tree.tree_layout`). Decoding reads the mask, the depths
+        and the retrieve rows; parents and tree_indices, a few stores more in the same launch, make the step tree
+        a whole TreeBuffers, which the tests compare with the static tree of the same paths."""
         s = self.superset
         attn_mask, depths, parents, tree_indices, retrieve = tree_layout(
             nodes, s.parents, s.depths, s.tree_indices, self.children, self.lineage, self.path_order)

@@ -62,7 +62,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
     def decode(tok, prefix):  # [1, 1] -> the next token []: drawn on the device, so the step needs no host sync
         return next_token(model(tok, prefix_len=prefix)[0, -1], sampling, rng)
 
-    decode_step = decoder.step(("decode", sampling), decode, torch.zeros(1, 1, dtype=torch.long, device=device),
+    decode_step = decoder.graphed(("decode", sampling), decode, torch.zeros(1, 1, dtype=torch.long, device=device),
                                pos, generator=rng)
     result = GenerationResult()
     decoder.sync()

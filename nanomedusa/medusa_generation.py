@@ -204,9 +204,9 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     # The key names all that the step closes over besides the model and its cache.
     copies = heads.copies_serial(model.lm_head.weight)  # the heads' weights as the graphs read them
     key = ("medusa", rule, id(heads), copies, tree.key)
-    step = decoder.step(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
+    step = decoder.graphed(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
                         *placeholder_proposal(tree, device), generator=rng)
-    start_step = decoder.step(("medusa-start", rule.draws, id(heads), copies, tree.key),
+    start_step = decoder.graphed(("medusa-start", rule.draws, id(heads), copies, tree.key),
                               functools.partial(start_tree, model, heads, tree, rule.draws, rng),
                               torch.zeros(1, model.config.dim, dtype=model.dtype, device=device), generator=rng)
     result = GenerationResult()
@@ -229,7 +229,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     # the root [], the tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
     root, *proposal = start_step(hidden)
-    read = PendingRead(root.view(1))  # after the proposal, as measured (bench/RESULTS.md, twelfth run)
+    read = PendingRead(root.view(1))  # queued before the first step: the root reaches the host without waiting for it
     # Each step's tokens are read one step behind (pending_read.py) while the run surely goes on past them (a step
     # gives 1 to depth_max + 1 tokens): the next step, whose inputs are all on the device, is queued first, so the
     # device verifies while the host reads and streams. Near the end the host reads first and queues a step only if

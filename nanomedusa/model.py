@@ -9,17 +9,18 @@ One forward serves training, prefill, plain decoding and Medusa tree verificatio
 * With a cache (`setup_cache`, kv_cache.py), the T new tokens' keys/values are written at cache slots
   prefix_len .. prefix_len+T-1, and each new token attends to every slot < prefix_len plus the new
   tokens that `tree_mask` [T, T] allows (None: causal, for prefill and decode; ancestors for a Medusa tree).
-  RoPE uses `positions` [T] (a tree node sits at prefix_len + its depth, not at its slot).
+  RoPE uses `positions` [T], or [B, T] per row (a tree node sits at prefix_len + its depth, not at its slot).
 
 The hidden state returned is after the final RMSNorm: the vector the lm_head (and the Medusa heads) read. Hot ops
 (`rmsnorm`, `rope_and_cache`, `tree_attention`, `silu_mul`, `linear`) come from `kernels/`, which picks Triton on
 CUDA. The linear layers are torch's products (`kernels.linear.torch_linear`: cuBLAS's on a GPU) unless
 `kernels.set_row_invariant(True)` (`--exact`, the default on sm_90 / sm_100 GPUs: cli.py's `exact_by_default`) is
 on; then they, and tree attention, run kernels whose every row comes out as a one-row call's would, so that a Medusa
-tree step computes each accepted token bit for bit as plain decoding does; a narrow model's blocks then also fold
-their RMSNorms into those linear layers (`TransformerBlock.forward_fused`), two kernels fewer a layer, a q/k/v
-projection whose tiles hold whole heads (a 7B's) rotates and writes the KV cache itself (`Attention.forward`), one
-kernel fewer, and a wide gate/up projection applies SwiGLU itself (`FeedForward`), one more.
+tree step computes each accepted token bit for bit as plain decoding does. Those linear layers also take over
+neighbouring kernels' work, each saving a launch a layer: a narrow model's blocks fold their RMSNorms into them
+(`TransformerBlock.forward_fused`, two kernels fewer); a q/k/v projection whose tiles hold whole heads (a 7B's)
+rotates and writes the KV cache itself (`Attention.forward`, one fewer); and a wide gate/up projection applies
+SwiGLU itself (`FeedForward`, one fewer).
 """
 
 from __future__ import annotations

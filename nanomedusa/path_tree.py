@@ -128,6 +128,8 @@ def choose_by_path_scores(tokens, node_logprobs, node_paths, num_nodes: int) -> 
     log-probabilities (each clamped to <= 0), root first, so a child's is its parent's plus its own and never
     above it; ties keep node order, so each node ranks after its parent."""
     depth = node_paths.shape[1]
+    # tree_choice reads "head d's rank-r guess" at head_ids[d, r] for the rank r in a node's path; here the path
+    # holds node ids and every depth reads the same row: head_ids[d, i] = tokens[i], the guess of node i.
     return tree_choice(tokens[0], tokens.expand(depth, -1), node_logprobs.expand(depth, -1), node_paths, num_nodes)
 
 

@@ -48,7 +48,8 @@ class Sampling:
 
 def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [..., V] -> probabilities [..., V] float32 after temperature, top-k and top-p (sampling only;
-    `kernels/sample_token.py` defines the cuts)."""
+    `kernels/sample_token.py` defines the cuts): the law decoding draws from, which the tests check its draws
+    against (decoding itself draws through `next_token`)."""
     return draw.target_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
