@@ -105,13 +105,13 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplin
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise NanoMedusaError(f"generate_batch takes a non-empty list of prompts (lists of token ids), not "
                               f"{prompts!r}.")
-    for prompt in prompts:  # each alone: an empty one would decode from padding
+    for prompt in prompts:
         check_prompt(model, prompt)
-        check_fits(model, len(prompt), max_new_tokens)
     check_eos_ids(eos_ids)
+    # Each prompt fitted on its own, not only the longest: an empty one would decode from padding.
+    slots = max(check_fits(model, len(p), max_new_tokens) for p in prompts)
     device, B = model.device, len(prompts)
     longest = max(len(p) for p in prompts)
-    slots = check_fits(model, longest, max_new_tokens)
     model.setup_cache(slots, batch_size=B)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # [B]
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # [B, P]

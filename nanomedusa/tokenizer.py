@@ -139,8 +139,7 @@ class _TokenizersBackend:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         # Ids outside the vocabulary are skipped, as the sentencepiece backend skips them (the library raises an
         # OverflowError on a negative one).
-        vocab = self._tk.get_vocab_size(with_added_tokens=True)
-        return self._tk.decode([i for i in ids if 0 <= i < vocab], skip_special_tokens=skip_special_tokens)
+        return self._tk.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
