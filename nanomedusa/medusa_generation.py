@@ -99,27 +99,28 @@ def verify(model, tree: TreeBuffers, tree_tokens, prefix) -> tuple[torch.Tensor,
 
 
 def accept(logits, tree_tokens, tree: TreeBuffers, rule: Acceptance, rng: torch.Generator | None):
-    """logits [T, V], tree_tokens [T] -> best retrieve row [], accept_len [], bonus token []."""
+    """logits [T, V], tree_tokens [T] -> the accepted retrieve row's node ids [depth_max + 1] (root first, the -1
+    padding read as the root), its last accepted node [1], accept_len [] and the bonus token []."""
     if rule.mode == "sample":  # a guess is accepted when it is what its parent drew; the bonus is a draw too
         drawn = next_token(logits, rule.sampling, rng)  # [T] the token each node's target distribution drew
         best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, "sample", drawn=drawn)
-        return best, accept_len, drawn.index_select(0, tree.accepted_path(best, accept_len)[1])[0]
-    mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"  # typical at T = 0 is greedy
-    best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
-                                         max(rule.sampling.temperature, 1e-5), rule.posterior_threshold,
-                                         rule.posterior_alpha)
-    last = tree.accepted_path(best, accept_len)[1]
-    return best, accept_len, logits.index_select(0, last)[0].argmax(-1)
+    else:  # greedy, or typical (which at T = 0 is greedy); the bonus is the argmax
+        mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"
+        best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
+                                             max(rule.sampling.temperature, 1e-5), rule.posterior_threshold,
+                                             rule.posterior_alpha)
+    path, last = tree.accepted_path(best, accept_len)
+    bonus = drawn.index_select(0, last)[0] if rule.mode == "sample" else logits.index_select(0, last)[0].argmax(-1)
+    return path, last, accept_len, bonus
 
 
-def keep(model, tree: TreeBuffers, tree_tokens, prefix, best, accept_len) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move the accepted path's K/V into place -> the path's tokens [depth_max + 1], its last accepted node [1].
+def keep(model, tree_tokens, prefix, path) -> torch.Tensor:
+    """Move the accepted path's K/V into place -> the path's tokens [depth_max + 1].
 
     All depth_max+1 nodes of the path move, not only the accept_len+1 accepted ones, so the shapes stay
     fixed: the others (and the -1 padding, read as the root) land past the new prefix, on free slots."""
-    path, last = tree.accepted_path(best, accept_len)
     model.kv_cache.compact(prefix, path)
-    return tree_tokens[path], last
+    return tree_tokens[path]
 
 
 def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule: Acceptance, rng, prefix,
@@ -128,8 +129,8 @@ def medusa_step(model, heads: MedusaHeads, tree: TreeBuffers | DynamicTree, rule
     step's proposal; a dynamic tree's step first lays out the tree it chose."""
     step_tree = tree.layout(*chosen) if isinstance(tree, DynamicTree) else tree
     hidden, logits = verify(model, step_tree, tree_tokens, prefix)
-    best, accept_len, bonus = accept(logits, tree_tokens, step_tree, rule, rng)
-    tokens, last = keep(model, step_tree, tree_tokens, prefix, best, accept_len)
+    path, last, accept_len, bonus = accept(logits, tree_tokens, step_tree, rule, rng)
+    tokens = keep(model, tree_tokens, prefix, path)
     next_tree = propose(heads, tree, model.lm_head.weight, bonus, hidden.index_select(0, last), model.tok_embeddings)
     return MedusaStep(tokens, accept_len, prefix + accept_len + 1, bonus, next_tree)
 

@@ -279,8 +279,8 @@ def test_lossless_acceptance_at_one_node_is_exact(n=20000):
     rng = torch.Generator(device).manual_seed(1)
     counts, accepted = {}, 0
     for _ in range(n):
-        best, accept_len, bonus = medusa_generation.accept(logits, tokens, tree, rule, rng)
-        first = tokens[tree.retrieve_indices[best, 1]].item() if accept_len > 0 else bonus.item()
+        path, _, accept_len, bonus = medusa_generation.accept(logits, tokens, tree, rule, rng)
+        first = tokens[path[1]].item() if accept_len > 0 else bonus.item()
         counts[first] = counts.get(first, 0) + 1
         accepted += accept_len.item()
     stat, df = chi_square(counts, {t: p[t].item() for t in range(6) if p[t] > 0}, n)
