@@ -244,10 +244,10 @@ class MedusaHeads(nn.Module):
         module._stacked_key = None  # refresh the copies, even of weights that keep no version
 
     @torch.no_grad()
-    def topk(self, hidden, k: int, lm_head_weight=None):
-        """hidden [N, dim] -> each head's top-k token ids [K, N, k] (fused kernel on CUDA)."""
+    def topk(self, hidden, topk: int, lm_head_weight=None):
+        """hidden [N, dim] -> each head's top-k token ids [K, N, topk] (fused kernel on CUDA)."""
         self._check_reads_hidden_only()
-        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k)
+        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), topk)
 
     @torch.no_grad()
     def head_topk(self, k: int, x, topk: int, lm_head_weight=None, logprobs: bool = False):
@@ -275,13 +275,14 @@ class MedusaHeads(nn.Module):
         return self._temperatures[1]
 
     @torch.no_grad()
-    def topk_logprobs(self, hidden, k: int, lm_head_weight=None):
-        """hidden [N, dim] -> each head's top-k token ids [K, N, k] and their calibrated log-probabilities
-        [K, N, k] float32, log softmax(logits / T) with T the head's temperature (best first; dynamic_tree.py
+    def topk_logprobs(self, hidden, topk: int, lm_head_weight=None):
+        """hidden [N, dim] -> each head's top-k token ids [K, N, topk] and their calibrated log-probabilities
+        [K, N, topk] float32, log softmax(logits / T) with T the head's temperature (best first; dynamic_tree.py
         scores its nodes with them). On CUDA the fused kernel gathers each row's log-partition in the same
         pass as its top-k, without making the [K, N, vocab] logits."""
         self._check_reads_hidden_only()
-        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), k, self._temperature_tensor(hidden.device))
+        return medusa_topk(hidden, *self.stacked_weights(lm_head_weight), topk,
+                           self._temperature_tensor(hidden.device))
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
