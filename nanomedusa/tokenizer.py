@@ -16,6 +16,7 @@ strings in the text become their ids, and BOS is prepended by the checkpoint's d
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -119,6 +120,14 @@ class _SentencePieceBackend:
         return self._tokens[token_id] if 0 <= token_id < self.vocab_size else None
 
 
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _as_byte_tokens(text: str) -> list[str]:
+    """Each character of `text` as its UTF-8 byte tokens ("é" -> "<0xC3>", "<0xA9>"), U+FFFD as itself."""
+    return [t for c in text for t in (["\ufffd"] if c == "\ufffd" else [f"<0x{b:02X}>" for b in c.encode()])]
+
+
 class _TokenizersBackend:
     """`tokenizer.json` through the `tokenizers` library, which is what transformers runs for it."""
 
@@ -128,10 +137,17 @@ class _TokenizersBackend:
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
             raise NanoMedusaError(f"{json_file} is not a tokenizer the tokenizers library can read ({e}); restore it "
                                   f"from the original checkpoint.") from None
-        self.added_tokens = [t.content for t in self._tk.get_added_tokens_decoder().values()]
-        self.vocab_size = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1
+        added = self._tk.get_added_tokens_decoder()  # {id: AddedToken}
+        self.added_tokens = [t.content for t in added.values()]
+        self._special_ids = {i for i, t in added.items() if t.special}
+        vocab = self._tk.get_vocab(with_added_tokens=True)  # {token: id}
+        self.vocab_size = max(vocab.values()) + 1
         # Ids the file's post-processor puts around a single text, e.g. [bos] for Llama-3, [] for GPT-2.
         self.post_processor_ids = self._tk.encode("", add_special_tokens=True).ids
+        # A sentencepiece model converted to tokenizer.json (Llama, Mistral, a GGUF's) spells rare characters in
+        # byte tokens "<0xE6>": {id: byte} when its decoder turns them back into bytes, else empty.
+        byte_fallback = '"ByteFallback"' in json.dumps(json.loads(self._tk.to_str()).get("decoder"))
+        self._bytes = {i: int(m[1], 16) for t, i in vocab.items() if byte_fallback and (m := _BYTE_TOKEN.fullmatch(t))}
 
     def encode(self, text: str) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -139,7 +155,21 @@ class _TokenizersBackend:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         # Ids outside the vocabulary are skipped, as the sentencepiece backend skips them (the library raises an
         # OverflowError on a negative one).
-        return self._tk.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=skip_special_tokens)
+        ids = [i for i in ids if 0 <= i < self.vocab_size and not (skip_special_tokens and i in self._special_ids)]
+        runs = [(is_bytes, list(run)) for is_bytes, run in itertools.groupby(ids, key=self._bytes.__contains__)]
+        texts = [bytes(self._bytes[i] for i in run).decode("utf-8", errors="replace") if is_bytes else None
+                 for is_bytes, run in runs]  # each run of byte tokens as text
+        if not any(text and "\ufffd" in text for text in texts):
+            return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        # A run of byte tokens that is not UTF-8 (a character cut off at max_new_tokens, stray bytes): the library
+        # turns every byte of such a run into U+FFFD, so a byte arriving later would change text already streamed
+        # (the "日" of a cut-off "日本" vanished). Such runs decode as the sentencepiece backend decodes them
+        # instead, one U+FFFD for each bad sequence and the characters around it kept: the library's decoder gets
+        # each character of the run as its byte tokens and each bad sequence as the token U+FFFD.
+        tokens = []
+        for (_, run), text in zip(runs, texts):
+            tokens += [self._tk.id_to_token(i) for i in run] if text is None else _as_byte_tokens(text)
+        return self._tk.decoder.decode(tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
