@@ -30,7 +30,8 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 import torch
 
 import kernels
-from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
+from nanomedusa.chat_template import PRESETS
+from nanomedusa.cli import (ArgumentParser, HelpFormatter, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
                             check_positive, check_sampling, check_seed, check_text, drop_default_exact_beyond_reach,
                             run_reporting_errors, use_kernels)
 from nanomedusa.errors import NanoMedusaError
@@ -50,7 +51,7 @@ CPU_TREE = "chain1"  # the default on a CPU (load_heads says why)
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--prompt", default=None,
                    help="the user message (rendered with the model's chat template); --interactive: the first turn")
     p.add_argument("--interactive", action="store_true",
@@ -60,6 +61,9 @@ def parse_args(argv=None):
                         "(default: the model's context; at most 2048 on a CPU)")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.add_argument("--chat-format", default="auto", choices=("auto", *PRESETS),
+                   help="how messages are marked up: auto (the preset that the checkpoint's chat_template matches, "
+                        "nanomedusa/chat_template.py) or a preset by name, for a checkpoint without a template")
     p.add_argument("--model", default=None,
                    help="checkpoint dir, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -232,9 +236,10 @@ def check_args(args) -> None:
     """Every flag's value, before the model loads (a NanoMedusaError naming the fix)."""
     if args.prompt is None and not args.interactive:
         raise NanoMedusaError("pass --prompt TEXT, or --interactive for a chat.")
-    if args.raw and args.system is not None:
-        raise NanoMedusaError("--raw feeds the prompt without the chat template, which is where --system goes; drop "
-                              "one of them.")
+    if args.raw and (args.system is not None or args.chat_format != "auto"):
+        flag = "--system" if args.system is not None else "--chat-format"
+        raise NanoMedusaError(f"--raw feeds the prompt without the chat template, which is where {flag} goes; drop "
+                              f"one of them.")
     if args.interactive and (args.raw or args.compare):
         flag = "--raw" if args.raw else "--compare"
         raise NanoMedusaError(f"--interactive chats through the chat template with one decoder; drop {flag}.")
@@ -265,7 +270,7 @@ def run(args) -> None:
     use_kernels(args.kernels, args.exact, resolve_device(args.device))
     imported = time.perf_counter()
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
-    tokenizer = Tokenizer.from_dir(ckpt)
+    tokenizer = load_tokenizer(args, ckpt)
     heads, tree = load_heads(args, model)
     if heads is not None:  # a tree deeper than the heads fails now, not in a chat's every turn
         check_medusa(model, heads, tree, acceptance(args))
@@ -286,6 +291,17 @@ def run(args) -> None:
         compare(args, decoder, tokenizer, prompt_ids, heads, tree)
     else:
         run_one("medusa" if heads is not None else "plain", args, decoder, tokenizer, prompt_ids, heads, tree)
+
+
+def load_tokenizer(args, ckpt) -> Tokenizer:
+    """The checkpoint's tokenizer with the chat format --chat-format names, else the one its template matches; where
+    that is none (a base model, or a template of another format), a note says that messages go in as plain text."""
+    tokenizer = Tokenizer.from_dir(ckpt, chat_preset=None if args.chat_format == "auto" else args.chat_format)
+    if args.chat_format == "auto" and tokenizer.chat.preset == "plain" and not args.raw:
+        print(f"[note] the checkpoint's chat template is none nanomedusa knows, so messages go in as plain text, "
+              f"without role markers; if the model was tuned on one of these formats, pass --chat-format "
+              f"{'|'.join(p for p in PRESETS if p != 'plain')}.", file=sys.stderr)
+    return tokenizer
 
 
 def encode_prompt(args, tokenizer) -> list[int]:

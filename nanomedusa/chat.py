@@ -48,7 +48,9 @@ HELP = """commands:
   /reset        forget the conversation (a /system message stays)
   /system TEXT  set the system message (/system alone: back to the model's default)
   /stats        speed of the last answer, accepted length, context used
-  /exit         quit (Ctrl-D too); Ctrl-C stops an answer and keeps the conversation"""
+  /exit         quit (Ctrl-D too)
+Ctrl-C stops an answer and keeps the conversation; at the prompt it drops the line.
+A message that starts with / is sent as //message."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -83,6 +85,8 @@ class ChatSession:
                  context: int | None = None, system: str | None = None,
                  notify: Callable[[str], None] = lambda text: print(f"[chat] {text}", file=sys.stderr, flush=True)):
         limit = model.config.max_position_embeddings
+        if context is not None and context > limit:
+            notify(f"the model's context is {limit} tokens, so the chat keeps {limit}, not {context}")
         context = context or (limit if model.device.type == "cuda" else min(limit, CPU_CONTEXT))
         # A whole number of CACHE_BUCKETs: Decoder.prepare rounds a run's need up to one, and must
         # find this cache large enough rather than reallocate it.
@@ -91,18 +95,31 @@ class ChatSession:
         self.tokenizer, self.decode, self.notify = tokenizer, decode, notify
         self.max_new_tokens = max_new_tokens
         self.reserve = max_new_tokens + extra  # the room an answer needs on top of its prompt
-        self.system = system
-        shortest = len(tokenizer.encode_chat(self.conversation([{"role": "user", "content": ""}])))
-        if shortest + self.reserve > self.context:  # no message could ever fit: the settings, not a message, are wrong
+        self.system = None
+        if self._shortest_prompt() + self.reserve > self.context:  # no message could ever fit: the settings are wrong
             tree = f" and a tree of {extra} nodes" if extra else ""
             fix = ("lower --max-new-tokens" + (" or use a smaller tree" if extra else "")
                    + (" or raise --context" if self.context < limit else ""))
             raise NanoMedusaError(f"an answer of {max_new_tokens} tokens{tree} leaves no room for a message in a chat "
                                   f"context of {self.context} tokens; {fix}.")
+        self.set_system(system)
         self.messages: list[Message] = []  # user and assistant turns, alternating, oldest first
         self.cached: list[int] = []  # the ids in cache slots 0 .. len-1
         self.used = 0  # tokens of the conversation so far (prompt + answer of the last turn)
         self.last: Turn | None = None
+
+    def _shortest_prompt(self, system: str | None = None) -> int:
+        """Tokens of a prompt whose user message is empty: the template's markers and the system message."""
+        turns = [{"role": "system", "content": system}] if system is not None else []
+        return len(self.tokenizer.encode_chat(turns + [{"role": "user", "content": ""}]))
+
+    def set_system(self, system: str | None) -> None:
+        """Set the system message (None: the model's default), unless it leaves no room for a message."""
+        if system is not None and (shortest := self._shortest_prompt(system)) + self.reserve > self.context:
+            raise NanoMedusaError(f"this system message makes every prompt at least {shortest} tokens long, which "
+                                  f"leaves too little of the {self.context}-token context for an answer of "
+                                  f"{self.max_new_tokens} tokens; shorten it.")
+        self.system = system
 
     def reset(self) -> None:
         """Forget the conversation. The cached ids stay: the next prompt reuses what it shares with them."""
@@ -157,8 +174,9 @@ class ChatSession:
         while prompt + reserve exceeds the context. A message that cannot fit even alone is refused."""
         alone = self.tokenizer.encode_chat(self.conversation([message]))
         if len(alone) + self.reserve > self.context:
-            raise NanoMedusaError(f"this message takes {len(alone)} tokens with the chat template, which leaves "
-                                  f"too little of the {self.context}-token context for an answer of "
+            system = " and the system message" if self.system is not None else ""
+            raise NanoMedusaError(f"this message takes {len(alone)} tokens with the chat template{system}, which "
+                                  f"leaves too little of the {self.context}-token context for an answer of "
                                   f"{self.max_new_tokens} tokens; send a shorter one.")
         self.messages.append(message)
         dropped = 0
@@ -186,15 +204,22 @@ class ChatSession:
 
 
 def read_lines(stdin: TextIO, first: str | None = None) -> Iterator[str]:
-    """The user's lines: `first`, then stdin (with line editing and a prompt at a terminal) until EOF,
-    or Ctrl-C at the prompt."""
+    """The user's lines: `first`, then stdin (with line editing and a prompt at a terminal) until EOF. At a
+    terminal Ctrl-C drops the line being typed, as a shell does (Ctrl-D or /exit quits); from a pipe it ends."""
     if first is not None:
         yield first
     while True:
         try:
             line = input(_prompt()) if stdin.isatty() else stdin.readline()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
+            if stdin.isatty():  # (the shell's prompt then starts a line of its own)
+                print(file=sys.stderr)
             return
+        except KeyboardInterrupt:
+            if not stdin.isatty():
+                return
+            print(file=sys.stderr)
+            continue
         if not (line or stdin.isatty()):  # the end of a pipe (input() gives "" for an empty line)
             return
         yield line.rstrip("\n")
@@ -237,17 +262,22 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
             session.reset()
             session.notify("the conversation is cleared")
         elif command == "/system":
-            session.system = rest.strip() or None
+            try:
+                session.set_system(rest.strip() or None)
+            except USER_ERRORS as e:  # the system message stays as it was
+                print(f"error: {e}", file=sys.stderr)
+                continue
             session.notify(f"system message {'set' if session.system else 'back to the default'}")
         elif command == "/stats":
             print(session.stats(), file=sys.stderr)
         elif command == "/help":
             print(HELP, file=sys.stderr)
-        elif command.startswith("/"):
-            print(f"unknown command {command}; /help lists the commands.", file=sys.stderr)
+        elif command.startswith("/") and not command.startswith("//"):
+            print(f"unknown command {command}; /help lists the commands (send a message that starts with / as "
+                  f"//message).", file=sys.stderr)
         else:
             try:
-                session.say(line, write)
+                session.say(line[1:] if line.startswith("//") else line, write)
             except USER_ERRORS as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue

@@ -11,6 +11,10 @@ the common cases below they reproduce character for character what
   Qwen2) is extracted and used when the conversation does not start with a system message.
 - `llama2`:  `{bos}[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} {eos}` (Llama-2-chat).
   Contents are stripped; the format has no separate generation prompt.
+- `mistral`: `{bos}[INST] {user} [/INST]{assistant}{eos}[INST] ...` (Mistral/Mixtral-Instruct v0.1: one BOS, no
+  spaces around answers). Its template refuses a system message; this preset puts one before the first user
+  message, `{system}\\n\\n{user}` (Mistral's v0.3 template puts it before the last one instead, which would
+  change an earlier turn's text, and so the chat's cached prompt, every turn).
 - `llama3`:  `{bos}<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message,
   generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n` (no Llama-3.1 date preamble).
 - `vicuna`:  FastChat v1.1, `{system} USER: {user} ASSISTANT: {assistant}{eos}USER: ...`, ending in
@@ -18,7 +22,8 @@ the common cases below they reproduce character for character what
 - `zephyr`:  `<|{role}|>\\n{content}{eos}\\n` per message, generation prompt `<|assistant|>\\n`.
 - `plain`:   the message contents joined by newlines, no markup (base models).
 
-`detect_preset` picks a preset from a template string (or, without one, from the special tokens);
+`detect_preset` picks a preset from a template string (or, without one, from the special tokens); a template
+it does not recognise gives `plain`, which generate.py points out (`--chat-format` picks a preset by name);
 `ChatFormat` bundles the preset with the checkpoint's bos/eos strings and default system prompt. The
 tokenizer builds one per checkpoint; nothing else in nanomedusa knows about prompt formats.
 """
@@ -43,7 +48,8 @@ VICUNA_SYSTEM = (
 _TEMPLATE_MARKERS = (
     ("<|im_start|>", "chatml"),
     ("<|start_header_id|>", "llama3"),
-    ("[INST]", "llama2"),
+    ("<<SYS>>", "llama2"),  # Llama-2-chat's system block, before Mistral's [INST] without one
+    ("[INST]", "mistral"),
     ("<|user|>", "zephyr"),
     ("USER:", "vicuna"),
 )
@@ -56,10 +62,11 @@ _CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_en
 
 
 def detect_preset(chat_template: str | None, special_tokens: Iterable[str] = ()) -> str:
-    """The preset whose markers appear in `chat_template`, else in `special_tokens`, else `plain`."""
-    for marker, name in _TEMPLATE_MARKERS:
-        if chat_template and marker in chat_template:
-            return name
+    """The preset whose markers appear in `chat_template`; without a template, the one whose markers are among
+    `special_tokens`; else `plain`. A template of another format (DeepSeek's, Gemma's) is `plain` even where the
+    vocabulary has ChatML's tokens, which say less about the model's tuning than its own template does."""
+    if chat_template:
+        return next((name for marker, name in _TEMPLATE_MARKERS if marker in chat_template), "plain")
     tokens = set(special_tokens)
     for marker, name in _VOCAB_MARKERS:
         if marker in tokens:
@@ -100,6 +107,15 @@ def _llama2(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt:
     return "".join(parts)
 
 
+def _mistral(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    system, turns = _split_system(messages)
+    parts = [fmt.bos_token]
+    for i, m in enumerate(turns):
+        content = f"{system}\n\n{m['content']}" if i == 0 and system is not None else m["content"]
+        parts.append(f"[INST] {content} [/INST]" if m["role"] == "user" else f"{content}{fmt.eos_token}")
+    return "".join(parts)
+
+
 def _llama3(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool) -> str:
     body = "".join(
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
@@ -131,6 +147,7 @@ def _plain(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: 
 PRESETS: dict[str, Callable[[ChatFormat, Sequence[Message], bool], str]] = {
     "chatml": _chatml,
     "llama2": _llama2,
+    "mistral": _mistral,
     "llama3": _llama3,
     "vicuna": _vicuna,
     "zephyr": _zephyr,

@@ -29,21 +29,40 @@ from .sampling import MIN_TEMPERATURE
 
 USAGE_ERROR = 2  # exit status for anything the user can fix
 BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # the status a shell gives a tool SIGPIPE ended (13: POSIX's)
+INTERRUPTED = 128 + signal.SIGINT  # and one Ctrl-C ended
 
 
 def run_reporting_errors(body: Callable[[], object]) -> int:
     """Every CLI's ending: run `body`; a user's error (`USER_ERRORS`) becomes one `error: ...` line and
-    USAGE_ERROR. A reader of stdout that went away (`| head`) ends the run quietly, as it ends a Unix tool."""
+    USAGE_ERROR, and so does running out of GPU memory. A reader of stdout that went away (`| head`) ends the run
+    quietly, as it ends a Unix tool, and so does Ctrl-C, with the status a shell gives a tool SIGINT ended."""
     try:
         body()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except torch.OutOfMemoryError as e:
+        first = ". ".join(str(e).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has ..."
+        print(f"error: {first}; ask for less (a smaller --context, --max-new-tokens, tree or batch), or use a "
+              f"smaller model or dtype.", file=sys.stderr)
+        return USAGE_ERROR
     except BrokenPipeError:
         # Python flushes stdout once more at exit, which would raise again: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE
+    except KeyboardInterrupt:  # (a chat's Ctrl-C stops an answer and never reaches here: nanomedusa/chat.py)
+        print(file=sys.stderr)  # the shell's prompt then starts a line of its own, not after the partial text
+        return INTERRUPTED
     return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where the flag's help already says it or the default is None
+    (what happens then is in the help), which would print a second, contradicting "(default: None)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if action.default is None or "default" in text else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

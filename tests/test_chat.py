@@ -183,10 +183,15 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(checkpoint):
 def test_piped_cli_session(checkpoint, tmp_path):
     model = load_model(checkpoint, device="cpu", dtype="float32")[0]
     tokenizer = Tokenizer.from_dir(checkpoint)
-    expected = growing_prompt_answers(model, tokenizer, decoder(model, tokenizer, False), TURNS[:2], 10)
-    # Lines that are not UTF-8 (Latin-1 bytes) are refused one by one and leave the conversation as it was.
+    decode = decoder(model, tokenizer, False)
+    expected = growing_prompt_answers(model, tokenizer, decode, TURNS[:2], 10)
+    after_reset = growing_prompt_answers(model, tokenizer, decode, [TURNS[0], "/etc/hosts, what is it?"], 10)
+    # Lines that are not UTF-8 (Latin-1 bytes) are refused one by one and leave the conversation as it was; so is
+    # a system message too long for any message to fit; a message that starts with / is sent as //message.
+    long_system = " ".join(str(i) for i in range(400))
     script = (f"{TURNS[0]}\n".encode() + b"caf\xe9\n/system \xe9t\xe9\n"
-              + f"{TURNS[1]}\n/stats\n/bogus\n/reset\n{TURNS[0]}\n/exit\nnever read\n".encode())
+              + f"/system {long_system}\n{TURNS[1]}\n/stats\n/bogus\n/reset\n{TURNS[0]}\n"
+                f"//etc/hosts, what is it?\n/exit\nnever read\n".encode())
     proc = subprocess.run(
         [sys.executable, "generate.py", "--model", str(checkpoint), "--device", "cpu", "--interactive",
          "--max-new-tokens", "10"],
@@ -194,12 +199,60 @@ def test_piped_cli_session(checkpoint, tmp_path):
     )
     stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, stderr
-    assert stdout == "".join(answer + "\n" for answer in [*expected, expected[0]])
+    assert after_reset[0] == expected[0]
+    assert stdout == "".join(answer + "\n" for answer in [*expected, *after_reset])
     assert "context used:" in stderr and "the conversation is cleared" in stderr
-    assert "unknown command /bogus" in stderr
+    assert "unknown command /bogus; /help lists the commands (send a message that starts with / as" in stderr
     assert "error: this line is not valid UTF-8 (byte 0xe9 at character 3); pass UTF-8 text." in stderr
     assert "error: this line is not valid UTF-8 (byte 0xe9 at character 8)" in stderr
+    assert "error: this system message makes every prompt at least" in stderr and "system message set" not in stderr
     assert "Traceback" not in stderr
+
+
+def test_system_messages_and_contexts_that_cannot_be(checkpoint):
+    """A system message that leaves no room for a message is refused, naming it (not --max-new-tokens or the user's
+    message), and the one before stays; a --context beyond the model's is capped with a notice."""
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    long_system = " ".join(str(i) for i in range(400))
+    with pytest.raises(NanoMedusaError, match="this system message makes every prompt at least .* shorten it"):
+        ChatSession(model, tokenizer, decode=None, max_new_tokens=8, system=long_system)
+    notices = []
+    session = ChatSession(model, tokenizer, decode=None, max_new_tokens=8, system="Be brief.", context=1000,
+                          notify=notices.append)
+    limit = model.config.max_position_embeddings
+    assert session.context == limit and notices == [f"the model's context is {limit} tokens, so the chat keeps "
+                                                    f"{limit}, not 1000"]
+    with pytest.raises(NanoMedusaError, match="shorten it"):
+        session.set_system(long_system)
+    assert session.system == "Be brief."
+    medium = " ".join(str(i) for i in range(60))  # fits alone; with a long message, the message is refused
+    session.set_system(medium)
+    with pytest.raises(NanoMedusaError, match="tokens with the chat template and the system message, which"):
+        session.say(medium)
+
+
+def test_ctrl_c_at_the_prompt_drops_the_line_and_the_chat_goes_on(monkeypatch, capsys):
+    import io
+
+    from nanomedusa import chat
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    typed = iter([KeyboardInterrupt, "hello", EOFError])
+
+    def fake_input(prompt=""):
+        value = next(typed)
+        if isinstance(value, type):
+            raise value
+        return value
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert list(chat.read_lines(Terminal())) == ["hello"]
+    assert capsys.readouterr().err == "\n\n"  # after ^C and after Ctrl-D, so that the next line starts clean
 
 
 def test_the_prompt_stays_out_of_answers_written_to_a_file(monkeypatch, capsys):

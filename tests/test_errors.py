@@ -277,6 +277,9 @@ MORE_ERRORS = {
     "--raw with --system": ("generate", GENERATE[1:] + ["--raw", "--system", "Be terse."],
                             "--raw feeds the prompt without the chat template, which is where --system goes; drop "
                             "one of them."),
+    "--raw with --chat-format": ("generate", GENERATE[1:] + ["--raw", "--chat-format", "vicuna"],
+                                 "--raw feeds the prompt without the chat template, which is where --chat-format "
+                                 "goes; drop one of them."),
     "a tree deeper than the heads, before a chat starts": (
         "generate", GENERATE[1:5] + ["--interactive", "--medusa", "{root}/heads", "--tree", "chain3"],
         "the tree is 3 deep but there are only 2 Medusa heads; pick a tree at most 2 deep."),
@@ -394,11 +397,53 @@ def test_the_prompt_takes_an_empty_system_message_as_the_chat_does(cli_root):
     assert tokenizer.encode_chat([user]) != tokenizer.encode_chat([{"role": "system", "content": ""}, user])
 
 
+def test_a_checkpoint_without_a_known_template_says_so_and_takes_chat_format(cli_root, tmp_path, capsys):
+    """A template nanomedusa has no preset for (or none) puts messages in as plain text: a note says so, and
+    --chat-format picks the format the model was tuned on."""
+    import generate
+    from nanomedusa.tokenizer import Tokenizer
+
+    shutil.copytree(cli_root / "model", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ '<start_of_turn>' + m['content'] }}{% endfor %}"  # Gemma's
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps(config))
+    user = [{"role": "user", "content": "hi"}]
+    for flags, preset, note in (([], "plain", True), (["--chat-format", "vicuna"], "vicuna", False),
+                                (["--raw"], "plain", False)):
+        args = generate.parse_args(["--prompt", "hi", *flags])
+        tokenizer = generate.load_tokenizer(args, tmp_path / "model")
+        assert tokenizer.chat.preset == preset
+        assert ("pass --chat-format chatml|llama2|mistral|" in capsys.readouterr().err) is note
+        if not args.raw:
+            expected = Tokenizer.from_dir(tmp_path / "model", chat_preset=preset).encode_chat(user)
+            assert generate.encode_prompt(args, tokenizer) == expected
+    generate.load_tokenizer(generate.parse_args(["--prompt", "hi"]), cli_root / "model")  # ChatML: no note
+    assert capsys.readouterr().err == ""
+
+
 def test_kernel_errors_are_reported_like_ours(capsys):
     # kernels/ has its own error type (it imports nothing from nanomedusa); the CLIs report it the same way.
     code = run_reporting_errors(lambda: kernels.set_backend("cuda"))
     assert_one_error_line(code, capsys.readouterr().err,
                           "unknown kernel backend 'cuda'; use one of auto, torch, triton.")
+
+
+def test_running_out_of_gpu_memory_is_one_line(capsys):
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has a total capacity "
+                                     "of 23.55 GiB of which 2.1 GiB is free. Including non-PyTorch memory, ...")
+    assert_one_error_line(run_reporting_errors(oom), capsys.readouterr().err,
+                          "CUDA out of memory. Tried to allocate 16.00 GiB; ask for less (a smaller --context, "
+                          "--max-new-tokens, tree or batch), or use a smaller model or dtype.")
+
+
+def test_ctrl_c_ends_a_run_without_a_traceback(capsys):
+    def interrupted():
+        sys.stdout.write("a partial answer")
+        raise KeyboardInterrupt
+    assert run_reporting_errors(interrupted) == 130  # as a shell reports a tool that SIGINT ended
+    captured = capsys.readouterr()
+    assert captured.out == "a partial answer" and captured.err == "\n"  # the shell's prompt on a line of its own
 
 
 def test_cli_zero_new_tokens_prints_nothing(cli_root):

@@ -77,6 +77,13 @@ LLAMA2_TEMPLATE = (
     "{% else %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
     "{% endfor %}"
 )
+MISTRAL_TEMPLATE = (  # Mixtral-8x7B-Instruct-v0.1's, word for word
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
@@ -289,6 +296,7 @@ JINJA_TEMPLATES = {
     "chatml": ("chatml", CHATML_TEMPLATE),
     "chatml-escaped": ("chatml", ESCAPED_CHATML_TEMPLATE),
     "llama2": ("llama2", LLAMA2_TEMPLATE),
+    "mistral": ("mistral", MISTRAL_TEMPLATE),
     "llama3": ("llama3", LLAMA3_TEMPLATE),
     "zephyr": ("zephyr", ZEPHYR_TEMPLATE),
     "vicuna": ("vicuna", VICUNA_TEMPLATE),
@@ -302,6 +310,8 @@ def test_presets_match_jinja(sp_dir, name):
     fmt = ChatFormat.from_checkpoint(template, (), ref.bos_token, ref.eos_token)
     assert fmt.preset == preset
     for messages in CONVERSATIONS:
+        if name == "mistral" and messages[0]["role"] == "system":  # its template refuses one (raise_exception)
+            continue
         for gen in (True, False):
             expected = ref.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=gen
@@ -311,16 +321,25 @@ def test_presets_match_jinja(sp_dir, name):
 
 def test_detect_preset_and_system_prompt():
     assert detect_preset("{{ '<|im_start|>' + role }}") == "chatml"
-    assert detect_preset("{{ bos_token + '[INST] ' }}") == "llama2"
+    assert detect_preset("{{ bos_token + '[INST] ' }}") == "mistral"
+    assert detect_preset("{{ bos_token + '[INST] ' + '<<SYS>>\\n' }}") == "llama2"
     assert detect_preset("<|start_header_id|>") == "llama3"
     assert detect_preset("{{ '<|user|>\\n' }}") == "zephyr"
     assert detect_preset("{{ 'USER: ' + m }}") == "vicuna"
     assert detect_preset("{{ messages[0]['content'] }}") == "plain"
     assert detect_preset(None, ["<s>", "<|im_start|>"]) == "chatml"
     assert detect_preset(None, ["<s>", "</s>"]) == "plain"
+    # A template of a format without a preset is plain text, whatever the vocabulary (DeepSeek-R1-Distill-Qwen's
+    # vocabulary has ChatML's tokens, its template another format): generate.py says so and takes --chat-format.
+    assert detect_preset("{{ bos_token }}{{ '<｜User｜>' + message['content'] }}", ["<|im_start|>"]) == "plain"
     assert extract_chatml_system(ESCAPED_CHATML_TEMPLATE) == "Be nice."
     assert extract_chatml_system(CHATML_TEMPLATE) == SYSTEM_PROMPT
     assert extract_chatml_system("{{ '<|im_start|>' + message['role'] }}") is None
+    mistral = ChatFormat("mistral", "<s>", "</s>").render([{"role": "system", "content": "Be brief."},
+                                                           {"role": "user", "content": "Hi"},
+                                                           {"role": "assistant", "content": "Hello!"},
+                                                           {"role": "user", "content": "Bye"}])
+    assert mistral == "<s>[INST] Be brief.\n\nHi [/INST]Hello!</s>[INST] Bye [/INST]"
     assert ChatFormat("plain").render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]) == "S\nU"
 
 
