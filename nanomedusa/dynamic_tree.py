@@ -60,7 +60,7 @@ from kernels.dynamic_tree import tree_choice, tree_layout
 
 from .errors import NanoMedusaError
 from .heads import HeadsConfig
-from .tree import TreeBuffers, cut_to_depth, lineages, tree_from_head_accuracies
+from .tree import TreeBuffers, cut_to_depth, lineages, parse_tree, tree_capacity, tree_from_head_accuracies
 
 SUPERSET_NODES = 256  # candidates scored each step, the root included
 # Heads that read their path run on every superset node with children (path_tree.py), so their superset is cut to
@@ -76,7 +76,7 @@ def default_nodes(config: HeadsConfig) -> int:
     with `python -m bench.dynamic_trees`)."""
     if not config.medusa_choices:
         return DEFAULT_NODES
-    return len(cut_to_depth(config.medusa_choices, config.num_heads)) + 1
+    return len(cut_to_depth(parse_tree(config.medusa_choices), config.num_heads)) + 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,7 +132,7 @@ class DynamicTree:
             superset_nodes = (min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes) if config.reads_path
                               else SUPERSET_NODES)
         acc = [row[: config.vocab_size] for row in config.rank_accuracies()]  # (a vocabulary smaller than the ranks)
-        capacity = sum(len(acc[0]) ** depth for depth in range(1, len(acc) + 1))
+        capacity = tree_capacity(len(acc), len(acc[0]))
         if num_nodes > capacity + 1:
             raise NanoMedusaError(f"{len(acc)} heads with top-{len(acc[0])} guesses make trees of at most "
                                   f"{capacity + 1} nodes, not {num_nodes}; pass a smaller --tree-nodes.")

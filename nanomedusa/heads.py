@@ -46,11 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels.medusa_heads import medusa_topk
+from kernels.medusa_heads import MAX_TOPK, medusa_topk
 
 from .adapter import apply_adapter, has_adapter
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
+from .tree import PRESETS, parse_tree
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 
@@ -311,7 +312,8 @@ class MedusaHeads(nn.Module):
                                   f"needs one with medusa_num_heads and medusa_num_layers.") from None
         weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights_file is None:
-            raise NanoMedusaError(f"{path} has none of {', '.join(WEIGHT_FILES)}; it is not a Medusa heads checkpoint.")
+            raise NanoMedusaError(f"{path} has none of {', '.join(WEIGHT_FILES)}, so it is not a Medusa heads "
+                                  f"checkpoint; pass the directory that holds the heads' weights file.")
         state = _read_weights(weights_file)
         path_state = {k.removeprefix("medusa_path."): state.pop(k) for k in list(state) if k.startswith("medusa_path.")}
         if raw.get("reads_path") and not path_state:
@@ -339,7 +341,7 @@ class MedusaHeads(nn.Module):
                                   f"re-download or re-train the heads.")
         hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
-                             raw.get("base_model_name_or_path", ""), raw.get("medusa_choices"), raw.get("lora"),
+                             raw.get("base_model_name_or_path", ""), _medusa_choices(raw, path), raw.get("lora"),
                              _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),
                              bool(path_state))
         if hidden != model_config.dim:
@@ -384,7 +386,17 @@ def _heads_in_file(state: dict[str, torch.Tensor], configured: int, weightless: 
     """How many heads the weights hold, which wins over config.json: some published reference checkpoints
     disagree with their own config (Vicuna-7B's says 2 heads, its file holds 4). Heads without ResBlocks that
     share the lm_head (`weightless`) hold no tensors at all: config.json alone counts them."""
-    held = len({key.split(".", 1)[0] for key in state})
+    heads = {key.split(".", 1)[0] for key in state}
+    held = len(heads)
+    if heads != {str(k) for k in range(held)}:  # a stray or missing head: not a config.json the user could fix
+        raise NanoMedusaError(f"{weights_file}'s tensors are of heads {', '.join(sorted(heads))}, not heads 0 to "
+                              f"{held - 1}; re-download or re-train the heads.")
+    tensors = [{key.split(".", 1)[-1] for key in state if key.split(".", 1)[0] == str(k)} for k in range(held)]
+    if any(t != tensors[0] for t in tensors):
+        k = next(k for k, t in enumerate(tensors) if t != tensors[0])
+        odd = sorted(tensors[0] ^ tensors[k])[0]
+        raise NanoMedusaError(f"{weights_file}'s heads 0 and {k} hold different tensors ({odd} is in one only); "
+                              f"re-download or re-train the heads.")
     if held == 0 and weightless:
         return configured
     if held == 0:
@@ -404,7 +416,8 @@ def _temperatures(raw: dict, num_heads: int, path: Path) -> list[float] | None:
     if (not isinstance(temperatures, list) or len(temperatures) < num_heads
             or not all(type(t) in (int, float) and t > 0 for t in temperatures)):
         raise NanoMedusaError(f"{path}/config.json's medusa_temperatures must be {num_heads} positive numbers, one "
-                              f"per head; fit them again with python -m nanomedusa.calibration --write.")
+                              f"per head; remove them from config.json, then fit them again with python -m "
+                              f"nanomedusa.calibration --write.")
     return [float(t) for t in temperatures[:num_heads]]
 
 
@@ -415,11 +428,29 @@ def _rank_accuracy(raw: dict, num_heads: int, path: Path) -> list[list[float]] |
     if rows is None:
         return None
     if (not isinstance(rows, list) or len(rows) < num_heads
-            or not all(isinstance(row, list) and row and all(type(a) in (int, float) and 0 <= a <= 1 for a in row)
-                       for row in rows[:num_heads])):
-        raise NanoMedusaError(f"{path}/config.json's rank_accuracy must be {num_heads} rows of numbers from 0 to 1, "
-                              f"one per head; measure them again with python -m nanomedusa.tree_tuning --write.")
+            or not all(isinstance(row, list) and 0 < len(row) <= MAX_TOPK and len(row) == len(rows[0])
+                       and all(type(a) in (int, float) and 0 <= a <= 1 for a in row) for row in rows[:num_heads])):
+        raise NanoMedusaError(f"{path}/config.json's rank_accuracy must be {num_heads} rows, one per head, of 1 to "
+                              f"{MAX_TOPK} numbers from 0 to 1 each, all rows as long; remove it from config.json, "
+                              f"then measure it again with python -m nanomedusa.tree_tuning --write.")
     return rows[:num_heads]
+
+
+def _medusa_choices(raw: dict, path: Path) -> list[list[int]] | None:
+    """config.json's medusa_choices (the heads' own tree: a list of paths, or a preset's name) as checked paths,
+    or None when it has none."""
+    choices = raw.get("medusa_choices")
+    if choices is None:
+        return None
+    if isinstance(choices, str) and choices not in PRESETS:
+        raise NanoMedusaError(f"{path}/config.json's medusa_choices {choices!r} is no preset ({', '.join(PRESETS)}); "
+                              f"give the tree there as a list of paths, or remove it.")
+    try:
+        return parse_tree(choices)
+    except NanoMedusaError as e:
+        message = str(e)
+        raise NanoMedusaError(f"{path}/config.json's medusa_choices is not a tree: {message[0].lower()}"
+                              f"{message[1:]}") from None
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

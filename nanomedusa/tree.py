@@ -352,6 +352,11 @@ class TreeBuffers:
         return path, path.gather(0, accept_len.view(1))
 
 
+def tree_capacity(num_heads: int, topk: int) -> int:
+    """How many nodes (root not counted) a tree over `num_heads` heads' top-`topk` guesses can hold at most."""
+    return sum(topk**depth for depth in range(1, num_heads + 1))
+
+
 def tree_from_head_accuracies(
     acc: Sequence[Sequence[float]] | torch.Tensor, num_nodes: int
 ) -> list[list[int]]:
@@ -374,7 +379,7 @@ def tree_from_head_accuracies(
     if not bool(((table >= 0) & (table <= 1)).all()):
         raise NanoMedusaError("Head accuracies must be probabilities in [0, 1]; rescale them.")
     num_heads, topk = table.shape
-    capacity = sum(topk**depth for depth in range(1, num_heads + 1))
+    capacity = tree_capacity(num_heads, topk)
     if not 1 <= num_nodes <= capacity:
         raise NanoMedusaError(
             f"A tree over {num_heads} heads with top-{topk} has 1 to {capacity} nodes, not "

@@ -11,7 +11,8 @@ the largest products (`tree.tree_from_head_accuracies`). This script measures th
 held-out conversations (the split `train.py` holds out, by --seed and --eval-fraction, each cut as it cuts
 them: `training/data.py`), prints them (per data file and pooled), and with --write stores the tree as
 `medusa_choices` in the heads' config.json, where `generate.py` picks it up as the heads' default tree on a
-GPU (`--tree own` on a CPU).
+GPU (`--tree own` on a CPU), and the accuracies as `rank_accuracy`, from which dynamic trees
+(`dynamic_tree.py`) build their superset.
 
 Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
 (the step time against node count that `python -m bench.decode --tree-sizes ...` measured on the
@@ -39,7 +40,7 @@ from .loading import load_model
 from .tokenizer import Tokenizer
 from .training.data import IGNORE, collate, example_length, load_conversations, tokenize_all, train_eval_split
 from .training.losses import shifted_targets
-from .tree import expected_accept_length, tree_from_head_accuracies
+from .tree import expected_accept_length, tree_capacity, tree_from_head_accuracies
 
 
 @torch.inference_mode()
@@ -98,16 +99,19 @@ def read_step_times(path: str) -> dict:
 def trim_heads(heads_dir: Path, config: dict, depth: int) -> None:
     """Keep heads 0 .. depth-1 (a head the tree never reads costs every step a top-k for nothing):
     rewrites the weights file and sets the head count, accuracy rows and temperatures in `config`."""
-    weights = heads_dir / WEIGHT_FILES[0]
-    if not weights.is_file():
-        raise NanoMedusaError(f"--trim rewrites {weights.name}, which {heads_dir} lacks; drop --trim.")
-    kept = {k: v for k, v in load_file(str(weights)).items() if int(k.split(".")[1]) < depth}
+    weights = heads_dir / WEIGHT_FILES[0]  # (check_args made sure it is there)
+    # keys "medusa_head.{k}.{layer}...", "medusa_path.{k}.weight", or the reference's unprefixed "{k}.{layer}..."
+    kept = {key: v for key, v in load_file(str(weights)).items() if _head_index(key) < depth}
     write_atomically(weights, lambda tmp: save_file(kept, str(tmp), metadata={"format": "pt"}))
     config["medusa_num_heads"] = config["num_heads"] = depth
     config["rank_accuracy"] = config["rank_accuracy"][:depth]
     if config.get("medusa_temperatures") is not None:
         config["medusa_temperatures"] = config["medusa_temperatures"][:depth]
     print(f"kept the {depth} heads the tree reaches in {weights}")
+
+
+def _head_index(key: str) -> int:
+    return int(key.removeprefix("medusa_head.").removeprefix("medusa_path.").split(".")[0])
 
 
 def print_accuracies(title: str, acc: torch.Tensor) -> None:
@@ -129,6 +133,8 @@ def check_args(args) -> None:
         raise NanoMedusaError(f"--topk must be at most {MAX_TOPK} (the deepest rank a tree may use), not {args.topk}.")
     if args.trim and not args.write:
         raise NanoMedusaError("--trim drops heads from the files --write rewrites; add --write, or drop --trim.")
+    if args.trim and not (Path(args.heads) / WEIGHT_FILES[0]).is_file():
+        raise NanoMedusaError(f"--trim rewrites {WEIGHT_FILES[0]}, which {args.heads} lacks; drop --trim.")
     check_held_out_split(args.eval_fraction, args.seed)
 
 
@@ -141,6 +147,11 @@ def run(args) -> None:
     if args.max_depth is not None and args.max_depth > heads.config.num_heads:
         raise NanoMedusaError(f"--max-depth {args.max_depth} is deeper than the {heads.config.num_heads} heads in "
                               f"{args.heads}; pass at most {heads.config.num_heads}.")
+    depth = args.max_depth or heads.config.num_heads
+    if not step_times and args.nodes > tree_capacity(depth, args.topk):  # (checked now, not after the measuring)
+        raise NanoMedusaError(f"--nodes {args.nodes} is more than a tree {depth} deep of top-{args.topk} guesses "
+                              f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
+                              f"--topk or --max-depth.")
     tokenizer = Tokenizer.from_dir(ckpt)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}
@@ -203,7 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations per file")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, metavar="FILE", help="write the accuracies (per file and pooled) here")
-    p.add_argument("--write", action="store_true", help="store the tree as medusa_choices in the heads' config.json")
+    p.add_argument("--write", action="store_true",
+                   help="store the tree as medusa_choices, and the accuracies as rank_accuracy, in the heads' "
+                        "config.json")
     p.add_argument("--trim", action="store_true",
                    help="with --write: drop the heads deeper than the tree reaches from the heads' files")
     args = p.parse_args(argv)

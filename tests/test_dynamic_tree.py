@@ -244,7 +244,8 @@ def test_bad_temperatures_are_a_clear_error(tiny, tmp_path, bad):
     heads.save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_temperatures": bad}))
-    with pytest.raises(NanoMedusaError, match="medusa_temperatures must be 3 positive numbers, one per head; fit them"):
+    with pytest.raises(NanoMedusaError, match="medusa_temperatures must be 3 positive numbers, one per head; remove "
+                                              "them from config.json, then fit them"):
         MedusaHeads.load(tmp_path, model.config)
 
 

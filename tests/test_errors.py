@@ -263,6 +263,15 @@ MORE_ERRORS = {
     "--medusa is not a directory": ("generate", GENERATE[1:] + ["--medusa", "{root}/answers.jsonl"],
                                     "--medusa {root}/answers.jsonl is not a directory; check the path."),
     "empty --medusa": ("generate", GENERATE[1:] + ["--medusa", ""], "--medusa is empty; pass a directory."),
+    "tree tuning --trim of .pt heads": ("nanomedusa.tree_tuning", ["--heads", "{root}/pt-heads", "--data",
+                                                                   "{root}/answers.jsonl", "--write", "--trim"],
+                                        "--trim rewrites medusa_lm_head.safetensors, which {root}/pt-heads lacks; "
+                                        "drop --trim."),
+    "tree tuning --nodes beyond its tree, before measuring": (
+        "nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data", "{root}/answers.jsonl", "--model",
+                                   "{root}/model", "--device", "cpu", "--max-depth", "1", "--topk", "4", "--nodes", "63"],
+        "--nodes 63 is more than a tree 1 deep of top-4 guesses holds (4); pass a smaller --nodes, or a larger --topk "
+        "or --max-depth."),
     "--accept greedy with a temperature": ("generate", GENERATE[1:] + ["--medusa", "{root}/heads", "--accept", "greedy",
                                                                     "--temperature", "0.7"],
                                            "--accept greedy keeps the model's argmax, so --temperature would do "
@@ -335,6 +344,9 @@ def cli_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     make_chat_checkpoint(root / "model")
     MedusaHeads.from_base(load_model(root / "model", device="cpu")[0], num_heads=2).save(root / "heads")
+    (root / "pt-heads").mkdir()  # the same heads as the reference implementation's .pt file
+    shutil.copy(root / "heads" / "config.json", root / "pt-heads" / "config.json")
+    torch.save(load_file(str(root / "heads" / "medusa_lm_head.safetensors")), root / "pt-heads" / "medusa_lm_head.pt")
     (root / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]
     (root / "answers.jsonl").write_text("".join(json.dumps({"id": i, "conversations": turns}) + "\n" for i in range(4)))
@@ -529,10 +541,11 @@ def heads_dir(ckpt, tmp_path):
 @pytest.mark.parametrize("changes, expected", [
     ({"medusa_num_layers": "1"}, "config.json's medusa_num_layers is '1'; it must be an integer of at least 0"),
     ({"medusa_num_heads": 0}, "config.json's medusa_num_heads is 0; it must be an integer of at least 1"),
-    ({"rank_accuracy": "x"}, "config.json's rank_accuracy must be 2 rows of numbers from 0 to 1, one per head; "
-                             "measure them again with python -m nanomedusa.tree_tuning --write."),
-    ({"rank_accuracy": [[0.5, 0.2]]}, "config.json's rank_accuracy must be 2 rows of numbers from 0 to 1"),
-    ({"rank_accuracy": [[0.5, 0.2], [0.4, -0.1]]}, "config.json's rank_accuracy must be 2 rows of numbers from 0 to 1"),
+    ({"rank_accuracy": "x"}, "config.json's rank_accuracy must be 2 rows, one per head, of 1 to 16 numbers from 0 to "
+                             "1 each, all rows as long; remove it from config.json, then measure it again with "
+                             "python -m nanomedusa.tree_tuning --write."),
+    ({"rank_accuracy": [[0.5, 0.2]]}, "config.json's rank_accuracy must be 2 rows, one per head"),
+    ({"rank_accuracy": [[0.5, 0.2], [0.4, -0.1]]}, "config.json's rank_accuracy must be 2 rows, one per head"),
 ])
 def test_heads_config_values_of_the_wrong_kind(ckpt, heads_dir, changes, expected):
     edit_json(heads_dir / "config.json", **changes)

@@ -1,6 +1,7 @@
 """Medusa heads: start as the base head, round-trip checkpoints, read the reference implementation's layout."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -169,8 +170,73 @@ def test_mismatched_heads_are_clear_errors(model, tmp_path):
     with pytest.raises(NanoMedusaError, match="does not exist"):
         MedusaHeads.load(tmp_path / "nope", model.config)
     (tmp_path / "medusa_lm_head.safetensors").unlink()
-    with pytest.raises(NanoMedusaError, match="it is not a Medusa heads checkpoint"):
+    with pytest.raises(NanoMedusaError, match="so it is not a Medusa heads checkpoint; pass the directory that holds "
+                                              "the heads' weights file."):
         MedusaHeads.load(tmp_path, model.config)
+
+
+@pytest.mark.parametrize("prefix", ["", "medusa_head."])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_trim_keeps_the_first_heads_whatever_the_file_calls_them(model, tmp_path, prefix, num_layers):
+    # The reference's unprefixed keys "{head}.{layer}..." were trimmed by their layer index: the file kept every
+    # head and lost layers (with 2 ResBlocks, every head's vocab projection) while config.json said 2 heads.
+    from nanomedusa.tree_tuning import trim_heads
+
+    dim, vocab = model.config.dim, model.config.vocab_size
+    state = reference_state(4, num_layers, dim, vocab, prefix)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 4, "medusa_num_layers": num_layers}))
+    save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    config = {**json.loads((tmp_path / "config.json").read_text()), "rank_accuracy": [[0.5]] * 4}
+    trim_heads(tmp_path, config, 2)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    heads = MedusaHeads.load(tmp_path, model.config)
+    assert heads.config.num_heads == 2 and not heads.config.shared_lm_head
+    hidden = torch.randn(3, dim)
+    assert torch.allclose(heads(hidden), reference_logits(state, hidden, 4, num_layers, prefix)[:2], atol=1e-5)
+
+
+def test_a_damaged_heads_file_or_config_says_what_to_do(model, tmp_path, capsys):
+    """A file with a head missing, a stray tensor or a head short of a tensor is damaged (config.json cannot fix
+    it); a bad tree or accuracy table in config.json is named there, with a fix that works."""
+    dim, vocab = model.config.dim, model.config.vocab_size
+    config = {"medusa_num_heads": 3, "medusa_num_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = reference_state(3, 1, dim, vocab, "")
+    damaged = {
+        "a head missing": ({k: v for k, v in state.items() if not k.startswith("1.")},
+                           "tensors are of heads 0, 2, not heads 0 to 1; re-download or re-train the heads."),
+        "a stray tensor": ({**state, "foo": torch.zeros(1)},
+                           "tensors are of heads 0, 1, 2, foo, not heads 0 to 3; re-download or re-train the heads."),
+        "head 0 short of its vocab projection": ({k: v for k, v in state.items() if k != "0.1.weight"},
+                                                 "heads 0 and 1 hold different tensors (1.weight is in one only); "
+                                                 "re-download or re-train the heads."),
+    }
+    for name, (tensors, message) in damaged.items():
+        save_file(tensors, str(tmp_path / "medusa_lm_head.safetensors"))
+        with pytest.raises(NanoMedusaError, match=re.escape(message)):
+            MedusaHeads.load(tmp_path, model.config)
+    save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    bad_config = {
+        "medusa_choices": ([[0], 1], "medusa_choices is not a tree: tree entry 1 is not a non-empty list"),
+        "medusa_choices ": ([[0], [1, 0]], "medusa_choices is not a tree: tree path [1, 0] needs its prefix [1] in "
+                                           "the tree too; add it."),
+        "medusa_choices  ": ("mc_sim", "medusa_choices 'mc_sim' is no preset"),
+        "rank_accuracy": ([[0.5, 0.2], [0.4], [0.3]], "remove it from config.json, then measure it again"),
+        "rank_accuracy ": ([[0.1] * 17] * 3, "of 1 to 16 numbers from 0 to 1 each"),
+        "medusa_temperatures": ([1.0], "remove them from config.json, then fit them again"),
+    }
+    for key, (value, message) in bad_config.items():
+        (tmp_path / "config.json").write_text(json.dumps({**config, key.strip(): value}))
+        with pytest.raises(NanoMedusaError, match=re.escape(f"{tmp_path}/config.json's ") + ".*" + re.escape(message)):
+            MedusaHeads.load(tmp_path, model.config)
+    # a preset's name is a tree: the heads' own, whose size is a dynamic tree's default budget
+    from nanomedusa.dynamic_tree import default_nodes
+    from nanomedusa.tree import PRESETS
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_choices": "chain3"}))
+    heads = MedusaHeads.load(tmp_path, model.config)
+    assert heads.config.medusa_choices == PRESETS["chain3"] and default_nodes(heads.config) == 4
+    assert default_nodes(replace(heads.config, medusa_choices="chain2")) == 3
 
 
 def test_shipped_heads_are_the_default_model_s_default():
