@@ -19,7 +19,6 @@ kernels/ again for the heads, the acceptance and the KV compaction).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -30,10 +29,9 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 import torch
 
 import kernels
-from nanomedusa.chat_template import PRESETS
-from nanomedusa.cli import (ArgumentParser, HelpFormatter, add_kernel_flags, check_at_least, check_input_dir, check_kernels,
-                            check_positive, check_sampling, check_seed, check_text, drop_default_exact_beyond_reach,
-                            run_reporting_errors, use_kernels)
+from nanomedusa.cli import (ArgumentParser, HelpFormatter, add_chat_format_flag, add_kernel_flags, check_at_least,
+                            check_input_dir, check_kernels, check_positive, check_sampling, check_seed, check_text,
+                            drop_default_exact_beyond_reach, exit_with, run_reporting_errors, use_kernels)
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
@@ -42,7 +40,7 @@ from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, Acceptance, check_acceptance, check_medusa, generate_medusa
 from nanomedusa.sampling import Sampling
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tokenizer import load_tokenizer
 from nanomedusa.tree import TreeBuffers, cut_to_depth, parse_tree
 from weights import SHIPPED_HEADS
 
@@ -61,9 +59,7 @@ def parse_args(argv=None):
                         "(default: the model's context; at most 2048 on a CPU)")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
-    p.add_argument("--chat-format", default="auto", choices=("auto", *PRESETS),
-                   help="how messages are marked up: auto (the preset that the checkpoint's chat_template matches, "
-                        "nanomedusa/chat_template.py) or a preset by name, for a checkpoint without a template")
+    add_chat_format_flag(p)
     p.add_argument("--model", default=None,
                    help="checkpoint dir, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -270,7 +266,7 @@ def run(args) -> None:
     use_kernels(args.kernels, args.exact, resolve_device(args.device))
     imported = time.perf_counter()
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(args, ckpt)
+    tokenizer = load_tokenizer(ckpt, args.chat_format, note=not args.raw)  # (--raw uses no chat format)
     heads, tree = load_heads(args, model)
     if heads is not None:  # a tree deeper than the heads fails now, not in a chat's every turn
         check_medusa(model, heads, tree, acceptance(args))
@@ -293,17 +289,6 @@ def run(args) -> None:
         run_one("medusa" if heads is not None else "plain", args, decoder, tokenizer, prompt_ids, heads, tree)
 
 
-def load_tokenizer(args, ckpt) -> Tokenizer:
-    """The checkpoint's tokenizer with the chat format --chat-format names, else the one its template matches; where
-    that is none (a base model, or a template of another format), a note says that messages go in as plain text."""
-    tokenizer = Tokenizer.from_dir(ckpt, chat_preset=None if args.chat_format == "auto" else args.chat_format)
-    if args.chat_format == "auto" and tokenizer.chat.preset == "plain" and not args.raw:
-        print(f"[note] the checkpoint's chat template is none nanomedusa knows, so messages go in as plain text, "
-              f"without role markers; if the model was tuned on one of these formats, pass --chat-format "
-              f"{'|'.join(p for p in PRESETS if p != 'plain')}.", file=sys.stderr)
-    return tokenizer
-
-
 def encode_prompt(args, tokenizer) -> list[int]:
     """--prompt as the model reads it: through the chat template, with --system when given (even empty, as
     --interactive does), or as it is with --raw."""
@@ -319,4 +304,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

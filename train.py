@@ -45,12 +45,11 @@ only assistant tokens are trained on. The global batch is --batch-size x --grad-
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, check_at_least, check_input_dir, check_input_file,
-                            check_output_dir, check_output_file, check_positive, check_sampling, check_seed,
-                            run_reporting_errors)
+from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, add_chat_format_flag, check_at_least, check_input_dir,
+                            check_input_file, check_output_dir, check_output_file, check_positive, check_sampling,
+                            check_seed, exit_with, run_reporting_errors)
 from nanomedusa.errors import NanoMedusaError
 
 
@@ -70,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=t.seed)
+    add_chat_format_flag(p)
 
     g = p.add_argument_group("distill")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -187,4 +187,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

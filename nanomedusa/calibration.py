@@ -36,13 +36,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_input_dir, check_input_file,
-                  check_output_file, run_reporting_errors)
+from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_held_out_split, check_input_dir,
+                  check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_text_atomically
 from .heads import MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 from .training.data import (IGNORE, Conversation, collate, example_length, load_conversations, prompt_messages,
                             split_train_eval, tokenize_all, train_eval_split)
 from .training.losses import shifted_targets
@@ -156,7 +156,8 @@ def check_args(args) -> None:
 
 def write_held_out_prompts(args) -> None:
     _, checkpoint = load_model(args.model, device="cpu")  # for its tokenizer: prompt lengths decide the split
-    held_out = held_out_prompts(args.held_out_prompts, Tokenizer.from_dir(checkpoint), args.eval_fraction, args.seed)
+    tokenizer = load_tokenizer(checkpoint, args.chat_format)
+    held_out = held_out_prompts(args.held_out_prompts, tokenizer, args.eval_fraction, args.seed)
     if not held_out:
         raise NanoMedusaError(f"{args.held_out_prompts} holds no prompt to hold out; pass the prompts file the heads' "
                               f"answers came from.")
@@ -168,7 +169,7 @@ def write_held_out_prompts(args) -> None:
 def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
-    tokenizer = Tokenizer.from_dir(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, args.chat_format)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     examples = []
     for path in args.data:
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--whole-files", action="store_true",
                    help="every conversation of --data is held out (e.g. answers to --held-out-prompts): use them all")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
+    add_chat_format_flag(p)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=1024)
@@ -215,4 +217,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main())

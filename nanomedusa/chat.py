@@ -40,6 +40,10 @@ from .tokenizer import Tokenizer
 # use there (kernels/tree_attention.py), so a larger --context costs memory, not speed.
 CPU_CONTEXT = 2048
 
+# The settings, and a system message, must leave room for a user message of at least this many tokens: one that
+# left room for an empty message only would refuse every real one as too long.
+MESSAGE_ROOM = 16
+
 # decode(prompt_ids, max_new_tokens, on_tokens=..., cached_len=...) -> GenerationResult: `generation.generate`
 # or `medusa_generation.generate_medusa` with the decoder and the other arguments bound.
 Decode = Callable[..., GenerationResult]
@@ -94,19 +98,24 @@ class ChatSession:
         model.setup_cache(self.context)
         self.tokenizer, self.decode, self.notify = tokenizer, decode, notify
         self.max_new_tokens = max_new_tokens
+        self.extra = extra
         self.reserve = max_new_tokens + extra  # the room an answer needs on top of its prompt
         self.system = None
-        if self._shortest_prompt() + self.reserve > self.context:  # no message could ever fit: the settings are wrong
-            tree = f" and a tree of {extra} nodes" if extra else ""
+        if self._shortest_prompt() + MESSAGE_ROOM + self.reserve > self.context:  # the settings are wrong
             fix = ("lower --max-new-tokens" + (" or use a smaller tree" if extra else "")
                    + (" or raise --context" if self.context < limit else ""))
-            raise NanoMedusaError(f"an answer of {max_new_tokens} tokens{tree} leaves no room for a message in a chat "
-                                  f"context of {self.context} tokens; {fix}.")
+            raise NanoMedusaError(f"{self._answer_room()} leaves no room for a message in a chat context of "
+                                  f"{self.context} tokens; {fix}.")
         self.set_system(system)
         self.messages: list[Message] = []  # user and assistant turns, alternating, oldest first
         self.cached: list[int] = []  # the ids in cache slots 0 .. len-1
         self.used = 0  # tokens of the conversation so far (prompt + answer of the last turn)
         self.last: Turn | None = None
+
+    def _answer_room(self) -> str:
+        """What the cache keeps free for an answer, in words."""
+        tree = f" and a tree of {self.extra} nodes" if self.extra else ""
+        return f"an answer of {self.max_new_tokens} tokens{tree}"
 
     def _shortest_prompt(self, system: str | None = None) -> int:
         """Tokens of a prompt whose user message is empty: the template's markers and the system message."""
@@ -115,10 +124,11 @@ class ChatSession:
 
     def set_system(self, system: str | None) -> None:
         """Set the system message (None: the model's default), unless it leaves no room for a message."""
-        if system is not None and (shortest := self._shortest_prompt(system)) + self.reserve > self.context:
+        room = self.context - self.reserve - MESSAGE_ROOM  # what the prompt may take besides a short message
+        if system is not None and (shortest := self._shortest_prompt(system)) > room:
             raise NanoMedusaError(f"this system message makes every prompt at least {shortest} tokens long, which "
-                                  f"leaves too little of the {self.context}-token context for an answer of "
-                                  f"{self.max_new_tokens} tokens; shorten it.")
+                                  f"leaves too little of the {self.context}-token context for a message and "
+                                  f"{self._answer_room()}; shorten it.")
         self.system = system
 
     def reset(self) -> None:
@@ -174,10 +184,11 @@ class ChatSession:
         while prompt + reserve exceeds the context. A message that cannot fit even alone is refused."""
         alone = self.tokenizer.encode_chat(self.conversation([message]))
         if len(alone) + self.reserve > self.context:
-            system = " and the system message" if self.system is not None else ""
+            system = (" and the system message" if self.system is not None else " and the model's default system "
+                      "prompt" if self.tokenizer.chat.default_system is not None else "")
             raise NanoMedusaError(f"this message takes {len(alone)} tokens with the chat template{system}, which "
-                                  f"leaves too little of the {self.context}-token context for an answer of "
-                                  f"{self.max_new_tokens} tokens; send a shorter one.")
+                                  f"leaves too little of the {self.context}-token context for {self._answer_room()}; "
+                                  f"send a shorter one.")
         self.messages.append(message)
         dropped = 0
         while len(prompt := self.tokenizer.encode_chat(self.conversation())) + self.reserve > self.context:

@@ -12,7 +12,8 @@ the common cases below they reproduce character for character what
 - `llama2`:  `{bos}[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} {eos}` (Llama-2-chat).
   Contents are stripped; the format has no separate generation prompt.
 - `mistral`: `{bos}[INST] {user} [/INST]{assistant}{eos}[INST] ...` (Mistral/Mixtral-Instruct v0.1: one BOS, no
-  spaces around answers). Its template refuses a system message; this preset puts one before the first user
+  spaces around answers). Every template with `[INST]` but no Llama-2 `<<SYS>>` block gets it, though only v0.1's
+  layout is reproduced exactly (later Mistral templates space `[/INST]` and the answer otherwise). Its template refuses a system message; this preset puts one before the first user
   message, `{system}\\n\\n{user}` (Mistral's v0.3 template puts it before the last one instead, which would
   change an earlier turn's text, and so the chat's cached prompt, every turn).
 - `llama3`:  `{bos}<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message,
@@ -174,6 +175,9 @@ class ChatFormat:
     bos_token: str = ""
     eos_token: str = ""
     default_system: str | None = None
+    # where the preset came from: "given", "template", "vocabulary", or, for plain text found by default, "unknown
+    # template" (a template of a format without a preset) or "none" (neither a template nor telling tokens)
+    origin: str = "given"
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -189,9 +193,24 @@ class ChatFormat:
         preset: str | None = None,
     ) -> ChatFormat:
         """Detect the preset (unless given) and pull the default system prompt out of `chat_template`."""
-        preset = preset or detect_preset(chat_template, special_tokens)
+        if preset:
+            origin = "given"
+        else:
+            preset = detect_preset(chat_template, special_tokens)
+            found = "template" if chat_template else "vocabulary"
+            origin = found if preset != "plain" else "unknown template" if chat_template else "none"
         default_system = {"chatml": extract_chatml_system(chat_template), "vicuna": VICUNA_SYSTEM}.get(preset)
-        return cls(preset, bos_token, eos_token, default_system)
+        return cls(preset, bos_token, eos_token, default_system, origin)
+
+    def plain_text_note(self) -> str | None:
+        """Why messages go in as plain text where no format was given and none was found (else None): the tools
+        print it, since a chat model fed plain text answers worse, and train.py's heads learn from such prompts."""
+        if self.origin not in ("unknown template", "none"):
+            return None
+        why = ("has no chat template" if self.origin == "none"
+               else "has a chat template of a format nanomedusa has no preset for")
+        return (f"the checkpoint {why}, so messages go in as plain text, without role markers; if the model was "
+                f"tuned on one of these formats, pass --chat-format {'|'.join(p for p in PRESETS if p != 'plain')}")
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` (a list of {'role', 'content'} dicts)."""

@@ -23,6 +23,7 @@ import kernels
 from kernels.interpreter import interpreting
 from kernels.tree_attention import MAX_ROW_INVARIANT_TREE, TAIL_GRAIN
 
+from .chat_template import PRESETS
 from .errors import USER_ERRORS, NanoMedusaError
 from .files import check_utf8
 from .sampling import MIN_TEMPERATURE
@@ -43,8 +44,8 @@ def run_reporting_errors(body: Callable[[], object]) -> int:
         return USAGE_ERROR
     except torch.OutOfMemoryError as e:
         first = ". ".join(str(e).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has ..."
-        print(f"error: {first}; ask for less (a smaller --context, --max-new-tokens, tree or batch), or use a "
-              f"smaller model or dtype.", file=sys.stderr)
+        print(f"error: {first}; ask for less memory (a shorter context or sequence, fewer new tokens, a smaller "
+              f"batch or tree), or use a smaller model or dtype.", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:
         # Python flushes stdout once more at exit, which would raise again: point it at /dev/null first.
@@ -52,8 +53,26 @@ def run_reporting_errors(body: Callable[[], object]) -> int:
         return BROKEN_PIPE
     except KeyboardInterrupt:  # (a chat's Ctrl-C stops an answer and never reaches here: nanomedusa/chat.py)
         print(file=sys.stderr)  # the shell's prompt then starts a line of its own, not after the partial text
-        return INTERRUPTED
+        return INTERRUPTED  # (`exit_with` then ends the process by SIGINT)
     return 0
+
+
+def exit_with(status: int) -> None:
+    """A CLI's last call, with `run_reporting_errors`' status. After Ctrl-C (INTERRUPTED) the process ends by SIGINT
+    itself, as Python ends it when nothing catches KeyboardInterrupt: a shell running the CLI in a loop or a list of
+    commands stops there only for a process SIGINT ended, not for one that exited with 130."""
+    if status == INTERRUPTED and os.name == "posix":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(status)
+
+
+def add_chat_format_flag(p: argparse.ArgumentParser) -> None:
+    """--chat-format, for every CLI that renders conversations (generate.py, train.py, tree tuning, calibration):
+    the heads must be trained, tuned and served on prompts of one format."""
+    p.add_argument("--chat-format", default="auto", choices=("auto", *PRESETS),
+                   help="how messages are marked up: auto (the preset that the checkpoint's chat_template matches, "
+                        "nanomedusa/chat_template.py) or a preset by name, for a checkpoint without a template")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -387,10 +387,14 @@ def _heads_in_file(state: dict[str, torch.Tensor], configured: int, weightless: 
     disagree with their own config (Vicuna-7B's says 2 heads, its file holds 4). Heads without ResBlocks that
     share the lm_head (`weightless`) hold no tensors at all: config.json alone counts them."""
     heads = {key.split(".", 1)[0] for key in state}
-    held = len(heads)
-    if heads != {str(k) for k in range(held)}:  # a stray or missing head: not a config.json the user could fix
-        raise NanoMedusaError(f"{weights_file}'s tensors are of heads {', '.join(sorted(heads))}, not heads 0 to "
-                              f"{held - 1}; re-download or re-train the heads.")
+    # A stray tensor or a missing head is a damaged file, not a config.json the user could fix.
+    if stray := sorted(key for key in state if not key.split(".", 1)[0].isdigit()):
+        raise NanoMedusaError(f"{weights_file}'s tensor {stray[0]} belongs to no head (names start with the head's "
+                              f"number); re-download or re-train the heads.")
+    held = max((int(k) + 1 for k in heads), default=0)
+    if missing := sorted(set(range(held)) - {int(k) for k in heads}):
+        raise NanoMedusaError(f"{weights_file} has no tensors of head {missing[0]} (it has heads up to {held - 1}); "
+                              f"re-download or re-train the heads.")
     tensors = [{key.split(".", 1)[-1] for key in state if key.split(".", 1)[0] == str(k)} for k in range(held)]
     if any(t != tensors[0] for t in tensors):
         k = next(k for k, t in enumerate(tensors) if t != tensors[0])
@@ -438,19 +442,20 @@ def _rank_accuracy(raw: dict, num_heads: int, path: Path) -> list[list[float]] |
 
 def _medusa_choices(raw: dict, path: Path) -> list[list[int]] | None:
     """config.json's medusa_choices (the heads' own tree: a list of paths, or a preset's name) as checked paths,
-    or None when it has none."""
+    or None when it has none (or an empty list)."""
     choices = raw.get("medusa_choices")
-    if choices is None:
+    if choices is None or choices == []:
         return None
+    fix = (f"give it as a list of paths such as [[0], [0, 0], [1]] or a preset's name ({', '.join(PRESETS)}), or "
+           f"remove it")
     if isinstance(choices, str) and choices not in PRESETS:
-        raise NanoMedusaError(f"{path}/config.json's medusa_choices {choices!r} is no preset ({', '.join(PRESETS)}); "
-                              f"give the tree there as a list of paths, or remove it.")
+        raise NanoMedusaError(f"{path}/config.json's medusa_choices {choices!r} is no preset; {fix}.")
     try:
         return parse_tree(choices)
-    except NanoMedusaError as e:
-        message = str(e)
-        raise NanoMedusaError(f"{path}/config.json's medusa_choices is not a tree: {message[0].lower()}"
-                              f"{message[1:]}") from None
+    except NanoMedusaError as e:  # (its advice is --tree's: keep the reason alone)
+        reason = str(e).split("; ")[0]
+        raise NanoMedusaError(f"{path}/config.json's medusa_choices is not a tree ({reason[0].lower()}{reason[1:]}); "
+                              f"{fix}.") from None
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

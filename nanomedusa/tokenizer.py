@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -146,7 +147,8 @@ class _TokenizersBackend:
         self.post_processor_ids = self._tk.encode("", add_special_tokens=True).ids
         # A sentencepiece model converted to tokenizer.json (Llama, Mistral, a GGUF's) spells rare characters in
         # byte tokens "<0xE6>": {id: byte} when its decoder turns them back into bytes, else empty.
-        byte_fallback = '"ByteFallback"' in json.dumps(json.loads(self._tk.to_str()).get("decoder"))
+        decoder = self._tk.decoder  # (its own JSON alone: the whole file's would take 50 ms to write out again)
+        byte_fallback = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
         self._bytes = {i: int(m[1], 16) for t, i in vocab.items() if byte_fallback and (m := _BYTE_TOKEN.fullmatch(t))}
 
     def encode(self, text: str) -> list[int]:
@@ -176,6 +178,16 @@ class _TokenizersBackend:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)
+
+
+def load_tokenizer(path: str | Path, chat_format: str = "auto", note: bool = True) -> Tokenizer:
+    """The tools' way to load a checkpoint's tokenizer (generate.py, train.py, tree tuning, calibration): in
+    --chat-format's format, with a note on stderr where messages then go in as plain text because the checkpoint's
+    template was missing or unknown (`note=False`: none, e.g. on all but one rank)."""
+    tokenizer = Tokenizer.from_dir(path, chat_preset=chat_format)
+    if note and (text := tokenizer.chat.plain_text_note()):
+        print(f"[note] {text}.", file=sys.stderr)
+    return tokenizer
 
 
 class StreamDecoder:
@@ -281,7 +293,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path, chat_preset: str | None = None) -> Tokenizer:
-        """Load the tokenizer of the Hugging Face checkpoint in `path`; `chat_preset` overrides detection."""
+        """Load the tokenizer of the Hugging Face checkpoint in `path`; `chat_preset` (a preset's name,
+        `--chat-format`) overrides detection, which None or "auto" leave on."""
         path = Path(path)
         if not path.is_dir():
             raise NanoMedusaError(
@@ -327,7 +340,8 @@ class Tokenizer:
         bos_str = bos_token or (backend.id_to_token(bos_id) if bos_id is not None else None)
         eos_str = eos_token or (backend.id_to_token(eos_ids[0]) if eos_ids else None)
         chat = ChatFormat.from_checkpoint(
-            _chat_template(path, config), backend.added_tokens, bos_str or "", eos_str or "", chat_preset
+            _chat_template(path, config), backend.added_tokens, bos_str or "", eos_str or "",
+            None if chat_preset == "auto" else chat_preset,
         )
         return cls(backend, bos_id, eos_ids, bool(add_bos), chat)
 

@@ -23,7 +23,6 @@ expected_accept_length(tree of N nodes) / step_ms(N), instead of a fixed --nodes
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -31,13 +30,13 @@ from safetensors.torch import load_file, save_file
 
 from kernels.medusa_heads import MAX_TOPK
 
-from .cli import (ArgumentParser, check_at_least, check_held_out_split, check_input_dir, check_input_file,
-                  check_output_file, run_reporting_errors)
+from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_held_out_split, check_input_dir,
+                  check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 from .training.data import IGNORE, collate, example_length, load_conversations, tokenize_all, train_eval_split
 from .training.losses import shifted_targets
 from .tree import expected_accept_length, tree_capacity, tree_from_head_accuracies
@@ -75,7 +74,7 @@ def size_for_hardware(acc: torch.Tensor, step_times: dict) -> tuple[int, list[di
     accepted tokens per millisecond of step."""
     rows = []
     for t in step_times["trees"]:
-        paths = min(t["nodes"] - 1, sum(acc.shape[1] ** d for d in range(1, acc.shape[0] + 1)))
+        paths = min(t["nodes"] - 1, tree_capacity(*acc.shape))
         expected = expected_accept_length(acc, tree_from_head_accuracies(acc, paths))
         rows.append({"nodes": paths + 1, "step_ms": t["step_ms"], "expected_accepted": expected,
                      "tokens_per_ms": expected / t["step_ms"]})
@@ -152,7 +151,7 @@ def run(args) -> None:
         raise NanoMedusaError(f"--nodes {args.nodes} is more than a tree {depth} deep of top-{args.topk} guesses "
                               f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
                               f"--topk or --max-depth.")
-    tokenizer = Tokenizer.from_dir(ckpt)
+    tokenizer = load_tokenizer(ckpt, args.chat_format)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}
     for path in args.data:
@@ -201,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
                    help="conversations (the heads' training data; the held-out split of each file is used)")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
+    add_chat_format_flag(p)
     p.add_argument("--nodes", type=int, default=63, help="tree size, root not counted")
     p.add_argument("--step-times", default=None, metavar="FILE",
                    help="step time against tree size (python -m bench.decode --tree-sizes): choose the size too")
@@ -224,4 +224,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -410,27 +411,57 @@ def test_the_prompt_takes_an_empty_system_message_as_the_chat_does(cli_root):
 
 
 def test_a_checkpoint_without_a_known_template_says_so_and_takes_chat_format(cli_root, tmp_path, capsys):
-    """A template nanomedusa has no preset for (or none) puts messages in as plain text: a note says so, and
+    """A template nanomedusa has no preset for, or none, puts messages in as plain text: a note says which, and
     --chat-format picks the format the model was tuned on."""
     import generate
-    from nanomedusa.tokenizer import Tokenizer
+    from nanomedusa.chat_template import ChatFormat
+    from nanomedusa.tokenizer import Tokenizer, load_tokenizer
 
     shutil.copytree(cli_root / "model", tmp_path / "model")
-    config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{% for m in messages %}{{ '<start_of_turn>' + m['content'] }}{% endfor %}"  # Gemma's
-    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps(config))
     user = [{"role": "user", "content": "hi"}]
+    gemma = "{% for m in messages %}{{ '<start_of_turn>' + m['content'] }}{% endfor %}"
+    edit_json(tmp_path / "model" / "tokenizer_config.json", chat_template=gemma)
     for flags, preset, note in (([], "plain", True), (["--chat-format", "vicuna"], "vicuna", False),
                                 (["--raw"], "plain", False)):
         args = generate.parse_args(["--prompt", "hi", *flags])
-        tokenizer = generate.load_tokenizer(args, tmp_path / "model")
+        tokenizer = load_tokenizer(tmp_path / "model", args.chat_format, note=not args.raw)
         assert tokenizer.chat.preset == preset
-        assert ("pass --chat-format chatml|llama2|mistral|" in capsys.readouterr().err) is note
+        err = capsys.readouterr().err
+        assert ("[note] the checkpoint has a chat template of a format nanomedusa has no preset for, so messages go "
+                "in as plain text, without role markers; if the model was tuned on one of these formats, pass "
+                "--chat-format chatml|llama2|mistral|llama3|vicuna|zephyr." in err) is note
         if not args.raw:
             expected = Tokenizer.from_dir(tmp_path / "model", chat_preset=preset).encode_chat(user)
             assert generate.encode_prompt(args, tokenizer) == expected
-    generate.load_tokenizer(generate.parse_args(["--prompt", "hi"]), cli_root / "model")  # ChatML: no note
+    # No template: ChatML's tokens in the vocabulary say enough (this tokenizer has them); without them, a note.
+    assert ChatFormat.from_checkpoint(None, ["<|im_start|>"]).plain_text_note() is None
+    assert ChatFormat.from_checkpoint(None, ["<s>"]).plain_text_note().startswith("the checkpoint has no chat template")
+    load_tokenizer(cli_root / "model")  # ChatML: no note
     assert capsys.readouterr().err == ""
+
+
+def test_every_tool_that_renders_conversations_takes_chat_format(cli_root, tmp_path, monkeypatch):
+    # Heads are distilled, trained, tuned and calibrated on prompts of one format, the one they are served with.
+    from nanomedusa.tokenizer import Tokenizer
+
+    asked = []
+
+    def from_dir(cls, path, chat_preset=None):
+        asked.append(chat_preset)
+        raise NanoMedusaError("enough")
+
+    monkeypatch.setattr(Tokenizer, "from_dir", classmethod(from_dir))
+    common = ["--model", "{root}/model", "--device", "cpu", "--chat-format", "vicuna"]
+    heads = ["--heads", "{root}/heads", "--data", "{root}/answers.jsonl"]
+    runs = [("generate", GENERATE[1:] + ["--chat-format", "vicuna"]),
+            ("train", ["--data", "{root}/answers.jsonl", "--out", str(tmp_path / "train"), *common]),
+            ("train", ["--stage", "distill", "--data", "{root}/prompts.jsonl", "--out", str(tmp_path / "a.jsonl"),
+                       *common]),
+            ("nanomedusa.tree_tuning", heads + common),
+            ("nanomedusa.calibration", heads + common)]
+    for module, argv in runs:
+        assert importlib.import_module(module).main(with_root(argv, cli_root)) == 2
+    assert asked == ["vicuna"] * len(runs)
 
 
 def test_kernel_errors_are_reported_like_ours(capsys):
@@ -445,8 +476,8 @@ def test_running_out_of_gpu_memory_is_one_line(capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has a total capacity "
                                      "of 23.55 GiB of which 2.1 GiB is free. Including non-PyTorch memory, ...")
     assert_one_error_line(run_reporting_errors(oom), capsys.readouterr().err,
-                          "CUDA out of memory. Tried to allocate 16.00 GiB; ask for less (a smaller --context, "
-                          "--max-new-tokens, tree or batch), or use a smaller model or dtype.")
+                          "CUDA out of memory. Tried to allocate 16.00 GiB; ask for less memory (a shorter context or "
+                          "sequence, fewer new tokens, a smaller batch or tree), or use a smaller model or dtype.")
 
 
 def test_ctrl_c_ends_a_run_without_a_traceback(capsys):
@@ -456,6 +487,15 @@ def test_ctrl_c_ends_a_run_without_a_traceback(capsys):
     assert run_reporting_errors(interrupted) == 130  # as a shell reports a tool that SIGINT ended
     captured = capsys.readouterr()
     assert captured.out == "a partial answer" and captured.err == "\n"  # the shell's prompt on a line of its own
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_after_ctrl_c_a_cli_ends_by_sigint_so_that_a_shell_loop_stops():
+    # bash goes on with a loop or a list of commands after a process that exited with 130; it stops only after one
+    # that SIGINT ended
+    script = "import sys; from nanomedusa.cli import exit_with; exit_with(int(sys.argv[1]))"
+    codes = [subprocess.run([sys.executable, "-c", script, str(status)], cwd=REPO).returncode for status in (130, 2)]
+    assert codes == [-signal.SIGINT, 2]
 
 
 def test_cli_zero_new_tokens_prints_nothing(cli_root):

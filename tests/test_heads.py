@@ -195,6 +195,25 @@ def test_trim_keeps_the_first_heads_whatever_the_file_calls_them(model, tmp_path
     assert torch.allclose(heads(hidden), reference_logits(state, hidden, 4, num_layers, prefix)[:2], atol=1e-5)
 
 
+def test_trim_keeps_the_first_heads_that_read_their_path(model, tmp_path):
+    # their path projections are stored as "medusa_path.{head}.weight"
+    from nanomedusa.tree_tuning import trim_heads
+
+    heads = MedusaHeads.from_base(model, num_heads=3, num_layers=1, reads_path=True)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.1)
+    heads.config = replace(heads.config, rank_accuracy=[[0.5]] * 3)
+    heads.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    trim_heads(tmp_path, config, 2)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    trimmed = MedusaHeads.load(tmp_path, model.config)
+    assert trimmed.config.num_heads == 2 and trimmed.config.reads_path
+    hidden, path = torch.randn(3, model.config.dim), torch.randn(3, 3, model.config.dim)
+    assert torch.equal(trimmed(hidden, model.lm_head.weight, path[:, :2]), heads(hidden, model.lm_head.weight, path)[:2])
+
+
 def test_a_damaged_heads_file_or_config_says_what_to_do(model, tmp_path, capsys):
     """A file with a head missing, a stray tensor or a head short of a tensor is damaged (config.json cannot fix
     it); a bad tree or accuracy table in config.json is named there, with a fix that works."""
@@ -204,9 +223,10 @@ def test_a_damaged_heads_file_or_config_says_what_to_do(model, tmp_path, capsys)
     state = reference_state(3, 1, dim, vocab, "")
     damaged = {
         "a head missing": ({k: v for k, v in state.items() if not k.startswith("1.")},
-                           "tensors are of heads 0, 2, not heads 0 to 1; re-download or re-train the heads."),
+                           "has no tensors of head 1 (it has heads up to 2); re-download or re-train the heads."),
         "a stray tensor": ({**state, "foo": torch.zeros(1)},
-                           "tensors are of heads 0, 1, 2, foo, not heads 0 to 3; re-download or re-train the heads."),
+                           "tensor foo belongs to no head (names start with the head's number); re-download or "
+                           "re-train the heads."),
         "head 0 short of its vocab projection": ({k: v for k, v in state.items() if k != "0.1.weight"},
                                                  "heads 0 and 1 hold different tensors (1.weight is in one only); "
                                                  "re-download or re-train the heads."),
@@ -217,10 +237,12 @@ def test_a_damaged_heads_file_or_config_says_what_to_do(model, tmp_path, capsys)
             MedusaHeads.load(tmp_path, model.config)
     save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
     bad_config = {
-        "medusa_choices": ([[0], 1], "medusa_choices is not a tree: tree entry 1 is not a non-empty list"),
-        "medusa_choices ": ([[0], [1, 0]], "medusa_choices is not a tree: tree path [1, 0] needs its prefix [1] in "
-                                           "the tree too; add it."),
-        "medusa_choices  ": ("mc_sim", "medusa_choices 'mc_sim' is no preset"),
+        "medusa_choices": ([[0], 1], "medusa_choices is not a tree (tree entry 1 is not a non-empty list of top-k "
+                                     "indices); give it as a list of paths such as [[0], [0, 0], [1]] or a preset's "
+                                     "name ("),
+        "medusa_choices ": ([[0], [1, 0]], "medusa_choices is not a tree (tree path [1, 0] needs its prefix [1] in "
+                                           "the tree too); give it as"),
+        "medusa_choices  ": ("mc_sim", "medusa_choices 'mc_sim' is no preset; give it as a list of paths"),
         "rank_accuracy": ([[0.5, 0.2], [0.4], [0.3]], "remove it from config.json, then measure it again"),
         "rank_accuracy ": ([[0.1] * 17] * 3, "of 1 to 16 numbers from 0 to 1 each"),
         "medusa_temperatures": ([1.0], "remove them from config.json, then fit them again"),
@@ -237,6 +259,8 @@ def test_a_damaged_heads_file_or_config_says_what_to_do(model, tmp_path, capsys)
     heads = MedusaHeads.load(tmp_path, model.config)
     assert heads.config.medusa_choices == PRESETS["chain3"] and default_nodes(heads.config) == 4
     assert default_nodes(replace(heads.config, medusa_choices="chain2")) == 3
+    (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_choices": []}))  # no tree of their own
+    assert MedusaHeads.load(tmp_path, model.config).config.medusa_choices is None
 
 
 def test_shipped_heads_are_the_default_model_s_default():

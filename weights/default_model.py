@@ -141,8 +141,8 @@ def _say(message: str, progress: bool) -> None:
 if __name__ == "__main__":
     import argparse
 
-    from nanomedusa.cli import ArgumentParser, run_reporting_errors
+    from nanomedusa.cli import ArgumentParser, exit_with, run_reporting_errors
 
     # No flags: --help prints this docstring (where the GGUF comes from), and any other argument is refused.
     ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    sys.exit(run_reporting_errors(lambda: print(ensure_default_model())))
+    exit_with(run_reporting_errors(lambda: print(ensure_default_model())))

@@ -38,7 +38,7 @@ from ..decoder import Decoder
 from ..generation import generate, generate_batch
 from ..loading import load_model
 from ..sampling import Sampling
-from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer
 from .data import load_conversations, prompt_messages
 
 SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
@@ -58,6 +58,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    chat_format: str = "auto"  # a chat_template.PRESETS name, or auto: the one the checkpoint's template matches
 
 
 @dataclass
@@ -86,7 +87,7 @@ def distill(cfg: DistillConfig) -> int:
         return 0
     model, ckpt_dir = load_model(cfg.model, cfg.device, cfg.dtype)
     decoder = Decoder(model)  # one for the run: its CUDA graphs serve every prompt
-    tokenizer = Tokenizer.from_dir(ckpt_dir)
+    tokenizer = load_tokenizer(ckpt_dir, cfg.chat_format)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
     context = model.config.max_position_embeddings
     jobs, seen, why = [], set(), {"a repeated id": 0, "no prompt": 0, "no room to answer in the context": 0}

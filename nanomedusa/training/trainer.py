@@ -40,7 +40,7 @@ from ..config import ModelConfig
 from ..errors import NanoMedusaError
 from ..heads import MedusaHeads
 from ..loading import DTYPES, load_model, resolve_checkpoint
-from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer
 from . import checkpoint
 from .data import (IGNORE, StepSampler, collate, eval_batches, example_length, load_conversations, mix_examples,
                    tokenize_all, train_eval_split)
@@ -98,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 frozen backbone on GPU for warm-up, float32 weights otherwise
+    chat_format: str = "auto"  # a chat_template.PRESETS name, or auto: the one the checkpoint's template matches
     resume: bool = False
 
     def check(self) -> None:
@@ -151,7 +152,7 @@ class Trainer:
 
         sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
         self.ckpt_dir = resolve_checkpoint(cfg.model)
-        self.tokenizer = Tokenizer.from_dir(self.ckpt_dir)
+        self.tokenizer = load_tokenizer(self.ckpt_dir, cfg.chat_format, note=self.dist.is_main)
         self.train_set, self.eval_set = self._tokenize(sources)
         dtype = cfg.dtype
         if dtype == "auto":
