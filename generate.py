@@ -261,8 +261,9 @@ def check_args(args) -> None:
         parse_tree(args.tree)  # a typo fails now, not after the model has loaded
 
 
-def run(args) -> None:
-    check_args(args)
+def prepare(args):
+    """Everything a run decodes with, from checked flags: the kernels chosen, then the model, its tokenizer, the heads
+    and their tree (None, None: plain decoding) -> (decoder, tokenizer, heads, tree)."""
     use_kernels(args.kernels, args.exact, resolve_device(args.device))
     imported = time.perf_counter()
     model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -277,6 +278,12 @@ def run(args) -> None:
     if args.verbose:
         print(f"[time] imports {imported - STARTED:.2f} s, load {time.perf_counter() - imported:.2f} s "
               f"(model, tokenizer, heads: {model.device}, {model.dtype})", file=sys.stderr, flush=True)
+    return decoder, tokenizer, heads, tree
+
+
+def run(args) -> None:
+    check_args(args)
+    decoder, tokenizer, heads, tree = prepare(args)
     if args.interactive:
         from nanomedusa.chat import run_chat
 

@@ -40,15 +40,19 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        simulator (CPU)
     python bench/bench_startup.py      time to the first token of a fresh generate.py, and of a chat's
                                        follow-up turn
-    bash bench/gpu_run.sh STAGE        every GPU number we report, one stage per call (the kernels, the
-                                       training stages, the tree-size sweep, the end-to-end benchmark,
-                                       --exact: its text against plain greedy's and its cost)
+    bash bench/gpu_run.sh STAGE        the GPU runs behind the shipped checkpoints and the main tables, one
+                                       stage per call (the kernels, the training stages, the tree-size sweep,
+                                       the end-to-end benchmark, --exact: its text against plain greedy's and
+                                       its cost); RESULTS.md's other sections quote their own commands
 
 The modules, one job each:
 
     timer.py           the one timer every benchmark uses (median of CUDA-graph replays; why it measures so)
-    report.py          progress lines, markdown tables, the run's metadata, the JSON results file
-    prompts.py         prompt sets: reading one, decoding it with one method, the totals
+    report.py          progress lines, markdown tables, the run's metadata, the JSON results file (by default under
+                       the git-ignored work/bench/, never over the records here)
+    checks.py          the flag checks the benchmarks share (comma-separated lists, a GPU, the kind of heads)
+    prompts.py         prompt sets: reading one (--num-prompts N: the first N of each file), decoding it with one
+                       method, the totals
     checkpoints.py     the --heads checkpoints, the backbone each goes with, their trees
     decode.py          the end-to-end benchmark and the command line of all its parts
     steps.py           its step-time parts: the tree-size sweep and the 7B-shaped steps

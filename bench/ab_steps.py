@@ -1,21 +1,21 @@
 """A/B of code versions on the step benchmark: bench/steps.py's graphed decode and 64-node tree steps, timed for
 several revisions of this repository in alternation, so that a machine's drift touches every version alike.
 
-    python -m bench.ab_steps export main wip-swiglu-fold        # here, with git: ab/main/ and ab/wip-swiglu-fold/
+    python -m bench.ab_steps export main wip/swiglu-fold        # here, with git: ab/main/ and ab/wip-swiglu-fold/
     python -m bench.ab_steps run ab/main ab/wip-swiglu-fold --shape smollm2-135m 7b --prefix 200 1024   # on a GPU
 
 Why versions and not flags: a kernel variant worth measuring is usually a change to the code, on a branch, and
 comparing it with main in one call on one machine is the only comparison this project trusts (machines of the
 pool differ by 2-3%). `export` writes each revision's kernels/, nanomedusa/, bench/ and weights/*.py into
-ab/<revision>/; the folder is untracked, so it travels to the device machine with the working tree (which has
-no git history there). `run` starts one Python process per version, shape, prefix and round, importing that
-version's modules from its own folder (`python -c` with the folder first on the path: this module's worker, so
-any revision with bench/steps.py's `build_7b` and `step_ms` can be measured). Each process builds the shape's
-random-weight model (bench/steps.py's SHAPES), fills `--prefix` cached tokens and times both steps, by default in
-the row-invariant mode with programmatic dependent launch (`--mode`). The table: per shape and prefix, each
-version's median over the rounds and its change against the first version; with `--floor`, also each decode step
-against the bandwidth floor of this machine (the shape's weights over the copy bandwidth measured after the rounds,
-as bench/steps.py's 7B part counts it), since the machines of the pool differ.
+ab/<revision>/ at the repository's root (a "/" in the revision becomes "-"); the folder is untracked, so it travels
+to the device machine with the working tree (which has no git history there). `run` starts one Python process per
+version, shape, prefix and round, importing that version's modules from its own folder (`python -c` with the folder
+first on the path: this module's worker, so any revision with bench/steps.py's `build_7b` and `step_ms` can be
+measured). Each process builds the shape's random-weight model (bench/steps.py's SHAPES), fills `--prefix` cached
+tokens and times both steps, by default in the row-invariant mode with programmatic dependent launch (`--mode`). The
+table: per shape and prefix, each version's median over the rounds and its change against the first version; with
+`--floor`, also each decode step against the bandwidth floor of this machine (the shape's weights over the copy
+bandwidth measured after the rounds, as bench/steps.py's 7B part counts it), since the machines of the pool differ.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ import sys
 import tarfile
 from pathlib import Path
 
+from nanomedusa.cli import ArgumentParser, check_at_least, check_output_file, check_positive, run_reporting_errors
+from nanomedusa.tree import PRESETS
+
 from .report import print_table, save, say
+from .steps import SHAPES
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORTED = ("kernels", "nanomedusa", "bench")  # and weights/*.py (not the shipped heads' files)
-MODES = {"exact-pdl": (True, True), "exact": (True, False), "default": (False, False)}
+# --mode -> (row-invariant kernels, programmatic dependent launch); the first is the default
+MODES = {"exact-pdl": (True, True), "exact": (True, False), "cublas": (False, False)}
 
 # Runs in a version's folder with that folder first on sys.path: the step measurement of bench/step_profile.py,
 # using only what every measured revision has.
@@ -133,7 +138,23 @@ def table_row(shape, prefix, label, decode: float, tree: float, first: tuple[flo
     return row if floor_ms is None else row + [f"{floor_ms / decode:.1%}"]
 
 
+# What `run` and bench.body_chunks end with when every worker failed (they print each one's error as it ends).
+NOTHING_MEASURED = ("error: no version's steps were measured (each worker's error is above); fix what they say, or "
+                    "pass versions that have bench/steps.py's build_7b and step_ms.")
+
+
+def check_step_flags(args) -> None:
+    """The values of `run`'s and bench.body_chunks' flags before any worker starts, so that a typo is one error line,
+    not a table of failed rows: a NanoMedusaError naming the fix. (Argparse refused an unknown --shape or --tree.)"""
+    check_at_least(0, {"--prefix": min(args.prefix)})
+    check_at_least(1, {"--layers": args.layers, "--rounds": args.rounds, "--reps": args.reps})
+    check_positive({"--timeout": args.timeout})
+    if args.json is not None:
+        check_output_file("--json", args.json)
+
+
 def run(args) -> dict:
+    check_step_flags(args)
     versions = version_folders(args.versions, "bench/steps.py")
     exact, pdl = MODES[args.mode]
     times = {}  # (shape, prefix, version name) -> list of {"decode_ms", "tree_ms", "weight_bytes"}
@@ -177,23 +198,37 @@ def run(args) -> dict:
            "results": results}
     if args.json:
         save(out, args.json)
+    if not results:
+        raise SystemExit(NOTHING_MEASURED)
     return out
 
 
+def add_step_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the tools that time bench/steps.py's graphed steps in worker processes (run, bench.body_chunks),
+    their shapes and trees checked against this working tree's SHAPES and PRESETS."""
+    p.add_argument("--shape", nargs="+", default=["7b"], choices=sorted(SHAPES),
+                   help="bench/steps.py SHAPES names (default 7b)")
+    p.add_argument("--prefix", nargs="+", type=int, default=[1024], help="cached tokens before the step")
+    p.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
+    p.add_argument("--tree", default="mc_sim_7b_63", choices=sorted(PRESETS), metavar="PRESET",
+                   help="the tree step's preset tree, a name of nanomedusa/tree.py's PRESETS (default mc_sim_7b_63)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     e = sub.add_parser("export", help="write git revisions' code into ab/<revision>/ (run where git history is)")
     e.add_argument("revisions", nargs="+", help="branches, tags or commits")
-    e.add_argument("--dir", default="ab", help="where the versions go (default ab/, beside the working tree)")
+    e.add_argument("--dir", type=Path, default=REPO / "ab",
+                   help="where the versions go (default: ab/ at the repository's root, whatever the current "
+                        "directory), each in a folder named as its revision with any / made - (wip/x: ab/wip-x)")
     r = sub.add_parser("run", help="time exported versions' steps in alternation")
     r.add_argument("versions", nargs="+", help="exported folders (ab/<revision>); the first is the baseline")
-    r.add_argument("--shape", nargs="+", default=["7b"], help="bench/steps.py SHAPES names (default 7b)")
-    r.add_argument("--prefix", nargs="+", type=int, default=[1024], help="cached tokens before the step")
-    r.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
-    r.add_argument("--tree", default="mc_sim_7b_63", help="the tree step's preset tree (default mc_sim_7b_63)")
-    r.add_argument("--mode", choices=sorted(MODES), default="exact-pdl",
-                   help="row-invariant kernels with PDL (default), without it, or cuBLAS + default attention")
+    add_step_flags(r)
+    r.add_argument("--mode", choices=list(MODES), default="exact-pdl",
+                   help="exact-pdl (the default): the row-invariant kernels (--exact) with programmatic dependent "
+                        "launch; exact: the same kernels with ordinary launches; cublas: cuBLAS linear layers and the "
+                        "default attention (--no-exact)")
     r.add_argument("--rounds", type=int, default=2, help="times through every version (default 2)")
     r.add_argument("--reps", type=int, default=200, help="graph replays per step time (default 200)")
     r.add_argument("--device", default="cuda", help="default cuda (cpu: eager steps, for checking the tool)")
@@ -205,14 +240,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "export":
         for revision in args.revisions:
-            say(f"[ab] {revision} -> {export(revision, Path(args.dir))}")
-    else:
-        run(args)
+            say(f"[ab] {revision} -> {export(revision, args.dir)}")
+        return 0
+    return run_reporting_errors(lambda: run(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

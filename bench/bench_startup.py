@@ -9,9 +9,12 @@
    load, first-call setup, prefill, decode). Target: <= 3 s, <= 2 s of it before the model is on the GPU.
 2. Follow-up turn: the chat that `--interactive` builds, grown with the prompts of bench/prompts-chat.jsonl
    to about --conversation-tokens tokens, then --follow-ups short turns, each timed from the message to its
-   first streamed token (what Enter-to-first-token is, less the terminal). Target: <= 50 ms.
+   first streamed token (what Enter-to-first-token is, less the terminal). Target: <= 50 ms. The chat runs in this
+   process, set up as `generate.py --interactive` sets it up, kernels included (--exact by default on Hopper).
 
-Arguments after `--` go to generate.py in both parts (e.g. `-- --no-medusa`, `-- --model DIR`).
+Arguments after `--` go to generate.py in both parts (e.g. `-- --no-medusa`, `-- --model DIR`). They are checked
+before part 1 starts, in this process, which imports torch for that: the disk is warm for the first run's imports
+too.
 """
 
 from __future__ import annotations
@@ -28,19 +31,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # generate.py is a script at the repository root, not part of the package
 
+from nanomedusa.cli import ArgumentParser, check_at_least, run_reporting_errors  # noqa: E402 (after the path)
+
 PROMPT = "Hi, who are you?"
 FOLLOW_UPS = ["Thanks! Say that again in one sentence.", "Why?", "Give me one example.", "And another one?",
               "Summarise our conversation in ten words."]
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="fresh generate.py processes for the time to first token")
     p.add_argument("--conversation-tokens", type=int, default=1000, help="grow the chat to this many tokens")
     p.add_argument("--follow-ups", type=int, default=5, help="follow-up turns timed")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("generate_args", nargs="*", help="after --: more generate.py flags")
-    return p.parse_args()
+    return p.parse_args(argv)
+
+
+def chat_args(args):
+    """generate.py's arguments for the chat of part 2 (--interactive and this tool's --max-new-tokens, then the
+    flags after --)."""
+    import generate
+
+    return generate.parse_args(["--interactive", "--max-new-tokens", str(args.max_new_tokens), *args.generate_args])
+
+
+def check_args(args) -> None:
+    """This tool's flags and generate.py's after --, before part 1's processes start (a NanoMedusaError naming the
+    fix; generate.py's own parser refuses a flag it does not know)."""
+    import generate
+
+    check_at_least(0, {"--runs": args.runs, "--conversation-tokens": args.conversation_tokens})
+    check_at_least(1, {"--follow-ups": args.follow_ups, "--max-new-tokens": args.max_new_tokens})
+    generate.check_args(chat_args(args))
 
 
 def time_to_first_token(extra: list[str], max_new_tokens: int) -> tuple[float, str]:
@@ -58,25 +81,21 @@ def time_to_first_token(extra: list[str], max_new_tokens: int) -> tuple[float, s
     return seconds, stderr
 
 
-def follow_up_latencies(extra: list[str], conversation_tokens: int, follow_ups: int, max_new_tokens: int):
-    """Grow a chat to `conversation_tokens`, then time `follow_ups` turns; -> [(ms to first token, prefilled, used)]."""
+def follow_up_latencies(args, conversation_tokens: int, follow_ups: int):
+    """Grow a chat to `conversation_tokens`, then time `follow_ups` turns; -> [(ms to first token, prefilled, used)].
+    `args` are generate.py's (`chat_args`): the chat is set up by generate.py's own `prepare`, its kernels
+    (--kernels, --exact) included."""
     import generate
-    from nanomedusa.decoder import Decoder
-    from nanomedusa.loading import load_model
-    from nanomedusa.tokenizer import Tokenizer
 
-    args = generate.parse_args(["--interactive", "--max-new-tokens", str(max_new_tokens), *extra])
-    model, ckpt = load_model(args.model, device=args.device, dtype=args.dtype)
-    tokenizer = Tokenizer.from_dir(ckpt)
-    heads, tree = generate.load_heads(args, model)
-    session = generate.chat_session(args, Decoder(model), tokenizer, heads, tree)
+    decoder, tokenizer, heads, tree = generate.prepare(args)
+    session = generate.chat_session(args, decoder, tokenizer, heads, tree)
     prompts = [json.loads(line)["prompt"] for line in (REPO / "bench" / "prompts-chat.jsonl").open()]
     for prompt in prompts:
         if session.used >= conversation_tokens:
             break
         session.say(prompt)
     print(f"conversation grown to {session.used} tokens in {len(session.messages) // 2} turns "
-          f"({'Medusa' if heads is not None else 'plain'} decoding, {model.device}, {model.dtype})")
+          f"({'Medusa' if heads is not None else 'plain'} decoding, {decoder.model.device}, {decoder.model.dtype})")
     timings = []
     for text in (FOLLOW_UPS * follow_ups)[:follow_ups]:
         session.say(text)
@@ -84,19 +103,24 @@ def follow_up_latencies(extra: list[str], conversation_tokens: int, follow_ups: 
     return timings
 
 
-def main():
-    args = parse_args()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_reporting_errors(lambda: (check_args(args), run(args)))
+
+
+def run(args) -> None:
+    """Both parts, as the module docstring says, with the flags `check_args` accepted."""
     print(f"1. time to first token of `python generate.py --prompt {PROMPT!r}`, {args.runs} fresh processes")
-    for run in range(args.runs):
+    for n in range(1, args.runs + 1):
         seconds, stderr = time_to_first_token(args.generate_args, args.max_new_tokens)
         breakdown = " | ".join(line for line in stderr.splitlines() if line.startswith("[time]"))
-        print(f"   run {run + 1}: first token after {seconds:.2f} s   {breakdown}")
+        print(f"   run {n}: first token after {seconds:.2f} s   {breakdown}")
     print(f"2. follow-up turns of a chat of about {args.conversation_tokens} tokens")
-    timings = follow_up_latencies(args.generate_args, args.conversation_tokens, args.follow_ups, args.max_new_tokens)
+    timings = follow_up_latencies(chat_args(args), args.conversation_tokens, args.follow_ups)
     for ms, prefilled, used in timings:
         print(f"   first token after {ms:6.1f} ms (prefilled {prefilled} new tokens; conversation {used} tokens)")
     print(f"   median {statistics.median(ms for ms, _, _ in timings):.1f} ms")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

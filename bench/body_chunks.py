@@ -17,8 +17,14 @@ first version's.
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
-from .ab_steps import TABLE_COLUMNS, measure, median_steps, table_row, version_folders
+from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.errors import NanoMedusaError
+
+from .ab_steps import (NOTHING_MEASURED, TABLE_COLUMNS, add_step_flags, check_step_flags, measure, median_steps,
+                       table_row, version_folders)
 from .report import print_table, save, say
 
 # Runs in a version's folder with that folder first on sys.path (bench/ab_steps.py's `measure`).
@@ -60,21 +66,36 @@ print(json.dumps(rows))
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("versions", nargs="+", help="exported folders (ab/<revision>) or . ; the first is the baseline")
-    ap.add_argument("--shape", nargs="+", default=["7b"], help="bench/steps.py SHAPES names (default 7b)")
-    ap.add_argument("--prefix", nargs="+", type=int, default=[1024], help="cached tokens before the step")
+    add_step_flags(ap)
     ap.add_argument("--chunks", nargs="+", default=["2", "4", "8", "16"],
                     help="body chunkings to time: COUNT or COUNT:MAX_TILES (kernels.tree_attention.BodyChunks), or shipped")
-    ap.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
-    ap.add_argument("--tree", default="mc_sim_7b_63", help="the tree step's preset tree (default mc_sim_7b_63)")
     ap.add_argument("--rounds", type=int, default=2, help="times through every prefix and count (default 2)")
     ap.add_argument("--reps", type=int, default=200, help="graph replays per step time (default 200)")
     ap.add_argument("--device", default="cuda", help="default cuda (cpu: eager steps, for checking the tool)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process (default 600)")
     ap.add_argument("--json", default=None, help="write the numbers here")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Every value before a worker starts, so that a typo is one error line, not a table of failed rows."""
+    for chunks in args.chunks:
+        if not re.fullmatch(r"shipped|[1-9]\d*(:[1-9]\d*)?", chunks):
+            raise NanoMedusaError(f"--chunks {chunks!r} is not COUNT, COUNT:MAX_TILES or shipped (counts of at least "
+                                  f"1); pass e.g. --chunks 4 8 16:8 shipped.")
+    check_step_flags(args)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_reporting_errors(lambda: (check_args(args), run(args)))
+
+
+def run(args) -> None:
+    """Each version's steps at every shape, prefix and chunking, in worker processes; the table and --json."""
     versions = version_folders(args.versions, "bench/steps.py")
     results, rows = [], []
     for shape in args.shape:
@@ -100,7 +121,9 @@ def main() -> None:
                 f"replays each): ms, and against {args.versions[0]}", TABLE_COLUMNS, rows)
     if args.json:
         save({"tree": args.tree, "device": args.device, "chunks": args.chunks, "results": results}, args.json)
+    if not results:
+        raise SystemExit(NOTHING_MEASURED)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

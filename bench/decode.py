@@ -7,14 +7,16 @@
     python -m bench.decode --skip-e2e --skip-7b --sampling bench/prompts-chat-heldout.jsonl \
         bench/prompts-train-mix.jsonl               # only sampling: plain vs Medusa, on two prompt sets
 
-Parts, each printed as a table when it finishes and all saved to --json (default bench/results.json):
+Parts, each printed as a table when it finishes and all saved to --json (default work/bench/results.json, in the
+repository's ignored work/ folder; bench/ keeps the records of past runs, which a rerun should not overwrite):
 
   ar      our plain decoding (`generate`, CUDA graphs), on each backbone: tokens/s
   medusa  each --heads checkpoint x each --tree: tokens/s, mean accepted length, and how many prompts
           came out token for token equal to plain greedy decoding on the same backbone; per prompt
           category too, where the prompt file gives each prompt a "category"
   sizes   with --tree-sizes: the step time of the first --heads against the tree's node count
-          (bench/steps.py), written to --step-times for `python -m nanomedusa.tree_tuning --step-times`
+          (bench/steps.py), written to --step-times (default work/bench/step-times.json) for
+          `python -m nanomedusa.tree_tuning --step-times`
   hf      transformers' `generate(do_sample=False)` on the same prompts: tokens/s
   sampling with --sampling: plain and Medusa sampling on each prompt set given (bench/sampling.py)
   7b      a randomly initialised Llama-7B-shaped model: decode and tree-verification step times, the
@@ -44,7 +46,6 @@ with); the outputs of Medusa-2 heads are checked against their own backbone's pl
 
 from __future__ import annotations
 
-import re
 import statistics
 import sys
 import time
@@ -56,7 +57,6 @@ import torch
 from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_kernels, check_output_file,
                             run_reporting_errors, use_kernels)
 from nanomedusa.decoder import Decoder, sync
-from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import resolve_device, resolve_dtype
@@ -65,14 +65,14 @@ from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers
 
 from .checkpoints import BASE, HeadsSpec, free_memory, heads_specs, load_backbone, spec_backbone, trees_for
+from .checks import int_list
 from .prompts import DEFAULT_PROMPTS, Prompt, chat_prompts, measure, read_prompts, warmup_prompts
-from .report import metadata, print_table, save, say
+from .report import DEFAULT_OUT, metadata, print_table, save, say
 from .sampling import bench_sampling, print_sampling_tables
-from .steps import SHAPES, bench_7b, bench_tree_sizes, print_7b_tables, print_sizes_table
+from .steps import SHAPES, bench_7b, bench_tree_sizes, check_7b_shape, print_7b_tables, print_sizes_table
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_JSON = HERE / "results.json"
-DEFAULT_STEP_TIMES = HERE / "step-times.json"
+DEFAULT_JSON = DEFAULT_OUT / "results.json"
+DEFAULT_STEP_TIMES = DEFAULT_OUT / "step-times.json"
 
 
 def parse_args(argv=None):
@@ -85,7 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=Path, nargs="+", default=[DEFAULT_PROMPTS], metavar="FILE",
                    help="JSONL files of {\"id\", \"prompt\"}, their prompts run in order "
                         "(default bench/prompts-train-mix.jsonl)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="use the first N prompts of each --prompts and --sampling file (default: all; --tree-sizes: "
+                        "4 of each)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
     p.add_argument("--heads", action="append", default=[], metavar="[LABEL=]HEADS_DIR[@MODEL_DIR]",
                    help="Medusa heads to benchmark (repeatable; default: the shipped heads of the default model)")
@@ -94,7 +96,7 @@ def parse_args(argv=None):
                         "mc_sim_7b_63, each cut to the number of heads)")
     p.add_argument("--quick-warmup", action="store_true", help="warm our methods up on the first prompt only")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                   help="where to write all raw numbers (default bench/results.json)")
+                   help="where to write all raw numbers (default work/bench/results.json, git-ignored)")
     p.add_argument("--skip-e2e", action="store_true", help="skip the ar, medusa and hf parts")
     p.add_argument("--no-medusa", action="store_true", help="skip the medusa part")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers part")
@@ -106,7 +108,8 @@ def parse_args(argv=None):
                    help="time Medusa steps of the first --heads with trees of these node counts "
                         "(e.g. 16,32,64,128,256)")
     p.add_argument("--step-times", type=Path, default=DEFAULT_STEP_TIMES,
-                   help="where --tree-sizes writes its step times (default bench/step-times.json)")
+                   help="where --tree-sizes writes its step times (default work/bench/step-times.json, git-ignored; "
+                        "bench/step-times.json is the H200's record)")
     g = p.add_argument_group("7B shape", "Llama-2-7B's by default (vocab 32000, dim 4096, 32 layers, 32 heads, "
                                          "32 KV heads, FFN 11008); smaller only for smoke tests")
     g.add_argument("--7b-vocab", dest="big_vocab", type=int, default=SHAPES["7b"]["big_vocab"], metavar="N")
@@ -302,19 +305,17 @@ def print_summary(results: dict) -> None:
 
 
 def check_args(args) -> None:
-    """Flag values and output paths before anything slow starts (heads_specs and read_prompts check the inputs)."""
-    check_at_least(1, {"--max-new-tokens": args.max_new_tokens, "--7b-vocab": args.big_vocab, "--7b-dim": args.big_dim,
-                       "--7b-layers": args.big_layers, "--7b-heads": args.big_heads, "--7b-kv-heads": args.big_kv_heads,
-                       "--7b-ffn": args.big_ffn, "--7b-reps": args.big_reps, "--copy-mib": args.copy_mib})
-    check_at_least(0, {"--7b-prefix": args.big_prefix})
-    if args.tree_sizes is not None and not re.fullmatch(r"\d+(,\d+)*", args.tree_sizes):
-        raise NanoMedusaError(f"--tree-sizes {args.tree_sizes!r} is not a comma-separated list of node counts; "
-                              f"pass e.g. 16,32,64.")
-    check_at_least(2, {"--tree-sizes": min(int(t) for t in args.tree_sizes.split(",")) if args.tree_sizes else None})
+    """Flag values, prompt files and output paths before anything slow starts (heads_specs checks the heads)."""
+    check_at_least(1, {"--max-new-tokens": args.max_new_tokens, "--num-prompts": args.num_prompts,
+                       "--7b-reps": args.big_reps, "--copy-mib": args.copy_mib})
+    check_7b_shape(args)
+    if args.tree_sizes is not None:
+        int_list("--tree-sizes", args.tree_sizes, 2, what="node counts")
     check_output_file("--json", args.json)
     check_output_file("--step-times", args.step_times)
-    for path in args.sampling or ():
-        read_prompts(path, args.num_prompts)  # a missing or malformed prompt file fails now
+    for flag, paths in (("--prompts", args.prompts), ("--sampling", args.sampling or ())):
+        for path in paths:
+            read_prompts(path, args.num_prompts, flag)  # a missing or malformed prompt file fails now
     check_kernels(args.kernels, resolve_device(args.device), args.exact)
 
 

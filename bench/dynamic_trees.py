@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from kernels.testing import counting_launches
-from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_kernels, check_sampling, run_reporting_errors,
+from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_input_file,
+                            check_kernels, check_output_file, check_sampling, check_seed, run_reporting_errors,
                             use_kernels)
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
@@ -41,8 +42,9 @@ from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
+from .checks import int_list, require_cuda
 from .prompts import chat_prompts
-from .report import device_name, save
+from .report import DEFAULT_OUT, device_name, save
 from .timer import time_ms
 
 
@@ -74,10 +76,19 @@ def add_replay_flags(p, top_help: str) -> None:
     add_kernel_flags(p)
 
 
+def check_replay_args(args) -> list[int]:
+    """Those benchmarks' shared flags, before anything runs (on a CPU too, before `replay_device` refuses it): the
+    budgets, as ints in the order given."""
+    check_at_least(1, {"--reps": args.reps})
+    check_at_least(0, {"--top": args.top})
+    if args.json is not None:
+        check_output_file("--json", args.json)
+    return int_list("--budgets", args.budgets, 2, what="node counts")
+
+
 def replay_device(args, tool: str) -> torch.device:
     """The GPU those benchmarks replay on, with the kernels their flags chose; on a CPU, an error naming the fix."""
-    if not torch.cuda.is_available():
-        raise SystemExit(f"error: bench.{tool} times CUDA graphs; run it on a GPU.")
+    require_cuda(tool)
     device = torch.device("cuda")
     check_kernels(args.kernels, device, args.exact)
     use_kernels(args.kernels, args.exact, device)
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
     p.add_argument("--prompts", default="bench/prompts-chat-heldout.jsonl", help="JSON lines with an \"id\" and a \"prompt\" each")
     p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
-    p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (default: all)")
+    p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts of --prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--accept", default="greedy", choices=ACCEPT_MODES, help="how candidates are accepted")
     p.add_argument("--temperature", type=float, default=0.7, help="typical and sample: the temperature")
@@ -157,7 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--choice-reps", type=int, default=200, help="replays timing the dynamic tree's choice")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", default="bench/dynamic-trees.json", help="where the rows are written")
+    p.add_argument("--json", default=str(DEFAULT_OUT / "dynamic-trees.json"),
+                   help="where the rows are written (default work/bench/dynamic-trees.json, git-ignored)")
     add_kernel_flags(p)
     args = p.parse_args(argv)
     if args.accept != "greedy" and args.temperature <= 0:
@@ -165,8 +177,20 @@ def main(argv=None) -> int:
     return run_reporting_errors(lambda: run(args))  # a bad flag: one `error:` line, before the model loads
 
 
-def run(args) -> None:
+def check_args(args) -> None:
+    """Every flag and path, before the model loads (a NanoMedusaError naming the fix)."""
+    check_input_dir("--heads", args.heads)
+    check_input_file("--prompts", args.prompts)
+    int_list("--budgets", args.budgets, 2, what="node counts")
+    check_at_least(1, {"--num-prompts": args.num_prompts, "--max-new-tokens": args.max_new_tokens,
+                       "--choice-reps": args.choice_reps})
     check_sampling(args.temperature, args.top_p)
+    check_seed(args.seed)
+    check_output_file("--json", args.json)
+
+
+def run(args) -> None:
+    check_args(args)
     sampling = {"greedy": Sampling(), "typical": Sampling(args.temperature),  # (typical: the temperature alone)
                 "sample": Sampling(args.temperature, top_p=args.top_p)}[args.accept]
     device = resolve_device(args.device)
@@ -178,7 +202,7 @@ def run(args) -> None:
     prompts = [p.ids for p in chat_prompts(tokenizer, Path(args.prompts), args.num_prompts)]
     decoder = Decoder(model)
     rows = []
-    for nodes in sorted({int(n) for n in args.budgets.split(",")}):
+    for nodes in sorted(set(int_list("--budgets", args.budgets, 2))):
         static = TreeBuffers.from_choices(tree_from_head_accuracies(heads.config.rank_accuracies(), nodes - 1),
                                           device=model.device)
         dynamic = DynamicTree.for_heads(heads.config, nodes, device=model.device)

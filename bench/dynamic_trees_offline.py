@@ -1,14 +1,14 @@
 """Static against dynamic trees offline, on a CPU: exact greedy accepted lengths, and node-scoring rules fitted
 on a tuning set.
 
-    python -m bench.dynamic_trees_offline                       # both shipped heads, the default sets, N = 16..128
+    python -m bench.dynamic_trees_offline                       # the Medusa-1 and -2 heads, default sets, N = 16..128
     python -m bench.dynamic_trees_offline --validate 3          # first: the simulator against the real engine
     python -m bench.dynamic_trees_offline --heads weights/smollm2-135m-instruct-medusa --budgets 32,64 \\
         --eval bench/prompts-chat-heldout.jsonl:24 --tune /tmp/held-chat.jsonl:48 --max-new-tokens 128
 
 It models Medusa's heads, whose guesses do not depend on the tree's path: heads that read their path (the default
-weights/smollm2-135m-instruct-medusa-path) are refused with a clear error; `python -m bench.dynamic_trees`
-measures those on a GPU.
+weights/smollm2-135m-instruct-medusa-path, the third shipped heads) are refused before anything runs;
+`python -m bench.path_trees_offline` simulates those (and `python -m bench.dynamic_trees` measures them on a GPU).
 
 The tuning sets are prompts whose answers the heads' training held out (never the evaluation sets), made by
 
@@ -59,7 +59,6 @@ simulator against the CPU engine) is worth running on GPU-made traces.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -69,7 +68,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from nanomedusa.cli import check_input_dir, check_input_file, run_reporting_errors
+from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
+                            run_reporting_errors)
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.errors import NanoMedusaError
@@ -80,6 +80,8 @@ from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
+
+from .checks import heads_read_path, int_list
 
 HEADS = ["weights/smollm2-135m-instruct-medusa", "weights/smollm2-135m-instruct-medusa2"]
 EVAL = ["bench/prompts-chat-heldout.jsonl:48", "bench/prompts-train-mix.jsonl:20"]
@@ -100,13 +102,22 @@ class Trace:
     context: torch.Tensor  # [L, 2 + K] float32: the base model's top-1 log-prob and entropy there, each head's entropy
 
 
+def split_spec(flag: str, spec: str) -> tuple[str, int | None]:
+    """'FILE[:N]' (--eval, --tune) -> (FILE, N or None for all), or an error naming the fix."""
+    path, colon, limit = spec.partition(":")
+    if (colon and not limit.isdigit()) or (limit.isdigit() and int(limit) < 1):
+        raise NanoMedusaError(f"{flag} {spec!r} is not FILE or FILE:N with N a count of prompts of at least 1; pass "
+                              f"e.g. {path}:24.")
+    return path, int(limit) if limit else None
+
+
 def read_prompt_set(spec: str) -> tuple[str, list[tuple[str, list[dict]]]]:
     """'FILE[:N]' -> (FILE, the first N (id, chat messages)): {"id", "prompt"} lines (bench/) or {"id",
     "messages"} lines (calibration.py --held-out-prompts)."""
-    path, _, limit = spec.partition(":")
+    path, limit = split_spec("--eval/--tune", spec)
     records = [json.loads(line) for line in read_utf8(path).split("\n") if line.strip()]
     prompts = [(str(r["id"]), r.get("messages") or [{"role": "user", "content": r["prompt"]}]) for r in records]
-    return path, prompts[: int(limit) if limit else None]
+    return path, prompts[:limit]
 
 
 @torch.inference_mode()
@@ -488,11 +499,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--heads", nargs="+", default=HEADS, help="Medusa heads directories (a LoRA adapter is applied)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--heads", nargs="+", default=HEADS,
+                   help="Medusa heads directories, not path-reading ones (a LoRA adapter is applied)")
     p.add_argument("--eval", nargs="+", default=EVAL, metavar="FILE[:N]", help="evaluation prompt sets, first N prompts")
     p.add_argument("--tune", nargs="+", default=TUNE, metavar="FILE[:N]", help="tuning prompt sets (the rules' fits)")
-    p.add_argument("--budgets", type=lambda s: [int(n) for n in s.split(",")], default=[16, 32, 64, 128])
+    p.add_argument("--budgets", default="16,32,64,128", help="node budgets, the root included (at least 2)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="instead: check the simulator against the engine on the first N prompts of the first --eval")
@@ -506,12 +518,21 @@ def main(argv=None) -> int:
 
 
 def check_args(args) -> None:
-    """The paths, before an hour of tracing (a NanoMedusaError naming the fix)."""
+    """The paths and values, before an hour of tracing (a NanoMedusaError naming the fix); --budgets becomes ints."""
     for heads_dir in args.heads:
         check_input_dir("--heads", heads_dir)
-    for path in (spec.partition(":")[0] for spec in args.eval):
+        if heads_read_path(heads_dir):
+            raise NanoMedusaError(f"--heads {heads_dir} reads its path, which this simulator does not model (its "
+                                  f"heads' guesses must not depend on the tree); run python -m "
+                                  f"bench.path_trees_offline --heads {heads_dir} for those.")
+    args.budgets = int_list("--budgets", args.budgets, 2, what="node counts")
+    check_at_least(0, {"--validate": args.validate})
+    check_at_least(1, {"--max-new-tokens": args.max_new_tokens})
+    if args.json is not None:
+        check_output_file("--json", args.json)
+    for path in (split_spec("--eval", spec)[0] for spec in args.eval):
         check_input_file("--eval", path)
-    for path in (spec.partition(":")[0] for spec in args.tune if not args.validate):  # (--validate reads none)
+    for path in (split_spec("--tune", spec)[0] for spec in args.tune if not args.validate):  # (--validate reads none)
         if not Path(path).exists():
             raise NanoMedusaError(f"--tune {path} does not exist; make the tuning sets first with python -m "
                                   f"nanomedusa.calibration --held-out-prompts (this module's docstring shows how).")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything this project reports from a GPU, one stage per call (each fits a 10-minute slot):
+# The GPU runs behind the shipped checkpoints and bench/RESULTS.md's main tables, one stage per call (each fits a
+# 10-minute slot; the sections of RESULTS.md that no stage makes quote their own commands):
 #
 #   bash bench/gpu_run.sh kernels   # kernel tests on CUDA (bf16 included; --exact's and dynamic trees' too), kernel benchmark tables
 #   bash bench/gpu_run.sh kernel-tests  # those tests alone
@@ -18,22 +19,28 @@
 # ../shared/data/prompts-train.jsonl) with up to MATH_TOKENS (256); training mixes the two answer files
 # with weights MIX (default "1 0.5": every chat answer, a fixed half of the math ones). The distill log
 # says how many answers reached each cap. The defaults are the settings of the shipped checkpoints.
-# Variables: WORK (data and checkpoints, default work/), OUT (logs and result files, default $WORK/out),
-# MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m weights.default_model`,
-# with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N prompts of
-# each bench set; default all), HEAD_LAYERS (ResBlocks per head, default 2), RUN (the warm-up's folder
-# under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up epochs, default 2),
-# JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files, default the kernels', --exact's
-# and dynamic trees', and how many pytest processes run them at once, one file each, default 4),
-# BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench),
-# TRIM (--trim: drop the heads deeper than the tuned tree), and for the exact stage HEADS_DIRS (its --heads flags), BENCH_7B_FLAGS (flags of its 7B-shaped part), LINEAR_FLAGS (of bench.linear),
-# and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads), PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES
-# and PATH_DEPTH (their tree: 31 paths, 3 heads deep)
-# and BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees),
-# and for draft-probe EVAL_TOKENS (the held-out answers' length, default 256), DRAFT_HEADS (the heads compared, default the
+# Variables: WORK (data and checkpoints, default work/, which git ignores), OUT (logs and result files, default
+# $WORK/out), MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m
+# weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N
+# prompts of each bench set, also where one call runs two, as path-bench's bench.decode does; default all), HEAD_LAYERS
+# (ResBlocks per head, default 2), RUN (the warm-up's folder under WORK, default warmup; the other stages read warmup),
+# EPOCHS (warm-up epochs, default 2), JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files,
+# default the kernels', --exact's and dynamic trees', and how many pytest processes run them at once, one file each,
+# default 4), BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench), TRIM (--trim: drop
+# the heads deeper than the tuned tree), and for the exact stage HEADS_DIRS (its --heads flags, default the three
+# shipped heads: m1, m2 and the default path-reading heads, path), BENCH_7B_FLAGS (flags of its 7B-shaped part),
+# LINEAR_FLAGS (of bench.linear), and for the path stages HEADS_FROM (the heads grown, default the Medusa-1 heads),
+# PATH_EPOCHS (default 1), PATH_LR (default 2e-3), PATH_NODES and PATH_DEPTH (their tree: 31 paths, 3 heads deep) and
+# BUDGETS (node budgets of path-bench, default 16,32,64,128) and DYNAMIC_FLAGS (more flags for bench.dynamic_trees), and
+# for draft-probe EVAL_TOKENS (the held-out answers' length, default 256), DRAFT_HEADS (the heads compared, default the
 # shipped default heads) and DRAFT_FLAGS (more flags for bench.feature_draft_probe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STAGES=(kernels kernel-tests distill warmup sizes joint bench exact path path-bench draft-probe)
+if ! printf '%s\n' "${STAGES[@]}" | grep -qxF -- "${1:-}"; then  # before anything is made: a typo leaves no work/
+    echo "usage: bash bench/gpu_run.sh STAGE, STAGE one of ${STAGES[*]}" >&2
+    exit 2
+fi
 PROMPTS_CHAT=${PROMPTS_CHAT:-../shared/data/prompts-chat-train.jsonl}
 PROMPTS_MATH=${PROMPTS_MATH:-../shared/data/prompts-train.jsonl}
 WORK=${WORK:-work}
@@ -75,7 +82,7 @@ kernel_tests() {  # FILE...
     return $failed
 }
 
-case "${1:-}" in
+case "$1" in
   kernels|kernel-tests)
     # unquoted: KERNEL_TESTS is a list of files; the default lists the largest first (more tests, more compiling)
     kernel_tests ${KERNEL_TESTS:-$(ls -S tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py)} \
@@ -122,12 +129,14 @@ case "${1:-}" in
             | tee "$OUT/bench-$set.txt"
     done
     ;;
-  exact)  # the shipped heads (HEADS_DIRS overrides), bf16: same text as plain greedy on all four bench sets
+  exact)  # the three shipped heads (HEADS_DIRS overrides), bf16: same text as plain greedy on all four bench sets
           # (108 prompts, 256 tokens, three trees), then the cost of --exact on the held-out chat set, the
           # 7B shape's steps with and without it (and without programmatic dependent launch, per kernel, and per
           # kernel class inside the graphed step: step_profile --ablate; the steps of two grouped-query shapes),
           # and the linear kernel's bandwidth per matrix
-    read -r -a SHIPPED <<< "${HEADS_DIRS:---heads m1=weights/smollm2-135m-instruct-medusa --heads m2=weights/smollm2-135m-instruct-medusa2}"
+    SHIPPED_HEADS="--heads m1=weights/smollm2-135m-instruct-medusa --heads m2=weights/smollm2-135m-instruct-medusa2"
+    SHIPPED_HEADS+=" --heads path=weights/smollm2-135m-instruct-medusa-path"  # the default heads
+    read -r -a SHIPPED <<< "${HEADS_DIRS:-$SHIPPED_HEADS}"
     python -m bench.decode $MODEL_FLAG "${SHIPPED[@]}" --exact --max-new-tokens 256 --no-hf --skip-7b --quick-warmup \
         --prompts bench/prompts-chat-heldout.jsonl bench/prompts-chat.jsonl bench/prompts-train-mix.jsonl \
         bench/prompts-extra.jsonl --json "$OUT/results-exact.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench-exact.txt"
@@ -182,10 +191,5 @@ case "${1:-}" in
     python -m bench.feature_draft_probe $MODEL_FLAG ${DRAFT_HEADS:+--heads "$DRAFT_HEADS"} \
         --train "${DATA[@]}" --eval "$WORK/eval-chat-heldout.jsonl" "$WORK/eval-train-mix.jsonl" \
         --json "$OUT/feature-draft-probe.json" ${DRAFT_FLAGS:-} 2>&1 | tee -a "$OUT/draft-probe.log"
-    ;;
-  *)
-    echo "usage: bash bench/gpu_run.sh STAGE, STAGE one of kernels kernel-tests distill warmup sizes joint bench" \
-         "exact path path-bench draft-probe" >&2
-    exit 2
     ;;
 esac

@@ -57,13 +57,14 @@ import triton
 
 from kernels.linear import TileConfig, _tile_config, linear_triton
 from kernels.testing import TOLERANCE, poisoned_empty, rel_error, rows_differing_from_one_row_calls, same_bits
-from nanomedusa.cli import ArgumentParser
+from nanomedusa.cli import ArgumentParser, run_reporting_errors
 
-from .report import device_name, metadata, print_table, save, say
+from .checks import check_kernel_benchmark
+from .report import DEFAULT_OUT, device_name, metadata, print_table, save, say
 from .steps import SHAPES
 from .timer import capture_graph, copy_bandwidth, time_ms
 
-DEFAULT_JSON = "bench/linear.json"
+DEFAULT_JSON = str(DEFAULT_OUT / "linear.json")  # --json alone (git-ignored: bench/linear.json is a record)
 
 
 class Matrix(NamedTuple):
@@ -471,7 +472,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep-tree", action="store_true",
                    help="also time, per matrix, tiles for the tree step that keep its K schedule (checked bitwise)")
     p.add_argument("--json", nargs="?", const=DEFAULT_JSON, default=None, metavar="FILE",
-                   help=f"write every number to FILE (default {DEFAULT_JSON})")
+                   help="write every number to FILE (--json alone: work/bench/linear.json, git-ignored)")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
                    help=f"whose weight matrices (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--smoke", action="store_true",
@@ -481,19 +482,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    checked = run_reporting_errors(lambda: check_kernel_benchmark("linear", args.smoke, "--json", args.json))
+    return checked or run_benchmark(args)
+
+
+def run_benchmark(args) -> int:
+    """The benchmark (or with --smoke its path on tiny shapes), its flags checked: 1 if any check failed, else 0."""
     started = time.perf_counter()
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("the smoke run on CPU needs Triton's interpreter: "
-                             "TRITON_INTERPRET=1 python -m bench.linear --smoke")
         dtype, matrices, rows, grid, splits = torch.float32, SMOKE_MATRICES, SMOKE_ROWS, SMOKE_SWEEP, SMOKE_SPLITS
         table_reps = sweep_reps = TABLE_REPS  # used on a GPU only: on a CPU the smoke times one eager call
         tree_block_ns, smem = SMOKE_TREE_BLOCK_N, 1 << 30
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("the linear benchmark needs a CUDA GPU; run it on the GPU machine "
-                             "(without one: TRITON_INTERPRET=1 python -m bench.linear --smoke).")
         matrices = [m for name in args.models for m in MODELS[name]]
         device, dtype, rows, splits = torch.device("cuda"), torch.bfloat16, ROWS, SWEEP_SPLITS
         smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 << 10)

@@ -17,20 +17,23 @@ import sys
 import torch
 
 from kernels.linear import _tile_config, linear_triton
-from nanomedusa.cli import ArgumentParser
+from nanomedusa.cli import ArgumentParser, check_output_file, run_reporting_errors
 
 from .linear import MODELS, TABLE_REPS, config_label, fits_smem, make_case, triton_call, us_per_call
-from .report import device_name, metadata, print_table, save
+from .report import DEFAULT_OUT, device_name, metadata, print_table, save
 from .timer import copy_bandwidth
 
-DEFAULT_JSON = "bench/linear-tma.json"
+DEFAULT_JSON = str(DEFAULT_OUT / "linear-tma.json")  # --json alone (git-ignored: bench/linear-tma.json is a record)
 
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["7B", "SmolLM2-135M"], choices=sorted(MODELS))
-    parser.add_argument("--json", nargs="?", const=DEFAULT_JSON, default=None, help="save the rows here")
+    parser.add_argument("--json", nargs="?", const=DEFAULT_JSON, default=None,
+                        help="save the rows here (--json alone: work/bench/linear-tma.json, git-ignored)")
     args = parser.parse_args(argv)
+    if args.json is not None and (status := run_reporting_errors(lambda: check_output_file("--json", args.json))):
+        return status  # a --json that cannot be written is refused before the GPU's time is spent, not after
     if not torch.cuda.is_available():
         parser.error("this benchmark times the GPU's TMA loads: run it on a CUDA machine (sm_90 or newer)")
     device = torch.device("cuda")

@@ -32,13 +32,13 @@ multiple of the static tree's (#15's first target: >= 1.10x).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from nanomedusa.cli import check_input_dir, check_input_file, run_reporting_errors
+from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
+                            run_reporting_errors)
 from nanomedusa.generation import generate_batch
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads, load_heads_and_adapter
@@ -48,6 +48,7 @@ from nanomedusa.path_tree import PathPlan, choose_by_path_scores, guess_along_pa
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
+from .checks import heads_read_path, int_list
 from .prompts import chat_prompts
 from .report import print_table, save, say
 
@@ -168,17 +169,14 @@ def simulate(model, heads: MedusaHeads, prompt_ids: list[int], continuation: lis
 
 def run(args) -> dict:
     model, checkpoint = load_model(args.model, device="cpu", dtype=torch.float32)
-    heads = load_heads_and_adapter(args.heads, model)
-    if not heads.config.reads_path:
-        raise NanoMedusaError(f"{args.heads} holds heads that do not read their path; this simulator is for those "
-                              f"(python -m bench.dynamic_trees_offline models Medusa's).")
+    heads = load_heads_and_adapter(args.heads, model)  # (check_args refused heads that do not read their path)
     max_depth = min(args.max_depth or heads.config.num_heads, heads.config.num_heads)
-    supersets = sorted({int(n) for n in args.supersets.split(",")}) if args.supersets else []
+    supersets = sorted(set(superset_sizes(args)))
     if supersets and max_depth < heads.config.num_heads:
         raise NanoMedusaError("--supersets models the engine's dynamic tree, which uses every head; drop "
                               "--max-depth or pass --supersets ''.")
     tokenizer = Tokenizer.from_dir(checkpoint)
-    budgets = sorted({int(n) for n in args.budgets.split(",")})
+    budgets = sorted(set(int_list("--budgets", args.budgets, 2, what="node counts")))
     rules = ["static", "expand"] + [f"dynamic-{size}" for size in supersets]
     rows, out = [], {"heads": args.heads, "beam": args.beam, "children": args.children, "max_depth": max_depth,
                      "max_new_tokens": args.max_new_tokens, "sets": {}}
@@ -211,7 +209,7 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model (default: the built-in one)")
     p.add_argument("--heads", default=HEADS, help=f"path-reading heads (default {HEADS})")
     p.add_argument("--prompts", nargs="+", default=PROMPTS, help="JSON lines with an \"id\" and a \"prompt\" each")
@@ -226,11 +224,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def superset_sizes(args) -> list[int]:
+    """--supersets as ints in the order given ('' for none)."""
+    return int_list("--supersets", args.supersets, 2, what="node counts", example="64,256") if args.supersets else []
+
+
 def check_args(args) -> None:
-    """The paths, before the model loads (a NanoMedusaError naming the fix)."""
+    """The paths and every flag's value, before the model loads (a NanoMedusaError naming the fix)."""
     check_input_dir("--heads", args.heads)
     for path in args.prompts:
         check_input_file("--prompts", path)
+    if heads_read_path(args.heads) is False:
+        raise NanoMedusaError(f"--heads {args.heads} holds heads that do not read their path; this simulator is for "
+                              f"those (python -m bench.dynamic_trees_offline models Medusa's).")
+    int_list("--budgets", args.budgets, 2, what="node counts")
+    superset_sizes(args)
+    check_at_least(1, {"--beam": args.beam, "--children": args.children, "--max-depth": args.max_depth,
+                       "--num-prompts": args.num_prompts, "--max-new-tokens": args.max_new_tokens})
+    if args.json is not None:
+        check_output_file("--json", args.json)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from nanomedusa.cli import check_input_file
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.files import read_utf8
 from nanomedusa.generation import GenerationResult
@@ -30,10 +31,10 @@ class Prompt:
     category: str | None = None  # the prompt file's "category", if it gives one
 
 
-def read_prompts(path: Path, limit: int | None) -> list[tuple[str, str, str | None]]:
-    """(id, text, category) from a JSONL file of {"id", "prompt"[, "category"]} objects, the first `limit`."""
-    if not path.is_file():
-        raise NanoMedusaError(f"prompt file {path} does not exist; pass --prompts FILE.jsonl.")
+def read_prompts(path: Path, limit: int | None, flag: str = "--prompts") -> list[tuple[str, str, str | None]]:
+    """(id, text, category) from a JSONL file of {"id", "prompt"[, "category"]} objects, the first `limit`; `flag`
+    is the flag that named the file, for the error."""
+    check_input_file(flag, path)
     if limit is not None and limit < 1:
         raise NanoMedusaError(f"--num-prompts {limit} leaves nothing to run; pass 1 or more.")
     out = []
@@ -53,10 +54,11 @@ def read_prompts(path: Path, limit: int | None) -> list[tuple[str, str, str | No
 
 
 def chat_prompts(tokenizer: Tokenizer, paths: Path | list[Path], limit: int | None) -> list[Prompt]:
-    """The prompts of one JSONL file or of several in order (`read_prompts`), the first `limit` of them all,
-    each rendered with the chat template and tokenized."""
+    """The prompts of one JSONL file or of several in order (`read_prompts`), the first `limit` of each file (as
+    --num-prompts means in every benchmark: two sets given, each keeps its first N), each rendered with the chat
+    template and tokenized."""
     paths = [paths] if isinstance(paths, (str, Path)) else paths
-    records = [record for path in paths for record in read_prompts(Path(path), limit)][:limit]
+    records = [record for path in paths for record in read_prompts(Path(path), limit)]
     return [Prompt(i, tokenizer.encode_chat([{"role": "user", "content": text}]), category)
             for i, text, category in records]
 

@@ -26,12 +26,13 @@ import sys
 
 import torch
 
-from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_at_least, check_input_dir, run_reporting_errors
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
-from .dynamic_trees import add_replay_flags, proposal_steps, replay_device, replay_ms
+from .checks import int_list
+from .dynamic_trees import add_replay_flags, check_replay_args, proposal_steps, replay_device, replay_ms
 from .report import device_name, print_table, save
 from .step_profile import profile_kernels
 from .steps import SHAPES, build_7b, step_ms
@@ -50,9 +51,11 @@ def main(argv=None) -> int:
 
 @torch.inference_mode()
 def run(args) -> None:
+    budgets = sorted(set(check_replay_args(args)))
+    supersets = sorted(set(int_list("--supersets", args.supersets, 2, what="node counts", example="64,128,256")))
+    check_at_least(0, {"--prefix": args.prefix})
+    check_input_dir("--heads", args.heads)
     device, dtype = replay_device(args, "proposal_cost"), torch.bfloat16
-    budgets = sorted({int(n) for n in args.budgets.split(",")})
-    supersets = sorted({int(n) for n in args.supersets.split(",")})
     model = build_7b(argparse.Namespace(**SHAPES[args.shape]), device, dtype, args.prefix + max(budgets) + 16)
     heads = load_heads_and_adapter(args.heads, model)
     acc = heads.config.rank_accuracies()

@@ -1,7 +1,8 @@
 """How the benchmarks report: progress lines, markdown tables, the run's metadata, and the JSON results file.
 
 The tables print as each part finishes; the JSON file holds every raw number and is rewritten after each
-part, so that a long run that fails late keeps what it measured.
+part, so that a long run that fails late keeps what it measured. A benchmark that writes without being told where
+writes under DEFAULT_OUT, never over the records of past GPU runs that bench/ keeps in git.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 import torch
 
 import kernels
+
+# Where a benchmark's JSON goes when no --json names a file: the repository's work/ folder, which git ignores (as
+# bench/gpu_run.sh's WORK), so that a run never overwrites a tracked result such as bench/step-times.json.
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "work" / "bench"
 
 
 def say(message: str) -> None:

@@ -19,19 +19,20 @@ rows, top-p 0.9 with and without top-k 50: how its BLOCK was chosen. No model an
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from kernels import sample_token
-from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_at_least, check_input_dir, run_reporting_errors
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.medusa_generation import Acceptance, accept
 from nanomedusa.sampling import Sampling, next_token
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
-from .dynamic_trees import add_replay_flags, replay_device, replay_ms
+from .checks import heads_config_json, int_list
+from .dynamic_trees import add_replay_flags, check_replay_args, replay_device, replay_ms
 from .report import device_name, print_table, save
 from .step_profile import profile_kernels
 
@@ -47,17 +48,34 @@ def main(argv=None) -> int:
     return run_reporting_errors(lambda: run(args))
 
 
+def rank_accuracy(heads_dir: str) -> list[list[float]]:
+    """[K][topk] the heads' measured rank accuracies, from their config.json (where tree_tuning --write stores them),
+    or an error naming the fix."""
+    check_input_dir("--heads", heads_dir)
+    config = heads_config_json(heads_dir)
+    if config is None:
+        raise NanoMedusaError(f"--heads {heads_dir} has no readable config.json; pass a Medusa heads directory.")
+    if not config.get("rank_accuracy"):
+        raise NanoMedusaError(f"{Path(heads_dir) / 'config.json'} has no rank_accuracy; measure it with python -m "
+                              f"nanomedusa.tree_tuning --heads {heads_dir} --data ANSWERS.jsonl --write, or pass other "
+                              f"--heads.")
+    return config["rank_accuracy"]
+
+
 @torch.inference_mode()
 def run(args) -> None:
+    budgets = sorted(set(check_replay_args(args)))
+    check_at_least(1, {"--vocab": args.vocab})
+    blocks = int_list("--blocks", args.blocks, 1, example="2048,4096") if args.blocks else []
+    acc = rank_accuracy(args.heads)  # [K][topk]
     device = replay_device(args, "sampling_cost")
-    acc = json.loads((Path(args.heads) / "config.json").read_text())["rank_accuracy"]  # [K][topk]
     sampling = Sampling(temperature=0.7, top_p=0.9)
     rules = {"sample": Acceptance(mode="sample", sampling=sampling), "typical": Acceptance(mode="typical",
                                                                                           sampling=sampling)}
     rng = torch.Generator(device=device)
     out = {"device": device_name(device), "heads": args.heads, "vocab": args.vocab, "rows": [], "profile": []}
     rows = []
-    for n in sorted({int(b) for b in args.budgets.split(",")}):
+    for n in budgets:
         tree = TreeBuffers.from_choices(tree_from_head_accuracies(acc, n - 1), device=device)
         logits = torch.randn(n, args.vocab, device=device).mul(3).to(torch.bfloat16)  # [N, V]
         tokens = torch.randint(args.vocab, (n,), device=device)  # [N]
@@ -80,8 +98,8 @@ def run(args) -> None:
     print_table(f"Kernels of one eager sample acceptance, {rows[-1][0]} nodes: {total:.0f} µs of kernel time",
                 ["kernel", "calls", "µs", "share"],
                 [[name, calls, f"{us:.1f}", f"{us / total:.1%}"] for name, calls, us in out["profile"][:args.top]])
-    if args.blocks:
-        out["blocks"] = block_sweep([int(b) for b in args.blocks.split(",")], args.vocab, device, args.reps, rng)
+    if blocks:
+        out["blocks"] = block_sweep(blocks, args.vocab, device, args.reps, rng)
     if args.json:
         save(out, args.json)
 

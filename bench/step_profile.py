@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import sys
 from collections import defaultdict
 
 import torch
@@ -37,15 +38,17 @@ import torch
 import kernels
 from kernels import linear as linear_kernel
 from nanomedusa import model as model_module
+from nanomedusa.cli import ArgumentParser, check_at_least, check_output_file, run_reporting_errors
 from nanomedusa.tree import PRESETS, TreeBuffers
 
+from .checks import int_list, require_cuda
 from .report import print_table, save, say
 from .steps import SHAPES, build_7b, step_inputs, step_ms
 from .timer import copy_bandwidth
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prefix", type=int, default=1024, help="cached tokens before the step (default 1024)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="the model's shape (default 7b)")
     p.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
@@ -133,8 +136,25 @@ def ablation_rows(model, prefix: int, tree: TreeBuffers, reps: int) -> list[list
     return rows
 
 
-def main(argv=None) -> None:
+def check_args(args) -> None:
+    """Every flag, before the model is built (and on a CPU before the refusal of one): a NanoMedusaError naming the
+    fix."""
+    check_at_least(0, {"--prefix": args.prefix, "--top": args.top})
+    check_at_least(1, {"--layers": args.layers, "--reps": args.reps})
+    if args.prefetch:
+        int_list("--prefetch", args.prefetch, 0, example="0,512,2048")
+    if args.json is not None:
+        check_output_file("--json", args.json)
+    require_cuda("step_profile")
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_reporting_errors(lambda: (check_args(args), run_with_fold(args)))
+
+
+def run_with_fold(args) -> None:
+    """`run` with the model's norm folding as --fold-norms says, put back after."""
     shipped = model_module.FOLD_NORMS_MAX_DIM
     # every forward reads the module's constant: setting it is how the benchmark varies the fold
     model_module.FOLD_NORMS_MAX_DIM = {"auto": shipped, "on": 1 << 30, "off": -1}[args.fold_norms]
@@ -156,7 +176,8 @@ def run(args) -> None:
     # (exact, PDL, the linear kernel's prefetch in bytes; None: the shipped one)
     settings = [(False, False, None), (True, False, None)]
     if torch.cuda.get_device_capability(device)[0] >= 9:
-        settings += [(True, True, None)] + [(True, True, int(b)) for b in (args.prefetch or "").split(",") if b]
+        sizes = int_list("--prefetch", args.prefetch, 0) if args.prefetch else []
+        settings += [(True, True, None)] + [(True, True, b) for b in sizes]
     else:
         say("[steps] no programmatic dependent launch before sm_90: its rows are left out")
     saved = kernels.row_invariant(), kernels.dependent_launch_enabled(), linear_kernel.PREFETCH_BYTES
@@ -213,4 +234,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

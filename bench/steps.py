@@ -19,9 +19,11 @@ import torch
 
 import kernels
 
+from nanomedusa.cli import check_at_least
 from nanomedusa.config import ModelConfig
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.model import Transformer
@@ -44,7 +46,8 @@ STEP_TREES = {"mc_sim_7b_63": PRESETS["mc_sim_7b_63"], "mc_sim_7b_63[:15]": PRES
 @torch.inference_mode()
 def bench_tree_sizes(args, device, dtype) -> dict:
     """Mean decoding-step time of plain decoding and of Medusa with trees of each --tree-sizes node
-    count (the whole step: forward, acceptance, compaction, next guesses), over the first prompts."""
+    count (the whole step: forward, acceptance, compaction, next guesses), over the first --num-prompts (default 4)
+    prompts of each --prompts file."""
     spec, model, heads, tokenizer = first_heads(args, device, dtype, "--tree-sizes times the steps of Medusa heads")
     prompts = chat_prompts(tokenizer, args.prompts, args.num_prompts or 4)
     acc = heads.config.rank_accuracies()
@@ -94,6 +97,22 @@ SHAPES = {
     "llama3-8b": dict(big_vocab=128256, big_dim=4096, big_layers=32, big_heads=32, big_kv_heads=8, big_ffn=14336),
     "smollm2-135m": dict(big_vocab=49152, big_dim=576, big_layers=30, big_heads=9, big_kv_heads=3, big_ffn=1536),
 }
+
+
+def check_7b_shape(args) -> None:
+    """bench/decode.py's --7b-* flags, before anything runs: sizes of at least 1, a prefix of at least 0, and heads
+    that split the width into even head dims and evenly over the KV heads (else ModelConfig would blame a
+    config.json, after the end-to-end parts ran)."""
+    check_at_least(1, {"--7b-vocab": args.big_vocab, "--7b-dim": args.big_dim, "--7b-layers": args.big_layers,
+                       "--7b-heads": args.big_heads, "--7b-kv-heads": args.big_kv_heads, "--7b-ffn": args.big_ffn})
+    check_at_least(0, {"--7b-prefix": args.big_prefix})
+    dim, heads, kv_heads = args.big_dim, args.big_heads, args.big_kv_heads
+    if dim % heads or (dim // heads) % 2:
+        raise NanoMedusaError(f"--7b-heads {heads} does not split --7b-dim {dim} into heads of an even width (RoPE "
+                              f"rotates pairs); pass a --7b-heads that does (Llama-2 7B: 32 heads of 128).")
+    if heads % kv_heads:
+        raise NanoMedusaError(f"--7b-heads {heads} is not a multiple of --7b-kv-heads {kv_heads}; pass --7b-kv-heads "
+                              f"{heads} or a divisor of it.")
 
 
 def build_7b(args, device, dtype, cache_len: int) -> Transformer:

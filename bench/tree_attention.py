@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -61,9 +60,10 @@ import triton
 
 from kernels.testing import rel_error, tree_attention_inputs
 from kernels.tree_attention import split_heuristic, tree_attention_reference, tree_attention_triton
-from nanomedusa.cli import ArgumentParser
+from nanomedusa.cli import ArgumentParser, run_reporting_errors
 from nanomedusa.tree import PRESETS, TreeBuffers
 
+from .checks import check_kernel_benchmark
 from .report import save
 from .timer import capture_graph, copy_bandwidth, time_ms
 
@@ -472,12 +472,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    checked = run_reporting_errors(lambda: check_kernel_benchmark("tree_attention", args.smoke, "--out", args.out))
+    return checked or run(args)
+
+
+def run(args) -> int:
+    """The benchmark (or with --smoke its untimed run), its flags checked: 1 if any check of a kernel failed, else 0."""
     log = functools.partial(print, flush=True)
     if args.smoke:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("the smoke run on CPU needs Triton's interpreter: "
-                             "TRITON_INTERPRET=1 python -m bench.tree_attention --smoke")
         torch.manual_seed(0)
         results = {}
         try:
@@ -486,9 +489,6 @@ def main(argv=None) -> int:
             if args.out:
                 save(results, args.out)
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("the tree-attention benchmark needs a CUDA GPU; run it on the GPU machine "
-                             "(without one: TRITON_INTERPRET=1 python -m bench.tree_attention --smoke).")
         rep_ms, n_samples, warmup_ms = REPS["quick" if args.quick else "full"]
         shapes, new_tokens, implementations = ((RI_SHAPES, RI_NEW_TOKENS, RI_IMPLEMENTATIONS) if args.row_invariant
                                                else (SHAPES, NEW_TOKENS, IMPLEMENTATIONS))

@@ -17,6 +17,7 @@ specialises them at a real launch (so the compiled loads are the real ones: wide
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -239,7 +240,9 @@ def waits_before_memory(ptx: str, l2_reads_first: bool = False) -> str | None:
     return None
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)  # --help; no flags
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         print("compile_check: run with TRITON_INTERPRET=0 (under the interpreter @triton.jit compiles nothing)")
         return 2

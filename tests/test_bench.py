@@ -355,3 +355,206 @@ def test_ab_decode_errors_name_the_fix(tmp_path):
         ab_decode.run(ab_decode.parse_args([str(tmp_path), "--", "--no-hf"]))
     with pytest.raises(SystemExit):
         ab_decode.parse_args([".", "--", "--json", "x.json"])  # its own --json goes before `--`
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad flags: one `error:` line and exit status 2, before anything slow. A --model that does not exist shows the
+# order: a flag refused after the model load would be reported as that missing model instead.
+
+REPO = DEFAULT_PROMPTS.parents[1]
+M1_HEADS = REPO / "weights" / "smollm2-135m-instruct-medusa"
+PATH_HEADS = REPO / "weights" / "smollm2-135m-instruct-medusa-path"
+NO_MODEL = ["--model", "{tmp}/no-model"]
+BAD_FLAGS = {  # name: (module, argv, the error's start); {tmp} is a fresh directory
+    "decode: a missing --prompts file": ("decode", ["--device", "cpu", "--skip-7b", "--prompts", "{tmp}/none.jsonl",
+                                                    "--json", "{tmp}/r.json", *NO_MODEL],
+                                         "--prompts {tmp}/none.jsonl does not exist; check the path."),
+    "decode: --num-prompts 0": ("decode", ["--device", "cpu", "--skip-7b", "--num-prompts", "0", "--json",
+                                           "{tmp}/r.json", *NO_MODEL], "--num-prompts must be at least 1, not 0"),
+    "decode: a missing --sampling file": ("decode", ["--device", "cpu", "--skip-e2e", "--skip-7b", "--sampling",
+                                                     "{tmp}/none.jsonl", "--json", "{tmp}/r.json", *NO_MODEL],
+                                          "--sampling {tmp}/none.jsonl does not exist"),
+    "decode: --7b-heads that do not split the width": ("decode", ["--device", "cpu", "--skip-e2e", "--7b-heads", "5",
+                                                                  "--json", "{tmp}/r.json"],
+                                                       "--7b-heads 5 does not split --7b-dim 4096"),
+    "dynamic_trees: --budgets 4,x": ("dynamic_trees", ["--heads", "{tmp}", "--prompts", str(CHAT_PROMPTS), *NO_MODEL,
+                                                       "--budgets", "4,x", "--device", "cpu"],
+                                     "--budgets '4,x' is not a comma-separated list of node counts"),
+    "dynamic_trees: --budgets 1": ("dynamic_trees", ["--heads", "{tmp}", "--prompts", str(CHAT_PROMPTS), *NO_MODEL,
+                                                     "--budgets", "1", "--device", "cpu"],
+                                   "--budgets must be at least 2, not 1"),
+    "dynamic_trees: --choice-reps 0": ("dynamic_trees", ["--heads", "{tmp}", "--prompts", str(CHAT_PROMPTS), *NO_MODEL,
+                                                         "--choice-reps", "0", "--device", "cpu"],
+                                       "--choice-reps must be at least 1, not 0"),
+    "dynamic_trees: --json a directory": ("dynamic_trees", ["--heads", "{tmp}", "--prompts", str(CHAT_PROMPTS),
+                                                            *NO_MODEL, "--json", "{tmp}", "--device", "cpu"],
+                                          "--json {tmp} is a directory"),
+    "path_trees_offline: --budgets 4,x": ("path_trees_offline", ["--heads", str(PATH_HEADS), "--prompts",
+                                                                 str(CHAT_PROMPTS), *NO_MODEL, "--budgets", "4,x"],
+                                          "--budgets '4,x' is not a comma-separated list"),
+    "path_trees_offline: --supersets y": ("path_trees_offline", ["--heads", str(PATH_HEADS), "--prompts",
+                                                                 str(CHAT_PROMPTS), *NO_MODEL, "--supersets", "y"],
+                                          "--supersets 'y' is not a comma-separated list"),
+    "path_trees_offline: --beam 0": ("path_trees_offline", ["--heads", str(PATH_HEADS), "--prompts", str(CHAT_PROMPTS),
+                                                            *NO_MODEL, "--beam", "0"], "--beam must be at least 1"),
+    "path_trees_offline: --json a directory": ("path_trees_offline", ["--heads", str(PATH_HEADS), "--prompts",
+                                                                      str(CHAT_PROMPTS), *NO_MODEL, "--json", "{tmp}"],
+                                               "--json {tmp} is a directory"),
+    "path_trees_offline: Medusa's heads": ("path_trees_offline", ["--heads", str(M1_HEADS), "--prompts",
+                                                                  str(CHAT_PROMPTS), *NO_MODEL],
+                                           f"--heads {M1_HEADS} holds heads that do not read their path"),
+    "dynamic_trees_offline: --eval FILE:x": ("dynamic_trees_offline", ["--heads", str(M1_HEADS), "--eval",
+                                                                       f"{CHAT_PROMPTS}:x", "--validate", "1"],
+                                             f"--eval '{CHAT_PROMPTS}:x' is not FILE or FILE:N"),
+    "dynamic_trees_offline: --tune FILE:x": ("dynamic_trees_offline", ["--heads", str(M1_HEADS), "--eval",
+                                                                       str(CHAT_PROMPTS), "--tune",
+                                                                       f"{CHAT_PROMPTS}:x"],
+                                             f"--tune '{CHAT_PROMPTS}:x' is not FILE or FILE:N"),
+    "dynamic_trees_offline: path-reading heads": ("dynamic_trees_offline", ["--heads", str(PATH_HEADS), "--eval",
+                                                                            str(CHAT_PROMPTS), "--validate", "1"],
+                                                  f"--heads {PATH_HEADS} reads its path, which this simulator does not "
+                                                  f"model (its heads' guesses must not depend on the tree); run python "
+                                                  f"-m bench.path_trees_offline"),
+    "tree_attention: --out a directory": ("tree_attention", ["--out", "{tmp}"], "--out {tmp} is a directory"),
+    "linear: --json a directory": ("linear", ["--json", "{tmp}"], "--json {tmp} is a directory"),
+    "step_profile: --prefetch 0,x": ("step_profile", ["--prefetch", "0,x"], "--prefetch '0,x' is not a comma-"),
+    "step_profile: --json a directory": ("step_profile", ["--json", "{tmp}"], "--json {tmp} is a directory"),
+    "sampling_cost: --budgets x": ("sampling_cost", ["--budgets", "x"], "--budgets 'x' is not a comma-separated"),
+    "sampling_cost: --blocks z": ("sampling_cost", ["--blocks", "z"], "--blocks 'z' is not a comma-separated"),
+    "sampling_cost: missing --heads": ("sampling_cost", ["--heads", "{tmp}/none"], "--heads {tmp}/none is not a "
+                                                                                  "directory"),
+    "sampling_cost: --heads without a config": ("sampling_cost", ["--heads", "{tmp}"],
+                                                "--heads {tmp} has no readable config.json"),
+    "proposal_cost: --supersets y": ("proposal_cost", ["--heads", str(M1_HEADS), "--supersets", "y"],
+                                     "--supersets 'y' is not a comma-separated"),
+    "proposal_cost: missing --heads": ("proposal_cost", ["--heads", "{tmp}/none"], "--heads {tmp}/none is not a "
+                                                                                  "directory"),
+    "bench_startup: --follow-ups 0": ("bench_startup", ["--follow-ups", "0"], "--follow-ups must be at least 1, not 0"),
+    "ab_steps: --reps 0": ("ab_steps", ["run", ".", "--reps", "0"], "--reps must be at least 1, not 0"),
+    "ab_steps: --rounds 0": ("ab_steps", ["run", ".", "--rounds", "0"], "--rounds must be at least 1, not 0"),
+    "ab_steps: an unknown --shape": ("ab_steps", ["run", ".", "--shape", "8b"], "argument --shape: invalid choice"),
+    "ab_steps: an unknown --tree": ("ab_steps", ["run", ".", "--tree", "nope"], "argument --tree: invalid choice"),
+    "body_chunks: an unknown --chunks": ("body_chunks", [".", "--chunks", "4x"],
+                                         "--chunks '4x' is not COUNT, COUNT:MAX_TILES or shipped"),
+    "body_chunks: --reps 0": ("body_chunks", [".", "--reps", "0"], "--reps must be at least 1, not 0"),
+    "body_chunks: an unknown --shape": ("body_chunks", [".", "--shape", "8b"], "argument --shape: invalid choice"),
+}
+
+
+def exit_status(main, argv) -> int:
+    """main(argv)'s status, whether returned or raised (argparse's own errors exit)."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("name", BAD_FLAGS)
+def test_bad_flags_are_one_error_line_before_anything_slow(name, tmp_path, capsys):
+    import importlib
+    module, argv, expected = BAD_FLAGS[name]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    status = exit_status(importlib.import_module(f"bench.{module}").main, argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected.format(tmp=tmp_path)}"), err
+
+
+def test_sampling_cost_needs_the_heads_rank_accuracies(tmp_path, capsys):
+    from bench import sampling_cost
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2}))
+    assert sampling_cost.main(["--heads", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'config.json'} has no rank_accuracy; measure it with "
+                                       f"python -m nanomedusa.tree_tuning --heads {tmp_path} --data ANSWERS.jsonl "
+                                       f"--write, or pass other --heads.\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+@pytest.mark.parametrize("module", ["step_profile", "sampling_cost", "tree_attention", "linear"])
+def test_gpu_benchmarks_refuse_a_cpu_in_one_line(module, capsys):
+    import importlib
+    assert importlib.import_module(f"bench.{module}").main([]) == 2
+    assert capsys.readouterr().err.startswith(f"error: bench.{module} times CUDA kernels; run it on a GPU machine")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="every worker must fail: --device cuda without a GPU")
+def test_ab_steps_fails_when_no_version_was_measured(capsys):
+    from bench import ab_steps
+    with pytest.raises(SystemExit, match="no version's steps were measured"):
+        ab_steps.main(["run", str(ab_steps.REPO), "--device", "cuda", "--shape", "smollm2-135m", "--layers", "1",
+                       "--prefix", "4", "--rounds", "1", "--reps", "1"])
+    assert "| failed" in capsys.readouterr().out
+
+
+def test_ab_steps_modes_are_described_by_name_and_export_goes_to_the_repository(tmp_path, monkeypatch, capsys):
+    from bench import ab_steps
+    monkeypatch.chdir(tmp_path)  # not the repository: ab/ is still the repository's
+    assert ab_steps.parse_args(["export", "main"]).dir == ab_steps.REPO / "ab"
+    assert list(ab_steps.MODES) == ["exact-pdl", "exact", "cublas"]  # the default first; none named "default"
+    assert ab_steps.parse_args(["run", "."]).mode == "exact-pdl"
+    with pytest.raises(SystemExit):
+        ab_steps.parse_args(["run", ".", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("exact-pdl (the default): the row-invariant kernels (--exact) with programmatic dependent launch; exact: "
+            "the same kernels with ordinary launches; cublas: cuBLAS") in text
+
+
+def test_default_outputs_leave_the_tracked_records_alone():
+    from bench import decode, linear, linear_tma
+    args = decode.parse_args([])
+    work = REPO / "work"
+    for path in (args.json, args.step_times, Path(linear.DEFAULT_JSON), Path(linear_tma.DEFAULT_JSON)):
+        assert work in path.parents, path
+    assert "/work/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_num_prompts_is_per_file(tmp_path):
+    from bench.prompts import chat_prompts
+    for name in "ab":
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": f"{name}{i}", "prompt": "hi"}) + "\n"
+                                                        for i in range(3)))
+
+    class Tokenizer:
+        def encode_chat(self, messages):
+            return [1]
+
+    prompts = chat_prompts(Tokenizer(), [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], 2)
+    assert [p.id for p in prompts] == ["a0", "a1", "b0", "b1"]
+
+
+def test_the_six_prompt_sets_are_their_sets_subsets():
+    def lines(name):
+        return [line for line in (REPO / "bench" / name).read_text().split("\n") if line]
+
+    assert lines("prompts-chat-heldout-6.jsonl") == lines("prompts-chat-heldout.jsonl")[::8]
+    assert lines("prompts-train-mix-6.jsonl") == lines("prompts-train-mix.jsonl")[::3][:6]
+
+
+def test_bench_startup_help_is_its_whole_docstring(capsys):
+    from bench import bench_startup
+    with pytest.raises(SystemExit) as stop:
+        bench_startup.main(["--help"])
+    assert stop.value.code == 0
+    assert "Arguments after `--` go to generate.py in both parts" in capsys.readouterr().out
+
+
+def test_bench_startup_chat_uses_the_kernels_generate_py_would(tmp_path):
+    import kernels
+    from bench import bench_startup
+    make_chat_checkpoint(tmp_path / "model", seed=1, max_position_embeddings=512)
+    save_random_heads(load_model(tmp_path / "model", "cpu", "float32")[0], tmp_path / "heads", num_heads=2, seed=1)
+    kernels.set_backend("auto")
+    args = bench_startup.parse_args(["--max-new-tokens", "2", "--", "--model", str(tmp_path / "model"), "--device",
+                                     "cpu", "--kernels", "torch", "--medusa", str(tmp_path / "heads")])
+    with contextlib.redirect_stdout(io.StringIO()):
+        timings = bench_startup.follow_up_latencies(bench_startup.chat_args(args), 0, 1)
+    assert len(timings) == 1 and kernels.get_backend() == "torch"
+
+
+def test_compile_check_help_does_not_run_the_check(capsys):
+    from kernels import compile_check
+    with pytest.raises(SystemExit) as stop:
+        compile_check.main(["--help"])
+    assert stop.value.code == 0
+    assert "Compile the intricate Triton kernels for a Hopper GPU" in capsys.readouterr().out

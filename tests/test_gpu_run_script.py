@@ -117,3 +117,19 @@ def test_kernel_tests_run_from_a_queue_and_a_failing_file_fails_the_stage(tmp_pa
     assert rc != 0 and summaries == ["1 passed", "3 passed", "1 passed", "1 failed"], output
     rc, summaries, output = stage("b", jobs="0")
     assert rc != 0 and summaries == [] and "KERNEL_JOBS must be 1 or more" in log.read_text(), output
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_an_unknown_stage_is_refused_before_anything_is_made(tmp_path):
+    for stage in ("nope", "sizes joint", ""):  # (two stages in one word must not pass for one)
+        proc = subprocess.run(["bash", "bench/gpu_run.sh", stage], cwd=REPO, env={**os.environ, "WORK": str(tmp_path)},
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("usage: bash bench/gpu_run.sh STAGE"), proc.stderr
+        assert list(tmp_path.iterdir()) == []  # no WORK/out left by a typo
+
+
+def test_the_exact_stage_checks_every_shipped_heads():
+    script = (REPO / "bench" / "gpu_run.sh").read_text()
+    exact = script[script.index("\n  exact)"):script.index("\n  path)")]
+    shipped = [p.parent.name for p in (REPO / "weights").glob("*/config.json") if p.parent.name != "cache"]
+    assert len(shipped) == 3 and all(f"=weights/{name}" in exact for name in shipped)
