@@ -14,7 +14,9 @@ in the working tree, so that the paths among the arguments (heads, prompt files,
 every version. An exported folder holds code only: the tool links the working tree's weights/ entries it lacks (the
 prepared default model in weights/cache/, the shipped heads) into it. The table: per method (plain decoding on each
 backbone; each heads x tree) and prompt file, each version's tokens/s (new tokens / seconds, summed over the file's
-prompts and the rounds), mean accepted length, and the change against the first version.
+prompts and the rounds), mean accepted length, and the change against the first version. Versions from before
+acb3d3a took `--num-prompts` N over all `--prompts` files together, later ones N of each file: with several files, a
+row of such a pair compares different prompts (or reads "missing"), so give one file per call there.
 """
 
 from __future__ import annotations

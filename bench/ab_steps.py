@@ -11,7 +11,8 @@ ab/<revision>/ at the repository's root (a "/" in the revision becomes "-"); the
 to the device machine with the working tree (which has no git history there). `run` starts one Python process per
 version, shape, prefix and round, importing that version's modules from its own folder (`python -c` with the folder
 first on the path: this module's worker, so any revision with bench/steps.py's `build_7b` and `step_ms` can be
-measured). Each process builds the shape's random-weight model (bench/steps.py's SHAPES), fills `--prefix` cached
+measured, with the shapes and trees this working tree's SHAPES and PRESETS name). Each process builds the shape's
+random-weight model (bench/steps.py's SHAPES), fills `--prefix` cached
 tokens and times both steps, by default in the row-invariant mode with programmatic dependent launch (`--mode`). The
 table: per shape and prefix, each version's median over the rounds and its change against the first version; with
 `--floor`, also each decode step against the bandwidth floor of this machine (the shape's weights over the copy
@@ -30,7 +31,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from nanomedusa.cli import ArgumentParser, check_at_least, check_output_file, check_positive, run_reporting_errors
+from nanomedusa.cli import (ArgumentParser, check_at_least, check_output_file, check_positive, exit_with,
+                            run_reporting_errors)
 from nanomedusa.tree import PRESETS
 
 from .report import print_table, save, say
@@ -250,4 +252,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

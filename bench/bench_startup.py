@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # generate.py is a script at the repository root, not part of the package
 
-from nanomedusa.cli import ArgumentParser, check_at_least, run_reporting_errors  # noqa: E402 (after the path)
+from nanomedusa.cli import (ArgumentParser, check_at_least, exit_with,  # noqa: E402 (after the path)
+                            run_reporting_errors)
 
 PROMPT = "Hi, who are you?"
 FOLLOW_UPS = ["Thanks! Say that again in one sentence.", "Why?", "Give me one example.", "And another one?",
@@ -63,13 +64,18 @@ def check_args(args) -> None:
 
     check_at_least(0, {"--runs": args.runs, "--conversation-tokens": args.conversation_tokens})
     check_at_least(1, {"--follow-ups": args.follow_ups, "--max-new-tokens": args.max_new_tokens})
-    generate.check_args(chat_args(args))
+    generate.check_args(generate.parse_args(one_shot_args(args.generate_args, args.max_new_tokens)))  # part 1's
+    generate.check_args(chat_args(args))  # part 2's
+
+
+def one_shot_args(extra: list[str], max_new_tokens: int) -> list[str]:
+    """generate.py's arguments for part 1's fresh processes."""
+    return ["--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens), "--verbose", *extra]
 
 
 def time_to_first_token(extra: list[str], max_new_tokens: int) -> tuple[float, str]:
     """Launch generate.py; -> (seconds to its first stdout byte, its stderr)."""
-    command = [sys.executable, "generate.py", "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens),
-               "--verbose", *extra]
+    command = [sys.executable, "generate.py", *one_shot_args(extra, max_new_tokens)]
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = os.read(proc.stdout.fileno(), 1)
@@ -123,4 +129,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

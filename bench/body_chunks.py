@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
-from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, exit_with, run_reporting_errors
 from nanomedusa.errors import NanoMedusaError
 
 from .ab_steps import (NOTHING_MEASURED, TABLE_COLUMNS, add_step_flags, check_step_flags, measure, median_steps,
@@ -126,4 +125,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -17,7 +17,7 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.model import Transformer
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tokenizer import Tokenizer, load_tokenizer
 from nanomedusa.tree import PRESETS, cut_to_depth, parse_tree
 from weights import SHIPPED_HEADS
 
@@ -119,14 +119,15 @@ def load_backbone(label: str, owner: HeadsSpec | None, args, device, dtype):
 
 
 def first_heads(args, device, dtype, why: str) -> tuple[HeadsSpec, Transformer, MedusaHeads, Tokenizer]:
-    """The first --heads on its backbone, for a part that needs heads (`why` it does, for the error)."""
+    """The first --heads on its backbone, for a part of bench.decode that needs heads (`why` it does, for the
+    error), with the tokenizer in --chat-format's format."""
     specs = heads_specs(args)
     if not specs:
         raise NanoMedusaError(f"{why}; pass --heads HEADS_DIR.")
     spec = specs[0]
     model, ckpt = load_backbone(spec_backbone(spec), spec, args, device, dtype)
     heads = MedusaHeads.load(spec.heads_dir, model.config, device=model.device, dtype=model.dtype)
-    return spec, model, heads, Tokenizer.from_dir(ckpt)
+    return spec, model, heads, load_tokenizer(ckpt, args.chat_format)
 
 
 def free_memory(device: torch.device) -> None:

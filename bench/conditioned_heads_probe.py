@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanomedusa.cli import check_input_file, run_reporting_errors
+from nanomedusa.cli import check_input_file, exit_with, run_reporting_errors
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model, resolve_checkpoint
@@ -208,4 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

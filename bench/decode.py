@@ -47,21 +47,20 @@ with); the outputs of Medusa-2 heads are checked against their own backbone's pl
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_kernels, check_output_file,
-                            run_reporting_errors, use_kernels)
+from nanomedusa.cli import (ArgumentParser, add_chat_format_flag, add_kernel_flags, check_at_least, check_kernels,
+                            check_output_file, exit_with, run_reporting_errors, use_kernels)
 from nanomedusa.decoder import Decoder, sync
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import resolve_device, resolve_dtype
 from nanomedusa.medusa_generation import generate_medusa
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tokenizer import load_tokenizer
 from nanomedusa.tree import TreeBuffers
 
 from .checkpoints import BASE, HeadsSpec, free_memory, heads_specs, load_backbone, spec_backbone, trees_for
@@ -82,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cpu, cuda (default), cuda:N or auto")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32 or auto")
     add_kernel_flags(p)
+    add_chat_format_flag(p)  # the prompts' format: the one the heads were trained on
     p.add_argument("--prompts", type=Path, nargs="+", default=[DEFAULT_PROMPTS], metavar="FILE",
                    help="JSONL files of {\"id\", \"prompt\"}, their prompts run in order "
                         "(default bench/prompts-train-mix.jsonl)")
@@ -183,7 +183,7 @@ def run_ours(args, device, dtype, results: dict) -> Workload:
     for backbone, owner in backbones.items():
         model, ckpt = load_backbone(backbone, owner, args, device, dtype)
         if work is None:  # every backbone gets the base model's tokenization of the prompts
-            tokenizer = Tokenizer.from_dir(ckpt)
+            tokenizer = load_tokenizer(ckpt, args.chat_format)
             prompts = chat_prompts(tokenizer, args.prompts, args.num_prompts)
             results["prompts"] = [{"id": p.id, "prompt_tokens": len(p.ids)} for p in prompts]
             work = Workload(ckpt, prompts, tokenizer.eos_ids, [])
@@ -359,4 +359,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

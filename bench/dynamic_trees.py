@@ -23,15 +23,14 @@ the timer (bench/timer.py) and the JSON file are the other benchmarks'.
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
 from kernels.testing import counting_launches
 from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_input_file,
-                            check_kernels, check_output_file, check_sampling, check_seed, run_reporting_errors,
-                            use_kernels)
+                            check_kernels, check_output_file, check_sampling, check_seed, exit_with,
+                            run_reporting_errors, use_kernels)
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
@@ -231,4 +230,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

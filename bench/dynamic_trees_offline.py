@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 import kernels
 from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
-                            run_reporting_errors)
+                            exit_with, run_reporting_errors)
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.errors import NanoMedusaError
@@ -82,6 +82,7 @@ from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .checks import heads_read_path, int_list
+from .report import save
 
 HEADS = ["weights/smollm2-135m-instruct-medusa", "weights/smollm2-135m-instruct-medusa2"]
 EVAL = ["bench/prompts-chat-heldout.jsonl:48", "bench/prompts-train-mix.jsonl:20"]
@@ -558,8 +559,8 @@ def run(args) -> None:
     print(f"\nmean accepted length (tokens per step), greedy, {args.max_new_tokens} new tokens; (x) = against static:")
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "params": params}, indent=1) + "\n")
+        save({"rows": rows, "params": params}, args.json)  # (its folder made if missing)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from typing import NamedTuple
 
@@ -47,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope_cache import apply_rope
-from nanomedusa.cli import check_input_dir, check_output_file, run_reporting_errors
+from nanomedusa.cli import check_input_dir, check_output_file, exit_with, run_reporting_errors
 from nanomedusa.config import ModelConfig, rope_inv_freq
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import load_heads_and_adapter
@@ -538,4 +537,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -21,8 +21,9 @@
 # says how many answers reached each cap. The defaults are the settings of the shipped checkpoints.
 # Variables: WORK (data and checkpoints, default work/, which git ignores), OUT (logs and result files, default
 # $WORK/out), MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m
-# weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (use the first N
-# prompts of each bench set, also where one call runs two, as path-bench's bench.decode does; default all), HEAD_LAYERS
+# weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (the bench and
+# path-bench stages' bench.decode and draft-probe's answers use the first N prompts of each bench set; default all; the
+# exact and sizes stages and path-bench's bench.dynamic_trees calls keep their own counts), HEAD_LAYERS
 # (ResBlocks per head, default 2), RUN (the warm-up's folder under WORK, default warmup; the other stages read warmup),
 # EPOCHS (warm-up epochs, default 2), JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files,
 # default the kernels', --exact's and dynamic trees', and how many pytest processes run them at once, one file each,

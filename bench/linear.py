@@ -47,7 +47,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -57,7 +56,7 @@ import triton
 
 from kernels.linear import TileConfig, _tile_config, linear_triton
 from kernels.testing import TOLERANCE, poisoned_empty, rel_error, rows_differing_from_one_row_calls, same_bits
-from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, exit_with, run_reporting_errors
 
 from .checks import check_kernel_benchmark
 from .report import DEFAULT_OUT, device_name, metadata, print_table, save, say
@@ -526,4 +525,4 @@ def run_benchmark(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -12,12 +12,11 @@ table: CUDA graphs of calls over weight copies that together exceed the L2.
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
 from kernels.linear import _tile_config, linear_triton
-from nanomedusa.cli import ArgumentParser, check_output_file, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_output_file, exit_with, run_reporting_errors
 
 from .linear import MODELS, TABLE_REPS, config_label, fits_smem, make_case, triton_call, us_per_call
 from .report import DEFAULT_OUT, device_name, metadata, print_table, save
@@ -71,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -32,13 +32,12 @@ multiple of the static tree's (#15's first target: >= 1.10x).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
-                            run_reporting_errors)
+                            exit_with, run_reporting_errors)
 from nanomedusa.generation import generate_batch
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads, load_heads_and_adapter
@@ -252,4 +251,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

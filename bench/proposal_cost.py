@@ -22,11 +22,10 @@ S; Medusa's heads run on one row whatever S.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from nanomedusa.cli import ArgumentParser, check_at_least, check_input_dir, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_at_least, check_input_dir, exit_with, run_reporting_errors
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
@@ -96,4 +95,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -19,13 +19,12 @@ rows, top-p 0.9 with and without top-k 50: how its BLOCK was chosen. No model an
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from kernels import sample_token
-from nanomedusa.cli import ArgumentParser, check_at_least, check_input_dir, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_at_least, check_input_dir, exit_with, run_reporting_errors
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.medusa_generation import Acceptance, accept
 from nanomedusa.sampling import Sampling, next_token
@@ -121,4 +120,4 @@ def block_sweep(blocks: list[int], vocab: int, device, reps: int, rng) -> list[d
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-import sys
 from collections import defaultdict
 
 import torch
@@ -38,7 +37,7 @@ import torch
 import kernels
 from kernels import linear as linear_kernel
 from nanomedusa import model as model_module
-from nanomedusa.cli import ArgumentParser, check_at_least, check_output_file, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_at_least, check_output_file, exit_with, run_reporting_errors
 from nanomedusa.tree import PRESETS, TreeBuffers
 
 from .checks import int_list, require_cuda
@@ -234,4 +233,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

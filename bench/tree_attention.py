@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -60,7 +59,7 @@ import triton
 
 from kernels.testing import rel_error, tree_attention_inputs
 from kernels.tree_attention import split_heuristic, tree_attention_reference, tree_attention_triton
-from nanomedusa.cli import ArgumentParser, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, exit_with, run_reporting_errors
 from nanomedusa.tree import PRESETS, TreeBuffers
 
 from .checks import check_kernel_benchmark
@@ -514,4 +513,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -10,6 +10,7 @@ one `error: ...` line and exits with status 2, argparse's code for a usage error
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import signal
@@ -62,6 +63,12 @@ def exit_with(status: int) -> None:
     itself, as Python ends it when nothing catches KeyboardInterrupt: a shell running the CLI in a loop or a list of
     commands stops there only for a process SIGINT ended, not for one that exited with 130."""
     if status == INTERRUPTED and os.name == "posix":
+        atexit._run_exitfuncs()  # what Python does before it ends by SIGINT itself: exit handlers, then stdio flushed
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader gone, a stream closed: nothing more to keep
+                pass
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     sys.exit(status)

@@ -2,7 +2,7 @@
 
     python -m nanomedusa.tree_tuning --heads weights/smollm2-135m-instruct-medusa \
         --data data/answers.jsonl [more.jsonl ...] --nodes 63 [--model M] [--write]
-    python -m nanomedusa.tree_tuning ... --step-times bench/step-times.json --write   # sized to the hardware
+    python -m nanomedusa.tree_tuning ... --step-times work/bench/step-times.json --write   # sized to this GPU
     python -m nanomedusa.tree_tuning ... --nodes 31 --max-depth 3 --write --trim   # 3 heads deep, the rest dropped
 
 The Medusa paper builds its sparse tree greedily: a path's expected contribution to the accepted
@@ -16,7 +16,8 @@ GPU (`--tree own` on a CPU), and the accuracies as `rank_accuracy`, from which d
 
 Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
 (the step time against node count that `python -m bench.decode --tree-sizes ...` measured on the
-target GPU) the size is the one with the most expected tokens per millisecond,
+target GPU, written to work/bench/step-times.json unless told otherwise; bench/step-times.json is the H200's
+record) the size is the one with the most expected tokens per millisecond,
 expected_accept_length(tree of N nodes) / step_ms(N), instead of a fixed --nodes.
 """
 

@@ -430,6 +430,9 @@ BAD_FLAGS = {  # name: (module, argv, the error's start); {tmp} is a fresh direc
     "proposal_cost: missing --heads": ("proposal_cost", ["--heads", "{tmp}/none"], "--heads {tmp}/none is not a "
                                                                                   "directory"),
     "bench_startup: --follow-ups 0": ("bench_startup", ["--follow-ups", "0"], "--follow-ups must be at least 1, not 0"),
+    "bench_startup: a chat's flag for part 1's one-shot runs": (
+        "bench_startup", ["--", "--context", "512"], "--context sets how much of a chat is kept; pass it with "
+                                                     "--interactive, or drop it."),
     "ab_steps: --reps 0": ("ab_steps", ["run", ".", "--reps", "0"], "--reps must be at least 1, not 0"),
     "ab_steps: --rounds 0": ("ab_steps", ["run", ".", "--rounds", "0"], "--rounds must be at least 1, not 0"),
     "ab_steps: an unknown --shape": ("ab_steps", ["run", ".", "--shape", "8b"], "argument --shape: invalid choice"),

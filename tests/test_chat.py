@@ -232,6 +232,21 @@ def test_system_messages_and_contexts_that_cannot_be(checkpoint):
         session.say(medium)
 
 
+def test_the_settings_leave_room_for_a_short_message_and_a_refusal_names_the_default_system_prompt(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    context = model.config.max_position_embeddings
+    shortest = len(tokenizer.encode_chat([{"role": "user", "content": ""}]))  # markers and the default system prompt
+    most = context - shortest - 16  # the longest answer that leaves a 16-token message room
+    session = ChatSession(model, tokenizer, decode=None, max_new_tokens=most)
+    with pytest.raises(NanoMedusaError, match="leaves no room for a message"):
+        ChatSession(model, tokenizer, decode=None, max_new_tokens=most + 1)
+    assert tokenizer.chat.default_system == "You are a tiny test model."
+    with pytest.raises(NanoMedusaError, match="tokens with the chat template and the model's default system prompt, "
+                                              "which leaves too little"):
+        session.say(" ".join(str(i) for i in range(32)))
+
+
 def test_ctrl_c_at_the_prompt_drops_the_line_and_the_chat_goes_on(monkeypatch, capsys):
     import io
 

@@ -489,13 +489,29 @@ def test_ctrl_c_ends_a_run_without_a_traceback(capsys):
     assert captured.out == "a partial answer" and captured.err == "\n"  # the shell's prompt on a line of its own
 
 
+def test_every_cli_that_reports_errors_ends_through_exit_with():
+    # run_reporting_errors turns Ctrl-C into a status; only exit_with then ends the process by SIGINT (below)
+    scripts = [REPO / "generate.py", REPO / "train.py", *(REPO / "nanomedusa").glob("*.py"),
+               *(REPO / "weights").glob("*.py"), *(REPO / "bench").glob("*.py")]
+    ends = {path.name: path.read_text().partition('if __name__ == "__main__":')[2] for path in scripts
+            if "run_reporting_errors(" in path.read_text()}
+    assert len(ends) > 15 and "decode.py" in ends
+    assert [name for name, end in ends.items() if end and "exit_with(" not in end] == []
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_after_ctrl_c_a_cli_ends_by_sigint_so_that_a_shell_loop_stops():
     # bash goes on with a loop or a list of commands after a process that exited with 130; it stops only after one
     # that SIGINT ended
-    script = "import sys; from nanomedusa.cli import exit_with; exit_with(int(sys.argv[1]))"
-    codes = [subprocess.run([sys.executable, "-c", script, str(status)], cwd=REPO).returncode for status in (130, 2)]
-    assert codes == [-signal.SIGINT, 2]
+    # and, as Python does before it ends so, runs the exit handlers and flushes what stdout still buffers (a
+    # training log redirected to a file)
+    script = ("import atexit, sys; from nanomedusa.cli import exit_with; print('step 100 | loss 2.3'); "
+              "atexit.register(lambda: print('exit handler ran', file=sys.stderr)); exit_with(int(sys.argv[1]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for status, code in ((130, -signal.SIGINT), (2, 2)):
+        proc = subprocess.run([sys.executable, "-c", script, str(status)], cwd=REPO, capture_output=True, text=True,
+                              env=env)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (code, "step 100 | loss 2.3\n", "exit handler ran\n")
 
 
 def test_cli_zero_new_tokens_prints_nothing(cli_root):

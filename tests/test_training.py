@@ -386,6 +386,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
     del state["settings"]["lora_alpha"]
     torch.save(state, path)
     assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
+    # the prompts' format, given or found in the template: heads trained on one must not resume on another
+    with pytest.raises(NanoMedusaError, match="made with chat_format='chatml' but this run has 'zephyr'"):
+        Trainer(config(setup, "lora-ckpt", **lora, chat_format="zephyr", resume=True))
+    assert Trainer(config(setup, "lora-ckpt", **lora, chat_format="chatml", resume=True)).start_step == 1
+    del state["settings"]["chat_format"]  # (and one from before it was recorded resumes)
+    torch.save(state, path)
+    assert Trainer(config(setup, "lora-ckpt", **lora, chat_format="zephyr", resume=True)).start_step == 1
 
 
 def test_a_new_run_starts_its_log_afresh(setup):

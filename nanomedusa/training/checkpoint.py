@@ -40,7 +40,7 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 # Settings that checkpoints from before they were recorded lack: compared only where a checkpoint has them.
-RECORDED_LATER = ("lora_alpha",)
+RECORDED_LATER = ("lora_alpha", "chat_format")
 
 
 def state_path(out_dir: str | Path) -> Path:

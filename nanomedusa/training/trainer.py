@@ -242,6 +242,7 @@ class Trainer:
                 "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps,
+                "chat_format": self.tokenizer.chat.preset,  # the prompts' format, given or found: the heads learn it
                 # only when they matter, so that checkpoints of runs without them still resume (and see
                 # checkpoint.RECORDED_LATER for checkpoints from before lora_alpha was recorded)
                 **({"reads_path": True} if heads.reads_path else {}),
