@@ -17,10 +17,11 @@ from .errors import NanoMedusaError
 
 
 def read_utf8(path: str | Path) -> str:
-    """The text of `path`, or one sentence naming the first byte that is not UTF-8."""
+    """The text of `path` (without the byte-order mark some editors put first), or one sentence naming the first
+    byte that is not UTF-8."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise NanoMedusaError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                               f"re-save it as UTF-8.") from None

@@ -295,6 +295,13 @@ MORE_ERRORS = {
         "the tree is 3 deep but there are only 2 Medusa heads; pick a tree at most 2 deep."),
     "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
                              "argument --max-new-tokens: invalid int value: 'abc'; see --help."),
+    "warm-up heads with nothing to train": ("train", WARMUP[1:] + ["--shared-lm-head", "--num-layers", "0"],
+                                            "heads without ResBlocks that share the lm_head have no weights of their "
+                                            "own to train; pass --num-layers 1 or more, or drop --shared-lm-head."),
+    "a data weight that keeps nothing": ("train", TRAIN[1:] + ["--data", "{root}/answers.jsonl", "{root}/answers.jsonl",
+                                                               "--data-weights", "1", "0.01", "--eval-fraction", "0"],
+                                         "--data-weights 0.01 keeps none of the 4 training examples of "
+                                         "{root}/answers.jsonl; raise its weight to at least 0.12, or drop the file."),
     "--out under a file": ("train", WARMUP[1:] + ["--out", "{root}/answers.jsonl/o"],
                            "--out {root}/answers.jsonl/o lies under {root}/answers.jsonl, which is a file; pass a path "
                            "under a directory."),

@@ -107,6 +107,8 @@ def test_formats_and_split(tmp_path):
     odd = {"prompt": "line\u2028separator\x85next\r\n"}  # JSON lines may hold these unescaped
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [odd, openai]) + "\n", encoding="utf-8")
     assert [c.messages[0]["content"] for c in load_conversations(tmp_path / "d.jsonl")] == [odd["prompt"], "q"]
+    (tmp_path / "bom.jsonl").write_text(json.dumps(prompt) + "\n", encoding="utf-8-sig")  # as some editors save
+    assert [c.id for c in load_conversations(tmp_path / "bom.jsonl")] == ["p"]
     items = list(range(50))
     train, held = split_train_eval(items, 0.2, seed=7)
     assert len(held) == 10 and sorted(train + held) == items and split_train_eval(items, 0.2, seed=7)[1] == held

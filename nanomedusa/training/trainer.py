@@ -131,10 +131,17 @@ class TrainConfig:
                                   f"--data files; give one weight per file.")
         if self.data_weights is not None and not all(w > 0 for w in self.data_weights):
             raise NanoMedusaError(f"--data-weights must all be positive, got {self.data_weights}.")
+        if self.stage == "warmup" and not self.heads and self.shared_lm_head and self.num_layers == 0 \
+                and not self.reads_path:
+            raise NanoMedusaError(NOTHING_TO_TRAIN)
 
     @property
     def data_files(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
+
+
+NOTHING_TO_TRAIN = ("heads without ResBlocks that share the lm_head have no weights of their own to train; pass "
+                    "--num-layers 1 or more, or drop --shared-lm-head.")
 
 
 class Trainer:
@@ -207,6 +214,10 @@ class Trainer:
             if not train:
                 raise NanoMedusaError(f"no training example of {path} keeps an answer token within its first {max_len} "
                                       f"tokens; raise --max-len (at most the model's context).")
+            weight = cfg.data_weights[len(trains)] if cfg.data_weights else 1.0
+            if weight < 1 and round(weight * len(train)) == 0:  # (mix_examples would keep none of them)
+                raise NanoMedusaError(f"--data-weights {weight:g} keeps none of the {len(train)} training examples of "
+                                      f"{path}; raise its weight to at least {0.5 / len(train):.2g}, or drop the file.")
             trains.append(train)
             held_out += tokenize_all(self.tokenizer, eval_c, max_len)
         return mix_examples(trains, cfg.data_weights or [1.0] * len(trains), cfg.seed), held_out
@@ -230,6 +241,8 @@ class Trainer:
         backbone_params = [p for p in self.module.model.parameters() if p.requires_grad]
         groups = [(head_params, self.cfg.lr), (backbone_params, self.cfg.backbone_lr)]
         groups = [(params, lr) for params, lr in groups if params]
+        if not groups:  # (heads loaded with --heads: TrainConfig.check could not see them)
+            raise NanoMedusaError(NOTHING_TO_TRAIN)
         optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=self.cfg.weight_decay)
         return optimizer, [lr for _, lr in groups]
 
