@@ -30,6 +30,7 @@ them at once ([positions, vocab]) would not fit in memory.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -43,8 +44,8 @@ from .files import write_text_atomically
 from .heads import MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
-from .training.data import (IGNORE, Conversation, collate, example_length, load_conversations, prompt_messages,
-                            split_train_eval, tokenize_all, train_eval_split)
+from .training.data import (IGNORE, Conversation, collate, example_length, held_out_split_notes, load_conversations,
+                            prompt_messages, split_train_eval, tokenize_all, train_eval_split)
 from .training.losses import shifted_targets
 
 Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (logits [n, V], targets [n])
@@ -170,6 +171,9 @@ def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
     tokenizer = load_tokenizer(checkpoint, args.chat_format)
+    if not args.whole_files:  # (--whole-files: answers held out by --held-out-prompts, no split here)
+        for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset):
+            print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     examples = []
     for path in args.data:

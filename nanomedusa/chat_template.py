@@ -13,9 +13,10 @@ the common cases below they reproduce character for character what
   Contents are stripped; the format has no separate generation prompt.
 - `mistral`: `{bos}[INST] {user} [/INST]{assistant}{eos}[INST] ...` (Mistral/Mixtral-Instruct v0.1: one BOS, no
   spaces around answers). Every template with `[INST]` but no Llama-2 `<<SYS>>` block gets it, though only v0.1's
-  layout is reproduced exactly (later Mistral templates space `[/INST]` and the answer otherwise). Its template refuses a system message; this preset puts one before the first user
-  message, `{system}\\n\\n{user}` (Mistral's v0.3 template puts it before the last one instead, which would
-  change an earlier turn's text, and so the chat's cached prompt, every turn).
+  layout is reproduced exactly (later Mistral templates space `[/INST]` and the answer otherwise). Its template
+  refuses a system message; this preset puts one before the first user message, `{system}\\n\\n{user}`
+  (Mistral's v0.3 template puts it before the last one instead, which would change an earlier turn's text, and so
+  the chat's cached prompt, every turn).
 - `llama3`:  `{bos}<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message,
   generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n` (no Llama-3.1 date preamble).
 - `vicuna`:  FastChat v1.1, `{system} USER: {user} ASSISTANT: {assistant}{eos}USER: ...`, ending in

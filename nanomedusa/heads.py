@@ -69,6 +69,9 @@ class HeadsConfig:
     rank_accuracy: list | None = None  # [K][topk] share of head k's rank-i guesses that were right (tree_tuning.py)
     medusa_temperatures: list | None = None  # [K] head k's probabilities are softmax(logits / T_k) (calibration.py)
     reads_path: bool = False  # head k also reads the embeddings of tokens t+1 .. t+k+1 (module docstring)
+    # how train.py split and rendered their data ({"eval_fraction", "seed", "chat_format"}): tree tuning and calibration
+    # must measure on the same held-out conversations (training/data.py `held_out_split_notes`)
+    held_out: dict | None = None
 
     def __post_init__(self):
         # (load() checks a config.json's values first, naming the file; this catches heads built in code)
@@ -343,7 +346,7 @@ class MedusaHeads(nn.Module):
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
                              raw.get("base_model_name_or_path", ""), _medusa_choices(raw, path), raw.get("lora"),
                              _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),
-                             bool(path_state))
+                             bool(path_state), raw.get("held_out") if isinstance(raw.get("held_out"), dict) else None)
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has "
                                   f"{model_config.dim}; use heads trained for this model.")

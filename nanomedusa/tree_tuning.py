@@ -24,6 +24,7 @@ expected_accept_length(tree of N nodes) / step_ms(N), instead of a fixed --nodes
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ from .files import write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import load_tokenizer
-from .training.data import IGNORE, collate, example_length, load_conversations, tokenize_all, train_eval_split
+from .training.data import (IGNORE, collate, example_length, held_out_split_notes, load_conversations, tokenize_all,
+                            train_eval_split)
 from .training.losses import shifted_targets
 from .tree import expected_accept_length, tree_capacity, tree_from_head_accuracies
 
@@ -153,6 +155,8 @@ def run(args) -> None:
                               f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
                               f"--topk or --max-depth.")
     tokenizer = load_tokenizer(ckpt, args.chat_format)
+    for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset):
+        print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}
     for path in args.data:

@@ -640,3 +640,24 @@ def test_tools_measure_on_the_examples_training_held_out(setup, warmed, tmp_path
              "--eval-fraction", "0.25", "--seed", "3", "--max-len", "1000"]
     assert tree_tuning.main(flags + ["--nodes", "4"]) == 0 and calibration.main(flags) == 0
     assert seen == {"rank_hits": held_out, "calibrate": held_out}
+
+
+def test_the_tools_say_when_they_would_measure_on_another_split_than_training_held_out(setup, warmed, capsys):
+    # The heads record how train.py split and rendered their data; measuring with another --seed, --eval-fraction or
+    # chat format would count conversations they were trained on as held out, silently before.
+    from nanomedusa.training.data import held_out_split_notes
+
+    heads_dir = warmed[0].out / "heads"
+    held_out = json.loads((heads_dir / "config.json").read_text())["held_out"]
+    assert held_out == {"eval_fraction": 0.125, "seed": 3, "chat_format": "chatml"}
+    flags = ["--model", setup[1], "--heads", str(heads_dir), "--data", setup[2], "--device", "cpu", "--nodes", "4",
+             "--max-len", "160"]
+    capsys.readouterr()
+    assert tree_tuning.main(flags + ["--eval-fraction", "0.125", "--seed", "3"]) == 0
+    assert "[note] the heads were trained" not in capsys.readouterr().err
+    assert tree_tuning.main(flags + ["--eval-fraction", "0.125"]) == 0  # the default seed, 0
+    assert ("[note] the heads were trained with --seed 3, and this run has 0, so it may measure conversations they "
+            "were trained on; pass --seed 3." in capsys.readouterr().err)
+    assert held_out_split_notes({**held_out, "eval_fraction": 0}, 0.02, 0, "chatml")[0].startswith(
+        "the heads were trained on every conversation of their data (--eval-fraction 0)")
+    assert held_out_split_notes(None, 0.02, 0, "chatml") == []  # heads from before it was recorded

@@ -189,6 +189,21 @@ def train_eval_split(conversations: list[Conversation], eval_fraction: float,
     return split_train_eval(answered, eval_fraction, seed)
 
 
+def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str) -> list[str]:
+    """What a tool that measures on train.py's held-out split (tree tuning, calibration) should tell its user when its
+    split is not the one the heads were trained with (`recorded`: their config's held_out; None: not recorded):
+    conversations the heads were trained on would then be measured as if unseen."""
+    if not recorded:
+        return []
+    if recorded.get("eval_fraction") == 0:
+        return ["the heads were trained on every conversation of their data (--eval-fraction 0), so measuring on "
+                "those files measures what they were trained on; measure on other answers"]
+    used = {"eval_fraction": eval_fraction, "seed": seed, "chat_format": chat_format}
+    return [f"the heads were trained with --{key.replace('_', '-')} {recorded[key]}, and this run has {used[key]}, "
+            f"so it may measure conversations they were trained on; pass --{key.replace('_', '-')} {recorded[key]}"
+            for key in used if key in recorded and recorded[key] != used[key]]
+
+
 def example_length(max_len: int, context: int, say=print) -> int:
     """Tokens kept per example: --max-len, or the model's context where that is shorter, as positions past it never
     occur in decoding (the cache stops there). `say` gets a note when the context cuts."""

@@ -375,7 +375,9 @@ class Trainer:
         self.export(heads_only=True)
 
     def export(self, heads_only: bool = False) -> None:
-        heads_config = self.module.heads.config
+        cfg = self.cfg
+        heads_config = replace(self.module.heads.config, held_out={  # what tree tuning and calibration must match
+            "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "chat_format": self.tokenizer.chat.preset})
         if self.joint and self.cfg.lora_rank:  # the heads carry the backbone's adapter (nanomedusa/adapter.py)
             heads_config = replace(heads_config, lora={"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha})
         elif self.joint:  # the heads now belong to the fine-tuned model (any adapter merged in), not the original
