@@ -14,6 +14,7 @@ import torch
 
 from nanomedusa.cli import check_at_least, check_output_file
 from nanomedusa.errors import NanoMedusaError
+from nanomedusa.files import read_utf8
 
 
 def int_list(flag: str, text: str, minimum: int, what: str = "whole numbers", example: str = "16,32,64") -> list[int]:
@@ -49,7 +50,7 @@ def heads_config_json(heads_dir: str | Path) -> dict | None:
     """The heads' config.json as a dict, read alone (no weights, no model), or None where it is not a readable JSON
     object: what a tool checks of its --heads before anything slow (loading the heads later names a fault in full)."""
     try:
-        config = json.loads((Path(heads_dir) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(read_utf8(Path(heads_dir) / "config.json"))
     except (OSError, ValueError):  # missing, not UTF-8, not JSON
         return None
     return config if isinstance(config, dict) else None

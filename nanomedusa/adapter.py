@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import NanoMedusaError
+from .files import read_utf8
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -50,7 +51,7 @@ def apply_adapter(model, heads_dir: str | Path) -> str:
     """Merge the adapter in HEADS_DIR into `model`'s weights in place; returns a one-line description."""
     heads_dir = Path(heads_dir)
     try:
-        lora = json.loads((heads_dir / "config.json").read_text())["lora"]
+        lora = json.loads(read_utf8(heads_dir / "config.json"))["lora"]
         rank, scale = lora["rank"], float(lora["alpha"]) / lora["rank"]
         if type(rank) is not int or rank < 1:
             raise ValueError

@@ -40,7 +40,7 @@ import torch
 from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_held_out_split, check_input_dir,
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
-from .files import write_text_atomically
+from .files import read_utf8, write_text_atomically
 from .heads import MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
@@ -171,9 +171,10 @@ def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
     tokenizer = load_tokenizer(checkpoint, args.chat_format)
-    if not args.whole_files:  # (--whole-files: answers held out by --held-out-prompts, no split here)
-        for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset):
-            print(f"[note] {note}.", file=sys.stderr)
+    # (--whole-files: answers held out by --held-out-prompts, no split here, but the format still counts)
+    for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
+                                     split=not args.whole_files):
+        print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     examples = []
     for path in args.data:
@@ -187,7 +188,7 @@ def fit_and_write(args) -> None:
     fits = calibrate(model, heads, examples)
     if args.write:
         config_path = Path(args.heads) / "config.json"
-        config = json.loads(config_path.read_text())
+        config = json.loads(read_utf8(config_path))
         config["medusa_temperatures"] = [round(fit.temperature, 4) for fit in fits]
         write_text_atomically(config_path, json.dumps(config, indent=2) + "\n")
         print(f"wrote medusa_temperatures to {config_path}")

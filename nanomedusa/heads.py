@@ -27,7 +27,9 @@ names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{
 published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are. Our config.json may add
 `medusa_choices` (the tree the heads run with), `rank_accuracy` (their held-out rank accuracies, both from
 tree_tuning.py), `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent) and
-`reads_path` (with P_k stored as `medusa_path.{k}.weight`; the reference implementation has no such heads).
+`reads_path` (with P_k stored as `medusa_path.{k}.weight`; the reference implementation has no such heads), and
+`held_out` (the `eval_fraction`, `seed` and `chat_format` of the split train.py held out: tree tuning and calibration
+say when theirs differs).
 Heads from joint training (Medusa-2) may also ship a LoRA adapter for the backbone (adapter.py):
 `load_heads_and_adapter` loads such heads for a model and merges it in.
 """
@@ -50,7 +52,7 @@ from kernels.medusa_heads import MAX_TOPK, medusa_topk
 
 from .adapter import apply_adapter, has_adapter
 from .errors import NanoMedusaError
-from .files import write_atomically, write_text_atomically
+from .files import read_utf8, write_atomically, write_text_atomically
 from .tree import PRESETS, parse_tree
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -307,10 +309,10 @@ class MedusaHeads(nn.Module):
             raise NanoMedusaError(f"Medusa heads directory {path} does not exist; pass the directory that holds "
                                   f"config.json and medusa_lm_head.safetensors to --medusa.")
         try:
-            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            raw = json.loads(read_utf8(path / "config.json"))
             if not isinstance(raw, dict):
                 raise ValueError
-        except (OSError, ValueError):  # ValueError: not UTF-8, not JSON, or not a JSON object
+        except (OSError, ValueError):  # ValueError: not JSON, or not a JSON object (read_utf8 names a non-UTF-8 byte)
             raise NanoMedusaError(f"{path}/config.json is missing or not a JSON object; a Medusa heads directory "
                                   f"needs one with medusa_num_heads and medusa_num_layers.") from None
         weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import NanoMedusaError
+from .files import read_utf8
 from .model import Transformer, fused_row_blocks
 
 # Hugging Face name (regex) -> (our name, part). Our attention keeps q, k and v in one fused projection
@@ -172,7 +173,7 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json.loads(read_utf8(index))["weight_map"]
             files = [ckpt / f for f in sorted(set(weight_map.values()))]  # each a shard's file name
         except (ValueError, KeyError, TypeError, AttributeError):  # ValueError: not UTF-8 or not JSON
             raise NanoMedusaError(f"{index} is not a valid safetensors index; {_restore_fix(ckpt)}.") from None

@@ -35,7 +35,7 @@ from kernels.medusa_heads import MAX_TOPK
 from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_held_out_split, check_input_dir,
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
-from .files import write_atomically, write_text_atomically
+from .files import read_utf8, write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import load_tokenizer
@@ -88,7 +88,7 @@ def size_for_hardware(acc: torch.Tensor, step_times: dict) -> tuple[int, list[di
 def read_step_times(path: str) -> dict:
     """The step times `python -m bench.decode --tree-sizes` wrote: at least one tree, each of 2+ nodes."""
     try:
-        step_times = json.loads(Path(path).read_text())
+        step_times = json.loads(read_utf8(path))
         valid = step_times["trees"] and all(t["nodes"] > 1 and t["step_ms"] > 0 for t in step_times["trees"])
     except (OSError, ValueError, KeyError, TypeError):
         valid = False
@@ -190,7 +190,7 @@ def run(args) -> None:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.write:
         config_path = Path(args.heads) / "config.json"
-        config = json.loads(config_path.read_text())
+        config = json.loads(read_utf8(config_path))
         config["medusa_choices"] = choices
         config["rank_accuracy"] = [[round(a, 4) for a in row] for row in acc.tolist()]
         if args.trim:

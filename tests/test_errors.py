@@ -301,7 +301,7 @@ MORE_ERRORS = {
     "a data weight that keeps nothing": ("train", TRAIN[1:] + ["--data", "{root}/answers.jsonl", "{root}/answers.jsonl",
                                                                "--data-weights", "1", "0.01", "--eval-fraction", "0"],
                                          "--data-weights 0.01 keeps none of the 4 training examples of "
-                                         "{root}/answers.jsonl; raise its weight to at least 0.12, or drop the file."),
+                                         "{root}/answers.jsonl; give it a weight of 0.25 or more, or drop the file."),
     "--out under a file": ("train", WARMUP[1:] + ["--out", "{root}/answers.jsonl/o"],
                            "--out {root}/answers.jsonl/o lies under {root}/answers.jsonl, which is a file; pass a path "
                            "under a directory."),

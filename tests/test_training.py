@@ -656,8 +656,27 @@ def test_the_tools_say_when_they_would_measure_on_another_split_than_training_he
     assert tree_tuning.main(flags + ["--eval-fraction", "0.125", "--seed", "3"]) == 0
     assert "[note] the heads were trained" not in capsys.readouterr().err
     assert tree_tuning.main(flags + ["--eval-fraction", "0.125"]) == 0  # the default seed, 0
-    assert ("[note] the heads were trained with --seed 3, and this run has 0, so it may measure conversations they "
-            "were trained on; pass --seed 3." in capsys.readouterr().err)
+    assert ("[note] the heads were trained with --seed 3 and this run has 0: if --data are the files the heads were "
+            "trained on, this run measures conversations they were trained on; pass --seed 3." in capsys.readouterr().err)
+    assert held_out_split_notes(held_out, 0.1, 3, "chatml") == []  # a smaller share of that split: none seen
+    assert "pass --eval-fraction 0.125 or less" in held_out_split_notes(held_out, 0.2, 3, "chatml")[0]
     assert held_out_split_notes({**held_out, "eval_fraction": 0}, 0.02, 0, "chatml")[0].startswith(
-        "the heads were trained on every conversation of their data (--eval-fraction 0)")
+        "the heads were trained with --eval-fraction 0, on every conversation")
+    assert held_out_split_notes(held_out, 0.125, 3, "zephyr", split=False) == [
+        "the heads were trained on prompts in the chatml format and this run renders them as zephyr, so what it "
+        "measures describes another format; pass --chat-format chatml"]
     assert held_out_split_notes(None, 0.02, 0, "chatml") == []  # heads from before it was recorded
+    # and training that continues from them says so too, on another split
+    trainer = Trainer(config(setup, "continued", heads=str(heads_dir), seed=4, max_steps=1))
+    assert "[note] the heads were trained with --seed 3 and this run has 4" in capsys.readouterr().out
+    assert trainer.start_step == 0
+
+
+def test_heads_with_nothing_to_train_are_refused_before_ddp(setup, tmp_path):
+    # (DDP refuses a module without trainable parameters with a traceback on every rank; fresh heads of this kind are
+    # refused by TrainConfig.check, tests/test_errors.py)
+    model = load_model(setup[1], device="cpu")[0]
+    MedusaHeads.from_base(model, num_heads=2, num_layers=0, shared_lm_head=True).save(tmp_path / "bare")
+    with pytest.raises(NanoMedusaError, match=f"the heads in {tmp_path / 'bare'} have no ResBlocks and share the "
+                                              f"lm_head, so warm-up has nothing of theirs to train; add --reads-path"):
+        Trainer(config(setup, tmp_path / "out", heads=str(tmp_path / "bare"), max_steps=1))

@@ -189,19 +189,34 @@ def train_eval_split(conversations: list[Conversation], eval_fraction: float,
     return split_train_eval(answered, eval_fraction, seed)
 
 
-def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str) -> list[str]:
-    """What a tool that measures on train.py's held-out split (tree tuning, calibration) should tell its user when its
-    split is not the one the heads were trained with (`recorded`: their config's held_out; None: not recorded):
-    conversations the heads were trained on would then be measured as if unseen."""
+def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str,
+                         split: bool = True) -> list[str]:
+    """What a run that measures heads on train.py's held-out split (tree tuning, calibration, or training that
+    continues from them) should tell its user where its split or prompt format is not the one the heads were trained
+    with (`recorded`: their config's held_out; None: not recorded; `split` False: the run measures whole files, so
+    only the format counts). The split is a seed-fixed permutation's first share of each file's conversations: another
+    seed, or a larger share, reaches conversations the heads were trained on, if the files are theirs."""
     if not recorded:
         return []
+    notes = []
+    if recorded.get("chat_format", chat_format) != chat_format:
+        notes.append(f"the heads were trained on prompts in the {recorded['chat_format']} format and this run renders "
+                     f"them as {chat_format}, so what it measures describes another format; pass --chat-format "
+                     f"{recorded['chat_format']}")
+    if not split:
+        return notes
+    trained_on = "if --data are the files the heads were trained on, this run measures conversations they were " \
+                 "trained on"
     if recorded.get("eval_fraction") == 0:
-        return ["the heads were trained on every conversation of their data (--eval-fraction 0), so measuring on "
-                "those files measures what they were trained on; measure on other answers"]
-    used = {"eval_fraction": eval_fraction, "seed": seed, "chat_format": chat_format}
-    return [f"the heads were trained with --{key.replace('_', '-')} {recorded[key]}, and this run has {used[key]}, "
-            f"so it may measure conversations they were trained on; pass --{key.replace('_', '-')} {recorded[key]}"
-            for key in used if key in recorded and recorded[key] != used[key]]
+        notes.append(f"the heads were trained with --eval-fraction 0, on every conversation: {trained_on}; measure "
+                     f"on other answers")
+    elif recorded.get("seed", seed) != seed:
+        notes.append(f"the heads were trained with --seed {recorded['seed']} and this run has {seed}: {trained_on}; "
+                     f"pass --seed {recorded['seed']}")
+    elif recorded.get("eval_fraction", eval_fraction) < eval_fraction:
+        notes.append(f"the heads were trained with --eval-fraction {recorded['eval_fraction']} and this run holds out "
+                     f"{eval_fraction}: {trained_on}; pass --eval-fraction {recorded['eval_fraction']} or less")
+    return notes
 
 
 def example_length(max_len: int, context: int, say=print) -> int:

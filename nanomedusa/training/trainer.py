@@ -42,8 +42,8 @@ from ..heads import MedusaHeads
 from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpoint
-from .data import (IGNORE, StepSampler, collate, eval_batches, example_length, load_conversations, mix_examples,
-                   tokenize_all, train_eval_split)
+from .data import (IGNORE, StepSampler, collate, eval_batches, example_length, held_out_split_notes, load_conversations,
+                   mix_examples, tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
 from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
@@ -182,6 +182,10 @@ class Trainer:
         if cfg.lora_rank:
             add_lora(model, cfg.lora_rank, cfg.lora_alpha)
         self.module = MedusaLM(model, heads, train_backbone=self.joint)
+        if not any(p.requires_grad for p in self.module.parameters()):  # (before DDP, which would refuse it with a
+            # traceback on every rank; TrainConfig.check refused fresh heads of this kind before the model loaded)
+            raise NanoMedusaError(f"the heads in {cfg.heads} have no ResBlocks and share the lm_head, so warm-up has "
+                                  f"nothing of theirs to train; add --reads-path, or train new heads without --heads.")
         self.wrapped = wrap(self.module, self.dist, shard=self.joint)
         self.optimizer, self.base_lrs = self._make_optimizer()
         self.autocast = self.device.type == "cuda" or model.dtype != torch.float32
@@ -217,7 +221,7 @@ class Trainer:
             weight = cfg.data_weights[len(trains)] if cfg.data_weights else 1.0
             if weight < 1 and round(weight * len(train)) == 0:  # (mix_examples would keep none of them)
                 raise NanoMedusaError(f"--data-weights {weight:g} keeps none of the {len(train)} training examples of "
-                                      f"{path}; raise its weight to at least {0.5 / len(train):.2g}, or drop the file.")
+                                      f"{path}; give it a weight of {1 / len(train):.2g} or more, or drop the file.")
             trains.append(train)
             held_out += tokenize_all(self.tokenizer, eval_c, max_len)
         return mix_examples(trains, cfg.data_weights or [1.0] * len(trains), cfg.seed), held_out
@@ -226,6 +230,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.heads:  # joint training always, warm-up when it continues from earlier heads
             heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
+            # Trained before on another split of these files, they were trained on some of this run's held-out ones
+            # (the heads exported here record this run's split only).
+            for note in held_out_split_notes(heads.config.held_out, cfg.eval_fraction, cfg.seed,
+                                             self.tokenizer.chat.preset):
+                self._print(f"[note] {note}.")
             # Measured on the loaded weights, they would not describe the trained ones: refit after training.
             heads.config = replace(heads.config, rank_accuracy=None, medusa_temperatures=None)
             if cfg.reads_path:
@@ -241,8 +250,6 @@ class Trainer:
         backbone_params = [p for p in self.module.model.parameters() if p.requires_grad]
         groups = [(head_params, self.cfg.lr), (backbone_params, self.cfg.backbone_lr)]
         groups = [(params, lr) for params, lr in groups if params]
-        if not groups:  # (heads loaded with --heads: TrainConfig.check could not see them)
-            raise NanoMedusaError(NOTHING_TO_TRAIN)
         optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=self.cfg.weight_decay)
         return optimizer, [lr for _, lr in groups]
 
