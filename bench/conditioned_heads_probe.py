@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanomedusa.cli import check_input_file, exit_with, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, add_chat_format_flag, check_input_file, exit_with, run_reporting_errors
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model, resolve_checkpoint
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.model import Transformer
+from nanomedusa.tokenizer import Tokenizer, load_tokenizer
 from nanomedusa.training.data import IGNORE, load_conversations, tokenize_all
 
 from .report import print_table, save, say
@@ -123,10 +124,7 @@ def train(head: ProbeHead, stream: Stream, k: int, model, args) -> ProbeHead:
 
 
 def run(args) -> dict:
-    ckpt = resolve_checkpoint(args.model)
-    model, _ = load_model(ckpt, args.device, torch.float32)
-    model.requires_grad_(False)
-    tokenizer = Tokenizer.from_dir(ckpt)
+    model, tokenizer = load_base_model(args)
     heads = MedusaHeads.load(args.heads, model.config, device=model.device, dtype=torch.float32)
     if not heads.config.shared_lm_head:
         raise NanoMedusaError("the probe reads heads that share the base model's lm_head; train them with "
@@ -164,11 +162,13 @@ def run(args) -> dict:
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments every offline probe of drafts takes: the base model, the answers it trains on and is measured
-    on (`load_examples`), and how much of each conversation it keeps."""
+    on (`load_examples`), how much of each conversation it keeps, and the format the conversations are rendered in
+    (the one the heads were trained on)."""
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf or hub id (default: the built-in model)")
     p.add_argument("--train", nargs="+", required=True, help="answers to train on (train.py --stage distill output)")
     p.add_argument("--eval", nargs="+", required=True, help="held-out answers to measure on")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation kept (default 1024)")
+    add_chat_format_flag(p)
 
 
 def check_data_arguments(args) -> None:
@@ -178,13 +178,21 @@ def check_data_arguments(args) -> None:
             check_input_file(flag, path)
 
 
+def load_base_model(args) -> tuple[Transformer, Tokenizer]:
+    """add_data_arguments' base model, frozen, in float32 on --device, and its tokenizer in --chat-format's format."""
+    ckpt = resolve_checkpoint(args.model)
+    model, _ = load_model(ckpt, args.device, torch.float32)
+    model.requires_grad_(False)
+    return model, load_tokenizer(ckpt, args.chat_format)
+
+
 def load_examples(tokenizer, files, max_len: int):
     """Every answer of the answer files, tokenized, in order."""
     return [e for f in files for e in tokenize_all(tokenizer, load_conversations(f), max_len)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])  # (its errors: one line)
     add_data_arguments(p)
     p.add_argument("--heads", default=SHIPPED_HEADS, help=f"Medusa heads to start from (default {SHIPPED_HEADS})")
     p.add_argument("--probe-heads", nargs="+", type=int, default=[0, 1, 2], help="which heads (default 0 1 2)")

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from kernels.testing import counting_launches
-from nanomedusa.cli import (ArgumentParser, add_kernel_flags, check_at_least, check_input_dir, check_input_file,
-                            check_kernels, check_output_file, check_sampling, check_seed, exit_with,
+from nanomedusa.cli import (ArgumentParser, add_chat_format_flag, add_kernel_flags, check_at_least, check_input_dir,
+                            check_input_file, check_kernels, check_output_file, check_sampling, check_seed, exit_with,
                             run_reporting_errors, use_kernels)
 from nanomedusa.cuda_graphs import GraphedStep
 from nanomedusa.decoder import Decoder
@@ -38,7 +38,7 @@ from nanomedusa.heads import load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, generate_medusa, propose
 from nanomedusa.sampling import Sampling
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tokenizer import load_tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .checks import int_list, require_cuda
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(DEFAULT_OUT / "dynamic-trees.json"),
                    help="where the rows are written (default work/bench/dynamic-trees.json, git-ignored)")
     add_kernel_flags(p)
+    add_chat_format_flag(p)  # the prompts' format: the one the heads were trained on
     args = p.parse_args(argv)
     if args.accept != "greedy" and args.temperature <= 0:
         p.error(f"--accept {args.accept} needs --temperature > 0")
@@ -197,7 +198,7 @@ def run(args) -> None:
     use_kernels(args.kernels, args.exact, device)  # --exact: on by default on Hopper, as in generate.py
     model, checkpoint = load_model(args.model, device=args.device, dtype=args.dtype)
     heads = load_heads_and_adapter(args.heads, model)
-    tokenizer = Tokenizer.from_dir(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, args.chat_format)
     prompts = [p.ids for p in chat_prompts(tokenizer, Path(args.prompts), args.num_prompts)]
     decoder = Decoder(model)
     rows = []

@@ -50,8 +50,8 @@ increments before `DynamicTree.choose`, from a small table:
   oracle         the deepest right superset node, whatever N (a ceiling for any rule over this superset)
   ceiling        the deepest right path among the heads' top-10 guesses (a ceiling for any tree)
 
-Traces are cached under --cache (per heads, prompt file, prompt id and --max-new-tokens): a full run generates
-about 35k tokens per heads once, over an hour on a CPU, a few minutes on a GPU (`--trace-device cuda
+Traces are cached under --cache (per heads, prompt file, prompt id, --max-new-tokens and --chat-format): a full
+run generates about 35k tokens per heads once, over an hour on a CPU, a few minutes on a GPU (`--trace-device cuda
 --trace-only`, then copy the cache back); later runs only simulate. The cache does not record where a trace was
 made: a GPU's float32 can break a near tie of two tokens otherwise than a CPU's, so `--validate` (which checks the
 simulator against the CPU engine) is worth running on GPU-made traces.
@@ -68,8 +68,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
-                            exit_with, run_reporting_errors)
+from nanomedusa.cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_input_dir, check_input_file,
+                            check_output_file, exit_with, run_reporting_errors)
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.errors import NanoMedusaError
@@ -78,7 +78,7 @@ from nanomedusa.generation import generate
 from nanomedusa.heads import HeadsConfig, load_heads_and_adapter
 from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tokenizer import load_tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .checks import heads_read_path, int_list
@@ -143,14 +143,17 @@ def entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(logprobs.exp()).sum(-1)
 
 
-def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Path,
+def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Path, chat_format: str = "auto",
                 device: str = "cpu") -> dict[str, list[Trace]]:
     """{prompt file: its traces}, from the cache where there, else generated (and cached) on `device`, in
-    float32 with the torch kernels (on a GPU in graphed steps: minutes where a CPU takes an hour)."""
+    float32 with the torch kernels (on a GPU in graphed steps: minutes where a CPU takes an hour), from prompts
+    rendered in `chat_format` (--chat-format)."""
     out, model = {}, None
+    # Another format is other prompts, so other traces; auto's keep the name they had before the flag existed.
+    fmt = "" if chat_format == "auto" else f"--{chat_format}"
     for spec in specs:
         path, prompts = read_prompt_set(spec)
-        cache_file = cache / f"{Path(heads_dir).name}--{Path(path).stem}--{max_new_tokens}.pt"
+        cache_file = cache / f"{Path(heads_dir).name}--{Path(path).stem}--{max_new_tokens}{fmt}.pt"
         cached = torch.load(cache_file) if cache_file.is_file() else {}
         # An entry cached before traces kept their context is traced again.
         missing = [(i, messages) for i, messages in prompts if "context" not in cached.get(i, {})]
@@ -158,7 +161,7 @@ def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Pa
             kernels.set_backend("torch")
             model, checkpoint = load_model(None, device=device, dtype=torch.float32)
             heads = load_heads_and_adapter(heads_dir, model)
-            tokenizer, decoder = Tokenizer.from_dir(checkpoint), Decoder(model)
+            tokenizer, decoder = load_tokenizer(checkpoint, chat_format), Decoder(model)
         for n, (i, messages) in enumerate(missing, 1):
             trace = make_trace(model, heads, decoder, tokenizer.encode_chat(messages), max_new_tokens, tokenizer.eos_ids)
             cached[i] = vars(trace)
@@ -433,14 +436,15 @@ def heads_config(heads_dir: str) -> HeadsConfig:
 
 
 @torch.inference_mode()
-def validate(heads_dir: str, spec: str, budgets: list[int], max_new_tokens: int, cache: Path) -> bool:
-    """The simulator against `generate_medusa` (torch kernels, float32) on the prompts of `spec`, with the
-    static and the dynamic tree of each budget: each prompt's tokens and steps must be equal."""
-    traces = next(iter(load_traces(heads_dir, [spec], max_new_tokens, cache).values()))
+def validate(heads_dir: str, spec: str, budgets: list[int], max_new_tokens: int, cache: Path,
+             chat_format: str = "auto") -> bool:
+    """The simulator against `generate_medusa` (torch kernels, float32) on the prompts of `spec` in `chat_format`,
+    with the static and the dynamic tree of each budget: each prompt's tokens and steps must be equal."""
+    traces = next(iter(load_traces(heads_dir, [spec], max_new_tokens, cache, chat_format).values()))
     kernels.set_backend("torch")
     model, checkpoint = load_model(None, device="cpu", dtype=torch.float32)
     heads = load_heads_and_adapter(heads_dir, model)
-    tokenizer, decoder = Tokenizer.from_dir(checkpoint), Decoder(model)
+    tokenizer, decoder = load_tokenizer(checkpoint, chat_format), Decoder(model)
     superset = Superset.for_heads(heads.config)
     rules, positions = Rules(heads.config, superset), Positions.of(traces, superset)
     prompts = [tokenizer.encode_chat(messages) for _, messages in read_prompt_set(spec)[1]]
@@ -465,7 +469,7 @@ def validate(heads_dir: str, spec: str, budgets: list[int], max_new_tokens: int,
 
 def traces_of(heads_dir: str, specs: list[str], args) -> dict[str, list[Trace]]:
     """`load_traces` with the command line's settings."""
-    return load_traces(heads_dir, specs, args.max_new_tokens, args.cache, args.trace_device)
+    return load_traces(heads_dir, specs, args.max_new_tokens, args.cache, args.chat_format, args.trace_device)
 
 
 def evaluate(heads_dir: str, args) -> tuple[list[dict], dict]:
@@ -514,6 +518,7 @@ def main(argv=None) -> int:
                    help="where missing traces are made (cuda: minutes, not an hour; see the module docstring)")
     p.add_argument("--trace-only", action="store_true", help="instead: make and cache every set's traces, then stop")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and fitted parameters here")
+    add_chat_format_flag(p)  # the prompts' format: the one the heads were trained on
     args = p.parse_args(argv)
     return run_reporting_errors(lambda: (check_args(args), run(args)))
 
@@ -544,7 +549,8 @@ def run(args) -> None:
     torch.manual_seed(0)
     if args.validate:
         spec = f"{args.eval[0].partition(':')[0]}:{args.validate}"
-        ok = all([validate(h, spec, args.budgets, args.max_new_tokens, args.cache) for h in args.heads])
+        ok = all([validate(h, spec, args.budgets, args.max_new_tokens, args.cache, args.chat_format)
+                  for h in args.heads])
         print("simulator = engine on every prompt" if ok else "the simulator DIFFERS from the engine")
         sys.exit(0 if ok else 1)
     if args.trace_only:

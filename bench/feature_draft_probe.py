@@ -36,7 +36,6 @@ every chain's m-th guess at once; tests/test_feature_draft_probe.py checks it ag
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from typing import NamedTuple
@@ -46,17 +45,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope_cache import apply_rope
-from nanomedusa.cli import check_input_dir, check_output_file, exit_with, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, check_input_dir, check_output_file, exit_with, run_reporting_errors
 from nanomedusa.config import ModelConfig, rope_inv_freq
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import load_heads_and_adapter
-from nanomedusa.loading import load_model, resolve_checkpoint
-from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training.data import IGNORE
 from nanomedusa.tree import expected_accept_length, tree_from_head_accuracies
 from nanomedusa.tree_tuning import rank_accuracies
 
-from .conditioned_heads_probe import add_data_arguments, check_data_arguments, load_examples
+from .conditioned_heads_probe import add_data_arguments, check_data_arguments, load_base_model, load_examples
 from .report import print_table, save, say
 
 DEFAULT_HEADS = "weights/smollm2-135m-instruct-medusa-path"
@@ -447,10 +444,7 @@ def run(args) -> dict:
         raise NanoMedusaError(f"--sim-paths {','.join(map(str, args.sim_paths))}: each must be 1 to {capacity} "
                               f"(--topk {args.topk} ranks, --depth {args.depth} deep).")
     torch.manual_seed(args.seed)
-    ckpt = resolve_checkpoint(args.model)
-    model, _ = load_model(ckpt, args.device, torch.float32)
-    model.requires_grad_(False)
-    tokenizer = Tokenizer.from_dir(ckpt)
+    model, tokenizer = load_base_model(args)
     data = {name: load_examples(tokenizer, files, args.max_len) for name, files in (("train", args.train),
                                                                                      ("eval", args.eval))}
     if args.limit_train:
@@ -501,7 +495,7 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])  # (its errors: one line)
     add_data_arguments(p)
     p.add_argument("--heads", default=DEFAULT_HEADS, help=f"heads to compare with (default {DEFAULT_HEADS}; '' none)")
     p.add_argument("--depth", type=int, default=4, help="guesses per chain measured (default 4)")

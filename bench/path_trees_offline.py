@@ -36,15 +36,15 @@ from pathlib import Path
 
 import torch
 
-from nanomedusa.cli import (ArgumentParser, check_at_least, check_input_dir, check_input_file, check_output_file,
-                            exit_with, run_reporting_errors)
+from nanomedusa.cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_input_dir, check_input_file,
+                            check_output_file, exit_with, run_reporting_errors)
 from nanomedusa.generation import generate_batch
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads, load_heads_and_adapter
 from nanomedusa.loading import load_model
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.path_tree import PathPlan, choose_by_path_scores, guess_along_paths
-from nanomedusa.tokenizer import Tokenizer
+from nanomedusa.tokenizer import load_tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .checks import heads_read_path, int_list
@@ -174,7 +174,7 @@ def run(args) -> dict:
     if supersets and max_depth < heads.config.num_heads:
         raise NanoMedusaError("--supersets models the engine's dynamic tree, which uses every head; drop "
                               "--max-depth or pass --supersets ''.")
-    tokenizer = Tokenizer.from_dir(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, args.chat_format)
     budgets = sorted(set(int_list("--budgets", args.budgets, 2, what="node counts")))
     rules = ["static", "expand"] + [f"dynamic-{size}" for size in supersets]
     rows, out = [], {"heads": args.heads, "beam": args.beam, "children": args.children, "max_depth": max_depth,
@@ -220,6 +220,7 @@ def parse_args(argv=None):
     p.add_argument("--max-depth", type=int, default=None, help="heads used (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--json", default=None, help="write the numbers here")
+    add_chat_format_flag(p)  # the prompts' format: the one the heads were trained on
     return p.parse_args(argv)
 
 

@@ -415,6 +415,13 @@ BAD_FLAGS = {  # name: (module, argv, the error's start); {tmp} is a fresh direc
                                                   f"--heads {PATH_HEADS} reads its path, which this simulator does not "
                                                   f"model (its heads' guesses must not depend on the tree); run python "
                                                   f"-m bench.path_trees_offline"),
+    **{f"{module}: an unknown --chat-format": (module, [*argv, "--chat-format", "nope"],
+                                                "argument --chat-format: invalid choice: 'nope'")
+       for module, argv in (("dynamic_trees", ["--heads", "{tmp}", *NO_MODEL, "--device", "cpu"]),
+                            ("dynamic_trees_offline", ["--heads", str(M1_HEADS), "--validate", "1"]),
+                            ("path_trees_offline", ["--heads", str(PATH_HEADS), *NO_MODEL]),
+                            ("conditioned_heads_probe", ["--train", str(CHAT_PROMPTS), "--eval", str(CHAT_PROMPTS)]),
+                            ("feature_draft_probe", ["--train", str(CHAT_PROMPTS), "--eval", str(CHAT_PROMPTS)]))},
     "tree_attention: --out a directory": ("tree_attention", ["--out", "{tmp}"], "--out {tmp} is a directory"),
     "linear: --json a directory": ("linear", ["--json", "{tmp}"], "--json {tmp} is a directory"),
     "step_profile: --prefetch 0,x": ("step_profile", ["--prefetch", "0,x"], "--prefetch '0,x' is not a comma-"),
@@ -524,6 +531,30 @@ def test_num_prompts_is_per_file(tmp_path):
 
     prompts = chat_prompts(Tokenizer(), [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], 2)
     assert [p.id for p in prompts] == ["a0", "a1", "b0", "b1"]
+
+
+def test_dynamic_trees_decodes_the_prompts_in_chat_format(tmp_path, monkeypatch):
+    # The heads are measured on prompts of the format they were trained on: --chat-format reaches the ids decoded.
+    from bench import dynamic_trees
+    from bench.prompts import chat_prompts
+    from nanomedusa.tokenizer import Tokenizer
+
+    make_chat_checkpoint(tmp_path / "model", seed=1)
+    save_random_heads(load_model(tmp_path / "model", "cpu", "float32")[0], tmp_path / "heads", num_heads=2, seed=1)
+    fed = []
+
+    def decoded(tokenizer, *args):  # the prompts the tool would decode; then stop, before any decoding
+        fed.append([p.ids for p in chat_prompts(tokenizer, *args)])
+        raise NanoMedusaError("enough")
+
+    monkeypatch.setattr(dynamic_trees, "chat_prompts", decoded)
+    argv = ["--model", str(tmp_path / "model"), "--heads", str(tmp_path / "heads"), "--prompts", str(CHAT_PROMPTS),
+            "--num-prompts", "1", "--device", "cpu", "--dtype", "float32", "--json", str(tmp_path / "d.json")]
+    for chat_format in ("auto", "plain"):
+        assert dynamic_trees.main([*argv, "--chat-format", chat_format]) == 2
+    want = [[p.ids for p in chat_prompts(Tokenizer.from_dir(tmp_path / "model", preset), CHAT_PROMPTS, 1)]
+            for preset in ("auto", "plain")]
+    assert fed == want and want[0] != want[1]
 
 
 def test_the_six_prompt_sets_are_their_sets_subsets():

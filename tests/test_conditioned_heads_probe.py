@@ -5,11 +5,11 @@ import json
 import random
 import string
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from bench import conditioned_heads_probe as probe
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
@@ -84,3 +84,30 @@ def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should
     assert probe.main(["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train),
                        "--eval", str(held), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'heads'} has 2 heads; pass --probe-heads among 0 .. 1.\n"
+
+
+def fed_in_each_format(module, monkeypatch, argv) -> tuple[list, list]:
+    """A probe's `main(argv)` with --chat-format auto, then plain, each run stopped once it tokenized --train ->
+    (the ids it tokenized, per run; --train's ids from --model's tokenizer in those two formats)."""
+    tokenized, fed = probe.load_examples, []
+
+    def load_examples(tokenizer, files, max_len):
+        fed.append([e.input_ids for e in tokenized(tokenizer, files, max_len)])
+        raise NanoMedusaError("enough")
+
+    monkeypatch.setattr(module, "load_examples", load_examples)
+    for chat_format in ("auto", "plain"):
+        assert module.main([*argv, "--chat-format", chat_format]) == 2
+    model, train = argv[argv.index("--model") + 1], argv[argv.index("--train") + 1]
+    want = [[e.input_ids for e in tokenized(Tokenizer.from_dir(model, preset), [train], 1024)]
+            for preset in ("auto", "plain")]
+    return fed, want
+
+
+def test_the_answers_are_rendered_in_chat_format(tmp_path, monkeypatch):
+    # Heads learn the prompt format they were trained on: the probe measures them on answers rendered in it.
+    train, held = pairs_probe_files(tmp_path, 2, 2)
+    fed, want = fed_in_each_format(probe, monkeypatch, [
+        "--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train), "--eval",
+        str(held), "--probe-heads", "0", "--device", "cpu"])
+    assert fed == want and want[0] != want[1]

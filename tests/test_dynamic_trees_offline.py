@@ -1,12 +1,20 @@
 """bench/dynamic_trees_offline.py's simulator: its vectorised choice is the engine's, and its walk counts steps
 as generate_medusa does. (Its --validate mode checks the whole simulator against the engine on the real model.)"""
 
+import json
+from pathlib import Path
+
 import torch
 
-from bench.dynamic_trees_offline import Positions, Rules, Superset, Trace, choose, heads_config, walk
+from bench import dynamic_trees_offline
+from bench.dynamic_trees_offline import TOPK, Positions, Rules, Superset, Trace, choose, heads_config, walk
 from nanomedusa.dynamic_tree import DynamicTree
+from nanomedusa.loading import load_model
+from nanomedusa.tokenizer import Tokenizer
+from tests.tiny_tokenizer import make_chat_checkpoint
 
 HEADS = "weights/smollm2-135m-instruct-medusa"
+PROMPTS = "bench/prompts-chat.jsonl"
 
 
 def random_logprobs(P, K, k, generator):
@@ -81,3 +89,27 @@ def test_the_features_rule_learns_what_the_context_says():
     oracle = rules.accepted("oracle", positions, 5)
     assert (rules.accepted("features", positions, 5) == oracle).all()
     assert rules.accepted("dynamic", positions, 5).sum() < oracle.sum()
+
+
+def test_traces_are_made_and_cached_in_chat_format(tmp_path, monkeypatch):
+    # Traces of one prompt set in two formats are two sets of traces: --chat-format reaches the prompt ids traced,
+    # and a trace cached in one format is not read back for another. (A tiny model stands in for the default one.)
+    make_chat_checkpoint(tmp_path / "model", seed=1)
+    model = load_model(tmp_path / "model", "cpu", "float32")[0]
+    K, traced = heads_config(HEADS).num_heads, []
+
+    def make_trace(model, heads, decoder, prompt_ids, max_new_tokens, eos_ids):
+        traced.append(prompt_ids)
+        return Trace(torch.tensor([2]), torch.zeros(1, K, TOPK, dtype=torch.long), torch.zeros(1, K, TOPK),
+                     torch.zeros(1, 2 + K))
+
+    monkeypatch.setattr(dynamic_trees_offline, "load_model", lambda *args, **kwargs: (model, tmp_path / "model"))
+    monkeypatch.setattr(dynamic_trees_offline, "load_heads_and_adapter", lambda heads_dir, model: None)
+    monkeypatch.setattr(dynamic_trees_offline, "make_trace", make_trace)
+    argv = ["--heads", HEADS, "--eval", f"{PROMPTS}:1", "--tune", f"{PROMPTS}:1", "--max-new-tokens", "4",
+            "--cache", str(tmp_path / "cache"), "--trace-only"]
+    for chat_format in ("auto", "plain", "auto"):  # (the last: all cached)
+        assert dynamic_trees_offline.main([*argv, "--chat-format", chat_format]) == 0
+    messages = [{"role": "user", "content": json.loads(Path(PROMPTS).read_text().split("\n")[0])["prompt"]}]
+    want = [Tokenizer.from_dir(tmp_path / "model", preset).encode_chat(messages) for preset in ("auto", "plain")]
+    assert traced == want and want[0] != want[1]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bench import feature_draft_probe as probe
 from nanomedusa.loading import load_model
 from tests.helpers import make_hf_checkpoint
-from tests.test_conditioned_heads_probe import pairs_probe_files
+from tests.test_conditioned_heads_probe import fed_in_each_format, pairs_probe_files
 
 
 def chain_logits(draft, embeds, features, lm_head_weight, t: int, depth: int, path_embeds=None) -> torch.Tensor:
@@ -257,3 +257,12 @@ def test_bad_flags_end_in_one_error_line_before_any_training(tmp_path, capsys):
         f"error: --heads {tmp_path / 'missing'} is not a directory; check the path.",
         "error: --topk 3: the table reports top-5 accuracy; pass --topk 5 or more.",
         "error: --sim-paths 9: each must be 1 to 8 (--topk 8 ranks, --depth 1 deep)."]
+
+
+def test_the_answers_are_rendered_in_chat_format(tmp_path, monkeypatch):
+    # The draft and the heads are measured on answers rendered as the heads were trained: in --chat-format's format.
+    train, held = pairs_probe_files(tmp_path, 2, 2)
+    fed, want = fed_in_each_format(probe, monkeypatch, [
+        "--model", str(tmp_path / "ckpt"), "--heads", "", "--train", str(train), "--eval", str(held), "--device",
+        "cpu"])
+    assert fed == want and want[0] != want[1]

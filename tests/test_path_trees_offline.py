@@ -5,14 +5,20 @@ runs), and its expansion must verify what its rule says."""
 import pytest
 import torch
 
+from bench import path_trees_offline
 from bench.path_trees_offline import Step, accepted_depth, simulate, walk
+from bench.prompts import chat_prompts
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
+from nanomedusa.errors import NanoMedusaError
 from nanomedusa.generation import generate
+from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa
+from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 from tests.test_medusa import one_thread  # noqa: F401 (a fixture)
 from tests.test_path_tree import model, path_heads  # noqa: F401 (model is a fixture)
+from tests.tiny_tokenizer import make_chat_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,3 +63,24 @@ def test_expansion_keeps_the_beam_and_scores_down_the_path(model):
     # depth 2's parents are depth 1's two best
     best = sorted((n for n in range(len(tokens)) if depths[n] == 1), key=lambda n: -scores[n])[:2]
     assert {parents[n] for n in range(len(tokens)) if depths[n] == 2} == set(best)
+
+
+def test_the_prompts_are_decoded_in_chat_format(tmp_path, monkeypatch):
+    # The heads are measured on prompts of the format they were trained on: --chat-format reaches the ids decoded.
+    make_chat_checkpoint(tmp_path / "model", seed=1)
+    path_heads(load_model(tmp_path / "model", "cpu", "float32")[0], 1, num_heads=2).save(tmp_path / "heads")
+    fed = []
+
+    def generate_batch(base, prompts, *args, **kwargs):  # the prompts continued; then stop
+        fed.append(prompts)
+        raise NanoMedusaError("enough")
+
+    monkeypatch.setattr(path_trees_offline, "generate_batch", generate_batch)
+    prompts = "bench/prompts-chat.jsonl"
+    argv = ["--model", str(tmp_path / "model"), "--heads", str(tmp_path / "heads"), "--prompts", prompts,
+            "--num-prompts", "1"]
+    for chat_format in ("auto", "plain"):
+        assert path_trees_offline.main([*argv, "--chat-format", chat_format]) == 2
+    want = [[p.ids for p in chat_prompts(Tokenizer.from_dir(tmp_path / "model", preset), prompts, 1)]
+            for preset in ("auto", "plain")]
+    assert fed == want and want[0] != want[1]
