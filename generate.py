@@ -36,7 +36,7 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import GenerationResult, generate
-from nanomedusa.heads import load_heads_and_adapter
+from nanomedusa.heads import base_model_note, load_heads_and_adapter
 from nanomedusa.loading import load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, Acceptance, check_acceptance, check_medusa, generate_medusa
 from nanomedusa.sampling import Sampling
@@ -271,6 +271,8 @@ def prepare(args):
     heads, tree = load_heads(args, model)
     if heads is not None:  # a tree deeper than the heads fails now, not in a chat's every turn
         check_medusa(model, heads, tree, acceptance(args))
+    if heads is not None and (note := base_model_note(heads_dir(args), heads.config, ckpt)):
+        print(f"[note] {note}.", file=sys.stderr)
     if heads is not None and (note := drop_default_exact_beyond_reach(args.exact, tree.num_nodes,
                                                                       heads.config.num_heads)):
         print(f"[note] {note}.", file=sys.stderr)

@@ -36,6 +36,8 @@ Usage:
 
     # An interrupted run continues from its last checkpoint (every --save-every steps):
     python train.py --stage warmup --data data/answers.jsonl --out out/warmup --resume
+    # A run that ends well removes its checkpoint; a new run into an --out holding an earlier run's results (heads,
+    # model, eval.json) is refused unless --overwrite replaces them.
 
 `--model` takes a checkpoint directory, a .gguf file or a hub id; left out, the project's default model.
 Data: ShareGPT (`conversations`), OpenAI (`messages`) or prompt (`prompt`) records as .json or .jsonl;
@@ -53,7 +55,7 @@ from nanomedusa.cli import (USAGE_ERROR, ArgumentParser, add_chat_format_flag, c
 from nanomedusa.errors import NanoMedusaError
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     from nanomedusa.training import DistillConfig, TrainConfig
 
     t, d = TrainConfig(), DistillConfig()
@@ -114,7 +116,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint interval in steps (0 = never)")
     g.add_argument("--eval-every", type=int, default=t.eval_every, help="0 = only at the end")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    return p.parse_args(argv)
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier run left in --out (its heads, model, evaluation, checkpoint)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
+
+
+# The flags of one kind of stage (argparse dests): the other kind would ignore them, so they are refused there.
+DISTILL_FLAGS = ("max_new_tokens", "temperature", "top_p", "limit", "shard", "distill_batch_size")
+TRAINING_FLAGS = ("data_weights", "heads", "num_heads", "num_layers", "shared_lm_head", "reads_path", "head_decay",
+                  "epochs", "max_steps", "batch_size", "grad_accum", "lr", "backbone_lr", "weight_decay",
+                  "warmup_steps", "grad_clip", "max_len", "cache_hidden", "eval_fraction", "medusa_weight",
+                  "medusa_weight_warmup", "lora_rank", "lora_alpha", "log_every", "save_every", "eval_every", "resume",
+                  "overwrite")
+DISTILL_HINTS = {"batch_size": " (it decodes --distill-batch-size prompts at a time)",
+                 "resume": " (it always continues where its --out stopped)",
+                 "overwrite": " (it appends to its --out: remove the file to start again)"}
+
+
+def check_stage_flags(args) -> None:
+    """Refuse a flag given a value that the chosen stage never reads, rather than ignore it."""
+    parser = make_parser()
+    distill = args.stage == "distill"
+    for dest in TRAINING_FLAGS if distill else DISTILL_FLAGS:
+        if getattr(args, dest) != parser.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            where = f"--stage warmup and joint, not distill{DISTILL_HINTS.get(dest, '')}" if distill else \
+                "--stage distill only"
+            raise NanoMedusaError(f"{flag} applies to {where}; drop it.")
 
 
 def check_args(args) -> None:
@@ -122,6 +154,7 @@ def check_args(args) -> None:
     adds the checks of how training flags combine."""
     from nanomedusa.training import DistillConfig, TrainConfig
 
+    check_stage_flags(args)
     for data in args.data:
         check_input_file("--data", data)
     check_seed(args.seed)

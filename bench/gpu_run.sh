@@ -18,7 +18,8 @@
 # up to CHAT_TOKENS (512) new tokens, the math-heavy prompts (PROMPTS_MATH, default
 # ../shared/data/prompts-train.jsonl) with up to MATH_TOKENS (256); training mixes the two answer files
 # with weights MIX (default "1 0.5": every chat answer, a fixed half of the math ones). The distill log
-# says how many answers reached each cap. The defaults are the settings of the shipped checkpoints.
+# says how many answers reached each cap. The defaults are the settings of the shipped checkpoints. A training
+# stage run again replaces its earlier run (train.py --overwrite); distillation continues its answer files.
 # Variables: WORK (data and checkpoints, default work/, which git ignores), OUT (logs and result files, default
 # $WORK/out), MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m
 # weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (the bench and
@@ -100,7 +101,7 @@ case "$1" in
         --distill-batch-size 256 2>&1 | no_bars | tail -n 20 | tee -a "$OUT/distill.log"
     ;;
   warmup)
-    python train.py --stage warmup $MODEL_FLAG --data "${DATA[@]}" --data-weights "${MIX[@]}" --out "$WORK/$RUN" \
+    python train.py --stage warmup $MODEL_FLAG --data "${DATA[@]}" --data-weights "${MIX[@]}" --out "$WORK/$RUN" --overwrite \
         $HEADS_FLAGS --epochs "${EPOCHS:-2}" --batch-size 32 --max-len 1024 --lr 2e-3 --log-every 100 2>&1 | no_bars \
         | tee "$OUT/$RUN.log"
     cp "$WORK/$RUN/eval.json" "$OUT/${RUN}_eval.json"
@@ -114,7 +115,7 @@ case "$1" in
     ;;
   joint)
     python train.py --stage joint $MODEL_FLAG --heads "$WORK/warmup/heads" --data "${DATA[@]}" --data-weights "${MIX[@]}" \
-        --out "$WORK/joint" --lora-rank 16 --lora-alpha 32 --max-steps "${JOINT_STEPS:-500}" --batch-size 16 \
+        --out "$WORK/joint" --overwrite --lora-rank 16 --lora-alpha 32 --max-steps "${JOINT_STEPS:-500}" --batch-size 16 \
         --max-len 1024 --lr 1e-3 --backbone-lr 2e-4 --log-every 100 2>&1 | no_bars | tee "$OUT/joint.log"
     cp "$WORK/joint/eval.json" "$OUT/joint_eval.json"
     TRIM=--trim tune_tree "$WORK/joint/heads" joint
@@ -158,7 +159,7 @@ case "$1" in
          # heads deep, the deeper heads dropped (each depth of a path-reading proposal costs launches: the shipped
          # weights/smollm2-135m-instruct-medusa-path, bench/RESULTS.md); temperatures fitted on the held-out split
     python train.py --stage warmup $MODEL_FLAG --heads "$HEADS_FROM" --reads-path --data "${DATA[@]}" \
-        --data-weights "${MIX[@]}" --out "$WORK/path" --epochs "${PATH_EPOCHS:-1}" --batch-size 32 --max-len 1024 \
+        --data-weights "${MIX[@]}" --out "$WORK/path" --overwrite --epochs "${PATH_EPOCHS:-1}" --batch-size 32 --max-len 1024 \
         --lr "${PATH_LR:-2e-3}" --log-every 100 2>&1 | no_bars | tee "$OUT/path.log"
     cp "$WORK/path/eval.json" "$OUT/path_eval.json"
     python -m nanomedusa.tree_tuning $MODEL_FLAG --heads "$WORK/path/heads" --data "${DATA[@]}" --nodes "${PATH_NODES:-31}" \

@@ -53,6 +53,7 @@ from kernels.medusa_heads import MAX_TOPK, medusa_topk
 from .adapter import apply_adapter, has_adapter
 from .errors import NanoMedusaError
 from .files import read_utf8, write_atomically, write_text_atomically
+from .loading import same_checkpoint
 from .tree import PRESETS, parse_tree
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -384,6 +385,18 @@ def load_heads_and_adapter(heads_dir: str | Path, model, say: Callable[[str], ob
     if has_adapter(heads_dir):
         say(apply_adapter(model, heads_dir))
     return heads
+
+
+def base_model_note(heads_dir: str | Path, config: HeadsConfig, ckpt_dir: str | Path) -> str | None:
+    """A note when the heads name, as the model they were trained on, a local checkpoint other than the one loaded
+    (after full joint training: train.py's OUT/model, which must be served with them). Heads read their own model's
+    hidden states, so on another they guess worse: greedy and lossless decoding keep their text, only slower. A base
+    model that is no local checkpoint (a hub id, a label) is not compared: a name cannot tell two models apart."""
+    base = Path(config.base_model) if config.base_model else None
+    if base is None or not (base / "config.json").is_file() or same_checkpoint(base, ckpt_dir):
+        return None
+    return (f"the heads in {heads_dir} were trained on the model in {base}, and this run loads {ckpt_dir}; on a model "
+            f"other than their own they guess worse (decoding is slower): pass --model {base}")
 
 
 def _heads_in_file(state: dict[str, torch.Tensor], configured: int, weightless: bool, path: Path,

@@ -109,6 +109,19 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "cpu" else device  # "cpu:0" is the one CPU device, named plainly
 
 
+def same_checkpoint(a: str | Path, b: str | Path) -> bool:
+    """Whether two local checkpoint folders hold one model: the same folder, or copies of one model that we prepared
+    in two dtypes (NAME beside NAME-bfloat16, as resolve_checkpoint stores the default model and converted GGUFs)."""
+    def model_folder(path: str | Path) -> Path:
+        path = Path(path).resolve()
+        for name in ("bfloat16", "float16"):
+            if path.name.endswith("-" + name) and (original := path.with_name(path.name[:-len(name) - 1])).is_dir():
+                return original
+        return path
+
+    return model_folder(a) == model_folder(b)
+
+
 def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float32) -> Path:
     """Turn a --model argument into a local checkpoint directory (see module docstring). A checkpoint we
     prepare (the default model, a converted GGUF) is stored in `dtype`, the one it will run in."""

@@ -309,6 +309,23 @@ MORE_ERRORS = {
                                "--limit must be at least 1, not -1; pass 1 or more."),
     "distill top-p 0": ("train", DISTILL[1:] + ["--out", "{root}/o.jsonl", "--temperature", "1", "--top-p", "0"],
                         "--top-p must be in (0, 1] (1 = off), not 0.0; pass e.g. 0.9."),
+    "a distill flag in training": ("train", WARMUP[1:] + ["--out", "{root}/o", "--temperature", "0.7"],
+                                   "--temperature applies to --stage distill only; drop it."),
+    "a training flag in distillation": ("train", DISTILL[1:] + ["--out", "{root}/o.jsonl", "--batch-size", "4"],
+                                        "--batch-size applies to --stage warmup and joint, not distill (it decodes "
+                                        "--distill-batch-size prompts at a time); drop it."),
+    "--resume in distillation": ("train", DISTILL[1:] + ["--out", "{root}/o.jsonl", "--resume"],
+                                 "--resume applies to --stage warmup and joint, not distill (it always continues where "
+                                 "its --out stopped); drop it."),
+    "a joint flag in warm-up": ("train", WARMUP[1:] + ["--out", "{root}/o", "--backbone-lr", "1e-4"],
+                                "--backbone-lr only applies to --stage joint (warm-up never changes the backbone); "
+                                "drop it."),
+    "new heads' shape with --heads": ("train", WARMUP[1:] + ["--out", "{root}/o", "--heads", "{root}/heads",
+                                                             "--num-heads", "3"],
+                                      "--num-heads shapes new heads, and the heads in {root}/heads keep their own; "
+                                      "drop it, or drop --heads to train new heads."),
+    "--resume with --overwrite": ("train", WARMUP[1:] + ["--out", "{root}/o", "--resume", "--overwrite"],
+                                  "--resume continues the run in --out and --overwrite starts it again; pass one."),
     "missing heads to start from": ("train", WARMUP[1:] + ["--out", "{root}/o", "--heads", "{root}/none"],
                                     "--heads {root}/none is not a directory; check the path."),
     "negative grad clip": ("train", WARMUP[1:] + ["--out", "{root}/o", "--grad-clip", "-1"],
@@ -445,6 +462,20 @@ def test_a_checkpoint_without_a_known_template_says_so_and_takes_chat_format(cli
     assert ChatFormat.from_checkpoint(None, ["<s>"]).plain_text_note().startswith("the checkpoint has no chat template")
     load_tokenizer(cli_root / "model")  # ChatML: no note
     assert capsys.readouterr().err == ""
+
+
+def test_heads_trained_on_another_local_model_say_which_to_load(cli_root, tmp_path, capsys):
+    import generate
+
+    shutil.copytree(cli_root / "model", tmp_path / "tuned")  # as train.py's OUT/model after full joint training
+    shutil.copytree(cli_root / "heads", tmp_path / "heads")
+    edit_json(tmp_path / "heads" / "config.json", base_model_name_or_path=str(tmp_path / "tuned"))
+    argv = with_root(GENERATE[1:], cli_root) + ["--medusa", str(tmp_path / "heads"), "--max-new-tokens", "2"]
+    assert generate.main(argv) == 0
+    assert (f"[note] the heads in {tmp_path / 'heads'} were trained on the model in {tmp_path / 'tuned'}, and this run "
+            f"loads {cli_root / 'model'};" in capsys.readouterr().err)
+    assert generate.main(argv + ["--model", str(tmp_path / "tuned")]) == 0
+    assert "were trained on the model in" not in capsys.readouterr().err
 
 
 def test_every_tool_that_renders_conversations_takes_chat_format(cli_root, tmp_path, monkeypatch):

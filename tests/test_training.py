@@ -10,6 +10,8 @@ import json
 import random
 import shutil
 import string
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,23 +348,25 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_matches_uninterrupted_run(setup, monkeypatch):
+def interrupted_run(cfg: TrainConfig, steps: int) -> Trainer:
+    """A run stopped in its step `steps` + 1, as a kill would stop it: its checkpoints so far stay."""
+    trainer = Trainer(cfg)
+
+    def step_then_stop(step):
+        if step == steps:
+            raise Interrupted
+        return Trainer.train_step(trainer, step)
+
+    trainer.train_step = step_then_stop
+    with pytest.raises(Interrupted):
+        trainer.run()
+    return trainer
+
+
+def test_resume_matches_uninterrupted_run(setup):
     straight = Trainer(config(setup, "straight", max_steps=8, save_every=3))
     straight.run()
-    cut = Trainer(config(setup, "cut", max_steps=8, save_every=3))
-    calls = []
-    original_step = Trainer.train_step
-
-    def step_then_stop(self, step):
-        if len(calls) == 7:  # dies in its 8th step, after checkpoints at 3 and 6 steps
-            raise Interrupted
-        calls.append(step)
-        return original_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_stop)
-    with pytest.raises(Interrupted):
-        cut.run()
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    cut = interrupted_run(config(setup, "cut", max_steps=8, save_every=3), 7)  # after checkpoints at 3 and 6 steps
     with pytest.raises(Exception, match="already holds a training checkpoint"):
         Trainer(config(setup, "cut", max_steps=8, save_every=3))
     resumed = Trainer(config(setup, "cut", max_steps=8, save_every=3, resume=True))
@@ -373,12 +377,29 @@ def test_resume_matches_uninterrupted_run(setup, monkeypatch):
     assert not all_close(a, cut.module.heads.state_dict(), tol=1e-6)  # the cut run really stopped early
 
 
+def test_a_finished_run_is_neither_resumed_nor_overwritten_unasked(setup):
+    done = config(setup, "finished", max_steps=4, save_every=3)
+    Trainer(done).run()
+    out = Path(done.out)
+    assert (out / "heads" / "config.json").is_file() and not (out / "checkpoint").exists()  # (resuming would redo
+    with pytest.raises(NanoMedusaError, match="has finished .* so there is nothing to resume"):  # step 4 for nothing)
+        Trainer(replace(done, resume=True))
+    with pytest.raises(NanoMedusaError, match=r"holds an earlier run's heads/, eval.json; pass --overwrite"):
+        Trainer(replace(done, lr=5e-3))
+    # --overwrite replaces every output, including one this run would not write: an earlier joint run's model
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("{}")
+    Trainer(replace(done, eval_fraction=0.0, overwrite=True)).run()
+    assert sorted(p.name for p in out.iterdir()) == ["heads", "log.jsonl", "train_config.json"]
+    assert json.loads((out / "train_config.json").read_text())["eval_fraction"] == 0.0
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
-    Trainer(config(setup, "path-ckpt", reads_path=True, max_steps=2, save_every=1)).run()
+    interrupted_run(config(setup, "path-ckpt", reads_path=True, max_steps=2, save_every=1), 1)
     with pytest.raises(NanoMedusaError, match="made with reads_path=True but this run has None"):
         Trainer(config(setup, "path-ckpt", max_steps=2, save_every=1, resume=True))
     lora = dict(stage="joint", heads=str(warmed[0].out / "heads"), lora_rank=4, max_steps=2, save_every=1)
-    Trainer(config(setup, "lora-ckpt", **lora)).run()
+    interrupted_run(config(setup, "lora-ckpt", **lora), 1)
     with pytest.raises(NanoMedusaError, match="made with lora_alpha=16.0 but this run has 1000.0"):
         Trainer(config(setup, "lora-ckpt", **lora, lora_alpha=1000.0, resume=True))
     assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
@@ -398,9 +419,11 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
 
 
 def test_a_new_run_starts_its_log_afresh(setup):
-    for lr in (1e-2, 5e-3):  # the second run, not resumed, into the first one's --out
-        trainer = Trainer(config(setup, "relogged", lr=lr, max_steps=3, log_every=1))
-        trainer.run()
+    # The first run dies before it has any result to keep (no checkpoint, no heads); the second, not resumed, runs
+    # into its --out.
+    interrupted_run(config(setup, "relogged", lr=1e-2, max_steps=3, log_every=1), 2)
+    trainer = Trainer(config(setup, "relogged", lr=5e-3, max_steps=3, log_every=1))
+    trainer.run()
     log = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == [1, 2, 3] and log[0]["lr"] == pytest.approx(5e-3 / 5)
 
@@ -493,9 +516,9 @@ def test_batched_distill_answers_as_one_at_a_time(setup, tmp_path, decode_calls)
     # Near-context prompts share a batch only with prompts of the same cap; leftovers of one go alone.
     assert decode_calls == [("generate", 1, 4), ("generate_batch", 2, 5), ("generate", 1, 6),
                             ("generate_batch", 3, 8), ("generate_batch", 3, 8), ("generate", 1, 8)]
-    decode_calls.clear()  # the command line: --distill-batch-size, not training's --batch-size
+    decode_calls.clear()  # the command line's --distill-batch-size (training's --batch-size is refused there)
     assert train_cli.main(["--stage", "distill", "--model", ckpt, "--data", str(prompts), "--out", str(tmp_path / "cli.jsonl"),
-                           "--max-new-tokens", "8", "--device", "cpu", "--distill-batch-size", "3", "--batch-size", "2"]) == 0
+                           "--max-new-tokens", "8", "--device", "cpu", "--distill-batch-size", "3"]) == 0
     assert [rows for _, rows, _ in decode_calls] == [1, 2, 1, 3, 3, 1] and distilled(tmp_path / "cli.jsonl") == single
     sampled_one = run("sampled1.jsonl", batch_size=1, temperature=1.0, seed=4)[1]
     assert run("sampled3.jsonl", batch_size=3, temperature=1.0, seed=4)[1] == sampled_one
@@ -667,7 +690,7 @@ def test_the_tools_say_when_they_would_measure_on_another_split_than_training_he
         "measures describes another format; pass --chat-format chatml"]
     assert held_out_split_notes(None, 0.02, 0, "chatml") == []  # heads from before it was recorded
     # and training that continues from them says so too, on another split
-    trainer = Trainer(config(setup, "continued", heads=str(heads_dir), seed=4, max_steps=1))
+    trainer = Trainer(config(setup, "continued-other-seed", heads=str(heads_dir), seed=4, max_steps=1))
     assert "[note] the heads were trained with --seed 3 and this run has 4" in capsys.readouterr().out
     assert trainer.start_step == 0
 
@@ -680,3 +703,32 @@ def test_heads_with_nothing_to_train_are_refused_before_ddp(setup, tmp_path):
     with pytest.raises(NanoMedusaError, match=f"the heads in {tmp_path / 'bare'} have no ResBlocks and share the "
                                               f"lm_head, so warm-up has nothing of theirs to train; add --reads-path"):
         Trainer(config(setup, tmp_path / "out", heads=str(tmp_path / "bare"), max_steps=1))
+
+
+def test_conversations_left_out_are_counted(setup, tmp_path, capsys):
+    # Prompts not answered yet and answers that start past --max-len train on nothing; the run says how many, per file.
+    data = tmp_path / "mixed.jsonl"
+    shutil.copy(write_counting_data(tmp_path / "answered.jsonl", 8, 1), data)
+    with open(data, "a") as f:
+        for i in range(2):
+            f.write(json.dumps({"id": f"p{i}", "prompt": "count from c"}) + "\n")
+        long = [{"from": "human", "value": "count from a " * 100}, {"from": "gpt", "value": counting_answer(0)}]
+        f.write(json.dumps({"id": "long", "conversations": long}) + "\n")
+    capsys.readouterr()
+    trainer = Trainer(config(setup, tmp_path / "out", data=str(data), eval_fraction=0.0, max_steps=1))
+    assert (f"[note] {data}: of its 11 conversations, 2 have no answer yet (answer them with --stage distill) and 1 "
+            f"keep no answer token within their first 160 tokens (--max-len); they are left out."
+            in capsys.readouterr().out)
+    assert len(trainer.train_set) == 8
+    Trainer(config(setup, tmp_path / "out2", data=str(tmp_path / "answered.jsonl"), eval_fraction=0.0, max_steps=1))
+    assert "left out" not in capsys.readouterr().out
+
+
+def test_every_train_flag_belongs_to_the_stages_that_read_it():
+    # train.py refuses a flag the chosen stage would ignore; a new flag must be listed as distillation's or training's
+    # (or be one both read), or it would be ignored silently again.
+    shared = {"model", "data", "out", "device", "dtype", "seed", "chat_format"}
+    assert shared <= DistillConfig.__dataclass_fields__.keys() & TrainConfig.__dataclass_fields__.keys()
+    staged = train_cli.DISTILL_FLAGS + train_cli.TRAINING_FLAGS
+    dests = {action.dest for action in train_cli.make_parser()._actions} - {"help", "stage"}
+    assert len(set(staged)) == len(staged) and dests == shared | set(staged)

@@ -8,6 +8,12 @@
                              the base model
     OUT/model/               full joint training only: the fine-tuned base model as a full Hugging Face
                              checkpoint directory (config, model.safetensors, tokenizer files)
+    OUT/eval.json, log.jsonl, train_config.json   the held-out evaluation, the training log, the settings
+
+The checkpoint is for a run that stops before its last step; one that ends well removes it, as its outputs are
+OUT/heads (and OUT/model), and training on from them starts a new run (--heads OUT/heads). A new run refuses an
+--out that holds an earlier run's results unless told to replace them (--overwrite), so no heads are mixed with an
+older run's model or evaluation.
 
 State dicts go through `torch.distributed.checkpoint.state_dict`, which gives full (unsharded,
 un-prefixed) tensors whether the module is plain, DDP-wrapped or FSDP-sharded; every process takes
@@ -39,12 +45,37 @@ TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_froz
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+# What training writes into OUT (True: a directory), and of those the results an earlier run leaves.
+OUTPUTS = {"checkpoint": True, "heads": True, "model": True, "eval.json": False, "log.jsonl": False,
+           "train_config.json": False}
+RESULTS = ("heads", "model", "eval.json")
+
 # Settings that checkpoints from before they were recorded lack: compared only where a checkpoint has them.
 RECORDED_LATER = ("lora_alpha", "chat_format")
 
 
 def state_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoint" / "state.pt"
+
+
+def earlier_results(out_dir: str | Path) -> list[str]:
+    """The results of an earlier run in OUT (its heads, model, evaluation), as names to show."""
+    return [name + "/" * OUTPUTS[name] for name in RESULTS if (Path(out_dir) / name).exists()]
+
+
+def clear_outputs(out_dir: str | Path) -> None:
+    """Remove what an earlier run wrote into OUT (only that: OUT may hold other files, --cache-hidden's folder)."""
+    for name, is_dir in OUTPUTS.items():
+        path = Path(out_dir) / name
+        if is_dir and path.is_dir():
+            shutil.rmtree(path)
+        elif not is_dir:
+            path.unlink(missing_ok=True)
+
+
+def remove_state(out_dir: str | Path) -> None:
+    """Drop OUT/checkpoint once a run has ended well: resuming it could only redo the steps after it."""
+    shutil.rmtree(state_path(out_dir).parent, ignore_errors=True)
 
 
 def save_state(out_dir, wrapped: nn.Module, optimizer, step: int, settings: dict, is_main: bool) -> None:
@@ -63,6 +94,10 @@ def save_state(out_dir, wrapped: nn.Module, optimizer, step: int, settings: dict
 def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     """Restore weights, optimizer and RNG from OUT/checkpoint; returns the step to continue from."""
     path = state_path(out_dir)
+    if not path.is_file() and (Path(out_dir) / "heads" / "config.json").is_file():
+        raise NanoMedusaError(f"the run in {out_dir} has finished (its heads are {Path(out_dir) / 'heads'}), so there "
+                              f"is nothing to resume; train on from them with --heads {Path(out_dir) / 'heads'} and "
+                              f"another --out, or replace --resume with --overwrite to train again.")
     if not path.is_file():
         raise NanoMedusaError(f"there is no checkpoint at {path} to resume from; drop --resume to start a new run.")
     state = _read_state(path)

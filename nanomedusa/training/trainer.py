@@ -18,7 +18,9 @@
 Each optimizer step: grad_accum micro-batches per process, bf16 autocast on GPU, grad clipping,
 cosine learning rate with linear warm-up. Logs (rank 0) go to the terminal and OUT/log.jsonl, which a run
 that does not resume starts afresh; a logged loss that is not finite stops the run on every rank (a window is
-also logged at each checkpoint, so none is written before the loss that led to it was checked).
+also logged at each checkpoint, so none is written before the loss that led to it was checked). The checkpoint
+(every save_every steps) lets an interrupted run continue (resume); a run that ends well removes it. An OUT that
+holds an earlier run's results is refused unless `overwrite` replaces them (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import kernels
 from ..adapter import apply_adapter, has_adapter
 from ..config import ModelConfig
 from ..errors import NanoMedusaError
-from ..heads import MedusaHeads
+from ..heads import MedusaHeads, base_model_note
 from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpoint
@@ -100,16 +102,22 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 frozen backbone on GPU for warm-up, float32 weights otherwise
     chat_format: str = "auto"  # a chat_template.PRESETS name, or auto: the one the checkpoint's template matches
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's outputs in OUT (otherwise refused)
 
     def check(self) -> None:
         if self.stage not in STAGES:
             raise NanoMedusaError(f"unknown stage {self.stage!r}; use one of warmup, joint, distill.")
+        if self.resume and self.overwrite:
+            raise NanoMedusaError("--resume continues the run in --out and --overwrite starts it again; pass one.")
         if self.stage == "joint" and not self.heads:
             raise NanoMedusaError("joint training starts from warm-up heads; pass --heads OUT/heads from a --stage "
                                   "warmup run.")
-        if self.stage == "warmup" and self.lora_rank:
-            raise NanoMedusaError("--lora-rank only applies to --stage joint (warm-up never changes the backbone); "
-                                  "drop it.")
+        if self.stage == "warmup" and (given := self._changed(JOINT_ONLY)):
+            raise NanoMedusaError(f"{given[0]} only applies to --stage joint (warm-up never changes the backbone); "
+                                  f"drop it.")
+        if self.heads and (given := self._changed(NEW_HEADS_ONLY)):
+            raise NanoMedusaError(f"{given[0]} shapes new heads, and the heads in {self.heads} keep their own; drop "
+                                  f"it, or drop --heads to train new heads.")
         if self.stage == "joint" and self.lora_rank and self.heads and has_adapter(self.heads):
             raise NanoMedusaError(f"the heads in {self.heads} already carry a LoRA adapter; continue with full joint "
                                   f"training (drop --lora-rank) or start LoRA joint training from warm-up heads.")
@@ -135,11 +143,19 @@ class TrainConfig:
                 and not self.reads_path:
             raise NanoMedusaError(NOTHING_TO_TRAIN)
 
+    def _changed(self, names: tuple[str, ...]) -> list[str]:
+        """The settings among `names` that differ from their defaults, spelled as train.py's flags."""
+        fields = self.__dataclass_fields__
+        return ["--" + name.replace("_", "-") for name in names if getattr(self, name) != fields[name].default]
+
     @property
     def data_files(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
 
 
+# Settings that only joint training reads, and those that only shape new heads (not --heads given).
+JOINT_ONLY = ("lora_rank", "lora_alpha", "backbone_lr", "medusa_weight", "medusa_weight_warmup")
+NEW_HEADS_ONLY = ("num_heads", "num_layers", "shared_lm_head")
 NOTHING_TO_TRAIN = ("heads without ResBlocks that share the lm_head have no weights of their own to train; pass "
                     "--num-layers 1 or more, or drop --shared-lm-head.")
 
@@ -152,9 +168,12 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         self.device = self.dist.device
         self.out = Path(cfg.out)
-        if checkpoint.state_path(self.out).exists() and not cfg.resume:
-            raise NanoMedusaError(f"{self.out} already holds a training checkpoint; pass --resume to continue it or "
-                                  f"choose another --out.")
+        if checkpoint.state_path(self.out).exists() and not (cfg.resume or cfg.overwrite):
+            raise NanoMedusaError(f"{self.out} already holds a training checkpoint; pass --resume to continue it, "
+                                  f"--overwrite to start again, or choose another --out.")
+        if (earlier := checkpoint.earlier_results(self.out)) and not (cfg.resume or cfg.overwrite):
+            raise NanoMedusaError(f"{self.out} holds an earlier run's {', '.join(earlier)}; pass --overwrite to "
+                                  f"replace them or choose another --out.")
         torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
 
         sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
@@ -197,6 +216,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.start_step = (checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings())
                            if cfg.resume else 0)
+        if self.dist.is_main and cfg.overwrite:
+            checkpoint.clear_outputs(self.out)
         if self.dist.is_main:  # a resumed run logs its later steps again, a new one starts the log afresh (step 0)
             checkpoint.truncate_log(self.out / "log.jsonl", self.start_step)
 
@@ -223,13 +244,27 @@ class Trainer:
                 raise NanoMedusaError(f"--data-weights {weight:g} keeps none of the {len(train)} training examples of "
                                       f"{path}; give it a weight of {1 / len(train):.2g} or more, or drop the file.")
             trains.append(train)
-            held_out += tokenize_all(self.tokenizer, eval_c, max_len)
+            held = tokenize_all(self.tokenizer, eval_c, max_len)
+            held_out += held
+            answered = len(train_c) + len(eval_c)
+            self._note_dropped(path, len(conversations), len(conversations) - answered,
+                               answered - len(train) - len(held), max_len)
         return mix_examples(trains, cfg.data_weights or [1.0] * len(trains), cfg.seed), held_out
+
+    def _note_dropped(self, path: str, total: int, unanswered: int, cut: int, max_len: int) -> None:
+        """Say how many of a file's conversations neither train nor count in the evaluation, and why."""
+        reasons = [f"{unanswered} have no answer yet (answer them with --stage distill)"] if unanswered else []
+        if cut:
+            reasons.append(f"{cut} keep no answer token within their first {max_len} tokens (--max-len)")
+        if reasons:
+            self._print(f"[note] {path}: of its {total} conversations, {' and '.join(reasons)}; they are left out.")
 
     def _make_heads(self, model) -> MedusaHeads:
         cfg = self.cfg
         if cfg.heads:  # joint training always, warm-up when it continues from earlier heads
             heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
+            if note := base_model_note(cfg.heads, heads.config, self.ckpt_dir):
+                self._print(f"[note] {note}.")
             # Trained before on another split of these files, they were trained on some of this run's held-out ones
             # (the heads exported here record this run's split only).
             for note in held_out_split_notes(heads.config.held_out, cfg.eval_fraction, cfg.seed,
@@ -375,6 +410,8 @@ class Trainer:
         if main and self.eval_set:
             (self.out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         self.export()
+        if main:
+            checkpoint.remove_state(self.out)
         return results
 
     def save(self, step: int) -> None:
