@@ -57,6 +57,7 @@ from nanomedusa.errors import NanoMedusaError
 
 def make_parser() -> argparse.ArgumentParser:
     from nanomedusa.training import DistillConfig, TrainConfig
+    from nanomedusa.training.data import add_split_flag
 
     t, d = TrainConfig(), DistillConfig()
     p = ArgumentParser(description="Train Medusa heads (see the module docstring for examples).")
@@ -107,6 +108,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-hidden", default=None, metavar="DIR",
                    help="warmup: keep the frozen backbone's hidden states in DIR for later epochs")
     g.add_argument("--eval-fraction", type=float, default=t.eval_fraction, help="held-out share of the data")
+    add_split_flag(g)
     g.add_argument("--medusa-weight", type=float, default=t.medusa_weight, help="joint: weight of the heads' loss")
     g.add_argument("--medusa-weight-warmup", type=int, default=t.medusa_weight_warmup,
                    help="joint: steps over which that weight ramps up from 0")
@@ -129,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 DISTILL_FLAGS = ("max_new_tokens", "temperature", "top_p", "limit", "shard", "distill_batch_size")
 TRAINING_FLAGS = ("data_weights", "heads", "num_heads", "num_layers", "shared_lm_head", "reads_path", "head_decay",
                   "epochs", "max_steps", "batch_size", "grad_accum", "lr", "backbone_lr", "weight_decay",
-                  "warmup_steps", "grad_clip", "max_len", "cache_hidden", "eval_fraction", "medusa_weight",
+                  "warmup_steps", "grad_clip", "max_len", "cache_hidden", "eval_fraction", "split", "medusa_weight",
                   "medusa_weight_warmup", "lora_rank", "lora_alpha", "log_every", "save_every", "eval_every", "resume",
                   "overwrite")
 DISTILL_HINTS = {"batch_size": " (it decodes --distill-batch-size prompts at a time)",

@@ -10,10 +10,13 @@ It models Medusa's heads, whose guesses do not depend on the tree's path: heads 
 weights/smollm2-135m-instruct-medusa-path, the third shipped heads) are refused before anything runs;
 `python -m bench.path_trees_offline` simulates those (and `python -m bench.dynamic_trees` measures them on a GPU).
 
-The tuning sets are prompts whose answers the heads' training held out (never the evaluation sets), made by
+The tuning sets are prompts whose answers the heads' training held out (never the evaluation sets), made by (the
+shipped heads' split, which their config.json records, is by position)
 
-    python -m nanomedusa.calibration --held-out-prompts ../shared/data/prompts-chat-train.jsonl --out /tmp/held-chat.jsonl
-    python -m nanomedusa.calibration --held-out-prompts ../shared/data/prompts-train.jsonl --out /tmp/held-train.jsonl
+    python -m nanomedusa.calibration --heads weights/smollm2-135m-instruct-medusa \
+        --held-out-prompts ../shared/data/prompts-chat-train.jsonl --out /tmp/held-chat.jsonl
+    python -m nanomedusa.calibration --heads weights/smollm2-135m-instruct-medusa \
+        --held-out-prompts ../shared/data/prompts-train.jsonl --out /tmp/held-train.jsonl
 
 Why it is exact for greedy decoding. Greedy Medusa emits plain greedy decoding's tokens c_0 c_1 ... c_{L-1}
 (c_0 from the prefill). A step whose root is c_i verifies a tree whose depth-d nodes guess c_{i+d}: the heads

@@ -12,11 +12,12 @@ token t + k + 2). Dividing by T changes no ranking, so top-k guesses, accuracies
 as they are. --write stores the temperatures as `medusa_temperatures` in the heads' config.json
 (HeadsConfig; heads without them run at T = 1).
 
-Held-out answers: by default the split of each --data file that train.py held out (by --seed and
---eval-fraction, as tree_tuning.py splits them). Without the answer files the heads were trained on,
-make held-out answers from their prompts:
+Held-out answers: by default the split of each --data file that train.py held out (by --seed, --eval-fraction and
+--split, as tree_tuning.py splits them). Without the answer files the heads were trained on, make held-out answers
+from their prompts (--heads DIR, or --split, says how train.py split them):
 
-    python -m nanomedusa.calibration --held-out-prompts ../shared/data/prompts-chat-train.jsonl --out held-chat.jsonl
+    python -m nanomedusa.calibration --heads DIR --held-out-prompts ../shared/data/prompts-chat-train.jsonl \\
+        --out held-chat.jsonl
     python train.py --stage distill --data held-chat.jsonl --out held-answers-chat.jsonl --limit 48
     python -m nanomedusa.calibration --heads DIR --data held-answers-chat.jsonl --whole-files --write
 
@@ -41,11 +42,12 @@ from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_he
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import read_utf8, write_text_atomically
-from .heads import MedusaHeads, load_heads_and_adapter, path_ids
+from .heads import MedusaHeads, load_heads_and_adapter, path_ids, recorded_held_out
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
-from .training.data import (IGNORE, Conversation, collate, example_length, held_out_split_notes, load_conversations,
-                            prompt_messages, split_train_eval, tokenize_all, train_eval_split)
+from .training.data import (IGNORE, Conversation, add_split_flag, collate, example_length, held_out_split_notes,
+                            load_conversations, prompt_messages, split_by_id, split_by_position, split_of, tokenize_all,
+                            train_eval_split)
 from .training.losses import shifted_targets
 
 Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (logits [n, V], targets [n])
@@ -126,16 +128,21 @@ def calibrate(model, heads: MedusaHeads, examples, chunk: int = 512) -> list[Fit
     return fits
 
 
-def held_out_prompts(path: str, tokenizer: Tokenizer, eval_fraction: float, seed: int) -> list[Conversation]:
+def held_out_prompts(path: str, tokenizer: Tokenizer | None, eval_fraction: float, seed: int,
+                     split: str = "id") -> list[Conversation]:
     """The prompts of a distillation prompts file whose answers train.py held out, in the file's order.
 
-    train.py splits the answers file, and `train.py --stage distill` writes that longest prompt first (it
-    sorts the prompts so, stably, to batch similar lengths): so the prompts are put in that order first,
-    then split alike. (That is the order of one uninterrupted distillation run, as the shipped heads had.)"""
+    Split by id, a prompt's answer is held out by its id alone (distillation keeps the ids), so the prompts are split
+    as they are (the tokenizer is not needed). Split by position, train.py split the answers file in the order
+    `train.py --stage distill` writes it, longest prompt first (it sorts the prompts so, stably, to batch similar
+    lengths): so the prompts are put in that order first, then split alike. (That is the order of one uninterrupted
+    distillation run that answered every prompt, as the shipped heads had.)"""
     conversations = load_conversations(path)
+    if split == "id":
+        return split_by_id(conversations, [c.id for c in conversations], eval_fraction, seed)[1]
     lengths = [len(tokenizer.encode_chat(prompt_messages(c))) for c in conversations]
     by_length = sorted(range(len(conversations)), key=lambda i: -lengths[i])
-    _, held_out = split_train_eval(by_length, eval_fraction, seed)
+    _, held_out = split_by_position(by_length, eval_fraction, seed)
     return [conversations[i] for i in sorted(held_out)]
 
 
@@ -156,9 +163,11 @@ def check_args(args) -> None:
 
 
 def write_held_out_prompts(args) -> None:
-    _, checkpoint = load_model(args.model, device="cpu")  # for its tokenizer: prompt lengths decide the split
-    tokenizer = load_tokenizer(checkpoint, args.chat_format)
-    held_out = held_out_prompts(args.held_out_prompts, tokenizer, args.eval_fraction, args.seed)
+    split, tokenizer = split_of(recorded_held_out(args.heads) if args.heads else None, args.split), None
+    if split == "position":  # prompt lengths decide that split: the model's tokenizer is needed
+        _, checkpoint = load_model(args.model, device="cpu")
+        tokenizer = load_tokenizer(checkpoint, args.chat_format)
+    held_out = held_out_prompts(args.held_out_prompts, tokenizer, args.eval_fraction, args.seed, split)
     if not held_out:
         raise NanoMedusaError(f"{args.held_out_prompts} holds no prompt to hold out; pass the prompts file the heads' "
                               f"answers came from.")
@@ -171,16 +180,17 @@ def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
     tokenizer = load_tokenizer(checkpoint, args.chat_format)
+    split = split_of(heads.config.held_out, args.split)
     # (--whole-files: answers held out by --held-out-prompts, no split here, but the format still counts)
     for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
-                                     split=not args.whole_files):
+                                     None if args.whole_files else split):
         print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     examples = []
     for path in args.data:
         conversations = load_conversations(path)
         if not args.whole_files:
-            conversations = train_eval_split(conversations, args.eval_fraction, args.seed)[1]
+            conversations = train_eval_split(conversations, args.eval_fraction, args.seed, split)[1]
         examples += tokenize_all(tokenizer, conversations[: args.limit], max_len)
     if not examples:
         raise NanoMedusaError("no held-out conversation with an answer; pass more --data.")
@@ -205,6 +215,7 @@ def main(argv=None) -> int:
     add_chat_format_flag(p)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
+    add_split_flag(p)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations per file")
     p.add_argument("--device", default="auto")

@@ -28,8 +28,8 @@ published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are. 
 `medusa_choices` (the tree the heads run with), `rank_accuracy` (their held-out rank accuracies, both from
 tree_tuning.py), `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent) and
 `reads_path` (with P_k stored as `medusa_path.{k}.weight`; the reference implementation has no such heads), and
-`held_out` (the `eval_fraction`, `seed` and `chat_format` of the split train.py held out: tree tuning and calibration
-say when theirs differs).
+`held_out` (the `eval_fraction`, `seed`, `chat_format` and `split` of the split train.py held out: tree tuning and
+calibration split alike by default and say when theirs differs).
 Heads from joint training (Medusa-2) may also ship a LoRA adapter for the backbone (adapter.py):
 `load_heads_and_adapter` loads such heads for a model and merges it in.
 """
@@ -72,8 +72,8 @@ class HeadsConfig:
     rank_accuracy: list | None = None  # [K][topk] share of head k's rank-i guesses that were right (tree_tuning.py)
     medusa_temperatures: list | None = None  # [K] head k's probabilities are softmax(logits / T_k) (calibration.py)
     reads_path: bool = False  # head k also reads the embeddings of tokens t+1 .. t+k+1 (module docstring)
-    # how train.py split and rendered their data ({"eval_fraction", "seed", "chat_format"}): tree tuning and calibration
-    # must measure on the same held-out conversations (training/data.py `held_out_split_notes`)
+    # how train.py split and rendered their data ({"eval_fraction", "seed", "chat_format", "split"}): tree tuning and
+    # calibration must measure on the same held-out conversations (training/data.py `held_out_split_notes`)
     held_out: dict | None = None
 
     def __post_init__(self):
@@ -309,13 +309,7 @@ class MedusaHeads(nn.Module):
         if not path.is_dir():
             raise NanoMedusaError(f"Medusa heads directory {path} does not exist; pass the directory that holds "
                                   f"config.json and medusa_lm_head.safetensors to --medusa.")
-        try:
-            raw = json.loads(read_utf8(path / "config.json"))
-            if not isinstance(raw, dict):
-                raise ValueError
-        except (OSError, ValueError):  # ValueError: not JSON, or not a JSON object (read_utf8 names a non-UTF-8 byte)
-            raise NanoMedusaError(f"{path}/config.json is missing or not a JSON object; a Medusa heads directory "
-                                  f"needs one with medusa_num_heads and medusa_num_layers.") from None
+        raw = read_heads_config(path)
         weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights_file is None:
             raise NanoMedusaError(f"{path} has none of {', '.join(WEIGHT_FILES)}, so it is not a Medusa heads "
@@ -349,7 +343,7 @@ class MedusaHeads(nn.Module):
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
                              raw.get("base_model_name_or_path", ""), _medusa_choices(raw, path), raw.get("lora"),
                              _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),
-                             bool(path_state), raw.get("held_out") if isinstance(raw.get("held_out"), dict) else None)
+                             bool(path_state), _held_out(raw))
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has "
                                   f"{model_config.dim}; use heads trained for this model.")
@@ -385,6 +379,28 @@ def load_heads_and_adapter(heads_dir: str | Path, model, say: Callable[[str], ob
     if has_adapter(heads_dir):
         say(apply_adapter(model, heads_dir))
     return heads
+
+
+def read_heads_config(path: Path) -> dict:
+    """The heads' config.json as it is on disk (MedusaHeads.load checks its values)."""
+    try:
+        raw = json.loads(read_utf8(path / "config.json"))
+        if not isinstance(raw, dict):
+            raise ValueError
+    except (OSError, ValueError):  # ValueError: not JSON, or not a JSON object (read_utf8 names a non-UTF-8 byte)
+        raise NanoMedusaError(f"{path}/config.json is missing or not a JSON object; a Medusa heads directory "
+                              f"needs one with medusa_num_heads and medusa_num_layers.") from None
+    return raw
+
+
+def recorded_held_out(heads_dir: str | Path) -> dict | None:
+    """How train.py split the heads' data (their config's held_out), read before the heads themselves load: training
+    that continues from them splits its data alike (training/data.py `split_of`)."""
+    return _held_out(read_heads_config(Path(heads_dir)))
+
+
+def _held_out(raw: dict) -> dict | None:
+    return raw.get("held_out") if isinstance(raw.get("held_out"), dict) else None
 
 
 def base_model_note(heads_dir: str | Path, config: HeadsConfig, ckpt_dir: str | Path) -> str | None:

@@ -39,8 +39,8 @@ from .files import read_utf8, write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import load_tokenizer
-from .training.data import (IGNORE, collate, example_length, held_out_split_notes, load_conversations, tokenize_all,
-                            train_eval_split)
+from .training.data import (IGNORE, add_split_flag, collate, example_length, held_out_split_notes, load_conversations,
+                            split_of, tokenize_all, train_eval_split)
 from .training.losses import shifted_targets
 from .tree import expected_accept_length, tree_capacity, tree_from_head_accuracies
 
@@ -155,12 +155,14 @@ def run(args) -> None:
                               f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
                               f"--topk or --max-depth.")
     tokenizer = load_tokenizer(ckpt, args.chat_format)
-    for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset):
+    split = split_of(heads.config.held_out, args.split)
+    for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
+                                     split):
         print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}
     for path in args.data:
-        _, held_out = train_eval_split(load_conversations(path), args.eval_fraction, args.seed)
+        _, held_out = train_eval_split(load_conversations(path), args.eval_fraction, args.seed, split)
         examples = tokenize_all(tokenizer, held_out[: args.limit], max_len)
         if not examples:
             raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
+    add_split_flag(p)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations per file")
     p.add_argument("--device", default="auto")

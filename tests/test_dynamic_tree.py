@@ -24,7 +24,7 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
-from nanomedusa.training.data import load_conversations, split_train_eval
+from nanomedusa.training.data import load_conversations, train_eval_split
 from tests.test_medusa import one_thread  # noqa: F401 (a fixture)
 from tests.test_tree import random_tree
 from tests.tiny_tokenizer import make_chat_checkpoint
@@ -264,10 +264,22 @@ def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path):
     write_prompts(tmp_path / "prompts.jsonl", 30)
     distill(DistillConfig(model=str(root / "model"), data=str(tmp_path / "prompts.jsonl"),
                           out=str(tmp_path / "a.jsonl"), max_new_tokens=2, device="cpu", dtype="float32"))
-    trained_held_out = split_train_eval(load_conversations(tmp_path / "a.jsonl"), 0.2, 3)[1]
-    held_out = held_out_prompts(str(tmp_path / "prompts.jsonl"), Tokenizer.from_dir(root / "model"), 0.2, 3)
-    assert sorted(c.id for c in held_out) == sorted(c.id for c in trained_held_out)
-    assert [c.id for c in held_out] == sorted((c.id for c in held_out), key=lambda i: int(i[1:]))  # the file's order
+    for split, tokenizer in (("position", Tokenizer.from_dir(root / "model")), ("id", None)):
+        trained_held_out = train_eval_split(load_conversations(tmp_path / "a.jsonl"), 0.2, 3, split)[1]
+        held_out = held_out_prompts(str(tmp_path / "prompts.jsonl"), tokenizer, 0.2, 3, split)
+        assert sorted(c.id for c in held_out) == sorted(c.id for c in trained_held_out)
+        assert [c.id for c in held_out] == sorted((c.id for c in held_out), key=lambda i: int(i[1:]))  # file order
+    # The command line splits as --heads record they were split (by position here), else by id.
+    heads = MedusaHeads.load(root / "heads", load_model(root / "model", "cpu", "float32")[0].config)
+    heads.config.held_out = {"eval_fraction": 0.2, "seed": 3, "chat_format": "chatml", "split": "position"}
+    heads.save(tmp_path / "heads")
+    for flags, split in ((["--heads", str(tmp_path / "heads")], "position"), ([], "id")):
+        out = tmp_path / f"held-{split}.jsonl"
+        assert calibration_main(["--held-out-prompts", str(tmp_path / "prompts.jsonl"), "--out", str(out), "--model",
+                                 str(root / "model"), "--eval-fraction", "0.2", "--seed", "3", *flags]) == 0
+        expected = train_eval_split(load_conversations(tmp_path / "a.jsonl"), 0.2, 3, split)[1]
+        assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == sorted(c.id for c in expected)
+    assert (tmp_path / "held-id.jsonl").read_text() != (tmp_path / "held-position.jsonl").read_text()
 
 
 def test_calibration_cli_writes_temperatures(tiny, tmp_path):

@@ -306,6 +306,8 @@ def test_shipped_heads_run_their_named_tree_built_from_their_accuracies(checkpoi
     assert tree_from_head_accuracies(config["rank_accuracy"], len(PRESETS[preset])) == PRESETS[preset]
     depth = max(len(path) for path in PRESETS[preset])  # the heads a tree does not reach were trimmed
     assert config["num_heads"] == len(config["rank_accuracy"]) == depth and config["shared_lm_head"]
+    # trained before conversations were held out by id: tree tuning and calibration must split them by position
+    assert config["held_out"] == {"eval_fraction": 0.02, "seed": 0, "chat_format": "chatml", "split": "position"}
 
 
 def test_heads_of_another_local_model_get_a_note(tmp_path):

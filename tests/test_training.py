@@ -24,8 +24,8 @@ from nanomedusa.loading import load_model
 from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.errors import NanoMedusaError
-from nanomedusa.training.data import (IGNORE, Example, StepSampler, load_conversations, mix_examples, split_train_eval,
-                                      tokenize_conversation)
+from nanomedusa.training.data import (IGNORE, Conversation, Example, StepSampler, load_conversations, mix_examples,
+                                      split_by_position, tokenize_conversation, train_eval_split)
 from nanomedusa.training.hidden_cache import HiddenCache
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
@@ -112,9 +112,30 @@ def test_formats_and_split(tmp_path):
     (tmp_path / "bom.jsonl").write_text(json.dumps(prompt) + "\n", encoding="utf-8-sig")  # as some editors save
     assert [c.id for c in load_conversations(tmp_path / "bom.jsonl")] == ["p"]
     items = list(range(50))
-    train, held = split_train_eval(items, 0.2, seed=7)
-    assert len(held) == 10 and sorted(train + held) == items and split_train_eval(items, 0.2, seed=7)[1] == held
-    assert split_train_eval(items, 0.2, seed=8)[1] != held
+    train, held = split_by_position(items, 0.2, seed=7)
+    assert len(held) == 10 and sorted(train + held) == items and split_by_position(items, 0.2, seed=7)[1] == held
+    assert split_by_position(items, 0.2, seed=8)[1] != held
+
+
+def test_the_split_by_id_keeps_each_conversation_on_its_side_as_a_file_grows(tmp_path):
+    def conversations(ids):
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        return [Conversation(i, turns) for i in ids]
+
+    first = conversations([f"c{i}" for i in range(200)])
+    grown = conversations([f"c{i}" for i in reversed(range(300))])  # distillation went on; the file was reordered
+    ids = {c.id for c in first}
+    for split, stays in (("id", True), ("position", False)):
+        train, held = train_eval_split(first, 0.1, 3, split)
+        train2, held2 = train_eval_split(grown, 0.1, 3, split)
+        moved = {c.id for c in held2} & ids != {c.id for c in held}
+        assert moved is not stays and (not stays or {c.id for c in train2} & ids == {c.id for c in train})
+    assert 10 <= len(held) <= 30 and held != train_eval_split(first, 0.1, 4)[1]  # about a tenth, chosen by the seed
+    # a small file keeps one conversation on each side whatever the share; one alone trains
+    for fraction, sizes in ((0.001, [2, 1]), (0.999, [1, 2])):
+        assert [len(part) for part in train_eval_split(first[:3], fraction, 3)] == sizes
+    assert [len(part) for part in train_eval_split(first[:1], 0.5, 3)] == [1, 0]
+    assert train_eval_split(first, 0.0, 3) == (first, [])
 
 
 MALFORMED = [  # (file name, text, what the error says after the file's name)
@@ -148,8 +169,9 @@ def test_mix_weights_repeat_and_thin_each_file(setup, tmp_path):
     other = write_counting_data(tmp_path / "other.jsonl", 64, seed=5)
     trainer = Trainer(config(setup, "mix", data=[setup[2], str(other)], data_weights=[1, 0.5]))
     one = Trainer(config(setup, "mix1"))
-    assert len(trainer.train_set) == len(one.train_set) + 28  # + half of other.jsonl's 56 training examples
-    assert len(trainer.eval_set) == len(one.eval_set) + 8
+    other_train, other_eval = train_eval_split(load_conversations(other), 0.125, 3)  # (config's split)
+    assert len(trainer.train_set) == len(one.train_set) + round(len(other_train) / 2)  # + half of other's training
+    assert len(trainer.eval_set) == len(one.eval_set) + len(other_eval) and 0 < len(other_eval) < 64
     with pytest.raises(NanoMedusaError, match="one weight per file"):
         Trainer(config(setup, "mix2", data=[setup[2], str(other)], data_weights=[1]))
 
@@ -218,7 +240,8 @@ def test_warmup_keeps_backbone_and_saves_loadable_heads(warmed):
 
 
 def test_hidden_cache_serves_later_epochs(setup, warmed, tmp_path):
-    cached = Trainer(config(setup, "cached", epochs=2, cache_hidden=str(tmp_path / "cache")))
+    # (split by position: 112 training examples exactly, 14 whole batches, so the second epoch reads no new one)
+    cached = Trainer(config(setup, "cached", epochs=2, cache_hidden=str(tmp_path / "cache"), split="position"))
     calls = []
     backbone = cached.module.model.forward_hidden
     cached.module.model.forward_hidden = lambda tokens: calls.append(tokens.shape) or backbone(tokens)
@@ -227,7 +250,7 @@ def test_hidden_cache_serves_later_epochs(setup, warmed, tmp_path):
     assert cached.total_steps == 2 * steps and len(list((tmp_path / "cache").glob("*.safetensors"))) == steps * 8
     eval_calls = len(calls) - steps
     assert eval_calls == -(-len(cached.eval_set) // 8)  # epoch 2 ran no backbone at all
-    plain = Trainer(config(setup, "uncached", epochs=2))
+    plain = Trainer(config(setup, "uncached", epochs=2, split="position"))
     plain.run()
     assert all_close(cached.module.heads.state_dict(), plain.module.heads.state_dict(), tol=1e-5)
     with pytest.raises(Exception, match="made for another model"):
@@ -416,6 +439,12 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
     del state["settings"]["chat_format"]  # (and one from before it was recorded resumes)
     torch.save(state, path)
     assert Trainer(config(setup, "lora-ckpt", **lora, chat_format="zephyr", resume=True)).start_step == 1
+    # a checkpoint from before the split could be chosen split by position, and resumes only so
+    del state["settings"]["split"]
+    torch.save(state, path)
+    with pytest.raises(NanoMedusaError, match="made with split='position' but this run has 'id'"):
+        Trainer(config(setup, "lora-ckpt", **lora, resume=True))
+    assert Trainer(config(setup, "lora-ckpt", **lora, split="position", resume=True)).start_step == 1
 
 
 def test_a_new_run_starts_its_log_afresh(setup):
@@ -652,7 +681,7 @@ def test_tools_measure_on_the_examples_training_held_out(setup, warmed, tmp_path
             f.write(json.dumps(record) + "\n")
     held_out = [e.input_ids for e in Trainer(config(setup, tmp_path / "out", data=str(data), max_len=1000,
                                                     eval_fraction=0.25)).eval_set]
-    assert len(held_out) == 8 and max(map(len, held_out)) == 256
+    assert len(held_out) >= 3 and max(map(len, held_out)) == 256
     seen = {}
     for module, name in ((tree_tuning, "rank_hits"), (calibration, "calibrate")):
         def spy(model, heads, examples, *args, name=name, real=getattr(module, name)):
@@ -672,7 +701,7 @@ def test_the_tools_say_when_they_would_measure_on_another_split_than_training_he
 
     heads_dir = warmed[0].out / "heads"
     held_out = json.loads((heads_dir / "config.json").read_text())["held_out"]
-    assert held_out == {"eval_fraction": 0.125, "seed": 3, "chat_format": "chatml"}
+    assert held_out == {"eval_fraction": 0.125, "seed": 3, "chat_format": "chatml", "split": "id"}
     flags = ["--model", setup[1], "--heads", str(heads_dir), "--data", setup[2], "--device", "cpu", "--nodes", "4",
              "--max-len", "160"]
     capsys.readouterr()
@@ -681,18 +710,29 @@ def test_the_tools_say_when_they_would_measure_on_another_split_than_training_he
     assert tree_tuning.main(flags + ["--eval-fraction", "0.125"]) == 0  # the default seed, 0
     assert ("[note] the heads were trained with --seed 3 and this run has 0: if --data are the files the heads were "
             "trained on, this run measures conversations they were trained on; pass --seed 3." in capsys.readouterr().err)
-    assert held_out_split_notes(held_out, 0.1, 3, "chatml") == []  # a smaller share of that split: none seen
-    assert "pass --eval-fraction 0.125 or less" in held_out_split_notes(held_out, 0.2, 3, "chatml")[0]
-    assert held_out_split_notes({**held_out, "eval_fraction": 0}, 0.02, 0, "chatml")[0].startswith(
+    assert tree_tuning.main(flags + ["--eval-fraction", "0.125", "--seed", "3", "--split", "position"]) == 0
+    assert "the heads were trained with --split id and this run has position" in capsys.readouterr().err
+    assert held_out_split_notes(held_out, 0.1, 3, "chatml", "id") == []  # a smaller share of that split: none seen
+    assert "pass --eval-fraction 0.125 or less" in held_out_split_notes(held_out, 0.2, 3, "chatml", "id")[0]
+    assert held_out_split_notes({**held_out, "eval_fraction": 0}, 0.02, 0, "chatml", "id")[0].startswith(
         "the heads were trained with --eval-fraction 0, on every conversation")
-    assert held_out_split_notes(held_out, 0.125, 3, "zephyr", split=False) == [
+    assert held_out_split_notes(held_out, 0.125, 3, "zephyr", None) == [
         "the heads were trained on prompts in the chatml format and this run renders them as zephyr, so what it "
         "measures describes another format; pass --chat-format chatml"]
-    assert held_out_split_notes(None, 0.02, 0, "chatml") == []  # heads from before it was recorded
-    # and training that continues from them says so too, on another split
+    assert held_out_split_notes(None, 0.02, 0, "chatml", "id") == []  # heads from before it was recorded
+    # a record from before the split could be chosen: by position
+    older = {k: v for k, v in held_out.items() if k != "split"}
+    assert "--split position and this run has id" in held_out_split_notes(older, 0.125, 3, "chatml", "id")[0]
+    # and training that continues from them says so too, on another split; it splits as they were split by default
     trainer = Trainer(config(setup, "continued-other-seed", heads=str(heads_dir), seed=4, max_steps=1))
     assert "[note] the heads were trained with --seed 3 and this run has 4" in capsys.readouterr().out
-    assert trainer.start_step == 0
+    assert trainer.start_step == 0 and trainer.split == "id"
+    older_heads = heads_dir.parent / "older-heads"
+    shutil.copytree(heads_dir, older_heads)
+    raw = json.loads((older_heads / "config.json").read_text())
+    (older_heads / "config.json").write_text(json.dumps({**raw, "held_out": older}))
+    assert Trainer(config(setup, "continued-older", heads=str(older_heads), max_steps=1)).split == "position"
+    assert "--split" not in capsys.readouterr().out
 
 
 def test_heads_with_nothing_to_train_are_refused_before_ddp(setup, tmp_path):

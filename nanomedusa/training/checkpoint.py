@@ -50,8 +50,10 @@ OUTPUTS = {"checkpoint": True, "heads": True, "model": True, "eval.json": False,
            "train_config.json": False}
 RESULTS = ("heads", "model", "eval.json")
 
-# Settings that checkpoints from before they were recorded lack: compared only where a checkpoint has them.
+# Settings that checkpoints from before they were recorded lack: compared only where a checkpoint has them; and
+# those whose value then is known (before the split could be chosen, it was by position).
 RECORDED_LATER = ("lora_alpha", "chat_format")
+RECORDED_LATER_AS = {"split": "position"}
 
 
 def state_path(out_dir: str | Path) -> Path:
@@ -106,8 +108,8 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
     for key in sorted(saved.keys() | settings.keys()):
         if key in RECORDED_LATER and key not in saved:
             continue
-        if saved.get(key) != settings.get(key):
-            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={saved.get(key)!r} but this run "
+        if (theirs := saved.get(key, RECORDED_LATER_AS.get(key))) != settings.get(key):
+            raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={theirs!r} but this run "
                                   f"has {settings.get(key)!r}; resume with the same settings or choose another --out.")
     set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(full_state_dict=True, strict=False))

@@ -16,9 +16,11 @@ tokenizing the prefixes around it:
 
 Several files train together as a mix (`mix_examples`): each file's answered conversations are split into
 train / held-out on its own (`train_eval_split`, which tree_tuning.py and calibration.py use to find the
-held-out part again), and its training examples are repeated or thinned by its weight, so a small but
-important source (open-ended chat) can count for more than a large one (math word problems). Examples are
-cut at --max-len or the model's context, whichever is shorter (`example_length`).
+held-out part again; by default by a hash of each conversation's id and the seed, so a file that grows keeps
+every conversation on its side; the heads record how, and the tools follow them, `split_of`), and its training
+examples are repeated or thinned by its weight, so a small but important source (open-ended chat) can count for
+more than a large one (math word problems). Examples are cut at --max-len or the model's context, whichever is
+shorter (`example_length`).
 
 `StepSampler` decides which examples each rank sees at each optimizer step: a fixed function of
 (seed, step), so a resumed run continues exactly where it stopped, and the same global batch is cut
@@ -27,6 +29,7 @@ the same way whatever the number of processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,29 +176,78 @@ def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, pro
     return [e for e in examples if e is not None]
 
 
-def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """A held-out share of `items`, chosen by `seed` alone (the same on every rank and every run)."""
+# How a file's held-out share is chosen (train_eval_split): "id" by each conversation's id, "position" by its place in
+# the file, the only way of earlier versions, kept for the heads they trained (the shipped ones).
+SPLITS = ("id", "position")
+
+
+def split_by_position(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a held-out share of `items`, the first ones of a permutation chosen by `seed` alone (the
+    same on every rank and every run, as long as the items are the same, in the same order)."""
     n = len(items)
     n_eval = min(max(round(n * eval_fraction), 1), n - 1) if eval_fraction > 0 and n >= 2 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in sorted(order[:n_eval])]
 
 
-def train_eval_split(conversations: list[Conversation], eval_fraction: float,
-                     seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    """(training, held-out) conversations of one data file, as train.py splits them: only the answered ones, so
-    that prompts not yet answered (nothing to train or measure on) move no answer between the two."""
+def held_out_share(conversation_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (seed, id) alone: split by id holds a conversation out where it is below
+    --eval-fraction, whatever else the file holds."""
+    digest = hashlib.blake2b(f"{seed}\n{conversation_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
+
+
+def split_by_id(items: list, ids: list[str], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): the items whose id's `held_out_share` is below `eval_fraction` held out, so a file that
+    grows or is reordered keeps every conversation on its side. A file of two or more items keeps at least one
+    on each side (its lowest share held out, its highest trained on): only a small file can miss the threshold."""
+    if eval_fraction <= 0 or len(items) < 2:
+        return list(items), []
+    shares = [held_out_share(i, seed) for i in ids]
+    held = {j for j, share in enumerate(shares) if share < eval_fraction}
+    by_share = sorted(range(len(items)), key=shares.__getitem__)
+    if not held:
+        held = {by_share[0]}
+    elif len(held) == len(items):
+        held.remove(by_share[-1])
+    return [x for j, x in enumerate(items) if j not in held], [x for j, x in enumerate(items) if j in held]
+
+
+def train_eval_split(conversations: list[Conversation], eval_fraction: float, seed: int,
+                     split: str = "id") -> tuple[list[Conversation], list[Conversation]]:
+    """(training, held-out) conversations of one data file, as train.py splits them (`split`, one of SPLITS): only
+    the answered ones, so that prompts not yet answered (nothing to train or measure on) move no answer between the
+    two."""
     answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
-    return split_train_eval(answered, eval_fraction, seed)
+    if split == "position":
+        return split_by_position(answered, eval_fraction, seed)
+    return split_by_id(answered, [c.id for c in answered], eval_fraction, seed)
+
+
+def add_split_flag(parser) -> None:
+    """--split, for the command lines that split --data files as train.py does (train.py, tree tuning, calibration)."""
+    parser.add_argument("--split", default=None, choices=SPLITS,
+                        help="how each --data file's held-out share is chosen: id (by a hash of each conversation's id "
+                             "and --seed: a file that grows keeps every conversation on its side) or position (a "
+                             "seeded shuffle of the file's order, as earlier versions split: heads they trained, the "
+                             "shipped ones included); default: the one the heads record in their config.json, else id")
+
+
+def split_of(recorded: dict | None, given: str | None) -> str:
+    """The split a run uses: `given` (--split), else the one the heads it reads were trained on (`recorded`, their
+    config's held_out; "position" where that predates the choice), else by id."""
+    if given:
+        return given
+    return recorded.get("split", "position") if recorded else "id"
 
 
 def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str,
-                         split: bool = True) -> list[str]:
+                         split: str | None) -> list[str]:
     """What a run that measures heads on train.py's held-out split (tree tuning, calibration, or training that
     continues from them) should tell its user where its split or prompt format is not the one the heads were trained
-    with (`recorded`: their config's held_out; None: not recorded; `split` False: the run measures whole files, so
-    only the format counts). The split is a seed-fixed permutation's first share of each file's conversations: another
-    seed, or a larger share, reaches conversations the heads were trained on, if the files are theirs."""
+    with (`recorded`: their config's held_out; None: not recorded; `split`: this run's way of splitting, one of
+    SPLITS, or None where it measures whole files, so only the format counts). Another way of splitting, another seed,
+    or a larger share reaches conversations the heads were trained on, if the files are theirs."""
     if not recorded:
         return []
     notes = []
@@ -203,13 +255,16 @@ def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int,
         notes.append(f"the heads were trained on prompts in the {recorded['chat_format']} format and this run renders "
                      f"them as {chat_format}, so what it measures describes another format; pass --chat-format "
                      f"{recorded['chat_format']}")
-    if not split:
+    if split is None:
         return notes
     trained_on = "if --data are the files the heads were trained on, this run measures conversations they were " \
                  "trained on"
     if recorded.get("eval_fraction") == 0:
         notes.append(f"the heads were trained with --eval-fraction 0, on every conversation: {trained_on}; measure "
                      f"on other answers")
+    elif (theirs := split_of(recorded, None)) != split:
+        notes.append(f"the heads were trained with --split {theirs} and this run has {split}: {trained_on}; pass "
+                     f"--split {theirs}")
     elif recorded.get("seed", seed) != seed:
         notes.append(f"the heads were trained with --seed {recorded['seed']} and this run has {seed}: {trained_on}; "
                      f"pass --seed {recorded['seed']}")

@@ -40,12 +40,12 @@ import kernels
 from ..adapter import apply_adapter, has_adapter
 from ..config import ModelConfig
 from ..errors import NanoMedusaError
-from ..heads import MedusaHeads, base_model_note
+from ..heads import MedusaHeads, base_model_note, recorded_held_out
 from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpoint
-from .data import (IGNORE, StepSampler, collate, eval_batches, example_length, held_out_split_notes, load_conversations,
-                   mix_examples, tokenize_all, train_eval_split)
+from .data import (IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length, held_out_split_notes,
+                   load_conversations, mix_examples, split_of, tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
 from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
@@ -94,6 +94,7 @@ class TrainConfig:
     max_len: int = 1024
     cache_hidden: str | None = None  # warmup: directory for the frozen backbone's hidden states
     eval_fraction: float = 0.02
+    split: str | None = None  # how each file's held-out share is chosen (data.py SPLITS); None: --heads' own, else id
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 0  # 0: evaluate only at the end
@@ -132,6 +133,8 @@ class TrainConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise NanoMedusaError(f"{flag} must be at least 1, got {value}.")
+        if self.split not in (None, *SPLITS):
+            raise NanoMedusaError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}.")
         if not 0 <= self.eval_fraction < 1:
             raise NanoMedusaError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.data_weights is not None and len(self.data_weights) != len(self.data_files):
@@ -175,6 +178,8 @@ class Trainer:
             raise NanoMedusaError(f"{self.out} holds an earlier run's {', '.join(earlier)}; pass --overwrite to "
                                   f"replace them or choose another --out.")
         torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
+        # Heads trained on further hold out what they held out before (the split they record), unless told otherwise.
+        self.split = split_of(recorded_held_out(cfg.heads) if cfg.heads else None, cfg.split)
 
         sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
         self.ckpt_dir = resolve_checkpoint(cfg.model)
@@ -231,7 +236,7 @@ class Trainer:
         max_len = example_length(cfg.max_len, context, self._print)
         for path, conversations in zip(cfg.data_files, sources):
             # Each file split on its own, as tree_tuning.py splits it, so its held-out part stays unseen.
-            train_c, eval_c = train_eval_split(conversations, cfg.eval_fraction, cfg.seed)
+            train_c, eval_c = train_eval_split(conversations, cfg.eval_fraction, cfg.seed, self.split)
             if not train_c:
                 raise NanoMedusaError(f"{path} has no conversation with an assistant answer to train on; "
                                       f"answer its prompts first with --stage distill.")
@@ -268,7 +273,7 @@ class Trainer:
             # Trained before on another split of these files, they were trained on some of this run's held-out ones
             # (the heads exported here record this run's split only).
             for note in held_out_split_notes(heads.config.held_out, cfg.eval_fraction, cfg.seed,
-                                             self.tokenizer.chat.preset):
+                                             self.tokenizer.chat.preset, self.split):
                 self._print(f"[note] {note}.")
             # Measured on the loaded weights, they would not describe the trained ones: refit after training.
             heads.config = replace(heads.config, rank_accuracy=None, medusa_temperatures=None)
@@ -296,7 +301,7 @@ class Trainer:
                 "heads": cfg.heads, "num_heads": heads.num_heads, "num_layers": heads.num_layers,
                 "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
-                "eval_fraction": cfg.eval_fraction, "total_steps": self.total_steps,
+                "eval_fraction": cfg.eval_fraction, "split": self.split, "total_steps": self.total_steps,
                 "chat_format": self.tokenizer.chat.preset,  # the prompts' format, given or found: the heads learn it
                 # only when they matter, so that checkpoints of runs without them still resume (and see
                 # checkpoint.RECORDED_LATER for checkpoints from before lora_alpha was recorded)
@@ -421,7 +426,8 @@ class Trainer:
     def export(self, heads_only: bool = False) -> None:
         cfg = self.cfg
         heads_config = replace(self.module.heads.config, held_out={  # what tree tuning and calibration must match
-            "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "chat_format": self.tokenizer.chat.preset})
+            "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "chat_format": self.tokenizer.chat.preset,
+            "split": self.split})
         if self.joint and self.cfg.lora_rank:  # the heads carry the backbone's adapter (nanomedusa/adapter.py)
             heads_config = replace(heads_config, lora={"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha})
         elif self.joint:  # the heads now belong to the fine-tuned model (any adapter merged in), not the original
