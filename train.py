@@ -17,7 +17,7 @@ Usage:
     python train.py --stage warmup --data data/answers.jsonl --out out/warmup
     python generate.py --medusa out/warmup/heads --prompt "..."
     #    Several answer files train as a mix; --data-weights repeats (> 1) or thins (< 1) each file's examples.
-    python train.py --stage warmup --data data/chat.jsonl data/math.jsonl --data-weights 1 0.5 --out out/warmup
+    python train.py --stage warmup --data data/chat.jsonl data/math.jsonl --data-weights 1 0.5 --out out/mix
     #    Heads that read the tokens before their target (children guessed from their parent's token):
     python train.py --stage warmup --reads-path --data data/answers.jsonl --out out/path
     #    --cache-hidden DIR keeps the frozen backbone's hidden states on disk for epochs after the first.
@@ -155,6 +155,7 @@ def check_args(args) -> None:
     """Every flag's value and path, before anything loads (a NanoMedusaError naming the fix). TrainConfig.check
     adds the checks of how training flags combine."""
     from nanomedusa.training import DistillConfig, TrainConfig
+    from nanomedusa.training.checkpoint import OUTPUTS
 
     check_stage_flags(args)
     for data in args.data:
@@ -170,8 +171,7 @@ def check_args(args) -> None:
     out = Path(args.out or TrainConfig.out)
     check_output_dir("--out", out)
     # What training writes into OUT: a file or directory in the way would fail only once training is done.
-    for name, is_dir in (("heads", True), ("checkpoint", True), ("model", True), ("log.jsonl", False),
-                         ("eval.json", False), ("train_config.json", False)):
+    for name, is_dir in OUTPUTS.items():
         if (out / name).exists() and (out / name).is_dir() != is_dir:
             found, needed = ("file", "directory") if is_dir else ("directory", "file")
             raise NanoMedusaError(f"--out {out} holds a {found} {name} where training writes a {needed}; remove it "

@@ -10,8 +10,8 @@ It models Medusa's heads, whose guesses do not depend on the tree's path: heads 
 weights/smollm2-135m-instruct-medusa-path, the third shipped heads) are refused before anything runs;
 `python -m bench.path_trees_offline` simulates those (and `python -m bench.dynamic_trees` measures them on a GPU).
 
-The tuning sets are prompts whose answers the heads' training held out (never the evaluation sets), made by (the
-shipped heads' split, which their config.json records, is by position)
+The tuning sets are prompts whose answers the heads' training held out (never the evaluation sets); --heads tells
+calibration how that training split them (the shipped heads' by position):
 
     python -m nanomedusa.calibration --heads weights/smollm2-135m-instruct-medusa \
         --held-out-prompts ../shared/data/prompts-chat-train.jsonl --out /tmp/held-chat.jsonl

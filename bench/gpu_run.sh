@@ -18,8 +18,10 @@
 # up to CHAT_TOKENS (512) new tokens, the math-heavy prompts (PROMPTS_MATH, default
 # ../shared/data/prompts-train.jsonl) with up to MATH_TOKENS (256); training mixes the two answer files
 # with weights MIX (default "1 0.5": every chat answer, a fixed half of the math ones). The distill log
-# says how many answers reached each cap. The defaults are the settings of the shipped checkpoints. A training
-# stage run again replaces its earlier run (train.py --overwrite); distillation continues its answer files.
+# says how many answers reached each cap. The defaults are the settings of the shipped checkpoints, but for the
+# warm-up's held-out split: SPLIT=position holds out what theirs did (train.py --split; default id, and the stages
+# that continue from heads split as those record). A training stage run again replaces its earlier run (train.py
+# --overwrite); distillation continues its answer files.
 # Variables: WORK (data and checkpoints, default work/, which git ignores), OUT (logs and result files, default
 # $WORK/out), MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m
 # weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (the bench and
@@ -102,7 +104,7 @@ case "$1" in
     ;;
   warmup)
     python train.py --stage warmup $MODEL_FLAG --data "${DATA[@]}" --data-weights "${MIX[@]}" --out "$WORK/$RUN" --overwrite \
-        $HEADS_FLAGS --epochs "${EPOCHS:-2}" --batch-size 32 --max-len 1024 --lr 2e-3 --log-every 100 2>&1 | no_bars \
+        ${SPLIT:+--split $SPLIT} $HEADS_FLAGS --epochs "${EPOCHS:-2}" --batch-size 32 --max-len 1024 --lr 2e-3 --log-every 100 2>&1 | no_bars \
         | tee "$OUT/$RUN.log"
     cp "$WORK/$RUN/eval.json" "$OUT/${RUN}_eval.json"
     tune_tree "$WORK/$RUN/heads" "$RUN"

@@ -42,7 +42,7 @@ from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_he
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import read_utf8, write_text_atomically
-from .heads import MedusaHeads, load_heads_and_adapter, path_ids, recorded_held_out
+from .heads import MedusaHeads, base_model_note, load_heads_and_adapter, path_ids, recorded_held_out
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
 from .training.data import (IGNORE, Conversation, add_split_flag, collate, example_length, held_out_split_notes,
@@ -133,7 +133,8 @@ def held_out_prompts(path: str, tokenizer: Tokenizer | None, eval_fraction: floa
     """The prompts of a distillation prompts file whose answers train.py held out, in the file's order.
 
     Split by id, a prompt's answer is held out by its id alone (distillation keeps the ids), so the prompts are split
-    as they are (the tokenizer is not needed). Split by position, train.py split the answers file in the order
+    as they are (the tokenizer is not needed; only in a file so small that no id falls below --eval-fraction can the
+    one held out instead differ, `split_by_id`). Split by position, train.py split the answers file in the order
     `train.py --stage distill` writes it, longest prompt first (it sorts the prompts so, stably, to batch similar
     lengths): so the prompts are put in that order first, then split alike. (That is the order of one uninterrupted
     distillation run that answered every prompt, as the shipped heads had.)"""
@@ -153,6 +154,9 @@ def check_args(args) -> None:
         if not args.out:
             raise NanoMedusaError("--held-out-prompts writes the prompts to --out FILE; pass --out.")
         check_output_file("--out", args.out)
+        if not (args.heads or args.split):  # (no default fits both the heads of earlier versions and newer ones)
+            raise NanoMedusaError("--held-out-prompts must split the prompts as the heads' training split their "
+                                  "answers; pass --heads DIR (its config.json says how) or --split id|position.")
     elif not (args.heads and args.data):
         raise NanoMedusaError("pass --heads DIR and --data FILE (or --held-out-prompts FILE --out FILE).")
     check_input_dir("--heads", args.heads)
@@ -163,10 +167,15 @@ def check_args(args) -> None:
 
 
 def write_held_out_prompts(args) -> None:
-    split, tokenizer = split_of(recorded_held_out(args.heads) if args.heads else None, args.split), None
+    recorded = recorded_held_out(args.heads) if args.heads else None
+    split, tokenizer = split_of(args.split, recorded, heads=bool(args.heads)), None
     if split == "position":  # prompt lengths decide that split: the model's tokenizer is needed
         _, checkpoint = load_model(args.model, device="cpu")
         tokenizer = load_tokenizer(checkpoint, args.chat_format)
+    # (split by id, the prompts' format plays no part)
+    for note in held_out_split_notes(recorded, args.eval_fraction, args.seed, tokenizer and tokenizer.chat.preset,
+                                     split):
+        print(f"[note] {note}.", file=sys.stderr)
     held_out = held_out_prompts(args.held_out_prompts, tokenizer, args.eval_fraction, args.seed, split)
     if not held_out:
         raise NanoMedusaError(f"{args.held_out_prompts} holds no prompt to hold out; pass the prompts file the heads' "
@@ -179,8 +188,10 @@ def write_held_out_prompts(args) -> None:
 def fit_and_write(args) -> None:
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
+    if note := base_model_note(args.heads, heads.config, checkpoint):  # (what it measures would not be the heads' own)
+        print(f"[note] {note}.", file=sys.stderr)
     tokenizer = load_tokenizer(checkpoint, args.chat_format)
-    split = split_of(heads.config.held_out, args.split)
+    split = split_of(args.split, heads.config.held_out)
     # (--whole-files: answers held out by --held-out-prompts, no split here, but the format still counts)
     for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
                                      None if args.whole_files else split):

@@ -8,10 +8,10 @@
 The Medusa paper builds its sparse tree greedily: a path's expected contribution to the accepted
 length is the product of its heads' rank accuracies, so the best N-node tree keeps the N paths with
 the largest products (`tree.tree_from_head_accuracies`). This script measures those accuracies on
-held-out conversations (the split `train.py` holds out, by --seed and --eval-fraction, each cut as it cuts
-them: `training/data.py`), prints them (per data file and pooled), and with --write stores the tree as
-`medusa_choices` in the heads' config.json, where `generate.py` picks it up as the heads' default tree on a
-GPU (`--tree own` on a CPU), and the accuracies as `rank_accuracy`, from which dynamic trees
+held-out conversations (the split `train.py` holds out, by --seed, --eval-fraction and --split, which follows the
+heads' own by default, each cut as it cuts them: `training/data.py`), prints them (per data file and pooled), and
+with --write stores the tree as `medusa_choices` in the heads' config.json, where `generate.py` picks it up as the
+heads' default tree on a GPU (`--tree own` on a CPU), and the accuracies as `rank_accuracy`, from which dynamic trees
 (`dynamic_tree.py`) build their superset.
 
 Sized to the hardware: a bigger tree accepts more per step but a step costs more. With --step-times
@@ -36,7 +36,7 @@ from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_he
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import read_utf8, write_atomically, write_text_atomically
-from .heads import WEIGHT_FILES, MedusaHeads, load_heads_and_adapter, path_ids
+from .heads import WEIGHT_FILES, MedusaHeads, base_model_note, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import load_tokenizer
 from .training.data import (IGNORE, add_split_flag, collate, example_length, held_out_split_notes, load_conversations,
@@ -146,6 +146,8 @@ def run(args) -> None:
     step_times = read_step_times(args.step_times) if args.step_times else None
     model, ckpt = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
+    if note := base_model_note(args.heads, heads.config, ckpt):  # (what it measures would not be the heads' own)
+        print(f"[note] {note}.", file=sys.stderr)
     if args.max_depth is not None and args.max_depth > heads.config.num_heads:
         raise NanoMedusaError(f"--max-depth {args.max_depth} is deeper than the {heads.config.num_heads} heads in "
                               f"{args.heads}; pass at most {heads.config.num_heads}.")
@@ -155,7 +157,7 @@ def run(args) -> None:
                               f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
                               f"--topk or --max-depth.")
     tokenizer = load_tokenizer(ckpt, args.chat_format)
-    split = split_of(heads.config.held_out, args.split)
+    split = split_of(args.split, heads.config.held_out)
     for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
                                      split):
         print(f"[note] {note}.", file=sys.stderr)

@@ -255,7 +255,7 @@ def write_prompts(path, count: int) -> None:
                             for i in range(count)))
 
 
-def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path):
+def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path, capsys):
     # train.py holds out part of the answers file, which distillation writes longest prompt first.
     from nanomedusa.tokenizer import Tokenizer
     from nanomedusa.training.distill import DistillConfig, distill
@@ -269,17 +269,22 @@ def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path):
         held_out = held_out_prompts(str(tmp_path / "prompts.jsonl"), tokenizer, 0.2, 3, split)
         assert sorted(c.id for c in held_out) == sorted(c.id for c in trained_held_out)
         assert [c.id for c in held_out] == sorted((c.id for c in held_out), key=lambda i: int(i[1:]))  # file order
-    # The command line splits as --heads record they were split (by position here), else by id.
+    # The command line splits as --heads record they were split (by position here), or as --split says.
     heads = MedusaHeads.load(root / "heads", load_model(root / "model", "cpu", "float32")[0].config)
     heads.config.held_out = {"eval_fraction": 0.2, "seed": 3, "chat_format": "chatml", "split": "position"}
     heads.save(tmp_path / "heads")
-    for flags, split in ((["--heads", str(tmp_path / "heads")], "position"), ([], "id")):
+    for flags, split in ((["--heads", str(tmp_path / "heads")], "position"), (["--split", "id"], "id")):
         out = tmp_path / f"held-{split}.jsonl"
         assert calibration_main(["--held-out-prompts", str(tmp_path / "prompts.jsonl"), "--out", str(out), "--model",
                                  str(root / "model"), "--eval-fraction", "0.2", "--seed", "3", *flags]) == 0
         expected = train_eval_split(load_conversations(tmp_path / "a.jsonl"), 0.2, 3, split)[1]
         assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == sorted(c.id for c in expected)
     assert (tmp_path / "held-id.jsonl").read_text() != (tmp_path / "held-position.jsonl").read_text()
+    capsys.readouterr()
+    assert calibration_main(["--held-out-prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                             "--model", str(root / "model"), "--eval-fraction", "0.2", "--heads",
+                             str(tmp_path / "heads")]) == 0  # the default seed, 0
+    assert "the heads were trained with --seed 3 and this run has 0" in capsys.readouterr().err
 
 
 def test_calibration_cli_writes_temperatures(tiny, tmp_path):

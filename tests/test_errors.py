@@ -318,8 +318,12 @@ MORE_ERRORS = {
                                  "--resume applies to --stage warmup and joint, not distill (it always continues where "
                                  "its --out stopped); drop it."),
     "a joint flag in warm-up": ("train", WARMUP[1:] + ["--out", "{root}/o", "--backbone-lr", "1e-4"],
-                                "--backbone-lr only applies to --stage joint (warm-up never changes the backbone); "
-                                "drop it."),
+                                "--backbone-lr only applies to --stage joint (warm-up trains the heads alone, on a "
+                                "frozen backbone); drop it."),
+    "--lora-alpha in full joint training": ("train", WARMUP[1:] + ["--out", "{root}/o", "--stage", "joint", "--heads",
+                                                                   "{root}/heads", "--lora-alpha", "8"],
+                                            "--lora-alpha scales a LoRA adapter, and full joint training has none; add "
+                                            "--lora-rank, or drop it."),
     "new heads' shape with --heads": ("train", WARMUP[1:] + ["--out", "{root}/o", "--heads", "{root}/heads",
                                                              "--num-heads", "3"],
                                       "--num-heads shapes new heads, and the heads in {root}/heads keep their own; "
@@ -342,8 +346,13 @@ MORE_ERRORS = {
                                            "--trim drops heads from the files --write rewrites; add --write, or drop "
                                            "--trim."),
     "calibration's held-out prompts of an empty file": ("nanomedusa.calibration", [
-        "--model", "{root}/model", "--held-out-prompts", "{root}/empty.jsonl", "--out", "{root}/held.jsonl"],
+        "--model", "{root}/model", "--held-out-prompts", "{root}/empty.jsonl", "--out", "{root}/held.jsonl", "--split",
+        "id"],
         "{root}/empty.jsonl holds no prompt to hold out; pass the prompts file the heads' answers came from."),
+    "calibration's held-out prompts without the heads' split": ("nanomedusa.calibration", [
+        "--held-out-prompts", "{root}/prompts.jsonl", "--out", "{root}/held.jsonl"],
+        "--held-out-prompts must split the prompts as the heads' training split their answers; pass --heads DIR (its "
+        "config.json says how) or --split id|position."),
     "offline trees without their tuning sets": ("bench.dynamic_trees_offline", [
         "--heads", "{root}/heads", "--eval", "{root}/prompts.jsonl:1", "--tune", "{root}/held.jsonl:3"],
         "--tune {root}/held.jsonl does not exist; make the tuning sets first with python -m nanomedusa.calibration "

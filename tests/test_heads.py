@@ -310,7 +310,7 @@ def test_shipped_heads_run_their_named_tree_built_from_their_accuracies(checkpoi
     assert config["held_out"] == {"eval_fraction": 0.02, "seed": 0, "chat_format": "chatml", "split": "position"}
 
 
-def test_heads_of_another_local_model_get_a_note(tmp_path):
+def test_heads_of_another_local_model_get_a_note(tmp_path, monkeypatch):
     # Heads read their own model's hidden states: after full joint training that is train.py's OUT/model, which must
     # be served with them. Only local checkpoints are compared (a hub id or a label says too little).
     from nanomedusa.heads import HeadsConfig, base_model_note
@@ -326,5 +326,9 @@ def test_heads_of_another_local_model_get_a_note(tmp_path):
     assert base_model_note("h", config, tmp_path / "other" / ".." / "other") is None
     # a dtype copy we prepared of the model the heads name (the default model's bfloat16 folder on a GPU) is that model
     assert base_model_note("h", replace(config, base_model=str(tmp_path / "base")), tmp_path / "base-bfloat16") is None
+    assert base_model_note("h", replace(config, base_model=str(tmp_path / "base-bfloat16")), tmp_path / "base") is None
+    monkeypatch.chdir(tmp_path)  # relative paths, from where they were written
+    assert base_model_note("h", replace(config, base_model="other"), "base") is not None
+    assert base_model_note("h", replace(config, base_model="other"), tmp_path / "other") is None
     for base in ("", "lmsys/vicuna-7b-v1.3", "SmolLM2-135M-Instruct (weights/default_model.py)", str(tmp_path / "gone")):
         assert base_model_note("h", replace(config, base_model=base), tmp_path / "base") is None

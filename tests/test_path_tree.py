@@ -234,8 +234,8 @@ def test_train_cli_adds_path_reading_to_given_heads(tmp_path):
     make_chat_checkpoint(tmp_path / "ckpt", seed=1)
     data = write_pair_data(tmp_path / "pairs.jsonl", 24, seed=2)
     base = ["--model", str(tmp_path / "ckpt"), "--data", str(data), "--batch-size", "4", "--max-len", "80",
-            "--save-every", "0", "--num-heads", "2"]
-    assert train_cli.main([*base, "--out", str(tmp_path / "plain"), "--max-steps", "2"]) == 0
+            "--save-every", "0"]
+    assert train_cli.main([*base, "--out", str(tmp_path / "plain"), "--max-steps", "2", "--num-heads", "2"]) == 0
     assert train_cli.main([*base, "--out", str(tmp_path / "grown"), "--max-steps", "2", "--reads-path",
                            "--heads", str(tmp_path / "plain" / "heads")]) == 0
     assert json.loads((tmp_path / "grown" / "heads" / "config.json").read_text())["reads_path"] is True

@@ -130,7 +130,10 @@ def test_the_split_by_id_keeps_each_conversation_on_its_side_as_a_file_grows(tmp
         train2, held2 = train_eval_split(grown, 0.1, 3, split)
         moved = {c.id for c in held2} & ids != {c.id for c in held}
         assert moved is not stays and (not stays or {c.id for c in train2} & ids == {c.id for c in train})
-    assert 10 <= len(held) <= 30 and held != train_eval_split(first, 0.1, 4)[1]  # about a tenth, chosen by the seed
+    held = train_eval_split(first, 0.1, 3, "id")[1]
+    assert 10 <= len(held) <= 30 and held != train_eval_split(first, 0.1, 4, "id")[1]  # about a tenth, by the seed
+    with pytest.raises(NanoMedusaError, match="unknown split 'ids'; use one of id, position."):
+        train_eval_split(first, 0.1, 3, "ids")
     # a small file keeps one conversation on each side whatever the share; one alone trains
     for fraction, sizes in ((0.001, [2, 1]), (0.999, [1, 2])):
         assert [len(part) for part in train_eval_split(first[:3], fraction, 3)] == sizes
@@ -409,12 +412,20 @@ def test_a_finished_run_is_neither_resumed_nor_overwritten_unasked(setup):
         Trainer(replace(done, resume=True))
     with pytest.raises(NanoMedusaError, match=r"holds an earlier run's heads/, eval.json; pass --overwrite"):
         Trainer(replace(done, lr=5e-3))
-    # --overwrite replaces every output, including one this run would not write: an earlier joint run's model
+    # --overwrite replaces every output, including one this run would not write (an earlier joint run's model), and
+    # nothing else (a --cache-hidden folder, notes)
     (out / "model").mkdir()
     (out / "model" / "config.json").write_text("{}")
+    (out / "cache").mkdir()
+    (out / "notes.txt").write_text("mine")
     Trainer(replace(done, eval_fraction=0.0, overwrite=True)).run()
-    assert sorted(p.name for p in out.iterdir()) == ["heads", "log.jsonl", "train_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "heads", "log.jsonl", "notes.txt", "train_config.json"]
     assert json.loads((out / "train_config.json").read_text())["eval_fraction"] == 0.0
+    # but not where it would remove what this run reads first
+    with pytest.raises(NanoMedusaError, match=f"--heads {out / 'heads'} lies in {out / 'heads'}, which --overwrite "
+                                              f"removes before this run reads it; move it out of --out"):
+        Trainer(replace(done, heads=str(out / "heads"), overwrite=True))
+    assert (out / "heads" / "config.json").is_file()
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
@@ -442,7 +453,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
     # a checkpoint from before the split could be chosen split by position, and resumes only so
     del state["settings"]["split"]
     torch.save(state, path)
-    with pytest.raises(NanoMedusaError, match="made with split='position' but this run has 'id'"):
+    with pytest.raises(NanoMedusaError, match=r"made with split='position' but this run has 'id'; resume with the "
+                                              r"same settings \(--split position\)"):
         Trainer(config(setup, "lora-ckpt", **lora, resume=True))
     assert Trainer(config(setup, "lora-ckpt", **lora, split="position", resume=True)).start_step == 1
 
@@ -757,7 +769,7 @@ def test_conversations_left_out_are_counted(setup, tmp_path, capsys):
     capsys.readouterr()
     trainer = Trainer(config(setup, tmp_path / "out", data=str(data), eval_fraction=0.0, max_steps=1))
     assert (f"[note] {data}: of its 11 conversations, 2 have no answer yet (answer them with --stage distill) and 1 "
-            f"keep no answer token within their first 160 tokens (--max-len); they are left out."
+            f"has no answer token within the first 160 tokens (--max-len); they are left out."
             in capsys.readouterr().out)
     assert len(trainer.train_set) == 8
     Trainer(config(setup, tmp_path / "out2", data=str(tmp_path / "answered.jsonl"), eval_fraction=0.0, max_steps=1))
@@ -772,3 +784,6 @@ def test_every_train_flag_belongs_to_the_stages_that_read_it():
     staged = train_cli.DISTILL_FLAGS + train_cli.TRAINING_FLAGS
     dests = {action.dest for action in train_cli.make_parser()._actions} - {"help", "stage"}
     assert len(set(staged)) == len(staged) and dests == shared | set(staged)
+    # and each list holds only what its stage's config reads (--distill-batch-size is distillation's batch_size)
+    assert set(train_cli.TRAINING_FLAGS) <= TrainConfig.__dataclass_fields__.keys()
+    assert set(train_cli.DISTILL_FLAGS) - {"distill_batch_size"} <= DistillConfig.__dataclass_fields__.keys()

@@ -65,6 +65,16 @@ def earlier_results(out_dir: str | Path) -> list[str]:
     return [name + "/" * OUTPUTS[name] for name in RESULTS if (Path(out_dir) / name).exists()]
 
 
+def output_holding(out_dir: str | Path, path: str | Path) -> Path | None:
+    """The output folder of OUT (heads, model, checkpoint) that `path` is or lies in, if any."""
+    path = Path(path).resolve()
+    for name, is_dir in OUTPUTS.items():
+        folder = (Path(out_dir) / name).resolve()
+        if is_dir and (path == folder or folder in path.parents):
+            return Path(out_dir) / name
+    return None
+
+
 def clear_outputs(out_dir: str | Path) -> None:
     """Remove what an earlier run wrote into OUT (only that: OUT may hold other files, --cache-hidden's folder)."""
     for name, is_dir in OUTPUTS.items():
@@ -109,8 +119,10 @@ def load_state(out_dir, wrapped: nn.Module, optimizer, settings: dict) -> int:
         if key in RECORDED_LATER and key not in saved:
             continue
         if (theirs := saved.get(key, RECORDED_LATER_AS.get(key))) != settings.get(key):
+            flag = f" (--split {theirs})" if key == "split" else ""  # (the one a run may not know it must pass)
             raise NanoMedusaError(f"the checkpoint in {out_dir} was made with {key}={theirs!r} but this run "
-                                  f"has {settings.get(key)!r}; resume with the same settings or choose another --out.")
+                                  f"has {settings.get(key)!r}; resume with the same settings{flag} or choose another "
+                                  f"--out.")
     set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(state["rng"]["torch"])

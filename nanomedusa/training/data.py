@@ -199,8 +199,10 @@ def held_out_share(conversation_id: str, seed: int) -> float:
 
 def split_by_id(items: list, ids: list[str], eval_fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): the items whose id's `held_out_share` is below `eval_fraction` held out, so a file that
-    grows or is reordered keeps every conversation on its side. A file of two or more items keeps at least one
-    on each side (its lowest share held out, its highest trained on): only a small file can miss the threshold."""
+    grows or is reordered keeps every conversation on its side (records without an id are named by their line
+    number, load_conversations: those keep their side only where lines are appended). A file of two or more items
+    keeps at least one on each side (its lowest share held out, its highest trained on): that one can change side as
+    a file grows, but only a small file (at 0.02, some 30 conversations) can have no share below the threshold."""
     if eval_fraction <= 0 or len(items) < 2:
         return list(items), []
     shares = [held_out_share(i, seed) for i in ids]
@@ -218,6 +220,8 @@ def train_eval_split(conversations: list[Conversation], eval_fraction: float, se
     """(training, held-out) conversations of one data file, as train.py splits them (`split`, one of SPLITS): only
     the answered ones, so that prompts not yet answered (nothing to train or measure on) move no answer between the
     two."""
+    if split not in SPLITS:
+        raise NanoMedusaError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     answered = [c for c in conversations if any(m["role"] == "assistant" for m in c.messages)]
     if split == "position":
         return split_by_position(answered, eval_fraction, seed)
@@ -228,30 +232,40 @@ def add_split_flag(parser) -> None:
     """--split, for the command lines that split --data files as train.py does (train.py, tree tuning, calibration)."""
     parser.add_argument("--split", default=None, choices=SPLITS,
                         help="how each --data file's held-out share is chosen: id (by a hash of each conversation's id "
-                             "and --seed: a file that grows keeps every conversation on its side) or position (a "
-                             "seeded shuffle of the file's order, as earlier versions split: heads they trained, the "
-                             "shipped ones included); default: the one the heads record in their config.json, else id")
+                             "and --seed, or its line number where a record has no id: a file that grows keeps every "
+                             "conversation on its side) or position (a seeded shuffle of the file's order, as earlier "
+                             "versions split); default: the heads' own split, which their config.json records (heads "
+                             "without that record, the shipped ones among them, were split by position), and id for "
+                             "new heads")
 
 
-def split_of(recorded: dict | None, given: str | None) -> str:
-    """The split a run uses: `given` (--split), else the one the heads it reads were trained on (`recorded`, their
-    config's held_out; "position" where that predates the choice), else by id."""
+def split_of(given: str | None, recorded: dict | None, heads: bool = True) -> str:
+    """The split a run uses: `given` (--split); else, for a run that reads heads (`heads`), the one they were trained
+    with: `recorded`, their config's held_out, says; heads without a record, or one from before it named the split,
+    come from versions that split by position only; else, for new heads, by id."""
     if given:
         return given
-    return recorded.get("split", "position") if recorded else "id"
+    if not heads:
+        return "id"
+    split = (recorded or {}).get("split", "position")
+    if split not in SPLITS:
+        raise NanoMedusaError(f"the heads' config.json has held_out.split {split!r}; it must be one of "
+                              f"{', '.join(SPLITS)}: fix it.")
+    return split
 
 
-def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str,
+def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str | None,
                          split: str | None) -> list[str]:
     """What a run that measures heads on train.py's held-out split (tree tuning, calibration, or training that
     continues from them) should tell its user where its split or prompt format is not the one the heads were trained
-    with (`recorded`: their config's held_out; None: not recorded; `split`: this run's way of splitting, one of
-    SPLITS, or None where it measures whole files, so only the format counts). Another way of splitting, another seed,
-    or a larger share reaches conversations the heads were trained on, if the files are theirs."""
+    with (`recorded`: their config's held_out; None: not recorded; `chat_format`: this run's, or None where the
+    prompts' format plays no part; `split`: this run's way of splitting, one of SPLITS, or None where it measures
+    whole files, so only the format counts). Another way of splitting, another seed, or a larger share reaches
+    conversations the heads were trained on, if the files are theirs."""
     if not recorded:
         return []
     notes = []
-    if recorded.get("chat_format", chat_format) != chat_format:
+    if chat_format is not None and recorded.get("chat_format", chat_format) != chat_format:
         notes.append(f"the heads were trained on prompts in the {recorded['chat_format']} format and this run renders "
                      f"them as {chat_format}, so what it measures describes another format; pass --chat-format "
                      f"{recorded['chat_format']}")
@@ -262,7 +276,7 @@ def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int,
     if recorded.get("eval_fraction") == 0:
         notes.append(f"the heads were trained with --eval-fraction 0, on every conversation: {trained_on}; measure "
                      f"on other answers")
-    elif (theirs := split_of(recorded, None)) != split:
+    elif (theirs := split_of(None, recorded)) != split:
         notes.append(f"the heads were trained with --split {theirs} and this run has {split}: {trained_on}; pass "
                      f"--split {theirs}")
     elif recorded.get("seed", seed) != seed:

@@ -114,8 +114,11 @@ class TrainConfig:
             raise NanoMedusaError("joint training starts from warm-up heads; pass --heads OUT/heads from a --stage "
                                   "warmup run.")
         if self.stage == "warmup" and (given := self._changed(JOINT_ONLY)):
-            raise NanoMedusaError(f"{given[0]} only applies to --stage joint (warm-up never changes the backbone); "
-                                  f"drop it.")
+            raise NanoMedusaError(f"{given[0]} only applies to --stage joint (warm-up trains the heads alone, on a "
+                                  f"frozen backbone); drop it.")
+        if self.stage == "joint" and not self.lora_rank and (given := self._changed(("lora_alpha",))):
+            raise NanoMedusaError(f"{given[0]} scales a LoRA adapter, and full joint training has none; add "
+                                  f"--lora-rank, or drop it.")
         if self.heads and (given := self._changed(NEW_HEADS_ONLY)):
             raise NanoMedusaError(f"{given[0]} shapes new heads, and the heads in {self.heads} keep their own; drop "
                                   f"it, or drop --heads to train new heads.")
@@ -179,10 +182,15 @@ class Trainer:
                                   f"replace them or choose another --out.")
         torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
         # Heads trained on further hold out what they held out before (the split they record), unless told otherwise.
-        self.split = split_of(recorded_held_out(cfg.heads) if cfg.heads else None, cfg.split)
+        self.split = split_of(cfg.split, recorded_held_out(cfg.heads) if cfg.heads else None, heads=bool(cfg.heads))
 
         sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
         self.ckpt_dir = resolve_checkpoint(cfg.model)
+        inputs = (("--heads", cfg.heads), ("--model", self.ckpt_dir), ("--cache-hidden", cfg.cache_hidden))
+        for flag, path in inputs if cfg.overwrite else ():
+            if path and (inside := checkpoint.output_holding(self.out, path)):
+                raise NanoMedusaError(f"{flag} {path} lies in {inside}, which --overwrite removes before this run "
+                                      f"reads it; move it out of --out, or choose another --out.")
         self.tokenizer = load_tokenizer(self.ckpt_dir, cfg.chat_format, note=self.dist.is_main)
         self.train_set, self.eval_set = self._tokenize(sources)
         dtype = cfg.dtype
@@ -258,9 +266,11 @@ class Trainer:
 
     def _note_dropped(self, path: str, total: int, unanswered: int, cut: int, max_len: int) -> None:
         """Say how many of a file's conversations neither train nor count in the evaluation, and why."""
-        reasons = [f"{unanswered} have no answer yet (answer them with --stage distill)"] if unanswered else []
+        reasons = [f"{unanswered} {'has' if unanswered == 1 else 'have'} no answer yet (answer them with --stage "
+                   f"distill)"] if unanswered else []
         if cut:
-            reasons.append(f"{cut} keep no answer token within their first {max_len} tokens (--max-len)")
+            reasons.append(f"{cut} {'has' if cut == 1 else 'have'} no answer token within the first {max_len} tokens "
+                           f"(--max-len)")
         if reasons:
             self._print(f"[note] {path}: of its {total} conversations, {' and '.join(reasons)}; they are left out.")
 
@@ -281,8 +291,14 @@ class Trainer:
                 heads = heads.with_path_reading().to(self.device)
         else:
             heads = MedusaHeads.from_base(model, cfg.num_heads, cfg.num_layers, cfg.shared_lm_head,
-                                          base_model=str(cfg.model or self.ckpt_dir), reads_path=cfg.reads_path).float()
+                                          base_model=self._base_model_name(), reads_path=cfg.reads_path).float()
         return heads.train()
+
+    def _base_model_name(self) -> str:
+        """The --model new heads are for, as their config names it: a local one by its absolute path, so that
+        heads.base_model_note finds it from any directory; a hub id as it is."""
+        model = self.cfg.model or self.ckpt_dir
+        return str(Path(model).resolve()) if Path(model).exists() else model
 
     def _make_optimizer(self):
         # Parameters as the wrapped module holds them (FSDP swaps in sharded ones), grouped by owner.
@@ -431,7 +447,7 @@ class Trainer:
         if self.joint and self.cfg.lora_rank:  # the heads carry the backbone's adapter (nanomedusa/adapter.py)
             heads_config = replace(heads_config, lora={"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha})
         elif self.joint:  # the heads now belong to the fine-tuned model (any adapter merged in), not the original
-            heads_config = replace(heads_config, base_model=str(self.out / "model"), lora=None)
+            heads_config = replace(heads_config, base_model=str((self.out / "model").resolve()), lora=None)
         checkpoint.export(self.out, self.wrapped, heads_config, self.ckpt_dir, self.joint and not heads_only,
                           self.cfg.lora_alpha / max(1, self.cfg.lora_rank), self.dist.is_main, self.adapter_from)
 
