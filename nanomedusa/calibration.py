@@ -13,7 +13,7 @@ as they are. --write stores the temperatures as `medusa_temperatures` in the hea
 (HeadsConfig; heads without them run at T = 1).
 
 Held-out answers: by default the split of each --data file that train.py held out (by --seed, --eval-fraction and
---split, as tree_tuning.py splits them). Without the answer files the heads were trained on, make held-out answers
+--split, which follow the heads' own by default, as tree_tuning.py splits them). Without the answer files the heads were trained on, make held-out answers
 from their prompts (--heads DIR, or --split, says how train.py split them):
 
     python -m nanomedusa.calibration --heads DIR --held-out-prompts ../shared/data/prompts-chat-train.jsonl \\
@@ -45,9 +45,9 @@ from .files import read_utf8, write_text_atomically
 from .heads import MedusaHeads, base_model_note, load_heads_and_adapter, path_ids, recorded_held_out
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
-from .training.data import (IGNORE, Conversation, add_split_flag, collate, example_length, held_out_split_notes,
-                            load_conversations, prompt_messages, split_by_id, split_by_position, split_of, tokenize_all,
-                            train_eval_split)
+from .training.data import (IGNORE, Conversation, add_held_out_flags, collate, example_length, held_out_split,
+                            held_out_split_notes, load_conversations, prompt_messages, split_by_id, split_by_position,
+                            tokenize_all, train_eval_split)
 from .training.losses import shifted_targets
 
 Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (logits [n, V], targets [n])
@@ -168,15 +168,16 @@ def check_args(args) -> None:
 
 def write_held_out_prompts(args) -> None:
     recorded = recorded_held_out(args.heads) if args.heads else None
-    split, tokenizer = split_of(args.split, recorded, heads=bool(args.heads)), None
+    eval_fraction, seed, split = held_out_split(recorded, args.eval_fraction, args.seed, args.split, bool(args.heads))
+    check_held_out_split(eval_fraction, seed)
+    tokenizer = None
     if split == "position":  # prompt lengths decide that split: the model's tokenizer is needed
         _, checkpoint = load_model(args.model, device="cpu")
         tokenizer = load_tokenizer(checkpoint, args.chat_format)
     # (split by id, the prompts' format plays no part)
-    for note in held_out_split_notes(recorded, args.eval_fraction, args.seed, tokenizer and tokenizer.chat.preset,
-                                     split):
+    for note in held_out_split_notes(recorded, eval_fraction, seed, tokenizer and tokenizer.chat.preset, split):
         print(f"[note] {note}.", file=sys.stderr)
-    held_out = held_out_prompts(args.held_out_prompts, tokenizer, args.eval_fraction, args.seed, split)
+    held_out = held_out_prompts(args.held_out_prompts, tokenizer, eval_fraction, seed, split)
     if not held_out:
         raise NanoMedusaError(f"{args.held_out_prompts} holds no prompt to hold out; pass the prompts file the heads' "
                               f"answers came from.")
@@ -191,9 +192,10 @@ def fit_and_write(args) -> None:
     if note := base_model_note(args.heads, heads.config, checkpoint):  # (what it measures would not be the heads' own)
         print(f"[note] {note}.", file=sys.stderr)
     tokenizer = load_tokenizer(checkpoint, args.chat_format)
-    split = split_of(args.split, heads.config.held_out)
+    eval_fraction, seed, split = held_out_split(heads.config.held_out, args.eval_fraction, args.seed, args.split)
+    check_held_out_split(eval_fraction, seed)
     # (--whole-files: answers held out by --held-out-prompts, no split here, but the format still counts)
-    for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
+    for note in held_out_split_notes(heads.config.held_out, eval_fraction, seed, tokenizer.chat.preset,
                                      None if args.whole_files else split):
         print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
@@ -201,7 +203,7 @@ def fit_and_write(args) -> None:
     for path in args.data:
         conversations = load_conversations(path)
         if not args.whole_files:
-            conversations = train_eval_split(conversations, args.eval_fraction, args.seed, split)[1]
+            conversations = train_eval_split(conversations, eval_fraction, seed, split)[1]
         examples += tokenize_all(tokenizer, conversations[: args.limit], max_len)
     if not examples:
         raise NanoMedusaError("no held-out conversation with an answer; pass more --data.")
@@ -224,9 +226,7 @@ def main(argv=None) -> int:
                    help="every conversation of --data is held out (e.g. answers to --held-out-prompts): use them all")
     p.add_argument("--model", default=None, help="base model (default: the built-in default)")
     add_chat_format_flag(p)
-    p.add_argument("--eval-fraction", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=0)
-    add_split_flag(p)
+    add_held_out_flags(p)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations per file")
     p.add_argument("--device", default="auto")

@@ -117,12 +117,14 @@ def check_seed(seed: int) -> None:
         raise NanoMedusaError(f"--seed must be in 0 .. {2**32 - 1}, not {seed}.")
 
 
-def check_held_out_split(eval_fraction: float, seed: int) -> None:
-    """--eval-fraction and --seed of a tool that reads the held-out split train.py made (tree_tuning, calibration)."""
-    if not 0 < eval_fraction < 1:
+def check_held_out_split(eval_fraction: float | None, seed: int | None) -> None:
+    """--eval-fraction and --seed of a tool that reads the held-out split train.py made (tree_tuning, calibration),
+    where given (None: the heads' own)."""
+    if eval_fraction is not None and not 0 < eval_fraction < 1:
         raise NanoMedusaError(f"--eval-fraction must be in (0, 1), not {eval_fraction}; pass the one the heads "
-                              f"were trained with (default 0.02).")
-    check_seed(seed)
+                              f"were trained with, or leave it out to take theirs.")
+    if seed is not None:
+        check_seed(seed)
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:

@@ -8,7 +8,7 @@
 The Medusa paper builds its sparse tree greedily: a path's expected contribution to the accepted
 length is the product of its heads' rank accuracies, so the best N-node tree keeps the N paths with
 the largest products (`tree.tree_from_head_accuracies`). This script measures those accuracies on
-held-out conversations (the split `train.py` holds out, by --seed, --eval-fraction and --split, which follows the
+held-out conversations (the split `train.py` holds out, by --seed, --eval-fraction and --split, which follow the
 heads' own by default, each cut as it cuts them: `training/data.py`), prints them (per data file and pooled), and
 with --write stores the tree as `medusa_choices` in the heads' config.json, where `generate.py` picks it up as the
 heads' default tree on a GPU (`--tree own` on a CPU), and the accuracies as `rank_accuracy`, from which dynamic trees
@@ -39,8 +39,8 @@ from .files import read_utf8, write_atomically, write_text_atomically
 from .heads import WEIGHT_FILES, MedusaHeads, base_model_note, load_heads_and_adapter, path_ids
 from .loading import load_model
 from .tokenizer import load_tokenizer
-from .training.data import (IGNORE, add_split_flag, collate, example_length, held_out_split_notes, load_conversations,
-                            split_of, tokenize_all, train_eval_split)
+from .training.data import (IGNORE, add_held_out_flags, collate, example_length, held_out_split, held_out_split_notes,
+                            load_conversations, tokenize_all, train_eval_split)
 from .training.losses import shifted_targets
 from .tree import expected_accept_length, tree_capacity, tree_from_head_accuracies
 
@@ -157,14 +157,14 @@ def run(args) -> None:
                               f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
                               f"--topk or --max-depth.")
     tokenizer = load_tokenizer(ckpt, args.chat_format)
-    split = split_of(args.split, heads.config.held_out)
-    for note in held_out_split_notes(heads.config.held_out, args.eval_fraction, args.seed, tokenizer.chat.preset,
-                                     split):
+    eval_fraction, seed, split = held_out_split(heads.config.held_out, args.eval_fraction, args.seed, args.split)
+    check_held_out_split(eval_fraction, seed)
+    for note in held_out_split_notes(heads.config.held_out, eval_fraction, seed, tokenizer.chat.preset, split):
         print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}
     for path in args.data:
-        _, held_out = train_eval_split(load_conversations(path), args.eval_fraction, args.seed, split)
+        _, held_out = train_eval_split(load_conversations(path), eval_fraction, seed, split)
         examples = tokenize_all(tokenizer, held_out[: args.limit], max_len)
         if not examples:
             raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
@@ -217,9 +217,7 @@ def main(argv=None) -> int:
                    help="build the tree from the first D heads only (default: all); where each depth costs a step "
                         "more, as when heads read their path (nanomedusa/path_tree.py), a shallower tree can be faster")
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
-    p.add_argument("--eval-fraction", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=0)
-    add_split_flag(p)
+    add_held_out_flags(p)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="use at most N held-out conversations per file")
     p.add_argument("--device", default="auto")

@@ -283,8 +283,13 @@ def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert calibration_main(["--held-out-prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl"),
                              "--model", str(root / "model"), "--eval-fraction", "0.2", "--heads",
-                             str(tmp_path / "heads")]) == 0  # the default seed, 0
+                             str(tmp_path / "heads"), "--seed", "0"]) == 0
     assert "the heads were trained with --seed 3 and this run has 0" in capsys.readouterr().err
+    # left out, --eval-fraction and --seed are the heads' own too
+    assert calibration_main(["--held-out-prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                             "--model", str(root / "model"), "--heads", str(tmp_path / "heads")]) == 0
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "o.jsonl").read_text() == (tmp_path / "held-position.jsonl").read_text()
 
 
 def test_calibration_cli_writes_temperatures(tiny, tmp_path):

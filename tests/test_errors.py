@@ -340,7 +340,7 @@ MORE_ERRORS = {
     "tree tuning without a held-out split": ("nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data",
                                                                         "{root}/answers.jsonl", "--eval-fraction", "0"],
                                              "--eval-fraction must be in (0, 1), not 0.0; pass the one the heads were "
-                                             "trained with (default 0.02)."),
+                                             "trained with, or leave it out to take theirs."),
     "tree tuning --trim without --write": ("nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data",
                                                                      "{root}/answers.jsonl", "--trim"],
                                            "--trim drops heads from the files --write rewrites; add --write, or drop "

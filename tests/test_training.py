@@ -719,7 +719,12 @@ def test_the_tools_say_when_they_would_measure_on_another_split_than_training_he
     capsys.readouterr()
     assert tree_tuning.main(flags + ["--eval-fraction", "0.125", "--seed", "3"]) == 0
     assert "[note] the heads were trained" not in capsys.readouterr().err
-    assert tree_tuning.main(flags + ["--eval-fraction", "0.125"]) == 0  # the default seed, 0
+    # left out, the three are the heads' own: the examples training held out
+    assert tree_tuning.main(flags + ["--json", str(heads_dir.parent / "tuned.json")]) == 0
+    assert "[note] the heads were trained" not in capsys.readouterr().err
+    tuned = json.loads((heads_dir.parent / "tuned.json").read_text())
+    assert tuned[setup[2]]["conversations"] == len(warmed[0].eval_set)
+    assert tree_tuning.main(flags + ["--eval-fraction", "0.125", "--seed", "0"]) == 0
     assert ("[note] the heads were trained with --seed 3 and this run has 0: if --data are the files the heads were "
             "trained on, this run measures conversations they were trained on; pass --seed 3." in capsys.readouterr().err)
     assert tree_tuning.main(flags + ["--eval-fraction", "0.125", "--seed", "3", "--split", "position"]) == 0

@@ -179,6 +179,7 @@ def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, pro
 # How a file's held-out share is chosen (train_eval_split): "id" by each conversation's id, "position" by its place in
 # the file, the only way of earlier versions, kept for the heads they trained (the shipped ones).
 SPLITS = ("id", "position")
+EVAL_FRACTION = 0.02  # train.py's default held-out share
 
 
 def split_by_position(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -237,6 +238,28 @@ def add_split_flag(parser) -> None:
                              "versions split); default: the heads' own split, which their config.json records (heads "
                              "without that record, the shipped ones among them, were split by position), and id for "
                              "new heads")
+
+
+def add_held_out_flags(parser) -> None:
+    """--eval-fraction, --seed and --split, for the tools that measure heads on the split train.py held out (tree
+    tuning, calibration): each defaults to the heads' own, which their config.json records (`held_out_split`)."""
+    parser.add_argument("--eval-fraction", type=float, default=None,
+                        help=f"the held-out share of each --data file (default: the heads' own, else {EVAL_FRACTION})")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the seed of that split (default: the heads' own, else 0)")
+    add_split_flag(parser)
+
+
+def held_out_split(recorded: dict | None, eval_fraction: float | None, seed: int | None, split: str | None,
+                   heads: bool = True) -> tuple[float, int, str]:
+    """(eval_fraction, seed, split) of a tool that measures heads on the split train.py held out: each as given, else
+    as the heads record (`recorded`, their config's held_out; `heads` False: the tool reads no heads), else train.py's
+    default. Heads trained on every conversation (eval_fraction 0) give the default share, and a note
+    (`held_out_split_notes`)."""
+    recorded = recorded or {}
+    if eval_fraction is None:
+        eval_fraction = recorded.get("eval_fraction") or EVAL_FRACTION
+    return eval_fraction, recorded.get("seed", 0) if seed is None else seed, split_of(split, recorded, heads)
 
 
 def split_of(given: str | None, recorded: dict | None, heads: bool = True) -> str:

@@ -44,8 +44,8 @@ from ..heads import MedusaHeads, base_model_note, recorded_held_out
 from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpoint
-from .data import (IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length, held_out_split_notes,
-                   load_conversations, mix_examples, split_of, tokenize_all, train_eval_split)
+from .data import (EVAL_FRACTION, IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length,
+                   held_out_split_notes, load_conversations, mix_examples, split_of, tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
 from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
@@ -93,7 +93,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     max_len: int = 1024
     cache_hidden: str | None = None  # warmup: directory for the frozen backbone's hidden states
-    eval_fraction: float = 0.02
+    eval_fraction: float = EVAL_FRACTION
     split: str | None = None  # how each file's held-out share is chosen (data.py SPLITS); None: --heads' own, else id
     log_every: int = 10
     save_every: int = 500
