@@ -271,7 +271,7 @@ def prepare(args):
     heads, tree = load_heads(args, model)
     if heads is not None:  # a tree deeper than the heads fails now, not in a chat's every turn
         check_medusa(model, heads, tree, acceptance(args))
-    if heads is not None and (note := base_model_note(heads_dir(args), heads.config, ckpt)):
+    if heads is not None and (note := base_model_note(heads_dir(args), heads.config.base_model, ckpt)):
         print(f"[note] {note}.", file=sys.stderr)
     if heads is not None and (note := drop_default_exact_beyond_reach(args.exact, tree.num_nodes,
                                                                       heads.config.num_heads)):

@@ -57,7 +57,7 @@ from nanomedusa.errors import NanoMedusaError
 
 def make_parser() -> argparse.ArgumentParser:
     from nanomedusa.training import DistillConfig, TrainConfig
-    from nanomedusa.training.data import add_split_flag
+    from nanomedusa.training.data import EVAL_FRACTION, add_split_flag
 
     t, d = TrainConfig(), DistillConfig()
     p = ArgumentParser(description="Train Medusa heads (see the module docstring for examples).")
@@ -71,7 +71,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output dir (warmup/joint, default out) or .jsonl file (distill)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds distillation's sampling; in training, the held-out split, the data order and new "
+                        "weights (default: --heads' own, else 0)")
     add_chat_format_flag(p)
 
     g = p.add_argument_group("distill")
@@ -107,7 +109,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=t.max_len, help="tokens per example (longer ones are cut)")
     g.add_argument("--cache-hidden", default=None, metavar="DIR",
                    help="warmup: keep the frozen backbone's hidden states in DIR for later epochs")
-    g.add_argument("--eval-fraction", type=float, default=t.eval_fraction, help="held-out share of the data")
+    g.add_argument("--eval-fraction", type=float, default=None,
+                   help=f"held-out share of each --data file (default: --heads' own, else {EVAL_FRACTION})")
     add_split_flag(g)
     g.add_argument("--medusa-weight", type=float, default=t.medusa_weight, help="joint: weight of the heads' loss")
     g.add_argument("--medusa-weight-warmup", type=int, default=t.medusa_weight_warmup,
@@ -160,7 +163,8 @@ def check_args(args) -> None:
     check_stage_flags(args)
     for data in args.data:
         check_input_file("--data", data)
-    check_seed(args.seed)
+    if args.seed is not None:
+        check_seed(args.seed)
     if args.stage == "distill":
         check_output_file("--out", args.out or DistillConfig.out)
         if Path(args.out or DistillConfig.out).suffix == ".json":  # read back as one JSON array, it would not parse

@@ -12,9 +12,9 @@ token t + k + 2). Dividing by T changes no ranking, so top-k guesses, accuracies
 as they are. --write stores the temperatures as `medusa_temperatures` in the heads' config.json
 (HeadsConfig; heads without them run at T = 1).
 
-Held-out answers: by default the split of each --data file that train.py held out (by --seed, --eval-fraction and
---split, which follow the heads' own by default, as tree_tuning.py splits them). Without the answer files the heads were trained on, make held-out answers
-from their prompts (--heads DIR, or --split, says how train.py split them):
+Held-out answers: the split of each --data file that train.py held out (by --seed, --eval-fraction and --split,
+which default to the heads' own, as tree_tuning.py splits them). Without the answer files the heads were trained
+on, make held-out answers from their prompts (--heads DIR, or --split, says how train.py split them):
 
     python -m nanomedusa.calibration --heads DIR --held-out-prompts ../shared/data/prompts-chat-train.jsonl \\
         --out held-chat.jsonl
@@ -42,7 +42,7 @@ from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_he
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import read_utf8, write_text_atomically
-from .heads import MedusaHeads, base_model_note, load_heads_and_adapter, path_ids, recorded_held_out
+from .heads import MedusaHeads, base_model_note, load_heads_and_adapter, path_ids, read_heads_config, recorded_held_out
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
 from .training.data import (IGNORE, Conversation, add_held_out_flags, collate, example_length, held_out_split,
@@ -147,6 +147,11 @@ def held_out_prompts(path: str, tokenizer: Tokenizer | None, eval_fraction: floa
     return [conversations[i] for i in sorted(held_out)]
 
 
+# What another split means for the prompts --held-out-prompts writes (held_out_split_notes).
+PROMPTS_TRAINED_ON = ("if --held-out-prompts holds the heads' prompts, some that this run writes had answers the heads "
+                      "were trained on")
+
+
 def check_args(args) -> None:
     """Every flag's value and path, before the model loads (a NanoMedusaError naming the fix)."""
     if args.held_out_prompts:
@@ -168,14 +173,20 @@ def check_args(args) -> None:
 
 def write_held_out_prompts(args) -> None:
     recorded = recorded_held_out(args.heads) if args.heads else None
-    eval_fraction, seed, split = held_out_split(recorded, args.eval_fraction, args.seed, args.split, bool(args.heads))
-    check_held_out_split(eval_fraction, seed)
-    tokenizer = None
+    if recorded and recorded.get("eval_fraction") == 0:
+        raise NanoMedusaError(f"the heads in {args.heads} were trained with --eval-fraction 0, on the answers to every "
+                              f"prompt, so none is held out; measure them on answers to prompts they never saw.")
+    eval_fraction, seed, split = held_out_split(recorded, args.eval_fraction, args.seed, args.split,
+                                                reads_heads=bool(args.heads))
+    chat_format = tokenizer = None  # (split by id, the prompts' format plays no part)
     if split == "position":  # prompt lengths decide that split: the model's tokenizer is needed
         _, checkpoint = load_model(args.model, device="cpu")
+        base_model = read_heads_config(Path(args.heads)).get("base_model_name_or_path", "") if args.heads else ""
+        if note := base_model_note(args.heads, base_model, checkpoint):  # (its tokenizer may count otherwise)
+            print(f"[note] {note}.", file=sys.stderr)
         tokenizer = load_tokenizer(checkpoint, args.chat_format)
-    # (split by id, the prompts' format plays no part)
-    for note in held_out_split_notes(recorded, eval_fraction, seed, tokenizer and tokenizer.chat.preset, split):
+        chat_format = tokenizer.chat.preset
+    for note in held_out_split_notes(recorded, eval_fraction, seed, chat_format, split, trained_on=PROMPTS_TRAINED_ON):
         print(f"[note] {note}.", file=sys.stderr)
     held_out = held_out_prompts(args.held_out_prompts, tokenizer, eval_fraction, seed, split)
     if not held_out:
@@ -187,16 +198,17 @@ def write_held_out_prompts(args) -> None:
 
 
 def fit_and_write(args) -> None:
+    # the held-out split, from the flags and the heads' record (a bad record fails before the loading); --whole-files:
+    # answers held out by --held-out-prompts, no split here, but the format still counts
+    recorded = recorded_held_out(args.heads)
+    eval_fraction, seed, split = (None, None, None) if args.whole_files else \
+        held_out_split(recorded, args.eval_fraction, args.seed, args.split)
     model, checkpoint = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
-    if note := base_model_note(args.heads, heads.config, checkpoint):  # (what it measures would not be the heads' own)
+    if note := base_model_note(args.heads, heads.config.base_model, checkpoint):  # (else: fitted on another model)
         print(f"[note] {note}.", file=sys.stderr)
     tokenizer = load_tokenizer(checkpoint, args.chat_format)
-    eval_fraction, seed, split = held_out_split(heads.config.held_out, args.eval_fraction, args.seed, args.split)
-    check_held_out_split(eval_fraction, seed)
-    # (--whole-files: answers held out by --held-out-prompts, no split here, but the format still counts)
-    for note in held_out_split_notes(heads.config.held_out, eval_fraction, seed, tokenizer.chat.preset,
-                                     None if args.whole_files else split):
+    for note in held_out_split_notes(recorded, eval_fraction, seed, tokenizer.chat.preset, split):
         print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     examples = []

@@ -395,7 +395,7 @@ def read_heads_config(path: Path) -> dict:
 
 def recorded_held_out(heads_dir: str | Path) -> dict | None:
     """How train.py split the heads' data (their config's held_out), read before the heads themselves load: training
-    that continues from them splits its data alike (training/data.py `split_of`)."""
+    that continues from them splits its data alike (training/data.py `held_out_split`)."""
     return _held_out(read_heads_config(Path(heads_dir)))
 
 
@@ -403,12 +403,12 @@ def _held_out(raw: dict) -> dict | None:
     return raw.get("held_out") if isinstance(raw.get("held_out"), dict) else None
 
 
-def base_model_note(heads_dir: str | Path, config: HeadsConfig, ckpt_dir: str | Path) -> str | None:
+def base_model_note(heads_dir: str | Path, base_model: str, ckpt_dir: str | Path) -> str | None:
     """A note when the heads name, as the model they were trained on, a local checkpoint other than the one loaded
     (after full joint training: train.py's OUT/model, which must be served with them). Heads read their own model's
     hidden states, so on another they guess worse: greedy and lossless decoding keep their text, only slower. A base
     model that is no local checkpoint (a hub id, a label) is not compared: a name cannot tell two models apart."""
-    base = Path(config.base_model) if config.base_model else None
+    base = Path(base_model) if base_model else None
     if base is None or not (base / "config.json").is_file() or same_checkpoint(base, ckpt_dir):
         return None
     return (f"the heads in {heads_dir} were trained on the model in {base}, and this run loads {ckpt_dir}; on a model "

@@ -36,7 +36,7 @@ from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_he
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import read_utf8, write_atomically, write_text_atomically
-from .heads import WEIGHT_FILES, MedusaHeads, base_model_note, load_heads_and_adapter, path_ids
+from .heads import WEIGHT_FILES, MedusaHeads, base_model_note, load_heads_and_adapter, path_ids, recorded_held_out
 from .loading import load_model
 from .tokenizer import load_tokenizer
 from .training.data import (IGNORE, add_held_out_flags, collate, example_length, held_out_split, held_out_split_notes,
@@ -143,10 +143,13 @@ def check_args(args) -> None:
 def run(args) -> None:
     """Measure the accuracies, choose the tree, and print, --json and --write it."""
     check_args(args)
+    # the held-out split to measure on, from the flags and the heads' record (a bad record fails before the loading)
+    recorded = recorded_held_out(args.heads)
+    eval_fraction, seed, split = held_out_split(recorded, args.eval_fraction, args.seed, args.split)
     step_times = read_step_times(args.step_times) if args.step_times else None
     model, ckpt = load_model(args.model, device=args.device)
     heads = load_heads_and_adapter(args.heads, model)
-    if note := base_model_note(args.heads, heads.config, ckpt):  # (what it measures would not be the heads' own)
+    if note := base_model_note(args.heads, heads.config.base_model, ckpt):  # (else: measured on another model)
         print(f"[note] {note}.", file=sys.stderr)
     if args.max_depth is not None and args.max_depth > heads.config.num_heads:
         raise NanoMedusaError(f"--max-depth {args.max_depth} is deeper than the {heads.config.num_heads} heads in "
@@ -157,9 +160,7 @@ def run(args) -> None:
                               f"holds ({tree_capacity(depth, args.topk)}); pass a smaller --nodes, or a larger "
                               f"--topk or --max-depth.")
     tokenizer = load_tokenizer(ckpt, args.chat_format)
-    eval_fraction, seed, split = held_out_split(heads.config.held_out, args.eval_fraction, args.seed, args.split)
-    check_held_out_split(eval_fraction, seed)
-    for note in held_out_split_notes(heads.config.held_out, eval_fraction, seed, tokenizer.chat.preset, split):
+    for note in held_out_split_notes(recorded, eval_fraction, seed, tokenizer.chat.preset, split):
         print(f"[note] {note}.", file=sys.stderr)
     max_len = example_length(args.max_len, model.config.max_position_embeddings)
     hits, count, report = 0, 0, {}

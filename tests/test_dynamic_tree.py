@@ -290,6 +290,12 @@ def test_held_out_prompts_are_those_train_py_holds_out(tiny, tmp_path, capsys):
                              "--model", str(root / "model"), "--heads", str(tmp_path / "heads")]) == 0
     assert capsys.readouterr().err == ""
     assert (tmp_path / "o.jsonl").read_text() == (tmp_path / "held-position.jsonl").read_text()
+    # heads trained on every answer have no held-out prompts to give
+    heads.config.held_out["eval_fraction"] = 0
+    heads.save(tmp_path / "heads")
+    assert calibration_main(["--held-out-prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                             "--heads", str(tmp_path / "heads")]) == 2
+    assert "were trained with --eval-fraction 0, on the answers to every prompt" in capsys.readouterr().err
 
 
 def test_calibration_cli_writes_temperatures(tiny, tmp_path):

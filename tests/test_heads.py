@@ -313,22 +313,22 @@ def test_shipped_heads_run_their_named_tree_built_from_their_accuracies(checkpoi
 def test_heads_of_another_local_model_get_a_note(tmp_path, monkeypatch):
     # Heads read their own model's hidden states: after full joint training that is train.py's OUT/model, which must
     # be served with them. Only local checkpoints are compared (a hub id or a label says too little).
-    from nanomedusa.heads import HeadsConfig, base_model_note
+    from nanomedusa.heads import base_model_note
 
     for name in ("base", "base-bfloat16", "other"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
-    config = HeadsConfig(2, 1, 8, 16, base_model=str(tmp_path / "other"))
-    assert base_model_note("h", config, tmp_path / "base") == (
-        f"the heads in h were trained on the model in {tmp_path / 'other'}, and this run loads {tmp_path / 'base'}; on "
-        f"a model other than their own they guess worse (decoding is slower): pass --model {tmp_path / 'other'}")
-    assert base_model_note("h", config, tmp_path / "other") is None
-    assert base_model_note("h", config, tmp_path / "other" / ".." / "other") is None
+    other = str(tmp_path / "other")
+    assert base_model_note("h", other, tmp_path / "base") == (
+        f"the heads in h were trained on the model in {other}, and this run loads {tmp_path / 'base'}; on a model "
+        f"other than their own they guess worse (decoding is slower): pass --model {other}")
+    assert base_model_note("h", other, tmp_path / "other") is None
+    assert base_model_note("h", other, tmp_path / "other" / ".." / "other") is None
     # a dtype copy we prepared of the model the heads name (the default model's bfloat16 folder on a GPU) is that model
-    assert base_model_note("h", replace(config, base_model=str(tmp_path / "base")), tmp_path / "base-bfloat16") is None
-    assert base_model_note("h", replace(config, base_model=str(tmp_path / "base-bfloat16")), tmp_path / "base") is None
+    assert base_model_note("h", str(tmp_path / "base"), tmp_path / "base-bfloat16") is None
+    assert base_model_note("h", str(tmp_path / "base-bfloat16"), tmp_path / "base") is None
     monkeypatch.chdir(tmp_path)  # relative paths, from where they were written
-    assert base_model_note("h", replace(config, base_model="other"), "base") is not None
-    assert base_model_note("h", replace(config, base_model="other"), tmp_path / "other") is None
+    assert base_model_note("h", "other", "base") is not None
+    assert base_model_note("h", "other", tmp_path / "other") is None
     for base in ("", "lmsys/vicuna-7b-v1.3", "SmolLM2-135M-Instruct (weights/default_model.py)", str(tmp_path / "gone")):
-        assert base_model_note("h", replace(config, base_model=base), tmp_path / "base") is None
+        assert base_model_note("h", base, tmp_path / "base") is None

@@ -141,6 +141,39 @@ def test_the_split_by_id_keeps_each_conversation_on_its_side_as_a_file_grows(tmp
     assert train_eval_split(first, 0.0, 3) == (first, [])
 
 
+def test_held_out_settings_come_from_the_flags_else_the_heads_record_else_the_defaults():
+    from nanomedusa.training.data import held_out_split
+
+    record = {"eval_fraction": 0.1, "seed": 7, "split": "id"}
+    assert held_out_split(record, None, None, None) == (0.1, 7, "id")
+    assert held_out_split(record, 0.3, 2, "position") == (0.3, 2, "position")
+    assert held_out_split({}, None, None, None) == (0.02, 0, "position")  # heads of a version before the record
+    assert held_out_split(None, None, None, None, reads_heads=False) == (0.02, 0, "id")  # new heads
+    assert held_out_split({**record, "eval_fraction": 0}, None, None, None)[0] == 0.02  # (and a note says why)
+    for key, value, flag in (("eval_fraction", "0.1", "--eval-fraction"), ("eval_fraction", 1.5, "--eval-fraction"),
+                             ("seed", 3.0, "--seed"), ("seed", -1, "--seed"), ("split", "ids", "--split")):
+        with pytest.raises(NanoMedusaError, match=f"config.json has held_out.{key} {value!r}, which is no {flag}; fix "
+                                                  f"it, or pass {flag}."):
+            held_out_split({**record, key: value}, None, None, None)
+        given = {"--eval-fraction": 0.1, "--seed": 7, "--split": "id"}
+        assert held_out_split({**record, key: value}, *given.values()) == (0.1, 7, "id")  # a flag given: not read
+
+
+def test_overwrite_knows_which_paths_it_would_remove(tmp_path, monkeypatch):
+    from nanomedusa.training.checkpoint import output_holding
+
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (out / "heads").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    assert output_holding(out, "out/model/x") == out / "model"
+    assert output_holding("out", tmp_path / "out" / "checkpoint") == Path("out") / "checkpoint"
+    assert output_holding(out, tmp_path / "elsewhere") == out / "heads"  # what a link in OUT points to
+    assert output_holding(out, out) is None and output_holding(out, out / "cache") is None
+    assert output_holding(out, tmp_path / "out-model") is None
+
+
 MALFORMED = [  # (file name, text, what the error says after the file's name)
     ("role.jsonl", '{"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "a"}]}\n',
      "line 1 has a turn"),
@@ -403,6 +436,16 @@ def test_resume_matches_uninterrupted_run(setup):
     assert not all_close(a, cut.module.heads.state_dict(), tol=1e-6)  # the cut run really stopped early
 
 
+def test_new_heads_name_their_base_model_by_absolute_path(setup, tmp_path, monkeypatch):
+    # (so that generate.py's base-model note finds it from any directory)
+    shutil.copytree(setup[1], tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(config(setup, "relative-model", model="ckpt", max_steps=1))
+    trainer.run()
+    recorded = json.loads((trainer.out / "heads" / "config.json").read_text())["base_model"]
+    assert recorded == str((tmp_path / "ckpt").resolve())
+
+
 def test_a_finished_run_is_neither_resumed_nor_overwritten_unasked(setup):
     done = config(setup, "finished", max_steps=4, save_every=3)
     Trainer(done).run()
@@ -422,8 +465,8 @@ def test_a_finished_run_is_neither_resumed_nor_overwritten_unasked(setup):
     assert sorted(p.name for p in out.iterdir()) == ["cache", "heads", "log.jsonl", "notes.txt", "train_config.json"]
     assert json.loads((out / "train_config.json").read_text())["eval_fraction"] == 0.0
     # but not where it would remove what this run reads first
-    with pytest.raises(NanoMedusaError, match=f"--heads {out / 'heads'} lies in {out / 'heads'}, which --overwrite "
-                                              f"removes before this run reads it; move it out of --out"):
+    with pytest.raises(NanoMedusaError, match=f"--heads {out / 'heads'} is or lies in {out / 'heads'}, which "
+                                              f"--overwrite removes before this run reads it; move it out of --out"):
         Trainer(replace(done, heads=str(out / "heads"), overwrite=True))
     assert (out / "heads" / "config.json").is_file()
 
@@ -704,6 +747,16 @@ def test_tools_measure_on_the_examples_training_held_out(setup, warmed, tmp_path
              "--eval-fraction", "0.25", "--seed", "3", "--max-len", "1000"]
     assert tree_tuning.main(flags + ["--nodes", "4"]) == 0 and calibration.main(flags) == 0
     assert seen == {"rank_hits": held_out, "calibrate": held_out}
+    # and without --eval-fraction and --seed, from heads that record the ones this split was made with
+    shutil.copytree(warmed[0].out / "heads", tmp_path / "heads")
+    raw = json.loads((tmp_path / "heads" / "config.json").read_text())
+    raw["held_out"] |= {"eval_fraction": 0.25, "seed": 3}
+    (tmp_path / "heads" / "config.json").write_text(json.dumps(raw))
+    seen.clear()
+    flags = ["--model", setup[1], "--heads", str(tmp_path / "heads"), "--data", str(data), "--device", "cpu",
+             "--max-len", "1000"]
+    assert tree_tuning.main(flags + ["--nodes", "4"]) == 0 and calibration.main(flags) == 0
+    assert seen == {"rank_hits": held_out, "calibrate": held_out}
 
 
 def test_the_tools_say_when_they_would_measure_on_another_split_than_training_held_out(setup, warmed, capsys):
@@ -743,12 +796,17 @@ def test_the_tools_say_when_they_would_measure_on_another_split_than_training_he
     # and training that continues from them says so too, on another split; it splits as they were split by default
     trainer = Trainer(config(setup, "continued-other-seed", heads=str(heads_dir), seed=4, max_steps=1))
     assert "[note] the heads were trained with --seed 3 and this run has 4" in capsys.readouterr().out
-    assert trainer.start_step == 0 and trainer.split == "id"
+    assert trainer.start_step == 0 and trainer.cfg.split == "id"
+    # left out, the split's settings are the heads' own: training on from them holds out what they held out
+    same = Trainer(config(setup, "continued-same", heads=str(heads_dir), seed=None, eval_fraction=None, max_steps=1))
+    assert (same.cfg.eval_fraction, same.cfg.seed, same.cfg.split) == (0.125, 3, "id")
+    assert [e.input_ids for e in same.eval_set] == [e.input_ids for e in warmed[0].eval_set]
+    assert "[note] the heads were trained" not in capsys.readouterr().out
     older_heads = heads_dir.parent / "older-heads"
     shutil.copytree(heads_dir, older_heads)
     raw = json.loads((older_heads / "config.json").read_text())
     (older_heads / "config.json").write_text(json.dumps({**raw, "held_out": older}))
-    assert Trainer(config(setup, "continued-older", heads=str(older_heads), max_steps=1)).split == "position"
+    assert Trainer(config(setup, "continued-older", heads=str(older_heads), max_steps=1)).cfg.split == "position"
     assert "--split" not in capsys.readouterr().out
 
 

@@ -79,9 +79,9 @@ def clear_outputs(out_dir: str | Path) -> None:
     """Remove what an earlier run wrote into OUT (only that: OUT may hold other files, --cache-hidden's folder)."""
     for name, is_dir in OUTPUTS.items():
         path = Path(out_dir) / name
-        if is_dir and path.is_dir():
+        if is_dir and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif not is_dir:
+        else:  # a file, or a link (to a folder of someone else's: the link goes, not what it points to)
             path.unlink(missing_ok=True)
 
 

@@ -17,7 +17,7 @@ tokenizing the prefixes around it:
 Several files train together as a mix (`mix_examples`): each file's answered conversations are split into
 train / held-out on its own (`train_eval_split`, which tree_tuning.py and calibration.py use to find the
 held-out part again; by default by a hash of each conversation's id and the seed, so a file that grows keeps
-every conversation on its side; the heads record how, and the tools follow them, `split_of`), and its training
+every conversation on its side; the heads record how, and the tools follow them, `held_out_split`), and its training
 examples are repeated or thinned by its weight, so a small but important source (open-ended chat) can count for
 more than a large one (math word problems). Examples are cut at --max-len or the model's context, whichever is
 shorter (`example_length`).
@@ -33,6 +33,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -203,7 +204,8 @@ def split_by_id(items: list, ids: list[str], eval_fraction: float, seed: int) ->
     grows or is reordered keeps every conversation on its side (records without an id are named by their line
     number, load_conversations: those keep their side only where lines are appended). A file of two or more items
     keeps at least one on each side (its lowest share held out, its highest trained on): that one can change side as
-    a file grows, but only a small file (at 0.02, some 30 conversations) can have no share below the threshold."""
+    the file grows. Only a small file is likely to need it: at 0.02, a file of 30 conversations has none below the
+    threshold 55% of the time, one of 150 5% of the time."""
     if eval_fraction <= 0 or len(items) < 2:
         return list(items), []
     shares = [held_out_share(i, seed) for i in ids]
@@ -235,9 +237,8 @@ def add_split_flag(parser) -> None:
                         help="how each --data file's held-out share is chosen: id (by a hash of each conversation's id "
                              "and --seed, or its line number where a record has no id: a file that grows keeps every "
                              "conversation on its side) or position (a seeded shuffle of the file's order, as earlier "
-                             "versions split); default: the heads' own split, which their config.json records (heads "
-                             "without that record, the shipped ones among them, were split by position), and id for "
-                             "new heads")
+                             "versions split); default: the split the heads were trained with, which their config.json "
+                             "records (position for heads that record none), else id")
 
 
 def add_held_out_flags(parser) -> None:
@@ -250,41 +251,51 @@ def add_held_out_flags(parser) -> None:
     add_split_flag(parser)
 
 
-def held_out_split(recorded: dict | None, eval_fraction: float | None, seed: int | None, split: str | None,
-                   heads: bool = True) -> tuple[float, int, str]:
-    """(eval_fraction, seed, split) of a tool that measures heads on the split train.py held out: each as given, else
-    as the heads record (`recorded`, their config's held_out; `heads` False: the tool reads no heads), else train.py's
-    default. Heads trained on every conversation (eval_fraction 0) give the default share, and a note
-    (`held_out_split_notes`)."""
+def held_out_split(recorded: dict | None, eval_fraction: float | None, seed: int | None, split: str | None, *,
+                   reads_heads: bool = True) -> tuple[float, int, str]:
+    """(eval_fraction, seed, split) of a run that measures heads on the split train.py held out, or trains them on:
+    each as given (None: not), else as the heads record (`recorded`, their config's held_out; `reads_heads` False:
+    the run has no heads), else train.py's default. Heads trained on every conversation (eval_fraction 0) give the
+    default share, and a note (`held_out_split_notes`)."""
     recorded = recorded or {}
     if eval_fraction is None:
-        eval_fraction = recorded.get("eval_fraction") or EVAL_FRACTION
-    return eval_fraction, recorded.get("seed", 0) if seed is None else seed, split_of(split, recorded, heads)
+        eval_fraction = _recorded(recorded, "eval_fraction", EVAL_FRACTION, "--eval-fraction",
+                                  lambda v: type(v) in (int, float) and 0 <= v < 1) or EVAL_FRACTION
+    if seed is None:
+        seed = _recorded(recorded, "seed", 0, "--seed", lambda v: type(v) is int and 0 <= v < 2 ** 32)
+    return eval_fraction, seed, split_of(split, recorded, reads_heads=reads_heads)
 
 
-def split_of(given: str | None, recorded: dict | None, heads: bool = True) -> str:
-    """The split a run uses: `given` (--split); else, for a run that reads heads (`heads`), the one they were trained
-    with: `recorded`, their config's held_out, says; heads without a record, or one from before it named the split,
-    come from versions that split by position only; else, for new heads, by id."""
+def split_of(given: str | None, recorded: dict | None, *, reads_heads: bool = True) -> str:
+    """The split a run uses: `given` (--split); else, for a run that reads heads, the one they were trained with:
+    `recorded`, their config's held_out, says; heads without a record, or one from before it named the split, come
+    from versions that split by position only; else, for new heads, by id."""
     if given:
         return given
-    if not heads:
+    if not reads_heads:
         return "id"
-    split = (recorded or {}).get("split", "position")
-    if split not in SPLITS:
-        raise NanoMedusaError(f"the heads' config.json has held_out.split {split!r}; it must be one of "
-                              f"{', '.join(SPLITS)}: fix it.")
-    return split
+    return _recorded(recorded or {}, "split", "position", "--split", lambda v: v in SPLITS)
+
+
+def _recorded(recorded: dict, key: str, default, flag: str, valid: Callable[[object], bool]):
+    value = recorded.get(key, default)
+    if not valid(value):  # (a hand-edited config.json: train.py records only values it checked)
+        raise NanoMedusaError(f"the heads' config.json has held_out.{key} {value!r}, which is no {flag}; fix it, or "
+                              f"pass {flag}.")
+    return value
+
+
+TRAINED_ON = "if --data are the files the heads were trained on, this run measures conversations they were trained on"
 
 
 def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int, chat_format: str | None,
-                         split: str | None) -> list[str]:
+                         split: str | None, trained_on: str = TRAINED_ON) -> list[str]:
     """What a run that measures heads on train.py's held-out split (tree tuning, calibration, or training that
     continues from them) should tell its user where its split or prompt format is not the one the heads were trained
     with (`recorded`: their config's held_out; None: not recorded; `chat_format`: this run's, or None where the
     prompts' format plays no part; `split`: this run's way of splitting, one of SPLITS, or None where it measures
-    whole files, so only the format counts). Another way of splitting, another seed, or a larger share reaches
-    conversations the heads were trained on, if the files are theirs."""
+    whole files, so only the format counts; `trained_on`: what that means for this run). Another way of splitting,
+    another seed, or a larger share reaches conversations the heads were trained on, if the files are theirs."""
     if not recorded:
         return []
     notes = []
@@ -294,8 +305,6 @@ def held_out_split_notes(recorded: dict | None, eval_fraction: float, seed: int,
                      f"{recorded['chat_format']}")
     if split is None:
         return notes
-    trained_on = "if --data are the files the heads were trained on, this run measures conversations they were " \
-                 "trained on"
     if recorded.get("eval_fraction") == 0:
         notes.append(f"the heads were trained with --eval-fraction 0, on every conversation: {trained_on}; measure "
                      f"on other answers")

@@ -44,8 +44,8 @@ from ..heads import MedusaHeads, base_model_note, recorded_held_out
 from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpoint
-from .data import (EVAL_FRACTION, IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length,
-                   held_out_split_notes, load_conversations, mix_examples, split_of, tokenize_all, train_eval_split)
+from .data import (IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length, held_out_split,
+                   held_out_split_notes, load_conversations, mix_examples, tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
 from .hidden_cache import HiddenCache, fingerprint
 from .lora import add_lora
@@ -93,12 +93,12 @@ class TrainConfig:
     lora_alpha: float = 16.0
     max_len: int = 1024
     cache_hidden: str | None = None  # warmup: directory for the frozen backbone's hidden states
-    eval_fraction: float = EVAL_FRACTION
+    eval_fraction: float | None = None  # held-out share; None: --heads' own, else data.EVAL_FRACTION
     split: str | None = None  # how each file's held-out share is chosen (data.py SPLITS); None: --heads' own, else id
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 0  # 0: evaluate only at the end
-    seed: int = 0
+    seed: int | None = None  # the held-out split, data order and new weights; None: --heads' own, else 0
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 frozen backbone on GPU for warm-up, float32 weights otherwise
     chat_format: str = "auto"  # a chat_template.PRESETS name, or auto: the one the checkpoint's template matches
@@ -138,7 +138,7 @@ class TrainConfig:
                 raise NanoMedusaError(f"{flag} must be at least 1, got {value}.")
         if self.split not in (None, *SPLITS):
             raise NanoMedusaError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}.")
-        if not 0 <= self.eval_fraction < 1:
+        if self.eval_fraction is not None and not 0 <= self.eval_fraction < 1:
             raise NanoMedusaError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.data_weights is not None and len(self.data_weights) != len(self.data_files):
             raise NanoMedusaError(f"--data-weights gives {len(self.data_weights)} weights for {len(self.data_files)} "
@@ -169,7 +169,11 @@ NOTHING_TO_TRAIN = ("heads without ResBlocks that share the lm_head have no weig
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.check()
-        self.cfg = cfg
+        # Heads trained on further hold out what they held out before (their record), unless told otherwise.
+        recorded = recorded_held_out(cfg.heads) if cfg.heads else None
+        eval_fraction, seed, split = held_out_split(recorded, cfg.eval_fraction, cfg.seed, cfg.split,
+                                                    reads_heads=bool(cfg.heads))
+        self.cfg = cfg = replace(cfg, eval_fraction=eval_fraction, seed=seed, split=split)
         self.joint = cfg.stage == "joint"
         self.dist = init_distributed(cfg.device)
         self.device = self.dist.device
@@ -181,16 +185,15 @@ class Trainer:
             raise NanoMedusaError(f"{self.out} holds an earlier run's {', '.join(earlier)}; pass --overwrite to "
                                   f"replace them or choose another --out.")
         torch.manual_seed(cfg.seed)  # same on every rank: fresh heads and LoRA start identical everywhere
-        # Heads trained on further hold out what they held out before (the split they record), unless told otherwise.
-        self.split = split_of(cfg.split, recorded_held_out(cfg.heads) if cfg.heads else None, heads=bool(cfg.heads))
 
         sources = [load_conversations(path) for path in cfg.data_files]  # bad data fails before the model is loaded
         self.ckpt_dir = resolve_checkpoint(cfg.model)
-        inputs = (("--heads", cfg.heads), ("--model", self.ckpt_dir), ("--cache-hidden", cfg.cache_hidden))
-        for flag, path in inputs if cfg.overwrite else ():
-            if path and (inside := checkpoint.output_holding(self.out, path)):
-                raise NanoMedusaError(f"{flag} {path} lies in {inside}, which --overwrite removes before this run "
-                                      f"reads it; move it out of --out, or choose another --out.")
+        if cfg.overwrite:  # (which removes OUT's heads, model and checkpoint before anything is read from them)
+            inputs = {"--heads": cfg.heads, "--model": self.ckpt_dir, "--cache-hidden": cfg.cache_hidden}
+            for flag, path in inputs.items():
+                if path and (inside := checkpoint.output_holding(self.out, path)):
+                    raise NanoMedusaError(f"{flag} {path} is or lies in {inside}, which --overwrite removes before "
+                                          f"this run reads it; move it out of --out, or choose another --out.")
         self.tokenizer = load_tokenizer(self.ckpt_dir, cfg.chat_format, note=self.dist.is_main)
         self.train_set, self.eval_set = self._tokenize(sources)
         dtype = cfg.dtype
@@ -244,7 +247,7 @@ class Trainer:
         max_len = example_length(cfg.max_len, context, self._print)
         for path, conversations in zip(cfg.data_files, sources):
             # Each file split on its own, as tree_tuning.py splits it, so its held-out part stays unseen.
-            train_c, eval_c = train_eval_split(conversations, cfg.eval_fraction, cfg.seed, self.split)
+            train_c, eval_c = train_eval_split(conversations, cfg.eval_fraction, cfg.seed, cfg.split)
             if not train_c:
                 raise NanoMedusaError(f"{path} has no conversation with an assistant answer to train on; "
                                       f"answer its prompts first with --stage distill.")
@@ -278,12 +281,12 @@ class Trainer:
         cfg = self.cfg
         if cfg.heads:  # joint training always, warm-up when it continues from earlier heads
             heads = MedusaHeads.load(cfg.heads, model.config, self.device, torch.float32)
-            if note := base_model_note(cfg.heads, heads.config, self.ckpt_dir):
+            if note := base_model_note(cfg.heads, heads.config.base_model, self.ckpt_dir):
                 self._print(f"[note] {note}.")
             # Trained before on another split of these files, they were trained on some of this run's held-out ones
             # (the heads exported here record this run's split only).
             for note in held_out_split_notes(heads.config.held_out, cfg.eval_fraction, cfg.seed,
-                                             self.tokenizer.chat.preset, self.split):
+                                             self.tokenizer.chat.preset, cfg.split):
                 self._print(f"[note] {note}.")
             # Measured on the loaded weights, they would not describe the trained ones: refit after training.
             heads.config = replace(heads.config, rank_accuracy=None, medusa_temperatures=None)
@@ -297,8 +300,8 @@ class Trainer:
     def _base_model_name(self) -> str:
         """The --model new heads are for, as their config names it: a local one by its absolute path, so that
         heads.base_model_note finds it from any directory; a hub id as it is."""
-        model = self.cfg.model or self.ckpt_dir
-        return str(Path(model).resolve()) if Path(model).exists() else model
+        model = Path(self.cfg.model or self.ckpt_dir).expanduser()
+        return str(model.resolve()) if model.exists() else str(self.cfg.model)
 
     def _make_optimizer(self):
         # Parameters as the wrapped module holds them (FSDP swaps in sharded ones), grouped by owner.
@@ -317,7 +320,7 @@ class Trainer:
                 "heads": cfg.heads, "num_heads": heads.num_heads, "num_layers": heads.num_layers,
                 "shared_lm_head": heads.shared_lm_head, "lora_rank": cfg.lora_rank,
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
-                "eval_fraction": cfg.eval_fraction, "split": self.split, "total_steps": self.total_steps,
+                "eval_fraction": cfg.eval_fraction, "split": cfg.split, "total_steps": self.total_steps,
                 "chat_format": self.tokenizer.chat.preset,  # the prompts' format, given or found: the heads learn it
                 # only when they matter, so that checkpoints of runs without them still resume (and see
                 # checkpoint.RECORDED_LATER for checkpoints from before lora_alpha was recorded)
@@ -443,7 +446,7 @@ class Trainer:
         cfg = self.cfg
         heads_config = replace(self.module.heads.config, held_out={  # what tree tuning and calibration must match
             "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "chat_format": self.tokenizer.chat.preset,
-            "split": self.split})
+            "split": cfg.split})
         if self.joint and self.cfg.lora_rank:  # the heads carry the backbone's adapter (nanomedusa/adapter.py)
             heads_config = replace(heads_config, lora={"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha})
         elif self.joint:  # the heads now belong to the fine-tuned model (any adapter merged in), not the original
