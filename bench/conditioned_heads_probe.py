@@ -153,7 +153,8 @@ def run(args) -> dict:
     print_table(f"Held-out accuracy of head k's guess of token t+k+2 ({args.steps} steps of {args.batch} on --train "
                 f"for every variant but shipped)", ["head", "guesses", "variant", "tokens read", "top-1", "top-5"],
                 rows)
-    out = {"train": args.train, "eval": args.eval, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+    out = {"train": args.train, "eval": args.eval, "chat_format": tokenizer.chat.preset, "steps": args.steps,
+           "batch": args.batch, "lr": args.lr,
            "condition_lr": args.condition_lr, "results": results}
     if args.json:
         save(out, args.json)

@@ -225,7 +225,8 @@ def run(args) -> None:
     print_table(rows)
     out = {"device": device, "dtype": str(model.dtype), "heads": args.heads, "model": args.model, "accept": args.accept,
            "sampling": None if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p},
-           "prompts": args.prompts, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rows": rows}
+           "prompts": args.prompts, "num_prompts": len(prompts), "chat_format": tokenizer.chat.preset,
+           "max_new_tokens": args.max_new_tokens, "rows": rows}
     save(out, args.json)
     print(f"wrote {args.json}")
 

@@ -568,7 +568,7 @@ def run(args) -> None:
     print(f"\nmean accepted length (tokens per step), greedy, {args.max_new_tokens} new tokens; (x) = against static:")
     print_table(rows)
     if args.json:
-        save({"rows": rows, "params": params}, args.json)  # (its folder made if missing)
+        save({"chat_format": args.chat_format, "rows": rows, "params": params}, args.json)  # (folder made if missing)
 
 
 if __name__ == "__main__":

@@ -459,9 +459,9 @@ def run(args) -> dict:
     acc_draft = draft_rank_accuracies(draft.eval(), model, data["eval"], args.depth, args.topk)
     rows = [[m + 1, f"t+{m + 2}", *(f"{acc_draft[m, :r].sum():.3f}" for r in (1, 5))] for m in range(args.depth)]
     expected = {"draft": best_static_tree(acc_draft, args.paths)}
-    out = {"train": args.train, "eval": args.eval, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
-           "ce_weight": args.ce_weight, "paths": args.paths, "losses": losses, "draft_acc": acc_draft.tolist(),
-           "expected_accepted": expected}
+    out = {"train": args.train, "eval": args.eval, "chat_format": tokenizer.chat.preset, "epochs": args.epochs,
+           "lr": args.lr, "batch": args.batch, "ce_weight": args.ce_weight, "paths": args.paths, "losses": losses,
+           "draft_acc": acc_draft.tolist(), "expected_accepted": expected}
     if args.json:  # the draft's numbers first: they cost the minutes
         save(out, args.json)
     if args.sim_answers:

@@ -178,7 +178,7 @@ def run(args) -> dict:
     budgets = sorted(set(int_list("--budgets", args.budgets, 2, what="node counts")))
     rules = ["static", "expand"] + [f"dynamic-{size}" for size in supersets]
     rows, out = [], {"heads": args.heads, "beam": args.beam, "children": args.children, "max_depth": max_depth,
-                     "max_new_tokens": args.max_new_tokens, "sets": {}}
+                     "max_new_tokens": args.max_new_tokens, "chat_format": tokenizer.chat.preset, "sets": {}}
     for path in args.prompts:
         prompts = chat_prompts(tokenizer, Path(path), args.num_prompts)
         say(f"[path-trees] {path}: {len(prompts)} prompts, greedy continuations (batched)")

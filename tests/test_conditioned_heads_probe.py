@@ -79,7 +79,8 @@ def test_the_probe_runs_every_variant_and_reading_the_root_helps_where_it_should
     assert got[(0, "root")]["top1"] > got[(0, "medusa")]["top1"] + 0.2
     # and where t + 2 opens one, head 1's target is t + 2's letter: only the path (the tree's own token) tells
     assert got[(1, "path")]["top1"] > got[(1, "root")]["top1"] + 0.2
-    assert json.loads((tmp_path / "p.json").read_text())["results"] == out["results"]
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["results"] == out["results"] and saved["chat_format"] == "chatml"  # (the format the answers had)
     capsys.readouterr()
     assert probe.main(["--model", str(tmp_path / "ckpt"), "--heads", str(tmp_path / "heads"), "--train", str(train),
                        "--eval", str(held), "--device", "cpu"]) == 2

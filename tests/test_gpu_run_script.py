@@ -69,8 +69,10 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     assert path_heads.config.num_heads == len(config["medusa_temperatures"]) == 1
     for name in ("from", "path"):
         for prompt_set in ("chat-heldout", "train-mix"):
-            rows = json.loads((work / "out" / f"dynamic-{name}-{prompt_set}.json").read_text())["rows"]
-            assert [(r["nodes"], r["tree"]) for r in rows] == [(4, "static"), (4, "dynamic"), (8, "static"), (8, "dynamic")]
+            result = json.loads((work / "out" / f"dynamic-{name}-{prompt_set}.json").read_text())
+            assert [(r["nodes"], r["tree"]) for r in result["rows"]] == [(4, "static"), (4, "dynamic"), (8, "static"),
+                                                                        (8, "dynamic")]
+            assert result["chat_format"] == "chatml"  # (the prompts' format, found in the checkpoint's template)
     results = json.loads((work / "out" / "results-path.json").read_text())
     assert {m["heads"] for m in results["medusa"]} == {"from", "path"}
     # the EAGLE-style draft probe, against the warm-up's heads, on answers to the held-out sets' first 2 prompts
@@ -82,6 +84,7 @@ def test_every_stage_runs_on_a_tiny_model(tmp_path):
     assert all(len((work / f"eval-{s}.jsonl").read_text().splitlines()) == 2 for s in ("chat-heldout", "train-mix"))
     probe = json.loads((work / "out" / "feature-draft-probe.json").read_text())
     assert len(probe["draft_acc"]) == 2 and len(probe["heads_acc"]) >= 1 and len(probe["losses"]) == 2
+    assert probe["chat_format"] == "chatml"
     assert [r["paths"] for r in probe["trees"]] == [2, 3]
 
 
