@@ -42,7 +42,8 @@ from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_he
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
 from .errors import NanoMedusaError
 from .files import read_utf8, write_text_atomically
-from .heads import MedusaHeads, base_model_note, load_heads_and_adapter, path_ids, read_heads_config, recorded_held_out
+from .heads import (MedusaHeads, base_model_note, held_out_record, load_heads_and_adapter, path_ids, read_heads_config,
+                    recorded_held_out)
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
 from .training.data import (IGNORE, Conversation, add_held_out_flags, collate, example_length, held_out_split,
@@ -172,7 +173,8 @@ def check_args(args) -> None:
 
 
 def write_held_out_prompts(args) -> None:
-    recorded = recorded_held_out(args.heads) if args.heads else None
+    raw = read_heads_config(Path(args.heads)) if args.heads else {}  # (read once: the record and the base model)
+    recorded = held_out_record(raw)
     if recorded and recorded.get("eval_fraction") == 0:
         raise NanoMedusaError(f"the heads in {args.heads} were trained with --eval-fraction 0, on the answers to every "
                               f"prompt, so none is held out; measure them on answers to prompts they never saw.")
@@ -181,8 +183,8 @@ def write_held_out_prompts(args) -> None:
     chat_format = tokenizer = None  # (split by id, the prompts' format plays no part)
     if split == "position":  # prompt lengths decide that split: the model's tokenizer is needed
         _, checkpoint = load_model(args.model, device="cpu")
-        base_model = read_heads_config(Path(args.heads)).get("base_model_name_or_path", "") if args.heads else ""
-        if note := base_model_note(args.heads, base_model, checkpoint):  # (its tokenizer may count otherwise)
+        # (another model's tokenizer may count the prompts' lengths otherwise)
+        if note := base_model_note(args.heads, raw.get("base_model_name_or_path", ""), checkpoint):
             print(f"[note] {note}.", file=sys.stderr)
         tokenizer = load_tokenizer(checkpoint, args.chat_format)
         chat_format = tokenizer.chat.preset

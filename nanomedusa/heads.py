@@ -343,7 +343,7 @@ class MedusaHeads(nn.Module):
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
                              raw.get("base_model_name_or_path", ""), _medusa_choices(raw, path), raw.get("lora"),
                              _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),
-                             bool(path_state), _held_out(raw))
+                             bool(path_state), held_out_record(raw))
         if hidden != model_config.dim:
             raise NanoMedusaError(f"the heads in {path} expect hidden size {hidden} but the model has "
                                   f"{model_config.dim}; use heads trained for this model.")
@@ -396,10 +396,11 @@ def read_heads_config(path: Path) -> dict:
 def recorded_held_out(heads_dir: str | Path) -> dict | None:
     """How train.py split the heads' data (their config's held_out), read before the heads themselves load: training
     that continues from them splits its data alike (training/data.py `held_out_split`)."""
-    return _held_out(read_heads_config(Path(heads_dir)))
+    return held_out_record(read_heads_config(Path(heads_dir)))
 
 
-def _held_out(raw: dict) -> dict | None:
+def held_out_record(raw: dict) -> dict | None:
+    """The held_out record of a heads' config.json as read (`read_heads_config`), if it has one."""
     return raw.get("held_out") if isinstance(raw.get("held_out"), dict) else None
 
 
