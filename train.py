@@ -97,8 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-decay", type=float, default=t.head_decay, help="loss weight of head k is decay^k")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=t.epochs)
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--epochs", type=int, default=None, help=f"passes over the data (default {t.epochs})")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps, instead of --epochs")
     g.add_argument("--batch-size", type=int, default=t.batch_size, help="per process and micro-batch")
     g.add_argument("--grad-accum", type=int, default=t.grad_accum)
     g.add_argument("--lr", type=float, default=t.lr, help="heads' learning rate")
@@ -183,7 +183,9 @@ def check_args(args) -> None:
     check_input_dir("--heads", args.heads)
     if args.cache_hidden:
         check_output_dir("--cache-hidden", args.cache_hidden)
-    check_at_least(1, {"--max-steps": args.max_steps})
+    check_at_least(1, {"--max-steps": args.max_steps, "--epochs": args.epochs})
+    if args.epochs is not None and args.max_steps is not None:
+        raise NanoMedusaError("--epochs and --max-steps both say how long to train; pass one.")
     check_at_least(0, {"--num-layers": args.num_layers, "--weight-decay": args.weight_decay,
                        "--warmup-steps": args.warmup_steps, "--grad-clip": args.grad_clip,
                        "--medusa-weight": args.medusa_weight, "--medusa-weight-warmup": args.medusa_weight_warmup,

@@ -332,6 +332,8 @@ MORE_ERRORS = {
                                   "--resume continues the run in --out and --overwrite starts it again; pass one."),
     "missing heads to start from": ("train", WARMUP[1:] + ["--out", "{root}/o", "--heads", "{root}/none"],
                                     "--heads {root}/none is not a directory; check the path."),
+    "both --epochs and --max-steps": ("train", WARMUP[1:] + ["--out", "{root}/o", "--epochs", "2", "--max-steps", "5"],
+                                      "--epochs and --max-steps both say how long to train; pass one."),
     "negative grad clip": ("train", WARMUP[1:] + ["--out", "{root}/o", "--grad-clip", "-1"],
                            "--grad-clip must be at least 0, not -1.0; pass 0 or more."),
     "tree tuning top-k beyond the kernel": ("nanomedusa.tree_tuning", ["--heads", "{root}/heads", "--data",
