@@ -79,9 +79,9 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.files import read_utf8
 from nanomedusa.generation import generate
 from nanomedusa.heads import HeadsConfig, load_heads_and_adapter
-from nanomedusa.loading import load_model
+from nanomedusa.loading import load_model, resolve_checkpoint
 from nanomedusa.medusa_generation import generate_medusa
-from nanomedusa.tokenizer import load_tokenizer
+from nanomedusa.tokenizer import Tokenizer, load_tokenizer
 from nanomedusa.tree import TreeBuffers, tree_from_head_accuracies
 
 from .checks import heads_read_path, int_list
@@ -146,14 +146,23 @@ def entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(logprobs.exp()).sum(-1)
 
 
+def trace_format_suffix(checkpoint: Path, chat_format: str) -> str:
+    """The cache file names' mark of --chat-format: another format is other prompts, so other traces. The
+    checkpoint's own format, found by `auto` or named, has none, the name its traces had before the flag existed."""
+    if chat_format == "auto":
+        return ""
+    own = Tokenizer.from_dir(checkpoint).chat.preset  # (the tokenizer only: no weights load)
+    return "" if chat_format == own else f"--{chat_format}"
+
+
 def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Path, chat_format: str = "auto",
                 device: str = "cpu") -> dict[str, list[Trace]]:
     """{prompt file: its traces}, from the cache where there, else generated (and cached) on `device`, in
     float32 with the torch kernels (on a GPU in graphed steps: minutes where a CPU takes an hour), from prompts
     rendered in `chat_format` (--chat-format)."""
     out, model = {}, None
-    # Another format is other prompts, so other traces; auto's keep the name they had before the flag existed.
-    fmt = "" if chat_format == "auto" else f"--{chat_format}"
+    checkpoint = resolve_checkpoint(None)  # the default model's, whose heads these are
+    fmt = trace_format_suffix(checkpoint, chat_format)
     for spec in specs:
         path, prompts = read_prompt_set(spec)
         cache_file = cache / f"{Path(heads_dir).name}--{Path(path).stem}--{max_new_tokens}{fmt}.pt"
@@ -162,7 +171,7 @@ def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Pa
         missing = [(i, messages) for i, messages in prompts if "context" not in cached.get(i, {})]
         if missing and model is None:
             kernels.set_backend("torch")
-            model, checkpoint = load_model(None, device=device, dtype=torch.float32)
+            model = load_model(checkpoint, device=device, dtype=torch.float32)[0]
             heads = load_heads_and_adapter(heads_dir, model)
             tokenizer, decoder = load_tokenizer(checkpoint, chat_format), Decoder(model)
         for n, (i, messages) in enumerate(missing, 1):

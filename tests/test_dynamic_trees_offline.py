@@ -91,11 +91,21 @@ def test_the_features_rule_learns_what_the_context_says():
     assert rules.accepted("dynamic", positions, 5).sum() < oracle.sum()
 
 
-def test_traces_are_made_and_cached_in_chat_format(tmp_path, monkeypatch):
-    # Traces of one prompt set in two formats are two sets of traces: --chat-format reaches the prompt ids traced,
-    # and a trace cached in one format is not read back for another. (A tiny model stands in for the default one.)
+def trace_with_a_tiny_model(monkeypatch, tmp_path, make_trace) -> None:
+    """Tracing as the bench does it, with a tiny model standing in for the default one and `make_trace` for the
+    engine's decode."""
     make_chat_checkpoint(tmp_path / "model", seed=1)
     model = load_model(tmp_path / "model", "cpu", "float32")[0]
+    monkeypatch.setattr(dynamic_trees_offline, "resolve_checkpoint", lambda spec: tmp_path / "model")
+    monkeypatch.setattr(dynamic_trees_offline, "load_model", lambda *args, **kwargs: (model, tmp_path / "model"))
+    monkeypatch.setattr(dynamic_trees_offline, "load_heads_and_adapter", lambda heads_dir, model: None)
+    monkeypatch.setattr(dynamic_trees_offline, "make_trace", make_trace)
+
+
+def test_traces_are_made_and_cached_in_chat_format(tmp_path, monkeypatch):
+    # Traces of one prompt set in two formats are two sets of traces: --chat-format reaches the prompt ids traced,
+    # and a trace cached in one format is not read back for another; the model's own format named is auto's, whose
+    # traces it reads back.
     K, traced = heads_config(HEADS).num_heads, []
 
     def make_trace(model, heads, decoder, prompt_ids, max_new_tokens, eos_ids):
@@ -103,13 +113,33 @@ def test_traces_are_made_and_cached_in_chat_format(tmp_path, monkeypatch):
         return Trace(torch.tensor([2]), torch.zeros(1, K, TOPK, dtype=torch.long), torch.zeros(1, K, TOPK),
                      torch.zeros(1, 2 + K))
 
-    monkeypatch.setattr(dynamic_trees_offline, "load_model", lambda *args, **kwargs: (model, tmp_path / "model"))
-    monkeypatch.setattr(dynamic_trees_offline, "load_heads_and_adapter", lambda heads_dir, model: None)
-    monkeypatch.setattr(dynamic_trees_offline, "make_trace", make_trace)
+    trace_with_a_tiny_model(monkeypatch, tmp_path, make_trace)
     argv = ["--heads", HEADS, "--eval", f"{PROMPTS}:1", "--tune", f"{PROMPTS}:1", "--max-new-tokens", "4",
             "--cache", str(tmp_path / "cache"), "--trace-only"]
-    for chat_format in ("auto", "plain", "auto"):  # (the last: all cached)
+    for chat_format in ("auto", "plain", "auto", "chatml"):  # (the last two: all cached)
         assert dynamic_trees_offline.main([*argv, "--chat-format", chat_format]) == 0
     messages = [{"role": "user", "content": json.loads(Path(PROMPTS).read_text().split("\n")[0])["prompt"]}]
     want = [Tokenizer.from_dir(tmp_path / "model", preset).encode_chat(messages) for preset in ("auto", "plain")]
     assert traced == want and want[0] != want[1]
+
+
+def test_the_results_name_the_chat_format(tmp_path, monkeypatch):
+    # A full run on random traces: its JSON holds a row per set and budget, and the format the prompts were in.
+    K, generator = heads_config(HEADS).num_heads, torch.Generator().manual_seed(2)
+
+    def make_trace(model, heads, decoder, prompt_ids, max_new_tokens, eos_ids):
+        L = 30  # (a vocabulary of 4: many right guesses)
+        tokens, ids = torch.randint(0, 4, (L,), generator=generator), torch.randint(0, 4, (L, K, TOPK),
+                                                                                   generator=generator)
+        return Trace(tokens, ids, random_logprobs(L, K, TOPK, generator), -torch.rand(L, 2 + K, generator=generator))
+
+    trace_with_a_tiny_model(monkeypatch, tmp_path, make_trace)
+    out = tmp_path / "results" / "offline.json"
+    assert dynamic_trees_offline.main(["--heads", HEADS, "--eval", f"{PROMPTS}:2", "--tune", f"{PROMPTS}:3",
+                                       "--budgets", "4,8", "--cache", str(tmp_path / "cache"), "--chat-format",
+                                       "plain", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["chat_format"] == "plain" and set(results["params"]) == {HEADS}
+    assert [(r["set"], r["prompts"], r["nodes"]) for r in results["rows"]] == [
+        ("tuning (in-sample)", 3, 4), ("tuning (in-sample)", 3, 8), ("prompts-chat", 2, 4), ("prompts-chat", 2, 8)]
+    assert all(1 <= r["static"] <= r["oracle"] for r in results["rows"])

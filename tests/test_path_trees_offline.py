@@ -2,6 +2,8 @@
 and dynamic rules must take the steps the engine takes (so their comparison with EAGLE-2's expansion is one of real
 runs), and its expansion must verify what its rule says."""
 
+import json
+
 import pytest
 import torch
 
@@ -84,3 +86,21 @@ def test_the_prompts_are_decoded_in_chat_format(tmp_path, monkeypatch):
     want = [[p.ids for p in chat_prompts(Tokenizer.from_dir(tmp_path / "model", preset), prompts, 1)]
             for preset in ("auto", "plain")]
     assert fed == want and want[0] != want[1]
+
+
+def test_a_full_run_writes_its_numbers_and_format(tmp_path):
+    make_chat_checkpoint(tmp_path / "model", seed=1)
+    path_heads(load_model(tmp_path / "model", "cpu", "float32")[0], 1, num_heads=2).save(tmp_path / "heads")
+    prompts, out = "bench/prompts-chat.jsonl", tmp_path / "results" / "path-trees.json"
+    assert path_trees_offline.main(["--model", str(tmp_path / "model"), "--heads", str(tmp_path / "heads"),
+                                    "--prompts", prompts, "--num-prompts", "2", "--max-new-tokens", "6", "--budgets",
+                                    "4,8", "--supersets", "16", "--beam", "2", "--children", "2", "--json",
+                                    str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["chat_format"] == "chatml"  # the tiny checkpoint's own, which auto found
+    assert results["max_depth"] == 2 and list(results["sets"]) == [prompts]
+    numbers = results["sets"][prompts]
+    assert numbers["prompts"] == 2 and 2 <= numbers["tokens_after_the_first"] <= 2 * 5
+    assert [row["nodes"] for row in numbers["rows"]] == [4, 8]
+    assert all(set(row) == {"nodes", "static", "expand", "dynamic-16"} and row["static"] >= 1
+               for row in numbers["rows"])
