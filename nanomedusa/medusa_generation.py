@@ -104,11 +104,9 @@ def accept(logits, tree_tokens, tree: TreeBuffers, rule: Acceptance, rng: torch.
     if rule.mode == "sample":  # a guess is accepted when it is what its parent drew; the bonus is a draw too
         drawn = next_token(logits, rule.sampling, rng)  # [T] the token each node's target distribution drew
         best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, "sample", drawn=drawn)
-    else:  # greedy, or typical (which at T = 0 is greedy); the bonus is the argmax
-        mode = "greedy" if rule.mode == "greedy" or rule.sampling.greedy else "typical"
-        best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, mode,
-                                             max(rule.sampling.temperature, 1e-5), rule.posterior_threshold,
-                                             rule.posterior_alpha)
+    else:  # greedy, or typical (at a temperature > 0: check_acceptance); the bonus is the argmax
+        best, accept_len = accept_candidates(logits, tree_tokens, tree.retrieve_indices, rule.mode,
+                                             rule.sampling.temperature, rule.posterior_threshold, rule.posterior_alpha)
     path, last = tree.accepted_path(best, accept_len)
     bonus = drawn.index_select(0, last)[0] if rule.mode == "sample" else logits.index_select(0, last)[0].argmax(-1)
     return path, last, accept_len, bonus
@@ -157,6 +155,10 @@ def check_acceptance(rule: Acceptance) -> None:
         raise NanoMedusaError(f"unknown acceptance {rule.mode!r}; use one of {', '.join(ACCEPT_MODES)}.")
     if rule.mode == "sample" and rule.sampling.greedy:
         raise NanoMedusaError("--accept sample needs --temperature > 0; use --accept greedy for greedy decoding.")
+    if rule.mode == "typical" and rule.sampling.greedy:  # (it would silently be greedy acceptance)
+        raise NanoMedusaError("--accept typical accepts by the probabilities of the tempered distribution, so at "
+                              "--temperature 0 it is --accept greedy; pass --temperature > 0 (e.g. 0.7), or --accept "
+                              "greedy.")
     if rule.mode == "greedy" and not rule.sampling.greedy:  # (it would silently decode greedily)
         raise NanoMedusaError("--accept greedy keeps the model's argmax, so --temperature would do nothing; use "
                               "--accept sample (lossless) or --accept typical to sample, or --temperature 0.")

@@ -257,6 +257,11 @@ MORE_ERRORS = {
     "seed out of range": ("generate", GENERATE[1:] + ["--seed", "-1"], "--seed must be in 0 .. 4294967295, not -1."),
     "posterior threshold 0": ("generate", GENERATE[1:] + ["--accept", "typical", "--posterior-threshold", "0"],
                               "--posterior-threshold must be above 0, not 0.0; pass a positive number."),
+    "typical acceptance at temperature 0": ("generate", GENERATE[1:] + ["--medusa", "{root}/heads", "--accept",
+                                                                       "typical"],
+                                            "--accept typical accepts by the probabilities of the tempered "
+                                            "distribution, so at --temperature 0 it is --accept greedy; pass "
+                                            "--temperature > 0 (e.g. 0.7), or --accept greedy."),
     "tree that is not JSON": ("generate", GENERATE[1:] + ["--tree", "[[0]"],
                               "Tree '[[0]' is not valid JSON (Expecting ',' delimiter at char 4); pass a preset name"),
     "--context without a chat": ("generate", GENERATE[1:] + ["--context", "512"],
