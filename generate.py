@@ -29,7 +29,7 @@ STARTED = time.perf_counter()  # before the heavy imports below: --verbose repor
 import torch
 
 import kernels
-from nanomedusa.cli import (ArgumentParser, HelpFormatter, add_chat_format_flag, add_kernel_flags, check_at_least,
+from nanomedusa.cli import (ArgumentParser, add_chat_format_flag, add_kernel_flags, check_at_least,
                             check_input_dir, check_kernels, check_positive, check_sampling, check_seed, check_text,
                             drop_default_exact_beyond_reach, exit_with, run_reporting_errors, use_kernels)
 from nanomedusa.errors import NanoMedusaError
@@ -49,7 +49,7 @@ CPU_TREE = "chain1"  # the default on a CPU (load_heads says why)
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default=None,
                    help="the user message (rendered with the model's chat template); --interactive: the first turn")
     p.add_argument("--interactive", action="store_true",

@@ -13,7 +13,7 @@ Usage:
     done; wait
     cat data/answers.?.jsonl > data/answers.jsonl
 
-    # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/heads, out/eval.json
+    # 2. Warm-up (Medusa-1): backbone frozen, heads trained. -> out/warmup/heads, out/warmup/eval.json
     python train.py --stage warmup --data data/answers.jsonl --out out/warmup
     python generate.py --medusa out/warmup/heads --prompt "..."
     #    Several answer files train as a mix; --data-weights repeats (> 1) or thins (< 1) each file's examples.
@@ -60,7 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
     from nanomedusa.training.data import EVAL_FRACTION, add_split_flag
 
     t, d = TrainConfig(), DistillConfig()
-    p = ArgumentParser(description="Train Medusa heads (see the module docstring for examples).")
+    p = ArgumentParser(description="Train Medusa heads (examples: the docstring at the top of train.py).")
     p.add_argument("--stage", choices=["distill", "warmup", "joint"], default="warmup")
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: the project default)")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",

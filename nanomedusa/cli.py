@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import math
 import os
 import signal
@@ -83,16 +84,32 @@ def add_chat_format_flag(p: argparse.ArgumentParser) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except where the flag's help already says it or the default is None
-    (what happens then is in the help), which would print a second, contradicting "(default: None)"."""
+    """--help with each flag's default, flags without help included, except where the flag's help already says
+    it, the flag is a switch (default False), or the default is None (what happens then is in the help), which
+    would print a second, contradicting "(default: None)"."""
+
+    @staticmethod
+    def _has_default(action) -> bool:
+        return not (action.default is None or action.default is False or action.default is argparse.SUPPRESS)
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if action.default is None or "default" in text else super()._get_help_string(action)
+        return super()._get_help_string(action) if self._has_default(action) and "default" not in text else text
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and self._has_default(action):  # (else argparse prints none)
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose own errors (an unknown flag, a value that is not a number) are one line too."""
+    """argparse whose --help gives each flag's default (HelpFormatter, unless another formatter is passed) and
+    whose own errors (an unknown flag, a value that is not a number) are one line too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(USAGE_ERROR, f"error: {message}; see --help.\n")
@@ -197,9 +214,10 @@ def check_kernels(backend: str, device: torch.device, exact: bool | None = None)
         raise NanoMedusaError("--kernels triton needs a CUDA GPU, or on a CPU Triton's interpreter: set "
                               "TRITON_INTERPRET=1 (slow, for checking kernels), or use --kernels torch or auto.")
     if exact and (backend == "torch" or backend == "auto" and device.type != "cuda"):
+        fix = ("drop --kernels torch" if device.type == "cuda" else
+               "on a CPU pass --kernels triton with TRITON_INTERPRET=1 (slow, for checking kernels), or drop --exact")
         raise NanoMedusaError(f"--exact needs the Triton kernels, but --kernels {backend} on {device.type} runs the "
-                              f"torch ones; drop --kernels torch on a GPU, or on a CPU add --kernels triton with "
-                              f"TRITON_INTERPRET=1.")
+                              f"torch ones; {fix}.")
 
 
 def exact_by_default(backend: str, device: torch.device) -> bool:

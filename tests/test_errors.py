@@ -428,6 +428,21 @@ def test_more_cli_errors(name, cli_root, capsys):
     assert_one_error_line(code, capsys.readouterr().err, expected.format(root=cli_root))
 
 
+def test_help_gives_each_flags_default_once(capsys):
+    import train
+
+    text = " ".join(train.make_parser().format_help().split())
+    assert "--stage {distill,warmup,joint} (default: warmup)" in text  # a flag without help has its default too
+    assert "--lora-alpha LORA_ALPHA (default: 16.0)" in text
+    assert "--heads HEADS heads directory to start from" in text  # (default None: the help says what happens)
+    assert "default: None" not in text and "default: False" not in text
+    with pytest.raises(SystemExit):
+        importlib.import_module("nanomedusa.tree_tuning").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-len MAX_LEN (default: 1024)" in text and "--device DEVICE (default: auto)" in text
+    assert "default: None" not in text and "default: False" not in text
+
+
 def test_a_reader_that_goes_away_ends_the_run_quietly(cli_root):
     # `generate.py ... | head -c 3`: the pipe is closed before the first token is written
     argv = [a for a in with_root(GENERATE, cli_root) if a != "--quiet"]
@@ -914,7 +929,8 @@ def test_dynamic_tree_budgets_that_are_not_node_counts(tiny, budget):
     from nanomedusa.dynamic_tree import DynamicTree
 
     heads = tiny[2]
-    expected = f"a dynamic tree's node budget is a whole number of at least 1, not {budget!r}; pass --tree-nodes 1"
+    expected = (f"a dynamic tree's node budget is a whole number of at least 1, not {budget!r}; pass a node "
+                f"budget (--tree-nodes) of 1 or more")
     with pytest.raises(NanoMedusaError, match=re.escape(expected)):
         DynamicTree.for_heads(heads.config, budget)
 
