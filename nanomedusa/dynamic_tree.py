@@ -96,7 +96,8 @@ class DynamicTree:
         superset = TreeBuffers.from_choices(superset_choices, device, vocab_size)
         if not 1 <= num_nodes <= superset.num_nodes:
             raise NanoMedusaError(f"a dynamic tree over a superset of {superset.num_nodes} nodes verifies 1 to "
-                                  f"{superset.num_nodes} of them, not {num_nodes}; pass --tree-nodes in that range.")
+                                  f"{superset.num_nodes} of them, not {num_nodes}; pass a node budget (--tree-nodes) "
+                                  f"in that range.")
         # N nodes reach at most depth N - 1: deeper superset nodes are never chosen (each ranks after its N or
         # more ancestors, even scored on its first N - 1 guesses only), and the retrieve rows (so the K/V moved
         # per step) stay within the N cache slots a step has.
@@ -127,7 +128,7 @@ class DynamicTree:
         num_nodes = default_nodes(config) if num_nodes is None else num_nodes
         if type(num_nodes) is not int or num_nodes < 1:
             raise NanoMedusaError(f"a dynamic tree's node budget is a whole number of at least 1, not {num_nodes!r}; "
-                                  f"pass --tree-nodes 1 or more (default {default_nodes(config)}).")
+                                  f"pass a node budget (--tree-nodes) of 1 or more (default {default_nodes(config)}).")
         if superset_nodes is None:
             superset_nodes = (min(SUPERSET_NODES, PATH_SUPERSET_PER_NODE * num_nodes) if config.reads_path
                               else SUPERSET_NODES)
@@ -135,7 +136,7 @@ class DynamicTree:
         capacity = tree_capacity(len(acc), len(acc[0]))
         if num_nodes > capacity + 1:
             raise NanoMedusaError(f"{len(acc)} heads with top-{len(acc[0])} guesses make trees of at most "
-                                  f"{capacity + 1} nodes, not {num_nodes}; pass a smaller --tree-nodes.")
+                                  f"{capacity + 1} nodes, not {num_nodes}; pass a smaller node budget (--tree-nodes).")
         superset = tree_from_head_accuracies(acc, min(max(superset_nodes, num_nodes), capacity + 1) - 1)
         return cls.from_choices(superset, num_nodes, device, vocab_size)
 

@@ -185,7 +185,8 @@ def test_path_reading_heads_get_a_budget_sized_superset():
 
 
 def test_budget_out_of_range_is_a_clear_error():
-    with pytest.raises(NanoMedusaError, match="verifies 1 to 4 of them, not 5; pass --tree-nodes in that range"):
+    with pytest.raises(NanoMedusaError, match=r"verifies 1 to 4 of them, not 5; pass a node budget \(--tree-nodes\) in "
+                                              r"that range"):
         DynamicTree.from_choices([[0], [1], [0, 0]], 5)
 
 

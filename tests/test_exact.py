@@ -6,6 +6,8 @@ On a CPU the Triton kernels run in Triton's interpreter (fp32); the GPU run (bf1
 (test_kernel_linear.py, test_kernel_tree_attention.py).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -118,10 +120,15 @@ def test_exact_blocks_fold_their_norms_into_the_linear_layers(tmp_path, triton_e
 
 
 def test_exact_needs_the_triton_kernels():
-    with pytest.raises(NanoMedusaError, match="--exact"):
+    # the fix named is one for the device and the flags given: no "drop --kernels torch" to who passed none
+    on_a_cpu = "on a CPU pass --kernels triton with TRITON_INTERPRET=1 (slow, for checking kernels), or drop --exact."
+    with pytest.raises(NanoMedusaError, match=re.escape(f"--kernels torch on cpu runs the torch ones; {on_a_cpu}")):
         check_kernels("torch", torch.device("cpu"), exact=True)
-    with pytest.raises(NanoMedusaError, match="--exact"):
+    with pytest.raises(NanoMedusaError, match=re.escape(f"--kernels auto on cpu runs the torch ones; {on_a_cpu}")):
         check_kernels("auto", torch.device("cpu"), exact=True)
+    with pytest.raises(NanoMedusaError, match=re.escape("--kernels torch on cuda runs the torch ones; drop --kernels "
+                                                        "torch.")):
+        check_kernels("torch", torch.device("cuda"), exact=True)
     check_kernels("auto", torch.device("cpu"), exact=False)  # --no-exact is always fine
     check_kernels("auto", torch.device("cpu"), exact=None)  # and so is the default
 
