@@ -209,7 +209,8 @@ def bench_hf(work: Workload, ours_ar: float, args, device, dtype) -> dict:
     try:
         import transformers  # only here: transformers is no dependency of nanomedusa
     except ImportError:
-        return {"skipped": "transformers is not installed (pip install transformers to run this part)"}
+        return {"skipped": 'transformers is not installed (pip install "transformers>=5,<5.25" to run this part: '
+                           'later ones bring a package named kernels that hides ours)'}
     say(f"[hf] transformers {transformers.__version__}: AutoModelForCausalLM.generate, {len(work.prompts)} prompts")
     hf = transformers.AutoModelForCausalLM.from_pretrained(work.ckpt, dtype=dtype).to(device).eval()
     eos = list(work.eos_ids) or None
