@@ -80,8 +80,8 @@ def parse_args(argv=None):
                    help="--tree dynamic: nodes verified per step, the root included (default: as many as the heads' "
                         "own tree has, else 64; tune it on the GPU with python -m bench.dynamic_trees)")
     p.add_argument("--accept", default=None, choices=ACCEPT_MODES,
-                   help="greedy (default at temperature 0), typical (at a temperature > 0), or sample (lossless, default at "
-                        "temperature > 0)")
+                   help="greedy (default at temperature 0), typical (at a temperature > 0), or sample (lossless, "
+                        "default at temperature > 0)")
     p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance alpha")
     p.add_argument("--compare", action="store_true",
@@ -274,8 +274,7 @@ def prepare(args):
         check_medusa(model, heads, tree, acceptance(args))
     if heads is not None and (note := base_model_note(heads_dir(args), heads.config.base_model, ckpt)):
         print(f"[note] {note}.", file=sys.stderr)
-    if heads is not None and (note := drop_default_exact_beyond_reach(args.exact, tree.num_nodes,
-                                                                      heads.config.num_heads)):
+    if heads is not None and (note := drop_default_exact_beyond_reach(args.exact, tree.num_nodes, tree.depth_max)):
         print(f"[note] {note}.", file=sys.stderr)
     decoder = Decoder(model)  # one for the process: its CUDA graphs serve every run (--compare, chat turns)
     if args.verbose:

@@ -230,20 +230,20 @@ def exact_by_default(backend: str, device: torch.device) -> bool:
             and kernels.triton_available() and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
-def exact_fits(num_nodes: int, num_heads: int) -> bool:
-    """Whether the row-invariant mode takes a tree of `num_nodes` nodes from `num_heads` heads (so at most that
-    deep): kernels/tree_attention.py's limits. Where it does not, --exact left at its default turns off."""
-    return num_nodes <= MAX_ROW_INVARIANT_TREE and num_heads < TAIL_GRAIN
+def exact_fits(num_nodes: int, depth: int) -> bool:
+    """Whether the row-invariant mode takes a tree of `num_nodes` nodes, `depth` deep: kernels/tree_attention.py's
+    limits. Where it does not, --exact left at its default turns off."""
+    return num_nodes <= MAX_ROW_INVARIANT_TREE and depth < TAIL_GRAIN
 
 
-def drop_default_exact_beyond_reach(exact: bool | None, num_nodes: int, num_heads: int) -> str | None:
+def drop_default_exact_beyond_reach(exact: bool | None, num_nodes: int, depth: int) -> str | None:
     """After the heads and their tree are known: --exact left at its default (None) and on, but beyond what its
     kernels take (`exact_fits`), turns off. Returns the note saying so, or None when nothing changed."""
-    if exact is not None or not kernels.row_invariant() or exact_fits(num_nodes, num_heads):
+    if exact is not None or not kernels.row_invariant() or exact_fits(num_nodes, depth):
         return None
     kernels.set_row_invariant(False)
-    return (f"--exact is off: its kernels take trees of at most {MAX_ROW_INVARIANT_TREE} nodes from at most "
-            f"{TAIL_GRAIN - 1} heads, and this one has {num_nodes} from {num_heads}")
+    return (f"--exact is off: its kernels take trees of at most {MAX_ROW_INVARIANT_TREE} nodes, at most "
+            f"{TAIL_GRAIN - 1} deep, and this one has {num_nodes} nodes, {depth} deep")
 
 
 def use_kernels(backend: str, exact: bool | None, device: torch.device) -> None:

@@ -357,7 +357,7 @@ def test_generate_turns_default_exact_off_for_a_tree_its_kernels_cannot_take(tin
 
     root, _ = tiny
     monkeypatch.setattr(cli, "exact_by_default", lambda backend, device: True)  # as on a Hopper GPU
-    monkeypatch.setattr(cli, "exact_fits", lambda num_nodes, num_heads: False)  # as for 8 heads
+    monkeypatch.setattr(cli, "exact_fits", lambda num_nodes, depth: False)  # as for a tree 8 deep
     # (the Triton kernels need a GPU, or the interpreter the CPU runs them in here)
     argv = ["--model", str(root / "model"), "--medusa", str(root / "heads"), "--device", KERNEL_DEVICE,
             "--prompt", "Hi.", "--max-new-tokens", "1", "--quiet", "--kernels", "triton"]
@@ -366,6 +366,11 @@ def test_generate_turns_default_exact_off_for_a_tree_its_kernels_cannot_take(tin
     assert not kernels.row_invariant()
     assert generate.main(argv + ["--exact"]) == 0  # asked for: kept (and the kernels would refuse the tree)
     assert "--exact is off" not in capsys.readouterr().err and kernels.row_invariant()
+    # what the kernels limit is the tree's depth, not the heads' count (3 here): a shallower tree keeps --exact
+    asked = []
+    monkeypatch.setattr(cli, "exact_fits", lambda num_nodes, depth: asked.append((num_nodes, depth)) or True)
+    assert generate.main(argv + ["--tree", "[[0], [1], [0, 0]]"]) == 0
+    assert asked == [(4, 2)] and kernels.row_invariant()
 
 
 def test_benchmark_runs_on_a_tiny_model(tiny, tmp_path):
