@@ -73,8 +73,9 @@ def check_fits(model, prompt_len: int, max_new_tokens: int, extra: int = 0) -> i
     if needed > context:
         what = f"prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens}"
         what += f" + tree ({extra} nodes)" if extra else ""
-        raise NanoMedusaError(f"{what} = {needed} exceeds the model's context of {context} tokens; "
-                              f"shorten the prompt or lower --max-new-tokens.")
+        fix = "shorten the prompt" + (", lower --max-new-tokens or use a smaller tree" if extra else
+                                      " or lower --max-new-tokens")
+        raise NanoMedusaError(f"{what} = {needed} exceeds the model's context of {context} tokens; {fix}.")
     return needed
 
 
@@ -90,7 +91,7 @@ class Decoder:
     def __init__(self, model, cuda_graphs: bool = True):
         self.model = model
         self.uses_graphs = cuda_graphs and model.device.type == "cuda"
-        self.graphs: dict = {}  # key -> GraphedStep, see `step`
+        self.graphs: dict = {}  # key -> GraphedStep, see `graphed`
         self._graphs_read: tuple = (None, None)  # the cache and RoPE table the graphs were captured on
         self._rng: torch.Generator | None = None
 

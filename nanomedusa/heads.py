@@ -339,7 +339,9 @@ class MedusaHeads(nn.Module):
             shape = list(state["0.0.linear.weight"].shape)
             raise NanoMedusaError(f"{weights_file}'s 0.0.linear.weight has shape {shape}, not [hidden, hidden]; "
                                   f"re-download or re-train the heads.")
-        hidden = state["0.0.linear.weight"].shape[1] if num_layers else model_config.dim
+        # [hidden, hidden] ResBlocks, else the [vocab, hidden] projection, else (the lm_head's) the model's own
+        hidden = (state["0.0.linear.weight"].shape[1] if num_layers else
+                  model_config.dim if shared else state["0.0.weight"].shape[-1])
         config = HeadsConfig(num_heads, num_layers, hidden, model_config.vocab_size, shared,
                              raw.get("base_model_name_or_path", ""), _medusa_choices(raw, path), raw.get("lora"),
                              _rank_accuracy(raw, num_heads, path), _temperatures(raw, num_heads, path),

@@ -106,6 +106,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise NanoMedusaError(f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu.")
     if device.type not in ("cpu", "cuda"):
         raise NanoMedusaError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto.")
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise NanoMedusaError(f"device {name!r} was asked for but this machine has {count} CUDA GPU"
+                              f"{'' if count == 1 else 's'}; use {valid}.")
     return torch.device("cpu") if device.type == "cpu" else device  # "cpu:0" is the one CPU device, named plainly
 
 

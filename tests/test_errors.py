@@ -120,6 +120,16 @@ def test_unknown_dtype_and_device(ckpt):
             load_model(ckpt, device="cuda")
 
 
+@pytest.mark.parametrize("count,fix", [(1, "1 CUDA GPU; use cuda:0."), (2, "2 CUDA GPUs; use cuda:0 to cuda:1.")])
+def test_a_gpu_past_the_last_one(ckpt, monkeypatch, count, fix):
+    # (a CPU machine stands in for one with `count` GPUs: the check comes before anything touches one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(NanoMedusaError, match=re.escape(f"device 'cuda:{count}' was asked for but this machine has "
+                                                        f"{fix}")):
+        load_model(ckpt, device=f"cuda:{count}")
+
+
 def test_prompt_longer_than_the_context(ckpt):
     model, _ = load_model(ckpt, device="cpu")  # max_position_embeddings = 256
     with pytest.raises(NanoMedusaError, match=r"prompt \(250 tokens\) \+ --max-new-tokens 10 = 260 exceeds the model's context of 256"):

@@ -164,6 +164,11 @@ def test_mismatched_heads_are_clear_errors(model, tmp_path):
     save_file(reference_state(2, 1, dim + 8, vocab, "medusa_head."), str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(NanoMedusaError, match=f"expect hidden size {dim + 8} but the model has {dim}"):
         MedusaHeads.load(tmp_path, model.config)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 0}))
+    save_file(reference_state(2, 0, dim + 8, vocab, "medusa_head."), str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(NanoMedusaError, match=f"expect hidden size {dim + 8} but the model has {dim}"):  # (no ResBlock)
+        MedusaHeads.load(tmp_path, model.config)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
     save_file(reference_state(2, 1, dim, vocab + 3, "medusa_head."), str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(NanoMedusaError, match=f"predict {vocab + 3} tokens but the model's vocabulary has {vocab}"):
         MedusaHeads.load(tmp_path, model.config)

@@ -219,7 +219,8 @@ def test_tree_that_does_not_fit_is_a_clear_error(models):
     model = models["mha"]  # context 256
     heads = MedusaHeads.from_base(model, num_heads=5)
     tree = TreeBuffers.from_choices(TREES["mc_sim_7b_63"])
-    with pytest.raises(NanoMedusaError, match=r"tree \(\d+ nodes\) = \d+ exceeds the model's context of 256"):
+    with pytest.raises(NanoMedusaError, match=r"tree \(\d+ nodes\) = \d+ exceeds the model's context of 256 tokens; "
+                                              r"shorten the prompt, lower --max-new-tokens or use a smaller tree\."):
         generate_medusa(Decoder(model), heads, tree, list(range(3, 60)), max_new_tokens=150)
 
 
