@@ -20,8 +20,6 @@ off). Nothing here imports the application above.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 
 import torch
@@ -33,7 +31,7 @@ if interpreting():
     patch_interpreter()
 
 _BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("NANOMEDUSA_KERNELS", "auto")
+_backend = "auto"
 _row_invariant = False
 # Programmatic dependent launch (dependent_launch.py) where the GPU has it; NANOMEDUSA_PDL=0 switches it off.
 _dependent_launch = os.environ.get("NANOMEDUSA_PDL", "1") != "0"
@@ -75,15 +73,6 @@ def dependent_launch_enabled() -> bool:
     return _dependent_launch
 
 
-@functools.cache  # (use_triton asks on every op)
-def triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
-
-
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensor `t` should run its Triton kernel. Under the "triton" backend a CPU tensor needs the
     interpreter, which must have been on since triton was imported: without it, `KernelInputError` (where Triton
@@ -96,4 +85,4 @@ def use_triton(t: torch.Tensor) -> bool:
                                    "interpreter: set TRITON_INTERPRET=1 before anything imports triton (slow, for "
                                    "checking kernels), or use the torch backend (kernels.set_backend('torch')).")
         return True
-    return t.is_cuda and triton_available()
+    return t.is_cuda

@@ -227,7 +227,7 @@ def exact_by_default(backend: str, device: torch.device) -> bool:
     than cuBLAS: README, 'Exact greedy'); off elsewhere (older GPUs lack that launch, and consumer Blackwell's
     smaller shared memory may not hold the tiles tuned on Hopper). `exact_fits` may still turn it off."""
     return (backend != "torch" and device.type == "cuda" and torch.version.hip is None
-            and kernels.triton_available() and torch.cuda.get_device_capability(device)[0] in (9, 10))
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
 def exact_fits(num_nodes: int, depth: int) -> bool:

@@ -118,7 +118,6 @@ def test_a_proposal_outside_the_nucleus_is_refused(impl):
 def test_the_cpu_path_draws_the_references_tokens(shape, temperature, top_k, top_p):
     # Token for token on the same uniforms (no rounding apart: the same torch operations on the same rows). At top-p
     # 0.3 and 0.05 some rows' proposals all miss and some don't, so the nucleus is found for a few rows only.
-    kernels.set_backend("torch")  # (else NANOMEDUSA_KERNELS=triton would send CPU tensors to the interpreter)
     logits = random_logits(*shape, seed=4).cpu()
     u = uniforms(shape[:-1], seed=5).cpu()
     want = sample_token_reference(logits, temperature, top_k, top_p, u)
