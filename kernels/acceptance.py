@@ -51,8 +51,9 @@ def _check_mode(mode: str, drawn) -> None:
 
 def node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature=1.0, eps=0.09, alpha=0.3,
                             drawn=None):
-    """tree_logits [T, V], tree_tokens [T], parents [T] (root's parent = 0), drawn [T] (sample mode) -> (ok [T]
-    bool, log_p [T] float32: log p(token) under the parent's tempered distribution in typical mode, else zeros)."""
+    """tree_logits [T, V], tree_tokens [T], parents [T] (the root's any node: its verdict is never read), drawn [T]
+    (sample mode) -> (ok [T] bool, log_p [T] float32: log p(token) under the parent's tempered distribution in
+    typical mode, else zeros)."""
     if mode == "sample":
         ok = drawn[parents] == tree_tokens
         return ok, torch.zeros(ok.shape, device=ok.device)
@@ -76,7 +77,8 @@ def accept_candidates_reference(tree_logits, tree_tokens, retrieve_indices, mode
     _check_mode(mode, drawn)
     nodes = retrieve_indices.clamp(min=0)  # [P, Dp]
     parents = torch.zeros(tree_tokens.shape[0], dtype=torch.long, device=tree_tokens.device)
-    parents[nodes[:, 1:]] = nodes[:, :-1]  # padding writes parent-of-0 = 0, harmless
+    # (the -1 padding, clamped to the root, also overwrites the root's parent, which nothing reads)
+    parents[nodes[:, 1:]] = nodes[:, :-1]
     ok, log_p = node_verdicts_reference(tree_logits, tree_tokens, parents, mode, temperature, eps, alpha, drawn)
     ok_path = ok[nodes[:, 1:]] & (retrieve_indices[:, 1:] >= 0)  # [P, Dp-1]
     accepted = ok_path.long().cumprod(dim=1).bool()  # [P, Dp-1]: True up to the first failing node

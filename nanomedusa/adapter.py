@@ -16,14 +16,13 @@ the base model's speed and the output is the fine-tuned model's (generate.py say
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import NanoMedusaError
-from .files import read_utf8
+from .files import read_utf8, write_atomically
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -41,9 +40,8 @@ def save_adapter(adapter: dict[str, torch.Tensor], out_dir: str | Path, dtype=to
     """Write `{name}.lora_a` / `{name}.lora_b` tensors to OUT_DIR/adapter.safetensors (atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (ADAPTER_FILE + ".tmp")
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in adapter.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / ADAPTER_FILE)
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in adapter.items()}
+    write_atomically(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 @torch.no_grad()

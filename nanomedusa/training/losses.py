@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from .data import IGNORE
 
-STATS = ("ce", "count", "top1", "top5")  # columns of a stats tensor [rows, 4] (sums)
-
 
 def shifted_targets(labels: torch.Tensor, num_heads: int) -> torch.Tensor:
     """labels [B, T] -> targets [1 + K, B, T]: row j holds labels[t + j + 1] (IGNORE past the end)."""
