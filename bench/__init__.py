@@ -29,6 +29,8 @@ Run from the repository root (bench/ is a tool of the repository, not part of th
                                        on a CPU, and other node-scoring rules (no timing)
     python -m bench.proposal_cost      what a tree's proposal costs a step: static trees against dynamic trees
                                        over supersets of several sizes, and the kernels behind each
+    python -m bench.prefill_memory     what the prefill graphs hold on the GPU, one prompt length after another,
+                                       and their results against eager prefills
     python -m bench.sampling_cost      what lossless sampling's acceptance costs a step against typical
                                        acceptance, per tree size, and plain sampling's draw against argmax
     python -m bench.conditioned_heads_probe   heads fed the tokens before their target (the root, the tree's

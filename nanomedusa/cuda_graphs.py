@@ -15,6 +15,11 @@ A step that draws random numbers (`torch.rand(..., generator=g)`) passes `genera
 registered with it (`CUDAGraph.register_generator_state`, torch >= 2.3), so each replay draws fresh numbers
 from g's current seed and offset (advancing it as an eager call would), and re-seeding g between replays
 takes effect. Warm-up and capture leave g's state as they found it.
+
+Each graph keeps the memory its step worked in (its pool) for as long as it lives. Graphs captured with one
+`pool` (`torch.cuda.graph_pool_handle()`) share theirs: the pool is as large as the largest step, not their sum,
+but a replay may overwrite what another graph of the pool returned. Share a pool only among graphs whose output
+is used before another of them replays, as the decoder's prefills are (decoder.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 class GraphedStep:
     def __init__(self, fn: Callable, *example_inputs: torch.Tensor, enabled: bool = True,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, pool: tuple | None = None):
         self.fn = fn
         self.enabled = enabled and example_inputs[0].is_cuda
         if not self.enabled:
@@ -43,7 +48,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         if generator is not None:
             self.graph.register_generator_state(generator)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.output = fn(*self.inputs)
         if generator is not None:
             generator.set_state(rng_state)

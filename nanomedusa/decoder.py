@@ -93,6 +93,9 @@ class Decoder:
         self.uses_graphs = cuda_graphs and model.device.type == "cuda"
         self.graphs: dict = {}  # key -> GraphedStep, see `graphed`
         self._graphs_read: tuple = (None, None)  # the cache and RoPE table the graphs were captured on
+        # The prefill graphs' working memory, one pool for all of them (cuda_graphs.py): a chat or a benchmark
+        # meets many prompt lengths, a graph each, and a 7B's prefill works in tens of MB per 1,000 tokens.
+        self._prefill_pool: tuple | None = None
         self._rng: torch.Generator | None = None
 
     @property
@@ -120,12 +123,14 @@ class Decoder:
             needed = round_up(max(needed, round_up(prompt_len, PREFILL_BUCKET)), CACHE_BUCKET)
         self.model.setup_cache(min(needed, self.model.config.max_position_embeddings))
 
-    def graphed(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None):
+    def graphed(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None,
+                pool: tuple | None = None):
         """`fn` as a CUDA graph kept under `key`, captured the first time the key comes up (eager off a GPU).
 
         `key` must name everything `fn` depends on besides the model, its cache and the kernel settings (added
-        here: a graph replays the kernels it was captured with), and `generator` what it draws random
-        numbers from (`random_generator`): the graph replays its draws from it."""
+        here: a graph replays the kernels it was captured with), `generator` what it draws random numbers
+        from (`random_generator`): the graph replays its draws from it, and `pool` the memory pool it shares
+        (`GraphedStep`)."""
         if not self.uses_graphs:
             return GraphedStep(fn, *example_inputs, enabled=False)
         key = (key, kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled())
@@ -134,7 +139,7 @@ class Decoder:
             self.graphs.clear()  # captured on a cache or RoPE table that has since been replaced
             self._graphs_read = read
         if key not in self.graphs:
-            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator)
+            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator, pool=pool)
         return self.graphs[key]
 
     def random_generator(self, sampling: Sampling, seed_from: torch.Generator | None) -> torch.Generator | None:
@@ -164,7 +169,11 @@ class Decoder:
 
         # Capturing runs the step on these inputs first: `start` keeps those runs' writes on slots this prefill fills.
         prefix = torch.tensor(start, device=self.device)
+        # One pool for every prefill: the hidden state returned is read (by the step or logits after it) before
+        # another prefill replays.
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
         step = self.graphed(("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=self.device),
-                         prefix, torch.tensor(0, device=self.device))
+                            prefix, torch.tensor(0, device=self.device), pool=self._prefill_pool)
         tokens = torch.tensor([new + [0] * (padded - len(new))], device=self.device)  # [1, padded]
         return step(tokens, prefix, torch.tensor(len(new) - 1, device=self.device))

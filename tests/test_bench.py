@@ -448,6 +448,9 @@ BAD_FLAGS = {  # name: (module, argv, the error's start); {tmp} is a fresh direc
                                          "--chunks '4x' is not COUNT, COUNT:MAX_TILES or shipped"),
     "body_chunks: --reps 0": ("body_chunks", [".", "--reps", "0"], "--reps must be at least 1, not 0"),
     "body_chunks: an unknown --shape": ("body_chunks", [".", "--shape", "8b"], "argument --shape: invalid choice"),
+    "prefill_memory: --lengths 64,x": ("prefill_memory", ["--lengths", "64,x"],
+                                       "--lengths '64,x' is not a comma-separated list of token counts"),
+    "prefill_memory: --json a directory": ("prefill_memory", ["--json", "{tmp}"], "--json {tmp} is a directory"),
 }
 
 
@@ -481,7 +484,7 @@ def test_sampling_cost_needs_the_heads_rank_accuracies(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
-@pytest.mark.parametrize("module", ["step_profile", "sampling_cost", "tree_attention", "linear"])
+@pytest.mark.parametrize("module", ["step_profile", "sampling_cost", "tree_attention", "linear", "prefill_memory"])
 def test_gpu_benchmarks_refuse_a_cpu_in_one_line(module, capsys):
     import importlib
     assert importlib.import_module(f"bench.{module}").main([]) == 2

@@ -104,6 +104,9 @@ def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
         # 3 prompts, 2 padded lengths; a graph's key also holds the kernel settings it was captured with
         settings = (kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled())
         assert sorted(graphed.graphs) == [(("prefill", n), *settings) for n in (PREFILL_BUCKET, 2 * PREFILL_BUCKET)]
+        # and they work in one memory pool (as large as the largest prefill needs, not the sum of all): the last
+        # prompt's graph was replayed after the longer one's was captured in that pool, and gave its own result
+        assert len({step.graph.pool() for step in graphed.graphs.values()}) == 1
     for prompt in ([5, 17, 42], list(range(3, 90))):
         assert generate(graphed, prompt, 20).tokens == generate(eager, prompt, 20).tokens
 
