@@ -17,9 +17,10 @@ from g's current seed and offset (advancing it as an eager call would), and re-s
 takes effect. Warm-up and capture leave g's state as they found it.
 
 Each graph keeps the memory its step worked in (its pool) for as long as it lives. Graphs captured with one
-`pool` (`torch.cuda.graph_pool_handle()`) share theirs: the pool is as large as the largest step, not their sum,
-but a replay may overwrite what another graph of the pool returned. Share a pool only among graphs whose output
-is used before another of them replays, as the decoder's prefills are (decoder.py).
+`pool` (`torch.cuda.graph_pool_handle()`) share theirs, each capture reusing the blocks the pool already holds:
+it grows by less than the graphs' sum (as little as the largest step's need where larger steps come first), but
+a replay may overwrite what another graph of the pool returned. Share a pool only among graphs whose output is
+used before another of them replays, as the decoder's prefills are (decoder.py).
 """
 
 from __future__ import annotations

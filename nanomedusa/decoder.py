@@ -93,9 +93,8 @@ class Decoder:
         self.uses_graphs = cuda_graphs and model.device.type == "cuda"
         self.graphs: dict = {}  # key -> GraphedStep, see `graphed`
         self._graphs_read: tuple = (None, None)  # the cache and RoPE table the graphs were captured on
-        # The prefill graphs' working memory, one pool for all of them (cuda_graphs.py): a chat or a benchmark
-        # meets many prompt lengths, a graph each, and a 7B's prefill works in tens of MB per 1,000 tokens.
-        self._prefill_pool: tuple | None = None
+        # name -> the memory pool the graphs captured under that name share (cuda_graphs.py), retired with them
+        self._pools: dict[str, tuple] = {}
         self._rng: torch.Generator | None = None
 
     @property
@@ -124,22 +123,26 @@ class Decoder:
         self.model.setup_cache(min(needed, self.model.config.max_position_embeddings))
 
     def graphed(self, key, fn: Callable, *example_inputs: torch.Tensor, generator: torch.Generator | None = None,
-                pool: tuple | None = None):
+                pool: str | None = None):
         """`fn` as a CUDA graph kept under `key`, captured the first time the key comes up (eager off a GPU).
 
         `key` must name everything `fn` depends on besides the model, its cache and the kernel settings (added
         here: a graph replays the kernels it was captured with), `generator` what it draws random numbers
-        from (`random_generator`): the graph replays its draws from it, and `pool` the memory pool it shares
-        (`GraphedStep`)."""
+        from (`random_generator`): the graph replays its draws from it, and `pool` names the memory pool it
+        shares with the other graphs of that name (`GraphedStep`; None: a pool of its own)."""
         if not self.uses_graphs:
             return GraphedStep(fn, *example_inputs, enabled=False)
         key = (key, kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled())
         read = (self.model.kv_cache, self.model.rope_cos)
         if any(a is not b for a, b in zip(read, self._graphs_read)):
             self.graphs.clear()  # captured on a cache or RoPE table that has since been replaced
+            # and their pools with them: a pool whose graphs are gone must not take new ones while a tensor it
+            # returned lives on (torch's allocator stops on an internal assert)
+            self._pools.clear()
             self._graphs_read = read
         if key not in self.graphs:
-            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator, pool=pool)
+            shared = None if pool is None else self._pools.setdefault(pool, torch.cuda.graph_pool_handle())
+            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator, pool=shared)
         return self.graphs[key]
 
     def random_generator(self, sampling: Sampling, seed_from: torch.Generator | None) -> torch.Generator | None:
@@ -157,8 +160,9 @@ class Decoder:
     def prefill(self, prompt_ids: list[int], start: int = 0) -> torch.Tensor:
         """Run prompt_ids[start:] through the model at positions start.., filling cache slots start .. P-1
         (slots before `start` already hold the prompt's first tokens); returns the last position's final
-        hidden state [1, dim]. `start` is an input of the graph, so a continued conversation's new tokens
-        replay the same graphs as a fresh prompt of their length."""
+        hidden state [1, dim], which the next prefill overwrites (on a GPU: copy it to keep it). `start` is an
+        input of the graph, so a continued conversation's new tokens replay the same graphs as a fresh prompt of
+        their length."""
         model, new = self.model, prompt_ids[start:]
         padded = round_up(len(new), PREFILL_BUCKET)
         if not self.uses_graphs or start + padded > model.max_seq_len:
@@ -169,11 +173,10 @@ class Decoder:
 
         # Capturing runs the step on these inputs first: `start` keeps those runs' writes on slots this prefill fills.
         prefix = torch.tensor(start, device=self.device)
-        # One pool for every prefill: the hidden state returned is read (by the step or logits after it) before
-        # another prefill replays.
-        if self._prefill_pool is None:
-            self._prefill_pool = torch.cuda.graph_pool_handle()
+        # One pool for every prefill length (a chat or a benchmark meets many, a graph each, and a 7B's prefill
+        # works in some 150 MB per 1,000 tokens): the hidden state returned is read, by the step or the logits
+        # after it, before another prefill replays.
         step = self.graphed(("prefill", padded), run, torch.zeros(1, padded, dtype=torch.long, device=self.device),
-                            prefix, torch.tensor(0, device=self.device), pool=self._prefill_pool)
+                            prefix, torch.tensor(0, device=self.device), pool="prefill")
         tokens = torch.tensor([new + [0] * (padded - len(new))], device=self.device)  # [1, padded]
         return step(tokens, prefix, torch.tensor(len(new) - 1, device=self.device))

@@ -104,11 +104,27 @@ def test_graphed_prefill_equals_eager_and_is_reused(tmp_path):
         # 3 prompts, 2 padded lengths; a graph's key also holds the kernel settings it was captured with
         settings = (kernels.get_backend(), kernels.row_invariant(), kernels.dependent_launch_enabled())
         assert sorted(graphed.graphs) == [(("prefill", n), *settings) for n in (PREFILL_BUCKET, 2 * PREFILL_BUCKET)]
-        # and they work in one memory pool (as large as the largest prefill needs, not the sum of all): the last
-        # prompt's graph was replayed after the longer one's was captured in that pool, and gave its own result
+        # and they work in one memory pool (less than the sum of what each needs): the last prompt's graph was
+        # replayed after the longer one's was captured in that pool, and gave its own result
         assert len({step.graph.pool() for step in graphed.graphs.values()}) == 1
     for prompt in ([5, 17, 42], list(range(3, 90))):
         assert generate(graphed, prompt, 20).tokens == generate(eager, prompt, 20).tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the prefill graphs need a GPU")
+def test_a_prefill_kept_while_the_cache_grows(tmp_path):
+    # A larger run replaces the cache, so the graphs captured on the old one go, and with them their pool: the next
+    # prefill's capture takes a new one. (Capturing into the old pool while a tensor it returned lives on made
+    # torch's allocator stop on an internal assert.)
+    make_hf_checkpoint(tmp_path, max_position_embeddings=1024)
+    model = load_model(tmp_path, device="cuda", dtype="float32")[0]
+    graphed, eager = Decoder(model), Decoder(model, cuda_graphs=False)
+    long_prompt = list(range(3, 90)) * 4  # 348 tokens: a cache of 512 slots, where the first run made 256
+    graphed.prepare(3, 20)
+    with torch.inference_mode():
+        kept = graphed.prefill([5, 17, 42])
+    assert generate(graphed, long_prompt, 20).tokens == generate(eager, long_prompt, 20).tokens
+    assert model.max_seq_len == 512 and kept.shape == (1, model.config.dim)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
