@@ -19,7 +19,6 @@ too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # generate.py is a script at the repository root, not part of the package
 
-from nanomedusa.cli import (ArgumentParser, check_at_least, exit_with,  # noqa: E402 (after the path)
-                            run_reporting_errors)
+from nanomedusa.cli import (ArgumentParser, RawDescriptionHelpFormatter, check_at_least,  # noqa: E402 (after the path)
+                            exit_with, run_reporting_errors)
 
 PROMPT = "Hi, who are you?"
 FOLLOW_UPS = ["Thanks! Say that again in one sentence.", "Why?", "Give me one example.", "And another one?",
@@ -40,7 +39,7 @@ FOLLOW_UPS = ["Thanks! Say that again in one sentence.", "Why?", "Give me one ex
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="fresh generate.py processes for the time to first token")
     p.add_argument("--conversation-tokens", type=int, default=1000, help="grow the chat to this many tokens")
     p.add_argument("--follow-ups", type=int, default=5, help="follow-up turns timed")

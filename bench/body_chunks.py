@@ -16,10 +16,9 @@ first version's.
 
 from __future__ import annotations
 
-import argparse
 import re
 
-from nanomedusa.cli import ArgumentParser, exit_with, run_reporting_errors
+from nanomedusa.cli import ArgumentParser, RawDescriptionHelpFormatter, exit_with, run_reporting_errors
 from nanomedusa.errors import NanoMedusaError
 
 from .ab_steps import (NOTHING_MEASURED, TABLE_COLUMNS, add_step_flags, check_step_flags, measure, median_steps,
@@ -66,11 +65,12 @@ print(json.dumps(rows))
 
 
 def parse_args(argv=None):
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=RawDescriptionHelpFormatter)
     ap.add_argument("versions", nargs="+", help="exported folders (ab/<revision>) or . ; the first is the baseline")
     add_step_flags(ap)
     ap.add_argument("--chunks", nargs="+", default=["2", "4", "8", "16"],
-                    help="body chunkings to time: COUNT or COUNT:MAX_TILES (kernels.tree_attention.BodyChunks), or shipped")
+                    help="body chunkings to time: COUNT or COUNT:MAX_TILES (kernels.tree_attention.BodyChunks), or "
+                         "shipped")
     ap.add_argument("--rounds", type=int, default=2, help="times through every prefix and count (default 2)")
     ap.add_argument("--reps", type=int, default=200, help="graph replays per step time (default 200)")
     ap.add_argument("--device", default="cuda", help="default cuda (cpu: eager steps, for checking the tool)")

@@ -146,12 +146,12 @@ def entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(logprobs.exp()).sum(-1)
 
 
-def trace_format_suffix(checkpoint: Path, chat_format: str) -> str:
-    """The cache file names' mark of --chat-format: another format is other prompts, so other traces. The
-    checkpoint's own format, found by `auto` or named, has none, the name its traces had before the flag existed."""
-    if chat_format == "auto":
+def trace_format_suffix(chat_format: str) -> str:
+    """The cache file names' mark of --chat-format: another format is other prompts, so other traces. The default
+    model's own format, found by `auto` or named, has none, the name its traces had before the flag existed."""
+    if chat_format == "auto":  # (no model needed: a cache copied from a GPU machine serves without one)
         return ""
-    own = Tokenizer.from_dir(checkpoint).chat.preset  # (the tokenizer only: no weights load)
+    own = Tokenizer.from_dir(resolve_checkpoint(None)).chat.preset  # (the tokenizer only: no weights load)
     return "" if chat_format == own else f"--{chat_format}"
 
 
@@ -161,8 +161,7 @@ def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Pa
     float32 with the torch kernels (on a GPU in graphed steps: minutes where a CPU takes an hour), from prompts
     rendered in `chat_format` (--chat-format)."""
     out, model = {}, None
-    checkpoint = resolve_checkpoint(None)  # the default model's, whose heads these are
-    fmt = trace_format_suffix(checkpoint, chat_format)
+    fmt = trace_format_suffix(chat_format)
     for spec in specs:
         path, prompts = read_prompt_set(spec)
         cache_file = cache / f"{Path(heads_dir).name}--{Path(path).stem}--{max_new_tokens}{fmt}.pt"
@@ -171,7 +170,7 @@ def load_traces(heads_dir: str, specs: list[str], max_new_tokens: int, cache: Pa
         missing = [(i, messages) for i, messages in prompts if "context" not in cached.get(i, {})]
         if missing and model is None:
             kernels.set_backend("torch")
-            model = load_model(checkpoint, device=device, dtype=torch.float32)[0]
+            model, checkpoint = load_model(None, device=device, dtype=torch.float32)
             heads = load_heads_and_adapter(heads_dir, model)
             tokenizer, decoder = load_tokenizer(checkpoint, chat_format), Decoder(model)
         for n, (i, messages) in enumerate(missing, 1):

@@ -84,23 +84,32 @@ def add_chat_format_flag(p: argparse.ArgumentParser) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, flags without help included, except where the flag's help already says
-    it, the flag is a switch (default False), or the default is None (what happens then is in the help), which
-    would print a second, contradicting "(default: None)"."""
+    """--help with each flag's default (a list as the flag takes it, space-separated), flags without help
+    included, except where the flag's help already says it, the flag is a switch (default False), or the default
+    is None or empty (what happens then is in the help), which would print a contradicting "(default: None)"."""
 
     @staticmethod
-    def _has_default(action) -> bool:
-        return not (action.default is None or action.default is False or action.default is argparse.SUPPRESS)
+    def _default_note(action) -> str | None:
+        """'(default: ...)' for the action's default, or None where it has none worth printing."""
+        value = action.default
+        if value is None or value is False or value is argparse.SUPPRESS or value in ("", [], ()):
+            return None
+        shown = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        return f"(default: {shown})".replace("%", "%%")  # (argparse %-formats help text)
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        return super()._get_help_string(action) if self._has_default(action) and "default" not in text else text
+        text, note = action.help or "", self._default_note(action)
+        return text if note is None or "default" in text else f"{text} {note}"
 
     def _format_action(self, action):
-        if not action.help and action.option_strings and self._has_default(action):  # (else argparse prints none)
-            action = copy.copy(action)
-            action.help = "(default: %(default)s)"
+        if not action.help and action.option_strings and (note := self._default_note(action)):
+            action = copy.copy(action)  # (argparse prints no help line, so no default, for a flag without help)
+            action.help = note
         return super()._format_action(action)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter, with the description printed as written (a module docstring's layout kept)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

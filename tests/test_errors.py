@@ -438,12 +438,14 @@ def test_more_cli_errors(name, cli_root, capsys):
     assert_one_error_line(code, capsys.readouterr().err, expected.format(root=cli_root))
 
 
-def test_help_gives_each_flags_default_once(capsys):
+def test_help_gives_each_flags_default_once(capsys, monkeypatch):
     import train
+
+    monkeypatch.setenv("COLUMNS", "1000")  # (argparse's lines as wide as that: no word cut at a hyphen)
 
     text = " ".join(train.make_parser().format_help().split())
     assert "--stage {distill,warmup,joint} (default: warmup)" in text  # a flag without help has its default too
-    assert "--lora-alpha LORA_ALPHA (default: 16.0)" in text
+    assert "--lora-alpha LORA_ALPHA (default: 16.0)" in text and text.count("(default: 16.0)") == 1
     assert "--heads HEADS heads directory to start from" in text  # (default None: the help says what happens)
     assert "default: None" not in text and "default: False" not in text
     with pytest.raises(SystemExit):
@@ -451,6 +453,10 @@ def test_help_gives_each_flags_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--max-len MAX_LEN (default: 1024)" in text and "--device DEVICE (default: auto)" in text
     assert "default: None" not in text and "default: False" not in text
+    with pytest.raises(SystemExit):  # a list as the flag takes it, not as Python prints it
+        importlib.import_module("bench.path_trees_offline").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: bench/prompts-chat-heldout.jsonl bench/prompts-train-mix.jsonl)" in text and "['" not in text
 
 
 def test_a_reader_that_goes_away_ends_the_run_quietly(cli_root):
