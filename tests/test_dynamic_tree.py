@@ -136,17 +136,24 @@ def test_acceptance_on_a_dynamic_layout_equals_the_static_trees(kernel):
     as on the chosen paths' static buffers (sampling: the same draw at each node)."""
     accept = {"torch": accept_candidates_reference, "triton": on_kernel_device(accept_candidates_triton)}[kernel]
     gen = torch.Generator().manual_seed(1)
-    cases = random_cases(5 if kernel == "triton" else 40)  # (the interpreter is slow)
+    cases = list(random_cases(5 if kernel == "triton" else 40))  # (the interpreter is slow)
+    accepted = dict.fromkeys(("greedy", "typical", "sample"), 0)
     for case, (tree, ids, logprobs) in enumerate(cases):
         tokens, nodes = tree.choose(torch.tensor(0), ids % 16, logprobs)  # tokens in a 16-token vocabulary
         step, static = check_layout(tree, nodes)
         logits = torch.randn(tree.num_nodes, 16, generator=gen) * 3
+        # most nodes' tokens their parent's likeliest (so mostly drawn too): paths get accepted, not only rejected
+        likely = torch.rand(tree.num_nodes, generator=gen) < 0.7
+        likely[0] = False  # (the root has no parent)
+        logits[step.parents[likely], tokens[likely]] += 20
         drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]  # [N] each node's draw
-        for mode in ("greedy", "typical", "sample"):  # the leaves' rows come first, in the same order: the same row
+        for mode in accepted:  # the leaves' rows come first, in the same order: the same row
             draws = drawn if mode == "sample" else None
             got, want = (accept(logits, tokens, t.retrieve_indices, mode, 0.7, 0.09, 0.3, draws)
                          for t in (step, static))
             assert [t.item() for t in got] == [t.item() for t in want], (case, mode)
+            accepted[mode] += int(want[1] > 0)
+    assert all(count > len(cases) // 2 for count in accepted.values()), accepted  # most cases accept something
 
 
 def test_a_dynamic_proposal_launches_no_more_kernels_than_a_static_one(tiny):

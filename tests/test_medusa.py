@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import nanomedusa.decoder as decoder_module
 import nanomedusa.medusa_generation as medusa_generation
 import kernels.sample_token
 from kernels.acceptance import accept_candidates_triton
@@ -193,8 +194,9 @@ def test_dynamic_tree_of_the_whole_superset_decodes_as_the_superset(models):
 def test_kv_cache_equals_plain_decoding(models):
     model = models["gqa"]
     prompt = [4, 9, 33, 12, 7]
-    heads = random_heads(model, 1)
+    heads = OracleHeads(model, prompt, generate(Decoder(model), prompt, max_new_tokens=40).tokens, vocab=61)
     got = generate_medusa(Decoder(model), heads, TreeBuffers.from_choices(TREES["small"]), prompt, max_new_tokens=25)
+    assert got.steps < len(got.tokens) - 1  # guesses accepted, so the compaction moved their entries into place
     n = len(prompt) + len(got.tokens) - 1  # slots holding the prompt and every emitted token but the last
     medusa_cache = model.kv_cache.buffer[:, :, :, :, :n].clone()
     with torch.inference_mode():  # as generation runs: the cache it made (and this reuses) is an inference tensor
@@ -341,6 +343,53 @@ def test_sampling_matches_the_models_distribution(tmp_path, monkeypatch, decoder
     assert stat < chi_square_bound(df), (stat, df)
     if decoder == "medusa":
         assert accepted > n // 10  # guesses were accepted often enough for the test to mean something
+
+
+class ReplayOfTheFirstCall:
+    """A stand-in for GraphedStep on a CPU that replays as a CUDA graph does: the function it was made with, on
+    its static inputs, whatever the caller passes later. A graph key that leaves out something a step depends on
+    then replays another step, as on a GPU."""
+
+    def __init__(self, fn, *example_inputs, enabled=True, generator=None, pool=None):
+        self.fn, self.inputs = fn, [x.clone() for x in example_inputs]
+
+    def __call__(self, *inputs):
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
+        return self.fn(*self.inputs)
+
+
+def test_graph_keys_name_everything_a_step_depends_on(models, monkeypatch):
+    # (the decoder's graph bookkeeping on a CPU: GPU runs check the real graphs, test_generation.py and below)
+    monkeypatch.setattr(decoder_module, "GraphedStep", ReplayOfTheFirstCall)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    model = models["gqa"]
+    graphed = Decoder(model)
+    graphed.uses_graphs = True
+    for prompt in ([5, 17, 42], list(range(3, 60)) * 2, [9, 8, 7, 6, 5]):  # padded prefills of 64, 128, 64 tokens
+        assert generate(graphed, prompt, 20).tokens == generate(Decoder(model), prompt, 20).tokens
+    heads = MedusaHeads.from_base(model, num_heads=5).eval()
+    # two trees of as many nodes (one step graph each), and a dynamic one
+    for tree in (TreeBuffers.from_choices(chain(3)), TreeBuffers.from_choices([[0], [1], [0, 0]]),
+                 make_tree("dynamic-24")):
+        want = generate_medusa(Decoder(model), heads, tree, [5, 17, 42, 8], 30)
+        got = generate_medusa(graphed, heads, tree, [5, 17, 42, 8], 30)
+        assert (got.tokens, got.steps) == (want.tokens, want.steps) and want.steps < len(want.tokens) - 1
+
+
+@pytest.mark.parametrize("tree_name", ["chain3", "dynamic-24"])
+def test_seeded_medusa_sampling_is_reproducible(models, tree_name):
+    # (the eager steps a CPU runs; the graphed ones, on a GPU: the test below)
+    model = models["gqa"]
+    heads, tree = random_heads(model, 0), make_tree(tree_name)
+    sampling = Sampling(temperature=0.7, top_k=20, top_p=0.9)
+
+    def run(seed):
+        return generate_medusa(Decoder(model), heads, tree, [5, 17, 42, 8], 30, sampling, accept="sample",
+                               generator=torch.Generator().manual_seed(seed)).tokens
+
+    first = run(1)
+    assert run(1) == first and run(2) != first
 
 
 @CUDA
