@@ -104,6 +104,19 @@ def test_row_invariant_on_the_gpu_at_model_sizes(N, K):
         assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w), x[:M], rows) == [], M
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these tiles in bf16 above")
+def test_the_gpus_tiles_under_the_interpreter():
+    # The tile config a GPU takes for a 135M model's ragged matrix (bf16: 64-row tiles, loaded by the TMA from 64
+    # rows on), run in float32 in the interpreter, so that a CPU checks its masks and tails too.
+    N, K = 3000, 600  # ragged features and a K tail
+    config = _tile_config(N, K, torch.bfloat16, True)
+    x, w, _ = linear_inputs(70, N, K, torch.float32, DEVICE, bias=False)
+    check_linear(x[:65], w, config=config)
+    for M in (1, 63, 64, 65):
+        rows = sorted({0, M // 2, M - 1})
+        assert rows_differing_from_one_row_calls(lambda t: linear_triton(t, w, config=config), x[:M], rows) == [], M
+
+
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch (and the weights' L2 prefetch) needs a Hopper GPU")
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 40), (100, 72)])  # ragged N (tiles) and short K (prefetch)
