@@ -26,10 +26,10 @@
 # $WORK/out), MODEL (a checkpoint; default the built-in model, which must be prepared: `python -m
 # weights.default_model`, with NANOMEDUSA_GGUF=/path/to/the.gguf to convert a local file), NUM_PROMPTS (the bench and
 # path-bench stages' bench.decode and draft-probe's answers use the first N prompts of each bench set; default all; the
-# exact and sizes stages and path-bench's bench.dynamic_trees calls keep their own counts), HEAD_LAYERS
-# (ResBlocks per head, default 2), RUN (the warm-up's folder under WORK, default warmup; the other stages read warmup),
-# EPOCHS (warm-up epochs, default 2), JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files,
-# default the kernels', --exact's and dynamic trees', and how many pytest processes run them at once, one file each,
+# exact and sizes stages and path-bench's bench.dynamic_trees calls keep their own counts), HEAD_LAYERS (ResBlocks per
+# head, default 2), RUN (the warm-up's folder under WORK, default warmup; the other stages read warmup), EPOCHS (warm-up
+# epochs, default 2), JOINT_STEPS (default 500), KERNEL_TESTS and KERNEL_JOBS (the kernel tests' files, default the
+# kernels', --exact's, dynamic trees' and decoding's, and how many pytest processes run them at once, one file each,
 # default 4), BENCH_FLAGS (more flags for every bench.decode call: sizes, bench, exact, path-bench), TRIM (--trim: drop
 # the heads deeper than the tuned tree), and for the exact stage HEADS_DIRS (its --heads flags, default the three
 # shipped heads: m1, m2 and the default path-reading heads, path), BENCH_7B_FLAGS (flags of its 7B-shaped part),
@@ -89,7 +89,9 @@ kernel_tests() {  # FILE...
 case "$1" in
   kernels|kernel-tests)
     # unquoted: KERNEL_TESTS is a list of files; the default lists the largest first (more tests, more compiling)
-    kernel_tests ${KERNEL_TESTS:-$(ls -S tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py)} \
+    # (and the files whose CUDA-graph tests only a GPU runs: decoding, the chat, the prefill graphs' shared pool)
+    kernel_tests ${KERNEL_TESTS:-$(ls -S tests/test_kernel_*.py tests/test_exact.py tests/test_dynamic_tree.py \
+        tests/test_generation.py tests/test_chat.py tests/test_medusa.py)} \
         2>&1 | tee "$OUT/kernel_tests.log"
     [ "$1" = kernel-tests ] && exit 0
     python -m bench.small_kernels 2>&1 | tee "$OUT/bench_small.txt"
