@@ -141,8 +141,9 @@ class Decoder:
             self._pools.clear()
             self._graphs_read = read
         if key not in self.graphs:
-            shared = None if pool is None else self._pools.setdefault(pool, torch.cuda.graph_pool_handle())
-            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator, pool=shared)
+            if pool is not None and pool not in self._pools:
+                self._pools[pool] = torch.cuda.graph_pool_handle()
+            self.graphs[key] = GraphedStep(fn, *example_inputs, generator=generator, pool=self._pools.get(pool))
         return self.graphs[key]
 
     def random_generator(self, sampling: Sampling, seed_from: torch.Generator | None) -> torch.Generator | None:
