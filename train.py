@@ -70,7 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="one weight per --data file: its training examples are repeated (W > 1) or thinned (W < 1)")
     p.add_argument("--out", default=None, help="output dir (warmup/joint, default out) or .jsonl file (distill)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto",
+                   help="the backbone's: auto is bfloat16 for warm-up and distillation on a GPU, else float32; full "
+                        "joint training (no --lora-rank) takes float32 only")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds distillation's sampling; in training, the held-out split, the data order and new "
                         "weights (default: --heads' own, else 0)")
@@ -157,10 +159,12 @@ def check_stage_flags(args) -> None:
 def check_args(args) -> None:
     """Every flag's value and path, before anything loads (a NanoMedusaError naming the fix). TrainConfig.check
     adds the checks of how training flags combine."""
+    from nanomedusa.loading import check_dtype
     from nanomedusa.training import DistillConfig, TrainConfig
     from nanomedusa.training.checkpoint import OUTPUTS
 
     check_stage_flags(args)
+    check_dtype(args.dtype)
     for data in args.data:
         check_input_file("--data", data)
     if args.seed is not None:

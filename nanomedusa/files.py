@@ -39,9 +39,10 @@ def check_utf8(what: str, text: str, fix: str = "pass UTF-8 text") -> None:
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(temporary path), then move the result over `path` in one step."""
+    """Call write(temporary path), then move the result over `path` in one step. The temporary name is the
+    process's own, so processes writing the same file (ranks sharing a hidden-state cache) never mix their bytes."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 

@@ -94,6 +94,11 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_dtype(name: str | torch.dtype) -> None:
+    """Refuse a --dtype nanomedusa does not run in before anything loads (the flag checks call it)."""
+    resolve_dtype(name, torch.device("cpu"))
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     name = str(name)  # a torch.device is checked as its name is (e.g. "cuda:0")
     if name == "auto":

@@ -7,9 +7,12 @@ answer letter (it depends on the prompt). Heads on a random backbone can therefo
 
 import importlib
 import json
+import os
 import random
+import re
 import shutil
 import string
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,8 +28,8 @@ from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.training.data import (IGNORE, Conversation, Example, StepSampler, load_conversations, mix_examples,
-                                      split_by_position, tokenize_conversation, train_eval_split)
-from nanomedusa.training.hidden_cache import HiddenCache
+                                      split_by_position, tokenize_all, tokenize_conversation, train_eval_split)
+from nanomedusa.training.hidden_cache import HiddenCache, backbone_files, fingerprint
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
 
@@ -95,6 +98,11 @@ def test_labels_cover_exactly_the_answers(setup):
     cut = tokenize_conversation(tok, messages, max_len=len(tok.encode_chat(messages[:2])) + 3)
     assert cut.input_ids == ex.input_ids[: len(cut.input_ids)] and sum(t != IGNORE for t in cut.labels) == 3
     assert tokenize_conversation(tok, messages[:2], max_len=1000) is None  # no answer, nothing to learn
+    # distillation cut the last answer before the model ended it: no end-of-turn marker after it to learn
+    unfinished = tokenize_conversation(tok, messages, max_len=1000, truncated=True)
+    assert tok.decode([t for t in unfinished.labels if t != IGNORE], skip_special_tokens=False) == \
+        "hello there<|im_end|>\nbye"
+    assert unfinished.input_ids == ex.input_ids[: len(unfinished.input_ids)] < ex.input_ids
 
 
 def test_formats_and_split(tmp_path):
@@ -380,12 +388,14 @@ def test_lora_joint_from_adapted_heads_is_refused_before_the_model_loads(setup, 
         Trainer(config(setup, "lora-on-lora", stage="joint", heads=str(adapted), lora_rank=4))
 
 
-def test_float16_joint_training_is_refused_and_a_diverged_run_stops(setup, warmed):
+def test_half_precision_joint_training_is_refused_and_a_diverged_run_stops(setup, warmed):
     heads = str(warmed[0].out / "heads")
-    for dtype in ("float16", "fp16", torch.float16):
-        with pytest.raises(NanoMedusaError, match="pass --dtype bfloat16 or float32"):
+    for dtype in ("float16", "fp16", torch.float16, "bfloat16", "bf16", torch.bfloat16):
+        with pytest.raises(NanoMedusaError, match="pass --dtype float32, or add --lora-rank"):
             config(setup, "fp16", stage="joint", heads=heads, dtype=dtype).check()
-    config(setup, "fp16", stage="joint", heads=heads, dtype="float16", lora_rank=4).check()  # LoRA trains float32
+    for dtype in ("float16", "bfloat16"):  # LoRA trains float32
+        config(setup, "half", stage="joint", heads=heads, dtype=dtype, lora_rank=4).check()
+    config(setup, "float32", stage="joint", heads=heads, dtype="float32").check()
     # The first step's update (~lr) blows the heads up: the next window's loss is not finite, and with one step only,
     # the final evaluation's. Either way nothing diverged is exported.
     for steps, stop in ((4, 2), (1, 1)):
@@ -480,10 +490,19 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, warmed):
     with pytest.raises(NanoMedusaError, match="made with lora_alpha=16.0 but this run has 1000.0"):
         Trainer(config(setup, "lora-ckpt", **lora, lora_alpha=1000.0, resume=True))
     assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
+    # the schedule and the loss: a flag left out on resuming was its default silently (and the weight decay the
+    # checkpoint's optimizer's)
+    for key, value in dict(lr=1e-3, weight_decay=0.1, warmup_steps=1, grad_clip=0.5, head_decay=0.5,
+                           backbone_lr=1e-4, medusa_weight=1.0, medusa_weight_warmup=0).items():
+        with pytest.raises(NanoMedusaError, match=f"made with {key}=.* but this run has {value}; resume with the same"):
+            Trainer(config(setup, "lora-ckpt", **lora, **{key: value}, resume=True))
     # a checkpoint from before lora_alpha was recorded still resumes
     path = setup[0] / "lora-ckpt" / "checkpoint" / "state.pt"
     state = torch.load(path, weights_only=True)
     del state["settings"]["lora_alpha"]
+    for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "head_decay", "backbone_lr", "medusa_weight",
+                "medusa_weight_warmup"):  # (and one from before the schedule was recorded)
+        del state["settings"][key]
     torch.save(state, path)
     assert Trainer(config(setup, "lora-ckpt", **lora, resume=True)).start_step == 1
     # the prompts' format, given or found in the template: heads trained on one must not resume on another
@@ -530,6 +549,8 @@ def test_distill_writes_resumable_data_that_trains(setup):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == [f"p{i}" for i in range(12)]
     assert lines[0]["conversations"][0] == {"from": "human", "value": "count from a"}
+    # 6 tokens cut every answer of the tiny model (it counts on): each record says so, and trains no end marker
+    assert all(r["truncated"] is True for r in lines) and load_conversations(out)[0].truncated
     assert lines[0]["conversations"][1]["from"] == "gpt"
     sharded = DistillConfig(model=ckpt, data=str(prompts), out=str(root / "shard.jsonl"), max_new_tokens=2, shard="1/4")
     assert distill(sharded) == 3 and [json.loads(line)["id"] for line in open(sharded.out)] == ["p1", "p5", "p9"]
@@ -724,6 +745,41 @@ def test_damaged_hidden_cache_is_one_sentence(tmp_path, meta):
         HiddenCache(cache, "fingerprint")
 
 
+def test_hidden_cache_knows_a_backbone_replaced_in_place(tmp_path, monkeypatch):
+    # Keyed by the checkpoint's path, a cache served a model retrained into that path its predecessor's hidden states;
+    # keyed by its files, the same path spelled another way still shares it.
+    ckpt, heads = tmp_path / "ckpt", tmp_path / "heads"
+    make_chat_checkpoint(ckpt, seed=0)
+    heads.mkdir()
+    (heads / ADAPTER_FILE).write_bytes(b"adapter one")
+    examples = [Example([1, 2, 3], [IGNORE, 2, 3])]
+
+    def key(ckpt_dir, adapter_dir=heads):
+        return fingerprint(backbone_files(ckpt_dir, adapter_dir), torch.float32, examples)
+
+    first = key(ckpt)
+    HiddenCache(tmp_path / "cache", first)
+    monkeypatch.chdir(tmp_path)
+    assert key(Path("ckpt")) == first
+    HiddenCache(tmp_path / "cache", key(Path("ckpt")))
+    assert key(ckpt, None) != first
+
+    def rewritten_later(path):  # (a later write's time: a test writes faster than a clock tick)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    make_chat_checkpoint(ckpt, seed=1)
+    for weights in ckpt.glob("*.safetensors"):
+        rewritten_later(weights)
+    assert key(ckpt) != first
+    with pytest.raises(NanoMedusaError, match="made for another model"):
+        HiddenCache(tmp_path / "cache", key(ckpt))
+    retrained = key(ckpt)
+    (heads / ADAPTER_FILE).write_bytes(b"adapter two")
+    rewritten_later(heads / ADAPTER_FILE)
+    assert key(ckpt) != retrained
+
+
 def test_tools_measure_on_the_examples_training_held_out(setup, warmed, tmp_path, monkeypatch):
     # train.py holds out a share of a file's answered conversations, cut at the model's context (256 tokens here):
     # tree_tuning.py and calibration.py must measure on exactly those, whatever unanswered prompts the file holds.
@@ -837,6 +893,54 @@ def test_conversations_left_out_are_counted(setup, tmp_path, capsys):
     assert len(trainer.train_set) == 8
     Trainer(config(setup, tmp_path / "out2", data=str(tmp_path / "answered.jsonl"), eval_fraction=0.0, max_steps=1))
     assert "left out" not in capsys.readouterr().out
+
+
+class MergingTokenizer:
+    """Characters as tokens, except that two newlines are one (as BPE merges them): "assistant\n" followed by an
+    answer opening with a blank line tokenizes across the boundary, as SmolLM2's tokenizer does."""
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+        text = "".join(f"<{m['role']}>\n{m['content']}<end>\n" for m in messages)
+        return text + ("<assistant>\n" if add_generation_prompt else "")
+
+    def encode(self, text, add_bos=False):
+        return [1000 if piece == "\n\n" else ord(piece) for piece in re.findall(r"\n\n|.", text, re.S)]
+
+    def encode_chat(self, messages):
+        return self.encode(self.apply_chat_template(messages, True))
+
+
+def test_an_answer_that_cannot_be_located_is_left_out_not_the_run():
+    tok = MergingTokenizer()
+    conversations = [Conversation(str(i), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}])
+                     for i, answer in enumerate(["Hello", "\n\nHello", " Hello", "\nHello"])]
+    with pytest.raises(NanoMedusaError, match="answers cannot be located"):  # (the run stopped at the one of four)
+        tokenize_conversation(tok, conversations[1].messages, max_len=100)
+    left_out = Counter()
+    examples = tokenize_all(tok, conversations, max_len=100, left_out=left_out)
+    assert left_out == Counter({"not located": 2})  # "\nHello" merges too, in this tokenizer
+    answers = ["".join("\n\n" if t == 1000 else chr(t) for t in e.labels if t != IGNORE) for e in examples]
+    assert answers == ["Hello<end>\n", " Hello<end>\n"]
+    with pytest.raises(NanoMedusaError, match="train with a ChatML-style model"):  # none located: the template's fault
+        tokenize_all(tok, conversations[1:2], max_len=100)
+
+
+def test_a_warm_up_longer_than_the_run_is_noted(setup, warmed, tmp_path, capsys):
+    heads = str(warmed[0].out / "heads")
+    for steps, kw, noted in ((3, {}, []), (2, {}, ["--warmup-steps 3"]),
+                             (4, dict(stage="joint", heads=heads, lora_rank=2, medusa_weight_warmup=3), []),
+                             (3, dict(stage="joint", heads=heads, lora_rank=2, medusa_weight_warmup=3),
+                              ["--medusa-weight-warmup 3"])):
+        capsys.readouterr()
+        trainer = Trainer(config(setup, tmp_path / f"out{steps}{len(kw)}", max_steps=steps, warmup_steps=3, **kw))
+        out = capsys.readouterr().out
+        assert [line.split(" is ")[0].removeprefix("[note] ") for line in out.splitlines()
+                if "is longer than this run" in line] == noted
+        # noted exactly where no step of the run gets the full value
+        assert (max(trainer.lr_scale(s) for s in range(steps)) < 1) == ("--warmup-steps 3" in noted)
+        if kw:
+            full = trainer.weights(10**6)[1]
+            assert (max(trainer.weights(s)[1] for s in range(steps)) < full) == ("--medusa-weight-warmup 3" in noted)
 
 
 def test_every_train_flag_belongs_to_the_stages_that_read_it():

@@ -52,7 +52,9 @@ RESULTS = ("heads", "model", "eval.json")
 
 # Settings that checkpoints from before they were recorded lack: compared only where a checkpoint has them; and
 # those whose value then is known (before the split could be chosen, it was by position).
-RECORDED_LATER = ("lora_alpha", "chat_format")
+OPTIMIZATION = ("lr", "weight_decay", "warmup_steps", "grad_clip", "head_decay")
+JOINT_OPTIMIZATION = ("backbone_lr", "medusa_weight", "medusa_weight_warmup")
+RECORDED_LATER = ("lora_alpha", "chat_format", *OPTIMIZATION, *JOINT_OPTIMIZATION)
 RECORDED_LATER_AS = {"split": "position"}
 
 

@@ -7,7 +7,8 @@ Accepted files, a JSON array (`.json`) or one JSON object per line (anything els
   * prompts:  {"id": ..., "source": ..., "prompt": ...}  (questions without answers, for self-distillation)
 
 `tokenize_conversation` turns a conversation into `input_ids` and `labels`, with labels -100 except on
-assistant tokens (each answer and the end-of-turn marker after it). The whole conversation is rendered
+assistant tokens (each answer and the end-of-turn marker after it; not the marker after an answer a record
+marks "truncated", which distillation cut before the model ended it). The whole conversation is rendered
 and tokenized at once (as the model will see it), and each answer's span is found by rendering and
 tokenizing the prefixes around it:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,6 +50,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 class Conversation:
     id: str
     messages: list[dict]  # [{"role": "user"|"assistant"|"system", "content": str}]
+    truncated: bool = False  # its last answer was cut (at distillation's --max-new-tokens) before the model ended it
 
 
 @dataclass
@@ -120,7 +123,7 @@ def to_conversation(where: str, record: dict, index: int) -> Conversation:
         messages.append({"role": role, "content": turn[text_key]})
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)  # an answer with no question (ShareGPT dumps have some) cannot be rendered
-    conversation = Conversation(str(record.get("id", index)), messages)
+    conversation = Conversation(str(record.get("id", index)), messages, record.get("truncated") is True)
     for text in [conversation.id] + [m["content"] for m in messages]:  # (JSON may escape half a surrogate pair)
         check_utf8(where, text, fix="fix or remove that record")
     return conversation
@@ -137,8 +140,19 @@ def prompt_messages(conversation: Conversation) -> list[dict]:
     return conversation.messages[:end]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Example | None:
-    """-> Example truncated to max_len tokens, or None if no answer token is left to train on."""
+class AnswerNotLocated(NanoMedusaError):
+    """An answer's tokens are not where the prefixes' tokens say: its first token merged with the template's last (an
+    answer opening with a blank line, "assistant\n" + "\n\n..."), or the template is not a prefix of its continuation."""
+
+    def __init__(self):
+        super().__init__("the model's chat template does not render (and tokenize) a conversation as a prefix of its "
+                         "continuation, so answers cannot be located; train with a ChatML-style model.")
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, truncated: bool = False) -> Example | None:
+    """-> Example truncated to max_len tokens, or None if no answer token is left to train on; raises AnswerNotLocated
+    where an answer's span cannot be found. A `truncated` conversation's last answer ends without the end-of-turn
+    marker, which its model never wrote: trained on, it would teach answers to end mid-sentence."""
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answers:
         return None
@@ -146,16 +160,15 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Exam
     # encode_chat decides about BOS as generation does; the same decision then applies to every prefix.
     first_prompt = tokenizer.encode_chat(messages[: answers[0]])
     bos = first_prompt[: len(first_prompt) - len(_encode(tokenizer, messages[: answers[0]], True, []))]
-    ids = _encode(tokenizer, messages[: answers[-1] + 1], False, bos)
+    ids = _encode_through(tokenizer, messages[: answers[-1] + 1], bos, truncated)
     labels = [IGNORE] * len(ids)
     for i in answers:
         prompt = _encode(tokenizer, messages[:i], True, bos)
         if len(prompt) >= max_len:
             break
-        through = _encode(tokenizer, messages[: i + 1], False, bos)
+        through = _encode_through(tokenizer, messages[: i + 1], bos, truncated and i == answers[-1])
         if ids[: len(prompt)] != prompt or ids[: len(through)] != through:
-            raise NanoMedusaError("the model's chat template does not render (and tokenize) a conversation as a prefix "
-                                  "of its continuation, so answers cannot be located; train with a ChatML-style model.")
+            raise AnswerNotLocated
         labels[len(prompt): len(through)] = ids[len(prompt): len(through)]
     ids, labels = ids[:max_len], labels[:max_len]
     # Position 0 is never a target (nothing precedes it), so an example needs an answer token after it.
@@ -169,12 +182,39 @@ def _encode(tokenizer, messages: list[dict], generation_prompt: bool, bos: list[
     return bos + tokenizer.encode(text, add_bos=False)
 
 
-def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, progress: bool = False) -> list[Example]:
+def _encode_through(tokenizer, messages: list[dict], bos: list[int], truncated: bool) -> list[int]:
+    """The tokens through the last message, an answer: its end-of-turn marker too unless it was `truncated`, when it
+    ends as the model left it (the prompt, then the answer's text)."""
+    if not truncated:
+        return _encode(tokenizer, messages, False, bos)
+    text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True) + messages[-1]["content"]
+    return bos + tokenizer.encode(text, add_bos=False)
+
+
+def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, progress: bool = False,
+                 left_out: Counter | None = None) -> list[Example]:
+    """-> the examples of the conversations that have an answer token to train on. One whose answer cannot be located
+    is left out too, not the run (a few answers open with a blank line), unless none can be: then the template is at
+    fault. `left_out`, where given, counts those left out by reason: "cut" (no answer token within max_len, or no
+    answer) and "not located"."""
     from tqdm import tqdm
 
-    examples = (tokenize_conversation(tokenizer, c.messages, max_len)
-                for c in tqdm(conversations, desc="tokenizing", disable=not progress, leave=False))
-    return [e for e in examples if e is not None]
+    examples, counts = [], Counter()
+    for c in tqdm(conversations, desc="tokenizing", disable=not progress, leave=False):
+        try:
+            example = tokenize_conversation(tokenizer, c.messages, max_len, c.truncated)
+        except AnswerNotLocated:
+            counts["not located"] += 1
+            continue
+        if example is None:
+            counts["cut"] += 1
+        else:
+            examples.append(example)
+    if conversations and counts["not located"] == len(conversations):
+        raise AnswerNotLocated
+    if left_out is not None:
+        left_out.update(counts)
+    return examples
 
 
 # How a file's held-out share is chosen (train_eval_split): "id" by each conversation's id, "position" by its place in

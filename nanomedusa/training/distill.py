@@ -4,8 +4,9 @@
 
 Each prompt (a prompt record, or the turns before a conversation's first answer) is answered by our
 engine (greedy unless temperature > 0) and appended to OUT as a ShareGPT line
-{"id", "conversations": [..., {"from": "gpt", "value": answer}]}. A rerun skips ids already in OUT, so
-an interrupted job picks up where it stopped.
+{"id", "conversations": [..., {"from": "gpt", "value": answer}]}, with "truncated": true where the answer
+was cut at max_new_tokens (training then leaves out the end-of-turn marker the model never wrote). A rerun
+skips ids already in OUT, so an interrupted job picks up where it stopped.
 
 Greedy answers are decoded `batch_size` prompts at a time (`generation.generate_batch`): the prompts are
 sorted by token length, longest first, so a batch holds similar lengths (little padding) and a batch too
@@ -115,13 +116,15 @@ def distill(cfg: DistillConfig) -> int:
         bar.set_postfix(written=written, skipped=skipped)
         for batch in batches(jobs, cfg.batch_size if sampling.greedy else 1):
             for job, tokens in zip(batch, answer(decoder, batch, sampling, tokenizer.eos_ids, cfg.seed)):
-                if tokens and tokens[-1] in tokenizer.eos_ids:
-                    tokens = tokens[:-1]
-                else:  # cut at max_new_tokens: how often this happens is how to judge the cap
+                cut = not (tokens and tokens[-1] in tokenizer.eos_ids)
+                if cut:  # at max_new_tokens: how often this happens is how to judge the cap
                     capped += 1
+                else:
+                    tokens = tokens[:-1]
                 turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in job.messages]
                 turns.append({"from": "gpt", "value": tokenizer.decode(tokens)})
-                f.write(json.dumps({"id": job.id, "conversations": turns}, ensure_ascii=False) + "\n")
+                record = {"id": job.id, "conversations": turns} | ({"truncated": True} if cut else {})
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             written += len(batch)
             bar.update(len(batch))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from array import array
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +21,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapter import ADAPTER_FILE
 from ..errors import NanoMedusaError
+from ..files import write_atomically, write_text_atomically
 
 
-def fingerprint(model_id: str, dtype: torch.dtype, examples) -> str:
-    digest = hashlib.sha1(f"{model_id}|{dtype}".encode())
+def backbone_files(ckpt_dir: str | Path, adapter_dir: str | Path | None) -> list[Path]:
+    """The files a backbone's hidden states depend on: the checkpoint's config and weights, and the adapter's."""
+    files = [f for f in sorted(Path(ckpt_dir).iterdir())
+             if f.name == "config.json" or f.name.endswith((".safetensors", ".safetensors.index.json"))]
+    if adapter_dir is not None:  # (its rank and alpha are in the heads' config.json, which training also rewrites)
+        files += [Path(adapter_dir) / ADAPTER_FILE]
+    return files
+
+
+def fingerprint(files: list[Path], dtype: torch.dtype, examples) -> str:
+    """Of the backbone by its files' names, sizes and modification times (a model retrained or re-exported in place
+    gets a new cache; one path spelled two ways shares it), the dtype and the training examples' tokens."""
+    stats = [(f.name, f.stat()) for f in files]
+    digest = hashlib.sha1(f"{[(name, st.st_size, st.st_mtime_ns) for name, st in stats]}|{dtype}".encode())
     for e in examples:
         digest.update(array("q", [len(e.input_ids), *e.input_ids]).tobytes())
     return digest.hexdigest()
@@ -40,7 +53,7 @@ class HiddenCache:
         if meta.exists() and _fingerprint_of(meta) != fingerprint:
             raise NanoMedusaError(f"the hidden-state cache in {self.dir} is damaged or was made for another model, "
                                   f"dtype or data; delete it or pass another --cache-hidden directory.")
-        _write_atomic(meta, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n"))
+        write_text_atomically(meta, json.dumps({"fingerprint": fingerprint}) + "\n")
 
     def batch_hidden(self, indices: list[int], lengths: list[int], tokens: torch.Tensor,
                      backbone: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -55,7 +68,7 @@ class HiddenCache:
         with torch.no_grad():
             hidden = backbone(tokens)  # [B, T, dim]
         for f, n, row in zip(files, lengths, hidden):
-            _write_atomic(f, lambda tmp, row=row[:n]: save_file({"hidden": row.contiguous().cpu()}, str(tmp)))
+            write_atomically(f, lambda tmp, row=row[:n]: save_file({"hidden": row.contiguous().cpu()}, str(tmp)))
         return hidden
 
 
@@ -66,8 +79,3 @@ def _fingerprint_of(meta: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
 
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

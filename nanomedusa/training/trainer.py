@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,7 +48,7 @@ from . import checkpoint
 from .data import (IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length, held_out_split,
                    held_out_split_notes, load_conversations, mix_examples, tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
-from .hidden_cache import HiddenCache, fingerprint
+from .hidden_cache import HiddenCache, backbone_files, fingerprint
 from .lora import add_lora
 from .losses import row_weights, shifted_targets, summarize, token_stats, weighted_loss
 from .medusa_lm import MedusaLM
@@ -125,9 +126,15 @@ class TrainConfig:
         if self.stage == "joint" and self.lora_rank and self.heads and has_adapter(self.heads):
             raise NanoMedusaError(f"the heads in {self.heads} already carry a LoRA adapter; continue with full joint "
                                   f"training (drop --lora-rank) or start LoRA joint training from warm-up heads.")
-        if self.stage == "joint" and not self.lora_rank and DTYPES.get(self.dtype, self.dtype) is torch.float16:
-            raise NanoMedusaError("full joint training would update float16 weights, which AdamW turns to NaN in a "
-                                  "step; pass --dtype bfloat16 or float32.")
+        # AdamW updates the weights in their own dtype, with no float32 copy: float16 turns to NaN in a step, and
+        # bfloat16 rounds most updates at --backbone-lr away (a weight of 0.02 moves in steps of 1e-4), so the
+        # backbone barely trains. A LoRA adapter is float32 whatever the backbone's dtype.
+        half = DTYPES.get(self.dtype, self.dtype)
+        if self.stage == "joint" and not self.lora_rank and half in (torch.float16, torch.bfloat16):
+            name = str(half).removeprefix("torch.")
+            raise NanoMedusaError(f"full joint training would update {name} weights, which AdamW turns to NaN "
+                                  f"(float16) or rounds most updates of (bfloat16) away; pass --dtype float32, or "
+                                  f"add --lora-rank to train a float32 adapter on the {name} backbone.")
         if self.stage == "joint" and self.cache_hidden:
             raise NanoMedusaError("--cache-hidden only applies to --stage warmup (joint training changes the hidden "
                                   "states); drop it.")
@@ -209,8 +216,8 @@ class Trainer:
         self.adapter_from = Path(cfg.heads) if adapted and not self.joint else None
         self.hidden_cache = None
         if cfg.cache_hidden:
-            backbone = f"{self.ckpt_dir}+{self.adapter_from}" if self.adapter_from else str(self.ckpt_dir)
-            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(backbone, model.dtype, self.train_set))
+            files = backbone_files(self.ckpt_dir, self.adapter_from)
+            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(files, model.dtype, self.train_set))
 
         heads = self._make_heads(model)
         model.requires_grad_(self.joint and not cfg.lora_rank)
@@ -230,6 +237,15 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank,
                                    cfg.seed)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
+        # (flag, its steps, the step (from 0) whose value is the full one: lr_scale's and weights')
+        ramps = [("--warmup-steps", cfg.warmup_steps, cfg.warmup_steps - 1, "the learning rate never reaches --lr")]
+        if self.joint:
+            ramps.append(("--medusa-weight-warmup", cfg.medusa_weight_warmup, cfg.medusa_weight_warmup,
+                          "the heads' loss never gets its full --medusa-weight"))
+        for flag, steps, full_at, effect in ramps:
+            if full_at >= self.total_steps:
+                self._print(f"[note] {flag} {steps} is longer than this run of {self.total_steps} steps, so {effect}; "
+                            f"lower it.")
         self.start_step = (checkpoint.load_state(self.out, self.wrapped, self.optimizer, self._settings())
                            if cfg.resume else 0)
         if self.dist.is_main and cfg.overwrite:
@@ -251,7 +267,8 @@ class Trainer:
             if not train_c:
                 raise NanoMedusaError(f"{path} has no conversation with an assistant answer to train on; "
                                       f"answer its prompts first with --stage distill.")
-            train = tokenize_all(self.tokenizer, train_c, max_len, progress=self.dist.is_main)
+            left_out = Counter()
+            train = tokenize_all(self.tokenizer, train_c, max_len, progress=self.dist.is_main, left_out=left_out)
             if not train:
                 raise NanoMedusaError(f"no training example of {path} keeps an answer token within its first {max_len} "
                                       f"tokens; raise --max-len (at most the model's context).")
@@ -260,20 +277,22 @@ class Trainer:
                 raise NanoMedusaError(f"--data-weights {weight:g} keeps none of the {len(train)} training examples of "
                                       f"{path}; give it a weight of {1 / len(train):.2g} or more, or drop the file.")
             trains.append(train)
-            held = tokenize_all(self.tokenizer, eval_c, max_len)
-            held_out += held
-            answered = len(train_c) + len(eval_c)
-            self._note_dropped(path, len(conversations), len(conversations) - answered,
-                               answered - len(train) - len(held), max_len)
+            held_out += tokenize_all(self.tokenizer, eval_c, max_len, left_out=left_out)
+            unanswered = len(conversations) - len(train_c) - len(eval_c)
+            self._note_dropped(path, len(conversations), unanswered, left_out, max_len)
         return mix_examples(trains, cfg.data_weights or [1.0] * len(trains), cfg.seed), held_out
 
-    def _note_dropped(self, path: str, total: int, unanswered: int, cut: int, max_len: int) -> None:
+    def _note_dropped(self, path: str, total: int, unanswered: int, left_out: Counter, max_len: int) -> None:
         """Say how many of a file's conversations neither train nor count in the evaluation, and why."""
-        reasons = [f"{unanswered} {'has' if unanswered == 1 else 'have'} no answer yet (answer them with --stage "
-                   f"distill)"] if unanswered else []
-        if cut:
-            reasons.append(f"{cut} {'has' if cut == 1 else 'have'} no answer token within the first {max_len} tokens "
-                           f"(--max-len)")
+        def have(n: int) -> str:
+            return f"{n} {'has' if n == 1 else 'have'}"
+
+        reasons = [f"{have(unanswered)} no answer yet (answer them with --stage distill)"] if unanswered else []
+        if cut := left_out["cut"]:
+            reasons.append(f"{have(cut)} no answer token within the first {max_len} tokens (--max-len)")
+        if merged := left_out["not located"]:
+            reasons.append(f"{have(merged)} an answer whose first token merges with the chat template's last when "
+                           f"tokenized (an answer opening with a blank line)")
         if reasons:
             self._print(f"[note] {path}: of its {total} conversations, {' and '.join(reasons)}; they are left out.")
 
@@ -322,6 +341,9 @@ class Trainer:
                 "global_batch": self.sampler.global_batch, "max_len": cfg.max_len, "seed": cfg.seed,
                 "eval_fraction": cfg.eval_fraction, "split": cfg.split, "total_steps": self.total_steps,
                 "chat_format": self.tokenizer.chat.preset,  # the prompts' format, given or found: the heads learn it
+                # the schedule and the loss (the optimizer's own state would bring back the old weight decay alone)
+                **{key: getattr(cfg, key) for key in checkpoint.OPTIMIZATION + (checkpoint.JOINT_OPTIMIZATION
+                                                                                 if self.joint else ())},
                 # only when they matter, so that checkpoints of runs without them still resume (and see
                 # checkpoint.RECORDED_LATER for checkpoints from before lora_alpha was recorded)
                 **({"reads_path": True} if heads.reads_path else {}),
@@ -334,7 +356,7 @@ class Trainer:
     # ----- schedules ---------------------------------------------------------------------------
 
     def lr_scale(self, step: int) -> float:
-        """Linear warm-up to 1, then cosine decay to 0 at the last step."""
+        """Linear warm-up to 1, then cosine decay toward 0, which the step after the last would reach."""
         warmup = self.cfg.warmup_steps
         if step < warmup:
             return (step + 1) / warmup
@@ -458,7 +480,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Per-head (and lm_head) loss, top-1 and top-5 accuracy on the held-out split, over all ranks."""
         stats = torch.zeros(self.num_heads + 1, 4, device=self.device)
-        for idx in eval_batches(len(self.eval_set), self.cfg.batch_size, self.dist.world, self.dist.rank):
+        batches = eval_batches(len(self.eval_set), self.cfg.batch_size, self.dist.world, self.dist.rank)
+        for idx in tqdm(batches, desc="evaluation", unit="batch", leave=False, disable=not self.dist.is_main):
             stats += self.forward_stats(collate([self.eval_set[i] for i in idx]), with_lm=True)[1]
         return summarize(all_reduce_sum(stats, self.dist))
 
