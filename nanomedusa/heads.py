@@ -22,9 +22,11 @@ proposes such trees depth by depth). Medusa's heads cannot tell "Paris" from "Lo
 guess depth 2; these can. P_k starts at zero: such heads start as the plain heads they extend.
 
 Checkpoints are a directory with `config.json` and `medusa_lm_head.safetensors`, with the tensor
-names of the reference implementation (FasterDecoding/Medusa: `medusa_head.{i}.{j}.linear.weight`
-/ `.bias` for ResBlock j of head i, `medusa_head.{i}.{L}.weight` for its vocab projection), so
-published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are. Our config.json may add
+names the reference implementation's training writes (FasterDecoding/Medusa: `{i}.{j}.linear.weight`
+/ `.bias` for ResBlock j of head i, `{i}.{L}.weight` for its vocab projection), which TensorRT-LLM and
+TGI read too. Published checkpoints (`medusa_lm_head.safetensors` or `.pt`) load as they are, in that
+spelling or with the `medusa_head.` prefix of the reference's whole-model state dicts (this project's
+first heads, the shipped ones among them, were saved so). Our config.json may add
 `medusa_choices` (the tree the heads run with), `rank_accuracy` (their held-out rank accuracies, both from
 tree_tuning.py), `medusa_temperatures` (one per head, from calibration.py; 1.0 when absent) and
 `reads_path` (with P_k stored as `medusa_path.{k}.weight`; the reference implementation has no such heads), and
@@ -294,7 +296,7 @@ class MedusaHeads(nn.Module):
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {f"medusa_head.{k}": v.detach().contiguous() for k, v in self.medusa_head.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in self.medusa_head.state_dict().items()}
         if self.medusa_path is not None:
             state |= {f"medusa_path.{k}": v.detach().contiguous() for k, v in self.medusa_path.state_dict().items()}
         # Each file replaced whole: a run killed mid-save (training saves every --save-every steps) keeps the last

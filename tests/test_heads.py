@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kernels.medusa_heads import medusa_heads_reference
 from nanomedusa.errors import NanoMedusaError
@@ -101,6 +101,10 @@ def test_save_load_round_trip(model, tmp_path, shared, num_layers):
     assert loaded.config.num_heads == 2
     hidden = torch.randn(4, model.config.dim)
     assert torch.equal(loaded(hidden, model.lm_head.weight), heads(hidden, model.lm_head.weight))
+    # the names the reference's training writes to this file, which TensorRT-LLM and TGI read: head.layer...
+    names = {f"{k}.{j}.linear.{w}" for k in range(2) for j in range(num_layers) for w in ("weight", "bias")}
+    names |= set() if shared else {f"{k}.{num_layers}.weight" for k in range(2)}
+    assert set(load_file(tmp_path / "medusa_lm_head.safetensors")) == names
 
 
 def test_trimmed_heads_keep_one_temperature_per_head(model, tmp_path):
@@ -142,7 +146,8 @@ def reference_logits(state, hidden, num_heads, num_layers, prefix):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("fmt,prefix", [("safetensors", "medusa_head."), ("pt", ""), ("pt", "medusa_head.")])
+@pytest.mark.parametrize("fmt,prefix", [("safetensors", ""), ("safetensors", "medusa_head."), ("pt", ""),
+                                        ("pt", "medusa_head.")])
 def test_reference_layout_checkpoints_load(model, tmp_path, fmt, prefix):
     dim, vocab = model.config.dim, model.config.vocab_size
     state = reference_state(5, 1, dim, vocab, prefix)
