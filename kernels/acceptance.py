@@ -123,7 +123,8 @@ def _passes_typical(row_ptr, token, V: tl.constexpr, temperature, eps, alpha, BL
         idx = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite logit yet (a masked start): 0, not NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
     # Pass 2: the entropy, with the reference's +1e-5 inside the log (masked lanes have p = 0).
     p_log_p = tl.zeros([BLOCK_V], dtype=tl.float32)

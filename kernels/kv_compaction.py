@@ -26,9 +26,12 @@ from .errors import KernelInputError
 
 
 def compact_kv_reference(kv, prefix_len, accepted):
-    """kv [L, 2, B, Hkv, S, D] (in place); accepted [A] long node indices -> None."""
+    """kv [L, 2, B, Hkv, S, D] (in place); accepted [A] long node indices -> None. A node whose slot lies outside
+    the cache moves nothing, as in the kernel: node indices live on the device, where checking them would cost a
+    host sync each step (the engine's come from its own tree, always in range)."""
     src = prefix_len + accepted
     dst = prefix_len + torch.arange(accepted.numel(), device=kv.device)
+    src = torch.where((src >= 0) & (src < kv.shape[4]), src, dst)  # (a row copied onto itself: no move)
     kv.index_copy_(4, dst, kv.index_select(4, src))
 
 
@@ -66,7 +69,7 @@ def _compact_kv_kernel(
     src = prefix + node
     dst = prefix + i
     # Rows already in place (typically the root and the first few nodes) need no traffic.
-    moves = (i < A) & (node != i) & (src < S) & (dst < S)
+    moves = (i < A) & (node != i) & (src >= 0) & (src < S) & (dst < S)
     d = tl.arange(0, BLOCK_D)
     mask = moves[:, None] & (d < D)[None, :]
     rows = tl.load(slab + src[:, None] * stride_s + d[None, :], mask=mask)  # [BLOCK_A, BLOCK_D]

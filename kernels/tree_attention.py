@@ -355,7 +355,9 @@ def _attend_chunk_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), num_splits)
     lo = split * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, kv_len)
-    mid = tl.maximum(lo, tl.minimum(hi, prefix // BLOCK_N * BLOCK_N))
+    # (whole tiles below hi too: a device prefix past the cache, which no host check sees, must not make the mask-free
+    # path read past S)
+    mid = tl.maximum(lo, tl.minimum(hi // BLOCK_N * BLOCK_N, prefix // BLOCK_N * BLOCK_N))
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: row r is token r // GROUP of head r % GROUP
     row_ok = rows < n_rows

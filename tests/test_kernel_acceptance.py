@@ -145,6 +145,19 @@ def test_vocab_in_many_slices(mode, monkeypatch):
         check_acceptance(logits, tokens, retrieve, mode)
 
 
+@pytest.mark.parametrize("mode", acceptance.MODES)
+def test_a_row_whose_first_slices_are_masked(mode, monkeypatch):
+    # Banned tokens (-inf) filling a row's first slices left the online softmax's max at -inf, and exp(-inf - -inf)
+    # made the typical rule's p NaN: every guess refused where the reference accepts.
+    monkeypatch.setattr(acceptance, "BLOCK_V", 64)
+    chain = torch.tensor([[0, 1, 2]])
+    for masked in (64, 128, 200):
+        logits = torch.randn(3, V, generator=torch.Generator().manual_seed(masked))
+        logits[:, :masked] = float("-inf")
+        tokens = torch.cat([torch.zeros(1, dtype=torch.long), logits[:2].argmax(-1)])
+        assert check_acceptance(logits.to(DEVICE), tokens.to(DEVICE), chain, mode, 0.7, eps=0.3, alpha=1e-4) == (0, 2)
+
+
 def test_arrival_counter_is_left_at_zero():
     logits, tokens, retrieve, _ = random_case(5)
     check_acceptance(logits, tokens, retrieve, "greedy")

@@ -49,6 +49,17 @@ def test_identity_prefix_and_overlapping_moves():
     check(kv, 7, torch.tensor([0, 1, 3, 4, 5, 8], device=DEVICE), prefix_as_tensor=True)
 
 
+def test_paths_padded_with_the_root_and_nodes_outside_the_cache():
+    kv = torch.randn(2, 2, 1, 2, 37, 16, device=DEVICE)
+    # A path shorter than the tree's depth is padded with the root: its copies land past the new prefix.
+    check(kv, 7, torch.tensor([0, 2, 5, 0, 0], device=DEVICE), prefix_as_tensor=True)
+    # A node whose slot is outside the cache (after slot 36, or before slot 0) moves nothing, on either path.
+    before = kv.clone()
+    check(kv, 30, torch.tensor([0, 9, 1], device=DEVICE))
+    assert torch.equal(kv[..., 31, :], before[..., 31, :]) and torch.equal(kv[..., 32, :], before[..., 31, :])
+    check(kv, 0, torch.tensor([0, -1, 2], device=DEVICE), prefix_as_tensor=True)
+
+
 def test_strided_views():
     big = torch.randn(2, 2, 3, 2, 37, 16, device=DEVICE)
     view = big[:, :, 1:]  # a batch slice: not contiguous, D still unit-stride

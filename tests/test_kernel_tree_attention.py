@@ -183,6 +183,20 @@ def test_a_query_that_sees_no_key_gets_zeros(poisoned_allocations, num_splits):
     assert rel_error(out, ref) <= 1e-5
 
 
+def test_a_device_prefix_past_the_cache_reads_nothing_past_it(poisoned_allocations):
+    # A device prefix_len is not checked on the host (that would cost a sync). One whose whole tiles reach past the
+    # cache made the mask-free path read the tile that holds slot S - 1 whole, past S: NaN beyond it got in.
+    S, D, T = 37, 16, 1
+    block_n = _tile_config(T, D, torch.float32, DEVICE == "cuda")[1]
+    assert S % block_n
+    q, k, v, _, _ = tree_attention_inputs(4, 2, D, S - T, T, torch.float32, DEVICE)
+    pad = block_n  # storage after slot S - 1, poisoned
+    k_store, v_store = (torch.cat([x, torch.full_like(x[:, :, :pad], float("nan"))], dim=2) for x in (k, v))
+    prefix = torch.tensor((S // block_n + 1) * block_n, device=DEVICE)
+    out = tree_attention_triton(q, k_store[:, :, :S], v_store[:, :, :S], prefix, None, num_splits=1)
+    assert torch.isfinite(out).all()
+
+
 def test_chunking_does_not_change_the_result():
     q, k, v, prefix, tree_mask = tree_attention_inputs(4, 2, 16, 30, 5, torch.float32, DEVICE)
     one = tree_attention_triton(q, k, v, prefix, tree_mask, num_splits=1)
