@@ -37,11 +37,11 @@ from nanomedusa.decoder import Decoder
 from nanomedusa.dynamic_tree import DynamicTree
 from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import base_model_note, load_heads_and_adapter
-from nanomedusa.loading import load_model, resolve_device
+from nanomedusa.loading import check_dtype, load_model, resolve_device
 from nanomedusa.medusa_generation import ACCEPT_MODES, Acceptance, check_acceptance, check_medusa, generate_medusa
 from nanomedusa.sampling import Sampling
 from nanomedusa.tokenizer import load_tokenizer
-from nanomedusa.tree import TreeBuffers, cut_to_depth, parse_tree
+from nanomedusa.tree import PRESETS, TreeBuffers, cut_to_depth, parse_tree
 from weights import SHIPPED_HEADS
 
 DEFAULT_TREE = "mc_sim_7b_63"  # for heads without a tree of their own
@@ -116,10 +116,9 @@ def load_heads(args, model):
     1.05-1.18x plain decoding on both CPUs at 1 to 16 threads; a 4-node tree ran 0.99x on the 2-core machine,
     though the Xeon's step times put it at 1.16-1.19x (bench/RESULTS.md)."""
     path = heads_dir(args)
-    if path is None:
-        if args.compare:
-            raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
-        given = [flag for flag, value in (("--tree", args.tree), ("--accept", args.accept)) if value is not None]
+    if path is None:  # (--compare without heads was refused by check_args)
+        given = [flag for flag, value in (("--medusa", args.medusa), ("--tree", args.tree), ("--accept", args.accept))
+                 if value is not None]
         if given:  # not an error: a Medusa command line with --no-medusa added, or for a model without shipped
             # heads, should run plainly, not be refused
             several = len(given) > 1
@@ -136,10 +135,15 @@ def load_heads(args, model):
         spec = CPU_TREE
         print(f"[note] on a CPU the default tree is {CPU_TREE}, the root and one guess (larger trees cost more than "
               f"they gain there); pass --tree own for the heads' own tree, or --no-medusa.", file=sys.stderr)
+    depth = heads.config.num_heads
     if spec in (None, "own"):  # a default tree deeper than the heads: drop the paths the heads cannot fill
-        choices = cut_to_depth(parse_tree(heads.config.medusa_choices or DEFAULT_TREE), heads.config.num_heads)
+        choices = cut_to_depth(parse_tree(heads.config.medusa_choices or DEFAULT_TREE), depth)
     else:
         choices = parse_tree(spec)
+        if spec in PRESETS and max(map(len, choices)) > depth:  # (a tree of one's own that is too deep is refused)
+            choices = cut_to_depth(choices, depth)
+            print(f"[note] the preset {spec} is {max(map(len, PRESETS[spec]))} deep and these heads guess {depth} "
+                  f"tokens, so it runs cut to its {len(choices) + 1} nodes at most {depth} deep.", file=sys.stderr)
     return heads, TreeBuffers.from_choices(choices, device=model.device, vocab_size=model.config.vocab_size)
 
 
@@ -181,7 +185,7 @@ def run_one(label, args, decoder, tokenizer, prompt_ids, heads, tree) -> Generat
     if not args.quiet:
         sys.stdout.write(stream.flush() + "\n")
     print(f"[{label}] {len(result.tokens)} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s "
-          f"(prefill {result.prefill_seconds * 1000:.0f} ms, {result.steps} decoding steps, "
+          f"(prefill {result.prefill_seconds * 1000:.0f} ms, {result.steps} decoding step{'' if result.steps == 1 else 's'}, "
           f"mean accepted length {result.mean_accepted:.2f})", file=sys.stderr, flush=True)
     if args.verbose:
         print(f"[time] first-call setup {setup:.2f} s, prefill {result.prefill_seconds * 1000:.0f} ms, decode "
@@ -251,6 +255,9 @@ def check_args(args) -> None:
     check_positive({"--posterior-threshold": args.posterior_threshold})
     check_sampling(args.temperature, args.top_p, args.top_k)
     check_seed(args.seed)
+    check_dtype(args.dtype)
+    if args.compare and heads_dir(args) is None:
+        raise NanoMedusaError("--compare needs Medusa heads for this model; pass --medusa HEADS_DIR.")
     if args.accept is not None and heads_dir(args) is not None:  # (without heads it does nothing: load_heads says so)
         check_acceptance(acceptance(args))
     check_kernels(args.kernels, resolve_device(args.device), args.exact)

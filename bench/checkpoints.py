@@ -1,13 +1,14 @@
 """What the decoding benchmarks run: the --heads checkpoints, the backbone each goes with, and their trees.
 
 A --heads argument is `[LABEL=]HEADS_DIR[@MODEL_DIR]`. Heads from joint training (Medusa-2) go with their
-fine-tuned backbone: MODEL_DIR, or else a `model/` directory beside HEADS_DIR (train.py writes OUT/heads
-and OUT/model), or the base model with the LoRA adapter HEADS_DIR ships (`nanomedusa/adapter.py`).
+fine-tuned backbone: MODEL_DIR, or else, for heads in a folder named `heads`, a `model/` directory beside it
+(train.py writes OUT/heads and OUT/model) unless that is --model itself, or the base model with the LoRA adapter
+HEADS_DIR ships (`nanomedusa/adapter.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ class HeadsSpec:
 
 
 def parse_heads_spec(text: str) -> HeadsSpec:
-    """`[LABEL=]HEADS_DIR[@MODEL_DIR]`; without @MODEL_DIR a `model/` directory beside HEADS_DIR is used."""
+    """`[LABEL=]HEADS_DIR[@MODEL_DIR]`; without @MODEL_DIR, heads in train.py's OUT/heads go with a model in
+    OUT/model where there is one (full joint training's backbone)."""
     label, has_label, rest = text.partition("=")
     if not has_label:
         label, rest = "", text
@@ -43,12 +45,12 @@ def parse_heads_spec(text: str) -> HeadsSpec:
     heads_dir = Path(heads).expanduser()
     if not heads or (has_model and not model) or (has_label and not label):
         raise NanoMedusaError(f"--heads {text!r} is malformed; write [LABEL=]HEADS_DIR[@MODEL_DIR].")
+    resolved = heads_dir.resolve()
     if has_model:
         model_dir = Path(model).expanduser()
     else:
-        sibling = heads_dir.resolve().parent / "model"  # train.py's OUT/model beside OUT/heads
-        model_dir = sibling if (sibling / "config.json").is_file() else None
-    resolved = heads_dir.resolve()
+        sibling = resolved.parent / "model"  # train.py's OUT/model beside OUT/heads
+        model_dir = sibling if resolved.name == "heads" and (sibling / "config.json").is_file() else None
     default_label = resolved.parent.name if resolved.name == "heads" else resolved.name  # train.py's OUT/heads: OUT
     return HeadsSpec(label or default_label, heads_dir, model_dir)
 
@@ -57,6 +59,9 @@ def heads_specs(args) -> list[HeadsSpec]:
     """The --heads to run (default: the shipped heads of the default model), checked before anything slow
     starts, and the --tree arguments with them."""
     specs = [parse_heads_spec(h) for h in args.heads]
+    if args.model is not None:  # a backbone that is --model itself is no backbone of the heads' own
+        model = Path(args.model).expanduser().resolve()
+        specs = [replace(s, model_dir=None) if s.model_dir and s.model_dir.resolve() == model else s for s in specs]
     if not specs and args.model is None and (SHIPPED_HEADS / "config.json").is_file():
         specs = [HeadsSpec("shipped", SHIPPED_HEADS, None)]
     labels = [s.label for s in specs]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from tqdm import tqdm
 
 from .cli import (ArgumentParser, add_chat_format_flag, check_at_least, check_held_out_split, check_input_dir,
                   check_input_file, check_output_file, exit_with, run_reporting_errors)
@@ -102,7 +103,8 @@ def answer_positions(model, heads: MedusaHeads, examples,
     model's last hidden state, plus its path for heads that read it; targets [n_k], the token k + 2 after it)."""
     num_heads = heads.config.num_heads
     input_rows, target_rows = [[] for _ in range(num_heads)], [[] for _ in range(num_heads)]
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc="held-out answers", unit="batch", leave=False,
+                  disable=None):  # (a bar at a terminal only)
         batch = collate(examples[i:i + batch_size]).to(model.device)
         hidden = model.forward_hidden(batch.tokens)  # [B, T, D]
         path = model.tok_embeddings(path_ids(batch.tokens, num_heads)) if heads.config.reads_path else None

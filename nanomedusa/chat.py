@@ -247,7 +247,9 @@ def _prompt() -> str:
 
 def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys.stdin,
              out: TextIO = sys.stdout, verbose: bool = False) -> None:
-    """The chat loop: each line is a message or a command; answers stream to `out`, notices go to stderr."""
+    """The chat loop: each line is a message or a command; answers stream to `out`, notices go to stderr. A message
+    refused is one error line and the chat goes on, except `first` (--prompt's): its error ends the run, so that a
+    script's one turn that failed does not exit as done."""
     if stdin.isatty():
         print("Chat: type a message and Enter; /help lists the commands.", file=sys.stderr)
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 then reach the line's check, in every locale
@@ -257,7 +259,7 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
         out.write(text)
         out.flush()
 
-    for line in read_lines(stdin, first):
+    for i, line in enumerate(read_lines(stdin, first)):
         line = line.strip()
         if not line:
             continue
@@ -290,6 +292,8 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
             try:
                 session.say(line[1:] if line.startswith("//") else line, write)
             except USER_ERRORS as e:
+                if i == 0 and first is not None:  # --prompt's: the run's error, as in a one-shot run (exit status 2)
+                    raise
                 print(f"error: {e}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # Ctrl-C outside the decoding (which say() handles): the session goes on

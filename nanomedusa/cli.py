@@ -128,14 +128,16 @@ def check_at_least(minimum: float, flags: dict[str, float | None]) -> None:
     """Each flag's value (None: not given) must be a finite number >= minimum."""
     for flag, value in flags.items():
         if value is not None and not (math.isfinite(value) and value >= minimum):
-            raise NanoMedusaError(f"{flag} must be at least {minimum}, not {value}; pass {minimum} or more.")
+            finite = "" if value < minimum else "a finite number of "  # (inf and nan are not below it)
+            raise NanoMedusaError(f"{flag} must be {finite}at least {minimum}, not {value}; pass {minimum} or more.")
 
 
 def check_positive(flags: dict[str, float | None]) -> None:
     """Each flag's value (None: not given) must be a finite number > 0."""
     for flag, value in flags.items():
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise NanoMedusaError(f"{flag} must be above 0, not {value}; pass a positive number.")
+            finite = "" if value <= 0 else "a finite number "
+            raise NanoMedusaError(f"{flag} must be {finite}above 0, not {value}; pass a positive number.")
 
 
 def check_seed(seed: int) -> None:

@@ -231,7 +231,8 @@ def parse_tree(spec: str | Sequence[Sequence[int]]) -> list[list[int]]:
         if not (text.endswith(".json") or os.path.isfile(text)):
             raise NanoMedusaError(f"Unknown tree {spec!r}; pass {_SPEC_FORMS}.")
         if not os.path.isfile(text):
-            raise NanoMedusaError(f"Tree file {spec!r} does not exist; pass {_SPEC_FORMS}.")
+            what = "is a directory, not a file" if os.path.isdir(text) else "does not exist"
+            raise NanoMedusaError(f"Tree file {spec!r} {what}; pass {_SPEC_FORMS}.")
         text = read_utf8(text)
     try:
         raw = json.loads(text)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from kernels.medusa_heads import MAX_TOPK
 
@@ -51,7 +52,9 @@ def rank_hits(model, heads: MedusaHeads, examples, topk: int = 10, batch_size: i
     K = heads.config.num_heads
     hits = torch.zeros(K, topk, dtype=torch.float64)
     count = torch.zeros(K, dtype=torch.float64)
-    for i in range(0, len(examples), batch_size):
+    # (a bar at a terminal only: tuning a 7B's tree reads thousands of answers)
+    for i in tqdm(range(0, len(examples), batch_size), desc="rank accuracies", unit="batch", leave=False,
+                  disable=None):
         batch = collate(examples[i:i + batch_size]).to(model.device)
         hidden = model.forward_hidden(batch.tokens)  # [B, T, D]
         path = model.tok_embeddings(path_ids(batch.tokens, K)) if heads.config.reads_path else None  # [B, T, K, D]

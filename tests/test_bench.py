@@ -4,13 +4,14 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bench import linear as linear_bench
 from bench import tree_attention
-from bench.checkpoints import parse_heads_spec
+from bench.checkpoints import heads_specs, parse_heads_spec
 from bench.decode import main
 from bench.prompts import DEFAULT_PROMPTS
 from kernels.testing import tree_attention_inputs
@@ -150,6 +151,15 @@ def test_heads_spec_syntax(tmp_path):
     assert (spec.label, spec.heads_dir, spec.model_dir) == ("m2", tmp_path / "h", tmp_path / "m")
     spec = parse_heads_spec(str(tmp_path / "run7" / "heads"))  # train.py's OUT/heads, no OUT/model
     assert (spec.label, spec.model_dir) == ("run7", None)
+    for out, heads in (("run8", "heads"), ("mine", "medusa")):  # OUT/model goes with OUT/heads, not other folders
+        (tmp_path / out / "model").mkdir(parents=True)
+        (tmp_path / out / "model" / "config.json").write_text("{}")
+        (tmp_path / out / heads).mkdir()
+    assert parse_heads_spec(str(tmp_path / "run8" / "heads")).model_dir == tmp_path / "run8" / "model"
+    assert parse_heads_spec(str(tmp_path / "mine" / "medusa")).model_dir is None
+    # nor when that model is --model itself
+    args = SimpleNamespace(heads=[str(tmp_path / "run8" / "heads")], model=str(tmp_path / "run8" / "model"), tree=[])
+    assert [s.model_dir for s in heads_specs(args)] == [None]
     with pytest.raises(NanoMedusaError, match=r"--heads 'x=' is malformed; write \[LABEL=\]HEADS_DIR\[@MODEL_DIR\]"):
         parse_heads_spec("x=")
 

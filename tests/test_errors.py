@@ -227,6 +227,8 @@ CLI_ERRORS = {
                             "--max-new-tokens must be at least 0, not -5; pass 0 or more."),
     "negative new tokens with Medusa": (GENERATE + ["--medusa", "{root}/heads", "--max-new-tokens", "-1"],
                                         "--max-new-tokens must be at least 0, not -1; pass 0 or more."),
+    "infinite temperature": (GENERATE + ["--temperature", "inf"],
+                             "--temperature must be a finite number of at least 0, not inf; pass 0 or more."),
     "negative temperature": (GENERATE + ["--temperature", "-1"],
                              "--temperature must be at least 0, not -1.0; pass 0 or more."),
     "top-p 0": (GENERATE + ["--temperature", "0.7", "--top-p", "0"],
@@ -263,7 +265,7 @@ CLI_ERRORS = {
 # name -> (module, arguments, the one error line it must print)
 MORE_ERRORS = {
     "not-a-number temperature": ("generate", GENERATE[1:] + ["--temperature", "nan"],
-                                 "--temperature must be at least 0, not nan; pass 0 or more."),
+                                 "--temperature must be a finite number of at least 0, not nan; pass 0 or more."),
     "seed out of range": ("generate", GENERATE[1:] + ["--seed", "-1"], "--seed must be in 0 .. 4294967295, not -1."),
     "posterior threshold 0": ("generate", GENERATE[1:] + ["--accept", "typical", "--posterior-threshold", "0"],
                               "--posterior-threshold must be above 0, not 0.0; pass a positive number."),
@@ -306,8 +308,13 @@ MORE_ERRORS = {
                                  "--raw feeds the prompt without the chat template, which is where --chat-format "
                                  "goes; drop one of them."),
     "a tree deeper than the heads, before a chat starts": (
-        "generate", GENERATE[1:5] + ["--interactive", "--medusa", "{root}/heads", "--tree", "chain3"],
+        "generate", GENERATE[1:5] + ["--interactive", "--medusa", "{root}/heads",
+                                     "--tree", "[[0], [0, 0], [0, 0, 0]]"],  # (a preset is cut to the heads)
         "the tree is 3 deep but there are only 2 Medusa heads; pick a tree at most 2 deep."),
+    "a chat's --prompt too long": (  # (the chat's error ends the run, exit status 2, where it went on to exit 0)
+        "generate", GENERATE[1:5] + ["--interactive", "--max-new-tokens", "5", "--prompt", "a" * 250],
+        "this message takes 305 tokens with the chat template and the model's default system prompt, which leaves too "
+        "little of the 256-token context for an answer of 5 tokens; send a shorter one."),
     "argparse's own error": ("generate", GENERATE[1:] + ["--max-new-tokens", "abc"],
                              "argument --max-new-tokens: invalid int value: 'abc'; see --help."),
     "warm-up heads with nothing to train": ("train", WARMUP[1:] + ["--shared-lm-head", "--num-layers", "0"],
@@ -767,7 +774,32 @@ def test_medusa_flags_without_heads_say_they_do_nothing(cli_root, capsys):
     argv = GENERATE[1:] + ["--medusa", "{root}/heads", "--no-medusa", "--max-new-tokens", "2", "--accept", "greedy",
                            "--temperature", "0.7"]
     assert generate_cli.main(with_root(argv, cli_root)) == 0
-    assert "[note] --accept applies to Medusa decoding" in capsys.readouterr().err
+    assert "[note] --medusa and --accept apply to Medusa decoding" in capsys.readouterr().err
+    argv = GENERATE[1:] + ["--medusa", "{root}/heads", "--no-medusa", "--max-new-tokens", "2"]
+    assert generate_cli.main(with_root(argv, cli_root)) == 0
+    assert "[note] --medusa applies to Medusa decoding; this run decodes plainly (no heads), so it does nothing " \
+           "here." in capsys.readouterr().err
+
+
+def test_flags_that_need_no_model_are_refused_before_it_loads(cli_root, capsys, monkeypatch):
+    # --compare without heads, and a --dtype of no use, were refused only after the model (and for training the data)
+    # had loaded
+    import generate as generate_cli
+    import train as train_cli
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(generate_cli, "load_model", must_not_load)
+    for module, argv, expected in (
+            (generate_cli, GENERATE[1:] + ["--compare"], "--compare needs Medusa heads for this model; pass --medusa "
+                                                        "HEADS_DIR."),
+            (generate_cli, GENERATE[1:] + ["--dtype", "float64"], "unknown dtype 'float64'; use one of auto, float32, "
+                                                                 "fp32, bfloat16, bf16, float16, fp16."),
+            (train_cli, WARMUP[1:] + ["--dtype", "float64"], "unknown dtype 'float64'; use one of auto, float32, fp32, "
+                                                            "bfloat16, bf16, float16, fp16.")):
+        assert module.main(with_root(argv, cli_root)) == 2
+        assert capsys.readouterr().err.strip() == f"error: {expected}"
 
 
 # ----- the library, called from Python with the mistakes a caller makes (a read-only audit of the API) -------------

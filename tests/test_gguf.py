@@ -429,6 +429,27 @@ def test_half_precision_output(tmp_path, dtype):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
 
 
+def test_the_command_line_converts_and_refuses_in_one_line(tmp_path):
+    # `python -m weights.gguf_to_hf` did nothing and exited 0
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "weights.gguf_to_hf", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True)
+        return proc.returncode, proc.stdout.strip(), proc.stderr.strip()
+
+    code, out, err = run(path, tmp_path / "hf", "--dtype", "bfloat16")
+    assert (code, out) == (0, str(tmp_path / "hf")) and "Converting tiny.gguf: 100%" in err  # (a progress bar)
+    want = load_file(convert_gguf(path, tmp_path / "hf32", progress=False) / "model.safetensors")
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(got[name], want[name].to(torch.bfloat16)) for name in want)
+    assert run(path, tmp_path / "hf") == (2, "", f"error: {tmp_path / 'hf'} already exists; delete it or choose "
+                                                f"another output directory.")
+    assert run(tmp_path / "none.gguf", tmp_path / "x")[::2] == (2, f"error: no GGUF file at {tmp_path / 'none.gguf'}; "
+                                                                  f"check the path.")
+
+
 def test_tensors_are_converted_one_at_a_time(tmp_path, monkeypatch):
     """Each dequantised tensor is written and let go before the next is made: memory holds one at a time."""
     path = tmp_path / "tiny.gguf"
@@ -729,7 +750,8 @@ def test_content_key_covers_size_time_and_both_ends(tmp_path):
 def test_not_a_gguf_file_is_refused(tmp_path):
     path = tmp_path / "fake.gguf"
     path.write_bytes(b"<html>not found</html>")
-    with pytest.raises(NanoMedusaError, match=r"fake\.gguf is not a GGUF file \(it does not start with 'GGUF'\)"):
+    with pytest.raises(NanoMedusaError, match=r"/fake\.gguf is not a GGUF file \(it does not start with 'GGUF'\); "
+                                              r"pass a \.gguf file"):
         convert_gguf(path, tmp_path / "hf", progress=False)
 
 

@@ -299,6 +299,12 @@ def test_a_cpu_s_default_tree_is_the_root_and_one_guess_and_own_picks_the_heads_
     assert tree_of("--tree", "own") == [[], [0], [1], [0, 0]]
     assert tree_of("--tree", "chain2") == [[], [0], [0, 0]]
     assert "default tree" not in capsys.readouterr().err  # a tree asked for: no note
+    # a preset deeper than the heads runs cut to them, as the default tree does; a tree of one's own is refused
+    # (generate_medusa's check, tests/test_errors.py)
+    assert tree_of("--tree", "chain3") == [[], [0], [0, 0]]
+    assert ("the preset chain3 is 3 deep and these heads guess 2 tokens, so it runs cut to its 3 nodes at most 2 "
+            "deep." in capsys.readouterr().err)
+    assert tree_of("--tree", "[[0], [0, 0], [0, 0, 0]]") == [[], [0], [0, 0], [0, 0, 0]]
     assert generate.load_heads(generate.parse_args(argv + ["--no-medusa"]), model) == (None, None)
 
 

@@ -182,6 +182,12 @@ def test_parse_errors(spec, message):
         parse_tree(spec)
 
 
+def test_a_tree_file_that_is_a_directory_is_not_called_missing(tmp_path):
+    (tmp_path / "tree.json").mkdir()
+    with pytest.raises(NanoMedusaError, match=r"Tree file '.*tree.json' is a directory, not a file; pass a preset"):
+        parse_tree(str(tmp_path / "tree.json"))
+
+
 def test_tree_ranks_must_fit_the_vocabulary():
     assert TreeBuffers.from_choices([[0], [1], [2]], vocab_size=3).topk == 3
     with pytest.raises(NanoMedusaError, match="The tree uses rank 3 but the vocabulary has only 3 tokens; use ranks below 3"):

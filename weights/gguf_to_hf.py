@@ -483,3 +483,17 @@ def _f32(value: float) -> float:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    from nanomedusa.cli import ArgumentParser, exit_with, run_reporting_errors
+    from nanomedusa.loading import DTYPES
+
+    p = ArgumentParser(description="Convert a GGUF file into a Hugging Face checkpoint directory (generate.py "
+                                   "--model FILE.gguf does this by itself, into weights/cache/).")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out", help="the checkpoint directory to write (must not exist)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the weights' dtype: float32 keeps the dequantised values exactly")
+    args = p.parse_args()
+    exit_with(run_reporting_errors(lambda: print(convert_gguf(args.gguf, args.out, DTYPES[args.dtype]))))
