@@ -211,7 +211,7 @@ class ChatSession:
         r = turn.result
         decode_seconds = r.seconds - r.prefill_seconds
         return (f"{line}; prefill {r.prefill_seconds * 1000:.0f} ms, decode {decode_seconds:.2f} s = "
-                f"{r.tokens_per_second:.1f} tokens/s, mean accepted length {r.mean_accepted:.2f}; {context}")
+                f"{r.decode_tokens_per_second:.1f} tokens/s, mean accepted length {r.mean_accepted:.2f}; {context}")
 
 
 def read_lines(stdin: TextIO, first: str | None = None) -> Iterator[str]:

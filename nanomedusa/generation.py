@@ -81,7 +81,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
         tok = read.tolist()
         result.tokens.append(tok)
         if len(result.tokens) == 1:
-            result.prefill_seconds = time.perf_counter() - start
+            result.prefill_seconds = read.ready_at - start
         if on_tokens:
             on_tokens([tok])
         if tok in eos_ids:

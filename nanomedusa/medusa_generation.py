@@ -239,7 +239,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     # one is wanted, so that only eos can leave a queued step unused.
     out = step(prefix, *proposal) if max_new_tokens > 1 else None
     first = read.tolist()
-    result.prefill_seconds = time.perf_counter() - start
+    result.prefill_seconds = read.ready_at - start
     done = max_new_tokens <= 0 or emit(first)  # 0 tokens asked for: none emitted
     while not done:
         # the step's tokens to read: the path's, the bonus token and accept_len n

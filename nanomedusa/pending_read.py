@@ -10,10 +10,13 @@ model's decoding step (bench/RESULTS.md). So the loops (generation.py, medusa_ge
     tokens = read.tolist()           # waits for the copy only; the GPU is busy with the next step meanwhile
 
 They queue a step ahead only while the run surely goes on past the tokens being read, so the one step that can be
-wasted is one queued before an eos is read.
+wasted is one queued before an eos is read. A CPU runs each step as it is queued, so there the values are on the host
+before the next step: `ready_at` says when, which is where a prefill's time ends.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -25,6 +28,7 @@ class PendingRead:
 
     def __init__(self, values: torch.Tensor):
         self._done = None
+        self.ready_at: float | None = None  # time.perf_counter() when the values were on the host (see tolist)
         if values.is_cuda:
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
@@ -32,8 +36,10 @@ class PendingRead:
             self._done.record()
         else:  # the CPU computes eagerly: nothing to wait for, but the next step may overwrite values
             self._host = values.clone()
+            self.ready_at = time.perf_counter()  # (before the step queued after it, which a CPU runs there and then)
 
     def tolist(self):
         if self._done is not None:
             self._done.synchronize()
+            self.ready_at = self.ready_at or time.perf_counter()
         return self._host.tolist()

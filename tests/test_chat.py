@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomedusa.chat import ChatSession, common_prefix
+from nanomedusa.chat import ChatSession, Turn, common_prefix
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
-from nanomedusa.generation import generate
+from nanomedusa.generation import GenerationResult, generate
 from nanomedusa.heads import MedusaHeads
 from nanomedusa.loading import load_model
 from nanomedusa.medusa_generation import generate_medusa
@@ -104,6 +104,16 @@ def test_second_turn_runs_only_its_new_tokens_through_the_model(checkpoint):
     assert common_prefix(cached, prompt) >= len(first_prompt)
     assert calls[0] == session.last.prefilled == len(prompt) - common_prefix(cached, prompt)
     assert calls[0] < len(prompt) // 2 and set(calls[1:]) == {1}
+
+
+def test_stats_give_the_decode_speed_of_the_steps_after_the_prefill(checkpoint):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    session = ChatSession(model, Tokenizer.from_dir(checkpoint), decode=None, max_new_tokens=8)
+    result = GenerationResult(tokens=list(range(11)), seconds=1.25, prefill_seconds=0.25, steps=5)
+    session.last = Turn(prompt_tokens=30, prefilled=30, first_token_seconds=0.3, seconds=1.3, answer_tokens=11,
+                        result=result)
+    # 10 tokens after the prefill's in 1 s (11 tokens in 1.25 s was called the decode speed)
+    assert "prefill 250 ms, decode 1.00 s = 10.0 tokens/s, mean accepted length 2.00;" in session.stats()
 
 
 def test_reset_clears_the_conversation_and_keeps_the_shared_start(checkpoint):

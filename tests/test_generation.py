@@ -2,6 +2,7 @@
 sampling settings behave."""
 
 import copy
+import time
 
 import pytest
 import torch
@@ -134,5 +135,9 @@ def test_a_pending_read_holds_the_values_it_was_queued_behind(device):
     # tensor read (a graph's static output), so the read must hold the values as they were when it was queued.
     values = torch.tensor([7, 8, 9], device=device)
     read = PendingRead(values)
+    queued = time.perf_counter()
     values.fill_(0)  # queued after the read, as the next step's replay is
     assert read.tolist() == [7, 8, 9]
+    # when the values reached the host, where a prefill's time ends: on a CPU, before the step queued after the read
+    # (which a CPU runs as it is queued: the prefill's time held a whole decoding step), on a GPU at the read
+    assert (read.ready_at <= queued) == (device == "cpu") and read.ready_at <= time.perf_counter()
