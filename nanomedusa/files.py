@@ -43,8 +43,12 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     process's own, so processes writing the same file (ranks sharing a hidden-state cache) never mix their bytes."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # (Ctrl-C too: a name of its own is never overwritten by the next save, so remove it)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

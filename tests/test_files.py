@@ -46,6 +46,8 @@ def test_a_save_killed_midway_keeps_the_previous_heads(tmp_path, monkeypatch):
         tiny_heads(2, seed=1).save(tmp_path)
     loaded = MedusaHeads.load(tmp_path, TINY)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), old.state_dict().values()))
+    # and the half-written file is gone: its name is the process's own, so no later save would replace it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "medusa_lm_head.safetensors"]
 
 
 def test_heads_load_what_the_file_holds_whatever_the_config_says(tmp_path, capsys):

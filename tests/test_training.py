@@ -7,7 +7,6 @@ answer letter (it depends on the prompt). Heads on a random backbone can therefo
 
 import importlib
 import json
-import os
 import random
 import re
 import shutil
@@ -15,6 +14,7 @@ import string
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +29,8 @@ from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.training.data import (IGNORE, Conversation, Example, StepSampler, load_conversations, mix_examples,
                                       split_by_position, tokenize_all, tokenize_conversation, train_eval_split)
-from nanomedusa.training.hidden_cache import HiddenCache, backbone_files, fingerprint
+from nanomedusa.training import hidden_cache
+from nanomedusa.training.hidden_cache import HiddenCache, backbone_key, fingerprint
 from nanomedusa.training.losses import shifted_targets, token_stats
 from tests.tiny_tokenizer import make_chat_checkpoint
 
@@ -741,43 +742,56 @@ def test_damaged_hidden_cache_is_one_sentence(tmp_path, meta):
         (cache / "meta.json").mkdir()
     else:
         (cache / "meta.json").write_text(meta)
-    with pytest.raises(NanoMedusaError, match="is damaged or was made for another model, dtype or data; delete it"):
+    with pytest.raises(NanoMedusaError, match=r"is damaged or was made for another model, dtype or data \(or by an older nanomedusa\); delete it"):
         HiddenCache(cache, "fingerprint")
 
 
 def test_hidden_cache_knows_a_backbone_replaced_in_place(tmp_path, monkeypatch):
     # Keyed by the checkpoint's path, a cache served a model retrained into that path its predecessor's hidden states;
-    # keyed by its files, the same path spelled another way still shares it.
+    # keyed by its files' contents, the same path spelled another way, or a copy (another node's), still shares it.
     ckpt, heads = tmp_path / "ckpt", tmp_path / "heads"
     make_chat_checkpoint(ckpt, seed=0)
     heads.mkdir()
+    (heads / "config.json").write_text(json.dumps({"lora": {"rank": 4, "alpha": 8}}))
     (heads / ADAPTER_FILE).write_bytes(b"adapter one")
     examples = [Example([1, 2, 3], [IGNORE, 2, 3])]
 
     def key(ckpt_dir, adapter_dir=heads):
-        return fingerprint(backbone_files(ckpt_dir, adapter_dir), torch.float32, examples)
+        return fingerprint(backbone_key(ckpt_dir, adapter_dir), torch.float32, examples)
 
     first = key(ckpt)
     HiddenCache(tmp_path / "cache", first)
     monkeypatch.chdir(tmp_path)
     assert key(Path("ckpt")) == first
-    HiddenCache(tmp_path / "cache", key(Path("ckpt")))
+    shutil.copytree(ckpt, tmp_path / "copy")  # (new modification times)
+    assert key(tmp_path / "copy") == first
     assert key(ckpt, None) != first
 
-    def rewritten_later(path):  # (a later write's time: a test writes faster than a clock tick)
-        st = path.stat()
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-
-    make_chat_checkpoint(ckpt, seed=1)
-    for weights in ckpt.glob("*.safetensors"):
-        rewritten_later(weights)
+    make_chat_checkpoint(ckpt, seed=1)  # retrained in place
     assert key(ckpt) != first
     with pytest.raises(NanoMedusaError, match="made for another model"):
         HiddenCache(tmp_path / "cache", key(ckpt))
     retrained = key(ckpt)
     (heads / ADAPTER_FILE).write_bytes(b"adapter two")
-    rewritten_later(heads / ADAPTER_FILE)
     assert key(ckpt) != retrained
+    adapter_two = key(ckpt)
+    (heads / "config.json").write_text(json.dumps({"lora": {"rank": 4, "alpha": 16}}))
+    assert key(ckpt) != adapter_two
+
+
+def test_a_weights_file_is_keyed_by_slices_spread_over_it(tmp_path, monkeypatch):
+    # A 7B's weights are not read whole at each start: 64 slices spread over each file, the first and last among them.
+    monkeypatch.setattr(hidden_cache, "SAMPLE_BYTES", 4)
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    data = (bytearray(range(256)) * 8)[: 63 * 32 + 4]  # 64 slices of 4 bytes, one every 32 bytes, the last at the end
+    weights.write_bytes(data)
+    before = backbone_key(tmp_path, None)
+    for offset, seen in ((0, True), (len(data) - 1, True), (32 * 10 + 2, True), (32 * 10 + 5, False)):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        weights.write_bytes(changed)
+        assert (backbone_key(tmp_path, None) != before) == seen, offset
 
 
 def test_tools_measure_on_the_examples_training_held_out(setup, warmed, tmp_path, monkeypatch):
@@ -897,10 +911,16 @@ def test_conversations_left_out_are_counted(setup, tmp_path, capsys):
 
 class MergingTokenizer:
     """Characters as tokens, except that two newlines are one (as BPE merges them): "assistant\n" followed by an
-    answer opening with a blank line tokenizes across the boundary, as SmolLM2's tokenizer does."""
+    answer opening with a blank line tokenizes across the boundary, as SmolLM2's tokenizer does. `answer_tag`: the
+    tag a conversation renders before an answer, where a generation prompt ends in <assistant> (another one is a
+    template that does not render a conversation as a prefix of its continuation)."""
+
+    def __init__(self, answer_tag="assistant"):
+        self.answer_tag = answer_tag
 
     def apply_chat_template(self, messages, add_generation_prompt):
-        text = "".join(f"<{m['role']}>\n{m['content']}<end>\n" for m in messages)
+        tags = {"assistant": self.answer_tag}
+        text = "".join(f"<{tags.get(m['role'], m['role'])}>\n{m['content']}<end>\n" for m in messages)
         return text + ("<assistant>\n" if add_generation_prompt else "")
 
     def encode(self, text, add_bos=False):
@@ -910,37 +930,28 @@ class MergingTokenizer:
         return self.encode(self.apply_chat_template(messages, True))
 
 
-def test_an_answer_that_cannot_be_located_is_left_out_not_the_run():
+def test_an_answer_merged_with_the_template_is_left_out_not_the_run():
     tok = MergingTokenizer()
     conversations = [Conversation(str(i), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}])
                      for i, answer in enumerate(["Hello", "\n\nHello", " Hello", "\nHello"])]
-    with pytest.raises(NanoMedusaError, match="answers cannot be located"):  # (the run stopped at the one of four)
-        tokenize_conversation(tok, conversations[1].messages, max_len=100)
+    with pytest.raises(NanoMedusaError, match="an answer whose first token merges with the chat template's last"):
+        tokenize_conversation(tok, conversations[1].messages, max_len=100)  # (this stopped the run)
     left_out = Counter()
     examples = tokenize_all(tok, conversations, max_len=100, left_out=left_out)
-    assert left_out == Counter({"not located": 2})  # "\nHello" merges too, in this tokenizer
+    assert left_out == Counter({"merged": 2})  # "\nHello" merges too, in this tokenizer
     answers = ["".join("\n\n" if t == 1000 else chr(t) for t in e.labels if t != IGNORE) for e in examples]
     assert answers == ["Hello<end>\n", " Hello<end>\n"]
-    with pytest.raises(NanoMedusaError, match="train with a ChatML-style model"):  # none located: the template's fault
-        tokenize_all(tok, conversations[1:2], max_len=100)
-
-
-def test_a_warm_up_longer_than_the_run_is_noted(setup, warmed, tmp_path, capsys):
-    heads = str(warmed[0].out / "heads")
-    for steps, kw, noted in ((3, {}, []), (2, {}, ["--warmup-steps 3"]),
-                             (4, dict(stage="joint", heads=heads, lora_rank=2, medusa_weight_warmup=3), []),
-                             (3, dict(stage="joint", heads=heads, lora_rank=2, medusa_weight_warmup=3),
-                              ["--medusa-weight-warmup 3"])):
-        capsys.readouterr()
-        trainer = Trainer(config(setup, tmp_path / f"out{steps}{len(kw)}", max_steps=steps, warmup_steps=3, **kw))
-        out = capsys.readouterr().out
-        assert [line.split(" is ")[0].removeprefix("[note] ") for line in out.splitlines()
-                if "is longer than this run" in line] == noted
-        # noted exactly where no step of the run gets the full value
-        assert (max(trainer.lr_scale(s) for s in range(steps)) < 1) == ("--warmup-steps 3" in noted)
-        if kw:
-            full = trainer.weights(10**6)[1]
-            assert (max(trainer.weights(s)[1] for s in range(steps)) < full) == ("--medusa-weight-warmup 3" in noted)
+    assert tokenize_all(tok, conversations[1:2], max_len=100) == []  # (a held-out share of one is no template's fault)
+    # a template whose conversation is not its prompt continued is still the run's error
+    with pytest.raises(NanoMedusaError, match="train with a ChatML-style model"):
+        tokenize_all(MergingTokenizer(answer_tag="bot"), conversations[:1], max_len=100)
+    # the run's note counts them with the other conversations left out
+    printed = []
+    Trainer._note_dropped(SimpleNamespace(_print=printed.append), "f.jsonl", 10, 1, Counter(cut=2, merged=1), 160)
+    assert printed == ["[note] f.jsonl: of its 10 conversations, 1 has no answer yet (answer them with --stage distill), "
+                       "2 have no answer token within the first 160 tokens (--max-len) and 1 has an answer whose "
+                       "first token merges with the chat template's last when tokenized, as one opening with a blank "
+                       "line can; they are left out."]
 
 
 def test_every_train_flag_belongs_to_the_stages_that_read_it():

@@ -140,19 +140,25 @@ def prompt_messages(conversation: Conversation) -> list[dict]:
     return conversation.messages[:end]
 
 
-class AnswerNotLocated(NanoMedusaError):
-    """An answer's tokens are not where the prefixes' tokens say: its first token merged with the template's last (an
-    answer opening with a blank line, "assistant\n" + "\n\n..."), or the template is not a prefix of its continuation."""
+class MergedAnswer(NanoMedusaError):
+    """An answer's first token merged with the chat template's last when the conversation was tokenized whole (an
+    answer opening with a blank line: "assistant\n" + "\n\n..." is one token "\n\n\n" in SmolLM2's tokenizer), so
+    the prompt's tokens are not a prefix of the conversation's: that one answer cannot be located (tokenize_all leaves
+    its conversation out)."""
 
     def __init__(self):
-        super().__init__("the model's chat template does not render (and tokenize) a conversation as a prefix of its "
-                         "continuation, so answers cannot be located; train with a ChatML-style model.")
+        super().__init__(f"the conversation has {MERGED_REASON}; leave it out.")
+
+
+MERGED_REASON = "an answer whose first token merges with the chat template's last when tokenized, as one opening with " \
+                "a blank line can"
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, truncated: bool = False) -> Example | None:
-    """-> Example truncated to max_len tokens, or None if no answer token is left to train on; raises AnswerNotLocated
-    where an answer's span cannot be found. A `truncated` conversation's last answer ends without the end-of-turn
-    marker, which its model never wrote: trained on, it would teach answers to end mid-sentence."""
+    """-> Example truncated to max_len tokens, or None if no answer token is left to train on; raises MergedAnswer for
+    an answer whose first token merged with the template's, and the template's error where it does not render a
+    conversation as a prefix of its continuation. A `truncated` conversation's last answer ends without the
+    end-of-turn marker, which its model never wrote: trained on, it would teach answers to end mid-sentence."""
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answers:
         return None
@@ -168,7 +174,11 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, truncat
             break
         through = _encode_through(tokenizer, messages[: i + 1], bos, truncated and i == answers[-1])
         if ids[: len(prompt)] != prompt or ids[: len(through)] != through:
-            raise AnswerNotLocated
+            if ids[: len(prompt) - 1] == prompt[:-1] and ids[: len(through)] == through:  # only the prompt's last token
+                raise MergedAnswer
+            raise NanoMedusaError("the model's chat template does not render (and tokenize) a conversation as a "
+                                  "prefix of its continuation, so answers cannot be located; train with a ChatML-style "
+                                  "model.")
         labels[len(prompt): len(through)] = ids[len(prompt): len(through)]
     ids, labels = ids[:max_len], labels[:max_len]
     # Position 0 is never a target (nothing precedes it), so an example needs an answer token after it.
@@ -193,28 +203,32 @@ def _encode_through(tokenizer, messages: list[dict], bos: list[int], truncated: 
 
 def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, progress: bool = False,
                  left_out: Counter | None = None) -> list[Example]:
-    """-> the examples of the conversations that have an answer token to train on. One whose answer cannot be located
-    is left out too, not the run (a few answers open with a blank line), unless none can be: then the template is at
-    fault. `left_out`, where given, counts those left out by reason: "cut" (no answer token within max_len, or no
-    answer) and "not located"."""
+    """-> the examples of the conversations that have an answer token to train on. One with an answer that merged
+    with the template (MergedAnswer) is left out too, not the run: a few answers open with a blank line. `left_out`,
+    where given, counts those left out by reason: "cut" (no answer token within max_len, or no answer) and
+    "merged"."""
     from tqdm import tqdm
 
-    examples, counts = [], Counter()
+    left_out = Counter() if left_out is None else left_out
+    examples = []
     for c in tqdm(conversations, desc="tokenizing", disable=not progress, leave=False):
         try:
             example = tokenize_conversation(tokenizer, c.messages, max_len, c.truncated)
-        except AnswerNotLocated:
-            counts["not located"] += 1
+        except MergedAnswer:
+            left_out["merged"] += 1
             continue
         if example is None:
-            counts["cut"] += 1
+            left_out["cut"] += 1
         else:
             examples.append(example)
-    if conversations and counts["not located"] == len(conversations):
-        raise AnswerNotLocated
-    if left_out is not None:
-        left_out.update(counts)
     return examples
+
+
+def merged_note(what: str, left_out: Counter) -> str | None:
+    """The tools' note on `what` (held-out conversations) left out because an answer merged with the template."""
+    n = left_out["merged"]
+    return f"{n} of {what} {'has' if n == 1 else 'have'} {MERGED_REASON}; {'it is' if n == 1 else 'they are'} left " \
+           f"out" if n else None
 
 
 # How a file's held-out share is chosen (train_eval_split): "id" by each conversation's id, "position" by its place in

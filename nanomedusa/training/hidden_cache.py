@@ -23,23 +23,44 @@ from safetensors.torch import load_file, save_file
 
 from ..adapter import ADAPTER_FILE
 from ..errors import NanoMedusaError
-from ..files import write_atomically, write_text_atomically
+from ..files import read_utf8, write_atomically, write_text_atomically
 
 
-def backbone_files(ckpt_dir: str | Path, adapter_dir: str | Path | None) -> list[Path]:
-    """The files a backbone's hidden states depend on: the checkpoint's config and weights, and the adapter's."""
-    files = [f for f in sorted(Path(ckpt_dir).iterdir())
-             if f.name == "config.json" or f.name.endswith((".safetensors", ".safetensors.index.json"))]
-    if adapter_dir is not None:  # (its rank and alpha are in the heads' config.json, which training also rewrites)
-        files += [Path(adapter_dir) / ADAPTER_FILE]
-    return files
+SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # per weights file: 4 MiB read, spread over it
 
 
-def fingerprint(files: list[Path], dtype: torch.dtype, examples) -> str:
-    """Of the backbone by its files' names, sizes and modification times (a model retrained or re-exported in place
-    gets a new cache; one path spelled two ways shares it), the dtype and the training examples' tokens."""
-    stats = [(f.name, f.stat()) for f in files]
-    digest = hashlib.sha1(f"{[(name, st.st_size, st.st_mtime_ns) for name, st in stats]}|{dtype}".encode())
+def backbone_key(ckpt_dir: str | Path, adapter_dir: str | Path | None) -> str:
+    """What a backbone's hidden states depend on, as a digest of its files' contents: the checkpoint's config and
+    weights (their sizes and 64 slices spread over each: a model retrained or re-exported in place changes nearly
+    every byte, and reading a 7B's 13 GB whole would take a minute at each start), and the adapter with its rank
+    and alpha. Contents, not paths or times: one path spelled two ways, or copies on the nodes of a multi-node run,
+    share a cache."""
+    digest = hashlib.sha1()
+    for f in sorted(Path(ckpt_dir).iterdir()):
+        if f.name == "config.json" or f.name.endswith((".safetensors", ".safetensors.index.json")):
+            digest.update(f"{f.name}|{f.stat().st_size}|".encode())
+            digest.update(_sampled_bytes(f))
+    if adapter_dir is not None:
+        lora = json.loads(read_utf8(Path(adapter_dir) / "config.json")).get("lora")
+        digest.update(f"{lora}|".encode() + (Path(adapter_dir) / ADAPTER_FILE).read_bytes())
+    return digest.hexdigest()
+
+
+def _sampled_bytes(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size <= SAMPLES * SAMPLE_BYTES:
+        return path.read_bytes()
+    with open(path, "rb") as f:
+        slices = []
+        for i in range(SAMPLES):  # the first slice holds the header, the last the end of the last tensor
+            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            slices.append(f.read(SAMPLE_BYTES))
+    return b"".join(slices)
+
+
+def fingerprint(backbone: str, dtype: torch.dtype, examples) -> str:
+    """Of the backbone (`backbone_key`), the dtype and the training examples' tokens."""
+    digest = hashlib.sha1(f"{backbone}|{dtype}".encode())
     for e in examples:
         digest.update(array("q", [len(e.input_ids), *e.input_ids]).tobytes())
     return digest.hexdigest()
@@ -52,7 +73,8 @@ class HiddenCache:
         meta = self.dir / "meta.json"
         if meta.exists() and _fingerprint_of(meta) != fingerprint:
             raise NanoMedusaError(f"the hidden-state cache in {self.dir} is damaged or was made for another model, "
-                                  f"dtype or data; delete it or pass another --cache-hidden directory.")
+                                  f"dtype or data (or by an older nanomedusa); delete it or pass another "
+                                  f"--cache-hidden directory.")
         write_text_atomically(meta, json.dumps({"fingerprint": fingerprint}) + "\n")
 
     def batch_hidden(self, indices: list[int], lengths: list[int], tokens: torch.Tensor,

@@ -45,10 +45,10 @@ from ..heads import MedusaHeads, base_model_note, recorded_held_out
 from ..loading import DTYPES, load_model, resolve_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpoint
-from .data import (IGNORE, SPLITS, StepSampler, collate, eval_batches, example_length, held_out_split,
+from .data import (IGNORE, MERGED_REASON, SPLITS, StepSampler, collate, eval_batches, example_length, held_out_split,
                    held_out_split_notes, load_conversations, mix_examples, tokenize_all, train_eval_split)
 from .distributed import all_reduce_sum, gradient_sync, init_distributed, wrap
-from .hidden_cache import HiddenCache, backbone_files, fingerprint
+from .hidden_cache import HiddenCache, backbone_key, fingerprint
 from .lora import add_lora
 from .losses import row_weights, shifted_targets, summarize, token_stats, weighted_loss
 from .medusa_lm import MedusaLM
@@ -216,8 +216,8 @@ class Trainer:
         self.adapter_from = Path(cfg.heads) if adapted and not self.joint else None
         self.hidden_cache = None
         if cfg.cache_hidden:
-            files = backbone_files(self.ckpt_dir, self.adapter_from)
-            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(files, model.dtype, self.train_set))
+            backbone = backbone_key(self.ckpt_dir, self.adapter_from)
+            self.hidden_cache = HiddenCache(cfg.cache_hidden, fingerprint(backbone, model.dtype, self.train_set))
 
         heads = self._make_heads(model)
         model.requires_grad_(self.joint and not cfg.lora_rank)
@@ -269,6 +269,9 @@ class Trainer:
                                       f"answer its prompts first with --stage distill.")
             left_out = Counter()
             train = tokenize_all(self.tokenizer, train_c, max_len, progress=self.dist.is_main, left_out=left_out)
+            if not train and not left_out["cut"]:  # every one merged (a template whose answers always do)
+                raise NanoMedusaError(f"no training conversation of {path} can be used: each has {MERGED_REASON}; "
+                                      f"train with a ChatML-style model.")
             if not train:
                 raise NanoMedusaError(f"no training example of {path} keeps an answer token within its first {max_len} "
                                       f"tokens; raise --max-len (at most the model's context).")
@@ -290,11 +293,11 @@ class Trainer:
         reasons = [f"{have(unanswered)} no answer yet (answer them with --stage distill)"] if unanswered else []
         if cut := left_out["cut"]:
             reasons.append(f"{have(cut)} no answer token within the first {max_len} tokens (--max-len)")
-        if merged := left_out["not located"]:
-            reasons.append(f"{have(merged)} an answer whose first token merges with the chat template's last when "
-                           f"tokenized (an answer opening with a blank line)")
+        if merged := left_out["merged"]:
+            reasons.append(f"{have(merged)} {MERGED_REASON}")
         if reasons:
-            self._print(f"[note] {path}: of its {total} conversations, {' and '.join(reasons)}; they are left out.")
+            listed = ", ".join(reasons[:-1]) + " and " + reasons[-1] if len(reasons) > 1 else reasons[0]
+            self._print(f"[note] {path}: of its {total} conversations, {listed}; they are left out.")
 
     def _make_heads(self, model) -> MedusaHeads:
         cfg = self.cfg
