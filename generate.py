@@ -73,8 +73,8 @@ def parse_args(argv=None):
                    help="Medusa heads directory (default: the shipped heads of the default model)")
     p.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding")
     p.add_argument("--tree", default=None,
-                   help=f"tree preset name, JSON list of paths, own (the heads' own tree, else {DEFAULT_TREE}), or "
-                        f"dynamic: each step verifies the --tree-nodes likeliest nodes by the heads' calibrated "
+                   help=f"tree preset name (cut to the heads' depth), JSON list of paths, own (the heads' own tree, "
+                        f"else {DEFAULT_TREE}), or dynamic: each step verifies the --tree-nodes likeliest nodes by the heads' calibrated "
                         f"confidence (default: own on a GPU, {CPU_TREE} on a CPU)")
     p.add_argument("--tree-nodes", type=int, default=None,
                    help="--tree dynamic: nodes verified per step, the root included (default: as many as the heads' "

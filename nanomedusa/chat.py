@@ -247,7 +247,7 @@ def _prompt() -> str:
 
 def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys.stdin,
              out: TextIO = sys.stdout, verbose: bool = False) -> None:
-    """The chat loop: each line is a message or a command; answers stream to `out`, notices go to stderr. A message
+    """The chat loop: each line is a message or a command; answers stream to `out`, notices go to stderr. A line
     refused is one error line and the chat goes on, except `first` (--prompt's): its error ends the run, so that a
     script's one turn that failed does not exit as done."""
     if stdin.isatty():
@@ -259,27 +259,17 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
         out.write(text)
         out.flush()
 
-    for i, line in enumerate(read_lines(stdin, first)):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            check_utf8("this line", line)
-        except NanoMedusaError as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
+    def handle(line: str) -> bool:
+        """Act on one line; False for /exit. A user's error is raised, with the conversation as it was."""
+        check_utf8("this line", line)
         command, _, rest = line.partition(" ")
         if command in ("/exit", "/quit"):
-            return
+            return False
         if command == "/reset":
             session.reset()
             session.notify("the conversation is cleared")
         elif command == "/system":
-            try:
-                session.set_system(rest.strip() or None)
-            except USER_ERRORS as e:  # the system message stays as it was
-                print(f"error: {e}", file=sys.stderr)
-                continue
+            session.set_system(rest.strip() or None)  # (refused, the system message stays as it was)
             session.notify(f"system message {'set' if session.system else 'back to the default'}")
         elif command == "/stats":
             print(session.stats(), file=sys.stderr)
@@ -291,13 +281,21 @@ def run_chat(session: ChatSession, first: str | None = None, stdin: TextIO = sys
         else:
             try:
                 session.say(line[1:] if line.startswith("//") else line, write)
-            except USER_ERRORS as e:
-                if i == 0 and first is not None:  # --prompt's: the run's error, as in a one-shot run (exit status 2)
-                    raise
-                print(f"error: {e}", file=sys.stderr)
-                continue
             except KeyboardInterrupt:  # Ctrl-C outside the decoding (which say() handles): the session goes on
                 pass
             write("\n")
             if verbose:
                 print(f"[chat] {session.stats()}", file=sys.stderr)
+        return True
+
+    for i, line in enumerate(read_lines(stdin, first)):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if not handle(line):
+                return
+        except USER_ERRORS as e:
+            if i == 0 and first is not None:  # --prompt's: the run's error, as in a one-shot run (exit status 2)
+                raise
+            print(f"error: {e}", file=sys.stderr)

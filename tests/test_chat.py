@@ -2,6 +2,7 @@
 run from scratch, a turn prefills only its new tokens, /reset clears, a full context drops the oldest turns."""
 
 import functools
+import io
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomedusa.chat import ChatSession, Turn, common_prefix
+from nanomedusa.chat import ChatSession, Turn, common_prefix, run_chat
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.generation import GenerationResult, generate
@@ -114,6 +115,18 @@ def test_stats_give_the_decode_speed_of_the_steps_after_the_prefill(checkpoint):
                         result=result)
     # 10 tokens after the prefill's in 1 s (11 tokens in 1.25 s was called the decode speed)
     assert "prefill 250 ms, decode 1.00 s = 10.0 tokens/s, mean accepted length 2.00;" in session.stats()
+
+
+def test_a_refused_prompt_ends_the_chat_and_a_refused_line_does_not(checkpoint, capsys):
+    model = load_model(checkpoint, device="cpu", dtype="float32")[0]
+    session = ChatSession(model, Tokenizer.from_dir(checkpoint), decode=None, max_new_tokens=8)
+    long_system = "/system " + " ".join(str(i) for i in range(400))
+    with pytest.raises(NanoMedusaError, match="this system message makes every prompt at least"):
+        run_chat(session, first=long_system, stdin=io.StringIO("/stats\n"))  # (--prompt's: exit status 2)
+    assert "context used" not in capsys.readouterr().err  # the chat ended there
+    run_chat(session, stdin=io.StringIO(f"{long_system}\n/stats\n"))
+    err = capsys.readouterr().err
+    assert "error: this system message makes every prompt at least" in err and "context used" in err
 
 
 def test_reset_clears_the_conversation_and_keeps_the_shared_start(checkpoint):

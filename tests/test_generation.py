@@ -10,6 +10,7 @@ import torch
 import kernels
 from nanomedusa.decoder import PREFILL_BUCKET, Decoder
 from nanomedusa.generation import generate, generate_batch
+from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.loading import load_model
 from nanomedusa.pending_read import PendingRead
 from nanomedusa.sampling import Sampling, target_probs
@@ -126,6 +127,33 @@ def test_a_prefill_kept_while_the_cache_grows(tmp_path):
         kept = graphed.prefill([5, 17, 42])
     assert generate(graphed, long_prompt, 20).tokens == generate(eager, long_prompt, 20).tokens
     assert model.max_seq_len == 512 and kept.shape == (1, model.config.dim)
+
+
+def test_a_prefill_s_time_holds_no_decoding_step(model, monkeypatch):
+    # A CPU runs the step queued before a token is read there and then: the prefill's clock held it. A clock that
+    # advances one second per forward pass (prefill, decoding or tree step) and never otherwise says what it holds.
+    from nanomedusa.heads import MedusaHeads
+    from nanomedusa.tree import TreeBuffers
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])  # (the loops' and pending_read's, for this test)
+
+    def ticking(fn):
+        def call(*args, **kwargs):
+            clock[0] += 1.0
+            return fn(*args, **kwargs)
+        return call
+
+    prefill, graphed = Decoder.prefill, Decoder.graphed
+    monkeypatch.setattr(Decoder, "prefill", lambda self, *a, **k: ticking(prefill)(self, *a, **k))
+    monkeypatch.setattr(Decoder, "graphed", lambda self, *a, **k: ticking(graphed(self, *a, **k)))
+    decoder = Decoder(model)
+    plain = generate(decoder, [1, 2, 3], 4)
+    assert plain.prefill_seconds == 1.0 and plain.seconds == 4.0  # the prefill, then 3 steps
+    heads = MedusaHeads.from_base(model, num_heads=2)
+    tree = TreeBuffers.from_choices([[0], [0, 0]], vocab_size=model.config.vocab_size)
+    medusa = generate_medusa(decoder, heads, tree, [1, 2, 3], 4)
+    assert medusa.prefill_seconds == 2.0  # the prefill and the first step's proposal (start_step), not a tree step
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

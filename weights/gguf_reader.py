@@ -58,7 +58,7 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise NanoMedusaError(f"{self.path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf "
-                                      f"file from llama.cpp or the hub, or a checkpoint directory.")
+                                      f"file from llama.cpp or the hub.")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self.metadata, self.tensors = self._read_header()
