@@ -94,7 +94,9 @@ partials take batch * Hkv * n_body * T * group * D floats, n_body = max(count, c
 at most B_max's tiles, B_max the body of the last key (prefix_len + T, or S for a device prefix_len): a 64-node
 tree of a 7B with a 4,096-slot cache and a device prefix_len, 8 MB a layer; quadratic in T for a long causal call
 (a 4096-token prefill of a 7B GQA layer: about half a GB, transient), where the default mode, with its single
-split, needs none.
+split, needs none: so `tree_attention` runs causal calls of more than MAX_ROW_INVARIANT_TREE tokens (long
+prefills) on the default kernel in one chunk, and only a direct `tree_attention_triton(..., row_invariant=True)`
+call pays this.
 """
 
 from __future__ import annotations
@@ -676,8 +678,9 @@ def _ri_tails_kernel(
                                stride_ks, stride_vs, key_valid_ptr, qk_scale, HAS_MASK, HAS_KEY_VALID, 2 * TAIL_GRAIN,
                                CACHE)
     if HAS_MASK:
-        # A node whose ancestors lie apart, deeper than the mode takes (tree_attention_triton refuses such trees
-        # where it can read the mask on the host; not inside a CUDA graph capture): its body would hold tree slots.
+        # A node whose ancestors lie apart, deeper than the mode takes (_check_row_invariant_depth refuses such trees,
+        # whichever entry point, where it can read the mask on the host; not inside a CUDA graph capture): its body
+        # would hold tree slots.
         # A NaN row, not a silently wrong one. (A contiguous row's body holds its own keys.)
         apart = tl.max(tl.where(mask_row != 0, jj, -1), 0) != count - 1
         m_t = tl.where(apart & (count > TAIL_GRAIN), float("nan"), m_t)
@@ -982,7 +985,7 @@ def _tree_attention_row_invariant(q, k_cache, v_cache, prefix_len, tree_mask, ke
                   BLOCK_T=block_t, BLOCK_D=block_d,
                   # no mul + add contracted into an FMA, so no code path (a whole or a cut body tile, a gathered
                   # tail or not, a variant compiled with or without a mask) rounds differently from another
-                  enable_fp_fusion=False, **launch_options(q))
+                  enable_fp_fusion=False, **launch_options(q))  # (PDL and launch_pdl: kernels/dependent_launch.py)
     # The rows of one call have chunks of at most n_lengths lengths: a chunk grows by a tile every chunks.count *
     # block_n keys of body (up to its max_tiles), and the rows' bodies end at most T + 7 keys apart (their ends
     # prefix (+ 1 if causal) to prefix + T, each body cut to a grain); a causal decode's one row has one.

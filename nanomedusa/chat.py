@@ -92,7 +92,7 @@ class ChatSession:
         if context is not None and context > limit:
             notify(f"the model's context is {limit} tokens, so the chat keeps {limit}, not {context}")
         context = context or (limit if model.device.type == "cuda" else min(limit, CPU_CONTEXT))
-        # A whole number of CACHE_BUCKETs: Decoder.prepare rounds a run's need up to one, and must
+        # A whole number of CACHE_BUCKETs: Decoder.size_cache rounds a run's need up to one, and must
         # find this cache large enough rather than reallocate it.
         self.context = min(round_up(context, CACHE_BUCKET), limit)
         model.setup_cache(self.context)

@@ -1,13 +1,14 @@
 """What decoding keeps between runs of one model at batch 1: the cache's sizing, the prefill, and the
 CUDA graphs captured on the cache.
 
-    decoder = Decoder(model)                     # cuda_graphs=False: plain eager calls, also on a GPU
+    decoder = Decoder(model)                     # graphs on a GPU; Decoder(model, cuda_graphs=False): eager calls
     result = generate(decoder, prompt_ids, 256)  # generation.py; medusa_generation.py takes it too
 
-Every graph of a run is captured here, in `Decoder.graphed`, the first time its key comes up, and replayed
-by later runs that share the cache: a chat's turns (chat.py), a benchmark's prompts. A graph reads and
-writes the KV cache and the RoPE tables at the addresses they had at capture, so when the model's
-cache is replaced (a longer run, a batch) the decoder drops its graphs and captures again.
+Every graph of a generate.py run is captured here (only distillation's `generate_batch` makes its own), in
+`Decoder.graphed`, the first time its key comes up, and replayed by later runs that share the cache: a chat's
+turns (chat.py), a benchmark's prompts. A graph reads and writes the KV cache and the RoPE tables at the addresses
+they had at capture, so when the model's cache is replaced (a longer run, a batch) the decoder drops its graphs and
+captures again.
 
 Why graphs at all, see cuda_graphs.py. Prefills are graphed too: eager, a prefill is a few hundred
 kernel launches from Python, far slower than its replay; so on a GPU a prompt is padded to a multiple
@@ -104,7 +105,7 @@ class Decoder:
     def sync(self) -> None:
         sync(self.device)
 
-    def prepare(self, prompt_len: int, max_new_tokens: int, extra: int = 0, cached_len: int = 0) -> None:
+    def size_cache(self, prompt_len: int, max_new_tokens: int, extra: int = 0, cached_len: int = 0) -> None:
         """Size (or reuse) the cache for one run: `check_fits` slots, `extra` of them for a Medusa tree.
 
         With `cached_len` > 0 the cache already holds the prompt's first cached_len tokens (a conversation

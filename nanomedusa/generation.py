@@ -55,7 +55,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
     model, device = decoder.model, decoder.device
     check_prompt(model, prompt_ids)
     check_eos_ids(eos_ids)
-    decoder.prepare(len(prompt_ids), max_new_tokens, cached_len=cached_len)
+    decoder.size_cache(len(prompt_ids), max_new_tokens, cached_len=cached_len)
     pos = torch.tensor(len(prompt_ids), device=device)  # 0-d: the next free cache slot, kept on the device
     rng = decoder.random_generator(sampling, generator)
 

@@ -201,7 +201,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     check_prompt(model, prompt_ids)
     check_eos_ids(eos_ids)
     tree = tree.to(device)
-    decoder.prepare(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
+    decoder.size_cache(len(prompt_ids), max_new_tokens, extra=tree.num_nodes, cached_len=cached_len)
     rng = decoder.random_generator(rule.draws, generator)
     prefix = torch.tensor(len(prompt_ids), device=device)  # 0-d: first free cache slot, kept on the device
     # The key names all that the step closes over besides the model and its cache.
@@ -209,7 +209,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     key = ("medusa", rule, id(heads), copies, tree.key)
     step = decoder.graphed(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
                         *placeholder_proposal(tree, device), generator=rng)
-    start_step = decoder.graphed(("medusa-start", rule.draws, id(heads), copies, tree.key),
+    start_tree_step = decoder.graphed(("medusa-start", rule.draws, id(heads), copies, tree.key),
                               functools.partial(start_tree, model, heads, tree, rule.draws, rng),
                               torch.zeros(1, model.config.dim, dtype=model.dtype, device=device), generator=rng)
     result = GenerationResult()
@@ -231,7 +231,7 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     start = time.perf_counter()
     hidden = decoder.prefill(prompt_ids, start=cached_len)  # [1, D] at the prompt's last position
     # the root [], the tree tokens [T] (, for a dynamic tree the superset nodes chosen [T])
-    root, *proposal = start_step(hidden)
+    root, *proposal = start_tree_step(hidden)
     read = PendingRead(root.view(1))  # queued before the first step: the root reaches the host without waiting for it
     # Each step's tokens are read one step behind (pending_read.py) while the run surely goes on past them (a step
     # gives 1 to depth_max + 1 tokens): the next step, whose inputs are all on the device, is queued first, so the

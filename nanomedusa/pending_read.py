@@ -5,9 +5,9 @@ way, `tokens.tolist()` right after the step, waits for the GPU to finish, then l
 reads the values, streams them and launches the next step: some 30 µs a step on an H200, 3-4% of the default
 model's decoding step (bench/RESULTS.md). So the loops (generation.py, medusa_generation.py) read one step behind:
 
-    read = PendingRead(out.tokens)   # the copy to the host, queued behind the kernels that compute them
-    out = step(out.next_inputs)      # the next step, queued before waiting: its inputs never left the GPU
-    tokens = read.tolist()           # waits for the copy only; the GPU is busy with the next step meanwhile
+    read = PendingRead(out.tokens)          # the copy to the host, queued behind the kernels that compute them
+    out = step(out.prefix, *out.next_tree)  # the next step, queued before waiting: its inputs never left the GPU
+    tokens = read.tolist()                  # waits for the copy only; the GPU is busy with the next step meanwhile
 
 They queue a step ahead only while the run surely goes on past the tokens being read, so the one step that can be
 wasted is one queued before an eos is read. A CPU runs each step as it is queued, so there the values are on the host

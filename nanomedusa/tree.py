@@ -5,8 +5,8 @@ K Medusa heads each propose top-k tokens for the positions after the base model'
 list of paths, where path [0, 1] means "head 0's top-0 token, then head 1's top-1 token". The root
 (node 0) is the base model's own next token. All nodes go through the model in one forward pass;
 each may attend only to itself and its ancestors, which `TreeBuffers.attn_mask` encodes. This module
-only builds the index tensors (once per tree); the decoding loop uses them to assemble, verify and
-read back candidates.
+builds the index tensors once per tree, and each step uses them here: `TreeBuffers.candidate_tokens` lays a
+step's guesses out on the tree, `TreeBuffers.accepted_path` reads the accepted path back.
 
 Example: choices [[0], [1], [0, 0], [0, 1]], so depth_max = 2 and topk = 2. The token pool the nodes
 read from (`candidate_tokens`) is [root, head0_top0, head0_top1, head1_top0, head1_top1].
@@ -51,7 +51,7 @@ from nanomedusa.files import read_utf8
 
 
 def chain(depth: int) -> list[list[int]]:
-    """The top-1-only tree [[0], [0, 0], ...] of `depth` nodes: one guess per head."""
+    """The top-1-only tree [[0], [0, 0], ...] of `depth` guesses (depth + 1 nodes with the root): one per head."""
     return [[0] * d for d in range(1, depth + 1)]
 
 
@@ -331,18 +331,18 @@ class TreeBuffers:
         }
         return replace(self, **moved)
 
-    def candidate_tokens(self, root_token: torch.Tensor, head_topk: torch.Tensor) -> torch.Tensor:
-        """Lay the guesses out on the tree: root_token [] or [1], head_topk [K, k] (each head's
+    def candidate_tokens(self, root_token: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Lay the guesses out on the tree: root_token [] or [1], topk_ids [K, k] (each head's
         top-k token ids, best first) -> tree tokens [T]. Heads past depth_max and ranks past topk
         are not used."""
-        k = head_topk.shape[1]  # (generate_medusa checks up front that there are depth_max heads)
+        k = topk_ids.shape[1]  # (generate_medusa checks up front that there are depth_max heads)
         if k < self.topk:
             raise NanoMedusaError(
                 f"The tree uses top-{self.topk} candidates per head but only {k} were given; "
                 f"take top-{self.topk} from each head."
             )
-        guesses = head_topk[: self.depth_max, : self.topk].reshape(-1)  # [depth_max * topk]
-        root = root_token.reshape(1).to(head_topk.dtype)  # [1]
+        guesses = topk_ids[: self.depth_max, : self.topk].reshape(-1)  # [depth_max * topk]
+        root = root_token.reshape(1).to(topk_ids.dtype)  # [1]
         pool = torch.cat([root, guesses])  # [1 + depth_max * topk]
         return pool[self.tree_indices.to(pool.device)]  # [T]
 

@@ -67,7 +67,7 @@ def test_tree_step_computes_accepted_tokens_as_plain_decoding(tmp_path, triton_e
     decoder = Decoder(model, cuda_graphs=False)
 
     # Plain decoding: the prompt, then one token per forward; each step's logits and K/V.
-    decoder.prepare(prompt_len, 8)
+    decoder.size_cache(prompt_len, 8)
     logits = model.logits(decoder.prefill(prompt))[0]
     greedy, plain_logits = [int(logits.argmax())], []
     for position in range(prompt_len, prompt_len + len(PATH)):
@@ -80,7 +80,7 @@ def test_tree_step_computes_accepted_tokens_as_plain_decoding(tmp_path, triton_e
     tree = TreeBuffers.from_choices(CHOICES, device=DEVICE)
     assert [tree.paths[n] for n in PATH] == [[], [1], [1, 0], [1, 0, 0]]
     tree_tokens = torch.tensor([greedy[0], (greedy[1] + 1) % 61] + greedy[1:len(PATH)], device=DEVICE)
-    decoder.prepare(prompt_len, 8, extra=tree.num_nodes)
+    decoder.size_cache(prompt_len, 8, extra=tree.num_nodes)
     decoder.prefill(prompt)
     _, tree_logits = verify(model, tree, tree_tokens, torch.tensor(prompt_len, device=DEVICE))
 

@@ -122,7 +122,7 @@ def test_a_prefill_kept_while_the_cache_grows(tmp_path):
     model = load_model(tmp_path, device="cuda", dtype="float32")[0]
     graphed, eager = Decoder(model), Decoder(model, cuda_graphs=False)
     long_prompt = list(range(3, 90)) * 4  # 348 tokens: a cache of 512 slots, where the first run made 256
-    graphed.prepare(3, 20)
+    graphed.size_cache(3, 20)
     with torch.inference_mode():
         kept = graphed.prefill([5, 17, 42])
     assert generate(graphed, long_prompt, 20).tokens == generate(eager, long_prompt, 20).tokens
@@ -153,7 +153,7 @@ def test_a_prefill_s_time_holds_no_decoding_step(model, monkeypatch):
     heads = MedusaHeads.from_base(model, num_heads=2)
     tree = TreeBuffers.from_choices([[0], [0, 0]], vocab_size=model.config.vocab_size)
     medusa = generate_medusa(decoder, heads, tree, [1, 2, 3], 4)
-    assert medusa.prefill_seconds == 2.0  # the prefill and the first step's proposal (start_step), not a tree step
+    assert medusa.prefill_seconds == 2.0  # the prefill and the first step's proposal (start_tree), not a tree step
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
