@@ -74,8 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding")
     p.add_argument("--tree", default=None,
                    help=f"tree preset name (cut to the heads' depth), JSON list of paths, own (the heads' own tree, "
-                        f"else {DEFAULT_TREE}), or dynamic: each step verifies the --tree-nodes likeliest nodes by the heads' calibrated "
-                        f"confidence (default: own on a GPU, {CPU_TREE} on a CPU)")
+                        f"else {DEFAULT_TREE}), or dynamic: each step verifies the --tree-nodes likeliest nodes by "
+                        f"the heads' calibrated confidence (default: own on a GPU, {CPU_TREE} on a CPU)")
     p.add_argument("--tree-nodes", type=int, default=None,
                    help="--tree dynamic: nodes verified per step, the root included (default: as many as the heads' "
                         "own tree has, else 64; tune it on the GPU with python -m bench.dynamic_trees)")
@@ -184,9 +184,10 @@ def run_one(label, args, decoder, tokenizer, prompt_ids, heads, tree) -> Generat
     setup = time.perf_counter() - called - result.seconds  # before the clock starts: graph capture, compilation
     if not args.quiet:
         sys.stdout.write(stream.flush() + "\n")
+    steps = f"{result.steps} decoding step{'' if result.steps == 1 else 's'}"
     print(f"[{label}] {len(result.tokens)} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s "
-          f"(prefill {result.prefill_seconds * 1000:.0f} ms, {result.steps} decoding step{'' if result.steps == 1 else 's'}, "
-          f"mean accepted length {result.mean_accepted:.2f})", file=sys.stderr, flush=True)
+          f"(prefill {result.prefill_seconds * 1000:.0f} ms, {steps}, mean accepted length {result.mean_accepted:.2f})",
+          file=sys.stderr, flush=True)
     if args.verbose:
         print(f"[time] first-call setup {setup:.2f} s, prefill {result.prefill_seconds * 1000:.0f} ms, decode "
               f"{result.seconds - result.prefill_seconds:.2f} s; first token {first_token:.2f} s after start",

@@ -140,18 +140,18 @@ def prompt_messages(conversation: Conversation) -> list[dict]:
     return conversation.messages[:end]
 
 
+MERGED_REASON = ("an answer whose first token merges with the chat template's last when tokenized, as one opening "
+                 "with a blank line can")
+
+
 class MergedAnswer(NanoMedusaError):
     """An answer's first token merged with the chat template's last when the conversation was tokenized whole (an
-    answer opening with a blank line: "assistant\n" + "\n\n..." is one token "\n\n\n" in SmolLM2's tokenizer), so
+    answer opening with a blank line: SmolLM2's tokenizer takes the newlines of "assistant\n" + "\n\n..." together), so
     the prompt's tokens are not a prefix of the conversation's: that one answer cannot be located (tokenize_all leaves
     its conversation out)."""
 
     def __init__(self):
         super().__init__(f"the conversation has {MERGED_REASON}; leave it out.")
-
-
-MERGED_REASON = "an answer whose first token merges with the chat template's last when tokenized, as one opening with " \
-                "a blank line can"
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, truncated: bool = False) -> Example | None:
