@@ -61,6 +61,9 @@ _VOCAB_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"))
 # A constant system turn inside a Jinja string literal: the newline is either literal or the escape `\n`,
 # and the text may not contain quotes or braces (that would be template code, e.g. `' + message['content']`).
 _CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+# Else one whose text has a quote ("You're ..."): a whole Jinja string literal, escapes and all, that holds the turn.
+_STRING_LITERAL = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", re.S)
+_SYSTEM_TURN = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
 
 
 def detect_preset(chat_template: str | None, special_tokens: Iterable[str] = ()) -> str:
@@ -78,8 +81,14 @@ def detect_preset(chat_template: str | None, special_tokens: Iterable[str] = ())
 
 def extract_chatml_system(chat_template: str | None) -> str | None:
     """The default system prompt hard-coded in a ChatML template, or None if it has none."""
-    match = _CHATML_SYSTEM.search(chat_template or "")
-    return match.group(1).replace("\\n", "\n") if match else None
+    if match := _CHATML_SYSTEM.search(chat_template or ""):
+        return match.group(1).replace("\\n", "\n")
+    for literal in _STRING_LITERAL.finditer(chat_template or ""):
+        text = re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)),
+                      literal.group(1) if literal.group(1) is not None else literal.group(2))
+        if turn := _SYSTEM_TURN.search(text):
+            return turn.group(1)
+    return None
 
 
 def _split_system(messages: Sequence[Message]) -> tuple[str | None, Sequence[Message]]:

@@ -22,6 +22,14 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+# What transformers' config classes assume for a field config.json leaves out (LlamaConfig, MistralConfig,
+# Qwen2Config): the same checkpoint must not run with another epsilon or context here than there.
+HF_DEFAULTS = {
+    "LlamaForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
+    "MistralForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+    "Qwen2ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "sliding_window": 4096,
+                         "use_sliding_window": False, "max_window_layers": 28},
+}
 SUPPORTED_ROPE_SCALING = ("linear", "llama3", "default")
 # The numbers each scaling needs (rope_inv_freq): refused when missing, since a default would silently move the
 # positions; llama3's low/high_freq_factor may be left out (1 and 4, as Llama 3.1 and 3.2 ship them).
@@ -99,10 +107,11 @@ class ModelConfig:
                 f"architecture {arch!r} is not supported; nanomedusa runs "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints."
             )
-        if arch == "MistralForCausalLM" and hf.get("sliding_window"):
+        hf = {**HF_DEFAULTS[arch], **hf}
+        if (window := _sliding_window(arch, hf)) and isinstance(hf["max_position_embeddings"], int):
             # Sliding-window attention only differs once the context passes the window; we refuse
             # contexts longer than it (see max_position_embeddings) instead of silently diverging.
-            hf = {**hf, "max_position_embeddings": min(hf.get("max_position_embeddings", 2048), hf["sliding_window"])}
+            hf["max_position_embeddings"] = min(hf["max_position_embeddings"], window)
         activation = hf.get("hidden_act", "silu")
         if activation not in SUPPORTED_ACTIVATIONS:
             raise NanoMedusaError(f"config.json's hidden_act is {activation!r}; nanomedusa's SwiGLU computes silu, so "
@@ -128,14 +137,14 @@ class ModelConfig:
                 n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                 intermediate_size=hf["intermediate_size"],
                 head_dim=hf.get("head_dim") or 0,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+                rms_norm_eps=hf["rms_norm_eps"],
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attention_bias=qkv_bias,
                 output_bias=qkv_bias and llama,
                 mlp_bias=bool(hf.get("mlp_bias", False)) and llama,
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                max_position_embeddings=hf["max_position_embeddings"],
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 architecture=arch,
@@ -161,6 +170,21 @@ class ModelConfig:
 def _positive_number(value) -> bool:
     """A finite number above 0 (a bool is a number to Python, not to a config)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _sliding_window(arch: str, hf: dict) -> int | None:
+    """The window of the layers that attend to their last N tokens only, or None where every layer sees the whole
+    context: Mistral's every layer when sliding_window is set; Qwen2's layers from max_window_layers on when
+    use_sliding_window is; transformers 5 names each layer's kind in layer_types."""
+    if not hf.get("sliding_window"):
+        return None
+    if isinstance(hf.get("layer_types"), list):
+        sliding = "sliding_attention" in hf["layer_types"]
+    elif arch == "Qwen2ForCausalLM":
+        sliding = bool(hf["use_sliding_window"]) and hf["max_window_layers"] < hf.get("num_hidden_layers", 0)
+    else:
+        sliding = arch == "MistralForCausalLM"
+    return hf["sliding_window"] if sliding else None
 
 
 def _arch_from_model_type(model_type: str | None) -> str:

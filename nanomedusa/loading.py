@@ -169,12 +169,14 @@ def resolve_checkpoint(spec: str | Path | None, dtype: torch.dtype = torch.float
 def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+    # (mistralai's repos also ship their weights in Mistral's own layout, consolidated.safetensors: as large again,
+    # and never read here, where model.safetensors or the index's shards are)
+    patterns = dict(allow_patterns=["*.json", "*.safetensors", "tokenizer.model"], ignore_patterns=["consolidated*"])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, **patterns))
     except Exception:
         try:  # offline: fall back to whatever an earlier download left in the local hub cache
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            return Path(snapshot_download(repo_id, **patterns, local_files_only=True))
         except Exception:
             raise NanoMedusaError(
                 f"could not download {repo_id!r} from the Hugging Face hub and it is not in the local cache; "
@@ -265,7 +267,9 @@ def load_model(spec=None, device: str | torch.device = "auto", dtype: str | torc
                     filled.setdefault(name, set()).add(part)
     if config.tie_word_embeddings:
         lm_head, embeddings = state.pop("lm_head.weight", None), state.get("tok_embeddings.weight")
-        if lm_head is not None and embeddings is not None and not torch.equal(lm_head, embeddings):
+        if embeddings is None and lm_head is not None:  # (some exporters keep the tied matrix under this name only)
+            state["tok_embeddings.weight"] = lm_head
+        elif lm_head is not None and embeddings is not None and not torch.equal(lm_head, embeddings):
             print(f"[note] {ckpt}/config.json sets tie_word_embeddings but the weights hold an lm_head.weight unlike "
                   f"the embeddings; using the embeddings, as the config says (set tie_word_embeddings false to use "
                   f"the lm_head).", file=sys.stderr)

@@ -20,7 +20,7 @@ from nanomedusa.errors import NanoMedusaError
 from nanomedusa.decoder import Decoder
 from nanomedusa.generation import generate
 from nanomedusa.heads import MedusaHeads
-from nanomedusa.loading import load_model
+from nanomedusa.loading import load_model, resolve_checkpoint
 from nanomedusa.medusa_generation import generate_medusa
 from nanomedusa.tree import TreeBuffers, chain
 from tests.helpers import make_hf_checkpoint
@@ -182,6 +182,17 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     with pytest.raises(NanoMedusaError, match="could not download 'nobody/no-such-model' from the Hugging Face hub "
                                               "and it is not in the local cache"):
         load_model("nobody/no-such-model", device="cpu")
+
+
+def test_a_hub_download_takes_what_loading_reads(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or str(tmp_path))
+    assert resolve_checkpoint("mistralai/Mistral-7B-Instruct-v0.3") == tmp_path
+    # not consolidated.safetensors, Mistral's own layout of the same weights (14.5 GB more for this one)
+    assert asked == [dict(allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+                          ignore_patterns=["consolidated*"])]
 
 
 def test_config_with_fewer_layers_than_the_weights(ckpt):
@@ -961,6 +972,10 @@ def test_checkpoints_whose_config_and_weights_disagree_on_biases_and_ties(tmp_pa
     write(weights, str(tmp_path / "tied" / "model.safetensors"))
     load_model(tmp_path / "tied", device="cpu")
     assert capsys.readouterr().err == ""
+    # one saved with the tied matrix under lm_head.weight only (as some exporters do) was refused as incomplete
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    write(weights, str(tmp_path / "tied" / "model.safetensors"))
+    assert torch.equal(load_model(tmp_path / "tied", device="cpu")[0].tok_embeddings.weight, tied.tok_embeddings.weight)
 
 
 def test_load_model_checks_torch_devices_and_dtypes_as_it_checks_their_names(ckpt):

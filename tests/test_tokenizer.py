@@ -335,6 +335,11 @@ def test_detect_preset_and_system_prompt():
     assert extract_chatml_system(ESCAPED_CHATML_TEMPLATE) == "Be nice."
     assert extract_chatml_system(CHATML_TEMPLATE) == SYSTEM_PROMPT
     assert extract_chatml_system("{{ '<|im_start|>' + message['role'] }}") is None
+    # a default system prompt with a quote in it was dropped (the model then ran without its system turn)
+    assert extract_chatml_system("{{ '<|im_start|>system\\nYou\\'re a helpful assistant.<|im_end|>\\n' }}") == \
+        "You're a helpful assistant."
+    assert extract_chatml_system('{{ "<|im_start|>system\\nSay \\"hi\\" first.<|im_end|>\\n" }}') == 'Say "hi" first.'
+    assert extract_chatml_system("{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>' }}") is None
     mistral = ChatFormat("mistral", "<s>", "</s>").render([{"role": "system", "content": "Be brief."},
                                                            {"role": "user", "content": "Hi"},
                                                            {"role": "assistant", "content": "Hello!"},
