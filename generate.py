@@ -140,10 +140,11 @@ def load_heads(args, model):
         choices = cut_to_depth(parse_tree(heads.config.medusa_choices or DEFAULT_TREE), depth)
     else:
         choices = parse_tree(spec)
-        if spec in PRESETS and max(map(len, choices)) > depth:  # (a tree of one's own that is too deep is refused)
+        preset_depth = max(map(len, choices))
+        if spec in PRESETS and preset_depth > depth:  # (a tree of one's own that is too deep is refused)
             choices = cut_to_depth(choices, depth)
-            print(f"[note] the preset {spec} is {max(map(len, PRESETS[spec]))} deep and these heads guess {depth} "
-                  f"tokens, so it runs cut to its {len(choices) + 1} nodes at most {depth} deep.", file=sys.stderr)
+            print(f"[note] the preset {spec} is {preset_depth} deep and these heads guess {depth} tokens, so it runs "
+                  f"cut to its {len(choices) + 1} nodes at most {depth} deep.", file=sys.stderr)
     return heads, TreeBuffers.from_choices(choices, device=model.device, vocab_size=model.config.vocab_size)
 
 

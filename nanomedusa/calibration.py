@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -49,8 +48,8 @@ from .heads import (MedusaHeads, base_model_note, held_out_record, load_heads_an
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer
 from .training.data import (IGNORE, Conversation, add_held_out_flags, collate, example_length, held_out_split,
-                            held_out_split_notes, load_conversations, merged_note, prompt_messages, split_by_id,
-                            split_by_position, tokenize_all, train_eval_split)
+                            held_out_split_notes, load_conversations, prompt_messages, split_by_id, split_by_position,
+                            tokenize_held_out, train_eval_split)
 from .training.losses import shifted_targets
 
 Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (logits [n, V], targets [n])
@@ -221,10 +220,8 @@ def fit_and_write(args) -> None:
         conversations = load_conversations(path)
         if not args.whole_files:
             conversations = train_eval_split(conversations, eval_fraction, seed, split)[1]
-        left_out = Counter()
-        examples += tokenize_all(tokenizer, conversations[: args.limit], max_len, left_out=left_out)
-        if note := merged_note(f"{path}'s held-out conversations", left_out):
-            print(f"[note] {note}.", file=sys.stderr)
+        examples += tokenize_held_out(tokenizer, conversations[: args.limit], max_len,
+                                      f"{path}'s held-out conversations", say=lambda note: print(note, file=sys.stderr))
     if not examples:
         raise NanoMedusaError("no held-out conversation with an answer; pass more --data.")
     print(f"calibrating {heads.config.num_heads} heads on {len(examples)} held-out conversations:")

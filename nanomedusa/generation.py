@@ -63,7 +63,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
         return next_token(model(tok, prefix_len=prefix)[0, -1], sampling, rng)
 
     decode_step = decoder.graphed(("decode", sampling), decode, torch.zeros(1, 1, dtype=torch.long, device=device),
-                               pos, generator=rng)
+                                  pos, generator=rng)
     result = GenerationResult()
     decoder.sync()
     start = time.perf_counter()

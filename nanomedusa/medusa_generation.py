@@ -208,10 +208,10 @@ def generate_medusa(decoder: Decoder, heads: MedusaHeads, tree: TreeBuffers | Dy
     copies = heads.copies_serial(model.lm_head.weight)  # the heads' weights as the graphs read them
     key = ("medusa", rule, id(heads), copies, tree.key)
     step = decoder.graphed(key, functools.partial(medusa_step, model, heads, tree, rule, rng), prefix,
-                        *placeholder_proposal(tree, device), generator=rng)
+                           *placeholder_proposal(tree, device), generator=rng)
     start_tree_step = decoder.graphed(("medusa-start", rule.draws, id(heads), copies, tree.key),
-                              functools.partial(start_tree, model, heads, tree, rule.draws, rng),
-                              torch.zeros(1, model.config.dim, dtype=model.dtype, device=device), generator=rng)
+                                      functools.partial(start_tree, model, heads, tree, rule.draws, rng),
+                                      torch.zeros(1, model.config.dim, dtype=model.dtype, device=device), generator=rng)
     result = GenerationResult()
 
     def emit(tokens: list[int]) -> bool:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from .heads import WEIGHT_FILES, MedusaHeads, base_model_note, load_heads_and_ad
 from .loading import load_model
 from .tokenizer import load_tokenizer
 from .training.data import (IGNORE, add_held_out_flags, collate, example_length, held_out_split, held_out_split_notes,
-                            load_conversations, merged_note, tokenize_all, train_eval_split)
+                            load_conversations, tokenize_held_out, train_eval_split)
 from .training.losses import shifted_targets
 from .tree import expected_accept_length, tree_capacity, tree_from_head_accuracies
 
@@ -170,10 +169,8 @@ def run(args) -> None:
     hits, count, report = 0, 0, {}
     for path in args.data:
         _, held_out = train_eval_split(load_conversations(path), eval_fraction, seed, split)
-        left_out = Counter()
-        examples = tokenize_all(tokenizer, held_out[: args.limit], max_len, left_out=left_out)
-        if note := merged_note(f"{path}'s held-out conversations", left_out):
-            print(f"[note] {note}.", file=sys.stderr)
+        examples = tokenize_held_out(tokenizer, held_out[: args.limit], max_len, f"{path}'s held-out conversations",
+                                     say=lambda note: print(note, file=sys.stderr))
         if not examples:
             raise NanoMedusaError(f"{path} has no held-out conversation with an answer; pass more data.")
         file_hits, file_count = rank_hits(model, heads, examples, args.topk)

@@ -28,7 +28,8 @@ from nanomedusa.tokenizer import Tokenizer
 from nanomedusa.training import DistillConfig, TrainConfig, Trainer, distill
 from nanomedusa.errors import NanoMedusaError
 from nanomedusa.training.data import (IGNORE, Conversation, Example, StepSampler, load_conversations, mix_examples,
-                                      split_by_position, tokenize_all, tokenize_conversation, train_eval_split)
+                                      split_by_position, tokenize_all, tokenize_conversation, tokenize_held_out,
+                                      train_eval_split)
 from nanomedusa.training import hidden_cache
 from nanomedusa.training.hidden_cache import HiddenCache, backbone_key, fingerprint
 from nanomedusa.training.losses import shifted_targets, token_stats
@@ -942,6 +943,10 @@ def test_an_answer_merged_with_the_template_is_left_out_not_the_run():
     answers = ["".join("\n\n" if t == 1000 else chr(t) for t in e.labels if t != IGNORE) for e in examples]
     assert answers == ["Hello<end>\n", " Hello<end>\n"]
     assert tokenize_all(tok, conversations[1:2], max_len=100) == []  # (a held-out share of one is no template's fault)
+    said = []  # the tools that measure on held-out conversations say so
+    assert len(tokenize_held_out(tok, conversations, 100, "f.jsonl's held-out conversations", say=said.append)) == 2
+    assert said == ["[note] 2 of f.jsonl's held-out conversations have an answer whose first token merges with the "
+                    "chat template's last when tokenized, as one opening with a blank line can; they are left out."]
     # a template whose conversation is not its prompt continued is still the run's error
     with pytest.raises(NanoMedusaError, match="train with a ChatML-style model"):
         tokenize_all(MergingTokenizer(answer_tag="bot"), conversations[:1], max_len=100)

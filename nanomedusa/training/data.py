@@ -224,11 +224,16 @@ def tokenize_all(tokenizer, conversations: list[Conversation], max_len: int, pro
     return examples
 
 
-def merged_note(what: str, left_out: Counter) -> str | None:
-    """The tools' note on `what` (held-out conversations) left out because an answer merged with the template."""
-    n = left_out["merged"]
-    return f"{n} of {what} {'has' if n == 1 else 'have'} {MERGED_REASON}; {'it is' if n == 1 else 'they are'} left " \
-           f"out" if n else None
+def tokenize_held_out(tokenizer, conversations: list[Conversation], max_len: int, where: str,
+                      say=print) -> list[Example]:
+    """tokenize_all for the tools that measure on held-out conversations (tree tuning, calibration): `say` gets a
+    note when some of `where`'s are left out because an answer merged with the template."""
+    left_out = Counter()
+    examples = tokenize_all(tokenizer, conversations, max_len, left_out=left_out)
+    if n := left_out["merged"]:
+        say(f"[note] {n} of {where} {'has' if n == 1 else 'have'} {MERGED_REASON}; {'it is' if n == 1 else 'they are'} "
+            f"left out.")
+    return examples
 
 
 # How a file's held-out share is chosen (train_eval_split): "id" by each conversation's id, "position" by its place in
